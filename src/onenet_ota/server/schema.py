@@ -1,0 +1,139 @@
+"""The database schema (SQLAlchemy Core). Alembic migrations are generated from and checked
+against these tables; SQLite and PostgreSQL share them.
+
+Vocabulary: a **task** is what an operator creates (one package, many devices, one policy); a
+**device task** is one device's upgrade inside it: the spec's "task" (§1), the row the device
+protocol's state machine runs on. A **token** is a download token issued for a device task (D13).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    UniqueConstraint,
+    text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Times are Unix seconds (float seconds where sub-second order matters are not needed: ints).
+products = Table(
+    "products",
+    metadata,
+    Column("pid", String(32), primary_key=True),
+    Column("name", String(128), nullable=False, server_default=""),
+    Column("access_key", String(128), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("dev_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("pid", String(32), ForeignKey("products.pid"), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("auth_info", String(256), nullable=False),
+    Column("device_key", String(128), nullable=True),
+    Column("f_version", String(20), nullable=True),
+    Column("s_version", String(20), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_seen_at", BigInteger, nullable=True),
+    UniqueConstraint("pid", "name"),
+    Index("ix_devices_pid_auth_info", "pid", "auth_info"),
+)
+
+packages = Table(
+    "packages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pid", String(32), ForeignKey("products.pid"), nullable=False),
+    Column("module_type", SmallInteger, nullable=False),  # 1 FOTA, 2 SOTA
+    Column("kind", SmallInteger, nullable=False),  # 1 full, 2 differential
+    Column("from_version", String(20), nullable=True),
+    Column("target", String(20), nullable=False),
+    Column("manuf", String(32), nullable=True),
+    Column("model", String(32), nullable=True),
+    Column("file_name", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("md5", String(32), nullable=False),
+    Column("sha256", String(64), nullable=False),  # the content address of the stored file
+    Column("created_at", BigInteger, nullable=False),
+    CheckConstraint("module_type IN (1, 2)", name="module_type"),
+    CheckConstraint("kind IN (1, 2)", name="kind"),
+    CheckConstraint("size >= 1", name="size"),
+    CheckConstraint("(kind = 2) = (from_version IS NOT NULL)", name="from_version"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pid", String(32), ForeignKey("products.pid"), nullable=False),
+    Column("package_id", Integer, ForeignKey("packages.id"), nullable=False),
+    Column("module_type", SmallInteger, nullable=False),  # copied from the package
+    Column("signal", Integer, nullable=False, server_default=text("0")),
+    Column("power", Integer, nullable=False, server_default=text("0")),
+    Column("retry", Integer, nullable=False, server_default=text("0")),
+    Column("interval", Integer, nullable=False, server_default=text("0")),
+    Column("start_time", BigInteger, nullable=False),
+    Column("deadline", BigInteger, nullable=True),
+    # Operator-facing status of the whole task: active, paused, cancelled.
+    Column("status", String(16), nullable=False, server_default="active"),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_tasks_package_id", "package_id"),
+)
+
+device_tasks = Table(
+    "device_tasks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", Integer, ForeignKey("tasks.id"), nullable=False),
+    Column("dev_id", BigInteger, ForeignKey("devices.dev_id"), nullable=False),
+    Column("module_type", SmallInteger, nullable=False),  # copied from the task
+    Column("state", SmallInteger, nullable=False),  # protocol.states.TaskState
+    Column("paused_from", SmallInteger, nullable=True),
+    Column("progress", SmallInteger, nullable=False, server_default=text("0")),
+    Column("result_code", SmallInteger, nullable=True),  # the last failure/success code reported
+    Column("current_token", String(32), nullable=True),
+    Column("token_issued_at", BigInteger, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger, nullable=True),
+    UniqueConstraint("task_id", "dev_id"),
+    Index("ix_device_tasks_task_id_state", "task_id", "state"),
+    # D23: at most one open (1, 2, 3 or paused=7) device task per device and type, enforced by the
+    # database so concurrent task creation cannot break it.
+    Index(
+        "uq_device_tasks_open",
+        "dev_id",
+        "module_type",
+        unique=True,
+        sqlite_where=text("state IN (1, 2, 3, 7)"),
+        postgresql_where=text("state IN (1, 2, 3, 7)"),
+    ),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("token", String(32), primary_key=True),
+    Column("device_task_id", Integer, ForeignKey("device_tasks.id"), nullable=False),
+    Column("issued_at", BigInteger, nullable=False),
+    Index("ix_tokens_device_task_id", "device_task_id"),
+)
