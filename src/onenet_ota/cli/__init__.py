@@ -1,0 +1,1 @@
+"""The ``onenet-ota`` command."""

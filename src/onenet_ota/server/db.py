@@ -1,0 +1,64 @@
+"""Database engines: SQLite (the embedded default, WAL) and PostgreSQL, by URL.
+
+SQLAlchemy Core with prebuilt statements; no ORM on the hot paths (style.md's measurements).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as _sa_create_engine
+from sqlalchemy.engine import make_url
+
+from onenet_ota.server.schema import metadata
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``postgresql://`` and ``postgres://`` and pin the psycopg 3 driver."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_engine(url: str, *, pool_size: int = 8) -> Engine:
+    """An engine for ``url`` with this project's settings (WAL and pragmas on SQLite)."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        engine = _sa_create_engine(
+            url,
+            connect_args={"check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling defers BEGIN; take control so that write
+        # transactions start with BEGIN IMMEDIATE and never deadlock on lock upgrades.
+        event.listen(engine, "connect", _disable_pysqlite_begin)
+        event.listen(engine, "begin", _begin_immediate)
+        return engine
+    return _sa_create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _disable_pysqlite_begin(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    dbapi_conn.isolation_level = None
+
+
+def _begin_immediate(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_schema(engine: Engine) -> None:
+    """Create every table directly. Deployments use :func:`migrate`; this is for quick tests."""
+    metadata.create_all(engine)
