@@ -1,0 +1,176 @@
+"""The task state machine tables (spec §5.3-§5.5, D12, D14, D15)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from onenet_ota.protocol.errno import Errno
+from onenet_ota.protocol.states import (
+    REPORT_TABLE,
+    Action,
+    IllegalTransition,
+    Outcome,
+    TaskState,
+    on_action,
+    on_report,
+    on_token_check,
+)
+from onenet_ota.protocol.status import ReportKind, classify_result, classify_step
+
+S, R, E = TaskState, ReportKind, Errno
+
+# §5.5 transcribed independently of the module: state -> the row's cells in column order
+# 0-99, 100, 101, 102-107, 201, 202-208. A TaskState is a new state; an Errno a refusal.
+SPEC_5_5: dict[TaskState, list[TaskState | Errno]] = {
+    S.TO_BE_UPGRADED: [E(17), E(17), S.UPGRADING, S.FAILED, E(21), E(21)],
+    S.DOWNLOADING: [S.DOWNLOADING, S.UPGRADING, S.UPGRADING, S.FAILED, S.SUCCEEDED, S.FAILED],
+    S.UPGRADING: [E(17), E(17), E(21), E(21), S.SUCCEEDED, S.FAILED],
+    S.PAUSED: [E(17), E(17), E(21), E(21), E(21), E(21)],
+    S.SUCCEEDED: [E(20)] * 6,
+    S.FAILED: [E(20)] * 6,
+    S.CANCELLED: [E(22)] * 6,
+}
+COLUMNS = [R.PROGRESS, R.COMPLETE, R.DOWNLOADED, R.DOWNLOAD_FAILED, R.UPGRADED, R.UPGRADE_FAILED]
+
+
+@pytest.mark.parametrize("state", list(TaskState))
+@pytest.mark.parametrize("column", range(6))
+def test_report_table_matches_spec_5_5(state: TaskState, column: int) -> None:
+    expected = SPEC_5_5[state][column]
+    outcome = on_report(state, COLUMNS[column])
+    if isinstance(expected, TaskState):
+        assert outcome == Outcome(E.SUCC, expected)
+        assert outcome.ok
+    else:
+        assert outcome == Outcome(expected)
+        assert not outcome.ok
+
+
+def test_report_table_is_complete() -> None:
+    assert set(REPORT_TABLE) == set(TaskState)
+    for row in REPORT_TABLE.values():
+        assert set(row) == set(ReportKind)
+
+
+@pytest.mark.parametrize(
+    ("step", "kind"),
+    [
+        (0, R.PROGRESS),
+        (99, R.PROGRESS),
+        (100, R.COMPLETE),
+        (101, R.DOWNLOADED),
+        (102, R.DOWNLOAD_FAILED),
+        (107, R.DOWNLOAD_FAILED),
+        (201, R.UPGRADED),
+        (202, R.UPGRADE_FAILED),
+        (208, R.UPGRADE_FAILED),
+        (-1, None),
+        (108, None),
+        (200, None),
+        (209, None),
+        (1000, None),
+    ],
+)
+def test_classify_step(step: int, kind: ReportKind | None) -> None:
+    assert classify_step(step) == kind
+
+
+@given(st.integers(-1000, 1000))
+def test_e8_accepts_only_status_codes(result: int) -> None:
+    # D15: 0-100 is invalid in E8.
+    kind = classify_result(result)
+    assert (kind is not None) == (101 <= result <= 107 or 201 <= result <= 208)
+
+
+# §5.4, with its precedence: cancelled, finished, expired, state.
+@pytest.mark.parametrize(
+    ("state", "expired", "expected"),
+    [
+        (S.CANCELLED, True, Outcome(E(22))),
+        (S.CANCELLED, False, Outcome(E(22))),
+        (S.SUCCEEDED, True, Outcome(E(20))),
+        (S.FAILED, False, Outcome(E(20))),
+        (S.TO_BE_UPGRADED, True, Outcome(E(12))),
+        (S.PAUSED, True, Outcome(E(12))),
+        (S.PAUSED, False, Outcome(E(17))),
+        (S.UPGRADING, False, Outcome(E(17))),
+        (S.TO_BE_UPGRADED, False, Outcome(E.SUCC, S.DOWNLOADING)),
+        (S.DOWNLOADING, False, Outcome(E.SUCC, S.DOWNLOADING)),
+    ],
+)
+def test_token_check_table(state: TaskState, expired: bool, expected: Outcome) -> None:
+    assert on_token_check(state, token_expired=expired) == expected
+
+
+@pytest.mark.parametrize(
+    ("state", "action", "paused_from", "expected"),
+    [
+        (S.TO_BE_UPGRADED, Action.PAUSE, None, S.PAUSED),
+        (S.DOWNLOADING, Action.PAUSE, None, S.PAUSED),
+        (S.PAUSED, Action.RESUME, S.DOWNLOADING, S.DOWNLOADING),
+        (S.PAUSED, Action.RESUME, S.TO_BE_UPGRADED, S.TO_BE_UPGRADED),
+        (S.UPGRADING, Action.CANCEL, None, S.CANCELLED),
+        (S.PAUSED, Action.CANCEL, None, S.CANCELLED),
+        (S.DOWNLOADING, Action.DEADLINE, None, S.FAILED),
+        (S.PAUSED, Action.VERSION_REACHED, None, S.SUCCEEDED),
+    ],
+)
+def test_allowed_actions(
+    state: TaskState, action: Action, paused_from: TaskState | None, expected: TaskState
+) -> None:
+    assert on_action(state, action, paused_from=paused_from) is expected
+
+
+@pytest.mark.parametrize(
+    ("state", "action", "paused_from"),
+    [
+        (S.UPGRADING, Action.PAUSE, None),
+        (S.PAUSED, Action.PAUSE, None),
+        (S.DOWNLOADING, Action.RESUME, None),
+        (S.PAUSED, Action.RESUME, None),
+        (S.PAUSED, Action.RESUME, S.UPGRADING),
+        *[(t, a, None) for t in (S.SUCCEEDED, S.FAILED, S.CANCELLED) for a in Action],
+    ],
+)
+def test_illegal_actions_raise(
+    state: TaskState, action: Action, paused_from: TaskState | None
+) -> None:
+    with pytest.raises(IllegalTransition, match=f"can't {action.name.lower()}"):
+        on_action(state, action, paused_from=paused_from)
+
+
+events = st.one_of(
+    st.tuples(st.just("report"), st.sampled_from(list(ReportKind))),
+    st.tuples(st.just("check"), st.booleans()),
+    st.tuples(st.just("action"), st.sampled_from(list(Action))),
+)
+
+
+@given(st.lists(events, max_size=30))
+def test_terminal_states_are_absorbing_and_paused_remembers(
+    seq: list[tuple[str, object]],
+) -> None:
+    state, paused_from = S.TO_BE_UPGRADED, None
+    for kind, arg in seq:
+        before = state
+        if kind == "report":
+            assert isinstance(arg, ReportKind)
+            outcome = on_report(state, arg)
+            state = outcome.state if outcome.ok and outcome.state else state
+        elif kind == "check":
+            outcome = on_token_check(state, token_expired=bool(arg))
+            state = outcome.state if outcome.ok and outcome.state else state
+        else:
+            assert isinstance(arg, Action)
+            try:
+                new = on_action(state, arg, paused_from=paused_from)
+            except IllegalTransition:
+                new = state
+            if new is S.PAUSED and state is not S.PAUSED:
+                paused_from = state
+            state = new
+        if before.is_terminal:
+            assert state is before
+        assert state.is_open != state.is_terminal
