@@ -6,9 +6,10 @@ SQLAlchemy Core with prebuilt statements; no ORM on the hot paths (style.md's me
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy import create_engine as _sa_create_engine
 from sqlalchemy.engine import make_url
 
@@ -62,3 +63,34 @@ def _begin_immediate(conn: Any) -> None:
 def create_schema(engine: Engine) -> None:
     """Create every table directly. Deployments use :func:`migrate`; this is for quick tests."""
     metadata.create_all(engine)
+
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# An arbitrary constant naming this project's PostgreSQL advisory lock for migrations.
+_MIGRATION_LOCK_KEY = 0x6F6E656E6574  # "onenet"
+
+
+def lock_for_migration(connection: Connection) -> None:
+    """Serialise schema migrations across processes and hosts, for the current transaction.
+
+    PostgreSQL: a transaction-level advisory lock. SQLite: the engine already began the
+    transaction with BEGIN IMMEDIATE, which holds the database's write lock until commit.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the database to ``revision`` with Alembic, in one locked transaction.
+
+    Safe to call from several server processes starting at once: the first one migrates while
+    the others wait for the lock, then find the schema current and do nothing.
+    """
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(MIGRATIONS_DIR / "alembic.ini"))
+    with engine.begin() as connection:
+        lock_for_migration(connection)
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)

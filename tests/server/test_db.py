@@ -1,0 +1,159 @@
+"""server/db.py: engines, migrations (against schema.py) on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, insert, inspect, select, text
+from sqlalchemy.exc import IntegrityError
+
+from onenet_ota.server import schema
+from onenet_ota.server.db import create_engine, migrate, normalize_url
+
+
+def _normalize_default(value: str | None) -> str | None:
+    # Reflection spells the same default differently per database ("''", "'active'::character
+    # varying", "(0)"); compare the literal values.
+    if value is None:
+        return None
+    value = value.strip()
+    while value.startswith("(") and value.endswith(")"):
+        value = value[1:-1].strip()
+    value = re.sub(r"::[a-z ]+$", "", value)
+    return value.strip("'\"")
+
+
+def _compare_default(
+    _context: object,
+    _inspected_column: object,
+    _metadata_column: object,
+    inspected_default: str | None,
+    _metadata_default: object,
+    rendered_metadata_default: str | None,
+) -> bool:
+    return _normalize_default(inspected_default) != _normalize_default(rendered_metadata_default)
+
+
+def _diff(engine: Engine) -> list[object]:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "compare_server_default": _compare_default}
+        )
+        return list(compare_metadata(context, schema.metadata))
+
+
+def test_migrated_schema_equals_schema_py(engine: Engine) -> None:
+    assert _diff(engine) == []
+
+
+def test_migrations_reach_head_and_rerun_is_a_no_op(engine: Engine) -> None:
+    migrate(engine)
+    with engine.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == "0001"
+    assert _diff(engine) == []
+
+
+def test_empty_database_differs_from_schema(db_url: str) -> None:
+    # Guards the comparison itself: an unmigrated database must show differences.
+    eng = create_engine(db_url)
+    try:
+        assert _diff(eng) != []
+    finally:
+        eng.dispose()
+
+
+def test_concurrent_migrations_are_serialised(db_url: str) -> None:
+    engines = [create_engine(db_url, pool_size=1) for _ in range(4)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(engines))
+
+    def run(eng: Engine) -> None:
+        try:
+            barrier.wait()
+            migrate(eng)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(eng,)) for eng in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        assert _diff(engines[0]) == []
+        with engines[0].connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
+    finally:
+        for eng in engines:
+            eng.dispose()
+
+
+def test_one_open_device_task_per_device_and_type(engine: Engine) -> None:
+    # D23 is enforced by the migrated partial unique index, not only by schema.py.
+    with engine.begin() as conn:
+        conn.execute(insert(schema.products).values(pid="1", access_key="k", created_at=0))
+        conn.execute(
+            insert(schema.devices).values(dev_id=7, pid="1", name="d", auth_info="d", created_at=0)
+        )
+        conn.execute(
+            insert(schema.packages).values(
+                id=1, pid="1", module_type=1, kind=1, target="2", file_name="f",
+                size=1, md5="0" * 32, sha256="0" * 64, created_at=0,
+            )
+        )  # fmt: skip
+        for task_id in (1, 2, 3):
+            conn.execute(
+                insert(schema.tasks).values(
+                    id=task_id, pid="1", package_id=1, module_type=1, start_time=0, created_at=0
+                )
+            )
+        conn.execute(
+            insert(schema.device_tasks).values(
+                task_id=1, dev_id=7, module_type=1, state=5, updated_at=0
+            )
+        )
+        conn.execute(
+            insert(schema.device_tasks).values(
+                task_id=2, dev_id=7, module_type=1, state=1, updated_at=0
+            )
+        )
+    second_open = insert(schema.device_tasks).values(
+        task_id=3, dev_id=7, module_type=1, state=7, updated_at=0
+    )
+    with engine.begin() as conn, pytest.raises(IntegrityError):
+        conn.execute(second_open)
+    with engine.connect() as conn:
+        count = conn.execute(select(schema.device_tasks.c.id)).all()
+    assert len(count) == 2
+
+
+def test_sqlite_engine_uses_wal_and_foreign_keys(tmp_path: object) -> None:
+    eng = create_engine(f"sqlite:///{tmp_path}/x.db")
+    try:
+        with eng.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+    finally:
+        eng.dispose()
+
+
+def test_all_tables_created(engine: Engine) -> None:
+    names = set(inspect(engine).get_table_names())
+    assert set(schema.metadata.tables) <= names
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("postgres://u:p@h:5/db", "postgresql+psycopg://u:p@h:5/db"),
+        ("sqlite:///x.db", "sqlite:///x.db"),
+    ],
+)
+def test_normalize_url(url: str, expected: str) -> None:
+    assert normalize_url(url) == expected
