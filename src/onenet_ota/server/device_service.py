@@ -1,0 +1,935 @@
+"""The device-side rules of the classic API over the database (spec §4.2, §5, §6; D3-D23).
+
+Synchronous SQLAlchemy Core with prebuilt statements, one transaction per request. Every task
+transition goes through :mod:`onenet_ota.protocol.states`; nothing here decides a state by itself.
+
+Concurrency. Several requests for one task, possibly in several server processes sharing one
+database, are serialised by compare-and-set: every UPDATE of a device task names the state (or the
+token) it read, and a transaction whose UPDATE matched no row is rolled back and run again. SQLite
+takes its write lock at BEGIN (db.py), so there it never conflicts; on PostgreSQL (READ COMMITTED)
+the re-evaluated WHERE clause is what detects a concurrent change. Writes go in one lock order,
+device_tasks rows before the devices row, and deadlocks or serialisation failures are retried.
+
+Caching (all in-process, per :class:`DeviceService`, bounded, ``cache_ttl`` seconds, default 1 s):
+
+- verified Authorization values -> the principal (pid, device), re-checked against ``et`` on use;
+- ``dev_id`` -> (pid, name) for P3;
+- E6's token -> (task state, token issue time, deadline, package file, size, file_name).
+
+This process's own transitions invalidate the E6 entries of the task at once. Changes made by other
+processes (another server, the management API elsewhere) are seen after at most ``cache_ttl``
+seconds: for that long a paused or cancelled task may still be served bytes by E6, a rotated key may
+still verify, and a deleted device may still pass P3. Token expiry and deadlines are times, compared
+with the clock on every use, so they are never stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import string
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, TypeAlias, TypeVar
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from onenet_ota import auth
+from onenet_ota.protocol import values
+from onenet_ota.protocol.errno import Errno
+from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.states import (
+    DOWNLOADABLE_STATES,
+    OPEN_STATES,
+    RUNNING_STATES,
+    Action,
+    IllegalTransition,
+    TaskState,
+    on_action,
+    on_report,
+    on_token_check,
+)
+from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
+from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
+
+__all__ = [
+    "Clock",
+    "DeviceRef",
+    "DeviceService",
+    "DownloadGrant",
+    "Principal",
+    "apply_action",
+    "expire_deadlines",
+    "new_token",
+]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+_Row: TypeAlias = "Row[*tuple[Any, ...]]"
+T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+
+_ALPHANUMERIC: Final = string.ascii_letters + string.digits
+_MAX_ATTEMPTS: Final = 8
+# PostgreSQL serialization_failure and deadlock_detected: the transaction is safe to run again.
+_RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01"})
+# last_seen_at is informational; E3 polls refresh it at most this often, so a poll with an
+# unchanged version stays a read-only transaction.
+_LAST_SEEN_RESOLUTION_S: Final = 60
+_CACHE_MAX_ENTRIES: Final = 8192
+_OPEN_CODES: Final = tuple(int(s) for s in OPEN_STATES)
+
+
+def new_token() -> str:
+    """A fresh download token: ``ota_`` + 20 random ``[A-Za-z0-9]`` from ``secrets`` (D13)."""
+    tail = "".join(secrets.choice(_ALPHANUMERIC) for _ in range(values.TOKEN_RANDOM_LEN))
+    return values.TOKEN_PREFIX + tail
+
+
+def token_expired(issued_at: int | None, now: float) -> bool:
+    """A token is valid while ``now < issued_at + 48 h``; the lifetime is fixed (§5.6, D13)."""
+    return issued_at is None or now >= issued_at + values.TOKEN_LIFETIME_S
+
+
+def _deadline_passed(deadline: int | None, now: float) -> bool:
+    return deadline is not None and deadline <= now
+
+
+# --------------------------------------------------------------------------------------------
+# Small in-process caches
+
+
+class _TtlCache(Generic[K, V]):
+    """A bounded map whose entries live ``ttl`` seconds of monotonic time. Thread-safe."""
+
+    def __init__(self, ttl: float, max_entries: int = _CACHE_MAX_ENTRIES) -> None:
+        self._ttl = ttl
+        self._max = max_entries
+        self._items: dict[K, tuple[float, V]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        if self._ttl <= 0:
+            return None
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[0] <= time.monotonic():
+            with self._lock:
+                self._items.pop(key, None)
+            return None
+        return item[1]
+
+    def put(self, key: K, value: V) -> None:
+        if self._ttl <= 0:
+            return
+        with self._lock:
+            if len(self._items) >= self._max:
+                self._items.clear()  # crude but bounded; a miss only costs one query
+            self._items[key] = (time.monotonic() + self._ttl, value)
+
+    def pop(self, key: K) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Values handed to the HTTP side
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a verified Authorization value speaks for (§3.3, D4)."""
+
+    pid: str
+    device_name: str | None  # set for a device-level res
+    expires_at: int
+
+    def __repr__(self) -> str:
+        return f"Principal(pid={self.pid!r}, device={self.device_name!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    """The part of a device row that P3 needs."""
+
+    dev_id: int
+    pid: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadGrant:
+    """What E6 needs to know about a token: its task's state and its package file (§6.6, D6)."""
+
+    device_task_id: int
+    dev_id: int
+    state: TaskState
+    token_issued_at: int
+    current: bool  # still the task's current token (an older one is always expired)
+    deadline: int | None
+    sha256: str
+    size: int
+    file_name: str
+
+    def usable(self, now: float) -> bool:
+        """Whether bytes may be served now: token valid and task active (D6, step 2)."""
+        return (
+            self.current
+            and not token_expired(self.token_issued_at, now)
+            and not _deadline_passed(self.deadline, now)
+            and self.state in DOWNLOADABLE_STATES
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Prebuilt statements (style.md: statements built per call cost 2-5x on SQLite)
+
+_dt, _t, _p = device_tasks, tasks, packages
+_TASK_JOIN = _dt.join(_t, _t.c.id == _dt.c.task_id).join(_p, _p.c.id == _t.c.package_id)
+_TASK_COLUMNS = (
+    _dt.c.id.label("dt_id"),
+    _dt.c.dev_id.label("dt_dev_id"),
+    _dt.c.module_type,
+    _dt.c.state,
+    _dt.c.paused_from,
+    _dt.c.progress,
+    _dt.c.current_token,
+    _dt.c.token_issued_at,
+    _t.c.start_time,
+    _t.c.deadline,
+    _t.c.signal,
+    _t.c.power,
+    _t.c.retry,
+    _t.c.interval,
+    _p.c.target,
+    _p.c.size,
+    _p.c.md5,
+    _p.c.kind,
+    _p.c.from_version,
+    _p.c.manuf,
+    _p.c.model,
+    _p.c.sha256,
+    _p.c.file_name,
+)
+
+_SELECT_KEYS = (
+    select(products.c.access_key, devices.c.dev_id, devices.c.device_key)
+    .select_from(
+        products.outerjoin(
+            devices,
+            and_(devices.c.pid == products.c.pid, devices.c.name == bindparam("name")),
+        )
+    )
+    .where(products.c.pid == bindparam("pid"))
+)
+_SELECT_DEVICE = select(devices.c.pid, devices.c.name).where(
+    devices.c.dev_id == bindparam("dev_id")
+)
+_SELECT_VERSIONS = select(devices.c.f_version, devices.c.s_version).where(
+    devices.c.dev_id == bindparam("dev_id")
+)
+_SELECT_BY_AUTH_INFO = (
+    select(devices.c.dev_id, devices.c.name)
+    .where(devices.c.pid == bindparam("pid"), devices.c.auth_info == bindparam("auth_info"))
+    .order_by(devices.c.dev_id)
+    .limit(2)
+)
+# E3/E4: the device's versions and its open task of one type, if any (D23: at most one).
+_SELECT_DEVICE_AND_OPEN_TASK = (
+    select(devices.c.f_version, devices.c.s_version, devices.c.last_seen_at, *_TASK_COLUMNS)
+    .select_from(
+        devices.outerjoin(
+            _TASK_JOIN,
+            and_(
+                _dt.c.dev_id == devices.c.dev_id,
+                _dt.c.module_type == bindparam("module_type"),
+                _dt.c.state.in_(_OPEN_CODES),
+            ),
+        )
+    )
+    .where(devices.c.dev_id == bindparam("dev_id"))
+)
+# E1: every open task of the device, in a fixed order (lock order across transactions).
+_SELECT_OPEN_TASKS = (
+    select(*_TASK_COLUMNS)
+    .select_from(_TASK_JOIN)
+    .where(_dt.c.dev_id == bindparam("dev_id"), _dt.c.state.in_(_OPEN_CODES))
+    .order_by(_dt.c.id)
+)
+# E5-E8: a token (any ever issued, D13) with its task and package.
+_SELECT_TOKEN = (
+    select(tokens.c.issued_at.label("issued_at"), *_TASK_COLUMNS)
+    .select_from(tokens.join(_TASK_JOIN, _dt.c.id == tokens.c.device_task_id))
+    .where(tokens.c.token == bindparam("token"))
+)
+_SELECT_TASK = select(*_TASK_COLUMNS).select_from(_TASK_JOIN).where(_dt.c.id == bindparam("b_id"))
+
+# Compare-and-set: the UPDATE names the state it read; no match means a concurrent change.
+_SET_STATE = (
+    update(_dt)
+    .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
+    .values(
+        state=bindparam("v_state"),
+        paused_from=bindparam("v_paused_from"),
+        progress=bindparam("v_progress"),
+        result_code=func.coalesce(
+            bindparam("v_result_code", type_=_dt.c.result_code.type), _dt.c.result_code
+        ),
+        updated_at=bindparam("now"),
+        finished_at=bindparam("v_finished_at"),
+    )
+)
+_SET_PROGRESS = (
+    update(_dt)
+    .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
+    .values(progress=bindparam("v_progress"), updated_at=bindparam("now"))
+)
+_SET_TOKEN = (
+    update(_dt)
+    .where(
+        _dt.c.id == bindparam("b_id"),
+        _dt.c.state == bindparam("b_state"),
+        _dt.c.current_token.is_not_distinct_from(
+            bindparam("b_token", type_=_dt.c.current_token.type)
+        ),
+    )
+    .values(
+        current_token=bindparam("v_token"),
+        token_issued_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    )
+)
+_INSERT_TOKEN = insert(tokens).values(
+    token=bindparam("v_token"), device_task_id=bindparam("v_id"), issued_at=bindparam("now")
+)
+# A NULL parameter keeps the stored version: one statement serves E1 (both), E3 and T15 (one).
+_SET_VERSIONS = (
+    update(devices)
+    .where(devices.c.dev_id == bindparam("b_dev_id"))
+    .values(
+        f_version=func.coalesce(
+            bindparam("f", type_=devices.c.f_version.type), devices.c.f_version
+        ),
+        s_version=func.coalesce(
+            bindparam("s", type_=devices.c.s_version.type), devices.c.s_version
+        ),
+        last_seen_at=bindparam("now"),
+    )
+)
+
+
+def _allowed_sources(action: Action) -> tuple[int, ...]:
+    """The states from which ``action`` is legal, read from the state machine itself."""
+    allowed = []
+    for state in TaskState:
+        try:
+            on_action(state, action, paused_from=TaskState.TO_BE_UPGRADED)
+        except IllegalTransition:
+            continue
+        allowed.append(int(state))
+    return tuple(allowed)
+
+
+# T5 as one statement, derived from protocol.states: every state DEADLINE may leave goes to the
+# state DEADLINE leads to (D23: every open device task of the task fails).
+_DEADLINE_SOURCES: Final = _allowed_sources(Action.DEADLINE)
+_DEADLINE_TARGET: Final = int(on_action(TaskState(_DEADLINE_SOURCES[0]), Action.DEADLINE))
+_DEADLINE_TASKS = select(_t.c.id).where(
+    _t.c.deadline.is_not(None), _t.c.deadline <= bindparam("now")
+)
+_EXPIRE_ALL = (
+    update(_dt)
+    .where(_dt.c.state.in_(_DEADLINE_SOURCES), _dt.c.task_id.in_(_DEADLINE_TASKS))
+    .values(
+        state=_DEADLINE_TARGET,
+        paused_from=None,
+        updated_at=bindparam("now"),
+        finished_at=bindparam("now"),
+    )
+)
+_EXPIRE_DEVICE = _EXPIRE_ALL.where(_dt.c.dev_id == bindparam("b_dev_id"))
+
+
+def expire_deadlines(conn: Connection, now: float, *, dev_id: int | None = None) -> int:
+    """Apply T5 inside the caller's transaction: open device tasks of every task whose deadline
+    has passed (``deadline <= now``) become failed (§5.3, D23). Returns how many changed.
+
+    ``dev_id`` limits it to one device's tasks (what the device paths do lazily); without it, it
+    sweeps everything (for the management side or a periodic job). Callers in a process that also
+    serves the device API should afterwards call :meth:`DeviceService.invalidate`.
+    """
+    params: dict[str, Any] = {"now": int(now)}
+    if dev_id is None:
+        result = conn.execute(_EXPIRE_ALL, params)
+    else:
+        params["b_dev_id"] = dev_id
+        result = conn.execute(_EXPIRE_DEVICE, params)
+    return int(result.rowcount)
+
+
+def apply_action(
+    conn: Connection, device_task_id: int, action: Action, now: float
+) -> tuple[TaskState, TaskState] | None:
+    """Apply a management action (T2 pause, T3 resume, T4 cancel, T5 deadline) to one device
+    task inside the caller's transaction, through :func:`protocol.states.on_action`.
+
+    Returns (old state, new state), or None when the device task does not exist. Raises
+    :class:`IllegalTransition` when the state machine refuses, and :class:`ConcurrentChange` when
+    another transaction changed the row between the read and the write (run the transaction again).
+    """
+    row = conn.execute(_SELECT_TASK, {"b_id": device_task_id}).first()
+    if row is None:
+        return None
+    old = TaskState(row.state)
+    paused_from = TaskState(row.paused_from) if row.paused_from is not None else None
+    new = on_action(old, action, paused_from=paused_from)
+    _set_state(
+        conn,
+        row.dt_id,
+        old,
+        new,
+        now,
+        progress=row.progress,
+        paused_from=old if new is TaskState.PAUSED else None,
+    )
+    return old, new
+
+
+class ConcurrentChange(Exception):
+    """A compare-and-set UPDATE matched no row: another transaction changed the task first."""
+
+
+def _set_state(
+    conn: Connection,
+    device_task_id: int,
+    old: TaskState,
+    new: TaskState,
+    now: float,
+    *,
+    progress: int,
+    paused_from: TaskState | None = None,
+    result_code: int | None = None,
+) -> None:
+    result = conn.execute(
+        _SET_STATE,
+        {
+            "b_id": device_task_id,
+            "b_state": int(old),
+            "v_state": int(new),
+            "v_paused_from": None if paused_from is None else int(paused_from),
+            "v_progress": progress,
+            "v_result_code": result_code,
+            "now": int(now),
+            "v_finished_at": int(now) if new.is_terminal else None,
+        },
+    )
+    if result.rowcount != 1:
+        raise ConcurrentChange
+
+
+# --------------------------------------------------------------------------------------------
+# The service
+
+
+@dataclass(slots=True)
+class _Tx:
+    conn: Connection
+    now: float
+    touched: set[int] = field(default_factory=set)
+    touched_all: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A decoded E7/E8 report: its column of §5.5 and the value sent (step or result code)."""
+
+    kind: ReportKind
+    value: int
+
+
+class DeviceService:
+    """The device API's rules over one database. Methods run one transaction each and return
+    errno values (or data); they never raise for a client's mistake.
+
+    ``clock`` returns Unix seconds; tests pass a fake one to expire tokens and deadlines.
+    """
+
+    def __init__(self, engine: Engine, *, clock: Clock = time.time, cache_ttl: float = 1.0) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._auth_cache: _TtlCache[str, Principal] = _TtlCache(cache_ttl)
+        self._device_cache: _TtlCache[int, DeviceRef] = _TtlCache(cache_ttl)
+        self._grant_cache: _TtlCache[str, DownloadGrant] = _TtlCache(cache_ttl)
+        self._grant_tokens: dict[int, set[str]] = {}  # device task -> cached tokens
+        self._grant_lock = threading.Lock()
+
+    @property
+    def clock(self) -> Clock:
+        """The service's clock (Unix seconds)."""
+        return self._clock
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def _run(self, work: Callable[[_Tx], T]) -> T:
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            tx: _Tx | None = None
+            try:
+                with self._engine.begin() as conn:
+                    tx = _Tx(conn, self._clock())
+                    return work(tx)
+            except (ConcurrentChange, IntegrityError):
+                # IntegrityError: a token collision or a concurrent insert; both retry cleanly.
+                if attempt == _MAX_ATTEMPTS:
+                    raise
+            except DBAPIError as exc:
+                if attempt == _MAX_ATTEMPTS or _sqlstate(exc) not in _RETRYABLE_SQLSTATES:
+                    raise
+            finally:
+                if tx is not None:
+                    self._invalidate_touched(tx)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _invalidate_touched(self, tx: _Tx) -> None:
+        if tx.touched_all:
+            self.invalidate()
+            return
+        for device_task_id in tx.touched:
+            self.invalidate(device_task_id)
+
+    def invalidate(self, device_task_id: int | None = None) -> None:
+        """Forget cached E6 lookups of one device task, or every cache when None.
+
+        The management side calls this (with None) after it changes tasks, devices or keys in a
+        process that also serves the device API.
+        """
+        if device_task_id is None:
+            with self._grant_lock:
+                self._grant_cache.clear()
+                self._grant_tokens.clear()
+            self._auth_cache.clear()
+            self._device_cache.clear()
+            return
+        with self._grant_lock:
+            for token in self._grant_tokens.pop(device_task_id, ()):
+                self._grant_cache.pop(token)
+
+    def _transition(
+        self,
+        tx: _Tx,
+        row: _Row,
+        new: TaskState,
+        *,
+        progress: int | None = None,
+        result_code: int | None = None,
+    ) -> None:
+        old = TaskState(row.state)
+        _set_state(
+            tx.conn,
+            row.dt_id,
+            old,
+            new,
+            tx.now,
+            progress=row.progress if progress is None else progress,
+            result_code=result_code,
+        )
+        tx.touched.add(row.dt_id)
+
+    def _effective_state(self, tx: _Tx, row: _Row, dev_id: int) -> TaskState:
+        """The row's state after T5, applied lazily: a passed deadline fails the open tasks."""
+        state = TaskState(row.state)
+        if state.is_open and _deadline_passed(row.deadline, tx.now):
+            if expire_deadlines(tx.conn, tx.now, dev_id=dev_id):
+                tx.touched_all = True
+            return on_action(state, Action.DEADLINE)
+        return state
+
+    # -- P1 and P3 ---------------------------------------------------------------------------
+
+    def authenticate_cached(self, authorization: str) -> Principal | None:
+        """A cached principal for this exact Authorization value, still within its ``et``."""
+        principal = self._auth_cache.get(authorization)
+        if principal is None or principal.expires_at < self._clock():
+            return None
+        return principal
+
+    def authenticate(self, authorization: str | None) -> Principal | None:
+        """P1 (§3.3, D3, D4): the principal, or None for errno 1. Reads keys from the database."""
+        if not authorization:
+            return None
+        try:
+            token = auth.parse_token(authorization)
+        except auth.TokenError:
+            return None
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                _SELECT_KEYS, {"pid": token.product_id, "name": token.device_name}
+            ).first()
+        if row is None:  # unknown product
+            return None
+        if token.device_name is not None and row.dev_id is None:  # unknown device in it
+            return None
+        # D4: the device key verifies a device-level token when the device has one.
+        encoded = row.device_key if token.device_name is not None and row.device_key else None
+        try:
+            key = auth.decode_key(encoded or row.access_key)
+        except ValueError:
+            log.warning("a key of product %s is not base64; refusing its tokens", token.product_id)
+            return None
+        try:
+            auth.verify_token(token, key, now=self._clock())
+        except auth.TokenError:
+            return None
+        principal = Principal(token.product_id, token.device_name, token.expires_at)
+        self._auth_cache.put(authorization, principal)
+        return principal
+
+    def device_cached(self, dev_id: int) -> DeviceRef | None:
+        """The cached device row for P3, if any."""
+        return self._device_cache.get(dev_id)
+
+    def device(self, dev_id: int) -> DeviceRef | None:
+        """The device row for P3, from the database (and cached)."""
+        with self._engine.begin() as conn:
+            row = conn.execute(_SELECT_DEVICE, {"dev_id": dev_id}).first()
+        if row is None:
+            return None
+        ref = DeviceRef(dev_id, row.pid, row.name)
+        self._device_cache.put(dev_id, ref)
+        return ref
+
+    @staticmethod
+    def binds(principal: Principal, device: DeviceRef | None) -> bool:
+        """P3 (§4.2, D4): the device exists, is in the token's product, and is the token's device
+        when the token is device-level."""
+        if device is None or device.pid != principal.pid:
+            return False
+        return principal.device_name is None or principal.device_name == device.name
+
+    # -- E1, E2 ------------------------------------------------------------------------------
+
+    def report_version(self, dev_id: int, f_version: str | None, s_version: str | None) -> Errno:
+        """E1 (§6.1, D16): store the versions; an open task whose target is reported succeeds
+        (T6)."""
+        reported = {TaskType.FOTA: f_version, TaskType.SOTA: s_version}
+
+        def work(tx: _Tx) -> Errno:
+            for row in tx.conn.execute(_SELECT_OPEN_TASKS, {"dev_id": dev_id}).all():
+                if row.start_time > tx.now:  # not started: invisible to devices (§5.2)
+                    continue
+                state = self._effective_state(tx, row, dev_id)
+                version = reported[TaskType(row.module_type)]
+                if state.is_open and version is not None and version == row.target:
+                    self._transition(tx, row, on_action(state, Action.VERSION_REACHED))
+            result = tx.conn.execute(
+                _SET_VERSIONS,
+                {"b_dev_id": dev_id, "f": f_version, "s": s_version, "now": int(tx.now)},
+            )
+            return Errno.SUCC if result.rowcount == 1 else Errno.AUTH_FAILED
+
+        return self._run(work)
+
+    def query_version(self, dev_id: int) -> dict[str, str] | None:
+        """E2 (§6.2): the known versions (keys only for known ones); None if the device vanished."""
+        with self._engine.begin() as conn:
+            row = conn.execute(_SELECT_VERSIONS, {"dev_id": dev_id}).first()
+        if row is None:
+            return None
+        data: dict[str, str] = {}
+        if row.f_version is not None:
+            data["f_version"] = row.f_version
+        if row.s_version is not None:
+            data["s_version"] = row.s_version
+        return data
+
+    # -- E3, E4 ------------------------------------------------------------------------------
+
+    def check_task(
+        self,
+        dev_id: int,
+        task_type: TaskType,
+        version: str,
+        *,
+        manuf: str | None = None,
+        model: str | None = None,
+    ) -> tuple[Errno, TaskInfo | None]:
+        """E3 after its parameter checks (§6.3 steps 5-9, D11, D13, D17).
+
+        Records ``version`` (without T6), finds the active task of ``task_type``, runs the
+        pre-flight checks while it is to-be-upgraded (errno 8/9 fail it: T7, T8) and returns the
+        task with its current token, issuing one if it has none or it expired.
+        """
+
+        def work(tx: _Tx) -> tuple[Errno, TaskInfo | None]:
+            row = tx.conn.execute(
+                _SELECT_DEVICE_AND_OPEN_TASK, {"dev_id": dev_id, "module_type": int(task_type)}
+            ).first()
+            if row is None:
+                return Errno.AUTH_FAILED, None  # deleted since P3
+            answer = self._offer_for_check(tx, row, dev_id, version, manuf, model)
+            # Step 5: record the version. Written only when it changed (or to refresh
+            # last_seen_at now and then), so that polling stays a read-only transaction.
+            stored = row.f_version if task_type is TaskType.FOTA else row.s_version
+            stale = row.last_seen_at is None or tx.now - row.last_seen_at >= _LAST_SEEN_RESOLUTION_S
+            if stored != version or stale:
+                fota = task_type is TaskType.FOTA
+                tx.conn.execute(
+                    _SET_VERSIONS,
+                    {
+                        "b_dev_id": dev_id,
+                        "f": version if fota else None,
+                        "s": None if fota else version,
+                        "now": int(tx.now),
+                    },
+                )
+            return answer
+
+        return self._run(work)
+
+    def _offer_for_check(
+        self,
+        tx: _Tx,
+        row: _Row,
+        dev_id: int,
+        version: str,
+        manuf: str | None,
+        model: str | None,
+    ) -> tuple[Errno, TaskInfo | None]:
+        if row.dt_id is None or row.start_time > tx.now:  # none, or not started (§5.2, D22)
+            return Errno.NO_TASK, None
+        state = self._effective_state(tx, row, dev_id)
+        if not state.is_active:  # paused or (now) failed: step 6
+            return Errno.NO_TASK, None
+        if state is TaskState.TO_BE_UPGRADED:
+            # D11: exact string comparison, only against what the package declares.
+            if (manuf is not None and row.manuf is not None and manuf != row.manuf) or (
+                model is not None and row.model is not None and model != row.model
+            ):
+                self._transition(tx, row, on_action(state, Action.PREFLIGHT_FAILED))  # T7
+                return Errno.MANUF_MODEL_MISMATCH, None
+            if row.kind == PackageKind.DIFF and row.from_version != version:
+                self._transition(tx, row, on_action(state, Action.PREFLIGHT_FAILED))  # T8
+                return Errno.VERSION_MISMATCH, None
+        token = row.current_token
+        if token is None or token_expired(row.token_issued_at, tx.now):
+            token = self._issue_token(tx, row, state)
+        return Errno.SUCC, _task_info(row, token)
+
+    def _issue_token(self, tx: _Tx, row: _Row, state: TaskState) -> str:
+        """D13: a fresh token with a fresh 48 h; the old ones stay remembered for E7/E8."""
+        token = new_token()
+        now = int(tx.now)
+        params = {
+            "b_id": row.dt_id,
+            "b_state": int(state),
+            "b_token": row.current_token,
+            "v_token": token,
+            "now": now,
+        }
+        if tx.conn.execute(_SET_TOKEN, params).rowcount != 1:
+            raise ConcurrentChange
+        tx.conn.execute(_INSERT_TOKEN, {"v_token": token, "v_id": row.dt_id, "now": now})
+        tx.touched.add(row.dt_id)
+        return token
+
+    def tasking(self, dev_id: int, task_type: TaskType) -> tuple[Errno, TaskInfo | None]:
+        """E4 (§6.4, D18): the downloading/upgrading task and its current token; never issues."""
+
+        def work(tx: _Tx) -> tuple[Errno, TaskInfo | None]:
+            row = tx.conn.execute(
+                _SELECT_DEVICE_AND_OPEN_TASK, {"dev_id": dev_id, "module_type": int(task_type)}
+            ).first()
+            if row is None:
+                return Errno.AUTH_FAILED, None
+            if row.dt_id is None or row.start_time > tx.now:
+                return Errno.NO_VALID_TOKEN, None
+            if self._effective_state(tx, row, dev_id) not in RUNNING_STATES:
+                return Errno.NO_VALID_TOKEN, None
+            if row.current_token is None or token_expired(row.token_issued_at, tx.now):
+                return Errno.TOKEN_EXPIRED, None
+            return Errno.SUCC, _task_info(row, row.current_token)
+
+        return self._run(work)
+
+    # -- E5, E7, E8 --------------------------------------------------------------------------
+
+    def check_token(self, dev_id: int, token: str) -> Errno:
+        """E5 (§6.5, §5.4): token check; to-be-upgraded becomes downloading (T9)."""
+        if values.TOKEN_RE.fullmatch(token) is None:
+            return Errno.NO_VALID_TOKEN  # never issued: this server issues only this format
+
+        def work(tx: _Tx) -> Errno:
+            row = tx.conn.execute(_SELECT_TOKEN, {"token": token}).first()
+            if row is None or row.dt_dev_id != dev_id:
+                return Errno.NO_VALID_TOKEN  # unknown or another device's (§5.6)
+            state = self._effective_state(tx, row, dev_id)
+            # An older token of the task is expired by construction: E3 reissues only after
+            # expiry (§5.6, "E5 with an old or expired token answers errno 12").
+            expired = token != row.current_token or token_expired(row.issued_at, tx.now)
+            outcome = on_token_check(state, token_expired=expired)
+            if outcome.ok and outcome.state is not None and outcome.state is not state:
+                self._transition(tx, row, outcome.state)  # T9 (T10 changes nothing)
+            return outcome.errno
+
+        return self._run(work)
+
+    def report(self, dev_id: int, token: str | None, report: Report | Errno) -> Errno:
+        """E7/E8 (§6.7, §6.8, §5.5, D14, D15) on any token ever issued for the device's task.
+
+        ``report`` is the decoded body, or the errno its decoding failed with: body errors rank
+        below an unknown token (errno 1), so the token is resolved first.
+        """
+        if token is None or values.TOKEN_RE.fullmatch(token) is None:
+            return Errno.AUTH_FAILED
+
+        def work(tx: _Tx) -> Errno:
+            row = tx.conn.execute(_SELECT_TOKEN, {"token": token}).first()
+            if row is None or row.dt_dev_id != dev_id:
+                return Errno.AUTH_FAILED  # unknown or foreign download token (§5.6)
+            if isinstance(report, Errno):
+                return report
+            state = self._effective_state(tx, row, dev_id)
+            outcome = on_report(state, report.kind)
+            if not outcome.ok or outcome.state is None:
+                return outcome.errno
+            new = outcome.state
+            if report.kind is ReportKind.PROGRESS:  # T11: progress only, no state change
+                params = {"b_id": row.dt_id, "b_state": int(state), "v_progress": report.value}
+                if tx.conn.execute(_SET_PROGRESS, {**params, "now": int(tx.now)}).rowcount != 1:
+                    raise ConcurrentChange
+                return Errno.SUCC
+            progress = 100 if new is TaskState.UPGRADING else None  # T12, T13
+            self._transition(
+                tx,
+                row,
+                new,
+                progress=progress,
+                result_code=report.value if new.is_terminal else None,  # T14-T16
+            )
+            if report.kind is ReportKind.UPGRADED:  # T15: the device now runs the target
+                fota = TaskType(row.module_type) is TaskType.FOTA
+                tx.conn.execute(
+                    _SET_VERSIONS,
+                    {
+                        "b_dev_id": dev_id,
+                        "f": row.target if fota else None,
+                        "s": None if fota else row.target,
+                        "now": int(tx.now),
+                    },
+                )
+            return Errno.SUCC
+
+        return self._run(work)
+
+    # -- E6 ----------------------------------------------------------------------------------
+
+    def download_grant_cached(self, token: str) -> DownloadGrant | None:
+        """A cached E6 lookup for ``token``, if any (see the module docstring for staleness)."""
+        return self._grant_cache.get(token)
+
+    def download_grant(self, token: str) -> DownloadGrant | None:
+        """E6's token lookup (D6): None when the token was never issued. Changes nothing."""
+        if values.TOKEN_RE.fullmatch(token) is None:
+            return None
+        with self._engine.begin() as conn:
+            row = conn.execute(_SELECT_TOKEN, {"token": token}).first()
+        if row is None:
+            return None
+        grant = DownloadGrant(
+            device_task_id=row.dt_id,
+            dev_id=row.dt_dev_id,
+            state=TaskState(row.state),
+            token_issued_at=row.issued_at,
+            current=row.current_token == token,
+            deadline=row.deadline,
+            sha256=row.sha256,
+            size=row.size,
+            file_name=row.file_name,
+        )
+        with self._grant_lock:
+            self._grant_cache.put(token, grant)
+            self._grant_tokens.setdefault(grant.device_task_id, set()).add(token)
+            if len(self._grant_tokens) > _CACHE_MAX_ENTRIES:
+                self._grant_tokens.clear()
+                self._grant_cache.clear()
+        return grant
+
+    # -- E9 ----------------------------------------------------------------------------------
+
+    def dev_info(self, principal: Principal, auth_info: str) -> int | None:
+        """E9 (§6.9 step 4): the dev_id of the product's device with ``auth_info``, or None.
+
+        An ambiguous ``auth_info`` (two devices share it) finds no device rather than a guess.
+        """
+        with self._engine.begin() as conn:
+            rows = conn.execute(
+                _SELECT_BY_AUTH_INFO, {"pid": principal.pid, "auth_info": auth_info}
+            ).all()
+        if len(rows) != 1:
+            return None
+        row = rows[0]
+        if principal.device_name is not None and row.name != principal.device_name:
+            return None
+        return int(row.dev_id)
+
+    # -- management helpers ------------------------------------------------------------------
+
+    def expire_deadlines(self, dev_id: int | None = None) -> int:
+        """T5 in its own transaction (see :func:`expire_deadlines`); invalidates the caches."""
+
+        def work(tx: _Tx) -> int:
+            changed = expire_deadlines(tx.conn, tx.now, dev_id=dev_id)
+            tx.touched_all = changed > 0
+            return changed
+
+        return self._run(work)
+
+    def apply_action(
+        self, device_task_id: int, action: Action
+    ) -> tuple[TaskState, TaskState] | None:
+        """:func:`apply_action` in its own transaction, retried on concurrent changes."""
+
+        def work(tx: _Tx) -> tuple[TaskState, TaskState] | None:
+            result = apply_action(tx.conn, device_task_id, action, tx.now)
+            tx.touched.add(device_task_id)
+            return result
+
+        return self._run(work)
+
+
+def _task_info(row: _Row, token: str) -> TaskInfo:
+    return TaskInfo(
+        target=row.target,
+        token=token,
+        size=row.size,
+        md5=row.md5,
+        signal=row.signal,
+        power=row.power,
+        retry=row.retry,
+        interval=row.interval,
+        kind=PackageKind(row.kind),
+    )
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    state = getattr(exc.orig, "sqlstate", None)
+    return state if isinstance(state, str) else None
