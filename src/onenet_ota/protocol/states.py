@@ -138,13 +138,15 @@ def on_token_check(state: TaskState, *, token_expired: bool) -> Outcome:
 
 
 class Action(IntEnum):
-    """Management-side triggers (§5.3, marked M) and E1's completion (T6)."""
+    """Management-side triggers (§5.3, marked M), E1's completion (T6) and E3's pre-flight
+    failures (T7, T8)."""
 
     PAUSE = 1
     RESUME = 2
     CANCEL = 3
     DEADLINE = 4
     VERSION_REACHED = 5
+    PREFLIGHT_FAILED = 6  # E3 errno 8 (manuf/model) or 9 (from-version), D11
 
 
 class IllegalTransition(ValueError):
@@ -172,4 +174,6 @@ def on_action(
         return S.FAILED
     if action is Action.VERSION_REACHED and state in OPEN_STATES:  # T6, D16
         return S.SUCCEEDED
+    if action is Action.PREFLIGHT_FAILED and state is S.TO_BE_UPGRADED:  # T7, T8 (D11)
+        return S.FAILED
     raise IllegalTransition(action, state)
