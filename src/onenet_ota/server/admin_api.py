@@ -1,0 +1,835 @@
+"""The management API: JSON over HTTP under ``/api/v1``, for operators and the ``admin`` CLI.
+
+``AdminApi(service, admin_token=...).handle`` answers every ``/api/v1`` path. The routes are
+data (:data:`ROUTES`): the dispatcher and the OpenAPI 3.1 document served at
+``/api/v1/openapi.json`` are both built from that one table, so they cannot drift apart.
+
+Conventions:
+
+- Authentication: ``Authorization: Bearer <admin token>``, compared in constant time. Only
+  ``/api/v1/openapi.json`` and ``/api/v1/health`` are public.
+- Errors: ``{"error":{"code":"...","message":"...","details":[...]}}`` with 400 (malformed JSON),
+  401, 404, 405 (with ``Allow``), 409 (duplicates, an open task, in use), 413 (body too large), 422
+  (a value breaks a rule), 503 (the database is busy; retry). Never a traceback.
+- Lists: ``?limit=`` (1-1000, default 100) and ``?after=`` (the ``next`` of the previous page);
+  the reply is ``{"items":[...],"next":"..."|null}``.
+- Package upload: ``POST /api/v1/packages?pid=..&type=fota|sota&kind=full|diff&target=..&
+  file_name=..[&from_version=..][&manuf=..][&model=..]`` with the raw file as the body
+  (``application/octet-stream``, Content-Length or chunked). The metadata is checked before a
+  byte of the body is read; the body streams to the content-addressed store, is measured there
+  (size, md5, sha256), and is refused with 413 past the configured limit, leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar
+from urllib.parse import unquote
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import OperationalError
+
+import onenet_ota
+from onenet_ota.protocol.states import Action
+from onenet_ota.server import admin_service as svc
+from onenet_ota.server.blobs import BlobTooLarge
+from onenet_ota.server.http import BodyTooLarge, Request, Response
+
+__all__ = ["PREFIX", "ROUTES", "AdminApi", "openapi_document"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PREFIX: Final = "/api/v1"
+MAX_JSON_BODY: Final = 8 * 1024 * 1024  # a bulk import of 10 000 devices fits comfortably
+_JSON: Final = ("Content-Type", "application/json")
+
+
+# --------------------------------------------------------------------------------------------
+# Replies
+
+
+class ApiError(Exception):
+    """An HTTP error reply with the JSON error body."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        details: list[dict[str, Any]] | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or []
+        self.headers = headers or []
+
+
+def _json_response(
+    status: int, payload: Any, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(status, [_JSON, ("Content-Length", str(len(body))), *(headers or [])], body)
+
+
+def _error_response(error: ApiError) -> Response:
+    payload: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.details:
+        payload["details"] = error.details
+    return _json_response(error.status, {"error": payload}, error.headers)
+
+
+_SERVICE_STATUS: Final = {svc.NotFound: 404, svc.Conflict: 409, svc.Invalid: 422}
+
+
+def _from_service(exc: svc.AdminError) -> ApiError:
+    return ApiError(_SERVICE_STATUS.get(type(exc), 400), exc.code, exc.message, details=exc.details)
+
+
+def _from_validation(exc: ValidationError) -> ApiError:
+    details = []
+    for item in exc.errors(include_url=False, include_input=False, include_context=False):
+        where = ".".join(str(part) for part in item["loc"])
+        details.append({"field": where, "message": item["msg"]})
+    first = details[0] if details else {"field": "", "message": "invalid"}
+    message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
+    return ApiError(422, "invalid", message, details=details)
+
+
+# --------------------------------------------------------------------------------------------
+# Route table
+
+
+PathTypes = dict[str, Literal["string", "integer"]]
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A query parameter: its name, JSON-schema type, and description."""
+
+    name: str
+    type: Literal["string", "integer"] = "string"
+    description: str = ""
+    required: bool = False
+    enum: tuple[str, ...] | None = None
+
+
+PAGE_PARAMS: Final = (
+    Param("limit", "integer", "page size, 1-1000 (default 100)"),
+    Param("after", "string", "the 'next' value of the previous page"),
+)
+
+
+@dataclass(slots=True)
+class Call:
+    """One matched request: path parameters, query, and the request itself."""
+
+    request: Request
+    path: dict[str, str]
+    query: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One operation: the dispatcher's entry and the OpenAPI document's source."""
+
+    method: str
+    path: str  # under PREFIX, with {name} parameters
+    operation: str  # the AdminApi method that handles it, and the OpenAPI operationId
+    summary: str
+    tag: str
+    status: int = 200
+    body: type[BaseModel] | None = None  # a JSON request body
+    upload: bool = False  # a raw file body
+    response: type[BaseModel] | None = None  # None with status 204: no body
+    query: tuple[Param, ...] = ()
+    path_types: PathTypes = field(default_factory=dict)
+    errors: tuple[int, ...] = ()
+    public: bool = False
+
+    @property
+    def segments(self) -> list[str]:
+        return self.path.strip("/").split("/") if self.path != "/" else []
+
+
+# Page and envelope models, named for the OpenAPI document.
+class ProductPage(BaseModel):
+    """A page of products."""
+
+    items: list[svc.Product]
+    next: str | None
+
+
+class DevicePage(BaseModel):
+    """A page of devices."""
+
+    items: list[svc.Device]
+    next: str | None
+
+
+class DeviceList(BaseModel):
+    """Devices created by an import, in request order."""
+
+    items: list[svc.Device]
+
+
+class PackagePage(BaseModel):
+    """A page of packages."""
+
+    items: list[svc.Package]
+    next: str | None
+
+
+class TaskPage(BaseModel):
+    """A page of tasks."""
+
+    items: list[svc.Task]
+    next: str | None
+
+
+class DeviceTaskPage(BaseModel):
+    """A page of a task's devices."""
+
+    items: list[svc.DeviceTaskView]
+    next: str | None
+
+
+class Health(BaseModel):
+    """Liveness."""
+
+    status: Literal["ok"]
+    version: str
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    code: str
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error reply."""
+
+    error: ErrorDetail
+
+
+_PID: PathTypes = {"pid": "string"}
+_ID: PathTypes = {"id": "integer"}
+_TASK_DEVICE: PathTypes = {"id": "integer", "dev_id": "integer"}
+_STATE_PARAM = Param(
+    "state", description="only devices in this state", enum=tuple(svc.STATES_BY_NAME)
+)
+
+ROUTES: Final[tuple[Route, ...]] = (
+    Route("GET", "/openapi.json", "openapi", "This document", "meta", public=True),
+    Route("GET", "/health", "health", "Liveness check", "meta", response=Health, public=True),
+    Route(
+        "POST", "/products", "create_product", "Create a product (given or generated pid and key)",
+        "products", status=201, body=svc.ProductCreate, response=svc.Product, errors=(409, 422),
+    ),
+    Route(
+        "GET", "/products", "list_products", "List products (without keys)", "products",
+        response=ProductPage, query=PAGE_PARAMS,
+    ),
+    Route(
+        "GET", "/products/{pid}", "get_product", "Show a product with its access key",
+        "products", response=svc.Product, path_types=_PID, errors=(404,),
+    ),
+    Route(
+        "POST", "/products/{pid}/rotate-key", "rotate_key",
+        "Replace the product's access key (given or generated)", "products",
+        body=svc.KeyRotate, response=svc.Product, path_types=_PID, errors=(404, 422),
+    ),
+    Route(
+        "POST", "/devices", "create_device", "Create a device (given or generated dev_id)",
+        "devices", status=201, body=svc.DeviceCreate, response=svc.Device, errors=(409, 422),
+    ),
+    Route(
+        "POST", "/devices/import", "import_devices",
+        "Create many devices of one product, all or none", "devices", status=201,
+        body=svc.DeviceImport, response=DeviceList, errors=(409, 422),
+    ),
+    Route(
+        "GET", "/devices", "list_devices", "List devices", "devices", response=DevicePage,
+        query=(
+            Param("pid", description="only this product's devices"),
+            Param("f_version", description="only devices that reported this FOTA version"),
+            Param("s_version", description="only devices that reported this SOTA version"),
+            Param("q", description="only devices whose name contains this"),
+            *PAGE_PARAMS,
+        ),
+    ),
+    Route(
+        "GET", "/devices/{dev_id}", "get_device",
+        "Show a device with its reported versions and task history", "devices",
+        response=svc.DeviceDetail, path_types={"dev_id": "integer"}, errors=(404,),
+    ),
+    Route(
+        "POST", "/packages", "upload_package",
+        "Upload a package file (raw body) with its metadata in the query", "packages",
+        status=201, upload=True, response=svc.Package, errors=(409, 413, 422),
+        query=(
+            Param("pid", required=True, description="product id"),
+            Param("type", required=True, description="fota (1) or sota (2)",
+                  enum=("fota", "sota", "1", "2")),
+            Param("kind", description="full (default) or diff",
+                  enum=("full", "diff", "differential", "1", "2")),
+            Param("from_version", description="differential packages: the version it applies to"),
+            Param("target", required=True, description="the version the package installs"),
+            Param("manuf", description="manufacturer code (spec Appendix A)"),
+            Param("model", description="module or chip code (spec Appendix A)"),
+            Param("file_name", required=True, description="1-64 printable ASCII characters"),
+        ),
+    ),
+    Route(
+        "GET", "/packages", "list_packages", "List packages", "packages", response=PackagePage,
+        query=(
+            Param("pid", description="only this product's packages"),
+            Param("type", description="only FOTA or SOTA packages",
+                  enum=("fota", "sota", "1", "2")),
+            *PAGE_PARAMS,
+        ),
+    ),
+    Route(
+        "GET", "/packages/{id}", "get_package", "Show a package", "packages",
+        response=svc.Package, path_types=_ID, errors=(404,),
+    ),
+    Route(
+        "DELETE", "/packages/{id}", "delete_package", "Delete a package no task uses",
+        "packages", status=204, path_types=_ID, errors=(404, 409),
+    ),
+    Route(
+        "POST", "/tasks", "create_task", "Create an upgrade task", "tasks", status=201,
+        body=svc.TaskCreate, response=svc.TaskCreated, errors=(409, 422),
+    ),
+    Route(
+        "GET", "/tasks", "list_tasks", "List tasks with per-state counts", "tasks",
+        response=TaskPage,
+        query=(
+            Param("pid", description="only this product's tasks"),
+            Param("package_id", "integer", "only tasks of this package"),
+            Param("status", description="only tasks with this status",
+                  enum=("active", "paused", "cancelled")),
+            *PAGE_PARAMS,
+        ),
+    ),
+    Route(
+        "GET", "/tasks/{id}", "get_task",
+        "Show a task with counts and the first page of its devices", "tasks",
+        response=svc.TaskDetail, path_types=_ID, query=(_STATE_PARAM, *PAGE_PARAMS),
+        errors=(404,),
+    ),
+    Route(
+        "GET", "/tasks/{id}/devices", "list_task_devices",
+        "List a task's devices with state and progress", "tasks", response=DeviceTaskPage,
+        path_types=_ID, query=(_STATE_PARAM, *PAGE_PARAMS), errors=(404,),
+    ),
+    *(
+        Route(
+            "POST", f"/tasks/{{id}}/{verb}", f"{verb}_task",
+            f"{verb.capitalize()} every device of the task where the state machine allows it",
+            "tasks", response=svc.TaskActionResult, path_types=_ID, errors=(404, 409),
+        )
+        for verb in ("pause", "resume", "cancel")
+    ),
+    *(
+        Route(
+            "POST", f"/tasks/{{id}}/devices/{{dev_id}}/{verb}", f"{verb}_device_task",
+            f"{verb.capitalize()} one device's part of the task", "tasks",
+            response=svc.DeviceTaskView, path_types=_TASK_DEVICE, errors=(404, 409),
+        )
+        for verb in ("pause", "resume", "cancel")
+    ),
+)  # fmt: skip
+
+# --------------------------------------------------------------------------------------------
+# OpenAPI
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of :data:`ROUTES`."""
+    schemas: dict[str, Any] = {}
+
+    def ref(model: type[BaseModel], mode: Literal["validation", "serialization"]) -> dict[str, str]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    error_ref = ref(ErrorBody, "serialization")
+    reasons = {
+        400: "Malformed request",
+        401: "Missing or wrong admin token",
+        404: "Not found",
+        409: "Conflict with existing state",
+        413: "Body too large",
+        422: "A value breaks a rule",
+        503: "Database busy; retry",
+    }
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        operation: dict[str, Any] = {
+            "operationId": route.operation,
+            "summary": route.summary,
+            "tags": [route.tag],
+        }
+        parameters: list[dict[str, Any]] = []
+        for name in _path_names(route):
+            parameters.append(
+                {
+                    "name": name,
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": route.path_types.get(name, "string")},
+                }
+            )
+        for param in route.query:
+            schema: dict[str, Any] = {"type": param.type}
+            if param.enum:
+                schema["enum"] = list(param.enum)
+            parameters.append(
+                {
+                    "name": param.name,
+                    "in": "query",
+                    "required": param.required,
+                    "description": param.description,
+                    "schema": schema,
+                }
+            )
+        if parameters:
+            operation["parameters"] = parameters
+        if route.body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(route.body, "validation")}},
+            }
+        if route.upload:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        responses: dict[str, Any] = {}
+        if route.response is not None:
+            responses[str(route.status)] = {
+                "description": "Success",
+                "content": {"application/json": {"schema": ref(route.response, "serialization")}},
+            }
+        elif route.operation == "openapi":
+            responses["200"] = {
+                "description": "The OpenAPI document",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        else:
+            responses[str(route.status)] = {"description": "Success, no body"}
+        codes = set(route.errors) | {400}
+        if not route.public:
+            codes |= {401, 503}
+        for code in sorted(codes):
+            responses[str(code)] = {
+                "description": reasons[code],
+                "content": {"application/json": {"schema": error_ref}},
+            }
+        operation["responses"] = responses
+        if route.public:
+            operation["security"] = []
+        paths.setdefault(PREFIX + route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "onenet-ota management API",
+            "version": onenet_ota.__version__,
+            "description": (
+                "Products, devices, packages and upgrade tasks of a self-hosted OneNET OTA "
+                'platform. Errors are {"error":{"code","message","details"}}.'
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(schemas.items())),
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _path_names(route: Route) -> list[str]:
+    return [seg[1:-1] for seg in route.segments if seg.startswith("{") and seg.endswith("}")]
+
+
+def _match(route: Route, segments: list[str]) -> dict[str, str] | None:
+    pattern = route.segments
+    if len(pattern) != len(segments):
+        return None
+    params: dict[str, str] = {}
+    for want, got in zip(pattern, segments, strict=True):
+        if want.startswith("{"):
+            if not got:
+                return None
+            params[want[1:-1]] = got
+        elif want != got:
+            return None
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# The handler
+
+
+def _int_param(value: str | None, name: str, *, minimum: int = 1) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or len(value) > 19 or int(value) < minimum:
+        raise ApiError(422, "invalid", f"{name} must be an integer of at least {minimum}")
+    return int(value)
+
+
+def _module_type(value: str | None, *, required: bool) -> int | None:
+    if value is None or value == "":
+        if required:
+            raise ApiError(422, "invalid", "type is required: fota or sota")
+        return None
+    types = {"fota": 1, "1": 1, "sota": 2, "2": 2}
+    lowered = value.lower()
+    if lowered not in types:
+        raise ApiError(422, "invalid", "type must be fota or sota")
+    return types[lowered]
+
+
+def _kind(value: str | None) -> int:
+    kinds = {"full": 1, "1": 1, "diff": 2, "differential": 2, "2": 2}
+    if value is None or value == "":
+        return 1
+    lowered = value.lower()
+    if lowered not in kinds:
+        raise ApiError(422, "invalid", "kind must be full or diff")
+    return kinds[lowered]
+
+
+class AdminApi:
+    """The ``/api/v1`` handler over an :class:`~onenet_ota.server.admin_service.AdminService`.
+
+    ``admin_token`` is the bearer token operators present. ``max_upload_bytes`` limits package
+    uploads (413 past it). ``on_task_created`` is called with every created task (the task push,
+    §11); it must not block.
+    """
+
+    def __init__(
+        self,
+        service: svc.AdminService,
+        *,
+        admin_token: str,
+        max_upload_bytes: int,
+        on_task_created: Callable[[svc.CreatedTask], None] | None = None,
+    ) -> None:
+        if not admin_token:
+            raise ValueError("the management API needs an admin token")
+        self.service = service
+        self._token = admin_token.encode()
+        self._max_upload = max_upload_bytes
+        self._on_task_created = on_task_created
+        self._openapi_bytes: bytes | None = None
+        self._handlers: dict[str, Callable[[Call], Awaitable[Any]]] = {
+            route.operation: getattr(self, "_" + route.operation) for route in ROUTES
+        }
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one ``/api/v1`` request; never raises, never sends a traceback."""
+        try:
+            return await self._dispatch(request)
+        except ApiError as exc:
+            return _error_response(exc)
+        except Exception:
+            log.exception("management request %s %s failed", request.method, request.path)
+            return _error_response(ApiError(500, "internal", "internal error"))
+
+    async def _dispatch(self, request: Request) -> Response:
+        path = request.path
+        if path != PREFIX and not path.startswith(PREFIX + "/"):
+            raise ApiError(404, "not_found", "no such endpoint")
+        segments = [unquote(seg) for seg in path[len(PREFIX) :].strip("/").split("/") if seg]
+        matched: list[tuple[Route, dict[str, str]]] = []
+        for route in ROUTES:
+            params = _match(route, segments)
+            if params is not None:
+                matched.append((route, params))
+        if not matched:
+            raise ApiError(404, "not_found", "no such endpoint")
+        for route, params in matched:  # noqa: B007 - the match found is used below
+            if route.method == request.method:
+                break
+        else:
+            allow = ", ".join(sorted({r.method for r, _ in matched}))
+            raise ApiError(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed here; use {allow}",
+                headers=[("Allow", allow)],
+            )
+        if not route.public:
+            self._authenticate(request)
+        call = Call(request=request, path=params, query=request.query)
+        result = await self._run(route, call)
+        if route.status == 204:
+            return Response.empty(204)
+        if isinstance(result, Response):
+            return result
+        payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        return _json_response(route.status, payload)
+
+    def _authenticate(self, request: Request) -> None:
+        value = request.header("Authorization") or ""
+        scheme, _, token = value.partition(" ")
+        # Compare even when the scheme is wrong, so timing says nothing about the token.
+        ok = hmac.compare_digest(token.strip().encode("utf-8", "replace"), self._token)
+        if scheme.lower() != "bearer" or not ok:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing or wrong admin token (Authorization: Bearer <token>)",
+                headers=[("WWW-Authenticate", "Bearer")],
+            )
+
+    async def _run(self, route: Route, call: Call) -> Any:
+        try:
+            return await self._handlers[route.operation](call)
+        except svc.AdminError as exc:
+            raise _from_service(exc) from None
+        except ValidationError as exc:
+            raise _from_validation(exc) from None
+        except BodyTooLarge:
+            raise ApiError(413, "payload_too_large", "the request body is too large") from None
+        except OperationalError:
+            # A lock wait ran out or the database is unreachable: the caller may retry.
+            log.warning("database unavailable for %s %s", call.request.method, call.request.path)
+            raise ApiError(
+                503, "unavailable", "the database is busy or unavailable; retry",
+                headers=[("Retry-After", "1")],
+            ) from None  # fmt: skip
+
+    @staticmethod
+    async def _db(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        # Management calls can be long (bulk imports, fleet-wide tasks): keep them off the loop
+        # that also serves devices.
+        return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+
+    @staticmethod
+    async def _json_body(call: Call, model: type[BaseModel], *, optional: bool = False) -> Any:
+        raw = await call.request.body(MAX_JSON_BODY)
+        if not raw.strip() and optional:
+            raw = b"{}"
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, "bad_request", f"the body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(422, "invalid", "the body must be a JSON object")
+        return model.model_validate_json(raw if raw.strip() else b"{}")
+
+    @staticmethod
+    def _page_args(call: Call) -> dict[str, Any]:
+        return {
+            "limit": _int_param(call.query.get("limit"), "limit"),
+            "after": call.query.get("after") or None,
+        }
+
+    @staticmethod
+    def _path_int(call: Call, name: str) -> int:
+        raw = call.path[name]
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not 1 <= int(raw) < 2**63:
+            raise ApiError(404, "not_found", f"no {name} {raw!r}")
+        return int(raw)
+
+    # ---------------------------------------------------------------- meta
+
+    async def _openapi(self, call: Call) -> Response:
+        if self._openapi_bytes is None:
+            document = openapi_document()
+            self._openapi_bytes = json.dumps(document, separators=(",", ":")).encode()
+        body = self._openapi_bytes
+        return Response(200, [_JSON, ("Content-Length", str(len(body)))], body)
+
+    async def _health(self, call: Call) -> Health:
+        return Health(status="ok", version=onenet_ota.__version__)
+
+    # ---------------------------------------------------------------- products
+
+    async def _create_product(self, call: Call) -> svc.Product:
+        spec = await self._json_body(call, svc.ProductCreate)
+        return await self._db(self.service.create_product, spec)
+
+    async def _list_products(self, call: Call) -> ProductPage:
+        page = await self._db(self.service.list_products, **self._page_args(call))
+        return ProductPage(items=page.items, next=page.next)
+
+    async def _get_product(self, call: Call) -> svc.Product:
+        return await self._db(self.service.get_product, call.path["pid"])
+
+    async def _rotate_key(self, call: Call) -> svc.Product:
+        spec = await self._json_body(call, svc.KeyRotate, optional=True)
+        return await self._db(self.service.rotate_product_key, call.path["pid"], spec)
+
+    # ---------------------------------------------------------------- devices
+
+    async def _create_device(self, call: Call) -> svc.Device:
+        spec = await self._json_body(call, svc.DeviceCreate)
+        return await self._db(self.service.create_device, spec)
+
+    async def _import_devices(self, call: Call) -> DeviceList:
+        spec = await self._json_body(call, svc.DeviceImport)
+        return DeviceList(items=await self._db(self.service.import_devices, spec))
+
+    async def _list_devices(self, call: Call) -> DevicePage:
+        q = call.query
+        page = await self._db(
+            self.service.list_devices,
+            pid=q.get("pid") or None,
+            f_version=q.get("f_version") or None,
+            s_version=q.get("s_version") or None,
+            name_contains=q.get("q") or None,
+            **self._page_args(call),
+        )
+        return DevicePage(items=page.items, next=page.next)
+
+    async def _get_device(self, call: Call) -> svc.DeviceDetail:
+        return await self._db(self.service.get_device, self._path_int(call, "dev_id"))
+
+    # ---------------------------------------------------------------- packages
+
+    async def _upload_package(self, call: Call) -> svc.Package:
+        q = call.query
+        request = call.request
+        # Everything about the metadata is checked before a byte of the body is read.
+        spec = svc.PackageCreate.model_validate(
+            {
+                "pid": q.get("pid", ""),
+                "module_type": _module_type(q.get("type"), required=True),
+                "kind": _kind(q.get("kind")),
+                "from_version": q.get("from_version") or None,
+                "target": q.get("target", ""),
+                "manuf": q.get("manuf") or None,
+                "model": q.get("model") or None,
+                "file_name": q.get("file_name", ""),
+            }
+        )
+        if not await self._db(self._product_exists, spec.pid):
+            raise ApiError(422, "invalid", f"product {spec.pid} does not exist")
+        if request.content_length is not None and request.content_length > self._max_upload:
+            raise ApiError(
+                413, "payload_too_large", f"the package exceeds {self._max_upload} bytes"
+            )
+        if request.content_length == 0:
+            raise ApiError(422, "invalid", "the package file is empty")
+        try:
+            blob = await self.service.blobs.put_stream(request.stream(), limit=self._max_upload)
+        except BlobTooLarge:
+            raise ApiError(
+                413, "payload_too_large", f"the package exceeds {self._max_upload} bytes"
+            ) from None
+        return await self._db(self.service.create_package, spec, blob)
+
+    def _product_exists(self, pid: str) -> bool:
+        try:
+            self.service.get_product(pid)
+        except svc.NotFound:
+            return False
+        return True
+
+    async def _list_packages(self, call: Call) -> PackagePage:
+        page = await self._db(
+            self.service.list_packages,
+            pid=call.query.get("pid") or None,
+            module_type=_module_type(call.query.get("type"), required=False),
+            **self._page_args(call),
+        )
+        return PackagePage(items=page.items, next=page.next)
+
+    async def _get_package(self, call: Call) -> svc.Package:
+        return await self._db(self.service.get_package, self._path_int(call, "id"))
+
+    async def _delete_package(self, call: Call) -> None:
+        await self._db(self.service.delete_package, self._path_int(call, "id"))
+
+    # ---------------------------------------------------------------- tasks
+
+    async def _create_task(self, call: Call) -> svc.TaskCreated:
+        spec = await self._json_body(call, svc.TaskCreate)
+        created: svc.CreatedTask = await self._db(self.service.create_task, spec)
+        if self._on_task_created is not None:
+            try:
+                self._on_task_created(created)
+            except Exception:  # the push is advisory (D24): it never fails the task
+                log.exception("task push scheduling failed for task %d", created.task.id)
+        return created.task
+
+    async def _list_tasks(self, call: Call) -> TaskPage:
+        q = call.query
+        page = await self._db(
+            self.service.list_tasks,
+            pid=q.get("pid") or None,
+            package_id=_int_param(q.get("package_id"), "package_id"),
+            status=q.get("status") or None,
+            **self._page_args(call),
+        )
+        return TaskPage(items=page.items, next=page.next)
+
+    async def _get_task(self, call: Call) -> svc.TaskDetail:
+        return await self._db(
+            self.service.get_task,
+            self._path_int(call, "id"),
+            state=call.query.get("state") or None,
+            **self._page_args(call),
+        )
+
+    async def _list_task_devices(self, call: Call) -> DeviceTaskPage:
+        page = await self._db(
+            self.service.list_task_devices,
+            self._path_int(call, "id"),
+            state=call.query.get("state") or None,
+            **self._page_args(call),
+        )
+        return DeviceTaskPage(items=page.items, next=page.next)
+
+    async def _pause_task(self, call: Call) -> svc.TaskActionResult:
+        return await self._act_on_task(call, Action.PAUSE)
+
+    async def _resume_task(self, call: Call) -> svc.TaskActionResult:
+        return await self._act_on_task(call, Action.RESUME)
+
+    async def _cancel_task(self, call: Call) -> svc.TaskActionResult:
+        return await self._act_on_task(call, Action.CANCEL)
+
+    async def _pause_device_task(self, call: Call) -> svc.DeviceTaskView:
+        return await self._act_on_device_task(call, Action.PAUSE)
+
+    async def _resume_device_task(self, call: Call) -> svc.DeviceTaskView:
+        return await self._act_on_device_task(call, Action.RESUME)
+
+    async def _cancel_device_task(self, call: Call) -> svc.DeviceTaskView:
+        return await self._act_on_device_task(call, Action.CANCEL)
+
+    async def _act_on_task(self, call: Call, action: Action) -> svc.TaskActionResult:
+        return await self._db(self.service.act_on_task, self._path_int(call, "id"), action)
+
+    async def _act_on_device_task(self, call: Call, action: Action) -> svc.DeviceTaskView:
+        return await self._db(
+            self.service.act_on_device_task,
+            self._path_int(call, "id"),
+            self._path_int(call, "dev_id"),
+            action,
+        )

@@ -1,0 +1,1319 @@
+"""The management side of the platform: products, devices, packages and tasks, in SQL.
+
+SQLAlchemy Core, one transaction per operation. The models below are both the inputs (validated
+against the spec's value formats, §1 and §4.5) and the outputs; :mod:`onenet_ota.server.admin_api`
+turns them into JSON and into its OpenAPI document.
+
+Device-task state changes go only through :func:`onenet_ota.protocol.states.on_action`: a bulk
+pause, resume or cancel is one ``UPDATE ... CASE`` whose cases are read from that function, so
+every row moves once, atomically, and only along the state table's edges (§5.3 T2-T4).
+
+Errors are :class:`AdminError` subclasses, each naming what the caller did wrong:
+
+    AdminError
+    ├── NotFound       the addressed object does not exist                    (HTTP 404)
+    ├── Conflict       duplicates, D23's one open task, objects still in use   (HTTP 409)
+    └── Invalid        a value that breaks the spec's formats or the rules     (HTTP 422)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import os
+import secrets
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from onenet_ota.protocol import values
+from onenet_ota.protocol.states import (
+    OPEN_STATES,
+    Action,
+    IllegalTransition,
+    TaskState,
+    on_action,
+)
+from onenet_ota.protocol.status import PackageKind, TaskType
+from onenet_ota.server.blobs import BlobStore, StoredBlob
+from onenet_ota.server.device_service import ConcurrentChange, apply_action, expire_deadlines
+from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks
+
+__all__ = [
+    "AdminError",
+    "AdminService",
+    "Conflict",
+    "Device",
+    "DeviceCreate",
+    "DeviceDetail",
+    "DeviceImport",
+    "DeviceImportItem",
+    "DeviceTaskHistory",
+    "DeviceTaskView",
+    "Invalid",
+    "KeyRotate",
+    "NotFound",
+    "Package",
+    "PackageCreate",
+    "Page",
+    "Product",
+    "ProductCreate",
+    "Task",
+    "TaskActionResult",
+    "TaskCreate",
+    "TaskCreated",
+    "TaskDetail",
+    "generate_access_key",
+]
+
+log = logging.getLogger(__name__)
+
+# dev_ids the server generates stay below 2^53 so that JavaScript clients read them exactly; the
+# protocol allows up to 2^63-1 (§1) and operator-given ids may use the whole range.
+GENERATED_DEV_ID_MAX = 2**53 - 1
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+MAX_IMPORT = 10_000
+_CHUNK = 500  # rows per IN (...) list and per executemany batch
+_CONFLICT_SAMPLE = 20  # how many offending ids an error message lists
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class AdminError(Exception):
+    """A management request that cannot be carried out. ``code`` is a stable machine word."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class NotFound(AdminError):
+    """The addressed product, device, package or task does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(AdminError):
+    """The request conflicts with existing state: a duplicate, an open task, an object in use."""
+
+    code = "conflict"
+
+
+class Invalid(AdminError):
+    """A value breaks the spec's formats or the management rules."""
+
+    code = "invalid"
+
+
+# --------------------------------------------------------------------------------------------
+# Value types shared by the models
+
+Pid = Annotated[str, StringConstraints(pattern=values.PID_RE.pattern, min_length=1, max_length=32)]
+DeviceName = Annotated[str, StringConstraints(pattern=values.DEVICE_NAME_RE.pattern)]
+Version = Annotated[str, StringConstraints(pattern=values.VERSION_RE.pattern)]
+DevId = Annotated[int, Field(ge=1, le=values.DEV_ID_MAX)]
+Int32 = Annotated[int, Field(ge=values.INT32_MIN, le=values.INT32_MAX)]
+UnixTime = Annotated[int, Field(ge=0, le=2**62)]
+AuthInfo = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+ManufModel = Annotated[str, StringConstraints(pattern=values.MANUF_MODEL_RE.pattern)]
+StateName = Literal[
+    "to_be_upgraded", "downloading", "upgrading", "succeeded", "failed", "cancelled", "paused"
+]
+STATE_NAMES: dict[TaskState, str] = {state: state.name.lower() for state in TaskState}
+STATES_BY_NAME: dict[str, TaskState] = {name: state for state, name in STATE_NAMES.items()}
+
+
+def _check_key(value: str | None) -> str | None:
+    """An access key or device key: standard base64 of at least 1 byte, at most 128 chars (§1)."""
+    if value is None:
+        return None
+    if len(value) > 128:
+        raise ValueError("a key is at most 128 characters")
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a key must be standard base64, e.g. 44 characters for 32 bytes") from None
+    if not decoded:
+        raise ValueError("a key must not be empty")
+    return value
+
+
+def generate_access_key() -> str:
+    """A new key in OneNET's format: base64 of 32 random bytes, 44 characters (§1)."""
+    return base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+class _In(BaseModel):
+    # Strict: JSON true is not an integer (§2.4), "1" is not a number; unknown keys are typos.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Products
+
+
+class ProductCreate(_In):
+    """A product to create. Give ``pid`` and ``access_key`` to take over a product whose devices
+    already carry them in firmware (moving a fleet from OneNET); omit them to have them generated.
+    """
+
+    pid: Pid | None = Field(default=None, description="1-32 characters [A-Za-z0-9]")
+    access_key: str | None = Field(default=None, description="base64; generated when omitted")
+    name: Annotated[str, StringConstraints(max_length=128)] = ""
+
+    @model_validator(mode="after")
+    def _key(self) -> ProductCreate:
+        _check_key(self.access_key)
+        return self
+
+
+class KeyRotate(_In):
+    """A key rotation: the new key, or none to have one generated."""
+
+    access_key: str | None = None
+
+    @model_validator(mode="after")
+    def _key(self) -> KeyRotate:
+        _check_key(self.access_key)
+        return self
+
+
+class Product(_Out):
+    """A product. ``access_key`` is omitted from lists."""
+
+    pid: str
+    name: str
+    access_key: str | None = None
+    created_at: int
+    device_count: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+
+
+class DeviceImportItem(_In):
+    """One device: its name, and optionally the dev_id, device key and auth_info it already has."""
+
+    name: DeviceName = Field(description="1-64 characters [A-Za-z0-9_.-], unique in the product")
+    dev_id: DevId | None = Field(default=None, description="generated when omitted")
+    device_key: str | None = Field(default=None, description="optional per-device key (base64)")
+    generate_device_key: bool = False
+    auth_info: AuthInfo | None = Field(default=None, description="E9 lookup string; the name")
+
+    @model_validator(mode="after")
+    def _key(self) -> DeviceImportItem:
+        _check_key(self.device_key)
+        if self.device_key is not None and self.generate_device_key:
+            raise ValueError("give device_key or generate_device_key, not both")
+        return self
+
+
+class DeviceCreate(DeviceImportItem):
+    """A device to create in product ``pid``."""
+
+    pid: Pid
+
+
+class DeviceImport(_In):
+    """Many devices of one product, created all together or not at all."""
+
+    pid: Pid
+    devices: Annotated[list[DeviceImportItem], Field(min_length=1, max_length=MAX_IMPORT)]
+
+
+class Device(_Out):
+    """A device and the versions it last reported (E1) or declared (E3)."""
+
+    dev_id: int
+    pid: str
+    name: str
+    auth_info: str
+    device_key: str | None
+    f_version: str | None
+    s_version: str | None
+    created_at: int
+    last_seen_at: int | None
+
+
+class DeviceTaskHistory(_Out):
+    """One of a device's upgrades, newest first in :class:`DeviceDetail`."""
+
+    task_id: int
+    package_id: int
+    module_type: int
+    target: str
+    state: StateName
+    progress: int
+    result_code: int | None
+    updated_at: int
+    finished_at: int | None
+
+
+class DeviceDetail(Device):
+    """A device with its task history."""
+
+    tasks: list[DeviceTaskHistory]
+
+
+# --------------------------------------------------------------------------------------------
+# Packages
+
+
+class PackageCreate(_In):
+    """A package's metadata. The file itself is uploaded separately and measured by the server."""
+
+    pid: Pid
+    module_type: Literal[1, 2] = Field(description="1 = FOTA, 2 = SOTA")
+    kind: Literal[1, 2] = Field(default=1, description="1 = full, 2 = differential")
+    from_version: Version | None = Field(default=None, description="differential packages only")
+    target: Version
+    manuf: ManufModel | None = None
+    model: ManufModel | None = None
+    file_name: str = Field(
+        description="1-64 printable ASCII characters, no quote, backslash or slash"
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> PackageCreate:
+        if not values.is_file_name(self.file_name):
+            raise ValueError(
+                "file_name must be 1-64 printable ASCII characters other than '\"' and '\\'"
+            )
+        # Stricter than §4.5: the name reaches devices in Content-Disposition, and one that saves
+        # the file under it must stay in its directory.
+        if "/" in self.file_name or self.file_name.strip(" .") == "":
+            raise ValueError("file_name must not contain '/' or consist only of dots and spaces")
+        if self.kind == int(PackageKind.DIFF) and self.from_version is None:
+            raise ValueError("a differential package needs from_version")
+        if self.kind == int(PackageKind.FULL) and self.from_version is not None:
+            raise ValueError("from_version is for differential packages only")
+        return self
+
+
+class Package(_Out):
+    """A stored package. ``size``, ``md5`` and ``sha256`` were computed by the server."""
+
+    id: int
+    pid: str
+    module_type: int
+    kind: int
+    from_version: str | None
+    target: str
+    manuf: str | None
+    model: str | None
+    file_name: str
+    size: int
+    md5: str
+    sha256: str
+    created_at: int
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+
+
+class TaskCreate(_In):
+    """An upgrade task for one package.
+
+    Targets: explicit ``dev_ids``, or every device of the package's product whose current version
+    for the package's type is one of ``from_versions``. ``on_open`` decides what happens to a
+    targeted device that already has an open task of that type (D23): ``fail`` refuses the whole
+    request, ``skip`` leaves the device out, ``cancel`` cancels its open task first.
+    """
+
+    package_id: Annotated[int, Field(ge=1)]
+    dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=100_000)] | None = None
+    from_versions: Annotated[list[Version], Field(min_length=1, max_length=100)] | None = None
+    signal: Int32 = 0
+    power: Int32 = 0
+    retry: Int32 = 0
+    interval: Int32 = 0
+    start_time: UnixTime | None = Field(default=None, description="Unix seconds; default now")
+    deadline: UnixTime | None = Field(default=None, description="Unix seconds; open tasks fail")
+    on_open: Literal["fail", "skip", "cancel"] = "fail"
+
+    @model_validator(mode="after")
+    def _rules(self) -> TaskCreate:
+        if (self.dev_ids is None) == (self.from_versions is None):
+            raise ValueError("give exactly one of dev_ids and from_versions")
+        return self
+
+
+class StateCounts(_Out):
+    """How many of a task's devices are in each state."""
+
+    to_be_upgraded: int = 0
+    downloading: int = 0
+    upgrading: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    paused: int = 0
+
+
+class Task(_Out):
+    """An operator's task: one package, a set of devices, one policy."""
+
+    id: int
+    pid: str
+    package_id: int
+    module_type: int
+    target: str
+    signal: int
+    power: int
+    retry: int
+    interval: int
+    start_time: int
+    deadline: int | None
+    status: Literal["active", "paused", "cancelled"]
+    created_at: int
+    total: int
+    counts: StateCounts
+
+
+class DeviceTaskView(_Out):
+    """One device's part of a task."""
+
+    dev_id: int
+    name: str
+    state: StateName
+    paused_from: StateName | None
+    progress: int
+    result_code: int | None
+    updated_at: int
+    finished_at: int | None
+
+
+class TaskDetail(Task):
+    """A task with the first page of its devices (``devices_next`` continues the list)."""
+
+    devices: list[DeviceTaskView]
+    devices_next: str | None
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a list and the cursor of the next (``after=``), None on the last page."""
+
+    items: list[T]
+    next: str | None
+
+
+class TaskCreated(Task):
+    """A new task. ``skipped``: targeted devices left out because they had an open task
+    (``on_open=skip``); ``cancelled``: devices whose open task was cancelled (``on_open=cancel``).
+    """
+
+    skipped: list[int]
+    cancelled: list[int]
+
+
+class TaskActionResult(Task):
+    """A task after pause, resume or cancel; ``changed`` device tasks moved."""
+
+    changed: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedTask:
+    """A new task and the dev_ids it targets (what the task push announces, §11)."""
+
+    task: TaskCreated
+    dev_ids: list[int]
+
+
+# --------------------------------------------------------------------------------------------
+# The service
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _sample(ids: Iterable[object]) -> str:
+    items = sorted(ids, key=str)
+    shown = ", ".join(str(i) for i in items[:_CONFLICT_SAMPLE])
+    more = len(items) - _CONFLICT_SAMPLE
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _page_limit(limit: int | None) -> int:
+    if limit is None:
+        return DEFAULT_PAGE
+    if not 1 <= limit <= MAX_PAGE:
+        raise Invalid(f"limit must be between 1 and {MAX_PAGE}")
+    return limit
+
+
+def _int_cursor(after: str | None) -> int | None:
+    if after is None:
+        return None
+    if not after.isdigit() or len(after) > 19:
+        raise Invalid("after must be the 'next' value of a previous page")
+    return int(after)
+
+
+def _version_column(module_type: int) -> Any:
+    return devices.c.f_version if module_type == TaskType.FOTA else devices.c.s_version
+
+
+def _transition_case(action: Action, column: Any) -> tuple[Any, list[int]]:
+    """A SQL CASE applying ``action`` to ``column`` (the state), built from the state table.
+
+    Returns the CASE and the states it applies to; states where the action is illegal are left
+    out, so their rows are not touched.
+    """
+    whens = []
+    sources = []
+    for state in TaskState:
+        try:
+            target = on_action(state, action)
+        except IllegalTransition:
+            continue
+        whens.append((column == int(state), int(target)))
+        sources.append(int(state))
+    return case(*whens, else_=column), sources
+
+
+def _resume_case() -> tuple[Any, list[int]]:
+    """RESUME's target depends on ``paused_from`` (T3); read every legal pair from the table."""
+    whens = []
+    froms = []
+    for before in TaskState:
+        try:
+            target = on_action(TaskState.PAUSED, Action.RESUME, paused_from=before)
+        except IllegalTransition:
+            continue
+        whens.append((device_tasks.c.paused_from == int(before), int(target)))
+        froms.append(int(before))
+    return case(*whens, else_=device_tasks.c.state), froms
+
+
+# The operator-facing status of a whole task before and after each bulk action.
+_STATUS_AFTER: dict[Action, str] = {
+    Action.PAUSE: "paused",
+    Action.RESUME: "active",
+    Action.CANCEL: "cancelled",
+}
+_STATUS_BEFORE: dict[Action, tuple[str, ...]] = {
+    Action.PAUSE: ("active",),
+    Action.RESUME: ("paused",),
+    Action.CANCEL: ("active", "paused"),
+}
+TERMINAL_CODES = [int(s) for s in TaskState if s.is_terminal]
+OPEN_CODES = [int(s) for s in OPEN_STATES]
+
+
+class AdminService:
+    """Management operations over ``engine`` and the package store ``blobs``.
+
+    ``clock`` returns Unix time in seconds; tests inject one. ``on_change`` is called after every
+    committed change to device tasks (so a device API can drop cached token lookups).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        blobs: BlobStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.blobs = blobs
+        self._clock = clock
+        self._on_change = on_change
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    @contextlib.contextmanager
+    def _tx(self, conflict: str) -> Iterator[Connection]:
+        """One transaction; a unique-constraint race (concurrent duplicates) becomes 409."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except IntegrityError:
+            raise Conflict(conflict) from None
+
+    # ---------------------------------------------------------------- products
+
+    def create_product(self, spec: ProductCreate) -> Product:
+        """Create a product, generating the pid and/or the access key when not given."""
+        access_key = spec.access_key or generate_access_key()
+        now = self._now()
+        with self._tx("the product already exists") as conn:
+            pid = spec.pid
+            if pid is None:
+                pid = self._unused_pid(conn)
+            elif self._product_exists(conn, pid):
+                raise Conflict(f"product {pid} already exists")
+            conn.execute(
+                insert(products).values(
+                    pid=pid, name=spec.name, access_key=access_key, created_at=now
+                )
+            )
+        return Product(pid=pid, name=spec.name, access_key=access_key, created_at=now)
+
+    def _unused_pid(self, conn: Connection) -> str:
+        # Classic OneNET pids are decimal (§1); nine digits look like theirs.
+        for _ in range(20):
+            pid = str(100_000_000 + secrets.randbelow(900_000_000))
+            if not self._product_exists(conn, pid):
+                return pid
+        raise Conflict("could not find an unused product id; retry")  # pragma: no cover
+
+    @staticmethod
+    def _product_exists(conn: Connection, pid: str) -> bool:
+        row = conn.execute(select(products.c.pid).where(products.c.pid == pid)).first()
+        return row is not None
+
+    def rotate_product_key(self, pid: str, spec: KeyRotate) -> Product:
+        """Replace a product's access key. Devices must then sign with the new key (§3.4)."""
+        key = spec.access_key or generate_access_key()
+        with self._tx("concurrent change") as conn:
+            done = conn.execute(
+                update(products).where(products.c.pid == pid).values(access_key=key)
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"product {pid} not found")
+            row = conn.execute(select(products).where(products.c.pid == pid)).one()
+        self._changed()
+        return Product(
+            pid=row.pid, name=row.name, access_key=row.access_key, created_at=row.created_at
+        )
+
+    def get_product(self, pid: str) -> Product:
+        """A product with its access key and device count."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(products).where(products.c.pid == pid)).first()
+            if row is None:
+                raise NotFound(f"product {pid} not found")
+            count = conn.execute(
+                select(func.count()).select_from(devices).where(devices.c.pid == pid)
+            ).scalar_one()
+        return Product(
+            pid=row.pid,
+            name=row.name,
+            access_key=row.access_key,
+            created_at=row.created_at,
+            device_count=count,
+        )
+
+    def list_products(self, *, limit: int | None = None, after: str | None = None) -> Page[Product]:
+        """Products in pid order, without their keys."""
+        size = _page_limit(limit)
+        query = select(products.c.pid, products.c.name, products.c.created_at)
+        if after is not None:
+            query = query.where(products.c.pid > after)
+        query = query.order_by(products.c.pid).limit(size + 1)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        items = [Product(pid=r.pid, name=r.name, created_at=r.created_at) for r in rows[:size]]
+        return Page(items, items[-1].pid if len(rows) > size else None)
+
+    # ---------------------------------------------------------------- devices
+
+    def create_device(self, spec: DeviceCreate) -> Device:
+        """Create one device (given or generated dev_id; optional device key)."""
+        page = self.import_devices(
+            DeviceImport(pid=spec.pid, devices=[DeviceImportItem(**_item_fields(spec))])
+        )
+        return page[0]
+
+    def import_devices(self, spec: DeviceImport) -> list[Device]:
+        """Create every device in ``spec`` or none: duplicates are reported, nothing is written."""
+        names = [item.name for item in spec.devices]
+        repeated_names = [name for name, n in Counter(names).items() if n > 1]
+        if repeated_names:
+            raise Invalid(f"device names repeated in the request: {_sample(repeated_names)}")
+        given_ids = [item.dev_id for item in spec.devices if item.dev_id is not None]
+        repeated_ids = [dev_id for dev_id, n in Counter(given_ids).items() if n > 1]
+        if repeated_ids:
+            raise Invalid(f"dev_ids repeated in the request: {_sample(repeated_ids)}")
+        now = self._now()
+        with self._tx("a device with this name or dev_id already exists") as conn:
+            if not self._product_exists(conn, spec.pid):
+                raise Invalid(f"product {spec.pid} does not exist")
+            taken_names: set[str] = set()
+            for chunk in _chunks(names):
+                taken_names.update(
+                    conn.execute(
+                        select(devices.c.name).where(
+                            devices.c.pid == spec.pid, devices.c.name.in_(chunk)
+                        )
+                    ).scalars()
+                )
+            if taken_names:
+                raise Conflict(
+                    f"devices already exist in product {spec.pid}: {_sample(taken_names)}",
+                    details=[{"name": n} for n in sorted(taken_names)[:_CONFLICT_SAMPLE]],
+                )
+            taken_ids = self._existing_dev_ids(conn, given_ids)
+            if taken_ids:
+                raise Conflict(
+                    f"dev_ids already in use: {_sample(taken_ids)}",
+                    details=[{"dev_id": i} for i in sorted(taken_ids)[:_CONFLICT_SAMPLE]],
+                )
+            used = set(given_ids)
+            rows: list[dict[str, Any]] = []
+            for item in spec.devices:
+                dev_id = item.dev_id
+                if dev_id is None:
+                    dev_id = self._unused_dev_id(conn, used)
+                used.add(dev_id)
+                key = item.device_key
+                if item.generate_device_key:
+                    key = generate_access_key()
+                rows.append(
+                    {
+                        "dev_id": dev_id,
+                        "pid": spec.pid,
+                        "name": item.name,
+                        "auth_info": item.auth_info or item.name,
+                        "device_key": key,
+                        "f_version": None,
+                        "s_version": None,
+                        "created_at": now,
+                        "last_seen_at": None,
+                    }
+                )
+            for batch in _chunks(rows):
+                conn.execute(insert(devices), list(batch))
+        return [Device(**row) for row in rows]
+
+    @staticmethod
+    def _existing_dev_ids(conn: Connection, dev_ids: Sequence[int]) -> set[int]:
+        found: set[int] = set()
+        for chunk in _chunks(dev_ids):
+            found.update(
+                conn.execute(select(devices.c.dev_id).where(devices.c.dev_id.in_(chunk))).scalars()
+            )
+        return found
+
+    def _unused_dev_id(self, conn: Connection, reserved: set[int]) -> int:
+        for _ in range(20):
+            dev_id = 1 + secrets.randbelow(GENERATED_DEV_ID_MAX)
+            if dev_id in reserved:
+                continue
+            if not self._existing_dev_ids(conn, [dev_id]):
+                return dev_id
+        raise Conflict("could not find an unused dev_id; retry")  # pragma: no cover
+
+    def list_devices(
+        self,
+        *,
+        pid: str | None = None,
+        f_version: str | None = None,
+        s_version: str | None = None,
+        name_contains: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> Page[Device]:
+        """Devices in dev_id order, filtered by product, reported versions or name."""
+        size = _page_limit(limit)
+        query = select(devices)
+        if pid is not None:
+            query = query.where(devices.c.pid == pid)
+        if f_version is not None:
+            query = query.where(devices.c.f_version == f_version)
+        if s_version is not None:
+            query = query.where(devices.c.s_version == s_version)
+        if name_contains:
+            escaped = name_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(devices.c.name.like(f"%{escaped}%", escape="\\"))
+        cursor = _int_cursor(after)
+        if cursor is not None:
+            query = query.where(devices.c.dev_id > cursor)
+        query = query.order_by(devices.c.dev_id).limit(size + 1)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        items = [Device(**row._mapping) for row in rows[:size]]
+        return Page(items, str(items[-1].dev_id) if len(rows) > size else None)
+
+    def get_device(self, dev_id: int) -> DeviceDetail:
+        """A device with its task history, newest first."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(devices).where(devices.c.dev_id == dev_id)).first()
+            if row is None:
+                raise NotFound(f"device {dev_id} not found")
+            history = conn.execute(
+                select(
+                    device_tasks.c.task_id,
+                    tasks.c.package_id,
+                    device_tasks.c.module_type,
+                    packages.c.target,
+                    device_tasks.c.state,
+                    device_tasks.c.progress,
+                    device_tasks.c.result_code,
+                    device_tasks.c.updated_at,
+                    device_tasks.c.finished_at,
+                )
+                .join(tasks, tasks.c.id == device_tasks.c.task_id)
+                .join(packages, packages.c.id == tasks.c.package_id)
+                .where(device_tasks.c.dev_id == dev_id)
+                .order_by(device_tasks.c.id.desc())
+                .limit(MAX_PAGE)
+            ).all()
+        return DeviceDetail(
+            **row._mapping,
+            tasks=[
+                DeviceTaskHistory(
+                    task_id=h.task_id,
+                    package_id=h.package_id,
+                    module_type=h.module_type,
+                    target=h.target,
+                    state=STATE_NAMES[TaskState(h.state)],  # type: ignore[arg-type]
+                    progress=h.progress,
+                    result_code=h.result_code,
+                    updated_at=h.updated_at,
+                    finished_at=h.finished_at,
+                )
+                for h in history
+            ],
+        )
+
+    # ---------------------------------------------------------------- packages
+
+    def create_package(self, spec: PackageCreate, blob: StoredBlob) -> Package:
+        """Record a package whose file was stored as ``blob``.
+
+        The caller stored the file first (content-addressed, atomically). If recording fails,
+        the file is removed again unless another package shares it.
+        """
+        if blob.size < 1:
+            # D9: clamping is undefined for an empty file.
+            self.discard_blob_if_unused(blob.sha256)
+            raise Invalid("the package file is empty")
+        if blob.size > values.PACKAGE_SIZE_MAX:
+            # §4.5: the C SDK reads size as a C int.
+            self.discard_blob_if_unused(blob.sha256)
+            raise Invalid(f"the package file is larger than {values.PACKAGE_SIZE_MAX} bytes")
+        now = self._now()
+        try:
+            with self._tx("concurrent change") as conn:
+                self._lock_blobs(conn)
+                if not self._product_exists(conn, spec.pid):
+                    raise Invalid(f"product {spec.pid} does not exist")
+                if not self.blobs.exists(blob.sha256):
+                    # A concurrent delete of a package with the same content removed the file
+                    # after it was written; the upload must be sent again.
+                    raise Conflict("the uploaded file was removed by a concurrent delete; retry")
+                row = conn.execute(
+                    insert(packages)
+                    .values(
+                        pid=spec.pid,
+                        module_type=spec.module_type,
+                        kind=spec.kind,
+                        from_version=spec.from_version,
+                        target=spec.target,
+                        manuf=spec.manuf,
+                        model=spec.model,
+                        file_name=spec.file_name,
+                        size=blob.size,
+                        md5=blob.md5,
+                        sha256=blob.sha256,
+                        created_at=now,
+                    )
+                    .returning(packages.c.id)
+                ).one()
+        except AdminError:
+            self.discard_blob_if_unused(blob.sha256)
+            raise
+        return Package(
+            id=row.id,
+            **spec.model_dump(),
+            size=blob.size,
+            md5=blob.md5,
+            sha256=blob.sha256,
+            created_at=now,
+        )
+
+    @staticmethod
+    def _lock_blobs(conn: Connection) -> None:
+        # Package files are shared by content; recording a package and removing an unused file
+        # must not interleave. SQLite: the write transaction (BEGIN IMMEDIATE) already excludes
+        # others. PostgreSQL: a transaction-level advisory lock.
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": 0x626C6F6273})
+
+    def discard_blob_if_unused(self, sha256: str) -> None:
+        """Remove the stored file ``sha256`` if no package refers to it."""
+        with self.engine.begin() as conn:
+            self._lock_blobs(conn)
+            self._remove_unreferenced(conn, sha256)
+
+    def _remove_unreferenced(self, conn: Connection, sha256: str) -> None:
+        used = conn.execute(
+            select(func.count()).select_from(packages).where(packages.c.sha256 == sha256)
+        ).scalar_one()
+        if not used:
+            self.blobs.delete(sha256)
+
+    def get_package(self, package_id: int) -> Package:
+        """One package."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(packages).where(packages.c.id == package_id)).first()
+        if row is None:
+            raise NotFound(f"package {package_id} not found")
+        return Package(**row._mapping)
+
+    def list_packages(
+        self,
+        *,
+        pid: str | None = None,
+        module_type: int | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> Page[Package]:
+        """Packages in id order, optionally of one product and/or type."""
+        size = _page_limit(limit)
+        query = select(packages)
+        if pid is not None:
+            query = query.where(packages.c.pid == pid)
+        if module_type is not None:
+            query = query.where(packages.c.module_type == module_type)
+        cursor = _int_cursor(after)
+        if cursor is not None:
+            query = query.where(packages.c.id > cursor)
+        query = query.order_by(packages.c.id).limit(size + 1)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        items = [Package(**row._mapping) for row in rows[:size]]
+        return Page(items, str(items[-1].id) if len(rows) > size else None)
+
+    def delete_package(self, package_id: int) -> None:
+        """Delete a package that no task uses, and its file unless another package shares it.
+
+        The file is moved aside inside the transaction and removed only after the commit, so a
+        failed commit puts it back and nothing is half-deleted.
+        """
+        trash: str | None = None
+        original: str | None = None
+        try:
+            with self._tx(f"package {package_id} is in use") as conn:
+                self._lock_blobs(conn)
+                row = conn.execute(
+                    select(packages.c.sha256).where(packages.c.id == package_id)
+                ).first()
+                if row is None:
+                    raise NotFound(f"package {package_id} not found")
+                used_by = conn.execute(
+                    select(func.count()).select_from(tasks).where(tasks.c.package_id == package_id)
+                ).scalar_one()
+                if used_by:
+                    raise Conflict(f"package {package_id} is used by {used_by} task(s)")
+                conn.execute(delete(packages).where(packages.c.id == package_id))
+                shared = conn.execute(
+                    select(func.count())
+                    .select_from(packages)
+                    .where(packages.c.sha256 == row.sha256)
+                ).scalar_one()
+                if not shared and self.blobs.exists(row.sha256):
+                    original = str(self.blobs.path(row.sha256))
+                    fd, trash = tempfile.mkstemp(dir=self.blobs.root / "tmp", prefix="deleted-")
+                    os.close(fd)
+                    os.replace(original, trash)
+        except BaseException:
+            if trash is not None and original is not None:
+                with contextlib.suppress(OSError):
+                    os.replace(trash, original)
+            raise
+        if trash is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(trash)
+
+    # ---------------------------------------------------------------- tasks
+
+    def create_task(self, spec: TaskCreate) -> CreatedTask:
+        """Create a task and a to-be-upgraded device task per targeted device (T1)."""
+        now = self._now()
+        start_time = spec.start_time if spec.start_time is not None else now
+        if spec.deadline is not None and spec.deadline <= max(start_time, now):
+            raise Invalid("deadline must be later than the start time and than now")
+        with self._tx(
+            "a targeted device got another open task of this type at the same time; retry"
+        ) as conn:
+            # Deadlines first (T5): a device whose open task has expired is not busy any more.
+            expire_deadlines(conn, now)
+            package = conn.execute(select(packages).where(packages.c.id == spec.package_id)).first()
+            if package is None:
+                raise Invalid(f"package {spec.package_id} does not exist")
+            module_type = package.module_type
+            targets = self._select_targets(conn, spec, package.pid, module_type)
+            if not targets:
+                raise Invalid("no device matches the task's targets")
+            busy = self._open_task_devices(conn, targets, module_type)
+            skipped: list[int] = []
+            cancelled: list[int] = []
+            if busy:
+                if spec.on_open == "fail":
+                    raise Conflict(
+                        f"devices already have an open {TaskType(module_type).name} task "
+                        f"(D23; on_open=skip or cancel decides otherwise): {_sample(busy)}",
+                        details=[{"dev_id": i} for i in sorted(busy)[:_CONFLICT_SAMPLE]],
+                    )
+                if spec.on_open == "skip":
+                    skipped = sorted(busy)
+                    targets = [d for d in targets if d not in busy]
+                    if not targets:
+                        raise Conflict("every targeted device already has an open task")
+                else:
+                    cancelled = sorted(busy)
+                    self._cancel_open(conn, cancelled, module_type, now)
+            task_id = conn.execute(
+                insert(tasks)
+                .values(
+                    pid=package.pid,
+                    package_id=package.id,
+                    module_type=module_type,
+                    signal=spec.signal,
+                    power=spec.power,
+                    retry=spec.retry,
+                    interval=spec.interval,
+                    start_time=start_time,
+                    deadline=spec.deadline,
+                    status="active",
+                    created_at=now,
+                )
+                .returning(tasks.c.id)
+            ).scalar_one()
+            rows = [
+                {
+                    "task_id": task_id,
+                    "dev_id": dev_id,
+                    "module_type": module_type,
+                    "state": int(TaskState.TO_BE_UPGRADED),  # T1
+                    "paused_from": None,
+                    "progress": 0,
+                    "updated_at": now,
+                }
+                for dev_id in targets
+            ]
+            for batch in _chunks(rows):
+                conn.execute(insert(device_tasks), list(batch))
+            task = self._task(conn, task_id)
+        self._changed()
+        created = TaskCreated(**task.model_dump(), skipped=skipped, cancelled=cancelled)
+        return CreatedTask(task=created, dev_ids=targets)
+
+    def _select_targets(
+        self, conn: Connection, spec: TaskCreate, pid: str, module_type: int
+    ) -> list[int]:
+        if spec.dev_ids is not None:
+            wanted = list(dict.fromkeys(spec.dev_ids))
+            found: set[int] = set()
+            for chunk in _chunks(wanted):
+                found.update(
+                    conn.execute(
+                        select(devices.c.dev_id).where(
+                            devices.c.dev_id.in_(chunk), devices.c.pid == pid
+                        )
+                    ).scalars()
+                )
+            missing = [d for d in wanted if d not in found]
+            if missing:
+                raise Invalid(
+                    f"devices not found in product {pid}: {_sample(missing)}",
+                    details=[{"dev_id": d} for d in missing[:_CONFLICT_SAMPLE]],
+                )
+            return wanted
+        assert spec.from_versions is not None
+        column = _version_column(module_type)
+        return list(
+            conn.execute(
+                select(devices.c.dev_id)
+                .where(devices.c.pid == pid, column.in_(spec.from_versions))
+                .order_by(devices.c.dev_id)
+            ).scalars()
+        )
+
+    @staticmethod
+    def _open_task_devices(conn: Connection, dev_ids: Sequence[int], module_type: int) -> set[int]:
+        busy: set[int] = set()
+        for chunk in _chunks(dev_ids):
+            busy.update(
+                conn.execute(
+                    select(device_tasks.c.dev_id).where(
+                        device_tasks.c.dev_id.in_(chunk),
+                        device_tasks.c.module_type == module_type,
+                        device_tasks.c.state.in_(OPEN_CODES),
+                    )
+                ).scalars()
+            )
+        return busy
+
+    @staticmethod
+    def _cancel_open(conn: Connection, dev_ids: Sequence[int], module_type: int, now: int) -> None:
+        new_state, sources = _transition_case(Action.CANCEL, device_tasks.c.state)
+        for chunk in _chunks(dev_ids):
+            conn.execute(
+                update(device_tasks)
+                .where(
+                    device_tasks.c.dev_id.in_(chunk),
+                    device_tasks.c.module_type == module_type,
+                    device_tasks.c.state.in_(sources),
+                )
+                .values(
+                    state=new_state,
+                    paused_from=None,
+                    updated_at=now,
+                    finished_at=now,
+                )
+            )
+
+    def _task_query(self) -> Select[Any]:
+        return select(tasks, packages.c.target).join(packages, packages.c.id == tasks.c.package_id)
+
+    def _counts(self, conn: Connection, task_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+        counts: dict[int, dict[str, int]] = {task_id: {} for task_id in task_ids}
+        for chunk in _chunks(task_ids):
+            rows = conn.execute(
+                select(device_tasks.c.task_id, device_tasks.c.state, func.count())
+                .where(device_tasks.c.task_id.in_(chunk))
+                .group_by(device_tasks.c.task_id, device_tasks.c.state)
+            ).all()
+            for task_id, state, count in rows:
+                counts[task_id][STATE_NAMES[TaskState(state)]] = count
+        return counts
+
+    @staticmethod
+    def _task_model(row: Any, counts: dict[str, int]) -> Task:
+        data = dict(row._mapping)
+        return Task(**data, total=sum(counts.values()), counts=StateCounts(**counts))
+
+    def _task(self, conn: Connection, task_id: int) -> Task:
+        row = conn.execute(self._task_query().where(tasks.c.id == task_id)).first()
+        if row is None:
+            raise NotFound(f"task {task_id} not found")
+        return self._task_model(row, self._counts(conn, [task_id])[task_id])
+
+    def get_task(
+        self,
+        task_id: int,
+        *,
+        state: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> TaskDetail:
+        """A task with its counts and a page of its devices (optionally of one state)."""
+        with self.engine.connect() as conn:
+            task = self._task(conn, task_id)
+            page = self._task_devices(conn, task_id, state=state, limit=limit, after=after)
+        return TaskDetail(**task.model_dump(), devices=page.items, devices_next=page.next)
+
+    def list_task_devices(
+        self,
+        task_id: int,
+        *,
+        state: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> Page[DeviceTaskView]:
+        """A page of a task's devices with their states and progress."""
+        with self.engine.connect() as conn:
+            self._task(conn, task_id)
+            return self._task_devices(conn, task_id, state=state, limit=limit, after=after)
+
+    def _task_devices(
+        self,
+        conn: Connection,
+        task_id: int,
+        *,
+        state: str | None,
+        limit: int | None,
+        after: str | None,
+    ) -> Page[DeviceTaskView]:
+        size = _page_limit(limit)
+        where = device_tasks.c.task_id == task_id
+        if state is not None:
+            if state not in STATES_BY_NAME:
+                raise Invalid(f"state must be one of {', '.join(STATES_BY_NAME)}")
+            where = and_(where, device_tasks.c.state == int(STATES_BY_NAME[state]))
+        cursor = _int_cursor(after)
+        if cursor is not None:
+            where = and_(where, device_tasks.c.dev_id > cursor)
+        views = self._device_views(conn, where, limit=size + 1)
+        items = views[:size]
+        return Page(items, str(items[-1].dev_id) if len(views) > size else None)
+
+    @staticmethod
+    def _device_views(conn: Connection, where: Any, *, limit: int) -> list[DeviceTaskView]:
+        rows = conn.execute(
+            select(device_tasks, devices.c.name)
+            .join(devices, devices.c.dev_id == device_tasks.c.dev_id)
+            .where(where)
+            .order_by(device_tasks.c.dev_id)
+            .limit(limit)
+        ).all()
+        return [
+            DeviceTaskView(
+                dev_id=r.dev_id,
+                name=r.name,
+                state=STATE_NAMES[TaskState(r.state)],  # type: ignore[arg-type]
+                paused_from=(
+                    STATE_NAMES[TaskState(r.paused_from)]  # type: ignore[arg-type]
+                    if r.paused_from is not None
+                    else None
+                ),
+                progress=r.progress,
+                result_code=r.result_code,
+                updated_at=r.updated_at,
+                finished_at=r.finished_at,
+            )
+            for r in rows
+        ]
+
+    def list_tasks(
+        self,
+        *,
+        pid: str | None = None,
+        package_id: int | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> Page[Task]:
+        """Tasks in id order with their per-state counts."""
+        size = _page_limit(limit)
+        query = self._task_query()
+        if pid is not None:
+            query = query.where(tasks.c.pid == pid)
+        if package_id is not None:
+            query = query.where(tasks.c.package_id == package_id)
+        if status is not None:
+            if status not in ("active", "paused", "cancelled"):
+                raise Invalid("status must be active, paused or cancelled")
+            query = query.where(tasks.c.status == status)
+        cursor = _int_cursor(after)
+        if cursor is not None:
+            query = query.where(tasks.c.id > cursor)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(tasks.c.id).limit(size + 1)).all()
+            counts = self._counts(conn, [r.id for r in rows[:size]])
+        items = [self._task_model(r, counts[r.id]) for r in rows[:size]]
+        return Page(items, str(items[-1].id) if len(rows) > size else None)
+
+    # ---------------------------------------------------------------- task actions
+
+    def act_on_task(self, task_id: int, action: Action) -> TaskActionResult:
+        """Pause, resume or cancel every device task of a task where the state table allows it
+        (T2, T3, T4). Device tasks where it does not (an upgrading device cannot be paused, a
+        finished one cannot be cancelled) are left as they are.
+        """
+        if action not in _STATUS_AFTER:
+            raise Invalid(f"unsupported action {action.name.lower()}")
+        now = self._now()
+        with self._tx("concurrent change") as conn:
+            row = conn.execute(select(tasks.c.status).where(tasks.c.id == task_id)).first()
+            if row is None:
+                raise NotFound(f"task {task_id} not found")
+            if row.status not in _STATUS_BEFORE[action]:
+                raise Conflict(f"can't {action.name.lower()} a task that is {row.status}")
+            # Deadlines first (T5), so that nothing past its deadline is resumed.
+            expire_deadlines(conn, now)
+            changed = self._apply(conn, action, device_tasks.c.task_id == task_id, now)
+            conn.execute(
+                update(tasks).where(tasks.c.id == task_id).values(status=_STATUS_AFTER[action])
+            )
+            task = self._task(conn, task_id)
+        self._changed()
+        return TaskActionResult(**task.model_dump(), changed=changed)
+
+    def act_on_device_task(self, task_id: int, dev_id: int, action: Action) -> DeviceTaskView:
+        """Pause, resume or cancel one device's part of a task; 409 where the table forbids."""
+        if action not in _STATUS_AFTER:
+            raise Invalid(f"unsupported action {action.name.lower()}")
+        now = self._now()
+        where = and_(device_tasks.c.task_id == task_id, device_tasks.c.dev_id == dev_id)
+        for _ in range(5):
+            try:
+                with self._tx("concurrent change") as conn:
+                    expire_deadlines(conn, now, dev_id=dev_id)
+                    device_task_id = conn.execute(
+                        select(device_tasks.c.id).where(where)
+                    ).scalar_one_or_none()
+                    if device_task_id is None:
+                        raise NotFound(f"device {dev_id} is not part of task {task_id}")
+                    try:
+                        apply_action(conn, device_task_id, action, now)
+                    except IllegalTransition as exc:
+                        raise Conflict(str(exc)) from None
+                    view = self._device_views(conn, where, limit=1)[0]
+            except ConcurrentChange:
+                continue  # a device request moved the task meanwhile: read it again
+            self._changed()
+            return view
+        raise Conflict("the device's task keeps changing; retry")
+
+    @staticmethod
+    def _apply(conn: Connection, action: Action, where: Any, now: int) -> int:
+        """One UPDATE moving every matching row along the table's edge for ``action``."""
+        state = device_tasks.c.state
+        if action is Action.RESUME:
+            new_state, froms = _resume_case()
+            condition = and_(
+                where, state == int(TaskState.PAUSED), device_tasks.c.paused_from.in_(froms)
+            )
+            new_values: dict[str, Any] = {"state": new_state, "paused_from": None}
+        else:
+            new_state, sources = _transition_case(action, state)
+            condition = and_(where, state.in_(sources))
+            new_values = {"state": new_state}
+            if action is Action.PAUSE:
+                new_values["paused_from"] = state  # T2: remember where to resume
+            else:
+                new_values["paused_from"] = None
+                new_values["finished_at"] = case(
+                    (new_state.in_(TERMINAL_CODES), literal(now)),
+                    else_=device_tasks.c.finished_at,
+                )
+        new_values["updated_at"] = now
+        result = conn.execute(update(device_tasks).where(condition).values(**new_values))
+        return int(result.rowcount)
+
+
+def _item_fields(spec: DeviceCreate) -> dict[str, Any]:
+    data = spec.model_dump()
+    data.pop("pid")
+    return data
