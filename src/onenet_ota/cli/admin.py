@@ -1,0 +1,666 @@
+"""``onenet-ota admin``: the operator's command line over the management API (``/api/v1``).
+
+Every command takes ``--server`` (env ``ONENET_OTA_SERVER``, default ``http://127.0.0.1:8080``),
+``--admin-token`` (env ``ONENET_OTA_ADMIN_TOKEN``) and ``--json`` (print the API's JSON instead of
+the human summary). Errors print one clear line on stderr and exit with code 1.
+
+Examples::
+
+    onenet-ota admin product create --id 123123 --access-key "$KEY"   # take over a OneNET product
+    onenet-ota admin device add --pid 123123 --name dev01 --dev-id 987654321
+    onenet-ota admin device import --pid 123123 devices.csv           # name,dev_id,device_key,...
+    onenet-ota admin package upload fw.bin --pid 123123 --type fota --target 1.0.1
+    onenet-ota admin task create --package 1 --from-version 1.0.0 --deadline 2030-01-01T00:00Z
+    onenet-ota admin task show 1
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, NoReturn, TypeVar
+
+import click
+import httpx2
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+API = "/api/v1"
+_UPLOAD_CHUNK = 1024 * 1024
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class AdminClientError(Exception):
+    """A failed management call, printable as one line."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class AdminClient:
+    """A thin synchronous client of ``/api/v1``. ``client`` is injectable (tests, proxies)."""
+
+    def __init__(
+        self, server: str, token: str | None, *, client: httpx2.Client | None = None
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.server = server.rstrip("/")
+        self._client = client or httpx2.Client(timeout=httpx2.Timeout(30.0, read=300.0))
+        self._headers = headers
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._client.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict[str, Any] | None = None,
+        content: Iterator[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """One call; returns the decoded JSON (None for 204) or raises :class:`AdminClientError`."""
+        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            response = self._client.request(
+                method,
+                self.server + API + path,
+                json=json_body,
+                params=clean,
+                content=content,
+                headers={**self._headers, **(headers or {})},
+            )
+        except httpx2.HTTPError as exc:
+            raise AdminClientError(f"cannot reach {self.server}: {exc}") from None
+        if response.status_code == 204:
+            return None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if response.is_success:
+            if payload is None:
+                raise AdminClientError(f"{self.server} sent a reply that is not JSON")
+            return payload
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict):
+            message = str(error.get("message", "")) or response.reason_phrase
+            raise AdminClientError(
+                message, status=response.status_code, code=str(error.get("code", ""))
+            )
+        raise AdminClientError(
+            f"HTTP {response.status_code} {response.reason_phrase} from {self.server}"
+            " (is this an onenet-ota server?)",
+            status=response.status_code,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _human_time(value: Any) -> str:
+    if not isinstance(value, int):
+        return "-" if value is None else str(value)
+    return datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key.endswith(("_at", "_time")) or key == "deadline":
+        return _human_time(value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items() if v)
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def _print_object(obj: dict[str, Any], *, skip: tuple[str, ...] = ()) -> None:
+    keys = [k for k in obj if k not in skip and not isinstance(obj[k], list | dict)]
+    width = max((len(k) for k in keys), default=0)
+    for key in keys:
+        click.echo(f"{key.ljust(width)}  {_cell(key, obj[key])}")
+    for key, value in obj.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict):
+            click.echo(f"{key.ljust(width)}  {_cell(key, value) or '-'}")
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[_cell(c, row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    header = "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))
+    click.echo(header.rstrip())
+    for r in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _print_page(page: dict[str, Any], columns: list[str]) -> None:
+    _print_table(page.get("items", []), columns)
+    if page.get("next"):
+        click.echo(f"(more: --after {page['next']})")
+
+
+class _Ctx:
+    def __init__(self, server: str, token: str | None, as_json: bool) -> None:
+        self.client = AdminClient(server, token)
+        self.as_json = as_json
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            return self.client.request(method, path, **kwargs)
+        except AdminClientError as exc:
+            _fail(_describe(exc))
+        finally:
+            self.client.close()
+
+    def show(self, payload: Any, human: Callable[[Any], None]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+        else:
+            human(payload)
+
+
+def _describe(exc: AdminClientError) -> str:
+    if exc.status == 401:
+        return f"{exc} (give --admin-token or set ONENET_OTA_ADMIN_TOKEN)"
+    if exc.status is not None:
+        return f"{exc} (HTTP {exc.status})"
+    return str(exc)
+
+
+def _common(command: F) -> F:
+    """--server, --admin-token and --json on every command."""
+    command = click.option("--json", "as_json", is_flag=True, help="print the API's JSON reply")(
+        command
+    )
+    command = click.option(
+        "--admin-token",
+        envvar="ONENET_OTA_ADMIN_TOKEN",
+        metavar="TOKEN",
+        help="management token [env ONENET_OTA_ADMIN_TOKEN]",
+    )(command)
+    command = click.option(
+        "--server",
+        envvar="ONENET_OTA_SERVER",
+        default=DEFAULT_SERVER,
+        show_default=True,
+        metavar="URL",
+        help="server base URL [env ONENET_OTA_SERVER]",
+    )(command)
+    return command
+
+
+def _ctx(server: str, admin_token: str | None, as_json: bool) -> _Ctx:
+    if not server.startswith(("http://", "https://")):
+        _fail(f"--server must be an http:// or https:// URL, not {server!r}")
+    return _Ctx(server, admin_token, as_json)
+
+
+def _timestamp(value: str | None, name: str) -> int | None:
+    """Unix seconds, or an ISO 8601 date/time (UTC unless it names a zone)."""
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"{name}: {value!r} is neither Unix seconds nor an ISO 8601 date/time")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+@click.group()
+def admin() -> None:
+    """Manage products, devices, packages and upgrade tasks on an onenet-ota server."""
+
+
+@admin.group()
+def product() -> None:
+    """Products: the OneNET product id and access key devices sign with."""
+
+
+_PRODUCT_COLUMNS = ["pid", "name", "created_at"]
+
+
+@product.command("create")
+@click.option("--id", "pid", metavar="PID", help="product id to use (e.g. the OneNET one)")
+@click.option("--access-key", metavar="KEY", help="access key to use (base64); else generated")
+@click.option("--name", default="", help="a label")
+@_common
+def product_create(
+    pid: str | None, access_key: str | None, name: str, server: str, admin_token: str | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Create a product; prints its pid and access key."""
+    ctx = _ctx(server, admin_token, as_json)
+    body: dict[str, Any] = {"name": name}
+    if pid is not None:
+        body["pid"] = pid
+    if access_key is not None:
+        body["access_key"] = access_key
+    ctx.show(ctx.call("POST", "/products", json_body=body), _print_object)
+
+
+@product.command("rotate-key")
+@click.argument("pid")
+@click.option("--access-key", metavar="KEY", help="the new key (base64); else generated")
+@_common
+def product_rotate_key(
+    pid: str, access_key: str | None, server: str, admin_token: str | None, as_json: bool
+) -> None:
+    """Replace a product's access key; devices must sign with the new one."""
+    ctx = _ctx(server, admin_token, as_json)
+    body = {"access_key": access_key} if access_key else {}
+    ctx.show(ctx.call("POST", f"/products/{_seg(pid)}/rotate-key", json_body=body), _print_object)
+
+
+@product.command("list")
+@click.option("--limit", type=click.IntRange(1, 1000))
+@click.option("--after", metavar="CURSOR", help="continue after this page cursor")
+@_common
+def product_list(
+    limit: int | None, after: str | None, server: str, admin_token: str | None, as_json: bool
+) -> None:
+    """List products."""
+    ctx = _ctx(server, admin_token, as_json)
+    page = ctx.call("GET", "/products", params={"limit": limit, "after": after})
+    ctx.show(page, lambda p: _print_page(p, _PRODUCT_COLUMNS))
+
+
+@product.command("show")
+@click.argument("pid")
+@_common
+def product_show(pid: str, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Show a product with its access key."""
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.show(ctx.call("GET", f"/products/{_seg(pid)}"), _print_object)
+
+
+def _seg(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+@admin.group()
+def device() -> None:
+    """Devices: dev_id, name and optional device key, as baked into their firmware."""
+
+
+_DEVICE_COLUMNS = ["dev_id", "pid", "name", "f_version", "s_version", "last_seen_at"]
+
+
+@device.command("add")
+@click.option("--pid", required=True, help="product id")
+@click.option("--name", required=True, help="device name, unique in the product")
+@click.option("--dev-id", type=int, help="dev_id to use (e.g. the OneNET one); else generated")
+@click.option("--device-key", metavar="KEY", help="per-device key (base64)")
+@click.option("--generate-key", is_flag=True, help="generate a per-device key")
+@click.option("--auth-info", help="E9 lookup string (IMEI, serial...); defaults to the name")
+@_common
+def device_add(
+    pid: str, name: str, dev_id: int | None, device_key: str | None, generate_key: bool,
+    auth_info: str | None, server: str, admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Create a device."""
+    ctx = _ctx(server, admin_token, as_json)
+    body: dict[str, Any] = {"pid": pid, "name": name}
+    if dev_id is not None:
+        body["dev_id"] = dev_id
+    if device_key is not None:
+        body["device_key"] = device_key
+    if generate_key:
+        body["generate_device_key"] = True
+    if auth_info is not None:
+        body["auth_info"] = auth_info
+    ctx.show(ctx.call("POST", "/devices", json_body=body), _print_object)
+
+
+def _read_devices(stream: IO[str], name: str) -> list[dict[str, Any]]:
+    text = stream.read()
+    stripped = text.lstrip()
+    if stripped.startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            _fail(f"{name}: not valid JSON: {exc}")
+        if isinstance(data, dict):
+            data = data.get("devices")
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            _fail(f"{name}: JSON must be a list of device objects")
+        return data
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows:
+        _fail(f"{name}: no devices (CSV needs a header line: name,dev_id,device_key,auth_info)")
+    devices: list[dict[str, Any]] = []
+    for number, row in enumerate(rows, start=2):
+        if None in row or "name" not in row:
+            _fail(f"{name}: line {number}: expected the columns name,dev_id,device_key,auth_info")
+        item: dict[str, Any] = {"name": (row.get("name") or "").strip()}
+        dev_id = (row.get("dev_id") or "").strip()
+        if dev_id:
+            if not dev_id.isdigit():
+                _fail(f"{name}: line {number}: dev_id {dev_id!r} is not a number")
+            item["dev_id"] = int(dev_id)
+        for key in ("device_key", "auth_info"):
+            value = (row.get(key) or "").strip()
+            if value:
+                item[key] = value
+        devices.append(item)
+    return devices
+
+
+@device.command("import")
+@click.option("--pid", required=True, help="product id")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@_common
+def device_import(
+    pid: str, file: IO[str], server: str, admin_token: str | None, as_json: bool
+) -> None:
+    """Create many devices from FILE ('-' for stdin), all or none.
+
+    FILE is CSV with a header line (name,dev_id,device_key,auth_info; only name is required) or a
+    JSON list of objects with those keys.
+    """
+    devices = _read_devices(file, file.name)
+    ctx = _ctx(server, admin_token, as_json)
+    result = ctx.call("POST", "/devices/import", json_body={"pid": pid, "devices": devices})
+
+    def human(r: dict[str, Any]) -> None:
+        _print_table(r["items"], _DEVICE_COLUMNS[:3])
+        click.echo(f"{len(r['items'])} device(s) created")
+
+    ctx.show(result, human)
+
+
+@device.command("list")
+@click.option("--pid", help="only this product's devices")
+@click.option("--f-version", help="only devices at this FOTA version")
+@click.option("--s-version", help="only devices at this SOTA version")
+@click.option("--name-contains", help="only devices whose name contains this")
+@click.option("--limit", type=click.IntRange(1, 1000))
+@click.option("--after", metavar="CURSOR", help="continue after this page cursor")
+@_common
+def device_list(
+    pid: str | None, f_version: str | None, s_version: str | None, name_contains: str | None,
+    limit: int | None, after: str | None, server: str, admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """List devices."""
+    ctx = _ctx(server, admin_token, as_json)
+    params = {
+        "pid": pid, "f_version": f_version, "s_version": s_version, "q": name_contains,
+        "limit": limit, "after": after,
+    }  # fmt: skip
+    page = ctx.call("GET", "/devices", params=params)
+    ctx.show(page, lambda p: _print_page(p, _DEVICE_COLUMNS))
+
+
+@device.command("show")
+@click.argument("dev_id", type=int)
+@_common
+def device_show(dev_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Show a device with its versions and task history."""
+    ctx = _ctx(server, admin_token, as_json)
+
+    def human(d: dict[str, Any]) -> None:
+        _print_object(d, skip=("tasks",))
+        click.echo("")
+        _print_table(
+            d["tasks"], ["task_id", "package_id", "target", "state", "progress", "updated_at"]
+        )
+
+    ctx.show(ctx.call("GET", f"/devices/{dev_id}"), human)
+
+
+@admin.group()
+def package() -> None:
+    """Packages: firmware (FOTA) or application (SOTA) files, full or differential."""
+
+
+_PACKAGE_COLUMNS = ["id", "pid", "module_type", "kind", "from_version", "target", "size",
+                    "file_name"]  # fmt: skip
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(_UPLOAD_CHUNK):
+            yield chunk
+
+
+@package.command("upload")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--pid", required=True, help="product id")
+@click.option("--type", "module_type", type=click.Choice(["fota", "sota"]), required=True,
+              help="fota: module firmware; sota: application/MCU software")  # fmt: skip
+@click.option("--target", required=True, help="the version the package installs")
+@click.option("--kind", type=click.Choice(["full", "diff"]), default="full", show_default=True)
+@click.option("--from-version", help="differential packages: the version they apply to")
+@click.option("--manuf", help="manufacturer code (spec Appendix A)")
+@click.option("--model", help="module or chip code (spec Appendix A)")
+@click.option("--file-name", help="name devices see [default: FILE's name]")
+@_common
+def package_upload(
+    file: Path, pid: str, module_type: str, target: str, kind: str, from_version: str | None,
+    manuf: str | None, model: str | None, file_name: str | None, server: str,
+    admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Upload FILE; the server computes size, md5 and sha256."""
+    ctx = _ctx(server, admin_token, as_json)
+    params = {
+        "pid": pid, "type": module_type, "target": target, "kind": kind,
+        "from_version": from_version, "manuf": manuf, "model": model,
+        "file_name": file_name or file.name,
+    }  # fmt: skip
+    try:
+        size = file.stat().st_size
+    except OSError as exc:
+        _fail(f"{file}: {exc.strerror}")
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+    result = ctx.call(
+        "POST", "/packages", params=params, content=_file_chunks(file), headers=headers
+    )
+    ctx.show(result, _print_object)
+
+
+@package.command("list")
+@click.option("--pid", help="only this product's packages")
+@click.option("--type", "module_type", type=click.Choice(["fota", "sota"]))
+@click.option("--limit", type=click.IntRange(1, 1000))
+@click.option("--after", metavar="CURSOR", help="continue after this page cursor")
+@_common
+def package_list(
+    pid: str | None, module_type: str | None, limit: int | None, after: str | None, server: str,
+    admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """List packages."""
+    ctx = _ctx(server, admin_token, as_json)
+    params = {"pid": pid, "type": module_type, "limit": limit, "after": after}
+    page = ctx.call("GET", "/packages", params=params)
+    ctx.show(page, lambda p: _print_page(p, _PACKAGE_COLUMNS))
+
+
+@package.command("show")
+@click.argument("package_id", type=int)
+@_common
+def package_show(package_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Show a package."""
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.show(ctx.call("GET", f"/packages/{package_id}"), _print_object)
+
+
+@package.command("delete")
+@click.argument("package_id", type=int)
+@_common
+def package_delete(package_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Delete a package that no task uses."""
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.call("DELETE", f"/packages/{package_id}")
+    ctx.show({"deleted": package_id}, lambda _: click.echo(f"package {package_id} deleted"))
+
+
+@admin.group()
+def task() -> None:
+    """Upgrade tasks: one package for a set of devices."""
+
+
+_TASK_COLUMNS = ["id", "pid", "package_id", "target", "status", "total", "counts"]
+
+
+def _print_task(t: dict[str, Any]) -> None:
+    _print_object(t, skip=("devices", "devices_next", "skipped", "cancelled"))
+    for key in ("skipped", "cancelled"):
+        if t.get(key):
+            click.echo(f"{key}: {_cell(key, t[key])}")
+    if "devices" in t:
+        click.echo("")
+        _print_table(
+            t["devices"], ["dev_id", "name", "state", "progress", "result_code", "updated_at"]
+        )
+        if t.get("devices_next"):
+            click.echo(f"(more devices: --after {t['devices_next']})")
+
+
+@task.command("create")
+@click.option("--package", "package_id", type=int, required=True, help="package id")
+@click.option("--dev-id", "dev_ids", type=int, multiple=True, help="target device (repeatable)")
+@click.option(
+    "--from-version",
+    "from_versions",
+    multiple=True,
+    help="target every device of the product at this version (repeatable)",
+)
+@click.option("--signal", type=int, default=0, show_default=True, help="advisory minimum signal")
+@click.option("--power", type=int, default=0, show_default=True, help="advisory minimum battery")
+@click.option("--retry", type=int, default=0, show_default=True, help="advisory retry budget")
+@click.option(
+    "--interval", type=int, default=0, show_default=True, help="advisory seconds between retries"
+)
+@click.option("--start-time", help="Unix seconds or ISO 8601; devices see the task from then")
+@click.option("--deadline", help="Unix seconds or ISO 8601; open upgrades then fail")
+@click.option(
+    "--on-open",
+    type=click.Choice(["fail", "skip", "cancel"]),
+    default="fail",
+    show_default=True,
+    help="a targeted device that already has an open task",
+)
+@_common
+def task_create(
+    package_id: int, dev_ids: tuple[int, ...], from_versions: tuple[str, ...], signal: int,
+    power: int, retry: int, interval: int, start_time: str | None, deadline: str | None,
+    on_open: str, server: str, admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Create an upgrade task for explicit devices or for every device at given versions."""
+    if bool(dev_ids) == bool(from_versions):
+        _fail("give --dev-id or --from-version (one kind, repeatable)")
+    body: dict[str, Any] = {
+        "package_id": package_id, "signal": signal, "power": power, "retry": retry,
+        "interval": interval, "on_open": on_open,
+    }  # fmt: skip
+    if dev_ids:
+        body["dev_ids"] = list(dev_ids)
+    else:
+        body["from_versions"] = list(from_versions)
+    start = _timestamp(start_time, "--start-time")
+    if start is not None:
+        body["start_time"] = start
+    end = _timestamp(deadline, "--deadline")
+    if end is not None:
+        body["deadline"] = end
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.show(ctx.call("POST", "/tasks", json_body=body), _print_task)
+
+
+@task.command("list")
+@click.option("--pid", help="only this product's tasks")
+@click.option("--package", "package_id", type=int, help="only tasks of this package")
+@click.option("--status", type=click.Choice(["active", "paused", "cancelled"]))
+@click.option("--limit", type=click.IntRange(1, 1000))
+@click.option("--after", metavar="CURSOR", help="continue after this page cursor")
+@_common
+def task_list(
+    pid: str | None, package_id: int | None, status: str | None, limit: int | None,
+    after: str | None, server: str, admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """List tasks with per-state counts."""
+    ctx = _ctx(server, admin_token, as_json)
+    params = {"pid": pid, "package_id": package_id, "status": status, "limit": limit,
+              "after": after}  # fmt: skip
+    page = ctx.call("GET", "/tasks", params=params)
+    ctx.show(page, lambda p: _print_page(p, _TASK_COLUMNS))
+
+
+@task.command("show")
+@click.argument("task_id", type=int)
+@click.option("--state", help="only devices in this state (e.g. failed)")
+@click.option("--limit", type=click.IntRange(1, 1000))
+@click.option("--after", metavar="CURSOR", help="continue after this device cursor")
+@_common
+def task_show(
+    task_id: int, state: str | None, limit: int | None, after: str | None, server: str,
+    admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Show a task: settings, counts per state, and its devices' states and progress."""
+    ctx = _ctx(server, admin_token, as_json)
+    params = {"state": state, "limit": limit, "after": after}
+    ctx.show(ctx.call("GET", f"/tasks/{task_id}", params=params), _print_task)
+
+
+def _action_command(verb: str, text: str) -> click.Command:
+    @task.command(verb, help=text)
+    @click.argument("task_id", type=int)
+    @click.option("--dev-id", type=int, help="only this device's part of the task")
+    @_common
+    def command(
+        task_id: int, dev_id: int | None, server: str, admin_token: str | None, as_json: bool
+    ) -> None:
+        ctx = _ctx(server, admin_token, as_json)
+        if dev_id is None:
+            result = ctx.call("POST", f"/tasks/{task_id}/{verb}")
+
+            def human(r: dict[str, Any]) -> None:
+                _print_task(r)
+                click.echo(f"{r['changed']} device task(s) changed")
+
+            ctx.show(result, human)
+        else:
+            result = ctx.call("POST", f"/tasks/{task_id}/devices/{dev_id}/{verb}")
+            ctx.show(result, _print_object)
+
+    return command
+
+
+task_pause = _action_command("pause", "Pause a task (to-be-upgraded and downloading devices; T2).")
+task_resume = _action_command("resume", "Resume a paused task (T3).")
+task_cancel = _action_command("cancel", "Cancel a task (every open device; T4).")
+
+__all__ = ["AdminClient", "AdminClientError", "admin"]

@@ -1,0 +1,341 @@
+"""Composition of the platform: one handler for both APIs, and the process model that runs it.
+
+``create_app(settings)`` builds the parts over one database and one data directory and returns
+``(handler, resources)``: ``/api/v1`` goes to the management API (:class:`AdminApi`), every other
+path to OneNET's classic device API (:class:`DeviceApi`). No globals: everything hangs off the
+returned :class:`AppResources`.
+
+``run(settings)`` is ``onenet-ota serve``:
+
+1. the admin token is taken from the settings or generated and printed once;
+2. the database is migrated (safe when several servers start at once, see ``db.migrate``);
+3. the listening socket is bound once, in this process;
+4. ``workers=1`` serves in this process; ``workers=N`` starts N worker processes (spawned, not
+   forked) that share the socket, and restarts one that dies;
+5. SIGINT/SIGTERM stop accepting, let in-flight requests finish (up to ``GRACE_S``), then exit.
+
+TLS (D25) wraps the listener with :func:`onenet_ota.server.http.make_server_ssl_context` in its
+C-SDK-compatible mode: TLS 1.2 with the official SDK's four RSA AES-CBC suites, modern suites
+preferred for everyone else.
+
+One process (the only one, or worker 0) sweeps deadlines every ``sweep_interval`` seconds (T5,
+D23) through the device service's own function; devices also see expiry lazily on each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, TextIO
+
+from sqlalchemy import Engine
+
+from onenet_ota.server.admin_api import PREFIX, AdminApi
+from onenet_ota.server.admin_service import AdminService
+from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.config import Settings
+from onenet_ota.server.db import create_engine, migrate
+from onenet_ota.server.device_api import DeviceApi
+from onenet_ota.server.http import Handler, Request, Response, make_server_ssl_context, serve
+from onenet_ota.server.push import TaskPusher
+
+__all__ = ["AppResources", "bind_socket", "create_app", "run", "ssl_context"]
+
+log = logging.getLogger(__name__)
+
+GRACE_S: Final = 10.0
+_RESTART_DELAY_S: Final = 1.0
+_MAX_QUICK_DEATHS: Final = 5  # workers dying this often within a minute means a broken setup
+
+
+@dataclass
+class AppResources:
+    """What :func:`create_app` built; :meth:`aclose` releases it."""
+
+    settings: Settings
+    engine: Engine
+    blobs: BlobStore
+    device_api: DeviceApi
+    admin_api: AdminApi
+    pusher: TaskPusher | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    def sweep_deadlines(self) -> int:
+        """T5 for every task whose deadline passed; returns how many device tasks failed."""
+        return self.device_api.service.expire_deadlines()
+
+    async def sweep_forever(self, interval: float) -> None:
+        """Run :meth:`sweep_deadlines` every ``interval`` seconds until cancelled."""
+        while True:
+            try:
+                changed = await asyncio.to_thread(self.sweep_deadlines)
+                if changed:
+                    log.info("deadline sweep: %d device task(s) failed (T5)", changed)
+            except Exception:
+                log.exception("deadline sweep failed; retrying at the next interval")
+            await asyncio.sleep(interval)
+
+    async def aclose(self) -> None:
+        """Stop push deliveries, database threads and connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.pusher is not None:
+            await self.pusher.aclose()
+        self.device_api.close()
+        self.engine.dispose()
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    pusher: TaskPusher | None = None,
+) -> tuple[Handler, AppResources]:
+    """The combined handler and its resources. The database must already be migrated.
+
+    ``settings.admin_token`` must be set (``run`` generates one when it is not). ``pusher`` is a
+    verified :class:`TaskPusher`, or None for no task push.
+    """
+    if settings.admin_token is None:
+        raise ValueError("create_app needs settings.admin_token (run() generates one)")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.database_url)
+    blobs = BlobStore(settings.packages_dir)
+    device_api = DeviceApi(engine, blobs, public_address=settings.public_address, clock=clock)
+    service = AdminService(
+        engine,
+        blobs,
+        clock=clock,
+        # Management changes drop this process's device-API caches at once (style.md).
+        on_change=device_api.service.invalidate,
+    )
+    admin_api = AdminApi(
+        service,
+        admin_token=settings.admin_token.get_secret_value(),
+        max_upload_bytes=settings.max_upload_bytes,
+        on_task_created=pusher.notify if pusher is not None else None,
+    )
+    resources = AppResources(settings, engine, blobs, device_api, admin_api, pusher)
+    admin_handle = admin_api.handle
+    device_handle = device_api.handle
+
+    async def handle(request: Request) -> Response:
+        path = request.path
+        if path == PREFIX or path.startswith(PREFIX + "/"):
+            return await admin_handle(request)
+        return await device_handle(request)
+
+    return handle, resources
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The listener's TLS context (D25), or None for plain HTTP."""
+    if settings.tls_cert is None:
+        return None
+    return make_server_ssl_context(settings.tls_cert, settings.tls_key, c_sdk_compatible=True)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+
+
+async def _serve(
+    settings: Settings,
+    sock: socket.socket,
+    *,
+    sweeper: bool,
+    push_verified: bool,
+    stop: asyncio.Event,
+) -> None:
+    pusher: TaskPusher | None = None
+    if settings.push_url is not None and settings.push_token is not None and push_verified:
+        pusher = TaskPusher(
+            settings.push_url, settings.push_token.get_secret_value(), settings.push_uid
+        )
+        pusher.verified = True  # the parent verified the URL once (D24)
+    handler, resources = create_app(settings, pusher=pusher)
+    server = asyncio.create_task(
+        serve(handler, sock=sock, ssl=ssl_context(settings), idle_timeout=settings.idle_timeout)
+    )
+    background: list[asyncio.Task[None]] = []
+    if sweeper:
+        background.append(asyncio.create_task(resources.sweep_forever(settings.sweep_interval)))
+    try:
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({server, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if server.done():
+            server.result()  # a startup failure: raise it
+    finally:
+        for task in background:
+            task.cancel()
+        server.cancel()  # serve_forever closes gracefully on cancellation
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(server, GRACE_S + 5)
+        await asyncio.gather(*background, return_exceptions=True)
+        await resources.aclose()
+
+
+def _run_loop(
+    settings: Settings, sock: socket.socket, *, sweeper: bool, push_verified: bool
+) -> None:
+    """Serve on ``sock`` in this process until SIGINT or SIGTERM."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        loop.run_until_complete(
+            _serve(settings, sock, sweeper=sweeper, push_verified=push_verified, stop=stop)
+        )
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+def _worker(
+    settings: Settings, sock: socket.socket, index: int, push_verified: bool, log_level: int
+) -> None:
+    """A worker process's entry point (spawned: it imports everything afresh)."""
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s"
+    )
+    _run_loop(settings, sock, sweeper=index == 0, push_verified=push_verified)
+
+
+def _verify_push(settings: Settings) -> bool:
+    if settings.push_url is None or settings.push_token is None:
+        return False
+    pusher = TaskPusher(
+        settings.push_url, settings.push_token.get_secret_value(), settings.push_uid
+    )
+
+    async def verify() -> bool:
+        try:
+            return await pusher.verify()
+        finally:
+            await pusher.aclose()
+
+    return asyncio.run(verify())
+
+
+def run(
+    settings: Settings,
+    *,
+    out: TextIO | None = None,
+    ready: Callable[[socket.socket], object] | None = None,
+) -> None:
+    """``onenet-ota serve``: migrate, bind, serve with ``settings.workers`` processes, and return
+    after SIGINT/SIGTERM once everything has stopped.
+
+    A generated admin token is written to ``out`` (default stdout), once. ``ready`` is called
+    with the listening socket before serving starts.
+    """
+    out = out if out is not None else sys.stdout
+    settings, generated = settings.with_admin_token()
+    if generated is not None:
+        print(
+            f"Generated admin token (shown only now; set ONENET_OTA_ADMIN_TOKEN to keep one): "
+            f"{generated}",
+            file=out,
+            flush=True,
+        )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ssl_context(settings)  # fail now, with a clear error, on a bad certificate or key
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    push_verified = _verify_push(settings)
+    sock = bind_socket(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if settings.tls else "http"
+    log.info("listening on %s://%s:%d with %d worker(s)", scheme, host, port, settings.workers)
+    if ready is not None:
+        ready(sock)
+    try:
+        if settings.workers == 1:
+            _run_loop(settings, sock, sweeper=True, push_verified=push_verified)
+        else:
+            _supervise(settings, sock, push_verified)
+    finally:
+        sock.close()
+    log.info("stopped")
+
+
+def _supervise(settings: Settings, sock: socket.socket, push_verified: bool) -> None:
+    """Run ``settings.workers`` worker processes on ``sock`` until SIGINT/SIGTERM."""
+    context = multiprocessing.get_context("spawn")
+    level = logging.getLogger().getEffectiveLevel()
+    stopping = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {
+        signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+
+    def start(index: int) -> multiprocessing.process.BaseProcess:
+        process = context.Process(
+            target=_worker,
+            args=(settings, sock, index, push_verified, level),
+            name=f"onenet-ota-worker-{index}",
+            daemon=False,
+        )
+        process.start()
+        return process
+
+    processes = [start(index) for index in range(settings.workers)]
+    deaths: list[float] = []
+    try:
+        while not stopping:
+            multiprocessing.connection.wait([p.sentinel for p in processes], timeout=0.5)
+            for index, process in enumerate(processes):
+                if process.is_alive() or stopping:
+                    continue
+                now = time.monotonic()
+                deaths = [t for t in deaths if now - t < 60] + [now]
+                if len(deaths) > _MAX_QUICK_DEATHS:
+                    raise RuntimeError("worker processes keep exiting; see the log above")
+                log.error("worker %d exited with code %s; restarting it", index, process.exitcode)
+                time.sleep(_RESTART_DELAY_S)
+                processes[index] = start(index)
+    finally:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()  # SIGTERM: the worker shuts down gracefully
+        deadline = time.monotonic() + GRACE_S + 5
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("worker %s did not stop in time; killing it", process.name)
+                process.kill()
+                process.join(5)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
