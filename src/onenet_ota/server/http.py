@@ -367,13 +367,21 @@ class _Body:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def remaining(self) -> int | None:
-        """Bytes still to come, or None when unknown (chunked)."""
+    def unread(self) -> int | None:
+        """Body bytes the handler has not read (buffered or still to come); None if unknown."""
+        buffered = sum(map(len, self.chunks))
         if self.complete:
-            return 0
+            return buffered
         if self.declared is None:
             return None
-        return self.declared - self.received
+        return buffered + self.declared - self.received
+
+    def drop_buffered(self) -> None:
+        """Release what is buffered; anything that still arrives is dropped too."""
+        self.discarding = True
+        while self.chunks:
+            self.conn.buffered -= len(self.chunks.popleft())
+        self.conn.maybe_resume_reading()
 
     async def read(self) -> bytes:
         conn = self.conn
@@ -402,10 +410,8 @@ class _Body:
 
     async def discard(self) -> None:
         """Drop what is buffered and what is still to come; RequestAborted if cut off."""
-        self.discarding = True
         self.continue_pending = False
-        while self.chunks:
-            self.conn.buffered -= len(self.chunks.popleft())
+        self.drop_buffered()
         while await self.read():
             pass
 
@@ -442,12 +448,14 @@ class _Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = asyncio.Event()
+        self._tls = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._tls = transport.get_extra_info("sslcontext") is not None
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peer = f"{peer[0]}:{peer[1]}"
@@ -492,15 +500,16 @@ class _Connection(asyncio.Protocol):
             self._pause_reading()
 
     def eof_received(self) -> bool | None:
+        # A half-closed client still gets its pending responses; the worker closes after them.
+        self._stop_parsing = True
         if self._body is not None:
             self._body.fail("the client closed its side before the end of the body")
         if self._in_head:
             self._in_head = False
-        if self._worker is None and not self._queue and self._transport is not None:
-            self._transport.close()
-        # Half-closed clients still get their pending responses; the worker closes after them.
-        self._stop_parsing = True
-        return True
+        if self._worker is None and not self._queue:
+            self._close()
+        # Keeping the write side open is only possible without TLS (asyncio ignores it there).
+        return None if self._tls else True
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -740,19 +749,19 @@ class _Connection(asyncio.Protocol):
             or body.error is not None
             or (self._stop_parsing and len(self._queue) <= 1 and self._body in (None, body))
         )
-        drain = False
-        if not body.complete and not close:
-            remaining = body.remaining()
-            if (
-                remaining is None
-                or remaining + sum(map(len, body.chunks)) > self.server.drain_limit
-                or (body.continue_pending and body.received == 0)
-            ):
-                # Unknown or large remainder, or a client still waiting for 100-continue:
-                # reading it would cost more than a new connection.
-                close = True
-            else:
-                drain = True
+        # The handler may leave part of the body unread. What has arrived is dropped; what is
+        # still to come is read and dropped before the next request, unless the unread total
+        # is over drain_limit (or unknown): then a new connection is cheaper.
+        unread = body.unread()
+        if unread is None or unread > self.server.drain_limit:
+            close = True
+        elif body.continue_pending and body.received == 0 and not body.complete:
+            close = True  # the client still waits for 100-continue: it may never send
+        drain = not close and not body.complete
+        if close:
+            self._stop_parsing = True  # nothing after this response is answered
+        if close or not drain:
+            body.drop_buffered()
         try:
             close = await self._send(response, close)
         except _AbortConnection:
@@ -1044,7 +1053,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 class ServerThread:
     """A server running in a background thread with its own event loop; a context manager.
 
-    ``with ServerThread(handler) as srv: httpx2.get(srv.url + "/path")``. Entering returns once
+    ``with ServerThread(handler) as srv: httpx2.get(srv.url + "/path")``. ``sock`` is an
+    optional bound, listening socket to serve on instead of ``host``/``port``. Entering returns once
     the socket listens (startup errors, such as a port in use, are raised there); leaving closes
     gracefully for up to ``shutdown_timeout`` seconds, then aborts connections, and never waits
     on the thread longer than that. ``options`` are :class:`HttpServer`'s keyword options.
@@ -1057,12 +1067,16 @@ class ServerThread:
         port: int = 0,
         ssl: _ssl.SSLContext | None = None,
         *,
+        sock: socket.socket | None = None,
         shutdown_timeout: float = 5.0,
         startup_timeout: float = 10.0,
         **options: Any,
     ) -> None:
         self.host = host
         self.port = port
+        self._sock = sock
+        if sock is not None:
+            self.host, self.port = sock.getsockname()[:2]
         self._handler = handler
         self._ssl = ssl
         self._options = options
@@ -1131,7 +1145,10 @@ class ServerThread:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         server = HttpServer(self._handler, **self._options)
-        await server.start(host=self.host, port=self.port, ssl=self._ssl)
+        if self._sock is not None:
+            await server.start(sock=self._sock, ssl=self._ssl)
+        else:
+            await server.start(host=self.host, port=self.port, ssl=self._ssl)
         self.server = server
         self.port = server.port
         self._ready.set()

@@ -1,0 +1,1050 @@
+"""The HTTP/1.1 layer over real loopback sockets: exact bytes, framing, connections, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import httpx2
+import pytest
+import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from onenet_ota.server import http
+from onenet_ota.server.http import (
+    C_SDK_CIPHERS,
+    BodyTooLarge,
+    FileSegment,
+    HttpServer,
+    Request,
+    RequestAborted,
+    Response,
+    ServerThread,
+    make_server_ssl_context,
+    serve,
+)
+
+CAPTURES = Path("/work/shared/spec/c-sdk-captures")
+FIRMWARE = CAPTURES / "firmware.bin"
+
+CANONICAL_JSON = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: 26\r\n"
+    b"\r\n"
+    b'{"errno":0,"error":"succ"}'
+)
+# §6.6.4: the exact 98 bytes of the code-3 download error (D7)
+ERROR_3 = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: application/octet-stream\r\n"
+    b"Transfer-Encoding: chunked\r\n"
+    b"\r\n"
+    b"1\r\n\x03\r\n0\r\n\r\n"
+)
+LAST_CHUNK = (
+    b"HTTP/1.1 206 Partial Content\r\n"
+    b"Content-Type: application/octet-stream\r\n"
+    b"Content-Length: 1808\r\n"
+    b'Content-Disposition: attachment; filename="firmware.bin"\r\n'
+    b"Content-Range: bytes 8192-9999/10000\r\n"
+    b"\r\n"
+)
+ERROR_3_RESPONSE = Response(
+    200,
+    [("Content-Type", "application/octet-stream"), ("Transfer-Encoding", "chunked")],
+    b"1\r\n\x03\r\n0\r\n\r\n",
+)
+
+
+def json_response(payload: object, status: int = 200) -> Response:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return Response(
+        status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body
+    )
+
+
+def download_response(segment: FileSegment, size: int = 10000) -> Response:
+    last = segment.offset + segment.length - 1
+    return Response(
+        206,
+        [
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Length", str(segment.length)),
+            ("Content-Disposition", 'attachment; filename="firmware.bin"'),
+            ("Content-Range", f"bytes {segment.offset}-{last}/{size}"),
+        ],
+        segment,
+    )
+
+
+@dataclass
+class Recorder:
+    """What the handler saw, for assertions from the test thread."""
+
+    requests: list[Request] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+
+
+async def app(request: Request, rec: Recorder) -> Response:
+    """The test application: one behaviour per path."""
+    rec.requests.append(request)
+    path = request.path
+    if path == "/json":
+        return Response(
+            200,
+            [("Content-Type", "application/json"), ("Content-Length", "26")],
+            b'{"errno":0,"error":"succ"}',
+        )
+    if path == "/error3":
+        return ERROR_3_RESPONSE
+    if path == "/last-chunk":
+        return download_response(FileSegment(str(FIRMWARE), 8192, 1808))
+    if path == "/headers":
+        # the response headers come from the query, in order and casing: ?h=Name:value&h=...
+        headers = [
+            (item.split(":", 1)[0], item.split(":", 1)[1])
+            for key, item in parse_qsl(request.query_string)
+            if key == "h"
+        ]
+        return Response(200, [*headers, ("Content-Length", "2")], b"ok")
+    if path == "/echo":
+        body = await request.body(1 << 20)
+        rec.bodies.append(body)
+        return json_response(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": request.query_string,
+                "headers": request.headers,
+                "length": len(body),
+                "content_length": request.content_length,
+            }
+        )
+    if path == "/limited":  # the 413 path of a JSON endpoint (§4.3)
+        if request.content_length is not None and request.content_length > 4096:
+            return Response.empty(413)
+        try:
+            body = await request.body(4096)
+        except BodyTooLarge:
+            return Response.empty(413)
+        return json_response({"length": len(body)})
+    if path == "/ignore-body":
+        return json_response({"i": request.query.get("i")})
+    if path == "/stream":
+        rec.entered.set()
+        await asyncio.to_thread(rec.release.wait, 30)
+        digest = hashlib.sha256()
+        size = 0
+        chunks = 0
+        async for chunk in request.stream():
+            digest.update(chunk)
+            size += len(chunk)
+            chunks += 1
+        return json_response({"size": size, "sha256": digest.hexdigest(), "chunks": chunks})
+    if path == "/boom":
+        raise RuntimeError("secret-detail-from-the-handler")
+    if path == "/bad-length":
+        return Response(200, [("Content-Length", "5")], b"abc")
+    if path == "/close-delimited":
+        return Response(200, [("Content-Type", "text/plain")], b"until-eof")
+    if path == "/file":
+        offset = int(request.query.get("offset", "0"))
+        length = int(request.query.get("length", "0"))
+        file = request.query.get("path", str(FIRMWARE))
+        fallback = ERROR_3_RESPONSE if request.query.get("fallback") else None
+        return download_response(FileSegment(file, offset, length, fallback), size=length)
+    if path == "/slow":
+        rec.entered.set()
+        await asyncio.to_thread(rec.release.wait, 30)
+        return json_response({"slow": True})
+    if path == "/forever":
+        rec.entered.set()
+        await asyncio.Event().wait()
+    return Response.empty(404)
+
+
+def make_handler(rec: Recorder) -> Callable[[Request], object]:
+    async def handler(request: Request) -> Response:
+        return await app(request, rec)
+
+    return handler
+
+
+@pytest.fixture(scope="module")
+def module_server() -> Iterator[tuple[ServerThread, Recorder]]:
+    rec = Recorder()
+    with ServerThread(make_handler(rec)) as server:  # type: ignore[arg-type]
+        yield server, rec
+
+
+@pytest.fixture(scope="module")
+def shared(module_server: tuple[ServerThread, Recorder]) -> ServerThread:
+    """The module's server alone (hypothesis prints its arguments; keep them short)."""
+    return module_server[0]
+
+
+@pytest.fixture
+def server(module_server: tuple[ServerThread, Recorder]) -> ServerThread:
+    module_server[1].requests.clear()
+    module_server[1].bodies.clear()
+    return module_server[0]
+
+
+@pytest.fixture
+def rec(module_server: tuple[ServerThread, Recorder]) -> Recorder:
+    return module_server[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# A raw client that reads responses off a socket without hiding anything
+
+
+@dataclass
+class Parsed:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    raw: bytes
+
+
+class RawClient:
+    def __init__(self, server: ServerThread, *, sock: socket.socket | None = None) -> None:
+        self.sock = sock or socket.create_connection((server.host, server.port), timeout=10)
+        self.buffer = b""
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"closed after {self.buffer!r}")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"closed before {marker!r} in {self.buffer!r}")
+            self.buffer += chunk
+        index = self.buffer.index(marker) + len(marker)
+        data, self.buffer = self.buffer[:index], self.buffer[index:]
+        return data
+
+    def response(self) -> Parsed:
+        """One framed response (Content-Length or chunked), parsed strictly."""
+        head = self.read_until(b"\r\n\r\n")
+        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+        version, code, reason = status_line.split(" ", 2)
+        assert version == "HTTP/1.1"
+        assert reason
+        headers = []
+        for line in lines:
+            name, sep, value = line.partition(": ")
+            assert sep, f"not canonical: {line!r}"
+            headers.append((name, value))
+        fields = {name.lower(): value for name, value in headers}
+        if "content-length" in fields:
+            body = self.read_exact(int(fields["content-length"]))
+        elif fields.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int(self.read_until(b"\r\n")[:-2], 16)
+                body += self.read_exact(size)
+                assert self.read_exact(2) == b"\r\n"
+                if size == 0:
+                    break
+        else:
+            raise AssertionError(f"unframed response: {head!r}")
+        raw = head + (body if "content-length" in fields else _chunked(body))
+        return Parsed(int(code), headers, body, raw)
+
+    def closed(self) -> bool:
+        """True once the server has closed (reads EOF; a reset counts as closed)."""
+        if self.buffer:
+            return False
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+
+def _chunked(body: bytes) -> bytes:
+    return (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+
+
+def get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost:ota.heclouds.com\r\n{extra}\r\n".encode()
+
+
+def header_names(parsed: Parsed) -> list[str]:
+    return [name for name, _ in parsed.headers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact response bytes (§2.5, D26)
+
+
+def test_canonical_json_response_bytes(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(get("/json"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        client.send(get("/json"))  # and the connection stays usable
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+
+
+def test_download_response_bytes_keep_content_range_last(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(get("/last-chunk"))
+        assert client.read_exact(len(LAST_CHUNK)) == LAST_CHUNK
+        assert client.read_exact(1808) == FIRMWARE.read_bytes()[8192:]
+
+
+def test_connection_close_goes_before_content_range(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(get("/last-chunk", "Connection: close\r\n"))
+        expected = (
+            LAST_CHUNK.replace(b"Content-Range:", b"Connection: close\r\nContent-Range:")
+            + FIRMWARE.read_bytes()[8192:]
+        )
+        assert client.read_exact(len(expected)) == expected
+        assert client.closed()
+
+
+def test_connection_close_goes_last_without_content_range(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(get("/json", "Connection: close\r\n"))
+        expected = CANONICAL_JSON.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        assert client.read_exact(len(expected)) == expected
+        assert client.closed()
+
+
+def test_http10_without_keep_alive_closes(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(b"GET /json HTTP/1.0\r\n\r\n")
+        response = client.response()
+        assert response.raw.startswith(b"HTTP/1.1 200 OK\r\n")  # §8.2 item 1, whatever the peer
+        assert header_names(response)[-1] == "Connection"
+        assert client.closed()
+
+
+def test_header_casing_and_order_are_kept(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(get("/headers?h=x-lower:1&h=X-UPPER:2&h=Content-Type:a/b&h=x-lower:3"))
+        response = client.response()
+        assert response.headers == [
+            ("x-lower", "1"),
+            ("X-UPPER", "2"),
+            ("Content-Type", "a/b"),
+            ("x-lower", "3"),
+            ("Content-Length", "2"),
+        ]
+        assert b"Date" not in response.raw
+        assert b"Server" not in response.raw
+
+
+def test_one_write_delivers_headers_and_error_byte(server: ServerThread) -> None:
+    """D7: the code byte must be in the first segment; read what one recv() returns."""
+    for _ in range(20):
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(get("/error3"))
+            assert sock.recv(4096) == ERROR_3
+
+
+def test_one_write_is_one_transport_write(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same property without a race: count the layer's writes."""
+    writes: list[bytes] = []
+    original = http._Connection.write
+
+    def spy(self: http._Connection, data: bytes) -> None:
+        writes.append(data)
+        original(self, data)
+
+    monkeypatch.setattr(http._Connection, "write", spy)
+    with RawClient(server) as client:
+        for path, expected in [
+            ("/error3", ERROR_3),
+            ("/json", CANONICAL_JSON),
+            ("/last-chunk", LAST_CHUNK + FIRMWARE.read_bytes()[8192:]),
+        ]:
+            writes.clear()
+            client.send(get(path))
+            assert client.read_exact(len(expected)) == expected
+            assert writes == [expected]
+
+
+def test_content_length_mismatch_becomes_500(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(get("/bad-length"))
+        response = client.response()
+        assert response.raw == b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_close_delimited_body_closes_the_connection(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(get("/close-delimited"))
+        data = b""
+        while chunk := client.sock.recv(4096):
+            data += chunk
+        assert data == (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nuntil-eof"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing (§2.4, §8.1)
+
+
+@pytest.mark.parametrize("capture", sorted(CAPTURES.glob("*.request.bin")), ids=lambda p: p.name)
+def test_c_sdk_capture_parses(server: ServerThread, rec: Recorder, capture: Path) -> None:
+    raw = capture.read_bytes()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    request_line, *header_lines = head.decode().split("\r\n")
+    method, target, _ = request_line.split(" ")
+    expected_headers = [
+        (line.split(":", 1)[0], line.split(":", 1)[1].strip()) for line in header_lines
+    ]
+    with RawClient(server) as client:
+        client.send(raw)
+        assert client.response().status == 404  # the test app knows none of these paths
+    request = rec.requests[-1]
+    assert request.method == method
+    assert request.target == target
+    assert request.path == target.partition("?")[0]
+    assert request.query_string == target.partition("?")[2]
+    assert request.headers == expected_headers
+    assert request.header("authorization") == request.header("Authorization")
+    assert request.http_version == "1.1"
+    assert request.content_length == (len(body) if method == "POST" else None)
+    if "?" in target:
+        assert request.query["dev_id"] == "987654321"
+
+
+def test_c_sdk_capture_body_is_read(server: ServerThread, rec: Recorder) -> None:
+    raw = (CAPTURES / "01_post_version.request.bin").read_bytes()
+    raw = raw.replace(b"/ota/device/version", b"/echo", 1)
+    with RawClient(server) as client:
+        client.send(raw)
+        seen = json.loads(client.response().body)
+    assert seen["length"] == 41
+    assert seen["content_length"] == 41  # from the padded "Content-Length:     41"
+    assert rec.bodies == [b'{"f_version":"1.0.0","s_version":"1.0.0"}']
+
+
+def test_c_sdk_one_request_per_connection(server: ServerThread) -> None:
+    """§2.3: the C SDK sends one request per connection and closes after the response."""
+    for capture in sorted(CAPTURES.glob("*.request.bin")):
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(capture.read_bytes())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 404 Not Found\r\n")
+
+
+header_name = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1
+).filter(lambda n: n.lower() not in {"content-length", "transfer-encoding", "connection", "expect"})
+header_value = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=0, max_size=30
+)
+spaces = st.text(alphabet=" \t", max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    headers=st.lists(st.tuples(header_name, spaces, header_value, spaces), max_size=8),
+    content_length_padding=st.text(alphabet=" ", max_size=8),
+    body=st.binary(max_size=64),
+)
+def test_tolerant_header_forms(
+    shared: ServerThread,
+    headers: list[tuple[str, str, str, str]],
+    content_length_padding: str,
+    body: bytes,
+) -> None:
+    """§2.4: ``Name:value``, extra spaces, padded Content-Length; values come out stripped."""
+    server = shared
+    lines = "".join(f"{name}:{pre}{value}{post}\r\n" for name, pre, value, post in headers)
+    raw = (
+        f"POST /echo?a=1 HTTP/1.1\r\n{lines}"
+        f"Content-Length:{content_length_padding}{len(body)}\r\n\r\n"
+    ).encode() + body
+    with RawClient(server) as client:
+        client.send(raw)
+        seen = json.loads(client.response().body)
+    assert seen["headers"][:-1] == [[name, value] for name, _, value, _ in headers]
+    assert seen["length"] == seen["content_length"] == len(body)
+
+
+def test_absolute_form_target(server: ServerThread, rec: Recorder) -> None:
+    with RawClient(server) as client:
+        client.send(get("http://ota.heclouds.com/json?x=1"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+    assert rec.requests[-1].path == "/json"
+    assert rec.requests[-1].query == {"x": "1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Transport-level errors (§4.3)
+
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"garbage\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on the plain port
+        b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n",  # head over max_header_bytes
+        b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 100 + b"\r\n",  # more than max_headers
+    ],
+    ids=["words", "tls", "bad-length", "two-lengths", "no-colon", "huge-head", "many-headers"],
+)
+def test_invalid_http_is_400_and_close(server: ServerThread, garbage: bytes) -> None:
+    with RawClient(server) as client:
+        client.send(garbage)
+        assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+        assert client.closed()
+
+
+def test_requests_before_garbage_are_answered_first(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(get("/json") + b"garbage\r\n\r\n")
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+        assert client.closed()
+
+
+def test_broken_chunked_body_is_400(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(
+            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+        )
+        assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+        assert client.closed()
+
+
+def test_handler_exception_is_500_without_traceback(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="onenet_ota.server.http")
+    with RawClient(server) as client:
+        client.send(get("/boom"))
+        response = client.response()
+        assert response.raw == b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+        client.send(get("/json"))  # the connection survives
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+    assert any(
+        record.exc_info and "secret-detail" in str(record.exc_info[1]) for record in caplog.records
+    ), "the traceback is logged server-side"
+
+
+def test_download_tokens_are_masked_in_logs(caplog: pytest.LogCaptureFixture) -> None:
+    async def handler(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    caplog.set_level(logging.ERROR, logger="onenet_ota.server.http")
+    with ServerThread(handler) as srv, RawClient(srv) as client:
+        client.send(get("/ota/south/download/ota_3fQ9cZr0LmT7wXa2bN5k/check?dev_id=1"))
+        assert client.response().status == 500
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "/ota/south/download/***/check" in text
+    assert "ota_3fQ9cZr0LmT7wXa2bN5k" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies: limits, draining, streaming with flow control
+
+
+def test_413_before_reading_closes_when_much_is_left(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(b"POST /limited HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        response = client.response()
+        assert response.raw == (
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        assert client.closed()
+
+
+def test_unread_small_body_is_drained_and_connection_reused(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        body = b"y" * 5000
+        client.send(b"POST /limited HTTP/1.1\r\nContent-Length: 5000\r\n\r\n" + body)
+        assert client.response().raw == (
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
+        )
+        client.send(get("/json"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+
+
+def test_chunked_body_over_limit_raises_body_too_large(server: ServerThread) -> None:
+    chunk = b"z" * 1000
+    chunks = b"".join(b"3e8\r\n" + chunk + b"\r\n" for _ in range(5)) + b"0\r\n\r\n"
+    with RawClient(server) as client:
+        client.send(b"POST /limited HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+        assert client.response().status == 413
+
+
+def test_chunked_body_is_decoded(server: ServerThread, rec: Recorder) -> None:
+    with RawClient(server) as client:
+        client.send(
+            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+        seen = json.loads(client.response().body)
+    assert seen["content_length"] is None
+    assert rec.bodies == [b"hello world"]
+
+
+def test_expect_100_continue(server: ServerThread, rec: Recorder) -> None:
+    with RawClient(server) as client:
+        client.send(b"POST /echo HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        assert client.read_exact(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.send(b"data")
+        assert client.response().status == 200
+    assert rec.bodies == [b"data"]
+
+
+def test_large_upload_streams_with_flow_control(server: ServerThread, rec: Recorder) -> None:
+    """While the handler does not read, the server stops reading: the client's sends stall.
+
+    Without flow control the server would buffer the whole upload and the client could send
+    all of it before the handler reads a byte.
+    """
+    total = 192 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+    rec.release.clear()
+    rec.entered.clear()
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    try:
+        sock.sendall(f"POST /stream HTTP/1.1\r\nContent-Length: {total}\r\n\r\n".encode())
+        assert rec.entered.wait(10)
+        sock.setblocking(False)
+        sent = 0
+        view = memoryview(block)
+        while sent < total:
+            _, writable, _ = select.select([], [sock], [], 1.0)
+            if not writable:
+                break  # stalled: the server stopped reading
+            try:
+                sent += sock.send(view[sent % len(block) :])
+            except BlockingIOError:
+                continue
+        stalled_at = sent
+        assert stalled_at < total // 2
+        rec.release.set()
+        sock.setblocking(True)
+        digest = hashlib.sha256()
+        digest.update(block * (total // len(block)))
+        while sent < total:
+            start = sent % len(block)
+            sock.sendall(block[start:])
+            sent += len(block) - start
+        client = RawClient(server, sock=sock)
+        result = json.loads(client.response().body)
+    finally:
+        sock.close()
+        rec.release.set()
+    assert result["size"] == total
+    assert result["sha256"] == digest.hexdigest()
+    assert result["chunks"] > 1  # consumed chunk by chunk, never as one buffer
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections: keep-alive, pipelining, limits, timeouts
+
+
+def test_keep_alive_reuses_one_connection(server: ServerThread, rec: Recorder) -> None:
+    with httpx2.Client(base_url=server.url) as client:
+        for _ in range(5):
+            assert client.get("/json").json() == {"errno": 0, "error": "succ"}
+    assert len({request.peer for request in rec.requests}) == 1
+
+
+def test_pipelined_requests_are_answered_in_order(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(b"".join(get(f"/ignore-body?i={i}") for i in range(10)))
+        for i in range(10):
+            assert json.loads(client.response().body) == {"i": str(i)}
+
+
+def test_connection_closes_after_1000_requests(server: ServerThread) -> None:
+    """D19: the 1000th response carries Connection: close; nothing after it is answered."""
+    with RawClient(server) as client:
+        client.send(get("/json") * 1001)
+        for _ in range(999):
+            assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        last = CANONICAL_JSON.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        assert client.read_exact(len(last)) == last
+        assert client.closed()
+
+
+def test_max_requests_option() -> None:
+    async def handler(request: Request) -> Response:
+        return Response.empty(204)
+
+    with ServerThread(handler, max_requests=2) as srv, RawClient(srv) as client:
+        client.send(get("/") * 2)
+        assert client.response().headers == [("Content-Length", "0")]
+        assert client.response().headers == [("Content-Length", "0"), ("Connection", "close")]
+        assert client.closed()
+
+
+def test_idle_keep_alive_connection_is_closed() -> None:
+    rec = Recorder()
+    with ServerThread(make_handler(rec), idle_timeout=0.2) as srv:  # type: ignore[arg-type]
+        with RawClient(srv) as client:
+            client.send(get("/json"))
+            assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+            assert client.closed()  # blocks until the idle timeout closes it
+        with RawClient(srv) as client:
+            assert client.closed()  # a connection that never sends anything, too
+
+
+def test_slow_request_head_is_cut_off() -> None:
+    rec = Recorder()
+    with (
+        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        RawClient(srv) as client,
+    ):
+        client.send(b"GET /json HTTP/1.1\r\nHost: x\r\n")
+        assert client.closed()
+    assert rec.requests == []
+
+
+def test_stalled_body_is_cut_off() -> None:
+    rec = Recorder()
+    with (
+        ServerThread(make_handler(rec), idle_timeout=0.2) as srv,  # type: ignore[arg-type]
+        RawClient(srv) as client,
+    ):
+        client.send(b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+        assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+        assert client.closed()
+
+
+REQUEST_SPEC = st.tuples(
+    st.booleans(),  # the handler reads the body
+    st.sampled_from([0, 10, 5000, 70000]),  # body size; 70000 > drain_limit (64 KiB)
+    st.booleans(),  # the client sends Connection: close
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=st.lists(REQUEST_SPEC, min_size=1, max_size=6))
+def test_pipeline_state_machine(shared: ServerThread, specs: list[tuple[bool, int, bool]]) -> None:
+    """Responses come in order; the connection closes exactly after the first request that
+    asks for it or leaves more unread body than the layer drains, with ``Connection: close``
+    on that response only."""
+    server = shared
+    payload = b"".join(
+        (
+            f"POST /{'echo' if consume else 'ignore-body'}?i={i} HTTP/1.1\r\n"
+            f"Content-Length: {size}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}"
+            "\r\n"
+        ).encode()
+        + b"b" * size
+        for i, (consume, size, close) in enumerate(specs)
+    )
+    closing_at = next(
+        (
+            i
+            for i, (consume, size, close) in enumerate(specs)
+            if close or (not consume and size > 64 * 1024)
+        ),
+        None,
+    )
+    with RawClient(server) as client:
+        sender = threading.Thread(target=_send_ignoring_resets, args=(client.sock, payload))
+        sender.start()
+        try:
+            last = len(specs) - 1 if closing_at is None else closing_at
+            for i in range(last + 1):
+                response = client.response()
+                seen = json.loads(response.body)
+                assert seen.get("i", dict(parse_qsl(seen.get("query", ""))).get("i")) == str(i)
+                assert ("Connection" in header_names(response)) == (i == closing_at)
+            if closing_at is not None:
+                assert client.closed()
+        finally:
+            with contextlib.suppress(OSError):  # already reset by the server
+                client.sock.shutdown(socket.SHUT_RDWR)
+            sender.join(10)
+
+
+def _send_ignoring_resets(sock: socket.socket, payload: bytes) -> None:
+    with contextlib.suppress(OSError):  # the server closed as expected, or the test finished
+        sock.sendall(payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def test_large_file_segment_is_sent_whole(server: ServerThread, tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    with RawClient(server) as client:
+        for offset, length in [(0, len(data)), (100, 70000), (5, 64 * 1024)]:
+            client.send(get(f"/file?path={path}&offset={offset}&length={length}"))
+            response = client.response()
+            assert response.status == 206
+            assert response.body == data[offset : offset + length]
+
+
+@pytest.mark.parametrize("length", [100, 200000], ids=["small", "large"])
+def test_unreadable_file_sends_fallback(server: ServerThread, tmp_path: Path, length: int) -> None:
+    missing = tmp_path / "missing.bin"
+    with RawClient(server) as client:
+        client.send(get(f"/file?path={missing}&offset=0&length={length}&fallback=1"))
+        assert client.read_exact(len(ERROR_3)) == ERROR_3
+        client.send(get(f"/file?path={missing}&offset=0&length={length}"))
+        assert client.response().status == 500
+        client.send(get("/json"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+
+
+def test_short_file_sends_fallback(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(get("/file?offset=9000&length=2000&fallback=1"))  # firmware.bin: 10000 B
+        assert client.read_exact(len(ERROR_3)) == ERROR_3
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle: shutdown, startup, shared sockets
+
+
+def test_graceful_shutdown_finishes_the_response_in_flight() -> None:
+    rec = Recorder()
+    srv = ServerThread(make_handler(rec))  # type: ignore[arg-type]
+    srv.start()
+    client = RawClient(srv)
+    try:
+        client.send(get("/slow"))
+        assert rec.entered.wait(10)
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        while srv.server is not None and not srv.server.closing:
+            time.sleep(0.01)
+        with pytest.raises(ConnectionRefusedError):  # no longer accepting
+            socket.create_connection((srv.host, srv.port), timeout=2).close()
+        rec.release.set()
+        response = client.response()
+        assert json.loads(response.body) == {"slow": True}
+        assert header_names(response)[-1] == "Connection"
+        assert client.closed()
+        stopper.join(10)
+        assert not stopper.is_alive()
+    finally:
+        rec.release.set()
+        client.sock.close()
+        srv.stop()
+
+
+def test_exit_does_not_hang_on_a_stuck_handler() -> None:
+    rec = Recorder()
+    srv = ServerThread(make_handler(rec), shutdown_timeout=0.2)  # type: ignore[arg-type]
+    srv.start()
+    thread = srv._thread
+    assert thread is not None
+    with RawClient(srv) as client:
+        client.send(get("/forever"))
+        assert rec.entered.wait(10)
+        srv.stop()  # pytest-timeout fails the test if this hangs
+        assert client.closed()  # aborted after the grace period, without a response
+    assert not thread.is_alive()
+
+
+def test_startup_error_is_raised_in_the_caller() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def handler(request: Request) -> Response:
+            return Response.empty(204)
+
+        with pytest.raises(OSError, match="in use"), ServerThread(handler, port=port):
+            pass
+
+
+def test_pre_bound_socket_is_served() -> None:
+    async def handler(request: Request) -> Response:
+        return Response.empty(204)
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    with ServerThread(handler, sock=listener) as srv, RawClient(srv) as client:
+        assert srv.port == listener.getsockname()[1]
+        client.send(get("/"))
+        assert client.response().status == 204
+
+
+def test_serve_coroutine_runs_until_cancelled() -> None:
+    async def handler(request: Request) -> Response:
+        return Response.empty(204)
+
+    async def main() -> int:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        ready: asyncio.Future[HttpServer] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(handler, sock=listener, ready=ready.set_result))
+        server = await ready
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(get("/"))
+        line = await reader.readline()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # the rest of the response, then EOF: the shutdown closed the idle connection
+        assert await reader.read() == b"Content-Length: 0\r\n\r\n"
+        writer.close()
+        return int(line.split()[1])
+
+    assert asyncio.run(main()) == 204
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS (§2.2, D25)
+
+
+@pytest.fixture(scope="module")
+def rsa_ca() -> trustme.CA:
+    return trustme.CA(key_type=trustme.KeyType.RSA)
+
+
+def c_sdk_client_context(ca: trustme.CA) -> ssl.SSLContext:
+    """What the C SDK offers: TLS 1.2 only, four static-RSA AES-CBC suites, no SNI."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # the SDK does not check the host name (§2.2)
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(C_SDK_CIPHERS)
+    ca.configure_trust(context)
+    return context
+
+
+def tls_server_context(ca: trustme.CA, tmp_path: Path, *, c_sdk_compatible: bool) -> ssl.SSLContext:
+    cert = ca.issue_cert("127.0.0.1", "localhost", key_type=trustme.KeyType.RSA)
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(certfile)
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(certfile, append=True)
+    cert.private_key_pem.write_to_path(keyfile)
+    return make_server_ssl_context(certfile, keyfile, c_sdk_compatible=c_sdk_compatible)
+
+
+def test_tls_c_sdk_handshake_and_request(rsa_ca: trustme.CA, tmp_path: Path) -> None:
+    rec = Recorder()
+    context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=True)
+    client_context = c_sdk_client_context(rsa_ca)
+    capture = (CAPTURES / "04_download_0-4095.request.bin").read_bytes()
+    capture = capture.replace(b"/ota/south/download/abc123", b"/last-chunk")
+    with (
+        ServerThread(make_handler(rec), ssl=context) as srv,  # type: ignore[arg-type]
+        socket.create_connection((srv.host, srv.port), timeout=10) as raw,
+        client_context.wrap_socket(raw, server_hostname=None) as tls,
+    ):
+        assert tls.version() == "TLSv1.2"
+        cipher = tls.cipher()
+        assert cipher is not None
+        assert cipher[0] in C_SDK_CIPHERS.split(":")
+        tls.sendall(capture)
+        client = RawClient(srv, sock=tls)
+        assert client.read_exact(len(LAST_CHUNK)) == LAST_CHUNK
+        assert client.read_exact(1808) == FIRMWARE.read_bytes()[8192:]
+    assert rec.requests[0].header("Host") == "ota.heclouds.com"
+
+
+def test_tls_large_file_and_modern_client(rsa_ca: trustme.CA, tmp_path: Path) -> None:
+    rec = Recorder()
+    context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=True)
+    data = os.urandom(2 * 1024 * 1024)
+    (tmp_path / "big.bin").write_bytes(data)
+    with ServerThread(make_handler(rec), ssl=context) as srv:  # type: ignore[arg-type]
+        assert srv.url.startswith("https://")
+        verify = ssl.create_default_context()
+        rsa_ca.configure_trust(verify)
+        with httpx2.Client(base_url=srv.url, verify=verify) as client:
+            path = tmp_path / "big.bin"
+            response = client.get(f"/file?path={path}&offset=0&length={len(data)}")
+            assert response.content == data
+            assert client.get("/json").json() == {"errno": 0, "error": "succ"}
+
+
+def test_tls_without_c_sdk_mode_refuses_the_c_sdk(rsa_ca: trustme.CA, tmp_path: Path) -> None:
+    rec = Recorder()
+    context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=False)
+    with (
+        ServerThread(make_handler(rec), ssl=context) as srv,  # type: ignore[arg-type]
+        socket.create_connection((srv.host, srv.port), timeout=10) as raw,
+        pytest.raises(ssl.SSLError),
+    ):
+        c_sdk_client_context(rsa_ca).wrap_socket(raw, server_hostname=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit checks of the types
+
+
+def test_request_body_respects_declared_length_before_reading() -> None:
+    async def never() -> bytes:
+        raise AssertionError("read although the declared length is over the limit")
+
+    request = Request("POST", "/", "/", "", [], "peer", never, content_length=5000)
+
+    async def main() -> None:
+        with pytest.raises(BodyTooLarge):
+            await request.body(4096)
+
+    asyncio.run(main())
+
+
+def test_request_stream_propagates_abort() -> None:
+    async def aborted() -> bytes:
+        raise RequestAborted("the client disconnected")
+
+    request = Request("POST", "/", "/", "", [], "peer", aborted)
+
+    async def main() -> None:
+        with pytest.raises(RequestAborted):
+            await request.body(10)
+
+    asyncio.run(main())
+
+
+def test_response_empty_is_canonical() -> None:
+    assert Response.empty(405, [("Allow", "GET")]) == Response(
+        405, [("Allow", "GET"), ("Content-Length", "0")]
+    )
