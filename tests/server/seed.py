@@ -8,18 +8,23 @@ with key K1, device ``987654321``, and ``firmware.bin`` as a FOTA package to ``1
 from __future__ import annotations
 
 import hashlib
+import itertools
 import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
+import pytest
 from sqlalchemy import Engine, insert, select, update
 
 from onenet_ota import auth
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.device_api import DeviceApi
 from onenet_ota.server.http import ServerThread
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
@@ -42,6 +47,38 @@ SDK_AUTH = (
 T0 = 1_800_000_000  # the fake clock's start: 2027-01-15, before the C SDK's et
 HOUR = 3600
 TOKEN_LIFE = 48 * HOUR
+
+
+# Module-scoped database fixtures take these params: every DB test runs on SQLite and PostgreSQL.
+DB_PARAMS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@contextmanager
+def module_database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
+    """A migrated database for a whole test module: a SQLite file, or a new database in the
+    shared throwaway PostgreSQL cluster (``pg_cluster`` from tests/conftest.py)."""
+    cluster: Any = None
+    name = ""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'onenet-ota.db'}"
+    else:
+        cluster = request.getfixturevalue("pg_cluster")
+        name = f"test_{uuid.uuid4().hex}"
+        cluster.admin_sql(f'CREATE DATABASE "{name}"')
+        url = cluster.url(name)
+    engine = create_engine(url)
+    try:
+        migrate(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        if cluster is not None:
+            cluster.admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+_ids = itertools.count(1)
 
 
 class FakeClock:
@@ -187,6 +224,26 @@ class Seeder:
                 )
         return int(task_id), [int(i) for i in ids]
 
+    def world(
+        self,
+        *,
+        module_type: int = 1,
+        task: bool = True,
+        device_key: str | None = None,
+        package_options: dict[str, Any] | None = None,
+        **task_options: Any,
+    ) -> World:
+        """A fresh product, device, package and (unless ``task=False``) device task, with ids
+        unique in the database, so that tests can share one database."""
+        n = next(_ids)
+        pid = f"9{n:05d}"
+        dev_id = 5_000_000 + n
+        self.product(pid)
+        self.device(dev_id, pid, f"dev{n}", device_key=device_key)
+        package_id = self.package(pid, module_type=module_type, **(package_options or {}))
+        dt_id = self.task(package_id, (dev_id,), pid=pid, **task_options)[1][0] if task else None
+        return World(self, pid, dev_id, f"dev{n}", package_id, dt_id)
+
     def capture_world(self, **task_options: Any) -> int:
         """Product 123123 (K1), device 987654321, firmware.bin to 1.0.1; returns the device task."""
         self.product()
@@ -233,9 +290,45 @@ class Seeder:
             )
 
 
+@dataclass
+class World:
+    """One product with one device and (usually) one device task."""
+
+    seeder: Seeder
+    pid: str
+    dev_id: int
+    name: str
+    package_id: int
+    dt_id: int | None
+    key: str = K1
+
+    @property
+    def auth(self) -> str:
+        """A product-level sha1 token, as the C SDK builds it."""
+        return auth.build_token(self.pid, self.key)
+
+    @property
+    def task_id(self) -> int:
+        assert self.dt_id is not None
+        return self.dt_id
+
+    def state(self) -> TaskState:
+        return self.seeder.state(self.task_id)
+
+
 def product_auth(pid: str = PID, key: str = K1, **options: Any) -> str:
     """An Authorization value built by the shared auth module (§3.2)."""
     return auth.build_token(pid, key, **options)
+
+
+def issue_token(base_url: str, world: World, **params: Any) -> str:
+    """Run E3 for ``world`` (FOTA, version 1.0.0) and return the token it hands out."""
+    query = {"dev_id": world.dev_id, "type": 1, "version": "1.0.0", **params}
+    reply = httpx2.get(
+        f"{base_url}/ota/south/check", params=query, headers={"Authorization": world.auth}
+    ).json()
+    assert reply["errno"] == 0, reply
+    return str(reply["data"]["token"])
 
 
 @contextmanager
