@@ -129,7 +129,8 @@ def test_empty_replies() -> None:
         ("x" * 70, "x" * 64),
         ("", "package.bin"),
         ('"""', "package.bin"),
-        ("   ", "package.bin"),
+        ("   ", "   "),  # printable ASCII: valid per §4.5
+        ("\t\n", "package.bin"),
     ],
 )
 def test_safe_file_name(name: str, safe: str) -> None:
