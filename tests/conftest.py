@@ -114,10 +114,12 @@ class _ClusterProcess:
             "--no-sync",
         )
         port = _free_port()
-        # Durability is irrelevant for a throwaway cluster; fsync=off keeps it fast.
+        # Durability is irrelevant for a throwaway cluster. fsync=off keeps it fast, and minimal
+        # WAL makes CREATE DATABASE ... STRATEGY FILE_COPY (one per test) take ~0.2 s, not ~0.7 s.
         options = (
             f"-p {port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
+            "-c wal_level=minimal -c max_wal_senders=0"
         )
         self.started = True
         self.run(
@@ -181,7 +183,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     cluster: PgCluster = request.getfixturevalue("pg_cluster")
     name = f"test_{uuid.uuid4().hex}"
-    cluster.admin_sql(f'CREATE DATABASE "{name}"')
+    cluster.admin_sql(f'CREATE DATABASE "{name}" STRATEGY FILE_COPY')
     try:
         yield cluster.url(name)
     finally:

@@ -136,14 +136,20 @@ class Invalid(AdminError):
 # --------------------------------------------------------------------------------------------
 # Value types shared by the models
 
-Pid = Annotated[str, StringConstraints(pattern=values.PID_RE.pattern, min_length=1, max_length=32)]
-DeviceName = Annotated[str, StringConstraints(pattern=values.DEVICE_NAME_RE.pattern)]
-Version = Annotated[str, StringConstraints(pattern=values.VERSION_RE.pattern)]
+
+def _whole(pattern: str) -> str:
+    # pydantic searches for the pattern; the spec's formats must match the whole value.
+    return f"^(?:{pattern})$"
+
+
+Pid = Annotated[str, StringConstraints(pattern=_whole(values.PID_RE.pattern))]
+DeviceName = Annotated[str, StringConstraints(pattern=_whole(values.DEVICE_NAME_RE.pattern))]
+Version = Annotated[str, StringConstraints(pattern=_whole(values.VERSION_RE.pattern))]
 DevId = Annotated[int, Field(ge=1, le=values.DEV_ID_MAX)]
 Int32 = Annotated[int, Field(ge=values.INT32_MIN, le=values.INT32_MAX)]
 UnixTime = Annotated[int, Field(ge=0, le=2**62)]
 AuthInfo = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-ManufModel = Annotated[str, StringConstraints(pattern=values.MANUF_MODEL_RE.pattern)]
+ManufModel = Annotated[str, StringConstraints(pattern=_whole(values.MANUF_MODEL_RE.pattern))]
 StateName = Literal[
     "to_be_upgraded", "downloading", "upgrading", "succeeded", "failed", "cancelled", "paused"
 ]

@@ -1,0 +1,605 @@
+"""server/admin_service.py on SQLite and PostgreSQL: the management rules, in SQL."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from sqlalchemy import Engine, Table, func, select, update
+
+from onenet_ota.protocol import values
+from onenet_ota.protocol.states import Action, IllegalTransition, TaskState, on_action
+from onenet_ota.server import schema
+from onenet_ota.server.admin_service import (
+    GENERATED_DEV_ID_MAX,
+    AdminService,
+    Conflict,
+    DeviceCreate,
+    DeviceImport,
+    DeviceImportItem,
+    Invalid,
+    KeyRotate,
+    NotFound,
+    PackageCreate,
+    ProductCreate,
+    TaskCreate,
+)
+from onenet_ota.server.blobs import BlobStore
+
+NOW = 1_800_000_000
+K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = float(NOW)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def changes() -> list[int]:
+    return []
+
+
+@pytest.fixture
+def service(engine: Engine, tmp_path: Path, clock: Clock, changes: list[int]) -> AdminService:
+    return AdminService(
+        engine, BlobStore(tmp_path / "packages"), clock=clock, on_change=lambda: changes.append(1)
+    )
+
+
+def _product(service: AdminService, pid: str = "123123") -> str:
+    return service.create_product(ProductCreate(pid=pid, access_key=K1)).pid
+
+
+def _devices(service: AdminService, pid: str, *names: str) -> list[int]:
+    created = service.import_devices(
+        DeviceImport(pid=pid, devices=[DeviceImportItem(name=n) for n in names])
+    )
+    return [d.dev_id for d in created]
+
+
+def _package(service: AdminService, pid: str, data: bytes = b"firmware", **meta: object) -> int:
+    spec = PackageCreate.model_validate(
+        {"pid": pid, "module_type": 1, "target": "1.0.1", "file_name": "fw.bin", **meta}
+    )
+    return service.create_package(spec, service.blobs.put_bytes(data)).id
+
+
+def _count(engine: Engine, table: Table) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def _set_state(
+    engine: Engine, dev_id: int, state: TaskState, paused_from: int | None = None
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(schema.device_tasks)
+            .where(schema.device_tasks.c.dev_id == dev_id)
+            .values(state=int(state), paused_from=paused_from)
+        )
+
+
+# ------------------------------------------------------------------------------ products
+
+
+def test_generated_product_has_decimal_pid_and_onenet_key(service: AdminService) -> None:
+    product = service.create_product(ProductCreate())
+    assert product.pid.isdigit()
+    assert len(product.pid) == 9
+    assert product.access_key is not None
+    assert len(product.access_key) == 44
+    assert len(base64.b64decode(product.access_key, validate=True)) == 32
+
+
+def test_product_with_operator_ids_keeps_them(service: AdminService) -> None:
+    product = service.create_product(ProductCreate(pid="123123", access_key=K1, name="fleet"))
+    shown = service.get_product("123123")
+    assert (shown.pid, shown.access_key, shown.name) == ("123123", K1, "fleet")
+    assert product.created_at == NOW
+
+
+def test_duplicate_product_is_a_conflict_and_no_second_row(
+    service: AdminService, engine: Engine
+) -> None:
+    _product(service)
+    with pytest.raises(Conflict):
+        service.create_product(ProductCreate(pid="123123"))
+    assert _count(engine, schema.products) == 1
+
+
+@given(pid=st.text(max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_pid_grammar(pid: str) -> None:
+    valid = values.PID_RE.fullmatch(pid) is not None
+    try:
+        ProductCreate(pid=pid)
+    except ValidationError:
+        assert not valid
+    else:
+        assert valid
+
+
+@given(key=st.one_of(st.text(max_size=60), st.binary(min_size=0, max_size=40).map(
+    lambda b: base64.b64encode(b).decode())))  # fmt: skip
+@settings(max_examples=60, deadline=None)
+def test_access_key_must_be_nonempty_base64(key: str) -> None:
+    try:
+        decoded = base64.b64decode(key, validate=True)
+        valid = bool(decoded) and len(key) <= 128
+    except ValueError:
+        valid = False
+    try:
+        ProductCreate(access_key=key)
+    except ValidationError:
+        assert not valid
+    else:
+        assert valid
+
+
+def test_rotate_key(service: AdminService, changes: list[int]) -> None:
+    _product(service)
+    rotated = service.rotate_product_key("123123", KeyRotate())
+    assert rotated.access_key != K1
+    assert rotated.access_key is not None
+    assert service.get_product("123123").access_key == rotated.access_key
+    given_key = base64.b64encode(bytes(range(32))).decode()
+    assert service.rotate_product_key("123123", KeyRotate(access_key=given_key)).access_key == (
+        given_key
+    )
+    assert changes  # the device API's caches are told
+    with pytest.raises(NotFound):
+        service.rotate_product_key("999", KeyRotate())
+
+
+def test_product_pages_cover_everything_once(service: AdminService) -> None:
+    for pid in ("5", "1", "4", "2", "3"):
+        _product(service, pid)
+    seen: list[str] = []
+    after = None
+    while True:
+        page = service.list_products(limit=2, after=after)
+        seen += [p.pid for p in page.items]
+        assert all(p.access_key is None for p in page.items)  # lists carry no keys
+        if page.next is None:
+            break
+        after = page.next
+    assert seen == ["1", "2", "3", "4", "5"]
+
+
+def test_bad_limit_is_invalid(service: AdminService) -> None:
+    with pytest.raises(Invalid):
+        service.list_products(limit=0)
+    with pytest.raises(Invalid):
+        service.list_devices(after="x")
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+def test_device_with_given_dev_id_and_defaults(service: AdminService) -> None:
+    _product(service)
+    device = service.create_device(DeviceCreate(pid="123123", name="dev01", dev_id=987654321))
+    assert (device.dev_id, device.auth_info, device.device_key) == (987654321, "dev01", None)
+
+
+def test_generated_dev_id_and_device_key(service: AdminService) -> None:
+    _product(service)
+    device = service.create_device(
+        DeviceCreate(pid="123123", name="dev01", generate_device_key=True)
+    )
+    assert 1 <= device.dev_id <= GENERATED_DEV_ID_MAX
+    assert device.device_key is not None
+    assert len(base64.b64decode(device.device_key)) == 32
+
+
+def test_device_in_unknown_product_is_invalid(service: AdminService) -> None:
+    with pytest.raises(Invalid, match="does not exist"):
+        service.create_device(DeviceCreate(pid="404", name="dev01"))
+
+
+def test_duplicate_names_and_dev_ids_conflict(service: AdminService, engine: Engine) -> None:
+    _product(service)
+    _product(service, "777")
+    service.create_device(DeviceCreate(pid="123123", name="dev01", dev_id=5))
+    with pytest.raises(Conflict, match="dev01"):
+        service.create_device(DeviceCreate(pid="123123", name="dev01"))
+    with pytest.raises(Conflict, match="5"):  # dev_ids are unique across the server (§1)
+        service.create_device(DeviceCreate(pid="777", name="other", dev_id=5))
+    service.create_device(DeviceCreate(pid="777", name="dev01"))  # names are per product
+    assert _count(engine, schema.devices) == 2
+
+
+@given(name=st.text(max_size=70))
+@settings(max_examples=60, deadline=None)
+def test_device_name_grammar(name: str) -> None:
+    valid = values.DEVICE_NAME_RE.fullmatch(name) is not None
+    try:
+        DeviceCreate(pid="1", name=name)
+    except ValidationError:
+        assert not valid
+    else:
+        assert valid
+
+
+def test_dev_id_range_and_strict_types() -> None:
+    for bad in (0, -1, 2**63, True):
+        with pytest.raises(ValidationError):
+            DeviceCreate.model_validate({"pid": "1", "name": "d", "dev_id": bad})
+    assert DeviceCreate(pid="1", name="d", dev_id=2**63 - 1).dev_id == 2**63 - 1
+
+
+def test_import_is_all_or_nothing(service: AdminService, engine: Engine) -> None:
+    _product(service)
+    service.create_device(DeviceCreate(pid="123123", name="taken"))
+    with pytest.raises(Conflict, match="taken"):
+        _devices(service, "123123", "a", "b", "taken")
+    assert _count(engine, schema.devices) == 1
+    with pytest.raises(Invalid, match="repeated"):
+        _devices(service, "123123", "c", "c")
+    with pytest.raises(Invalid, match="repeated"):
+        service.import_devices(
+            DeviceImport(
+                pid="123123",
+                devices=[
+                    DeviceImportItem(name="x", dev_id=9),
+                    DeviceImportItem(name="y", dev_id=9),
+                ],
+            )
+        )
+    assert _count(engine, schema.devices) == 1
+
+
+def test_large_import_spans_batches(service: AdminService, engine: Engine) -> None:
+    _product(service)
+    ids = _devices(service, "123123", *(f"d{i}" for i in range(620)))
+    assert len(set(ids)) == 620
+    assert _count(engine, schema.devices) == 620
+
+
+def test_list_devices_filters(service: AdminService, engine: Engine) -> None:
+    _product(service)
+    _product(service, "9")
+    a, b, _ = _devices(service, "123123", "alpha", "beta_1", "betaX1")
+    _devices(service, "9", "alpha")
+    with engine.begin() as conn:
+        conn.execute(
+            update(schema.devices).where(schema.devices.c.dev_id == a).values(f_version="1.0")
+        )
+    assert [d.dev_id for d in service.list_devices(f_version="1.0").items] == [a]
+    assert len(service.list_devices(pid="123123").items) == 3
+    # LIKE wildcards in the filter are literal characters
+    assert service.list_devices(name_contains="%").items == []
+    assert [d.dev_id for d in service.list_devices(name_contains="a_1").items] == [b]
+    assert len(service.list_devices(name_contains="alpha").items) == 2
+
+
+def test_device_detail_has_task_history(service: AdminService) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "dev01")
+    package_id = _package(service, "123123")
+    first = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
+    service.act_on_task(first.id, Action.CANCEL)
+    second = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
+    detail = service.get_device(dev)
+    assert [(t.task_id, t.state) for t in detail.tasks] == [
+        (second.id, "to_be_upgraded"),
+        (first.id, "cancelled"),
+    ]
+    with pytest.raises(NotFound):
+        service.get_device(1)
+
+
+# ------------------------------------------------------------------------------ packages
+
+
+def test_package_is_measured_by_the_server(service: AdminService) -> None:
+    _product(service)
+    package_id = _package(service, "123123", b"abc")
+    package = service.get_package(package_id)
+    assert package.size == 3
+    assert package.md5 == "900150983cd24fb0d6963f7d28e17f72"
+    assert service.blobs.exists(package.sha256)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"kind": 2},  # differential without from_version
+        {"kind": 1, "from_version": "1.0.0"},
+        {"target": "1.0.0 beta"},
+        {"module_type": 3},
+        {"manuf": "00 1"},
+        {"file_name": 'a"b.bin'},
+        {"file_name": "a\\b.bin"},
+        {"file_name": "a\r\nX-Injected: 1"},
+        {"file_name": "fïrmware.bin"},
+        {"file_name": "../../etc/passwd"},
+        {"file_name": ".."},
+        {"file_name": "x" * 65},
+        {"file_name": ""},
+    ],
+)
+def test_bad_package_metadata_is_refused(meta: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        PackageCreate.model_validate(
+            {"pid": "1", "module_type": 1, "target": "1.0.1", "file_name": "fw.bin", **meta}
+        )
+
+
+def test_empty_or_orphan_upload_leaves_nothing(service: AdminService, engine: Engine) -> None:
+    _product(service)
+    spec = PackageCreate(pid="123123", module_type=1, target="1", file_name="f")
+    empty = service.blobs.put_bytes(b"")
+    with pytest.raises(Invalid, match="empty"):
+        service.create_package(spec, empty)
+    assert not service.blobs.exists(empty.sha256)
+    orphan = service.blobs.put_bytes(b"data")
+    with pytest.raises(Invalid, match="does not exist"):
+        service.create_package(spec.model_copy(update={"pid": "404"}), orphan)
+    assert not service.blobs.exists(orphan.sha256)
+    assert _count(engine, schema.packages) == 0
+
+
+def test_delete_package_keeps_shared_files(service: AdminService) -> None:
+    _product(service)
+    first = _package(service, "123123", b"same")
+    second = _package(service, "123123", b"same", target="2")
+    sha = service.get_package(first).sha256
+    service.delete_package(first)
+    assert service.blobs.exists(sha)  # the second package still uses it
+    service.delete_package(second)
+    assert not service.blobs.exists(sha)
+    with pytest.raises(NotFound):
+        service.get_package(second)
+    with pytest.raises(NotFound):
+        service.delete_package(second)
+    assert list((service.blobs.root / "tmp").iterdir()) == []
+
+
+def test_package_in_use_cannot_be_deleted(service: AdminService) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    package_id = _package(service, "123123")
+    service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev]))
+    with pytest.raises(Conflict, match="used by 1 task"):
+        service.delete_package(package_id)
+    assert service.blobs.exists(service.get_package(package_id).sha256)
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+def test_task_for_explicit_devices(service: AdminService, changes: list[int]) -> None:
+    _product(service)
+    devs = _devices(service, "123123", "a", "b")
+    package_id = _package(service, "123123")
+    created = service.create_task(
+        TaskCreate(package_id=package_id, dev_ids=devs, retry=3, interval=1)
+    )
+    task = created.task
+    assert (task.total, task.counts.to_be_upgraded, task.status) == (2, 2, "active")
+    assert (task.retry, task.interval, task.start_time, task.target) == (3, 1, NOW, "1.0.1")
+    assert sorted(created.dev_ids) == sorted(devs)
+    assert changes
+
+
+def test_task_targets_must_belong_to_the_product(service: AdminService, engine: Engine) -> None:
+    _product(service)
+    _product(service, "9")
+    (foreign,) = _devices(service, "9", "x")
+    package_id = _package(service, "123123")
+    with pytest.raises(Invalid, match=str(foreign)):
+        service.create_task(TaskCreate(package_id=package_id, dev_ids=[foreign]))
+    with pytest.raises(Invalid, match="package 99"):
+        service.create_task(TaskCreate(package_id=99, dev_ids=[foreign]))
+    assert _count(engine, schema.tasks) == 0
+
+
+def test_task_by_from_version_uses_the_package_type(service: AdminService, engine: Engine) -> None:
+    _product(service)
+    a, b, c = _devices(service, "123123", "a", "b", "c")
+    with engine.begin() as conn:
+        for dev, f, s in ((a, "1.0", "9"), (b, "9", "1.0"), (c, "1.1", "1.1")):
+            conn.execute(
+                update(schema.devices)
+                .where(schema.devices.c.dev_id == dev)
+                .values(f_version=f, s_version=s)
+            )
+    fota = _package(service, "123123", b"f")
+    sota = _package(service, "123123", b"s", module_type=2)
+    assert service.create_task(TaskCreate(package_id=fota, from_versions=["1.0"])).dev_ids == [a]
+    created = service.create_task(TaskCreate(package_id=sota, from_versions=["1.0", "1.1"]))
+    assert sorted(created.dev_ids) == sorted([b, c])
+    with pytest.raises(Invalid, match="no device"):
+        service.create_task(TaskCreate(package_id=fota, from_versions=["7"]))
+
+
+def test_task_needs_exactly_one_target_kind() -> None:
+    with pytest.raises(ValidationError):
+        TaskCreate(package_id=1)
+    with pytest.raises(ValidationError):
+        TaskCreate(package_id=1, dev_ids=[1], from_versions=["1"])
+    with pytest.raises(ValidationError):
+        TaskCreate.model_validate({"package_id": 1, "dev_ids": [1], "retry": 2**31})
+
+
+def test_deadline_must_lie_ahead(service: AdminService) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "a")
+    package_id = _package(service, "123123")
+    with pytest.raises(Invalid, match="deadline"):
+        service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev], deadline=NOW))
+    with pytest.raises(Invalid, match="deadline"):
+        service.create_task(
+            TaskCreate(
+                package_id=package_id, dev_ids=[dev], start_time=NOW + 100, deadline=NOW + 50
+            )
+        )
+
+
+def test_one_open_task_per_device_and_type(service: AdminService, engine: Engine) -> None:
+    _product(service)
+    a, b = _devices(service, "123123", "a", "b")
+    package_id = _package(service, "123123")
+    first = service.create_task(TaskCreate(package_id=package_id, dev_ids=[a])).task
+    with pytest.raises(Conflict, match=str(a)):
+        service.create_task(TaskCreate(package_id=package_id, dev_ids=[a, b]))
+    assert _count(engine, schema.device_tasks) == 1
+
+    skipped = service.create_task(TaskCreate(package_id=package_id, dev_ids=[a, b], on_open="skip"))
+    assert (skipped.dev_ids, skipped.task.skipped) == ([b], [a])
+
+    replaced = service.create_task(TaskCreate(package_id=package_id, dev_ids=[a], on_open="cancel"))
+    assert replaced.task.cancelled == [a]
+    old = service.get_task(first.id)
+    assert old.counts.cancelled == 1
+    assert old.devices[0].finished_at == NOW
+
+    # Another type is another channel (D23 is per type).
+    sota = _package(service, "123123", b"s", module_type=2)
+    service.create_task(TaskCreate(package_id=sota, dev_ids=[a]))
+
+
+def test_expired_open_task_does_not_block_a_new_one(service: AdminService, clock: Clock) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "a")
+    package_id = _package(service, "123123")
+    first = service.create_task(
+        TaskCreate(package_id=package_id, dev_ids=[dev], deadline=NOW + 10)
+    ).task
+    clock.now += 11
+    service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev]))
+    assert service.get_task(first.id).counts.failed == 1  # T5 applied first
+
+
+def test_pause_resume_cancel_follow_the_state_table(service: AdminService, engine: Engine) -> None:
+    _product(service)
+    waiting, downloading, upgrading = _devices(service, "123123", "w", "d", "u")
+    package_id = _package(service, "123123")
+    task = service.create_task(
+        TaskCreate(package_id=package_id, dev_ids=[waiting, downloading, upgrading])
+    ).task
+    _set_state(engine, downloading, TaskState.DOWNLOADING)
+    _set_state(engine, upgrading, TaskState.UPGRADING)
+
+    paused = service.act_on_task(task.id, Action.PAUSE)
+    assert (paused.status, paused.changed, paused.counts.paused, paused.counts.upgrading) == (
+        "paused", 2, 2, 1,
+    )  # fmt: skip
+    states = {d.dev_id: (d.state, d.paused_from) for d in service.get_task(task.id).devices}
+    assert states[downloading] == ("paused", "downloading")
+    with pytest.raises(Conflict, match="paused"):
+        service.act_on_task(task.id, Action.PAUSE)
+
+    resumed = service.act_on_task(task.id, Action.RESUME)
+    assert resumed.status == "active"
+    assert resumed.changed == 2
+    states = {d.dev_id: (d.state, d.paused_from) for d in service.get_task(task.id).devices}
+    assert states == {
+        waiting: ("to_be_upgraded", None),
+        downloading: ("downloading", None),
+        upgrading: ("upgrading", None),
+    }
+
+    cancelled = service.act_on_task(task.id, Action.CANCEL)
+    assert cancelled.counts.cancelled == 3
+    assert cancelled.status == "cancelled"
+    with pytest.raises(Conflict):
+        service.act_on_task(task.id, Action.CANCEL)
+    with pytest.raises(NotFound):
+        service.act_on_task(999, Action.CANCEL)
+
+
+def test_device_level_action_reports_illegal_transitions(
+    service: AdminService, engine: Engine
+) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "u")
+    package_id = _package(service, "123123")
+    task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
+    _set_state(engine, dev, TaskState.UPGRADING)
+    with pytest.raises(Conflict, match="can't pause a task in state upgrading"):
+        service.act_on_device_task(task.id, dev, Action.PAUSE)
+    assert service.act_on_device_task(task.id, dev, Action.CANCEL).state == "cancelled"
+    with pytest.raises(NotFound):
+        service.act_on_device_task(task.id, dev + 1, Action.CANCEL)
+
+
+def test_resume_after_the_deadline_fails_the_tasks(service: AdminService, clock: Clock) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "a")
+    package_id = _package(service, "123123")
+    task = service.create_task(
+        TaskCreate(package_id=package_id, dev_ids=[dev], deadline=NOW + 10)
+    ).task
+    service.act_on_task(task.id, Action.PAUSE)
+    clock.now += 60
+    result = service.act_on_task(task.id, Action.RESUME)
+    assert result.counts.failed == 1
+    assert result.changed == 0
+
+
+_counter = itertools.count()
+OPEN_OR_NOT = st.sampled_from(
+    [
+        (TaskState.TO_BE_UPGRADED, None),
+        (TaskState.DOWNLOADING, None),
+        (TaskState.UPGRADING, None),
+        (TaskState.SUCCEEDED, None),
+        (TaskState.FAILED, None),
+        (TaskState.CANCELLED, None),
+        (TaskState.PAUSED, TaskState.TO_BE_UPGRADED),
+        (TaskState.PAUSED, TaskState.DOWNLOADING),
+    ]
+)
+
+
+@given(
+    rows=st.lists(OPEN_OR_NOT, min_size=1, max_size=6),
+    action=st.sampled_from([Action.PAUSE, Action.RESUME, Action.CANCEL]),
+)
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_bulk_actions_move_each_row_as_on_action_says(
+    service: AdminService, engine: Engine, rows: list[tuple[TaskState, TaskState | None]],
+    action: Action,
+) -> None:  # fmt: skip
+    pid = f"p{next(_counter)}"
+    _product(service, pid)
+    devs = _devices(service, pid, *(f"d{i}" for i in range(len(rows))))
+    package_id = _package(service, pid, pid.encode())
+    task = service.create_task(TaskCreate(package_id=package_id, dev_ids=devs)).task
+    for dev, (state, paused_from) in zip(devs, rows, strict=True):
+        _set_state(engine, dev, state, None if paused_from is None else int(paused_from))
+    with engine.begin() as conn:  # make the task's own status admit the action
+        status = "paused" if action is Action.RESUME else "active"
+        conn.execute(update(schema.tasks).where(schema.tasks.c.id == task.id).values(status=status))
+    result = service.act_on_task(task.id, action)
+    after = {d.dev_id: d.state for d in service.get_task(task.id, limit=10).devices}
+    expected_changes = 0
+    for dev, (state, paused_from) in zip(devs, rows, strict=True):
+        try:
+            expected = on_action(state, action, paused_from=paused_from)
+            expected_changes += 1
+        except IllegalTransition:
+            expected = state
+        assert after[dev] == expected.name.lower()
+    assert result.changed == expected_changes
