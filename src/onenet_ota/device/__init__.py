@@ -1,0 +1,125 @@
+"""The OneNET OTA device SDK: the official C SDK's ``ota_*`` API, in Python.
+
+::
+
+    from onenet_ota.device import Credentials, DeviceConfig, OtaClient, NoTask, StatusCode
+
+    config = DeviceConfig(
+        credentials=Credentials.from_access_key("123123", ACCESS_KEY),
+        dev_id="987654321",
+        version="1.0.0",
+    )
+    with OtaClient(config) as client:
+        client.post_version()
+        try:
+            task = client.check_task()
+        except NoTask:
+            return
+        client.check_token(task.token)
+        data = client.download_package(task.token, 0, 4096)
+        ...
+        client.report_status(task.token, StatusCode.DOWNLOADED)
+
+:class:`AsyncOtaClient` offers the same calls for asyncio. Errors form one tree rooted at
+:class:`OtaError` (see :mod:`onenet_ota.device.errors`); events are in
+:mod:`onenet_ota.device.events`. This package never imports the server.
+"""
+
+import logging
+
+from onenet_ota.device._core import VersionInfo
+from onenet_ota.device.client import AsyncOtaClient, OtaClient
+from onenet_ota.device.config import DEFAULT_BASE_URL, Credentials, DeviceConfig, Timeout
+from onenet_ota.device.errors import (
+    AuthFailed,
+    ClientClosedError,
+    DownloadError,
+    HTTPStatusError,
+    InvalidArgumentError,
+    InvalidOperation,
+    InvalidParameter,
+    InvalidState,
+    InvalidVersionFormat,
+    LocalError,
+    ManufModelMismatch,
+    NoTask,
+    NoValidToken,
+    OtaError,
+    PlatformError,
+    PlatformInternalError,
+    ProtocolError,
+    RequestTimeout,
+    TaskCancelled,
+    TaskFinished,
+    TokenExpired,
+    TransportError,
+    VersionMismatch,
+)
+from onenet_ota.device.events import (
+    AsyncEventCallback,
+    DownloadedChunk,
+    EventCallback,
+    EventKind,
+    OtaEvent,
+    PackageDownloaded,
+    StatusReported,
+    TaskChecked,
+    TokenChecked,
+    VersionPosted,
+)
+from onenet_ota.protocol.download import DownloadError as DownloadErrorCode
+from onenet_ota.protocol.errno import Errno
+from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.status import PackageKind, StatusCode, TaskType
+
+# Library logging stays silent unless the application configures it.
+logging.getLogger("onenet_ota.device").addHandler(logging.NullHandler())
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "AsyncEventCallback",
+    "AsyncOtaClient",
+    "AuthFailed",
+    "ClientClosedError",
+    "Credentials",
+    "DeviceConfig",
+    "DownloadError",
+    "DownloadErrorCode",
+    "DownloadedChunk",
+    "Errno",
+    "EventCallback",
+    "EventKind",
+    "HTTPStatusError",
+    "InvalidArgumentError",
+    "InvalidOperation",
+    "InvalidParameter",
+    "InvalidState",
+    "InvalidVersionFormat",
+    "LocalError",
+    "ManufModelMismatch",
+    "NoTask",
+    "NoValidToken",
+    "OtaClient",
+    "OtaError",
+    "OtaEvent",
+    "PackageDownloaded",
+    "PackageKind",
+    "PlatformError",
+    "PlatformInternalError",
+    "ProtocolError",
+    "RequestTimeout",
+    "StatusCode",
+    "StatusReported",
+    "TaskCancelled",
+    "TaskChecked",
+    "TaskFinished",
+    "TaskInfo",
+    "TaskType",
+    "Timeout",
+    "TokenChecked",
+    "TokenExpired",
+    "TransportError",
+    "VersionInfo",
+    "VersionMismatch",
+    "VersionPosted",
+]
