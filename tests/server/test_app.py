@@ -1,0 +1,278 @@
+"""server/app.py: composition of both APIs, the deadline sweep, and ``run`` as real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import Engine
+
+from onenet_ota import auth
+from onenet_ota.server.app import AppResources, create_app
+from onenet_ota.server.config import Settings
+from onenet_ota.server.http import ServerThread
+
+TOKEN = "admin-token-for-app-tests-0123"
+K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="
+NOW = 1_800_000_000
+ONENET_OTA = Path(sys.executable).with_name("onenet-ota")
+
+
+class Clock:
+    now = float(NOW)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def app(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> Iterator[tuple[httpx2.Client, AppResources, Clock]]:
+    clock = Clock()
+    settings = Settings(
+        db=db_url, data_dir=tmp_path / "data", admin_token=SecretStr(TOKEN),
+        public_address="ota.example.net",
+    )  # fmt: skip
+    handler, resources = create_app(settings, clock=clock)
+    try:
+        with (
+            ServerThread(handler) as srv,
+            httpx2.Client(base_url=srv.url, headers={"Authorization": f"Bearer {TOKEN}"}) as c,
+        ):
+            yield c, resources, clock
+    finally:
+        # The server thread is gone; close what create_app opened.
+        import asyncio
+
+        asyncio.run(resources.aclose())
+
+
+def _setup_device(client: httpx2.Client) -> int:
+    assert client.post("/api/v1/products", json={"pid": "123123", "access_key": K1}).is_success
+    reply = client.post("/api/v1/devices", json={"pid": "123123", "name": "dev01"})
+    assert reply.status_code == 201
+    dev_id: int = reply.json()["dev_id"]
+    return dev_id
+
+
+def test_one_port_serves_both_apis(app: tuple[httpx2.Client, AppResources, Clock]) -> None:
+    client, _, _ = app
+    dev_id = _setup_device(client)
+    device_token = auth.build_token("123123", K1)
+    reply = client.post(
+        "/ota/device/version",
+        params={"dev_id": dev_id},
+        content=b'{"f_version":"1.0.0","s_version":"1.0.0"}',
+        headers={"Authorization": device_token},
+    )
+    assert reply.content == b'{"errno":0,"error":"succ"}'
+    shown = client.get(f"/api/v1/devices/{dev_id}").json()
+    assert (shown["f_version"], shown["s_version"]) == ("1.0.0", "1.0.0")
+    # Paths outside /api/v1 belong to the device API and its canonical empty 404 (§4.3).
+    assert client.get("/api").status_code == 404
+    assert client.get("/api").content == b""
+    assert client.get("/api/v1x").content == b""
+
+
+def test_key_rotation_reaches_the_device_api_at_once(
+    app: tuple[httpx2.Client, AppResources, Clock],
+) -> None:
+    client, _, _ = app
+    dev_id = _setup_device(client)
+    old_token = auth.build_token("123123", K1)
+
+    def query() -> bytes:
+        reply = client.get(
+            "/ota/device/version", params={"dev_id": dev_id}, headers={"Authorization": old_token}
+        )
+        return reply.content
+
+    assert query().startswith(b'{"errno":0')  # now cached by the device API
+    assert client.post("/api/v1/products/123123/rotate-key").status_code == 200
+    assert query() == b'{"errno":1,"error":"auth failed"}'
+
+
+def test_deadline_sweep(app: tuple[httpx2.Client, AppResources, Clock]) -> None:
+    client, resources, clock = app
+    dev_id = _setup_device(client)
+    upload = client.post(
+        "/api/v1/packages",
+        params={"pid": "123123", "type": "fota", "target": "2", "file_name": "fw.bin"},
+        content=b"firmware",
+    )
+    body = {"package_id": upload.json()["id"], "dev_ids": [dev_id], "deadline": NOW + 60}
+    task = client.post("/api/v1/tasks", json=body).json()
+    assert resources.sweep_deadlines() == 0
+    clock.now += 61
+    assert resources.sweep_deadlines() == 1
+    assert client.get(f"/api/v1/tasks/{task['id']}").json()["counts"]["failed"] == 1
+
+
+def test_create_app_needs_an_admin_token(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="admin_token"):
+        create_app(Settings(data_dir=tmp_path))
+
+
+# ------------------------------------------------------------------------------ real processes
+
+
+class ServerProcess:
+    """``onenet-ota serve`` in a subprocess; stderr is collected by a thread."""
+
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self.process = subprocess.Popen(
+            [
+                str(ONENET_OTA),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._seen:
+                self.lines.append(line)
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        regex = re.compile(pattern)
+        end = time.monotonic() + timeout
+        with self._seen:
+            while True:
+                for line in self.lines:
+                    if match := regex.search(line):
+                        return match
+                left = end - time.monotonic()
+                if left <= 0 or self.process.poll() is not None:
+                    raise AssertionError(f"no {pattern!r} in server output:\n{''.join(self.lines)}")
+                self._seen.wait(min(left, 0.5))
+
+    def url(self) -> str:
+        port = self.wait_for(r"listening on https?://[^:]+:(\d+)").group(1)
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(30)
+        finally:
+            self._reader.join(5)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def two_workers(db_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(
+        tmp_path / "data", "--workers", "2", "--db", db_url, "--admin-token", TOKEN,
+    )  # fmt: skip
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_two_workers_answer_both_apis_and_stop_gracefully(two_workers: ServerProcess) -> None:
+    url = two_workers.url()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for _ in range(3):  # workers start after the socket listens; connections wait in the backlog
+        if httpx2.get(url + "/api/v1/health", timeout=30).status_code == 200:
+            break
+    assert len(_children(two_workers.process.pid)) >= 2
+    reply = httpx2.post(url + "/api/v1/products", json={"pid": "42", "access_key": K1},
+                        headers=headers, timeout=30)  # fmt: skip
+    assert reply.status_code == 201
+    device = httpx2.post(url + "/api/v1/devices", json={"pid": "42", "name": "d"},
+                         headers=headers, timeout=30).json()  # fmt: skip
+    token = auth.build_token("42", K1)
+    # One connection per request, as the C SDK does (§2.3): both workers take their share.
+    for _ in range(12):
+        reply = httpx2.get(url + "/ota/device/version", params={"dev_id": device["dev_id"]},
+                           headers={"Authorization": token}, timeout=30)  # fmt: skip
+        assert reply.content == b'{"errno":0,"error":"succ","data":{}}'
+
+    # An upload in flight when SIGTERM arrives still completes (graceful stop).
+    sent_first = threading.Event()
+    release = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield b"a" * 4096
+        sent_first.set()
+        release.wait(10)
+        yield b"b" * 4096
+
+    result: list[httpx2.Response] = []
+    uploader = threading.Thread(
+        target=lambda: result.append(
+            httpx2.post(
+                url + "/api/v1/packages",
+                params={"pid": "42", "type": "fota", "target": "2", "file_name": "fw.bin"},
+                content=body(), headers=headers, timeout=30,
+            )
+        )
+    )  # fmt: skip
+    uploader.start()
+    assert sent_first.wait(30)
+    # The upload is in the server's hands once its temporary file exists.
+    tmp = two_workers.data_dir / "packages" / "tmp"
+    for _ in range(600):
+        if any(tmp.glob("upload-*")):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the upload never reached the server")
+    two_workers.process.send_signal(signal.SIGTERM)
+    release.set()
+    uploader.join(30)
+    assert [r.status_code for r in result] == [201]
+    assert result[0].json()["size"] == 8192
+    assert two_workers.stop() == 0
+    assert _children(two_workers.process.pid) == []
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.get(url + "/api/v1/health", timeout=5)
