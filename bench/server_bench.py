@@ -1,0 +1,480 @@
+"""Server benchmark (issue 3): check-task and 4 KiB range downloads against a bare JSON endpoint.
+
+Run::
+
+    .venv/bin/python -m bench.server_bench                 # about 30 s
+    .venv/bin/python -m bench.server_bench --duration 5 --devices 5000 --profile
+
+What it does:
+
+1. Builds the real platform in a temporary directory: a SQLite file migrated with Alembic, and
+   the app of :func:`onenet_ota.server.app.create_app`. It seeds one product (key K1 of
+   Appendix B.1), ``--devices`` devices, a 256 KiB FOTA package and one task for every device,
+   all through the management layer (:class:`AdminService`), then runs E3 once per device
+   through the device service so that every device holds a download token and has recorded its
+   version (later E3s are then read-only, as in steady-state polling).
+2. Serves, in this process, one handler on the project's own HTTP stack: ``GET /bare`` answers a
+   fixed 26-byte JSON (``{"errno":0,"error":"succ"}``, the smallest canonical device reply);
+   every other path goes to the real app.
+3. Drives load from a separate process (``multiprocessing`` spawn), so that the client does not
+   share the server's interpreter: a load generator over raw non-blocking sockets and one epoll
+   loop (Linux), with pre-built request bytes in the C SDK's exact format and responses framed
+   by ``Content-Length`` and checked for status and errno. It costs far less per request than
+   an asyncio client, so one client process can keep the one-process server busy on a 2-core
+   machine. ``--concurrency`` (64) clients run in two modes:
+
+   - ``keep-alive``: 64 persistent connections, each sending its next request as soon as the
+     previous response is complete;
+   - ``per-connection``: like the C SDK, each request on a fresh TCP connection that the client
+     closes after the response (with SO_LINGER 0, so that the run does not exhaust ephemeral
+     ports with TIME_WAIT sockets).
+
+   For each mode it measures ``bare``, ``check-task`` (E3 across all devices, round robin) and
+   ``download`` (E6 with ``Range:<s>-<s+4095>``, 256 devices each fetching its 64 chunks in
+   order, like the C SDK's loop, interleaved across devices), each for
+   ``--warmup`` seconds unmeasured, then ``--duration`` seconds measured.
+
+It prints requests/s per scenario, the server's CPU use (process CPU time over wall time: close
+to 1.0 means the server was the bottleneck; well below it, the client or the machine was), and the
+ratios to ``bare`` against issue 3's targets (check-task and download each at least 0.5x bare).
+The run is bounded (about 6 x (warmup + duration) seconds plus setup) and exits 0 whether or not
+a target is met; it exits 1 only if the setup fails or a scenario completes no request.
+``--profile`` runs the server's event-loop thread under cProfile (database worker threads are not
+included) and prints its top functions after the run; ``--only NAME`` restricts the run to a
+scenario (``bare``, ``check-task``, ``download``) or a mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import multiprocessing
+import multiprocessing.connection
+import os
+import pstats
+import random
+import select
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import SecretStr
+
+from onenet_ota.protocol.status import TaskType
+from onenet_ota.server.admin_service import (
+    DeviceImport,
+    DeviceImportItem,
+    PackageCreate,
+    ProductCreate,
+    TaskCreate,
+)
+from onenet_ota.server.app import create_app
+from onenet_ota.server.config import Settings
+from onenet_ota.server.db import create_engine, migrate
+from onenet_ota.server.http import Request, Response, ServerThread
+
+PID: Final = "123123"
+K1: Final = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="  # Appendix B.1
+# The C SDK's Authorization header (Appendix B.1 vector 3): product level, sha1, et 2050.
+AUTHORIZATION: Final = (
+    "version=2018-10-31&res=products%2F123123&et=2524579200&method=sha1"
+    "&sign=4%2B7IKBIL5vNCYd9mzZZg40vs9vc%3D"
+)
+PACKAGE_SIZE: Final = 256 * 1024
+CHUNK: Final = 4096
+FIRST_DEV_ID: Final = 100_000_001
+BARE_BODY: Final = b'{"errno":0,"error":"succ"}'
+BARE_RESPONSE: Final = Response(
+    200,
+    [("Content-Type", "application/json"), ("Content-Length", str(len(BARE_BODY)))],
+    BARE_BODY,
+)
+TARGET_RATIO: Final = 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests, in the C SDK's exact format (§8.1, Appendix C)
+
+
+def bare_request() -> bytes:
+    return (
+        "GET /bare HTTP/1.1\r\n"
+        "Host:ota.heclouds.com\r\n"
+        "Content-Type:application/json\r\n"
+        f"Authorization:{AUTHORIZATION}\r\n"
+        "\r\n"
+    ).encode()
+
+
+def check_task_request(dev_id: int) -> bytes:
+    return (
+        f"GET /ota/south/check?type=1&version=1.0.0&cdn=false&dev_id={dev_id} HTTP/1.1\r\n"
+        "Host:ota.heclouds.com\r\n"
+        "Content-Type:application/json\r\n"
+        f"Authorization:{AUTHORIZATION}\r\n"
+        "\r\n"
+    ).encode()
+
+
+def download_request(token: str, start: int) -> bytes:
+    return (
+        f"GET /ota/south/download/{token} HTTP/1.1\r\n"
+        "Host:ota.heclouds.com\r\n"
+        f"Authorization:{AUTHORIZATION}\r\n"
+        f"Range:{start}-{start + CHUNK - 1}\r\n"
+        "\r\n"
+    ).encode()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One measured run: which requests, which connection mode."""
+
+    name: str
+    mode: str  # "keep-alive" or "per-connection"
+    requests: list[bytes]  # cycled through by the clients
+    expect_status: bytes  # b"200" or b"206"
+    expect_body: bytes  # a byte string every response body must contain
+
+
+@dataclass(frozen=True)
+class Result:
+    completed: int
+    errors: int
+    elapsed: float
+    client_cpu: float
+    first_error: str
+
+
+# ---------------------------------------------------------------------------------------------
+# The load generator (runs in its own process)
+
+
+class _Conn:
+    """One client connection of the load generator."""
+
+    __slots__ = ("buffer", "connecting", "expected", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.expected = -1
+        self.connecting = True
+
+
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+
+def _run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, Any]) -> Result:
+    """Drive one scenario with a plain epoll loop over non-blocking sockets.
+
+    Plain epoll rather than asyncio: per request it costs the client a fraction of what the
+    server spends, so one client process can keep a one-process server busy on a 2-core machine.
+    """
+    warmup: float = options["warmup"]
+    duration: float = options["duration"]
+    concurrency: int = options["concurrency"]
+    keep_alive = scenario.mode == "keep-alive"
+    requests = scenario.requests
+    count = len(requests)
+    expect_status = scenario.expect_status
+    expect_body = scenario.expect_body
+    poller = select.epoll()
+    conns: dict[int, _Conn] = {}
+    clock = time.monotonic
+    start_at = clock() + warmup
+    stop_at = start_at + duration
+    sent = completed = errors = 0
+    first_error = ""
+
+    def open_conn() -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect_ex((host, port))  # EINPROGRESS: completion shows as writability
+        conns[sock.fileno()] = _Conn(sock)
+        poller.register(sock.fileno(), select.EPOLLOUT)
+
+    def close_conn(fd: int, conn: _Conn, *, reset: bool) -> None:
+        poller.unregister(fd)
+        del conns[fd]
+        if reset:  # like the C SDK the client closes first; RST avoids TIME_WAIT pile-ups
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        conn.sock.close()
+
+    def fail(fd: int, conn: _Conn, error: str) -> None:
+        nonlocal errors, first_error
+        errors += 1
+        first_error = first_error or error
+        close_conn(fd, conn, reset=True)
+        if clock() < stop_at:
+            open_conn()
+
+    cpu = time.process_time()
+    for _ in range(concurrency):
+        open_conn()
+    while conns:
+        for fd, events in poller.poll(1.0):
+            conn = conns.get(fd)
+            if conn is None:
+                continue
+            try:
+                if conn.connecting:
+                    if events & (select.EPOLLERR | select.EPOLLHUP):
+                        fail(fd, conn, "connect failed")
+                        continue
+                    conn.connecting = False
+                    poller.modify(fd, select.EPOLLIN)
+                    conn.sock.send(requests[sent % count])
+                    sent += 1
+                    continue
+                data = conn.sock.recv(262144)
+            except OSError as exc:
+                fail(fd, conn, repr(exc))
+                continue
+            if not data:
+                fail(fd, conn, "closed by the server before a complete response")
+                continue
+            buffer = conn.buffer + data
+            if conn.expected < 0:
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    conn.buffer = buffer
+                    continue
+                start = buffer.find(b"Content-Length: ", 0, end)
+                if start < 0:
+                    fail(fd, conn, f"no Content-Length: {buffer[:300]!r}")
+                    continue
+                conn.expected = end + 4 + int(buffer[start + 16 : buffer.find(b"\r", start)])
+            if len(buffer) < conn.expected:
+                conn.buffer = buffer
+                continue
+            response = buffer[: conn.expected]
+            conn.buffer = b""
+            conn.expected = -1
+            now = clock()
+            if response[9:12] != expect_status or expect_body not in response:
+                fail(fd, conn, repr(response[:300]))
+                continue
+            if start_at <= now < stop_at:
+                completed += 1
+            if keep_alive and now < stop_at and b"Connection: close" not in response:
+                try:
+                    conn.sock.send(requests[sent % count])
+                except OSError as exc:
+                    fail(fd, conn, repr(exc))
+                    continue
+                sent += 1
+            else:
+                close_conn(fd, conn, reset=True)
+                if now < stop_at:
+                    open_conn()
+        if clock() > stop_at + 30:
+            break  # a stuck server: give up on what is left
+    poller.close()
+    return Result(completed, errors, duration, time.process_time() - cpu, first_error)
+
+
+def load_generator(conn: multiprocessing.connection.Connection, host: str, port: int) -> None:
+    """The load process: runs each scenario it receives and sends back its :class:`Result`."""
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        scenario, options = message
+        conn.send(_run_scenario(host, port, scenario, options))
+
+
+# ---------------------------------------------------------------------------------------------
+# The server side
+
+
+def seed(settings: Settings, devices: int) -> tuple[Any, Any, list[int], list[str]]:
+    """Create the app and its data; returns (handler, resources, dev_ids, tokens)."""
+    engine = create_engine(settings.database_url)
+    migrate(engine)
+    engine.dispose()
+    handler, resources = create_app(settings)
+    service = resources.admin_api.service
+    service.create_product(ProductCreate(pid=PID, access_key=K1, name="bench"))
+    dev_ids = [FIRST_DEV_ID + i for i in range(devices)]
+    for first in range(0, devices, 10_000):
+        batch = dev_ids[first : first + 10_000]
+        service.import_devices(
+            DeviceImport(
+                pid=PID,
+                devices=[DeviceImportItem(name=f"dev{dev_id}", dev_id=dev_id) for dev_id in batch],
+            )
+        )
+    blob = resources.blobs.put_bytes(random.Random(1).randbytes(PACKAGE_SIZE))
+    package = service.create_package(
+        PackageCreate(pid=PID, module_type=1, target="1.0.1", file_name="firmware.bin"), blob
+    )
+    service.create_task(TaskCreate(package_id=package.id, dev_ids=dev_ids, retry=3, interval=1))
+    device_service = resources.device_api.service
+    tokens = []
+    for dev_id in dev_ids:
+        errno, info = device_service.check_task(dev_id, TaskType.FOTA, "1.0.0")
+        if info is None:
+            raise RuntimeError(f"seeding failed: E3 for {dev_id} answered errno {int(errno)}")
+        tokens.append(info.token)
+    return handler, resources, dev_ids, tokens
+
+
+def bench_handler(app: Any) -> Any:
+    """The bare endpoint on ``/bare``; everything else goes to the real app."""
+
+    async def handle(request: Request) -> Response:
+        if request.path == "/bare":
+            return BARE_RESPONSE
+        response: Response = await app(request)
+        return response
+
+    return handle
+
+
+def scenarios(dev_ids: list[int], tokens: list[str], *, download_devices: int) -> list[Scenario]:
+    rng = random.Random(7)
+    bare = [bare_request()]
+    check = [check_task_request(dev_id) for dev_id in dev_ids]
+    rng.shuffle(check)
+    # Each device downloads its package chunk after chunk, as the C SDK does (§7); requests of
+    # different devices are interleaved, so no two clients fetch for one device at once.
+    devices = rng.sample(tokens, min(download_devices, len(tokens)))
+    download = [
+        download_request(token, chunk * CHUNK)
+        for chunk in range(PACKAGE_SIZE // CHUNK)
+        for token in devices
+    ]
+    result = []
+    for mode in ("keep-alive", "per-connection"):
+        result += [
+            Scenario("bare", mode, bare, b"200", b'"errno":0'),
+            Scenario("check-task", mode, check, b"200", b'"errno":0,"error":"succ","data"'),
+            Scenario("download", mode, download, b"206", b"Content-Length: 4096\r\n"),
+        ]
+    return result
+
+
+def _run_in_loop(server: ServerThread, fn: Any) -> None:
+    """Call ``fn`` on the server's loop thread and wait for it (cProfile is per thread)."""
+    done = threading.Event()
+
+    def call() -> None:
+        fn()
+        done.set()
+
+    server.loop.call_soon_threadsafe(call)
+    done.wait(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per run")
+    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
+    parser.add_argument("--devices", type=int, default=2000, help="devices with a task")
+    parser.add_argument("--profile", action="store_true", help="cProfile the server")
+    parser.add_argument(
+        "--only", action="append", default=[], help="run only this scenario or mode (repeatable)"
+    )
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="onenet-ota-bench-") as tmp:
+        settings = Settings(
+            data_dir=Path(tmp),
+            db=f"sqlite:///{Path(tmp) / 'bench.db'}",
+            admin_token=SecretStr("bench-admin-token"),
+        )
+        print(f"seeding {args.devices} devices, one package, one task ...", flush=True)
+        app, resources, dev_ids, tokens = seed(settings, args.devices)
+        plan = scenarios(dev_ids, tokens, download_devices=256)
+        if args.only:
+            plan = [s for s in plan if s.name in args.only or s.mode in args.only]
+        profiler = cProfile.Profile() if args.profile else None
+        results: list[tuple[Scenario, Result, float]] = []
+        try:
+            with ServerThread(bench_handler(app)) as server:
+                ctx = multiprocessing.get_context("spawn")
+                ours, theirs = ctx.Pipe()
+                generator = ctx.Process(
+                    target=load_generator, args=(theirs, server.host, server.port), daemon=True
+                )
+                generator.start()
+                options = {
+                    "warmup": args.warmup,
+                    "duration": args.duration,
+                    "concurrency": args.concurrency,
+                }
+                try:
+                    for scenario in plan:
+                        print(f"  {scenario.mode:>14} {scenario.name:<10} ...", end="", flush=True)
+                        if profiler is not None:
+                            # cProfile profiles the thread that enables it: the server's loop
+                            _run_in_loop(server, profiler.enable)
+                        cpu = time.process_time()
+                        ours.send((scenario, options))
+                        result: Result = ours.recv()
+                        server_cpu = (time.process_time() - cpu) / (args.warmup + args.duration)
+                        if profiler is not None:
+                            _run_in_loop(server, profiler.disable)
+                        rate = result.completed / result.elapsed
+                        print(f" {rate:9.0f} req/s", flush=True)
+                        results.append((scenario, result, server_cpu))
+                finally:
+                    ours.send(None)
+                    generator.join(10)
+                    if generator.is_alive():
+                        generator.kill()
+        finally:
+            with contextlib.suppress(Exception):
+                asyncio.run(resources.aclose())
+    report(results, args)
+    if profiler is not None:
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(25)
+        print(stream.getvalue())
+    return 1 if any(result.completed == 0 for _, result, _ in results) else 0
+
+
+def report(results: list[tuple[Scenario, Result, float]], args: argparse.Namespace) -> None:
+    print()
+    print(
+        f"onenet-ota server benchmark: {args.concurrency} clients, {args.devices} devices, "
+        f"{args.duration:g} s per run, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+    )
+    print(f"{'mode':<15} {'scenario':<11} {'req/s':>9} {'vs bare':>8} {'server CPU':>11} errors")
+    rates: dict[tuple[str, str], float] = {}
+    for scenario, result, _ in results:
+        rates[scenario.mode, scenario.name] = result.completed / result.elapsed
+    for scenario, result, server_cpu in results:
+        rate = rates[scenario.mode, scenario.name]
+        bare = rates.get((scenario.mode, "bare"), 0.0)
+        ratio = rate / bare if bare else 0.0
+        print(
+            f"{scenario.mode:<15} {scenario.name:<11} {rate:9.0f} {ratio:7.2f}x "
+            f"{server_cpu:10.2f} {result.errors}"
+            + (f"  first: {result.first_error}" if result.errors else "")
+        )
+    print()
+    for mode in ("keep-alive", "per-connection"):
+        bare = rates.get((mode, "bare"), 0.0)
+        for name in ("check-task", "download"):
+            ratio = rates.get((mode, name), 0.0) / bare if bare else 0.0
+            verdict = "met" if ratio >= TARGET_RATIO else "MISSED"
+            print(
+                f"target {mode:<15} {name:<11} {ratio:5.2f}x bare (>= {TARGET_RATIO}x): {verdict}"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
