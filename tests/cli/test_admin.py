@@ -1,0 +1,216 @@
+"""``onenet-ota admin`` against a real server (create_app on a SQLite file, over loopback HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from pydantic import SecretStr
+
+from onenet_ota.cli.main import cli
+from onenet_ota.server.app import create_app
+from onenet_ota.server.config import Settings
+from onenet_ota.server.db import create_engine, migrate
+from onenet_ota.server.http import ServerThread
+
+TOKEN = "cli-admin-token-0123456789"
+K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data = tmp_path_factory.mktemp("data")
+    settings = Settings(data_dir=data, admin_token=SecretStr(TOKEN), max_upload_bytes=10_000)
+    engine = create_engine(settings.database_url)
+    migrate(engine)
+    engine.dispose()
+    handler, resources = create_app(settings)
+    try:
+        with ServerThread(handler) as srv:
+            yield srv.url
+    finally:
+        asyncio.run(resources.aclose())
+
+
+@pytest.fixture
+def admin(server: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("ONENET_OTA_SERVER", server)
+    monkeypatch.setenv("ONENET_OTA_ADMIN_TOKEN", TOKEN)
+    runner = CliRunner()
+
+    def run(*args: str, ok: bool = True) -> Result:
+        result = runner.invoke(cli, ["admin", *args], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return run
+
+
+_pid = iter(range(500, 10_000))
+
+
+def _product(admin: Any) -> str:
+    pid = str(next(_pid))
+    admin("product", "create", "--id", pid, "--access-key", K1)
+    return pid
+
+
+def _json(result: Result) -> Any:
+    return json.loads(result.stdout)
+
+
+def test_product_create_with_onenet_ids(admin: Any) -> None:
+    pid = str(next(_pid))
+    result = admin("product", "create", "--id", pid, "--access-key", K1)
+    assert f"pid           {pid}" in result.stdout
+    assert K1 in result.stdout
+    shown = _json(admin("product", "show", pid, "--json"))
+    assert (shown["pid"], shown["access_key"]) == (pid, K1)
+
+
+def test_generated_product_and_key_rotation(admin: Any) -> None:
+    product = _json(admin("product", "create", "--json"))
+    assert len(product["access_key"]) == 44
+    rotated = _json(admin("product", "rotate-key", product["pid"], "--json"))
+    assert rotated["access_key"] != product["access_key"]
+    listed = _json(admin("product", "list", "--json", "--limit", "1000"))
+    assert product["pid"] in {p["pid"] for p in listed["items"]}
+
+
+def test_duplicate_is_a_clear_error(admin: Any) -> None:
+    pid = _product(admin)
+    result = admin("product", "create", "--id", pid, ok=False)
+    assert result.exit_code == 1
+    assert result.stderr == f"error: product {pid} already exists (HTTP 409)\n"
+    assert result.stdout == ""
+
+
+def test_devices_add_import_list_show(admin: Any, tmp_path: Path) -> None:
+    pid = _product(admin)
+    added = _json(admin("device", "add", "--pid", pid, "--name", "dev01", "--dev-id",
+                        f"7{pid}0", "--json"))  # fmt: skip
+    assert added["dev_id"] == int(f"7{pid}0")
+    csv_file = tmp_path / "devices.csv"
+    csv_file.write_text(f"name,dev_id,auth_info\ndev02,7{pid}2,861234567890123\ndev03,,\n")
+    result = admin("device", "import", "--pid", pid, str(csv_file))
+    assert "2 device(s) created" in result.stdout
+    json_file = tmp_path / "devices.json"
+    json_file.write_text(json.dumps([{"name": "dev04", "device_key": K1}]))
+    admin("device", "import", "--pid", pid, str(json_file))
+    listed = _json(admin("device", "list", "--pid", pid, "--json"))
+    assert {d["name"] for d in listed["items"]} == {"dev01", "dev02", "dev03", "dev04"}
+    dev_ids = [d["dev_id"] for d in listed["items"]]
+    assert dev_ids == sorted(dev_ids)
+    shown = admin("device", "show", f"7{pid}2")
+    assert "861234567890123" in shown.stdout
+    assert "(none)" in shown.stdout  # no task history yet
+
+
+def test_bad_import_files(admin: Any, tmp_path: Path) -> None:
+    pid = _product(admin)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,dev_id\nx,abc\n")
+    result = admin("device", "import", "--pid", pid, str(bad), ok=False)
+    assert result.exit_code == 1
+    assert "dev_id 'abc' is not a number" in result.stderr
+    broken = tmp_path / "bad.json"
+    broken.write_text("[{")
+    assert "not valid JSON" in admin("device", "import", "--pid", pid, str(broken), ok=False).stderr
+    dup = tmp_path / "dup.csv"
+    dup.write_text("name\nsame\nsame\n")
+    result = admin("device", "import", "--pid", pid, str(dup), ok=False)
+    assert "repeated" in result.stderr
+    assert "(HTTP 422)" in result.stderr
+
+
+def test_package_upload_list_delete(admin: Any, tmp_path: Path) -> None:
+    pid = _product(admin)
+    firmware = tmp_path / "firmware.bin"
+    data = bytes(range(256)) * 10 + pid.encode()
+    firmware.write_bytes(data)
+    package = _json(admin("package", "upload", str(firmware), "--pid", pid, "--type", "fota",
+                          "--target", "1.0.1", "--manuf", "001", "--json"))  # fmt: skip
+    assert package["size"] == len(data)
+    assert package["md5"] == hashlib.md5(data).hexdigest()
+    assert package["file_name"] == "firmware.bin"
+    listed = admin("package", "list", "--pid", pid)
+    assert "firmware.bin" in listed.stdout
+    assert "package" in admin("package", "delete", str(package["id"])).stdout
+    gone = admin("package", "show", str(package["id"]), ok=False)
+    assert gone.exit_code == 1
+    assert "(HTTP 404)" in gone.stderr
+
+
+def test_oversized_upload_is_refused(admin: Any, tmp_path: Path) -> None:
+    pid = _product(admin)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 10_001)
+    result = admin("package", "upload", str(big), "--pid", pid, "--type", "sota",
+                   "--target", "2", ok=False)  # fmt: skip
+    assert result.exit_code == 1
+    assert "exceeds 10000 bytes" in result.stderr
+
+
+def test_task_commands(admin: Any, tmp_path: Path) -> None:
+    pid = _product(admin)
+    a = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
+    b = _json(admin("device", "add", "--pid", pid, "--name", "b", "--json"))["dev_id"]
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(b"task firmware " + pid.encode())
+    package_id = _json(admin("package", "upload", str(firmware), "--pid", pid, "--type", "fota",
+                             "--target", "2.0", "--json"))["id"]  # fmt: skip
+    created = _json(admin("task", "create", "--package", str(package_id), "--dev-id", str(a),
+                          "--dev-id", str(b), "--retry", "3", "--deadline",
+                          "2099-01-01T00:00:00Z", "--json"))  # fmt: skip
+    assert created["total"] == 2
+    assert created["deadline"] == 4070908800
+    task_id = str(created["id"])
+    assert "to_be_upgraded=2" in admin("task", "list", "--pid", pid).stdout
+    assert "2 device task(s) changed" in admin("task", "pause", task_id).stdout
+    resumed = _json(admin("task", "resume", task_id, "--dev-id", str(a), "--json"))
+    assert resumed["state"] == "to_be_upgraded"
+    shown = admin("task", "show", task_id)
+    assert "paused" in shown.stdout
+    assert str(a) in shown.stdout
+    cancelled = _json(admin("task", "cancel", task_id, "--json"))
+    assert cancelled["counts"]["cancelled"] == 2
+    again = admin("task", "cancel", task_id, ok=False)
+    assert again.exit_code == 1
+    assert "(HTTP 409)" in again.stderr
+
+
+def test_task_create_needs_targets_and_dates(admin: Any) -> None:
+    result = admin("task", "create", "--package", "1", ok=False)
+    assert result.exit_code == 1
+    assert "--dev-id or --from-version" in result.stderr
+    result = admin("task", "create", "--package", "1", "--dev-id", "1", "--deadline", "soon",
+                   ok=False)  # fmt: skip
+    assert result.exit_code == 1
+    assert "ISO 8601" in result.stderr
+
+
+def test_wrong_token_and_unreachable_server(admin: Any) -> None:
+    result = admin("product", "list", "--admin-token", "wrong-token-wrong-token", ok=False)
+    assert result.exit_code == 1
+    assert "ONENET_OTA_ADMIN_TOKEN" in result.stderr
+    result = admin("product", "list", "--server", "http://127.0.0.1:9", ok=False)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot reach http://127.0.0.1:9")
+    result = admin("product", "list", "--server", "ftp://x", ok=False)
+    assert result.exit_code == 1
+    assert "http://" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_not_an_onenet_ota_server(admin: Any, server: str) -> None:
+    # The device API answers /elsewhere with an empty 404: no JSON error, still a clear message.
+    result = admin("product", "list", "--server", server + "/elsewhere", ok=False)
+    assert result.exit_code == 1
+    assert "is this an onenet-ota server?" in result.stderr
