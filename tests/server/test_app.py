@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,11 +17,11 @@ from onenet_ota import auth
 from onenet_ota.server.app import AppResources, create_app
 from onenet_ota.server.config import Settings
 from onenet_ota.server.http import ServerThread
+from tests.server.serve_process import ServerProcess, children
 
 TOKEN = "admin-token-for-app-tests-0123"
 K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="
 NOW = 1_800_000_000
-ONENET_OTA = Path(sys.executable).with_name("onenet-ota")
 
 
 class Clock:
@@ -127,86 +123,6 @@ def test_create_app_needs_an_admin_token(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ real processes
 
 
-class ServerProcess:
-    """``onenet-ota serve`` in a subprocess; stderr is collected by a thread."""
-
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.lines: list[str] = []
-        self._seen = threading.Condition()
-        self.process = subprocess.Popen(
-            [
-                str(ONENET_OTA),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--data-dir",
-                str(data_dir),
-                *args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._seen:
-                self.lines.append(line)
-                self._seen.notify_all()
-        with self._seen:
-            self._seen.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        regex = re.compile(pattern)
-        end = time.monotonic() + timeout
-        with self._seen:
-            while True:
-                for line in self.lines:
-                    if match := regex.search(line):
-                        return match
-                left = end - time.monotonic()
-                if left <= 0 or self.process.poll() is not None:
-                    raise AssertionError(f"no {pattern!r} in server output:\n{''.join(self.lines)}")
-                self._seen.wait(min(left, 0.5))
-
-    def url(self) -> str:
-        port = self.wait_for(r"listening on https?://[^:]+:(\d+)").group(1)
-        return f"http://127.0.0.1:{port}"
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        try:
-            return self.process.wait(30)
-        finally:
-            self._reader.join(5)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 @pytest.fixture
 def two_workers(db_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
     server = ServerProcess(
@@ -224,7 +140,7 @@ def test_two_workers_answer_both_apis_and_stop_gracefully(two_workers: ServerPro
     for _ in range(3):  # workers start after the socket listens; connections wait in the backlog
         if httpx2.get(url + "/api/v1/health", timeout=30).status_code == 200:
             break
-    assert len(_children(two_workers.process.pid)) >= 2
+    assert len(children(two_workers.process.pid)) >= 2
     reply = httpx2.post(url + "/api/v1/products", json={"pid": "42", "access_key": K1},
                         headers=headers, timeout=30)  # fmt: skip
     assert reply.status_code == 201
@@ -273,6 +189,6 @@ def test_two_workers_answer_both_apis_and_stop_gracefully(two_workers: ServerPro
     assert [r.status_code for r in result] == [201]
     assert result[0].json()["size"] == 8192
     assert two_workers.stop() == 0
-    assert _children(two_workers.process.pid) == []
+    assert children(two_workers.process.pid) == []
     with pytest.raises(httpx2.ConnectError):
         httpx2.get(url + "/api/v1/health", timeout=5)

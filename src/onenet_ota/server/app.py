@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -143,6 +144,10 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The listener's TLS context (D25), or None for plain HTTP."""
     if settings.tls_cert is None:
         return None
+    for path in (settings.tls_cert, settings.tls_key):
+        if path is not None and not path.is_file():
+            # ssl's own error does not name the file.
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
     return make_server_ssl_context(settings.tls_cert, settings.tls_key, c_sdk_compatible=True)
 
 
