@@ -190,6 +190,25 @@ async def test_post_version_reports_its_types_key_or_both(
     assert (event.f_version, event.s_version) == (config.f_version, config.s_version)
 
 
+@pytest.mark.parametrize(
+    ("changes", "body"),
+    [
+        ({}, b'{"f_version":"1.0.1"}'),
+        ({"type": TaskType.SOTA, "other_version": "F9"}, b'{"f_version":"F9","s_version":"1.0.1"}'),
+    ],
+)
+async def test_post_version_of_a_newly_installed_version(
+    make_client: MakeClient, server: ScriptedServer, changes: dict[str, Any], body: bytes
+) -> None:
+    server.add(envelope(0))
+    client = make_client(make_config(**changes))
+    await client("post_version", version="1.0.1")
+    assert server.requests[0].body == body
+    with pytest.raises(InvalidArgumentError, match="version"):
+        await client("post_version", version="1.0.1 final")
+    assert len(server.requests) == 1
+
+
 async def test_query_version(make_client: MakeClient, server: ScriptedServer) -> None:
     server.add(
         envelope(0, data={"f_version": "1.0.0", "s_version": "2.1"}),
@@ -662,6 +681,24 @@ async def test_non_2xx_is_an_http_status_error(
     assert len(server.requests) == 1  # no redirect followed (D20)
 
 
+async def test_surplus_bytes_after_content_length_fail_the_next_call_only(
+    make_client: MakeClient, server: ScriptedServer
+) -> None:
+    # Like the C SDK, the client stops at Content-Length (§8.2 item 5); the surplus is still on
+    # the connection and breaks the next reply read from it, which the client then drops.
+    server.add(
+        Reply(b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"errno":0}JUNK'),
+        envelope(0),
+        envelope(0),
+    )
+    client = make_client()
+    await client("check_token", TOKEN)
+    with pytest.raises(ProtocolError, match=r"not valid HTTP/1\.1"):
+        await client("check_token", TOKEN)
+    await client("check_token", TOKEN)
+    assert server.connections == 2
+
+
 # -- transport failures and timeouts --------------------------------------------------------------
 
 
@@ -813,7 +850,7 @@ def test_wrong_injected_client_or_tls_options() -> None:
         OtaClient(make_config(), http_client=http, verify=False)
     with pytest.raises(InvalidArgumentError, match="base_url"):
         OtaClient(make_config(), base_url="ftp://ota.heclouds.com")
-    with pytest.raises(InvalidArgumentError, match="Timeout.ms"):
+    with pytest.raises(InvalidArgumentError, match=r"Timeout\.ms"):
         OtaClient(make_config(), timeout=0)
 
 

@@ -2,23 +2,26 @@
 
 ::
 
-    from onenet_ota.device import Credentials, DeviceConfig, OtaClient, NoTask, StatusCode
+    from onenet_ota.device import Credentials, DeviceConfig, NoTask, OtaClient, StatusCode
 
     config = DeviceConfig(
         credentials=Credentials.from_access_key("123123", ACCESS_KEY),
         dev_id="987654321",
         version="1.0.0",
     )
-    with OtaClient(config) as client:
+    with OtaClient(config) as client:  # ota_init ... ota_deinit
         client.post_version()
         try:
             task = client.check_task()
         except NoTask:
-            return
-        client.check_token(task.token)
-        data = client.download_package(task.token, 0, 4096)
-        ...
-        client.report_status(task.token, StatusCode.DOWNLOADED)
+            task = None
+        if task is not None:
+            package = b""
+            while len(package) < task.size:
+                client.check_token(task.token)
+                package += client.download_package(task.token, len(package), 4096)
+            # verify len(package) == task.size and its MD5 == task.md5 before reporting 101
+            client.report_status(task.token, StatusCode.DOWNLOADED)
 
 :class:`AsyncOtaClient` offers the same calls for asyncio. Errors form one tree rooted at
 :class:`OtaError` (see :mod:`onenet_ota.device.errors`); events are in

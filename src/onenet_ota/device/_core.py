@@ -44,7 +44,7 @@ from onenet_ota.protocol import messages, ranges, values
 from onenet_ota.protocol.download import decode_error_body
 from onenet_ota.protocol.endpoints import Endpoint, path_for
 from onenet_ota.protocol.messages import Envelope, TaskInfo, WireFormatError
-from onenet_ota.protocol.status import classify_result, classify_step
+from onenet_ota.protocol.status import TaskType, classify_result, classify_step
 
 T = TypeVar("T")
 
@@ -420,10 +420,25 @@ class ClientCore:
 
     # -- operations --------------------------------------------------------------------------
 
-    def post_version(self, timeout_ms: int | None = None) -> Call[None]:
-        """E1: report the configured version(s) (§6.1)."""
+    def post_version(
+        self, timeout_ms: int | None = None, *, version: str | None = None
+    ) -> Call[None]:
+        """E1: report the configured version(s) (§6.1).
+
+        ``version`` replaces the configured version of the client's type, e.g. to report the
+        target after installing it (which completes the task, T6); ``other_version`` is kept.
+        """
         endpoint = Endpoint.POST_VERSION
+        if version is not None and not values.is_version(version):
+            raise InvalidArgumentError(
+                f"version must be 1-20 characters of [A-Za-z0-9_.-] (spec §4.5), got {version!r}",
+                endpoint=endpoint,
+            )
         f_version, s_version = self.config.f_version, self.config.s_version
+        if version is not None and self.config.type is TaskType.FOTA:
+            f_version = version
+        elif version is not None:
+            s_version = version
         request = self._request(
             endpoint,
             "POST",

@@ -260,9 +260,13 @@ class OtaClient(_ClientBase):
             self._on_event(outcome.event)
         return outcome.value
 
-    def post_version(self, *, timeout_ms: int | None = None) -> None:
-        """E1: report the configured version (and ``other_version``, if set)."""
-        return self._execute(self._core.post_version(timeout_ms))
+    def post_version(self, *, version: str | None = None, timeout_ms: int | None = None) -> None:
+        """E1: report the configured version (and ``other_version``, if set).
+
+        ``version`` reports another version for the client's type instead, e.g. the target
+        after installing it, which completes the task (spec T6).
+        """
+        return self._execute(self._core.post_version(timeout_ms, version=version))
 
     def query_version(self, *, timeout_ms: int | None = None) -> VersionInfo:
         """E2: the versions the platform has stored for this device."""
@@ -418,9 +422,11 @@ class AsyncOtaClient(_ClientBase):
         if inspect.isawaitable(result):
             await result
 
-    async def post_version(self, *, timeout_ms: int | None = None) -> None:
+    async def post_version(
+        self, *, version: str | None = None, timeout_ms: int | None = None
+    ) -> None:
         """E1: see :meth:`OtaClient.post_version`."""
-        return await self._execute(self._core.post_version(timeout_ms))
+        return await self._execute(self._core.post_version(timeout_ms, version=version))
 
     async def query_version(self, *, timeout_ms: int | None = None) -> VersionInfo:
         """E2: see :meth:`OtaClient.query_version`."""
