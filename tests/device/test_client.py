@@ -508,7 +508,7 @@ async def test_download_total_must_match_the_task_size(
     server.add(envelope(0, data=task_data()), download_reply(b"y" * 4096, 0, 4095, 20000))
     client = make_client()
     await client("check_task")
-    with pytest.raises(ProtocolError, match="E3 said its size is 10000"):
+    with pytest.raises(ProtocolError, match="gave its size as 10000"):
         await client("download_range", TOKEN, 0, 4096)
 
 

@@ -344,7 +344,7 @@ def test_total_is_checked_against_the_last_task_of_that_token_only() -> None:
     c = core()
     body = json.dumps({"errno": 0, "data": task_data()}).encode()
     run(c.check_task(), json_head(body), body)
-    with pytest.raises(ProtocolError, match="size is 10000"):
+    with pytest.raises(ProtocolError, match="gave its size as 10000"):
         c.download(TOKEN, 0, 4096).begin(download_head(0, 4095, 9999))
     other = c.download("ota_another", 0, 4096)
     assert run(other, download_head(0, 4095, 9999), b"x" * 4096).value.total == 9999

@@ -307,7 +307,7 @@ class DownloadCall(Call[DownloadedChunk]):
     def _check_total(self, total: int) -> None:
         if self.known_total is not None and total != self.known_total:
             raise self.protocol_error(
-                f"the package has {total} bytes, but E3 said its size is {self.known_total}"
+                f"the package has {total} bytes, but E3/E4 gave its size as {self.known_total}"
             )
 
     def _decode(self, head: Head, body: bytes, length: int | None) -> Outcome[DownloadedChunk]:
