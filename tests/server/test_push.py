@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
+from pydantic import SecretStr
+from sqlalchemy import Engine
 
 from onenet_ota.server.admin_service import CreatedTask, StateCounts, TaskCreated
+from onenet_ota.server.app import create_app
+from onenet_ota.server.config import Settings
 from onenet_ota.server.http import Request, Response, ServerThread
 from onenet_ota.server.push import ATTEMPTS, TaskPusher, push_signature
 
@@ -168,3 +174,38 @@ def test_unreachable_receiver_is_logged_not_raised(caplog: pytest.LogCaptureFixt
 
     assert asyncio.run(scenario()) == (False, False)
     assert "secret" not in caplog.text  # the URL's query is not logged
+
+
+def test_task_creation_through_the_app_pushes(
+    receiver: tuple[Receiver, str], engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    rec, url = receiver
+    admin = "push-admin-token-0123456789"
+    settings = Settings(db=db_url, data_dir=tmp_path, admin_token=SecretStr(admin))
+    pusher = TaskPusher(url, TOKEN, UID, retry_delay=0)
+    pusher.verified = True  # run() verifies once at start-up
+    handler, resources = create_app(settings, pusher=pusher)
+    try:
+        with (
+            ServerThread(handler) as srv,
+            httpx2.Client(base_url=srv.url, headers={"Authorization": f"Bearer {admin}"}) as c,
+        ):
+            c.post("/api/v1/products", json={"pid": "123123"}).raise_for_status()
+            dev = c.post("/api/v1/devices", json={"pid": "123123", "name": "d"}).json()["dev_id"]
+            package = c.post(
+                "/api/v1/packages",
+                params={"pid": "123123", "type": "fota", "target": "1.0.1", "file_name": "f"},
+                content=b"firmware",
+            ).json()
+            reply = c.post("/api/v1/tasks", json={"package_id": package["id"], "dev_ids": [dev]})
+            assert reply.status_code == 201
+            for _ in range(400):
+                if rec.posts:
+                    break
+                time.sleep(0.05)
+            # The push client lives on the server's loop: close it there.
+            asyncio.run_coroutine_threadsafe(resources.aclose(), srv.loop).result(30)
+    finally:
+        asyncio.run(resources.aclose())  # a no-op once closed; closes after a failed start
+    assert [post["msg"]["dids"] for post in rec.posts] == [[dev]]
+    assert rec.posts[0]["msg"]["version"] == "1.0.1"
