@@ -1,0 +1,251 @@
+"""The upgrader's durable state: atomic JSON, the partial package, the lock."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onenet_ota.device.state import (
+    PartialFile,
+    Phase,
+    StateLocked,
+    StateStore,
+    UpgradeState,
+    open_for_update,
+)
+from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.status import TaskType
+
+TASK = TaskInfo(
+    target="1.0.1",
+    token="ota_3fQ9cZr0LmT7wXa2bN5k",
+    size=10_000,
+    md5="000e87c6dfb9c77108f320f7c27a64ea",
+    signal=10,
+    power=20,
+    retry=3,
+    interval=1,
+)
+
+
+def make_state(**changes: object) -> UpgradeState:
+    values: dict[str, object] = {
+        "task_type": TaskType.FOTA,
+        "from_version": "1.0.0",
+        "task": TASK,
+        "started_at": 1_700_000_000.5,
+    }
+    values.update(changes)
+    return UpgradeState(**values)  # type: ignore[arg-type]
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    state = make_state(
+        phase=Phase.VERIFIED, offset=10_000, progress=50, sent=(101,), pending=201, redownloads=1
+    )
+    store.save(state)
+    assert store.load() == state
+    assert store.state_path.name == "fota.json"
+    assert store.state_path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fota.json"]  # no temporaries left
+
+
+def test_fota_and_sota_have_separate_states(tmp_path: Path) -> None:
+    StateStore(tmp_path, TaskType.FOTA).save(make_state())
+    assert StateStore(tmp_path, TaskType.SOTA).load() is None
+
+
+def test_load_without_state_is_none(tmp_path: Path) -> None:
+    assert StateStore(tmp_path / "missing", TaskType.FOTA).load() is None
+
+
+def test_save_replaces_the_previous_state(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, TaskType.SOTA)
+    store.save(make_state(task_type=TaskType.SOTA, offset=10))
+    store.save(make_state(task_type=TaskType.SOTA, offset=20))
+    loaded = store.load()
+    assert loaded is not None
+    assert loaded.offset == 20
+
+
+def test_stale_temporaries_of_a_crashed_save_are_removed(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    store.save(make_state())
+    stale = tmp_path / ".tmp-fota.json12345"
+    stale.write_bytes(b'{"format": 1, "torn')
+    assert store.load() == make_state()
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b'{"format": 99}',
+        b"[]",
+        b"\xff\xfe",
+        json.dumps({**make_state().to_json(), "offset": 10_001}).encode(),
+        json.dumps({**make_state().to_json(), "offset": True}).encode(),
+        json.dumps({**make_state().to_json(), "phase": "flying"}).encode(),
+        json.dumps({**make_state().to_json(), "task": {"target": 1}}).encode(),
+        json.dumps({**make_state().to_json(), "sent": [101, "201"]}).encode(),
+        json.dumps({**make_state().to_json(), "from_version": "bad version"}).encode(),
+        json.dumps({**make_state().to_json(), "task_type": 2}).encode(),  # SOTA in fota.json
+    ],
+)
+def test_a_bad_state_file_is_set_aside_not_deleted(tmp_path: Path, content: bytes) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    store.state_path.write_bytes(content)
+    store.partial_path.write_bytes(b"partial bytes")
+    assert store.load() is None
+    assert (tmp_path / "fota.json.corrupt").read_bytes() == content
+    assert (tmp_path / "fota.part.corrupt").read_bytes() == b"partial bytes"
+    assert not store.state_path.exists()
+
+
+def test_state_refuses_an_offset_outside_the_package() -> None:
+    with pytest.raises(ValueError, match="outside the package"):
+        make_state(offset=10_001)
+
+
+def test_clear_removes_state_and_partial(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    store.save(make_state())
+    store.partial_path.write_bytes(b"x")
+    store.clear()
+    assert not store.state_path.exists()
+    assert not store.partial_path.exists()
+    store.clear()  # clearing nothing is fine
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.binary(max_size=5000), cut=st.integers(min_value=0, max_value=6000))
+def test_open_partial_truncates_to_the_offset_and_recomputes_md5(data: bytes, cut: int) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        store = StateStore(directory, TaskType.FOTA)
+        store.partial_path.write_bytes(data)
+        with store.open_partial(cut) as partial:
+            if cut <= len(data):
+                assert partial.offset == cut
+                assert partial.hexdigest() == hashlib.md5(data[:cut]).hexdigest()
+            else:  # shorter than its durable offset: the disk lost data, start over
+                assert partial.offset == 0
+                assert partial.hexdigest() == hashlib.md5(b"").hexdigest()
+            expected = min(cut, len(data)) if cut <= len(data) else 0
+            assert store.partial_path.stat().st_size == expected
+
+
+def test_partial_writes_in_order_and_syncs(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    with store.open_partial(0) as partial:
+        partial.write(b"hello ")
+        partial.write(memoryview(b"world"))
+        assert partial.offset == 11
+        assert partial.durable_offset == 0
+        assert partial.sync() == 11
+        assert partial.hexdigest() == hashlib.md5(b"hello world").hexdigest()
+    assert store.partial_path.read_bytes() == b"hello world"
+    with store.open_partial(6) as partial:
+        partial.write(b"there")
+        assert partial.hexdigest() == hashlib.md5(b"hello there").hexdigest()
+    assert store.partial_path.read_bytes() == b"hello there"
+
+
+class _FullDisk:
+    """A file that accepts ``room`` bytes, then fails with ENOSPC, like a full filesystem."""
+
+    def __init__(self, file: BinaryIO, room: int) -> None:
+        self._file = file
+        self._room = room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._file, name)
+
+
+def test_a_failed_write_leaves_the_offset_and_the_md5_unchanged(tmp_path: Path) -> None:
+    def opener(path: Path) -> BinaryIO:
+        return _FullDisk(open_for_update(path), room=8)  # type: ignore[return-value]
+
+    store = StateStore(tmp_path, TaskType.FOTA, opener=opener)
+    with store.open_partial(0) as partial:
+        partial.write(b"12345")
+        with pytest.raises(OSError, match="No space left") as info:
+            partial.write(b"67890")
+        assert info.value.errno == errno.ENOSPC
+        assert partial.offset == 5
+        assert partial.hexdigest() == hashlib.md5(b"12345").hexdigest()
+    assert store.partial_path.read_bytes() == b"12345"
+
+
+def test_partial_file_without_sync_keeps_its_durable_offset(tmp_path: Path) -> None:
+    path = tmp_path / "p"
+    partial = PartialFile(open_for_update(path), 0, hashlib.md5())
+    partial.write(b"abc")
+    assert partial.durable_offset == 0
+    partial.close()
+
+
+def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    other = StateStore(tmp_path, TaskType.FOTA)
+    with store.lock():
+        with pytest.raises(StateLocked, match="another upgrader"), other.lock():
+            pass
+        with StateStore(tmp_path, TaskType.SOTA).lock():  # the other type is independent
+            pass
+    with other.lock():
+        pass
+
+
+def test_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
+    script = (
+        "import sys, time\n"
+        "from onenet_ota.device.state import StateStore\n"
+        "from onenet_ota.protocol.status import TaskType\n"
+        "with StateStore(sys.argv[1], TaskType.FOTA).lock():\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(StateLocked), StateStore(tmp_path, TaskType.FOTA).lock():
+            pass
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        if child.stdout is not None:
+            child.stdout.close()
+    with StateStore(tmp_path, TaskType.FOTA).lock():
+        pass
+
+
+def test_state_directory_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    from onenet_ota.device.state import StateError
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(StateError, match="state directory"):
+        StateStore(not_a_dir, TaskType.FOTA).save(make_state())
