@@ -47,7 +47,14 @@ from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.config import Settings
 from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.device_api import DeviceApi
-from onenet_ota.server.http import Handler, Request, Response, make_server_ssl_context, serve
+from onenet_ota.server.http import (
+    Handler,
+    Request,
+    Response,
+    make_server_ssl_context,
+    new_event_loop,
+    serve,
+)
 from onenet_ota.server.push import TaskPusher
 
 __all__ = ["AppResources", "bind_socket", "create_app", "run", "ssl_context"]
@@ -204,7 +211,7 @@ def _run_loop(
     settings: Settings, sock: socket.socket, *, sweeper: bool, push_verified: bool
 ) -> None:
     """Serve on ``sock`` in this process until SIGINT or SIGTERM."""
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
