@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -28,9 +27,9 @@ from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.device_api import DeviceApi
 from onenet_ota.server.http import ServerThread
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
+from tests.captures import CAPTURES
 
 # ../shared/spec beside the repository (CI lays a copy of shared/ beside its clone too).
-CAPTURES = Path(__file__).resolve().parents[3] / "shared" / "spec" / "c-sdk-captures"
 FIRMWARE = (CAPTURES / "firmware.bin").read_bytes()
 FIRMWARE_MD5 = "000e87c6dfb9c77108f320f7c27a64ea"
 

@@ -37,8 +37,8 @@ from onenet_ota.server.http import (
     make_server_ssl_context,
     serve,
 )
+from tests.captures import CAPTURES
 
-CAPTURES = Path("/work/shared/spec/c-sdk-captures")
 FIRMWARE = CAPTURES / "firmware.bin"
 
 CANONICAL_JSON = (
