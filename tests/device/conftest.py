@@ -96,11 +96,6 @@ MakeClient = Callable[..., Driver]
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def server() -> Iterator[ScriptedServer]:
     """A started scripted server; the test fails if a request found the script empty."""
     with ScriptedServer() as srv:

@@ -1,0 +1,701 @@
+"""The device SDK against the project's own platform, over real HTTP on loopback.
+
+Every test runs with :class:`OtaClient` and :class:`AsyncOtaClient` (``make_client``) on SQLite
+and on PostgreSQL (``platform``). Setup goes through the management API; the outcome is read back
+from it too, so a test shows what the server did, not only what the client believed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import pytest
+
+from onenet_ota.device import (
+    AuthFailed,
+    ClientClosedError,
+    Credentials,
+    DownloadedChunk,
+    DownloadError,
+    DownloadErrorCode,
+    EventKind,
+    HTTPStatusError,
+    InvalidArgumentError,
+    InvalidOperation,
+    InvalidState,
+    ManufModelMismatch,
+    NoTask,
+    NoValidToken,
+    PackageDownloaded,
+    PackageKind,
+    ProtocolError,
+    StatusCode,
+    StatusReported,
+    TaskCancelled,
+    TaskChecked,
+    TaskFinished,
+    TaskInfo,
+    TaskType,
+    TokenChecked,
+    TokenExpired,
+    VersionInfo,
+    VersionMismatch,
+    VersionPosted,
+)
+from onenet_ota.protocol import values
+from onenet_ota.protocol.endpoints import Endpoint
+from tests.device.conftest import Driver, MakeClient
+from tests.integration.conftest import ADVISORY, CURRENT, TARGET, Platform, Seen, md5, wait_until
+from tests.server.seed import FIRMWARE, FIRMWARE_MD5, K2
+
+pytestmark = pytest.mark.anyio
+
+SIZE = len(FIRMWARE)
+TOKEN_RE = re.compile(r"ota_[A-Za-z0-9]{20}")  # D13
+NEVER_ISSUED = "ota_" + "Z" * 20
+SUCC = b'{"errno":0,"error":"succ"}'
+
+
+async def download_all(client: Driver, task: TaskInfo, chunk: int = 4096) -> bytes:
+    """The C SDK's loop (§7): E5, then E6 for the next ``chunk`` bytes, until ``size`` bytes."""
+    package = b""
+    while len(package) < task.size:
+        await client("check_token", task.token)
+        package += await client("download_package", task.token, len(package), chunk)
+    return package
+
+
+def endpoints(requests: list[Seen], token: str) -> list[str]:
+    """The requests as ``METHOD path``, with the download token shown as ``{token}``."""
+    return [f"{r.method} {r.path.replace(token, '{token}')}" for r in requests]
+
+
+def unique_data(world_hint: str) -> bytes:
+    """A package no other world shares: the blob store is content-addressed, and these tests
+    remove or change the file on disk."""
+    return FIRMWARE[:5000] + world_hint.encode() + os.urandom(16)
+
+
+# -- every operation, and a whole upgrade -------------------------------------------------------
+
+
+async def test_full_upgrade_ends_with_the_task_succeeded_and_the_version_updated(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    # Both versions, as the C SDK reports them (§6.1).
+    client = make_client(world.config(other_version=CURRENT))
+    watch = platform.watch()
+
+    await client("post_version")
+    assert await client("query_version") == VersionInfo(CURRENT, CURRENT)
+    task = await client("check_task")
+    assert TOKEN_RE.fullmatch(task.token)
+    assert task == TaskInfo(
+        target=TARGET,
+        token=task.token,
+        size=SIZE,
+        md5=FIRMWARE_MD5,
+        **ADVISORY,
+        kind=PackageKind.FULL,
+        ip_port=None,  # cdn=false (D10)
+    )
+    assert await client("check_task") == task  # the same token while it is valid (D13)
+    assert platform.state(world) == "to_be_upgraded"
+
+    package = await download_all(client, task)
+    assert package == FIRMWARE
+    assert md5(package) == task.md5
+    assert platform.state(world) == "downloading"
+
+    await client("report_status", task.token, 50)
+    assert platform.device_task(world)["progress"] == 50
+    await client("report_status", task.token, StatusCode.DOWNLOADED)
+    shown = platform.device_task(world)
+    assert (shown["state"], shown["progress"]) == ("upgrading", 100)
+    assert await client("tasking") == task  # E4 recovers the running task (§6.4)
+    await client("report_status", task.token, StatusCode.UPGRADED)
+
+    shown = platform.device_task(world)
+    assert (shown["state"], shown["result_code"]) == ("succeeded", 201)
+    # T15: the platform set the device's FOTA version to the target.
+    assert await client("query_version") == VersionInfo(TARGET, CURRENT)
+    device = platform.device(world)
+    assert (device["f_version"], device["s_version"]) == (TARGET, CURRENT)
+    assert [t["state"] for t in device["tasks"]] == ["succeeded"]
+    assert endpoints(watch.requests, task.token) == [
+        "POST /ota/device/version",
+        "GET /ota/device/version",
+        "GET /ota/south/check",
+        "GET /ota/south/check",
+        *["GET /ota/south/download/{token}/check", "GET /ota/south/download/{token}"] * 3,
+        "POST /ota/south/device/download/{token}/progress",
+        "POST /ota/south/device/download/{token}/progress",
+        "GET /ota/south/tasking",
+        "POST /ota/south/device/download/{token}/progress",
+        "GET /ota/device/version",
+    ]
+
+
+async def test_download_range_places_clamped_chunks(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    client = make_client(world.config())
+    task = await client("check_task")
+    watch = platform.watch()
+
+    # The C SDK's last chunk runs past EOF; the server keeps the start (§6.6.2, §8.3).
+    last = await client("download_range", task.token, 8192, 4096)
+    assert last == DownloadedChunk(FIRMWARE[8192:], 8192, SIZE - 1, SIZE, partial=True)
+    assert await client("download_package", task.token, 8192, 4096) == FIRMWARE[8192:]
+    whole = await client("download_range", task.token, 0, SIZE)
+    assert whole == DownloadedChunk(FIRMWARE, 0, SIZE - 1, SIZE, partial=True)
+    # A start past EOF is reset to 0 (§6.6.2) and the bytes are placed there (§10) ...
+    restarted = await client("download_range", task.token, SIZE, SIZE)
+    assert (restarted.start, restarted.end, restarted.data) == (0, SIZE - 1, FIRMWARE)
+    # ... which bare bytes cannot say: download_package refuses rather than misplace them.
+    with pytest.raises(ProtocolError, match="not from the requested 10000"):
+        await client("download_package", task.token, SIZE, SIZE)
+    # The restarted range is larger than asked for: refused from its head, body unread.
+    with pytest.raises(ProtocolError, match="announced 10000 bytes for a 4096-byte range"):
+        await client("download_range", task.token, SIZE, 4096)
+
+    assert [r.header("Range") for r in watch.requests] == [
+        "8192-12287",
+        "8192-12287",
+        "0-9999",
+        "10000-19999",
+        "10000-19999",
+        "10000-14095",
+    ]
+    # The C SDK's habit, kept: Authorization on E6 too, which the server ignores (D5).
+    assert all(r.header("Authorization") == world.credentials.authorization for r in watch.requests)
+    assert platform.state(world) == "to_be_upgraded"  # E6 changes no state (§6.6)
+
+
+async def test_cdn_downloads_from_the_public_address(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    client = make_client(world.config(cdn=True))
+    watch = platform.watch()
+
+    task = await client("check_task")
+    assert task.ip_port == platform.public_address  # D10
+    package = await download_all(client, task)
+    assert package == FIRMWARE
+    assert (await client("tasking")).ip_port == platform.public_address
+
+    by_listener = [(r.listener, r.path.replace(task.token, "{token}")) for r in watch.requests]
+    assert by_listener == [
+        ("api", "/ota/south/check"),
+        *[("api", "/ota/south/download/{token}/check"), ("cdn", "/ota/south/download/{token}")] * 3,
+        ("api", "/ota/south/tasking"),
+    ]
+    downloads = [r for r in watch.requests if r.listener == "cdn"]
+    # The credential stays with the API host: E6 is authenticated by its path token (D5).
+    assert all(r.header("Authorization") is None for r in downloads)
+    assert {r.header("Host") for r in downloads} == {platform.public_address}
+
+
+async def test_report_result_and_a_reported_version_complete_the_task(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    client = make_client(world.config())
+    task = await client("check_task")
+    assert await download_all(client, task) == FIRMWARE
+
+    await client("report_result", task.token, StatusCode.DOWNLOADED)  # E8, the two-call form
+    assert platform.state(world) == "upgrading"
+    # After rebooting into the target, E1 completes the task (T6, D16).
+    await client("post_version", version=TARGET)
+    assert platform.state(world) == "succeeded"
+    assert await client("query_version") == VersionInfo(TARGET, None)
+    with pytest.raises(TaskFinished) as info:
+        await client("report_result", task.token, StatusCode.UPGRADED)
+    assert (info.value.code, info.value.endpoint) == (20, Endpoint.REPORT_RESULT)
+
+
+async def test_dev_info_looks_up_the_dev_id(platform: Platform, make_client: MakeClient) -> None:
+    world = platform.world(task=False)
+    # A device that knows only its product key and its name looks its dev_id up first (§6.9).
+    client = make_client(world.config(dev_id=None))
+    for method in ("POST", "GET"):  # D18: both
+        assert await client("dev_info", world.name, method=method) == str(world.dev_id)
+        with pytest.raises(AuthFailed) as info:
+            await client("dev_info", "nobody", method=method)
+        assert info.value.endpoint is Endpoint.DEV_INFO
+    watch = platform.watch()
+    with pytest.raises(InvalidArgumentError, match="dev_id is not configured"):
+        await client("check_task")
+    assert watch.requests == []
+
+
+# -- errno classes -------------------------------------------------------------------------------
+
+
+async def test_errno_1_for_a_wrong_key_a_foreign_device_and_a_foreign_token(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    other = platform.world()
+    stranger = platform.world(own_product=True, task=False)
+
+    wrong_key = Credentials.from_access_key(world.pid, K2)
+    client = make_client(world.config(credentials=wrong_key))
+    with pytest.raises(AuthFailed) as info:
+        await client("post_version")
+    assert (info.value.code, info.value.endpoint) == (1, Endpoint.POST_VERSION)
+    assert wrong_key.authorization not in str(info.value)
+    with pytest.raises(AuthFailed):
+        await client("check_task")
+
+    # A valid token of world's product naming a dev_id of another product (P3).
+    foreign = make_client(world.config(dev_id=str(stranger.dev_id)))
+    for operation in ("check_task", "query_version", "post_version"):
+        with pytest.raises(AuthFailed):
+            await foreign(operation)
+    assert platform.device(stranger)["f_version"] is None  # nothing was recorded
+
+    # E7/E8 with another device's token: unknown to this device (§5.6).
+    token = (await make_client(world.config())("check_task")).token
+    thief = make_client(other.config())
+    with pytest.raises(AuthFailed) as info:
+        await thief("report_status", token, StatusCode.DOWNLOADED)
+    assert info.value.endpoint is Endpoint.REPORT_PROGRESS
+    with pytest.raises(AuthFailed):
+        await thief("report_result", token, StatusCode.DOWNLOADED)
+    assert platform.state(world) == "to_be_upgraded"
+
+
+async def test_errno_2_is_refused_before_sending(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    # Every request the client builds is valid, so the server's errno 2 is unreachable: the
+    # client refuses such values itself, sends nothing, and stays usable.
+    world = platform.world()
+    client = make_client(world.config())
+    task = await client("check_task")
+    watch = platform.watch()
+    refused: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+        ("report_status", (task.token, 150), {}),  # E7: not 0-100, 101-107 or 201-208
+        ("report_status", (task.token, True), {}),  # a bool is not an integer here (§2.4)
+        ("report_result", (task.token, 50), {}),  # E8 takes no progress values (D15)
+        ("report_result", (task.token, 209), {}),
+        ("download_range", (task.token, 0, 1), {}),  # at least 2 bytes (§10)
+        ("download_range", (task.token, -1, 4096), {}),
+        ("check_token", ("ota_x/check",), {}),  # no path tricks in a token
+        ("check_token", ("",), {}),
+        ("check_task", (), {"timeout_ms": 0}),
+        ("dev_info", ("",), {}),
+    ]
+    for operation, args, kwargs in refused:
+        with pytest.raises(InvalidArgumentError) as info:
+            await client(operation, *args, **kwargs)
+        assert info.value.code == -2, operation
+    assert watch.requests == []
+    await client("check_token", task.token)  # nothing was lost
+    assert platform.state(world) == "downloading"
+    await client.close()
+    with pytest.raises(ClientClosedError):
+        await client("check_token", task.token)
+    assert len(watch.requests) == 1
+
+
+async def test_errno_2_bad_configuration_is_refused_before_sending(platform: Platform) -> None:
+    world = platform.world(task=False)
+    watch = platform.watch()
+    for changes in ({"dev_id": "0"}, {"dev_id": "12a"}, {"dev_id": str(2**63)}, {"type": 3}):
+        with pytest.raises(InvalidArgumentError):
+            world.config(**changes)
+    assert watch.requests == []
+
+
+async def test_errno_4_without_a_running_task_or_with_another_devices_token(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    other = platform.world()
+    client = make_client(world.config())
+    task = await client("check_task")
+    # E4 reports only downloading/upgrading tasks (D18); this one is still to-be-upgraded.
+    with pytest.raises(NoValidToken) as info:
+        await client("tasking")
+    assert (info.value.code, info.value.endpoint) == (4, Endpoint.TASKING)
+
+    other_client = make_client(other.config())
+    with pytest.raises(NoValidToken) as info:
+        await other_client("check_token", task.token)
+    assert info.value.endpoint is Endpoint.CHECK_TOKEN
+    with pytest.raises(NoValidToken):
+        await other_client("check_token", NEVER_ISSUED)
+    assert platform.state(world) == "to_be_upgraded"
+
+
+@pytest.mark.parametrize(
+    ("device_codes", "fails"),
+    [
+        ({"manuf": "001", "model": "00108"}, False),
+        ({}, False),  # the C SDK sends neither (D11)
+        ({"manuf": "001", "model": "00109"}, True),
+        ({"manuf": "1", "model": "108"}, True),  # codes are strings: "001" != "1" (D11)
+    ],
+)
+async def test_errno_8_manuf_model_mismatch_fails_the_task(
+    platform: Platform, make_client: MakeClient, device_codes: dict[str, str], fails: bool
+) -> None:
+    world = platform.world(package={"manuf": "001", "model": "00108"})
+    client = make_client(world.config(**device_codes))
+    if not fails:
+        assert (await client("check_task")).target == TARGET
+        assert platform.state(world) == "to_be_upgraded"
+        return
+    with pytest.raises(ManufModelMismatch) as info:
+        await client("check_task")
+    assert (info.value.code, info.value.endpoint) == (8, Endpoint.CHECK_TASK)
+    assert platform.state(world) == "failed"  # T7
+    with pytest.raises(NoTask):
+        await client("check_task")
+
+
+@pytest.mark.parametrize(("version", "fails"), [("0.9", False), (CURRENT, True)])
+async def test_errno_9_differential_from_version_mismatch_fails_the_task(
+    platform: Platform, make_client: MakeClient, version: str, fails: bool
+) -> None:
+    world = platform.world(package={"kind": "diff", "from_version": "0.9"})
+    client = make_client(world.config(version=version))
+    if not fails:
+        task = await client("check_task")
+        assert (task.kind, task.target) == (PackageKind.DIFF, TARGET)
+        return
+    with pytest.raises(VersionMismatch) as info:
+        await client("check_task")
+    assert (info.value.code, info.value.endpoint) == (9, Endpoint.CHECK_TASK)
+    assert platform.state(world) == "failed"  # T8
+    # E3 recorded the version it was given before the check (§6.3 step 5).
+    assert await client("query_version") == VersionInfo(version, None)
+
+
+async def test_errno_11_without_a_task_and_while_paused(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    idle = platform.world(task=False)
+    with pytest.raises(NoTask) as info:
+        await make_client(idle.config())("check_task")
+    assert (info.value.code, info.value.endpoint) == (11, Endpoint.CHECK_TASK)
+
+    world = platform.world()
+    with pytest.raises(NoTask):  # a FOTA task is no SOTA task
+        await make_client(world.config(type=TaskType.SOTA))("check_task")
+    client = make_client(world.config())
+    platform.act(world, "pause")
+    with pytest.raises(NoTask):  # D12
+        await client("check_task")
+    platform.act(world, "resume")
+    assert (await client("check_task")).target == TARGET
+
+
+async def test_errno_12_token_expired_on_the_server_clock(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    client = make_client(world.config())
+    old = await client("check_task")
+    await client("check_token", old.token)  # downloading
+
+    with platform.clock_advanced(values.TOKEN_LIFETIME_S):  # the 48 h are up (D13)
+        with pytest.raises(TokenExpired) as info:
+            await client("check_token", old.token)
+        assert (info.value.code, info.value.endpoint) == (12, Endpoint.CHECK_TOKEN)
+        with pytest.raises(TokenExpired) as info:
+            await client("tasking")  # E4 never issues tokens (§6.4)
+        assert info.value.endpoint is Endpoint.TASKING
+        with pytest.raises(DownloadError) as download:
+            await client("download_range", old.token, 0, 4096)
+        assert download.value.reason is DownloadErrorCode.INVALID_TOKEN
+        # Reports still count with an expired token; the task state alone decides (§5.6).
+        await client("report_status", old.token, 30)
+        assert platform.device_task(world)["progress"] == 30
+
+        # §10: run E3 again for a fresh token, for the same task in the same state.
+        fresh = await client("check_task")
+        assert fresh.token != old.token
+        assert fresh == dataclasses.replace(old, token=fresh.token)
+        await client("check_token", fresh.token)
+        assert await client("download_package", fresh.token, 0, 4096) == FIRMWARE[:4096]
+        with pytest.raises(TokenExpired):
+            await client("check_token", old.token)  # old tokens stay expired
+        assert platform.state(world) == "downloading"
+
+
+async def test_errno_17_while_paused_and_for_progress_after_101(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    client = make_client(world.config())
+    task = await client("check_task")
+    await client("check_token", task.token)
+
+    platform.act(world, "pause")  # from downloading (T2)
+    with pytest.raises(InvalidState) as info:
+        await client("check_token", task.token)
+    assert (info.value.code, info.value.endpoint) == (17, Endpoint.CHECK_TOKEN)
+    with pytest.raises(DownloadError) as download:
+        await client("download_range", task.token, 0, 4096)
+    assert download.value.reason is DownloadErrorCode.INVALID_TOKEN  # D12: byte 3
+    with pytest.raises(InvalidState):
+        await client("report_status", task.token, 10)
+    with pytest.raises(InvalidOperation):  # status codes while paused: 21 (D12)
+        await client("report_status", task.token, StatusCode.DOWNLOADED)
+    assert platform.state(world) == "paused"
+
+    platform.act(world, "resume")  # back to downloading (T3)
+    await client("check_token", task.token)
+    await client("report_status", task.token, StatusCode.DOWNLOADED)
+    with pytest.raises(InvalidState) as info:  # progress after 101 (§5.5)
+        await client("report_status", task.token, 100)
+    assert info.value.endpoint is Endpoint.REPORT_PROGRESS
+    with pytest.raises(InvalidState):  # upgrading: no more downloading either
+        await client("check_token", task.token)
+    assert platform.state(world) == "upgrading"
+
+
+async def test_errno_20_once_the_task_finished(platform: Platform, make_client: MakeClient) -> None:
+    world = platform.world()
+    client = make_client(world.config())
+    task = await client("check_task")
+    await client("check_token", task.token)
+    await client("report_status", task.token, StatusCode.DOWNLOADED)
+    await client("report_status", task.token, StatusCode.UPGRADED)
+
+    with pytest.raises(TaskFinished) as info:
+        await client("check_token", task.token)
+    assert (info.value.code, info.value.endpoint) == (20, Endpoint.CHECK_TOKEN)
+    with pytest.raises(TaskFinished):
+        await client("report_status", task.token, StatusCode.UPGRADED)
+    with pytest.raises(DownloadError) as download:
+        await client("download_range", task.token, 0, 4096)
+    assert download.value.reason is DownloadErrorCode.INVALID_TOKEN
+    with pytest.raises(NoTask):
+        await client("check_task")
+    assert platform.state(world) == "succeeded"
+
+
+async def test_errno_21_for_a_report_the_state_machine_refuses(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    client = make_client(world.config())
+    task = await client("check_task")
+    with pytest.raises(InvalidOperation) as info:  # 201 straight from to-be-upgraded (§5.5)
+        await client("report_status", task.token, StatusCode.UPGRADED)
+    assert (info.value.code, info.value.endpoint) == (21, Endpoint.REPORT_PROGRESS)
+    with pytest.raises(InvalidOperation) as info:
+        await client("report_result", task.token, 205)
+    assert info.value.endpoint is Endpoint.REPORT_RESULT
+    assert platform.state(world) == "to_be_upgraded"
+
+    await client("report_status", task.token, StatusCode.DOWNLOADED)  # T13
+    with pytest.raises(InvalidOperation):  # 101 twice
+        await client("report_status", task.token, StatusCode.DOWNLOADED)
+    assert platform.state(world) == "upgrading"
+
+
+async def test_errno_22_once_the_task_was_cancelled(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    client = make_client(world.config())
+    task = await client("check_task")
+    await client("check_token", task.token)
+    platform.act(world, "cancel")
+
+    with pytest.raises(TaskCancelled) as info:
+        await client("check_token", task.token)
+    assert (info.value.code, info.value.endpoint) == (22, Endpoint.CHECK_TOKEN)
+    with pytest.raises(TaskCancelled):
+        await client("report_status", task.token, 40)
+    with pytest.raises(TaskCancelled):
+        await client("report_result", task.token, 107)
+    with pytest.raises(DownloadError) as download:
+        await client("download_range", task.token, 0, 4096)
+    assert download.value.reason is DownloadErrorCode.INVALID_TOKEN
+    with pytest.raises(NoTask):
+        await client("check_task")
+    assert platform.state(world) == "cancelled"
+
+
+async def test_errno_27_is_refused_before_sending(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    # The client checks versions against §4.5 itself, so E3's errno 27 cannot be reached.
+    world = platform.world()
+    watch = platform.watch()
+    for bad in ("1.0.0 beta", "v/1", "", "x" * 21):
+        with pytest.raises(InvalidArgumentError, match="version"):
+            world.config(version=bad)
+    client = make_client(world.config())
+    with pytest.raises(InvalidArgumentError) as info:
+        await client("post_version", version="1.0.1 final")
+    assert info.value.endpoint is Endpoint.POST_VERSION
+    assert watch.requests == []
+    assert (await client("check_task")).target == TARGET
+
+
+# -- download error bytes from the real server ---------------------------------------------------
+
+
+async def test_download_error_3_for_a_token_never_issued(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    client = make_client(world.config())
+    with pytest.raises(DownloadError) as info:
+        await client("download_range", NEVER_ISSUED, 0, 4096)
+    assert (info.value.code, info.value.reason) == (3, DownloadErrorCode.INVALID_TOKEN)
+    assert info.value.endpoint is Endpoint.DOWNLOAD
+
+
+async def test_download_error_1_when_the_package_file_is_gone(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world(data=unique_data("gone"))
+    client = make_client(world.config())
+    task = await client("check_task")
+    blob = platform.blob(world)
+    blob.unlink()
+    try:
+        with pytest.raises(DownloadError) as info:
+            await client("download_range", task.token, 0, 4096)
+        assert (info.value.code, info.value.reason) == (1, DownloadErrorCode.NOT_FOUND)
+    finally:
+        blob.write_bytes(world.data)
+    assert await client("download_package", task.token, 0, 4096) == world.data[:4096]
+
+
+async def test_download_error_2_when_the_file_size_changed(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world(data=unique_data("grown"))
+    client = make_client(world.config())
+    task = await client("check_task")
+    blob = platform.blob(world)
+    with blob.open("ab") as file:
+        file.write(b"tail")
+    try:
+        with pytest.raises(DownloadError) as info:
+            await client("download_range", task.token, 0, 4096)
+        assert (info.value.code, info.value.reason) == (2, DownloadErrorCode.SIZE_MISMATCH)
+    finally:
+        os.truncate(blob, len(world.data))
+    assert await client("download_package", task.token, 0, 4096) == world.data[:4096]
+
+
+# -- events ----------------------------------------------------------------------------------------
+
+
+async def test_events_carry_the_seed_payloads(platform: Platform, make_client: MakeClient) -> None:
+    world = platform.world()
+    client = make_client(world.config())
+    await client("post_version")
+    task = await client("check_task")
+    await client("check_token", task.token)
+    recovered = await client("tasking")
+    chunk = await client("download_range", task.token, 8192, 4096)
+    await client("report_status", task.token, StatusCode.DOWNLOADED)
+    await client("report_result", task.token, StatusCode.UPGRADED)
+    with pytest.raises(NoTask):  # a call that raises delivers no event
+        await client("check_task")
+
+    task_reply = json.dumps(
+        {"errno": 0, "error": "succ", "data": task.to_data()}, separators=(",", ":")
+    ).encode()
+    assert client.events == [
+        VersionPosted(Endpoint.POST_VERSION, SUCC, CURRENT, None),
+        TaskChecked(Endpoint.CHECK_TASK, task_reply, task),
+        TokenChecked(Endpoint.CHECK_TOKEN, SUCC, task.token),
+        TaskChecked(Endpoint.TASKING, task_reply, recovered),
+        PackageDownloaded(Endpoint.DOWNLOAD, task.token, chunk),
+        StatusReported(Endpoint.REPORT_PROGRESS, SUCC, task.token, 101),
+        StatusReported(Endpoint.REPORT_RESULT, SUCC, task.token, 201),
+    ]
+    assert [event.kind for event in client.events] == [
+        EventKind.POST_VERSION,
+        EventKind.CHECK_TASK,
+        EventKind.CHECK_TOKEN,
+        EventKind.CHECK_TASK,
+        EventKind.DOWNLOAD_PACKAGE,
+        EventKind.REPORT_STATUS,
+        EventKind.REPORT_STATUS,
+    ]
+    assert chunk.data == FIRMWARE[8192:]
+
+
+# -- connections -----------------------------------------------------------------------------------
+
+
+async def test_keep_alive_reuses_one_connection(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world()
+    client = make_client(world.config())
+    watch = platform.watch()
+    await client("post_version")
+    task = await client("check_task")
+    assert await download_all(client, task) == FIRMWARE
+    await client("report_status", task.token, StatusCode.DOWNLOADED)
+    assert len(watch.requests) == 9
+    assert len({r.peer for r in watch.requests}) == 1
+
+
+async def test_one_request_per_connection_when_the_server_closes_each(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    # The C SDK's style (§2.3), forced from the server side: every reply closes its connection,
+    # and the client opens a new one for each request (§10).
+    world = platform.world()
+    with platform.listener("short", max_requests=1) as short:
+        client = make_client(world.config(), base_url=short.url)
+        watch = platform.watch()
+        await client("post_version")
+        task = await client("check_task")
+        assert await download_all(client, task) == FIRMWARE
+        await client("report_status", task.token, StatusCode.DOWNLOADED)
+        await client("report_status", task.token, StatusCode.UPGRADED)
+        await client.close()
+    assert len(watch.requests) == 10
+    assert {r.listener for r in watch.requests} == {"short"}
+    assert len({r.peer for r in watch.requests}) == 10
+    assert platform.state(world) == "succeeded"
+
+
+async def test_reconnects_after_the_server_closed_an_idle_connection(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world(task=False)
+    with platform.listener("idle", idle_timeout=0.2) as idle:
+        client = make_client(world.config(), base_url=idle.url)
+        watch = platform.watch()
+        await client("post_version")
+        server = idle.server
+        assert server is not None
+        wait_until(lambda: not server.connections)  # D19: the server dropped the idle one
+        await client("post_version")
+        await client.close()
+    assert len({r.peer for r in watch.requests}) == 2
+
+
+async def test_a_non_2xx_reply_is_an_http_status_error(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world(task=False)
+    client = make_client(world.config(), base_url=platform.api.url + "/nowhere")
+    with pytest.raises(HTTPStatusError) as info:
+        await client("post_version")
+    assert (info.value.code, info.value.status_code) == (404, 404)  # §4.3: unknown path
