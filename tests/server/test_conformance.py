@@ -20,8 +20,8 @@ from onenet_ota.protocol.states import TaskState
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.http import ServerThread
 from onenet_ota.server.schema import packages
+from tests.captures import CAPTURES
 from tests.server.seed import (
-    CAPTURES,
     DB_PARAMS,
     DEV_ID,
     FIRMWARE,
