@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 import httpx2
 import pytest
@@ -124,6 +124,13 @@ async def app(request: Request, rec: Recorder) -> Response:
             if key == "h"
         ]
         return Response(200, [*headers, ("Content-Length", "2")], b"ok")
+    if path == "/exact":  # every response header from the query, in order: ?h=Name:value
+        headers = [
+            (item.split(":", 1)[0], item.split(":", 1)[1])
+            for key, item in parse_qsl(request.query_string)
+            if key == "h"
+        ]
+        return Response(200, headers, b"ok")
     if path == "/echo":
         body = await request.body(1 << 20)
         rec.bodies.append(body)
@@ -160,6 +167,12 @@ async def app(request: Request, rec: Recorder) -> Response:
         return json_response({"size": size, "sha256": digest.hexdigest(), "chunks": chunks})
     if path == "/boom":
         raise RuntimeError("secret-detail-from-the-handler")
+    if path == "/not-a-response":
+        return None  # type: ignore[return-value]
+    if path == "/injection":
+        return Response(200, [("X-Evil", "a\r\nSet-Cookie: x"), ("Content-Length", "0")])
+    if path == "/bad-status":
+        return Response(42, [("Content-Length", "0")])
     if path == "/bad-length":
         return Response(200, [("Content-Length", "5")], b"abc")
     if path == "/close-delimited":
@@ -307,6 +320,15 @@ def header_names(parsed: Parsed) -> list[str]:
     return [name for name, _ in parsed.headers]
 
 
+header_name = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1
+).filter(lambda n: n.lower() not in {"content-length", "transfer-encoding", "connection", "expect"})
+header_value = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=0, max_size=30
+)
+spaces = st.text(alphabet=" \t", max_size=4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact response bytes (§2.5, D26)
 
@@ -369,6 +391,42 @@ def test_header_casing_and_order_are_kept(server: ServerThread) -> None:
         assert b"Server" not in response.raw
 
 
+response_header_name = st.one_of(
+    st.sampled_from(["Content-Type", "Content-Range", "content-range", "X-Ota", "Allow"]),
+    header_name,
+)
+response_header_value = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20
+).map(str.strip)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    headers=st.lists(st.tuples(response_header_name, response_header_value), max_size=8),
+    length_at=st.integers(min_value=0, max_value=8),
+    close=st.booleans(),
+)
+def test_serialisation_model(
+    shared: ServerThread, headers: list[tuple[str, str]], length_at: int, close: bool
+) -> None:
+    """D26 as a property: the status line, then the handler's headers verbatim and in order,
+    then nothing added but ``Connection: close`` when closing, placed before the (last)
+    Content-Range or else at the end; then the body, in one piece."""
+    headers = list(headers)
+    headers.insert(min(length_at, len(headers)), ("Content-Length", "2"))
+    query = "&".join("h=" + quote(f"{name}:{value}", safe="") for name, value in headers)
+    lines = [f"{name}: {value}\r\n" for name, value in headers]
+    if close:
+        ranges = [i for i, (name, _) in enumerate(headers) if name.lower() == "content-range"]
+        lines.insert(ranges[-1] if ranges else len(lines), "Connection: close\r\n")
+    expected = ("HTTP/1.1 200 OK\r\n" + "".join(lines) + "\r\n").encode() + b"ok"
+    with RawClient(shared) as client:
+        client.send(get(f"/exact?{query}", "Connection: close\r\n" if close else ""))
+        assert client.read_exact(len(expected)) == expected
+        if close:
+            assert client.closed()
+
+
 def test_one_write_delivers_headers_and_error_byte(server: ServerThread) -> None:
     """D7: the code byte must be in the first segment; read what one recv() returns."""
     for _ in range(20):
@@ -406,6 +464,16 @@ def test_content_length_mismatch_becomes_500(server: ServerThread) -> None:
         client.send(get("/bad-length"))
         response = client.response()
         assert response.raw == b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize("path", ["/not-a-response", "/injection", "/bad-status"])
+def test_unusable_handler_response_becomes_500(server: ServerThread, path: str) -> None:
+    with RawClient(server) as client:
+        client.send(get(path))
+        response = client.response()
+        assert response.raw == b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+        client.send(get("/json"))  # the connection survives
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
 
 
 def test_close_delimited_body_closes_the_connection(server: ServerThread) -> None:
@@ -465,15 +533,6 @@ def test_c_sdk_one_request_per_connection(server: ServerThread) -> None:
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
             sock.sendall(capture.read_bytes())
             assert sock.recv(4096).startswith(b"HTTP/1.1 404 Not Found\r\n")
-
-
-header_name = st.text(
-    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1
-).filter(lambda n: n.lower() not in {"content-length", "transfer-encoding", "connection", "expect"})
-header_value = st.text(
-    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=0, max_size=30
-)
-spaces = st.text(alphabet=" \t", max_size=4)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

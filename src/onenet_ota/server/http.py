@@ -736,20 +736,12 @@ class _Connection(asyncio.Protocol):
 
     async def _work(self) -> None:
         try:
-            while self._queue and not self._lost:
-                item = self._queue[0]
-                if item is None:
-                    self._queue.clear()
-                    self.write(_BAD_REQUEST)  # §4.3: invalid HTTP -> 400, empty body, close
-                    self._close()
-                    return
-                request, body, keep_alive = item
-                if not await self._serve_one(request, body, keep_alive):
-                    self._queue.clear()
-                    self._close()
-                    return
-                self._queue.popleft()
-                self.maybe_resume_reading()
+            await self._work_queue()
+        except Exception:  # a bug in this layer: never leave the client hanging
+            logger.exception("HTTP connection failed; closing it")
+            if self._transport is not None and not self._lost:
+                self._transport.abort()
+            self._queue.clear()
         finally:
             self._worker = None
         if self._lost:
@@ -758,6 +750,22 @@ class _Connection(asyncio.Protocol):
             self._close()
         elif not self._in_head and self._body is None:
             self.arm_timer(self.server.idle_timeout)
+
+    async def _work_queue(self) -> None:
+        while self._queue and not self._lost:
+            item = self._queue[0]
+            if item is None:
+                self._queue.clear()
+                self.write(_BAD_REQUEST)  # §4.3: invalid HTTP -> 400, empty body, close
+                self._close()
+                return
+            request, body, keep_alive = item
+            if not await self._serve_one(request, body, keep_alive):
+                self._queue.clear()
+                self._close()
+                return
+            self._queue.popleft()
+            self.maybe_resume_reading()
 
     async def _serve_one(self, request: Request, body: _Body, keep_alive: bool) -> bool:
         """Handle one request and write its response; False when the connection must close."""
@@ -773,6 +781,14 @@ class _Connection(asyncio.Protocol):
                 request.method,
                 _loggable(request.path),
                 request.peer,
+            )
+            response = Response.empty(500)
+        if not isinstance(response, Response):
+            logger.error(
+                "handler returned %s, not a Response, on %s %s",
+                type(response).__name__,
+                request.method,
+                _loggable(request.path),
             )
             response = Response.empty(500)
         if self._lost:
