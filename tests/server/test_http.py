@@ -37,9 +37,7 @@ from onenet_ota.server.http import (
     make_server_ssl_context,
     serve,
 )
-from tests.captures import CAPTURES
-
-FIRMWARE = CAPTURES / "firmware.bin"
+from tests.captures import CAPTURES, FIRMWARE
 
 CANONICAL_JSON = (
     b"HTTP/1.1 200 OK\r\n"
