@@ -94,6 +94,7 @@ class World:
     access_key: str
     dev_id: int
     name: str
+    device_key: str | None
     package: dict[str, Any]
     task_id: int | None
     data: bytes
@@ -214,33 +215,44 @@ class Platform:
         task: bool = True,
         own_product: bool = False,
         data: bytes | None = None,
+        module_type: str = "fota",
         package: dict[str, str] | None = None,
+        device: dict[str, Any] | None = None,
+        **task_options: Any,
     ) -> World:
         """A fresh device with a task for it (unless ``task=False``).
 
         The device lives in the shared product unless ``own_product``. Its package is the
-        shared one unless ``data`` (other file contents) or ``package`` (upload parameters:
-        ``kind``, ``from_version``, ``manuf``, ``model``) ask for a new one.
+        shared FOTA one unless ``data`` (other file contents), ``module_type`` (``sota``) or
+        ``package`` (upload parameters: ``kind``, ``from_version``, ``manuf``, ``model``) ask
+        for a new one. ``device`` adds to
+        the device's creation body (e.g. ``generate_device_key``); ``task_options`` to the
+        task's (``start_time``, ``deadline``).
         """
         product, uploaded = self.shared
         if own_product:
             product = self.product()
-        if own_product or data is not None or package is not None:
+        if own_product or data is not None or module_type != "fota" or package is not None:
             data = FIRMWARE if data is None else data
-            uploaded = self.upload(product["pid"], data, **(package or {}))
+            uploaded = self.upload(product["pid"], data, module_type=module_type, **(package or {}))
         n = next(_numbers)
-        device = self.call(
-            "POST", "/devices", json={"pid": product["pid"], "name": f"dev{n}"}, expect=201
-        )
+        body = {"pid": product["pid"], "name": f"dev{n}", **(device or {})}
+        created = self.call("POST", "/devices", json=body, expect=201)
         task_id = None
         if task:
-            body = {"package_id": uploaded["id"], "dev_ids": [device["dev_id"]], **ADVISORY}
+            body = {
+                "package_id": uploaded["id"],
+                "dev_ids": [created["dev_id"]],
+                **ADVISORY,
+                **task_options,
+            }
             task_id = self.call("POST", "/tasks", json=body, expect=201)["id"]
         return World(
             pid=product["pid"],
             access_key=product["access_key"],
-            dev_id=device["dev_id"],
-            name=device["name"],
+            dev_id=created["dev_id"],
+            name=created["name"],
+            device_key=created["device_key"],
             package=uploaded,
             task_id=task_id,
             data=FIRMWARE if data is None else data,

@@ -11,9 +11,11 @@ import dataclasses
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from onenet_ota.device import (
     AuthFailed,
@@ -48,9 +50,10 @@ from onenet_ota.device import (
 )
 from onenet_ota.protocol import values
 from onenet_ota.protocol.endpoints import Endpoint
+from onenet_ota.server.http import make_server_ssl_context
 from tests.device.conftest import Driver, MakeClient
 from tests.integration.conftest import ADVISORY, CURRENT, TARGET, Platform, Seen, md5, wait_until
-from tests.server.seed import FIRMWARE, FIRMWARE_MD5, K2
+from tests.server.seed import FIRMWARE, FIRMWARE_MD5, K2, T0
 
 pytestmark = pytest.mark.anyio
 
@@ -235,6 +238,118 @@ async def test_dev_info_looks_up_the_dev_id(platform: Platform, make_client: Mak
     with pytest.raises(InvalidArgumentError, match="dev_id is not configured"):
         await client("check_task")
     assert watch.requests == []
+
+
+async def test_large_ranges_stream_from_the_package_file(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    # Ranges above 64 KiB leave the server through its sendfile path, not a buffered read.
+    data = os.urandom(300_000)
+    world = platform.world(data=data)
+    client = make_client(world.config())
+    task = await client("check_task")
+    assert (task.size, task.md5) == (len(data), md5(data))
+    assert await download_all(client, task, chunk=128 * 1024) == data
+    last = await client("download_range", task.token, 262_144, 128 * 1024)
+    assert (last.start, last.end, len(last.data)) == (262_144, 299_999, 37_856)
+
+
+async def test_device_level_tokens_and_every_signing_method(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world(task=False)
+    keyed = platform.world(task=False, device={"generate_device_key": True})
+    assert keyed.device_key is not None
+    accepted = [
+        (world, Credentials.from_access_key(world.pid, world.access_key, method=method))
+        for method in ("md5", "sha1", "sha256")
+    ]
+    accepted += [
+        # D4: a device without a key of its own signs device-level tokens with the product's.
+        (world, Credentials.from_access_key(world.pid, world.access_key, device_name=world.name)),
+        (keyed, Credentials.from_access_key(keyed.pid, keyed.device_key, device_name=keyed.name)),
+    ]
+    for owner, credentials in accepted:
+        await make_client(owner.config(credentials=credentials))("post_version")
+
+    refused = [
+        # D4: once the device has a key, only that key signs for it.
+        (keyed, Credentials.from_access_key(keyed.pid, keyed.access_key, device_name=keyed.name)),
+        # A device-level token speaks for the device it names only (P3).
+        (world, Credentials.from_access_key(world.pid, world.access_key, device_name=keyed.name)),
+        # et is checked against the server's clock (§3.3 step 6).
+        (world, Credentials.from_access_key(world.pid, world.access_key, et=T0 - 1)),
+    ]
+    for owner, credentials in refused:
+        with pytest.raises(AuthFailed):
+            await make_client(owner.config(credentials=credentials))("check_task")
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``server.pem`` (RSA key and chain for 127.0.0.1) and ``ca.pem``; RSA keys are slow to
+    make, so once per module."""
+    folder = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    cert = ca.issue_cert("127.0.0.1", key_type=trustme.KeyType.RSA)
+    cert.private_key_and_cert_chain_pem.write_to_path(folder / "server.pem")
+    ca.cert_pem.write_to_path(folder / "ca.pem")
+    return folder
+
+
+async def test_https_through_the_c_sdk_compatible_tls_listener(
+    platform: Platform, make_client: MakeClient, tls_files: Path
+) -> None:
+    # D25: the listener the platform builds for TLS, which also offers the C SDK's suites.
+    context = make_server_ssl_context(tls_files / "server.pem", c_sdk_compatible=True)
+    world = platform.world()
+    watch = platform.watch()
+    with platform.listener("tls", ssl=context) as tls:
+        client = make_client(world.config(), base_url=tls.url, ca_file=tls_files / "ca.pem")
+        task = await client("check_task")
+        await client("check_token", task.token)
+        assert await client("download_package", task.token, 0, 4096) == FIRMWARE[:4096]
+        await client.close()
+    assert [r.listener for r in watch.requests] == ["tls"] * 3
+    assert platform.state(world) == "downloading"
+
+
+async def test_sota_upgrade_sets_the_application_version(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    world = platform.world(data=unique_data("sota"), module_type="sota")
+    client = make_client(world.config(type=TaskType.SOTA, other_version="M1"))
+    with pytest.raises(NoTask):  # the task is of the other type
+        await make_client(world.config())("check_task")
+    task = await client("check_task")
+    assert await download_all(client, task) == world.data
+    await client("report_status", task.token, StatusCode.DOWNLOADED)
+    await client("report_status", task.token, StatusCode.UPGRADED)
+    assert platform.state(world) == "succeeded"
+    # T15 for a SOTA task: the application version; the module firmware's stays (§6.1).
+    assert await client("query_version") == VersionInfo(CURRENT, TARGET)
+
+
+async def test_a_task_starts_and_ends_on_the_server_clock(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    now = int(platform.clock.now)
+    world = platform.world(start_time=now + 60, deadline=now + 120)
+    client = make_client(world.config())
+    with pytest.raises(NoTask):  # invisible until start_time (§5.2)
+        await client("check_task")
+    with platform.clock_advanced(60):
+        task = await client("check_task")
+        await client("check_token", task.token)
+    with platform.clock_advanced(120):  # T5: the deadline fails the open task
+        with pytest.raises(TaskFinished):
+            await client("check_token", task.token)
+        with pytest.raises(DownloadError) as download:
+            await client("download_range", task.token, 0, 4096)
+        assert download.value.reason is DownloadErrorCode.INVALID_TOKEN
+        with pytest.raises(NoTask):
+            await client("check_task")
+    assert platform.state(world) == "failed"
 
 
 # -- errno classes -------------------------------------------------------------------------------
