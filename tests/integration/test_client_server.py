@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,6 @@ from tests.server.seed import FIRMWARE, FIRMWARE_MD5, K2, T0
 pytestmark = pytest.mark.anyio
 
 SIZE = len(FIRMWARE)
-TOKEN_RE = re.compile(r"ota_[A-Za-z0-9]{20}")  # D13
 NEVER_ISSUED = "ota_" + "Z" * 20
 SUCC = b'{"errno":0,"error":"succ"}'
 
@@ -97,7 +95,7 @@ async def test_full_upgrade_ends_with_the_task_succeeded_and_the_version_updated
     await client("post_version")
     assert await client("query_version") == VersionInfo(CURRENT, CURRENT)
     task = await client("check_task")
-    assert TOKEN_RE.fullmatch(task.token)
+    assert values.TOKEN_RE.fullmatch(task.token)  # D13
     assert task == TaskInfo(
         target=TARGET,
         token=task.token,
