@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onenet_ota.device.retry import (
@@ -94,6 +94,7 @@ def test_jitter_spreads_around_the_base_wait() -> None:
     assert retry.backoff(0.999999) == pytest.approx(15, rel=1e-4)
 
 
+@settings(deadline=None)  # the machine is shared: no per-example timing
 @given(
     retry=int32,
     interval=int32,
@@ -130,6 +131,7 @@ def test_pause_waits_do_not_consume_attempts_and_end() -> None:
         retry.pause()
 
 
+@settings(deadline=None)
 @given(
     limit=st.floats(min_value=0, max_value=1e6),
     polls=st.integers(min_value=1, max_value=500),
