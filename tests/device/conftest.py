@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,9 +21,9 @@ from onenet_ota.device import (
     OtaEvent,
     TaskType,
 )
+from tests.captures import CAPTURES
 from tests.device.scripted_server import ScriptedServer
 
-CAPTURES = Path(__file__).resolve().parents[3] / "shared" / "spec" / "c-sdk-captures"
 FIRMWARE = (CAPTURES / "firmware.bin").read_bytes()
 FIRMWARE_MD5 = "000e87c6dfb9c77108f320f7c27a64ea"
 K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="
