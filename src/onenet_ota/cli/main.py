@@ -57,3 +57,7 @@ def main() -> None:
     if click is None:
         sys.exit("onenet-ota: the command line needs the 'cli' extra: pip install onenet-ota[cli]")
     cli()
+
+
+if __name__ == "__main__":  # python -m onenet_ota.cli.main
+    main()
