@@ -1121,3 +1121,45 @@ def test_task_start_time_update_is_seen(client: httpx2.Client, seeder: Seeder) -
     with seeder.engine.begin() as conn:
         conn.execute(update(tasks).values(start_time=T0 + 10).where(tasks.c.pid == w.pid))
     assert check(client, w)["errno"] == 11
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches (see device_service: how stale answers may be towards other processes)
+
+
+def test_cached_answers_until_invalidated(
+    engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    clock = FakeClock()
+    blobs = BlobStore(tmp_path_factory.mktemp("blobs"))
+    seeder = Seeder(engine, blobs, clock)
+    w = seeder.world()
+    with (
+        running_api(engine, blobs, clock, cache_ttl=60) as (api, srv),
+        httpx2.Client(base_url=srv.url) as c,
+    ):
+        token = token_of(c, w)
+        assert e5(c, w, token) == 0
+        assert e5(c, w, token) == 0  # T10: now cached
+        assert check(c, w)["errno"] == 0
+        assert error_byte(download(c, token)) is None
+        # Another process pauses the task: this one keeps its answers for up to cache_ttl ...
+        seeder.set_state(w.task_id, S.PAUSED, S.DOWNLOADING)
+        assert check(c, w)["errno"] == 0
+        assert e5(c, w, token) == 0
+        assert error_byte(download(c, token)) is None
+        # ... unless told (the management API in the same process calls invalidate()).
+        api.service.invalidate()
+        assert check(c, w)["errno"] == 11
+        assert e5(c, w, token) == 17
+        assert error_byte(download(c, token)) == 3
+        # This process's own transitions are seen at once.
+        seeder.set_state(w.task_id, S.DOWNLOADING)
+        api.service.invalidate()
+        assert e5(c, w, token) == 0
+        assert e5(c, w, token) == 0
+        assert error_byte(download(c, token)) is None
+        assert e7(c, w, token, {"step": 107}) == 0
+        assert e5(c, w, token) == 20
+        assert error_byte(download(c, token)) == 3
+        assert check(c, w)["errno"] == 11

@@ -374,3 +374,78 @@ def test_concurrent_e1_and_pause_stay_consistent(
         # Either order ends the same: pause then T6 (D16: paused included), or T6 alone.
         assert w.state() is S.SUCCEEDED
         assert seeder.device_task(w.task_id).paused_from is None
+
+
+# -- cached answers (E3, E5) ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def cached(engine: Engine, seeder: Seeder) -> DeviceService:
+    return DeviceService(engine, clock=seeder.clock, cache_ttl=60)
+
+
+def test_e3_answers_are_cached_only_when_nothing_changed(
+    cached: DeviceService, seeder: Seeder
+) -> None:
+    w = seeder.world(deadline=T0 + TOKEN_LIFE + HOUR)
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    first = offer(cached, w)  # issues the token: a write, so not cached
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert offer(cached, w) == first
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") == (Errno.SUCC, first)
+    # Another question is another entry.
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0", manuf="001") is None
+    assert cached.check_task_cached(w.dev_id, FOTA, "0.9") is None
+    # The token's expiry ends the answer, whatever the TTL.
+    seeder.clock.advance(TOKEN_LIFE)
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    second = offer(cached, w)
+    assert second.token != first.token
+    offer(cached, w)
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") == (Errno.SUCC, second)
+    # ... and so does the deadline.
+    seeder.clock.now = T0 + TOKEN_LIFE + HOUR
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+
+
+def test_e3_no_task_is_cached_until_start_time(cached: DeviceService, seeder: Seeder) -> None:
+    w = seeder.world(start_time=T0 + 30)
+    assert cached.check_task(w.dev_id, FOTA, "1.0.0") == (Errno.NO_TASK, None)
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") == (Errno.NO_TASK, None)
+    seeder.clock.advance(30)
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert offer(cached, w).target == "1.0.1"
+
+
+def test_own_transitions_drop_cached_answers(cached: DeviceService, seeder: Seeder) -> None:
+    w = seeder.world()
+    token = offer(cached, w).token
+    offer(cached, w)
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is not None
+    assert cached.check_token(w.dev_id, token) is Errno.SUCC  # T9: a write, not cached
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert cached.check_token_cached(w.dev_id, token) is None
+    assert cached.check_token(w.dev_id, token) is Errno.SUCC  # T10: nothing changed
+    assert cached.check_token_cached(w.dev_id, token) is Errno.SUCC
+    assert cached.check_token_cached(w.dev_id + 1, token) is None  # per device
+    assert cached.report(w.dev_id, token, Report(ReportKind.DOWNLOADED, 101)) is Errno.SUCC
+    assert cached.check_token_cached(w.dev_id, token) is None
+    assert cached.check_token(w.dev_id, token) is Errno.INVALID_STATE
+    assert cached.check_token_cached(w.dev_id, token) is None  # refusals are never cached
+
+
+def test_answers_racing_an_invalidation_are_not_cached(
+    cached: DeviceService, seeder: Seeder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = seeder.world()
+    offer(cached, w)
+    run = cached._run
+
+    def run_then_invalidate(work: Any) -> Any:
+        result = run(work)
+        cached.invalidate()  # as if another thread's transition committed meanwhile
+        return result
+
+    monkeypatch.setattr(cached, "_run", run_then_invalidate)
+    offer(cached, w)
+    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
