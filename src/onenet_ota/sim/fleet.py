@@ -1,0 +1,369 @@
+"""The fleet: N virtual devices, each running the real :class:`AsyncUpgrader` over HTTP.
+
+Theory of operation. ``concurrency`` worker tasks take devices in order; device *i* starts no
+earlier than ``ramp_up * i / N`` seconds into the run. A device is:
+
+- an :class:`~onenet_ota.device.AsyncOtaClient` (product-level token, its ``dev_id``, the
+  fleet's version) over the fleet's one shared ``httpx2.AsyncClient``, whose
+  :class:`~onenet_ota.sim.transport.FleetTransport` meters every request and injects the faults;
+- an :class:`~onenet_ota.device.upgrader.AsyncUpgrader` with a
+  :class:`~onenet_ota.device.install.FileInstaller`, on a state directory of its own, with probes
+  returning the device's signal and battery values;
+- a power-cut plan: with ``power_cut_rate`` a run loses power at a random request (the transport
+  raises :class:`PowerCut`); the device then "reboots": a fresh client and a fresh upgrader on
+  the same state directory, which resume from what the dead run had made durable.
+
+When a device's upgrade ends, the installed file is checked against the package's size and MD5
+(in a worker thread: hashing releases the GIL), then its state directory is removed, so a fleet
+of 10,000 devices needs disk for ``concurrency`` packages at a time, not for all of them.
+
+Everything the fleet observes is in :class:`FleetState`: per-device records (phase, result,
+power cuts, status reports the server accepted), phase counts for a live view, and the
+:class:`~onenet_ota.sim.metrics.FleetMetrics` of the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Final
+
+import anyio
+import anyio.to_thread
+import httpx2
+
+from onenet_ota.device import (
+    AsyncOtaClient,
+    Credentials,
+    DeviceConfig,
+    OtaEvent,
+    StatusReported,
+    Timeout,
+)
+from onenet_ota.device.upgrader import (
+    AsyncUpgrader,
+    FileInstaller,
+    GatePolicy,
+    Outcome,
+    Restarted,
+    Retry,
+    Retrying,
+    TaskFound,
+    UpgradeEvent,
+    UpgradeOptions,
+    UpgradeResult,
+    Verified,
+    Waiting,
+)
+from onenet_ota.sim.config import FleetConfig
+from onenet_ota.sim.metrics import FleetMetrics
+from onenet_ota.sim.provision import FleetTarget
+from onenet_ota.sim.transport import DeviceLink, FleetTransport, PowerCut, device_context
+
+__all__ = ["DeviceRecord", "Fleet", "FleetState", "Phase"]
+
+log = logging.getLogger(__name__)
+
+_KEEP_ERRORS: Final = 5
+_PAUSE_LIMIT_S: Final = 60.0  # a paused task is waited on this long before the device defers
+_PAUSE_POLL_S: Final = 2.0
+_BACKOFF_MAX_S: Final = 10.0
+
+
+class Phase(StrEnum):
+    """Where a device is, for the live view. The last six are how its upgrade ended."""
+
+    WAITING = "waiting"  # not started yet
+    CHECKING = "checking"  # E1, E3; after a power cut, rebooting
+    DOWNLOADING = "downloading"  # E5/E6 chunk after chunk
+    INSTALLING = "installing"  # verified: 101, install, 201
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEFERRED = "deferred"
+    CANCELLED = "cancelled"
+    FINISHED = "finished"
+    NO_TASK = "no_task"
+
+    @property
+    def done(self) -> bool:
+        """Whether the device's upgrade has ended."""
+        return self not in _RUNNING
+
+
+_RUNNING: Final = frozenset({Phase.WAITING, Phase.CHECKING, Phase.DOWNLOADING, Phase.INSTALLING})
+
+
+@dataclass(slots=True)
+class DeviceRecord:
+    """One virtual device: what it did and how it ended.
+
+    ``accepted`` counts the status codes (101-107, 201-208) the server acknowledged with errno 0;
+    a code acknowledged twice would be a duplicated report. ``installed_ok`` says whether the
+    installed file matched the package (None when nothing was installed).
+    """
+
+    dev_id: int
+    phase: Phase = Phase.WAITING
+    result: UpgradeResult | None = None
+    runs: int = 0
+    power_cuts: int = 0
+    accepted: Counter[int] = field(default_factory=Counter)
+    installed_ok: bool | None = None
+    error: str = ""
+
+
+@dataclass(slots=True)
+class FleetState:
+    """The whole fleet, live: records, phase counts, HTTP metrics, upgrader events."""
+
+    devices: list[DeviceRecord]
+    metrics: FleetMetrics = field(default_factory=FleetMetrics)
+    phases: Counter[Phase] = field(default_factory=Counter)
+    retries: int = 0
+    waits: int = 0
+    restarts: int = 0
+    recent_errors: deque[str] = field(default_factory=lambda: deque(maxlen=_KEEP_ERRORS))
+    started_at: float = 0.0
+    finished_at: float | None = None
+    interrupted: bool = False
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the fleet started (until it finished)."""
+        if not self.started_at:
+            return 0.0
+        end = self.finished_at if self.finished_at is not None else time.monotonic()
+        return end - self.started_at
+
+    @property
+    def done(self) -> int:
+        """Devices whose upgrade has ended."""
+        return sum(n for phase, n in self.phases.items() if phase.done)
+
+    def move(self, record: DeviceRecord, phase: Phase) -> None:
+        """Put ``record`` into ``phase`` (keeping the counts)."""
+        if record.phase is phase:
+            return
+        self.phases[record.phase] -= 1
+        self.phases[phase] += 1
+        record.phase = phase
+
+
+_OUTCOME_PHASE: Final = {
+    Outcome.SUCCEEDED: Phase.SUCCEEDED,
+    Outcome.FAILED: Phase.FAILED,
+    Outcome.DEFERRED: Phase.DEFERRED,
+    Outcome.CANCELLED: Phase.CANCELLED,
+    Outcome.FINISHED: Phase.FINISHED,
+    Outcome.NO_TASK: Phase.NO_TASK,
+}
+
+
+def _md5_of(path: Path) -> tuple[int, str]:
+    md5 = hashlib.md5(usedforsecurity=False)
+    size = 0
+    with path.open("rb") as file:
+        while block := file.read(1 << 20):
+            md5.update(block)
+            size += len(block)
+    return size, md5.hexdigest()
+
+
+class Fleet:
+    """Runs ``target``'s devices against ``base_url`` as ``config`` says; see the module doc.
+
+    ``inner_transport`` replaces the real HTTP transport (tests of error paths only).
+    """
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        target: FleetTarget,
+        base_url: str,
+        *,
+        inner_transport: httpx2.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.target = target
+        self.base_url = base_url.rstrip("/")
+        self.state = FleetState([DeviceRecord(dev_id) for dev_id in target.dev_ids])
+        self.state.phases[Phase.WAITING] = len(self.state.devices)
+        self._rng = random.Random(config.seed)
+        self._credentials = Credentials.from_access_key(target.pid, target.access_key)
+        self._inner = inner_transport
+        chunks = math.ceil(target.size / config.chunk_size)
+        reports = min(chunks, 100 // config.progress_step) if config.progress_step else 0
+        # E1, E3, (E5, E6) per chunk, progress reports, 101, 201, E1: where a cut may land.
+        self._expected_requests = 2 + 2 * chunks + reports + 3
+
+    def _options(self, signal: int | None, power: int | None) -> UpgradeOptions:
+        config = self.config
+        return UpgradeOptions(
+            chunk_size=config.chunk_size,
+            progress_step=config.progress_step,
+            signal_probe=None if signal is None else (lambda: signal),
+            power_probe=None if power is None else (lambda: power),
+            gate=GatePolicy.FAIL if config.gate_fail else GatePolicy.DEFER,
+            retry=Retry(
+                attempts=config.retry_attempts,
+                interval=config.retry_interval,
+                backoff_max=max(config.retry_interval, _BACKOFF_MAX_S),
+                pause_limit=_PAUSE_LIMIT_S,
+                pause_poll=_PAUSE_POLL_S,
+            ),
+        )
+
+    async def run(
+        self, on_tick: Callable[[FleetState], None] | None = None, *, tick: float = 0.5
+    ) -> FleetState:
+        """Run every device to the end of its upgrade; returns the final :class:`FleetState`.
+
+        ``on_tick`` is called every ``tick`` seconds while the fleet runs, and once at the end.
+        Cancelling the caller stops the fleet; the state then says what had finished.
+        """
+        config = self.config
+        state = self.state
+        limits = httpx2.Limits(
+            max_connections=config.concurrency, max_keepalive_connections=config.concurrency
+        )
+        inner = self._inner or httpx2.AsyncHTTPTransport(limits=limits, trust_env=False)
+        transport = FleetTransport(
+            inner, state.metrics, drop_rate=config.drop_rate, rng=random.Random(self._rng.random())
+        )
+        root = Path(tempfile.mkdtemp(prefix="onenet-ota-sim-devices-", dir=config.state_base()))
+        next_index = iter(range(len(state.devices)))
+        state.started_at = time.monotonic()
+        try:
+            async with httpx2.AsyncClient(transport=transport, trust_env=False) as http:
+
+                async def worker() -> None:
+                    for index in next_index:
+                        start_at = state.started_at + config.ramp_up * index / len(state.devices)
+                        delay = start_at - time.monotonic()
+                        if delay > 0:
+                            await anyio.sleep(delay)
+                        await self._device(state.devices[index], http, root)
+
+                async with anyio.create_task_group() as group:
+                    if on_tick is not None:
+                        group.start_soon(self._ticker, on_tick, tick)
+                    async with anyio.create_task_group() as workers:
+                        for _ in range(config.concurrency):
+                            workers.start_soon(worker)
+                    group.cancel_scope.cancel()  # the ticker
+        except BaseException:
+            state.interrupted = True
+            raise
+        finally:
+            state.finished_at = time.monotonic()
+            shutil.rmtree(root, ignore_errors=True)
+            if on_tick is not None:
+                on_tick(state)
+        return state
+
+    async def _ticker(self, on_tick: Callable[[FleetState], None], tick: float) -> None:
+        while True:
+            await anyio.sleep(tick)
+            on_tick(self.state)
+
+    async def _device(self, record: DeviceRecord, http: httpx2.AsyncClient, root: Path) -> None:
+        try:
+            await self._upgrade(record, http, root / str(record.dev_id))
+        except Exception as exc:  # a simulator bug must not stop the other devices
+            log.exception("device %s: unexpected error", record.dev_id)
+            record.error = f"simulator error: {type(exc).__name__}: {exc}"
+            self.state.move(record, Phase.FAILED)
+
+    async def _upgrade(self, record: DeviceRecord, http: httpx2.AsyncClient, home: Path) -> None:
+        config = self.config
+        state = self.state
+        # Per device, so that --seed repeats each device's probes and power-cut plan.
+        rng = (
+            random.Random(f"{config.seed}:{record.dev_id}")
+            if config.seed is not None
+            else self._rng
+        )
+        signal = (
+            None if config.signal is None else rng.randint(config.signal.low, config.signal.high)
+        )
+        power = None if config.power is None else rng.randint(config.power.low, config.power.high)
+        options = self._options(signal, power)
+        device_config = DeviceConfig(
+            credentials=self._credentials,
+            dev_id=str(record.dev_id),
+            version=self.target.version,
+            type=self.target.task_type,
+        )
+        output = home / "installed.bin"
+        link = DeviceLink()
+
+        def on_client_event(event: OtaEvent) -> None:
+            if isinstance(event, StatusReported) and event.code > 100:
+                record.accepted[event.code] += 1
+
+        def on_event(event: UpgradeEvent) -> None:
+            if isinstance(event, TaskFound):
+                phase = Phase.DOWNLOADING if event.phase == "downloading" else Phase.INSTALLING
+                state.move(record, phase)
+            elif isinstance(event, Verified):
+                state.move(record, Phase.INSTALLING)
+            elif isinstance(event, Retrying):
+                state.retries += 1
+                state.recent_errors.append(f"{record.dev_id} {event.step}: {event.error}")
+            elif isinstance(event, Waiting):
+                state.waits += 1
+            elif isinstance(event, Restarted):
+                state.restarts += 1
+
+        state.move(record, Phase.CHECKING)
+        with device_context(link):
+            while True:
+                if record.power_cuts < config.max_power_cuts and (
+                    config.power_cut_rate and rng.random() < config.power_cut_rate
+                ):
+                    link.cut_at = link.requests + rng.randint(1, self._expected_requests)
+                client = AsyncOtaClient(
+                    device_config,
+                    base_url=self.base_url,
+                    http_client=http,
+                    timeout=Timeout(config.timeout_ms),
+                    on_event=on_client_event,
+                )
+                upgrader = AsyncUpgrader(
+                    client,
+                    FileInstaller(output),
+                    state_dir=home,
+                    options=options,
+                    on_event=on_event,
+                )
+                record.runs += 1
+                try:
+                    result = await upgrader.run()
+                except PowerCut:
+                    record.power_cuts += 1
+                    state.move(record, Phase.CHECKING)  # rebooting
+                    continue
+                finally:
+                    link.cut_at = None  # a cut planned for this run dies with it
+                    await client.aclose()  # the shared pool stays open
+                break
+        record.result = result
+        try:
+            if output.exists():
+                size, md5 = await anyio.to_thread.run_sync(_md5_of, output)
+                record.installed_ok = size == self.target.size and md5 == self.target.md5
+        finally:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(home)
+        state.move(record, _OUTCOME_PHASE[result.outcome])

@@ -1,0 +1,200 @@
+"""The fleet's HTTP layer: one shared connection pool, metered, with injected faults.
+
+Every virtual device's :class:`~onenet_ota.device.AsyncOtaClient` sends through one
+``httpx2.AsyncClient`` whose transport is a :class:`FleetTransport` around the real
+``httpx2.AsyncHTTPTransport``. The transport knows which device is sending from a context
+variable that each device's task sets (:func:`device_context`), so the pool is shared and the
+per-device bookkeeping costs one lookup.
+
+For each request it:
+
+- classifies the endpoint with the protocol's own path table (:func:`match_path`);
+- injects a **connection drop** with the fleet's drop rate, as one of three faults a real network
+  produces (chosen with equal odds):
+
+  - ``refused``: the connection fails before the request leaves (``httpx2.ConnectError``);
+  - ``reset``: the server received and processed the request, the reply is lost
+    (``httpx2.ReadError`` before any reply byte): the client's own reconnect-once rule (§10)
+    and the server's handling of a repeated request are exercised;
+  - ``truncated``: the reply's headers arrive, then the connection breaks mid-body: the
+    upgrader's retry path is exercised;
+
+- cuts the **power** when the device's planned cut point comes: :class:`PowerCut` is raised either
+  before the request leaves or after the server answered it (the device died before it could
+  read the reply). The upgrader does not catch it, so its run ends there without persisting
+  anything more, like a real power cut; the simulator then starts a fresh upgrader on the same
+  state directory;
+- measures the request's latency, from sending to the reply's last byte, into the endpoint's
+  histogram, and counts the reply's body bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Final
+
+import httpx2
+
+from onenet_ota.protocol.endpoints import Endpoint, match_path
+from onenet_ota.sim.metrics import EndpointStats, FleetMetrics
+
+__all__ = ["DeviceLink", "FleetTransport", "PowerCut", "device_context"]
+
+DROP_KINDS: Final = ("refused", "reset", "truncated")
+
+
+class PowerCut(Exception):
+    """The simulated device lost power. Raised by the transport; ends the upgrader's run."""
+
+
+@dataclass(slots=True)
+class DeviceLink:
+    """What the transport knows about one device: its request count and planned power cut.
+
+    ``cut_at`` is the number of the request (counted over the device's whole life) at which the
+    power fails, or None.
+    """
+
+    requests: int = 0
+    cut_at: int | None = None
+
+
+_current: ContextVar[DeviceLink | None] = ContextVar("onenet_ota_sim_device", default=None)
+
+
+@contextlib.contextmanager
+def device_context(link: DeviceLink) -> Iterator[None]:
+    """Requests sent inside this block (in this task) belong to ``link``'s device."""
+    token = _current.set(link)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _endpoint(request: httpx2.Request) -> Endpoint | None:
+    route = match_path(request.url.path)
+    return None if route is None else route.by_method.get(request.method)
+
+
+class _MeteredStream(httpx2.AsyncByteStream):
+    """The reply body, counted; the latency is recorded when it has been read to the end."""
+
+    def __init__(
+        self,
+        inner: httpx2.AsyncByteStream,
+        stats: EndpointStats,
+        started: float,
+        truncate_after: int | None,
+    ) -> None:
+        self._inner = inner
+        self._stats = stats
+        self._started = started
+        self._truncate_after = truncate_after
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        stats = self._stats
+        received = 0
+        try:
+            async for chunk in self._inner:
+                if (
+                    self._truncate_after is not None
+                    and received + len(chunk) > self._truncate_after
+                ):
+                    stats.failures += 1
+                    self._done = True
+                    raise httpx2.ReadError("connection reset by peer (simulated drop)")
+                received += len(chunk)
+                stats.bytes += len(chunk)
+                yield chunk
+        except httpx2.TransportError:
+            if not self._done:
+                stats.failures += 1
+                self._done = True
+            raise
+        if not self._done:
+            self._done = True
+            stats.latency.record(time.perf_counter() - self._started)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class FleetTransport(httpx2.AsyncBaseTransport):
+    """Meters every request into ``metrics`` and injects drops and power cuts (module doc).
+
+    ``inner`` does the real I/O; ``drop_rate`` is the probability that a request's connection
+    drops; ``rng`` draws the faults (seed it for a repeatable run).
+    """
+
+    def __init__(
+        self,
+        inner: httpx2.AsyncBaseTransport,
+        metrics: FleetMetrics,
+        *,
+        drop_rate: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError("drop_rate must be at least 0 and below 1")
+        self._inner = inner
+        self._metrics = metrics
+        self._drop_rate = drop_rate
+        self._rng = rng if rng is not None else random.Random()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        """Send ``request`` (or fail it as planned); see the module documentation."""
+        metrics = self._metrics
+        stats = metrics.stats(_endpoint(request))
+        stats.requests += 1
+        link = _current.get()
+        cut_after = False
+        if link is not None:
+            link.requests += 1
+            if link.cut_at is not None and link.requests >= link.cut_at:
+                link.cut_at = None
+                metrics.injected["power-cut"] += 1
+                stats.failures += 1
+                if self._rng.random() < 0.5:
+                    raise PowerCut("power cut before the request left")
+                cut_after = True
+        drop = None
+        if not cut_after and self._drop_rate and self._rng.random() < self._drop_rate:
+            drop = self._rng.choice(DROP_KINDS)
+            metrics.injected[drop] += 1
+            if drop == "refused":
+                stats.failures += 1
+                raise httpx2.ConnectError("connection refused (simulated drop)", request=request)
+        started = time.perf_counter()
+        try:
+            response = await self._inner.handle_async_request(request)
+        except httpx2.TransportError:
+            stats.failures += 1
+            raise
+        if cut_after or drop == "reset":
+            # The server processed the request; its reply never reaches the device.
+            with contextlib.suppress(httpx2.HTTPError):
+                await response.aread()
+            await response.aclose()
+            if cut_after:
+                raise PowerCut("power cut before the reply arrived")
+            stats.failures += 1
+            raise httpx2.ReadError("connection reset by peer (simulated drop)", request=request)
+        assert isinstance(response.stream, httpx2.AsyncByteStream)
+        truncate_after = None
+        if drop == "truncated":
+            length = response.headers.get("Content-Length")
+            # Half the body (at least none of it) arrives before the break.
+            truncate_after = int(length) // 2 if length and length.isdigit() else 0
+        response.stream = _MeteredStream(response.stream, stats, started, truncate_after)
+        return response
+
+    async def aclose(self) -> None:
+        """Close the real transport's connections."""
+        await self._inner.aclose()

@@ -1,0 +1,178 @@
+"""``onenet-ota simulate``: refusals, a run against a real server, and interrupts that leave
+nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from onenet_ota.cli.main import cli
+from tests.server.serve_process import children
+from tests.sim.platform import Platform, sqlite_platform
+from tests.sim.test_server import wait_gone
+
+__all__ = ["sqlite_platform"]  # the fixture, for pytest
+
+ONENET_OTA = Path(sys.executable).with_name("onenet-ota")
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, ["simulate", *args], env=env, catch_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--devices", "0"], "error: --devices must be an integer from 1 to 100000"),
+        (["--concurrency", "-1"], "error: --concurrency must be an integer from 1"),
+        (["--drop-rate", "1"], "error: --drop-rate must be a number of at least 0 and below 1"),
+        (["--power-cut-rate", "2"], "error: --power-cut-rate must be a number"),
+        (["--chunk-size", "1"], "error: --chunk-size must be an integer from 2"),
+        (["--signal", "90:10"], "error: --signal: 90:10 is empty"),
+        (["--power", "x"], "error: --power: expected N or LOW:HIGH"),
+        (["--package", "/nonexistent/fw.bin"], "error: --package /nonexistent/fw.bin: No such"),
+        (["--target", "1.0.0"], "error: --target must differ from --version"),
+        (["--server", "http://x", "--db", "sqlite:///x"], "error: --db configures the local"),
+        (["--server-workers", "0"], "error: --server-workers must be an integer from 1 to 64"),
+        (["--server", "ftp://x", "--admin-token", "t"], "error: --server must be an http://"),
+        (["--server", "http://127.0.0.1:9"], "error: --admin-token (or ONENET_OTA_ADMIN_TOKEN)"),
+    ],
+)
+def test_impossible_parameters_are_refused(args: list[str], message: str) -> None:
+    result = invoke(*args, env={"ONENET_OTA_ADMIN_TOKEN": "", "ONENET_OTA_SERVER": ""})
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unparsable_sizes_are_usage_errors() -> None:
+    result = invoke("--chunk-size", "64 parsecs")
+    assert result.exit_code == 2
+    assert "expected bytes such as 4096, 64k or 1m" in result.output
+
+
+def test_a_run_against_a_server(sqlite_platform: Platform, tmp_path: Path) -> None:
+    summary = tmp_path / "summary.json"
+    result = invoke(
+        "--server", sqlite_platform.url, "--devices", "12", "--concurrency", "4",
+        "--package-size", "20k", "--chunk-size", "4096", "--drop-rate", "0.05",
+        "--power-cut-rate", "0.3", "--retry-interval", "0.02", "--seed", "11",
+        "--no-live", "--json", str(summary), "--state-dir", str(tmp_path),
+        env={"ONENET_OTA_ADMIN_TOKEN": sqlite_platform.admin_token},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "server and devices agree: 12 devices checked" in result.output
+    assert "E6 download package" in result.output
+    data = json.loads(summary.read_text())
+    assert data["ok"] is True
+    assert data["outcomes"] == {"succeeded": 12}
+    assert data["agreement"]["server_counts"]["succeeded"] == 12
+    assert data["endpoints"]["E3 check task"]["latency_ms"]["p99"] > 0
+    assert list(tmp_path.iterdir()) == [summary]  # the device state directories are gone
+
+
+def test_a_run_that_does_not_succeed_exits_1(sqlite_platform: Platform) -> None:
+    result = invoke(
+        "--server", sqlite_platform.url, "--admin-token", sqlite_platform.admin_token,
+        "--devices", "3", "--package-size", "4k", "--power", "5", "--task-power", "50",
+        "--json", "-",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["outcomes"] == {"deferred": 3}
+    assert data["agreement"]["ok"] is True
+
+
+@pytest.fixture
+def isolated(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
+    """An environment whose temporary directories are ours to inspect afterwards."""
+    tmp = tmp_path / "tmp"
+    states = tmp_path / "states"
+    tmp.mkdir()
+    states.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    for name in ("ONENET_OTA_SERVER", "ONENET_OTA_ADMIN_TOKEN", "ONENET_OTA_DB"):
+        env.pop(name, None)
+    return env, tmp, states
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        found += [child, *_descendants(child)]
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_leaves_nothing_running(
+    signum: int, isolated: tuple[dict[str, str], Path, Path]
+) -> None:
+    env, tmp, states = isolated
+    process = subprocess.Popen(
+        [str(ONENET_OTA), "simulate", "--devices", "3000", "--concurrency", "16",
+         "--no-live", "--state-dir", str(states)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    output: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if "devices upgrade to" in line:
+                break
+        else:
+            pytest.fail("the fleet never started:\n" + "".join(output))
+        time.sleep(1)  # some devices are mid-upgrade now
+        spawned = _descendants(process.pid)
+        assert spawned, "no local server process found"
+        assert any(states.iterdir())
+        process.send_signal(signum)
+        rest, _ = process.communicate(timeout=60)
+        output.append(rest)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    text = "".join(output)
+    assert process.returncode == 130, text
+    assert "interrupted" in text
+    assert "Traceback" not in text
+    for pid in spawned:
+        assert wait_gone(pid, 10), f"process {pid} outlived the simulator"
+    assert list(tmp.iterdir()) == []  # the server's data directory (and its database) is gone
+    assert list(states.iterdir()) == []
+
+
+def test_an_interrupt_during_setup(isolated: tuple[dict[str, str], Path, Path]) -> None:
+    env, tmp, _ = isolated
+    process = subprocess.Popen(
+        [str(ONENET_OTA), "simulate", "--devices", "100000", "--no-live"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        output = [process.stdout.readline()]
+        output.append(process.stdout.readline())  # "creating a product, ...": the server runs
+        spawned = _descendants(process.pid)
+        assert spawned, "no local server process found"
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    text = "".join(output) + rest
+    assert process.returncode == 130, text
+    assert "interrupted during setup" in text
+    assert "Traceback" not in text
+    for pid in spawned:
+        assert wait_gone(pid, 10), f"process {pid} outlived the simulator"
+    assert list(tmp.iterdir()) == []

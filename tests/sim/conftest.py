@@ -1,0 +1,5 @@
+"""Fleet-test fixtures (defined in :mod:`tests.sim.platform`, shared with the CLI tests)."""
+
+from tests.sim.platform import platform, sqlite_platform
+
+__all__ = ["platform", "sqlite_platform"]

@@ -1,0 +1,153 @@
+"""Small fleets of real upgraders against the real platform (SQLite and PostgreSQL): faults,
+power cuts, gates, existing tasks, and the agreement check that must catch a disagreement."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from onenet_ota.device.upgrader import Outcome, UpgradeResult
+from onenet_ota.protocol.endpoints import Endpoint
+from onenet_ota.protocol.states import TaskState
+from onenet_ota.protocol.status import StatusCode, TaskType
+from onenet_ota.sim import FleetConfig, SimulationError, ValueRange, simulate
+from onenet_ota.sim.fleet import DeviceRecord, FleetState, Phase
+from onenet_ota.sim.provision import DeviceView, provision
+from onenet_ota.sim.report import check_agreement
+from tests.sim.platform import Platform
+
+SMALL: dict[str, Any] = {"package_size": 32 * 1024, "chunk_size": 8 * 1024, "retry_interval": 0.02}
+
+
+def test_faulty_fleet_all_succeed_and_the_server_agrees(platform: Platform) -> None:
+    config = FleetConfig(
+        devices=50, concurrency=16, drop_rate=0.05, power_cut_rate=0.3, seed=5, **SMALL
+    )
+    report = simulate(config, server=platform.url, admin_token=platform.admin_token)
+    assert report.reasons() == []
+    assert report.ok
+    assert report.succeeded == 50
+    assert report.install_mismatches == 0
+    faults = report.metrics.injected
+    assert faults["power-cut"] > 0
+    assert faults["refused"] + faults["reset"] + faults["truncated"] > 0
+    assert sum(record.power_cuts for record in report.state.devices) == faults["power-cut"]
+    agreement = report.agreement
+    assert agreement is not None
+    assert (agreement.checked, agreement.lost_reports, agreement.duplicated_reports) == (50, 0, 0)
+    assert agreement.server_counts["succeeded"] == 50
+    assert report.task_counts is not None
+    assert report.task_counts["succeeded"] == 50
+    for record in report.state.devices:
+        assert record.accepted[StatusCode.UPGRADED] <= 1
+    endpoints = report.metrics.endpoints
+    for endpoint in (Endpoint.CHECK_TASK, Endpoint.CHECK_TOKEN, Endpoint.DOWNLOAD):
+        assert endpoints[endpoint].latency.count > 0
+        assert endpoints[endpoint].latency.percentile(99) > 0
+    # Each device downloads the 32 KiB at least once; retries and resumes may repeat chunks.
+    assert endpoints[Endpoint.DOWNLOAD].bytes >= 50 * 32 * 1024
+    data = report.to_dict()
+    assert data["outcomes"] == {"succeeded": 50}
+    assert set(data["endpoints"]["E6 download package"]["latency_ms"]) >= {"p50", "p95", "p99"}
+
+
+def test_failed_gate_is_reported_and_the_server_agrees(sqlite_platform: Platform) -> None:
+    config = FleetConfig(
+        devices=6, concurrency=6, power=ValueRange(10, 20), task_power=50, gate_fail=True, **SMALL
+    )
+    report = simulate(config, server=sqlite_platform.url, admin_token=sqlite_platform.admin_token)
+    assert not report.ok
+    assert report.failure_codes == {str(int(StatusCode.DOWNLOAD_LOW_BATTERY)): 6}
+    assert report.agreement is not None
+    assert report.agreement.ok
+    assert report.agreement.server_counts["failed"] == 6
+    assert report.metrics.endpoints.get(Endpoint.DOWNLOAD) is None  # nothing was downloaded
+
+
+def test_deferred_devices_leave_their_tasks_open(sqlite_platform: Platform) -> None:
+    config = FleetConfig(devices=4, concurrency=4, signal=ValueRange(5, 5), task_signal=30, **SMALL)
+    report = simulate(config, server=sqlite_platform.url, admin_token=sqlite_platform.admin_token)
+    assert report.outcomes == {"deferred": 4}
+    assert report.agreement is not None
+    assert report.agreement.ok
+    assert report.agreement.server_counts["to_be_upgraded"] == 4
+
+
+def test_existing_task_runs_its_waiting_devices(sqlite_platform: Platform) -> None:
+    admin = sqlite_platform.admin()
+    try:
+        target = provision(admin, FleetConfig(devices=10, **SMALL))
+    finally:
+        admin.close()
+    run: dict[str, Any] = {
+        "server": sqlite_platform.url,
+        "admin_token": sqlite_platform.admin_token,
+    }
+    report = simulate(FleetConfig(devices=6, task_id=target.task_id, **SMALL), **run)
+    assert report.ok
+    assert report.target.md5 == target.md5
+    assert set(report.target.dev_ids) < set(target.dev_ids)
+    assert report.task_counts is not None
+    assert (report.task_counts["succeeded"], report.task_counts["to_be_upgraded"]) == (6, 4)
+    with pytest.raises(SimulationError, match="has 4 device\\(s\\) waiting to upgrade; use --dev"):
+        simulate(FleetConfig(devices=5, task_id=target.task_id, **SMALL), **run)
+    with pytest.raises(SimulationError, match=r"reading task 999999: .*not"):
+        simulate(FleetConfig(devices=5, task_id=999_999, **SMALL), **run)
+
+
+def test_setup_errors_are_clear(sqlite_platform: Platform) -> None:
+    with pytest.raises(SimulationError, match="check --admin-token"):
+        simulate(FleetConfig(devices=1), server=sqlite_platform.url, admin_token="wrong-token-0000")
+    with pytest.raises(SimulationError, match=r"--admin-token .* is needed"):
+        simulate(FleetConfig(devices=1), server=sqlite_platform.url)
+    with pytest.raises(SimulationError, match="must be an http:// or https:// URL"):
+        simulate(FleetConfig(devices=1), server="ftp://x", admin_token="t")
+    with pytest.raises(SimulationError, match="does not answer"):
+        simulate(FleetConfig(devices=1), server="http://127.0.0.1:9", admin_token="t")
+
+
+def _record(dev_id: int, outcome: Outcome, code: StatusCode | None = None) -> DeviceRecord:
+    phase = Phase(outcome.value)
+    result = UpgradeResult(outcome=outcome, task_type=TaskType.FOTA, code=code)
+    record = DeviceRecord(dev_id, phase=phase, result=result)
+    if outcome is Outcome.SUCCEEDED:
+        record.accepted.update({101: 1, 201: 1})
+    if code is not None:
+        record.accepted[int(code)] = 1
+    return record
+
+
+def test_agreement_catches_every_kind_of_disagreement() -> None:
+    records = [
+        _record(1, Outcome.SUCCEEDED),
+        _record(2, Outcome.SUCCEEDED),  # the server says failed
+        _record(3, Outcome.SUCCEEDED),  # the server lost the 201
+        _record(4, Outcome.FAILED, StatusCode.DOWNLOAD_LOW_BATTERY),
+        _record(5, Outcome.DEFERRED),
+        _record(6, Outcome.SUCCEEDED),  # missing on the server
+        _record(7, Outcome.SUCCEEDED),  # 201 acknowledged twice
+    ]
+    records[6].accepted[201] = 2
+    views = {
+        1: DeviceView(TaskState.SUCCEEDED, 100, 201),
+        2: DeviceView(TaskState.FAILED, 100, 205),
+        3: DeviceView(TaskState.SUCCEEDED, 100, None),
+        4: DeviceView(TaskState.FAILED, 0, 105),
+        5: DeviceView(TaskState.TO_BE_UPGRADED, 0, None),
+        7: DeviceView(TaskState.SUCCEEDED, 100, 201),
+    }
+    agreement = check_agreement(FleetState(records, phases=Counter()), views)
+    assert not agreement.ok
+    assert agreement.mismatches == 1
+    assert agreement.missing == 1
+    assert agreement.duplicated_reports == 1
+    assert agreement.lost_reports == 2  # device 2's 201 (server shows 205) and device 3's
+    assert agreement.checked == 6
+    assert any(
+        e.startswith("2: the device ended succeeded, the server says failed")
+        for e in agreement.examples
+    )
+    good = check_agreement(FleetState(records[:1] + records[3:5]), {k: views[k] for k in (1, 4, 5)})
+    assert good.ok
