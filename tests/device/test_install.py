@@ -39,6 +39,17 @@ def test_file_installer_replaces_an_existing_file_and_is_idempotent(tmp_path: Pa
     assert sorted(os.listdir(tmp_path)) == ["fw.bin", "p"]
 
 
+def test_leftovers_of_an_interrupted_install_are_removed(tmp_path: Path) -> None:
+    package = tmp_path / "p"
+    package.write_bytes(b"v2")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".fw.bin.onenet-ota-tmp.abc123").write_bytes(b"half a fir")
+    (out / ".fw.bin.keep").write_bytes(b"not ours")
+    FileInstaller(out / "fw.bin").install(package, TASK, TaskType.FOTA)
+    assert sorted(os.listdir(out)) == [".fw.bin.keep", "fw.bin"]
+
+
 def test_missing_output_directory_is_install_error(tmp_path: Path) -> None:
     package = tmp_path / "p"
     package.write_bytes(b"x")

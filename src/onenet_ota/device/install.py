@@ -24,6 +24,7 @@ from onenet_ota.protocol.status import StatusCode, TaskType
 
 __all__ = ["FileInstaller", "InstallError", "Installer"]
 
+_TMP_MARK = ".onenet-ota-tmp."
 _UPGRADE_FAILURES = frozenset(code for code in StatusCode if 202 <= code <= 208)
 
 
@@ -56,7 +57,8 @@ class FileInstaller:
     """Places the package at ``target`` atomically: a reader sees the old file or the new one.
 
     The bytes are copied to a temporary file in the target's directory, fsynced, renamed over
-    ``target`` and the directory is fsynced, so a power cut never leaves a torn file.
+    ``target`` and the directory is fsynced, so a power cut never leaves a torn file. Temporary
+    files an interrupted install left behind (``.NAME.onenet-ota-tmp.*``) are removed first.
     """
 
     def __init__(self, target: str | os.PathLike[str], *, mode: int = 0o644) -> None:
@@ -70,8 +72,9 @@ class FileInstaller:
             raise InstallError(f"output directory {directory} does not exist")
         if self.target.is_dir():
             raise InstallError(f"output path {self.target} is a directory")
+        self._remove_leftovers()
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{self.target.name}.", dir=directory)
+            fd, tmp_name = tempfile.mkstemp(prefix=self._tmp_prefix, dir=directory)
         except OSError as exc:
             raise InstallError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
         try:
@@ -92,6 +95,17 @@ class FileInstaller:
                 os.unlink(tmp_name)
             raise
         _fsync_directory(directory)
+
+    @property
+    def _tmp_prefix(self) -> str:
+        return f".{self.target.name}{_TMP_MARK}"
+
+    def _remove_leftovers(self) -> None:
+        prefix = self._tmp_prefix
+        with contextlib.suppress(OSError):
+            for entry in self.target.parent.iterdir():
+                if entry.name.startswith(prefix) and entry.is_file():
+                    entry.unlink(missing_ok=True)
 
     def __repr__(self) -> str:
         return f"FileInstaller({str(self.target)!r})"
