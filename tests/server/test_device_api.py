@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, update
 
 from onenet_ota.protocol.states import TaskState
@@ -27,6 +29,7 @@ from tests.server.seed import (
     FIRMWARE,
     HOUR,
     K2,
+    SDK_AUTH,
     T0,
     TOKEN_LIFE,
     FakeClock,
@@ -34,6 +37,7 @@ from tests.server.seed import (
     World,
     module_database,
     product_auth,
+    raw_exchange,
     running_api,
 )
 
@@ -1163,3 +1167,78 @@ def test_cached_answers_until_invalidated(
         assert e5(c, w, token) == 20
         assert error_byte(download(c, token)) == 3
         assert check(c, w)["errno"] == 11
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: whatever arrives, an errno reply or a 4xx, never a 5xx (issue 3)
+
+_PATHS = st.sampled_from(
+    [
+        "/ota/device/version",
+        "/ota/south/check",
+        "/ota/south/tasking",
+        "/ota/south/download/ota_aaaaaaaaaaaaaaaaaaaa",
+        "/ota/south/download/ota_aaaaaaaaaaaaaaaaaaaa/check",
+        "/ota/south/device/download/x/progress",
+        "/ota/south/report",
+        "/ota/devInfo",
+        "/ota/south/download/%00%ff/check",
+        "/ota/south/download/../../etc/passwd",
+        "/ota//device/version",
+    ]
+)
+_TEXT = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30
+)  # printable, no spaces: the request line stays parseable
+_QUERY = st.lists(
+    st.tuples(
+        st.sampled_from(["dev_id", "type", "version", "cdn", "token", "s_id", "manuf", "x"]),
+        st.one_of(_TEXT, st.sampled_from(["1", "2", "987654321", "%ff%fe", "+", "true"])),
+    ),
+    max_size=5,
+)
+_BODIES = st.one_of(
+    st.binary(max_size=300),
+    st.sampled_from(
+        [b'{"step":101}', b'{"result":201}', b'{"f_version":"1"}', b'{"pid":1,"authInfo":"a"}']
+    ),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=8,
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS"]),
+    path=_PATHS,
+    query=_QUERY,
+    authorization=st.one_of(st.none(), _TEXT, st.just(SDK_AUTH)),
+    range_value=st.one_of(st.none(), _TEXT),
+    body=_BODIES,
+)
+def test_hostile_requests_never_get_a_5xx(
+    env: tuple[Seeder, DeviceApi, ServerThread],
+    method: str,
+    path: str,
+    query: list[tuple[str, str]],
+    authorization: str | None,
+    range_value: str | None,
+    body: bytes,
+) -> None:
+    target = path + ("?" + "&".join(f"{k}={v}" for k, v in query) if query else "")
+    lines = [f"{method} {target} HTTP/1.1", "Host:x"]
+    if authorization is not None:
+        lines.append(f"Authorization:{authorization}")
+    if range_value is not None:
+        lines.append(f"Range:{range_value}")
+    lines.append(f"Content-Length:{len(body)}")
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    reply = raw_exchange(env[2].port, request)
+    assert reply.status in (200, 206, 400, 404, 405, 413), reply.raw[:200]
+    if reply.header("Content-Type") == "application/json":
+        assert len(reply.raw) <= 512
+        assert isinstance(json.loads(reply.body)["errno"], int)
+    assert b"Traceback" not in reply.raw
