@@ -17,11 +17,11 @@ What it does:
    fixed 26-byte JSON (``{"errno":0,"error":"succ"}``, the smallest canonical device reply);
    every other path goes to the real app.
 3. Drives load from a separate process (``multiprocessing`` spawn), so that the client does not
-   share the server's interpreter: a load generator over raw non-blocking sockets and one epoll
-   loop (Linux), with pre-built request bytes in the C SDK's exact format and responses framed
-   by ``Content-Length`` and checked for status and errno. It costs far less per request than
-   an asyncio client, so one client process can keep the one-process server busy on a 2-core
-   machine. ``--concurrency`` (64) clients run in two modes:
+   share the server's interpreter: the load generator of :mod:`bench.loadgen` (raw non-blocking
+   sockets and one epoll loop, Linux), with pre-built request bytes in the C SDK's exact format
+   and responses framed by ``Content-Length`` and checked for status and errno. It costs far
+   less per request than an asyncio client, so one client process can keep the one-process
+   server busy on a 2-core machine. ``--concurrency`` (64) clients run in two modes:
 
    - ``keep-alive``: 64 persistent connections, each sending its next request as soon as the
      previous response is complete;
@@ -59,10 +59,7 @@ import multiprocessing.connection
 import os
 import pstats
 import random
-import select
-import socket
 import statistics
-import struct
 import sys
 import tempfile
 import threading
@@ -73,6 +70,7 @@ from typing import Any, Final
 
 from pydantic import SecretStr
 
+from bench.loadgen import Result, Scenario, load_generator
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server.admin_service import (
     DeviceImport,
@@ -137,165 +135,6 @@ def download_request(token: str, start: int) -> bytes:
         f"Range:{start}-{start + CHUNK - 1}\r\n"
         "\r\n"
     ).encode()
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One measured run: which requests, which connection mode."""
-
-    name: str
-    mode: str  # "keep-alive" or "per-connection"
-    requests: list[bytes]  # cycled through by the clients
-    expect_status: bytes  # b"200" or b"206"
-    expect_body: bytes  # a byte string every response body must contain
-
-
-@dataclass(frozen=True)
-class Result:
-    completed: int
-    errors: int
-    elapsed: float
-    client_cpu: float
-    first_error: str
-
-
-# ---------------------------------------------------------------------------------------------
-# The load generator (runs in its own process)
-
-
-class _Conn:
-    """One client connection of the load generator."""
-
-    __slots__ = ("buffer", "connecting", "expected", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = b""
-        self.expected = -1
-        self.connecting = True
-
-
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)
-
-
-def _run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, Any]) -> Result:
-    """Drive one scenario with a plain epoll loop over non-blocking sockets.
-
-    Plain epoll rather than asyncio: per request it costs the client a fraction of what the
-    server spends, so one client process can keep a one-process server busy on a 2-core machine.
-    """
-    warmup: float = options["warmup"]
-    duration: float = options["duration"]
-    concurrency: int = options["concurrency"]
-    keep_alive = scenario.mode == "keep-alive"
-    requests = scenario.requests
-    count = len(requests)
-    expect_status = scenario.expect_status
-    expect_body = scenario.expect_body
-    poller = select.epoll()
-    conns: dict[int, _Conn] = {}
-    clock = time.monotonic
-    start_at = clock() + warmup
-    stop_at = start_at + duration
-    sent = completed = errors = 0
-    first_error = ""
-
-    def open_conn() -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.connect_ex((host, port))  # EINPROGRESS: completion shows as writability
-        conns[sock.fileno()] = _Conn(sock)
-        poller.register(sock.fileno(), select.EPOLLOUT)
-
-    def close_conn(fd: int, conn: _Conn, *, reset: bool) -> None:
-        poller.unregister(fd)
-        del conns[fd]
-        if reset:  # like the C SDK the client closes first; RST avoids TIME_WAIT pile-ups
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        conn.sock.close()
-
-    def fail(fd: int, conn: _Conn, error: str) -> None:
-        nonlocal errors, first_error
-        errors += 1
-        first_error = first_error or error
-        close_conn(fd, conn, reset=True)
-        if clock() < stop_at:
-            open_conn()
-
-    cpu = time.process_time()
-    for _ in range(concurrency):
-        open_conn()
-    while conns:
-        for fd, events in poller.poll(1.0):
-            conn = conns.get(fd)
-            if conn is None:
-                continue
-            try:
-                if conn.connecting:
-                    if events & (select.EPOLLERR | select.EPOLLHUP):
-                        fail(fd, conn, "connect failed")
-                        continue
-                    conn.connecting = False
-                    poller.modify(fd, select.EPOLLIN)
-                    conn.sock.send(requests[sent % count])
-                    sent += 1
-                    continue
-                data = conn.sock.recv(262144)
-            except OSError as exc:
-                fail(fd, conn, repr(exc))
-                continue
-            if not data:
-                fail(fd, conn, "closed by the server before a complete response")
-                continue
-            buffer = conn.buffer + data
-            if conn.expected < 0:
-                end = buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    conn.buffer = buffer
-                    continue
-                start = buffer.find(b"Content-Length: ", 0, end)
-                if start < 0:
-                    fail(fd, conn, f"no Content-Length: {buffer[:300]!r}")
-                    continue
-                conn.expected = end + 4 + int(buffer[start + 16 : buffer.find(b"\r", start)])
-            if len(buffer) < conn.expected:
-                conn.buffer = buffer
-                continue
-            response = buffer[: conn.expected]
-            conn.buffer = b""
-            conn.expected = -1
-            now = clock()
-            if response[9:12] != expect_status or expect_body not in response:
-                fail(fd, conn, repr(response[:300]))
-                continue
-            if start_at <= now < stop_at:
-                completed += 1
-            if keep_alive and now < stop_at and b"Connection: close" not in response:
-                try:
-                    conn.sock.send(requests[sent % count])
-                except OSError as exc:
-                    fail(fd, conn, repr(exc))
-                    continue
-                sent += 1
-            else:
-                close_conn(fd, conn, reset=True)
-                if now < stop_at:
-                    open_conn()
-        if clock() > stop_at + 30:
-            break  # a stuck server: give up on what is left
-    poller.close()
-    return Result(completed, errors, duration, time.process_time() - cpu, first_error)
-
-
-def load_generator(conn: multiprocessing.connection.Connection, host: str, port: int) -> None:
-    """The load process: runs each scenario it receives and sends back its :class:`Result`."""
-    while True:
-        message = conn.recv()
-        if message is None:
-            return
-        scenario, options = message
-        conn.send(_run_scenario(host, port, scenario, options))
 
 
 # ---------------------------------------------------------------------------------------------
