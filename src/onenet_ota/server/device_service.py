@@ -92,7 +92,7 @@ _RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01"})
 # last_seen_at is informational; E3 polls refresh it at most this often, so a poll with an
 # unchanged version stays a read-only transaction.
 _LAST_SEEN_RESOLUTION_S: Final = 60
-_CACHE_MAX_ENTRIES: Final = 8192
+_CACHE_MAX_ENTRIES: Final = 65536
 _OPEN_CODES: Final = tuple(int(s) for s in OPEN_STATES)
 # Literal values: an IN over bound parameters is re-expanded on every execution (measured: a
 # fifth of E3's statement time on SQLite).
