@@ -53,8 +53,8 @@ from onenet_ota.device import (
 )
 from onenet_ota.device.errors import ERRNO_EXCEPTIONS
 from onenet_ota.protocol.endpoints import Endpoint
+from tests.captures import CAPTURES
 from tests.device.conftest import (
-    CAPTURES,
     FIRMWARE,
     FIRMWARE_MD5,
     TOKEN,
