@@ -149,3 +149,19 @@ async def test_power_cut_at_the_planned_request(draw: float, reached: bool) -> N
 def test_drop_rate_must_leave_a_chance() -> None:
     with pytest.raises(ValueError, match="below 1"):
         FleetTransport(httpx2.MockTransport(Server()), FleetMetrics(), drop_rate=1.0)
+
+
+@pytest.mark.anyio
+async def test_devices_use_their_pool() -> None:
+    first, second, metrics = Server(), Server(), FleetMetrics()
+    pools: list[httpx2.AsyncBaseTransport] = [
+        httpx2.MockTransport(first),
+        httpx2.MockTransport(second),
+    ]
+    async with httpx2.AsyncClient(transport=FleetTransport(pools, metrics)) as http:
+        with device_context(DeviceLink(pool=3)):  # pools are shared round robin
+            await http.get(CHECK_URL)
+        await http.get(CHECK_URL)  # no device: the first pool
+    assert (len(first.seen), len(second.seen)) == (1, 1)
+    with pytest.raises(ValueError, match="at least one inner transport"):
+        FleetTransport([], metrics)

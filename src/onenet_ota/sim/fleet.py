@@ -79,6 +79,7 @@ _KEEP_ERRORS: Final = 5
 _PAUSE_LIMIT_S: Final = 60.0  # a paused task is waited on this long before the device defers
 _PAUSE_POLL_S: Final = 2.0
 _BACKOFF_MAX_S: Final = 10.0
+POOL_SIZE: Final = 8  # connections per httpx2 pool (see FleetTransport)
 
 
 class Phase(StrEnum):
@@ -234,10 +235,19 @@ class Fleet:
         """
         config = self.config
         state = self.state
-        limits = httpx2.Limits(
-            max_connections=config.concurrency, max_keepalive_connections=config.concurrency
+        # One pool per POOL_SIZE workers: each worker runs one device at a time, so no pool
+        # ever needs more than POOL_SIZE connections.
+        limits = httpx2.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
+        pools = math.ceil(config.concurrency / POOL_SIZE)
+        tls = httpx2.create_ssl_context(verify=True, trust_env=False)  # one CA load for all
+        inner: list[httpx2.AsyncBaseTransport] = (
+            [self._inner]
+            if self._inner is not None
+            else [
+                httpx2.AsyncHTTPTransport(verify=tls, limits=limits, trust_env=False)
+                for _ in range(pools)
+            ]
         )
-        inner = self._inner or httpx2.AsyncHTTPTransport(limits=limits, trust_env=False)
         transport = FleetTransport(
             inner, state.metrics, drop_rate=config.drop_rate, rng=random.Random(self._rng.random())
         )
@@ -247,20 +257,21 @@ class Fleet:
         try:
             async with httpx2.AsyncClient(transport=transport, trust_env=False) as http:
 
-                async def worker() -> None:
+                async def worker(number: int) -> None:
                     for index in next_index:
                         start_at = state.started_at + config.ramp_up * index / len(state.devices)
                         delay = start_at - time.monotonic()
                         if delay > 0:
                             await anyio.sleep(delay)
-                        await self._device(state.devices[index], http, root)
+                        pool = number // POOL_SIZE
+                        await self._device(state.devices[index], http, root, pool)
 
                 async with anyio.create_task_group() as group:
                     if on_tick is not None:
                         group.start_soon(self._ticker, on_tick, tick)
                     async with anyio.create_task_group() as workers:
-                        for _ in range(config.concurrency):
-                            workers.start_soon(worker)
+                        for number in range(config.concurrency):
+                            workers.start_soon(worker, number)
                     group.cancel_scope.cancel()  # the ticker
         except BaseException:
             state.interrupted = True
@@ -277,15 +288,19 @@ class Fleet:
             await anyio.sleep(tick)
             on_tick(self.state)
 
-    async def _device(self, record: DeviceRecord, http: httpx2.AsyncClient, root: Path) -> None:
+    async def _device(
+        self, record: DeviceRecord, http: httpx2.AsyncClient, root: Path, pool: int
+    ) -> None:
         try:
-            await self._upgrade(record, http, root / str(record.dev_id))
+            await self._upgrade(record, http, root / str(record.dev_id), pool)
         except Exception as exc:  # a simulator bug must not stop the other devices
             log.exception("device %s: unexpected error", record.dev_id)
             record.error = f"simulator error: {type(exc).__name__}: {exc}"
             self.state.move(record, Phase.FAILED)
 
-    async def _upgrade(self, record: DeviceRecord, http: httpx2.AsyncClient, home: Path) -> None:
+    async def _upgrade(
+        self, record: DeviceRecord, http: httpx2.AsyncClient, home: Path, pool: int
+    ) -> None:
         config = self.config
         state = self.state
         # Per device, so that --seed repeats each device's probes and power-cut plan.
@@ -306,7 +321,7 @@ class Fleet:
             type=self.target.task_type,
         )
         output = home / "installed.bin"
-        link = DeviceLink()
+        link = DeviceLink(pool=pool)
 
         def on_client_event(event: OtaEvent) -> None:
             if isinstance(event, StatusReported) and event.code > 100:

@@ -57,11 +57,12 @@ class DeviceLink:
     """What the transport knows about one device: its request count and planned power cut.
 
     ``cut_at`` is the number of the request (counted over the device's whole life) at which the
-    power fails, or None.
+    power fails, or None. ``pool`` picks the connection pool the device's requests use.
     """
 
     requests: int = 0
     cut_at: int | None = None
+    pool: int = 0
 
 
 _current: ContextVar[DeviceLink | None] = ContextVar("onenet_ota_sim_device", default=None)
@@ -129,13 +130,16 @@ class _MeteredStream(httpx2.AsyncByteStream):
 class FleetTransport(httpx2.AsyncBaseTransport):
     """Meters every request into ``metrics`` and injects drops and power cuts (module doc).
 
-    ``inner`` does the real I/O; ``drop_rate`` is the probability that a request's connection
-    drops; ``rng`` draws the faults (seed it for a repeatable run).
+    ``inner`` does the real I/O: one transport, or several connection pools, one per group of
+    devices (:attr:`DeviceLink.pool`). httpx2's pool scans all its connections for every request,
+    so a few small pools cost the client far less CPU than one big one. ``drop_rate`` is the
+    probability that a request's connection drops; ``rng`` draws the faults (seed it for a
+    repeatable run).
     """
 
     def __init__(
         self,
-        inner: httpx2.AsyncBaseTransport,
+        inner: httpx2.AsyncBaseTransport | list[httpx2.AsyncBaseTransport],
         metrics: FleetMetrics,
         *,
         drop_rate: float = 0.0,
@@ -143,7 +147,9 @@ class FleetTransport(httpx2.AsyncBaseTransport):
     ) -> None:
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError("drop_rate must be at least 0 and below 1")
-        self._inner = inner
+        self._pools = list(inner) if isinstance(inner, list) else [inner]
+        if not self._pools:
+            raise ValueError("at least one inner transport is needed")
         self._metrics = metrics
         self._drop_rate = drop_rate
         self._rng = rng if rng is not None else random.Random()
@@ -171,9 +177,10 @@ class FleetTransport(httpx2.AsyncBaseTransport):
             if drop == "refused":
                 stats.failures += 1
                 raise httpx2.ConnectError("connection refused (simulated drop)", request=request)
+        pool = self._pools[link.pool % len(self._pools)] if link is not None else self._pools[0]
         started = time.perf_counter()
         try:
-            response = await self._inner.handle_async_request(request)
+            response = await pool.handle_async_request(request)
         except httpx2.TransportError:
             stats.failures += 1
             raise
@@ -196,5 +203,6 @@ class FleetTransport(httpx2.AsyncBaseTransport):
         return response
 
     async def aclose(self) -> None:
-        """Close the real transport's connections."""
-        await self._inner.aclose()
+        """Close the real transports' connections."""
+        for pool in self._pools:
+            await pool.aclose()
