@@ -1,0 +1,246 @@
+"""Fleet benchmark (issue 5): a whole fleet upgrading at once, on SQLite and on PostgreSQL.
+
+Run::
+
+    .venv/bin/python -m bench.fleet_bench                  # the issue's sizes; 15-30 minutes
+    .venv/bin/python -m bench.fleet_bench --devices 1000 --fault-devices 200 --db sqlite
+
+Scenarios, for each database (``--db``, default both):
+
+- ``fleet``: ``--devices`` (10,000) virtual devices upgrade a 256 KiB package, ``--concurrency``
+  (64) at a time, with 64 KiB chunks (the upgrader's default). Every device must end succeeded.
+- ``faults``: ``--fault-devices`` (1,000) devices with ``--drop-rate`` (5 %) of requests losing
+  their connection and ``--power-cut-rate`` (2 %) of upgrader runs losing power and resuming.
+  Every device must end succeeded, and the server must show no lost or duplicated report.
+
+Each scenario runs :func:`onenet_ota.sim.simulate`: every device is the real
+:class:`~onenet_ota.device.upgrader.AsyncUpgrader` over HTTP (the simulator's process), against
+the platform in its own process (``onenet_ota.sim.server.LocalServer``, ``--workers`` worker
+processes), set up through its management API. PostgreSQL runs in a throwaway cluster of
+:mod:`tests.pgcluster` with fsync on and ``synchronous_commit=off`` (what SQLite's
+``synchronous=NORMAL`` gives).
+
+It prints, per scenario: wall time, devices/s, requests/s, download throughput, latency
+percentiles overall and per endpoint, the server's and the client's CPU use (CPU seconds per wall
+second: near 1.0 means that process was saturated), and the verdict: succeeded/total, and whether
+the server's records agree with the devices (no mismatch, no lost or duplicated report). Then the
+ratios: succeeded/total per scenario, PostgreSQL/SQLite wall time.
+
+``--py-spy PATH`` samples the server process(es) with py-spy during the ``fleet`` scenarios and
+prints the functions where the server spends its time. ``--json FILE`` writes every number.
+Exit status: 0 when every scenario met its target, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.pgcluster import PgCluster
+
+from bench.common import DB_KINDS, PySpy, database, machine, postgres, process_cpu
+from bench.profiles import top_functions
+from onenet_ota.protocol.endpoints import Endpoint
+from onenet_ota.sim import FleetConfig, FleetReport, LocalServer, simulate
+
+
+@dataclass
+class Outcome:
+    """One scenario's report and the CPU the server and the client used."""
+
+    db: str
+    scenario: str
+    report: FleetReport
+    server_cpu: float
+    client_cpu: float
+    workers: int
+    profile: list[str]
+
+    @property
+    def met(self) -> bool:
+        """Every device succeeded and the server agrees (no lost or duplicated report)."""
+        return self.report.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        elapsed = max(self.report.state.elapsed, 1e-9)
+        return {
+            "db": self.db,
+            "scenario": self.scenario,
+            "met": self.met,
+            "server_workers": self.workers,
+            "server_cpu_per_s": round(self.server_cpu / elapsed, 2),
+            "client_cpu_per_s": round(self.client_cpu / elapsed, 2),
+            "report": self.report.to_dict(),
+            "profile": self.profile,
+        }
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:7.1f}"
+
+
+def print_outcome(outcome: Outcome) -> None:
+    report = outcome.report
+    data = report.to_dict()
+    elapsed = max(report.state.elapsed, 1e-9)
+    agreement = report.agreement
+    print(
+        f"\n== {outcome.scenario} on {outcome.db}: {data['devices']} devices, concurrency "
+        f"{data['concurrency']}, {outcome.workers} server worker(s)"
+    )
+    print(
+        f"   wall {elapsed:.1f} s, {data['devices_per_s']:.1f} devices/s, "
+        f"{data['requests_per_s']:.0f} requests/s ({data['requests']} requests, "
+        f"{data['request_failures']} without an answer), "
+        f"{data['bytes_per_s'] / 1024 / 1024:.1f} MiB/s downloaded"
+    )
+    print(
+        f"   CPU per wall second: server {outcome.server_cpu / elapsed:.2f}, "
+        f"client {outcome.client_cpu / elapsed:.2f}"
+    )
+    print(f"   {'endpoint':<22} {'requests':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
+    for endpoint, stats in sorted(
+        report.metrics.endpoints.items(), key=lambda item: item[0].value if item[0] else "~"
+    ):
+        label = endpoint.label if isinstance(endpoint, Endpoint) else "other"
+        h = stats.latency
+        print(
+            f"   {label:<22} {stats.requests:>9} {_ms(h.percentile(50))} "
+            f"{_ms(h.percentile(95))} {_ms(h.percentile(99))}"
+        )
+    overall = report.metrics.overall()
+    print(
+        f"   {'all':<22} {report.metrics.requests:>9} {_ms(overall.percentile(50))} "
+        f"{_ms(overall.percentile(95))} {_ms(overall.percentile(99))}"
+    )
+    if data["faults"]:
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(data["faults"].items()))
+        print(f"   faults injected: {faults}; upgrader retries {data['retries']}")
+    if agreement is not None:
+        print(
+            f"   server: {agreement.server_counts}; agreement "
+            f"{'OK' if agreement.ok else 'FAILED'} ({agreement.mismatches} mismatches, "
+            f"{agreement.lost_reports} lost, {agreement.duplicated_reports} duplicated reports)"
+        )
+        for example in agreement.examples[:5]:
+            print(f"     {example}")
+    for reason in report.reasons():
+        print(f"   not succeeded: {reason}")
+    print(
+        f"   target: every device succeeded ({report.succeeded}/{data['devices']}), "
+        f"server agrees: {'met' if outcome.met else 'MISSED'}"
+    )
+    for line in outcome.profile:
+        print(f"   {line}")
+
+
+@contextlib.contextmanager
+def _cluster(kinds: list[str]) -> Iterator[PgCluster | None]:
+    if "postgres" not in kinds:
+        yield None
+        return
+    with postgres() as cluster:
+        yield cluster
+
+
+def run_scenario(
+    db: str, scenario: str, config: FleetConfig, args: argparse.Namespace,
+    cluster: PgCluster | None,
+) -> Outcome:  # fmt: skip
+    with (
+        database(db, cluster, name="fleet") as url,
+        LocalServer(db=url, workers=args.workers) as server,
+    ):
+        assert server.pid is not None
+        spy = None
+        profile: list[str] = []
+        spy_file = Path(tempfile.mkdtemp(prefix="onenet-ota-pyspy-")) / "server.txt"
+        if args.py_spy and scenario == "fleet":
+            spy = PySpy(args.py_spy, server.pid, spy_file)
+        server_cpu = process_cpu(server.pid)
+        client_cpu = time.process_time()
+        try:
+            report = simulate(config, server=server.url, admin_token=server.admin_token)
+        finally:
+            server_cpu = process_cpu(server.pid) - server_cpu
+            client_cpu = time.process_time() - client_cpu
+            if spy is not None:
+                messages = spy.stop()
+                profile = top_functions(spy_file, 20) or [f"py-spy: {messages}"]
+        return Outcome(db, scenario, report, server_cpu, client_cpu, server.workers, profile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--devices", type=int, default=10_000, help="devices of the fleet run")
+    parser.add_argument("--fault-devices", type=int, default=1000, help="devices of the fault run")
+    parser.add_argument("--concurrency", type=int, default=64, help="devices upgrading at once")
+    parser.add_argument("--chunk-size", type=int, default=64 * 1024, help="bytes per E6")
+    parser.add_argument("--package-size", type=int, default=256 * 1024)
+    parser.add_argument("--drop-rate", type=float, default=0.05)
+    parser.add_argument("--power-cut-rate", type=float, default=0.02)
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--db", action="append", choices=DB_KINDS, help="repeatable [both]")
+    parser.add_argument("--only", choices=("fleet", "faults"), help="run only this scenario [both]")
+    parser.add_argument("--py-spy", metavar="PATH", help="sample the server with py-spy")
+    parser.add_argument("--json", metavar="FILE", help="write every number as JSON")
+    args = parser.parse_args(argv)
+    kinds = args.db or list(DB_KINDS)
+    common = {
+        "concurrency": args.concurrency,
+        "chunk_size": args.chunk_size,
+        "package_size": args.package_size,
+        "seed": 5,
+    }
+    scenarios = {
+        "fleet": FleetConfig(devices=args.devices, **common),
+        "faults": FleetConfig(
+            devices=args.fault_devices,
+            drop_rate=args.drop_rate,
+            power_cut_rate=args.power_cut_rate,
+            **common,
+        ),
+    }
+    if args.only:
+        scenarios = {args.only: scenarios[args.only]}
+    print(f"onenet-ota fleet benchmark on {machine()}", flush=True)
+    outcomes: list[Outcome] = []
+    with _cluster(kinds) as cluster:
+        for db in kinds:
+            for name, config in scenarios.items():
+                print(f"-- {name} on {db}: {config.devices} devices ...", flush=True)
+                outcome = run_scenario(db, name, config, args, cluster)
+                print_outcome(outcome)
+                outcomes.append(outcome)
+    print("\nsummary")
+    for outcome in outcomes:
+        report = outcome.report
+        total = len(report.state.devices)
+        print(
+            f"  {outcome.scenario:<7} {outcome.db:<9} {report.succeeded}/{total} succeeded "
+            f"({report.succeeded / total:.3f}), {report.state.elapsed:7.1f} s, "
+            f"{report.metrics.requests / max(report.state.elapsed, 1e-9):6.0f} req/s, "
+            f"agreement {'OK' if report.agreement and report.agreement.ok else 'FAILED'}: "
+            f"{'met' if outcome.met else 'MISSED'}"
+        )
+    by_key = {(o.db, o.scenario): o for o in outcomes}
+    for name in scenarios:
+        sqlite, pg = by_key.get(("sqlite", name)), by_key.get(("postgres", name))
+        if sqlite and pg:
+            ratio = pg.report.state.elapsed / max(sqlite.report.state.elapsed, 1e-9)
+            print(f"  {name}: PostgreSQL wall time / SQLite wall time = {ratio:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([o.to_dict() for o in outcomes], indent=2) + "\n")
+    return 0 if all(o.met for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
