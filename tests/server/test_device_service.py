@@ -439,13 +439,13 @@ def test_answers_racing_an_invalidation_are_not_cached(
 ) -> None:
     w = seeder.world()
     offer(cached, w)
-    run = cached._run
+    read_first = cached._read_first
 
-    def run_then_invalidate(work: Any) -> Any:
-        result = run(work)
+    def read_then_invalidate(*args: Any) -> Any:
+        result = read_first(*args)
         cached.invalidate()  # as if another thread's transition committed meanwhile
         return result
 
-    monkeypatch.setattr(cached, "_run", run_then_invalidate)
+    monkeypatch.setattr(cached, "_read_first", read_then_invalidate)
     offer(cached, w)
     assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None

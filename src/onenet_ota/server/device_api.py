@@ -180,7 +180,13 @@ class DeviceApi:
         dev_id = values.parse_dev_id(query.get("dev_id"))
         if dev_id is None:
             return wire.envelope(Errno.INVALID_PARAMETER)  # P2
-        device = self.service.device_cached(dev_id) or await self._db(self.service.device, dev_id)
+        device = self.service.device_cached(dev_id)
+        if device is None and endpoint is Endpoint.CHECK_TASK:
+            fused = await self._check_task_with_p3(principal, dev_id, query)
+            if fused is not None:
+                return fused
+        if device is None:
+            device = await self._db(self.service.device, dev_id)
         if not self.service.binds(principal, device):
             return wire.envelope(Errno.AUTH_FAILED)  # P3
         try:
@@ -237,6 +243,32 @@ class DeviceApi:
             self.service.report_version, dev_id, versions["f_version"], versions["s_version"]
         )
         return wire.envelope(errno)
+
+    async def _check_task_with_p3(
+        self, principal: Principal, dev_id: int, query: dict[str, str]
+    ) -> Response | None:
+        """E3 for a device not in the cache: P3 in the same transaction as E3 (the cold polling
+        path). None when a parameter is invalid: its errno must wait for P3 (§4.2's order)."""
+        version = query.get("version")
+        try:
+            task_type, cdn = _task_type(query.get("type")), _cdn(query.get("cdn"))
+        except _Rejected:
+            return None
+        if version is None or not values.is_version(version):
+            return None
+        manuf, model = query.get("manuf") or None, query.get("model") or None
+        errno, info = await self._db(
+            functools.partial(
+                self.service.check_task,
+                dev_id,
+                task_type,
+                version,
+                manuf=manuf,
+                model=model,
+                principal=principal,
+            )
+        )
+        return self._task_reply(errno, info, cdn)
 
     async def _check_task(self, dev_id: int, query: dict[str, str]) -> Response:
         # §6.3 / D17, steps 2-4, in this order.
