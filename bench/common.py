@@ -112,7 +112,7 @@ class PySpy:
             raise FileNotFoundError(f"py-spy not found at {executable}")
         self.output = output
         self._process = subprocess.Popen(
-            [path, "record", "--pid", str(pid), "--subprocesses", "--idle", "--rate", str(rate),
+            [path, "record", "--pid", str(pid), "--subprocesses", "--rate", str(rate),
              "--format", "raw", "--output", str(output), "--nonblocking"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -2,8 +2,10 @@
 
 ``py-spy record --format raw`` writes one line per distinct stack, ``frame;frame;...;leaf N``,
 each frame ``function (file:line)``, with ``process N:"cmdline"`` first when subprocesses are
-sampled. :func:`top_functions` adds the samples up per function (line numbers dropped): *self*
-counts samples where the function was the leaf, *total* those where it was anywhere on the stack.
+sampled. Without ``--idle`` only busy samples are kept (a thread on the CPU, or in a system call
+it did not block on), so the shares are shares of the server's work, not of the wall time.
+:func:`top_functions` adds the samples up per function (line numbers dropped): *self* counts
+samples where the function was the leaf, *total* those where it was anywhere on the stack.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Final
 __all__ = ["top_functions"]
 
 _FRAME: Final = re.compile(r"^(?P<name>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
-_IDLE_FILE: Final = "(selectors.py)"  # the event loop waiting for sockets
 
 
 def _function(frame: str) -> str | None:
@@ -59,10 +60,8 @@ def top_functions(path: Path, limit: int = 20) -> list[str]:
             total[name] += count
     if not samples:
         return []
-    idle = sum(n for name, n in own.items() if name.endswith(_IDLE_FILE))
     out = [
-        f"py-spy: {samples} samples of the server process(es); "
-        f"{idle / samples:.0%} waiting in the event loop's poll",
+        f"py-spy: {samples} busy samples of the server process(es)",
         f"{'self':>6} {'total':>6}  function",
     ]
     for name, count in own.most_common(limit):
