@@ -248,6 +248,21 @@ def test_unreachable_server_fails_without_a_traceback(tmp_path: Path) -> None:
     assert "gave up after 2 attempts" in events[-1]["reason"]
 
 
+def test_unwritable_state_directory_is_a_clear_failure(
+    server: tuple[LocalServer, AdminClient], tmp_path: Path
+) -> None:
+    world = new_world(server)
+    (tmp_path / "file").write_text("a file, not a directory")
+    args = upgrade_args(world, server[0].url, tmp_path, "--json")
+    args[args.index("--state-dir") + 1] = str(tmp_path / "file" / "state")
+    result = run(args)
+    assert result.exit_code == EXIT_FAILED
+    final = json_lines(result.output)[-1]
+    assert final["outcome"] == "failed"
+    assert "cannot create state directory" in final["reason"]
+    assert "Not a directory" in final["reason"]
+
+
 def test_check_prints_the_task(server: tuple[LocalServer, AdminClient]) -> None:
     world = new_world(server)
     args = ["check", *world.device_args(server[0].url), "--access-key", world.access_key]

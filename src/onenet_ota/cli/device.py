@@ -437,6 +437,10 @@ def upgrade(**params: Any) -> None:
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:  # a bug or an environment the SDK did not foresee
+            # One line, no traceback; the state directory keeps what was done for the next run.
+            click.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
     sys.exit(_EXIT_CODES[result.outcome])
 
 

@@ -293,7 +293,10 @@ class StateStore:
         The kernel drops the lock when the holder dies, even by SIGKILL.
         """
         self._ensure_directory()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot open {self.lock_path}: {exc.strerror or exc}") from exc
         try:
             if fcntl is not None:
                 try:
