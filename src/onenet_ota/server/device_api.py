@@ -121,6 +121,7 @@ class DeviceApi:
         )
         self._files = _OpenFiles(blobs)
         self._task_bodies: dict[tuple[TaskInfo, bool], bytes] = {}  # E3/E4 replies, encoded
+        self._queries: dict[str, dict[str, str]] = {}  # query string -> parsed
 
     def close(self) -> None:
         """Stop the database worker threads, if any, and close package files."""
@@ -176,7 +177,7 @@ class DeviceApi:
             return wire.envelope(Errno.AUTH_FAILED)  # P1
         if endpoint is Endpoint.DEV_INFO:
             return await self._dev_info(principal, body)
-        query = request.query
+        query = self._query(request)
         dev_id = values.parse_dev_id(query.get("dev_id"))
         if dev_id is None:
             return wire.envelope(Errno.INVALID_PARAMETER)  # P2
@@ -217,6 +218,16 @@ class DeviceApi:
         except _Rejected as rejected:
             return wire.envelope(rejected.errno)
         raise AssertionError(f"unrouted endpoint {endpoint}")  # pragma: no cover
+
+    def _query(self, request: Request) -> dict[str, str]:
+        """The parsed query; polling devices repeat theirs verbatim, so parses are reused."""
+        query = self._queries.get(request.query_string)
+        if query is None:
+            query = request.query
+            if len(self._queries) >= 4096:
+                self._queries.clear()
+            self._queries[request.query_string] = query  # read-only from here on
+        return query
 
     async def _principal(self, authorization: str | None) -> Principal | None:
         if not authorization:

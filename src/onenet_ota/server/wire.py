@@ -17,6 +17,7 @@ The HTTP layer adds nothing but ``Connection: close``; see :class:`onenet_ota.se
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Final
 
 from onenet_ota.protocol import values
@@ -108,6 +109,12 @@ def safe_file_name(file_name: str) -> str:
     return cleaned if cleaned.strip() else _FALLBACK_FILE_NAME
 
 
+@functools.lru_cache(maxsize=1024)
+def _disposition(file_name: str) -> tuple[str, str]:
+    # Built once per name: every 4 KiB chunk of a download repeats it.
+    return ("Content-Disposition", f'attachment; filename="{safe_file_name(file_name)}"')
+
+
 def download(
     *,
     file_name: str,
@@ -128,11 +135,7 @@ def download(
         raise WireLimitError(f"body of {body_len} bytes for a range of {served}")
     if not partial and (start, end) != (0, length - 1):
         raise WireLimitError("a 200 download must carry the whole file (§6.6.3)")
-    headers = [
-        _OCTET_TYPE,
-        ("Content-Length", str(served)),
-        ("Content-Disposition", f'attachment; filename="{safe_file_name(file_name)}"'),
-    ]
+    headers = [_OCTET_TYPE, ("Content-Length", str(served)), _disposition(file_name)]
     if partial:
         # §6.6.3: last, because third-party clients find the body by searching for "Range".
         headers.append(("Content-Range", format_content_range(start, end, length)))
