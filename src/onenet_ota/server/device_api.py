@@ -155,10 +155,14 @@ class DeviceApi:
                 return wire.download_error(DownloadError.READ_FAILED)  # D6 step 6
         # §4.3: a JSON endpoint's body is at most 4096 bytes; the declared length is checked
         # before anything is read.
-        try:
-            body = await request.body(MAX_JSON_REQUEST_BODY)
-        except BodyTooLarge:
-            return wire.empty(413)
+        body = b""
+        if request.content_length != 0 and (
+            request.content_length is not None or request.header("Transfer-Encoding") is not None
+        ):  # a GET without a body (most polls) skips the body machinery
+            try:
+                body = await request.body(MAX_JSON_REQUEST_BODY)
+            except BodyTooLarge:
+                return wire.empty(413)
         try:
             return await self._json(endpoint, request, route.token, body)
         except RequestAborted:
