@@ -14,6 +14,10 @@ through, in one of two modes:
   closes after the response (with SO_LINGER 0, so that the run does not exhaust ephemeral ports
   with TIME_WAIT sockets).
 
+With a ``rate`` the clients together send at most that many requests per second, each
+connection waiting for its slot (``concurrency / rate`` seconds apart) after a response: a
+paced load, for latency measurements that must not depend on how fast the server answers.
+
 Responses are framed by ``Content-Length`` (header name matched case-insensitively: uvicorn sends
 it in lower case) and checked for the expected status and a byte string the body must contain.
 Each run has ``warmup`` unmeasured seconds, then ``duration`` measured ones; the :class:`Result`
@@ -27,6 +31,7 @@ server under test) and hands it scenarios one by one.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import multiprocessing
 import multiprocessing.connection
 import select
@@ -93,11 +98,16 @@ _CLOSE: Final = b"\r\nconnection: close"
 def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, Any]) -> Result:
     """Drive one scenario with a plain epoll loop over non-blocking sockets.
 
-    ``options``: ``warmup`` and ``duration`` (seconds), ``concurrency`` (clients).
+    ``options``: ``warmup`` and ``duration`` (seconds), ``concurrency`` (clients), and
+    optionally ``rate`` (requests per second for all clients together; 0 for as fast as the
+    server answers).
     """
     warmup: float = options["warmup"]
     duration: float = options["duration"]
     concurrency: int = options["concurrency"]
+    rate: float = options.get("rate", 0.0)
+    spacing = concurrency / rate if rate > 0 else 0.0  # seconds between one client's requests
+    due: list[tuple[float, int]] = []  # (when, fd): paced sends waiting for their slot
     keep_alive = scenario.mode == "keep-alive"
     requests = scenario.requests
     count = len(requests)
@@ -135,11 +145,25 @@ def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, An
         if clock() < stop_at:
             open_conn()
 
+    def send_next(fd: int, conn: _Conn) -> bool:
+        nonlocal sent
+        try:
+            conn.sock.send(requests[sent % count])
+        except OSError as exc:
+            fail(fd, conn, repr(exc))
+            return False
+        conn.sent_at = clock()
+        sent += 1
+        return True
+
     cpu = time.process_time()
     for _ in range(concurrency):
         open_conn()
     while conns:
-        for fd, events in poller.poll(1.0):
+        timeout = 1.0
+        if due:
+            timeout = min(timeout, max(0.0, due[0][0] - clock()))
+        for fd, events in poller.poll(timeout):
             conn = conns.get(fd)
             if conn is None:
                 continue
@@ -192,18 +216,25 @@ def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, An
                 latency.record(now - conn.sent_at)
             closing = _CLOSE in response[:body_start].lower()
             if keep_alive and now < stop_at and not closing:
-                try:
-                    conn.sock.send(requests[sent % count])
-                except OSError as exc:
-                    fail(fd, conn, repr(exc))
-                    continue
-                conn.sent_at = clock()
-                sent += 1
+                slot = conn.sent_at + spacing
+                if slot > now:
+                    heapq.heappush(due, (slot, fd))
+                else:
+                    send_next(fd, conn)
             else:
                 close_conn(fd, conn, reset=True)
                 if now < stop_at:
                     open_conn()
-        if clock() > stop_at + 30:
+        now = clock()
+        while due and due[0][0] <= now:
+            _, fd = heapq.heappop(due)
+            conn = conns.get(fd)
+            if conn is not None:
+                if now < stop_at:
+                    send_next(fd, conn)
+                else:
+                    close_conn(fd, conn, reset=True)
+        if now > stop_at + 30:
             break  # a stuck server: give up on what is left
     poller.close()
     return Result(
@@ -244,10 +275,21 @@ class LoadGenerator:
         theirs.close()
 
     def run(
-        self, scenario: Scenario, *, warmup: float, duration: float, concurrency: int
+        self,
+        scenario: Scenario,
+        *,
+        warmup: float,
+        duration: float,
+        concurrency: int,
+        rate: float = 0.0,
     ) -> Result:
         """Run ``scenario`` in the generator process and wait for its result."""
-        options = {"warmup": warmup, "duration": duration, "concurrency": concurrency}
+        options = {
+            "warmup": warmup,
+            "duration": duration,
+            "concurrency": concurrency,
+            "rate": rate,
+        }
         self._ours.send((scenario, options))
         result: Result = self._ours.recv()
         return result
