@@ -902,6 +902,37 @@ async def test_async_upgrader_drives_a_client(tmp_path: Path, package: bytes) ->
     assert slept == [1]
 
 
+@pytest.mark.anyio
+async def test_async_upgrader_awaits_an_async_installer(tmp_path: Path, package: bytes) -> None:
+    platform = FakePlatform(package)
+    installed: list[Path] = []
+
+    class AsyncInstaller:
+        async def install(self, package: Path, task: TaskInfo, task_type: TaskType) -> None:
+            installed.append(package)
+
+    async with (
+        httpx2.AsyncClient(transport=_async(_mock_platform(platform))) as http,
+        AsyncOtaClient(_config(), base_url="http://ota.test", http_client=http) as client,
+    ):
+        result = await AsyncUpgrader(
+            client,
+            AsyncInstaller(),
+            state_dir=tmp_path / "state",
+            options=UpgradeOptions(retry=FAST),
+        ).run()
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert installed == [tmp_path / "state" / "fota.part"]
+    assert platform.status_reports == [101, 201]
+
+
+def _async(transport: httpx2.MockTransport) -> httpx2.MockTransport:
+    async def handler(request: httpx2.Request) -> httpx2.Response:
+        return transport.handle_request(request)
+
+    return httpx2.MockTransport(handler)
+
+
 def test_upgrader_refuses_the_wrong_client_flavour(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="AsyncOtaClient"):
         Upgrader(
@@ -909,6 +940,13 @@ def test_upgrader_refuses_the_wrong_client_flavour(tmp_path: Path) -> None:
             FileInstaller(tmp_path / "x"),
             state_dir=tmp_path,
         )
+
+    class AsyncInstaller:
+        async def install(self, package: Path, task: TaskInfo, task_type: TaskType) -> None:
+            pass
+
+    with OtaClient(_config()) as client, pytest.raises(TypeError, match="AsyncUpgrader"):
+        Upgrader(client, AsyncInstaller(), state_dir=tmp_path)  # type: ignore[arg-type]
 
 
 def test_events_serialise_to_json(tmp_path: Path, package: bytes) -> None:

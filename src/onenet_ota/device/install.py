@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 from onenet_ota.protocol.messages import TaskInfo
 from onenet_ota.protocol.status import StatusCode, TaskType
 
-__all__ = ["FileInstaller", "InstallError", "Installer"]
+__all__ = ["AsyncInstaller", "FileInstaller", "InstallError", "Installer"]
 
 _TMP_MARK = ".onenet-ota-tmp."
 _UPGRADE_FAILURES = frozenset(code for code in StatusCode if 202 <= code <= 208)
@@ -50,6 +50,16 @@ class Installer(Protocol):
 
     def install(self, package: Path, task: TaskInfo, task_type: TaskType) -> None:
         """Apply ``package`` (complete, MD5-verified, read-only for the installer)."""
+        ...  # pragma: no cover - protocol
+
+
+@runtime_checkable
+class AsyncInstaller(Protocol):
+    """An installer for :class:`~onenet_ota.device.upgrader.AsyncUpgrader` whose ``install`` is
+    a coroutine (a synchronous :class:`Installer` runs there in a worker thread instead)."""
+
+    async def install(self, package: Path, task: TaskInfo, task_type: TaskType) -> None:
+        """Apply ``package``, as :meth:`Installer.install`."""
         ...  # pragma: no cover - protocol
 
 

@@ -63,11 +63,12 @@ from onenet_ota.device._flow import (
     Waiting,
 )
 from onenet_ota.device.client import AsyncOtaClient, OtaClient
-from onenet_ota.device.install import FileInstaller, Installer, InstallError
+from onenet_ota.device.install import AsyncInstaller, FileInstaller, Installer, InstallError
 from onenet_ota.device.retry import Retry
 from onenet_ota.device.state import Opener, StateStore, open_for_update
 
 __all__ = [
+    "AsyncInstaller",
     "AsyncUpgrader",
     "FileInstaller",
     "Finished",
@@ -98,7 +99,7 @@ class _UpgraderBase:
     def _setup(
         self,
         client: OtaClient | AsyncOtaClient,
-        installer: Installer,
+        installer: Installer | AsyncInstaller,
         state_dir: str | os.PathLike[str],
         options: UpgradeOptions,
         on_event: EventHandler | None,
@@ -165,6 +166,9 @@ class Upgrader(_UpgraderBase):
         )
         self._client = client
         self._sleep = sleep
+        if inspect.iscoroutinefunction(getattr(installer, "install", None)):
+            raise TypeError("an async installer needs AsyncUpgrader")
+        self._installer: Installer = installer
 
     def run(self) -> UpgradeResult:
         """Run (or resume) the upgrade to its end; see :class:`UpgradeResult`."""
@@ -205,7 +209,7 @@ class Upgrader(_UpgraderBase):
         if isinstance(op, PostVersion):
             return client.post_version(version=op.version)
         if isinstance(op, Install):
-            return self.installer.install(op.package, op.task, op.task_type)
+            return self._installer.install(op.package, op.task, op.task_type)
         if isinstance(op, Sleep):
             return self._sleep(op.seconds)
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
@@ -221,7 +225,7 @@ class AsyncUpgrader(_UpgraderBase):
     def __init__(
         self,
         client: AsyncOtaClient,
-        installer: Installer,
+        installer: Installer | AsyncInstaller,
         *,
         state_dir: str | os.PathLike[str],
         options: UpgradeOptions | None = None,
