@@ -58,8 +58,22 @@ def seeder(engine: Engine, tmp_path: Path) -> Seeder:
 
 
 @pytest.fixture
-def service(engine: Engine, seeder: Seeder) -> DeviceService:
-    return DeviceService(engine, clock=seeder.clock, cache_ttl=0)
+def make_service(engine: Engine, seeder: Seeder) -> Iterator[Callable[[float], DeviceService]]:
+    """DeviceService(cache_ttl) on the test's clock; closed at the end of the test."""
+    made: list[DeviceService] = []
+
+    def make(cache_ttl: float) -> DeviceService:
+        made.append(DeviceService(engine, clock=seeder.clock, cache_ttl=cache_ttl))
+        return made[-1]
+
+    yield make
+    for service in made:
+        service.close()
+
+
+@pytest.fixture
+def service(make_service: Callable[[float], DeviceService]) -> DeviceService:
+    return make_service(0)
 
 
 def offer(service: DeviceService, w: World, version: str = "1.0.0", **kw: Any) -> Any:
@@ -196,8 +210,10 @@ def test_expire_deadlines_for_one_device(engine: Engine, seeder: Seeder) -> None
     assert (a.state(), b.state()) == (S.FAILED, S.TO_BE_UPGRADED)
 
 
-def test_service_expire_deadlines_invalidates_cached_grants(engine: Engine, seeder: Seeder) -> None:
-    service = DeviceService(engine, clock=seeder.clock, cache_ttl=60)
+def test_service_expire_deadlines_invalidates_cached_grants(
+    seeder: Seeder, make_service: Callable[[float], DeviceService]
+) -> None:
+    service = make_service(60)
     w = seeder.world(deadline=T0 + 10)
     token = offer(service, w).token
     assert service.download_grant(token) is not None
@@ -249,8 +265,10 @@ def test_transactions_give_up_eventually(service: DeviceService) -> None:
 # -- caches --------------------------------------------------------------------------------------
 
 
-def test_authenticate_caches_but_rechecks_et(engine: Engine, seeder: Seeder) -> None:
-    service = DeviceService(engine, clock=seeder.clock, cache_ttl=60)
+def test_authenticate_caches_but_rechecks_et(
+    seeder: Seeder, make_service: Callable[[float], DeviceService]
+) -> None:
+    service = make_service(60)
     w = seeder.world(task=False)
     value = auth.build_token(w.pid, K1, et=T0 + 5)
     principal = service.authenticate(value)
@@ -264,9 +282,9 @@ def test_authenticate_caches_but_rechecks_et(engine: Engine, seeder: Seeder) -> 
 
 
 def test_own_transitions_invalidate_grants_others_wait_for_ttl(
-    engine: Engine, seeder: Seeder
+    seeder: Seeder, make_service: Callable[[float], DeviceService]
 ) -> None:
-    service = DeviceService(engine, clock=seeder.clock, cache_ttl=60)
+    service = make_service(60)
     w = seeder.world()
     token = offer(service, w).token
     grant = service.download_grant(token)
@@ -380,8 +398,8 @@ def test_concurrent_e1_and_pause_stay_consistent(
 
 
 @pytest.fixture
-def cached(engine: Engine, seeder: Seeder) -> DeviceService:
-    return DeviceService(engine, clock=seeder.clock, cache_ttl=60)
+def cached(make_service: Callable[[float], DeviceService]) -> DeviceService:
+    return make_service(60)
 
 
 def test_e3_answers_are_cached_only_when_nothing_changed(

@@ -124,9 +124,10 @@ class DeviceApi:
         self._queries: dict[str, dict[str, str]] = {}  # query string -> parsed
 
     def close(self) -> None:
-        """Stop the database worker threads, if any, and close package files."""
+        """Stop the database worker threads, if any, and close read connections and files."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        self.service.close()
         self._files.close()
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:

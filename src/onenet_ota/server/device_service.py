@@ -25,6 +25,7 @@ with the clock on every use, so they are never stale.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import string
@@ -436,9 +437,57 @@ class ConcurrentChange(Exception):
     """A compare-and-set UPDATE matched no row: another transaction changed the task first."""
 
 
+class _ReadConnections:
+    """One autocommit DBAPI connection per thread for :class:`_Reader`, detached from the pool.
+
+    Detached, so that reads never wait for (or starve) the pool that transactions use; in
+    autocommit, so that a read is one statement and one round trip, with no transaction left
+    open. A connection that fails is dropped and replaced on the next read.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            fairy = self._engine.raw_connection()
+            conn = fairy.driver_connection
+            assert conn is not None
+            fairy.detach()  # ours now: the pool forgets it and keeps its capacity
+            if self._engine.dialect.name != "sqlite":  # db.py already runs sqlite3 unwrapped
+                conn.autocommit = True
+            with self._lock:
+                self._all.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def discard(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._local = threading.local()
+
+
 class _Reader:
-    """One prebuilt SELECT, compiled once for the engine's dialect and run on a pooled DBAPI
-    connection outside SQLAlchemy's execution machinery.
+    """One prebuilt SELECT, compiled once for the engine's dialect and run on a dedicated
+    autocommit DBAPI connection (:class:`_ReadConnections`), outside SQLAlchemy's execution
+    machinery.
 
     Why: on the development machine a Core ``engine.begin()`` + ``execute`` of E3's statement
     cost about 580 us on SQLite, the same SQL through the pooled sqlite3 connection about 25 us
@@ -449,9 +498,11 @@ class _Reader:
     processing on SQLite or psycopg.
     """
 
-    def __init__(self, engine: Engine, statement: Select[Any]) -> None:
+    def __init__(
+        self, engine: Engine, connections: _ReadConnections, statement: Select[Any]
+    ) -> None:
         compiled = statement.compile(dialect=engine.dialect)
-        self._engine = engine
+        self._connections = connections
         self._sql = str(compiled)
         self._defaults = dict(compiled.params)  # e.g. a LIMIT's value
         self._order = list(compiled.positiontup or ()) if compiled.positional else None
@@ -461,16 +512,16 @@ class _Reader:
         """Every row, as named tuples."""
         merged = {**self._defaults, **params}
         args: Any = merged if self._order is None else [merged[name] for name in self._order]
-        raw = self._engine.raw_connection()
         try:
-            cursor = raw.cursor()
+            cursor = self._connections.get().cursor()
             try:
                 cursor.execute(self._sql, args)
                 rows = cursor.fetchall()
             finally:
                 cursor.close()
-        finally:
-            raw.close()  # back to the pool, which ends the read (rollback on return)
+        except Exception:
+            self._connections.discard()  # perhaps broken: the next read reconnects
+            raise
         make = self._row._make
         return [make(row) for row in rows]
 
@@ -569,12 +620,17 @@ class DeviceService:
         self._answers: _TtlCache[int, dict[tuple[Any, ...], _Answer]] = _TtlCache(cache_ttl)
         # Bumped by every invalidation: a lookup that raced with one is not cached (thread mode).
         self._generation = 0
-        self._read_keys = _Reader(engine, _SELECT_KEYS)
-        self._read_device = _Reader(engine, _SELECT_DEVICE)
-        self._read_versions = _Reader(engine, _SELECT_VERSIONS)
-        self._read_by_auth_info = _Reader(engine, _SELECT_BY_AUTH_INFO)
-        self._read_open_task = _Reader(engine, _SELECT_DEVICE_AND_OPEN_TASK)
-        self._read_token = _Reader(engine, _SELECT_TOKEN)
+        self._readers = readers = _ReadConnections(engine)
+        self._read_keys = _Reader(engine, readers, _SELECT_KEYS)
+        self._read_device = _Reader(engine, readers, _SELECT_DEVICE)
+        self._read_versions = _Reader(engine, readers, _SELECT_VERSIONS)
+        self._read_by_auth_info = _Reader(engine, readers, _SELECT_BY_AUTH_INFO)
+        self._read_open_task = _Reader(engine, readers, _SELECT_DEVICE_AND_OPEN_TASK)
+        self._read_token = _Reader(engine, readers, _SELECT_TOKEN)
+
+    def close(self) -> None:
+        """Close the read connections (the engine and its pool stay the caller's)."""
+        self._readers.close()
 
     @property
     def clock(self) -> Clock:
