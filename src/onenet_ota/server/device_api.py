@@ -9,20 +9,21 @@ The rules over the database live in :mod:`onenet_ota.server.device_service`; the
 Business outcomes are HTTP 200 with an errno (D1). Anything unexpected becomes errno 7 on a JSON
 endpoint and byte 4 on a download; a traceback is logged (without credentials), never sent.
 
-Performance. Polling devices ask the same questions again and again, so the hot paths are served
-from short-lived in-process caches (see :mod:`.device_service` for what is cached and how stale it
-may be): a repeated E3, the E5 before every chunk and E6's token lookup cost no database round trip.
-Measured on the 2-core development machine (server CPU time per request on keep-alive
-connections, against a bare fixed-JSON handler on the same HTTP layer = 1.0): E3 0.55-0.60, E5
-0.63-0.71, a 4 KiB E6 chunk 0.61-0.69, on SQLite and PostgreSQL alike.
+Performance (issue 3: check-task and 4 KiB downloads at >= 0.5x a bare fixed-JSON endpoint on the
+same HTTP layer). Requests that change nothing are decided on single-statement reads outside Core's
+execution machinery, and repeated questions are answered from short-lived in-process caches (see
+:mod:`.device_service` for what is cached and how stale it may be). ``bench/server_bench`` on the
+2-core development machine, SQLite, 2000 devices, 64 clients: keep-alive check-task (every E3 a
+cache miss) 0.53x, check-hot 0.69x, download 0.52x; one request per connection 0.61x, 0.83x,
+0.84x. Shared-machine noise moves these by about 0.1.
 
 Database calls are synchronous. ``db_threads=0`` (the default) runs them inline on the event loop;
-``db_threads=N`` runs them in N worker threads. Inline was faster for both databases here, cache
-misses included (cache_ttl=0, E3 over 32 connections: SQLite inline 1250 vs 4 threads 1380 CPU us
-per request; PostgreSQL inline 368 req/s vs 263 with 4 threads and fewer with 8): statements take
-well under a millisecond, and thread hand-offs plus GIL contention cost more than overlapping them
-gains on two cores. A thread pool may pay off with a remote PostgreSQL and more cores; it stays an
-option.
+``db_threads=N`` runs them in N worker threads. Inline was faster for both databases here, with
+every cache disabled (cache_ttl=0, 32 keep-alive connections, E3): PostgreSQL inline 1726 req/s
+against 944 with 4 threads (263 vs 368 before the read path existed, and worse with 8 threads);
+SQLite inline 3047 req/s. Statements take well under a millisecond, and thread hand-offs plus GIL
+contention cost more than overlapping them gains on two cores. A pool may pay off with a remote
+PostgreSQL and more cores; it stays an option.
 """
 
 from __future__ import annotations

@@ -1,7 +1,15 @@
 """The device-side rules of the classic API over the database (spec §4.2, §5, §6; D3-D23).
 
-Synchronous SQLAlchemy Core with prebuilt statements, one transaction per request. Every task
-transition goes through :mod:`onenet_ota.protocol.states`; nothing here decides a state by itself.
+Synchronous SQLAlchemy Core with prebuilt statements, at most one transaction per request. Every
+task transition goes through :mod:`onenet_ota.protocol.states`; nothing here decides a state by
+itself.
+
+Reads first. A request is first decided on a single-statement read (:class:`_Reader`: the prebuilt
+statement, compiled once, run on a per-thread autocommit DBAPI connection). Most device requests
+change nothing (polling E3, the E5 before every chunk, E6, refusals) and end there. As soon as the
+decision needs a write, it is dropped and the request runs again, reading afresh, inside a Core
+transaction (:meth:`DeviceService._read_first`). Measured on SQLite: Core ``begin`` + ``execute``
+of E3's statement about 580 us, the same read this way about 25 us.
 
 Concurrency. Several requests for one task, possibly in several server processes sharing one
 database, are serialised by compare-and-set: every UPDATE of a device task names the state (or the
@@ -14,13 +22,17 @@ Caching (all in-process, per :class:`DeviceService`, bounded, ``cache_ttl`` seco
 
 - verified Authorization values -> the principal (pid, device), re-checked against ``et`` on use;
 - ``dev_id`` -> (pid, name) for P3;
-- E6's token -> (task state, token issue time, deadline, package file, size, file_name).
+- E6's token -> (task state, token issue time, deadline, package file, size, file_name);
+- per device, E3 answers (errno 0 or 11) and successful E5 answers that changed nothing, keyed by
+  the question (type, version, manuf, model; or the token).
 
-This process's own transitions invalidate the E6 entries of the task at once. Changes made by other
+This process's own transitions drop the entries of the task and its device at once; the
+management side in the same process calls :meth:`DeviceService.invalidate`. Changes made by other
 processes (another server, the management API elsewhere) are seen after at most ``cache_ttl``
-seconds: for that long a paused or cancelled task may still be served bytes by E6, a rotated key may
-still verify, and a deleted device may still pass P3. Token expiry and deadlines are times, compared
-with the clock on every use, so they are never stale.
+seconds: for that long a paused or cancelled task may still be offered by E3, pass E5 and be served
+bytes by E6, a new task may still get errno 11, a rotated key may still verify, and a deleted device
+may still pass P3. Token expiry, deadlines and start times are times, compared with the clock on
+every use, so they are never stale.
 """
 
 from __future__ import annotations
