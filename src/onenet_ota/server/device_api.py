@@ -20,7 +20,7 @@ cache miss) 0.53x, check-hot 0.69x, download 0.52x; one request per connection 0
 Database calls are synchronous. ``db_threads=0`` (the default) runs them inline on the event loop;
 ``db_threads=N`` runs them in N worker threads. Inline was faster for both databases here, with
 every cache disabled (cache_ttl=0, 32 keep-alive connections, E3): PostgreSQL inline 1726 req/s
-against 944 with 4 threads (263 vs 368 before the read path existed, and worse with 8 threads);
+against 944 with 4 threads (before the read path: 368 against 263, and less with 8 threads);
 SQLite inline 3047 req/s. Statements take well under a millisecond, and thread hand-offs plus GIL
 contention cost more than overlapping them gains on two cores. A pool may pay off with a remote
 PostgreSQL and more cores; it stays an option.
