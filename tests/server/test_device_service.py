@@ -467,3 +467,14 @@ def test_answers_racing_an_invalidation_are_not_cached(
     monkeypatch.setattr(cached, "_read_first", read_then_invalidate)
     offer(cached, w)
     assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+
+
+def test_a_broken_read_connection_is_replaced(service: DeviceService, seeder: Seeder) -> None:
+    w = seeder.world(task=False)
+    assert service.device(w.dev_id) is not None
+    service._readers.get().close()  # e.g. the database restarted under us
+    with pytest.raises(Exception, match=r"(?i)closed"):
+        service.device(w.dev_id)  # this request fails (the API answers errno 7) ...
+    ref = service.device(w.dev_id)  # ... and the next one reconnects
+    assert ref is not None
+    assert ref.pid == w.pid
