@@ -157,3 +157,13 @@ def test_all_tables_created(engine: Engine) -> None:
 )
 def test_normalize_url(url: str, expected: str) -> None:
     assert normalize_url(url) == expected
+
+
+def test_errors_never_carry_statement_parameters(engine: Engine) -> None:
+    # Parameters include download tokens and keys; a logged database error must not show them.
+    secret = "ota_SECRETsecretSECRET1"
+    with engine.begin() as conn:
+        conn.execute(insert(schema.products).values(pid="9", access_key="k", created_at=0))
+    with pytest.raises(IntegrityError) as excinfo, engine.begin() as conn:
+        conn.execute(insert(schema.tokens).values(token=secret, device_task_id=999, issued_at=0))
+    assert secret not in str(excinfo.value)

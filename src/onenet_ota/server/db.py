@@ -34,7 +34,10 @@ def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
 
 
 def create_engine(url: str, *, pool_size: int = 8) -> Engine:
-    """An engine for ``url`` with this project's settings (WAL and pragmas on SQLite)."""
+    """An engine for ``url`` with this project's settings (WAL and pragmas on SQLite).
+
+    Statement parameters are hidden from error messages: they include download tokens and keys.
+    """
     url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = _sa_create_engine(
@@ -42,6 +45,7 @@ def create_engine(url: str, *, pool_size: int = 8) -> Engine:
             connect_args={"check_same_thread": False},
             pool_size=pool_size,
             max_overflow=pool_size,
+            hide_parameters=True,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; take control so that write
@@ -49,7 +53,9 @@ def create_engine(url: str, *, pool_size: int = 8) -> Engine:
         event.listen(engine, "connect", _disable_pysqlite_begin)
         event.listen(engine, "begin", _begin_immediate)
         return engine
-    return _sa_create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return _sa_create_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, hide_parameters=True
+    )
 
 
 def _disable_pysqlite_begin(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
