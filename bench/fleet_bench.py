@@ -44,12 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from tests.pgcluster import PgCluster
 
 from bench.common import DB_KINDS, PySpy, database, machine, postgres, process_cpu
 from bench.profiles import top_functions
 from onenet_ota.protocol.endpoints import Endpoint
 from onenet_ota.sim import FleetConfig, FleetReport, LocalServer, simulate
+from onenet_ota.sim.view import LiveView
 
 
 @dataclass
@@ -167,8 +169,12 @@ def run_scenario(
             spy = PySpy(args.py_spy, server.pid, spy_file)
         server_cpu = process_cpu(server.pid)
         client_cpu = time.process_time()
+        # A progress line every few seconds (LiveView off a terminal): a run takes minutes.
+        view = LiveView(Console(force_terminal=False, width=200), config.devices)
         try:
-            report = simulate(config, server=server.url, admin_token=server.admin_token)
+            report = simulate(
+                config, server=server.url, admin_token=server.admin_token, on_tick=view.update
+            )
         finally:
             server_cpu = process_cpu(server.pid) - server_cpu
             client_cpu = time.process_time() - client_cpu

@@ -4,6 +4,7 @@ power cuts, gates, existing tasks, and the agreement check that must catch a dis
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -151,3 +152,12 @@ def test_agreement_catches_every_kind_of_disagreement() -> None:
     )
     good = check_agreement(FleetState(records[:1] + records[3:5]), {k: views[k] for k in (1, 4, 5)})
     assert good.ok
+
+
+def test_an_unusable_state_directory_is_a_clear_error(
+    sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing"
+    config = FleetConfig(devices=1, state_root=missing, **SMALL)
+    with pytest.raises(SimulationError, match="cannot make the devices' state directories in"):
+        simulate(config, server=sqlite_platform.url, admin_token=sqlite_platform.admin_token)

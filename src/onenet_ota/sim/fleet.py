@@ -66,7 +66,7 @@ from onenet_ota.device.upgrader import (
     Verified,
     Waiting,
 )
-from onenet_ota.sim.config import FleetConfig
+from onenet_ota.sim.config import FleetConfig, SimulationError
 from onenet_ota.sim.metrics import FleetMetrics
 from onenet_ota.sim.provision import FleetTarget
 from onenet_ota.sim.transport import DeviceLink, FleetTransport, PowerCut, device_context
@@ -251,7 +251,13 @@ class Fleet:
         transport = FleetTransport(
             inner, state.metrics, drop_rate=config.drop_rate, rng=random.Random(self._rng.random())
         )
-        root = Path(tempfile.mkdtemp(prefix="onenet-ota-sim-devices-", dir=config.state_base()))
+        base = config.state_base()
+        try:
+            root = Path(tempfile.mkdtemp(prefix="onenet-ota-sim-devices-", dir=base))
+        except OSError as exc:
+            raise SimulationError(
+                f"cannot make the devices' state directories in {base}: {exc.strerror or exc}"
+            ) from None
         next_index = iter(range(len(state.devices)))
         state.started_at = time.monotonic()
         try:
