@@ -111,14 +111,16 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    ("signum", "processes"), [(signal.SIGINT, "1"), (signal.SIGTERM, "1"), (signal.SIGINT, "2")]
+)
 def test_an_interrupt_leaves_nothing_running(
-    signum: int, isolated: tuple[dict[str, str], Path, Path]
+    signum: int, processes: str, isolated: tuple[dict[str, str], Path, Path]
 ) -> None:
     env, tmp, states = isolated
     process = subprocess.Popen(
         [str(ONENET_OTA), "simulate", "--devices", "3000", "--concurrency", "16",
-         "--no-live", "--state-dir", str(states)],
+         "--processes", processes, "--no-live", "--state-dir", str(states)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     output: list[str] = []

@@ -161,3 +161,30 @@ def test_an_unusable_state_directory_is_a_clear_error(
     config = FleetConfig(devices=1, state_root=missing, **SMALL)
     with pytest.raises(SimulationError, match="cannot make the devices' state directories in"):
         simulate(config, server=sqlite_platform.url, admin_token=sqlite_platform.admin_token)
+
+
+def test_a_fleet_shared_out_to_processes(sqlite_platform: Platform) -> None:
+    config = FleetConfig(
+        devices=24, concurrency=6, processes=3, drop_rate=0.05, power_cut_rate=0.3, seed=9, **SMALL
+    )
+    ticks: list[int] = []
+    report = simulate(
+        config,
+        server=sqlite_platform.url,
+        admin_token=sqlite_platform.admin_token,
+        on_tick=lambda state: ticks.append(state.done),
+    )
+    assert report.reasons() == []
+    assert report.ok
+    assert [record.dev_id for record in report.state.devices] == list(report.target.dev_ids)
+    assert report.state.phases == Counter({Phase.SUCCEEDED: 24})
+    # The parent merged every process's measurements.
+    assert report.metrics.endpoints[Endpoint.CHECK_TASK].requests >= 24
+    assert report.metrics.injected["power-cut"] == sum(r.power_cuts for r in report.state.devices)
+    assert ticks[-1] == 24
+
+
+def test_processes_beyond_the_concurrency_are_reduced() -> None:
+    assert FleetConfig(devices=10, concurrency=4, processes=8).processes == 4
+    with pytest.raises(SimulationError, match="--processes must be an integer from 1 to 64"):
+        FleetConfig(processes=0)

@@ -85,6 +85,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     "--concurrency", type=int, default=64, show_default=True, help="devices upgrading at once"
 )
 @click.option(
+    "--processes",
+    type=int,
+    default=1,
+    show_default=True,
+    help="client processes sharing the devices out (when one cannot keep up)",
+)
+@click.option(
     "--ramp-up",
     type=float,
     default=0.0,
@@ -208,7 +215,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 )
 @click.option("--live/--no-live", default=None, help="the live view [default: on a terminal]")
 def simulate(
-    server: str | None, admin_token: str | None, devices: int, concurrency: int, ramp_up: float,
+    server: str | None, admin_token: str | None, devices: int, concurrency: int, processes: int,
+    ramp_up: float,
     chunk_size: str, package_size: str, package: Path | None, task_id: int | None, version: str,
     target: str, task_type: str, signal_range: str | None, power_range: str | None,
     task_signal: int, task_power: int, gate: str, drop_rate: float, power_cut_rate: float,
@@ -229,6 +237,7 @@ def simulate(
         config = FleetConfig(
             devices=devices,
             concurrency=concurrency,
+            processes=processes,
             ramp_up=ramp_up,
             chunk_size=_size(chunk_size, "--chunk-size"),
             package_size=_size(package_size, "--package-size"),

@@ -29,6 +29,7 @@ __all__ = [
 
 MAX_DEVICES: Final = 100_000  # one task's device list (the management API's limit)
 MAX_CONCURRENCY: Final = 10_000
+MAX_PROCESSES: Final = 64
 MAX_POWER_CUTS: Final = 5  # per device: its last run is never cut, so every device finishes
 # A running device holds a pooled connection plus, for a moment, its lock, state and package
 # files; keep this many descriptors per concurrent device, and some for the process itself.
@@ -92,6 +93,9 @@ class FleetConfig:
     - ``devices`` [--devices]: virtual devices, 1 to 100,000.
     - ``concurrency`` [--concurrency]: devices upgrading at once (each holds at most one
       connection); more than ``devices`` is reduced to ``devices``.
+    - ``processes`` [--processes]: client processes sharing the devices (and the concurrency)
+      out, for a machine where one Python process cannot keep up with the server; at most
+      ``concurrency``.
     - ``ramp_up`` [--ramp-up]: seconds over which the device starts are spread evenly.
     - ``chunk_size`` [--chunk-size]: bytes per download request (the C SDK uses 4096).
     - ``timeout_ms`` [--timeout-ms]: each request's time limit.
@@ -123,6 +127,7 @@ class FleetConfig:
 
     devices: int = 100
     concurrency: int = 64
+    processes: int = 1
     ramp_up: float = 0.0
     chunk_size: int = 64 * 1024
     timeout_ms: int = 30_000
@@ -165,6 +170,9 @@ class FleetConfig:
         integer("concurrency", "--concurrency", 1, MAX_CONCURRENCY)
         if self.concurrency > self.devices:
             object.__setattr__(self, "concurrency", self.devices)
+        integer("processes", "--processes", 1, MAX_PROCESSES)
+        if self.processes > self.concurrency:
+            object.__setattr__(self, "processes", self.concurrency)
         number("ramp_up", "--ramp-up", 0, 24 * 3600, high_open=False)
         integer("chunk_size", "--chunk-size", MIN_CHUNK, MAX_CHUNK)
         integer("timeout_ms", "--timeout-ms", 1, MAX_TIMEOUT_MS)

@@ -71,7 +71,7 @@ from onenet_ota.sim.metrics import FleetMetrics
 from onenet_ota.sim.provision import FleetTarget
 from onenet_ota.sim.transport import DeviceLink, FleetTransport, PowerCut, device_context
 
-__all__ = ["DeviceRecord", "Fleet", "FleetState", "Phase"]
+__all__ = ["DeviceRecord", "Fleet", "FleetState", "Phase", "Shard", "make_state_root"]
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,33 @@ def _md5_of(path: Path) -> tuple[int, str]:
     return size, md5.hexdigest()
 
 
+def make_state_root(config: FleetConfig) -> Path:
+    """A new temporary directory for the devices' state directories (the caller removes it)."""
+    base = config.state_base()
+    try:
+        return Path(tempfile.mkdtemp(prefix="onenet-ota-sim-devices-", dir=base))
+    except OSError as exc:
+        raise SimulationError(
+            f"cannot make the devices' state directories in {base}: {exc.strerror or exc}"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """The share of the fleet one process runs (see :mod:`onenet_ota.sim.shards`).
+
+    ``indices`` are positions in the target's device list; ``started_at`` is the whole fleet's
+    start (``time.monotonic()``, comparable across processes); ``root`` is the parent's
+    directory for state directories.
+    """
+
+    number: int
+    indices: tuple[int, ...]
+    concurrency: int
+    started_at: float
+    root: Path
+
+
 class Fleet:
     """Runs ``target``'s devices against ``base_url`` as ``config`` says; see the module doc.
 
@@ -194,13 +221,19 @@ class Fleet:
         base_url: str,
         *,
         inner_transport: httpx2.AsyncBaseTransport | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.config = config
         self.target = target
         self.base_url = base_url.rstrip("/")
-        self.state = FleetState([DeviceRecord(dev_id) for dev_id in target.dev_ids])
+        self.shard = shard
+        indices = range(len(target.dev_ids)) if shard is None else shard.indices
+        self._indices = tuple(indices)
+        self.state = FleetState([DeviceRecord(target.dev_ids[i]) for i in self._indices])
         self.state.phases[Phase.WAITING] = len(self.state.devices)
-        self._rng = random.Random(config.seed)
+        self._rng = random.Random(
+            config.seed if shard is None or config.seed is None else f"{config.seed}:{shard.number}"
+        )
         self._credentials = Credentials.from_access_key(target.pid, target.access_key)
         self._inner = inner_transport
         chunks = math.ceil(target.size / config.chunk_size)
@@ -231,14 +264,23 @@ class Fleet:
         """Run every device to the end of its upgrade; returns the final :class:`FleetState`.
 
         ``on_tick`` is called every ``tick`` seconds while the fleet runs, and once at the end.
-        Cancelling the caller stops the fleet; the state then says what had finished.
+        Cancelling the caller stops the fleet; the state then says what had finished. With
+        ``config.processes`` above 1 the devices are shared out to that many processes
+        (:mod:`onenet_ota.sim.shards`).
         """
         config = self.config
+        if self.shard is None and config.processes > 1:
+            from onenet_ota.sim.shards import run_sharded
+
+            return await run_sharded(self, on_tick, tick)
         state = self.state
+        shard = self.shard
+        concurrency = config.concurrency if shard is None else shard.concurrency
+        total = len(self.target.dev_ids)
         # One pool per POOL_SIZE workers: each worker runs one device at a time, so no pool
         # ever needs more than POOL_SIZE connections.
         limits = httpx2.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
-        pools = math.ceil(config.concurrency / POOL_SIZE)
+        pools = math.ceil(concurrency / POOL_SIZE)
         tls = httpx2.create_ssl_context(verify=True, trust_env=False)  # one CA load for all
         inner: list[httpx2.AsyncBaseTransport] = (
             [self._inner]
@@ -251,32 +293,27 @@ class Fleet:
         transport = FleetTransport(
             inner, state.metrics, drop_rate=config.drop_rate, rng=random.Random(self._rng.random())
         )
-        base = config.state_base()
-        try:
-            root = Path(tempfile.mkdtemp(prefix="onenet-ota-sim-devices-", dir=base))
-        except OSError as exc:
-            raise SimulationError(
-                f"cannot make the devices' state directories in {base}: {exc.strerror or exc}"
-            ) from None
-        next_index = iter(range(len(state.devices)))
-        state.started_at = time.monotonic()
+        root = make_state_root(config) if shard is None else shard.root
+        next_index = iter(enumerate(self._indices))
+        # A shard's clock is the whole fleet's: CLOCK_MONOTONIC is system-wide.
+        state.started_at = time.monotonic() if shard is None else shard.started_at
         try:
             async with httpx2.AsyncClient(transport=transport, trust_env=False) as http:
 
                 async def worker(number: int) -> None:
-                    for index in next_index:
-                        start_at = state.started_at + config.ramp_up * index / len(state.devices)
+                    for local, index in next_index:
+                        start_at = state.started_at + config.ramp_up * index / total
                         delay = start_at - time.monotonic()
                         if delay > 0:
                             await anyio.sleep(delay)
                         pool = number // POOL_SIZE
-                        await self._device(state.devices[index], http, root, pool)
+                        await self._device(state.devices[local], http, root, pool)
 
                 async with anyio.create_task_group() as group:
                     if on_tick is not None:
                         group.start_soon(self._ticker, on_tick, tick)
                     async with anyio.create_task_group() as workers:
-                        for number in range(config.concurrency):
+                        for number in range(concurrency):
                             workers.start_soon(worker, number)
                     group.cancel_scope.cancel()  # the ticker
         except BaseException:
@@ -284,7 +321,8 @@ class Fleet:
             raise
         finally:
             state.finished_at = time.monotonic()
-            shutil.rmtree(root, ignore_errors=True)
+            if shard is None:
+                shutil.rmtree(root, ignore_errors=True)
             if on_tick is not None:
                 on_tick(state)
         return state

@@ -104,6 +104,13 @@ class EndpointStats:
     bytes: int = 0
     latency: Histogram = field(default_factory=Histogram)
 
+    def merge(self, other: EndpointStats) -> None:
+        """Add ``other``'s counts and latencies."""
+        self.requests += other.requests
+        self.failures += other.failures
+        self.bytes += other.bytes
+        self.latency.merge(other.latency)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form (latencies in milliseconds)."""
         return {
@@ -147,6 +154,12 @@ class FleetMetrics:
     def bytes(self) -> int:
         """Response body bytes received, all endpoints."""
         return sum(s.bytes for s in self.endpoints.values())
+
+    def merge(self, other: FleetMetrics) -> None:
+        """Add everything ``other`` measured (another process's share of the fleet)."""
+        for endpoint, stats in other.endpoints.items():
+            self.stats(endpoint).merge(stats)
+        self.injected.update(other.injected)
 
     def overall(self) -> Histogram:
         """The latencies of every endpoint together."""

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-__all__ = ["LocalServer", "LocalServerError"]
+__all__ = ["LocalServer", "LocalServerError", "die_with_parent"]
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class LocalServer:
 # The child process
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: SIGTERM this process when its parent dies (best effort elsewhere)."""
     if not sys.platform.startswith("linux"):
         return
@@ -225,7 +225,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     logging.basicConfig(
         level=logging.INFO,
         filename=str(args.data_dir / "server.log"),
