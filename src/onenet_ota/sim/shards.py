@@ -116,10 +116,13 @@ def _plan(fleet: Fleet, processes: int, started_at: float, root: Any) -> list[Sh
     return shards
 
 
-def _merge(fleet: Fleet, snapshots: dict[int, Snapshot]) -> None:
+def _merge(fleet: Fleet, shards: list[Shard], snapshots: dict[int, Snapshot]) -> None:
     state = fleet.state
     metrics = FleetMetrics()
-    phases: Counter[Phase] = Counter()
+    # A process that has not reported yet has all its devices still waiting.
+    phases: Counter[Phase] = Counter(
+        {Phase.WAITING: sum(len(s.indices) for s in shards if s.number not in snapshots)}
+    )
     retries = waits = restarts = 0
     errors: list[str] = []
     for snapshot in snapshots.values():
@@ -191,7 +194,7 @@ async def run_sharded(
                 )
                 for conn in ready:
                     receive(conn)  # type: ignore[arg-type]
-                _merge(fleet, snapshots)
+                _merge(fleet, shards, snapshots)
                 if on_tick is not None:
                     on_tick(state)
         except BaseException:
@@ -215,7 +218,7 @@ async def run_sharded(
                 ended.kill()
                 ended.join(5)
         shutil.rmtree(root, ignore_errors=True)
-        _merge(fleet, snapshots)
+        _merge(fleet, shards, snapshots)
         state.phases = Counter(record.phase for record in state.devices)
         state.finished_at = time.monotonic()
         if on_tick is not None:
