@@ -26,7 +26,7 @@ from typing import Final
 
 from tests.pgcluster import BENCH_OPTIONS, PgCluster, running_cluster
 
-__all__ = ["DB_KINDS", "PySpy", "database", "machine", "process_cpu"]
+__all__ = ["DB_KINDS", "PySpy", "database", "machine", "postgres_pid", "process_cpu"]
 
 DB_KINDS: Final = ("sqlite", "postgres")
 _TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -89,6 +89,15 @@ def _descendants(pid: int) -> list[int]:
     for child in _children(pid):
         found += [child, *_descendants(child)]
     return found
+
+
+def postgres_pid(cluster: PgCluster) -> int | None:
+    """The postmaster's process id (its backends are its children), if it can be read."""
+    try:
+        first = (cluster.socket_dir / "data" / "postmaster.pid").read_text().split()[0]
+        return int(first)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def machine() -> str:

@@ -24,10 +24,11 @@ processes), set up through its management API. PostgreSQL runs in a throwaway cl
 ``synchronous=NORMAL`` gives).
 
 It prints, per scenario: wall time, devices/s, requests/s, download throughput, latency
-percentiles overall and per endpoint, the server's and the client's CPU use (CPU seconds per wall
-second: near 1.0 means that process was saturated), and the verdict: succeeded/total, and whether
-the server's records agree with the devices (no mismatch, no lost or duplicated report). Then the
-ratios: succeeded/total per scenario, PostgreSQL/SQLite wall time.
+percentiles overall and per endpoint, the CPU use of the server, the simulator and PostgreSQL's
+processes (CPU seconds per wall second: near 1.0 means that process was saturated; the machine
+has ``os.cpu_count()`` in all), and the verdict: succeeded/total, and whether the server's
+records agree with the devices (no mismatch, no lost or duplicated report). Then the ratios:
+succeeded/total per scenario, PostgreSQL/SQLite wall time.
 
 ``--py-spy PATH`` samples the server process(es) with py-spy during the ``fleet`` scenarios and
 prints the functions where the server spends its time. ``--json FILE`` writes every number.
@@ -50,7 +51,15 @@ from typing import Any
 from rich.console import Console
 from tests.pgcluster import PgCluster
 
-from bench.common import DB_KINDS, PySpy, database, machine, postgres, process_cpu
+from bench.common import (
+    DB_KINDS,
+    PySpy,
+    database,
+    machine,
+    postgres,
+    postgres_pid,
+    process_cpu,
+)
 from bench.profiles import top_functions
 from onenet_ota.protocol.endpoints import Endpoint
 from onenet_ota.sim import FleetConfig, FleetReport, LocalServer, simulate
@@ -66,6 +75,7 @@ class Outcome:
     report: FleetReport
     server_cpu: float
     client_cpu: float
+    db_cpu: float | None
     workers: int
     profile: list[str]
 
@@ -83,6 +93,7 @@ class Outcome:
             "server_workers": self.workers,
             "server_cpu_per_s": round(self.server_cpu / elapsed, 2),
             "client_cpu_per_s": round(self.client_cpu / elapsed, 2),
+            "postgres_cpu_per_s": None if self.db_cpu is None else round(self.db_cpu / elapsed, 2),
             "report": self.report.to_dict(),
             "profile": self.profile,
         }
@@ -115,9 +126,10 @@ def print_outcome(outcome: Outcome) -> None:
         f"{data['request_failures']} without an answer), "
         f"{data['bytes_per_s'] / 1024 / 1024:.1f} MiB/s downloaded"
     )
+    postgres = "" if outcome.db_cpu is None else f", PostgreSQL {outcome.db_cpu / elapsed:.2f}"
     print(
         f"   CPU per wall second: server {outcome.server_cpu / elapsed:.2f}, "
-        f"client {outcome.client_cpu / elapsed:.2f}"
+        f"simulator {outcome.client_cpu / elapsed:.2f}{postgres}"
     )
     print(f"   {'endpoint':<22} {'requests':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
     for endpoint, stats in sorted(
@@ -180,6 +192,8 @@ def run_scenario(
             spy = PySpy(args.py_spy, server.pid, spy_file)
         server_cpu = process_cpu(server.pid)
         client_cpu = _own_cpu()
+        pg_pid = None if cluster is None or db != "postgres" else postgres_pid(cluster)
+        db_cpu = None if pg_pid is None else process_cpu(pg_pid)
         # A progress line every few seconds (LiveView off a terminal): a run takes minutes.
         view = LiveView(Console(force_terminal=False, width=200), config.devices)
         try:
@@ -189,10 +203,14 @@ def run_scenario(
         finally:
             server_cpu = process_cpu(server.pid) - server_cpu
             client_cpu = _own_cpu() - client_cpu
+            if pg_pid is not None and db_cpu is not None:
+                db_cpu = process_cpu(pg_pid) - db_cpu
             if spy is not None:
                 messages = spy.stop()
                 profile = top_functions(spy_file, 20) or [f"py-spy: {messages}"]
-        return Outcome(db, scenario, report, server_cpu, client_cpu, server.workers, profile)
+        return Outcome(
+            db, scenario, report, server_cpu, client_cpu, db_cpu, server.workers, profile
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
