@@ -183,11 +183,12 @@ def run_scenario(
     with (
         database(db, cluster, name="fleet") as url,
         LocalServer(db=url, workers=args.workers) as server,
+        tempfile.TemporaryDirectory(prefix="onenet-ota-pyspy-") as spy_dir,
     ):
         assert server.pid is not None
         spy = None
         profile: list[str] = []
-        spy_file = Path(tempfile.mkdtemp(prefix="onenet-ota-pyspy-")) / "server.txt"
+        spy_file = Path(spy_dir) / "server.txt"
         if args.py_spy and scenario == "fleet":
             spy = PySpy(args.py_spy, server.pid, spy_file)
         server_cpu = process_cpu(server.pid)
