@@ -236,8 +236,8 @@ def _main(argv: list[str] | None = None) -> int:
 
     # The simulator is an operator tool beside the server, not part of the device SDK that the
     # import ban (TID251) protects.
-    from onenet_ota.server.app import run  # noqa: TID251
-    from onenet_ota.server.config import Settings  # noqa: TID251
+    from onenet_ota.server.app import run
+    from onenet_ota.server.config import Settings
 
     def ready(sock: Any) -> None:
         print(f"ready {sock.getsockname()[1]}", flush=True)
