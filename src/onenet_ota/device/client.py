@@ -15,7 +15,7 @@ import os
 import ssl
 import time
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx2
 
@@ -119,6 +119,15 @@ def _tls(verify: bool, ca_file: CaFile | None) -> ssl.SSLContext | bool:
         raise InvalidArgumentError(f"cannot load the CA file {ca_file!s}: {reason}") from None
 
 
+def _http_options(tls: ssl.SSLContext | bool) -> dict[str, Any]:
+    """Options of the HTTP client a client creates for itself (sync and async alike)."""
+    return {
+        "verify": tls,
+        "trust_env": False,  # library code never reads the environment: inject a client
+        "headers": {"User-Agent": f"onenet-ota/{__version__}"},
+    }
+
+
 class _ClientBase:
     """What both clients share besides I/O: the core and the configuration."""
 
@@ -197,15 +206,7 @@ class OtaClient(_ClientBase):
         if http_client is not None and not isinstance(http_client, httpx2.Client):
             raise InvalidArgumentError("http_client must be an httpx2.Client")
         self._owns_http = http_client is None
-        self._http = (
-            http_client
-            if http_client is not None
-            else httpx2.Client(
-                verify=tls,
-                trust_env=False,  # library code never reads the environment: inject a client
-                headers={"User-Agent": f"onenet-ota/{__version__}"},
-            )
-        )
+        self._http = http_client if http_client is not None else httpx2.Client(**_http_options(tls))
         self._on_event = on_event
 
     def close(self) -> None:
@@ -354,13 +355,7 @@ class AsyncOtaClient(_ClientBase):
             raise InvalidArgumentError("http_client must be an httpx2.AsyncClient")
         self._owns_http = http_client is None
         self._http = (
-            http_client
-            if http_client is not None
-            else httpx2.AsyncClient(
-                verify=tls,
-                trust_env=False,  # library code never reads the environment: inject a client
-                headers={"User-Agent": f"onenet-ota/{__version__}"},
-            )
+            http_client if http_client is not None else httpx2.AsyncClient(**_http_options(tls))
         )
         self._on_event = on_event
 
