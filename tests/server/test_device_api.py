@@ -1169,6 +1169,83 @@ def test_cached_answers_until_invalidated(
         assert check(c, w)["errno"] == 11
 
 
+def test_memoised_replies_end_with_what_they_rest_on(
+    engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A repeated E3/E5 is answered from a memo only while the answer, the device row and the
+    verified Authorization value behind it are all still what the service would use."""
+    clock = FakeClock()
+    blobs = BlobStore(tmp_path_factory.mktemp("blobs"))
+    seeder = Seeder(engine, blobs, clock)
+    w = seeder.world()
+    short_auth = product_auth(w.pid, et=T0 + 30)  # expires long before the token
+    with (
+        running_api(engine, blobs, clock, cache_ttl=3600) as (api, srv),
+        httpx2.Client(base_url=srv.url) as c,
+    ):
+        token = token_of(c, w)
+        assert token_of(c, w) == token  # cached, and now memoised
+        assert token_of(c, w) == token
+        assert e5(c, w, token) == 0  # T9: a write, not memoised
+        assert e5(c, w, token) == 0  # T10: cached and memoised
+        assert e5(c, w, token) == 0
+        # The same question with another Authorization value is another memo.
+        query = {"dev_id": w.dev_id, "type": 1, "version": "1.0.0"}
+        call_short = {"auth": short_auth, "params": query}
+        assert errno_of(c, "GET", "/ota/south/check", **call_short) == 0
+        assert errno_of(c, "GET", "/ota/south/check", **call_short) == 0
+        # That Authorization value expires: its memo ends with it (P1), the other one holds.
+        clock.advance(31)
+        assert errno_of(c, "GET", "/ota/south/check", **call_short) == 1
+        assert token_of(c, w) == token
+        # The token expires: the memo ends and E3 issues a fresh one (D13).
+        clock.advance(TOKEN_LIFE)
+        fresh = token_of(c, w)
+        assert fresh != token
+        assert e5(c, w, token) == 12
+        # This process's own transition is seen at once, memo or not.
+        assert e5(c, w, fresh) == 0
+        assert e5(c, w, fresh) == 0
+        assert e7(c, w, fresh, {"step": 107}) == 0
+        assert e5(c, w, fresh) == 20
+        assert check(c, w)["errno"] == 11
+        # An invalidation (the management API in this process) ends every memo.
+        seeder.set_state(w.task_id, S.DOWNLOADING)
+        assert check(c, w)["errno"] == 11  # still the cached answer: nobody said otherwise
+        api.service.invalidate()
+        assert token_of(c, w) == fresh
+
+
+def test_cached_chunks_still_check_the_file(client: httpx2.Client, seeder: Seeder) -> None:
+    """E6 replies are reused per (file, range), but steps 3 and 4 are checked on every use."""
+    data = bytes(range(256)) * 40  # 10240 bytes: three 4 KiB chunks
+    w = seeder.world(package_options={"data": data, "file_name": "chunks.bin"})
+    other = seeder.world(package_options={"data": data, "file_name": "chunks.bin"})
+    token, other_token = token_of(client, w), token_of(client, other)
+    first = download(client, token, Range="4096-8191")
+    assert first.status_code == 206
+    assert first.content == data[4096:8192]
+    again = download(client, other_token, Range="4096-8191")  # another device, the same chunk
+    assert again.content == first.content
+    assert again.headers["Content-Range"] == "bytes 4096-8191/10240"
+    whole = download(client, token)  # no Range: the whole file, 200
+    assert whole.status_code == 200
+    assert whole.content == data
+    # The file is replaced by one of another size, then removed: byte 2, then byte 1, at once.
+    path = seeder.blobs.path(hashlib.sha256(data).hexdigest())
+    path.write_bytes(data + b"!")
+    assert error_byte(download(client, token, Range="4096-8191")) == 2
+    path.unlink()
+    assert error_byte(download(client, token, Range="4096-8191")) == 1
+    assert error_byte(download(client, token)) == 1
+    path.write_bytes(data)
+    assert download(client, token, Range="4096-8191").content == data[4096:8192]
+    # A token that stops being usable gets byte 3 even though its chunk is cached.
+    seeder.set_state(w.task_id, S.PAUSED, S.DOWNLOADING)
+    assert error_byte(download(client, token, Range="4096-8191")) == 3
+    assert download(client, other_token, Range="4096-8191").content == data[4096:8192]
+
+
 # ---------------------------------------------------------------------------------------------
 # Hostile input: whatever arrives, an errno reply or a 4xx, never a 5xx (issue 3)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import quote
@@ -88,7 +89,7 @@ def path_for(endpoint: Endpoint, token: str | None = None) -> str:
 class Route:
     """A matched path: which endpoints live there (by method) and the path token, if any."""
 
-    by_method: dict[str, Endpoint]
+    by_method: Mapping[str, Endpoint]  # shared between matches: never mutated
     token: str | None = None
 
     @property
@@ -97,8 +98,17 @@ class Route:
         return ", ".join(sorted(self.by_method))
 
 
-_VERSION_ROUTE = {"POST": Endpoint.POST_VERSION, "GET": Endpoint.QUERY_VERSION}
-_DEV_INFO_ROUTE = {"GET": Endpoint.DEV_INFO, "POST": Endpoint.DEV_INFO}
+# The fixed paths' routes, built once (match_path runs on every request).
+_FIXED_ROUTES: dict[str, Route] = {
+    VERSION_PATH: Route({"POST": Endpoint.POST_VERSION, "GET": Endpoint.QUERY_VERSION}),
+    CHECK_PATH: Route({"GET": Endpoint.CHECK_TASK}),
+    TASKING_PATH: Route({"GET": Endpoint.TASKING}),
+    REPORT_PATH: Route({"POST": Endpoint.REPORT_RESULT}),
+    DEV_INFO_PATH: Route({"GET": Endpoint.DEV_INFO, "POST": Endpoint.DEV_INFO}),
+}
+_CHECK_TOKEN_METHODS = {"GET": Endpoint.CHECK_TOKEN}
+_DOWNLOAD_METHODS = {"GET": Endpoint.DOWNLOAD}
+_PROGRESS_METHODS = {"POST": Endpoint.REPORT_PROGRESS}
 
 
 def match_path(path: str) -> Route | None:
@@ -109,28 +119,21 @@ def match_path(path: str) -> Route | None:
     """
     if path.endswith("/") and len(path) > 1:
         path = path[:-1]
-    if path == VERSION_PATH:
-        return Route(_VERSION_ROUTE)
-    if path == CHECK_PATH:
-        return Route({"GET": Endpoint.CHECK_TASK})
-    if path == TASKING_PATH:
-        return Route({"GET": Endpoint.TASKING})
-    if path == REPORT_PATH:
-        return Route({"POST": Endpoint.REPORT_RESULT})
-    if path == DEV_INFO_PATH:
-        return Route(_DEV_INFO_ROUTE)
+    fixed = _FIXED_ROUTES.get(path)
+    if fixed is not None:
+        return fixed
     if path.startswith(DOWNLOAD_PREFIX):
         rest = path[len(DOWNLOAD_PREFIX) :]
         if rest.endswith("/check"):
             token = rest[: -len("/check")]
             if token and "/" not in token:
-                return Route({"GET": Endpoint.CHECK_TOKEN}, token)
+                return Route(_CHECK_TOKEN_METHODS, token)
             return None
         if rest and "/" not in rest:
-            return Route({"GET": Endpoint.DOWNLOAD}, rest)
+            return Route(_DOWNLOAD_METHODS, rest)
         return None
     if path.startswith(PROGRESS_PREFIX) and path.endswith("/progress"):
         token = path[len(PROGRESS_PREFIX) : -len("/progress")]
         if token and "/" not in token:
-            return Route({"POST": Endpoint.REPORT_PROGRESS}, token)
+            return Route(_PROGRESS_METHODS, token)
     return None

@@ -51,7 +51,7 @@ from onenet_ota.protocol.ranges import parse_range
 from onenet_ota.protocol.status import TaskType, classify_result, classify_step
 from onenet_ota.server import wire
 from onenet_ota.server.blobs import BlobStore
-from onenet_ota.server.device_service import Clock, DeviceService, Principal, Report
+from onenet_ota.server.device_service import Basis, Clock, DeviceService, Principal, Report
 from onenet_ota.server.http import (
     SMALL_SEGMENT,
     BodyTooLarge,
@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_CHUNK_CACHE_BYTES: Final = 16 * 1024 * 1024  # E6 reply bodies kept in memory, in total
+_MEMO_MAX: Final = 65536  # memoised replies kept (cleared when full; a miss costs one lookup)
+_MemoKey = tuple[str, str, str]  # (path, query string, Authorization)
 _S_ID_RE: Final = re.compile(r"[0-9]{1,19}")  # §6.6: an NB base-station id, validated, ignored
 # D6 step 6: sent by the HTTP layer instead of a segment it cannot read (never mutated there).
 _READ_FAILED: Final = wire.download_error(DownloadError.READ_FAILED)
@@ -121,8 +124,11 @@ class DeviceApi:
             ThreadPoolExecutor(threads, thread_name_prefix="onenet-ota-db") if threads else None
         )
         self._files = _OpenFiles(blobs)
+        self._chunks = _ChunkReplies(_CHUNK_CACHE_BYTES)  # E6 replies by (file, range)
         self._task_bodies: dict[tuple[TaskInfo, bool], bytes] = {}  # E3/E4 replies, encoded
         self._queries: dict[str, dict[str, str]] = {}  # query string -> parsed
+        # Whole E3/E5 replies by request, each with what it rests on (see _memoise).
+        self._memos: dict[_MemoKey, tuple[Basis, Response]] = {}
 
     def close(self) -> None:
         """Stop the database worker threads, if any, and close read connections and files."""
@@ -158,9 +164,7 @@ class DeviceApi:
         # §4.3: a JSON endpoint's body is at most 4096 bytes; the declared length is checked
         # before anything is read.
         body = b""
-        if request.content_length != 0 and (
-            request.content_length is not None or request.header("Transfer-Encoding") is not None
-        ):  # a GET without a body (most polls) skips the body machinery
+        if request.content_length or request.chunked:  # most polls have no body: skip the reading
             try:
                 body = await request.body(MAX_JSON_REQUEST_BODY)
             except BodyTooLarge:
@@ -178,7 +182,18 @@ class DeviceApi:
     async def _json(
         self, endpoint: Endpoint, request: Request, token: str | None, body: bytes
     ) -> Response:
-        principal = await self._principal(request.header("Authorization"))
+        authorization = request.header("Authorization")
+        memo_key: _MemoKey | None = None
+        if authorization and (endpoint is Endpoint.CHECK_TASK or endpoint is Endpoint.CHECK_TOKEN):
+            # A polling device repeats its request verbatim: the same bytes get the same reply
+            # for as long as everything the reply was computed from still holds.
+            memo_key = (request.path, request.query_string, authorization)
+            memo = self._memos.get(memo_key)
+            if memo is not None:
+                if self.service.holds(memo[0]):
+                    return memo[1]
+                del self._memos[memo_key]
+        principal = await self._principal(authorization)
         if principal is None:
             return wire.envelope(Errno.AUTH_FAILED)  # P1
         if endpoint is Endpoint.DEV_INFO:
@@ -189,7 +204,7 @@ class DeviceApi:
             return wire.envelope(Errno.INVALID_PARAMETER)  # P2
         device = self.service.device_cached(dev_id)
         if device is None and endpoint is Endpoint.CHECK_TASK:
-            fused = await self._check_task_with_p3(principal, dev_id, query)
+            fused = await self._check_task_with_p3(principal, dev_id, query, memo_key)
             if fused is not None:
                 return fused
         if device is None:
@@ -205,7 +220,7 @@ class DeviceApi:
                     return wire.envelope(Errno.AUTH_FAILED)
                 return wire.envelope(Errno.SUCC, data)
             if endpoint is Endpoint.CHECK_TASK:
-                return await self._check_task(dev_id, query)
+                return await self._check_task(dev_id, query, memo_key)
             if endpoint is Endpoint.TASKING:
                 return await self._tasking(dev_id, query)
             if endpoint is Endpoint.CHECK_TOKEN:
@@ -213,7 +228,8 @@ class DeviceApi:
                 errno = self.service.check_token_cached(dev_id, token)
                 if errno is None:
                     errno = await self._db(self.service.check_token, dev_id, token)
-                return wire.envelope(errno)
+                key = self.service.check_token_key(token)
+                return self._memoise(memo_key, dev_id, key, errno, None, wire.envelope(errno))
             if endpoint is Endpoint.REPORT_PROGRESS:
                 report = _decode_report(body, "step", classify_step, Errno.INVALID_PARAMETER)
                 return wire.envelope(await self._db(self.service.report, dev_id, token, report))
@@ -262,7 +278,7 @@ class DeviceApi:
         return wire.envelope(errno)
 
     async def _check_task_with_p3(
-        self, principal: Principal, dev_id: int, query: dict[str, str]
+        self, principal: Principal, dev_id: int, query: dict[str, str], memo_key: _MemoKey | None
     ) -> Response | None:
         """E3 for a device not in the cache: P3 in the same transaction as E3 (the cold polling
         path). None when a parameter is invalid: its errno must wait for P3 (§4.2's order)."""
@@ -285,9 +301,12 @@ class DeviceApi:
                 principal=principal,
             )
         )
-        return self._task_reply(errno, info, cdn)
+        key = self.service.check_task_key(task_type, version, manuf, model)
+        return self._memoise(memo_key, dev_id, key, errno, info, self._task_reply(errno, info, cdn))
 
-    async def _check_task(self, dev_id: int, query: dict[str, str]) -> Response:
+    async def _check_task(
+        self, dev_id: int, query: dict[str, str], memo_key: _MemoKey | None
+    ) -> Response:
         # §6.3 / D17, steps 2-4, in this order.
         task_type = _task_type(query.get("type"))
         version = query.get("version")
@@ -306,7 +325,34 @@ class DeviceApi:
                     self.service.check_task, dev_id, task_type, version, manuf=manuf, model=model
                 )
             )
-        return self._task_reply(*answer, cdn)
+        errno, info = answer
+        key = self.service.check_task_key(task_type, version, manuf, model)
+        return self._memoise(memo_key, dev_id, key, errno, info, self._task_reply(errno, info, cdn))
+
+    def _memoise(
+        self,
+        memo_key: _MemoKey | None,
+        dev_id: int,
+        key: tuple[Any, ...],
+        errno: Errno,
+        info: TaskInfo | None,
+        response: Response,
+    ) -> Response:
+        """Keep ``response`` for ``memo_key`` if the service has cached the answer it carries.
+
+        The basis is taken after the answer: with database threads another request may have
+        replaced the cached answer meanwhile, so it is kept only if it says the same thing.
+        Responses are never mutated by the HTTP layer, so one object serves every repeat.
+        """
+        if memo_key is None:
+            return response
+        basis = self.service.basis(memo_key[2], dev_id, key)
+        if basis is None or basis.answer.errno is not errno or basis.answer.info != info:
+            return response
+        if len(self._memos) >= _MEMO_MAX:
+            self._memos.clear()
+        self._memos[memo_key] = (basis, response)
+        return response
 
     async def _tasking(self, dev_id: int, query: dict[str, str]) -> Response:
         task_type = _task_type(query.get("type"))  # §6.4 / D18
@@ -357,13 +403,34 @@ class DeviceApi:
             s_id = request.query.get("s_id")
             if s_id is not None and _S_ID_RE.fullmatch(s_id) is None:
                 return wire.download_error(DownloadError.BAD_PARAMETER)  # step 1
-        if values.TOKEN_RE.fullmatch(token) is None:
-            return wire.download_error(DownloadError.INVALID_TOKEN)
-        grant = self.service.download_grant_cached(token)
+        grant = self.service.download_grant_cached(token)  # only issued tokens are cached
         if grant is None:
+            if values.TOKEN_RE.fullmatch(token) is None:
+                return wire.download_error(DownloadError.INVALID_TOKEN)
             grant = await self._db(self.service.download_grant, token)
         if grant is None or not grant.usable(self._clock()):
             return wire.download_error(DownloadError.INVALID_TOKEN)  # step 2
+        # Step 5's input. More than one Range header is malformed: served as if none was sent
+        # (§6.6.1).
+        range_value = None
+        ranges = [value for name, value in request.headers if name.lower() == "range"]
+        if len(ranges) == 1:
+            range_value = ranges[0]
+        # Every device of a task asks for the same chunks of the same file: a small reply is
+        # built once per (file, range) and served again while the file is there (steps 3-4).
+        chunk_key = (grant.sha256, grant.size, grant.file_name, range_value)
+        cached = self._chunks.get(chunk_key)
+        if cached is not None:
+            try:
+                size = self._files.size(grant.sha256)
+            except FileNotFoundError:
+                return wire.download_error(DownloadError.NOT_FOUND)  # step 3
+            except OSError:
+                log.exception("E6 cannot stat a package file")
+                return wire.download_error(DownloadError.READ_FAILED)
+            if size == grant.size:
+                return cached
+            return wire.download_error(DownloadError.SIZE_MISMATCH)  # step 4
         try:
             path, fd, size = self._files.get(grant.sha256)
         except FileNotFoundError:
@@ -373,11 +440,7 @@ class DeviceApi:
             return wire.download_error(DownloadError.READ_FAILED)
         if size != grant.size:
             return wire.download_error(DownloadError.SIZE_MISMATCH)  # step 4
-        # Step 5. More than one Range header is malformed: served as if none was sent (§6.6.1).
-        spec = None
-        ranges = [value for name, value in request.headers if name.lower() == "range"]
-        if len(ranges) == 1:
-            spec = parse_range(ranges[0])
+        spec = None if range_value is None else parse_range(range_value)  # step 5
         start, end = spec.clamp(size) if spec is not None else (0, size - 1)
         length = end - start + 1
         body: bytes | FileSegment
@@ -393,7 +456,7 @@ class DeviceApi:
             # Large ranges go out with sendfile; the HTTP layer sends byte 4 instead if the
             # file cannot be read before the headers leave.
             body = FileSegment(path, start, length, fallback=_READ_FAILED)
-        return wire.download(
+        response = wire.download(
             file_name=grant.file_name,
             length=size,
             start=start,
@@ -401,6 +464,9 @@ class DeviceApi:
             partial=spec is not None,
             body=body,
         )
+        if isinstance(body, bytes):
+            self._chunks.put(chunk_key, response, len(body))
+        return response
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:
@@ -411,6 +477,34 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
             raise OSError(f"package file ends before byte {offset + length}")
         data += more
     return data
+
+
+class _ChunkReplies:
+    """Small E6 replies by (sha256, size, file name, Range value), at most ``max_bytes`` of body
+    in total (all dropped when full: a miss costs one pread).
+
+    A package file is content-addressed and never rewritten, so a reply built from it stays
+    right for as long as the file exists with its size; the caller checks that on every use.
+    Used from the event loop only.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._items: dict[tuple[str, int, str, str | None], Response] = {}
+
+    def get(self, key: tuple[str, int, str, str | None]) -> Response | None:
+        return self._items.get(key)
+
+    def put(self, key: tuple[str, int, str, str | None], response: Response, size: int) -> None:
+        if size > self._max_bytes:
+            return
+        if self._bytes + size > self._max_bytes:
+            self._items.clear()
+            self._bytes = 0
+        if key not in self._items:
+            self._bytes += size
+        self._items[key] = response
 
 
 class _OpenFiles:
@@ -429,13 +523,21 @@ class _OpenFiles:
         self._paths: dict[str, str] = {}  # sha256 -> path (pathlib is slow per request)
         self._open: dict[str, tuple[int, int, int, float]] = {}  # sha256 -> fd, dev, ino, until
 
-    def get(self, sha256: str) -> tuple[str, int, int]:
-        """(path, descriptor, size) of the file; FileNotFoundError if missing, OSError."""
+    def _path(self, sha256: str) -> str:
         path = self._paths.get(sha256)
         if path is None:
             if len(self._paths) >= 4096:
                 self._paths.clear()
             path = self._paths[sha256] = str(self._blobs.path(sha256))
+        return path
+
+    def size(self, sha256: str) -> int:
+        """The file's current size; FileNotFoundError if missing, OSError."""
+        return os.stat(self._path(sha256)).st_size
+
+    def get(self, sha256: str) -> tuple[str, int, int]:
+        """(path, descriptor, size) of the file; FileNotFoundError if missing, OSError."""
+        path = self._path(sha256)
         st = os.stat(path)
         entry = self._open.get(sha256)
         if entry is not None:

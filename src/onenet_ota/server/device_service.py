@@ -82,6 +82,7 @@ from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
 
 __all__ = [
+    "Basis",
     "Clock",
     "DeviceRef",
     "DeviceService",
@@ -606,6 +607,26 @@ class _Answer:
 
 
 @dataclass(frozen=True, slots=True)
+class Basis:
+    """What a cached E3 or E5 answer rests on, for a caller that memoises whole replies.
+
+    Taken with :meth:`DeviceService.basis` right after the answer was computed or found in the
+    cache; :meth:`DeviceService.holds` then says, in a few dictionary lookups, whether every part
+    is still what the service would use: the same verified Authorization value (and within its
+    ``et``), the same P3 device row, the same cached answer (and within its validity). Anything
+    that would make the service answer differently (a TTL running out, an invalidation, a token
+    expiring, a deadline passing) makes ``holds`` false.
+    """
+
+    authorization: str
+    principal: Principal
+    dev_id: int
+    device: DeviceRef
+    key: tuple[Any, ...]
+    answer: _Answer
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """A decoded E7/E8 report: its column of §5.5 and the value sent (step or result code)."""
 
@@ -913,7 +934,7 @@ class DeviceService:
             self._read_open_task, _SELECT_DEVICE_AND_OPEN_TASK, params, work
         )
         if valid_until is not None:
-            key = ("E3", task_type, version, manuf, model)
+            key = self.check_task_key(task_type, version, manuf, model)
             self._remember(generation, dev_id, key, _Answer(errno, info, valid_until))
         return errno, info
 
@@ -932,7 +953,7 @@ class DeviceService:
         not expired, the deadline not passed, a not-yet-started task still not started. The
         version it reports was recorded when the answer was computed.
         """
-        answer = self._answer(dev_id, ("E3", task_type, version, manuf, model))
+        answer = self._answer(dev_id, self.check_task_key(task_type, version, manuf, model))
         return None if answer is None else (answer.errno, answer.info)
 
     def _offer_for_check(
@@ -1029,14 +1050,53 @@ class DeviceService:
             self._read_token, _SELECT_TOKEN, {"token": token}, work
         )
         if valid_until is not None:
-            self._remember(generation, dev_id, ("E5", token), _Answer(errno, None, valid_until))
+            key = self.check_token_key(token)
+            self._remember(generation, dev_id, key, _Answer(errno, None, valid_until))
         return errno
 
     def check_token_cached(self, dev_id: int, token: str) -> Errno | None:
         """A recent successful E5 on a downloading task that is still valid (see
         :meth:`check_task_cached`)."""
-        answer = self._answer(dev_id, ("E5", token))
+        answer = self._answer(dev_id, self.check_token_key(token))
         return None if answer is None else answer.errno
+
+    # -- memoised replies ----------------------------------------------------------------------
+
+    @staticmethod
+    def check_task_key(
+        task_type: TaskType, version: str, manuf: str | None, model: str | None
+    ) -> tuple[Any, ...]:
+        """The cache key of an E3 question (for :meth:`basis`)."""
+        return ("E3", task_type, version, manuf, model)
+
+    @staticmethod
+    def check_token_key(token: str) -> tuple[Any, ...]:
+        """The cache key of an E5 question (for :meth:`basis`)."""
+        return ("E5", token)
+
+    def basis(self, authorization: str, dev_id: int, key: tuple[Any, ...]) -> Basis | None:
+        """The cached principal, device and answer behind a reply to ``key``, if all are cached
+        and valid now; None otherwise (then the reply must not be memoised)."""
+        principal = self.authenticate_cached(authorization)
+        device = self._device_cache.get(dev_id)
+        answer = self._answer(dev_id, key)
+        if principal is None or device is None or answer is None:
+            return None
+        if not self.binds(principal, device):
+            return None
+        return Basis(authorization, principal, dev_id, device, key, answer)
+
+    def holds(self, basis: Basis) -> bool:
+        """Whether the service would still give the answer of ``basis`` (see :class:`Basis`)."""
+        now = self._clock()
+        if basis.principal.expires_at < now or basis.answer.valid_until <= now:
+            return False
+        if self._auth_cache.get(basis.authorization) is not basis.principal:
+            return False
+        if self._device_cache.get(basis.dev_id) is not basis.device:
+            return False
+        entries = self._answers.get(basis.dev_id)
+        return entries is not None and entries.get(basis.key) is basis.answer
 
     def report(self, dev_id: int, token: str | None, report: Report | Errno) -> Errno:
         """E7/E8 (§6.7, §6.8, §5.5, D14, D15) on any token ever issued for the device's task.

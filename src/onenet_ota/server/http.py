@@ -174,6 +174,7 @@ class Request:
     _read_chunk: BodyReader
     _query: dict[str, str] | None = None
     content_length: int | None = None  # the declared Content-Length; None if absent or chunked
+    chunked: bool = False  # Transfer-Encoding names chunked: a body of unknown length follows
     http_version: str = "1.1"
 
     def header(self, name: str) -> str | None:
@@ -613,6 +614,7 @@ class _Connection(asyncio.Protocol):
             peer=self._peer,
             _read_chunk=body.read,
             content_length=declared,
+            chunked=self._chunked,
             http_version=parser.get_http_version(),
         )
         self._body = body
