@@ -57,6 +57,7 @@ from onenet_ota.protocol.states import (
     on_action,
 )
 from onenet_ota.protocol.status import PackageKind, TaskType
+from onenet_ota.server import changes
 from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.device_service import ConcurrentChange, apply_action, expire_deadlines
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks
@@ -625,6 +626,7 @@ class AdminService:
             if done.rowcount == 0:
                 raise NotFound(f"product {pid} not found")
             row = conn.execute(select(products).where(products.c.pid == pid)).one()
+            changes.publish(conn, None, self._clock())  # verified Authorization values
         self._changed()
         return Product(
             pid=row.pid, name=row.name, access_key=row.access_key, created_at=row.created_at
@@ -1040,6 +1042,8 @@ class AdminService:
             for batch in _chunks(rows):
                 conn.execute(insert(device_tasks), list(batch))
             task = self._task(conn, task_id)
+            # Everything: T5 above may have moved any device, and E3 answers "no task" are cached.
+            changes.publish(conn, None, now)
         self._changed()
         created = TaskCreated(**task.model_dump(), skipped=skipped, cancelled=cancelled)
         return CreatedTask(task=created, dev_ids=targets)
@@ -1263,6 +1267,7 @@ class AdminService:
                 update(tasks).where(tasks.c.id == task_id).values(status=_STATUS_AFTER[action])
             )
             task = self._task(conn, task_id)
+            changes.publish(conn, None, now)
         self._changed()
         return TaskActionResult(**task.model_dump(), changed=changed)
 
@@ -1286,6 +1291,7 @@ class AdminService:
                     except IllegalTransition as exc:
                         raise Conflict(str(exc)) from None
                     view = self._device_views(conn, where, limit=1)[0]
+                    changes.publish(conn, [dev_id], now)
             except ConcurrentChange:
                 continue  # a device request moved the task meanwhile: read it again
             self._changed()

@@ -51,7 +51,15 @@ from onenet_ota.protocol.ranges import parse_range
 from onenet_ota.protocol.status import TaskType, classify_result, classify_step
 from onenet_ota.server import wire
 from onenet_ota.server.blobs import BlobStore
-from onenet_ota.server.device_service import Basis, Clock, DeviceService, Principal, Report
+from onenet_ota.server.changes import DEFAULT_INTERVAL
+from onenet_ota.server.device_service import (
+    DEFAULT_CACHE_TTL,
+    Basis,
+    Clock,
+    DeviceService,
+    Principal,
+    Report,
+)
 from onenet_ota.server.http import (
     SMALL_SEGMENT,
     BodyTooLarge,
@@ -95,9 +103,10 @@ class DeviceApi:
 
     ``public_address`` is D10's download address (``host`` or ``host:port``, at most 31
     characters), returned as ``ipPort`` to devices that ask with ``cdn=true``. ``clock`` returns
-    Unix seconds (token lifetimes, ``et``, deadlines, start times). ``cache_ttl`` bounds how stale
-    the in-process caches may be towards other processes (see :mod:`.device_service`); 0 disables
-    them. ``db_threads`` overrides :func:`default_db_threads`.
+    Unix seconds (token lifetimes, ``et``, deadlines, start times). ``cache_ttl`` is the longest a
+    cached entry lives (0 disables the caches) and ``feed_interval`` how often the change feed of
+    other processes is read (see :mod:`.device_service` and :mod:`.changes`). ``db_threads``
+    overrides :func:`default_db_threads`.
     """
 
     def __init__(
@@ -107,7 +116,8 @@ class DeviceApi:
         *,
         public_address: str | None = None,
         clock: Clock = time.time,
-        cache_ttl: float = 1.0,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        feed_interval: float = DEFAULT_INTERVAL,
         db_threads: int | None = None,
     ) -> None:
         if public_address is not None and not values.is_ip_port(public_address):
@@ -115,7 +125,9 @@ class DeviceApi:
                 f"public_address {public_address!r} is not host or host:port of at most "
                 f"{values.IP_PORT_MAX_LEN} characters (D10)"
             )
-        self.service = DeviceService(engine, clock=clock, cache_ttl=cache_ttl)
+        self.service = DeviceService(
+            engine, clock=clock, cache_ttl=cache_ttl, feed_interval=feed_interval
+        )
         self._blobs = blobs
         self._public_address = public_address
         self._clock = clock
@@ -148,6 +160,7 @@ class DeviceApi:
     async def handle(self, request: Request) -> Response:
         """Answer one request. Never raises for a client's input (only :class:`RequestAborted`,
         which the HTTP layer turns into a 400 or a dropped connection)."""
+        self.service.sync()  # what other processes changed (cheap unless due)
         route = match_path(request.path)
         if route is None:
             return wire.empty(404)

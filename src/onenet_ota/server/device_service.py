@@ -18,7 +18,8 @@ takes its write lock at BEGIN (db.py), so there it never conflicts; on PostgreSQ
 the re-evaluated WHERE clause is what detects a concurrent change. Writes go in one lock order,
 device_tasks rows before the devices row, and deadlocks or serialisation failures are retried.
 
-Caching (all in-process, per :class:`DeviceService`, bounded, ``cache_ttl`` seconds, default 1 s):
+Caching (all in-process, per :class:`DeviceService`, bounded; an entry lives at most
+``cache_ttl`` seconds, 30 s by default):
 
 - verified Authorization values -> the principal (pid, device), re-checked against ``et`` on use;
 - ``dev_id`` -> (pid, name) for P3;
@@ -26,18 +27,25 @@ Caching (all in-process, per :class:`DeviceService`, bounded, ``cache_ttl`` seco
 - per device, E3 answers (errno 0 or 11) and successful E5 answers that changed nothing, keyed by
   the question (type, version, manuf, model; or the token).
 
-This process's own transitions drop the entries of the task and its device at once; the
-management side in the same process calls :meth:`DeviceService.invalidate`. Changes made by other
-processes (another server, the management API elsewhere) are seen after at most ``cache_ttl``
-seconds: for that long a paused or cancelled task may still be offered by E3, pass E5 and be served
-bytes by E6, a new task may still get errno 11, a rotated key may still verify, and a deleted device
-may still pass P3. Token expiry, deadlines and start times are times, compared with the clock on
-every use, so they are never stale.
+Token expiry, deadlines and start times are times, compared with the clock on every use, so they
+are never stale. Changes are seen as follows:
+
+- This process's own transitions drop the entries of their device at once; the management side in
+  the same process calls :meth:`DeviceService.invalidate`.
+- Every transaction that changes something cached (here or in :mod:`.admin_service`) also writes a
+  row to the change feed (:mod:`.changes`) in the same commit. :meth:`DeviceService.sync`, which
+  the device API calls before every request, reads the feed at most every ``feed_interval``
+  seconds (0.1 s) and drops what other processes changed. So for about 0.1 s another worker or
+  host may still offer a task paused elsewhere, pass its E5 or serve it bytes; if the feed cannot
+  be read, every cache is dropped until it can.
+- Changes made outside the server (SQL typed into the database) are not in the feed: they are
+  seen when the entries they affect reach ``cache_ttl``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import secrets
 import string
@@ -79,6 +87,7 @@ from onenet_ota.protocol.states import (
     on_token_check,
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
+from onenet_ota.server import changes
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
 
 __all__ = [
@@ -109,6 +118,8 @@ _RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01"})
 # unchanged version stays a read-only transaction.
 _LAST_SEEN_RESOLUTION_S: Final = 60
 _CACHE_MAX_ENTRIES: Final = 65536
+DEFAULT_CACHE_TTL: Final = 30.0
+"""Seconds a cached entry lives at most: the bound for changes the change feed does not carry."""
 _OPEN_CODES: Final = tuple(int(s) for s in OPEN_STATES)
 # Literal values: an IN over bound parameters is re-expanded on every execution (measured: a
 # fifth of E3's statement time on SQLite).
@@ -159,9 +170,14 @@ class _TtlCache(Generic[K, V]):
         if self._ttl <= 0:
             return
         with self._lock:
-            if len(self._items) >= self._max:
-                self._items.clear()  # crude but bounded; a miss only costs one query
-            self._items[key] = (time.monotonic() + self._ttl, value)
+            items = self._items
+            if len(items) >= self._max and key not in items:
+                # Full: the oldest eighth goes (dicts keep insertion order), so a fleet larger
+                # than the cache keeps most of it instead of losing all of it at once.
+                for old in list(itertools.islice(items, max(1, self._max // 8))):
+                    del items[old]
+            items.pop(key, None)  # re-inserted at the end: the order stays oldest first
+            items[key] = (time.monotonic() + self._ttl, value)
 
     def pop(self, key: K) -> None:
         with self._lock:
@@ -587,7 +603,7 @@ class _Tx:
 
     conn: Connection | None
     now: float
-    touched: set[tuple[int, int]] = field(default_factory=set)  # (device task, device)
+    touched: set[int] = field(default_factory=set)  # devices whose cached facts changed
     touched_all: bool = False
 
     @property
@@ -641,19 +657,39 @@ class DeviceService:
     ``clock`` returns Unix seconds; tests pass a fake one to expire tokens and deadlines.
     """
 
-    def __init__(self, engine: Engine, *, clock: Clock = time.time, cache_ttl: float = 1.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Clock = time.time,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        feed_interval: float = changes.DEFAULT_INTERVAL,
+    ) -> None:
         self._engine = engine
         self._clock = clock
         self._auth_cache: _TtlCache[str, Principal] = _TtlCache(cache_ttl)
         self._device_cache: _TtlCache[int, DeviceRef] = _TtlCache(cache_ttl)
         self._grant_cache: _TtlCache[str, DownloadGrant] = _TtlCache(cache_ttl)
-        self._grant_tokens: dict[int, set[str]] = {}  # device task -> cached tokens
+        self._grant_tokens: dict[int, set[str]] = {}  # dev_id -> cached tokens
         self._grant_lock = threading.Lock()
         # dev_id -> {("E3", type, version, manuf, model) or ("E5", token): answer}
         self._answers: _TtlCache[int, dict[tuple[Any, ...], _Answer]] = _TtlCache(cache_ttl)
         # Bumped by every invalidation: a lookup that raced with one is not cached (thread mode).
         self._generation = 0
         self._readers = readers = _ReadConnections(engine)
+        self._origin = changes.new_origin()
+        self._feed_failing = False
+        self._feed = (
+            changes.ChangeFeed(
+                engine,
+                lambda statement: _Reader(engine, readers, statement).all,
+                origin=self._origin,
+                interval=feed_interval,
+                clock=clock,
+            )
+            if cache_ttl > 0
+            else None
+        )
         self._read_keys = _Reader(engine, readers, _SELECT_KEYS)
         self._read_device = _Reader(engine, readers, _SELECT_DEVICE)
         self._read_versions = _Reader(engine, readers, _SELECT_VERSIONS)
@@ -678,7 +714,13 @@ class DeviceService:
             try:
                 with self._engine.begin() as conn:
                     tx = _Tx(conn, self._clock())
-                    return work(tx)
+                    result = work(tx)
+                    # Other processes learn of it from the feed, in the same commit.
+                    if tx.touched_all:
+                        changes.publish(conn, None, tx.now, origin=self._origin)
+                    elif tx.touched:
+                        changes.publish(conn, tx.touched, tx.now, origin=self._origin)
+                    return result
             except (ConcurrentChange, IntegrityError):
                 # IntegrityError: a token collision or a concurrent insert; both retry cleanly.
                 if attempt == _MAX_ATTEMPTS:
@@ -710,29 +752,55 @@ class DeviceService:
         if tx.touched_all:
             self.invalidate()
             return
-        for device_task_id, dev_id in tx.touched:
-            self.invalidate(device_task_id, dev_id)
+        for dev_id in tx.touched:
+            self.invalidate(dev_id)
 
-    def invalidate(self, device_task_id: int | None = None, dev_id: int | None = None) -> None:
-        """Forget cached answers of one device task (and its device), or every cache when called
-        without arguments.
+    def invalidate(self, dev_id: int | None = None) -> None:
+        """Forget what is cached about one device (its answers and its tokens' download grants),
+        or every cache when called without an argument.
 
         The management side calls this (without arguments) after it changes tasks, devices or
-        keys in a process that also serves the device API.
+        keys in a process that also serves the device API; :meth:`sync` calls it for what other
+        processes changed.
         """
         with self._grant_lock:
             self._generation += 1
-            if device_task_id is None:
+            if dev_id is None:
                 self._grant_cache.clear()
                 self._grant_tokens.clear()
                 self._answers.clear()
                 self._auth_cache.clear()
                 self._device_cache.clear()
                 return
-            for token in self._grant_tokens.pop(device_task_id, ()):
+            for token in self._grant_tokens.pop(dev_id, ()):
                 self._grant_cache.pop(token)
-            if dev_id is not None:
-                self._answers.pop(dev_id)
+            self._answers.pop(dev_id)
+
+    def sync(self) -> None:
+        """Drop what other processes changed, read from the change feed (:mod:`.changes`) at
+        most every 0.1 s. Cheap when not due: the device API calls it before every request.
+
+        When the feed cannot be read, everything is dropped: what was missed is unknown.
+        """
+        feed = self._feed
+        if feed is None or not feed.due():
+            return
+        try:
+            found = feed.read()
+        except Exception:
+            if not self._feed_failing:
+                log.warning("cannot read the cache change feed; caching nothing until it works")
+                self._feed_failing = True
+            self.invalidate()
+            return
+        if self._feed_failing:
+            log.info("the cache change feed works again")
+            self._feed_failing = False
+        if found.everything:
+            self.invalidate()
+            return
+        for dev_id in found.dev_ids:
+            self.invalidate(dev_id)
 
     def _answer(self, dev_id: int, key: tuple[Any, ...]) -> _Answer | None:
         entries = self._answers.get(dev_id)
@@ -773,14 +841,14 @@ class DeviceService:
             progress=row.progress if progress is None else progress,
             result_code=result_code,
         )
-        tx.touched.add((row.dt_id, row.dt_dev_id))
+        tx.touched.add(row.dt_dev_id)
 
     def _effective_state(self, tx: _Tx, row: _Row, dev_id: int) -> TaskState:
         """The row's state after T5, applied lazily: a passed deadline fails the open tasks."""
         state = TaskState(row.state)
         if state.is_open and _deadline_passed(row.deadline, tx.now):
             if expire_deadlines(tx.writer, tx.now, dev_id=dev_id):
-                tx.touched_all = True
+                tx.touched.add(dev_id)  # T5 on this device's open tasks only
             return on_action(state, Action.DEADLINE)
         return state
 
@@ -1003,7 +1071,7 @@ class DeviceService:
         if conn.execute(_SET_TOKEN, params).rowcount != 1:
             raise ConcurrentChange
         conn.execute(_INSERT_TOKEN, {"v_token": token, "v_id": row.dt_id, "now": now})
-        tx.touched.add((row.dt_id, row.dt_dev_id))
+        tx.touched.add(row.dt_dev_id)
         return token
 
     def tasking(self, dev_id: int, task_type: TaskType) -> tuple[Errno, TaskInfo | None]:
@@ -1175,7 +1243,7 @@ class DeviceService:
             if generation != self._generation:
                 return grant  # raced with an invalidation: use it once, do not cache it
             self._grant_cache.put(token, grant)
-            self._grant_tokens.setdefault(grant.device_task_id, set()).add(token)
+            self._grant_tokens.setdefault(grant.dev_id, set()).add(token)
             if len(self._grant_tokens) > _CACHE_MAX_ENTRIES:
                 self._grant_tokens.clear()
                 self._grant_cache.clear()

@@ -137,3 +137,22 @@ tokens = Table(
     Column("issued_at", BigInteger, nullable=False),
     Index("ix_tokens_device_task_id", "device_task_id"),
 )
+
+# One row per committed change that caches of the device API depend on (server/changes.py): every
+# server process reads the rows it has not seen and drops what they name. Rows are pruned after a
+# while; they are a feed, not a history.
+cache_changes = Table(
+    "cache_changes",
+    metadata,
+    # SQLite: INTEGER PRIMARY KEY AUTOINCREMENT (ids never reused, so a gap means pruned rows).
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("dev_id", BigInteger, nullable=True),  # NULL: anything may have changed
+    Column("xid", BigInteger, nullable=True),  # PostgreSQL: the id of the writing transaction
+    Column("origin", BigInteger, nullable=False, server_default=text("0")),  # the writing process
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_cache_changes_xid", "xid"),
+    Index("ix_cache_changes_created_at", "created_at"),
+    sqlite_autoincrement=True,
+)

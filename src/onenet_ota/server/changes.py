@@ -1,0 +1,236 @@
+"""The cache change feed: how one server process learns what other processes changed.
+
+Every server process keeps in-process caches for the device API (:mod:`.device_service`,
+:mod:`.device_api`). Its own changes drop its own entries at once. To learn of changes made
+elsewhere (another worker of ``serve --workers N``, another host on the same PostgreSQL, the
+management API served by another process), every transaction that changes something a cache may
+hold also inserts, in the same transaction, a ``cache_changes`` row naming the device (or NULL:
+anything may have changed), with :func:`publish`. Each process reads the rows it has not seen, at
+most every ``interval`` seconds (0.1 s by default) while it serves requests, and drops what they
+name (:class:`ChangeFeed`).
+
+Reading "the rows not seen yet" exactly:
+
+- SQLite: write transactions are serialised (BEGIN IMMEDIATE, db.py) and ids come from
+  AUTOINCREMENT inside them, so ids become visible in order and are never reused: ``id > last``
+  is exact, and a gap before the first new row can only be rows pruned before this process read
+  them, so it drops everything.
+- PostgreSQL: ids come from a sequence before commit, so a smaller id may become visible after a
+  larger one. Each row carries its transaction's id (``pg_current_xact_id()``). Every read first
+  takes the snapshot's ``xmin``, the oldest transaction that may still be running: every
+  transaction below it has ended, so its rows are final. The next read starts again at that
+  ``xmin`` and skips the rows it has already handled.
+
+Rows older than ``retention`` seconds (10 minutes) are deleted by the readers now and then. A
+process that has not read for half that long (it served nothing meanwhile) drops everything
+rather than trust the feed. Changes made outside the server (SQL typed by an operator) are not in
+the feed; the caches' maximum age bounds how long those go unseen.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy import (
+    ColumnClause,
+    Connection,
+    Engine,
+    Select,
+    bindparam,
+    delete,
+    insert,
+    literal_column,
+    select,
+    text,
+)
+
+from onenet_ota.server.schema import cache_changes
+
+__all__ = ["DEFAULT_INTERVAL", "ChangeFeed", "Changes", "new_origin", "publish"]
+
+_c = cache_changes.c
+DEFAULT_INTERVAL: Final = 0.1
+"""Seconds between two reads of the feed: how long another process's change may go unseen."""
+_BATCH: Final = 5000  # rows read at once; more than that and everything is dropped instead
+_PG_XID: Final[ColumnClause[Any]] = literal_column("pg_current_xact_id()::text::bigint")
+_PG_XMIN: Final[Select[Any]] = select(
+    literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint").label("xmin")
+)
+
+Reader = Callable[[Select[Any]], Callable[..., list[Any]]]
+"""Compiles a SELECT once and returns a function running it (keyword parameters) to rows."""
+
+
+def new_origin() -> int:
+    """A random id for one writer process, so that a reader can skip its own rows."""
+    return secrets.randbits(62)
+
+
+def publish(
+    conn: Connection, dev_ids: Iterable[int] | None, now: float, *, origin: int = 0
+) -> None:
+    """Record, inside the caller's transaction, that cached facts about ``dev_ids`` changed
+    (None: about anything). ``origin`` names the writing process (0: unnamed)."""
+    rows: list[dict[str, Any]] = [
+        {"dev_id": dev_id, "created_at": int(now), "origin": origin}
+        for dev_id in (sorted(set(dev_ids)) if dev_ids is not None else [None])
+    ]
+    if not rows:
+        return
+    statement = insert(cache_changes).values(
+        dev_id=bindparam("dev_id"), created_at=bindparam("created_at"), origin=bindparam("origin")
+    )
+    if conn.dialect.name == "postgresql":
+        statement = statement.values(xid=_PG_XID)
+    conn.execute(statement, rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What a read of the feed found: devices to forget, or everything."""
+
+    everything: bool = False
+    dev_ids: frozenset[int] = frozenset()
+
+    def __bool__(self) -> bool:
+        return self.everything or bool(self.dev_ids)
+
+
+NOTHING: Final = Changes()
+EVERYTHING: Final = Changes(everything=True)
+
+
+class ChangeFeed:
+    """Reads ``cache_changes`` for one process (see the module docstring). Not thread-safe: one
+    caller at a time (the device API calls it from its event loop).
+
+    ``reader`` runs SELECTs outside any write transaction; ``origin`` is this process's own
+    :func:`publish` origin, whose rows it skips (it has dropped those entries already).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        reader: Reader,
+        *,
+        origin: int,
+        interval: float = DEFAULT_INTERVAL,
+        retention: float = 600.0,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+        self._origin = origin
+        self._interval = interval
+        self._retention = retention
+        self._clock = clock
+        self._monotonic = monotonic
+        columns = (_c.id, _c.dev_id, _c.xid, _c.origin)
+        if self._postgres:
+            self._read_xmin = reader(_PG_XMIN)
+            by = _c.xid >= bindparam("since")
+        else:
+            # AUTOINCREMENT's counter, not max(id): the table may have been pruned empty.
+            self._read_last = reader(
+                select(literal_column("seq").label("last"))
+                .select_from(text("sqlite_sequence"))
+                .where(literal_column("name") == cache_changes.name)
+            )
+            by = _c.id > bindparam("since")
+        self._read_rows = reader(select(*columns).where(by).order_by(_c.id).limit(_BATCH + 1))
+        self._since: int | None = None  # SQLite: the last id read; PostgreSQL: the next xmin
+        self._seen: dict[int, int] = {}  # PostgreSQL: id -> xid of rows handled at >= _since
+        self._next_read = 0.0
+        self._last_read = monotonic()
+        self._next_prune = monotonic() + retention / 10
+
+    def start(self) -> None:
+        """Note where the feed is now: rows from before are not reported (call it before the
+        caches are first filled)."""
+        self._since = self._position()
+        self._seen.clear()
+        now = self._monotonic()
+        self._last_read = now
+        self._next_read = now + self._interval
+
+    def due(self) -> bool:
+        """Whether :meth:`read` should run now (``interval`` has passed since the last one)."""
+        return self._monotonic() >= self._next_read
+
+    def read(self) -> Changes:
+        """What changed since the last read. Raises what the database raises; the caller should
+        then drop everything, since it cannot know what it missed."""
+        now = self._monotonic()
+        self._next_read = now + self._interval
+        stale = now - self._last_read > self._retention / 2
+        if self._since is None or stale:
+            self.start()
+            return EVERYTHING
+        changes = self._read_postgres() if self._postgres else self._read_sqlite()
+        self._last_read = now
+        if now >= self._next_prune:
+            self._next_prune = now + self._retention / 10
+            self._prune()
+        return changes
+
+    def _position(self) -> int:
+        if self._postgres:
+            return int(self._read_xmin()[0].xmin)
+        rows = self._read_last()
+        return int(rows[0].last) if rows else 0
+
+    def _read_sqlite(self) -> Changes:
+        since = self._since
+        assert since is not None
+        rows = self._read_rows(since=since)
+        if not rows:
+            return NOTHING
+        gap = rows[0].id != since + 1  # rows pruned before this process read them
+        if len(rows) > _BATCH or gap:
+            self.start()
+            return EVERYTHING
+        self._since = rows[-1].id
+        return self._collect(rows)
+
+    def _read_postgres(self) -> Changes:
+        since = self._since
+        assert since is not None
+        # xmin first: every transaction below it has ended before the rows are read (a later
+        # statement, hence a later snapshot), so the next read may start there.
+        xmin = int(self._read_xmin()[0].xmin)
+        rows = self._read_rows(since=since)
+        if len(rows) > _BATCH:
+            self._since = xmin
+            self._seen.clear()
+            return EVERYTHING
+        seen = self._seen
+        fresh = [row for row in rows if row.id not in seen]
+        for row in fresh:
+            seen[row.id] = row.xid
+        self._since = xmin
+        if len(seen) > _BATCH:
+            self._seen = {i: x for i, x in seen.items() if x >= xmin}
+        else:
+            for row_id in [i for i, x in seen.items() if x < xmin]:
+                del seen[row_id]
+        return self._collect(fresh)
+
+    def _collect(self, rows: list[Any]) -> Changes:
+        dev_ids = set()
+        for row in rows:
+            if row.origin == self._origin and self._origin:
+                continue
+            if row.dev_id is None:
+                return EVERYTHING
+            dev_ids.add(row.dev_id)
+        return Changes(dev_ids=frozenset(dev_ids)) if dev_ids else NOTHING
+
+    def _prune(self) -> None:
+        cutoff = int(self._clock() - self._retention)
+        with self._engine.begin() as conn:
+            conn.execute(delete(cache_changes).where(_c.created_at < cutoff))

@@ -1,0 +1,316 @@
+"""server/changes.py: the cache change feed between server processes (SQLite and PostgreSQL).
+
+Each test plays several server processes with several readers and services on one database; the
+feed is what makes one see the others' changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from sqlalchemy import Engine, Select, func, insert, select
+
+from onenet_ota.protocol.errno import Errno
+from onenet_ota.protocol.states import Action, TaskState
+from onenet_ota.protocol.status import TaskType
+from onenet_ota.server.admin_service import AdminService, KeyRotate
+from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.changes import EVERYTHING, NOTHING, ChangeFeed, Changes, publish
+from onenet_ota.server.device_service import DeviceService
+from onenet_ota.server.schema import cache_changes
+from tests.server.seed import T0, FakeClock, Seeder, World, running_api
+
+FOTA = TaskType.FOTA
+
+
+class Ticks:
+    """A settable monotonic clock for the feed's intervals."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def core_reader(engine: Engine) -> Callable[[Select[Any]], Callable[..., list[Any]]]:
+    """A reader for ChangeFeed on plain Core connections (the service uses raw ones)."""
+
+    def compile_(statement: Select[Any]) -> Callable[..., list[Any]]:
+        def run(**params: Any) -> list[Any]:
+            with engine.connect() as conn:
+                return list(conn.execute(statement, params).all())
+
+        return run
+
+    return compile_
+
+
+@pytest.fixture
+def ticks() -> Ticks:
+    return Ticks()
+
+
+@pytest.fixture
+def make_feed(engine: Engine, ticks: Ticks) -> Callable[..., ChangeFeed]:
+    def make(origin: int = 1, **options: Any) -> ChangeFeed:
+        options.setdefault("interval", 0.0)
+        return ChangeFeed(engine, core_reader(engine), origin=origin, monotonic=ticks, **options)
+
+    return make
+
+
+def emit(engine: Engine, dev_ids: list[int] | None, *, origin: int = 2, now: float = T0) -> None:
+    with engine.begin() as conn:
+        publish(conn, dev_ids, now, origin=origin)
+
+
+def rows(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(cache_changes)).scalar_one())
+
+
+# -- the feed ------------------------------------------------------------------------------------
+
+
+def test_reads_what_other_processes_published(
+    engine: Engine, make_feed: Callable[..., ChangeFeed]
+) -> None:
+    emit(engine, [1])  # before the reader started: not its business
+    feed = make_feed(origin=7)
+    assert feed.read() is EVERYTHING  # the first read only finds its place
+    assert feed.read() is NOTHING
+    emit(engine, [5, 6, 5])
+    emit(engine, [9])
+    assert feed.read() == Changes(dev_ids=frozenset({5, 6, 9}))
+    assert feed.read() is NOTHING
+    emit(engine, [11], origin=7)  # its own change: dropped already, at once
+    assert feed.read() is NOTHING
+    emit(engine, [12])
+    emit(engine, None)  # a management change: anything
+    assert feed.read() is EVERYTHING
+    assert feed.read() is NOTHING
+
+
+def test_due_follows_the_interval(make_feed: Callable[..., ChangeFeed], ticks: Ticks) -> None:
+    feed = make_feed(interval=0.1)
+    assert feed.due()
+    feed.read()
+    assert not feed.due()
+    ticks.now += 0.1
+    assert feed.due()
+
+
+def test_more_rows_than_a_batch_drop_everything(
+    engine: Engine, make_feed: Callable[..., ChangeFeed]
+) -> None:
+    feed = make_feed()
+    feed.read()
+    emit(engine, list(range(1, 5002)))
+    assert feed.read() is EVERYTHING
+    assert feed.read() is NOTHING  # and it continues after them
+    emit(engine, [3])
+    assert feed.read() == Changes(dev_ids=frozenset({3}))
+
+
+def test_a_reader_idle_too_long_drops_everything(
+    engine: Engine, make_feed: Callable[..., ChangeFeed], ticks: Ticks
+) -> None:
+    feed = make_feed(retention=600)
+    feed.read()
+    ticks.now += 301  # more than half the retention: rows may have been pruned unread
+    assert feed.read() is EVERYTHING
+    emit(engine, [4])
+    assert feed.read() == Changes(dev_ids=frozenset({4}))
+
+
+def test_old_rows_are_pruned(
+    engine: Engine, make_feed: Callable[..., ChangeFeed], ticks: Ticks
+) -> None:
+    clock = FakeClock(T0)
+    feed = make_feed(retention=600, clock=clock)
+    feed.read()
+    emit(engine, [1], now=T0 - 700)
+    emit(engine, [2], now=T0 - 10)
+    assert feed.read() == Changes(dev_ids=frozenset({1, 2}))
+    assert rows(engine) == 2
+    ticks.now += 61  # a tenth of the retention: time to prune
+    assert feed.read() is NOTHING
+    assert rows(engine) == 1
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # ids are gap-free only here
+def test_sqlite_rows_pruned_unread_drop_everything(
+    engine: Engine, make_feed: Callable[..., ChangeFeed]
+) -> None:
+    feed = make_feed()
+    feed.read()
+    emit(engine, [1])
+    emit(engine, [2])
+    with engine.begin() as conn:
+        first = conn.execute(select(func.min(cache_changes.c.id))).scalar_one()
+        conn.execute(cache_changes.delete().where(cache_changes.c.id == first))
+    assert feed.read() is EVERYTHING
+    # Starting again on an emptied table continues from the AUTOINCREMENT counter, not id 0.
+    with engine.begin() as conn:
+        conn.execute(cache_changes.delete())
+    feed.start()
+    emit(engine, [3])
+    assert feed.read() == Changes(dev_ids=frozenset({3}))
+
+
+@pytest.mark.parametrize(  # SQLite serialises writers: there, ids become visible in order
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_postgres_late_commit_is_not_missed(
+    engine: Engine, make_feed: Callable[..., ChangeFeed]
+) -> None:
+    """A transaction that took its id earlier but commits later is still read, once."""
+    assert engine.dialect.name == "postgresql"
+    feed = make_feed()
+    feed.read()
+    with engine.connect() as slow:
+        transaction = slow.begin()
+        publish(slow, [1], T0, origin=2)  # sequence value and xid taken now, committed below
+        emit(engine, [2])  # a later id, committed first
+        assert feed.read() == Changes(dev_ids=frozenset({2}))
+        transaction.commit()
+    assert feed.read() == Changes(dev_ids=frozenset({1}))
+    assert feed.read() is NOTHING
+
+
+def test_publish_writes_nothing_for_no_devices(engine: Engine) -> None:
+    emit(engine, [])
+    assert rows(engine) == 0
+    with engine.begin() as conn:
+        conn.execute(insert(cache_changes).values(dev_id=1, created_at=T0))
+    assert rows(engine) == 1
+
+
+# -- the device service: caches follow the feed ----------------------------------------------------
+
+
+@pytest.fixture
+def seeder(engine: Engine, tmp_path: Path) -> Seeder:
+    return Seeder(engine, BlobStore(tmp_path / "blobs"), FakeClock())
+
+
+@pytest.fixture
+def services(engine: Engine, seeder: Seeder) -> Iterator[Callable[[], DeviceService]]:
+    made: list[DeviceService] = []
+
+    def make() -> DeviceService:
+        made.append(DeviceService(engine, clock=seeder.clock, cache_ttl=3600, feed_interval=0))
+        return made[-1]
+
+    yield make
+    for service in made:
+        service.close()
+
+
+def offer(service: DeviceService, w: World) -> str:
+    errno, info = service.check_task(w.dev_id, FOTA, "1.0.0")
+    assert errno is Errno.SUCC
+    assert info is not None
+    return info.token
+
+
+def test_another_process_transition_drops_that_device_only(
+    services: Callable[[], DeviceService], seeder: Seeder
+) -> None:
+    here, there = services(), services()
+    w, other = seeder.world(), seeder.world()
+    here.sync()
+    token = offer(here, w)
+    offer(here, w)  # cached now
+    offer(here, other)
+    offer(here, other)
+    assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is not None
+    assert there.check_token(w.dev_id, token) is Errno.SUCC  # T9, in the other process
+    assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is not None  # not read yet
+    here.sync()
+    assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert here.check_task_cached(other.dev_id, FOTA, "1.0.0") is not None
+
+
+def test_management_changes_elsewhere_drop_everything(
+    services: Callable[[], DeviceService], seeder: Seeder, engine: Engine
+) -> None:
+    here = services()
+    w, other = seeder.world(), seeder.world()
+    here.sync()
+    for world in (w, other):
+        offer(here, world)
+        offer(here, world)
+    admin = AdminService(engine, seeder.blobs, clock=seeder.clock)  # no on_change: elsewhere
+    task_id = seeder.device_task(w.task_id).task_id
+    admin.act_on_device_task(task_id, w.dev_id, Action.PAUSE)
+    here.sync()
+    assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert here.check_task_cached(other.dev_id, FOTA, "1.0.0") is not None
+    assert here.check_task(w.dev_id, FOTA, "1.0.0") == (Errno.NO_TASK, None)
+    admin.rotate_product_key(other.pid, KeyRotate())
+    here.sync()
+    assert here.check_task_cached(other.dev_id, FOTA, "1.0.0") is None
+    assert here.authenticate_cached(other.auth) is None
+
+
+def test_unreadable_feed_caches_nothing_and_warns_once(
+    services: Callable[[], DeviceService],
+    seeder: Seeder,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    here = services()
+    w = seeder.world()
+    here.sync()
+    offer(here, w)
+    offer(here, w)
+    feed = here._feed
+    assert feed is not None
+
+    def broken() -> Changes:
+        raise RuntimeError("database is gone")
+
+    monkeypatch.setattr(feed, "read", broken)
+    with caplog.at_level(logging.WARNING, logger="onenet_ota.server.device_service"):
+        here.sync()
+        offer(here, w)
+        here.sync()
+    assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert [r.message for r in caplog.records].count(
+        "cannot read the cache change feed; caching nothing until it works"
+    ) == 1
+
+
+def test_two_servers_over_http_see_each_other(engine: Engine, seeder: Seeder) -> None:
+    """Two device APIs on one database, as two workers: a pause made through one is answered
+    by the other's cached E3 within its feed interval, not its cache's maximum age."""
+    w = seeder.world()
+    query: dict[str, str | int] = {"dev_id": w.dev_id, "type": 1, "version": "1.0.0"}
+    with (
+        running_api(engine, seeder.blobs, seeder.clock, cache_ttl=3600) as (_, first),
+        running_api(engine, seeder.blobs, seeder.clock, cache_ttl=3600) as (second_api, _),
+        httpx2.Client(base_url=first.url) as client,
+    ):
+
+        def errno() -> int:
+            reply = client.get(
+                "/ota/south/check", params=query, headers={"Authorization": w.auth}
+            ).json()
+            return int(reply["errno"])
+
+        assert errno() == 0
+        assert errno() == 0  # cached (and memoised) in the first server
+        second_api.service.apply_action(w.task_id, Action.PAUSE)  # through the second one
+        assert w.state() is TaskState.PAUSED
+        deadline = time.monotonic() + 10
+        while errno() == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert errno() == 11
