@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,8 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onenet_ota.device.state import (
+    KEEP_QUARANTINED,
     PartialFile,
     Phase,
+    StateError,
     StateLocked,
     StateStore,
     UpgradeState,
@@ -111,9 +114,178 @@ def test_a_bad_state_file_is_set_aside_not_deleted(tmp_path: Path, content: byte
     store.state_path.write_bytes(content)
     store.partial_path.write_bytes(b"partial bytes")
     assert store.load() is None
-    assert (tmp_path / "fota.json.corrupt").read_bytes() == content
-    assert (tmp_path / "fota.part.corrupt").read_bytes() == b"partial bytes"
+    assert (tmp_path / "fota.json.1.corrupt").read_bytes() == content
+    assert (tmp_path / "fota.part.1.corrupt").read_bytes() == b"partial bytes"
     assert not store.state_path.exists()
+
+
+def quarantine(store: StateStore, number: int, *, partial: bool = True) -> None:
+    """Make ``store`` set aside one unreadable state (and a partial package) marked ``number``."""
+    store.state_path.write_bytes(b"bad state %d" % number)
+    if partial:
+        store.partial_path.write_bytes(b"partial %d" % number)
+    assert store.load() is None
+
+
+def test_only_the_newest_quarantines_are_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert KEEP_QUARANTINED == 3
+    store = StateStore(tmp_path, TaskType.FOTA)
+    caplog.set_level(logging.INFO, logger="onenet_ota.device.state")
+    for number in range(1, 6):
+        quarantine(store, number)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fota.json.3.corrupt",
+        "fota.json.4.corrupt",
+        "fota.json.5.corrupt",
+        "fota.part.3.corrupt",
+        "fota.part.4.corrupt",
+        "fota.part.5.corrupt",
+    ]
+    for number in (3, 4, 5):
+        assert (tmp_path / f"fota.json.{number}.corrupt").read_bytes() == b"bad state %d" % number
+        assert (tmp_path / f"fota.part.{number}.corrupt").read_bytes() == b"partial %d" % number
+    removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removed")]
+    assert removed == [
+        f"removed old quarantined state file {name} from {tmp_path}"
+        for name in (
+            "fota.json.1.corrupt",
+            "fota.part.1.corrupt",
+            "fota.json.2.corrupt",
+            "fota.part.2.corrupt",
+        )
+    ]
+
+
+@settings(max_examples=30, deadline=None)
+@given(partials=st.lists(st.booleans(), min_size=1, max_size=8))
+def test_quarantines_keep_the_newest_generations_whole(partials: list[bool]) -> None:
+    # Some quarantines have no partial package; a generation is kept or removed as a whole.
+    with tempfile.TemporaryDirectory() as directory:
+        store = StateStore(directory, TaskType.FOTA)
+        for number, partial in enumerate(partials, start=1):
+            quarantine(store, number, partial=partial)
+        kept = range(max(1, len(partials) - KEEP_QUARANTINED + 1), len(partials) + 1)
+        expected = {f"fota.json.{n}.corrupt" for n in kept}
+        expected |= {f"fota.part.{n}.corrupt" for n in kept if partials[n - 1]}
+        assert {p.name for p in Path(directory).iterdir()} == expected
+        for n in kept:
+            assert (Path(directory) / f"fota.json.{n}.corrupt").read_bytes() == b"bad state %d" % n
+
+
+def test_quarantines_are_ordered_by_number_not_by_mtime(tmp_path: Path) -> None:
+    # A device without a real-time clock may write the newest file with the oldest mtime.
+    store = StateStore(tmp_path, TaskType.FOTA)
+    for number in range(1, 4):
+        quarantine(store, number)
+    for path in tmp_path.iterdir():
+        os.utime(path, (4_000_000_000, 4_000_000_000))
+    store.state_path.write_bytes(b"bad state 4")
+    os.utime(store.state_path, (1_000, 1_000))
+    assert store.load() is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fota.json.2.corrupt",
+        "fota.json.3.corrupt",
+        "fota.json.4.corrupt",
+        "fota.part.2.corrupt",
+        "fota.part.3.corrupt",
+    ]
+
+
+def test_unnumbered_quarantines_of_earlier_versions_are_the_oldest(tmp_path: Path) -> None:
+    (tmp_path / "fota.json.corrupt").write_bytes(b"legacy")
+    (tmp_path / "fota.part.corrupt").write_bytes(b"legacy")
+    store = StateStore(tmp_path, TaskType.FOTA)
+    quarantine(store, 1)
+    quarantine(store, 2)
+    assert (tmp_path / "fota.json.corrupt").exists()  # three generations: 0, 1, 2
+    quarantine(store, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fota.json.1.corrupt",
+        "fota.json.2.corrupt",
+        "fota.json.3.corrupt",
+        "fota.part.1.corrupt",
+        "fota.part.2.corrupt",
+        "fota.part.3.corrupt",
+    ]
+
+
+def test_pruning_touches_nothing_but_our_quarantine_files(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "fota.json.1.corrupt"  # an old generation's name, outside the directory
+    target.write_bytes(b"not ours")
+    (state_dir / "fota.json.1.corrupt").symlink_to(target)
+    (state_dir / "fota.part.1.corrupt").symlink_to(outside)
+    (state_dir / "fota.json.0.corrupt").mkdir()  # a directory named like ours
+    (state_dir / "fota.json.0.corrupt" / "inside").write_bytes(b"not ours")
+    look_alikes = [
+        "fota.json.01.corrupt",
+        "fota.json.0.corrupt.bak",
+        "fota.json.x.corrupt",
+        "fota.json.-1.corrupt",
+        "fota.json.1.corrupt~",
+        "fota.lock.1.corrupt",
+        "fota.json.1.CORRUPT",
+        "xfota.json.1.corrupt",
+        ".fota.json.1.corrupt",
+        "fota.json.1 .corrupt",
+        "fota.json.corrupt.1",
+        "sota.json.1.corrupt",  # the other task type's quarantine is its own business
+        "sota.json.corrupt",
+    ]
+    for name in look_alikes:
+        (state_dir / name).write_bytes(b"not ours")
+    sub = state_dir / "sub"
+    sub.mkdir()
+    (sub / "fota.json.2.corrupt").write_bytes(b"not ours")
+    before = sorted(p.name for p in state_dir.iterdir())
+
+    store = StateStore(state_dir, TaskType.FOTA)
+    for number in range(2, 2 + KEEP_QUARANTINED + 2):
+        quarantine(store, number)
+
+    # Generations 2..6 were made (1 was taken by the symlink); 2 and 3 were removed.
+    ours = {f"fota.{kind}.{n}.corrupt" for kind in ("json", "part") for n in (4, 5, 6)}
+    assert sorted(p.name for p in state_dir.iterdir()) == sorted([*before, *ours])
+    assert (state_dir / "fota.json.1.corrupt").is_symlink()
+    assert (state_dir / "fota.part.1.corrupt").is_symlink()
+    assert target.read_bytes() == b"not ours"
+    assert (state_dir / "fota.json.0.corrupt" / "inside").read_bytes() == b"not ours"
+    assert (sub / "fota.json.2.corrupt").read_bytes() == b"not ours"
+    for name in look_alikes:
+        assert (state_dir / name).read_bytes() == b"not ours"
+
+
+def test_the_quarantine_log_does_not_quote_the_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "ota_secret but/not a valid token"
+    bad = {**make_state().to_json(), "task": {**TASK.to_data(), "token": secret}}
+    store = StateStore(tmp_path, TaskType.FOTA)
+    store.state_path.write_text(json.dumps(bad))
+    with caplog.at_level(logging.DEBUG, logger="onenet_ota.device.state"):
+        assert store.load() is None
+    assert "moved aside as fota.json.1.corrupt" in caplog.text
+    assert secret not in caplog.text
+
+
+def test_a_state_file_that_cannot_be_moved_aside_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    store.state_path.write_bytes(b"not json")
+
+    def refuse(src: object, dst: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(StateError, match=r"cannot move unreadable .*fota\.json aside"):
+        store.load()
+    assert store.state_path.read_bytes() == b"not json"  # nothing lost
 
 
 def test_state_refuses_an_offset_outside_the_package() -> None:

@@ -18,6 +18,11 @@ Ordering rules, which make every crash point recoverable:
    acknowledged it, so a restart re-sends exactly the reports that may be missing (the upgrader
    interprets the server's answer to a repeat; see :mod:`onenet_ota.device.upgrader`).
 
+An unreadable state file is moved aside with its partial package as one numbered quarantine
+(``fota.json.N.corrupt``, ``fota.part.N.corrupt``, kept for inspection) and the upgrade starts
+over. Only the :data:`KEEP_QUARANTINED` newest quarantines per task type are kept, because a
+device's storage is small.
+
 File names come from the task type alone; nothing read from the network ever becomes a path.
 """
 
@@ -27,7 +32,9 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -46,6 +53,7 @@ except ImportError:  # pragma: no cover - not POSIX; the lock degrades to a no-o
 
 __all__ = [
     "FORMAT",
+    "KEEP_QUARANTINED",
     "Opener",
     "PartialFile",
     "Phase",
@@ -56,7 +64,12 @@ __all__ = [
     "open_for_update",
 ]
 
+logger = logging.getLogger("onenet_ota.device.state")
+
 FORMAT: Final = 1
+KEEP_QUARANTINED: Final = 3
+"""How many quarantines (an unreadable state file and its partial package) a state directory
+keeps per task type; older ones are deleted when a new one is made."""
 _READ_BLOCK: Final = 1 << 20
 _TMP_PREFIX: Final = ".tmp-"
 
@@ -277,6 +290,9 @@ class StateStore:
         self.state_path = self.directory / f"{stem}.json"
         self.partial_path = self.directory / f"{stem}.part"
         self.lock_path = self.directory / f"{stem}.lock"
+        # Exactly the names _quarantine gives, and no others: "fota.json.3.corrupt" (generation
+        # 3) or, as versions before numbering wrote it, "fota.json.corrupt" (generation 0).
+        self._quarantined_name = re.compile(rf"{stem}\.(?:json|part)(?:\.([1-9][0-9]*))?\.corrupt")
 
     def _ensure_directory(self) -> None:
         try:
@@ -313,9 +329,10 @@ class StateStore:
     def load(self) -> UpgradeState | None:
         """The persisted state, or None when there is none.
 
-        A state file that cannot be parsed is moved aside (``*.corrupt``, kept for inspection)
-        together with its partial package, and None is returned: a device must be able to start
-        over rather than stay stuck, and nothing is deleted.
+        A state file that cannot be parsed is moved aside together with its partial package
+        (``fota.json.N.corrupt``, ``fota.part.N.corrupt``, N counting up) and None is returned: a
+        device must be able to start over rather than stay stuck. The :data:`KEEP_QUARANTINED`
+        newest quarantines are kept for inspection; older ones are deleted.
         """
         self._remove_stale_temporaries()
         try:
@@ -334,10 +351,71 @@ class StateStore:
         return state
 
     def _quarantine(self) -> None:
+        # Numbered, not timestamped: a device without a real-time clock may boot in 1970, and a
+        # rename keeps the file's old mtime, so neither clock orders quarantines reliably.
+        generation = 1 + max((found[0] for found in self._scan_quarantined()), default=0)
+        moved: list[str] = []
         for path in (self.state_path, self.partial_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(path, path.with_name(path.name + ".corrupt"))
+            target = path.with_name(f"{path.name}.{generation}.corrupt")
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StateError(f"cannot move unreadable {path} aside: {exc}") from exc
+            moved.append(target.name)
         self._fsync_directory()
+        # Not the parse error: it may quote a field of the task, such as the token.
+        logger.warning(
+            "%s cannot be parsed; starting over, moved aside as %s",
+            self.state_path,
+            " and ".join(moved),
+        )
+        self._prune_quarantined()
+
+    def _scan_quarantined(self) -> list[tuple[int, str, bool]]:
+        """(generation, name, is a regular file) of every entry named like our quarantines."""
+        found: list[tuple[int, str, bool]] = []
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    match = self._quarantined_name.fullmatch(entry.name)
+                    if match is None:
+                        continue
+                    try:
+                        regular = entry.is_file(follow_symlinks=False)
+                    except OSError:
+                        regular = False
+                    found.append((int(match[1] or 0), entry.name, regular))
+        except OSError as exc:
+            raise StateError(f"cannot list state directory {self.directory}: {exc}") from exc
+        return found
+
+    def _prune_quarantined(self) -> None:
+        # Only regular files are ours to delete: a symlink or a directory under one of our names
+        # was put there by someone else, and is neither counted nor touched. unlink never follows
+        # a symlink, and each name is one entry of this directory, so nothing outside is reached.
+        try:
+            found = [
+                (generation, name)
+                for generation, name, regular in self._scan_quarantined()
+                if regular
+            ]
+        except StateError as exc:
+            logger.warning("old quarantined state files not removed: %s", exc)
+            return
+        keep = sorted({generation for generation, _ in found}, reverse=True)[:KEEP_QUARANTINED]
+        for generation, name in sorted(found):
+            if generation in keep:
+                continue
+            try:
+                os.unlink(self.directory / name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                logger.warning("cannot remove old quarantined state file %s: %s", name, exc)
+                continue
+            logger.info("removed old quarantined state file %s from %s", name, self.directory)
 
     def _remove_stale_temporaries(self) -> None:
         prefix = _TMP_PREFIX + self.state_path.name
