@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from onenet_ota.device import (
     NoValidToken,
     PackageDownloaded,
     PackageKind,
+    PlatformInternalError,
     ProtocolError,
     StatusCode,
     StatusReported,
@@ -451,6 +454,101 @@ async def test_errno_4_without_a_running_task_or_with_another_devices_token(
     assert platform.state(world) == "to_be_upgraded"
 
 
+class DatabaseFailure:
+    """Makes the platform's next call of one ``DeviceService`` method raise, as a lost database
+    would, for exactly one request; the calls after it go through. (``break_db`` in
+    tests/server/test_device_api.py breaks a method for the rest of a test.)"""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, platform: Platform) -> None:
+        self._monkeypatch = monkeypatch
+        self._service = platform.resources.device_api.service
+        self.failed: list[str] = []
+
+    def next_call_of(self, name: str) -> None:
+        """Arm the failure for the next call of method ``name``."""
+        original: Callable[..., Any] = getattr(self._service, name)
+        armed = [True]
+
+        def fail_once(*args: Any, **kwargs: Any) -> Any:
+            if armed:
+                armed.clear()
+                self.failed.append(name)
+                raise RuntimeError("database is gone")
+            return original(*args, **kwargs)
+
+        self._monkeypatch.setattr(self._service, name, fail_once)
+
+    async def errno_7(
+        self, name: str, endpoint: Endpoint, client: Driver, operation: str, *args: Any
+    ) -> None:
+        """``operation`` fails with errno 7 from ``endpoint`` when ``name`` fails once."""
+        before = len(self.failed)
+        self.next_call_of(name)
+        with pytest.raises(PlatformInternalError) as info:
+            await client(operation, *args)
+        assert (info.value.code, info.value.endpoint) == (7, endpoint)
+        assert str(info.value) == f"{endpoint.label}: errno 7: internal error"
+        assert self.failed[before:] == [name]  # the request reached the broken call
+
+
+async def test_errno_7_on_every_json_endpoint_for_a_failed_database_call(
+    platform: Platform, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A whole upgrade in which every call first meets a database failure: the SDK raises
+    # PlatformInternalError (code 7, the endpoint), the failed request changed nothing on the
+    # server, and the same call made again succeeds (what the upgrader's retry relies on).
+    # The world has its own product, so that its key is not in the server's cache yet and P1
+    # itself reaches the database.
+    world = platform.world(own_product=True)
+    client = make_client(world.config())
+    failure = DatabaseFailure(monkeypatch, platform)
+
+    await failure.errno_7("authenticate", Endpoint.POST_VERSION, client, "post_version")
+    await failure.errno_7("report_version", Endpoint.POST_VERSION, client, "post_version")
+    assert platform.device(world)["f_version"] is None
+    await client("post_version")
+    assert platform.device(world)["f_version"] == CURRENT
+
+    await failure.errno_7("query_version", Endpoint.QUERY_VERSION, client, "query_version")
+    assert await client("query_version") == VersionInfo(CURRENT, None)
+
+    await failure.errno_7("check_task", Endpoint.CHECK_TASK, client, "check_task")
+    assert platform.state(world) == "to_be_upgraded"
+    task = await client("check_task")
+
+    await failure.errno_7("check_token", Endpoint.CHECK_TOKEN, client, "check_token", task.token)
+    assert platform.state(world) == "to_be_upgraded"  # E5 did not start the download
+    await client("check_token", task.token)
+    assert platform.state(world) == "downloading"
+    assert await download_all(client, task) == world.data
+
+    await failure.errno_7("tasking", Endpoint.TASKING, client, "tasking")
+    assert await client("tasking") == task
+
+    downloaded, upgraded = StatusCode.DOWNLOADED, StatusCode.UPGRADED
+    await failure.errno_7(
+        "report", Endpoint.REPORT_PROGRESS, client, "report_status", task.token, downloaded
+    )
+    assert platform.state(world) == "downloading"  # the failed 101 was not recorded
+    await client("report_status", task.token, downloaded)
+    assert platform.state(world) == "upgrading"
+    await failure.errno_7(
+        "report", Endpoint.REPORT_RESULT, client, "report_result", task.token, upgraded
+    )
+    assert platform.state(world) == "upgrading"
+    await client("report_result", task.token, upgraded)
+    assert platform.state(world) == "succeeded"
+
+    lookup = make_client(world.config(dev_id=None))
+    await failure.errno_7("dev_info", Endpoint.DEV_INFO, lookup, "dev_info", world.name)
+    assert await lookup("dev_info", world.name) == str(world.dev_id)
+
+
+# Errno 24 (E8 without an integer result) is not tested here: the SDK cannot send such a body.
+# report_result takes an int and refuses anything outside 101-107/201-208 before sending (see
+# test_errno_2_is_refused_before_sending); the server's own tests cover errno 24.
+
+
 @pytest.mark.parametrize(
     ("device_codes", "fails"),
     [
@@ -708,6 +806,43 @@ async def test_download_error_2_when_the_file_size_changed(
     finally:
         os.truncate(blob, len(world.data))
     assert await client("download_package", task.token, 0, 4096) == world.data[:4096]
+
+
+async def test_download_error_4_when_the_package_file_cannot_be_read(
+    platform: Platform, make_client: MakeClient
+) -> None:
+    # As test_e6_read_failure_is_byte_4 in the server's tests: a directory where the package
+    # file should be. Its stat passes the size check (the package is made exactly as large as
+    # an empty directory on the blob store's filesystem), and the read fails with EISDIR.
+    with tempfile.TemporaryDirectory(dir=platform.resources.blobs.root) as probe:
+        size = os.stat(probe).st_size
+    if size < 2:  # e.g. btrfs: directories of size 0 cannot pass for a package
+        pytest.skip(f"an empty directory has size {size} on this filesystem")
+    world = platform.world(data=os.urandom(size))
+    client = make_client(world.config())
+    task = await client("check_task")
+    assert task.size == size
+    blob = platform.blob(world)
+    blob.unlink()
+    blob.mkdir()
+    try:
+        assert os.stat(blob).st_size == size
+        with pytest.raises(DownloadError) as info:
+            await client("download_range", task.token, 0, 4096)
+        assert (info.value.code, info.value.reason) == (4, DownloadErrorCode.READ_FAILED)
+        assert info.value.endpoint is Endpoint.DOWNLOAD
+        with pytest.raises(DownloadError) as info:
+            await client("download_package", task.token, 0, size)
+        assert info.value.reason is DownloadErrorCode.READ_FAILED
+    finally:
+        blob.rmdir()
+        blob.write_bytes(world.data)
+    assert await client("download_package", task.token, 0, size) == world.data
+    assert platform.state(world) == "to_be_upgraded"  # E6 changes no state (§6.6)
+
+
+# Byte 5 (a malformed s_id, §6.6.4 / D7) is not tested here: the SDK never sends s_id, as the C
+# SDK does not (§6.6); the server's own tests cover it.
 
 
 # -- events ----------------------------------------------------------------------------------------
