@@ -421,14 +421,17 @@ class DeviceApi:
             if values.TOKEN_RE.fullmatch(token) is None:
                 return wire.download_error(DownloadError.INVALID_TOKEN)
             grant = await self._db(self.service.download_grant, token)
-        if grant is None or not grant.usable(self._clock()):
+        if grant is None or self._clock() >= grant.usable_until:
             return wire.download_error(DownloadError.INVALID_TOKEN)  # step 2
         # Step 5's input. More than one Range header is malformed: served as if none was sent
         # (§6.6.1).
         range_value = None
-        ranges = [value for name, value in request.headers if name.lower() == "range"]
-        if len(ranges) == 1:
-            range_value = ranges[0]
+        for name, value in request.headers:
+            if len(name) == 5 and name.lower() == "range":
+                if range_value is not None:
+                    range_value = None
+                    break
+                range_value = value
         # Every device of a task asks for the same chunks of the same file: a small reply is
         # built once per (file, range) and served again while the file is there (steps 3-4).
         chunk_key = (grant.sha256, grant.size, grant.file_name, range_value)

@@ -226,15 +226,19 @@ class DownloadGrant:
     sha256: str
     size: int
     file_name: str
+    # Before this time (Unix seconds) bytes may be served: the token's expiry or the deadline,
+    # whichever is first; -inf for an old token or an inactive task. E6 checks it per chunk.
+    usable_until: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        until = -_FOREVER
+        if self.current and self.state in DOWNLOADABLE_STATES:
+            until = _valid_until(self.token_issued_at, self.deadline)
+        object.__setattr__(self, "usable_until", until)
 
     def usable(self, now: float) -> bool:
         """Whether bytes may be served now: token valid and task active (D6, step 2)."""
-        return (
-            self.current
-            and not token_expired(self.token_issued_at, now)
-            and not _deadline_passed(self.deadline, now)
-            and self.state in DOWNLOADABLE_STATES
-        )
+        return now < self.usable_until
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,27 +541,38 @@ class _Reader:
         self._order = list(compiled.positiontup or ()) if compiled.positional else None
         self._row: Any = namedtuple("Row", list(statement.selected_columns.keys()))  # type: ignore[misc]
 
-    def all(self, **params: Any) -> list[Any]:
-        """Every row, as named tuples."""
-        merged = {**self._defaults, **params}
-        args: Any = merged if self._order is None else [merged[name] for name in self._order]
+    def _run(self, params: dict[str, Any], fetch: Callable[[Any], Any]) -> Any:
+        if self._defaults:
+            params = {**self._defaults, **params}
+        args: Any = params if self._order is None else [params[name] for name in self._order]
         try:
             cursor = self._connections.get().cursor()
             try:
                 cursor.execute(self._sql, args)
-                rows = cursor.fetchall()
+                return fetch(cursor)
             finally:
                 cursor.close()
         except Exception:
             self._connections.discard()  # perhaps broken: the next read reconnects
             raise
+
+    def all(self, **params: Any) -> list[Any]:
+        """Every row, as named tuples."""
         make = self._row._make
-        return [make(row) for row in rows]
+        return [make(row) for row in self._run(params, _fetchall)]
 
     def one(self, **params: Any) -> Any | None:
         """The first row, or None."""
-        rows = self.all(**params)
-        return rows[0] if rows else None
+        row = self._run(params, _fetchone)
+        return None if row is None else self._row._make(row)
+
+
+def _fetchall(cursor: Any) -> Any:
+    return cursor.fetchall()
+
+
+def _fetchone(cursor: Any) -> Any:
+    return cursor.fetchone()
 
 
 def _set_state(
