@@ -29,7 +29,9 @@ the feed; the caches' maximum age bounds how long those go unseen.
 
 from __future__ import annotations
 
+import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ from onenet_ota.server.schema import cache_changes
 
 __all__ = ["DEFAULT_INTERVAL", "ChangeFeed", "Changes", "new_origin", "publish"]
 
+log = logging.getLogger(__name__)
 _c = cache_changes.c
 DEFAULT_INTERVAL: Final = 0.1
 """Seconds between two reads of the feed: how long another process's change may go unseen."""
@@ -175,7 +178,9 @@ class ChangeFeed:
         self._last_read = now
         if now >= self._next_prune:
             self._next_prune = now + self._retention / 10
-            self._prune()
+            # A write: off the caller's thread, which may be an event loop that must not wait
+            # for the database's write lock.
+            threading.Thread(target=self._prune, name="onenet-ota-prune", daemon=True).start()
         return changes
 
     def _position(self) -> int:
@@ -232,5 +237,8 @@ class ChangeFeed:
 
     def _prune(self) -> None:
         cutoff = int(self._clock() - self._retention)
-        with self._engine.begin() as conn:
-            conn.execute(delete(cache_changes).where(_c.created_at < cutoff))
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(delete(cache_changes).where(_c.created_at < cutoff))
+        except Exception:  # the next prune tries again; readers are unaffected
+            log.warning("cannot prune the cache change feed", exc_info=True)
