@@ -20,12 +20,15 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
 
+from onenet_ota.protocol.errno import Errno
+from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import admin_api, schema
 from onenet_ota.server.admin_api import ROUTES, AdminApi, openapi_document
 from onenet_ota.server.admin_service import AdminService, CreatedTask
 from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.device_api import DeviceApi
 from onenet_ota.server.http import ServerThread
-from tests.server.seed import DB_PARAMS, module_database
+from tests.server.seed import DB_PARAMS, module_database, product_auth
 
 TOKEN = "admin-token-for-tests-0123456789"
 LIMIT = 64 * 1024
@@ -449,6 +452,169 @@ def test_task_conflicts_and_validation(api: Api) -> None:
         422,
         "invalid",
     )
+
+
+# ------------------------------------------------------------------------------ deleting
+
+
+def _device_rows(api: Api, dev_id: int) -> tuple[int, int, int]:
+    """(device rows, device task rows, download tokens) of one device."""
+    dt, tok = schema.device_tasks, schema.tokens
+    with api.engine.connect() as conn:
+        tokens = conn.execute(
+            select(func.count())
+            .select_from(tok.join(dt, dt.c.id == tok.c.device_task_id))
+            .where(dt.c.dev_id == dev_id)
+        ).scalar_one()
+    return api.rows(schema.devices, dev_id=dev_id), api.rows(dt, dev_id=dev_id), int(tokens)
+
+
+def test_device_delete(api: Api) -> None:
+    pid = api.pid()
+    dev = api.device(pid, "d")
+    other = api.device(pid, "other")
+    task = api.client.post(
+        "/api/v1/tasks", json={"package_id": api.package(pid), "dev_ids": [dev, other]}
+    ).json()
+    error = _error(api.client.delete(f"/api/v1/devices/{dev}"), 409, "conflict")
+    assert error["message"] == (
+        f"device {dev} has an open task: task {task['id']} (to_be_upgraded); cancel it first"
+    )
+    assert error["details"] == [{"task_id": task["id"], "state": "to_be_upgraded"}]
+    assert _device_rows(api, dev) == (1, 1, 0)
+    api.client.post(f"/api/v1/tasks/{task['id']}/cancel").raise_for_status()
+
+    reply = api.client.delete(f"/api/v1/devices/{dev}")
+    assert (reply.status_code, reply.content) == (204, b"")
+    assert _device_rows(api, dev) == (0, 0, 0)
+    assert _device_rows(api, other) == (1, 1, 0)
+    _error(api.client.get(f"/api/v1/devices/{dev}"), 404, "not_found")
+    assert _error(api.client.delete(f"/api/v1/devices/{dev}"), 404, "not_found")["message"] == (
+        f"device {dev} not found"
+    )
+    _error(api.client.delete("/api/v1/devices/not-a-number"), 404, "not_found")
+    assert api.client.get(f"/api/v1/tasks/{task['id']}").json()["total"] == 1
+
+
+def test_device_delete_needs_the_token(api: Api) -> None:
+    dev = api.device(api.pid(), "d")
+    _error(httpx2.delete(f"{api.url}/api/v1/devices/{dev}"), 401, "unauthorized")
+    assert api.rows(schema.devices, dev_id=dev) == 1
+
+
+def test_product_delete(api: Api) -> None:
+    pid = api.pid()
+    dev = api.device(pid, "d")
+    package_id = api.package(pid, f"only in {pid}".encode())
+    error = _error(api.client.delete(f"/api/v1/products/{pid}"), 409, "conflict")
+    assert error["message"] == f"product {pid} still has 1 device, 1 package; delete them first"
+    assert error["details"] == [{"devices": 1, "packages": 1, "tasks": 0}]
+    assert api.client.delete(f"/api/v1/devices/{dev}").status_code == 204
+    assert api.client.delete(f"/api/v1/packages/{package_id}").status_code == 204
+
+    reply = api.client.delete(f"/api/v1/products/{pid}")
+    assert (reply.status_code, reply.content) == (204, b"")
+    assert api.rows(schema.products, pid=pid) == 0
+    _error(api.client.get(f"/api/v1/products/{pid}"), 404, "not_found")
+    _error(api.client.delete(f"/api/v1/products/{pid}"), 404, "not_found")
+
+
+def test_delete_device_while_a_task_is_created_for_it(api: Api) -> None:
+    # Whichever commits first wins; the other gets a 4xx and nothing is left half-done.
+    pid = api.pid()
+    package_id = api.package(pid)
+    for round_ in range(4):
+        dev = api.device(pid, f"d{round_}")
+
+        def delete(dev: int = dev) -> httpx2.Response:
+            with httpx2.Client(base_url=api.url, headers=api.client.headers) as client:
+                return client.delete(f"/api/v1/devices/{dev}")
+
+        def create(dev: int = dev) -> httpx2.Response:
+            with httpx2.Client(base_url=api.url, headers=api.client.headers) as client:
+                body = {"package_id": package_id, "dev_ids": [dev]}
+                return client.post("/api/v1/tasks", json=body)
+
+        statuses = _run_together([delete, create])
+        if statuses[0] == 204:
+            assert statuses[1] in (409, 422)
+            assert _device_rows(api, dev) == (0, 0, 0)
+        else:
+            assert statuses == [409, 201]
+            assert _device_rows(api, dev) == (1, 1, 0)
+    assert api.rows(schema.tasks, package_id=package_id) == sum(
+        api.rows(schema.device_tasks, dev_id=d["dev_id"])
+        for d in api.client.get("/api/v1/devices", params={"pid": pid}).json()["items"]
+    )
+
+
+def _run_together(calls: list[Callable[[], httpx2.Response]]) -> list[int]:
+    barrier = threading.Barrier(len(calls))
+    statuses = [0] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        statuses[i] = calls[i]().status_code
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def test_a_deleted_device_is_unknown_to_device_apis_that_had_cached_it(
+    engine: Engine, tmp_path: Path
+) -> None:
+    blobs = BlobStore(tmp_path / "packages")
+    # This process's device API learns of the delete from on_change alone (its change feed is
+    # read once an hour); the other one, like another worker, from the change feed alone.
+    same = DeviceApi(engine, blobs, feed_interval=3600)
+    other = DeviceApi(engine, blobs, feed_interval=0)
+    service = AdminService(engine, blobs, on_change=same.service.invalidate)
+    handler = AdminApi(service, admin_token=TOKEN, max_upload_bytes=LIMIT)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with (
+            ServerThread(handler.handle) as admin_server,
+            ServerThread(same.handle) as same_server,
+            ServerThread(other.handle) as other_server,
+            httpx2.Client(base_url=admin_server.url, headers=headers) as client,
+        ):
+            api = Api(client, blobs, engine, admin_server.url, [])
+            pid = api.pid()
+            dev = api.device(pid, "d")
+            body = {"package_id": api.package(pid), "dev_ids": [dev]}
+            task = client.post("/api/v1/tasks", json=body).json()
+            device_apis = [(same, same_server.url), (other, other_server.url)]
+
+            def poll(url: str) -> int:
+                query: dict[str, Any] = {"dev_id": dev, "type": 1, "version": "1.0.0"}
+                reply = httpx2.get(
+                    url + "/ota/south/check", params=query, headers={"Authorization": auth}
+                )
+                errno: int = reply.json()["errno"]
+                return errno
+
+            auth = product_auth(pid, K1)
+            for _, url in device_apis:
+                assert poll(url) == Errno.SUCC  # issues a download token
+            client.post(f"/api/v1/tasks/{task['id']}/cancel").raise_for_status()
+            for device_api, url in device_apis:
+                assert [poll(url), poll(url)] == [Errno.NO_TASK, Errno.NO_TASK]
+                cached = device_api.service.check_task_cached(dev, TaskType.FOTA, "1.0.0")
+                assert cached == (Errno.NO_TASK, None)
+            assert _device_rows(api, dev) == (1, 1, 1)  # the second E3 got the same token
+
+            assert client.delete(f"/api/v1/devices/{dev}").status_code == 204
+
+            assert _device_rows(api, dev) == (0, 0, 0)
+            for _, url in device_apis:
+                assert poll(url) == Errno.AUTH_FAILED  # §4.2 P3: unknown device
+    finally:
+        same.close()
+        other.close()
 
 
 # ------------------------------------------------------------------------------ OpenAPI

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import base64
 import itertools
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from sqlalchemy import Engine, Table, func, select, update
+from sqlalchemy import Engine, Table, event, func, insert, select, text, update
 
 from onenet_ota.protocol import values
-from onenet_ota.protocol.states import Action, IllegalTransition, TaskState, on_action
+from onenet_ota.protocol.states import (
+    OPEN_STATES,
+    Action,
+    IllegalTransition,
+    TaskState,
+    on_action,
+)
 from onenet_ota.server import schema
 from onenet_ota.server.admin_service import (
     GENERATED_DEV_ID_MAX,
@@ -603,3 +613,328 @@ def test_bulk_actions_move_each_row_as_on_action_says(
             expected = state
         assert after[dev] == expected.name.lower()
     assert result.changed == expected_changes
+
+
+# ------------------------------------------------------------------------------ deleting
+
+
+def _dev_rows(engine: Engine, dev_id: int) -> dict[str, int]:
+    """What the database holds of one device: its row, device tasks, tokens and feed rows."""
+    dt, tok = schema.device_tasks, schema.tokens
+    with engine.connect() as conn:
+
+        def count(query: Any) -> int:
+            return int(conn.execute(query).scalar_one())
+
+        return {
+            "devices": count(
+                select(func.count())
+                .select_from(schema.devices)
+                .where(schema.devices.c.dev_id == dev_id)
+            ),
+            "device_tasks": count(
+                select(func.count()).select_from(dt).where(dt.c.dev_id == dev_id)
+            ),
+            "tokens": count(
+                select(func.count())
+                .select_from(tok.join(dt, dt.c.id == tok.c.device_task_id))
+                .where(dt.c.dev_id == dev_id)
+            ),
+            "feed": count(
+                select(func.count())
+                .select_from(schema.cache_changes)
+                .where(schema.cache_changes.c.dev_id == dev_id)
+            ),
+        }
+
+
+def _give_tokens(engine: Engine, dev_id: int, count: int = 2) -> None:
+    """Download tokens for every device task of ``dev_id``, as E3 issues them (D13)."""
+    dt = schema.device_tasks
+    with engine.begin() as conn:
+        ids = conn.execute(select(dt.c.id).where(dt.c.dev_id == dev_id)).scalars().all()
+        for dt_id in ids:
+            for i in range(count):
+                conn.execute(
+                    insert(schema.tokens).values(
+                        token=f"ota_{dev_id % 10**8:08d}{dt_id:06d}{i:06d}",
+                        device_task_id=dt_id,
+                        issued_at=NOW,
+                    )
+                )
+
+
+def test_delete_device_removes_its_history_and_tokens_only(
+    service: AdminService, engine: Engine, changes: list[int]
+) -> None:
+    _product(service)
+    gone, kept = _devices(service, "123123", "gone", "kept")
+    package_id = _package(service, "123123")
+    first = service.create_task(TaskCreate(package_id=package_id, dev_ids=[gone, kept])).task
+    service.act_on_task(first.id, Action.CANCEL)
+    second = service.create_task(TaskCreate(package_id=package_id, dev_ids=[gone, kept])).task
+    _set_state(engine, gone, TaskState.SUCCEEDED)
+    _set_state(engine, kept, TaskState.FAILED)
+    _give_tokens(engine, gone)
+    _give_tokens(engine, kept)
+    assert _dev_rows(engine, gone)["tokens"] == 4
+    changes.clear()
+
+    service.delete_device(gone)
+
+    assert _dev_rows(engine, gone) == {"devices": 0, "device_tasks": 0, "tokens": 0, "feed": 1}
+    assert _dev_rows(engine, kept) == {"devices": 1, "device_tasks": 2, "tokens": 4, "feed": 0}
+    assert changes == [1]  # this process's device API is told after the commit
+    with pytest.raises(NotFound):
+        service.get_device(gone)
+    assert service.get_task(second.id).total == 1  # the task stays, with the other device
+    with pytest.raises(NotFound, match=str(gone)):
+        service.delete_device(gone)
+    assert changes == [1]
+
+
+@pytest.mark.parametrize("state", sorted(OPEN_STATES))
+def test_device_with_an_open_task_cannot_be_deleted(
+    service: AdminService, engine: Engine, changes: list[int], state: TaskState
+) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    package_id = _package(service, "123123")
+    task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
+    paused_from = int(TaskState.DOWNLOADING) if state is TaskState.PAUSED else None
+    _set_state(engine, dev, state, paused_from)
+    _give_tokens(engine, dev)
+    changes.clear()
+    before = _dev_rows(engine, dev)
+
+    with pytest.raises(Conflict) as refused:
+        service.delete_device(dev)
+
+    name = state.name.lower()
+    assert refused.value.message == (
+        f"device {dev} has an open task: task {task.id} ({name}); cancel it first"
+    )
+    assert refused.value.details == [{"task_id": task.id, "state": name}]
+    assert _dev_rows(engine, dev) == before  # nothing deleted, nothing published
+    assert changes == []
+    service.act_on_task(task.id, Action.CANCEL)
+    service.delete_device(dev)
+    assert _dev_rows(engine, dev)["devices"] == 0
+
+
+def test_an_open_task_past_its_deadline_does_not_block_the_delete(
+    service: AdminService, engine: Engine, clock: Clock
+) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    package_id = _package(service, "123123")
+    service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev], deadline=NOW + 10))
+    with pytest.raises(Conflict):
+        service.delete_device(dev)
+    clock.now += 10  # T5: the deadline has passed, the task has failed
+    service.delete_device(dev)
+    assert _dev_rows(engine, dev)["device_tasks"] == 0
+
+
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from(list(TaskState)), st.sampled_from([1, 2])),
+        min_size=0,
+        max_size=4,
+    )
+)
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_a_device_is_deleted_whole_exactly_when_no_task_is_open(
+    service: AdminService, engine: Engine, rows: list[tuple[TaskState, int]]
+) -> None:
+    # Each row is one task of its own (module type 1 or 2), moved to an arbitrary state.
+    pid = f"x{next(_counter)}"
+    _product(service, pid)
+    (dev,) = _devices(service, pid, "d")
+    dt = schema.device_tasks
+    for i, (state, module_type) in enumerate(rows):
+        package_id = _package(service, pid, f"{pid}/{i}".encode(), module_type=module_type)
+        task = service.create_task(
+            TaskCreate(package_id=package_id, dev_ids=[dev], on_open="cancel")
+        )
+        paused_from = int(TaskState.TO_BE_UPGRADED) if state is TaskState.PAUSED else None
+        with engine.begin() as conn:
+            conn.execute(
+                update(dt)
+                .where(dt.c.task_id == task.task.id)
+                .values(state=int(state), paused_from=paused_from)
+            )
+    with engine.connect() as conn:
+        found = conn.execute(select(dt.c.state).where(dt.c.dev_id == dev)).scalars().all()
+    states = [TaskState(s) for s in found]
+    _give_tokens(engine, dev, 1)
+    before = _dev_rows(engine, dev)
+    if any(s.is_open for s in states):
+        with pytest.raises(Conflict, match="cancel it first"):
+            service.delete_device(dev)
+        assert _dev_rows(engine, dev) == before
+    else:
+        service.delete_device(dev)
+        assert _dev_rows(engine, dev) == {
+            "devices": 0, "device_tasks": 0, "tokens": 0, "feed": before["feed"] + 1,
+        }  # fmt: skip
+
+
+def test_delete_product(service: AdminService, engine: Engine, changes: list[int]) -> None:
+    _product(service)
+    service.delete_product("123123")
+    assert _count(engine, schema.products) == 0
+    assert changes == [1]
+    with engine.connect() as conn:  # every device API forgets the product's verified tokens
+        feed = conn.execute(select(schema.cache_changes.c.dev_id)).scalars().all()
+    assert feed == [None]
+    with pytest.raises(NotFound, match="product 123123 not found"):
+        service.delete_product("123123")
+    with pytest.raises(NotFound):
+        service.get_product("123123")
+
+
+def test_product_in_use_cannot_be_deleted_and_the_message_says_by_what(
+    service: AdminService, engine: Engine, changes: list[int]
+) -> None:
+    _product(service)
+    a, b = _devices(service, "123123", "a", "b")
+    changes.clear()
+    with pytest.raises(Conflict) as refused:
+        service.delete_product("123123")
+    assert refused.value.message == "product 123123 still has 2 devices; delete them first"
+    assert refused.value.details == [{"devices": 2, "packages": 0, "tasks": 0}]
+    package_id = _package(service, "123123")
+    task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[a])).task
+    with pytest.raises(Conflict, match="still has 2 devices, 1 package, 1 task;"):
+        service.delete_product("123123")
+    service.act_on_task(task.id, Action.CANCEL)
+    service.delete_device(a)
+    service.delete_device(b)
+    # Tasks cannot be deleted (yet): they keep their package, and the package its product.
+    with pytest.raises(Conflict, match="still has 1 package, 1 task;"):
+        service.delete_product("123123")
+    assert _count(engine, schema.products) == 1
+
+
+# -- races with a request that opens a task for the device meanwhile
+
+
+def _wait_until_blocked(engine: Engine, worker: threading.Thread) -> None:
+    """On PostgreSQL, return once some session of this database waits for a lock held by the
+    test (or ``worker`` has ended). SQLite's waits (busy_timeout) are not observable: return."""
+    if engine.dialect.name != "postgresql":
+        return
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    for _ in range(6000):  # a bound for a hung test, not a timing expectation
+        with engine.connect() as conn:
+            if conn.execute(query).scalar_one():
+                return
+        if not worker.is_alive():
+            return
+        time.sleep(0.005)
+    pytest.fail("the concurrent transaction never waited for the lock")
+
+
+class _Outcome:
+    """What a call run in a thread returned or raised."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self.error: BaseException | None = None
+        self.ident: int | None = None
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(call,))
+
+    def _run(self, call: Callable[[], object]) -> None:
+        self.ident = threading.get_ident()
+        self.started.set()
+        try:
+            call()
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self) -> _Outcome:
+        self.thread.start()
+        self.started.wait()
+        return self
+
+    def join(self) -> _Outcome:
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+        return self
+
+
+def test_a_task_opened_before_the_delete_commits_wins_with_409(
+    service: AdminService, engine: Engine
+) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    package_id = _package(service, "123123")
+    with engine.begin() as conn:  # create_task's writes, held uncommitted while the delete runs
+        task_id = conn.execute(
+            insert(schema.tasks)
+            .values(pid="123123", package_id=package_id, module_type=1, start_time=NOW,
+                    status="active", created_at=NOW)
+            .returning(schema.tasks.c.id)
+        ).scalar_one()  # fmt: skip
+        conn.execute(
+            insert(schema.device_tasks).values(
+                task_id=task_id, dev_id=dev, module_type=1, state=1, updated_at=NOW
+            )
+        )
+        deleting = _Outcome(lambda: service.delete_device(dev)).start()
+        _wait_until_blocked(engine, deleting.thread)
+    deleting.join()
+    assert isinstance(deleting.error, Conflict)
+    assert deleting.error.message == (
+        f"device {dev} has an open task: task {task_id} (to_be_upgraded); cancel it first"
+    )
+    assert _dev_rows(engine, dev)["device_tasks"] == 1
+    assert _dev_rows(engine, dev)["devices"] == 1
+
+
+def test_a_task_opened_while_the_delete_runs_loses_without_leaving_a_row(
+    service: AdminService, engine: Engine
+) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    package_id = _package(service, "123123")
+    paused, release = threading.Event(), threading.Event()
+    deleting: _Outcome | None = None
+
+    def pause_the_delete(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        # Hold the delete's transaction right after it has locked (read) the device row.
+        mine = deleting is not None and threading.get_ident() == deleting.ident
+        if mine and "FROM devices" in statement and not paused.is_set():
+            paused.set()
+            release.wait(60)
+
+    event.listen(engine, "after_cursor_execute", pause_the_delete)
+    try:
+        deleting = _Outcome(lambda: service.delete_device(dev)).start()
+        assert paused.wait(60)
+        opening = _Outcome(
+            lambda: service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev]))
+        ).start()
+        _wait_until_blocked(engine, opening.thread)
+        release.set()
+        deleting.join()
+        opening.join()
+    finally:
+        release.set()
+        event.remove(engine, "after_cursor_execute", pause_the_delete)
+    assert deleting.error is None
+    # PostgreSQL: the task's insert waited for the device row and then broke its foreign key.
+    # SQLite: the task's transaction started after the delete's and found no device.
+    expected = Conflict if engine.dialect.name == "postgresql" else Invalid
+    assert isinstance(opening.error, expected), opening.error
+    assert _dev_rows(engine, dev)["devices"] == 0
+    assert _count(engine, schema.device_tasks) == 0
+    assert _count(engine, schema.tasks) == 0

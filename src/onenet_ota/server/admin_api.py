@@ -250,6 +250,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         "products", response=svc.Product, path_types=_PID, errors=(404,),
     ),
     Route(
+        "DELETE", "/products/{pid}", "delete_product",
+        "Delete a product that has no devices, packages or tasks left", "products",
+        status=204, path_types=_PID, errors=(404, 409),
+    ),
+    Route(
         "POST", "/products/{pid}/rotate-key", "rotate_key",
         "Replace the product's access key (given or generated)", "products",
         body=svc.KeyRotate, response=svc.Product, path_types=_PID, errors=(404, 422),
@@ -277,6 +282,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         "GET", "/devices/{dev_id}", "get_device",
         "Show a device with its reported versions and task history", "devices",
         response=svc.DeviceDetail, path_types={"dev_id": "integer"}, errors=(404,),
+    ),
+    Route(
+        "DELETE", "/devices/{dev_id}", "delete_device",
+        "Delete a device without open tasks, with its upgrade history and download tokens",
+        "devices", status=204, path_types={"dev_id": "integer"}, errors=(404, 409),
     ),
     Route(
         "POST", "/packages", "upload_package",
@@ -687,6 +697,9 @@ class AdminApi:
         spec = await self._json_body(call, svc.KeyRotate, optional=True)
         return await self._db(self.service.rotate_product_key, call.path["pid"], spec)
 
+    async def _delete_product(self, call: Call) -> None:
+        await self._db(self.service.delete_product, call.path["pid"])
+
     # ---------------------------------------------------------------- devices
 
     async def _create_device(self, call: Call) -> svc.Device:
@@ -711,6 +724,9 @@ class AdminApi:
 
     async def _get_device(self, call: Call) -> svc.DeviceDetail:
         return await self._db(self.service.get_device, self._path_int(call, "dev_id"))
+
+    async def _delete_device(self, call: Call) -> None:
+        await self._db(self.service.delete_device, self._path_int(call, "dev_id"))
 
     # ---------------------------------------------------------------- packages
 

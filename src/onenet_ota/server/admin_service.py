@@ -60,7 +60,7 @@ from onenet_ota.protocol.status import PackageKind, TaskType
 from onenet_ota.server import changes
 from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.device_service import ConcurrentChange, apply_action, expire_deadlines
-from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks
+from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
 
 __all__ = [
     "AdminError",
@@ -661,6 +661,38 @@ class AdminService:
         items = [Product(pid=r.pid, name=r.name, created_at=r.created_at) for r in rows[:size]]
         return Page(items, items[-1].pid if len(rows) > size else None)
 
+    def delete_product(self, pid: str) -> None:
+        """Delete a product that has no devices, packages or tasks left (409 names what is left).
+
+        The product row is locked first (PostgreSQL), so a device or package created for it at
+        the same time either commits before the count sees it (409) or waits and then fails its
+        foreign key; a foreign-key race that slips through anyway is a 409 too, never a 500.
+        """
+        now = self._now()
+        with self._tx(f"product {pid} got a device, package or task meanwhile; retry") as conn:
+            row = conn.execute(
+                select(products.c.pid).where(products.c.pid == pid).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"product {pid} not found")
+            left = {
+                name: conn.execute(
+                    select(func.count()).select_from(table).where(table.c.pid == pid)
+                ).scalar_one()
+                for name, table in (("devices", devices), ("packages", packages), ("tasks", tasks))
+            }
+            if any(left.values()):
+                what = ", ".join(
+                    f"{count} {name if count > 1 else name[:-1]}"
+                    for name, count in left.items()
+                    if count
+                )
+                raise Conflict(f"product {pid} still has {what}; delete them first", details=[left])
+            conn.execute(delete(products).where(products.c.pid == pid))
+            # Verified Authorization values of the product are cached by every device API.
+            changes.publish(conn, None, now)
+        self._changed()
+
     # ---------------------------------------------------------------- devices
 
     def create_device(self, spec: DeviceCreate) -> Device:
@@ -821,6 +853,61 @@ class AdminService:
                 for h in history
             ],
         )
+
+    def delete_device(self, dev_id: int) -> None:
+        """Delete a device with its finished upgrade history (device tasks) and their download
+        tokens, all in one transaction. 409 while the device has an open task: cancel it first.
+
+        Concurrency with a request that gives the device a new task (create_task):
+
+        - Deadlines are applied first (T5), in the device paths' lock order (device tasks before
+          the device row): an open task past its deadline has failed and does not block.
+        - Then the device row is locked (PostgreSQL; SQLite's write transactions are serialised
+          already), so an insert of a device task for it waits for this transaction and then
+          fails its foreign key (409 for that request), and one that committed first is seen by
+          the check for open tasks (409 here).
+        - The deletes name only finished device tasks (compare-and-set), so an open one can never
+          be deleted by accident: if one were there, deleting the device row would break the
+          foreign key, roll everything back and answer 409, never 500.
+        """
+        now = self._now()
+        with self._tx(f"device {dev_id} got a task meanwhile; cancel it first") as conn:
+            expire_deadlines(conn, now, dev_id=dev_id)
+            row = conn.execute(
+                select(devices.c.dev_id).where(devices.c.dev_id == dev_id).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"device {dev_id} not found")
+            open_tasks = conn.execute(
+                select(device_tasks.c.task_id, device_tasks.c.state)
+                .where(device_tasks.c.dev_id == dev_id, device_tasks.c.state.in_(OPEN_CODES))
+                .order_by(device_tasks.c.task_id)
+            ).all()
+            if open_tasks:
+                listed = ", ".join(
+                    f"task {t.task_id} ({STATE_NAMES[TaskState(t.state)]})" for t in open_tasks
+                )
+                which = "an open task" if len(open_tasks) == 1 else "open tasks"
+                raise Conflict(
+                    f"device {dev_id} has {which}: {listed}; cancel it first",
+                    details=[
+                        {"task_id": t.task_id, "state": STATE_NAMES[TaskState(t.state)]}
+                        for t in open_tasks
+                    ],
+                )
+            finished = and_(
+                device_tasks.c.dev_id == dev_id, device_tasks.c.state.in_(TERMINAL_CODES)
+            )
+            conn.execute(
+                delete(tokens).where(
+                    tokens.c.device_task_id.in_(select(device_tasks.c.id).where(finished))
+                )
+            )
+            conn.execute(delete(device_tasks).where(finished))
+            conn.execute(delete(devices).where(devices.c.dev_id == dev_id))
+            # The device row, its verified Authorization values and its answers are cached.
+            changes.publish(conn, [dev_id], now)
+        self._changed()
 
     # ---------------------------------------------------------------- packages
 
