@@ -186,6 +186,50 @@ def test_task_commands(admin: Any, tmp_path: Path) -> None:
     assert "(HTTP 409)" in again.stderr
 
 
+def test_device_and_product_delete(admin: Any, tmp_path: Path) -> None:
+    pid = _product(admin)
+    dev = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(b"delete firmware " + pid.encode())
+    package_id = _json(admin("package", "upload", str(firmware), "--pid", pid, "--type", "fota",
+                             "--target", "2.0", "--json"))["id"]  # fmt: skip
+    task_id = _json(admin("task", "create", "--package", str(package_id), "--dev-id", str(dev),
+                          "--json"))["id"]  # fmt: skip
+
+    busy = admin("device", "delete", str(dev), ok=False)
+    assert busy.exit_code == 1
+    assert busy.stderr == (
+        f"error: device {dev} has an open task: task {task_id} (to_be_upgraded);"
+        " cancel it first (HTTP 409)\n"
+    )
+    in_use = admin("product", "delete", pid, ok=False)
+    assert in_use.exit_code == 1
+    assert in_use.stderr == (
+        f"error: product {pid} still has 1 device, 1 package, 1 task; delete them first"
+        " (HTTP 409)\n"
+    )
+
+    admin("task", "cancel", str(task_id))
+    assert admin("device", "delete", str(dev)).stdout == f"device {dev} deleted\n"
+    gone = admin("device", "show", str(dev), ok=False)
+    assert (gone.exit_code, gone.stderr) == (1, f"error: device {dev} not found (HTTP 404)\n")
+    again = admin("device", "delete", str(dev), ok=False)
+    assert (again.exit_code, again.stderr) == (1, f"error: device {dev} not found (HTTP 404)\n")
+
+    empty = _product(admin)
+    assert _json(admin("product", "delete", empty, "--json")) == {"deleted": empty}
+    missing = admin("product", "delete", empty, ok=False)
+    assert (missing.exit_code, missing.stdout) == (1, "")
+    assert missing.stderr == f"error: product {empty} not found (HTTP 404)\n"
+
+
+def test_device_delete_json(admin: Any) -> None:
+    pid = _product(admin)
+    dev = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
+    assert _json(admin("device", "delete", str(dev), "--json")) == {"deleted": dev}
+    assert admin("product", "delete", pid).stdout == f"product {pid} deleted\n"
+
+
 def test_task_create_needs_targets_and_dates(admin: Any) -> None:
     result = admin("task", "create", "--package", "1", ok=False)
     assert result.exit_code == 1

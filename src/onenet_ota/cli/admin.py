@@ -12,6 +12,7 @@ Examples::
     onenet-ota admin package upload fw.bin --pid 123123 --type fota --target 1.0.1
     onenet-ota admin task create --package 1 --from-version 1.0.0 --deadline 2030-01-01T00:00Z
     onenet-ota admin task show 1
+    onenet-ota admin device delete 987654321                          # no open task left
 """
 
 from __future__ import annotations
@@ -305,6 +306,16 @@ def product_show(pid: str, server: str, admin_token: str | None, as_json: bool) 
     ctx.show(ctx.call("GET", f"/products/{_seg(pid)}"), _print_object)
 
 
+@product.command("delete")
+@click.argument("pid")
+@_common
+def product_delete(pid: str, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Delete a product that has no devices, packages or tasks left."""
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.call("DELETE", f"/products/{_seg(pid)}")
+    ctx.show({"deleted": pid}, lambda _: click.echo(f"product {pid} deleted"))
+
+
 def _seg(value: str) -> str:
     from urllib.parse import quote
 
@@ -439,6 +450,16 @@ def device_show(dev_id: int, server: str, admin_token: str | None, as_json: bool
         )
 
     ctx.show(ctx.call("GET", f"/devices/{dev_id}"), human)
+
+
+@device.command("delete")
+@click.argument("dev_id", type=int)
+@_common
+def device_delete(dev_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Delete a device with its upgrade history; cancel its open tasks first."""
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.call("DELETE", f"/devices/{dev_id}")
+    ctx.show({"deleted": dev_id}, lambda _: click.echo(f"device {dev_id} deleted"))
 
 
 @admin.group()
