@@ -234,12 +234,16 @@ def test_another_process_transition_drops_that_device_only(
     offer(here, w)  # cached now
     offer(here, other)
     offer(here, other)
+    here.device(w.dev_id)  # P3's rows, cached
+    here.device(other.dev_id)
     assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is not None
     assert there.check_token(w.dev_id, token) is Errno.SUCC  # T9, in the other process
     assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is not None  # not read yet
     here.sync()
     assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert here.device_cached(w.dev_id) is None  # its row too: it may have been deleted
     assert here.check_task_cached(other.dev_id, FOTA, "1.0.0") is not None
+    assert here.device_cached(other.dev_id) is not None
 
 
 def test_management_changes_elsewhere_drop_everything(

@@ -771,8 +771,8 @@ class DeviceService:
             self.invalidate(dev_id)
 
     def invalidate(self, dev_id: int | None = None) -> None:
-        """Forget what is cached about one device (its answers and its tokens' download grants),
-        or every cache when called without an argument.
+        """Forget what is cached about one device (its row, its answers and its tokens' download
+        grants), or every cache when called without an argument.
 
         The management side calls this (without arguments) after it changes tasks, devices or
         keys in a process that also serves the device API; :meth:`sync` calls it for what other
@@ -790,6 +790,7 @@ class DeviceService:
             for token in self._grant_tokens.pop(dev_id, ()):
                 self._grant_cache.pop(token)
             self._answers.pop(dev_id)
+            self._device_cache.pop(dev_id)  # P3's row: the device may be gone or moved
 
     def sync(self) -> None:
         """Drop what other processes changed, read from the change feed (:mod:`.changes`) at
