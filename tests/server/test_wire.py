@@ -44,11 +44,12 @@ def test_envelope_bodies_are_not_shared_mutable_state() -> None:
     assert wire.envelope(Errno.AUTH_FAILED).headers[-1] == ("Content-Length", "33")
 
 
-# Status line 17 + Content-Type 32 + "Content-Length: NNN" 21 + Connection: close 19 + blank 2.
-OVERHEAD = 91
+# Status line 17 + Content-Type 32 + "Content-Length: NNN" 21 + the longer Connection line
+# ("Connection: keep-alive", for HTTP/1.0 clients) 24 + blank 2.
+OVERHEAD = 96
 
 
-def test_json_reply_allows_exactly_512_bytes_with_connection_close() -> None:
+def test_json_reply_allows_exactly_512_bytes_with_a_connection_line() -> None:
     response = wire.json_reply(b"x" * (512 - OVERHEAD))
     assert wire.response_size(response, closing=True) == 512
     with pytest.raises(wire.WireLimitError, match="512"):
@@ -184,12 +185,20 @@ def get(path: str, *extra: str) -> bytes:
     return ("\r\n".join([f"GET {path} HTTP/1.1", "Host:x", *extra]) + "\r\n\r\n").encode()
 
 
-def test_512_byte_reply_with_connection_close_on_the_wire(
-    server: tuple[ServerThread, Path],
+@pytest.mark.parametrize(
+    ("request_bytes", "size"),
+    [
+        (get("/json512", "Connection: close"), 507),
+        (b"GET /json512 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", 512),  # the longest
+    ],
+    ids=["close", "http10-keep-alive"],
+)
+def test_512_byte_reply_with_a_connection_line_on_the_wire(
+    server: tuple[ServerThread, Path], request_bytes: bytes, size: int
 ) -> None:
     srv, _ = server
-    reply = raw_exchange(srv.port, get("/json512", "Connection: close"))
-    assert len(reply.raw) == 512
+    reply = raw_exchange(srv.port, request_bytes)
+    assert len(reply.raw) == size
     assert [name for name, _ in reply.headers] == ["Content-Type", "Content-Length", "Connection"]
 
 

@@ -4,7 +4,7 @@ Every response the classic device API sends is built here, so header names, thei
 count are fixed in one place:
 
 - JSON replies: ``Content-Type``, ``Content-Length``, compact body; the whole response, including a
-  ``Connection: close`` the HTTP layer may add, stays within 512 bytes (§8.2 item 4).
+  ``Connection`` header the HTTP layer may add, stays within 512 bytes (§8.2 item 4).
 - Downloads: ``Content-Type``, ``Content-Length``, ``Content-Disposition`` [, ``Connection``],
   ``Content-Range`` last (§6.6.3); the HTTP layer inserts ``Connection: close`` before
   ``Content-Range`` when it closes.
@@ -42,7 +42,8 @@ __all__ = [
 # §8.2 item 3: the C SDK corrupts its heap with 11 or more response header lines.
 MAX_HEADERS: Final = 10
 CONNECTION_CLOSE: Final = ("Connection", "close")
-_CLOSE_LINE_LEN: Final = len("Connection: close\r\n")
+# The longer of the two lines the HTTP layer may add ("close", or "keep-alive" for HTTP/1.0).
+_CLOSE_LINE_LEN: Final = len("Connection: keep-alive\r\n")
 
 _JSON_TYPE: Final = ("Content-Type", "application/json")
 _OCTET_TYPE: Final = ("Content-Type", "application/octet-stream")
@@ -57,7 +58,7 @@ class WireLimitError(ValueError):
 def response_size(response: Response, *, closing: bool = True) -> int:
     """Bytes on the wire for ``response`` (status line, headers, blank line, body).
 
-    ``closing`` counts the ``Connection: close`` line the HTTP layer adds when it closes.
+    ``closing`` counts the ``Connection`` line the HTTP layer may add, in its longer form.
     """
     reason = response.reason or REASONS[response.status]
     size = len(f"HTTP/1.1 {response.status} {reason}\r\n") + 2
@@ -78,7 +79,7 @@ def _check_header_count(headers: list[tuple[str, str]]) -> None:
 def json_reply(body: bytes) -> Response:
     """A 200 JSON reply with ``body`` (already compact JSON, §2.5).
 
-    Raises :class:`WireLimitError` if the response, with ``Connection: close``, would exceed the
+    Raises :class:`WireLimitError` if the response, with a ``Connection`` line, would exceed the
     C SDK's 512-byte receive buffer (§8.2 item 4). Value limits (D21) keep real replies far below.
     """
     response = Response(200, [_JSON_TYPE, ("Content-Length", str(len(body)))], body)
@@ -88,8 +89,8 @@ def json_reply(body: bytes) -> Response:
     return response
 
 
-# Status line 17 + Content-Type 32 + "Content-Length: NNNN" 22 + Connection: close 19 + blank 2.
-_SHORT_JSON_BODY: Final = MAX_JSON_RESPONSE - 92
+# Status line 17 + Content-Type 32 + "Content-Length: NNNN" 22 + Connection line + blank 2.
+_SHORT_JSON_BODY: Final = MAX_JSON_RESPONSE - 73 - _CLOSE_LINE_LEN
 
 # Errno-only replies are the most common answers; their bodies are built once.
 _ENVELOPES: Final = {errno: encode_envelope(errno) for errno in Errno}
