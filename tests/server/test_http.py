@@ -24,7 +24,7 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onenet_ota.server import http
+from onenet_ota.server import http, wire
 from onenet_ota.server.http import (
     C_SDK_CIPHERS,
     BodyTooLarge,
@@ -150,6 +150,10 @@ async def app(request: Request, rec: Recorder) -> Response:
         except BodyTooLarge:
             return Response.empty(413)
         return json_response({"length": len(body)})
+    if path == "/refuse-later":  # an early 413, once released, without reading the body
+        rec.entered.set()
+        await asyncio.to_thread(rec.release.wait, 30)
+        return Response.empty(413)
     if path == "/ignore-body":
         return json_response({"i": request.query.get("i")})
     if path == "/stream":
@@ -365,13 +369,101 @@ def test_connection_close_goes_last_without_content_range(server: ServerThread) 
         assert client.closed()
 
 
+def with_connection(response: bytes, value: bytes) -> bytes:
+    """``response`` with ``Connection: <value>`` where the layer puts it (before Content-Range)."""
+    line = b"Connection: " + value + b"\r\n"
+    if b"\r\nContent-Range:" in response:
+        return response.replace(b"\r\nContent-Range:", b"\r\n" + line + b"Content-Range:", 1)
+    return response.replace(b"\r\n\r\n", b"\r\n" + line + b"\r\n", 1)
+
+
 def test_http10_without_keep_alive_closes(server: ServerThread) -> None:
+    # §8.2 item 1: HTTP/1.1 in the status line, whatever the peer speaks
+    expected = with_connection(CANONICAL_JSON, b"close")
     with RawClient(server) as client:
         client.send(b"GET /json HTTP/1.0\r\n\r\n")
-        response = client.response()
-        assert response.raw.startswith(b"HTTP/1.1 200 OK\r\n")  # §8.2 item 1, whatever the peer
-        assert header_names(response)[-1] == "Connection"
+        assert client.read_exact(len(expected)) == expected
         assert client.closed()
+
+
+@pytest.mark.parametrize("token", ["keep-alive", "Keep-Alive"])
+def test_http10_keep_alive_is_announced_and_kept(server: ServerThread, token: str) -> None:
+    """RFC 9112 §9.3: an HTTP/1.0 client keeps the connection only if the response says so."""
+    expected = with_connection(CANONICAL_JSON, b"keep-alive")
+    with RawClient(server) as client:
+        for _ in range(2):  # the second request is answered on the same connection
+            client.send(f"GET /json HTTP/1.0\r\nConnection: {token}\r\n\r\n".encode())
+            assert client.read_exact(len(expected)) == expected
+        client.send(b"GET /json HTTP/1.0\r\n\r\n")  # and without keep-alive, it closes
+        closing = with_connection(CANONICAL_JSON, b"close")
+        assert client.read_exact(len(closing)) == closing
+        assert client.closed()
+
+
+def test_http10_keep_alive_goes_before_content_range(server: ServerThread) -> None:
+    """§6.6.3/D8: whatever the layer adds, Content-Range stays the last header."""
+    with RawClient(server) as client:
+        for _ in range(2):
+            client.send(b"GET /last-chunk HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            expected = with_connection(LAST_CHUNK, b"keep-alive") + FIRMWARE.read_bytes()[8192:]
+            assert client.read_exact(len(expected)) == expected
+            assert expected.index(b"Connection: keep-alive\r\nContent-Range: ") > 0
+
+
+def test_http11_is_unchanged_by_keep_alive_requests(server: ServerThread) -> None:
+    """HTTP/1.1 is persistent by default: no Connection header is added (D26)."""
+    with RawClient(server) as client:
+        client.send(get("/json", "Connection: keep-alive\r\n"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        client.send(get("/last-chunk", "Connection: keep-alive\r\n"))
+        assert client.read_exact(len(LAST_CHUNK)) == LAST_CHUNK
+        assert client.read_exact(1808) == FIRMWARE.read_bytes()[8192:]
+
+
+def test_http10_keep_alive_with_a_chunked_body_closes(server: ServerThread) -> None:
+    """HTTP/1.0 has no chunked coding: such a client can only find the end at the close."""
+    with RawClient(server) as client:
+        client.send(b"GET /error3 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        data = b""
+        while chunk := client.sock.recv(4096):
+            data += chunk
+        assert data == with_connection(ERROR_3, b"close")
+
+
+def test_http10_keep_alive_respects_a_handler_connection_header(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(
+            b"GET /headers?h=Connection:keep-alive HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        )
+        assert client.response().headers == [("Connection", "keep-alive"), ("Content-Length", "2")]
+        client.send(b"GET /json HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert client.response().body == b'{"errno":0,"error":"succ"}'
+
+
+def test_http10_keep_alive_json_reply_stays_within_512_bytes() -> None:
+    """§8.2 item 4: the largest JSON reply wire.json_reply allows, plus the keep-alive line."""
+    largest = next(n for n in range(512, 0, -1) if _json_reply_fits(n))
+
+    async def handler(request: Request) -> Response:
+        return wire.json_reply(b"x" * largest)
+
+    with ServerThread(handler) as srv, RawClient(srv) as client:
+        for request in (
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+        ):
+            client.send(request)
+            response = client.response()
+            assert len(response.raw) <= 512
+    assert largest > 400  # real replies (at most 388 bytes, §6.3) still fit with room to spare
+
+
+def _json_reply_fits(size: int) -> bool:
+    try:
+        wire.json_reply(b"x" * size)
+    except wire.WireLimitError:
+        return False
+    return True
 
 
 def test_header_casing_and_order_are_kept(server: ServerThread) -> None:
@@ -398,31 +490,46 @@ response_header_value = st.text(
 ).map(str.strip)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# (request version, the request's Connection header or None)
+CLIENT_KINDS = [("1.1", None), ("1.1", "close"), ("1.0", None), ("1.0", "keep-alive")]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     headers=st.lists(st.tuples(response_header_name, response_header_value), max_size=8),
     length_at=st.integers(min_value=0, max_value=8),
-    close=st.booleans(),
+    kind=st.sampled_from(CLIENT_KINDS),
 )
 def test_serialisation_model(
-    shared: ServerThread, headers: list[tuple[str, str]], length_at: int, close: bool
+    shared: ServerThread,
+    headers: list[tuple[str, str]],
+    length_at: int,
+    kind: tuple[str, str | None],
 ) -> None:
     """D26 as a property: the status line, then the handler's headers verbatim and in order,
-    then nothing added but ``Connection: close`` when closing, placed before the (last)
-    Content-Range or else at the end; then the body, in one piece."""
+    then nothing added but ``Connection: close`` when closing or ``Connection: keep-alive``
+    when an HTTP/1.0 connection stays open, placed before the (last) Content-Range or else at
+    the end; then the body, in one piece. A kept connection answers the next request."""
+    version, connection = kind
+    close = connection == "close" or (version == "1.0" and connection is None)
     headers = list(headers)
     headers.insert(min(length_at, len(headers)), ("Content-Length", "2"))
     query = "&".join("h=" + quote(f"{name}:{value}", safe="") for name, value in headers)
     lines = [f"{name}: {value}\r\n" for name, value in headers]
-    if close:
+    added = "close" if close else "keep-alive" if version == "1.0" else None
+    if added is not None:
         ranges = [i for i, (name, _) in enumerate(headers) if name.lower() == "content-range"]
-        lines.insert(ranges[-1] if ranges else len(lines), "Connection: close\r\n")
+        lines.insert(ranges[-1] if ranges else len(lines), f"Connection: {added}\r\n")
     expected = ("HTTP/1.1 200 OK\r\n" + "".join(lines) + "\r\n").encode() + b"ok"
+    extra = "" if connection is None else f"Connection: {connection}\r\n"
     with RawClient(shared) as client:
-        client.send(get(f"/exact?{query}", "Connection: close\r\n" if close else ""))
+        client.send(f"GET /exact?{query} HTTP/{version}\r\n{extra}\r\n".encode())
         assert client.read_exact(len(expected)) == expected
         if close:
             assert client.closed()
+        else:
+            client.send(f"GET /json HTTP/{version}\r\n{extra}\r\n".encode())
+            assert client.response().body == b'{"errno":0,"error":"succ"}'
 
 
 def test_one_write_delivers_headers_and_error_byte(server: ServerThread) -> None:
@@ -642,14 +749,131 @@ def test_download_tokens_are_masked_in_logs(caplog: pytest.LogCaptureFixture) ->
 # Bodies: limits, draining, streaming with flow control
 
 
+PAYLOAD_TOO_LARGE = (
+    b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
+
+
 def test_413_before_reading_closes_when_much_is_left(server: ServerThread) -> None:
     with RawClient(server) as client:
         client.send(b"POST /limited HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
         response = client.response()
-        assert response.raw == (
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
+        assert response.raw == PAYLOAD_TOO_LARGE
         assert client.closed()
+
+
+class _Sender(threading.Thread):
+    """Sends up to ``size`` bytes on ``sock`` from a thread until stopped; records how far it
+    got and how it ended. It never blocks for long, so :meth:`pause` returns promptly."""
+
+    def __init__(self, sock: socket.socket, size: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.size = size
+        self.sent = 0
+        self.error: OSError | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        block = memoryview(b"u" * (64 * 1024))
+        try:
+            while self.sent < self.size and not self._halt.is_set():
+                _, writable, _ = select.select([], [self.sock], [], 0.05)
+                if writable:
+                    self.sent += self.sock.send(block[: self.size - self.sent])
+        except OSError as exc:  # the server stopped reading and closed
+            self.error = exc
+
+    def wait_sent(self, amount: int) -> None:
+        for _ in range(1000):
+            if self.sent >= amount or not self.is_alive():
+                break
+            time.sleep(0.01)
+        assert self.sent >= amount, f"only {self.sent} bytes sent ({self.error})"
+
+    def pause(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    """Everything until end-of-file; a reset fails the test with what had arrived."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            raise AssertionError(f"reset instead of end-of-file after {data!r}") from None
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_413_is_read_whole_while_the_client_is_still_sending(
+    server: ServerThread, rec: Recorder
+) -> None:
+    """The lingering close: the server half-closes after an early 413 and drops what still
+    comes, so the client reads the response and a clean end-of-file, never a reset.
+
+    The upload fills the socket buffers (the handler reads nothing, so the layer stops reading
+    past buffer_limit) before the 413 is released: unread bytes sit in the server's socket,
+    where a plain close sends a reset instead of end-of-file. The sender then holds still, as
+    a client blocked mid-body does, because on Linux a concurrent send can take the reset's
+    error and leave the reader a plain end-of-file.
+    """
+    size = 64 * 1024 * 1024
+    rec.release.clear()
+    rec.entered.clear()
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"POST /refuse-later HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size)
+        sender = _Sender(sock, size)
+        sender.start()
+        try:
+            assert rec.entered.wait(10)
+            sender.wait_sent(1024 * 1024)  # several times buffer_limit: the rest is unread
+            sender.pause()
+            assert sender.error is None
+            rec.release.set()
+            assert _read_to_eof(sock) == PAYLOAD_TOO_LARGE
+        finally:
+            rec.release.set()
+            sender.pause()
+
+
+def test_lingering_is_bounded() -> None:
+    """A client that never stops sending is cut off after LINGER_BYTES (or LINGER_SECONDS):
+    its upload fails long before the end, after it could read the whole 413."""
+    size = 256 * 1024 * 1024  # far past LINGER_BYTES plus every socket buffer on the way
+
+    async def handler(request: Request) -> Response:
+        return Response.empty(413)
+
+    with (
+        ServerThread(handler) as srv,
+        socket.create_connection((srv.host, srv.port), timeout=30) as sock,
+    ):
+        sock.sendall(b"PUT /up HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size)
+        sender = _Sender(sock, size)
+        sender.start()
+        sender.join(60)
+        assert not sender.is_alive()
+        assert isinstance(sender.error, (BrokenPipeError, ConnectionResetError))
+        assert sender.sent < size // 2
+        assert sock.recv(4096) == PAYLOAD_TOO_LARGE
+
+
+def test_endless_header_line_is_400(server: ServerThread) -> None:
+    """max_header_bytes holds for a header line that never ends (httptools keeps an unfinished
+    line in memory and reports it only at its end), and the 400 reaches the still-sending
+    client, followed by end-of-file."""
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nX-Endless: ")
+        sender = _Sender(sock, 8 * 1024 * 1024)
+        sender.start()
+        try:
+            assert _read_to_eof(sock) == BAD_REQUEST
+        finally:
+            sender.pause()
 
 
 def test_unread_small_body_is_drained_and_connection_reused(server: ServerThread) -> None:
@@ -787,15 +1011,91 @@ def test_idle_keep_alive_connection_is_closed() -> None:
             assert client.closed()  # a connection that never sends anything, too
 
 
-def test_slow_request_head_is_cut_off() -> None:
+REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("partial", [b"G", b"GET /json HTTP/1.1\r\nHost: x\r\n"])
+def test_slow_request_head_is_408_then_close(partial: bytes) -> None:
     rec = Recorder()
     with (
         ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
-        client.send(b"GET /json HTTP/1.1\r\nHost: x\r\n")
+        client.send(partial)
+        assert client.read_exact(len(REQUEST_TIMEOUT)) == REQUEST_TIMEOUT
         assert client.closed()
     assert rec.requests == []
+
+
+def test_slow_head_after_a_response_is_408() -> None:
+    rec = Recorder()
+    with (
+        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        RawClient(srv) as client,
+    ):
+        client.send(get("/json"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        client.send(b"GET /json HT")
+        assert client.read_exact(len(REQUEST_TIMEOUT)) == REQUEST_TIMEOUT
+        assert client.closed()
+
+
+def _wait_for_connection_state(srv: ServerThread, attribute: str) -> None:
+    """Block until the server's only connection has ``attribute`` set (its timeout fired)."""
+    assert srv.server is not None
+    for _ in range(1000):
+        if any(getattr(conn, attribute) for conn in list(srv.server.connections)):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no connection reached {attribute}")
+
+
+def test_slow_pipelined_head_behind_an_unsent_response_closes_it() -> None:
+    """The head times out before the response in flight is written: that response carries
+    ``Connection: close`` and nothing follows it."""
+    rec = Recorder()
+    with (
+        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        RawClient(srv) as client,
+    ):
+        try:
+            client.send(get("/slow") + b"GET /json HTTP/1.1\r\nHo")
+            assert rec.entered.wait(10)
+            _wait_for_connection_state(srv, "_head_timed_out")
+        finally:
+            rec.release.set()
+        response = client.response()
+        assert json.loads(response.body) == {"slow": True}
+        assert response.headers[-1] == ("Connection", "close")
+        assert client.closed()
+    assert [request.path for request in rec.requests] == ["/slow"]
+
+
+def test_slow_pipelined_head_behind_a_response_being_sent_is_408(tmp_path: Path) -> None:
+    """The response in flight already went out as keep-alive (a large file the client does not
+    read yet): it is finished, then the cut-off head gets its 408."""
+    big = tmp_path / "big.bin"
+    size = 64 * 1024 * 1024  # more than the socket buffers hold, so the send waits on the client
+    with big.open("wb") as file:
+        file.truncate(size)  # sparse: no disk cost
+    rec = Recorder()
+    with (
+        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        RawClient(srv) as client,
+    ):
+        client.send(get(f"/file?path={quote(str(big))}&offset=0&length={size}") + b"GET /js")
+        _wait_for_connection_state(srv, "_head_timed_out")
+        head = client.read_until(b"\r\n\r\n")
+        assert b"Connection" not in head
+        assert b"Content-Length: %d\r\n" % size in head
+        remaining = size - len(client.buffer)
+        client.buffer = b""
+        while remaining > 0:  # counted, not kept: only the bytes after the body matter
+            chunk = client.sock.recv(min(1 << 20, remaining))
+            assert chunk, f"closed with {remaining} bytes of the body missing"
+            remaining -= len(chunk)
+        assert client.read_exact(len(REQUEST_TIMEOUT)) == REQUEST_TIMEOUT
+        assert client.closed()
 
 
 def test_stalled_body_is_cut_off() -> None:
@@ -1058,6 +1358,22 @@ def test_tls_large_file_and_modern_client(rsa_ca: trustme.CA, tmp_path: Path) ->
             response = client.get(f"/file?path={path}&offset=0&length={len(data)}")
             assert response.content == data
             assert client.get("/json").json() == {"errno": 0, "error": "succ"}
+
+
+def test_tls_early_413_closes_without_lingering(rsa_ca: trustme.CA, tmp_path: Path) -> None:
+    """TLS has no half-close in asyncio: the connection closes once the 413 is written."""
+    rec = Recorder()
+    context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=True)
+    with (
+        ServerThread(make_handler(rec), ssl=context) as srv,  # type: ignore[arg-type]
+        socket.create_connection((srv.host, srv.port), timeout=10) as raw,
+        c_sdk_client_context(rsa_ca).wrap_socket(raw, server_hostname=None) as tls,
+    ):
+        tls.sendall(b"POST /limited HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n")
+        client = RawClient(srv, sock=tls)
+        assert client.response().raw == PAYLOAD_TOO_LARGE
+        with contextlib.suppress(ssl.SSLError):  # a close without close_notify counts too
+            assert client.closed()
 
 
 def test_tls_without_c_sdk_mode_refuses_the_c_sdk(rsa_ca: trustme.CA, tmp_path: Path) -> None:

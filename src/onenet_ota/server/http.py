@@ -13,8 +13,12 @@ while the queue is non-empty, calls the handler for each request in order (pipel
 in order) and writes the :class:`Response`:
 
 * The status line is ``HTTP/1.1 <code> <reason>``; headers go out in the given order and casing.
-  The layer adds nothing but ``Connection: close`` when the connection closes after this response,
-  placed before ``Content-Range`` if there is one (which must stay last, §6.6.3/D8), else last.
+  The layer adds nothing but a ``Connection`` header when the handler set none: ``close`` when the
+  connection closes after this response, or ``keep-alive`` when an HTTP/1.0 client asked to keep
+  it and it stays open (an HTTP/1.0 client closes unless told otherwise, RFC 9112 §9.3). It goes
+  before ``Content-Range`` if there is one (which must stay last, §6.6.3/D8), else last. The layer
+  never adds ``keep-alive`` to HTTP/1.1 (persistent by default; D26); a chunked body to an
+  HTTP/1.0 client closes the connection, since such a client cannot find the end of it.
 * The header block and a ``bytes`` body leave in ONE ``transport.write`` (D7: the one-byte download
   error must share its TCP segment with the headers). A :class:`FileSegment` of at most 64 KiB is
   read with ``os.pread`` *before* anything is written and goes out in the same single write; a
@@ -31,13 +35,23 @@ handler leaves unread is discarded before the next request if at most ``drain_li
 otherwise the response carries ``Connection: close`` and the connection closes.
 
 What the layer itself answers (canonical form, §2.5, §4.3): invalid HTTP, an oversized head, or a
-broken body framing -> ``400`` with ``Content-Length: 0`` and ``Connection: close``; a handler
-exception -> ``500`` with an empty body (the traceback is logged, never sent).
+broken body framing -> ``400`` with ``Content-Length: 0`` and ``Connection: close``; a request head
+not complete within ``header_timeout`` -> ``408``, same form (after the response in flight, if
+any; when that one already announced the close, nothing more); a handler exception -> ``500`` with
+an empty body (the traceback is logged, never sent).
 
 Connections close after ``max_requests`` requests (1000, like OneNET, D19), when the client asks
 (``Connection: close``, HTTP/1.0 without keep-alive), after ``idle_timeout`` seconds of quiet
-between requests or while a body is awaited, and when a request head takes longer than
-``header_timeout``.
+between requests or while a body is awaited (silently when nothing of a next request has
+arrived), and when a request head takes longer than ``header_timeout``.
+
+Closing while the client may still be sending (a body left unread, as in an early ``413``; a head
+or bytes that will not be parsed) would make the kernel answer those bytes with a reset, which can
+destroy the final response before the client reads it. Such a connection closes lingering: the
+write side is shut down after the response (the client sees it and then end-of-file), incoming
+bytes are read and dropped unbuffered for up to :data:`LINGER_SECONDS` or :data:`LINGER_BYTES`,
+and the connection closes when the client closes or either bound is reached. TLS cannot shut down
+one direction (asyncio has no ``write_eof`` there), so a TLS connection just closes once written.
 :meth:`HttpServer.close` stops accepting, lets in-flight responses finish (with ``Connection:
 close``) for up to ``grace`` seconds, then aborts what is left.
 
@@ -94,6 +108,7 @@ REASONS: dict[int, str] = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     411: "Length Required",
     413: "Payload Too Large",
@@ -107,6 +122,16 @@ SMALL_SEGMENT: Final = 64 * 1024
 """File segments up to this size are read before writing and leave with the headers in one write."""
 
 _LARGE_CHUNK: Final = 1024 * 1024  # manual copy loop when sendfile is unavailable (style.md: 1 MiB)
+
+LINGER_SECONDS: Final = 2.0
+"""Longest time a closing connection keeps reading (and dropping) what the client still sends.
+
+Long enough for a client on a slow link to read the final response and stop sending; short enough
+that a client which never stops cannot hold the connection for long."""
+
+LINGER_BYTES: Final = 1024 * 1024
+"""Most bytes a closing connection reads and drops before it closes anyway (a client streaming a
+huge upload past a ``413`` gets its reset after this much)."""
 
 
 class BodyTooLarge(Exception):
@@ -139,7 +164,8 @@ class FileSegment:
 @dataclass(slots=True)
 class Response:
     """A response, serialised exactly: headers in the given order and casing, nothing added
-    except ``Connection: close`` when the connection is about to close (D26).
+    except ``Connection: close`` when the connection is about to close (D26), or ``Connection:
+    keep-alive`` when an HTTP/1.0 client's connection stays open.
 
     The handler frames the body itself: a ``Content-Length`` header that matches the body, or
     ``Transfer-Encoding: chunked`` with an already chunk-encoded body (as in the D7 download
@@ -231,6 +257,9 @@ class _InvalidResponse(Exception):
 
 
 _BAD_REQUEST: Final = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_REQUEST_TIMEOUT: Final = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
@@ -247,11 +276,14 @@ def _reason(response: Response) -> str:
         return "Unknown"  # §8.2 item 1: the reason phrase must never be empty
 
 
-def _encode_head(response: Response, body_length: int, close: bool) -> tuple[bytes, bool]:
+def _encode_head(
+    response: Response, body_length: int, close: bool, http10: bool = False
+) -> tuple[bytes, bool]:
     """The status line and header block, and whether the connection must close after them.
 
-    Adds ``Connection: close`` when closing and the handler sent no Connection header: before
-    ``Content-Range`` (which stays last, §6.6.3/D8), else at the end.
+    When the handler sent no Connection header, adds ``Connection: close`` when closing, or
+    ``Connection: keep-alive`` for an HTTP/1.0 request (``http10``) whose connection stays open:
+    before ``Content-Range`` (which stays last, §6.6.3/D8), else at the end.
     """
     status = response.status
     if not 100 <= status <= 999:
@@ -272,6 +304,8 @@ def _encode_head(response: Response, body_length: int, close: bool) -> tuple[byt
             framed = True
         elif lowered == "transfer-encoding":
             framed = True  # the handler chunk-encoded the body itself (D7)
+            if http10:
+                close = True  # HTTP/1.0 has no chunked coding: its client reads to the close
         elif lowered == "connection":
             connection = value.lower()
         elif lowered == "content-range":
@@ -279,13 +313,16 @@ def _encode_head(response: Response, body_length: int, close: bool) -> tuple[byt
         lines.append(f"{name}: {value}\r\n")
     if not framed and status not in _NO_BODY_STATUSES and not 100 <= status < 200:
         close = True  # close-delimited body: only the end of the connection frames it
-    if connection is not None and "close" in connection:
-        close = True
-    elif close and connection is None:
+    if connection is not None:
+        if "close" in connection:
+            close = True
+    elif close or http10:
+        # RFC 9112 §9.3: an HTTP/1.0 client keeps the connection only if the response says so.
+        line = "Connection: close\r\n" if close else "Connection: keep-alive\r\n"
         if range_index >= 0:
-            lines.insert(range_index, "Connection: close\r\n")
+            lines.insert(range_index, line)
         else:
-            lines.append("Connection: close\r\n")
+            lines.append(line)
     lines.append("\r\n")
     try:
         return "".join(lines).encode("latin-1"), close
@@ -447,6 +484,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._head_bytes = 0
+        self._head_received = 0  # bytes received while a head was incomplete; see data_received
         self._in_head = False
         self._body: _Body | None = None
         self._queue: deque[_Pending] = deque()
@@ -465,6 +503,12 @@ class _Connection(asyncio.Protocol):
         self._declared: int | None = None
         self._chunked = False
         self._expect = False
+        self._eof = False  # the client closed its sending side
+        self._dropped_input = False  # bytes arrived that will never be parsed
+        self._head_timed_out = False  # a request head was cut off by header_timeout
+        self._closing = False  # _close ran: nothing more is written
+        self._linger_left = 0  # bytes still to drop while lingering; see _close
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -489,6 +533,9 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         if self._body is not None:
             self._body.fail("the client disconnected")
         for item in self._queue:
@@ -502,23 +549,41 @@ class _Connection(asyncio.Protocol):
         self.server.connection_closed()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_timer is not None:
+            self._linger_left -= len(data)  # dropped unbuffered: only the count is kept
+            if self._linger_left <= 0:
+                self._end_linger()
+            return
         if self._stop_parsing and self._body is None:
+            self._dropped_input = True
             self._pause_reading()  # nothing more will be parsed; stop receiving
             return
+        if self._in_head:
+            self._head_received += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # An Upgrade/CONNECT request is answered as an ordinary request; the parser cannot
             # continue after it, so the connection closes after the response.
             self._stop_parsing = True
+            self._dropped_input = True
         except httptools.HttpParserError:
             if not self._stop_parsing:
                 self._bad_request()
             # else: a callback stopped the parse on purpose (request limit, shutdown)
+            self._dropped_input = True
+        if self._in_head and self._head_received > self.server.max_header_bytes:
+            # httptools reports a header only once its line ends and keeps the unfinished line
+            # in memory meanwhile, so on_header alone cannot bound an endless line. Counted
+            # from the second read of a head on: the bound is off by one read at most.
+            self._bad_request()
         if self.buffered > self.server.buffer_limit or len(self._queue) > self.server.max_pipeline:
             self._pause_reading()
 
     def eof_received(self) -> bool | None:
+        self._eof = True
+        if self._linger_timer is not None:
+            return None  # the client has stopped sending: the transport closes now
         # A half-closed client still gets its pending responses; the worker closes after them.
         self._stop_parsing = True
         if self._body is not None:
@@ -548,6 +613,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_bytes = 0
+        self._head_received = 0
         self._declared = None
         self._chunked = False
         self._expect = False
@@ -687,7 +753,7 @@ class _Connection(asyncio.Protocol):
         self._on_timeout()
 
     def _on_timeout(self) -> None:
-        if self._lost or self._transport is None:
+        if self._lost or self._closing or self._transport is None:
             return
         current = self._queue[0] if self._queue else None
         waiting = self._body_waited_on()
@@ -695,10 +761,17 @@ class _Connection(asyncio.Protocol):
             waiting.fail("no body data within the idle timeout")
             self._stop_parsing = True
         elif self._worker is not None or current is not None:
-            self._stop_parsing = True  # a slow pipelined head: finish the current response only
+            # A slow pipelined head: finish the current response, then 408 (see _work).
+            self._stop_parsing = True
+            self._head_timed_out = self._in_head
             self._in_head = False
+        elif self._in_head:
+            self._head_timed_out = True
+            self._stop_parsing = True
+            self.write(_REQUEST_TIMEOUT)
+            self._close()
         else:
-            self._transport.close()
+            self._transport.close()  # idle between requests: nothing to answer
 
     def _body_waited_on(self) -> _Body | None:
         body = self._body
@@ -709,7 +782,7 @@ class _Connection(asyncio.Protocol):
     # -- writing ----------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if not self._lost and self._transport is not None:
+        if not self._lost and not self._closing and self._transport is not None:
             self._transport.write(data)
 
     async def _drain(self) -> None:
@@ -721,15 +794,58 @@ class _Connection(asyncio.Protocol):
                 self._drain_waiter = None
 
     def _close(self) -> None:
+        """Close once what is written has gone; linger first if the client may be sending."""
+        transport = self._transport
+        if transport is None or self._lost or self._closing:
+            return
+        self._closing = True
+        self.cancel_timer()
+        if not self._client_may_send() or not transport.can_write_eof():
+            transport.close()  # TLS cannot shut down one direction: close once flushed
+            return
+        # Closing a socket with unread input sends a reset, and a reset can make the client's
+        # stack drop the response it has not read yet (RFC 9112 §9.6). Half-close instead, so
+        # the client reads the response and then end-of-file, and drop what it still sends.
+        try:
+            transport.write_eof()
+        except OSError:  # the client is gone already (a reset raced the shutdown)
+            transport.close()
+            return
+        self._linger_left = LINGER_BYTES
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, self._end_linger)
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+
+    def _client_may_send(self) -> bool:
+        """Whether request bytes may still arrive that this connection will not read."""
+        if self._eof:
+            return False
+        body = self._body
+        return (
+            self._dropped_input
+            or self._in_head
+            or self._head_timed_out
+            or (body is not None and not body.complete)
+        )
+
+    def _end_linger(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         if self._transport is not None and not self._lost:
             self._transport.close()
 
     def abort(self) -> None:
         """Drop the connection now (shutdown grace exceeded)."""
-        if self._transport is not None and not self._lost:
-            self._transport.abort()
+        self._abort_transport()
         if self._worker is not None:
             self._worker.cancel()
+
+    def _abort_transport(self) -> None:
+        self._closing = True
+        if self._transport is not None and not self._lost:
+            self._transport.abort()
 
     def shutdown(self) -> None:
         """Graceful close: finish the response in flight, then close."""
@@ -747,14 +863,17 @@ class _Connection(asyncio.Protocol):
             await self._work_queue()
         except Exception:  # a bug in this layer: never leave the client hanging
             logger.exception("HTTP connection failed; closing it")
-            if self._transport is not None and not self._lost:
-                self._transport.abort()
+            self._abort_transport()
             self._queue.clear()
         finally:
             self._worker = None
-        if self._lost:
+        if self._lost or self._closing:
             return
         if self._stop_parsing and self._body is None:
+            if self._head_timed_out:
+                # The last response kept the connection open, so the client awaits an answer
+                # to the head cut off meanwhile.
+                self.write(_REQUEST_TIMEOUT)
             self._close()
         elif not self._in_head and self._body is None:
             self.arm_timer(self.server.idle_timeout)
@@ -821,10 +940,9 @@ class _Connection(asyncio.Protocol):
         if close or not drain:
             body.drop_buffered()
         try:
-            close = await self._send(response, close)
+            close = await self._send(response, close, request.http_version == "1.0")
         except _AbortConnection:
-            if self._transport is not None:
-                self._transport.abort()
+            self._abort_transport()
             return False
         if close:
             return False
@@ -835,16 +953,19 @@ class _Connection(asyncio.Protocol):
                 return False
         return True
 
-    async def _send(self, response: Response, close: bool) -> bool:
-        """Write ``response``; returns whether the connection must close after it."""
+    async def _send(self, response: Response, close: bool, http10: bool) -> bool:
+        """Write ``response``; returns whether the connection must close after it.
+
+        ``http10``: the request was HTTP/1.0 (see :func:`_encode_head`).
+        """
         payload = response.body
         try:
             if isinstance(payload, FileSegment):
-                return await self._send_file(response, payload, close)
-            head, close = _encode_head(response, len(payload), close)
+                return await self._send_file(response, payload, close, http10)
+            head, close = _encode_head(response, len(payload), close, http10)
         except _InvalidResponse as exc:
             logger.error("invalid response (%s); answering 500", exc)
-            head, close = _encode_head(Response.empty(500), 0, close)
+            head, close = _encode_head(Response.empty(500), 0, close, http10)
             payload = b""
         if len(payload) <= SMALL_SEGMENT:
             self.write(head + payload)  # D7: headers and body in one write
@@ -854,13 +975,15 @@ class _Connection(asyncio.Protocol):
         await self._drain()
         return close
 
-    async def _send_file(self, response: Response, segment: FileSegment, close: bool) -> bool:
-        head, close = _encode_head(response, segment.length, close)
+    async def _send_file(
+        self, response: Response, segment: FileSegment, close: bool, http10: bool
+    ) -> bool:
+        head, close = _encode_head(response, segment.length, close, http10)
         if segment.length <= SMALL_SEGMENT:
             try:
                 data = _read_segment(segment)
             except OSError as exc:
-                return await self._fallback(segment, exc, close)
+                return await self._fallback(segment, exc, close, http10)
             self.write(head + data)  # D7: the small range shares the write with the headers
             await self._drain()
             return close
@@ -868,26 +991,28 @@ class _Connection(asyncio.Protocol):
             # os.open: no buffered reader needed, sendfile reads the descriptor itself
             file = os.fdopen(os.open(segment.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), "rb")
         except OSError as exc:
-            return await self._fallback(segment, exc, close)
+            return await self._fallback(segment, exc, close, http10)
         with file:
             try:
                 size = os.fstat(file.fileno()).st_size
             except OSError as exc:
-                return await self._fallback(segment, exc, close)
+                return await self._fallback(segment, exc, close, http10)
             if size < segment.offset + segment.length:
                 return await self._fallback(
-                    segment, OSError(f"{segment.path} has {size} bytes only"), close
+                    segment, OSError(f"{segment.path} has {size} bytes only"), close, http10
                 )
             self.write(head)
             await self._sendfile(file, segment)
         return close
 
-    async def _fallback(self, segment: FileSegment, exc: OSError, close: bool) -> bool:
+    async def _fallback(
+        self, segment: FileSegment, exc: OSError, close: bool, http10: bool
+    ) -> bool:
         logger.error("cannot read file segment: %s", exc)
         fallback = segment.fallback
         if fallback is None or isinstance(fallback.body, FileSegment):
             fallback = Response.empty(500)
-        return await self._send(fallback, close)
+        return await self._send(fallback, close, http10)
 
     async def _sendfile(self, file: Any, segment: FileSegment) -> None:
         transport = self._transport
@@ -921,6 +1046,7 @@ class _Connection(asyncio.Protocol):
 
     def _bad_request(self) -> None:
         self._stop_parsing = True
+        self._dropped_input = True  # the rest of the stream is not parsed
         self._in_head = False
         self.cancel_timer()
         if self._body is not None:
@@ -950,7 +1076,8 @@ class HttpServer:
     - ``max_requests``: requests per connection before it closes (D19; OneNET closes at 1000).
     - ``idle_timeout``: seconds a keep-alive connection may stay quiet between requests, and the
       longest wait for body bytes the handler is reading.
-    - ``header_timeout``: seconds from the first byte of a request to the end of its head.
+    - ``header_timeout``: seconds from the first byte of a request to the end of its head;
+      past it -> 408 and close.
     - ``max_header_bytes`` / ``max_headers``: limits on the head; past them -> 400.
     - ``buffer_limit``: unread body bytes per connection before reading pauses.
     - ``drain_limit``: unread body bytes discarded to keep a connection alive; more -> close.
