@@ -170,6 +170,9 @@ class DeviceApi:
         if endpoint is Endpoint.DOWNLOAD:
             assert route.token is not None
             try:
+                cached = self._cached_download(request, route.token)
+                if cached is not None:
+                    return cached
                 return await self._download(request, route.token)
             except Exception:
                 log.exception("E6 download failed")
@@ -423,30 +426,7 @@ class DeviceApi:
             grant = await self._db(self.service.download_grant, token)
         if grant is None or self._clock() >= grant.usable_until:
             return wire.download_error(DownloadError.INVALID_TOKEN)  # step 2
-        # Step 5's input. More than one Range header is malformed: served as if none was sent
-        # (§6.6.1).
-        range_value = None
-        for name, value in request.headers:
-            if len(name) == 5 and name.lower() == "range":
-                if range_value is not None:
-                    range_value = None
-                    break
-                range_value = value
-        # Every device of a task asks for the same chunks of the same file: a small reply is
-        # built once per (file, range) and served again while the file is there (steps 3-4).
-        chunk_key = (grant.sha256, grant.size, grant.file_name, range_value)
-        cached = self._chunks.get(chunk_key)
-        if cached is not None:
-            try:
-                size = self._files.size(grant.sha256)
-            except FileNotFoundError:
-                return wire.download_error(DownloadError.NOT_FOUND)  # step 3
-            except OSError:
-                log.exception("E6 cannot stat a package file")
-                return wire.download_error(DownloadError.READ_FAILED)
-            if size == grant.size:
-                return cached
-            return wire.download_error(DownloadError.SIZE_MISMATCH)  # step 4
+        range_value = _range_value(request.headers)
         try:
             path, fd, size = self._files.get(grant.sha256)
         except FileNotFoundError:
@@ -481,8 +461,40 @@ class DeviceApi:
             body=body,
         )
         if isinstance(body, bytes):
-            self._chunks.put(chunk_key, response, len(body))
+            key = (grant.sha256, grant.size, grant.file_name, range_value)
+            self._chunks.put(key, response, len(body))
         return response
+
+    def _cached_download(self, request: Request, token: str) -> Response | None:
+        """E6 from the caches alone, or None to let :meth:`_download` decide.
+
+        Every device of a task asks for the same chunks of the same file: a small reply is built
+        once per (file, range) and served again while the token's cached grant is usable and the
+        file, still open, has its size (steps 2-4). Anything else (a query string to validate,
+        an uncached token, a file replaced or resized) goes the full way.
+        """
+        if request.query_string:
+            return None
+        grant = self.service.download_grant_cached(token)
+        if grant is None or self._clock() >= grant.usable_until:
+            return None
+        key = (grant.sha256, grant.size, grant.file_name, _range_value(request.headers))
+        cached = self._chunks.get(key)
+        if cached is None or self._files.size_if_open(grant.sha256) != grant.size:
+            return None
+        return cached
+
+
+def _range_value(headers: list[tuple[str, str]]) -> str | None:
+    """Step 5's input: the one Range header's value. More than one Range header is malformed,
+    served as if none was sent (§6.6.1)."""
+    found = None
+    for name, value in headers:
+        if len(name) == 5 and name.lower() == "range":
+            if found is not None:
+                return None
+            found = value
+    return found
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:
@@ -547,9 +559,20 @@ class _OpenFiles:
             path = self._paths[sha256] = str(self._blobs.path(sha256))
         return path
 
-    def size(self, sha256: str) -> int:
-        """The file's current size; FileNotFoundError if missing, OSError."""
-        return os.stat(self._path(sha256)).st_size
+    def size_if_open(self, sha256: str) -> int | None:
+        """The size of the file if it is open and its path still names it, else None.
+
+        fstat costs a tenth of a path lookup; a link count of zero means the path no longer
+        names this file (deleted or replaced; the store never makes hard links).
+        """
+        entry = self._open.get(sha256)
+        if entry is None:
+            return None
+        try:
+            st = os.fstat(entry[0])
+        except OSError:
+            return None
+        return st.st_size if st.st_nlink else None
 
     def get(self, sha256: str) -> tuple[str, int, int]:
         """(path, descriptor, size) of the file; FileNotFoundError if missing, OSError."""
