@@ -171,6 +171,9 @@ class Response:
     ``Transfer-Encoding: chunked`` with an already chunk-encoded body (as in the D7 download
     error). A body with neither is close-delimited, so the connection closes after it. A
     ``Content-Length`` that differs from the body is a handler bug and turns into a 500.
+
+    The layer never modifies a response, so a handler may return one object for many requests
+    (the device API does, for memoised replies and cached chunks); it must then not change it.
     """
 
     status: int
