@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ from sqlalchemy import Engine
 from onenet_ota import auth
 from onenet_ota.server.app import AppResources, create_app
 from onenet_ota.server.config import Settings
+from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.http import ServerThread
 from tests.server.serve_process import ServerProcess, children
 
@@ -113,6 +115,21 @@ def test_deadline_sweep(app: tuple[httpx2.Client, AppResources, Clock]) -> None:
     clock.now += 61
     assert resources.sweep_deadlines() == 1
     assert client.get(f"/api/v1/tasks/{task['id']}").json()["counts"]["failed"] == 1
+
+
+def test_cache_ttl_reaches_the_device_api(tmp_path: Path) -> None:
+    token = SecretStr("a-long-enough-admin-token")
+    for ttl in (0.0, 5.0):
+        settings = Settings(data_dir=tmp_path / str(ttl), admin_token=token, cache_ttl=ttl)
+        settings.data_dir.mkdir()
+        engine = create_engine(settings.database_url)
+        migrate(engine)
+        engine.dispose()
+        _, resources = create_app(settings)
+        try:
+            assert resources.device_api.service.cache_ttl == ttl
+        finally:
+            asyncio.run(resources.aclose())
 
 
 def test_create_app_needs_an_admin_token(tmp_path: Path) -> None:

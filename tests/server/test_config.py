@@ -9,6 +9,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from onenet_ota.server.config import DEFAULT_MAX_UPLOAD_BYTES, Settings
+from onenet_ota.server.device_service import DEFAULT_CACHE_TTL
 
 SECRET = "a-long-enough-admin-token"
 
@@ -29,6 +30,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_upload_bytes == DEFAULT_MAX_UPLOAD_BYTES
     assert settings.admin_token is None
     assert not settings.tls
+    assert settings.cache_ttl == DEFAULT_CACHE_TTL  # the device API's own default
 
 
 def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,11 +39,13 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONENET_OTA_PUBLIC_ADDRESS", "ota.example.net:80")
     monkeypatch.setenv("ONENET_OTA_ADMIN_TOKEN", SECRET)
     monkeypatch.setenv("ONENET_OTA_WORKERS", "4")
+    monkeypatch.setenv("ONENET_OTA_CACHE_TTL", "0")
     settings = Settings()
     assert settings.port == 9000
     assert settings.database_url == "postgresql://ota@db/ota"
     assert settings.public_address == "ota.example.net:80"
     assert settings.workers == 4
+    assert settings.cache_ttl == 0
     assert settings.admin_token is not None
     assert settings.admin_token.get_secret_value() == SECRET
 
@@ -75,6 +79,7 @@ def test_secrets_stay_out_of_repr() -> None:
         {"push_url": "ftp://example/"},
         {"push_url": "http://example/"},  # without push_token
         {"idle_timeout": 0},
+        {"cache_ttl": -1},
     ],
 )
 def test_invalid_settings_are_refused(kwargs: dict[str, object]) -> None:

@@ -67,6 +67,11 @@ def _settings_error(exc: ValidationError) -> str:
 @click.option("--max-upload-bytes", type=int, help="largest package upload [default: 256 MiB]")
 @click.option("--idle-timeout", type=float, help="seconds an idle connection stays open")
 @click.option("--sweep-interval", type=float, help="seconds between deadline sweeps")
+@click.option(
+    "--cache-ttl",
+    type=float,
+    help="longest a cached device-API entry lives, 0 for no caching [default: 30]",
+)
 @click.option("--push-url", help="task-push receiver URL (spec §11)")
 @click.option("--push-token", help="task-push token (spec §11); prefer ONENET_OTA_PUSH_TOKEN")
 @click.option("--push-uid", type=int, help="account uid in task pushes (spec §11)")

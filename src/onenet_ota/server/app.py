@@ -120,7 +120,13 @@ def create_app(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_engine(settings.database_url)
     blobs = BlobStore(settings.packages_dir)
-    device_api = DeviceApi(engine, blobs, public_address=settings.public_address, clock=clock)
+    device_api = DeviceApi(
+        engine,
+        blobs,
+        public_address=settings.public_address,
+        clock=clock,
+        cache_ttl=settings.cache_ttl,
+    )
     service = AdminService(
         engine,
         blobs,

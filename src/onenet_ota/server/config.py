@@ -14,6 +14,7 @@ environment; everything else receives a :class:`Settings`.
 | ``max_upload_bytes`` | ``ONENET_OTA_MAX_UPLOAD_BYTES`` | 256 MiB (at most 2^31-1, §4.5) |
 | ``idle_timeout`` | ``ONENET_OTA_IDLE_TIMEOUT`` | 15 s (D19) |
 | ``sweep_interval`` | ``ONENET_OTA_SWEEP_INTERVAL`` | 30 s between deadline sweeps (D23) |
+| ``cache_ttl`` | ``ONENET_OTA_CACHE_TTL`` | 30 s: longest life of a device-API cache entry |
 | ``push_url`` / ``push_token`` / ``push_uid`` | ``ONENET_OTA_PUSH_*`` | none: no task push (§11) |
 """
 
@@ -64,6 +65,9 @@ class Settings(BaseSettings):
     )
     idle_timeout: Annotated[float, Field(gt=0, le=3600)] = 15.0
     sweep_interval: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    # Changes made through any server process reach every cache within 0.1 s (server/changes.py);
+    # this bounds only what the feed cannot carry (SQL typed into the database by hand).
+    cache_ttl: Annotated[float, Field(ge=0, le=86400)] = 30.0  # device_service.DEFAULT_CACHE_TTL
     push_url: str | None = Field(default=None, description="task-push receiver URL (§11)")
     push_token: SecretStr | None = Field(default=None, description="task-push token (§11)")
     push_uid: Annotated[int, Field(ge=0)] = 0

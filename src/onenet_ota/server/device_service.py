@@ -682,6 +682,7 @@ class DeviceService:
     ) -> None:
         self._engine = engine
         self._clock = clock
+        self._cache_ttl = cache_ttl
         self._auth_cache: _TtlCache[str, Principal] = _TtlCache(cache_ttl)
         self._device_cache: _TtlCache[int, DeviceRef] = _TtlCache(cache_ttl)
         self._grant_cache: _TtlCache[str, DownloadGrant] = _TtlCache(cache_ttl)
@@ -720,6 +721,11 @@ class DeviceService:
     def clock(self) -> Clock:
         """The service's clock (Unix seconds)."""
         return self._clock
+
+    @property
+    def cache_ttl(self) -> float:
+        """The longest a cached entry lives, in seconds (0: nothing is cached)."""
+        return self._cache_ttl
 
     # -- transactions ------------------------------------------------------------------------
 

@@ -55,8 +55,9 @@ class LocalServer:
 
     ``db`` is a database URL (default: a SQLite file in the data directory); ``workers`` the
     server's worker processes; ``data_dir`` a data directory to use instead of a temporary one
-    (it is then left in place). After :meth:`start`, :attr:`url` and :attr:`admin_token` reach the
-    server, and :attr:`pid` is the server's process (its workers are its children).
+    (it is then left in place); ``cache_ttl`` the server's setting of that name. After
+    :meth:`start`, :attr:`url` and :attr:`admin_token` reach the server, and :attr:`pid` is the
+    server's process (its workers are its children).
     """
 
     def __init__(
@@ -65,11 +66,13 @@ class LocalServer:
         db: str | None = None,
         workers: int = 1,
         data_dir: str | os.PathLike[str] | None = None,
+        cache_ttl: float | None = None,
     ) -> None:
         if type(workers) is not int or not 1 <= workers <= 64:
             raise LocalServerError("the server's workers must be an integer from 1 to 64")
         self.db = db
         self.workers = workers
+        self.cache_ttl = cache_ttl
         self.admin_token = secrets.token_urlsafe(24)
         self._given_dir = None if data_dir is None else Path(data_dir)
         self._tmp: Path | None = None
@@ -111,6 +114,8 @@ class LocalServer:
             str(self.workers),
         ]
         env = {**os.environ, _TOKEN_ENV: self.admin_token}
+        if self.cache_ttl is not None:
+            env["ONENET_OTA_CACHE_TTL"] = str(self.cache_ttl)
         if self.db is not None:
             env["ONENET_OTA_DB"] = self.db  # a URL may carry a password: not on the command line
         else:
