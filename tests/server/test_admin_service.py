@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine, Table, event, func, insert, select, text, update
 
 from onenet_ota.protocol import values
+from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import (
     OPEN_STATES,
     Action,
@@ -24,7 +25,8 @@ from onenet_ota.protocol.states import (
     TaskState,
     on_action,
 )
-from onenet_ota.server import schema
+from onenet_ota.protocol.status import ReportKind
+from onenet_ota.server import admin_service, schema
 from onenet_ota.server.admin_service import (
     GENERATED_DEV_ID_MAX,
     AdminService,
@@ -40,6 +42,7 @@ from onenet_ota.server.admin_service import (
     TaskCreate,
 )
 from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.device_service import DeviceService, Report
 
 NOW = 1_800_000_000
 K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="
@@ -815,18 +818,25 @@ def test_product_in_use_cannot_be_deleted_and_the_message_says_by_what(
     service.act_on_task(task.id, Action.CANCEL)
     service.delete_device(a)
     service.delete_device(b)
-    # Tasks cannot be deleted (yet): they keep their package, and the package its product.
+    # A task keeps its package, and the package its product, until the task is deleted.
     with pytest.raises(Conflict, match="still has 1 package, 1 task;"):
         service.delete_product("123123")
+    with pytest.raises(Conflict, match=f"package {package_id} is used by 1 task"):
+        service.delete_package(package_id)
     assert _count(engine, schema.products) == 1
+    service.delete_task(task.id)
+    service.delete_package(package_id)
+    service.delete_product("123123")
+    assert _count(engine, schema.products) == 0
 
 
 # -- races with a request that opens a task for the device meanwhile
 
 
-def _wait_until_blocked(engine: Engine, worker: threading.Thread) -> None:
-    """On PostgreSQL, return once some session of this database waits for a lock held by the
-    test (or ``worker`` has ended). SQLite's waits (busy_timeout) are not observable: return."""
+def _wait_until_blocked(engine: Engine, worker: threading.Thread, sessions: int = 1) -> None:
+    """On PostgreSQL, return once ``sessions`` sessions of this database wait for a lock (held
+    by the test or by a paused transaction), or ``worker`` has ended. SQLite's waits
+    (busy_timeout) are not observable: return."""
     if engine.dialect.name != "postgresql":
         return
     query = text(
@@ -835,7 +845,7 @@ def _wait_until_blocked(engine: Engine, worker: threading.Thread) -> None:
     )
     for _ in range(6000):  # a bound for a hung test, not a timing expectation
         with engine.connect() as conn:
-            if conn.execute(query).scalar_one():
+            if conn.execute(query).scalar_one() >= sessions:
                 return
         if not worker.is_alive():
             return
@@ -848,6 +858,7 @@ class _Outcome:
 
     def __init__(self, call: Callable[[], object]) -> None:
         self.error: BaseException | None = None
+        self.result: object = None
         self.ident: int | None = None
         self.started = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(call,))
@@ -856,7 +867,7 @@ class _Outcome:
         self.ident = threading.get_ident()
         self.started.set()
         try:
-            call()
+            self.result = call()
         except BaseException as exc:
             self.error = exc
 
@@ -938,3 +949,357 @@ def test_a_task_opened_while_the_delete_runs_loses_without_leaving_a_row(
     assert _dev_rows(engine, dev)["devices"] == 0
     assert _count(engine, schema.device_tasks) == 0
     assert _count(engine, schema.tasks) == 0
+
+
+# ------------------------------------------------------------------------------ deleting tasks
+
+
+def _task_rows(engine: Engine, task_id: int) -> dict[str, int]:
+    """What the database holds of one task: its row, its device tasks and their tokens."""
+    dt, tok = schema.device_tasks, schema.tokens
+    with engine.connect() as conn:
+
+        def count(query: Any) -> int:
+            return int(conn.execute(query).scalar_one())
+
+        return {
+            "tasks": count(
+                select(func.count()).select_from(schema.tasks).where(schema.tasks.c.id == task_id)
+            ),
+            "device_tasks": count(
+                select(func.count()).select_from(dt).where(dt.c.task_id == task_id)
+            ),
+            "tokens": count(
+                select(func.count())
+                .select_from(tok.join(dt, dt.c.id == tok.c.device_task_id))
+                .where(dt.c.task_id == task_id)
+            ),
+        }
+
+
+def _feed(engine: Engine) -> list[int | None]:
+    """The change feed's device ids, oldest first (None: anything may have changed)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(schema.cache_changes.c.dev_id).order_by(schema.cache_changes.c.id)
+        ).scalars()
+        return list(rows)
+
+
+def _set_task_state(
+    engine: Engine, task_id: int, dev_id: int, state: TaskState, paused_from: int | None = None
+) -> None:
+    dt = schema.device_tasks
+    with engine.begin() as conn:
+        conn.execute(
+            update(dt)
+            .where(dt.c.task_id == task_id, dt.c.dev_id == dev_id)
+            .values(state=int(state), paused_from=paused_from)
+        )
+
+
+def test_delete_task_removes_its_device_tasks_and_tokens_only(
+    service: AdminService, engine: Engine, changes: list[int]
+) -> None:
+    _product(service)
+    a, b, c = _devices(service, "123123", "a", "b", "c")
+    package_id = _package(service, "123123")
+    first = service.create_task(TaskCreate(package_id=package_id, dev_ids=[a, b])).task
+    service.act_on_task(first.id, Action.CANCEL)
+    second = service.create_task(TaskCreate(package_id=package_id, dev_ids=[a, c])).task
+    _set_task_state(engine, second.id, a, TaskState.SUCCEEDED)
+    _set_task_state(engine, second.id, c, TaskState.FAILED)
+    for dev in (a, b, c):
+        _give_tokens(engine, dev)
+    assert _task_rows(engine, first.id) == {"tasks": 1, "device_tasks": 2, "tokens": 4}
+    kept = _task_rows(engine, second.id)
+    assert kept == {"tasks": 1, "device_tasks": 2, "tokens": 4}
+    feed_before = len(_feed(engine))
+    changes.clear()
+
+    service.delete_task(first.id)
+
+    assert _task_rows(engine, first.id) == {"tasks": 0, "device_tasks": 0, "tokens": 0}
+    assert _task_rows(engine, second.id) == kept
+    assert _count(engine, schema.devices) == 3
+    package = service.get_package(package_id)  # the package stays, with its file
+    assert service.blobs.exists(package.sha256)
+    assert _feed(engine)[feed_before:] == sorted([a, b])  # the devices that had the task
+    assert changes == [1]  # this process's device API is told after the commit
+    with pytest.raises(NotFound, match=f"task {first.id} not found"):
+        service.get_task(first.id)
+    assert [t.task_id for t in service.get_device(a).tasks] == [second.id]
+    assert service.get_device(b).tasks == []
+    assert [t.id for t in service.list_tasks().items] == [second.id]
+    with pytest.raises(NotFound, match=f"task {first.id} not found"):
+        service.delete_task(first.id)
+    assert changes == [1]
+
+
+@pytest.mark.parametrize("state", sorted(OPEN_STATES))
+def test_task_with_an_open_device_task_cannot_be_deleted(
+    service: AdminService, engine: Engine, changes: list[int], state: TaskState
+) -> None:
+    _product(service)
+    dev, done = _devices(service, "123123", "d", "done")
+    package_id = _package(service, "123123")
+    task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev, done])).task
+    paused_from = int(TaskState.DOWNLOADING) if state is TaskState.PAUSED else None
+    _set_task_state(engine, task.id, dev, state, paused_from)
+    _set_task_state(engine, task.id, done, TaskState.SUCCEEDED)
+    _give_tokens(engine, dev)
+    _give_tokens(engine, done)
+    before = _task_rows(engine, task.id)
+    feed = _feed(engine)
+    changes.clear()
+
+    with pytest.raises(Conflict) as refused:
+        service.delete_task(task.id)
+
+    name = state.name.lower()
+    assert refused.value.message == (
+        f"task {task.id} has 1 open device task: {dev} ({name}); cancel the task first"
+    )
+    assert refused.value.details == [{"dev_id": dev, "state": name}]
+    assert _task_rows(engine, task.id) == before  # nothing deleted, nothing published
+    assert _feed(engine) == feed
+    assert changes == []
+    service.act_on_task(task.id, Action.CANCEL)
+    service.delete_task(task.id)
+    assert _task_rows(engine, task.id) == {"tasks": 0, "device_tasks": 0, "tokens": 0}
+
+
+def test_the_409_lists_a_sample_of_the_open_devices(service: AdminService) -> None:
+    _product(service)
+    devs = _devices(service, "123123", *(f"d{i:02d}" for i in range(25)))
+    package_id = _package(service, "123123")
+    task = service.create_task(TaskCreate(package_id=package_id, dev_ids=devs)).task
+    with pytest.raises(Conflict) as refused:
+        service.delete_task(task.id)
+    shown = sorted(devs)[:20]
+    assert refused.value.details == [{"dev_id": d, "state": "to_be_upgraded"} for d in shown]
+    assert refused.value.message == (
+        f"task {task.id} has 25 open device tasks: "
+        + ", ".join(f"{d} (to_be_upgraded)" for d in shown)
+        + " and 5 more; cancel the task first"
+    )
+
+
+def test_an_expired_open_task_does_not_block_its_delete(
+    service: AdminService, engine: Engine, clock: Clock
+) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    package_id = _package(service, "123123")
+    task = service.create_task(
+        TaskCreate(package_id=package_id, dev_ids=[dev], deadline=NOW + 10)
+    ).task
+    with pytest.raises(Conflict, match="to_be_upgraded"):
+        service.delete_task(task.id)
+    clock.now += 10  # T5: the deadline has passed, the device task has failed
+    service.delete_task(task.id)
+    assert _task_rows(engine, task.id) == {"tasks": 0, "device_tasks": 0, "tokens": 0}
+    assert service.get_device(dev).tasks == []
+
+
+def test_a_task_of_many_devices_is_published_as_everything(
+    service: AdminService, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin_service, "_PUBLISH_MAX", 2)
+    _product(service)
+    a, b, c = _devices(service, "123123", "a", "b", "c")
+    package_id = _package(service, "123123")
+    at_limit = service.create_task(TaskCreate(package_id=package_id, dev_ids=[a, b])).task
+    service.act_on_task(at_limit.id, Action.CANCEL)
+    beyond = service.create_task(TaskCreate(package_id=package_id, dev_ids=[a, b, c])).task
+    service.act_on_task(beyond.id, Action.CANCEL)
+    start = len(_feed(engine))
+    service.delete_task(at_limit.id)
+    assert _feed(engine)[start:] == sorted([a, b])
+    service.delete_task(beyond.id)
+    assert _feed(engine)[start + 2 :] == [None]
+
+
+@given(
+    rows=st.lists(OPEN_OR_NOT, min_size=1, max_size=5),
+    kept=OPEN_OR_NOT,
+)
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_a_task_is_deleted_whole_exactly_when_no_device_task_is_open(
+    service: AdminService,
+    engine: Engine,
+    rows: list[tuple[TaskState, TaskState | None]],
+    kept: tuple[TaskState, TaskState | None],
+) -> None:
+    # One task whose devices are in arbitrary states, and another task (of another package and
+    # device) in an arbitrary state, which is never touched.
+    pid = f"t{next(_counter)}"
+    _product(service, pid)
+    devs = _devices(service, pid, *(f"d{i}" for i in range(len(rows))))
+    (other_dev,) = _devices(service, pid, "other")
+    package_id = _package(service, pid, pid.encode())
+    task = service.create_task(TaskCreate(package_id=package_id, dev_ids=devs)).task
+    other = service.create_task(
+        TaskCreate(package_id=_package(service, pid, f"{pid}/2".encode()), dev_ids=[other_dev])
+    ).task
+    for dev, (state, paused_from) in zip(devs, rows, strict=True):
+        _set_task_state(engine, task.id, dev, state, paused_from)
+    _set_task_state(engine, other.id, other_dev, *kept)
+    for dev in (*devs, other_dev):
+        _give_tokens(engine, dev, 1)
+    before = _task_rows(engine, task.id)
+    other_before = _task_rows(engine, other.id)
+    feed = _feed(engine)
+    open_devs = sorted(d for d, (state, _) in zip(devs, rows, strict=True) if state.is_open)
+    if open_devs:
+        with pytest.raises(Conflict) as refused:
+            service.delete_task(task.id)
+        assert [d["dev_id"] for d in refused.value.details] == open_devs
+        assert _task_rows(engine, task.id) == before
+        assert _feed(engine) == feed
+    else:
+        service.delete_task(task.id)
+        assert _task_rows(engine, task.id) == {"tasks": 0, "device_tasks": 0, "tokens": 0}
+        assert _feed(engine) == [*feed, *sorted(devs)]
+    assert _task_rows(engine, other.id) == other_before
+    assert _count(engine, schema.devices) >= len(devs) + 1
+
+
+# -- races with device requests and other management calls
+
+
+def _pause_after_the_lock(
+    engine: Engine, holder: Callable[[], _Outcome | None]
+) -> tuple[threading.Event, threading.Event, Callable[..., None]]:
+    """An engine listener that holds the thread of ``holder()`` right after delete_task has
+    locked (read) the task row; returns (paused, release, listener)."""
+    paused, release = threading.Event(), threading.Event()
+
+    def listener(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        outcome = holder()
+        mine = outcome is not None and threading.get_ident() == outcome.ident
+        if mine and statement.lstrip().startswith("SELECT tasks.id") and not paused.is_set():
+            paused.set()
+            release.wait(60)
+
+    return paused, release, listener
+
+
+def test_device_requests_during_the_delete_see_the_whole_task_or_nothing(
+    service: AdminService, engine: Engine, clock: Clock
+) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    package_id = _package(service, "123123")
+    task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
+    _set_task_state(engine, task.id, dev, TaskState.SUCCEEDED)
+    _give_tokens(engine, dev, 1)
+    with engine.connect() as conn:
+        token = conn.execute(select(schema.tokens.c.token)).scalar_one()
+    devices_api = DeviceService(engine, clock=clock, cache_ttl=0)
+    late_report = Report(ReportKind.UPGRADED, 201)
+    deleting: _Outcome | None = None
+    paused, release, listener = _pause_after_the_lock(engine, lambda: deleting)
+    event.listen(engine, "after_cursor_execute", listener)
+    try:
+        deleting = _Outcome(lambda: service.delete_task(task.id)).start()
+        assert paused.wait(60)
+        # E5 only reads: it never waits, and sees the task as it was (§5.4: finished).
+        assert devices_api.check_token(dev, token) == Errno.TASK_FINISHED
+        reporting = _Outcome(lambda: devices_api.report(dev, token, late_report)).start()
+        if engine.dialect.name == "postgresql":
+            reporting.join()  # READ COMMITTED: it reads the task as it was, without waiting
+            release.set()
+        else:
+            release.set()  # SQLite: its write transaction waits for the delete's
+            reporting.join()
+        deleting.join()
+    finally:
+        release.set()
+        event.remove(engine, "after_cursor_execute", listener)
+        devices_api.close()
+    assert deleting.error is None
+    assert reporting.error is None
+    # §5.5: a report on a finished task is errno 20; once the task is gone its tokens are
+    # unknown (§5.6): E7/E8 errno 1, E5 errno 4.
+    expected = Errno.TASK_FINISHED if engine.dialect.name == "postgresql" else Errno.AUTH_FAILED
+    assert reporting.result == expected
+    assert _task_rows(engine, task.id) == {"tasks": 0, "device_tasks": 0, "tokens": 0}
+    devices_api = DeviceService(engine, clock=clock, cache_ttl=0)
+    try:
+        assert devices_api.check_token(dev, token) == Errno.NO_VALID_TOKEN
+        assert devices_api.report(dev, token, late_report) == Errno.AUTH_FAILED
+    finally:
+        devices_api.close()
+
+
+def test_a_token_inserted_while_the_delete_runs_is_never_half_deleted(
+    service: AdminService, engine: Engine
+) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    package_id = _package(service, "123123")
+    task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
+    _set_task_state(engine, task.id, dev, TaskState.FAILED)
+    _give_tokens(engine, dev, 1)
+    dt = schema.device_tasks
+    with engine.begin() as conn:  # a token written for the device task, uncommitted meanwhile
+        dt_id = conn.execute(select(dt.c.id).where(dt.c.task_id == task.id)).scalar_one()
+        conn.execute(
+            insert(schema.tokens).values(
+                token="ota_latecomer0000000000", device_task_id=dt_id, issued_at=NOW
+            )
+        )
+        deleting = _Outcome(lambda: service.delete_task(task.id)).start()
+        _wait_until_blocked(engine, deleting.thread)
+    deleting.join()
+    if engine.dialect.name == "postgresql":
+        # The delete of the device task waited for the token's foreign-key lock and then found
+        # the token: the foreign key breaks, everything is rolled back, 409.
+        assert isinstance(deleting.error, Conflict), deleting.error
+        assert deleting.error.message == (
+            f"task {task.id} changed while it was being deleted; retry"
+        )
+        assert _task_rows(engine, task.id) == {"tasks": 1, "device_tasks": 1, "tokens": 2}
+        service.delete_task(task.id)  # the retry succeeds
+    else:
+        # SQLite: the delete's write transaction began after the token's had committed.
+        assert deleting.error is None
+    assert _task_rows(engine, task.id) == {"tasks": 0, "device_tasks": 0, "tokens": 0}
+
+
+def test_an_action_or_a_second_delete_during_the_delete_finds_no_task(
+    service: AdminService, engine: Engine
+) -> None:
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    package_id = _package(service, "123123")
+    task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
+    _set_task_state(engine, task.id, dev, TaskState.SUCCEEDED)  # the task is still "active"
+    deleting: _Outcome | None = None
+    paused, release, listener = _pause_after_the_lock(engine, lambda: deleting)
+    event.listen(engine, "after_cursor_execute", listener)
+    try:
+        deleting = _Outcome(lambda: service.delete_task(task.id)).start()
+        assert paused.wait(60)
+        # PostgreSQL: both wait for the task row the delete has locked (without the lock, the
+        # pause would commit now and return the task).
+        pausing = _Outcome(lambda: service.act_on_task(task.id, Action.PAUSE)).start()
+        _wait_until_blocked(engine, pausing.thread)
+        again = _Outcome(lambda: service.delete_task(task.id)).start()
+        _wait_until_blocked(engine, again.thread, sessions=2)
+        release.set()
+        deleting.join()
+        pausing.join()
+        again.join()
+    finally:
+        release.set()
+        event.remove(engine, "after_cursor_execute", listener)
+    assert deleting.error is None
+    assert isinstance(pausing.error, NotFound), pausing.error
+    assert isinstance(again.error, NotFound), again.error
+    assert _task_rows(engine, task.id) == {"tasks": 0, "device_tasks": 0, "tokens": 0}

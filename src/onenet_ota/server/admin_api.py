@@ -344,6 +344,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         errors=(404,),
     ),
     Route(
+        "DELETE", "/tasks/{id}", "delete_task",
+        "Delete a task without open device tasks, with its device tasks and download tokens"
+        " (the package stays)", "tasks", status=204, path_types=_ID, errors=(404, 409),
+    ),
+    Route(
         "GET", "/tasks/{id}/devices", "list_task_devices",
         "List a task's devices with state and progress", "tasks", response=DeviceTaskPage,
         path_types=_ID, query=(_STATE_PARAM, *PAGE_PARAMS), errors=(404,),
@@ -814,6 +819,9 @@ class AdminApi:
             state=call.query.get("state") or None,
             **self._page_args(call),
         )
+
+    async def _delete_task(self, call: Call) -> None:
+        await self._db(self.service.delete_task, self._path_int(call, "id"))
 
     async def _list_task_devices(self, call: Call) -> DeviceTaskPage:
         page = await self._db(

@@ -99,6 +99,9 @@ DEFAULT_PAGE = 100
 MAX_IMPORT = 10_000
 _CHUNK = 500  # rows per IN (...) list and per executemany batch
 _CONFLICT_SAMPLE = 20  # how many offending ids an error message lists
+# A change touching more devices than this is published as "anything may have changed": one feed
+# row instead of thousands, which every process would read (changes.py reads 5000 at most).
+_PUBLISH_MAX = 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,9 +479,13 @@ def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
 
 def _sample(ids: Iterable[object]) -> str:
     items = sorted(ids, key=str)
-    shown = ", ".join(str(i) for i in items[:_CONFLICT_SAMPLE])
-    more = len(items) - _CONFLICT_SAMPLE
-    return shown + (f" and {more} more" if more > 0 else "")
+    return _listed([str(i) for i in items[:_CONFLICT_SAMPLE]], len(items))
+
+
+def _listed(shown: Sequence[str], total: int) -> str:
+    """``shown`` (the first few of ``total`` items) as a message fragment: "a, b and 3 more"."""
+    more = total - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def _page_limit(limit: int | None) -> int:
@@ -1330,6 +1337,84 @@ class AdminService:
             counts = self._counts(conn, [r.id for r in rows[:size]])
         items = [self._task_model(r, counts[r.id]) for r in rows[:size]]
         return Page(items, str(items[-1].id) if len(rows) > size else None)
+
+    def delete_task(self, task_id: int) -> None:
+        """Delete a finished task: its device tasks (the devices' history of it), their download
+        tokens and the task row, all in one transaction. The package stays; once no task uses
+        it, it can be deleted too. 409 while any device task is open (to-be-upgraded,
+        downloading, upgrading, paused): cancel the task first.
+
+        Devices then forget the task completely: the server remembers a task's tokens only as
+        long as it keeps the task (§5.6), so its old tokens become unknown (E5 errno 4, E6 byte
+        3, E7/E8 errno 1), exactly as tokens that were never issued.
+
+        Concurrency, in the pattern of :meth:`delete_device`:
+
+        - Deadlines are applied first (T5), in the lock order of the other paths (device tasks
+          before the task row): an open device task past its deadline has failed and does not
+          block.
+        - Then the task row is locked (PostgreSQL; SQLite's write transactions are serialised
+          already), so a pause, resume or cancel of the task, or a second delete, waits for this
+          one and then finds no task (404).
+        - Device requests on a finished device task (a late report, an E5 with an old token)
+          only read, and read either the whole task or nothing. The deletes name only finished
+          device tasks (compare-and-set): should a row still be referenced (a device task that
+          is open after all, a token inserted meanwhile), a foreign key breaks, everything is
+          rolled back and the answer is 409, never 500 and never half the rows.
+        """
+        now = self._now()
+        with self._tx(f"task {task_id} changed while it was being deleted; retry") as conn:
+            expire_deadlines(conn, now)
+            row = conn.execute(
+                select(tasks.c.id).where(tasks.c.id == task_id).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"task {task_id} not found")
+            this_task = device_tasks.c.task_id == task_id
+            still_open = and_(this_task, device_tasks.c.state.in_(OPEN_CODES))
+            open_count = conn.execute(
+                select(func.count()).select_from(device_tasks).where(still_open)
+            ).scalar_one()
+            if open_count:
+                sample = conn.execute(
+                    select(device_tasks.c.dev_id, device_tasks.c.state)
+                    .where(still_open)
+                    .order_by(device_tasks.c.dev_id)
+                    .limit(_CONFLICT_SAMPLE)
+                ).all()
+                listed = _listed(
+                    [f"{r.dev_id} ({STATE_NAMES[TaskState(r.state)]})" for r in sample],
+                    open_count,
+                )
+                what = "open device task" if open_count == 1 else "open device tasks"
+                raise Conflict(
+                    f"task {task_id} has {open_count} {what}: {listed}; cancel the task first",
+                    details=[
+                        {"dev_id": r.dev_id, "state": STATE_NAMES[TaskState(r.state)]}
+                        for r in sample
+                    ],
+                )
+            # Whose cached answers, device rows and download grants mention the task.
+            affected = list(
+                conn.execute(
+                    select(device_tasks.c.dev_id)
+                    .where(this_task)
+                    .order_by(device_tasks.c.dev_id)
+                    .limit(_PUBLISH_MAX + 1)
+                ).scalars()
+            )
+            finished = and_(this_task, device_tasks.c.state.in_(TERMINAL_CODES))
+            conn.execute(
+                delete(tokens).where(
+                    tokens.c.device_task_id.in_(select(device_tasks.c.id).where(finished))
+                )
+            )
+            conn.execute(delete(device_tasks).where(finished))
+            conn.execute(delete(tasks).where(tasks.c.id == task_id))
+            # T5 above needs no feed row of its own: cached answers and download grants end at
+            # the deadline by themselves (device_service.py).
+            changes.publish(conn, affected if len(affected) <= _PUBLISH_MAX else None, now)
+        self._changed()
 
     # ---------------------------------------------------------------- task actions
 
