@@ -6,6 +6,7 @@ pids), with its own package directory and server.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -20,6 +21,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
 
+from onenet_ota.protocol.download import DownloadError, decode_error_body
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import admin_api, schema
@@ -549,19 +551,7 @@ def test_delete_device_while_a_task_is_created_for_it(api: Api) -> None:
 
 
 def _run_together(calls: list[Callable[[], httpx2.Response]]) -> list[int]:
-    barrier = threading.Barrier(len(calls))
-    statuses = [0] * len(calls)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        statuses[i] = calls[i]().status_code
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return statuses
+    return [reply.status_code for reply in _results_together(calls)]
 
 
 def test_a_deleted_device_is_unknown_to_device_apis_that_had_cached_it(
@@ -615,6 +605,258 @@ def test_a_deleted_device_is_unknown_to_device_apis_that_had_cached_it(
     finally:
         same.close()
         other.close()
+
+
+def _task_rows(api: Api, task_id: int) -> tuple[int, int, int]:
+    """(task rows, device task rows, download tokens) of one task."""
+    dt, tok = schema.device_tasks, schema.tokens
+    with api.engine.connect() as conn:
+        tokens = conn.execute(
+            select(func.count())
+            .select_from(tok.join(dt, dt.c.id == tok.c.device_task_id))
+            .where(dt.c.task_id == task_id)
+        ).scalar_one()
+    return api.rows(schema.tasks, id=task_id), api.rows(dt, task_id=task_id), int(tokens)
+
+
+def test_task_delete(api: Api) -> None:
+    pid = api.pid()
+    a, b = api.device(pid, "a"), api.device(pid, "b")
+    package_id = api.package(pid)
+    body = {"package_id": package_id, "dev_ids": [a, b]}
+    task = api.client.post("/api/v1/tasks", json=body).json()
+    error = _error(api.client.delete(f"/api/v1/tasks/{task['id']}"), 409, "conflict")
+    first, second = sorted([a, b])
+    assert error["message"] == (
+        f"task {task['id']} has 2 open device tasks: {first} (to_be_upgraded), {second}"
+        " (to_be_upgraded); cancel the task first"
+    )
+    assert error["details"] == [
+        {"dev_id": first, "state": "to_be_upgraded"},
+        {"dev_id": second, "state": "to_be_upgraded"},
+    ]
+    assert _task_rows(api, task["id"]) == (1, 2, 0)
+    api.client.post(f"/api/v1/tasks/{task['id']}/cancel").raise_for_status()
+    other = api.client.post("/api/v1/tasks", json={**body, "dev_ids": [a]}).json()
+
+    reply = api.client.delete(f"/api/v1/tasks/{task['id']}")
+    assert (reply.status_code, reply.content) == (204, b"")
+    assert _task_rows(api, task["id"]) == (0, 0, 0)
+    assert api.rows(schema.devices, pid=pid) == 2  # devices, package and other tasks stay
+    assert api.client.get(f"/api/v1/packages/{package_id}").status_code == 200
+    assert api.client.get(f"/api/v1/tasks/{other['id']}").json()["total"] == 1
+    assert [t["task_id"] for t in api.client.get(f"/api/v1/devices/{a}").json()["tasks"]] == [
+        other["id"]
+    ]
+    _error(api.client.get(f"/api/v1/tasks/{task['id']}"), 404, "not_found")
+    missing = _error(api.client.delete(f"/api/v1/tasks/{task['id']}"), 404, "not_found")
+    assert missing["message"] == f"task {task['id']} not found"
+    _error(api.client.delete("/api/v1/tasks/not-a-number"), 404, "not_found")
+    _error(api.client.post(f"/api/v1/tasks/{task['id']}/resume"), 404, "not_found")
+
+
+def test_task_delete_needs_the_token(api: Api) -> None:
+    pid = api.pid()
+    body = {"package_id": api.package(pid), "dev_ids": [api.device(pid, "d")]}
+    task = api.client.post("/api/v1/tasks", json=body).json()
+    api.client.post(f"/api/v1/tasks/{task['id']}/cancel").raise_for_status()
+    _error(httpx2.delete(f"{api.url}/api/v1/tasks/{task['id']}"), 401, "unauthorized")
+    assert _task_rows(api, task["id"]) == (1, 1, 0)
+
+
+def test_package_and_product_can_go_once_their_task_is_deleted(api: Api) -> None:
+    pid = api.pid()
+    dev = api.device(pid, "d")
+    package_id = api.package(pid, f"only for {pid}".encode())
+    body = {"package_id": package_id, "dev_ids": [dev]}
+    task = api.client.post("/api/v1/tasks", json=body).json()
+    api.client.post(f"/api/v1/tasks/{task['id']}/cancel").raise_for_status()
+    assert api.client.delete(f"/api/v1/devices/{dev}").status_code == 204
+    in_use = _error(api.client.delete(f"/api/v1/packages/{package_id}"), 409, "conflict")
+    assert in_use["message"] == f"package {package_id} is used by 1 task(s)"
+    left = _error(api.client.delete(f"/api/v1/products/{pid}"), 409, "conflict")
+    assert left["details"] == [{"devices": 0, "packages": 1, "tasks": 1}]
+
+    assert api.client.delete(f"/api/v1/tasks/{task['id']}").status_code == 204
+
+    assert api.client.delete(f"/api/v1/packages/{package_id}").status_code == 204
+    assert api.stored_files() == []
+    assert api.client.delete(f"/api/v1/products/{pid}").status_code == 204
+    assert api.rows(schema.products, pid=pid) == 0
+
+
+class _Device:
+    """One device speaking the classic API (E3, E5, E6, E7) to one device API."""
+
+    def __init__(self, url: str, dev_id: int, auth: str) -> None:
+        self.url = url
+        self.dev_id = dev_id
+        self.auth = auth
+
+    def _errno(self, method: str, path: str, **kw: Any) -> int:
+        reply = httpx2.request(
+            method,
+            self.url + path,
+            params={"dev_id": self.dev_id, **kw.pop("params", {})},
+            headers={"Authorization": self.auth},
+            **kw,
+        )
+        errno: int = reply.json()["errno"]
+        return errno
+
+    def check(self) -> tuple[int, str | None]:
+        reply = httpx2.get(
+            self.url + "/ota/south/check",
+            params={"dev_id": self.dev_id, "type": 1, "version": "1.0.0"},
+            headers={"Authorization": self.auth},
+        ).json()
+        return reply["errno"], (reply.get("data") or {}).get("token")
+
+    def e5(self, token: str) -> int:
+        return self._errno("GET", f"/ota/south/download/{token}/check")
+
+    def e7(self, token: str, step: int) -> int:
+        return self._errno(
+            "POST", f"/ota/south/device/download/{token}/progress", json={"step": step}
+        )
+
+    def e6(self, token: str) -> DownloadError | None:
+        reply = httpx2.get(f"{self.url}/ota/south/download/{token}")
+        return decode_error_body(reply.content) if "content-length" not in reply.headers else None
+
+    def upgrade(self) -> str:
+        """A whole successful upgrade (E3, E5, E7 201); returns the token."""
+        errno, token = self.check()
+        assert (errno, token is not None) == (Errno.SUCC, True)
+        assert token is not None
+        assert self.e5(token) == Errno.SUCC  # T9: downloading
+        assert self.e7(token, 201) == Errno.SUCC  # T14: succeeded
+        return token
+
+
+def test_a_deleted_task_is_forgotten_by_device_apis_that_had_cached_it(
+    engine: Engine, tmp_path: Path
+) -> None:
+    blobs = BlobStore(tmp_path / "packages")
+    # This process's device API learns of the delete from on_change alone (its change feed is
+    # read once an hour); the other one, like another worker, from the change feed alone.
+    same = DeviceApi(engine, blobs, feed_interval=3600)
+    other = DeviceApi(engine, blobs, feed_interval=0)
+    service = AdminService(engine, blobs, on_change=same.service.invalidate)
+    handler = AdminApi(service, admin_token=TOKEN, max_upload_bytes=LIMIT)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with (
+            ServerThread(handler.handle) as admin_server,
+            ServerThread(same.handle) as same_server,
+            ServerThread(other.handle) as other_server,
+            httpx2.Client(base_url=admin_server.url, headers=headers) as client,
+        ):
+            api = Api(client, blobs, engine, admin_server.url, [])
+            pid = api.pid()
+            dev = api.device(pid, "d")
+            body = {"package_id": api.package(pid), "dev_ids": [dev]}
+            task = client.post("/api/v1/tasks", json=body).json()
+            auth = product_auth(pid, K1)
+            token = _Device(same_server.url, dev, auth).upgrade()
+            device_apis = [
+                (same, _Device(same_server.url, dev, auth)),
+                (other, _Device(other_server.url, dev, auth)),
+            ]
+            for device_api, device in device_apis:
+                assert [device.check(), device.check()] == [(Errno.NO_TASK, None)] * 2
+                cached = device_api.service.check_task_cached(dev, TaskType.FOTA, "1.0.0")
+                assert cached == (Errno.NO_TASK, None)
+                assert device.e6(token) == DownloadError.INVALID_TOKEN  # §6.6.4: not active
+                assert device_api.service.download_grant_cached(token) is not None
+                assert device.e5(token) == Errno.TASK_FINISHED  # §5.4
+                assert device.e7(token, 201) == Errno.TASK_FINISHED  # §5.5
+            assert _task_rows(api, task["id"]) == (1, 1, 1)
+
+            assert client.delete(f"/api/v1/tasks/{task['id']}").status_code == 204
+
+            assert _task_rows(api, task["id"]) == (0, 0, 0)
+            # on_change: this process's device API dropped what it had cached, before any request.
+            assert same.service.download_grant_cached(token) is None
+            assert same.service.check_task_cached(dev, TaskType.FOTA, "1.0.0") is None
+            for device_api, device in device_apis:
+                assert device.check() == (Errno.NO_TASK, None)  # reads the feed first
+                assert device_api.service.download_grant_cached(token) is None
+                # §5.6: the tokens of a task that is no longer kept are unknown.
+                assert device.e5(token) == Errno.NO_VALID_TOKEN
+                assert device.e7(token, 201) == Errno.AUTH_FAILED
+                assert device.e6(token) == DownloadError.INVALID_TOKEN
+                assert device.check() == (Errno.NO_TASK, None)
+    finally:
+        same.close()
+        other.close()
+
+
+def test_device_requests_racing_with_task_deletes(engine: Engine, tmp_path: Path) -> None:
+    # Late reports, E5 with old tokens and polls while the task is deleted: the delete never
+    # fails, the devices get the finished task's answers or the unknown token's, never a 500.
+    blobs = BlobStore(tmp_path / "packages")
+    device_api = DeviceApi(engine, blobs)
+    service = AdminService(engine, blobs, on_change=device_api.service.invalidate)
+    handler = AdminApi(service, admin_token=TOKEN, max_upload_bytes=LIMIT)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with (
+            ServerThread(handler.handle) as admin_server,
+            ServerThread(device_api.handle) as device_server,
+            httpx2.Client(base_url=admin_server.url, headers=headers) as client,
+        ):
+            api = Api(client, blobs, engine, admin_server.url, [])
+            pid = api.pid()
+            auth = product_auth(pid, K1)
+            devices = [_Device(device_server.url, api.device(pid, f"d{i}"), auth) for i in range(3)]
+            package_id = api.package(pid)
+            for _ in range(3):
+                body = {"package_id": package_id, "dev_ids": [d.dev_id for d in devices]}
+                task = client.post("/api/v1/tasks", json=body).json()
+                tokens = [device.upgrade() for device in devices]
+
+                def delete(task_id: int = task["id"]) -> Any:
+                    with httpx2.Client(base_url=api.url, headers=headers) as own:
+                        return own.delete(f"/api/v1/tasks/{task_id}").status_code
+
+                calls: list[Callable[[], Any]] = [delete]
+                for device, token in zip(devices, tokens, strict=True):
+                    calls += [
+                        functools.partial(device.e7, token, 201),
+                        functools.partial(device.e5, token),
+                        device.check,
+                    ]
+                results = _results_together(calls)
+                assert results[0] == 204
+                for i in range(len(devices)):
+                    late_report, old_token, poll = results[1 + 3 * i : 4 + 3 * i]
+                    assert late_report in (Errno.TASK_FINISHED, Errno.AUTH_FAILED)
+                    assert old_token in (Errno.TASK_FINISHED, Errno.NO_VALID_TOKEN)
+                    assert poll == (Errno.NO_TASK, None)
+                assert _task_rows(api, task["id"]) == (0, 0, 0)
+                for device, token in zip(devices, tokens, strict=True):
+                    assert device.e7(token, 201) == Errno.AUTH_FAILED
+            assert api.rows(schema.devices, pid=pid) == 3
+    finally:
+        device_api.close()
+
+
+def _results_together(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``calls`` in threads released at once; their results in call order."""
+    barrier = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 # ------------------------------------------------------------------------------ OpenAPI
