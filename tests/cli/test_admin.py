@@ -230,6 +230,50 @@ def test_device_delete_json(admin: Any) -> None:
     assert admin("product", "delete", pid).stdout == f"product {pid} deleted\n"
 
 
+def test_task_delete(admin: Any, tmp_path: Path) -> None:
+    pid = _product(admin)
+    dev = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(b"task delete firmware " + pid.encode())
+    package_id = _json(admin("package", "upload", str(firmware), "--pid", pid, "--type", "fota",
+                             "--target", "2.0", "--json"))["id"]  # fmt: skip
+    task_id = _json(admin("task", "create", "--package", str(package_id), "--dev-id", str(dev),
+                          "--json"))["id"]  # fmt: skip
+
+    busy = admin("task", "delete", str(task_id), ok=False)
+    assert (busy.exit_code, busy.stdout) == (1, "")
+    assert busy.stderr == (
+        f"error: task {task_id} has 1 open device task: {dev} (to_be_upgraded);"
+        " cancel the task first (HTTP 409)\n"
+    )
+    in_use = admin("package", "delete", str(package_id), ok=False)
+    assert in_use.stderr == f"error: package {package_id} is used by 1 task(s) (HTTP 409)\n"
+
+    admin("task", "cancel", str(task_id))
+    assert admin("task", "delete", str(task_id)).stdout == f"task {task_id} deleted\n"
+    gone = admin("task", "show", str(task_id), ok=False)
+    assert (gone.exit_code, gone.stderr) == (1, f"error: task {task_id} not found (HTTP 404)\n")
+    again = admin("task", "delete", str(task_id), "--json", ok=False)
+    assert (again.exit_code, again.stdout) == (1, "")
+    assert again.stderr == f"error: task {task_id} not found (HTTP 404)\n"
+    assert _json(admin("device", "show", str(dev), "--json"))["tasks"] == []
+    admin("package", "delete", str(package_id))  # no task uses it any more
+
+
+def test_task_delete_json(admin: Any, tmp_path: Path) -> None:
+    pid = _product(admin)
+    dev = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(b"task delete json " + pid.encode())
+    package_id = _json(admin("package", "upload", str(firmware), "--pid", pid, "--type", "fota",
+                             "--target", "2.0", "--json"))["id"]  # fmt: skip
+    task_id = _json(admin("task", "create", "--package", str(package_id), "--dev-id", str(dev),
+                          "--json"))["id"]  # fmt: skip
+    admin("task", "cancel", str(task_id), "--json")
+    assert _json(admin("task", "delete", str(task_id), "--json")) == {"deleted": task_id}
+    assert _json(admin("task", "list", "--pid", pid, "--json"))["items"] == []
+
+
 def test_task_create_needs_targets_and_dates(admin: Any) -> None:
     result = admin("task", "create", "--package", "1", ok=False)
     assert result.exit_code == 1

@@ -13,6 +13,7 @@ Examples::
     onenet-ota admin task create --package 1 --from-version 1.0.0 --deadline 2030-01-01T00:00Z
     onenet-ota admin task show 1
     onenet-ota admin device delete 987654321                          # no open task left
+    onenet-ota admin task delete 1                                    # cancelled or finished
 """
 
 from __future__ import annotations
@@ -654,6 +655,16 @@ def task_show(
     ctx = _ctx(server, admin_token, as_json)
     params = {"state": state, "limit": limit, "after": after}
     ctx.show(ctx.call("GET", f"/tasks/{task_id}", params=params), _print_task)
+
+
+@task.command("delete")
+@click.argument("task_id", type=int)
+@_common
+def task_delete(task_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Delete a finished task with its devices' part of it; cancel it first if still open."""
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.call("DELETE", f"/tasks/{task_id}")
+    ctx.show({"deleted": task_id}, lambda _: click.echo(f"task {task_id} deleted"))
 
 
 def _action_command(verb: str, text: str) -> click.Command:
