@@ -1354,8 +1354,8 @@ class AdminService:
           before the task row): an open device task past its deadline has failed and does not
           block.
         - Then the task row is locked (PostgreSQL; SQLite's write transactions are serialised
-          already), so a pause, resume or cancel of the task, or a second delete, waits for this
-          one and then finds no task (404).
+          already), so a pause, resume or cancel that gets as far as updating the task, or a
+          second delete, waits for this one and then finds no task (404).
         - Device requests on a finished device task (a late report, an E5 with an old token)
           only read, and read either the whole task or nothing. The deletes name only finished
           device tasks (compare-and-set): should a row still be referenced (a device task that
