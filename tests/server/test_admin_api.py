@@ -6,6 +6,7 @@ pids), with its own package directory and server.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -554,57 +555,74 @@ def _run_together(calls: list[Callable[[], httpx2.Response]]) -> list[int]:
     return [reply.status_code for reply in _results_together(calls)]
 
 
-def test_a_deleted_device_is_unknown_to_device_apis_that_had_cached_it(
-    engine: Engine, tmp_path: Path
-) -> None:
+@dataclass
+class _Platform:
+    """The management API and device APIs over one database, each on its own server."""
+
+    client: httpx2.Client  # the management API, authorised
+    api: Api
+    device_apis: list[tuple[DeviceApi, str]]  # (device API, its URL)
+
+
+@contextlib.contextmanager
+def _platform(
+    engine: Engine, tmp_path: Path, feed_intervals: tuple[float, ...]
+) -> Iterator[_Platform]:
+    """One device API per feed interval. The first is wired to the management service's
+    on_change (like the device API of the same process); the others learn of changes only from
+    the change feed (like other workers)."""
     blobs = BlobStore(tmp_path / "packages")
-    # This process's device API learns of the delete from on_change alone (its change feed is
-    # read once an hour); the other one, like another worker, from the change feed alone.
-    same = DeviceApi(engine, blobs, feed_interval=3600)
-    other = DeviceApi(engine, blobs, feed_interval=0)
-    service = AdminService(engine, blobs, on_change=same.service.invalidate)
+    device_apis = [DeviceApi(engine, blobs, feed_interval=i) for i in feed_intervals]
+    service = AdminService(engine, blobs, on_change=device_apis[0].service.invalidate)
     handler = AdminApi(service, admin_token=TOKEN, max_upload_bytes=LIMIT)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     try:
-        with (
-            ServerThread(handler.handle) as admin_server,
-            ServerThread(same.handle) as same_server,
-            ServerThread(other.handle) as other_server,
-            httpx2.Client(base_url=admin_server.url, headers=headers) as client,
-        ):
+        with contextlib.ExitStack() as stack:
+            admin_server = stack.enter_context(ServerThread(handler.handle))
+            urls = [stack.enter_context(ServerThread(d.handle)).url for d in device_apis]
+            client = stack.enter_context(httpx2.Client(base_url=admin_server.url, headers=headers))
             api = Api(client, blobs, engine, admin_server.url, [])
-            pid = api.pid()
-            dev = api.device(pid, "d")
-            body = {"package_id": api.package(pid), "dev_ids": [dev]}
-            task = client.post("/api/v1/tasks", json=body).json()
-            device_apis = [(same, same_server.url), (other, other_server.url)]
-
-            def poll(url: str) -> int:
-                query: dict[str, Any] = {"dev_id": dev, "type": 1, "version": "1.0.0"}
-                reply = httpx2.get(
-                    url + "/ota/south/check", params=query, headers={"Authorization": auth}
-                )
-                errno: int = reply.json()["errno"]
-                return errno
-
-            auth = product_auth(pid, K1)
-            for _, url in device_apis:
-                assert poll(url) == Errno.SUCC  # issues a download token
-            client.post(f"/api/v1/tasks/{task['id']}/cancel").raise_for_status()
-            for device_api, url in device_apis:
-                assert [poll(url), poll(url)] == [Errno.NO_TASK, Errno.NO_TASK]
-                cached = device_api.service.check_task_cached(dev, TaskType.FOTA, "1.0.0")
-                assert cached == (Errno.NO_TASK, None)
-            assert _device_rows(api, dev) == (1, 1, 1)  # the second E3 got the same token
-
-            assert client.delete(f"/api/v1/devices/{dev}").status_code == 204
-
-            assert _device_rows(api, dev) == (0, 0, 0)
-            for _, url in device_apis:
-                assert poll(url) == Errno.AUTH_FAILED  # §4.2 P3: unknown device
+            yield _Platform(client, api, list(zip(device_apis, urls, strict=True)))
     finally:
-        same.close()
-        other.close()
+        for device_api in device_apis:
+            device_api.close()
+
+
+def test_a_deleted_device_is_unknown_to_device_apis_that_had_cached_it(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # The first device API learns of the delete from on_change alone (its change feed is read
+    # once an hour); the other one, like another worker, from the change feed alone.
+    with _platform(engine, tmp_path, (3600, 0)) as platform:
+        client, api, device_apis = platform.client, platform.api, platform.device_apis
+        pid = api.pid()
+        dev = api.device(pid, "d")
+        body = {"package_id": api.package(pid), "dev_ids": [dev]}
+        task = client.post("/api/v1/tasks", json=body).json()
+        auth = product_auth(pid, K1)
+
+        def poll(url: str) -> int:
+            query: dict[str, Any] = {"dev_id": dev, "type": 1, "version": "1.0.0"}
+            reply = httpx2.get(
+                url + "/ota/south/check", params=query, headers={"Authorization": auth}
+            )
+            errno: int = reply.json()["errno"]
+            return errno
+
+        for _, url in device_apis:
+            assert poll(url) == Errno.SUCC  # issues a download token
+        client.post(f"/api/v1/tasks/{task['id']}/cancel").raise_for_status()
+        for device_api, url in device_apis:
+            assert [poll(url), poll(url)] == [Errno.NO_TASK, Errno.NO_TASK]
+            cached = device_api.service.check_task_cached(dev, TaskType.FOTA, "1.0.0")
+            assert cached == (Errno.NO_TASK, None)
+        assert _device_rows(api, dev) == (1, 1, 1)  # the second E3 got the same token
+
+        assert client.delete(f"/api/v1/devices/{dev}").status_code == 204
+
+        assert _device_rows(api, dev) == (0, 0, 0)
+        for _, url in device_apis:
+            assert poll(url) == Errno.AUTH_FAILED  # §4.2 P3: unknown device
 
 
 def _task_rows(api: Api, task_id: int) -> tuple[int, int, int]:
@@ -737,109 +755,83 @@ class _Device:
 def test_a_deleted_task_is_forgotten_by_device_apis_that_had_cached_it(
     engine: Engine, tmp_path: Path
 ) -> None:
-    blobs = BlobStore(tmp_path / "packages")
-    # This process's device API learns of the delete from on_change alone (its change feed is
-    # read once an hour); the other one, like another worker, from the change feed alone.
-    same = DeviceApi(engine, blobs, feed_interval=3600)
-    other = DeviceApi(engine, blobs, feed_interval=0)
-    service = AdminService(engine, blobs, on_change=same.service.invalidate)
-    handler = AdminApi(service, admin_token=TOKEN, max_upload_bytes=LIMIT)
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    try:
-        with (
-            ServerThread(handler.handle) as admin_server,
-            ServerThread(same.handle) as same_server,
-            ServerThread(other.handle) as other_server,
-            httpx2.Client(base_url=admin_server.url, headers=headers) as client,
-        ):
-            api = Api(client, blobs, engine, admin_server.url, [])
-            pid = api.pid()
-            dev = api.device(pid, "d")
-            body = {"package_id": api.package(pid), "dev_ids": [dev]}
-            task = client.post("/api/v1/tasks", json=body).json()
-            auth = product_auth(pid, K1)
-            token = _Device(same_server.url, dev, auth).upgrade()
-            device_apis = [
-                (same, _Device(same_server.url, dev, auth)),
-                (other, _Device(other_server.url, dev, auth)),
-            ]
-            for device_api, device in device_apis:
-                assert [device.check(), device.check()] == [(Errno.NO_TASK, None)] * 2
-                cached = device_api.service.check_task_cached(dev, TaskType.FOTA, "1.0.0")
-                assert cached == (Errno.NO_TASK, None)
-                assert device.e6(token) == DownloadError.INVALID_TOKEN  # §6.6.4: not active
-                assert device_api.service.download_grant_cached(token) is not None
-                assert device.e5(token) == Errno.TASK_FINISHED  # §5.4
-                assert device.e7(token, 201) == Errno.TASK_FINISHED  # §5.5
-            assert _task_rows(api, task["id"]) == (1, 1, 1)
+    # The first device API learns of the delete from on_change alone (its change feed is read
+    # once an hour); the other one, like another worker, from the change feed alone.
+    with _platform(engine, tmp_path, (3600, 0)) as platform:
+        client, api = platform.client, platform.api
+        pid = api.pid()
+        dev = api.device(pid, "d")
+        body = {"package_id": api.package(pid), "dev_ids": [dev]}
+        task = client.post("/api/v1/tasks", json=body).json()
+        auth = product_auth(pid, K1)
+        same, same_url = platform.device_apis[0]
+        token = _Device(same_url, dev, auth).upgrade()
+        device_apis = [(d, _Device(url, dev, auth)) for d, url in platform.device_apis]
+        for device_api, device in device_apis:
+            assert [device.check(), device.check()] == [(Errno.NO_TASK, None)] * 2
+            cached = device_api.service.check_task_cached(dev, TaskType.FOTA, "1.0.0")
+            assert cached == (Errno.NO_TASK, None)
+            assert device.e6(token) == DownloadError.INVALID_TOKEN  # §6.6.4: not active
+            assert device_api.service.download_grant_cached(token) is not None
+            assert device.e5(token) == Errno.TASK_FINISHED  # §5.4
+            assert device.e7(token, 201) == Errno.TASK_FINISHED  # §5.5
+        assert _task_rows(api, task["id"]) == (1, 1, 1)
 
-            assert client.delete(f"/api/v1/tasks/{task['id']}").status_code == 204
+        assert client.delete(f"/api/v1/tasks/{task['id']}").status_code == 204
 
-            assert _task_rows(api, task["id"]) == (0, 0, 0)
-            # on_change: this process's device API dropped what it had cached, before any request.
-            assert same.service.download_grant_cached(token) is None
-            assert same.service.check_task_cached(dev, TaskType.FOTA, "1.0.0") is None
-            for device_api, device in device_apis:
-                assert device.check() == (Errno.NO_TASK, None)  # reads the feed first
-                assert device_api.service.download_grant_cached(token) is None
-                # §5.6: the tokens of a task that is no longer kept are unknown.
-                assert device.e5(token) == Errno.NO_VALID_TOKEN
-                assert device.e7(token, 201) == Errno.AUTH_FAILED
-                assert device.e6(token) == DownloadError.INVALID_TOKEN
-                assert device.check() == (Errno.NO_TASK, None)
-    finally:
-        same.close()
-        other.close()
+        assert _task_rows(api, task["id"]) == (0, 0, 0)
+        # on_change: this process's device API dropped what it had cached, before any request.
+        assert same.service.download_grant_cached(token) is None
+        assert same.service.check_task_cached(dev, TaskType.FOTA, "1.0.0") is None
+        for device_api, device in device_apis:
+            assert device.check() == (Errno.NO_TASK, None)  # reads the feed first
+            assert device_api.service.download_grant_cached(token) is None
+            # §5.6: the tokens of a task that is no longer kept are unknown.
+            assert device.e5(token) == Errno.NO_VALID_TOKEN
+            assert device.e7(token, 201) == Errno.AUTH_FAILED
+            assert device.e6(token) == DownloadError.INVALID_TOKEN
+            assert device.check() == (Errno.NO_TASK, None)
 
 
 def test_device_requests_racing_with_task_deletes(engine: Engine, tmp_path: Path) -> None:
     # Late reports, E5 with old tokens and polls while the task is deleted: the delete never
     # fails, the devices get the finished task's answers or the unknown token's, never a 500.
-    blobs = BlobStore(tmp_path / "packages")
-    device_api = DeviceApi(engine, blobs)
-    service = AdminService(engine, blobs, on_change=device_api.service.invalidate)
-    handler = AdminApi(service, admin_token=TOKEN, max_upload_bytes=LIMIT)
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    try:
-        with (
-            ServerThread(handler.handle) as admin_server,
-            ServerThread(device_api.handle) as device_server,
-            httpx2.Client(base_url=admin_server.url, headers=headers) as client,
-        ):
-            api = Api(client, blobs, engine, admin_server.url, [])
-            pid = api.pid()
-            auth = product_auth(pid, K1)
-            devices = [_Device(device_server.url, api.device(pid, f"d{i}"), auth) for i in range(3)]
-            package_id = api.package(pid)
-            for _ in range(3):
-                body = {"package_id": package_id, "dev_ids": [d.dev_id for d in devices]}
-                task = client.post("/api/v1/tasks", json=body).json()
-                tokens = [device.upgrade() for device in devices]
+    with _platform(engine, tmp_path, (0.1,)) as platform:
+        client, api = platform.client, platform.api
+        pid = api.pid()
+        auth = product_auth(pid, K1)
+        devices = [
+            _Device(platform.device_apis[0][1], api.device(pid, f"d{i}"), auth) for i in range(3)
+        ]
+        package_id = api.package(pid)
+        for _ in range(3):
+            body = {"package_id": package_id, "dev_ids": [d.dev_id for d in devices]}
+            task = client.post("/api/v1/tasks", json=body).json()
+            tokens = [device.upgrade() for device in devices]
 
-                def delete(task_id: int = task["id"]) -> Any:
-                    with httpx2.Client(base_url=api.url, headers=headers) as own:
-                        return own.delete(f"/api/v1/tasks/{task_id}").status_code
+            def delete(task_id: int = task["id"]) -> Any:
+                with httpx2.Client(base_url=api.url, headers=headers) as own:
+                    return own.delete(f"/api/v1/tasks/{task_id}").status_code
 
-                calls: list[Callable[[], Any]] = [delete]
-                for device, token in zip(devices, tokens, strict=True):
-                    calls += [
-                        functools.partial(device.e7, token, 201),
-                        functools.partial(device.e5, token),
-                        device.check,
-                    ]
-                results = _results_together(calls)
-                assert results[0] == 204
-                for i in range(len(devices)):
-                    late_report, old_token, poll = results[1 + 3 * i : 4 + 3 * i]
-                    assert late_report in (Errno.TASK_FINISHED, Errno.AUTH_FAILED)
-                    assert old_token in (Errno.TASK_FINISHED, Errno.NO_VALID_TOKEN)
-                    assert poll == (Errno.NO_TASK, None)
-                assert _task_rows(api, task["id"]) == (0, 0, 0)
-                for device, token in zip(devices, tokens, strict=True):
-                    assert device.e7(token, 201) == Errno.AUTH_FAILED
-            assert api.rows(schema.devices, pid=pid) == 3
-    finally:
-        device_api.close()
+            calls: list[Callable[[], Any]] = [delete]
+            for device, token in zip(devices, tokens, strict=True):
+                calls += [
+                    functools.partial(device.e7, token, 201),
+                    functools.partial(device.e5, token),
+                    device.check,
+                ]
+            results = _results_together(calls)
+            assert results[0] == 204
+            for i in range(len(devices)):
+                late_report, old_token, poll = results[1 + 3 * i : 4 + 3 * i]
+                assert late_report in (Errno.TASK_FINISHED, Errno.AUTH_FAILED)
+                assert old_token in (Errno.TASK_FINISHED, Errno.NO_VALID_TOKEN)
+                assert poll == (Errno.NO_TASK, None)
+            assert _task_rows(api, task["id"]) == (0, 0, 0)
+            for device, token in zip(devices, tokens, strict=True):
+                assert device.e7(token, 201) == Errno.AUTH_FAILED
+        assert api.rows(schema.devices, pid=pid) == 3
 
 
 def _results_together(calls: list[Callable[[], Any]]) -> list[Any]:
