@@ -245,6 +245,12 @@ def admin() -> None:
     """Manage products, devices, packages and upgrade tasks on an onenet-ota server."""
 
 
+def _delete(ctx: _Ctx, path: str, what: str, ident: object) -> None:
+    """DELETE ``path``; on success say which ``what`` went (``--json``: {"deleted": ident})."""
+    ctx.call("DELETE", path)
+    ctx.show({"deleted": ident}, lambda _: click.echo(f"{what} {ident} deleted"))
+
+
 @admin.group()
 def product() -> None:
     """Products: the OneNET product id and access key devices sign with."""
@@ -312,9 +318,7 @@ def product_show(pid: str, server: str, admin_token: str | None, as_json: bool) 
 @_common
 def product_delete(pid: str, server: str, admin_token: str | None, as_json: bool) -> None:
     """Delete a product that has no devices, packages or tasks left."""
-    ctx = _ctx(server, admin_token, as_json)
-    ctx.call("DELETE", f"/products/{_seg(pid)}")
-    ctx.show({"deleted": pid}, lambda _: click.echo(f"product {pid} deleted"))
+    _delete(_ctx(server, admin_token, as_json), f"/products/{_seg(pid)}", "product", pid)
 
 
 def _seg(value: str) -> str:
@@ -458,9 +462,7 @@ def device_show(dev_id: int, server: str, admin_token: str | None, as_json: bool
 @_common
 def device_delete(dev_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
     """Delete a device with its upgrade history; cancel its open tasks first."""
-    ctx = _ctx(server, admin_token, as_json)
-    ctx.call("DELETE", f"/devices/{dev_id}")
-    ctx.show({"deleted": dev_id}, lambda _: click.echo(f"device {dev_id} deleted"))
+    _delete(_ctx(server, admin_token, as_json), f"/devices/{dev_id}", "device", dev_id)
 
 
 @admin.group()
@@ -544,9 +546,7 @@ def package_show(package_id: int, server: str, admin_token: str | None, as_json:
 @_common
 def package_delete(package_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
     """Delete a package that no task uses."""
-    ctx = _ctx(server, admin_token, as_json)
-    ctx.call("DELETE", f"/packages/{package_id}")
-    ctx.show({"deleted": package_id}, lambda _: click.echo(f"package {package_id} deleted"))
+    _delete(_ctx(server, admin_token, as_json), f"/packages/{package_id}", "package", package_id)
 
 
 @admin.group()
@@ -662,9 +662,7 @@ def task_show(
 @_common
 def task_delete(task_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
     """Delete a finished task with its devices' part of it; cancel it first if still open."""
-    ctx = _ctx(server, admin_token, as_json)
-    ctx.call("DELETE", f"/tasks/{task_id}")
-    ctx.show({"deleted": task_id}, lambda _: click.echo(f"task {task_id} deleted"))
+    _delete(_ctx(server, admin_token, as_json), f"/tasks/{task_id}", "task", task_id)
 
 
 def _action_command(verb: str, text: str) -> click.Command:
