@@ -49,7 +49,7 @@ from sqlalchemy import Engine
 
 from onenet_ota.protocol import values
 from onenet_ota.protocol.download import DownloadError
-from onenet_ota.protocol.endpoints import Endpoint, match_path
+from onenet_ota.protocol.endpoints import DOWNLOAD_PREFIX, Endpoint, match_path
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.messages import MAX_JSON_REQUEST_BODY, TaskInfo, encode_envelope
 from onenet_ota.protocol.ranges import parse_range
@@ -166,7 +166,19 @@ class DeviceApi:
         """Answer one request. Never raises for a client's input (only :class:`RequestAborted`,
         which the HTTP layer turns into a 400 or a dropped connection)."""
         self.service.sync()  # what other processes changed (cheap unless due)
-        route = match_path(request.path)
+        path = request.path
+        if path.startswith(DOWNLOAD_PREFIX) and request.method == "GET":
+            # Most requests of a rollout are chunks. Only issued tokens have cached grants, and
+            # an issued token is one plain path segment, so a hit is E6 exactly as match_path
+            # would route it (a trailing slash or /check never finds a grant: they go below).
+            try:
+                cached = self._cached_download(request, path[len(DOWNLOAD_PREFIX) :])
+            except Exception:
+                log.exception("E6 download failed")
+                return wire.download_error(DownloadError.READ_FAILED)  # D6 step 6
+            if cached is not None:
+                return cached
+        route = match_path(path)
         if route is None:
             return wire.empty(404)
         endpoint = route.by_method.get(request.method)
