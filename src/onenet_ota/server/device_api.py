@@ -18,9 +18,9 @@ with what it rests on (:meth:`DeviceService.holds` re-checks that in a few looku
 device of a task fetches the same chunks, so a small E6 reply is built once per (file, range) and
 served while the token's grant is usable and the open file keeps its size (an fstat, a tenth of
 the path lookup). ``bench/server_bench`` on the 2-core development machine, SQLite, 2000 devices,
-64 clients, median of 5: keep-alive check-task 0.78x, check-hot 0.75x, download 0.79x; one
-request per connection 0.90x, 0.90x, 0.87x. Every E3 reading the database (no caches at all):
-0.17x and 0.41x. Shared-machine noise moves these by about 0.1.
+64 clients, median of 5: keep-alive check-task 0.65x, check-hot 0.63x, download 0.60x; one
+request per connection 0.78x, 0.78x, 0.91x. Every E3 reading the database (no caches at all):
+0.14x and 0.37x. Shared-machine noise moves these by 0.1 to 0.15 from run to run.
 
 Database calls are synchronous. ``db_threads=0`` (the default) runs them inline on the event loop;
 ``db_threads=N`` runs them in N worker threads. Inline was faster for both databases here, with
