@@ -19,7 +19,9 @@ Reading "the rows not seen yet" exactly:
   larger one. Each row carries its transaction's id (``pg_current_xact_id()``). Every read first
   takes the snapshot's ``xmin``, the oldest transaction that may still be running: every
   transaction below it has ended, so its rows are final. The next read starts again at that
-  ``xmin`` and skips the rows it has already handled.
+  ``xmin`` and skips the rows it has already handled. A transaction left open for long anywhere
+  in the cluster holds ``xmin`` back, so the window grows; past 5000 rows in it, every read drops
+  everything until that transaction ends (correct, but the caches stop helping meanwhile).
 
 Rows older than ``retention`` seconds (10 minutes) are deleted by the readers now and then. A
 process that has not read for half that long (it served nothing meanwhile) drops everything
