@@ -26,7 +26,8 @@ from onenet_ota.protocol.states import (
     on_action,
 )
 from onenet_ota.protocol.status import ReportKind
-from onenet_ota.server import admin_service, schema
+from onenet_ota.server import changes as change_feed
+from onenet_ota.server import schema
 from onenet_ota.server.admin_service import (
     GENERATED_DEV_ID_MAX,
     AdminService,
@@ -1105,7 +1106,7 @@ def test_an_expired_open_task_does_not_block_its_delete(
 def test_a_task_of_many_devices_is_published_as_everything(
     service: AdminService, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(admin_service, "_PUBLISH_MAX", 2)
+    monkeypatch.setattr(change_feed, "MAX_DEVICES_PER_CHANGE", 2)
     _product(service)
     a, b, c = _devices(service, "123123", "a", "b", "c")
     package_id = _package(service, "123123")

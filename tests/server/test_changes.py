@@ -19,6 +19,7 @@ from sqlalchemy import Engine, Select, func, insert, select
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import Action, TaskState
 from onenet_ota.protocol.status import TaskType
+from onenet_ota.server import changes
 from onenet_ota.server.admin_service import AdminService, KeyRotate
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.changes import EVERYTHING, NOTHING, ChangeFeed, Changes, publish
@@ -186,6 +187,17 @@ def test_postgres_late_commit_is_not_missed(
         transaction.commit()
     assert feed.read() == Changes(dev_ids=frozenset({1}))
     assert feed.read() is NOTHING
+
+
+def test_a_change_of_many_devices_is_published_as_anything(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(changes, "MAX_DEVICES_PER_CHANGE", 2)
+    emit(engine, [1, 2])
+    emit(engine, [3, 4, 5])
+    with engine.connect() as conn:
+        found = conn.execute(select(cache_changes.c.dev_id).order_by(cache_changes.c.id))
+        assert list(found.scalars()) == [1, 2, None]
 
 
 def test_publish_writes_nothing_for_no_devices(engine: Engine) -> None:

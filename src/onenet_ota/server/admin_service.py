@@ -99,9 +99,6 @@ DEFAULT_PAGE = 100
 MAX_IMPORT = 10_000
 _CHUNK = 500  # rows per IN (...) list and per executemany batch
 _CONFLICT_SAMPLE = 20  # how many offending ids an error message lists
-# A change touching more devices than this is published as "anything may have changed": one feed
-# row instead of thousands, which every process would read (changes.py reads 5000 at most).
-_PUBLISH_MAX = 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,6 +552,19 @@ TERMINAL_CODES = [int(s) for s in TaskState if s.is_terminal]
 OPEN_CODES = [int(s) for s in OPEN_STATES]
 
 
+def _delete_finished(conn: Connection, which: Any) -> None:
+    """Delete the finished device tasks matching ``which`` with their download tokens.
+
+    Only finished rows: one that a concurrent request opened meanwhile stays, and its foreign
+    key then fails the caller's delete of the parent row (409), never a half-deleted history.
+    """
+    finished = and_(which, device_tasks.c.state.in_(TERMINAL_CODES))
+    conn.execute(
+        delete(tokens).where(tokens.c.device_task_id.in_(select(device_tasks.c.id).where(finished)))
+    )
+    conn.execute(delete(device_tasks).where(finished))
+
+
 class AdminService:
     """Management operations over ``engine`` and the package store ``blobs``.
 
@@ -902,15 +912,7 @@ class AdminService:
                         for t in open_tasks
                     ],
                 )
-            finished = and_(
-                device_tasks.c.dev_id == dev_id, device_tasks.c.state.in_(TERMINAL_CODES)
-            )
-            conn.execute(
-                delete(tokens).where(
-                    tokens.c.device_task_id.in_(select(device_tasks.c.id).where(finished))
-                )
-            )
-            conn.execute(delete(device_tasks).where(finished))
+            _delete_finished(conn, device_tasks.c.dev_id == dev_id)
             conn.execute(delete(devices).where(devices.c.dev_id == dev_id))
             # The device row, its verified Authorization values and its answers are cached.
             changes.publish(conn, [dev_id], now)
@@ -1400,20 +1402,14 @@ class AdminService:
                     select(device_tasks.c.dev_id)
                     .where(this_task)
                     .order_by(device_tasks.c.dev_id)
-                    .limit(_PUBLISH_MAX + 1)
+                    .limit(changes.MAX_DEVICES_PER_CHANGE + 1)  # beyond it: "anything"
                 ).scalars()
             )
-            finished = and_(this_task, device_tasks.c.state.in_(TERMINAL_CODES))
-            conn.execute(
-                delete(tokens).where(
-                    tokens.c.device_task_id.in_(select(device_tasks.c.id).where(finished))
-                )
-            )
-            conn.execute(delete(device_tasks).where(finished))
+            _delete_finished(conn, this_task)
             conn.execute(delete(tasks).where(tasks.c.id == task_id))
             # T5 above needs no feed row of its own: cached answers and download grants end at
             # the deadline by themselves (device_service.py).
-            changes.publish(conn, affected if len(affected) <= _PUBLISH_MAX else None, now)
+            changes.publish(conn, affected, now)
         self._changed()
 
     # ---------------------------------------------------------------- task actions

@@ -54,13 +54,23 @@ from sqlalchemy import (
 
 from onenet_ota.server.schema import cache_changes
 
-__all__ = ["DEFAULT_INTERVAL", "ChangeFeed", "Changes", "new_origin", "publish"]
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "MAX_DEVICES_PER_CHANGE",
+    "ChangeFeed",
+    "Changes",
+    "new_origin",
+    "publish",
+]
 
 log = logging.getLogger(__name__)
 _c = cache_changes.c
 DEFAULT_INTERVAL: Final = 0.1
 """Seconds between two reads of the feed: how long another process's change may go unseen."""
 _BATCH: Final = 5000  # rows read at once; more than that and everything is dropped instead
+# A change touching more devices than this is published as "anything may have changed": one row
+# instead of thousands, which every process would read.
+MAX_DEVICES_PER_CHANGE: Final = 1000
 _PG_XID: Final[ColumnClause[Any]] = literal_column("pg_current_xact_id()::text::bigint")
 _PG_XMIN: Final[Select[Any]] = select(
     literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint").label("xmin")
@@ -79,13 +89,16 @@ def publish(
     conn: Connection, dev_ids: Iterable[int] | None, now: float, *, origin: int = 0
 ) -> None:
     """Record, inside the caller's transaction, that cached facts about ``dev_ids`` changed
-    (None: about anything). ``origin`` names the writing process (0: unnamed)."""
-    rows: list[dict[str, Any]] = [
-        {"dev_id": dev_id, "created_at": int(now), "origin": origin}
-        for dev_id in (sorted(set(dev_ids)) if dev_ids is not None else [None])
-    ]
-    if not rows:
-        return
+    (None, or more than :data:`MAX_DEVICES_PER_CHANGE` devices: about anything). ``origin``
+    names the writing process (0: unnamed)."""
+    ids: list[int | None] = [None]
+    if dev_ids is not None:
+        ids = [*sorted(set(dev_ids))]
+        if not ids:
+            return
+        if len(ids) > MAX_DEVICES_PER_CHANGE:
+            ids = [None]
+    rows = [{"dev_id": dev_id, "created_at": int(now), "origin": origin} for dev_id in ids]
     statement = insert(cache_changes).values(
         dev_id=bindparam("dev_id"), created_at=bindparam("created_at"), origin=bindparam("origin")
     )
