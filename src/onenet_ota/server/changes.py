@@ -176,11 +176,6 @@ class ChangeFeed:
         self._last_read = now
         self._next_read = now + self._interval
 
-    @property
-    def next_read(self) -> float:
-        """When (monotonic seconds) :meth:`read` is due next."""
-        return self._next_read
-
     def due(self) -> bool:
         """Whether :meth:`read` should run now (``interval`` has passed since the last one)."""
         return self._monotonic() >= self._next_read

@@ -805,7 +805,7 @@ class DeviceService:
         When the feed cannot be read, everything is dropped: what was missed is unknown.
         """
         feed = self._feed
-        if feed is None or time.monotonic() < feed.next_read:
+        if feed is None or not feed.due():
             return
         try:
             found = feed.read()
