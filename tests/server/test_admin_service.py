@@ -622,34 +622,36 @@ def test_bulk_actions_move_each_row_as_on_action_says(
 # ------------------------------------------------------------------------------ deleting
 
 
+def _counts(engine: Engine, queries: dict[str, Any]) -> dict[str, int]:
+    """Each named COUNT query's result."""
+    with engine.connect() as conn:
+        return {name: int(conn.execute(query).scalar_one()) for name, query in queries.items()}
+
+
+def _rows_of(table: Any, where: Any) -> Any:
+    return select(func.count()).select_from(table).where(where)
+
+
+def _history(where: Any) -> dict[str, Any]:
+    """COUNTs of the device tasks matching ``where`` and of their download tokens."""
+    dt, tok = schema.device_tasks, schema.tokens
+    return {
+        "device_tasks": _rows_of(dt, where),
+        "tokens": _rows_of(tok.join(dt, dt.c.id == tok.c.device_task_id), where),
+    }
+
+
 def _dev_rows(engine: Engine, dev_id: int) -> dict[str, int]:
     """What the database holds of one device: its row, device tasks, tokens and feed rows."""
-    dt, tok = schema.device_tasks, schema.tokens
-    with engine.connect() as conn:
-
-        def count(query: Any) -> int:
-            return int(conn.execute(query).scalar_one())
-
-        return {
-            "devices": count(
-                select(func.count())
-                .select_from(schema.devices)
-                .where(schema.devices.c.dev_id == dev_id)
-            ),
-            "device_tasks": count(
-                select(func.count()).select_from(dt).where(dt.c.dev_id == dev_id)
-            ),
-            "tokens": count(
-                select(func.count())
-                .select_from(tok.join(dt, dt.c.id == tok.c.device_task_id))
-                .where(dt.c.dev_id == dev_id)
-            ),
-            "feed": count(
-                select(func.count())
-                .select_from(schema.cache_changes)
-                .where(schema.cache_changes.c.dev_id == dev_id)
-            ),
-        }
+    devices, feed = schema.devices, schema.cache_changes
+    return _counts(
+        engine,
+        {
+            "devices": _rows_of(devices, devices.c.dev_id == dev_id),
+            **_history(schema.device_tasks.c.dev_id == dev_id),
+            "feed": _rows_of(feed, feed.c.dev_id == dev_id),
+        },
+    )
 
 
 def _give_tokens(engine: Engine, dev_id: int, count: int = 2) -> None:
@@ -957,25 +959,14 @@ def test_a_task_opened_while_the_delete_runs_loses_without_leaving_a_row(
 
 def _task_rows(engine: Engine, task_id: int) -> dict[str, int]:
     """What the database holds of one task: its row, its device tasks and their tokens."""
-    dt, tok = schema.device_tasks, schema.tokens
-    with engine.connect() as conn:
-
-        def count(query: Any) -> int:
-            return int(conn.execute(query).scalar_one())
-
-        return {
-            "tasks": count(
-                select(func.count()).select_from(schema.tasks).where(schema.tasks.c.id == task_id)
-            ),
-            "device_tasks": count(
-                select(func.count()).select_from(dt).where(dt.c.task_id == task_id)
-            ),
-            "tokens": count(
-                select(func.count())
-                .select_from(tok.join(dt, dt.c.id == tok.c.device_task_id))
-                .where(dt.c.task_id == task_id)
-            ),
-        }
+    tasks = schema.tasks
+    return _counts(
+        engine,
+        {
+            "tasks": _rows_of(tasks, tasks.c.id == task_id),
+            **_history(schema.device_tasks.c.task_id == task_id),
+        },
+    )
 
 
 def _feed(engine: Engine) -> list[int | None]:
