@@ -186,10 +186,7 @@ class DeviceApi:
             return wire.empty(405, allow=route.allow)
         if endpoint is Endpoint.DOWNLOAD:
             assert route.token is not None
-            try:
-                cached = self._cached_download(request, route.token)
-                if cached is not None:
-                    return cached
+            try:  # a cached chunk was answered above, before routing
                 return await self._download(request, route.token)
             except Exception:
                 log.exception("E6 download failed")
@@ -441,7 +438,7 @@ class DeviceApi:
             if values.TOKEN_RE.fullmatch(token) is None:
                 return wire.download_error(DownloadError.INVALID_TOKEN)
             grant = await self._db(self.service.download_grant, token)
-        if grant is None or self._clock() >= grant.usable_until:
+        if grant is None or not grant.usable(self._clock()):
             return wire.download_error(DownloadError.INVALID_TOKEN)  # step 2
         range_value = _range_value(request.headers)
         try:
@@ -493,7 +490,7 @@ class DeviceApi:
         if request.query_string:
             return None
         grant = self.service.download_grant_cached(token)
-        if grant is None or self._clock() >= grant.usable_until:
+        if grant is None or not grant.usable(self._clock()):
             return None
         key = (grant.sha256, grant.size, grant.file_name, _range_value(request.headers))
         cached = self._chunks.get(key)
