@@ -932,7 +932,9 @@ def test_a_task_opened_while_the_delete_runs_loses_without_leaving_a_row(
 
     event.listen(engine, "after_cursor_execute", pause_the_delete)
     try:
-        deleting = _Outcome(lambda: service.delete_device(dev)).start()
+        # Assigned before the thread starts: the listener finds the thread through it.
+        deleting = _Outcome(lambda: service.delete_device(dev))
+        deleting.start()
         assert paused.wait(60)
         opening = _Outcome(
             lambda: service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev]))
@@ -1198,7 +1200,9 @@ def test_device_requests_during_the_delete_see_the_whole_task_or_nothing(
     paused, release, listener = _pause_after_the_lock(engine, lambda: deleting)
     event.listen(engine, "after_cursor_execute", listener)
     try:
-        deleting = _Outcome(lambda: service.delete_task(task.id)).start()
+        # Assigned before the thread starts: the listener finds the thread through it.
+        deleting = _Outcome(lambda: service.delete_task(task.id))
+        deleting.start()
         assert paused.wait(60)
         # E5 only reads: it never waits, and sees the task as it was (§5.4: finished).
         assert devices_api.check_token(dev, token) == Errno.TASK_FINISHED
@@ -1276,7 +1280,9 @@ def test_an_action_or_a_second_delete_during_the_delete_finds_no_task(
     paused, release, listener = _pause_after_the_lock(engine, lambda: deleting)
     event.listen(engine, "after_cursor_execute", listener)
     try:
-        deleting = _Outcome(lambda: service.delete_task(task.id)).start()
+        # Assigned before the thread starts: the listener finds the thread through it.
+        deleting = _Outcome(lambda: service.delete_task(task.id))
+        deleting.start()
         assert paused.wait(60)
         # PostgreSQL: both wait for the task row the delete has locked (without the lock, the
         # pause would commit now and return the task).
