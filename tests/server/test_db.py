@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -11,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from onenet_ota.server import schema
+from onenet_ota.server import db, schema
 from onenet_ota.server.db import create_engine, migrate, normalize_url
 
 
@@ -91,6 +93,59 @@ def test_concurrent_migrations_are_serialised(db_url: str) -> None:
     finally:
         for eng in engines:
             eng.dispose()
+
+
+def test_many_connections_opening_a_fresh_sqlite_file_at_once_all_get_wal(tmp_path: Path) -> None:
+    # Each new connection switches the file to WAL; when several try at once SQLite reports
+    # "database is locked" without waiting (a lock deadlock, not a busy lock). Seen in CI as a
+    # failing concurrent migration; without the retry this loop fails in about one round in ten.
+    rounds, width = 25, 4
+    errors: list[BaseException] = []
+    modes: list[str] = []
+    for round_no in range(rounds):
+        url = f"sqlite:///{tmp_path}/fresh-{round_no}.db"
+        engines = [create_engine(url, pool_size=1) for _ in range(width)]
+        barrier = threading.Barrier(width)
+
+        def connect(eng: Engine, barrier: threading.Barrier = barrier) -> None:
+            try:
+                barrier.wait()
+                with eng.connect() as conn:
+                    modes.append(conn.exec_driver_sql("PRAGMA journal_mode").scalar_one())
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=connect, args=(eng,)) for eng in engines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for eng in engines:
+            eng.dispose()
+    assert errors == []
+    assert modes == ["wal"] * rounds * width
+
+
+def test_wal_switch_gives_up_on_other_errors_and_after_the_busy_timeout() -> None:
+    class Cursor:
+        def __init__(self, message: str) -> None:
+            self.message = message
+            self.calls = 0
+
+        def execute(self, _sql: str) -> Cursor:
+            self.calls += 1
+            raise sqlite3.OperationalError(self.message)
+
+    other = Cursor("disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        db._enable_wal(other)  # type: ignore[arg-type]
+    assert other.calls == 1
+
+    clock = iter([0.0, 1.0, 5.0, 11.0])
+    locked = Cursor("database is locked")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        db._enable_wal(locked, clock=lambda: next(clock), sleep=lambda _s: None)  # type: ignore[arg-type]
+    assert locked.calls == 3  # at 1 s, 5 s and 11 s; the deadline was 10 s
 
 
 def test_one_open_device_task_per_device_and_type(engine: Engine) -> None:

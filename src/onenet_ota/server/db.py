@@ -6,6 +6,8 @@ SQLAlchemy Core with prebuilt statements; no ORM on the hot paths (style.md's me
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,44 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+_BUSY_TIMEOUT_MS = 10_000
+_WAL_RETRY_SLEEP = 0.005
+
+
 def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        _enable_wal(cursor)
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _enable_wal(
+    cursor: sqlite3.Cursor,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Switch the database to WAL, retrying while another connection holds it locked.
+
+    Switching a new database to WAL needs its exclusive lock. When several connections try at
+    once (``serve --workers N`` starting on a fresh file), each holds a shared lock while it
+    waits for the exclusive one; SQLite detects the deadlock and answers "database is locked"
+    at once, without calling the busy handler. So the busy timeout does not cover this step,
+    and the retry here does, within the same time limit.
+    """
+    deadline = clock() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL").fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or clock() >= deadline:
+                raise
+        sleep(_WAL_RETRY_SLEEP)
 
 
 def create_engine(url: str, *, pool_size: int = 8) -> Engine:
