@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from sqlalchemy import Engine, Table, event, func, insert, select, text, update
+from sqlalchemy import Engine, Table, delete, event, func, insert, select, text, update
+from sqlalchemy.exc import OperationalError
 
 from onenet_ota.protocol import values
 from onenet_ota.protocol.errno import Errno
@@ -366,6 +368,23 @@ def test_empty_or_orphan_upload_leaves_nothing(service: AdminService, engine: En
     with pytest.raises(Invalid, match="does not exist"):
         service.create_package(spec.model_copy(update={"pid": "404"}), orphan)
     assert not service.blobs.exists(orphan.sha256)
+    assert _count(engine, schema.packages) == 0
+
+
+def test_an_upload_the_database_failed_to_record_leaves_no_file(
+    service: AdminService, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _product(service)
+    spec = PackageCreate(pid="123123", module_type=1, target="1", file_name="f")
+    blob = service.blobs.put_bytes(b"data")
+
+    def database_down(*_args: object) -> None:
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(service, "_record_package", database_down)
+    with pytest.raises(OperationalError):
+        service.create_package(spec, blob)
+    assert not service.blobs.exists(blob.sha256)
     assert _count(engine, schema.packages) == 0
 
 
@@ -949,11 +968,69 @@ def test_a_task_opened_while_the_delete_runs_loses_without_leaving_a_row(
     assert deleting.error is None
     # PostgreSQL: the task's insert waited for the device row and then broke its foreign key.
     # SQLite: the task's transaction started after the delete's and found no device.
-    expected = Conflict if engine.dialect.name == "postgresql" else Invalid
-    assert isinstance(opening.error, expected), opening.error
+    if engine.dialect.name == "postgresql":
+        assert isinstance(opening.error, Conflict), opening.error
+        assert opening.error.message == "the package or a targeted device was deleted meanwhile"
+    else:
+        assert isinstance(opening.error, Invalid), opening.error
     assert _dev_rows(engine, dev)["devices"] == 0
     assert _count(engine, schema.device_tasks) == 0
     assert _count(engine, schema.tasks) == 0
+
+
+@pytest.mark.parametrize(  # SQLite serialises write transactions: they cannot deadlock
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_deadlocked_delete_runs_again_and_succeeds(
+    service: AdminService, engine: Engine, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="onenet_ota.server.admin_service")
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    package_id = _package(service, "123123")
+    service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev], deadline=NOW + 10))
+    clock.now += 10  # the delete's T5 step will lock the expired device task first
+    with engine.connect() as other:
+        # This session detects deadlocks only much later, so PostgreSQL's detector runs in the
+        # delete's session and aborts the delete's transaction, never this one.
+        other.execute(text("SET deadlock_timeout = '60s'"))
+        other.execute(
+            select(schema.devices.c.dev_id).where(schema.devices.c.dev_id == dev).with_for_update()
+        )
+        deleting = _Outcome(lambda: service.delete_device(dev)).start()
+        _wait_until_blocked(engine, deleting.thread)  # holds the device task, wants the device
+        # The opposite order: a deadlock, which the delete loses and then runs again.
+        other.execute(
+            update(schema.device_tasks)
+            .where(schema.device_tasks.c.dev_id == dev)
+            .values(updated_at=NOW + 5)
+        )
+        other.commit()
+    deleting.join()
+    assert deleting.error is None, deleting.error
+    rows = _dev_rows(engine, dev)
+    assert (rows["devices"], rows["device_tasks"]) == (0, 0)
+    assert "delete_device: transaction aborted by the database (40P01)" in caplog.text
+
+
+def test_a_device_import_racing_its_products_delete_says_the_product_went(
+    service: AdminService, engine: Engine
+) -> None:
+    _product(service)
+    with engine.begin() as conn:  # delete_product's write, held uncommitted while the import runs
+        conn.execute(delete(schema.products).where(schema.products.c.pid == "123123"))
+        importing = _Outcome(
+            lambda: service.create_device(DeviceCreate(pid="123123", name="d"))
+        ).start()
+        _wait_until_blocked(engine, importing.thread)
+    importing.join()
+    if engine.dialect.name == "postgresql":
+        # The import saw the product, then its insert waited for the row and broke its key.
+        assert isinstance(importing.error, Conflict), importing.error
+        assert importing.error.message == "product 123123 was deleted meanwhile"
+    else:  # the import's transaction began after the delete's commit
+        assert isinstance(importing.error, Invalid), importing.error
+    assert _count(engine, schema.devices) == 0
 
 
 # ------------------------------------------------------------------------------ deleting tasks

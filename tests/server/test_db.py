@@ -148,6 +148,19 @@ def test_wal_switch_gives_up_on_other_errors_and_after_the_busy_timeout() -> Non
     assert locked.calls == 3  # at 1 s, 5 s and 11 s; the deadline was 10 s
 
 
+def test_integrity_errors_tell_a_missing_reference_from_a_duplicate(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(schema.products).values(pid="1", access_key="k", created_at=0))
+    device = {"dev_id": 7, "name": "d", "auth_info": "d", "created_at": 0}
+    with pytest.raises(IntegrityError) as missing, engine.begin() as conn:
+        conn.execute(insert(schema.devices).values(pid="2", **device))
+    assert db.is_foreign_key_violation(missing.value)
+    with pytest.raises(IntegrityError) as duplicate, engine.begin() as conn:
+        conn.execute(insert(schema.products).values(pid="1", access_key="k", created_at=0))
+    assert not db.is_foreign_key_violation(duplicate.value)
+    assert not db.is_transient(duplicate.value)
+
+
 def test_one_open_device_task_per_device_and_type(engine: Engine) -> None:
     # D23 is enforced by the migrated partial unique index, not only by schema.py.
     with engine.begin() as conn:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -29,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from sqlalchemy import (
@@ -46,7 +47,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from onenet_ota.protocol import values
 from onenet_ota.protocol.states import (
@@ -59,6 +60,7 @@ from onenet_ota.protocol.states import (
 from onenet_ota.protocol.status import PackageKind, TaskType
 from onenet_ota.server import changes
 from onenet_ota.server.blobs import BlobStore, StoredBlob
+from onenet_ota.server.db import is_foreign_key_violation, is_transient, sqlstate
 from onenet_ota.server.device_service import ConcurrentChange, apply_action, expire_deadlines
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
 
@@ -99,6 +101,7 @@ DEFAULT_PAGE = 100
 MAX_IMPORT = 10_000
 _CHUNK = 500  # rows per IN (...) list and per executemany batch
 _CONFLICT_SAMPLE = 20  # how many offending ids an error message lists
+_MAX_ATTEMPTS = 5  # runs of a management call whose transaction the database aborted
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +435,7 @@ class TaskDetail(Task):
 
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,6 +569,28 @@ def _delete_finished(conn: Connection, which: Any) -> None:
     conn.execute(delete(device_tasks).where(finished))
 
 
+def _retried(method: Callable[P, T]) -> Callable[P, T]:
+    """Run a management call again when PostgreSQL aborted its transaction to break a deadlock
+    or a serialisation conflict. Such a transaction was rolled back whole, so running it again
+    is safe. Only for calls whose every effect is inside the transaction or undone when it
+    fails; the device paths do the same (device_service.py).
+    """
+
+    @functools.wraps(method)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            try:
+                return method(*args, **kwargs)
+            except DBAPIError as exc:
+                if attempt == _MAX_ATTEMPTS or not is_transient(exc):
+                    raise
+                log.info("%s: transaction aborted by the database (%s); running it again",
+                         method.__name__, sqlstate(exc))  # fmt: skip
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return run
+
+
 class AdminService:
     """Management operations over ``engine`` and the package store ``blobs``.
 
@@ -593,16 +619,22 @@ class AdminService:
             self._on_change()
 
     @contextlib.contextmanager
-    def _tx(self, conflict: str) -> Iterator[Connection]:
-        """One transaction; a unique-constraint race (concurrent duplicates) becomes 409."""
+    def _tx(self, conflict: str, *, missing: str | None = None) -> Iterator[Connection]:
+        """One transaction. A constraint that a concurrent request broke becomes 409: a
+        duplicate says ``conflict``; a row referred to that was deleted meanwhile says
+        ``missing`` (by default ``conflict`` too: for a delete, the reference *is* the
+        conflict)."""
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except IntegrityError:
+        except IntegrityError as exc:
+            if missing is not None and is_foreign_key_violation(exc):
+                raise Conflict(missing) from None
             raise Conflict(conflict) from None
 
     # ---------------------------------------------------------------- products
 
+    @_retried
     def create_product(self, spec: ProductCreate) -> Product:
         """Create a product, generating the pid and/or the access key when not given."""
         access_key = spec.access_key or generate_access_key()
@@ -633,6 +665,7 @@ class AdminService:
         row = conn.execute(select(products.c.pid).where(products.c.pid == pid)).first()
         return row is not None
 
+    @_retried
     def rotate_product_key(self, pid: str, spec: KeyRotate) -> Product:
         """Replace a product's access key. Devices must then sign with the new key (§3.4)."""
         key = spec.access_key or generate_access_key()
@@ -678,6 +711,7 @@ class AdminService:
         items = [Product(pid=r.pid, name=r.name, created_at=r.created_at) for r in rows[:size]]
         return Page(items, items[-1].pid if len(rows) > size else None)
 
+    @_retried
     def delete_product(self, pid: str) -> None:
         """Delete a product that has no devices, packages or tasks left (409 names what is left).
 
@@ -719,6 +753,7 @@ class AdminService:
         )
         return page[0]
 
+    @_retried
     def import_devices(self, spec: DeviceImport) -> list[Device]:
         """Create every device in ``spec`` or none: duplicates are reported, nothing is written."""
         names = [item.name for item in spec.devices]
@@ -730,7 +765,10 @@ class AdminService:
         if repeated_ids:
             raise Invalid(f"dev_ids repeated in the request: {_sample(repeated_ids)}")
         now = self._now()
-        with self._tx("a device with this name or dev_id already exists") as conn:
+        with self._tx(
+            "a device with this name or dev_id already exists",
+            missing=f"product {spec.pid} was deleted meanwhile",
+        ) as conn:
             if not self._product_exists(conn, spec.pid):
                 raise Invalid(f"product {spec.pid} does not exist")
             taken_names: set[str] = set()
@@ -871,6 +909,7 @@ class AdminService:
             ],
         )
 
+    @_retried
     def delete_device(self, dev_id: int) -> None:
         """Delete a device with its finished upgrade history (device tasks) and their download
         tokens, all in one transaction. 409 while the device has an open task: cancel it first.
@@ -923,8 +962,8 @@ class AdminService:
     def create_package(self, spec: PackageCreate, blob: StoredBlob) -> Package:
         """Record a package whose file was stored as ``blob``.
 
-        The caller stored the file first (content-addressed, atomically). If recording fails,
-        the file is removed again unless another package shares it.
+        The caller stored the file first (content-addressed, atomically). If recording fails
+        for any reason, the file is removed again unless another package shares it.
         """
         if blob.size < 1:
             # D9: clamping is undefined for an empty file.
@@ -934,37 +973,49 @@ class AdminService:
             # §4.5: the C SDK reads size as a C int.
             self.discard_blob_if_unused(blob.sha256)
             raise Invalid(f"the package file is larger than {values.PACKAGE_SIZE_MAX} bytes")
-        now = self._now()
         try:
-            with self._tx("concurrent change") as conn:
-                self._lock_blobs(conn)
-                if not self._product_exists(conn, spec.pid):
-                    raise Invalid(f"product {spec.pid} does not exist")
-                if not self.blobs.exists(blob.sha256):
-                    # A concurrent delete of a package with the same content removed the file
-                    # after it was written; the upload must be sent again.
-                    raise Conflict("the uploaded file was removed by a concurrent delete; retry")
-                row = conn.execute(
-                    insert(packages)
-                    .values(
-                        pid=spec.pid,
-                        module_type=spec.module_type,
-                        kind=spec.kind,
-                        from_version=spec.from_version,
-                        target=spec.target,
-                        manuf=spec.manuf,
-                        model=spec.model,
-                        file_name=spec.file_name,
-                        size=blob.size,
-                        md5=blob.md5,
-                        sha256=blob.sha256,
-                        created_at=now,
-                    )
-                    .returning(packages.c.id)
-                ).one()
+            return self._record_package(spec, blob)
         except AdminError:
             self.discard_blob_if_unused(blob.sha256)
             raise
+        except Exception:
+            # The database failed (it is what failed, so removing may fail too): an orphaned
+            # file is the lesser harm, and the next upload of the same content reuses it.
+            with contextlib.suppress(DBAPIError):
+                self.discard_blob_if_unused(blob.sha256)
+            raise
+
+    @_retried
+    def _record_package(self, spec: PackageCreate, blob: StoredBlob) -> Package:
+        now = self._now()
+        with self._tx(
+            "concurrent change", missing=f"product {spec.pid} was deleted meanwhile"
+        ) as conn:
+            self._lock_blobs(conn)
+            if not self._product_exists(conn, spec.pid):
+                raise Invalid(f"product {spec.pid} does not exist")
+            if not self.blobs.exists(blob.sha256):
+                # A concurrent delete of a package with the same content removed the file
+                # after it was written; the upload must be sent again.
+                raise Conflict("the uploaded file was removed by a concurrent delete; retry")
+            row = conn.execute(
+                insert(packages)
+                .values(
+                    pid=spec.pid,
+                    module_type=spec.module_type,
+                    kind=spec.kind,
+                    from_version=spec.from_version,
+                    target=spec.target,
+                    manuf=spec.manuf,
+                    model=spec.model,
+                    file_name=spec.file_name,
+                    size=blob.size,
+                    md5=blob.md5,
+                    sha256=blob.sha256,
+                    created_at=now,
+                )
+                .returning(packages.c.id)
+            ).one()
         return Package(
             id=row.id,
             **spec.model_dump(),
@@ -982,6 +1033,7 @@ class AdminService:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": 0x626C6F6273})
 
+    @_retried
     def discard_blob_if_unused(self, sha256: str) -> None:
         """Remove the stored file ``sha256`` if no package refers to it."""
         with self.engine.begin() as conn:
@@ -1027,6 +1079,7 @@ class AdminService:
         items = [Package(**row._mapping) for row in rows[:size]]
         return Page(items, str(items[-1].id) if len(rows) > size else None)
 
+    @_retried
     def delete_package(self, package_id: int) -> None:
         """Delete a package that no task uses, and its file unless another package shares it.
 
@@ -1070,6 +1123,7 @@ class AdminService:
 
     # ---------------------------------------------------------------- tasks
 
+    @_retried
     def create_task(self, spec: TaskCreate) -> CreatedTask:
         """Create a task and a to-be-upgraded device task per targeted device (T1)."""
         now = self._now()
@@ -1077,7 +1131,8 @@ class AdminService:
         if spec.deadline is not None and spec.deadline <= max(start_time, now):
             raise Invalid("deadline must be later than the start time and than now")
         with self._tx(
-            "a targeted device got another open task of this type at the same time; retry"
+            "a targeted device got another open task of this type at the same time; retry",
+            missing="the package or a targeted device was deleted meanwhile",
         ) as conn:
             # Deadlines first (T5): a device whose open task has expired is not busy any more.
             expire_deadlines(conn, now)
@@ -1340,6 +1395,7 @@ class AdminService:
         items = [self._task_model(r, counts[r.id]) for r in rows[:size]]
         return Page(items, str(items[-1].id) if len(rows) > size else None)
 
+    @_retried
     def delete_task(self, task_id: int) -> None:
         """Delete a finished task: its device tasks (the devices' history of it), their download
         tokens and the task row, all in one transaction. The package stays; once no task uses
@@ -1414,6 +1470,7 @@ class AdminService:
 
     # ---------------------------------------------------------------- task actions
 
+    @_retried
     def act_on_task(self, task_id: int, action: Action) -> TaskActionResult:
         """Pause, resume or cancel every device task of a task where the state table allows it
         (T2, T3, T4). Device tasks where it does not (an upgrading device cannot be paused, a
@@ -1439,6 +1496,7 @@ class AdminService:
         self._changed()
         return TaskActionResult(**task.model_dump(), changed=changed)
 
+    @_retried
     def act_on_device_task(self, task_id: int, dev_id: int, action: Action) -> DeviceTaskView:
         """Pause, resume or cancel one device's part of a task; 409 where the table forbids."""
         if action not in _STATUS_AFTER:

@@ -9,11 +9,12 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy import create_engine as _sa_create_engine
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from onenet_ota.server.schema import metadata
 
@@ -97,6 +98,32 @@ def _disable_pysqlite_begin(dbapi_conn: sqlite3.Connection, _record: Any) -> Non
 
 def _begin_immediate(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# PostgreSQL's serialization_failure and deadlock_detected: the server rolled the transaction
+# back, so nothing of it happened and running it again is safe.
+_TRANSIENT_SQLSTATES: Final = frozenset({"40001", "40P01"})
+_FOREIGN_KEY_SQLSTATE: Final = "23503"
+
+
+def sqlstate(exc: DBAPIError) -> str | None:
+    """The SQLSTATE of a PostgreSQL error (psycopg), or None (SQLite has none)."""
+    state = getattr(exc.orig, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """Whether the database aborted the transaction only to break a deadlock or a
+    serialisation conflict, so that running it again is safe and may well succeed."""
+    return sqlstate(exc) in _TRANSIENT_SQLSTATES
+
+
+def is_foreign_key_violation(exc: IntegrityError) -> bool:
+    """Whether a row referred to was missing (deleted meanwhile), as opposed to a duplicate."""
+    if sqlstate(exc) == _FOREIGN_KEY_SQLSTATE:
+        return True
+    # sqlite3 has no SQLSTATE; its message for this case is fixed.
+    return "FOREIGN KEY constraint failed" in str(exc.orig)
 
 
 def create_schema(engine: Engine) -> None:

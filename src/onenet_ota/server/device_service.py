@@ -88,6 +88,7 @@ from onenet_ota.protocol.states import (
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
 from onenet_ota.server import changes
+from onenet_ota.server.db import is_transient
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
 
 __all__ = [
@@ -112,8 +113,6 @@ V = TypeVar("V")
 
 _ALPHANUMERIC: Final = string.ascii_letters + string.digits
 _MAX_ATTEMPTS: Final = 8
-# PostgreSQL serialization_failure and deadlock_detected: the transaction is safe to run again.
-_RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01"})
 # last_seen_at is informational; E3 polls refresh it at most this often, so a poll with an
 # unchanged version stays a read-only transaction.
 _LAST_SEEN_RESOLUTION_S: Final = 60
@@ -747,7 +746,7 @@ class DeviceService:
                 if attempt == _MAX_ATTEMPTS:
                     raise
             except DBAPIError as exc:
-                if attempt == _MAX_ATTEMPTS or _sqlstate(exc) not in _RETRYABLE_SQLSTATES:
+                if attempt == _MAX_ATTEMPTS or not is_transient(exc):
                     raise
             finally:
                 if tx is not None:
@@ -1332,8 +1331,3 @@ def _task_info(row: _Row, token: str) -> TaskInfo:
         interval=row.interval,
         kind=PackageKind(row.kind),
     )
-
-
-def _sqlstate(exc: DBAPIError) -> str | None:
-    state = getattr(exc.orig, "sqlstate", None)
-    return state if isinstance(state, str) else None
