@@ -6,6 +6,7 @@ feed is what makes one see the others' changes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,9 @@ from typing import Any
 
 import httpx2
 import pytest
-from sqlalchemy import Engine, Select, func, insert, select
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, Select, func, insert, literal_column, select
 
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import Action, TaskState
@@ -187,6 +190,138 @@ def test_postgres_late_commit_is_not_missed(
         transaction.commit()
     assert feed.read() == Changes(dev_ids=frozenset({1}))
     assert feed.read() is NOTHING
+
+
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_postgres_a_long_open_transaction_does_not_widen_the_reads(
+    engine: Engine, make_feed: Callable[..., ChangeFeed]
+) -> None:
+    """Each read costs what changed since the last one, even while a transaction that started
+    long ago (an operator's idle psql session, a bulk import) holds the cluster's xmin back."""
+    feed = make_feed(batch=10)
+    feed.read()
+    with engine.connect() as idle:
+        idle.begin()
+        idle.execute(select(literal_column("pg_current_xact_id()")))  # it now holds an xid
+        for round_no in range(4):  # 32 rows in all, more than a batch, at most 8 per read
+            first = 100 * round_no
+            emit(engine, list(range(first, first + 8)))
+            assert feed.read() == Changes(dev_ids=frozenset(range(first, first + 8)))
+        publish(idle, [7], T0, origin=2)
+        assert feed.read() is NOTHING  # not committed yet
+        idle.commit()
+    assert feed.read() == Changes(dev_ids=frozenset({7}))
+    assert feed.read() is NOTHING
+
+
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_postgres_a_commit_between_the_snapshot_and_the_rows_is_reported_once(
+    engine: Engine, ticks: Ticks
+) -> None:
+    commit_now: list[Callable[[], None]] = []
+    plain = core_reader(engine)
+
+    def reader(statement: Select[Any]) -> Callable[..., list[Any]]:
+        run = plain(statement)
+        if "pg_current_snapshot" not in str(statement):
+            return run
+
+        def snapshot_then_commit(**params: Any) -> list[Any]:
+            found = run(**params)
+            while commit_now:
+                commit_now.pop()()
+            return found
+
+        return snapshot_then_commit
+
+    feed = ChangeFeed(engine, reader, origin=1, interval=0, monotonic=ticks)
+    feed.read()
+    with engine.connect() as slow:
+        transaction = slow.begin()
+        publish(slow, [3], T0, origin=2)
+        commit_now.append(transaction.commit)  # after this read's snapshot, before its rows
+        assert feed.read() == Changes(dev_ids=frozenset({3}))
+    # The next read asks again for the transactions that snapshot showed running: found again,
+    # and skipped, since the previous read reported it.
+    assert feed.read() is NOTHING
+    emit(engine, [4])
+    assert feed.read() == Changes(dev_ids=frozenset({4}))
+
+
+class _Writer:
+    """One session of the interleaving test: at most one open transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.conn = engine.connect()
+        self.pending: list[int] = []
+
+    def publish(self, dev_id: int) -> None:
+        if not self.conn.in_transaction():
+            self.conn.begin()
+        publish(self.conn, [dev_id], T0, origin=2)
+        self.pending.append(dev_id)
+
+    def end(self, commit: bool) -> list[int]:
+        done, self.pending = self.pending, []
+        if self.conn.in_transaction():
+            if commit:
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+        return done if commit else []
+
+
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("publish"), st.integers(0, 2)),
+            st.tuples(st.just("commit"), st.integers(0, 2)),
+            st.tuples(st.just("rollback"), st.integers(0, 2)),
+            st.tuples(st.just("read"), st.just(0)),
+        ),
+        max_size=30,
+    )
+)
+def test_postgres_every_committed_change_is_read_exactly_once(
+    engine: Engine, ticks: Ticks, steps: list[tuple[str, int]]
+) -> None:
+    """Any interleaving of three sessions' transactions and the reads: each committed row is
+    reported by exactly one read, no later than the first read after its commit; rolled-back
+    rows never are."""
+    feed = ChangeFeed(engine, core_reader(engine), origin=1, interval=0, monotonic=ticks)
+    feed.read()
+    writers = [_Writer(engine) for _ in range(3)]
+    committed: set[int] = set()
+    reported: list[int] = []
+    next_id = itertools.count(1)
+    try:
+        for action, who in [*steps, ("commit", 0), ("commit", 1), ("commit", 2), ("read", 0)]:
+            writer = writers[who]
+            if action == "publish":
+                writer.publish(next(next_id))
+            elif action in ("commit", "rollback"):
+                committed.update(writer.end(action == "commit"))
+            else:
+                found = feed.read()
+                assert not found.everything
+                reported.extend(found.dev_ids)
+                assert set(reported) == committed  # nothing committed is still unreported
+    finally:
+        for writer in writers:
+            writer.conn.close()
+    assert sorted(reported) == sorted(committed)  # and nothing twice
 
 
 def test_a_change_of_many_devices_is_published_as_anything(

@@ -16,12 +16,15 @@ Reading "the rows not seen yet" exactly:
   is exact, and a gap before the first new row can only be rows pruned before this process read
   them, so it drops everything.
 - PostgreSQL: ids come from a sequence before commit, so a smaller id may become visible after a
-  larger one. Each row carries its transaction's id (``pg_current_xact_id()``). Every read first
-  takes the snapshot's ``xmin``, the oldest transaction that may still be running: every
-  transaction below it has ended, so its rows are final. The next read starts again at that
-  ``xmin`` and skips the rows it has already handled. A transaction left open for long anywhere
-  in the cluster holds ``xmin`` back, so the window grows; past 5000 rows in it, every read drops
-  everything until that transaction ends (correct, but the caches stop helping meanwhile).
+  larger one; ids cannot say what is new. Each row carries its transaction's id
+  (``pg_current_xact_id()``) instead. Every read first takes a snapshot (``pg_current_snapshot()``:
+  ``xmax``, the first transaction id not yet handed out, and ``xip``, the ids of the transactions
+  running), then reads the rows. A row that becomes visible after one read was written by a
+  transaction that had not committed at that read's snapshot: one listed in ``xip``, or one that
+  got its id later (``>= xmax``). So the next read asks for exactly those rows, and skips the
+  few of them that the previous read already found (they committed between its snapshot and its
+  rows). Each read thus costs what changed since the previous one, whatever else runs: a
+  transaction left open for hours elsewhere in the cluster adds only the rows it wrote itself.
 
 Rows older than ``retention`` seconds (10 minutes) are deleted by the readers now and then. A
 process that has not read for half that long (it served nothing meanwhile) drops everything
@@ -40,14 +43,19 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import (
+    ARRAY,
+    BigInteger,
     ColumnClause,
     Connection,
     Engine,
     Select,
+    any_,
     bindparam,
+    cast,
     delete,
     insert,
     literal_column,
+    or_,
     select,
     text,
 )
@@ -72,8 +80,8 @@ _BATCH: Final = 5000  # rows read at once; more than that and everything is drop
 # instead of thousands, which every process would read.
 MAX_DEVICES_PER_CHANGE: Final = 1000
 _PG_XID: Final[ColumnClause[Any]] = literal_column("pg_current_xact_id()::text::bigint")
-_PG_XMIN: Final[Select[Any]] = select(
-    literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint").label("xmin")
+_PG_SNAPSHOT: Final[Select[Any]] = select(
+    literal_column("pg_current_snapshot()::text").label("snapshot")
 )
 
 Reader = Callable[[Select[Any]], Callable[..., list[Any]]]
@@ -122,6 +130,21 @@ NOTHING: Final = Changes()
 EVERYTHING: Final = Changes(everything=True)
 
 
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """What ``pg_current_snapshot()`` says: ids from ``xmax`` on were not handed out yet, and
+    ``xip`` lists the transactions then running."""
+
+    xmax: int
+    xip: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, text_: str) -> _Snapshot:
+        # "xmin:xmax:xip,xip,..." (PostgreSQL's pg_snapshot text form; xip may be empty).
+        _xmin, xmax, xip = text_.split(":")
+        return cls(int(xmax), tuple(int(x) for x in xip.split(",") if x))
+
+
 class ChangeFeed:
     """Reads ``cache_changes`` for one process (see the module docstring). Not thread-safe: one
     caller at a time (the device API calls it from its event loop).
@@ -138,6 +161,7 @@ class ChangeFeed:
         origin: int,
         interval: float = DEFAULT_INTERVAL,
         retention: float = 600.0,
+        batch: int = _BATCH,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -148,10 +172,13 @@ class ChangeFeed:
         self._retention = retention
         self._clock = clock
         self._monotonic = monotonic
+        self._batch = batch
         columns = (_c.id, _c.dev_id, _c.xid, _c.origin)
         if self._postgres:
-            self._read_xmin = reader(_PG_XMIN)
-            by = _c.xid >= bindparam("since")
+            self._read_snapshot = reader(_PG_SNAPSHOT)
+            # An array parameter, not IN (...): readers compile their statement once.
+            xip = cast(bindparam("xip"), ARRAY(BigInteger))
+            by = or_(_c.xid >= bindparam("xmax"), _c.xid == any_(xip))
         else:
             # AUTOINCREMENT's counter, not max(id): the table may have been pruned empty.
             self._read_last = reader(
@@ -160,9 +187,10 @@ class ChangeFeed:
                 .where(literal_column("name") == cache_changes.name)
             )
             by = _c.id > bindparam("since")
-        self._read_rows = reader(select(*columns).where(by).order_by(_c.id).limit(_BATCH + 1))
-        self._since: int | None = None  # SQLite: the last id read; PostgreSQL: the next xmin
-        self._seen: dict[int, int] = {}  # PostgreSQL: id -> xid of rows handled at >= _since
+        self._read_rows = reader(select(*columns).where(by).order_by(_c.id).limit(batch + 1))
+        self._since: int | None = None  # SQLite: the last id read
+        self._snapshot: _Snapshot | None = None  # PostgreSQL: the last read's snapshot
+        self._seen: frozenset[int] = frozenset()  # PostgreSQL: ids the last read found
         self._next_read = 0.0
         self._last_read = monotonic()
         self._next_prune = monotonic() + retention / 10
@@ -170,8 +198,11 @@ class ChangeFeed:
     def start(self) -> None:
         """Note where the feed is now: rows from before are not reported (call it before the
         caches are first filled)."""
-        self._since = self._position()
-        self._seen.clear()
+        if self._postgres:
+            self._snapshot = self._take_snapshot()
+        else:
+            self._since = self._last_id()
+        self._seen = frozenset()
         now = self._monotonic()
         self._last_read = now
         self._next_read = now + self._interval
@@ -186,7 +217,7 @@ class ChangeFeed:
         now = self._monotonic()
         self._next_read = now + self._interval
         stale = now - self._last_read > self._retention / 2
-        if self._since is None or stale:
+        if (self._snapshot if self._postgres else self._since) is None or stale:
             self.start()
             return EVERYTHING
         changes = self._read_postgres() if self._postgres else self._read_sqlite()
@@ -198,11 +229,12 @@ class ChangeFeed:
             threading.Thread(target=self._prune, name="onenet-ota-prune", daemon=True).start()
         return changes
 
-    def _position(self) -> int:
-        if self._postgres:
-            return int(self._read_xmin()[0].xmin)
+    def _last_id(self) -> int:
         rows = self._read_last()
         return int(rows[0].last) if rows else 0
+
+    def _take_snapshot(self) -> _Snapshot:
+        return _Snapshot.parse(self._read_snapshot()[0].snapshot)
 
     def _read_sqlite(self) -> Changes:
         since = self._since
@@ -211,33 +243,26 @@ class ChangeFeed:
         if not rows:
             return NOTHING
         gap = rows[0].id != since + 1  # rows pruned before this process read them
-        if len(rows) > _BATCH or gap:
+        if len(rows) > self._batch or gap:
             self.start()
             return EVERYTHING
         self._since = rows[-1].id
         return self._collect(rows)
 
     def _read_postgres(self) -> Changes:
-        since = self._since
-        assert since is not None
-        # xmin first: every transaction below it has ended before the rows are read (a later
-        # statement, hence a later snapshot), so the next read may start there.
-        xmin = int(self._read_xmin()[0].xmin)
-        rows = self._read_rows(since=since)
-        if len(rows) > _BATCH:
-            self._since = xmin
-            self._seen.clear()
+        last = self._snapshot
+        assert last is not None
+        # The snapshot first, in a statement of its own: every transaction it does not show
+        # running has ended before the rows below are read (a later statement, a later
+        # snapshot), so the next read need not look at those transactions again.
+        snapshot = self._take_snapshot()
+        rows = self._read_rows(xmax=last.xmax, xip=list(last.xip))
+        self._snapshot = snapshot
+        if len(rows) > self._batch:
+            self._seen = frozenset()
             return EVERYTHING
-        seen = self._seen
-        fresh = [row for row in rows if row.id not in seen]
-        for row in fresh:
-            seen[row.id] = row.xid
-        self._since = xmin
-        if len(seen) > _BATCH:
-            self._seen = {i: x for i, x in seen.items() if x >= xmin}
-        else:
-            for row_id in [i for i, x in seen.items() if x < xmin]:
-                del seen[row_id]
+        fresh = [row for row in rows if row.id not in self._seen]
+        self._seen = frozenset(row.id for row in rows)
         return self._collect(fresh)
 
     def _collect(self, rows: list[Any]) -> Changes:
