@@ -31,6 +31,10 @@ from onenet_ota.server.schema import cache_changes
 from tests.server.seed import T0, FakeClock, Seeder, World, running_api
 
 FOTA = TaskType.FOTA
+# Transactions that commit out of order exist only there: SQLite serialises its writers.
+POSTGRES_ONLY = pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 
 
 class Ticks:
@@ -172,9 +176,7 @@ def test_sqlite_rows_pruned_unread_drop_everything(
     assert feed.read() == Changes(dev_ids=frozenset({3}))
 
 
-@pytest.mark.parametrize(  # SQLite serialises writers: there, ids become visible in order
-    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
-)
+@POSTGRES_ONLY  # SQLite serialises writers: there, ids become visible in order
 def test_postgres_late_commit_is_not_missed(
     engine: Engine, make_feed: Callable[..., ChangeFeed]
 ) -> None:
@@ -192,9 +194,7 @@ def test_postgres_late_commit_is_not_missed(
     assert feed.read() is NOTHING
 
 
-@pytest.mark.parametrize(
-    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
-)
+@POSTGRES_ONLY
 def test_postgres_a_long_open_transaction_does_not_widen_the_reads(
     engine: Engine, make_feed: Callable[..., ChangeFeed]
 ) -> None:
@@ -216,9 +216,7 @@ def test_postgres_a_long_open_transaction_does_not_widen_the_reads(
     assert feed.read() is NOTHING
 
 
-@pytest.mark.parametrize(
-    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
-)
+@POSTGRES_ONLY
 def test_postgres_a_commit_between_the_snapshot_and_the_rows_is_reported_once(
     engine: Engine, ticks: Ticks
 ) -> None:
@@ -275,9 +273,7 @@ class _Writer:
         return done if commit else []
 
 
-@pytest.mark.parametrize(
-    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
-)
+@POSTGRES_ONLY
 @settings(
     max_examples=40,
     deadline=None,
