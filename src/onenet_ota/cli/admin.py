@@ -21,7 +21,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,16 +48,32 @@ class AdminClientError(Exception):
         self.code = code
 
 
+BUSY_ATTEMPTS = 3
+"""Tries of a call the server answered 503 (database busy; it changed nothing)."""
+_MAX_RETRY_AFTER_S = 10.0
+
+
 class AdminClient:
-    """A thin synchronous client of ``/api/v1``. ``client`` is injectable (tests, proxies)."""
+    """A thin synchronous client of ``/api/v1``. ``client`` is injectable (tests, proxies).
+
+    A call the server answered with 503 (its database was busy or unreachable, and the call
+    changed nothing) is sent again after the server's ``Retry-After``, up to
+    :data:`BUSY_ATTEMPTS` tries in all, unless its body was a stream that cannot be replayed.
+    """
 
     def __init__(
-        self, server: str, token: str | None, *, client: httpx2.Client | None = None
+        self,
+        server: str,
+        token: str | None,
+        *,
+        client: httpx2.Client | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.server = server.rstrip("/")
         self._client = client or httpx2.Client(timeout=httpx2.Timeout(30.0, read=300.0))
         self._headers = headers
+        self._sleep = sleep
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
@@ -73,17 +91,22 @@ class AdminClient:
     ) -> Any:
         """One call; returns the decoded JSON (None for 204) or raises :class:`AdminClientError`."""
         clean = {k: v for k, v in (params or {}).items() if v is not None}
-        try:
-            response = self._client.request(
-                method,
-                self.server + API + path,
-                json=json_body,
-                params=clean,
-                content=content,
-                headers={**self._headers, **(headers or {})},
-            )
-        except httpx2.HTTPError as exc:
-            raise AdminClientError(f"cannot reach {self.server}: {exc}") from None
+        attempts = BUSY_ATTEMPTS if content is None else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self._client.request(
+                    method,
+                    self.server + API + path,
+                    json=json_body,
+                    params=clean,
+                    content=content,
+                    headers={**self._headers, **(headers or {})},
+                )
+            except httpx2.HTTPError as exc:
+                raise AdminClientError(f"cannot reach {self.server}: {exc}") from None
+            if response.status_code != 503 or attempt == attempts:
+                break
+            self._sleep(_retry_after(response))
         if response.status_code == 204:
             return None
         try:
@@ -105,6 +128,17 @@ class AdminClient:
             " (is this an onenet-ota server?)",
             status=response.status_code,
         )
+
+
+def _retry_after(response: httpx2.Response) -> float:
+    # Only the delay-seconds form: this server sends nothing else (RFC 9110 §10.2.3).
+    try:
+        seconds = float(response.headers.get("Retry-After", "1"))
+    except ValueError:
+        return 1.0
+    if not math.isfinite(seconds):
+        return 1.0
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
 
 
 # --------------------------------------------------------------------------------------------
