@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
 import logging
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from onenet_ota.server.admin_service import (
 )
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_service import DeviceService, Report
+from tests.server.races import Outcome, wait_until_blocked
 
 NOW = 1_800_000_000
 K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="
@@ -302,6 +303,61 @@ def test_list_devices_filters(service: AdminService, engine: Engine) -> None:
     assert service.list_devices(name_contains="%").items == []
     assert [d.dev_id for d in service.list_devices(name_contains="a_1").items] == [b]
     assert len(service.list_devices(name_contains="alpha").items) == 2
+
+
+def _all_pages(list_page: Callable[..., Any]) -> list[Any]:
+    """Every item of a listing, two per page, following the cursors to the end."""
+    items: list[Any] = []
+    after = None
+    for _ in range(100):  # a bound for a cursor that never ends
+        page = list_page(limit=2, after=after)
+        assert len(page.items) <= 2
+        items += page.items
+        if page.next is None:
+            return items
+        after = page.next
+    pytest.fail("the pages never ended")
+
+
+def test_every_listing_pages_through_everything_once_in_order(
+    service: AdminService, engine: Engine
+) -> None:
+    _product(service)
+    devs = _devices(service, "123123", "a", "b", "c", "d", "e")
+    packages = [_package(service, "123123", data=bytes([n]) * 8, target=f"{n}") for n in range(5)]
+    task_ids = [
+        service.create_task(TaskCreate(package_id=packages[n], dev_ids=[devs[n]])).task.id
+        for n in range(3)
+    ]
+    many = service.create_task(TaskCreate(package_id=packages[3], dev_ids=devs[3:])).task.id
+    many_devices = functools.partial(service.list_task_devices, many)
+    assert [d.dev_id for d in _all_pages(service.list_devices)] == sorted(devs)
+    assert [p.id for p in _all_pages(service.list_packages)] == packages
+    assert [t.id for t in _all_pages(service.list_tasks)] == [*task_ids, many]
+    assert [v.dev_id for v in _all_pages(many_devices)] == sorted(devs[3:])
+
+
+def test_listing_filters(service: AdminService, engine: Engine) -> None:
+    _product(service)
+    a, b = _devices(service, "123123", "a", "b")
+    with engine.begin() as conn:
+        conn.execute(
+            update(schema.devices).where(schema.devices.c.dev_id == b).values(s_version="2.0")
+        )
+    assert [d.dev_id for d in service.list_devices(s_version="2.0").items] == [b]
+    first, second = _package(service, "123123", data=b"1"), _package(service, "123123", data=b"2")
+    t1 = service.create_task(TaskCreate(package_id=first, dev_ids=[a])).task.id
+    service.act_on_task(t1, Action.CANCEL)
+    t2 = service.create_task(TaskCreate(package_id=second, dev_ids=[a, b])).task.id
+    assert [t.id for t in service.list_tasks(package_id=first).items] == [t1]
+    assert [t.id for t in service.list_tasks(status="cancelled").items] == [t1]
+    assert [t.id for t in service.list_tasks(status="active").items] == [t2]
+    with pytest.raises(Invalid, match="status must be"):
+        service.list_tasks(status="done")
+    _set_state(engine, b, TaskState.DOWNLOADING)
+    assert [v.dev_id for v in service.list_task_devices(t2, state="downloading").items] == [b]
+    with pytest.raises(Invalid, match="state must be one of"):
+        service.list_task_devices(t2, state="finished")
 
 
 def test_device_detail_has_task_history(service: AdminService) -> None:
@@ -855,55 +911,6 @@ def test_product_in_use_cannot_be_deleted_and_the_message_says_by_what(
 # -- races with a request that opens a task for the device meanwhile
 
 
-def _wait_until_blocked(engine: Engine, worker: threading.Thread, sessions: int = 1) -> None:
-    """On PostgreSQL, return once ``sessions`` sessions of this database wait for a lock (held
-    by the test or by a paused transaction), or ``worker`` has ended. SQLite's waits
-    (busy_timeout) are not observable: return."""
-    if engine.dialect.name != "postgresql":
-        return
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    for _ in range(6000):  # a bound for a hung test, not a timing expectation
-        with engine.connect() as conn:
-            if conn.execute(query).scalar_one() >= sessions:
-                return
-        if not worker.is_alive():
-            return
-        time.sleep(0.005)
-    pytest.fail("the concurrent transaction never waited for the lock")
-
-
-class _Outcome:
-    """What a call run in a thread returned or raised."""
-
-    def __init__(self, call: Callable[[], object]) -> None:
-        self.error: BaseException | None = None
-        self.result: object = None
-        self.ident: int | None = None
-        self.started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(call,))
-
-    def _run(self, call: Callable[[], object]) -> None:
-        self.ident = threading.get_ident()
-        self.started.set()
-        try:
-            self.result = call()
-        except BaseException as exc:
-            self.error = exc
-
-    def start(self) -> _Outcome:
-        self.thread.start()
-        self.started.wait()
-        return self
-
-    def join(self) -> _Outcome:
-        self.thread.join(60)
-        assert not self.thread.is_alive()
-        return self
-
-
 def test_a_task_opened_before_the_delete_commits_wins_with_409(
     service: AdminService, engine: Engine
 ) -> None:
@@ -922,8 +929,8 @@ def test_a_task_opened_before_the_delete_commits_wins_with_409(
                 task_id=task_id, dev_id=dev, module_type=1, state=1, updated_at=NOW
             )
         )
-        deleting = _Outcome(lambda: service.delete_device(dev)).start()
-        _wait_until_blocked(engine, deleting.thread)
+        deleting = Outcome(lambda: service.delete_device(dev)).start()
+        wait_until_blocked(engine, deleting.thread)
     deleting.join()
     assert isinstance(deleting.error, Conflict)
     assert deleting.error.message == (
@@ -940,7 +947,7 @@ def test_a_task_opened_while_the_delete_runs_loses_without_leaving_a_row(
     (dev,) = _devices(service, "123123", "d")
     package_id = _package(service, "123123")
     paused, release = threading.Event(), threading.Event()
-    deleting: _Outcome | None = None
+    deleting: Outcome | None = None
 
     def pause_the_delete(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         # Hold the delete's transaction right after it has locked (read) the device row.
@@ -952,13 +959,13 @@ def test_a_task_opened_while_the_delete_runs_loses_without_leaving_a_row(
     event.listen(engine, "after_cursor_execute", pause_the_delete)
     try:
         # Assigned before the thread starts: the listener finds the thread through it.
-        deleting = _Outcome(lambda: service.delete_device(dev))
+        deleting = Outcome(lambda: service.delete_device(dev))
         deleting.start()
         assert paused.wait(60)
-        opening = _Outcome(
+        opening = Outcome(
             lambda: service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev]))
         ).start()
-        _wait_until_blocked(engine, opening.thread)
+        wait_until_blocked(engine, opening.thread)
         release.set()
         deleting.join()
         opening.join()
@@ -997,8 +1004,8 @@ def test_a_deadlocked_delete_runs_again_and_succeeds(
         other.execute(
             select(schema.devices.c.dev_id).where(schema.devices.c.dev_id == dev).with_for_update()
         )
-        deleting = _Outcome(lambda: service.delete_device(dev)).start()
-        _wait_until_blocked(engine, deleting.thread)  # holds the device task, wants the device
+        deleting = Outcome(lambda: service.delete_device(dev)).start()
+        wait_until_blocked(engine, deleting.thread)  # holds the device task, wants the device
         # The opposite order: a deadlock, which the delete loses and then runs again.
         other.execute(
             update(schema.device_tasks)
@@ -1019,10 +1026,10 @@ def test_a_device_import_racing_its_products_delete_says_the_product_went(
     _product(service)
     with engine.begin() as conn:  # delete_product's write, held uncommitted while the import runs
         conn.execute(delete(schema.products).where(schema.products.c.pid == "123123"))
-        importing = _Outcome(
+        importing = Outcome(
             lambda: service.create_device(DeviceCreate(pid="123123", name="d"))
         ).start()
-        _wait_until_blocked(engine, importing.thread)
+        wait_until_blocked(engine, importing.thread)
     importing.join()
     if engine.dialect.name == "postgresql":
         # The import saw the product, then its insert waited for the row and broke its key.
@@ -1244,7 +1251,7 @@ def test_a_task_is_deleted_whole_exactly_when_no_device_task_is_open(
 
 
 def _pause_after_the_lock(
-    engine: Engine, holder: Callable[[], _Outcome | None]
+    engine: Engine, holder: Callable[[], Outcome | None]
 ) -> tuple[threading.Event, threading.Event, Callable[..., None]]:
     """An engine listener that holds the thread of ``holder()`` right after delete_task has
     locked (read) the task row; returns (paused, release, listener)."""
@@ -1273,17 +1280,17 @@ def test_device_requests_during_the_delete_see_the_whole_task_or_nothing(
         token = conn.execute(select(schema.tokens.c.token)).scalar_one()
     devices_api = DeviceService(engine, clock=clock, cache_ttl=0)
     late_report = Report(ReportKind.UPGRADED, 201)
-    deleting: _Outcome | None = None
+    deleting: Outcome | None = None
     paused, release, listener = _pause_after_the_lock(engine, lambda: deleting)
     event.listen(engine, "after_cursor_execute", listener)
     try:
         # Assigned before the thread starts: the listener finds the thread through it.
-        deleting = _Outcome(lambda: service.delete_task(task.id))
+        deleting = Outcome(lambda: service.delete_task(task.id))
         deleting.start()
         assert paused.wait(60)
         # E5 only reads: it never waits, and sees the task as it was (§5.4: finished).
         assert devices_api.check_token(dev, token) == Errno.TASK_FINISHED
-        reporting = _Outcome(lambda: devices_api.report(dev, token, late_report)).start()
+        reporting = Outcome(lambda: devices_api.report(dev, token, late_report)).start()
         if engine.dialect.name == "postgresql":
             reporting.join()  # READ COMMITTED: it reads the task as it was, without waiting
             release.set()
@@ -1327,8 +1334,8 @@ def test_a_token_inserted_while_the_delete_runs_is_never_half_deleted(
                 token="ota_latecomer0000000000", device_task_id=dt_id, issued_at=NOW
             )
         )
-        deleting = _Outcome(lambda: service.delete_task(task.id)).start()
-        _wait_until_blocked(engine, deleting.thread)
+        deleting = Outcome(lambda: service.delete_task(task.id)).start()
+        wait_until_blocked(engine, deleting.thread)
     deleting.join()
     if engine.dialect.name == "postgresql":
         # The delete of the device task waited for the token's foreign-key lock and then found
@@ -1353,20 +1360,20 @@ def test_an_action_or_a_second_delete_during_the_delete_finds_no_task(
     package_id = _package(service, "123123")
     task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
     _set_task_state(engine, task.id, dev, TaskState.SUCCEEDED)  # the task is still "active"
-    deleting: _Outcome | None = None
+    deleting: Outcome | None = None
     paused, release, listener = _pause_after_the_lock(engine, lambda: deleting)
     event.listen(engine, "after_cursor_execute", listener)
     try:
         # Assigned before the thread starts: the listener finds the thread through it.
-        deleting = _Outcome(lambda: service.delete_task(task.id))
+        deleting = Outcome(lambda: service.delete_task(task.id))
         deleting.start()
         assert paused.wait(60)
         # PostgreSQL: both wait for the task row the delete has locked (without the lock, the
         # pause would commit now and return the task).
-        pausing = _Outcome(lambda: service.act_on_task(task.id, Action.PAUSE)).start()
-        _wait_until_blocked(engine, pausing.thread)
-        again = _Outcome(lambda: service.delete_task(task.id)).start()
-        _wait_until_blocked(engine, again.thread, sessions=2)
+        pausing = Outcome(lambda: service.act_on_task(task.id, Action.PAUSE)).start()
+        wait_until_blocked(engine, pausing.thread)
+        again = Outcome(lambda: service.delete_task(task.id)).start()
+        wait_until_blocked(engine, again.thread, sessions=2)
         release.set()
         deleting.join()
         pausing.join()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text, update
 
 from onenet_ota import auth
 from onenet_ota.protocol.errno import Errno
@@ -26,7 +26,8 @@ from onenet_ota.server.device_service import (
     new_token,
     token_expired,
 )
-from onenet_ota.server.schema import devices
+from onenet_ota.server.schema import device_tasks, devices
+from tests.server.races import Outcome, wait_until_blocked
 from tests.server.seed import (
     DB_PARAMS,
     HOUR,
@@ -408,6 +409,37 @@ def test_concurrent_e1_and_pause_stay_consistent(
         # Either order ends the same: pause then T6 (D16: paused included), or T6 alone.
         assert w.state() is S.SUCCEEDED
         assert seeder.device_task(w.task_id).paused_from is None
+
+
+@pytest.mark.parametrize(  # SQLite serialises write transactions: they cannot deadlock
+    "engine", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_report_chosen_as_deadlock_victim_runs_again(
+    service: DeviceService, seeder: Seeder, engine: Engine
+) -> None:
+    w = seeder.world()
+    token = offer(service, w).token
+    seeder.set_state(w.task_id, S.UPGRADING)
+    with engine.connect() as other:
+        # Only the report's session runs PostgreSQL's deadlock detector in time, so the report
+        # is the transaction it aborts.
+        other.execute(text("SET deadlock_timeout = '60s'"))
+        other.execute(
+            select(devices.c.dev_id).where(devices.c.dev_id == w.dev_id).with_for_update()
+        )
+        upgraded = Report(ReportKind.UPGRADED, 201)
+        reporting = Outcome(lambda: service.report(w.dev_id, token, upgraded)).start()
+        # The report holds the device task (T15) and waits for the device row (its versions).
+        wait_until_blocked(engine, reporting.thread)
+        other.execute(
+            update(device_tasks).where(device_tasks.c.id == w.task_id).values(updated_at=T0 + 1)
+        )
+        other.commit()
+    reporting.join()
+    assert reporting.error is None, reporting.error
+    assert reporting.result is Errno.SUCC
+    assert w.state() is S.SUCCEEDED
+    assert seeder.versions(w.dev_id) == ("1.0.1", None)
 
 
 # -- cached answers (E3, E5) ---------------------------------------------------------------------
