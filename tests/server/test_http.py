@@ -1421,3 +1421,39 @@ def test_response_empty_is_canonical() -> None:
     assert Response.empty(405, [("Allow", "GET")]) == Response(
         405, [("Allow", "GET"), ("Content-Length", "0")]
     )
+
+
+def test_a_client_that_stops_reading_pauses_its_connection_until_it_reads() -> None:
+    """Flow control: a response larger than the transport's buffer waits for the client, and
+    the pipelined request behind it is not even handled meanwhile (memory stays bounded)."""
+    big = bytes(range(256)) * (32 * 1024)  # 8 MiB, far above any socket and transport buffer
+    handled: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        handled.append(request.path)
+        if request.path == "/big":
+            return Response(200, headers=[("Content-Length", str(len(big)))], body=big)
+        return wire.json_reply(b'{"errno":0}')
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with ServerThread(handler) as srv:
+        sock.settimeout(10)
+        sock.connect((srv.host, srv.port))
+        with RawClient(srv, sock=sock) as client:
+            client.send(get("/big") + get("/json"))
+            _wait_for_connection_state(srv, "_write_paused")
+            assert handled == ["/big"]
+            head = client.read_until(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            body = bytearray(len(big))  # read in place: the 8 MiB come in 4 KiB pieces
+            view, got = memoryview(body), len(client.buffer)
+            view[:got], client.buffer = client.buffer, b""
+            while got < len(big):
+                n = sock.recv_into(view[got:])
+                assert n, f"closed after {got} bytes"
+                got += n
+            assert body == big
+            assert json.loads(client.response().body) == {"errno": 0}
+            assert handled == ["/big", "/json"]
+            assert not any(conn._write_paused for conn in list(srv.server.connections))  # type: ignore[union-attr]
