@@ -190,6 +190,59 @@ def test_onenet_quote_round_trips(value: str) -> None:
     assert auth.onenet_unquote(auth.onenet_quote(value)) == value
 
 
+@pytest.mark.parametrize(
+    ("encoded", "decoded"),
+    [
+        ("products%2F123123", "products/123123"),
+        ("a%2fb", "a/b"),  # either case
+        ("a+b", "a+b"),  # "+" is not a space (§3.3 step 3)
+        ("%E4%B8%AD", "\u4e2d"),
+        ("plain", "plain"),
+        ("%25", "%"),
+    ],
+)
+def test_unquote_table(encoded: str, decoded: str) -> None:
+    assert auth.onenet_unquote(encoded) == decoded
+
+
+@pytest.mark.parametrize("encoded", ["%", "a%2", "%zz", "%2g", "%%41", "%\u0661\u0662", "%FF"])
+def test_unquote_refuses_broken_escapes_and_non_utf8(encoded: str) -> None:
+    with pytest.raises(auth.TokenError):
+        auth.onenet_unquote(encoded)
+
+
+def _reference_unquote(value: str) -> str:
+    """§3.3 step 3 spelled out byte by byte (the first implementation), as the model."""
+    out, raw, i = bytearray(), value.encode("utf-8"), 0
+    while i < len(raw):
+        if raw[i] == 0x25:
+            pair = raw[i + 1 : i + 3].decode("ascii", "replace")
+            if len(pair) != 2 or not set(pair) <= set("0123456789abcdefABCDEF"):
+                raise auth.TokenError("bad escape")
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise auth.TokenError("not UTF-8") from None
+
+
+@given(st.text(alphabet=st.sampled_from("%2Fafg0+\u0661\u4e2dE4B8AD"), max_size=12) | st.text())
+def test_unquote_agrees_with_the_byte_by_byte_model(value: str) -> None:
+    try:
+        expected: str | None = _reference_unquote(value)
+    except auth.TokenError:
+        expected = None
+    try:
+        got: str | None = auth.onenet_unquote(value)
+    except auth.TokenError:
+        got = None
+    assert got == expected
+
+
 @given(st.text())
 def test_parse_token_never_raises_anything_but_token_error(value: str) -> None:
     with contextlib.suppress(auth.TokenError):

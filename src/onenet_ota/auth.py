@@ -15,6 +15,7 @@ import hmac
 import re
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote_to_bytes
 
 VERSION: Final = "2018-10-31"
 METHODS: Final = ("md5", "sha1", "sha256")
@@ -37,7 +38,7 @@ _RES_RE: Final = re.compile(
     r"products/(?P<pid>[A-Za-z0-9]{1,32})(?:/devices/(?P<name>[A-Za-z0-9_.\-]{1,64}))?"
 )
 _ET_RE: Final = re.compile(r"[0-9]{1,20}")
-_HEX: Final = frozenset("0123456789abcdefABCDEF")
+_BAD_ESCAPE_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 class TokenError(ValueError):
@@ -53,22 +54,12 @@ def onenet_unquote(value: str) -> str:
     """Strict percent-decoding (§3.3 step 3): ``%HH`` of either case; ``+`` stays ``+``."""
     if "%" not in value:
         return value
-    out = bytearray()
-    i = 0
-    raw = value.encode("utf-8")
-    while i < len(raw):
-        byte = raw[i]
-        if byte == 0x25:  # '%'
-            pair = raw[i + 1 : i + 3].decode("ascii", "replace")
-            if len(pair) != 2 or not set(pair) <= _HEX:
-                raise TokenError("bad percent-escape in token")
-            out.append(int(pair, 16))
-            i += 3
-        else:
-            out.append(byte)
-            i += 1
+    # unquote_to_bytes does the decoding (and leaves "+" alone) but lets a broken escape through
+    # as text; the check before it refuses those.
+    if _BAD_ESCAPE_RE.search(value) is not None:
+        raise TokenError("bad percent-escape in token")
     try:
-        return out.decode("utf-8")
+        return unquote_to_bytes(value).decode("utf-8")
     except UnicodeDecodeError:
         raise TokenError("token value is not UTF-8") from None
 
