@@ -1,14 +1,15 @@
 """Helpers for tests that race two transactions: run a call in a thread and learn its outcome,
-and wait until a PostgreSQL session is blocked on a lock."""
+wait until a PostgreSQL session is blocked on a lock, and make a call a deadlock's victim."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, Executable, event, text
 
 
 def wait_until_blocked(engine: Engine, worker: threading.Thread, sessions: int = 1) -> None:
@@ -58,3 +59,55 @@ class Outcome:
         self.thread.join(60)
         assert not self.thread.is_alive()
         return self
+
+
+def run_as_deadlock_victim(
+    engine: Engine, call: Callable[[], object], *, hold: Executable, collide: Executable, table: str
+) -> tuple[Outcome, int]:
+    """Run ``call`` in a thread as the victim of a real PostgreSQL deadlock, in an order that
+    does not depend on how fast the machine is:
+
+    1. another session runs ``hold``, locking a row that ``call`` will want later;
+    2. ``call`` runs until its first UPDATE of ``table`` that changed a row, and is held there
+       (its transaction now holds that row);
+    3. the other session runs ``collide`` and waits for that row;
+    4. ``call`` goes on and waits for the row of ``hold``: it closes the cycle.
+
+    PostgreSQL looks for a deadlock once per wait, ``deadlock_timeout`` after the wait began. The
+    other session's is 60 s, so the check that finds the cycle is the one of ``call``'s last
+    wait, which began after the cycle was complete: ``call``'s transaction is the one aborted.
+    Returns the joined outcome of ``call`` and how many such UPDATEs it ran (2: it ran again).
+    """
+    paused, release = threading.Event(), threading.Event()
+    updates = 0
+    victim: Outcome | None = None
+
+    def listener(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        nonlocal updates
+        mine = victim is not None and threading.get_ident() == victim.ident
+        if mine and statement.lstrip().startswith(f"UPDATE {table} ") and cursor.rowcount > 0:
+            updates += 1
+            if not paused.is_set():
+                paused.set()
+                release.wait(60)
+
+    with engine.connect() as other:
+        other.execute(text("SET deadlock_timeout = '60s'"))
+        other.execute(hold)
+        event.listen(engine, "after_cursor_execute", listener)
+        try:
+            # Assigned before the thread starts: the listener finds the thread through it.
+            victim = Outcome(call)
+            victim.start()
+            assert paused.wait(60), f"the call updated no row of {table}"
+            colliding = Outcome(lambda: other.execute(collide)).start()
+            wait_until_blocked(engine, colliding.thread)
+            release.set()
+            colliding.join()
+            assert colliding.error is None, colliding.error
+            other.commit()
+            victim.join()
+        finally:
+            release.set()
+            event.remove(engine, "after_cursor_execute", listener)
+    return victim, updates

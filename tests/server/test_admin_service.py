@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from sqlalchemy import Engine, Table, delete, event, func, insert, select, text, update
+from sqlalchemy import Engine, Table, delete, event, func, insert, select, update
 from sqlalchemy.exc import OperationalError
 
 from onenet_ota.protocol import values
@@ -46,7 +46,7 @@ from onenet_ota.server.admin_service import (
 )
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_service import DeviceService, Report
-from tests.server.races import Outcome, wait_until_blocked
+from tests.server.races import Outcome, run_as_deadlock_victim, wait_until_blocked
 
 NOW = 1_800_000_000
 K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="
@@ -997,24 +997,21 @@ def test_a_deadlocked_delete_runs_again_and_succeeds(
     package_id = _package(service, "123123")
     service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev], deadline=NOW + 10))
     clock.now += 10  # the delete's T5 step will lock the expired device task first
-    with engine.connect() as other:
-        # This session detects deadlocks only much later, so PostgreSQL's detector runs in the
-        # delete's session and aborts the delete's transaction, never this one.
-        other.execute(text("SET deadlock_timeout = '60s'"))
-        other.execute(
-            select(schema.devices.c.dev_id).where(schema.devices.c.dev_id == dev).with_for_update()
-        )
-        deleting = Outcome(lambda: service.delete_device(dev)).start()
-        wait_until_blocked(engine, deleting.thread)  # holds the device task, wants the device
-        # The opposite order: a deadlock, which the delete loses and then runs again.
-        other.execute(
-            update(schema.device_tasks)
-            .where(schema.device_tasks.c.dev_id == dev)
-            .values(updated_at=NOW + 5)
-        )
-        other.commit()
-    deleting.join()
+    # The delete holds the device task and wants the device row; the other session holds the
+    # device row and wants the device task: a deadlock, which the delete loses and runs again.
+    deleting, runs = run_as_deadlock_victim(
+        engine,
+        lambda: service.delete_device(dev),
+        hold=select(schema.devices.c.dev_id)
+        .where(schema.devices.c.dev_id == dev)
+        .with_for_update(),
+        collide=update(schema.device_tasks)
+        .where(schema.device_tasks.c.dev_id == dev)
+        .values(updated_at=NOW + 5),
+        table="device_tasks",
+    )
     assert deleting.error is None, deleting.error
+    assert runs == 2
     rows = _dev_rows(engine, dev)
     assert (rows["devices"], rows["device_tasks"]) == (0, 0)
     assert "delete_device: transaction aborted by the database (40P01)" in caplog.text

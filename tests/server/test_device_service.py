@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, select, update
 
 from onenet_ota import auth
 from onenet_ota.protocol.errno import Errno
@@ -27,7 +27,7 @@ from onenet_ota.server.device_service import (
     token_expired,
 )
 from onenet_ota.server.schema import device_tasks, devices
-from tests.server.races import Outcome, wait_until_blocked
+from tests.server.races import run_as_deadlock_victim
 from tests.server.seed import (
     DB_PARAMS,
     HOUR,
@@ -420,23 +420,20 @@ def test_a_report_chosen_as_deadlock_victim_runs_again(
     w = seeder.world()
     token = offer(service, w).token
     seeder.set_state(w.task_id, S.UPGRADING)
-    with engine.connect() as other:
-        # Only the report's session runs PostgreSQL's deadlock detector in time, so the report
-        # is the transaction it aborts.
-        other.execute(text("SET deadlock_timeout = '60s'"))
-        other.execute(
-            select(devices.c.dev_id).where(devices.c.dev_id == w.dev_id).with_for_update()
-        )
-        upgraded = Report(ReportKind.UPGRADED, 201)
-        reporting = Outcome(lambda: service.report(w.dev_id, token, upgraded)).start()
-        # The report holds the device task (T15) and waits for the device row (its versions).
-        wait_until_blocked(engine, reporting.thread)
-        other.execute(
-            update(device_tasks).where(device_tasks.c.id == w.task_id).values(updated_at=T0 + 1)
-        )
-        other.commit()
-    reporting.join()
+    upgraded = Report(ReportKind.UPGRADED, 201)
+    # The report holds the device task (T15) and wants the device row (its versions); the other
+    # session holds the device row and wants the device task.
+    reporting, runs = run_as_deadlock_victim(
+        engine,
+        lambda: service.report(w.dev_id, token, upgraded),
+        hold=select(devices.c.dev_id).where(devices.c.dev_id == w.dev_id).with_for_update(),
+        collide=update(device_tasks)
+        .where(device_tasks.c.id == w.task_id)
+        .values(updated_at=T0 + 1),
+        table="device_tasks",
+    )
     assert reporting.error is None, reporting.error
+    assert runs == 2
     assert reporting.result is Errno.SUCC
     assert w.state() is S.SUCCEEDED
     assert seeder.versions(w.dev_id) == ("1.0.1", None)
