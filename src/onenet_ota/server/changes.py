@@ -18,10 +18,11 @@ Reading "the rows not seen yet" exactly:
 - PostgreSQL: ids come from a sequence before commit, so a smaller id may become visible after a
   larger one; ids cannot say what is new. Each row carries its transaction's id
   (``pg_current_xact_id()``) instead. Every read first takes a snapshot (``pg_current_snapshot()``:
-  ``xmax``, the first transaction id not yet handed out, and ``xip``, the ids of the transactions
-  running), then reads the rows. A row that becomes visible after one read was written by a
-  transaction that had not committed at that read's snapshot: one listed in ``xip``, or one that
-  got its id later (``>= xmax``). So the next read asks for exactly those rows, and skips the
+  ``xmax``, one past the highest transaction id that had ended, and ``xip``, the ids below it of
+  the transactions running), then reads the rows. A row that becomes visible after one read was
+  written by a transaction that had not ended at that read's snapshot: one listed in ``xip``, or
+  one whose id is ``>= xmax`` (running then, or not started yet; a running one with such an id
+  is not listed in ``xip``). So the next read asks for exactly those rows, and skips the
   few of them that the previous read already found (they committed between its snapshot and its
   rows). Each read thus costs what changed since the previous one, whatever else runs: a
   transaction left open for hours elsewhere in the cluster adds only the rows it wrote itself.
@@ -132,8 +133,8 @@ EVERYTHING: Final = Changes(everything=True)
 
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
-    """What ``pg_current_snapshot()`` says: ids from ``xmax`` on were not handed out yet, and
-    ``xip`` lists the transactions then running."""
+    """What ``pg_current_snapshot()`` says: no transaction with an id from ``xmax`` on had ended
+    (some may have been running), and ``xip`` lists the ones below ``xmax`` then running."""
 
     xmax: int
     xip: tuple[int, ...]
