@@ -444,6 +444,27 @@ def test_an_upload_the_database_failed_to_record_leaves_no_file(
     assert _count(engine, schema.packages) == 0
 
 
+def test_when_the_cleanup_fails_too_the_original_error_is_raised(
+    service: AdminService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _product(service)
+    spec = PackageCreate(pid="123123", module_type=1, target="1", file_name="f")
+    blob = service.blobs.put_bytes(b"data")
+
+    def database_down(*_args: object) -> None:
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    def pool_exhausted(*_args: object) -> None:
+        raise TimeoutError("QueuePool limit reached")
+
+    monkeypatch.setattr(service, "_record_package", database_down)
+    monkeypatch.setattr(service, "discard_blob_if_unused", pool_exhausted)
+    with pytest.raises(OperationalError):  # a 503 for the API, not the cleanup's 500
+        service.create_package(spec, blob)
+    assert service.blobs.exists(blob.sha256)  # orphaned, and reused by the next upload
+    assert f"cannot remove the unrecorded upload {blob.sha256}" in caplog.text
+
+
 def test_delete_package_keeps_shared_files(service: AdminService) -> None:
     _product(service)
     first = _package(service, "123123", b"same")

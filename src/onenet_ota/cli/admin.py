@@ -49,15 +49,18 @@ class AdminClientError(Exception):
 
 
 BUSY_ATTEMPTS = 3
-"""Tries of a call the server answered 503 (database busy; it changed nothing)."""
+"""Tries of an idempotent call the server answered 503 (its database was busy or unreachable)."""
+# RFC 9110 §9.2.2. A POST is not repeated: a 503 for a connection lost during its COMMIT cannot
+# say whether the commit happened, and a repeated create would make a second product or task.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _MAX_RETRY_AFTER_S = 10.0
 
 
 class AdminClient:
     """A thin synchronous client of ``/api/v1``. ``client`` is injectable (tests, proxies).
 
-    A call the server answered with 503 (its database was busy or unreachable, and the call
-    changed nothing) is sent again after the server's ``Retry-After``, up to
+    An idempotent call (GET, PUT, DELETE) the server answered with 503 (its database was busy
+    or unreachable) is sent again after the server's ``Retry-After``, up to
     :data:`BUSY_ATTEMPTS` tries in all, unless its body was a stream that cannot be replayed.
     """
 
@@ -91,7 +94,7 @@ class AdminClient:
     ) -> Any:
         """One call; returns the decoded JSON (None for 204) or raises :class:`AdminClientError`."""
         clean = {k: v for k, v in (params or {}).items() if v is not None}
-        attempts = BUSY_ATTEMPTS if content is None else 1
+        attempts = BUSY_ATTEMPTS if content is None and method.upper() in _IDEMPOTENT else 1
         for attempt in range(1, attempts + 1):
             try:
                 response = self._client.request(

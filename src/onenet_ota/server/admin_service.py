@@ -979,10 +979,13 @@ class AdminService:
             self.discard_blob_if_unused(blob.sha256)
             raise
         except Exception:
-            # The database failed (it is what failed, so removing may fail too): an orphaned
-            # file is the lesser harm, and the next upload of the same content reuses it.
-            with contextlib.suppress(DBAPIError):
+            # The database failed. Removing needs it too and may fail as well: then an orphaned
+            # file is the lesser harm (the next upload of the same content reuses it), and the
+            # original error is the one to answer with.
+            try:
                 self.discard_blob_if_unused(blob.sha256)
+            except Exception:
+                log.warning("cannot remove the unrecorded upload %s", blob.sha256, exc_info=True)
             raise
 
     @_retried
