@@ -29,7 +29,10 @@ Reading "the rows not seen yet" exactly:
 
 Rows older than ``retention`` seconds (10 minutes) are deleted by the readers now and then. A
 process that has not read for half that long (it served nothing meanwhile) drops everything
-rather than trust the feed. Changes made outside the server (SQL typed by an operator) are not in
+rather than trust the feed. A row is dated when it is written, not when it commits, so a
+transaction that stayed open longer than the retention could see its rows pruned before every
+reader has read them (PostgreSQL has no gap to notice it by); the server's own transactions last
+milliseconds, a bulk import seconds. Changes made outside the server (SQL typed by an operator) are not in
 the feed; the caches' maximum age bounds how long those go unseen.
 """
 
