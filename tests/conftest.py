@@ -54,6 +54,26 @@ def pg_cluster() -> Iterator[PgCluster]:
             process.stop()
 
 
+@pytest.fixture
+def own_pg_cluster() -> Iterator[tuple[ClusterProcess, PgCluster]]:
+    """A PostgreSQL cluster of the test's own, which it may halt and resume (an outage)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        _unavailable(reason)
+    try:
+        process = ClusterProcess()
+    except (OSError, RuntimeError) as exc:
+        _unavailable(str(exc))
+    try:
+        try:
+            cluster = process.start()
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            _unavailable(str(exc))
+        yield process, cluster
+    finally:
+        process.stop()
+
+
 def _sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'onenet-ota.db'}"
 

@@ -112,6 +112,7 @@ class ClusterProcess:
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.started = False
+        self._server_options = ""
 
     def run(self, *argv: str) -> None:
         result = subprocess.run(
@@ -142,14 +143,20 @@ class ClusterProcess:
             "--no-sync",
         )
         port = free_port()
-        options = f"-p {port} -k {self.root} -c listen_addresses=127.0.0.1 {self.options}"
+        self._server_options = (
+            f"-p {port} -k {self.root} -c listen_addresses=127.0.0.1 {self.options}"
+        )
         self.started = True
+        self._launch()
+        return PgCluster(host="127.0.0.1", port=port, socket_dir=self.root)
+
+    def _launch(self) -> None:
         self.run(
             str(PG_BIN / "pg_ctl"),
             "-D",
             str(self.data),
             "-o",
-            options,
+            self._server_options,
             "-l",
             str(self.log),
             "-w",
@@ -157,7 +164,15 @@ class ClusterProcess:
             "60",
             "start",
         )
-        return PgCluster(host="127.0.0.1", port=port, socket_dir=self.root)
+
+    def halt(self) -> None:
+        """Stop the server as an outage would (fast shutdown: every session is cut), keeping
+        the data for :meth:`resume`."""
+        self.run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the halted server again, on the same port, with the same data."""
+        self._launch()
 
     def stop(self) -> None:
         try:

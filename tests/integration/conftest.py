@@ -281,39 +281,54 @@ class Platform:
         return self.resources.blobs.path(world.package["sha256"])
 
 
+@contextlib.contextmanager
+def serve_platform(db_url: str, data_dir: Path, **settings: Any) -> Iterator[Platform]:
+    """The real platform (``create_app``) on loopback over the migrated database ``db_url``,
+    with an injected clock, its ``api`` and ``cdn`` listeners and a management client;
+    ``settings`` are more :class:`Settings` fields."""
+    cdn_sock = bind_socket("127.0.0.1", 0)
+    public_address = f"127.0.0.1:{cdn_sock.getsockname()[1]}"
+    clock = FakeClock()
+    handler, resources = create_app(
+        Settings(
+            db=db_url,
+            data_dir=data_dir,
+            admin_token=SecretStr(ADMIN_TOKEN),
+            public_address=public_address,
+            **settings,
+        ),
+        clock=clock,
+    )
+    platform = Platform(clock, resources, handler, public_address)
+    try:
+        with (
+            ServerThread(platform.recorder("api")) as platform.api,
+            ServerThread(platform.recorder("cdn"), sock=cdn_sock) as platform.cdn,
+            httpx2.Client(
+                base_url=platform.api.url + PREFIX,
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                timeout=30,
+            ) as platform.admin,
+        ):
+            yield platform
+    finally:
+        cdn_sock.close()
+        # The server threads are gone; release what create_app opened.
+        asyncio.run(resources.aclose())
+
+
 @pytest.fixture(scope="module", params=DB_PARAMS)
 def platform(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
-    """The real platform (``create_app``) on loopback over a migrated SQLite or PostgreSQL
-    database, with an injected clock."""
-    with module_database(request, tmp_path_factory) as engine:
-        cdn_sock = bind_socket("127.0.0.1", 0)
-        public_address = f"127.0.0.1:{cdn_sock.getsockname()[1]}"
-        settings = Settings(
-            db=engine.url.render_as_string(hide_password=False),
-            data_dir=tmp_path_factory.mktemp("platform"),
-            admin_token=SecretStr(ADMIN_TOKEN),
-            public_address=public_address,
-        )
-        clock = FakeClock()
-        handler, resources = create_app(settings, clock=clock)
-        platform = Platform(clock, resources, handler, public_address)
-        try:
-            with (
-                ServerThread(platform.recorder("api")) as platform.api,
-                ServerThread(platform.recorder("cdn"), sock=cdn_sock) as platform.cdn,
-                httpx2.Client(
-                    base_url=platform.api.url + PREFIX,
-                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                    timeout=30,
-                ) as platform.admin,
-            ):
-                yield platform
-        finally:
-            cdn_sock.close()
-            # The server threads are gone; release what create_app opened.
-            asyncio.run(resources.aclose())
+    """:func:`serve_platform` over a SQLite or PostgreSQL database, for a whole module."""
+    with (
+        module_database(request, tmp_path_factory) as engine,
+        serve_platform(
+            engine.url.render_as_string(hide_password=False), tmp_path_factory.mktemp("platform")
+        ) as platform,
+    ):
+        yield platform
 
 
 @pytest.fixture(params=["sync", "async"])

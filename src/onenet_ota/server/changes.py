@@ -32,8 +32,8 @@ process that has not read for half that long (it served nothing meanwhile) drops
 rather than trust the feed. A row is dated when it is written, not when it commits, so a
 transaction that stayed open longer than the retention could see its rows pruned before every
 reader has read them (PostgreSQL has no gap to notice it by); the server's own transactions last
-milliseconds, a bulk import seconds. Changes made outside the server (SQL typed by an operator) are not in
-the feed; the caches' maximum age bounds how long those go unseen.
+milliseconds, a bulk import seconds. Changes made outside the server (SQL typed by an operator)
+are not in the feed; the caches' maximum age bounds how long those go unseen.
 """
 
 from __future__ import annotations

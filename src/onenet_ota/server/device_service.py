@@ -483,19 +483,21 @@ class _ReadConnections:
         self._all: list[Any] = []
         self._lock = threading.Lock()
 
-    def get(self) -> Any:
+    def get(self) -> tuple[Any, bool]:
+        """This thread's connection, and whether it was opened before this call."""
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            fairy = self._engine.raw_connection()
-            conn = fairy.driver_connection
-            assert conn is not None
-            fairy.detach()  # ours now: the pool forgets it and keeps its capacity
-            if self._engine.dialect.name != "sqlite":  # db.py already runs sqlite3 unwrapped
-                conn.autocommit = True
-            with self._lock:
-                self._all.append(conn)
-            self._local.conn = conn
-        return conn
+        if conn is not None:
+            return conn, True
+        fairy = self._engine.raw_connection()
+        conn = fairy.driver_connection
+        assert conn is not None
+        fairy.detach()  # ours now: the pool forgets it and keeps its capacity
+        if self._engine.dialect.name != "sqlite":  # db.py already runs sqlite3 unwrapped
+            conn.autocommit = True
+        with self._lock:
+            self._all.append(conn)
+        self._local.conn = conn
+        return conn, False
 
     def discard(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -544,16 +546,24 @@ class _Reader:
         if self._defaults:
             params = {**self._defaults, **params}
         args: Any = params if self._order is None else [params[name] for name in self._order]
-        try:
-            cursor = self._connections.get().cursor()
+        connections = self._connections
+        while True:
+            conn, reused = connections.get()
             try:
-                cursor.execute(self._sql, args)
-                return fetch(cursor)
-            finally:
-                cursor.close()
-        except Exception:
-            self._connections.discard()  # perhaps broken: the next read reconnects
-            raise
+                cursor = conn.cursor()
+                try:
+                    cursor.execute(self._sql, args)
+                    return fetch(cursor)
+                finally:
+                    cursor.close()
+            except Exception:
+                connections.discard()  # perhaps broken: the next read reconnects
+                # A connection that served earlier reads may have been cut since (the database
+                # restarted, a proxy timed it out) with nobody noticing: one more try on a new
+                # connection, as the pool's pre-ping does for transactions. A read is one
+                # statement, so trying it again is safe.
+                if not (reused and _connection_lost(conn)):
+                    raise
 
     def all(self, **params: Any) -> list[Any]:
         """Every row, as named tuples."""
@@ -564,6 +574,12 @@ class _Reader:
         """The first row, or None."""
         row = self._run(params, _fetchone)
         return None if row is None else self._row._make(row)
+
+
+def _connection_lost(conn: Any) -> bool:
+    # psycopg marks a connection whose session ended under it as broken (and closed); sqlite3
+    # connections have no such state: a failed SQLite read is never a lost connection.
+    return bool(getattr(conn, "broken", False) or getattr(conn, "closed", False) is True)
 
 
 def _fetchall(cursor: Any) -> Any:
