@@ -9,7 +9,6 @@ the download token expiring mid-download (the platform's injected clock); a full
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -18,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,6 +38,7 @@ from onenet_ota.device.upgrader import (
 from onenet_ota.protocol import values
 from onenet_ota.protocol.status import StatusCode
 from tests.integration.conftest import CURRENT, TARGET, Platform, World
+from tests.tmpfs import small_tmpfs
 
 PACKAGE_SIZE = 300_000
 # Fast retries: the platform is on loopback, and the tests must never wait for real.
@@ -327,25 +326,6 @@ def test_disk_full_reports_102(platform: Platform, tmp_path: Path) -> None:
     assert not (tmp_path / "fw.bin").exists()
 
 
-@contextlib.contextmanager
-def _small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    try:
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-            capture_output=True,
-            check=False,
-        )
-    except OSError as exc:
-        pytest.skip(f"cannot mount a tmpfs: {exc}")
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
 @pytest.mark.parametrize("platform", ["sqlite"], indirect=True)
 def test_disk_full_on_a_real_filesystem_reports_102(platform: Platform, tmp_path: Path) -> None:
     """The CLI with its state directory on a 64 KiB tmpfs (root only: skipped elsewhere)."""
@@ -353,7 +333,7 @@ def test_disk_full_on_a_real_filesystem_reports_102(platform: Platform, tmp_path
         pytest.skip("mounting a tmpfs needs root")
     data = unique_package()
     world = platform.world(data=data)
-    with _small_tmpfs(tmp_path / "small", "64k") as small:
+    with small_tmpfs(tmp_path / "small", "64k") as small:
         process = subprocess.run(
             [
                 sys.executable,

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_api import DeviceApi
 from onenet_ota.server.http import ServerThread
 from tests.server.seed import DB_PARAMS, module_database, product_auth
+from tests.tmpfs import small_tmpfs
 
 TOKEN = "admin-token-for-tests-0123456789"
 LIMIT = 64 * 1024
@@ -352,6 +354,23 @@ def test_oversized_upload_leaves_nothing_behind(api: Api, chunked: bool) -> None
     assert api.rows(schema.packages, pid=pid) == 0
     # The server still answers on a new connection.
     assert api.client.get("/api/v1/health").status_code == 200
+
+
+def test_a_full_disk_is_507_and_leaves_nothing_behind(engine: Engine, tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        blobs = BlobStore(disk / "packages")
+        handler = AdminApi(AdminService(engine, blobs), admin_token=TOKEN, max_upload_bytes=2**22)
+        with (
+            ServerThread(handler.handle) as srv,
+            httpx2.Client(base_url=srv.url, headers={"Authorization": f"Bearer {TOKEN}"}) as client,
+        ):
+            api = Api(client, blobs, engine, srv.url, [])
+            pid = api.pid()
+            error = _error(api.upload(pid, os.urandom(1024 * 1024)), 507, "insufficient_storage")
+            assert error["message"] == "the server has no space left for the package"
+            assert api.stored_files() == []  # the partial file too
+            assert api.rows(schema.packages, pid=pid) == 0
+            api.package(pid, b"a small package still fits")  # and the server goes on
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ Conventions:
   ``/api/v1/openapi.json`` and ``/api/v1/health`` are public.
 - Errors: ``{"error":{"code":"...","message":"...","details":[...]}}`` with 400 (malformed JSON),
   401, 404, 405 (with ``Allow``), 409 (duplicates, an open task, in use), 413 (body too large), 422
-  (a value breaks a rule), 503 (the database is busy; retry). Never a traceback.
+  (a value breaks a rule), 503 (the database is busy; retry), 507 (no disk space for an upload).
+  Never a traceback.
 - Lists: ``?limit=`` (1-1000, default 100) and ``?after=`` (the ``next`` of the previous page);
   the reply is ``{"items":[...],"next":"..."|null}``.
 - Package upload: ``POST /api/v1/packages?pid=..&type=fota|sota&kind=full|diff&target=..&
@@ -23,6 +24,7 @@ Conventions:
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hashlib
 import hmac
@@ -51,6 +53,7 @@ T = TypeVar("T")
 PREFIX: Final = "/api/v1"
 MAX_JSON_BODY: Final = 8 * 1024 * 1024  # a bulk import of 10 000 devices fits comfortably
 _JSON: Final = ("Content-Type", "application/json")
+_NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk, a full quota
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +294,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "POST", "/packages", "upload_package",
         "Upload a package file (raw body) with its metadata in the query", "packages",
-        status=201, upload=True, response=svc.Package, errors=(409, 413, 422),
+        status=201, upload=True, response=svc.Package, errors=(409, 413, 422, 507),
         query=(
             Param("pid", required=True, description="product id"),
             Param("type", required=True, description="fota (1) or sota (2)",
@@ -394,6 +397,7 @@ def openapi_document() -> dict[str, Any]:
         413: "Body too large",
         422: "A value breaks a rule",
         503: "Database busy; retry",
+        507: "No space left for the upload",
     }
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
@@ -764,6 +768,14 @@ class AdminApi:
         except BlobTooLarge:
             raise ApiError(
                 413, "payload_too_large", f"the package exceeds {self._max_upload} bytes"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            # The partial file is gone already (the blob store's writer removes it).
+            log.warning("no space for an upload of %s bytes", request.content_length or "?")
+            raise ApiError(
+                507, "insufficient_storage", "the server has no space left for the package"
             ) from None
         return await self._db(self.service.create_package, spec, blob)
 

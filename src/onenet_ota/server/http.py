@@ -116,6 +116,7 @@ REASONS: dict[int, str] = {
     422: "Unprocessable Entity",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    507: "Insufficient Storage",
 }
 
 SMALL_SEGMENT: Final = 64 * 1024
