@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -209,3 +210,43 @@ def test_two_workers_answer_both_apis_and_stop_gracefully(two_workers: ServerPro
     assert children(two_workers.process.pid) == []
     with pytest.raises(httpx2.ConnectError):
         httpx2.get(url + "/api/v1/health", timeout=5)
+
+
+def _workers(supervisor: int) -> list[int]:
+    """The supervisor's worker processes (multiprocessing spawn children, not its helpers)."""
+    found = []
+    for pid in children(supervisor):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            found.append(pid)
+    return found
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the supervisor's own logic
+def test_a_worker_that_dies_is_replaced(two_workers: ServerProcess) -> None:
+    url = two_workers.url()
+    supervisor = two_workers.process.pid
+    assert httpx2.get(url + "/api/v1/health", timeout=30).status_code == 200
+    for _ in range(600):  # a bound for a hung test, not a timing expectation
+        if len(_workers(supervisor)) == 2:
+            break
+        time.sleep(0.05)
+    before = _workers(supervisor)
+    assert len(before) == 2
+    os.kill(before[0], signal.SIGKILL)  # as the OOM killer would
+    two_workers.wait_for(r"worker \d exited with code -9; restarting it")
+    for _ in range(600):
+        now = _workers(supervisor)
+        if len(now) == 2 and before[0] not in now:
+            break
+        time.sleep(0.05)
+    assert before[0] not in now
+    assert before[1] in now
+    assert len(now) == 2
+    # Both workers accept again: every request on a connection of its own is answered.
+    for _ in range(10):
+        assert httpx2.get(url + "/api/v1/health", timeout=30).status_code == 200
+    assert two_workers.stop() == 0
