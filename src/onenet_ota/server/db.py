@@ -51,7 +51,7 @@ def _enable_wal(
     """Switch the database to WAL, retrying while another connection holds it locked.
 
     Switching a new database to WAL needs its exclusive lock. When several connections try at
-    once (``serve --workers N`` starting on a fresh file), each holds a shared lock while it
+    once (servers or tools started together on a fresh file), each holds a shared lock while it
     waits for the exclusive one; SQLite detects the deadlock and answers "database is locked"
     at once, without calling the busy handler. So the busy timeout does not cover this step,
     and the retry here does, within the same time limit.
