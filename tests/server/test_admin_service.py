@@ -44,7 +44,7 @@ from onenet_ota.server.admin_service import (
     ProductCreate,
     TaskCreate,
 )
-from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.device_service import DeviceService, Report
 from tests.server.races import Outcome, run_as_deadlock_victim, wait_until_blocked
 
@@ -427,17 +427,24 @@ def test_empty_or_orphan_upload_leaves_nothing(service: AdminService, engine: En
     assert _count(engine, schema.packages) == 0
 
 
-def test_an_upload_the_database_failed_to_record_leaves_no_file(
-    service: AdminService, engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _upload_the_database_fails_to_record(
+    service: AdminService, monkeypatch: pytest.MonkeyPatch
+) -> tuple[PackageCreate, StoredBlob]:
+    """A stored upload whose recording will fail as if the database connection broke."""
     _product(service)
-    spec = PackageCreate(pid="123123", module_type=1, target="1", file_name="f")
-    blob = service.blobs.put_bytes(b"data")
 
     def database_down(*_args: object) -> None:
         raise OperationalError("INSERT", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(service, "_record_package", database_down)
+    spec = PackageCreate(pid="123123", module_type=1, target="1", file_name="f")
+    return spec, service.blobs.put_bytes(b"data")
+
+
+def test_an_upload_the_database_failed_to_record_leaves_no_file(
+    service: AdminService, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, blob = _upload_the_database_fails_to_record(service, monkeypatch)
     with pytest.raises(OperationalError):
         service.create_package(spec, blob)
     assert not service.blobs.exists(blob.sha256)
@@ -447,17 +454,11 @@ def test_an_upload_the_database_failed_to_record_leaves_no_file(
 def test_when_the_cleanup_fails_too_the_original_error_is_raised(
     service: AdminService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _product(service)
-    spec = PackageCreate(pid="123123", module_type=1, target="1", file_name="f")
-    blob = service.blobs.put_bytes(b"data")
-
-    def database_down(*_args: object) -> None:
-        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+    spec, blob = _upload_the_database_fails_to_record(service, monkeypatch)
 
     def pool_exhausted(*_args: object) -> None:
         raise TimeoutError("QueuePool limit reached")
 
-    monkeypatch.setattr(service, "_record_package", database_down)
     monkeypatch.setattr(service, "discard_blob_if_unused", pool_exhausted)
     with pytest.raises(OperationalError):  # a 503 for the API, not the cleanup's 500
         service.create_package(spec, blob)
