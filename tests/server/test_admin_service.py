@@ -95,6 +95,13 @@ def _package(service: AdminService, pid: str, data: bytes = b"firmware", **meta:
     return service.create_package(spec, service.blobs.put_bytes(data)).id
 
 
+def _device_with_package(service: AdminService) -> tuple[int, int]:
+    """Product 123123 with one device ``d`` and one FOTA package: (dev_id, package id)."""
+    _product(service)
+    (dev,) = _devices(service, "123123", "d")
+    return dev, _package(service, "123123")
+
+
 def _count(engine: Engine, table: Table) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
@@ -483,9 +490,7 @@ def test_delete_package_keeps_shared_files(service: AdminService) -> None:
 
 
 def test_package_in_use_cannot_be_deleted(service: AdminService) -> None:
-    _product(service)
-    (dev,) = _devices(service, "123123", "d")
-    package_id = _package(service, "123123")
+    dev, package_id = _device_with_package(service)
     service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev]))
     with pytest.raises(Conflict, match="used by 1 task"):
         service.delete_package(package_id)
@@ -800,9 +805,7 @@ def test_delete_device_removes_its_history_and_tokens_only(
 def test_device_with_an_open_task_cannot_be_deleted(
     service: AdminService, engine: Engine, changes: list[int], state: TaskState
 ) -> None:
-    _product(service)
-    (dev,) = _devices(service, "123123", "d")
-    package_id = _package(service, "123123")
+    dev, package_id = _device_with_package(service)
     task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
     paused_from = int(TaskState.DOWNLOADING) if state is TaskState.PAUSED else None
     _set_state(engine, dev, state, paused_from)
@@ -828,9 +831,7 @@ def test_device_with_an_open_task_cannot_be_deleted(
 def test_an_open_task_past_its_deadline_does_not_block_the_delete(
     service: AdminService, engine: Engine, clock: Clock
 ) -> None:
-    _product(service)
-    (dev,) = _devices(service, "123123", "d")
-    package_id = _package(service, "123123")
+    dev, package_id = _device_with_package(service)
     service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev], deadline=NOW + 10))
     with pytest.raises(Conflict):
         service.delete_device(dev)
@@ -936,9 +937,7 @@ def test_product_in_use_cannot_be_deleted_and_the_message_says_by_what(
 def test_a_task_opened_before_the_delete_commits_wins_with_409(
     service: AdminService, engine: Engine
 ) -> None:
-    _product(service)
-    (dev,) = _devices(service, "123123", "d")
-    package_id = _package(service, "123123")
+    dev, package_id = _device_with_package(service)
     with engine.begin() as conn:  # create_task's writes, held uncommitted while the delete runs
         task_id = conn.execute(
             insert(schema.tasks)
@@ -965,9 +964,7 @@ def test_a_task_opened_before_the_delete_commits_wins_with_409(
 def test_a_task_opened_while_the_delete_runs_loses_without_leaving_a_row(
     service: AdminService, engine: Engine
 ) -> None:
-    _product(service)
-    (dev,) = _devices(service, "123123", "d")
-    package_id = _package(service, "123123")
+    dev, package_id = _device_with_package(service)
     paused, release = threading.Event(), threading.Event()
     deleting: Outcome | None = None
 
@@ -1014,9 +1011,7 @@ def test_a_deadlocked_delete_runs_again_and_succeeds(
     service: AdminService, engine: Engine, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="onenet_ota.server.admin_service")
-    _product(service)
-    (dev,) = _devices(service, "123123", "d")
-    package_id = _package(service, "123123")
+    dev, package_id = _device_with_package(service)
     service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev], deadline=NOW + 10))
     clock.now += 10  # the delete's T5 step will lock the expired device task first
     # The delete holds the device task and wants the device row; the other session holds the
@@ -1185,9 +1180,7 @@ def test_the_409_lists_a_sample_of_the_open_devices(service: AdminService) -> No
 def test_an_expired_open_task_does_not_block_its_delete(
     service: AdminService, engine: Engine, clock: Clock
 ) -> None:
-    _product(service)
-    (dev,) = _devices(service, "123123", "d")
-    package_id = _package(service, "123123")
+    dev, package_id = _device_with_package(service)
     task = service.create_task(
         TaskCreate(package_id=package_id, dev_ids=[dev], deadline=NOW + 10)
     ).task
@@ -1289,9 +1282,7 @@ def _pause_after_the_lock(
 def test_device_requests_during_the_delete_see_the_whole_task_or_nothing(
     service: AdminService, engine: Engine, clock: Clock
 ) -> None:
-    _product(service)
-    (dev,) = _devices(service, "123123", "d")
-    package_id = _package(service, "123123")
+    dev, package_id = _device_with_package(service)
     task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
     _set_task_state(engine, task.id, dev, TaskState.SUCCEEDED)
     _give_tokens(engine, dev, 1)
@@ -1339,9 +1330,7 @@ def test_device_requests_during_the_delete_see_the_whole_task_or_nothing(
 def test_a_token_inserted_while_the_delete_runs_is_never_half_deleted(
     service: AdminService, engine: Engine
 ) -> None:
-    _product(service)
-    (dev,) = _devices(service, "123123", "d")
-    package_id = _package(service, "123123")
+    dev, package_id = _device_with_package(service)
     task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
     _set_task_state(engine, task.id, dev, TaskState.FAILED)
     _give_tokens(engine, dev, 1)
@@ -1374,9 +1363,7 @@ def test_a_token_inserted_while_the_delete_runs_is_never_half_deleted(
 def test_an_action_or_a_second_delete_during_the_delete_finds_no_task(
     service: AdminService, engine: Engine
 ) -> None:
-    _product(service)
-    (dev,) = _devices(service, "123123", "d")
-    package_id = _package(service, "123123")
+    dev, package_id = _device_with_package(service)
     task = service.create_task(TaskCreate(package_id=package_id, dev_ids=[dev])).task
     _set_task_state(engine, task.id, dev, TaskState.SUCCEEDED)  # the task is still "active"
     deleting: Outcome | None = None
