@@ -68,6 +68,20 @@ def _json(result: Result) -> Any:
     return json.loads(result.stdout)
 
 
+def _device_task(admin: Any, tmp_path: Path, firmware: bytes) -> tuple[str, int, int, int]:
+    """A new product with one device and a FOTA task for it, made with the CLI:
+    (pid, dev_id, package id, task id). ``firmware`` is made unique per product."""
+    pid = _product(admin)
+    dev = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
+    path = tmp_path / "fw.bin"
+    path.write_bytes(firmware + pid.encode())
+    package_id = _json(admin("package", "upload", str(path), "--pid", pid, "--type", "fota",
+                             "--target", "2.0", "--json"))["id"]  # fmt: skip
+    task_id = _json(admin("task", "create", "--package", str(package_id), "--dev-id", str(dev),
+                          "--json"))["id"]  # fmt: skip
+    return pid, dev, package_id, task_id
+
+
 def test_product_create_with_onenet_ids(admin: Any) -> None:
     pid = str(next(_pid))
     result = admin("product", "create", "--id", pid, "--access-key", K1)
@@ -189,14 +203,7 @@ def test_task_commands(admin: Any, tmp_path: Path) -> None:
 
 
 def test_device_and_product_delete(admin: Any, tmp_path: Path) -> None:
-    pid = _product(admin)
-    dev = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
-    firmware = tmp_path / "fw.bin"
-    firmware.write_bytes(b"delete firmware " + pid.encode())
-    package_id = _json(admin("package", "upload", str(firmware), "--pid", pid, "--type", "fota",
-                             "--target", "2.0", "--json"))["id"]  # fmt: skip
-    task_id = _json(admin("task", "create", "--package", str(package_id), "--dev-id", str(dev),
-                          "--json"))["id"]  # fmt: skip
+    pid, dev, _, task_id = _device_task(admin, tmp_path, b"delete firmware ")
 
     busy = admin("device", "delete", str(dev), ok=False)
     assert busy.exit_code == 1
@@ -233,14 +240,7 @@ def test_device_delete_json(admin: Any) -> None:
 
 
 def test_task_delete(admin: Any, tmp_path: Path) -> None:
-    pid = _product(admin)
-    dev = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
-    firmware = tmp_path / "fw.bin"
-    firmware.write_bytes(b"task delete firmware " + pid.encode())
-    package_id = _json(admin("package", "upload", str(firmware), "--pid", pid, "--type", "fota",
-                             "--target", "2.0", "--json"))["id"]  # fmt: skip
-    task_id = _json(admin("task", "create", "--package", str(package_id), "--dev-id", str(dev),
-                          "--json"))["id"]  # fmt: skip
+    _, dev, package_id, task_id = _device_task(admin, tmp_path, b"task delete firmware ")
 
     busy = admin("task", "delete", str(task_id), ok=False)
     assert (busy.exit_code, busy.stdout) == (1, "")
@@ -263,14 +263,7 @@ def test_task_delete(admin: Any, tmp_path: Path) -> None:
 
 
 def test_task_delete_json(admin: Any, tmp_path: Path) -> None:
-    pid = _product(admin)
-    dev = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
-    firmware = tmp_path / "fw.bin"
-    firmware.write_bytes(b"task delete json " + pid.encode())
-    package_id = _json(admin("package", "upload", str(firmware), "--pid", pid, "--type", "fota",
-                             "--target", "2.0", "--json"))["id"]  # fmt: skip
-    task_id = _json(admin("task", "create", "--package", str(package_id), "--dev-id", str(dev),
-                          "--json"))["id"]  # fmt: skip
+    pid, _, _, task_id = _device_task(admin, tmp_path, b"task delete json ")
     admin("task", "cancel", str(task_id), "--json")
     assert _json(admin("task", "delete", str(task_id), "--json")) == {"deleted": task_id}
     assert _json(admin("task", "list", "--pid", pid, "--json"))["items"] == []
