@@ -24,13 +24,16 @@ power cuts, status reports the server accepted), phase counts for a live view, a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
 import math
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -257,6 +260,45 @@ class Fleet:
                 pause_poll=_PAUSE_POLL_S,
             ),
         )
+
+    def run_until_stopped(self, on_tick: Callable[[FleetState], None] | None = None) -> FleetState:
+        """:meth:`run` in a new event loop; SIGINT/SIGTERM end it as interrupted (on the main
+        thread; elsewhere signals are left alone). The caller's signal handlers are restored."""
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
+
+            def stop() -> None:
+                self.state.interrupted = True
+                task.cancel()
+
+            handled = []
+            if threading.current_thread() is threading.main_thread():
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(signum, stop)
+                    handled.append(signum)
+            try:
+                await self.run(on_tick)
+            except asyncio.CancelledError:
+                if not self.state.interrupted:
+                    raise
+            finally:
+                for signum in handled:
+                    loop.remove_signal_handler(signum)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            asyncio.run(main())
+        finally:
+            # asyncio resets the handlers it replaced to the defaults; put the caller's back.
+            for signum, handler in previous.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
+        return self.state
 
     async def run(
         self, on_tick: Callable[[FleetState], None] | None = None, *, tick: float = 0.5

@@ -15,9 +15,6 @@ directory removed before :func:`simulate` returns or raises.
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import threading
 from collections.abc import Callable
 
 from onenet_ota.cli.admin import AdminClient, AdminClientError
@@ -31,45 +28,6 @@ __all__ = ["simulate"]
 
 Tick = Callable[[FleetState], None]
 Notice = Callable[[str], None]
-
-
-def _run_fleet(fleet: Fleet, on_tick: Tick | None) -> FleetState:
-    """Run ``fleet`` in a new event loop; SIGINT/SIGTERM end it as interrupted."""
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def stop() -> None:
-            fleet.state.interrupted = True
-            task.cancel()
-
-        handled = []
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop)
-                handled.append(signum)
-        try:
-            await fleet.run(on_tick)
-        except asyncio.CancelledError:
-            if not fleet.state.interrupted:
-                raise
-        finally:
-            for signum in handled:
-                loop.remove_signal_handler(signum)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        asyncio.run(main())
-    finally:
-        # asyncio resets the handlers it replaced to the defaults; put the caller's back.
-        for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-    return fleet.state
 
 
 def simulate(
@@ -122,7 +80,7 @@ def simulate(
             target = adopt(admin, config)
         say(f"task {target.task_id}: {len(target.dev_ids)} devices upgrade to {target.target}")
         fleet = Fleet(config, target, base_url)
-        state = _run_fleet(fleet, on_tick)
+        state = fleet.run_until_stopped(on_tick)
         agreement = counts = None
         note = ""
         if not state.interrupted:

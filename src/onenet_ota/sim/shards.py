@@ -17,12 +17,10 @@ directories live in one directory the parent makes and removes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
 import shutil
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -77,26 +75,8 @@ def _shard_main(
     """A child process: run the shard, report snapshots, then the final state."""
     die_with_parent()
     fleet = Fleet(config, target, base_url, shard=shard)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def stop() -> None:
-            fleet.state.interrupted = True
-            task.cancel()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop)
-        try:
-            await fleet.run(lambda state: conn.send(("tick", Snapshot.of(state))))
-        except asyncio.CancelledError:
-            if not fleet.state.interrupted:
-                raise
-
     try:
-        asyncio.run(main())
+        fleet.run_until_stopped(lambda state: conn.send(("tick", Snapshot.of(state))))
         conn.send(("done", fleet.state))
     except Exception as exc:
         with contextlib.suppress(OSError):
