@@ -34,9 +34,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
-from sqlalchemy import Engine, Select, literal_column, select, text
+from sqlalchemy import Engine, literal_column, select, text
+from tests.server.seed import core_reader
 
 from bench.common import database, machine, postgres
 from onenet_ota.server.changes import ChangeFeed, publish
@@ -44,17 +44,6 @@ from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.schema import cache_changes
 
 TARGET = 2.0
-
-
-def _reader(engine: Engine) -> Callable[[Select[Any]], Callable[..., list[Any]]]:
-    def compile_(statement: Select[Any]) -> Callable[..., list[Any]]:
-        def run(**params: Any) -> list[Any]:
-            with engine.connect() as conn:
-                return list(conn.execute(statement, params).all())
-
-        return run
-
-    return compile_
 
 
 def _emit(engine: Engine, count: int, first: int) -> None:
@@ -93,7 +82,7 @@ def run(args: argparse.Namespace) -> bool:
     with postgres() as cluster, database("postgres", cluster, "feed_bench") as url:
         engine = create_engine(url)
         migrate(engine)
-        feed = ChangeFeed(engine, _reader(engine), origin=1, interval=0, batch=10**9)
+        feed = ChangeFeed(engine, core_reader(engine), origin=1, interval=0, batch=10**9)
         feed.read()
 
         def feed_read() -> int:

@@ -11,14 +11,14 @@ import hashlib
 import itertools
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
 import pytest
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, Select, insert, select, update
 
 from onenet_ota import auth
 from onenet_ota.protocol.states import TaskState
@@ -433,3 +433,17 @@ def sdk_request(
     if body is not None:
         lines.append(f"Content-Length:{len(body):>7}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+def core_reader(engine: Engine) -> Callable[[Select[Any]], Callable[..., list[Any]]]:
+    """A reader for :class:`~onenet_ota.server.changes.ChangeFeed` on pooled Core connections
+    (the device service's own readers use raw ones)."""
+
+    def compile_(statement: Select[Any]) -> Callable[..., list[Any]]:
+        def run(**params: Any) -> list[Any]:
+            with engine.connect() as conn:
+                return list(conn.execute(statement, params).all())
+
+        return run
+
+    return compile_

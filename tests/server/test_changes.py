@@ -28,7 +28,7 @@ from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.changes import EVERYTHING, NOTHING, ChangeFeed, Changes, publish
 from onenet_ota.server.device_service import DeviceService
 from onenet_ota.server.schema import cache_changes
-from tests.server.seed import T0, FakeClock, Seeder, World, running_api
+from tests.server.seed import T0, FakeClock, Seeder, World, core_reader, running_api
 
 FOTA = TaskType.FOTA
 # Transactions that commit out of order exist only there: SQLite serialises its writers.
@@ -45,19 +45,6 @@ class Ticks:
 
     def __call__(self) -> float:
         return self.now
-
-
-def core_reader(engine: Engine) -> Callable[[Select[Any]], Callable[..., list[Any]]]:
-    """A reader for ChangeFeed on plain Core connections (the service uses raw ones)."""
-
-    def compile_(statement: Select[Any]) -> Callable[..., list[Any]]:
-        def run(**params: Any) -> list[Any]:
-            with engine.connect() as conn:
-                return list(conn.execute(statement, params).all())
-
-        return run
-
-    return compile_
 
 
 @pytest.fixture
