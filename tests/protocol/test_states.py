@@ -17,7 +17,15 @@ from onenet_ota.protocol.states import (
     on_report,
     on_token_check,
 )
-from onenet_ota.protocol.status import ReportKind, classify_result, classify_step
+from onenet_ota.protocol.status import (
+    STATUS_TEXT,
+    ReportKind,
+    StatusCode,
+    classify_result,
+    classify_step,
+    describe_status,
+    status_name,
+)
 
 S, R, E = TaskState, ReportKind, Errno
 
@@ -174,3 +182,13 @@ def test_terminal_states_are_absorbing_and_paused_remembers(
         if before.is_terminal:
             assert state is before
         assert state.is_open != state.is_terminal
+
+
+def test_every_status_code_has_its_meaning() -> None:
+    assert {code: code.text for code in StatusCode} == STATUS_TEXT
+    assert StatusCode.UPGRADE_MD5_MISMATCH.text == "upgrade failed: MD5 mismatch"
+    assert describe_status(205) == "205 (upgrade failed: MD5 mismatch)"
+    assert describe_status(102) == "102 (download failed: not enough space)"
+    assert status_name(101) == "package downloaded"
+    # Progress values and unknown numbers are shown bare.
+    assert (describe_status(50), describe_status(209), status_name(0)) == ("50", "209", None)

@@ -38,6 +38,48 @@ class StatusCode(IntEnum):
     UPGRADE_RETRY_LIMIT = 207
     UPGRADE_EXPIRED = 208
 
+    @property
+    def text(self) -> str:
+        """What the code means, in the words of spec §6.7.1 (for people; never sent)."""
+        return STATUS_TEXT[self]
+
+
+STATUS_TEXT: dict[StatusCode, str] = {
+    StatusCode.DOWNLOADED: "package downloaded",
+    StatusCode.DOWNLOAD_NO_SPACE: "download failed: not enough space",
+    StatusCode.DOWNLOAD_NO_MEMORY: "download failed: out of memory",
+    StatusCode.DOWNLOAD_TIMEOUT: "download failed: request timed out",
+    StatusCode.DOWNLOAD_LOW_BATTERY: "download failed: battery too low",
+    StatusCode.DOWNLOAD_WEAK_SIGNAL: "download failed: signal too weak",
+    StatusCode.DOWNLOAD_OTHER: "download failed: other error",
+    StatusCode.UPGRADED: "upgrade succeeded",
+    StatusCode.UPGRADE_LOW_BATTERY: "upgrade failed: battery too low",
+    StatusCode.UPGRADE_NO_MEMORY: "upgrade failed: out of memory",
+    StatusCode.UPGRADE_VERSION_MISMATCH: "upgrade failed: package version is not the target",
+    StatusCode.UPGRADE_MD5_MISMATCH: "upgrade failed: MD5 mismatch",
+    StatusCode.UPGRADE_OTHER: "upgrade failed: other error",
+    StatusCode.UPGRADE_RETRY_LIMIT: "upgrade failed: retry limit reached",
+    StatusCode.UPGRADE_EXPIRED: "upgrade failed: upgrade expired",
+}
+
+
+def status_name(code: int) -> str | None:
+    """The text of status code ``code`` (:attr:`StatusCode.text`), or None for another value."""
+    try:
+        return StatusCode(code).text
+    except ValueError:
+        return None
+
+
+def describe_status(code: int) -> str:
+    """``code`` with its meaning for display, e.g. ``205 (upgrade failed: MD5 mismatch)``.
+
+    A value that is not a status code (a progress value, or whatever a newer server sends)
+    shows as the bare number.
+    """
+    name = status_name(code)
+    return str(code) if name is None else f"{code} ({name})"
+
 
 class ReportKind(Enum):
     """The columns of the report state table (spec §5.5)."""
