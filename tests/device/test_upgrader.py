@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,6 +36,7 @@ from onenet_ota.device._flow import (
     Retrying,
     TokenCheck,
     UpgradeOptions,
+    UpgradeResult,
     Verified,
     Waiting,
 )
@@ -958,3 +961,88 @@ def test_events_serialise_to_json(tmp_path: Path, package: bytes) -> None:
     assert h.events[-1].to_dict()["event"] == "result"
     assert h.events[-1].to_dict()["outcome"] == "succeeded"
     assert any(isinstance(e, Reported) for e in h.events)
+
+
+# -- logging and the package's exports -----------------------------------------------------------
+
+ACCESS_KEY = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="
+
+
+def _logged_run(
+    tmp_path: Path, platform: FakePlatform, handler: Callable[[httpx2.Request], httpx2.Response]
+) -> UpgradeResult:
+    with (
+        httpx2.Client(transport=httpx2.MockTransport(handler)) as http,
+        OtaClient(_config(), base_url="http://ota.test", http_client=http) as client,
+    ):
+        return Upgrader(
+            client,
+            FileInstaller(tmp_path / "fw.bin"),
+            state_dir=tmp_path / "state",
+            options=UpgradeOptions(chunk_size=4096, retry=FAST),
+            sleep=lambda seconds: None,
+        ).run()
+
+
+def _check_no_secrets(caplog: pytest.LogCaptureFixture, platform: FakePlatform) -> None:
+    assert platform.tokens
+    for record in caplog.records:
+        text = record.getMessage()
+        assert not any(token in text for token in platform.tokens), text
+        assert ACCESS_KEY not in text
+        assert "sign=" not in text
+
+
+def test_the_upgrader_logs_retries_and_outcomes(
+    tmp_path: Path, package: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    platform = FakePlatform(package, retry=3)
+    inner = _mock_platform(platform)
+    failures = iter([True, False])
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if request.headers.get("Range") and next(failures, False):
+            # A library message that quotes the URL, download token included.
+            raise httpx2.ConnectError(f"cannot connect for {request.url}", request=request)
+        return inner.handle_request(request)
+
+    caplog.set_level(logging.DEBUG, "onenet_ota.device")
+    result = _logged_run(tmp_path, platform, handler)
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    logged = [
+        (r.name, r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.name == "onenet_ota.device.upgrader" and r.levelno >= logging.INFO
+    ]
+    retry = "download failed (1 of 3 attempts), retrying in 1.0 s: E6 download package: "
+    assert [(level, text.startswith(retry)) for _, level, text in logged if "retrying" in text] == [
+        (logging.WARNING, True)
+    ]
+    assert "***" in next(text for _, _, text in logged if "retrying" in text)
+    texts = [text for _, _, text in logged]
+    assert "reported 101 (package downloaded)" in texts
+    assert "reported 201 (upgrade succeeded)" in texts
+    assert texts[-1] == "FOTA upgrade succeeded"
+    _check_no_secrets(caplog, platform)
+
+
+def test_a_failed_upgrade_is_logged_as_an_error(
+    tmp_path: Path, package: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    platform = FakePlatform(package, retry=2)
+    inner = _mock_platform(platform)
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if request.headers.get("Range"):
+            raise httpx2.ReadTimeout("timed out", request=request)
+        return inner.handle_request(request)
+
+    caplog.set_level(logging.INFO, "onenet_ota.device")
+    result = _logged_run(tmp_path, platform, handler)
+    assert result.code is StatusCode.DOWNLOAD_TIMEOUT
+    last = caplog.records[-1]
+    assert (last.name, last.levelno) == ("onenet_ota.device.upgrader", logging.ERROR)
+    assert last.getMessage().startswith(
+        "FOTA upgrade failed, reported 104 (download failed: request timed out): download: "
+    )
+    _check_no_secrets(caplog, platform)

@@ -516,6 +516,15 @@ class UpgradeFlow:
                         raise AssertionError("_fail always stops") from None  # pragma: no cover
                 except _Stop as stop:
                     result = stop.result
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):
+                        # An orderly interruption: Ctrl-C or SystemExit here, or the driver
+                        # closing the flow after one (GeneratorExit; a cancellation). Keep the
+                        # bytes downloaded so far for the next run, then release the lock. An
+                        # Exception escaping the flow is a crash (or a simulated power cut):
+                        # the durable state stays as the last checkpoint left it.
+                        self._checkpoint_quietly()
+                    raise
                 finally:
                     self._close_partial()
         except StateError as exc:

@@ -2,9 +2,8 @@
 
 ::
 
-    from onenet_ota.device import Credentials, DeviceConfig, OtaClient
-    from onenet_ota.device.install import FileInstaller
-    from onenet_ota.device.upgrader import Upgrader
+    from onenet_ota.device import (Credentials, DeviceConfig, FileInstaller, OtaClient, Outcome,
+                                   Upgrader)
 
     config = DeviceConfig(credentials=Credentials.from_access_key(pid, key), dev_id="42",
                           version="1.0.0")
@@ -21,16 +20,26 @@ it continues from the state directory.
 The state directory is local storage: its reads, writes and fsyncs run synchronously, also in
 :class:`AsyncUpgrader` (bounded by ``checkpoint_bytes`` between fsyncs); the installer of the async
 upgrader runs in a worker thread unless its ``install`` is a coroutine function.
+
+``on_event`` only observes: an :class:`Exception` it raises (a closed pipe, a full log disk, a
+bug) is logged and ignored, so it can never become the device's verdict. What is not an
+:class:`Exception` (:class:`KeyboardInterrupt`, :class:`SystemExit`, a cancellation) still ends
+the run, as it would anywhere else. However a run ends, interrupted and cancelled included, the
+state directory's lock is released and the next run resumes.
+
+Logging: the logger ``onenet_ota.device.upgrader`` records each run's task, retries, waits,
+restarts, status reports and outcome (progress at DEBUG). It never records tokens or keys.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Final
 
 import anyio
 import anyio.to_thread
@@ -66,6 +75,7 @@ from onenet_ota.device.client import AsyncOtaClient, OtaClient
 from onenet_ota.device.install import AsyncInstaller, FileInstaller, Installer, InstallError
 from onenet_ota.device.retry import Retry
 from onenet_ota.device.state import Opener, StateStore, open_for_update
+from onenet_ota.protocol.status import describe_status
 
 __all__ = [
     "AsyncInstaller",
@@ -94,6 +104,64 @@ __all__ = [
 
 EventHandler = Callable[[UpgradeEvent], None]
 
+logger = logging.getLogger("onenet_ota.device.upgrader")
+
+_MAX_LOGGED_TEXT: Final = 300  # a callback's exception text is the caller's: keep log lines short
+
+
+def _log_event(event: UpgradeEvent, redact: Callable[[str], str]) -> None:
+    """The event as a log record: what an operator reads without an ``on_event`` of their own."""
+    if isinstance(event, Progress):
+        logger.debug("downloaded %d of %d bytes", event.downloaded, event.total)
+    elif isinstance(event, Retrying):
+        # Like urllib3's retries: a warning, since each one means something went wrong.
+        logger.warning(
+            "%s failed (%d of %d attempts), retrying in %.1f s: %s",
+            event.step,
+            event.failures,
+            event.attempts,
+            event.wait,
+            redact(event.error),
+        )
+    elif isinstance(event, Reported):
+        if event.code > 100:
+            logger.info("reported %s", describe_status(event.code))
+        else:
+            logger.debug("reported progress %d%%", event.code)
+    elif isinstance(event, TaskFound):
+        logger.info(
+            "task: upgrade to %s (%d bytes, md5 %s), %s, resuming at byte %d",
+            event.target,
+            event.size,
+            event.md5,
+            event.phase,
+            event.resumed_from,
+        )
+    elif isinstance(event, Waiting):
+        logger.info("%s; asking again in %.0f s", event.reason, event.wait)
+    elif isinstance(event, Restarted):
+        logger.warning("the download starts over: %s", event.reason)
+    elif isinstance(event, Verified):
+        logger.info("package verified: %d bytes, md5 %s", event.size, event.md5)
+    elif isinstance(event, Installed):
+        logger.info("installed %s", event.target)
+    elif isinstance(event, Finished):
+        result = event.result
+        level = _OUTCOME_LEVEL[result.outcome]
+        code = "" if result.code is None else f", reported {describe_status(result.code)}"
+        reason = f": {redact(result.reason)}" if result.reason else ""
+        logger.log(level, "%s upgrade %s%s%s", result.task_type.name, result.outcome, code, reason)
+
+
+_OUTCOME_LEVEL: Final = {
+    Outcome.SUCCEEDED: logging.INFO,
+    Outcome.NO_TASK: logging.INFO,
+    Outcome.FINISHED: logging.INFO,
+    Outcome.CANCELLED: logging.INFO,
+    Outcome.DEFERRED: logging.WARNING,
+    Outcome.FAILED: logging.ERROR,
+}
+
 
 class _UpgraderBase:
     def _setup(
@@ -118,14 +186,45 @@ class _UpgraderBase:
         self._on_event = on_event
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        self._current: UpgradeFlow | None = None
+        self._callback_failures: dict[str, int] = {}
 
     def _emit(self, event: UpgradeEvent) -> None:
-        if self._on_event is not None:
+        _log_event(event, self._redact)
+        if self._on_event is None:
+            return
+        try:
             self._on_event(event)
+        except Exception as exc:  # only observes: its failure must not fail the upgrade
+            self._callback_failed(event, exc)
 
-    def _flow(self) -> UpgradeFlow:
+    def _callback_failed(self, event: UpgradeEvent, exc: Exception) -> None:
+        """Log the first failure of each exception type per run; count the rest (see _flow)."""
+        kind = type(exc).__qualname__
+        seen = self._callback_failures.get(kind, 0)
+        self._callback_failures[kind] = seen + 1
+        if seen == 0:
+            text = self._redact(str(exc))[:_MAX_LOGGED_TEXT]
+            logger.warning(
+                "on_event raised %s on the %r event; ignored, the upgrade goes on "
+                "(later %s errors of this run are only counted): %s",
+                kind,
+                event.name,
+                kind,
+                text,
+            )
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the current download token (an error may quote a request path)."""
+        flow = self._current
+        if flow is not None and flow.state is not None and flow.state.task.token:
+            text = text.replace(flow.state.task.token, "***")
+        return text
+
+    def _flow(self) -> Generator[Operation, Any, UpgradeResult]:
         config = self.client.config
-        return UpgradeFlow(
+        self._callback_failures = {}
+        self._current = UpgradeFlow(
             store=self.store,
             task_type=config.type,
             current_version=config.version,
@@ -134,6 +233,21 @@ class _UpgraderBase:
             clock=self._clock,
             rng=self._rng,
         )
+        return self._current.run()
+
+    def _finish(self, flow: Generator[Operation, Any, UpgradeResult]) -> None:
+        """Close the flow however the run ended (as httpx's auth-flow driver does).
+
+        After an interruption in the driver (KeyboardInterrupt, a cancellation) the flow is
+        suspended at a ``yield`` and still holds the state directory's lock; closing it
+        checkpoints the download and releases the lock, so the next run resumes at once.
+        """
+        flow.close()
+        for kind, count in self._callback_failures.items():
+            if count > 1:
+                logger.warning("on_event raised %s %d times in this run", kind, count)
+        self._callback_failures = {}
+        self._current = None
 
 
 class Upgrader(_UpgraderBase):
@@ -172,27 +286,30 @@ class Upgrader(_UpgraderBase):
 
     def run(self) -> UpgradeResult:
         """Run (or resume) the upgrade to its end; see :class:`UpgradeResult`."""
-        flow = self._flow().run()
+        flow = self._flow()
         try:
-            op = next(flow)
-        except StopIteration as stop:  # ended before any operation (e.g. the state is locked)
-            first: UpgradeResult = stop.value
-            return first
-        while True:
             try:
-                value = self._perform(op)
-            except Exception as exc:
+                op = next(flow)
+            except StopIteration as stop:  # ended before any operation (e.g. the state is locked)
+                first: UpgradeResult = stop.value
+                return first
+            while True:
                 try:
-                    op = flow.throw(exc)
-                except StopIteration as stop:
-                    result: UpgradeResult = stop.value
-                    return result
-            else:
-                try:
-                    op = flow.send(value)
-                except StopIteration as stop:
-                    result = stop.value
-                    return result
+                    value = self._perform(op)
+                except Exception as exc:
+                    try:
+                        op = flow.throw(exc)
+                    except StopIteration as stop:
+                        result: UpgradeResult = stop.value
+                        return result
+                else:
+                    try:
+                        op = flow.send(value)
+                    except StopIteration as stop:
+                        result = stop.value
+                        return result
+        finally:
+            self._finish(flow)
 
     def _perform(self, op: Operation) -> Any:
         client = self._client
@@ -245,27 +362,30 @@ class AsyncUpgrader(_UpgraderBase):
 
     async def run(self) -> UpgradeResult:
         """Run (or resume) the upgrade to its end; see :class:`UpgradeResult`."""
-        flow = self._flow().run()
+        flow = self._flow()
         try:
-            op = next(flow)
-        except StopIteration as stop:  # ended before any operation (e.g. the state is locked)
-            first: UpgradeResult = stop.value
-            return first
-        while True:
             try:
-                value = await self._perform(op)
-            except Exception as exc:
+                op = next(flow)
+            except StopIteration as stop:  # ended before any operation (e.g. the state is locked)
+                first: UpgradeResult = stop.value
+                return first
+            while True:
                 try:
-                    op = flow.throw(exc)
-                except StopIteration as stop:
-                    result: UpgradeResult = stop.value
-                    return result
-            else:
-                try:
-                    op = flow.send(value)
-                except StopIteration as stop:
-                    result = stop.value
-                    return result
+                    value = await self._perform(op)
+                except Exception as exc:
+                    try:
+                        op = flow.throw(exc)
+                    except StopIteration as stop:
+                        result: UpgradeResult = stop.value
+                        return result
+                else:
+                    try:
+                        op = flow.send(value)
+                    except StopIteration as stop:
+                        result = stop.value
+                        return result
+        finally:
+            self._finish(flow)
 
     async def _perform(self, op: Operation) -> Any:
         client = self._client
