@@ -1046,3 +1046,20 @@ def test_a_failed_upgrade_is_logged_as_an_error(
         "FOTA upgrade failed, reported 104 (download failed: request timed out): download: "
     )
     _check_no_secrets(caplog, platform)
+
+
+def test_the_package_exports_the_upgrader() -> None:
+    import onenet_ota.device as sdk
+
+    # What the README's and docs/upgrader.md's examples import from the package itself.
+    exported = {
+        "Upgrader": Upgrader, "AsyncUpgrader": AsyncUpgrader, "Outcome": Outcome,
+        "FileInstaller": FileInstaller, "UpgradeOptions": UpgradeOptions,
+        "UpgradeResult": UpgradeResult, "InstallError": InstallError, "Retry": Retry,
+    }  # fmt: skip
+    assert {name: getattr(sdk, name, None) for name in exported} == exported
+    assert set(exported) <= set(sdk.__all__)
+    assert all(hasattr(sdk, name) for name in sdk.__all__)
+    # A library stays silent unless the application configures logging.
+    handlers = logging.getLogger("onenet_ota.device").handlers
+    assert any(isinstance(h, logging.NullHandler) for h in handlers)

@@ -23,9 +23,19 @@
             # verify len(package) == task.size and its MD5 == task.md5 before reporting 101
             client.report_status(task.token, StatusCode.DOWNLOADED)
 
-:class:`AsyncOtaClient` offers the same calls for asyncio. Errors form one tree rooted at
-:class:`OtaError` (see :mod:`onenet_ota.device.errors`); events are in
-:mod:`onenet_ota.device.events`. This package never imports the server.
+The whole resumable upgrade is one call (:mod:`onenet_ota.device.upgrader`)::
+
+    from onenet_ota.device import FileInstaller, Outcome, Upgrader
+
+    with OtaClient(config) as client:
+        result = Upgrader(client, FileInstaller("/opt/fw.bin"), state_dir="/var/lib/ota").run()
+
+:class:`AsyncOtaClient` (and :class:`AsyncUpgrader`) offer the same for asyncio. Errors form one
+tree rooted at
+:class:`OtaError` (see :mod:`onenet_ota.device.errors`); the client's events are in
+:mod:`onenet_ota.device.events`, the upgrader's in :mod:`onenet_ota.device.upgrader`. This
+package never imports the server. It logs to ``onenet_ota.device`` and its children (silent
+unless the application configures logging) and never logs tokens or keys.
 """
 
 import logging
@@ -70,6 +80,18 @@ from onenet_ota.device.events import (
     TokenChecked,
     VersionPosted,
 )
+from onenet_ota.device.install import AsyncInstaller, FileInstaller, Installer, InstallError
+from onenet_ota.device.retry import Retry
+from onenet_ota.device.upgrader import (
+    AsyncUpgrader,
+    GatePolicy,
+    Outcome,
+    TokenCheck,
+    UpgradeEvent,
+    UpgradeOptions,
+    Upgrader,
+    UpgradeResult,
+)
 from onenet_ota.protocol.download import DownloadError as DownloadErrorCode
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.messages import TaskInfo
@@ -81,7 +103,9 @@ logging.getLogger("onenet_ota.device").addHandler(logging.NullHandler())
 __all__ = [
     "DEFAULT_BASE_URL",
     "AsyncEventCallback",
+    "AsyncInstaller",
     "AsyncOtaClient",
+    "AsyncUpgrader",
     "AuthFailed",
     "ClientClosedError",
     "Credentials",
@@ -92,7 +116,11 @@ __all__ = [
     "Errno",
     "EventCallback",
     "EventKind",
+    "FileInstaller",
+    "GatePolicy",
     "HTTPStatusError",
+    "InstallError",
+    "Installer",
     "InvalidArgumentError",
     "InvalidOperation",
     "InvalidParameter",
@@ -105,12 +133,14 @@ __all__ = [
     "OtaClient",
     "OtaError",
     "OtaEvent",
+    "Outcome",
     "PackageDownloaded",
     "PackageKind",
     "PlatformError",
     "PlatformInternalError",
     "ProtocolError",
     "RequestTimeout",
+    "Retry",
     "StatusCode",
     "StatusReported",
     "TaskCancelled",
@@ -119,9 +149,14 @@ __all__ = [
     "TaskInfo",
     "TaskType",
     "Timeout",
+    "TokenCheck",
     "TokenChecked",
     "TokenExpired",
     "TransportError",
+    "UpgradeEvent",
+    "UpgradeOptions",
+    "UpgradeResult",
+    "Upgrader",
     "VersionInfo",
     "VersionMismatch",
     "VersionPosted",
