@@ -152,9 +152,23 @@ def test_gate_fail_policy_reports_and_exits_1(
     args = upgrade_args(world, server[0].url, tmp_path, "--power", "20", "--gate", "fail")
     result = run([*args, "--json"])
     assert result.exit_code == EXIT_FAILED, result.output
-    assert json_lines(result.output)[-1]["code"] == 105
+    final = json_lines(result.output)[-1]
+    assert final["code"] == 105  # machine-readable: the integer, and its name beside it
+    assert final["code_name"] == "download failed: battery too low"
     rows = server[1].request("GET", f"/tasks/{world.task_id}/devices")["items"]
     assert (rows[0]["state"], rows[0]["result_code"]) == ("failed", 105)
+
+
+def test_text_output_names_the_status_codes(
+    server: tuple[LocalServer, AdminClient], tmp_path: Path
+) -> None:
+    world = new_world(server, power=50)
+    args = upgrade_args(world, server[0].url, tmp_path, "--power", "20", "--gate", "fail")
+    result = run(args)
+    assert result.exit_code == EXIT_FAILED, result.output
+    lines = result.output.splitlines()
+    assert "reported 105 (download failed: battery too low)" in lines
+    assert lines[-1].startswith("failed, reported 105 (download failed: battery too low): ")
 
 
 def test_wrong_access_key_is_a_clear_failure(

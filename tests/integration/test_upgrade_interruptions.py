@@ -8,8 +8,12 @@ a callback or an interruption did is reported to the platform as the device's fa
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +34,7 @@ from onenet_ota.device.upgrader import (
     UpgradeResult,
 )
 from onenet_ota.server.http import Request, Response, ServerThread
-from tests.integration.conftest import Platform, World
+from tests.integration.conftest import CURRENT, Platform, World
 from tests.integration.test_upgrade_e2e import OPTIONS, unique_package
 
 PACKAGE_SIZE = 100_000  # seven chunks of OPTIONS.chunk_size
@@ -318,3 +322,50 @@ def test_sigint_mid_download_releases_the_state(platform: Platform, tmp_path: Pa
     assert platform.state(world) == "downloading"
     result = run_sync(platform, world, tmp_path)
     check_resumed(platform, world, tmp_path, result)
+
+
+# -- the CLI into a closed pipe -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [["--json"], []], ids=["json", "text"])
+def test_cli_output_into_a_reader_that_closes_early(
+    platform: Platform, tmp_path: Path, mode: list[str]
+) -> None:
+    """``onenet-ota device upgrade --json | head -n 1``: the upgrade goes on and succeeds."""
+    world = platform.world(data=unique_package(PACKAGE_SIZE))
+    served = platform.recorder("gated")
+    reader_gone = threading.Event()
+
+    async def downloads_after_the_reader_left(request: Request) -> Response:
+        # Everything after the first line is printed into the closed pipe, for certain.
+        if request.path.startswith("/ota/south/download/"):
+            await asyncio.to_thread(reader_gone.wait, 60)
+        return await served(request)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONENET_OTA_")}
+    env["ONENET_OTA_ACCESS_KEY"] = world.access_key
+    read, write = os.pipe()
+    with ServerThread(downloads_after_the_reader_left) as server:
+        command = [
+            sys.executable,
+            *("-m", "onenet_ota.cli.main", "device", "upgrade"),
+            *("--server", server.url, "--dev-id", str(world.dev_id)),
+            *("--product-id", world.pid, "--version", CURRENT),
+            *("--state-dir", str(tmp_path / "state"), "--output", str(tmp_path / "fw.bin")),
+            *("--chunk-size", "4k", "--progress-step", "5", "--retry-interval", "0.01"),
+            *mode,
+        ]
+        with subprocess.Popen(
+            command, env=env, stdout=write, stderr=subprocess.PIPE, text=True
+        ) as process:
+            os.close(write)
+            with os.fdopen(read, "rb") as reader:
+                first = reader.readline()  # `head -n 1`, then the reader goes away
+            reader_gone.set()
+            _, stderr = process.communicate(timeout=120)
+    assert first.startswith(b'{"event":"task"' if mode else b"task: upgrade to"), (first, stderr)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "Exception ignored" not in stderr
+    assert (tmp_path / "fw.bin").read_bytes() == world.data
+    assert terminal_history(platform, world) == [("succeeded", 201)]

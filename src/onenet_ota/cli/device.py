@@ -10,7 +10,9 @@ Commands::
 ``upgrade`` runs the whole resumable upgrade (:mod:`onenet_ota.device.upgrader`): run it again
 after any interruption and it continues from ``--state-dir``. On a terminal it draws a progress
 bar (bytes, rate, ETA); ``--json`` prints one JSON object per event instead, the last one being
-``{"event": "result", ...}``. ``check`` asks E3 for a task and prints it.
+``{"event": "result", ...}``. ``check`` asks E3 for a task and prints it. When the reader of
+the output goes away (``... --json | head -n 1``), ``upgrade`` stops printing and finishes the
+upgrade; its exit status still says how the upgrade ended.
 
 Every option can also come from the environment: ``ONENET_OTA_<OPTION>``, e.g.
 ``ONENET_OTA_SERVER``, ``ONENET_OTA_DEV_ID``, ``ONENET_OTA_PRODUCT_ID``,
@@ -25,6 +27,7 @@ resume). ``check``: 0 (task or no task), 1 on error, 2 for bad usage.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +67,7 @@ from onenet_ota.device.upgrader import (
     Waiting,
 )
 from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.status import describe_status, status_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -454,6 +458,11 @@ def _constant(value: int | None) -> Callable[[], int] | None:
 
 
 class _View:
+    """Shows the upgrader's events; a reader that went away only ends the showing."""
+
+    def __init__(self) -> None:
+        self.stdout_gone = False
+
     def __enter__(self) -> _View:
         return self
 
@@ -461,23 +470,62 @@ class _View:
         pass
 
     def handle(self, event: UpgradeEvent) -> None:
+        if self.stdout_gone:
+            return
+        try:
+            self.show(event)
+        except BrokenPipeError:
+            self.stdout_gone = True
+            _discard_stdout()
+
+    def show(self, event: UpgradeEvent) -> None:
         raise NotImplementedError
 
 
-class _JsonView(_View):
-    """One JSON object per event, flushed at once (for supervisors and log collectors)."""
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null after its reader left (Python's "Note on SIGPIPE" idiom).
 
-    def handle(self, event: UpgradeEvent) -> None:
-        _print_json(event.to_dict())
+    The upgrade must go on: the device's task does not depend on who reads the output. Without
+    this, the interpreter's final flush of the unwritten output fails again at exit.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+class _JsonView(_View):
+    """One JSON object per event, flushed at once (for supervisors and log collectors).
+
+    A status code comes with its meaning: ``"code": 205, "code_name": "upgrade failed: ..."``.
+    """
+
+    def show(self, event: UpgradeEvent) -> None:
+        data = event.to_dict()
+        code = data.get("code")
+        if isinstance(code, int):
+            name = status_name(code)
+            if name is not None:
+                data["code_name"] = name
+        _print_json(data)
 
 
 class _TextView(_View):
     """A rich progress bar on a terminal; plain lines otherwise."""
 
     def __init__(self) -> None:
+        super().__init__()
         from rich.console import Console
 
-        self.console = Console(highlight=False)
+        class QuietOnBrokenPipe(Console):
+            # rich's default exits the process (SystemExit(1)) mid-upgrade; the view's handle()
+            # stops showing instead and the upgrade goes on.
+            def on_broken_pipe(self) -> None:
+                self.quiet = True
+                raise BrokenPipeError
+
+        self.console = QuietOnBrokenPipe(highlight=False)
         self.progress: Any = None
         self.bar: Any = None
         self._last_line_percent = -1
@@ -514,7 +562,7 @@ class _TextView(_View):
     def say(self, text: str) -> None:
         self.console.print(text, markup=False, soft_wrap=True)
 
-    def handle(self, event: UpgradeEvent) -> None:
+    def show(self, event: UpgradeEvent) -> None:
         if isinstance(event, TaskFound):
             resumed = f", resuming at {event.resumed_from} bytes" if event.resumed_from else ""
             self.say(
@@ -546,7 +594,7 @@ class _TextView(_View):
             self.say(f"installed {event.target}")
         elif isinstance(event, Reported):
             if event.code > 100:
-                self.say(f"reported {event.code}")
+                self.say(f"reported {describe_status(event.code)}")
         elif isinstance(event, Finished):
             self._stop_bar()
             self.say(_summary(event.result))
@@ -564,8 +612,10 @@ def _summary(result: UpgradeResult) -> str:
     elif outcome is Outcome.NO_TASK:
         text = "no upgrade task"
     elif outcome is Outcome.FAILED:
-        code = f" (reported {int(result.code)})" if result.code is not None else ""
-        text = f"upgrade failed{code}"
+        if result.code is None:
+            text = "upgrade failed"
+        else:
+            text = f"failed, reported {describe_status(result.code)}"
     else:
         text = outcome.value.replace("_", " ")
     return f"{text}: {result.reason}" if result.reason else text
