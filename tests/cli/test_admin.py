@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from onenet_ota.cli.admin import BUSY_ATTEMPTS, AdminClient, AdminClientError
 from onenet_ota.cli.main import cli
+from onenet_ota.device import Credentials, DeviceConfig, OtaClient, StatusCode
 from onenet_ota.server.app import create_app
 from onenet_ota.server.config import Settings
 from onenet_ota.server.db import create_engine, migrate
@@ -200,6 +201,21 @@ def test_task_commands(admin: Any, tmp_path: Path) -> None:
     again = admin("task", "cancel", task_id, ok=False)
     assert again.exit_code == 1
     assert "(HTTP 409)" in again.stderr
+
+
+def test_task_show_names_result_codes(admin: Any, server: str, tmp_path: Path) -> None:
+    pid, dev_id, _, task_id = _device_task(admin, tmp_path, b"result code firmware")
+    config = DeviceConfig(
+        credentials=Credentials.from_access_key(pid, K1), dev_id=str(dev_id), version="1.0"
+    )
+    with OtaClient(config, base_url=server) as device:  # the device fails its download
+        token = device.check_task().token
+        device.check_token(token)
+        device.report_status(token, StatusCode.DOWNLOAD_NO_SPACE)
+    shown = admin("task", "show", str(task_id)).stdout
+    assert "102 (download failed: not enough space)" in shown
+    (row,) = _json(admin("task", "show", str(task_id), "--json"))["devices"]
+    assert row["result_code"] == 102  # --json stays machine-readable
 
 
 def test_device_and_product_delete(admin: Any, tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 import httpx2
 
+from onenet_ota.protocol.status import describe_status
+
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 API = "/api/v1"
 _UPLOAD_CHUNK = 1024 * 1024
@@ -164,6 +166,8 @@ def _cell(key: str, value: Any) -> str:
         return "-"
     if key.endswith(("_at", "_time")) or key == "deadline":
         return _human_time(value)
+    if key == "result_code" and type(value) is int:
+        return describe_status(value)  # e.g. "205 (upgrade failed: MD5 mismatch)"
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in value.items() if v)
     if isinstance(value, list):
