@@ -10,11 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
 from onenet_ota.cli.main import cli
+from onenet_ota.sim import FleetConfig
+from onenet_ota.sim.provision import provision
 from tests.server.serve_process import children
 from tests.sim.platform import Platform, sqlite_platform
 from tests.sim.test_server import wait_gone
@@ -89,6 +92,62 @@ def test_a_run_that_does_not_succeed_exits_1(sqlite_platform: Platform) -> None:
     data = json.loads(result.stdout)
     assert data["outcomes"] == {"deferred": 3}
     assert data["agreement"]["ok"] is True
+
+
+def _existing_task(platform: Platform, devices: int) -> tuple[int, list[dict[str, Any]]]:
+    """A task made by someone else (an operator's, of real devices), and its devices' rows."""
+    admin = platform.admin()
+    try:
+        target = provision(admin, FleetConfig(devices=devices, package_size=4096))
+        rows = admin.request("GET", f"/tasks/{target.task_id}/devices")["items"]
+    finally:
+        admin.close()
+    return target.task_id, rows
+
+
+def _task_devices(platform: Platform, task_id: int) -> list[dict[str, Any]]:
+    admin = platform.admin()
+    try:
+        items: list[dict[str, Any]] = admin.request("GET", f"/tasks/{task_id}/devices")["items"]
+        return items
+    finally:
+        admin.close()
+
+
+def test_an_existing_task_is_refused_without_allow_real_devices(sqlite_platform: Platform) -> None:
+    task_id, before = _existing_task(sqlite_platform, 2)
+    result = invoke(
+        "--server", sqlite_platform.url, "--admin-token", sqlite_platform.admin_token,
+        "--task", str(task_id), "--devices", "2", "--no-live",
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert f"error: --task {task_id} runs devices this simulator did not create" in result.output
+    assert "--allow-real-devices" in result.output
+    assert "Traceback" not in result.output
+    assert _task_devices(sqlite_platform, task_id) == before  # not one device was touched
+    assert {row["state"] for row in before} == {"to_be_upgraded"}
+
+
+def test_an_existing_task_runs_with_allow_real_devices(sqlite_platform: Platform) -> None:
+    task_id, _ = _existing_task(sqlite_platform, 2)
+    result = invoke(
+        "--server", sqlite_platform.url, "--admin-token", sqlite_platform.admin_token,
+        "--task", str(task_id), "--devices", "2", "--allow-real-devices", "--json", "-",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outcomes"] == {"succeeded": 2}
+    rows = _task_devices(sqlite_platform, task_id)
+    assert [(row["state"], row["result_code"]) for row in rows] == [("succeeded", 201)] * 2
+
+
+def test_failure_codes_are_shown_with_their_names(sqlite_platform: Platform) -> None:
+    result = invoke(
+        "--server", sqlite_platform.url, "--admin-token", sqlite_platform.admin_token,
+        "--devices", "2", "--package-size", "4k", "--power", "5", "--task-power", "50",
+        "--gate", "fail", "--no-live",
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "failed, reported 105 (download failed: battery too low)" in result.output
 
 
 @pytest.fixture

@@ -86,16 +86,20 @@ def test_existing_task_runs_its_waiting_devices(sqlite_platform: Platform) -> No
         "server": sqlite_platform.url,
         "admin_token": sqlite_platform.admin_token,
     }
-    report = simulate(FleetConfig(devices=6, task_id=target.task_id, **SMALL), **run)
+    report = simulate(
+        FleetConfig(devices=6, task_id=target.task_id, allow_real_devices=True, **SMALL), **run
+    )
     assert report.ok
     assert report.target.md5 == target.md5
     assert set(report.target.dev_ids) < set(target.dev_ids)
     assert report.task_counts is not None
     assert (report.task_counts["succeeded"], report.task_counts["to_be_upgraded"]) == (6, 4)
     with pytest.raises(SimulationError, match="has 4 device\\(s\\) waiting to upgrade; use --dev"):
-        simulate(FleetConfig(devices=5, task_id=target.task_id, **SMALL), **run)
+        simulate(
+            FleetConfig(devices=5, task_id=target.task_id, allow_real_devices=True, **SMALL), **run
+        )
     with pytest.raises(SimulationError, match=r"reading task 999999: .*not"):
-        simulate(FleetConfig(devices=5, task_id=999_999, **SMALL), **run)
+        simulate(FleetConfig(devices=5, task_id=999_999, allow_real_devices=True, **SMALL), **run)
 
 
 def test_setup_errors_are_clear(sqlite_platform: Platform) -> None:

@@ -5,12 +5,15 @@ Examples::
     onenet-ota simulate --devices 1000 --concurrency 64          # on a throwaway local server
     onenet-ota simulate --devices 1000 --drop-rate 0.05 --power-cut-rate 0.02 --seed 7
     onenet-ota simulate --server http://ota.example.net:8080 --devices 500 --ramp-up 60
-    onenet-ota simulate --server http://ota.example.net:8080 --task 12 --devices 200
+    onenet-ota simulate --server http://ota.example.net:8080 --task 12 --devices 200 \
+        --allow-real-devices
 
 Without ``--server`` the command starts its own server (SQLite in a temporary directory, or
 ``--db``) and stops it at the end; with ``--server`` it needs the management token
 (``--admin-token`` or ``ONENET_OTA_ADMIN_TOKEN``). It creates a product, the devices, a package
-and a task through ``/api/v1``, unless ``--task`` names an existing task to run.
+and a task through ``/api/v1``, unless ``--task`` names an existing task to run. Those devices
+were not created by the simulator and may be real ones: the run rewrites their versions and task
+states on the server, so ``--task`` is refused without ``--allow-real-devices``.
 
 Exit status: 0 when every device succeeded, installed the right bytes and the server's records
 agree with the devices; 1 otherwise (or when the run could not start); 130 when interrupted.
@@ -120,6 +123,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 )
 @click.option("--task", "task_id", type=int, help="run an existing task's waiting devices")
 @click.option(
+    "--allow-real-devices",
+    is_flag=True,
+    help="let --task run devices the simulator did not create (their versions and task states "
+    "on the server change as if they had upgraded)",
+)
+@click.option(
     "--version",
     "version",
     default="1.0.0",
@@ -217,7 +226,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def simulate(
     server: str | None, admin_token: str | None, devices: int, concurrency: int, processes: int,
     ramp_up: float,
-    chunk_size: str, package_size: str, package: Path | None, task_id: int | None, version: str,
+    chunk_size: str, package_size: str, package: Path | None, task_id: int | None,
+    allow_real_devices: bool, version: str,
     target: str, task_type: str, signal_range: str | None, power_range: str | None,
     task_signal: int, task_power: int, gate: str, drop_rate: float, power_cut_rate: float,
     timeout_ms: int, retry_interval: float, seed: int | None, db: str | None,
@@ -243,6 +253,7 @@ def simulate(
             package_size=_size(package_size, "--package-size"),
             package=package,
             task_id=task_id,
+            allow_real_devices=allow_real_devices,
             version=version,
             target=target,
             task_type=TaskType.FOTA if task_type == "fota" else TaskType.SOTA,

@@ -118,7 +118,9 @@ class FleetConfig:
 
     Setup (when the simulator creates the product, devices, package and task):
     ``package_size`` [--package-size] random bytes, or the file ``package`` [--package];
-    ``target`` the version it installs. ``task_id`` [--task] uses an existing task instead.
+    ``target`` the version it installs. ``task_id`` [--task] uses an existing task instead; its
+    devices are not the simulator's (they may be real ones, whose versions and upgrade states
+    the run rewrites on the server), so it needs ``allow_real_devices`` [--allow-real-devices].
 
     ``seed`` [--seed] makes the faults, probes and package bytes repeatable; ``state_root``
     [--state-dir] is where device state directories are made (default: a temporary directory,
@@ -146,6 +148,7 @@ class FleetConfig:
     package_size: int = 256 * 1024
     package: Path | None = None
     task_id: int | None = None
+    allow_real_devices: bool = False
     seed: int | None = None
     state_root: Path | None = None
     progress_step: int = 10
@@ -196,6 +199,12 @@ class FleetConfig:
             integer("task_id", "--task", 1, 2**31 - 1)
             if self.package is not None:
                 raise SimulationError("--package and --task exclude each other")
+            if self.allow_real_devices is not True:
+                raise SimulationError(
+                    f"--task {self.task_id} runs devices this simulator did not create: their "
+                    "versions and upgrade states on the server are rewritten as if they had "
+                    "upgraded. Pass --allow-real-devices to run them anyway"
+                )
         if self.package is not None:
             try:
                 size = self.package.stat().st_size
