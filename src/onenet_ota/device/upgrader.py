@@ -199,7 +199,7 @@ class _UpgraderBase:
             self._callback_failed(event, exc)
 
     def _callback_failed(self, event: UpgradeEvent, exc: Exception) -> None:
-        """Log the first failure of each exception type per run; count the rest (see _flow)."""
+        """Log the first failure of each exception type per run; count the rest (see _finish)."""
         kind = type(exc).__qualname__
         seen = self._callback_failures.get(kind, 0)
         self._callback_failures[kind] = seen + 1
@@ -256,7 +256,8 @@ class Upgrader(_UpgraderBase):
     ``installer`` applies the verified package (:class:`FileInstaller` places it at a path).
     ``state_dir`` holds the durable state (:mod:`onenet_ota.device.state`); keep it across
     restarts. ``on_event`` receives :class:`UpgradeEvent`s (progress for a bar, retries, reports,
-    and finally :class:`Finished`). ``sleep``, ``clock`` and ``rng`` are injectable for tests;
+    and finally :class:`Finished`); an :class:`Exception` it raises is logged and ignored.
+    ``sleep``, ``clock`` and ``rng`` are injectable for tests;
     ``opener`` opens the partial package (tests inject a failing one).
     """
 
