@@ -197,6 +197,32 @@ async def test_a_raising_callback_does_not_fail_an_async_upgrade(
     check_unharmed(platform, world, tmp_path, result, callback, caplog)
 
 
+def test_an_oserror_from_the_client_callback_is_not_reported_as_the_devices_failure(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """The client's own callback runs inside its calls; what it raises reaches the caller of
+    run() unchanged (as the client's documentation says), and nothing is reported for it: it
+    used to look like a local disk failure and fail the task with 107."""
+    world = platform.world(data=unique_package(PACKAGE_SIZE))
+    chunks: list[int] = []
+
+    def print_into_a_closed_pipe(event: OtaEvent) -> None:
+        if isinstance(event, PackageDownloaded):
+            chunks.append(event.chunk.start)
+            if len(chunks) == 2:
+                raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        run_sync(platform, world, tmp_path, on_client_event=print_into_a_closed_pipe)
+    assert platform.device_task(world)["state"] == "downloading"
+    assert platform.device_task(world)["result_code"] is None
+    result = run_sync(platform, world, tmp_path)
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert status_reports(result) == [101, 201]
+    assert (tmp_path / "fw.bin").read_bytes() == world.data
+    assert terminal_history(platform, world) == [("succeeded", 201)]
+
+
 # -- cancelled and interrupted runs ---------------------------------------------------------------
 
 

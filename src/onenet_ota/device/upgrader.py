@@ -24,8 +24,10 @@ upgrader runs in a worker thread unless its ``install`` is a coroutine function.
 ``on_event`` only observes: an :class:`Exception` it raises (a closed pipe, a full log disk, a
 bug) is logged and ignored, so it can never become the device's verdict. What is not an
 :class:`Exception` (:class:`KeyboardInterrupt`, :class:`SystemExit`, a cancellation) still ends
-the run, as it would anywhere else. However a run ends, interrupted and cancelled included, the
-state directory's lock is released and the next run resumes.
+the run, as it would anywhere else. An exception from the client's own event callback ends the
+run as itself, without a report (the client passes it to its caller unchanged). However a run
+ends, interrupted and cancelled included, the state directory's lock is released and the next
+run resumes.
 
 Logging: the logger ``onenet_ota.device.upgrader`` records each run's task, retries, waits,
 restarts, status reports and outcome (progress at DEBUG). It never records tokens or keys.
@@ -72,6 +74,7 @@ from onenet_ota.device._flow import (
     Waiting,
 )
 from onenet_ota.device.client import AsyncOtaClient, OtaClient
+from onenet_ota.device.errors import OtaError
 from onenet_ota.device.install import AsyncInstaller, FileInstaller, Installer, InstallError
 from onenet_ota.device.retry import Retry
 from onenet_ota.device.state import Opener, StateStore, open_for_update
@@ -161,6 +164,31 @@ _OUTCOME_LEVEL: Final = {
     Outcome.DEFERRED: logging.WARNING,
     Outcome.FAILED: logging.ERROR,
 }
+
+
+class _CallerError(Exception):
+    """Carries an exception that is not the device's failure through the flow, untouched.
+
+    The client's own event callback (:mod:`onenet_ota.device.events`) and the injected ``sleep``
+    run inside operations; what they raise is no platform answer and no local disk or memory
+    failure, so no status code may be reported for it. Wrapped, it passes every handler of the
+    flow (which stops as after a crash: the durable state stays as the last checkpoint left it),
+    and :meth:`Upgrader.run` raises the original to its caller, as the client's documentation
+    promises. The simulator's power cut, raised by its transport, travels the same way.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
+def _for_the_flow(op: Operation, exc: Exception) -> Exception:
+    """What the flow receives for ``op``'s failure ``exc`` (see :class:`_CallerError`)."""
+    # Client errors and MemoryError are the flow's to judge; the installer's every failure too
+    # (reported as 202-208).
+    if isinstance(exc, OtaError | MemoryError) or isinstance(op, Install):
+        return exc
+    return _CallerError(exc)
 
 
 class _UpgraderBase:
@@ -299,10 +327,12 @@ class Upgrader(_UpgraderBase):
                     value = self._perform(op)
                 except Exception as exc:
                     try:
-                        op = flow.throw(exc)
+                        op = flow.throw(_for_the_flow(op, exc))
                     except StopIteration as stop:
                         result: UpgradeResult = stop.value
                         return result
+                    except _CallerError as caller:
+                        raise caller.error from None
                 else:
                     try:
                         op = flow.send(value)
@@ -375,10 +405,12 @@ class AsyncUpgrader(_UpgraderBase):
                     value = await self._perform(op)
                 except Exception as exc:
                     try:
-                        op = flow.throw(exc)
+                        op = flow.throw(_for_the_flow(op, exc))
                     except StopIteration as stop:
                         result: UpgradeResult = stop.value
                         return result
+                    except _CallerError as caller:
+                        raise caller.error from None
                 else:
                     try:
                         op = flow.send(value)
