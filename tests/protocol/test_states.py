@@ -23,6 +23,7 @@ from onenet_ota.protocol.states import (
     on_report,
     on_status_query,
     on_token_check,
+    wire_status,
 )
 from onenet_ota.protocol.status import ReportKind, classify_result, classify_step
 
@@ -246,3 +247,22 @@ def test_download_table(state: TaskState) -> None:
     assert on_download(state, moves=False) is state
     moved = S.DOWNLOADING if state is S.TO_BE_UPGRADED else state
     assert on_download(state, moves=True) is moved
+
+
+@pytest.mark.parametrize("state", [s for s in TaskState if s is not S.PAUSED])
+def test_wire_status_is_the_state_code(state: TaskState) -> None:
+    assert wire_status(state) == int(state)
+    assert 1 <= wire_status(state) <= 6  # §5.1
+
+
+@pytest.mark.parametrize("paused_from", [S.TO_BE_UPGRADED, S.DOWNLOADING])
+def test_a_paused_task_shows_where_it_was_paused(paused_from: TaskState) -> None:
+    assert wire_status(S.PAUSED, paused_from) == int(paused_from)  # F7
+
+
+@pytest.mark.parametrize("paused_from", [None, S.UPGRADING, S.PAUSED, S.SUCCEEDED])
+def test_a_paused_task_without_a_valid_origin_has_no_status(
+    paused_from: TaskState | None,
+) -> None:
+    with pytest.raises(ValueError, match="paused from"):
+        wire_status(S.PAUSED, paused_from)

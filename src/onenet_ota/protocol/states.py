@@ -163,6 +163,19 @@ def on_status_query(state: TaskState) -> TaskState:
     return STATUS_QUERY_TABLE[state]
 
 
+def wire_status(state: TaskState, paused_from: TaskState | None = None) -> int:
+    """The ``status`` code (1-6, §5.1) that Studio and fuse show for a task.
+
+    PAUSED is this project's state (D12) and never reaches the wire: a paused task shows the
+    state it was paused from (F7). Raises ``ValueError`` for a paused task without one.
+    """
+    if state is not S.PAUSED:
+        return int(state)
+    if paused_from is None or paused_from not in RESUME_TABLE:
+        raise ValueError("a paused task shows the state it was paused from, and has none")
+    return int(paused_from)
+
+
 # Downloads: which states serve bytes (D6, S7, F8) and the state after a successful download.
 # Classic E6 changes no state (D6); Studio and fuse move to-be-upgraded to downloading (S7, F8)
 # so that devices that never check the task still progress.
