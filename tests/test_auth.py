@@ -601,3 +601,14 @@ def test_every_form_round_trips_and_matches_the_independent_sign(
 def test_parse_any_token_never_raises_anything_but_token_error(value: str) -> None:
     with contextlib.suppress(auth.TokenError):
         auth.parse_any_token(value)
+
+
+@pytest.mark.parametrize(("key", "method", "device", "expected"), VECTORS)
+def test_every_b1_vector_expires_after_its_et(
+    key: str, method: str, device: str | None, expected: str
+) -> None:
+    # Appendix B.1 negative case: "any vector with et in the past".
+    token = auth.parse_token(expected)
+    auth.verify_token(token, auth.decode_key(key), now=2524579200)
+    with pytest.raises(auth.TokenError, match="expired"):
+        auth.verify_token(token, auth.decode_key(key), now=2524579201)

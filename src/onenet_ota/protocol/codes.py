@@ -142,122 +142,117 @@ class FuseCode(IntEnum):
 STUDIO_NO_TASK: Final = 10
 
 V = Verdict
-_CLASSIC_BASE: Final = {
-    V.OK: Errno.SUCC,
-    V.AUTH_FAILED: Errno.AUTH_FAILED,
-    V.INVALID_PARAMETER: Errno.INVALID_PARAMETER,
-    V.INTERNAL_ERROR: Errno.INTERNAL_ERROR,
-    V.INVALID_STATE: Errno.INVALID_STATE,
-    V.TASK_FINISHED: Errno.TASK_FINISHED,
-    V.INVALID_OPERATION: Errno.INVALID_OPERATION,
-    V.TASK_CANCELLED: Errno.TASK_CANCELLED,
+E = Errno
+# Every classic and Studio JSON endpoint can answer these (§4.4; S2, S3 for Studio's 1).
+_COMMON: Final = {
+    V.OK: E.SUCC,
+    V.AUTH_FAILED: E.AUTH_FAILED,
+    V.INVALID_PARAMETER: E.INVALID_PARAMETER,
+    V.INTERNAL_ERROR: E.INTERNAL_ERROR,
 }
-_CLASSIC_CHECK: Final = {
-    V.MANUF_MODEL_MISMATCH: Errno.MANUF_MODEL_MISMATCH,
-    V.FROM_VERSION_MISMATCH: Errno.VERSION_MISMATCH,
-    V.BAD_VERSION_FORMAT: Errno.INVALID_VERSION_FORMAT,
-    V.NO_TASK: Errno.NO_TASK,
+# The refusals of the token check (§5.4) and of reports (§5.5), without token expiry.
+_CHECK_REFUSALS: Final = {
+    V.INVALID_STATE: E.INVALID_STATE,
+    V.TASK_FINISHED: E.TASK_FINISHED,
+    V.TASK_CANCELLED: E.TASK_CANCELLED,
 }
+_REPORT_REFUSALS: Final = {**_CHECK_REFUSALS, V.INVALID_OPERATION: E.INVALID_OPERATION}
 
-# Per dialect and operation: the verdicts it can reach and their numbers. Built from the errno
-# lists at the end of each endpoint's section (§6.1-§6.9) and S1-S12, F1-F14.
+# Per dialect and operation: the verdicts it can reach and their numbers. Classic rows are the
+# errno lists at the end of each endpoint's section (§6.1-§6.9); Studio's follow S2-S9, fuse's
+# F2-F9. DOWNLOAD rows are empty: downloads answer with DOWNLOAD_CODES.
 _CLASSIC: Final[dict[Operation, dict[Verdict, int]]] = {
-    Operation.REPORT_VERSION: {**_CLASSIC_BASE},
-    Operation.QUERY_VERSION: {**_CLASSIC_BASE},
-    Operation.CHECK_TASK: {**_CLASSIC_BASE, **_CLASSIC_CHECK},
-    Operation.TASKING: {
-        **_CLASSIC_BASE,
-        V.NOT_RUNNING: Errno.NO_VALID_TOKEN,  # D18
-        V.TOKEN_EXPIRED: Errno.TOKEN_EXPIRED,
+    Operation.REPORT_VERSION: {**_COMMON},  # §6.1
+    Operation.QUERY_VERSION: {**_COMMON},  # §6.2
+    Operation.CHECK_TASK: {  # §6.3, D17
+        **_COMMON,
+        V.MANUF_MODEL_MISMATCH: E.MANUF_MODEL_MISMATCH,
+        V.FROM_VERSION_MISMATCH: E.VERSION_MISMATCH,
+        V.NO_TASK: E.NO_TASK,
+        V.BAD_VERSION_FORMAT: E.INVALID_VERSION_FORMAT,
     },
-    Operation.CHECK_STATE: {
-        **_CLASSIC_BASE,
-        V.UNKNOWN_TASK: Errno.NO_VALID_TOKEN,  # §6.5 step 2
-        V.TOKEN_EXPIRED: Errno.TOKEN_EXPIRED,
+    Operation.TASKING: {  # §6.4, D18
+        **_COMMON,
+        V.NOT_RUNNING: E.NO_VALID_TOKEN,
+        V.TOKEN_EXPIRED: E.TOKEN_EXPIRED,
     },
-    Operation.REPORT_STATUS: {**_CLASSIC_BASE, V.UNKNOWN_TASK: Errno.AUTH_FAILED},  # §6.7 step 2
-    Operation.REPORT_RESULT: {
-        **_CLASSIC_BASE,
-        V.UNKNOWN_TASK: Errno.AUTH_FAILED,  # §6.8 step 2
-        V.INVALID_RESULT: Errno.INVALID_RESULT,  # D15
+    Operation.CHECK_STATE: {  # §6.5, §5.4
+        **_COMMON,
+        V.UNKNOWN_TASK: E.NO_VALID_TOKEN,
+        V.TOKEN_EXPIRED: E.TOKEN_EXPIRED,
+        **_CHECK_REFUSALS,
     },
-    Operation.DEV_INFO: {**_CLASSIC_BASE},
+    Operation.DOWNLOAD: {},
+    Operation.REPORT_STATUS: {  # §6.7, §5.5
+        **_COMMON,
+        V.UNKNOWN_TASK: E.AUTH_FAILED,  # §6.7 step 2
+        **_REPORT_REFUSALS,
+    },
+    Operation.REPORT_RESULT: {  # §6.8, D15: no progress values, so no 17
+        **_COMMON,
+        V.UNKNOWN_TASK: E.AUTH_FAILED,  # §6.8 step 2
+        V.TASK_FINISHED: E.TASK_FINISHED,
+        V.INVALID_OPERATION: E.INVALID_OPERATION,
+        V.TASK_CANCELLED: E.TASK_CANCELLED,
+        V.INVALID_RESULT: E.INVALID_RESULT,
+    },
+    Operation.DEV_INFO: {**_COMMON},  # §6.9
 }
-for _op in (Operation.REPORT_VERSION, Operation.QUERY_VERSION, Operation.DEV_INFO):
-    # E1, E2 and E9 touch no task: errnos 0, 1, 2, 7 only (§6.1, §6.2, §6.9).
-    for _v in (V.INVALID_STATE, V.TASK_FINISHED, V.INVALID_OPERATION, V.TASK_CANCELLED):
-        del _CLASSIC[_op][_v]
-for _v in (V.INVALID_OPERATION, V.TASK_FINISHED, V.TASK_CANCELLED, V.INVALID_STATE):
-    # E3 and E4 change no state through the tables (§6.3: 0,1,2,7,8,9,11,27; §6.4: 0,1,2,4,7,12).
-    del _CLASSIC[Operation.CHECK_TASK][_v]
-    del _CLASSIC[Operation.TASKING][_v]
-del _CLASSIC[Operation.CHECK_STATE][V.INVALID_OPERATION]  # §6.5: no case gives 21
-del _CLASSIC[Operation.REPORT_RESULT][V.INVALID_STATE]  # §6.8: E8 has no progress values
-
-_STUDIO_BASE: Final = dict(_CLASSIC_BASE)  # S6, S8: the classic state answers
 _STUDIO: Final[dict[Operation, dict[Verdict, int]]] = {
-    Operation.REPORT_VERSION: {
-        V.OK: 0,
-        V.AUTH_FAILED: 1,
-        V.INVALID_PARAMETER: 2,
-        V.INTERNAL_ERROR: 7,
+    Operation.REPORT_VERSION: {**_COMMON},  # S9
+    Operation.QUERY_VERSION: {**_COMMON},
+    Operation.CHECK_TASK: {  # S4 (no manuf/model in Studio, so no 8)
+        **_COMMON,
+        V.FROM_VERSION_MISMATCH: E.VERSION_MISMATCH,
+        V.NO_TASK: STUDIO_NO_TASK,  # the Studio SDK's value; classic uses 11
+        V.BAD_VERSION_FORMAT: E.INVALID_VERSION_FORMAT,
     },
-    Operation.QUERY_VERSION: {
-        V.OK: 0,
-        V.AUTH_FAILED: 1,
-        V.INVALID_PARAMETER: 2,
-        V.INTERNAL_ERROR: 7,
+    Operation.CHECK_STATE: {  # S6: E5 by state; a tid does not expire
+        **_COMMON,
+        V.UNKNOWN_TASK: E.NO_VALID_TOKEN,
+        **_CHECK_REFUSALS,
     },
-    Operation.CHECK_TASK: {
-        V.OK: 0,
-        V.AUTH_FAILED: 1,
-        V.INVALID_PARAMETER: 2,
-        V.INTERNAL_ERROR: 7,
-        V.FROM_VERSION_MISMATCH: 9,  # S4 (no manuf/model in Studio: no 8)
-        V.BAD_VERSION_FORMAT: 27,  # S4
-        V.NO_TASK: STUDIO_NO_TASK,  # S4: the Studio SDK's value, classic uses 11
+    Operation.DOWNLOAD: {},
+    Operation.REPORT_STATUS: {  # S8: the E7 table
+        **_COMMON,
+        V.UNKNOWN_TASK: E.NO_VALID_TOKEN,
+        **_REPORT_REFUSALS,
     },
-    Operation.CHECK_STATE: {
-        **_STUDIO_BASE,
-        V.UNKNOWN_TASK: Errno.NO_VALID_TOKEN,  # S6
-    },
-    Operation.DOWNLOAD: {},  # binary replies: see DOWNLOAD_CODES
-    Operation.REPORT_STATUS: {**_STUDIO_BASE, V.UNKNOWN_TASK: Errno.NO_VALID_TOKEN},  # S8
 }
-del _STUDIO[Operation.CHECK_STATE][V.INVALID_OPERATION]  # S6 follows §5.4: no 21
-
-_FUSE_BASE: Final = {
+_FUSE_COMMON: Final = {
     V.OK: FuseCode.SUCC,
     V.AUTH_FAILED: FuseCode.AUTH_FAILED,  # F2, F4
-    V.INVALID_PARAMETER: FuseCode.INVALID_PARAMETER,  # F3
-    V.INTERNAL_ERROR: FuseCode.INTERNAL_ERROR,  # F3 (classic number, no field evidence)
-}
-_FUSE_STATE: Final = {
-    V.INVALID_STATE: FuseCode.INVALID_STATE,
-    V.TASK_FINISHED: FuseCode.TASK_FINISHED,
-    V.INVALID_OPERATION: FuseCode.INVALID_OPERATION,
-    V.TASK_CANCELLED: FuseCode.TASK_CANCELLED,
+    V.INVALID_PARAMETER: FuseCode.INVALID_PARAMETER,  # F3, F5
+    V.INTERNAL_ERROR: FuseCode.INTERNAL_ERROR,  # F3: classic's number, no field evidence
 }
 _FUSE: Final[dict[Operation, dict[Verdict, int]]] = {
-    Operation.REPORT_VERSION: {**_FUSE_BASE},
-    Operation.QUERY_VERSION: {**_FUSE_BASE},
-    Operation.CHECK_TASK: {
-        **_FUSE_BASE,
-        V.FROM_VERSION_MISMATCH: FuseCode.VERSION_MISMATCH,  # F6 "other answers as D17"
+    Operation.REPORT_VERSION: {**_FUSE_COMMON},  # F5
+    Operation.QUERY_VERSION: {**_FUSE_COMMON},
+    Operation.CHECK_TASK: {  # F6
+        **_FUSE_COMMON,
+        V.FROM_VERSION_MISMATCH: FuseCode.VERSION_MISMATCH,  # "other answers as D17"
+        V.NO_TASK: FuseCode.NOT_EXIST,
+        V.ALREADY_ON_TARGET: FuseCode.TASK_SUCC,
         V.BAD_VERSION_FORMAT: FuseCode.INVALID_VERSION_FORMAT,
-        V.NO_TASK: FuseCode.NOT_EXIST,  # F6
-        V.ALREADY_ON_TARGET: FuseCode.TASK_SUCC,  # F6
     },
-    Operation.CHECK_STATE: {**_FUSE_BASE, **_FUSE_STATE, V.UNKNOWN_TASK: FuseCode.NOT_EXIST},
-    Operation.DOWNLOAD: {},  # binary replies: see DOWNLOAD_CODES
-    Operation.REPORT_STATUS: {**_FUSE_BASE, **_FUSE_STATE, V.UNKNOWN_TASK: FuseCode.NOT_EXIST},
+    # F7: F-T answers code 0 with the status for every task of the device, terminal ones
+    # included, so this server never refuses it by state. §13.5 still lists 20 on F-T (seen from
+    # OneNET): the entry stays so that a client reads that answer; the server never produces it.
+    Operation.CHECK_STATE: {
+        **_FUSE_COMMON,
+        V.UNKNOWN_TASK: FuseCode.NOT_EXIST,
+        V.TASK_FINISHED: FuseCode.TASK_FINISHED,
+    },
+    Operation.DOWNLOAD: {},
+    Operation.REPORT_STATUS: {  # F9: the E7 table with F3's numbers
+        **_FUSE_COMMON,
+        V.UNKNOWN_TASK: FuseCode.NOT_EXIST,
+        V.INVALID_STATE: FuseCode.INVALID_STATE,
+        V.TASK_FINISHED: FuseCode.TASK_FINISHED,
+        V.INVALID_OPERATION: FuseCode.INVALID_OPERATION,
+        V.TASK_CANCELLED: FuseCode.TASK_CANCELLED,
+    },
 }
-# F7: F-T answers code 0 with the status for every task of the device, terminal ones included,
-# so this server never refuses it by state. §13.5 still lists 20 on F-T (seen from OneNET): the
-# entry stays so that a client reads that answer; the server never produces it.
-for _v in (V.INVALID_STATE, V.INVALID_OPERATION, V.TASK_CANCELLED):
-    del _FUSE[Operation.CHECK_STATE][_v]
-_CLASSIC[Operation.DOWNLOAD] = {}
 
 REPLY_CODES: Final[Mapping[Dialect, Mapping[Operation, Mapping[Verdict, int]]]] = MappingProxyType(
     {

@@ -53,6 +53,7 @@ from onenet_ota.protocol.framing import (
 )
 
 __all__ = [
+    "ALL_DIALECTS",
     "DIALECTS",
     "ENDPOINTS",
     "NAME",
@@ -105,7 +106,9 @@ class Param:
         else:
             raise ValueError(f"{{{self.name}}} is a string, not {value!r}")
         if not self.accepts(text):
-            raise ValueError(f"{value!r} is not a valid {{{self.name}}}")
+            # A download token is the download's credential (D5): never echo it.
+            shown = "this value" if self.percent_encode else repr(value)
+            raise ValueError(f"{shown} is not a valid {{{self.name}}}")
         return text
 
 
