@@ -17,7 +17,7 @@ from onenet_ota.protocol.framing import (
     MAX_HEADERS,
     STUDIO_FRAMING,
     DownloadFraming,
-    Reply,
+    DownloadReply,
     error_reply,
     raw_byte_chunk,
     read_error,
@@ -137,11 +137,11 @@ def test_error_replies_stay_within_ten_headers_when_closing(framing: DownloadFra
     assert b"Connection: close" in head
 
 
-def _lower(reply: Reply) -> dict[str, str]:
+def _lower(reply: DownloadReply) -> dict[str, str]:
     return {name.lower(): value for name, value in reply.headers}
 
 
-def _payload(reply: Reply) -> bytes:
+def _payload(reply: DownloadReply) -> bytes:
     """The body as an HTTP client hands it over: a single chunk unframed (§8.2 item 6)."""
     if _lower(reply).get("transfer-encoding") != "chunked":
         return reply.body

@@ -15,8 +15,8 @@ Rules:
    chunk (D7, §6.6.4). Studio: the same body **and** ``Ota-Errno: N`` (§12.3: the C SDK decodes
    the byte, the Studio SDK reads the header). Fuse: status 200, ``Ota-Errno: N`` and a fuse JSON
    envelope with ``code`` N and a ``Content-Length`` (F8).
-5. An error reply goes out in one write with its headers (§8.2 item 7): :meth:`Reply.to_bytes`
-   renders the whole reply as one byte string.
+5. An error reply goes out in one write with its headers (§8.2 item 7):
+   :meth:`DownloadReply.to_bytes` renders the whole reply as one byte string.
 6. ``Connection: close``, when the server closes, goes after the other headers but before the
    range group (``Content-Range-Start``/``-End``/``Content-Range``), so that the group stays last.
 7. At most 10 header lines (§8.2 item 3); the longest reply here (Studio 206 closing) has 8.
@@ -69,7 +69,7 @@ FUSE_FRAMING: Final = DownloadFraming(False, True, True, ErrorBody.FUSE_JSON)
 
 
 @dataclass(frozen=True, slots=True)
-class Reply:
+class DownloadReply:
     """A download reply: status, headers in wire order (without ``Connection``), body."""
 
     status: int
@@ -106,7 +106,7 @@ def success_reply(
     end: int,
     partial: bool,
     body: bytes = b"",
-) -> Reply:
+) -> DownloadReply:
     """A successful download serving bytes ``start``..``end`` (inclusive) of ``length``.
 
     ``partial`` is whether a Range was parsed (206) or not (200, the whole file, D8). ``body`` may
@@ -132,10 +132,12 @@ def success_reply(
             headers.append(("Content-Range-Start", str(start)))
             headers.append(("Content-Range-End", str(end)))
         headers.append(("Content-Range", format_content_range(start, end, length)))  # last
-    return Reply(206 if partial else 200, tuple(headers), body)
+    return DownloadReply(206 if partial else 200, tuple(headers), body)
 
 
-def error_reply(framing: DownloadFraming, code: int, *, request_id: str | None = None) -> Reply:
+def error_reply(
+    framing: DownloadFraming, code: int, *, request_id: str | None = None
+) -> DownloadReply:
     """A download error carrying ``code`` (a classic byte or an ``Ota-Errno``, see
     :data:`onenet_ota.protocol.codes.DOWNLOAD_CODES`). Status 200 in every dialect."""
     if framing.error_body is ErrorBody.RAW_BYTE_CHUNK:
@@ -143,7 +145,7 @@ def error_reply(framing: DownloadFraming, code: int, *, request_id: str | None =
         if framing.ota_errno_on_error:
             headers.append(("Ota-Errno", str(code)))  # §12.3: the header the Studio SDK reads
         headers.append(("Transfer-Encoding", "chunked"))
-        return Reply(200, tuple(headers), raw_byte_chunk(code))
+        return DownloadReply(200, tuple(headers), raw_byte_chunk(code))
     ota = OtaErrno(code)
     if ota is OtaErrno.OK:
         raise ValueError("Ota-Errno 0 is not an error")
@@ -153,7 +155,7 @@ def error_reply(framing: DownloadFraming, code: int, *, request_id: str | None =
         ("Content-Length", str(len(body))),
         ("Ota-Errno", str(code)),  # F8
     ]
-    return Reply(200, tuple(headers), body)
+    return DownloadReply(200, tuple(headers), body)
 
 
 def read_error(
