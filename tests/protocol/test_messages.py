@@ -12,9 +12,13 @@ from hypothesis import strategies as st
 from onenet_ota.protocol.errno import ERRNO_TEXT, Errno
 from onenet_ota.protocol.messages import (
     TaskInfo,
+    TidTaskInfo,
     WireFormatError,
     decode_envelope,
+    dumps,
     encode_envelope,
+    parse_status_data,
+    status_data,
     version_body,
 )
 from onenet_ota.protocol.status import PackageKind
@@ -146,3 +150,85 @@ def test_task_info_round_trips_and_fits_512_bytes(info: TaskInfo) -> None:
     assert TaskInfo.from_data(envelope.data) == info
     # §6.3: at maximum sizes the whole response stays under 512 bytes; the body alone well under.
     assert len(body) <= 512 - 120
+
+
+# -- Studio S-C / fuse F-C task data and S-T / F-T status (§12.2, §13.1, S5, F7) ----------------
+TID_EXAMPLE = (
+    b'{"target":"1.0.1","tid":4242,"size":10000,"md5":"000e87c6dfb9c77108f320f7c27a64ea",'
+    b'"status":1,"type":1}'
+)
+
+
+def test_tid_task_info_encodes_the_things_model_reply() -> None:
+    # The data the things-model captures were taken with (their README).
+    info = TidTaskInfo("1.0.1", 4242, 10000, "000e87c6dfb9c77108f320f7c27a64ea", 1)
+    assert dumps(info.to_data()) == TID_EXAMPLE
+    assert TidTaskInfo.from_data(json.loads(TID_EXAMPLE)) == info
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"tid": "4242"}, "tid"),  # §8.2 item 8: a number
+        ({"tid": 0}, "tid"),
+        ({"tid": 2**31}, "tid"),
+        ({"tid": True}, "tid"),
+        ({"size": 0}, "size"),
+        ({"size": 2**31}, "size"),
+        ({"target": 101}, "target"),
+        ({"target": ""}, "target"),
+        ({"md5": "xyz"}, "md5"),
+        ({"status": 4}, "status"),  # S5: only active states are offered
+        ({"status": 0}, "status"),
+        ({"type": 3}, "type"),
+        ({"type": None}, "type"),
+    ],
+)
+def test_tid_task_info_refuses_bad_fields(change: dict[str, Any], field: str) -> None:
+    data = {**json.loads(TID_EXAMPLE), **change}
+    with pytest.raises(WireFormatError, match=field):
+        TidTaskInfo.from_data(data)
+
+
+def test_tid_task_info_defaults_and_normalises() -> None:
+    data = json.loads(TID_EXAMPLE)
+    del data["type"]
+    data["md5"] = data["md5"].upper()
+    info = TidTaskInfo.from_data(data)
+    assert info.kind is PackageKind.FULL
+    assert info.md5 == "000e87c6dfb9c77108f320f7c27a64ea"
+    with pytest.raises(WireFormatError, match="tid"):
+        TidTaskInfo.from_data({k: v for k, v in json.loads(TID_EXAMPLE).items() if k != "tid"})
+
+
+@given(
+    tid=st.integers(1, 2**31 - 1),
+    size=st.integers(1, 2**31 - 1),
+    status=st.integers(1, 3),
+    kind=st.sampled_from(PackageKind),
+    target=st.from_regex(r"[A-Za-z0-9_.\-]{1,20}", fullmatch=True),
+)
+def test_tid_task_info_round_trips(
+    tid: int, size: int, status: int, kind: PackageKind, target: str
+) -> None:
+    info = TidTaskInfo(target, tid, size, "0" * 32, status, kind)
+    assert TidTaskInfo.from_data(json.loads(dumps(info.to_data()))) == info
+
+
+@pytest.mark.parametrize("status", range(1, 7))
+def test_status_data_round_trips(status: int) -> None:
+    assert status_data(status) == {"status": status}
+    assert parse_status_data(json.loads(dumps(status_data(status)))) == status
+
+
+@pytest.mark.parametrize("bad", [0, 7, -1, True, "1"])
+def test_status_data_refuses_non_states(bad: Any) -> None:
+    with pytest.raises(ValueError, match="state code"):
+        status_data(bad)
+    with pytest.raises(WireFormatError, match="status"):
+        parse_status_data({"status": bad})
+
+
+def test_parse_status_data_needs_data() -> None:
+    with pytest.raises(WireFormatError, match="data"):
+        parse_status_data(None)

@@ -8,14 +8,22 @@ from hypothesis import strategies as st
 
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import (
+    ACTION_TABLE,
+    DOWNLOAD_TABLE,
     REPORT_TABLE,
+    TOKEN_CHECK_TABLE,
     Action,
     IllegalTransition,
     Outcome,
     TaskState,
+    action_sources,
+    action_target,
     on_action,
+    on_download,
     on_report,
+    on_status_query,
     on_token_check,
+    wire_status,
 )
 from onenet_ota.protocol.status import (
     STATUS_TEXT,
@@ -192,3 +200,87 @@ def test_every_status_code_has_its_meaning() -> None:
     assert status_name(101) == "package downloaded"
     # Progress values and unknown numbers are shown bare.
     assert (describe_status(50), describe_status(209), status_name(0)) == ("50", "209", None)
+
+
+# §5.3 T2-T8 transcribed independently: (action, state, paused_from) -> new state. Everything not
+# listed is illegal.
+OPEN = [S.TO_BE_UPGRADED, S.DOWNLOADING, S.UPGRADING, S.PAUSED]
+SPEC_5_3: dict[tuple[Action, TaskState, TaskState | None], TaskState] = {
+    (Action.PAUSE, S.TO_BE_UPGRADED, None): S.PAUSED,  # T2
+    (Action.PAUSE, S.DOWNLOADING, None): S.PAUSED,
+    (Action.RESUME, S.PAUSED, S.TO_BE_UPGRADED): S.TO_BE_UPGRADED,  # T3
+    (Action.RESUME, S.PAUSED, S.DOWNLOADING): S.DOWNLOADING,
+    **{(Action.CANCEL, s, None): S.CANCELLED for s in OPEN},  # T4
+    **{(Action.DEADLINE, s, None): S.FAILED for s in OPEN},  # T5
+    **{(Action.VERSION_REACHED, s, None): S.SUCCEEDED for s in OPEN},  # T6
+    (Action.PREFLIGHT_FAILED, S.TO_BE_UPGRADED, None): S.FAILED,  # T7, T8
+}
+PAUSED_FROM = [None, *TaskState]
+
+
+@pytest.mark.parametrize("action", list(Action))
+@pytest.mark.parametrize("state", list(TaskState))
+@pytest.mark.parametrize("paused_from", PAUSED_FROM)
+def test_action_lookup_matches_spec_5_3_and_on_action_wraps_it(
+    action: Action, state: TaskState, paused_from: TaskState | None
+) -> None:
+    key = (action, state, paused_from if action is Action.RESUME else None)
+    expected = SPEC_5_3.get(key)
+    assert action_target(state, action, paused_from=paused_from) is expected
+    if expected is None:
+        with pytest.raises(IllegalTransition, match=f"can't {action.name.lower()}"):
+            on_action(state, action, paused_from=paused_from)
+    else:
+        assert on_action(state, action, paused_from=paused_from) is expected
+
+
+@pytest.mark.parametrize("action", list(Action))
+def test_action_sources_are_the_states_the_table_lets_go(action: Action) -> None:
+    expected = {state for (a, state, _), _target in SPEC_5_3.items() if a is action}
+    assert action_sources(action) == expected
+    if action is not Action.RESUME:
+        assert set(ACTION_TABLE[action]) == expected
+
+
+def test_token_check_table_is_complete() -> None:
+    assert set(TOKEN_CHECK_TABLE) == {(s, e) for s in TaskState for e in (False, True)}
+
+
+@pytest.mark.parametrize("state", list(TaskState))
+def test_status_query_moves_only_to_be_upgraded(state: TaskState) -> None:
+    # F7: always answered, terminal states included; to-be-upgraded -> downloading.
+    expected = S.DOWNLOADING if state is S.TO_BE_UPGRADED else state
+    assert on_status_query(state) is expected
+
+
+@pytest.mark.parametrize("state", list(TaskState))
+def test_download_table(state: TaskState) -> None:
+    # D6: classic serves states 1-3 and changes nothing; S7/F8 move 1 -> 2.
+    downloadable = state in (S.TO_BE_UPGRADED, S.DOWNLOADING, S.UPGRADING)
+    assert (state in DOWNLOAD_TABLE) is downloadable
+    if not downloadable:
+        assert on_download(state, moves=True) is None
+        assert on_download(state, moves=False) is None
+        return
+    assert on_download(state, moves=False) is state
+    moved = S.DOWNLOADING if state is S.TO_BE_UPGRADED else state
+    assert on_download(state, moves=True) is moved
+
+
+@pytest.mark.parametrize("state", [s for s in TaskState if s is not S.PAUSED])
+def test_wire_status_is_the_state_code(state: TaskState) -> None:
+    assert wire_status(state) == int(state)
+    assert 1 <= wire_status(state) <= 6  # §5.1
+
+
+@pytest.mark.parametrize("paused_from", [S.TO_BE_UPGRADED, S.DOWNLOADING])
+def test_a_paused_task_shows_where_it_was_paused(paused_from: TaskState) -> None:
+    assert wire_status(S.PAUSED, paused_from) == int(paused_from)  # F7
+
+
+@pytest.mark.parametrize("paused_from", [None, S.UPGRADING, S.PAUSED, S.SUCCEEDED])
+def test_a_paused_task_without_a_valid_origin_has_no_status(
+    paused_from: TaskState | None,
+) -> None:
+    with pytest.raises(ValueError, match="paused from"):
+        wire_status(S.PAUSED, paused_from)

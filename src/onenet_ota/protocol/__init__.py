@@ -1,5 +1,8 @@
-"""The OneNET classic OTA protocol, once, for client and server (spec: ../shared/spec/protocol.md).
+"""The OneNET OTA device protocol, once, for client and server (spec: ../shared/spec/protocol.md).
 
-No I/O lives here: paths, errno, status codes, value formats, the Range grammar, the task state
-machine and the wire codecs. Every quirk carries the spec section that demands it.
+No I/O lives here: paths, errno and codes, status codes, value formats, the Range grammar, the
+task state machine and the wire codecs. The classic API (§4-§6) came first (``endpoints``,
+``errno``, ``messages``, ``download``); ``dialects`` adds the Studio (§12) and fuse (§13) dialects
+as data beside it, with ``codes``, ``envelopes`` and ``framing``. Every quirk carries the spec
+section that demands it; docs/dialects.md records where the spec left a choice.
 """

@@ -1,4 +1,5 @@
-"""JSON bodies of the classic API: the errno envelope (§4.3) and E3/E4's task data (§6.3).
+"""JSON bodies: the classic errno envelope (§4.3), E3/E4's task data (§6.3), and the task data of
+the Studio and fuse check and status calls (§12.2, §13.1), which name the task by ``tid``.
 
 Encoding is canonical (compact, fixed key order, D26); decoding is strict about JSON types, since
 the C SDK crashes on a number where it expects a string (§8.2 item 8) and ``bool`` is not an int.
@@ -159,3 +160,77 @@ def version_body(f_version: str | None, s_version: str | None) -> dict[str, str]
     if not body:
         raise ValueError("E1 needs at least one of f_version and s_version")
     return body
+
+
+TID_MAX = 2**31 - 1  # §12.2
+
+
+@dataclass(frozen=True, slots=True)
+class TidTaskInfo:
+    """A task as Studio's S-C and fuse's F-C describe it (§12.2, §13.1): no token, no advisory
+    values; ``tid`` names the task and ``status`` is its state, 1-3 (S5). ``kind`` is the
+    package kind (the ``type`` field), as in :class:`TaskInfo`."""
+
+    target: str
+    tid: int
+    size: int
+    md5: str
+    status: int
+    kind: PackageKind = PackageKind.FULL
+
+    def to_data(self) -> dict[str, Any]:
+        """The ``data`` object. One order for both dialects: §13.1's, which is also the reply
+        the things-model captures were taken with (docs/dialects.md)."""
+        return {
+            "target": self.target,
+            "tid": self.tid,
+            "size": self.size,
+            "md5": self.md5,
+            "status": self.status,
+            "type": int(self.kind),
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> TidTaskInfo:
+        """Parse S-C/F-C ``data``; raises :class:`WireFormatError` naming the first bad field.
+
+        Strict about JSON types (§8.2 item 8: ``tid``, ``size`` and ``type`` are numbers;
+        ``target`` and ``md5`` strings); ``type`` may be missing (full package).
+        """
+        target = data.get("target")
+        if not isinstance(target, str) or not target:
+            raise WireFormatError("'target' is missing or not a string")
+        md5 = data.get("md5")
+        if not isinstance(md5, str) or not values.is_md5(md5.lower()):
+            raise WireFormatError("'md5' is missing or not 32 hex digits")
+        return cls(
+            target=target,
+            tid=_int_field(data, "tid", 1, TID_MAX),
+            size=_int_field(data, "size", 1, values.PACKAGE_SIZE_MAX),
+            md5=md5.lower(),
+            status=_int_field(data, "status", 1, 3),  # S5: an active task
+            kind=PackageKind(_int_field(data, "type", 1, 2, default=1)),
+        )
+
+
+def _int_field(data: dict[str, Any], name: str, low: int, high: int, default: int = 0) -> int:
+    """A JSON integer (never a bool, §2.4) in ``low..high``; ``default`` when absent and
+    non-zero."""
+    value = data.get(name, default or None)
+    if type(value) is not int or not low <= value <= high:
+        raise WireFormatError(f"'{name}' is missing or not an integer in {low}..{high}")
+    return value
+
+
+def status_data(status: int) -> dict[str, int]:
+    """S-T and F-T's ``data``: ``{"status": n}`` with n a task state code 1-6 (S6, F7)."""
+    if type(status) is not int or not 1 <= status <= 6:
+        raise ValueError(f"status {status!r} is not a state code 1-6 (§5.1)")
+    return {"status": status}
+
+
+def parse_status_data(data: dict[str, Any] | None) -> int:
+    """The ``status`` of an S-T/F-T reply's ``data``; raises :class:`WireFormatError`."""
+    if data is None:
+        raise WireFormatError("the reply has no 'data'")
+    return _int_field(data, "status", 1, 6)

@@ -124,17 +124,74 @@ def on_report(state: TaskState, kind: ReportKind) -> Outcome:
     return REPORT_TABLE[state][kind]
 
 
+# Spec §5.4 as a table keyed by (state, token expired), its precedence written out: cancelled
+# (22), then finished (20), then expired (12), then the state. Studio's S-T uses the rows with
+# ``expired=False`` (S6: a tid does not expire).
+TOKEN_CHECK_TABLE: dict[tuple[TaskState, bool], Outcome] = {
+    (S.CANCELLED, False): _no(E.TASK_CANCELLED),
+    (S.CANCELLED, True): _no(E.TASK_CANCELLED),
+    (S.SUCCEEDED, False): _no(E.TASK_FINISHED),
+    (S.SUCCEEDED, True): _no(E.TASK_FINISHED),
+    (S.FAILED, False): _no(E.TASK_FINISHED),
+    (S.FAILED, True): _no(E.TASK_FINISHED),
+    (S.TO_BE_UPGRADED, True): _no(E.TOKEN_EXPIRED),
+    (S.DOWNLOADING, True): _no(E.TOKEN_EXPIRED),
+    (S.UPGRADING, True): _no(E.TOKEN_EXPIRED),
+    (S.PAUSED, True): _no(E.TOKEN_EXPIRED),
+    (S.TO_BE_UPGRADED, False): _go(S.DOWNLOADING),  # T9
+    (S.DOWNLOADING, False): _go(S.DOWNLOADING),  # T10
+    (S.UPGRADING, False): _no(E.INVALID_STATE),
+    (S.PAUSED, False): _no(E.INVALID_STATE),  # D12
+}
+
+
 def on_token_check(state: TaskState, *, token_expired: bool) -> Outcome:
     """E5 on a resolved token, with §5.4's precedence (cancelled, finished, expired, state)."""
-    if state is S.CANCELLED:
-        return _no(E.TASK_CANCELLED)
-    if state in (S.SUCCEEDED, S.FAILED):
-        return _no(E.TASK_FINISHED)
-    if token_expired:
-        return _no(E.TOKEN_EXPIRED)
-    if state in (S.TO_BE_UPGRADED, S.DOWNLOADING):
-        return _go(S.DOWNLOADING)  # T9, T10
-    return _no(E.INVALID_STATE)  # paused or upgrading
+    return TOKEN_CHECK_TABLE[(state, token_expired)]
+
+
+# F7: fuse's F-T answers every task of the device with its status (terminal ones included) and
+# moves a to-be-upgraded task to downloading, like a token check; it refuses nothing by state.
+STATUS_QUERY_TABLE: dict[TaskState, TaskState] = {state: state for state in TaskState} | {
+    S.TO_BE_UPGRADED: S.DOWNLOADING
+}
+
+
+def on_status_query(state: TaskState) -> TaskState:
+    """F-T (F7): the state after a status query; the reply shows it (a paused task shows
+    ``paused_from``)."""
+    return STATUS_QUERY_TABLE[state]
+
+
+def wire_status(state: TaskState, paused_from: TaskState | None = None) -> int:
+    """The ``status`` code (1-6, §5.1) that Studio and fuse show for a task.
+
+    PAUSED is this project's state (D12) and never reaches the wire: a paused task shows the
+    state it was paused from (F7). Raises ``ValueError`` for a paused task without one.
+    """
+    if state is not S.PAUSED:
+        return int(state)
+    if paused_from is None or paused_from not in RESUME_TABLE:
+        raise ValueError("a paused task shows the state it was paused from, and has none")
+    return int(paused_from)
+
+
+# Downloads: which states serve bytes (D6, S7, F8) and the state after a successful download.
+# Classic E6 changes no state (D6); Studio and fuse move to-be-upgraded to downloading (S7, F8)
+# so that devices that never check the task still progress.
+DOWNLOAD_TABLE: dict[TaskState, TaskState] = {
+    S.TO_BE_UPGRADED: S.DOWNLOADING,
+    S.DOWNLOADING: S.DOWNLOADING,
+    S.UPGRADING: S.UPGRADING,
+}
+
+
+def on_download(state: TaskState, *, moves: bool) -> TaskState | None:
+    """The state after a successful download of a task in ``state``, or None when the task is
+    not downloadable (classic byte 3, Ota-Errno 5). ``moves`` is False for classic (D6)."""
+    if state not in DOWNLOAD_TABLE:
+        return None
+    return DOWNLOAD_TABLE[state] if moves else state
 
 
 class Action(IntEnum):
@@ -158,22 +215,53 @@ class IllegalTransition(ValueError):
         self.state = state
 
 
+# §5.3's management rows, T6 and T7/T8 as a table: action -> {state it may leave: new state}.
+# RESUME is the one action whose target is not fixed: T3 returns to ``paused_from``, so its
+# row lives in RESUME_TABLE, keyed by ``paused_from``.
+ACTION_TABLE: dict[Action, dict[TaskState, TaskState]] = {
+    Action.PAUSE: {S.TO_BE_UPGRADED: S.PAUSED, S.DOWNLOADING: S.PAUSED},  # T2
+    Action.RESUME: {},  # T3: see RESUME_TABLE
+    Action.CANCEL: dict.fromkeys(OPEN_STATES, S.CANCELLED),  # T4
+    Action.DEADLINE: dict.fromkeys(OPEN_STATES, S.FAILED),  # T5
+    Action.VERSION_REACHED: dict.fromkeys(OPEN_STATES, S.SUCCEEDED),  # T6, D16
+    Action.PREFLIGHT_FAILED: {S.TO_BE_UPGRADED: S.FAILED},  # T7, T8 (D11)
+}
+# T3: a paused task resumes to the state it was paused from; only T2's sources can be that.
+RESUME_TABLE: dict[TaskState, TaskState] = {
+    S.TO_BE_UPGRADED: S.TO_BE_UPGRADED,
+    S.DOWNLOADING: S.DOWNLOADING,
+}
+
+
+def action_sources(action: Action) -> frozenset[TaskState]:
+    """The states a task may be in for ``action`` to apply (RESUME: paused only)."""
+    if action is Action.RESUME:
+        return frozenset({S.PAUSED})
+    return frozenset(ACTION_TABLE[action])
+
+
+def action_target(
+    state: TaskState, action: Action, *, paused_from: TaskState | None = None
+) -> TaskState | None:
+    """The state after ``action`` on a task in ``state``, or None when the table forbids it.
+
+    RESUME needs ``paused_from`` (T3); a paused task without a valid one cannot resume.
+    """
+    if action is Action.RESUME:
+        if state is not S.PAUSED or paused_from is None:
+            return None
+        return RESUME_TABLE.get(paused_from)
+    return ACTION_TABLE[action].get(state)
+
+
 def on_action(
     state: TaskState, action: Action, *, paused_from: TaskState | None = None
 ) -> TaskState:
-    """The state after a management action or T6; raises :class:`IllegalTransition`."""
-    if action is Action.PAUSE and state in (S.TO_BE_UPGRADED, S.DOWNLOADING):  # T2
-        return S.PAUSED
-    if action is Action.RESUME and state is S.PAUSED:  # T3
-        if paused_from not in (S.TO_BE_UPGRADED, S.DOWNLOADING):
-            raise IllegalTransition(action, state)
-        return paused_from
-    if action is Action.CANCEL and state in OPEN_STATES:  # T4
-        return S.CANCELLED
-    if action is Action.DEADLINE and state in OPEN_STATES:  # T5
-        return S.FAILED
-    if action is Action.VERSION_REACHED and state in OPEN_STATES:  # T6, D16
-        return S.SUCCEEDED
-    if action is Action.PREFLIGHT_FAILED and state is S.TO_BE_UPGRADED:  # T7, T8 (D11)
-        return S.FAILED
-    raise IllegalTransition(action, state)
+    """The state after a management action or T6; raises :class:`IllegalTransition`.
+
+    A thin wrapper over :func:`action_target` for callers that want an exception.
+    """
+    target = action_target(state, action, paused_from=paused_from)
+    if target is None:
+        raise IllegalTransition(action, state)
+    return target
