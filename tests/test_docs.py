@@ -14,8 +14,10 @@ words a reader of this repository alone can follow.
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,3 +229,34 @@ def test_links_between_documents_resolve() -> None:
                 elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
                     broken.append(f"{where} (no such heading)")
     assert broken == [], "\n".join(broken)
+
+
+# --------------------------------------------------------------------------------------------
+# Package metadata
+
+
+def _project() -> dict[str, Any]:
+    project: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return project
+
+
+def test_package_metadata_links_name_files_of_the_repository() -> None:
+    project = _project()
+    assert project["license"] == "MIT"
+    assert (ROOT / "LICENSE").read_text(encoding="utf-8").startswith("MIT License\n")
+    assert project["license-files"] == ["LICENSE"]
+    in_repository = 0
+    for label, url in project["urls"].items():
+        _, found, path = url.partition("/blob/main/")
+        if found:
+            in_repository += 1
+            assert (ROOT / path).is_file(), f"{label}: {url} names no file of the repository"
+    assert in_repository >= 2
+
+
+def test_changelog_has_an_entry_for_the_packaged_version() -> None:
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    version = re.escape(_project()["version"])
+    assert "\n## [Unreleased]\n" in changelog
+    assert re.search(rf"^## \[{version}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.MULTILINE)
+    assert re.search(rf"^\[{version}\]: ", changelog, re.MULTILINE)  # the heading's link
