@@ -129,7 +129,7 @@ def _announce(sock: socket.socket) -> None:
     if ipaddress.ip_address(host).is_loopback:
         log.info(
             "only this machine can connect (%s:%d); to serve devices on the network, use "
-            "--host 0.0.0.0 or ONENET_OTA_HOST=0.0.0.0 (docs/deploy.md)",
+            "--host 0.0.0.0 or ONENET_OTA_HOST=0.0.0.0",
             host,
             port,
         )

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default=Path("data"), description="where package files are stored")
     # Loopback unless told otherwise: a fresh install is not reachable from the network until
-    # its operator decides so (--host 0.0.0.0), e.g. after putting TLS or a proxy in front.
+    # its operator decides so (--host 0.0.0.0), e.g. once a firewall admits the device networks.
     host: str = Field(default=DEFAULT_HOST, min_length=1, description="address to listen on")
     port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PORT
     public_address: str | None = Field(
