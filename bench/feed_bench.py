@@ -1,4 +1,4 @@
-"""Change feed benchmark (issue 3): what one read of the cache change feed costs on PostgreSQL,
+"""Change feed benchmark: what one read of the cache change feed costs on PostgreSQL,
 with and without a transaction left open elsewhere in the cluster.
 
 Run::

@@ -1,8 +1,8 @@
-"""Fleet benchmark (issue 5): a whole fleet upgrading at once, on SQLite and on PostgreSQL.
+"""Fleet benchmark: a whole fleet upgrading at once, on SQLite and on PostgreSQL.
 
 Run::
 
-    .venv/bin/python -m bench.fleet_bench                  # the issue's sizes; 15-30 minutes
+    .venv/bin/python -m bench.fleet_bench                  # the default sizes; 15-30 minutes
     .venv/bin/python -m bench.fleet_bench --devices 1000 --fault-devices 200 --db sqlite
 
 Scenarios, for each database (``--db``, default both):

@@ -1,4 +1,4 @@
-"""Peer comparison (issue 5): goosebit's DDI poll and download against our check-task and download.
+"""Peer comparison: goosebit's DDI poll and download against our check-task and download.
 
 Run::
 
@@ -36,9 +36,10 @@ goosebit (PyPI) is a Python OTA server speaking hawkBit's DDI device API. This b
      package, 200).
 
 It prints requests/s, latency p50/p99, MiB/s and each server's CPU per wall second, then the
-ratios against the issue's targets: our check-task requests/s at least 10x goosebit's poll, our
-download throughput at least goosebit's. ``--py-spy PATH`` also samples each server during its
-keep-alive poll runs and prints where it spends its time. Exit status 0 when both targets are met.
+ratios against the targets (docs/performance.md): our check-task requests/s at least 10x
+goosebit's poll, our download throughput at least goosebit's. ``--py-spy PATH`` also samples each
+server during its keep-alive poll runs and prints where it spends its time. Exit status 0 when
+both targets are met.
 """
 
 from __future__ import annotations

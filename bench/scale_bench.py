@@ -1,4 +1,4 @@
-"""Scale benchmark (issue 5): check-task latency with 1,000 vs 1,000,000 devices in the database.
+"""Scale benchmark: check-task latency with 1,000 vs 1,000,000 devices in the database.
 
 Run::
 

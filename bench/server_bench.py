@@ -1,4 +1,4 @@
-"""Server benchmark (issue 3): check-task and 4 KiB range downloads against a bare JSON endpoint.
+"""Server benchmark: check-task and 4 KiB range downloads against a bare JSON endpoint.
 
 Run::
 
@@ -43,8 +43,8 @@ What it does:
 
 It prints requests/s per scenario, the server's CPU use (process CPU time over wall time: close
 to 1.0 means the server was the bottleneck; well below it, the client or the machine was), and the
-ratios to ``bare`` against issue 3's targets (check-task and download each at least 0.5x bare;
-check-hot is reported against the same bar, check-cold without one).
+ratios to ``bare`` against the targets in docs/performance.md (check-task and download each at
+least 0.5x bare; check-hot is reported against the same bar, check-cold without one).
 The run is bounded (rounds x 10 x (warmup + duration) seconds, 75 s by default, plus setup) and
 exits 0 whether or not a target is met; it exits 1 only if the setup fails or a scenario completes
 no request. ``--profile`` runs the server's event-loop thread under cProfile (database worker

@@ -1,4 +1,4 @@
-"""Upgrade benchmark (issue 4): the SDK's whole upgrade against curl, and the upgrader's memory.
+"""Upgrade benchmark: the SDK's whole upgrade against curl, and the upgrader's memory.
 
 Run::
 
@@ -8,15 +8,15 @@ Run::
 What it does, in one run, against one server (the real platform, ``onenet-ota serve`` with
 SQLite, in its own process: :class:`onenet_ota.sim.server.LocalServer`):
 
-1. **Throughput.** A ``--size`` (16 MiB) package. For each chunk size (4 KiB, the C SDK's, and
-   64 KiB, the upgrader's default) a fresh device with a task runs the whole upgrade through the
-   SDK (:class:`~onenet_ota.device.upgrader.Upgrader` over :class:`OtaClient`): E1, E3, then a
-   token check (E5) before *every* chunk and the chunk (E6), fsynced checkpoints every MiB,
-   verification, 101, install (an atomic copy of the file), 201. As the baseline, ``curl``
-   downloads the same file from the same server in one request (E6 without Range). Each
-   measurement runs in a separate process (so none shares an interpreter with the server), is
-   repeated ``--rounds`` times, interleaved, and reported as its median, with the ratio of the
-   SDK's bytes/s to curl's.
+1. **Throughput.** A ``--size`` (16 MiB) package. For each chunk size (``--chunks``: 4 KiB, the
+   C SDK's; 64 KiB, the upgrader's default; 1 MiB) a fresh device with a task runs the whole
+   upgrade through the SDK (:class:`~onenet_ota.device.upgrader.Upgrader` over
+   :class:`OtaClient`): E1, E3, then a token check (E5) before *every* chunk and the chunk (E6),
+   fsynced checkpoints every MiB, verification, 101, install (an atomic copy of the file), 201.
+   As the baseline, ``curl`` downloads the same file from the same server in one request (E6
+   without Range). Each measurement runs in a separate process (so none shares an interpreter
+   with the server), is repeated ``--rounds`` times, interleaved, and reported as its median,
+   with the ratio of the SDK's bytes/s to curl's.
 2. **Memory.** The upgrader's peak RSS (``VmHWM`` of its process) for an 8 MiB and a 64 MiB
    package (64 KiB chunks): it must not grow with the package, since chunks stream to disk and
    the MD5 is computed as they arrive.

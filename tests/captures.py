@@ -1,5 +1,5 @@
-"""The official C SDK's request bytes for one full upgrade (spec Appendix C), vendored from
-shared/spec/c-sdk-captures so the suite runs from any clone."""
+"""The official C SDK's request bytes for one full upgrade (spec Appendix C), vendored in
+tests/data so the suite needs nothing outside the repository."""
 
 from pathlib import Path
 

@@ -155,3 +155,32 @@ def test_tls_listener_accepts_the_c_sdk_handshake(
         tls.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost:ota.heclouds.com\r\n\r\n")
         assert tls.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n")
     assert server.stop() == 0
+
+
+def test_serves_on_loopback_by_default_and_says_how_to_open_up(
+    tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    server = ServerProcess(tmp_path / "data", "--admin-token", TOKEN, host=None)
+    processes.append(server)
+    port = int(server.wait_for(r"listening on http://127\.0\.0\.1:(\d+) ").group(1))
+    hint = server.wait_for(r"only this machine can connect.*").group(0)
+    assert f"127.0.0.1:{port}" in hint
+    assert "--host 0.0.0.0" in hint
+    assert "ONENET_OTA_HOST" in hint
+    reply = httpx2.get(f"http://127.0.0.1:{port}/api/v1/health")
+    assert reply.status_code == 200
+    assert server.stop() == 0
+
+
+def test_says_when_it_is_reachable_from_the_network(
+    tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    server = ServerProcess(tmp_path / "data", "--admin-token", TOKEN, host="0.0.0.0")
+    processes.append(server)
+    port = int(server.wait_for(r"listening on http://0\.0\.0\.0:(\d+) ").group(1))
+    hint = server.wait_for(r"reachable from the network.*").group(0)
+    assert f"0.0.0.0:{port}" in hint
+    assert "--host 127.0.0.1" in hint
+    # Every interface includes loopback. (A request also means the server is past start-up.)
+    assert httpx2.get(f"http://127.0.0.1:{port}/api/v1/health").status_code == 200
+    assert server.stop() == 0

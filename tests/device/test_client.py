@@ -219,7 +219,7 @@ async def test_query_version(make_client: MakeClient, server: ScriptedServer) ->
     assert await client("query_version") == VersionInfo(None, None)
     assert [r.target for r in server.requests] == ["/ota/device/version?dev_id=987654321"] * 2
     assert {r.method for r in server.requests} == {"GET"}
-    assert client.events == []  # E2 is not one of the seed's events
+    assert client.events == []  # E2 is not one of the C SDK's events
 
 
 async def test_check_task_returns_every_field(

@@ -1,4 +1,4 @@
-"""The exception tree: seed-compatible codes, the errno table, messages."""
+"""The exception tree: the C SDK's integer codes, the errno table, messages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Event types: the seed's ``ota_state_t`` values, and payloads that keep package bytes short."""
+"""Event types: the C SDK's ``ota_state_t`` values, and payloads that keep package bytes short."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The whole upgrade against the project's own platform on loopback (issue 4's end-to-end tests).
+"""The whole upgrade against the project's own platform on loopback, end to end.
 
 Setup and verdicts go through the management API (``platform`` from this folder's conftest): the
 server's record of the task is what counts, not what the device believed. Covered: full FOTA

@@ -29,7 +29,7 @@ from onenet_ota.server.http import ServerThread
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
 from tests.captures import CAPTURES
 
-# ../shared/spec beside the repository (CI lays a copy of shared/ beside its clone too).
+# The captures' package (spec Appendix C), vendored in tests/data.
 FIRMWARE = (CAPTURES / "firmware.bin").read_bytes()
 FIRMWARE_MD5 = "000e87c6dfb9c77108f320f7c27a64ea"
 

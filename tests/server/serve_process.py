@@ -17,7 +17,14 @@ ONENET_OTA = Path(sys.executable).with_name("onenet-ota")
 class ServerProcess:
     """``onenet-ota serve`` in a subprocess; stderr is collected by a thread."""
 
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        host: str | None = "127.0.0.1",
+    ) -> None:
+        """``host`` None leaves the address to the server's default."""
         self.data_dir = data_dir
         self.lines: list[str] = []
         self._seen = threading.Condition()
@@ -25,8 +32,7 @@ class ServerProcess:
             [
                 str(ONENET_OTA),
                 "serve",
-                "--host",
-                "127.0.0.1",
+                *(["--host", host] if host is not None else []),
                 "--port",
                 "0",
                 "--data-dir",

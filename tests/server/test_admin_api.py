@@ -767,7 +767,7 @@ class _Device:
         assert (errno, token is not None) == (Errno.SUCC, True)
         assert token is not None
         assert self.e5(token) == Errno.SUCC  # T9: downloading
-        assert self.e7(token, 201) == Errno.SUCC  # T14: succeeded
+        assert self.e7(token, 201) == Errno.SUCC  # T15: succeeded
         return token
 
 

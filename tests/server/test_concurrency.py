@@ -1,4 +1,4 @@
-"""200 devices upgrading at once against one server (issue 3): C-SDK style, one request per
+"""200 devices upgrading at once against one server, C-SDK style, one request per
 connection, duplicate requests racing each other. No 5xx, consistent final states, no duplicate
 rows. Runs on SQLite (DB calls inline) and PostgreSQL (DB calls in worker threads)."""
 

@@ -24,7 +24,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     settings = Settings()
-    assert (settings.host, settings.port, settings.workers) == ("0.0.0.0", 8080, 1)
+    # Loopback unless told otherwise: a fresh install is not on the network by accident.
+    assert (settings.host, settings.port, settings.workers) == ("127.0.0.1", 8080, 1)
     assert settings.database_url == f"sqlite:///{tmp_path / 'data' / 'onenet-ota.db'}"
     assert settings.packages_dir == tmp_path / "data" / "packages"
     assert settings.max_upload_bytes == DEFAULT_MAX_UPLOAD_BYTES

@@ -1247,7 +1247,7 @@ def test_cached_chunks_still_check_the_file(client: httpx2.Client, seeder: Seede
 
 
 # ---------------------------------------------------------------------------------------------
-# Hostile input: whatever arrives, an errno reply or a 4xx, never a 5xx (issue 3)
+# Hostile input: whatever arrives, an errno reply or a 4xx, never a 5xx
 
 _PATHS = st.sampled_from(
     [

@@ -7,7 +7,9 @@ Every flag has an ``ONENET_OTA_*`` environment variable (``--db`` is ``ONENET_OT
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -40,7 +42,11 @@ def _settings_error(exc: ValidationError) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="where the database file and package files live [default: ./data]",
 )
-@click.option("--host", help="address to listen on [default: 0.0.0.0]")
+@click.option(
+    "--host",
+    help="address to listen on; 0.0.0.0 for every IPv4 interface, :: for IPv6 "
+    "[default: 127.0.0.1, this machine only]",
+)
 @click.option("--port", type=int, help="port to listen on [default: 8080]")
 @click.option(
     "--public-address",
@@ -98,7 +104,7 @@ def serve(log_level: str, **options: Any) -> None:  # fmt: skip
     except ValidationError as exc:
         raise click.ClickException(_settings_error(exc)) from None
     try:
-        run(settings)
+        run(settings, ready=_announce)
     except ssl.SSLError as exc:
         raise click.ClickException(f"TLS certificate or key unusable: {exc}") from None
     except SQLAlchemyError as exc:
@@ -114,6 +120,26 @@ def serve(log_level: str, **options: Any) -> None:  # fmt: skip
         ) from None
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _announce(sock: socket.socket) -> None:
+    """Say who can reach the server, and how to change it (the address is a choice to make)."""
+    host, port = sock.getsockname()[:2]
+    log = logging.getLogger(__name__)
+    if ipaddress.ip_address(host).is_loopback:
+        log.info(
+            "only this machine can connect (%s:%d); to serve devices on the network, use "
+            "--host 0.0.0.0 or ONENET_OTA_HOST=0.0.0.0",
+            host,
+            port,
+        )
+    else:
+        log.info(
+            "reachable from the network on %s:%d; --host 127.0.0.1 or "
+            "ONENET_OTA_HOST=127.0.0.1 limits it to this machine",
+            host,
+            port,
+        )
 
 
 def _redacted(url: str) -> str:

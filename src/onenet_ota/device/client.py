@@ -154,7 +154,7 @@ class _ClientBase:
 
     @property
     def config(self) -> DeviceConfig:
-        """The device configuration (the seed's ``ota_init`` arguments)."""
+        """The device configuration (the C SDK's ``ota_init`` arguments)."""
         return self._core.config
 
     @property
@@ -181,13 +181,13 @@ class _ClientBase:
 
 
 class OtaClient(_ClientBase):
-    """A OneNET classic OTA device client (sync), the seed's ``ota_*`` API.
+    """A OneNET classic OTA device client (sync), the C SDK's ``ota_*`` API.
 
     ``config`` is what ``ota_init`` takes; ``close()`` (or leaving a ``with`` block) is
     ``ota_deinit``. ``timeout`` is the default per-call limit (a :class:`Timeout` or ms); every
     call takes ``timeout_ms`` to override it. TLS: ``verify`` (default on) and ``ca_file``.
     ``http_client`` injects an ``httpx2.Client`` (proxies, custom TLS, mounts); it is not closed
-    by this client. ``on_event`` receives the seed's events (:mod:`onenet_ota.device.events`).
+    by this client. ``on_event`` receives the C SDK's events (:mod:`onenet_ota.device.events`).
     Errors are :mod:`onenet_ota.device.errors`; nothing else escapes.
     """
 
@@ -210,7 +210,7 @@ class OtaClient(_ClientBase):
         self._on_event = on_event
 
     def close(self) -> None:
-        """Release the connections (the seed's ``ota_deinit``). Further calls raise."""
+        """Release the connections (the C SDK's ``ota_deinit``). Further calls raise."""
         if self._closed:
             return
         self._closed = True
@@ -298,7 +298,7 @@ class OtaClient(_ClientBase):
     def download_package(
         self, token: str, range_start: int, range_size: int, *, timeout_ms: int | None = None
     ) -> bytes:
-        """E6 as the seed's ``ota_download_package``: the bytes from ``range_start``.
+        """E6 as the C SDK's ``ota_download_package``: the bytes from ``range_start``.
 
         Like :meth:`download_range`, but a reply placed anywhere but ``range_start`` is a
         :class:`ProtocolError`, since bare bytes cannot say where they belong.
@@ -360,7 +360,7 @@ class AsyncOtaClient(_ClientBase):
         self._on_event = on_event
 
     async def aclose(self) -> None:
-        """Release the connections (the seed's ``ota_deinit``). Further calls raise."""
+        """Release the connections (the C SDK's ``ota_deinit``). Further calls raise."""
         if self._closed:
             return
         self._closed = True

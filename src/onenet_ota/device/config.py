@@ -1,4 +1,4 @@
-"""Value objects that configure a device client: credentials, identity (the seed's ``ota_init``)
+"""Value objects that configure a device client: credentials, identity (the C SDK's ``ota_init``)
 and time limits. All are immutable and validated on construction, so a bad value fails before any
 request is sent.
 """
@@ -30,7 +30,7 @@ def check_timeout_ms(value: object, what: str = "timeout_ms") -> int:
 
 @dataclass(frozen=True, slots=True)
 class Timeout:
-    """Time limits of one call, in milliseconds, as the seed's ``timeout_ms``.
+    """Time limits of one call, in milliseconds, as the C SDK's ``timeout_ms``.
 
     ``ms`` bounds the whole call: connecting, sending, and reading the complete reply.
     ``connect_ms`` bounds the TCP (and TLS) connect alone; it defaults to ``ms``.
@@ -129,7 +129,7 @@ def _check_code(value: object, what: str) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceConfig:
-    """Who the device is, as the seed's ``ota_init`` takes it.
+    """Who the device is, as the C SDK's ``ota_init`` takes it.
 
     - ``credentials``: the Authorization value (product id + access key, or a ready token).
     - ``dev_id``: OneNET's numeric device id, as a string of 1-19 digits. It may be None only for

@@ -1,4 +1,4 @@
-"""Exceptions of the device SDK: one tree, every outcome the seed's C API returns as an integer.
+"""Exceptions of the device SDK: one tree, every outcome the C SDK's functions return as an integer.
 
 The C SDK's functions return ``0`` for success, ``< 0`` for a local error, ``< 100`` for a platform
 errno and ``>= 100`` for an HTTP status. Every exception here carries that integer as ``code``, so
@@ -10,7 +10,7 @@ code ported from C maps 1:1, and ``endpoint``, the
     │   ├── InvalidArgumentError     -2  bad argument or configuration; nothing sent (ValueError)
     │   ├── ProtocolError            -3  a reply that breaks the protocol: not JSON, too large, no
     │   │                                errno, wrong field types, wrong length, lying length
-    │   ├── ClientClosedError        -5  the client was closed (the seed's ota_deinit)
+    │   ├── ClientClosedError        -5  the client was closed (the C SDK's ota_deinit)
     │   └── TransportError           -11 the connection failed (wraps httpx2's exception)
     │       └── RequestTimeout       -13 the call ran out of time
     ├── PlatformError                errno: the platform answered {"errno": N} with N != 0
@@ -62,7 +62,7 @@ class LocalCode(IntEnum):
 class OtaError(Exception):
     """Base of every error the device SDK raises.
 
-    ``code`` is the integer the seed's C function would return; ``endpoint`` is the endpoint the
+    ``code`` is the integer the C SDK's function would return; ``endpoint`` is the endpoint the
     call went to, or None.
     """
 
@@ -104,7 +104,7 @@ class ProtocolError(LocalError):
 
 
 class ClientClosedError(LocalError):
-    """The client was closed (``close()``, the seed's ``ota_deinit``) or its HTTP client was."""
+    """The client was closed (``close()``, the C SDK's ``ota_deinit``) or its HTTP client was."""
 
     def __init__(
         self, message: str = "the client is closed", *, endpoint: Endpoint | None = None

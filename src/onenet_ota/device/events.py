@@ -1,4 +1,4 @@
-"""Events a client reports to its callback: the seed's five ``ota_state_t`` events, typed.
+"""Events a client reports to its callback: the C SDK's five ``ota_state_t`` events, typed.
 
 The C SDK calls ``evt_cb(state, data, data_len)`` with the raw reply (or the downloaded bytes).
 Here the callback receives one event object, which carries the raw reply and the decoded payload.
@@ -28,7 +28,7 @@ from onenet_ota.protocol.messages import TaskInfo
 
 
 class EventKind(IntEnum):
-    """The seed's ``enum ota_state_t``, with its values."""
+    """The C SDK's ``enum ota_state_t``, with its values."""
 
     POST_VERSION = 0
     CHECK_TASK = 1
@@ -92,7 +92,7 @@ class TokenChecked:
 
 @dataclass(frozen=True, slots=True)
 class PackageDownloaded:
-    """E6 served a chunk. ``chunk.data`` is the seed's event data; ``chunk.start`` its offset."""
+    """E6 served a chunk. ``chunk.data`` is the C SDK's event data; ``chunk.start`` its offset."""
 
     kind: ClassVar[EventKind] = EventKind.DOWNLOAD_PACKAGE
     endpoint: Endpoint

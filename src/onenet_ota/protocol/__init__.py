@@ -1,4 +1,4 @@
-"""The OneNET OTA device protocol, once, for client and server (spec: ../shared/spec/protocol.md).
+"""The OneNET OTA device protocol, once, for client and server (spec: docs/protocol.md).
 
 No I/O lives here: paths, errno and codes, status codes, value formats, the Range grammar, the
 task state machine and the wire codecs. The classic API (§4-§6) came first (``endpoints``,

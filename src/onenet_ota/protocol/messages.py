@@ -67,7 +67,7 @@ def decode_envelope(body: bytes) -> Envelope:
 
 @dataclass(frozen=True, slots=True)
 class TaskInfo:
-    """An upgrade task as E3 and E4 describe it (spec §6.3, the seed's ``ota_task_info_t``).
+    """An upgrade task as E3 and E4 describe it (spec §6.3, the C SDK's ``ota_task_info_t``).
 
     ``signal``, ``power``, ``retry`` and ``interval`` are advisory: the device enforces them.
     ``kind`` is the package kind (the response's ``type`` field), not the task type.

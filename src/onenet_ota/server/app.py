@@ -131,7 +131,8 @@ def create_app(
         engine,
         blobs,
         clock=clock,
-        # Management changes drop this process's device-API caches at once (style.md).
+        # Management changes drop this process's device-API caches at once; other processes learn
+        # of them through the change feed (server/changes.py).
         on_change=device_api.service.invalidate,
     )
     admin_api = AdminApi(

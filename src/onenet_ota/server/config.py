@@ -6,7 +6,7 @@ environment; everything else receives a :class:`Settings`.
 |---|---|---|
 | ``db`` | ``ONENET_OTA_DB`` | ``sqlite:///{data_dir}/onenet-ota.db`` |
 | ``data_dir`` | ``ONENET_OTA_DATA_DIR`` | ``./data``; package files in ``{data_dir}/packages`` |
-| ``host`` / ``port`` | ``ONENET_OTA_HOST`` / ``ONENET_OTA_PORT`` | ``0.0.0.0`` / ``8080`` |
+| ``host`` / ``port`` | ``ONENET_OTA_HOST`` / ``ONENET_OTA_PORT`` | ``127.0.0.1`` / ``8080`` |
 | ``public_address`` | ``ONENET_OTA_PUBLIC_ADDRESS`` | none: cdn devices get no ``ipPort`` (D10) |
 | ``admin_token`` | ``ONENET_OTA_ADMIN_TOKEN`` | generated at start and printed once |
 | ``workers`` | ``ONENET_OTA_WORKERS`` | ``1`` (in-process) |
@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from onenet_ota.protocol import values
 
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 DB_FILE_NAME = "onenet-ota.db"
@@ -49,7 +50,9 @@ class Settings(BaseSettings):
         description="database URL: sqlite:///path or postgresql://user@host/db",
     )
     data_dir: Path = Field(default=Path("data"), description="where package files are stored")
-    host: str = Field(default="0.0.0.0", min_length=1, description="address to listen on")  # noqa: S104
+    # Loopback unless told otherwise: a fresh install is not reachable from the network until
+    # its operator decides so (--host 0.0.0.0), e.g. once a firewall admits the device networks.
+    host: str = Field(default=DEFAULT_HOST, min_length=1, description="address to listen on")
     port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PORT
     public_address: str | None = Field(
         default=None, description="host[:port] handed to cdn devices as ipPort (D10)"

@@ -1,6 +1,7 @@
 """Database engines: SQLite (the embedded default, WAL) and PostgreSQL, by URL.
 
-SQLAlchemy Core with prebuilt statements; no ORM on the hot paths (style.md's measurements).
+SQLAlchemy Core with prebuilt statements; no ORM on the hot paths (measured several times slower on
+SQLite: docs/performance.md).
 """
 
 from __future__ import annotations
