@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import admin_api, schema
 from onenet_ota.server.admin_api import ROUTES, AdminApi, openapi_document
-from onenet_ota.server.admin_service import AdminService, CreatedTask
+from onenet_ota.server.admin_service import AdminService, CreatedTask, column_max
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_api import DeviceApi
 from onenet_ota.server.http import ServerThread
@@ -1101,6 +1102,112 @@ def test_openapi_document_matches_the_routes() -> None:
     for ref in _refs(document):
         assert ref.startswith("#/components/schemas/")
         assert ref.rsplit("/", 1)[1] in schemas
+
+
+def _operation(document: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    operation: dict[str, Any] = document["paths"]["/api/v1" + path][method]
+    return operation
+
+
+def _param_schema(operation: dict[str, Any], name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = next(p["schema"] for p in operation["parameters"] if p["name"] == name)
+    return schema
+
+
+def test_openapi_states_parameter_bounds() -> None:
+    document = openapi_document()
+    limit = _param_schema(_operation(document, "get", "/products"), "limit")
+    assert limit == {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
+    int32, int63 = 2**31 - 1, 2**63 - 1
+    for method, path, name, maximum in [
+        ("get", "/packages/{id}", "id", int32),
+        ("delete", "/tasks/{id}", "id", int32),
+        ("get", "/devices/{dev_id}", "dev_id", int63),
+        ("post", "/tasks/{id}/devices/{dev_id}/pause", "dev_id", int63),
+        ("get", "/tasks", "package_id", int32),
+        ("get", "/tasks", "after", int32),
+        ("get", "/packages", "after", int32),
+        ("get", "/devices", "after", int63),
+    ]:
+        assert _param_schema(_operation(document, method, path), name)["maximum"] == maximum
+    pid = _param_schema(_operation(document, "get", "/products/{pid}"), "pid")
+    assert pid == {"type": "string", "pattern": "^(?:[A-Za-z0-9]{1,32})$"}
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            parameters = operation.get("parameters", [])
+            in_path = [p["name"] for p in parameters if p["in"] == "path"]
+            assert in_path == re.findall(r"{(\w+)}", path)
+            for parameter in parameters:
+                schema = parameter["schema"]
+                if schema["type"] == "integer":
+                    assert {"minimum", "maximum"} <= schema.keys(), (path, parameter)
+                elif "enum" not in schema:
+                    # JSON Schema searches for a pattern: only an anchored one is a rule.
+                    assert schema["pattern"].startswith("^"), (path, parameter)
+                    assert schema["pattern"].endswith("$"), (path, parameter)
+
+
+def test_integer_inputs_fit_the_columns_they_are_stored_in() -> None:
+    # PostgreSQL refuses a value past a column's range with an error, not a 4xx: every
+    # documented maximum is one the column holds.
+    document = openapi_document()
+    schemas = document["components"]["schemas"]
+    t, d = schema.tasks.c, schema.devices.c
+    for model, field, column in [
+        ("TaskCreate", "package_id", t.package_id),
+        ("TaskCreate", "signal", t.signal),
+        ("TaskCreate", "power", t.power),
+        ("TaskCreate", "retry", t.retry),
+        ("TaskCreate", "interval", t.interval),
+        ("DeviceImportItem", "dev_id", d.dev_id),
+    ]:
+        prop = schemas[model]["properties"][field]
+        bounds = prop.get("anyOf", [prop])[0]
+        assert bounds["maximum"] <= column_max(column), (model, field)
+    start = schemas["TaskCreate"]["properties"]["start_time"]["anyOf"][0]
+    assert start["maximum"] <= column_max(t.start_time)
+    dev_ids = schemas["TaskCreate"]["properties"]["dev_ids"]["anyOf"][0]["items"]
+    assert dev_ids["maximum"] <= column_max(schema.device_tasks.c.dev_id)
+    columns = {
+        "/packages/{id}": schema.packages.c.id,
+        "/tasks/{id}": schema.tasks.c.id,
+        "/devices/{dev_id}": d.dev_id,
+    }
+    for path, column in columns.items():
+        for operation in document["paths"]["/api/v1" + path].values():
+            (parameter,) = [p for p in operation["parameters"] if p["in"] == "path"]
+            assert parameter["schema"]["maximum"] == column_max(column), path
+
+
+def test_openapi_rotate_key_body_is_optional() -> None:
+    document = openapi_document()
+    body = _operation(document, "post", "/products/{pid}/rotate-key")["requestBody"]
+    assert body["required"] is False
+    assert body["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/KeyRotate"
+    }
+    assert _operation(document, "post", "/products")["requestBody"]["required"] is True
+
+
+def test_openapi_lists_every_error_status() -> None:
+    document = openapi_document()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            codes = {int(code) for code in operation["responses"] if int(code) >= 400}
+            where = (method, path)
+            json_body = "application/json" in operation.get("requestBody", {}).get("content", {})
+            assert (400 in codes) == json_body, where  # only a JSON body can be malformed
+            if json_body:
+                assert {413, 422} <= codes, where
+            if any(p["in"] == "query" for p in operation.get("parameters", [])):
+                assert 422 in codes, where
+            if "{" in path:
+                assert 404 in codes, where
+            if operation.get("security") != []:
+                assert {401, 503} <= codes, where
+                assert operation["responses"]["401"]["headers"]["WWW-Authenticate"]
+            else:
+                assert codes == set(), where
 
 
 def test_every_documented_operation_is_served(api: Api) -> None:

@@ -163,8 +163,8 @@ class Param:
             schema["pattern"] = _any_case(self.enum)
         elif self.enum:
             schema["enum"] = list(self.enum)
-        else:
-            schema["pattern"] = self.pattern or svc.NO_NUL
+        else:  # JSON Schema searches for a pattern: anchored, it must match the whole value
+            schema["pattern"] = _whole(self.pattern or "[^\\x00]*")
         return schema
 
     def parse(self, raw: str) -> int | str | None:
