@@ -14,6 +14,12 @@ Conventions:
   Never a traceback.
 - Lists: ``?limit=`` (1-1000, default 100) and ``?after=`` (the ``next`` of the previous page);
   the reply is ``{"items":[...],"next":"..."|null}``.
+- Parameters: each has one rule (:class:`Param`) that both parses it and documents it. A query
+  value that breaks its rule is 422, an empty one is an absent one, unknown ones are ignored; a
+  path value that breaks its rule names nothing (404). Integers are ASCII digits, and ids are
+  bounded by the columns that store them. No string anywhere, JSON bodies included, may contain
+  NUL or a lone surrogate (422).
+- HEAD is answered wherever GET is, as GET (RFC 9110 §9.3.2).
 - Package upload: ``POST /api/v1/packages?pid=..&type=fota|sota&kind=full|diff&target=..&
   file_name=..[&from_version=..][&manuf=..][&model=..]`` with the raw file as the body
   (``application/octet-stream``, Content-Length or chunked). The metadata is checked before a
@@ -549,6 +555,8 @@ def openapi_document() -> dict[str, Any]:
                     "required": param.required,
                     "description": param.description,
                     "schema": param.schema(),
+                    # An empty value is an absent one (see _query_values).
+                    **({} if param.required else {"allowEmptyValue": True}),
                 }
             )
         if parameters:
