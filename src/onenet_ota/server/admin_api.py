@@ -141,9 +141,9 @@ def _any_case(words: tuple[str, ...]) -> str:
 class Param:
     """A query or path parameter: the rules it is parsed by and documented with.
 
-    An empty query value means the parameter is absent. ``pattern`` is a whole-value regular
-    expression (the same syntax in Python and ECMAScript); ``enum`` values match exactly, or in
-    any letter case with ``any_case``.
+    An empty query value means the parameter is absent. ``pattern`` is a regular expression the
+    whole value must match (in a syntax Python and ECMAScript share; the document anchors it);
+    ``enum`` values match exactly, or in any letter case with ``any_case``.
     """
 
     name: str
