@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import admin_api, schema
 from onenet_ota.server.admin_api import ROUTES, AdminApi, openapi_document
-from onenet_ota.server.admin_service import AdminService, CreatedTask
+from onenet_ota.server.admin_service import AdminService, CreatedTask, column_max
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_api import DeviceApi
 from onenet_ota.server.http import ServerThread
@@ -147,7 +148,7 @@ def test_unknown_paths_and_methods(api: Api) -> None:
     _error(api.client.get("/api/v2/products"), 404, "not_found")
     reply = api.client.put("/api/v1/products")
     _error(reply, 405, "method_not_allowed")
-    assert reply.headers["allow"] == "GET, POST"
+    assert reply.headers["allow"] == "GET, HEAD, POST"
     _error(api.client.get("/api/v1/devices/not-a-number"), 404, "not_found")
     _error(api.client.get(f"/api/v1/devices/{2**63}"), 404, "not_found")
 
@@ -191,6 +192,208 @@ def test_bad_query_values(api: Api) -> None:
     _error(api.client.get("/api/v1/devices", params={"after": "x"}), 422, "invalid")
     _error(api.client.get("/api/v1/tasks", params={"status": "done"}), 422, "invalid")
     _error(api.client.get("/api/v1/packages", params={"type": "3"}), 422, "invalid")
+
+
+def _task(api: Api) -> tuple[str, int, int, int]:
+    """A product with one device, one package and one task of both: (pid, dev_id, package, task)."""
+    pid = api.pid()
+    dev_id = api.device(pid, "d")
+    package_id = api.package(pid)
+    reply = api.client.post("/api/v1/tasks", json={"package_id": package_id, "dev_ids": [dev_id]})
+    assert reply.status_code == 201, reply.text
+    return pid, dev_id, package_id, int(reply.json()["id"])
+
+
+# Digits that str.isdigit() and int() take but the API's integers are not written in.
+FOREIGN_DIGITS = ["²", "١٢", "１", "𝟙", "1²"]
+
+
+@pytest.mark.parametrize("digits", FOREIGN_DIGITS)
+def test_non_ascii_digits_in_integer_parameters_are_422(api: Api, digits: str) -> None:
+    _, dev_id, _, task_id = _task(api)
+    for path, name in [
+        ("/api/v1/products", "limit"),
+        ("/api/v1/devices", "limit"),
+        ("/api/v1/devices", "after"),
+        ("/api/v1/packages", "after"),
+        ("/api/v1/tasks", "after"),
+        ("/api/v1/tasks", "package_id"),
+        (f"/api/v1/tasks/{task_id}", "after"),
+        (f"/api/v1/tasks/{task_id}/devices", "after"),
+        (f"/api/v1/tasks/{task_id}/devices", "limit"),
+    ]:
+        error = _error(api.client.get(path, params={name: digits}), 422, "invalid")
+        assert name in error["message"], (path, name)
+    _error(api.client.get(f"/api/v1/devices/{digits}"), 404, "not_found")
+    _error(api.client.get(f"/api/v1/tasks/{task_id}/devices/{dev_id}{digits}"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"name": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001,
+    ],
+)
+def test_json_nested_too_deep_is_400(api: Api, body: bytes) -> None:
+    error = _error(api.client.post("/api/v1/products", content=body), 400, "bad_request")
+    assert "deep" in error["message"]
+
+
+def test_integers_past_the_conversion_limit_are_422(api: Api) -> None:
+    body = b'{"package_id": 1' + b"0" * 5000 + b', "dev_ids": [1]}'
+    error = _error(api.client.post("/api/v1/tasks", content=body), 422, "invalid")
+    assert "digits" in error["message"]
+    assert "set_int_max_str_digits" not in error["message"]  # Python's advice is not the API's
+
+
+def test_ids_are_bounded_by_their_columns(api: Api) -> None:
+    # Packages and tasks have 32-bit ids (PostgreSQL's INTEGER), devices 63-bit ones.
+    _, dev_id, package_id, task_id = _task(api)
+    past_int32, past_int63 = 2**31, 2**63
+    for path in [
+        f"/api/v1/packages/{past_int32}",
+        f"/api/v1/tasks/{past_int32}",
+        f"/api/v1/tasks/{past_int32}/devices",
+        f"/api/v1/tasks/{task_id}/devices/{past_int63}/pause",
+    ]:
+        method = "POST" if path.endswith("pause") else "GET"
+        _error(api.client.request(method, path), 404, "not_found")
+    for method, path in [
+        ("DELETE", f"/api/v1/packages/{past_int32}"),
+        ("DELETE", f"/api/v1/tasks/{past_int32}"),
+        ("POST", f"/api/v1/tasks/{past_int32}/cancel"),
+        ("POST", f"/api/v1/tasks/{past_int32}/devices/{dev_id}/resume"),
+    ]:
+        _error(api.client.request(method, path), 404, "not_found")
+    for path, params in [
+        ("/api/v1/tasks", {"package_id": str(past_int32)}),
+        ("/api/v1/tasks", {"after": str(past_int32)}),
+        ("/api/v1/packages", {"after": str(past_int32)}),
+        ("/api/v1/devices", {"after": str(past_int63)}),
+        (f"/api/v1/tasks/{task_id}/devices", {"after": str(past_int63)}),
+    ]:
+        _error(api.client.get(path, params=params), 422, "invalid")
+    reply = api.client.post("/api/v1/tasks", json={"package_id": past_int32, "dev_ids": [dev_id]})
+    assert _error(reply, 422, "invalid")["details"][0]["field"] == "package_id"
+    # The largest ids are still in range: not found, no error.
+    _error(api.client.get(f"/api/v1/packages/{2**31 - 1}"), 404, "not_found")
+    _error(api.client.get(f"/api/v1/devices/{2**63 - 1}"), 404, "not_found")
+    page = api.client.get("/api/v1/tasks", params={"package_id": str(2**31 - 1)})
+    assert page.json() == {"items": [], "next": None}
+    assert api.client.get("/api/v1/tasks", params={"package_id": package_id}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["pid", "name", "access_key"],
+)
+def test_nul_in_product_strings_is_422(api: Api, field: str) -> None:
+    pid = str(next(_pids))
+    body = {"pid": pid, field: "a\x00b"}
+    error = _error(api.client.post("/api/v1/products", json=body), 422, "invalid")
+    assert error["details"][0]["field"] == field
+    assert api.rows(schema.products, pid=pid) == 0
+
+
+@pytest.mark.parametrize("field", ["name", "auth_info", "device_key"])
+def test_nul_in_device_strings_is_422(api: Api, field: str) -> None:
+    pid = api.pid()
+    body = {"pid": pid, "name": "d", field: "x\x00"}
+    error = _error(api.client.post("/api/v1/devices", json=body), 422, "invalid")
+    assert error["details"][0]["field"] == field
+    batch = {"pid": pid, "devices": [{"name": "e"}, {"name": "f", field: "\x00"}]}
+    error = _error(api.client.post("/api/v1/devices/import", json=batch), 422, "invalid")
+    assert error["details"][0]["field"] == f"devices.1.{field}"
+    assert api.rows(schema.devices, pid=pid) == 0
+
+
+def test_nul_and_lone_surrogates_anywhere_in_a_body_are_422(api: Api) -> None:
+    for body in [
+        b'{"pid": "1", "unknown\\u0000": 1}',
+        b'{"name": "\\ud800"}',
+        b'{"pid": "1", "name": "a\\udfff"}',
+    ]:
+        _error(api.client.post("/api/v1/products", content=body), 422, "invalid")
+    pid = api.pid()
+    rotate = f"/api/v1/products/{pid}/rotate-key"
+    _error(api.client.post(rotate, json={"access_key": K1 + "\x00"}), 422, "invalid")
+    task = {"package_id": 1, "from_versions": ["1.0\x00"]}
+    _error(api.client.post("/api/v1/tasks", json=task), 422, "invalid")
+
+
+def test_nul_in_query_and_path_strings_is_refused(api: Api) -> None:
+    pid, _, _, task_id = _task(api)
+    for path, params in [
+        ("/api/v1/products", {"after": "1\x00"}),
+        ("/api/v1/devices", {"pid": "1\x00"}),
+        ("/api/v1/devices", {"f_version": "1\x00"}),
+        ("/api/v1/devices", {"s_version": "\x00"}),
+        ("/api/v1/devices", {"q": "d\x00"}),
+        ("/api/v1/packages", {"pid": "\x00"}),
+        ("/api/v1/tasks", {"pid": "\x00"}),
+        ("/api/v1/tasks", {"status": "active\x00"}),
+        (f"/api/v1/tasks/{task_id}", {"state": "\x00"}),
+        (f"/api/v1/tasks/{task_id}/devices", {"state": "paused\x00"}),
+    ]:
+        _error(api.client.get(path, params=params), 422, "invalid")
+    upload = api.upload(pid, target="1\x00")
+    _error(upload, 422, "invalid")
+    _error(api.upload(pid, file_name="fw\x00.bin"), 422, "invalid")
+    _error(api.upload(pid, manuf="\x00"), 422, "invalid")
+    for method, path in [
+        ("GET", f"/api/v1/products/{pid}%00"),
+        ("DELETE", f"/api/v1/products/{pid}%00"),
+        ("POST", f"/api/v1/products/{pid}%00/rotate-key"),
+    ]:
+        _error(api.client.request(method, path), 404, "not_found")
+    assert api.client.get(f"/api/v1/products/{pid}").status_code == 200
+
+
+# ------------------------------------------------------------------------------ HEAD
+
+
+def _get_paths(api: Api) -> list[str]:
+    """A concrete path of every GET route, addressing objects that exist."""
+    pid, dev_id, package_id, task_id = _task(api)
+    concrete = {"{pid}": pid, "{dev_id}": str(dev_id), "{id}": str(task_id)}
+    paths = []
+    for route in ROUTES:
+        if route.method != "GET":
+            continue
+        path = route.path
+        if path.startswith("/packages/"):
+            path = path.replace("{id}", str(package_id))
+        for placeholder, value in concrete.items():
+            path = path.replace(placeholder, value)
+        paths.append("/api/v1" + path)
+    return paths
+
+
+def test_head_answers_like_get_on_every_get_route(api: Api) -> None:
+    # RFC 9110 §9.3.2: HEAD is GET without the content. One connection per HEAD request: the
+    # HTTP layer decides whether the body is sent, and the client then reads none.
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    paths = _get_paths(api)
+    assert len(paths) == sum(r.method == "GET" for r in ROUTES)
+    for path in [*paths, "/api/v1/products/none", "/api/v1/nothing"]:
+        got = api.client.get(path)
+        head = httpx2.request("HEAD", api.url + path, headers=headers)
+        assert head.status_code == got.status_code, path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers["content-length"] == got.headers["content-length"], path
+    unauthenticated = httpx2.request("HEAD", api.url + "/api/v1/products")
+    assert unauthenticated.status_code == 401
+    assert unauthenticated.headers["www-authenticate"] == "Bearer"
+
+
+def test_allow_names_head_where_get_is_allowed(api: Api) -> None:
+    reply = api.client.put("/api/v1/products")
+    _error(reply, 405, "method_not_allowed")
+    assert reply.headers["allow"] == "GET, HEAD, POST"
+    head = httpx2.request("HEAD", api.url + "/api/v1/tasks/1/pause")
+    assert head.status_code == 405
+    assert head.headers["allow"] == "POST"
 
 
 # ------------------------------------------------------------------------------ products, devices
@@ -899,6 +1102,112 @@ def test_openapi_document_matches_the_routes() -> None:
     for ref in _refs(document):
         assert ref.startswith("#/components/schemas/")
         assert ref.rsplit("/", 1)[1] in schemas
+
+
+def _operation(document: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    operation: dict[str, Any] = document["paths"]["/api/v1" + path][method]
+    return operation
+
+
+def _param_schema(operation: dict[str, Any], name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = next(p["schema"] for p in operation["parameters"] if p["name"] == name)
+    return schema
+
+
+def test_openapi_states_parameter_bounds() -> None:
+    document = openapi_document()
+    limit = _param_schema(_operation(document, "get", "/products"), "limit")
+    assert limit == {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
+    int32, int63 = 2**31 - 1, 2**63 - 1
+    for method, path, name, maximum in [
+        ("get", "/packages/{id}", "id", int32),
+        ("delete", "/tasks/{id}", "id", int32),
+        ("get", "/devices/{dev_id}", "dev_id", int63),
+        ("post", "/tasks/{id}/devices/{dev_id}/pause", "dev_id", int63),
+        ("get", "/tasks", "package_id", int32),
+        ("get", "/tasks", "after", int32),
+        ("get", "/packages", "after", int32),
+        ("get", "/devices", "after", int63),
+    ]:
+        assert _param_schema(_operation(document, method, path), name)["maximum"] == maximum
+    pid = _param_schema(_operation(document, "get", "/products/{pid}"), "pid")
+    assert pid == {"type": "string", "pattern": "^(?:[A-Za-z0-9]{1,32})$"}
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            parameters = operation.get("parameters", [])
+            in_path = [p["name"] for p in parameters if p["in"] == "path"]
+            assert in_path == re.findall(r"{(\w+)}", path)
+            for parameter in parameters:
+                schema = parameter["schema"]
+                if schema["type"] == "integer":
+                    assert {"minimum", "maximum"} <= schema.keys(), (path, parameter)
+                elif "enum" not in schema:
+                    # JSON Schema searches for a pattern: only an anchored one is a rule.
+                    assert schema["pattern"].startswith("^"), (path, parameter)
+                    assert schema["pattern"].endswith("$"), (path, parameter)
+
+
+def test_integer_inputs_fit_the_columns_they_are_stored_in() -> None:
+    # PostgreSQL refuses a value past a column's range with an error, not a 4xx: every
+    # documented maximum is one the column holds.
+    document = openapi_document()
+    schemas = document["components"]["schemas"]
+    t, d = schema.tasks.c, schema.devices.c
+    for model, field, column in [
+        ("TaskCreate", "package_id", t.package_id),
+        ("TaskCreate", "signal", t.signal),
+        ("TaskCreate", "power", t.power),
+        ("TaskCreate", "retry", t.retry),
+        ("TaskCreate", "interval", t.interval),
+        ("DeviceImportItem", "dev_id", d.dev_id),
+    ]:
+        prop = schemas[model]["properties"][field]
+        bounds = prop.get("anyOf", [prop])[0]
+        assert bounds["maximum"] <= column_max(column), (model, field)
+    start = schemas["TaskCreate"]["properties"]["start_time"]["anyOf"][0]
+    assert start["maximum"] <= column_max(t.start_time)
+    dev_ids = schemas["TaskCreate"]["properties"]["dev_ids"]["anyOf"][0]["items"]
+    assert dev_ids["maximum"] <= column_max(schema.device_tasks.c.dev_id)
+    columns = {
+        "/packages/{id}": schema.packages.c.id,
+        "/tasks/{id}": schema.tasks.c.id,
+        "/devices/{dev_id}": d.dev_id,
+    }
+    for path, column in columns.items():
+        for operation in document["paths"]["/api/v1" + path].values():
+            (parameter,) = [p for p in operation["parameters"] if p["in"] == "path"]
+            assert parameter["schema"]["maximum"] == column_max(column), path
+
+
+def test_openapi_rotate_key_body_is_optional() -> None:
+    document = openapi_document()
+    body = _operation(document, "post", "/products/{pid}/rotate-key")["requestBody"]
+    assert body["required"] is False
+    assert body["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/KeyRotate"
+    }
+    assert _operation(document, "post", "/products")["requestBody"]["required"] is True
+
+
+def test_openapi_lists_every_error_status() -> None:
+    document = openapi_document()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            codes = {int(code) for code in operation["responses"] if int(code) >= 400}
+            where = (method, path)
+            json_body = "application/json" in operation.get("requestBody", {}).get("content", {})
+            assert (400 in codes) == json_body, where  # only a JSON body can be malformed
+            if json_body:
+                assert {413, 422} <= codes, where
+            if any(p["in"] == "query" for p in operation.get("parameters", [])):
+                assert 422 in codes, where
+            if "{" in path:
+                assert 404 in codes, where
+            if operation.get("security") != []:
+                assert {401, 503} <= codes, where
+                assert operation["responses"]["401"]["headers"]["WWW-Authenticate"]
+            else:
+                assert codes == set(), where
 
 
 def test_every_documented_operation_is_served(api: Api) -> None:

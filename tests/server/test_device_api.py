@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -1070,7 +1071,10 @@ def test_e9_matches_auth_info_exactly(client: httpx2.Client, seeder: Seeder) -> 
         {"pid": None, "authInfo": "x"},
         {"pid": 1.5, "authInfo": "x"},
         {"pid": True, "authInfo": "x"},
-        {"pid": "12a", "authInfo": "x"},
+        {"pid": "12-a", "authInfo": "x"},  # §1: a pid is [A-Za-z0-9]
+        {"pid": "", "authInfo": "x"},
+        {"pid": "1" * 33, "authInfo": "x"},
+        {"pid": 10**32, "authInfo": "x"},  # 33 digits
         {"pid": -1, "authInfo": "x"},
         {"pid": 1},
         {"pid": 1, "authInfo": 5},
@@ -1096,6 +1100,44 @@ def test_e9_auth_errors(
     assert dev_info(client, w, body, auth=second_level)["errno"] == 1  # found another device
     break_db(monkeypatch, api, "dev_info")
     assert dev_info(client, w, body)["errno"] == 7
+
+
+def test_e9_accepts_an_alphanumeric_pid(client: httpx2.Client, seeder: Seeder) -> None:
+    # §1: a pid is 1-32 characters [A-Za-z0-9]; only classic OneNET's happen to be decimal.
+    pid = "Ab3xYz9"
+    seeder.product(pid)
+    seeder.device(7_000_010, pid, "alnum-dev")
+    body = {"pid": pid, "authInfo": "alnum-dev"}
+    reply = call(client, "POST", "/ota/devInfo", auth=product_auth(pid), body=body)
+    assert reply == {"errno": 0, "error": "succ", "data": {"dev_id": "7000010"}}
+    w = seeder.world(task=False)
+    assert dev_info(client, w, {"pid": "Ab3xYz8", "authInfo": w.name})["errno"] == 1  # step 3
+
+
+@pytest.mark.parametrize(
+    ("auth_info", "errno"),
+    [
+        # Not a string of characters: it cannot be UTF-8 (§2.4), so step 2's errno 2.
+        ("\\ud800", 2),
+        ("a\\udfffb", 2),
+        # A string, but no device has it (PostgreSQL cannot even store it): step 4's errno 1.
+        ("\\u0000", 1),
+        ("dev\\u0000", 1),
+    ],
+)
+def test_e9_unstorable_auth_info_gets_its_errno_without_a_traceback(
+    client: httpx2.Client,
+    seeder: Seeder,
+    caplog: pytest.LogCaptureFixture,
+    auth_info: str,
+    errno: int,
+) -> None:
+    w = seeder.world(task=False)
+    content = b'{"pid": "%s", "authInfo": "%s"}' % (w.pid.encode(), auth_info.encode())
+    caplog.set_level(logging.DEBUG)
+    assert call(client, "POST", "/ota/devInfo", auth=w.auth, content=content)["errno"] == errno
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert dev_info(client, w, {"pid": w.pid, "authInfo": w.name})["errno"] == 0
 
 
 def test_e9_ambiguous_auth_info_finds_nothing(client: httpx2.Client, seeder: Seeder) -> None:

@@ -14,6 +14,12 @@ Conventions:
   Never a traceback.
 - Lists: ``?limit=`` (1-1000, default 100) and ``?after=`` (the ``next`` of the previous page);
   the reply is ``{"items":[...],"next":"..."|null}``.
+- Parameters: each has one rule (:class:`Param`) that both parses it and documents it. A query
+  value that breaks its rule is 422, an empty one is an absent one, unknown ones are ignored; a
+  path value that breaks its rule names nothing (404). Integers are ASCII digits, and ids are
+  bounded by the columns that store them. No string anywhere, JSON bodies included, may contain
+  NUL or a lone surrogate (422).
+- HEAD is answered wherever GET is, as GET (RFC 9110 §9.3.2).
 - Package upload: ``POST /api/v1/packages?pid=..&type=fota|sota&kind=full|diff&target=..&
   file_name=..[&from_version=..][&manuf=..][&model=..]`` with the raw file as the body
   (``application/octet-stream``, Content-Length or chunked). The metadata is checked before a
@@ -30,8 +36,10 @@ import hashlib
 import hmac
 import json
 import logging
+import re
+import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import unquote
 
@@ -39,6 +47,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import OperationalError
 
 import onenet_ota
+from onenet_ota.protocol import values
 from onenet_ota.protocol.states import Action
 from onenet_ota.server import admin_service as svc
 from onenet_ota.server.blobs import BlobTooLarge
@@ -83,7 +92,10 @@ class ApiError(Exception):
 def _json_response(
     status: int, payload: Any, headers: list[tuple[str, str]] | None = None
 ) -> Response:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    # backslashreplace: a lone surrogate that reached a message is sent as its JSON escape.
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "backslashreplace"
+    )
     return Response(status, [_JSON, ("Content-Length", str(len(body))), *(headers or [])], body)
 
 
@@ -115,33 +127,125 @@ def _from_validation(exc: ValidationError) -> ApiError:
 # Route table
 
 
-PathTypes = dict[str, Literal["string", "integer"]]
+def _whole(pattern: str) -> str:
+    return f"^(?:{pattern})$"
+
+
+def _any_case(words: tuple[str, ...]) -> str:
+    """A pattern that matches ``words`` in any letter case (JSON Schema's enum cannot)."""
+    spelled = ("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in w) for w in words)
+    return _whole("|".join(spelled))
 
 
 @dataclass(frozen=True, slots=True)
 class Param:
-    """A query parameter: its name, JSON-schema type, and description."""
+    """A query or path parameter: the rules it is parsed by and documented with.
+
+    An empty query value means the parameter is absent. ``pattern`` is a regular expression the
+    whole value must match (in a syntax Python and ECMAScript share; the document anchors it);
+    ``enum`` values match exactly, or in any letter case with ``any_case``.
+    """
 
     name: str
     type: Literal["string", "integer"] = "string"
     description: str = ""
     required: bool = False
     enum: tuple[str, ...] | None = None
+    any_case: bool = False
+    minimum: int | None = None
+    maximum: int | None = None
+    pattern: str | None = None
+    default: int | None = None
+
+    def schema(self) -> dict[str, Any]:
+        """The parameter's JSON schema."""
+        schema: dict[str, Any] = {"type": self.type}
+        if self.type == "integer":
+            schema["minimum"] = self.minimum
+            schema["maximum"] = self.maximum
+            if self.default is not None:
+                schema["default"] = self.default
+        elif self.enum and self.any_case:
+            schema["pattern"] = _any_case(self.enum)
+        elif self.enum:
+            schema["enum"] = list(self.enum)
+        else:  # JSON Schema searches for a pattern: anchored, it must match the whole value
+            schema["pattern"] = _whole(self.pattern or "[^\\x00]*")
+        return schema
+
+    def parse(self, raw: str) -> int | str | None:
+        """``raw`` if it follows the rules (as an int for an integer), else None."""
+        if self.type == "integer":
+            assert self.minimum is not None
+            assert self.maximum is not None
+            return svc.parse_int(raw, self.minimum, self.maximum)
+        if "\x00" in raw:  # PostgreSQL cannot compare a string with NUL in it
+            return None
+        if self.enum and self.any_case:
+            return raw if raw.lower() in self.enum else None
+        if self.enum:
+            return raw if raw in self.enum else None
+        if self.pattern is not None and re.fullmatch(self.pattern, raw) is None:
+            return None
+        return raw
+
+    def rule(self) -> str:
+        """The rule in words, for error messages."""
+        if self.type == "integer":
+            return f"{self.name} must be an integer from {self.minimum} to {self.maximum}"
+        if self.enum:
+            return f"{self.name} must be one of {', '.join(self.enum)}"
+        return f"{self.name} is not valid: {self.description}"
 
 
-PAGE_PARAMS: Final = (
-    Param("limit", "integer", "page size, 1-1000 (default 100)"),
-    Param("after", "string", "the 'next' value of the previous page"),
-)
+def _int(name: str, maximum: int, description: str, *, minimum: int = 1) -> Param:
+    return Param(name, "integer", description, minimum=minimum, maximum=maximum)
+
+
+def _page(after: Param) -> tuple[Param, ...]:
+    return (
+        Param(
+            "limit", "integer", f"page size, 1-{svc.MAX_PAGE}", minimum=1, maximum=svc.MAX_PAGE,
+            default=svc.DEFAULT_PAGE,
+        ),
+        after,
+    )  # fmt: skip
+
+
+_NEXT = "the 'next' value of the previous page"
+_PACKAGE_PAGE = _page(_int("after", svc.PACKAGE_ID_MAX, _NEXT, minimum=0))
+_DEV_PAGE = _page(_int("after", svc.DEV_ID_MAX, _NEXT, minimum=0))
+_PID_RULE = "1-32 characters [A-Za-z0-9]"
+_VERSION_RULE = "1-20 characters [A-Za-z0-9_.-]"
+_CODE_RULE = "1-32 characters [A-Za-z0-9_.-] (spec Appendix A)"
+
+
+def _pid(description: str, *, required: bool = False) -> Param:
+    return Param(
+        "pid", description=f"{description}: {_PID_RULE}", required=required,
+        pattern=values.PID_RE.pattern,
+    )  # fmt: skip
+
+
+def _version(name: str, description: str, *, required: bool = False) -> Param:
+    return Param(
+        name, description=f"{description}: {_VERSION_RULE}", required=required,
+        pattern=values.VERSION_RE.pattern,
+    )  # fmt: skip
 
 
 @dataclass(slots=True)
 class Call:
-    """One matched request: path parameters, query, and the request itself."""
+    """One matched request: the route, its path and query parameters, and the request itself.
+
+    ``path`` and ``query`` hold the route's parameters checked against their rules; integers
+    are parsed already.
+    """
 
     request: Request
-    path: dict[str, str]
-    query: dict[str, str]
+    route: Route
+    path: dict[str, Any]
+    query: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,16 +259,30 @@ class Route:
     tag: str
     status: int = 200
     body: type[BaseModel] | None = None  # a JSON request body
+    body_optional: bool = False  # an empty body reads as {}
     upload: bool = False  # a raw file body
     response: type[BaseModel] | None = None  # None with status 204: no body
     query: tuple[Param, ...] = ()
-    path_types: PathTypes = field(default_factory=dict)
-    errors: tuple[int, ...] = ()
+    path_params: tuple[Param, ...] = ()  # a value that breaks its rule is 404
+    errors: tuple[int, ...] = ()  # the handler's own error statuses; the rest are derived
     public: bool = False
 
     @property
     def segments(self) -> list[str]:
         return self.path.strip("/").split("/") if self.path != "/" else []
+
+    def error_statuses(self) -> list[int]:
+        """Every error status the route can answer with (see :meth:`AdminApi.handle`)."""
+        codes = set(self.errors)
+        if self.body is not None:
+            codes |= {400, 413, 422}  # not JSON, too large, breaks the model
+        if self.query or self.upload:
+            codes.add(422)
+        if self.path_params:
+            codes.add(404)
+        if not self.public:
+            codes |= {401, 503}  # the token; the database
+        return sorted(codes)
 
 
 # Page and envelope models, named for the OpenAPI document.
@@ -230,137 +348,144 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-_PID: PathTypes = {"pid": "string"}
-_ID: PathTypes = {"id": "integer"}
-_TASK_DEVICE: PathTypes = {"id": "integer", "dev_id": "integer"}
+_PID = (_pid("the product"),)
+_PID_AFTER = Param("after", description=f"{_NEXT}: a pid", pattern=values.PID_RE.pattern)
+_DEV_ID = _int("dev_id", svc.DEV_ID_MAX, "the device")
+_PACKAGE = (_int("id", svc.PACKAGE_ID_MAX, "the package"),)
+_TASK = (_int("id", svc.TASK_ID_MAX, "the task"),)
+_TASK_DEVICE = (*_TASK, _DEV_ID)
 _STATE_PARAM = Param(
     "state", description="only devices in this state", enum=tuple(svc.STATES_BY_NAME)
 )
+_TYPES = ("fota", "sota", "1", "2")
 
 ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/openapi.json", "openapi", "This document", "meta", public=True),
     Route("GET", "/health", "health", "Liveness check", "meta", response=Health, public=True),
     Route(
         "POST", "/products", "create_product", "Create a product (given or generated pid and key)",
-        "products", status=201, body=svc.ProductCreate, response=svc.Product, errors=(409, 422),
+        "products", status=201, body=svc.ProductCreate, response=svc.Product, errors=(409,),
     ),
     Route(
         "GET", "/products", "list_products", "List products (without keys)", "products",
-        response=ProductPage, query=PAGE_PARAMS,
+        response=ProductPage, query=_page(_PID_AFTER),
     ),
     Route(
         "GET", "/products/{pid}", "get_product", "Show a product with its access key",
-        "products", response=svc.Product, path_types=_PID, errors=(404,),
+        "products", response=svc.Product, path_params=_PID,
     ),
     Route(
         "DELETE", "/products/{pid}", "delete_product",
         "Delete a product that has no devices, packages or tasks left", "products",
-        status=204, path_types=_PID, errors=(404, 409),
+        status=204, path_params=_PID, errors=(409,),
     ),
     Route(
         "POST", "/products/{pid}/rotate-key", "rotate_key",
         "Replace the product's access key (given or generated)", "products",
-        body=svc.KeyRotate, response=svc.Product, path_types=_PID, errors=(404, 422),
+        body=svc.KeyRotate, body_optional=True, response=svc.Product, path_params=_PID,
     ),
     Route(
         "POST", "/devices", "create_device", "Create a device (given or generated dev_id)",
-        "devices", status=201, body=svc.DeviceCreate, response=svc.Device, errors=(409, 422),
+        "devices", status=201, body=svc.DeviceCreate, response=svc.Device, errors=(409,),
     ),
     Route(
         "POST", "/devices/import", "import_devices",
         "Create many devices of one product, all or none", "devices", status=201,
-        body=svc.DeviceImport, response=DeviceList, errors=(409, 422),
+        body=svc.DeviceImport, response=DeviceList, errors=(409,),
     ),
     Route(
         "GET", "/devices", "list_devices", "List devices", "devices", response=DevicePage,
         query=(
-            Param("pid", description="only this product's devices"),
-            Param("f_version", description="only devices that reported this FOTA version"),
-            Param("s_version", description="only devices that reported this SOTA version"),
-            Param("q", description="only devices whose name contains this"),
-            *PAGE_PARAMS,
+            _pid("only this product's devices"),
+            _version("f_version", "only devices that reported this FOTA version"),
+            _version("s_version", "only devices that reported this SOTA version"),
+            Param("q", description="only devices whose name contains this; no NUL"),
+            *_DEV_PAGE,
         ),
     ),
     Route(
         "GET", "/devices/{dev_id}", "get_device",
         "Show a device with its reported versions and task history", "devices",
-        response=svc.DeviceDetail, path_types={"dev_id": "integer"}, errors=(404,),
+        response=svc.DeviceDetail, path_params=(_DEV_ID,),
     ),
     Route(
         "DELETE", "/devices/{dev_id}", "delete_device",
         "Delete a device without open tasks, with its upgrade history and download tokens",
-        "devices", status=204, path_types={"dev_id": "integer"}, errors=(404, 409),
+        "devices", status=204, path_params=(_DEV_ID,), errors=(409,),
     ),
     Route(
         "POST", "/packages", "upload_package",
         "Upload a package file (raw body) with its metadata in the query", "packages",
-        status=201, upload=True, response=svc.Package, errors=(409, 413, 422, 507),
+        status=201, upload=True, response=svc.Package, errors=(409, 413, 507),
         query=(
-            Param("pid", required=True, description="product id"),
-            Param("type", required=True, description="fota (1) or sota (2)",
-                  enum=("fota", "sota", "1", "2")),
-            Param("kind", description="full (default) or diff",
-                  enum=("full", "diff", "differential", "1", "2")),
-            Param("from_version", description="differential packages: the version it applies to"),
-            Param("target", required=True, description="the version the package installs"),
-            Param("manuf", description="manufacturer code (spec Appendix A)"),
-            Param("model", description="module or chip code (spec Appendix A)"),
-            Param("file_name", required=True, description="1-64 printable ASCII characters"),
+            _pid("product id", required=True),
+            Param("type", required=True, description="fota (1) or sota (2), any case",
+                  enum=_TYPES, any_case=True),
+            Param("kind", description="full (default) or diff, any case",
+                  enum=("full", "diff", "differential", "1", "2"), any_case=True),
+            _version("from_version", "differential packages: the version it applies to"),
+            _version("target", "the version the package installs", required=True),
+            Param("manuf", description=f"manufacturer code, {_CODE_RULE}",
+                  pattern=values.MANUF_MODEL_RE.pattern),
+            Param("model", description=f"module or chip code, {_CODE_RULE}",
+                  pattern=values.MANUF_MODEL_RE.pattern),
+            Param("file_name", required=True, pattern=svc.FILE_NAME_PATTERN,
+                  description="1-64 printable ASCII characters other than '\"', '\\' and '/',"
+                  " not only dots and spaces"),
         ),
     ),
     Route(
         "GET", "/packages", "list_packages", "List packages", "packages", response=PackagePage,
         query=(
-            Param("pid", description="only this product's packages"),
-            Param("type", description="only FOTA or SOTA packages",
-                  enum=("fota", "sota", "1", "2")),
-            *PAGE_PARAMS,
+            _pid("only this product's packages"),
+            Param("type", description="only FOTA or SOTA packages, any case", enum=_TYPES,
+                  any_case=True),
+            *_PACKAGE_PAGE,
         ),
     ),
     Route(
         "GET", "/packages/{id}", "get_package", "Show a package", "packages",
-        response=svc.Package, path_types=_ID, errors=(404,),
+        response=svc.Package, path_params=_PACKAGE,
     ),
     Route(
         "DELETE", "/packages/{id}", "delete_package", "Delete a package no task uses",
-        "packages", status=204, path_types=_ID, errors=(404, 409),
+        "packages", status=204, path_params=_PACKAGE, errors=(409,),
     ),
     Route(
         "POST", "/tasks", "create_task", "Create an upgrade task", "tasks", status=201,
-        body=svc.TaskCreate, response=svc.TaskCreated, errors=(409, 422),
+        body=svc.TaskCreate, response=svc.TaskCreated, errors=(409,),
     ),
     Route(
         "GET", "/tasks", "list_tasks", "List tasks with per-state counts", "tasks",
         response=TaskPage,
         query=(
-            Param("pid", description="only this product's tasks"),
-            Param("package_id", "integer", "only tasks of this package"),
+            _pid("only this product's tasks"),
+            _int("package_id", svc.PACKAGE_ID_MAX, "only tasks of this package"),
             Param("status", description="only tasks with this status",
                   enum=("active", "paused", "cancelled")),
-            *PAGE_PARAMS,
+            *_page(_int("after", svc.TASK_ID_MAX, _NEXT, minimum=0)),
         ),
     ),
     Route(
         "GET", "/tasks/{id}", "get_task",
         "Show a task with counts and the first page of its devices", "tasks",
-        response=svc.TaskDetail, path_types=_ID, query=(_STATE_PARAM, *PAGE_PARAMS),
-        errors=(404,),
+        response=svc.TaskDetail, path_params=_TASK, query=(_STATE_PARAM, *_DEV_PAGE),
     ),
     Route(
         "DELETE", "/tasks/{id}", "delete_task",
         "Delete a task without open device tasks, with its device tasks and download tokens"
-        " (the package stays)", "tasks", status=204, path_types=_ID, errors=(404, 409),
+        " (the package stays)", "tasks", status=204, path_params=_TASK, errors=(409,),
     ),
     Route(
         "GET", "/tasks/{id}/devices", "list_task_devices",
         "List a task's devices with state and progress", "tasks", response=DeviceTaskPage,
-        path_types=_ID, query=(_STATE_PARAM, *PAGE_PARAMS), errors=(404,),
+        path_params=_TASK, query=(_STATE_PARAM, *_DEV_PAGE),
     ),
     *(
         Route(
             "POST", f"/tasks/{{id}}/{verb}", f"{verb}_task",
             f"{verb.capitalize()} every device of the task where the state machine allows it",
-            "tasks", response=svc.TaskActionResult, path_types=_ID, errors=(404, 409),
+            "tasks", response=svc.TaskActionResult, path_params=_TASK, errors=(409,),
         )
         for verb in ("pause", "resume", "cancel")
     ),
@@ -368,7 +493,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         Route(
             "POST", f"/tasks/{{id}}/devices/{{dev_id}}/{verb}", f"{verb}_device_task",
             f"{verb.capitalize()} one device's part of the task", "tasks",
-            response=svc.DeviceTaskView, path_types=_TASK_DEVICE, errors=(404, 409),
+            response=svc.DeviceTaskView, path_params=_TASK_DEVICE, errors=(409,),
         )
         for verb in ("pause", "resume", "cancel")
     ),
@@ -376,6 +501,11 @@ ROUTES: Final[tuple[Route, ...]] = (
 
 # --------------------------------------------------------------------------------------------
 # OpenAPI
+
+_ERROR_HEADERS: Final = {
+    401: ("WWW-Authenticate", "Bearer"),
+    503: ("Retry-After", "seconds to wait before a retry"),
+}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -407,35 +537,37 @@ def openapi_document() -> dict[str, Any]:
             "tags": [route.tag],
         }
         parameters: list[dict[str, Any]] = []
-        for name in _path_names(route):
+        for param in route.path_params:
             parameters.append(
                 {
-                    "name": name,
+                    "name": param.name,
                     "in": "path",
                     "required": True,
-                    "schema": {"type": route.path_types.get(name, "string")},
+                    "description": param.description,
+                    "schema": param.schema(),
                 }
             )
         for param in route.query:
-            schema: dict[str, Any] = {"type": param.type}
-            if param.enum:
-                schema["enum"] = list(param.enum)
             parameters.append(
                 {
                     "name": param.name,
                     "in": "query",
                     "required": param.required,
                     "description": param.description,
-                    "schema": schema,
+                    "schema": param.schema(),
+                    # An empty value is an absent one (see _query_values).
+                    **({} if param.required else {"allowEmptyValue": True}),
                 }
             )
         if parameters:
             operation["parameters"] = parameters
         if route.body is not None:
             operation["requestBody"] = {
-                "required": True,
+                "required": not route.body_optional,
                 "content": {"application/json": {"schema": ref(route.body, "validation")}},
             }
+            if route.body_optional:
+                operation["requestBody"]["description"] = "May be empty: the same as {}"
         if route.upload:
             operation["requestBody"] = {
                 "required": True,
@@ -456,14 +588,20 @@ def openapi_document() -> dict[str, Any]:
             }
         else:
             responses[str(route.status)] = {"description": "Success, no body"}
-        codes = set(route.errors) | {400}
-        if not route.public:
-            codes |= {401, 503}
-        for code in sorted(codes):
+        for code in route.error_statuses():
             responses[str(code)] = {
                 "description": reasons[code],
                 "content": {"application/json": {"schema": error_ref}},
             }
+            if code in _ERROR_HEADERS:
+                name, description = _ERROR_HEADERS[code]
+                responses[str(code)]["headers"] = {
+                    name: {
+                        "description": description,
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                }
         operation["responses"] = responses
         if route.public:
             operation["security"] = []
@@ -488,10 +626,6 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-def _path_names(route: Route) -> list[str]:
-    return [seg[1:-1] for seg in route.segments if seg.startswith("{") and seg.endswith("}")]
-
-
 def _match(route: Route, segments: list[str]) -> dict[str, str] | None:
     pattern = route.segments
     if len(pattern) != len(segments):
@@ -511,12 +645,87 @@ def _match(route: Route, segments: list[str]) -> dict[str, str] | None:
 # The handler
 
 
-def _int_param(value: str | None, name: str, *, minimum: int = 1) -> int | None:
-    if value is None or value == "":
-        return None
-    if not value.isdigit() or len(value) > 19 or int(value) < minimum:
-        raise ApiError(422, "invalid", f"{name} must be an integer of at least {minimum}")
-    return int(value)
+def _path_values(route: Route, raw: dict[str, str]) -> dict[str, Any]:
+    """The path parameters by their rules; one that breaks its rule names nothing: 404."""
+    parsed: dict[str, Any] = {}
+    for param in route.path_params:
+        value = param.parse(raw[param.name])
+        if value is None:
+            raise ApiError(404, "not_found", f"no {param.name} {_safe(raw[param.name])!r}")
+        parsed[param.name] = value
+    return parsed
+
+
+def _query_values(route: Route, raw: dict[str, str]) -> dict[str, Any]:
+    """The route's query parameters by their rules (422 for the first that breaks its rule);
+    an empty value is an absent one, unknown parameters are ignored."""
+    parsed: dict[str, Any] = {}
+    for param in route.query:
+        text = raw.get(param.name)
+        if not text:
+            continue
+        value = param.parse(text)
+        if value is None:
+            raise ApiError(
+                422,
+                "invalid",
+                param.rule(),
+                details=[{"field": param.name, "message": param.rule()}],
+            )
+        parsed[param.name] = value
+    return parsed
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object whose strings a database can store, or an :class:`ApiError`.
+
+    Checked before the body's model sees it, so that no string with NUL (which PostgreSQL cannot
+    store) or with a lone surrogate (which has no UTF-8 form) reaches the database, whatever
+    field it is in.
+    """
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "bad_request", "the body is not JSON: nested too deep") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "bad_request", f"the body is not JSON: {exc}") from None
+    except ValueError:
+        # Well-formed JSON, but an integer longer than Python converts (sys.int_info).
+        digits = sys.get_int_max_str_digits()
+        raise ApiError(422, "invalid", f"a number has more than {digits} digits") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid", "the body must be a JSON object")
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:  # a loop, not recursion: json.loads nests deeper than Python recurses
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                field = f"{where}.{key}" if where else key
+                _check_text(key, field)
+                stack.append((value, field))
+        elif isinstance(node, list):
+            stack.extend((item, f"{where}.{i}") for i, item in enumerate(node))
+        elif isinstance(node, str):
+            _check_text(node, where)
+    return data
+
+
+def _check_text(text: str, field: str) -> None:
+    problem = None
+    if "\x00" in text:
+        problem = "must not contain NUL characters"
+    elif _safe(text) != text:
+        problem = "must be Unicode text (a lone surrogate is not)"
+    if problem is not None:
+        field = _safe(field)
+        raise ApiError(
+            422, "invalid", f"{field}: {problem}", details=[{"field": field, "message": problem}]
+        )
+
+
+def _safe(text: str) -> str:
+    """``text`` with lone surrogates as backslash escapes: it can be sent as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _module_type(value: str | None, *, required: bool) -> int | None:
@@ -590,11 +799,16 @@ class AdminApi:
                 matched.append((route, params))
         if not matched:
             raise ApiError(404, "not_found", "no such endpoint")
+        # RFC 9110 §9.3.2: HEAD is answered as GET is (the HTTP layer leaves out the content).
+        method = "GET" if request.method == "HEAD" else request.method
         for route, params in matched:  # noqa: B007 - the match found is used below
-            if route.method == request.method:
+            if route.method == method:
                 break
         else:
-            allow = ", ".join(sorted({r.method for r, _ in matched}))
+            allowed = {r.method for r, _ in matched}
+            if "GET" in allowed:
+                allowed.add("HEAD")
+            allow = ", ".join(sorted(allowed))
             raise ApiError(
                 405,
                 "method_not_allowed",
@@ -603,7 +817,12 @@ class AdminApi:
             )
         if not route.public:
             self._authenticate(request)
-        call = Call(request=request, path=params, query=request.query)
+        call = Call(
+            request=request,
+            route=route,
+            path=_path_values(route, params),
+            query=_query_values(route, request.query),
+        )
         result = await self._run(route, call)
         if route.status == 204:
             return Response.empty(204)
@@ -651,31 +870,17 @@ class AdminApi:
         return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
 
     @staticmethod
-    async def _json_body(call: Call, model: type[BaseModel], *, optional: bool = False) -> Any:
+    async def _json_body(call: Call, model: type[BaseModel]) -> Any:
         raw = await call.request.body(MAX_JSON_BODY)
-        if not raw.strip() and optional:
+        if not raw.strip() and call.route.body_optional:
             raw = b"{}"
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "bad_request", f"the body is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ApiError(422, "invalid", "the body must be a JSON object")
-        return model.model_validate_json(raw if raw.strip() else b"{}")
+        _parse_json(raw)
+        return model.model_validate_json(raw)
 
     @staticmethod
     def _page_args(call: Call) -> dict[str, Any]:
-        return {
-            "limit": _int_param(call.query.get("limit"), "limit"),
-            "after": call.query.get("after") or None,
-        }
-
-    @staticmethod
-    def _path_int(call: Call, name: str) -> int:
-        raw = call.path[name]
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not 1 <= int(raw) < 2**63:
-            raise ApiError(404, "not_found", f"no {name} {raw!r}")
-        return int(raw)
+        after = call.query.get("after")
+        return {"limit": call.query.get("limit"), "after": None if after is None else str(after)}
 
     # ---------------------------------------------------------------- meta
 
@@ -703,7 +908,7 @@ class AdminApi:
         return await self._db(self.service.get_product, call.path["pid"])
 
     async def _rotate_key(self, call: Call) -> svc.Product:
-        spec = await self._json_body(call, svc.KeyRotate, optional=True)
+        spec = await self._json_body(call, svc.KeyRotate)
         return await self._db(self.service.rotate_product_key, call.path["pid"], spec)
 
     async def _delete_product(self, call: Call) -> None:
@@ -732,10 +937,10 @@ class AdminApi:
         return DevicePage(items=page.items, next=page.next)
 
     async def _get_device(self, call: Call) -> svc.DeviceDetail:
-        return await self._db(self.service.get_device, self._path_int(call, "dev_id"))
+        return await self._db(self.service.get_device, call.path["dev_id"])
 
     async def _delete_device(self, call: Call) -> None:
-        await self._db(self.service.delete_device, self._path_int(call, "dev_id"))
+        await self._db(self.service.delete_device, call.path["dev_id"])
 
     # ---------------------------------------------------------------- packages
 
@@ -796,10 +1001,10 @@ class AdminApi:
         return PackagePage(items=page.items, next=page.next)
 
     async def _get_package(self, call: Call) -> svc.Package:
-        return await self._db(self.service.get_package, self._path_int(call, "id"))
+        return await self._db(self.service.get_package, call.path["id"])
 
     async def _delete_package(self, call: Call) -> None:
-        await self._db(self.service.delete_package, self._path_int(call, "id"))
+        await self._db(self.service.delete_package, call.path["id"])
 
     # ---------------------------------------------------------------- tasks
 
@@ -818,7 +1023,7 @@ class AdminApi:
         page = await self._db(
             self.service.list_tasks,
             pid=q.get("pid") or None,
-            package_id=_int_param(q.get("package_id"), "package_id"),
+            package_id=q.get("package_id"),
             status=q.get("status") or None,
             **self._page_args(call),
         )
@@ -827,18 +1032,18 @@ class AdminApi:
     async def _get_task(self, call: Call) -> svc.TaskDetail:
         return await self._db(
             self.service.get_task,
-            self._path_int(call, "id"),
+            call.path["id"],
             state=call.query.get("state") or None,
             **self._page_args(call),
         )
 
     async def _delete_task(self, call: Call) -> None:
-        await self._db(self.service.delete_task, self._path_int(call, "id"))
+        await self._db(self.service.delete_task, call.path["id"])
 
     async def _list_task_devices(self, call: Call) -> DeviceTaskPage:
         page = await self._db(
             self.service.list_task_devices,
-            self._path_int(call, "id"),
+            call.path["id"],
             state=call.query.get("state") or None,
             **self._page_args(call),
         )
@@ -863,12 +1068,12 @@ class AdminApi:
         return await self._act_on_device_task(call, Action.CANCEL)
 
     async def _act_on_task(self, call: Call, action: Action) -> svc.TaskActionResult:
-        return await self._db(self.service.act_on_task, self._path_int(call, "id"), action)
+        return await self._db(self.service.act_on_task, call.path["id"], action)
 
     async def _act_on_device_task(self, call: Call, action: Action) -> svc.DeviceTaskView:
         return await self._db(
             self.service.act_on_device_task,
-            self._path_int(call, "id"),
-            self._path_int(call, "dev_id"),
+            call.path["id"],
+            call.path["dev_id"],
             action,
         )

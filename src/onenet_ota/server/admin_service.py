@@ -24,19 +24,24 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, Literal, ParamSpec, TypeVar
+from typing import Annotated, Any, Final, Generic, Literal, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from sqlalchemy import (
+    BigInteger,
+    Column,
     Connection,
     Engine,
+    Integer,
     Select,
+    SmallInteger,
     and_,
     case,
     delete,
@@ -146,13 +151,42 @@ def _whole(pattern: str) -> str:
     return f"^(?:{pattern})$"
 
 
+def column_max(column: Column[Any]) -> int:
+    """The largest value an integer column of :mod:`~onenet_ota.server.schema` holds on every
+    database: PostgreSQL's INTEGER is 32-bit and refuses more, where SQLite would take it."""
+    kind = column.type
+    if isinstance(kind, BigInteger):
+        return 2**63 - 1
+    if isinstance(kind, SmallInteger):
+        return 2**15 - 1
+    if isinstance(kind, Integer):
+        return values.INT32_MAX
+    raise TypeError(f"{column} is not an integer column")
+
+
+# The bounds of every id the management API accepts, read from the columns that store them, so
+# that no id the API lets through can overflow a column (a database error, not a client's 4xx).
+DEV_ID_MAX = min(values.DEV_ID_MAX, column_max(devices.c.dev_id))
+PACKAGE_ID_MAX = column_max(packages.c.id)
+TASK_ID_MAX = column_max(tasks.c.id)
+
+_DIGITS: Final = re.compile(r"[0-9]+")
+# §4.5's file name less '/', which would let a device that saves the file under its name leave
+# its directory (the rule that the name is not only dots and spaces is checked in PackageCreate).
+FILE_NAME_PATTERN: Final = r"[ !#-.0-\[\]-~]{1,64}"
+
+# Free text: PostgreSQL cannot store NUL in a string, and no field of this API needs one.
+NO_NUL: Final = "^[^\\x00]*$"
+
 Pid = Annotated[str, StringConstraints(pattern=_whole(values.PID_RE.pattern))]
 DeviceName = Annotated[str, StringConstraints(pattern=_whole(values.DEVICE_NAME_RE.pattern))]
 Version = Annotated[str, StringConstraints(pattern=_whole(values.VERSION_RE.pattern))]
-DevId = Annotated[int, Field(ge=1, le=values.DEV_ID_MAX)]
+DevId = Annotated[int, Field(ge=1, le=DEV_ID_MAX)]
+PackageId = Annotated[int, Field(ge=1, le=PACKAGE_ID_MAX)]
 Int32 = Annotated[int, Field(ge=values.INT32_MIN, le=values.INT32_MAX)]
 UnixTime = Annotated[int, Field(ge=0, le=2**62)]
-AuthInfo = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+AuthInfo = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=NO_NUL)]
+Key = Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)]
 ManufModel = Annotated[str, StringConstraints(pattern=_whole(values.MANUF_MODEL_RE.pattern))]
 StateName = Literal[
     "to_be_upgraded", "downloading", "upgrading", "succeeded", "failed", "cancelled", "paused"
@@ -200,8 +234,8 @@ class ProductCreate(_In):
     """
 
     pid: Pid | None = Field(default=None, description="1-32 characters [A-Za-z0-9]")
-    access_key: str | None = Field(default=None, description="base64; generated when omitted")
-    name: Annotated[str, StringConstraints(max_length=128)] = ""
+    access_key: Key | None = Field(default=None, description="base64; generated when omitted")
+    name: Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)] = ""
 
     @model_validator(mode="after")
     def _key(self) -> ProductCreate:
@@ -212,7 +246,7 @@ class ProductCreate(_In):
 class KeyRotate(_In):
     """A key rotation: the new key, or none to have one generated."""
 
-    access_key: str | None = None
+    access_key: Key | None = Field(default=None, description="base64; generated when omitted")
 
     @model_validator(mode="after")
     def _key(self) -> KeyRotate:
@@ -239,7 +273,7 @@ class DeviceImportItem(_In):
 
     name: DeviceName = Field(description="1-64 characters [A-Za-z0-9_.-], unique in the product")
     dev_id: DevId | None = Field(default=None, description="generated when omitted")
-    device_key: str | None = Field(default=None, description="optional per-device key (base64)")
+    device_key: Key | None = Field(default=None, description="optional per-device key (base64)")
     generate_device_key: bool = False
     auth_info: AuthInfo | None = Field(default=None, description="E9 lookup string; the name")
 
@@ -312,8 +346,9 @@ class PackageCreate(_In):
     target: Version
     manuf: ManufModel | None = None
     model: ManufModel | None = None
-    file_name: str = Field(
-        description="1-64 printable ASCII characters, no quote, backslash or slash"
+    file_name: Annotated[str, StringConstraints(pattern=_whole(FILE_NAME_PATTERN))] = Field(
+        description="1-64 printable ASCII characters, no quote, backslash or slash, not only dots"
+        " and spaces"
     )
 
     @model_validator(mode="after")
@@ -364,7 +399,7 @@ class TaskCreate(_In):
     request, ``skip`` leaves the device out, ``cancel`` cancels its open task first.
     """
 
-    package_id: Annotated[int, Field(ge=1)]
+    package_id: PackageId
     dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=100_000)] | None = None
     from_versions: Annotated[list[Version], Field(min_length=1, max_length=100)] | None = None
     signal: Int32 = 0
@@ -497,12 +532,23 @@ def _page_limit(limit: int | None) -> int:
     return limit
 
 
-def _int_cursor(after: str | None) -> int | None:
+def parse_int(text: str, minimum: int, maximum: int) -> int | None:
+    """``text`` as an int in ``minimum..maximum``, or None: ASCII digits only (``str.isdigit``
+    and ``int`` also take other scripts' digits and superscripts), at most as many as
+    ``maximum`` has, so that no conversion can fail or take long."""
+    if _DIGITS.fullmatch(text) is None or len(text) > len(str(maximum)):
+        return None
+    value = int(text)
+    return value if minimum <= value <= maximum else None
+
+
+def _int_cursor(after: str | None, maximum: int) -> int | None:
     if after is None:
         return None
-    if not after.isdigit() or len(after) > 19:
+    cursor = parse_int(after, 0, maximum)
+    if cursor is None:
         raise Invalid("after must be the 'next' value of a previous page")
-    return int(after)
+    return cursor
 
 
 def _version_column(module_type: int) -> Any:
@@ -704,6 +750,8 @@ class AdminService:
         size = _page_limit(limit)
         query = select(products.c.pid, products.c.name, products.c.created_at)
         if after is not None:
+            if not values.is_pid(after):
+                raise Invalid("after must be the 'next' value of a previous page")
             query = query.where(products.c.pid > after)
         query = query.order_by(products.c.pid).limit(size + 1)
         with self.engine.connect() as conn:
@@ -858,7 +906,7 @@ class AdminService:
         if name_contains:
             escaped = name_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             query = query.where(devices.c.name.like(f"%{escaped}%", escape="\\"))
-        cursor = _int_cursor(after)
+        cursor = _int_cursor(after, DEV_ID_MAX)
         if cursor is not None:
             query = query.where(devices.c.dev_id > cursor)
         query = query.order_by(devices.c.dev_id).limit(size + 1)
@@ -1073,7 +1121,7 @@ class AdminService:
             query = query.where(packages.c.pid == pid)
         if module_type is not None:
             query = query.where(packages.c.module_type == module_type)
-        cursor = _int_cursor(after)
+        cursor = _int_cursor(after, PACKAGE_ID_MAX)
         if cursor is not None:
             query = query.where(packages.c.id > cursor)
         query = query.order_by(packages.c.id).limit(size + 1)
@@ -1335,7 +1383,7 @@ class AdminService:
             if state not in STATES_BY_NAME:
                 raise Invalid(f"state must be one of {', '.join(STATES_BY_NAME)}")
             where = and_(where, device_tasks.c.state == int(STATES_BY_NAME[state]))
-        cursor = _int_cursor(after)
+        cursor = _int_cursor(after, DEV_ID_MAX)
         if cursor is not None:
             where = and_(where, device_tasks.c.dev_id > cursor)
         views = self._device_views(conn, where, limit=size + 1)
@@ -1389,7 +1437,7 @@ class AdminService:
             if status not in ("active", "paused", "cancelled"):
                 raise Invalid("status must be active, paused or cancelled")
             query = query.where(tasks.c.status == status)
-        cursor = _int_cursor(after)
+        cursor = _int_cursor(after, TASK_ID_MAX)
         if cursor is not None:
             query = query.where(tasks.c.id > cursor)
         with self.engine.connect() as conn:

@@ -410,15 +410,18 @@ class DeviceApi:
         if obj is None:
             return wire.envelope(Errno.INVALID_PARAMETER)
         pid, auth_info = obj.get("pid"), obj.get("authInfo")
-        if values.is_json_int(pid) and isinstance(pid, int) and pid >= 0:
-            pid_text = str(pid)
-        elif isinstance(pid, str) and pid.isascii() and pid.isdigit():
-            pid_text = pid
-        else:
+        # A pid is 1-32 characters [A-Za-z0-9] (§1); OneNET's classic ones are decimal and may
+        # come as a JSON integer.
+        pid_text = str(pid) if values.is_json_int(pid) and isinstance(pid, int) else pid
+        if not values.is_pid(pid_text):
             return wire.envelope(Errno.INVALID_PARAMETER)
-        if not isinstance(auth_info, str):
+        # A lone surrogate (JSON "\ud800") is no text at all: it has no UTF-8 form (§2.4).
+        if not isinstance(auth_info, str) or not _is_unicode(auth_info):
             return wire.envelope(Errno.INVALID_PARAMETER)
         if pid_text != principal.pid:
+            return wire.envelope(Errno.AUTH_FAILED)
+        if "\x00" in auth_info:
+            # No device has one (the management API refuses NUL; PostgreSQL cannot store it).
             return wire.envelope(Errno.AUTH_FAILED)
         dev_id = await self._db(self.service.dev_info, principal, auth_info)
         if dev_id is None:
@@ -640,6 +643,15 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 form: no lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _decode_report(
