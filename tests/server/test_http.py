@@ -1457,3 +1457,50 @@ def test_a_client_that_stops_reading_pauses_its_connection_until_it_reads() -> N
             assert json.loads(client.response().body) == {"errno": 0}
             assert handled == ["/big", "/json"]
             assert not any(conn._write_paused for conn in list(srv.server.connections))  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer codings other than chunked (RFC 9112 §6.1, §6.3)
+
+NOT_IMPLEMENTED = b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        [b"gzip, chunked"],
+        [b"deflate,chunked"],
+        [b"gzip", b"chunked"],  # two header lines: one list, chunked last
+        [b"x-custom ,  chunked"],
+    ],
+    ids=["gzip", "deflate", "two-lines", "unknown"],
+)
+def test_unsupported_transfer_coding_is_501_and_close(
+    server: ServerThread, rec: Recorder, codings: list[bytes]
+) -> None:
+    """RFC 9112 §6.1: a coding the server does not understand gets 501; the handler never sees
+    the request (it would read a still-gzipped body as if it were plain)."""
+    lines = b"".join(b"Transfer-Encoding: " + value + b"\r\n" for value in codings)
+    with RawClient(server) as client:
+        client.send(b"POST /echo HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n5\r\nhello\r\n0\r\n\r\n")
+        assert client.read_exact(len(NOT_IMPLEMENTED)) == NOT_IMPLEMENTED
+        assert client.closed()
+    assert rec.requests == []
+
+
+@pytest.mark.parametrize("value", [b"gzip", b"chunked, gzip"], ids=["gzip-only", "chunked-first"])
+def test_transfer_coding_without_final_chunked_is_400(server: ServerThread, value: bytes) -> None:
+    """RFC 9112 §6.3: chunked not final leaves the body length unknown -> 400 and close."""
+    with RawClient(server) as client:
+        client.send(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: " + value + b"\r\n\r\nhello")
+        assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+        assert client.closed()
+
+
+def test_plain_chunked_in_any_case_is_still_read(server: ServerThread, rec: Recorder) -> None:
+    with RawClient(server) as client:
+        client.send(
+            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        assert json.loads(client.response().body)["length"] == 5
+    assert rec.bodies == [b"hello"]

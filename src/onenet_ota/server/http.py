@@ -35,7 +35,10 @@ handler leaves unread is discarded before the next request if at most ``drain_li
 otherwise the response carries ``Connection: close`` and the connection closes.
 
 What the layer itself answers (canonical form, §2.5, §4.3): invalid HTTP, an oversized head, or a
-broken body framing -> ``400`` with ``Content-Length: 0`` and ``Connection: close``; a request head
+broken body framing (also a transfer coding list whose last coding is not ``chunked``, RFC 9112
+§6.3) -> ``400`` with ``Content-Length: 0`` and ``Connection: close``; a transfer coding other than
+``chunked`` in front of it (``gzip, chunked``: the layer cannot decode it, §6.1) -> ``501``, same
+form, without calling the handler; a request head
 not complete within ``header_timeout`` -> ``408``, same form (after the response in flight, if
 any; when that one already announced the close, nothing more); a handler exception -> ``500`` with
 an empty body (the traceback is logged, never sent).
@@ -115,6 +118,7 @@ REASONS: dict[int, str] = {
     415: "Unsupported Media Type",
     422: "Unprocessable Entity",
     500: "Internal Server Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
     507: "Insufficient Storage",
 }
@@ -263,6 +267,9 @@ class _InvalidResponse(Exception):
 _BAD_REQUEST: Final = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 _REQUEST_TIMEOUT: Final = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
+_NOT_IMPLEMENTED: Final = (
+    b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 )
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
@@ -472,7 +479,8 @@ class _StopParsing(Exception):
     """Raised from a parser callback to stop parsing the rest of the received bytes."""
 
 
-_Pending = tuple[Request, _Body, bool] | None  # (request, body, keep-alive); None = bad request
+# (request, body, keep-alive), or the canned error response that ends the connection
+_Pending = tuple[Request, _Body, bool] | bytes
 
 
 class _Connection(asyncio.Protocol):
@@ -506,9 +514,11 @@ class _Connection(asyncio.Protocol):
         self._tls = False
         self._declared: int | None = None
         self._chunked = False
+        self._other_coding = False  # a transfer coding other than chunked was named
         self._expect = False
         self._eof = False  # the client closed its sending side
         self._dropped_input = False  # bytes arrived that will never be parsed
+        self._reject = _BAD_REQUEST  # the answer to a request the parse stopped at
         self._head_timed_out = False  # a request head was cut off by header_timeout
         self._closing = False  # _close ran: nothing more is written
         self._linger_left = 0  # bytes still to drop while lingering; see _close
@@ -543,7 +553,7 @@ class _Connection(asyncio.Protocol):
         if self._body is not None:
             self._body.fail("the client disconnected")
         for item in self._queue:
-            if item is not None:
+            if not isinstance(item, bytes):
                 item[1].fail("the client disconnected")
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
@@ -620,6 +630,7 @@ class _Connection(asyncio.Protocol):
         self._head_received = 0
         self._declared = None
         self._chunked = False
+        self._other_coding = False
         self._expect = False
         self.arm_timer(self.server.header_timeout)
 
@@ -644,7 +655,12 @@ class _Connection(asyncio.Protocol):
                     except ValueError:
                         raise _StopParsing from None  # -> 400
             elif lowered == "transfer-encoding":
-                self._chunked = self._chunked or "chunked" in text.lower()
+                codings = [coding.strip(" \t") for coding in text.lower().split(",")]
+                # Several lines form one list (RFC 9110 §5.3): only the last line's last coding
+                # decides whether the body is chunked, i.e. whether its end can be found.
+                self._chunked = codings[-1] == "chunked"
+                if any(coding != "chunked" for coding in codings):
+                    self._other_coding = True
             elif lowered == "expect":
                 self._expect = text.lower() == "100-continue"
 
@@ -657,6 +673,11 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         self._in_head = False
         self.cancel_timer()
+        if self._other_coding:
+            # RFC 9112 §6.1: a coding the layer cannot decode (gzip, ...) -> 501; but when chunked
+            # is not the final coding the body's end cannot be found at all -> 400 (§6.3).
+            self._reject = _NOT_IMPLEMENTED if self._chunked else _BAD_REQUEST
+            raise _StopParsing
         headers = self._headers
         declared = None if self._chunked else self._declared
         expect = self._expect
@@ -885,9 +906,9 @@ class _Connection(asyncio.Protocol):
     async def _work_queue(self) -> None:
         while self._queue and not self._lost:
             item = self._queue[0]
-            if item is None:
+            if isinstance(item, bytes):
                 self._queue.clear()
-                self.write(_BAD_REQUEST)  # §4.3: invalid HTTP -> 400, empty body, close
+                self.write(item)  # §4.3: invalid HTTP -> 400 (or 501), empty body, close
                 self._close()
                 return
             request, body, keep_alive = item
@@ -1057,7 +1078,7 @@ class _Connection(asyncio.Protocol):
             self._body.fail("invalid body framing")
             self._body = None
         else:
-            self._queue.append(None)
+            self._queue.append(self._reject)
             if self._worker is None:
                 self._worker = self.loop.create_task(self._work())
 
