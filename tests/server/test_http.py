@@ -1504,3 +1504,45 @@ def test_plain_chunked_in_any_case_is_still_read(server: ServerThread, rec: Reco
         )
         assert json.loads(client.response().body)["length"] == 5
     assert rec.bodies == [b"hello"]
+
+
+# ---------------------------------------------------------------------------------------------
+# HEAD (RFC 9110 §9.3.2): the handler answers as for GET; the layer sends the head only
+
+
+def head(path: str) -> bytes:
+    return f"HEAD {path} HTTP/1.1\r\nHost:ota.heclouds.com\r\n\r\n".encode()
+
+
+def test_head_gets_the_get_headers_without_the_body(server: ServerThread, rec: Recorder) -> None:
+    with RawClient(server) as client:
+        client.send(head("/json") + get("/json"))
+        # the head as for GET, Content-Length included, and then straight the next response
+        assert client.read_exact(len(CANONICAL_JSON) - 26) == CANONICAL_JSON[:-26]
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+    assert [request.method for request in rec.requests] == ["HEAD", "GET"]
+
+
+def test_head_of_a_file_segment_never_reads_the_file(server: ServerThread, tmp_path: Path) -> None:
+    """The segment's file does not exist: a GET would send the fallback, a HEAD sends the head
+    it would have sent for the file, since it reads nothing."""
+    missing = tmp_path / "missing.bin"
+    with RawClient(server) as client:
+        for length in (100, 200000):  # small (read before writing) and large (sendfile)
+            client.send(head(f"/file?path={missing}&offset=0&length={length}&fallback=1"))
+            response = client.read_until(b"\r\n\r\n")
+            assert response.startswith(b"HTTP/1.1 206 Partial Content\r\n")
+            assert b"Content-Length: %d\r\n" % length in response
+        client.send(get("/json"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+
+
+def test_head_of_a_chunked_reply_keeps_the_connection(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(head("/error3") + head("/close-delimited") + get("/json"))
+        error3_head = ERROR_3[: ERROR_3.index(b"\r\n\r\n") + 4]
+        assert client.read_exact(len(error3_head)) == error3_head
+        close_delimited = client.read_until(b"\r\n\r\n")
+        assert close_delimited.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"Connection" not in close_delimited  # no body follows, so nothing to delimit
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON

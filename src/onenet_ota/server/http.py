@@ -23,6 +23,10 @@ in order) and writes the :class:`Response`:
   error must share its TCP segment with the headers). A :class:`FileSegment` of at most 64 KiB is
   read with ``os.pread`` *before* anything is written and goes out in the same single write; a
   larger one is written with ``loop.sendfile`` after the headers.
+* A HEAD request reaches the handler like any other (``Request.method`` is ``"HEAD"``; handlers
+  answer it as GET, RFC 9110 §9.3.2). The layer writes that response's head, ``Content-Length``
+  included, and never its body: a file segment is not opened, and a body without framing does
+  not close the connection.
 * If a file segment cannot be read before anything is sent, the segment's ``fallback`` response is
   sent instead (the device API passes its byte-4 reply, §6.6 step 6); without a fallback the layer
   answers 500. If a large segment fails after the headers went out, the connection is aborted, so
@@ -288,13 +292,19 @@ def _reason(response: Response) -> str:
 
 
 def _encode_head(
-    response: Response, body_length: int, close: bool, http10: bool = False
+    response: Response,
+    body_length: int | None,
+    close: bool,
+    http10: bool = False,
+    head_only: bool = False,
 ) -> tuple[bytes, bool]:
     """The status line and header block, and whether the connection must close after them.
 
     When the handler sent no Connection header, adds ``Connection: close`` when closing, or
     ``Connection: keep-alive`` for an HTTP/1.0 request (``http10``) whose connection stays open:
-    before ``Content-Range`` (which stays last, §6.6.3/D8), else at the end.
+    before ``Content-Range`` (which stays last, §6.6.3/D8), else at the end. ``head_only``: the
+    answer to HEAD, whose body is never sent; ``body_length`` None: a HEAD handler left the body
+    out, so ``Content-Length`` is taken as it is.
     """
     status = response.status
     if not 100 <= status <= 999:
@@ -308,7 +318,7 @@ def _encode_head(
             raise _InvalidResponse(f"header {name!r} contains a line break or colon")
         lowered = name.lower()
         if lowered == "content-length":
-            if value.strip() != str(body_length):
+            if body_length is not None and value.strip() != str(body_length):
                 raise _InvalidResponse(
                     f"Content-Length {value!r} but the body has {body_length} bytes"
                 )
@@ -322,7 +332,7 @@ def _encode_head(
         elif lowered == "content-range":
             range_index = len(lines)
         lines.append(f"{name}: {value}\r\n")
-    if not framed and status not in _NO_BODY_STATUSES and not 100 <= status < 200:
+    if not framed and not head_only and status not in _NO_BODY_STATUSES and not 100 <= status < 200:
         close = True  # close-delimited body: only the end of the connection frames it
     if connection is not None:
         if "close" in connection:
@@ -965,7 +975,9 @@ class _Connection(asyncio.Protocol):
         if close or not drain:
             body.drop_buffered()
         try:
-            close = await self._send(response, close, request.http_version == "1.0")
+            close = await self._send(
+                response, close, request.http_version == "1.0", request.method == "HEAD"
+            )
         except _AbortConnection:
             self._abort_transport()
             return False
@@ -978,16 +990,25 @@ class _Connection(asyncio.Protocol):
                 return False
         return True
 
-    async def _send(self, response: Response, close: bool, http10: bool) -> bool:
+    async def _send(
+        self, response: Response, close: bool, http10: bool, head_only: bool = False
+    ) -> bool:
         """Write ``response``; returns whether the connection must close after it.
 
-        ``http10``: the request was HTTP/1.0 (see :func:`_encode_head`).
+        ``http10``: the request was HTTP/1.0 (see :func:`_encode_head`). ``head_only``: the
+        request was HEAD (RFC 9110 §9.3.2): the head goes out as for GET, Content-Length
+        included, and the body never does (a file segment is not even opened).
         """
         payload = response.body
         try:
-            if isinstance(payload, FileSegment):
+            if head_only:
+                length = payload.length if isinstance(payload, FileSegment) else len(payload)
+                head, close = _encode_head(response, length or None, close, http10, True)
+                payload = b""
+            elif isinstance(payload, FileSegment):
                 return await self._send_file(response, payload, close, http10)
-            head, close = _encode_head(response, len(payload), close, http10)
+            else:
+                head, close = _encode_head(response, len(payload), close, http10)
         except _InvalidResponse as exc:
             logger.error("invalid response (%s); answering 500", exc)
             head, close = _encode_head(Response.empty(500), 0, close, http10)
