@@ -11,6 +11,8 @@ import os
 import select
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1546,3 +1548,203 @@ def test_head_of_a_chunked_reply_keeps_the_connection(server: ServerThread) -> N
         assert close_delimited.startswith(b"HTTP/1.1 200 OK\r\n")
         assert b"Connection" not in close_delimited  # no body follows, so nothing to delimit
         assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+
+
+# ---------------------------------------------------------------------------------------------
+# Holding connections: deadlines, the connection cap, TLS handshakes, descriptor exhaustion
+
+
+class _Trickler(threading.Thread):
+    """Sends ``data`` one byte at a time until done, stopped, or the server closes."""
+
+    def __init__(self, sock: socket.socket, data: bytes, pause: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.data, self.pause = sock, data, pause
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):
+            for index in range(len(self.data)):
+                if self.stop.wait(self.pause):
+                    return
+                self.sock.sendall(self.data[index : index + 1])
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_trickled_body_is_cut_at_the_body_deadline(framing: str) -> None:
+    """A body sent a byte at a time never lets the idle timeout fire, but cannot outlive the
+    body deadline: the handler's read fails and the client gets 400 and the close."""
+    rec = Recorder()
+    if framing == "chunked":
+        head = b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = b"".join(b"1\r\nx\r\n" for _ in range(2000)) + b"0\r\n\r\n"
+    else:
+        head = b"POST /echo HTTP/1.1\r\nContent-Length: 2000\r\n\r\n"
+        body = b"x" * 2000  # 40 s at one byte per 20 ms; the socket times out after 10
+    with (
+        ServerThread(make_handler(rec), body_timeout=0.3) as srv,  # type: ignore[arg-type]
+        RawClient(srv) as client,
+    ):
+        client.send(head)
+        trickler = _Trickler(client.sock, body)
+        trickler.start()
+        try:
+            assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+            assert client.closed()
+        finally:
+            trickler.stop.set()
+            trickler.join(10)
+    assert rec.bodies == []
+
+
+def test_trickled_head_is_cut_at_the_head_deadline() -> None:
+    rec = Recorder()
+    head = get("/json", "X-Pad: " + "p" * 2000 + "\r\n")
+    with (
+        ServerThread(make_handler(rec), header_timeout=0.3) as srv,  # type: ignore[arg-type]
+        RawClient(srv) as client,
+    ):
+        trickler = _Trickler(client.sock, head)
+        trickler.start()
+        try:
+            assert client.read_exact(len(REQUEST_TIMEOUT)) == REQUEST_TIMEOUT
+            assert client.closed()
+        finally:
+            trickler.stop.set()
+            trickler.join(10)
+    assert rec.requests == []
+
+
+def _served(srv: ServerThread, client: RawClient) -> bool:
+    """Whether ``client``'s connection is served: a request gets its response."""
+    try:
+        client.send(get("/json"))
+        return client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+    except (AssertionError, OSError):  # closed or reset by the server
+        return False
+
+
+def test_connection_cap_closes_the_connection_over_it_and_frees_slots() -> None:
+    rec = Recorder()
+    with ServerThread(make_handler(rec), max_connections=2) as srv:  # type: ignore[arg-type]
+        first, second = RawClient(srv), RawClient(srv)
+        try:
+            assert _served(srv, first)
+            assert _served(srv, second)
+            with RawClient(srv) as third:
+                assert third.closed()  # closed at once, without a response
+            assert _served(srv, first)  # the two held connections are unaffected
+            assert _served(srv, second)
+            first.sock.close()
+            # the server notices the close on its own time: try until the slot is free again
+            for _ in range(200):
+                with RawClient(srv) as fourth:
+                    if _served(srv, fourth):
+                        break
+                time.sleep(0.02)
+            else:
+                raise AssertionError("the freed slot was never reused")
+        finally:
+            first.sock.close()
+            second.sock.close()
+
+
+def test_tls_client_without_client_hello_is_closed_after_the_handshake_timeout(
+    rsa_ca: trustme.CA, tmp_path: Path
+) -> None:
+    rec = Recorder()
+    context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=True)
+    with (
+        ServerThread(make_handler(rec), ssl=context, handshake_timeout=0.3) as srv,  # type: ignore[arg-type]
+        socket.create_connection((srv.host, srv.port), timeout=10) as raw,
+    ):
+        assert RawClient(srv, sock=raw).closed()  # socket timeout 10 s: asyncio's default is 60
+
+
+def test_tls_handshakes_count_against_the_connection_cap(
+    rsa_ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A client that connects and stays silent holds a slot during its handshake, so silent
+    TLS clients cannot exceed the cap either."""
+    rec = Recorder()
+    context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=True)
+    with (
+        ServerThread(make_handler(rec), ssl=context, max_connections=1) as srv,  # type: ignore[arg-type]
+        socket.create_connection((srv.host, srv.port), timeout=10) as silent,
+        socket.create_connection((srv.host, srv.port), timeout=10) as second,
+    ):
+        assert RawClient(srv, sock=second).closed()
+        assert silent.fileno() >= 0
+
+
+def test_log_throttle_reports_once_per_interval_with_the_count() -> None:
+    now = [0.0]
+    throttle = http.LogThrottle(10.0, clock=lambda: now[0])
+    reports = []
+    for step in range(100_000):  # 100,000 failed accepts over 100 s
+        now[0] = step / 1000
+        count = throttle.hit()
+        if count is not None:
+            reports.append(count)
+    assert len(reports) == 10
+    assert reports[0] == 1  # the first occurrence is reported at once
+    assert sum(reports) == 90_001  # every event up to the last report; its interval is open
+
+
+_LOW_LIMIT_SERVER = """
+import logging, resource, socket, sys, time
+from onenet_ota.server.http import Response, ServerThread
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+async def handler(request):
+    return Response.empty(204)
+
+with ServerThread(handler, max_connections=10_000) as srv:  # a cap over the descriptor limit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    print(srv.port, flush=True)
+    sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_descriptor_exhaustion_is_logged_boundedly_and_recovers(tmp_path: Path) -> None:
+    """At the descriptor limit every accept fails: the log gets a warning per interval with a
+    count, no traceback, and once descriptors are free the server serves again."""
+    log = tmp_path / "server.log"
+    with log.open("wb") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LOW_LIMIT_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+        )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        port = int(proc.stdout.readline())
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(60)]
+        for _ in range(300):  # until the server has met the limit
+            if b"cannot accept" in log.read_bytes():
+                break
+            time.sleep(0.01)
+        time.sleep(2.5)  # a few accept pauses' worth of retries at the limit
+        for sock in held:
+            sock.close()
+        for _ in range(500):
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+                contextlib.suppress(OSError),
+            ):
+                sock.sendall(get("/"))
+                if sock.recv(64).startswith(b"HTTP/1.1 204 "):
+                    break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the server did not recover")
+        proc.stdin.close()
+        proc.wait(20)
+    finally:
+        proc.kill()
+        proc.wait()
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert 1 <= text.count("cannot accept connections") <= 2, text[:2000]

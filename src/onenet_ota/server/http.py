@@ -52,6 +52,17 @@ Connections close after ``max_requests`` requests (1000, like OneNET, D19), when
 between requests or while a body is awaited (silently when nothing of a next request has
 arrived), and when a request head takes longer than ``header_timeout``.
 
+No client can hold a connection for long by sending slowly: a head has ``header_timeout`` from
+its first byte in total, and a body a deadline of ``body_timeout`` plus its length at
+``body_min_rate`` bytes/s, counted from the first time the layer waits for it (a wait past it ->
+``400`` and close). Bytes trickled in keep neither open. The server accepts connections itself
+(not through asyncio's ``create_server``) so that it can count them: at most
+``max_connections`` are open at once, TLS ones still in their handshake included (which gets
+``handshake_timeout`` seconds); one accepted beyond that is closed at once. The default cap
+stays well below the descriptor limit (:func:`default_max_connections`). Should accepting fail
+anyway for want of descriptors, accepting pauses for :data:`ACCEPT_PAUSE_SECONDS` and the
+failure is logged once per :data:`ACCEPT_LOG_INTERVAL` with a count, without a traceback.
+
 Closing while the client may still be sending (a body left unread, as in an early ``413``; a head
 or bytes that will not be parsed) would make the kernel answer those bytes with a reset, which can
 destroy the final response before the client reads it. Such a connection closes lingering: the
@@ -71,13 +82,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib
 import logging
 import os
 import re
+import resource
 import socket
 import ssl as _ssl
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,10 +108,12 @@ __all__ = [
     "FileSegment",
     "Handler",
     "HttpServer",
+    "LogThrottle",
     "Request",
     "RequestAborted",
     "Response",
     "ServerThread",
+    "default_max_connections",
     "make_server_ssl_context",
     "new_event_loop",
     "serve",
@@ -396,6 +412,7 @@ class _Body:
         "discarding",
         "error",
         "received",
+        "started",
         "waiter",
     )
 
@@ -409,6 +426,7 @@ class _Body:
         self.discarding = False
         self.continue_pending = expect_continue
         self.waiter: asyncio.Future[None] | None = None
+        self.started: float | None = None  # when the layer first waited for body bytes
 
     def feed(self, data: bytes) -> None:
         self.received += len(data)
@@ -464,7 +482,7 @@ class _Body:
                 self.continue_pending = False
                 conn.write(_CONTINUE)
             self.waiter = conn.loop.create_future()
-            generation = conn.arm_timer(conn.server.idle_timeout)
+            generation = conn.arm_timer(self._wait_limit())
             conn.maybe_resume_reading()
             try:
                 await self.waiter
@@ -472,6 +490,24 @@ class _Body:
                 self.waiter = None
                 # a pipelined head may have armed its own timer meanwhile: leave that one
                 conn.cancel_timer(generation)
+
+    def _wait_limit(self) -> float:
+        """How long the next wait for body bytes may last: the idle timeout, but never past the
+        body's deadline.
+
+        The deadline is ``body_timeout`` from the first wait plus the time the body needs at
+        ``body_min_rate`` bytes/s: its declared length, fixed up front, so nothing the client
+        does moves it; for a chunked body (length unknown) what has arrived so far, so a trickle
+        below the rate runs out while a slow but steady upload does not. Only waits are bounded:
+        a handler that is busy before it reads costs the client nothing.
+        """
+        server = self.conn.server
+        now = self.conn.loop.time()
+        if self.started is None:
+            self.started = now
+        size = self.declared if self.declared is not None else self.received
+        deadline = self.started + server.body_timeout + size / server.body_min_rate
+        return max(0.0, min(server.idle_timeout, deadline - now))
 
     async def discard(self) -> None:
         """Drop what is buffered and what is still to come; RequestAborted if cut off."""
@@ -500,6 +536,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.loop = server.loop
         self.buffered = 0
+        self.made = False  # connection_made ran: connection_lost will run too
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._peer = ""
@@ -538,6 +575,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self.made = True
         self._transport = transport
         self._tls = transport.get_extra_info("sslcontext") is not None
         peer = transport.get_extra_info("peername")
@@ -793,7 +831,7 @@ class _Connection(asyncio.Protocol):
         current = self._queue[0] if self._queue else None
         waiting = self._body_waited_on()
         if waiting is not None:
-            waiting.fail("no body data within the idle timeout")
+            waiting.fail("the body did not arrive in time")
             self._stop_parsing = True
         elif self._worker is not None or current is not None:
             # A slow pipelined head: finish the current response, then 408 (see _work).
@@ -1124,10 +1162,16 @@ class HttpServer:
       longest wait for body bytes the handler is reading.
     - ``header_timeout``: seconds from the first byte of a request to the end of its head;
       past it -> 408 and close.
+    - ``body_timeout`` / ``body_min_rate``: the body's deadline, ``body_timeout`` seconds plus
+      its length at ``body_min_rate`` bytes/s; past it -> 400 and close.
     - ``max_header_bytes`` / ``max_headers``: limits on the head; past them -> 400.
     - ``buffer_limit``: unread body bytes per connection before reading pauses.
     - ``drain_limit``: unread body bytes discarded to keep a connection alive; more -> close.
     - ``max_pipeline``: queued pipelined requests per connection before reading pauses.
+    - ``max_connections``: open connections (TLS ones still in their handshake included); a
+      connection accepted beyond it is closed at once. Default: from the descriptor limit, see
+      :func:`default_max_connections`.
+    - ``handshake_timeout``: seconds a TLS client has to complete its handshake.
     """
 
     def __init__(
@@ -1137,11 +1181,15 @@ class HttpServer:
         max_requests: int = 1000,
         idle_timeout: float = 15.0,
         header_timeout: float = 10.0,
+        body_timeout: float = 20.0,
+        body_min_rate: float = 500.0,
         max_header_bytes: int = 16 * 1024,
         max_headers: int = 64,
         buffer_limit: int = 256 * 1024,
         drain_limit: int = 64 * 1024,
         max_pipeline: int = 32,
+        max_connections: int | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         if max_requests < 1:
             raise ValueError("max_requests must be at least 1")
@@ -1149,14 +1197,27 @@ class HttpServer:
         self.max_requests = max_requests
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.buffer_limit = buffer_limit
         self.drain_limit = drain_limit
         self.max_pipeline = max_pipeline
+        self.max_connections = (
+            default_max_connections() if max_connections is None else max_connections
+        )
+        self.handshake_timeout = handshake_timeout
         self.connections: set[_Connection] = set()
         self.closing = False
-        self._server: asyncio.Server | None = None
+        self._listeners: list[socket.socket] = []
+        self._ssl: _ssl.SSLContext | None = None
+        self._backlog = 1024
+        self._accepting = False
+        self._active = 0  # accepted connections not yet closed, handshaking ones included
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._accept_errors = LogThrottle(ACCEPT_LOG_INTERVAL)
+        self._refusals = LogThrottle(ACCEPT_LOG_INTERVAL)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._all_closed: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
@@ -1181,28 +1242,105 @@ class HttpServer:
         self._loop = asyncio.get_running_loop()
         self._all_closed = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._ssl = ssl
+        self._backlog = backlog
         if sock is not None:
             if host is not None or port is not None:
                 raise ValueError("pass either sock or host/port, not both")
-            self._server = await self._loop.create_server(
-                lambda: _Connection(self), sock=sock, ssl=ssl, backlog=backlog
-            )
+            sock.setblocking(False)
+            self._listeners = [sock]
         else:
-            self._server = await self._loop.create_server(
-                lambda: _Connection(self),
-                host=host or "127.0.0.1",
-                port=port or 0,
-                ssl=ssl,
-                backlog=backlog,
-                reuse_address=True,
+            self._listeners = _bind(host or "127.0.0.1", port or 0, backlog)
+        self._resume_accepting()
+
+    # The accept loop is the layer's own rather than asyncio's create_server: asyncio counts no
+    # connections against a limit, logs a traceback for every failed accept at the descriptor
+    # limit, and hands a TLS connection to the protocol only after its handshake, so a
+    # handshaking client would be invisible to a connection cap.
+
+    def _resume_accepting(self) -> None:
+        if self._accepting or self.closing:
+            return
+        self._accepting = True
+        for listener in self._listeners:
+            self.loop.add_reader(listener.fileno(), self._accept, listener)
+
+    def _pause_accepting(self) -> None:
+        if not self._accepting:
+            return
+        self._accepting = False
+        for listener in self._listeners:
+            if listener.fileno() >= 0:
+                self.loop.remove_reader(listener.fileno())
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(self._backlog):  # as asyncio does: at most a backlog per wake-up
+            try:
+                conn, _address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # another worker process took it, or the backlog is empty
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # Every retry would fail the same way until descriptors are released:
+                    # pause instead of spinning, and say so once per interval.
+                    count = self._accept_errors.hit()
+                    if count is not None:
+                        logger.warning(
+                            "cannot accept connections: %s (%d time(s) since the last report; "
+                            "%d connection(s) open); pausing accepts for %.1f s",
+                            exc.strerror or exc,
+                            count,
+                            self._active,
+                            ACCEPT_PAUSE_SECONDS,
+                        )
+                    self._pause_accepting()
+                    self.loop.call_later(ACCEPT_PAUSE_SECONDS, self._resume_accepting)
+                    return
+                continue  # the client went away before the accept (ECONNABORTED and kin)
+            if self._active >= self.max_connections or self.closing:
+                # Closing costs one system call and no memory; the client may retry later.
+                conn.close()
+                count = self._refusals.hit()
+                if count is not None and not self.closing:
+                    logger.warning(
+                        "connection limit (%d) reached: closed %d new connection(s) since the "
+                        "last report",
+                        self.max_connections,
+                        count,
+                    )
+                continue
+            conn.setblocking(False)
+            self._active += 1
+            task = self.loop.create_task(self._connect(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        """Make ``conn`` a transport with its :class:`_Connection` (after a TLS handshake)."""
+        protocol = _Connection(self)
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=self._ssl,
+                ssl_handshake_timeout=self.handshake_timeout if self._ssl is not None else None,
             )
+        except BaseException as exc:
+            if not protocol.made:  # else connection_lost releases the slot
+                conn.close()
+                self._release()
+            if not isinstance(exc, Exception):
+                raise
+            # A failed or timed-out TLS handshake: nothing to answer, nobody to tell.
+            logger.debug("connection setup failed: %r", exc)
+
+    def _release(self) -> None:
+        self._active -= 1
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
         """The listening sockets."""
-        if self._server is None:
-            return ()
-        return tuple(self._server.sockets)
+        return tuple(sock for sock in self._listeners if sock.fileno() >= 0)
 
     @property
     def port(self) -> int:
@@ -1223,10 +1361,17 @@ class HttpServer:
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight responses finish within ``grace`` s, abort the rest."""
-        if self._server is None or self._all_closed is None:
+        if self._all_closed is None or self._stopped is None:
             return
+        if self.closing:  # another caller is closing: wait for it
+            await self._stopped.wait()
+            return
+        self._pause_accepting()
         self.closing = True
-        self._server.close()
+        for listener in self._listeners:
+            listener.close()
+        for task in list(self._handshakes):
+            task.cancel()
         for conn in list(self.connections):
             conn.shutdown()
         if self.connections:
@@ -1238,14 +1383,87 @@ class HttpServer:
                 conn.abort()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), 1.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        if self._handshakes:
+            await asyncio.wait(list(self._handshakes), timeout=1.0)
         if self._stopped is not None:
             self._stopped.set()
 
     def connection_closed(self) -> None:
+        self._release()
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
+
+
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+ACCEPT_PAUSE_SECONDS: Final = 1.0
+"""How long accepting pauses when the process or system is out of descriptors (as asyncio's own
+accept loop does), so that the loop does not spin on an accept that cannot succeed."""
+
+ACCEPT_LOG_INTERVAL: Final = 10.0
+"""At most one warning per this many seconds for failed accepts, and one for refused ones."""
+
+
+class LogThrottle:
+    """Counts a repeating event and says when to report it: at most once per ``interval``.
+
+    A flood of one condition (accepts failing at the descriptor limit, thousands a second) then
+    makes one log line per interval carrying the count, instead of one line (and traceback)
+    each.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next = float("-inf")
+        self._count = 0
+
+    def hit(self) -> int | None:
+        """Count one event; the events to report now (this one included), or None for quiet."""
+        self._count += 1
+        now = self._clock()
+        if now < self._next:
+            return None
+        self._next = now + self.interval
+        count, self._count = self._count, 0
+        return count
+
+
+def default_max_connections() -> int:
+    """The default connection cap: half of what the descriptor limit leaves after a reserve.
+
+    Each connection holds a socket, and one more descriptor while a large file segment is sent;
+    the reserve of 64 keeps room for the listening sockets, the database, the log and the
+    package files being written, so that legitimate work never meets ``EMFILE``.
+    """
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 1000
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        soft = 65536
+    return max(1, (soft - 64) // 2)
+
+
+def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (as asyncio's create_server)."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 async def serve(
