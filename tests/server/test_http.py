@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import resource
 import select
 import socket
 import ssl
@@ -32,14 +34,16 @@ from onenet_ota.server.http import (
     BodyTooLarge,
     FileSegment,
     HttpServer,
+    Limits,
     Request,
     RequestAborted,
     Response,
-    ServerThread,
     make_server_ssl_context,
     serve,
 )
+from onenet_ota.server.http.connection import TRANSITIONS, Connection, State, StateError
 from tests.captures import CAPTURES, FIRMWARE
+from tests.serverthread import ServerThread
 
 CANONICAL_JSON = (
     b"HTTP/1.1 200 OK\r\n"
@@ -547,13 +551,13 @@ def test_one_write_is_one_transport_write(
 ) -> None:
     """The same property without a race: count the layer's writes."""
     writes: list[bytes] = []
-    original = http._Connection.write
+    original = Connection.write
 
-    def spy(self: http._Connection, data: bytes) -> None:
+    def spy(self: Connection, data: bytes) -> None:
         writes.append(data)
         original(self, data)
 
-    monkeypatch.setattr(http._Connection, "write", spy)
+    monkeypatch.setattr(Connection, "write", spy)
     with RawClient(server) as client:
         for path, expected in [
             ("/error3", ERROR_3),
@@ -995,7 +999,7 @@ def test_max_requests_option() -> None:
     async def handler(request: Request) -> Response:
         return Response.empty(204)
 
-    with ServerThread(handler, max_requests=2) as srv, RawClient(srv) as client:
+    with ServerThread(handler, limits=Limits(max_requests=2)) as srv, RawClient(srv) as client:
         client.send(get("/") * 2)
         assert client.response().headers == [("Content-Length", "0")]
         assert client.response().headers == [("Content-Length", "0"), ("Connection", "close")]
@@ -1004,7 +1008,7 @@ def test_max_requests_option() -> None:
 
 def test_idle_keep_alive_connection_is_closed() -> None:
     rec = Recorder()
-    with ServerThread(make_handler(rec), idle_timeout=0.2) as srv:  # type: ignore[arg-type]
+    with ServerThread(make_handler(rec), limits=Limits(idle_timeout=0.2)) as srv:  # type: ignore[arg-type]
         with RawClient(srv) as client:
             client.send(get("/json"))
             assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
@@ -1020,7 +1024,7 @@ REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnect
 def test_slow_request_head_is_408_then_close(partial: bytes) -> None:
     rec = Recorder()
     with (
-        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(header_timeout=0.2)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         client.send(partial)
@@ -1032,7 +1036,7 @@ def test_slow_request_head_is_408_then_close(partial: bytes) -> None:
 def test_slow_head_after_a_response_is_408() -> None:
     rec = Recorder()
     with (
-        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(header_timeout=0.2)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         client.send(get("/json"))
@@ -1057,13 +1061,13 @@ def test_slow_pipelined_head_behind_an_unsent_response_closes_it() -> None:
     ``Connection: close`` and nothing follows it."""
     rec = Recorder()
     with (
-        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(header_timeout=0.2)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         try:
             client.send(get("/slow") + b"GET /json HTTP/1.1\r\nHo")
             assert rec.entered.wait(10)
-            _wait_for_connection_state(srv, "_head_timed_out")
+            _wait_for_connection_state(srv, "timed_out_head")
         finally:
             rec.release.set()
         response = client.response()
@@ -1082,11 +1086,11 @@ def test_slow_pipelined_head_behind_a_response_being_sent_is_408(tmp_path: Path)
         file.truncate(size)  # sparse: no disk cost
     rec = Recorder()
     with (
-        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(header_timeout=0.2)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         client.send(get(f"/file?path={quote(str(big))}&offset=0&length={size}") + b"GET /js")
-        _wait_for_connection_state(srv, "_head_timed_out")
+        _wait_for_connection_state(srv, "timed_out_head")
         head = client.read_until(b"\r\n\r\n")
         assert b"Connection" not in head
         assert b"Content-Length: %d\r\n" % size in head
@@ -1103,7 +1107,7 @@ def test_slow_pipelined_head_behind_a_response_being_sent_is_408(tmp_path: Path)
 def test_stalled_body_is_cut_off() -> None:
     rec = Recorder()
     with (
-        ServerThread(make_handler(rec), idle_timeout=0.2) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(idle_timeout=0.2)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         client.send(b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
@@ -1582,7 +1586,7 @@ def test_trickled_body_is_cut_at_the_body_deadline(framing: str) -> None:
         head = b"POST /echo HTTP/1.1\r\nContent-Length: 2000\r\n\r\n"
         body = b"x" * 2000  # 40 s at one byte per 20 ms; the socket times out after 10
     with (
-        ServerThread(make_handler(rec), body_timeout=0.3) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(body_timeout=0.3)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         client.send(head)
@@ -1601,7 +1605,7 @@ def test_trickled_head_is_cut_at_the_head_deadline() -> None:
     rec = Recorder()
     head = get("/json", "X-Pad: " + "p" * 2000 + "\r\n")
     with (
-        ServerThread(make_handler(rec), header_timeout=0.3) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(header_timeout=0.3)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         trickler = _Trickler(client.sock, head)
@@ -1626,7 +1630,7 @@ def _served(srv: ServerThread, client: RawClient) -> bool:
 
 def test_connection_cap_closes_the_connection_over_it_and_frees_slots() -> None:
     rec = Recorder()
-    with ServerThread(make_handler(rec), max_connections=2) as srv:  # type: ignore[arg-type]
+    with ServerThread(make_handler(rec), limits=Limits(max_connections=2)) as srv:  # type: ignore[arg-type]
         first, second = RawClient(srv), RawClient(srv)
         try:
             assert _served(srv, first)
@@ -1655,7 +1659,7 @@ def test_tls_client_without_client_hello_is_closed_after_the_handshake_timeout(
     rec = Recorder()
     context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=True)
     with (
-        ServerThread(make_handler(rec), ssl=context, handshake_timeout=0.3) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), ssl=context, limits=Limits(handshake_timeout=0.3)) as srv,  # type: ignore[arg-type]
         socket.create_connection((srv.host, srv.port), timeout=10) as raw,
     ):
         assert RawClient(srv, sock=raw).closed()  # socket timeout 10 s: asyncio's default is 60
@@ -1669,7 +1673,7 @@ def test_tls_handshakes_count_against_the_connection_cap(
     rec = Recorder()
     context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=True)
     with (
-        ServerThread(make_handler(rec), ssl=context, max_connections=1) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), ssl=context, limits=Limits(max_connections=1)) as srv,  # type: ignore[arg-type]
         socket.create_connection((srv.host, srv.port), timeout=10) as silent,
         socket.create_connection((srv.host, srv.port), timeout=10) as second,
     ):
@@ -1692,14 +1696,16 @@ def test_log_throttle_reports_once_per_interval_with_the_count() -> None:
 
 
 _LOW_LIMIT_SERVER = """
-import logging, resource, socket, sys, time
-from onenet_ota.server.http import Response, ServerThread
+import logging, resource, sys
+from onenet_ota.server.http import Limits, Response
+from tests.serverthread import ServerThread
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 async def handler(request):
     return Response.empty(204)
 
-with ServerThread(handler, max_connections=10_000) as srv:  # a cap over the descriptor limit
+# a cap over the descriptor limit, so that accepting itself fails
+with ServerThread(handler, limits=Limits(max_connections=10_000)) as srv:
     resource.setrlimit(resource.RLIMIT_NOFILE, (40, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     print(srv.port, flush=True)
     sys.stdin.read()  # until the test closes stdin
@@ -1713,6 +1719,7 @@ def test_descriptor_exhaustion_is_logged_boundedly_and_recovers(tmp_path: Path) 
     with log.open("wb") as errors:
         proc = subprocess.Popen(
             [sys.executable, "-c", _LOW_LIMIT_SERVER],
+            cwd=Path(__file__).parents[2],  # where "tests" is importable
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=errors,
@@ -1748,3 +1755,43 @@ def test_descriptor_exhaustion_is_logged_boundedly_and_recovers(tmp_path: Path) 
     text = log.read_text()
     assert "Traceback" not in text
     assert 1 <= text.count("cannot accept connections") <= 2, text[:2000]
+
+
+# ---------------------------------------------------------------------------------------------
+# The connection's states
+
+
+def test_connection_states_move_only_along_the_table() -> None:
+    async def handler(request: Request) -> Response:
+        return Response.empty(204)
+
+    async def main() -> None:
+        server = HttpServer(handler)
+        await server.start()
+        try:
+            conn = Connection(server)
+            assert conn.state is State.IDLE
+            with pytest.raises(StateError, match="can't go to LINGER in state IDLE"):
+                conn._to(State.LINGER)
+            conn._to(State.RECV_HEAD)
+            conn._to(State.MUST_CLOSE)
+            with pytest.raises(StateError, match="can't go to RECV_HEAD in state MUST_CLOSE"):
+                conn._to(State.RECV_HEAD)
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+    # every state but CLOSED can be lost; none comes back from CLOSED
+    assert all(State.CLOSED in TRANSITIONS[state] for state in State if state is not State.CLOSED)
+    assert TRANSITIONS[State.CLOSED] == frozenset()
+
+
+def test_limits_are_one_validated_value() -> None:
+    limits = Limits(idle_timeout=1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        limits.idle_timeout = 2.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="max_requests must be at least 1"):
+        Limits(max_requests=0)
+    with pytest.raises(ValueError, match="body_timeout must be positive"):
+        Limits(body_timeout=0)
+    assert 1 <= Limits().max_connections < resource.getrlimit(resource.RLIMIT_NOFILE)[0]
