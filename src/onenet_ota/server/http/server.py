@@ -48,7 +48,7 @@ class HttpServer:
         self._backlog = 1024
         self._accepting = False
         self._active = 0  # accepted connections not yet closed, handshaking ones included
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._connecting: set[asyncio.Task[None]] = set()
         self._accept_errors = LogThrottle(ACCEPT_LOG_INTERVAL)
         self._refusals = LogThrottle(ACCEPT_LOG_INTERVAL)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,8 +145,8 @@ class HttpServer:
             conn.setblocking(False)
             self._active += 1
             task = self.loop.create_task(self._connect(conn))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
 
     async def _connect(self, conn: socket.socket) -> None:
         """Make ``conn`` a transport with its :class:`Connection` (after a TLS handshake)."""
@@ -205,7 +205,7 @@ class HttpServer:
         self.closing = True
         for listener in self._listeners:
             listener.close()
-        for task in list(self._handshakes):
+        for task in list(self._connecting):
             task.cancel()
         for conn in list(self.connections):
             conn.shutdown()
@@ -218,8 +218,8 @@ class HttpServer:
                 conn.abort()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), 1.0)
-        if self._handshakes:
-            await asyncio.wait(list(self._handshakes), timeout=1.0)
+        if self._connecting:
+            await asyncio.wait(list(self._connecting), timeout=1.0)
         if self._stopped is not None:
             self._stopped.set()
 
