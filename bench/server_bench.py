@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pydantic import SecretStr
+from tests.serverthread import ServerThread
 
 from bench.loadgen import Result, Scenario, load_generator
 from onenet_ota.protocol.status import TaskType
@@ -89,7 +90,7 @@ from onenet_ota.server.app import create_app
 from onenet_ota.server.config import Settings
 from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.device_api import DeviceApi
-from onenet_ota.server.http import Request, Response, ServerThread
+from onenet_ota.server.http import Request, Response
 
 PID: Final = "123123"
 K1: Final = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="  # Appendix B.1

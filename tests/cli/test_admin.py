@@ -20,7 +20,7 @@ from onenet_ota.device import Credentials, DeviceConfig, OtaClient, StatusCode
 from onenet_ota.server.app import create_app
 from onenet_ota.server.config import Settings
 from onenet_ota.server.db import create_engine, migrate
-from onenet_ota.server.http import ServerThread
+from tests.serverthread import ServerThread
 
 TOKEN = "cli-admin-token-0123456789"
 K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="

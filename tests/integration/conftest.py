@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 import httpx2
@@ -43,9 +44,10 @@ from onenet_ota.device import (
 from onenet_ota.server.admin_api import PREFIX
 from onenet_ota.server.app import AppResources, bind_socket, create_app
 from onenet_ota.server.config import Settings
-from onenet_ota.server.http import Handler, Request, Response, ServerThread
+from onenet_ota.server.http import Handler, Limits, Request, Response
 from tests.device.conftest import Driver, MakeClient
 from tests.server.seed import DB_PARAMS, FIRMWARE, FakeClock, module_database
+from tests.serverthread import ServerThread
 
 ADMIN_TOKEN = "admin-token-for-integration-tests"
 CURRENT = "1.0.0"
@@ -152,9 +154,11 @@ class Platform:
         return handle
 
     @contextlib.contextmanager
-    def listener(self, name: str, **options: Any) -> Iterator[ServerThread]:
-        """Another listener of the same app, with :class:`HttpServer` ``options``."""
-        with ServerThread(self.recorder(name), **options) as server:
+    def listener(
+        self, name: str, *, ssl: SSLContext | None = None, limits: Limits | None = None
+    ) -> Iterator[ServerThread]:
+        """Another listener of the same app, with its own TLS context and limits."""
+        with ServerThread(self.recorder(name), ssl=ssl, limits=limits) as server:
             yield server
 
     def watch(self) -> Watch:

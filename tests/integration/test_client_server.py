@@ -52,7 +52,7 @@ from onenet_ota.device import (
 )
 from onenet_ota.protocol import values
 from onenet_ota.protocol.endpoints import Endpoint
-from onenet_ota.server.http import make_server_ssl_context
+from onenet_ota.server.http import Limits, make_server_ssl_context
 from tests.device.conftest import Driver, MakeClient
 from tests.integration.conftest import ADVISORY, CURRENT, TARGET, Platform, Seen, md5, wait_until
 from tests.server.seed import FIRMWARE, FIRMWARE_MD5, K2, T0
@@ -908,7 +908,7 @@ async def test_one_request_per_connection_when_the_server_closes_each(
     # The C SDK's style (§2.3), forced from the server side: every reply closes its connection,
     # and the client opens a new one for each request (§10).
     world = platform.world()
-    with platform.listener("short", max_requests=1) as short:
+    with platform.listener("short", limits=Limits(max_requests=1)) as short:
         client = make_client(world.config(), base_url=short.url)
         watch = platform.watch()
         await client("post_version")
@@ -927,7 +927,7 @@ async def test_reconnects_after_the_server_closed_an_idle_connection(
     platform: Platform, make_client: MakeClient
 ) -> None:
     world = platform.world(task=False)
-    with platform.listener("idle", idle_timeout=0.2) as idle:
+    with platform.listener("idle", limits=Limits(idle_timeout=0.2)) as idle:
         client = make_client(world.config(), base_url=idle.url)
         watch = platform.watch()
         await client("post_version")

@@ -25,9 +25,9 @@ from onenet_ota.protocol.states import TaskState
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.device_api import DeviceApi
-from onenet_ota.server.http import ServerThread
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
 from tests.captures import CAPTURES
+from tests.serverthread import ServerThread
 
 # The captures' package (spec Appendix C), vendored in tests/data.
 FIRMWARE = (CAPTURES / "firmware.bin").read_bytes()

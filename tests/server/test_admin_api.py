@@ -32,8 +32,8 @@ from onenet_ota.server.admin_api import ROUTES, AdminApi, openapi_document
 from onenet_ota.server.admin_service import AdminService, CreatedTask, column_max
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_api import DeviceApi
-from onenet_ota.server.http import ServerThread
 from tests.server.seed import DB_PARAMS, module_database, product_auth
+from tests.serverthread import ServerThread
 from tests.tmpfs import small_tmpfs
 
 TOKEN = "admin-token-for-tests-0123456789"

@@ -19,8 +19,8 @@ from onenet_ota import auth
 from onenet_ota.server.app import AppResources, create_app
 from onenet_ota.server.config import Settings
 from onenet_ota.server.db import create_engine, migrate
-from onenet_ota.server.http import ServerThread
 from tests.server.serve_process import ServerProcess, children
+from tests.serverthread import ServerThread
 
 TOKEN = "admin-token-for-app-tests-0123"
 K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="

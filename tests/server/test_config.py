@@ -98,3 +98,20 @@ def test_admin_token_generated_only_when_unset() -> None:
     assert again.admin_token == SecretStr(generated)
     other, _ = Settings().with_admin_token()
     assert other.admin_token != settings.admin_token
+
+
+def test_http_limits_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onenet_ota.server.app import http_limits
+    from onenet_ota.server.http import Limits
+
+    assert http_limits(Settings()) == Limits()  # the layer's defaults, cap from RLIMIT_NOFILE
+    monkeypatch.setenv("ONENET_OTA_MAX_CONNECTIONS", "300")
+    monkeypatch.setenv("ONENET_OTA_BODY_TIMEOUT", "5")
+    monkeypatch.setenv("ONENET_OTA_HEADER_TIMEOUT", "4")
+    monkeypatch.setenv("ONENET_OTA_HANDSHAKE_TIMEOUT", "3")
+    monkeypatch.setenv("ONENET_OTA_IDLE_TIMEOUT", "2")
+    limits = http_limits(Settings())
+    assert (limits.max_connections, limits.body_timeout, limits.header_timeout) == (300, 5.0, 4.0)
+    assert (limits.handshake_timeout, limits.idle_timeout) == (3.0, 2.0)
+    with pytest.raises(ValidationError, match="max_connections"):
+        Settings(max_connections=0)

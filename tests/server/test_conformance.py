@@ -18,7 +18,6 @@ from sqlalchemy import Engine, update
 
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.server.blobs import BlobStore
-from onenet_ota.server.http import ServerThread
 from onenet_ota.server.schema import packages
 from tests.captures import CAPTURES
 from tests.server.seed import (
@@ -34,6 +33,7 @@ from tests.server.seed import (
     running_api,
     sdk_request,
 )
+from tests.serverthread import ServerThread
 
 REQUESTS = sorted(CAPTURES.glob("*.request.bin"))
 CANONICAL_NAMES = {

@@ -23,7 +23,6 @@ from sqlalchemy import Engine, update
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_api import DeviceApi
-from onenet_ota.server.http import ServerThread
 from onenet_ota.server.schema import packages, tasks
 from tests.server.seed import (
     DB_PARAMS,
@@ -41,6 +40,7 @@ from tests.server.seed import (
     raw_exchange,
     running_api,
 )
+from tests.serverthread import ServerThread
 
 S = TaskState
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import resource
 import select
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,14 +34,16 @@ from onenet_ota.server.http import (
     BodyTooLarge,
     FileSegment,
     HttpServer,
+    Limits,
     Request,
     RequestAborted,
     Response,
-    ServerThread,
     make_server_ssl_context,
     serve,
 )
+from onenet_ota.server.http.connection import TRANSITIONS, Connection, State, StateError
 from tests.captures import CAPTURES, FIRMWARE
+from tests.serverthread import ServerThread
 
 CANONICAL_JSON = (
     b"HTTP/1.1 200 OK\r\n"
@@ -545,13 +551,13 @@ def test_one_write_is_one_transport_write(
 ) -> None:
     """The same property without a race: count the layer's writes."""
     writes: list[bytes] = []
-    original = http._Connection.write
+    original = Connection.write
 
-    def spy(self: http._Connection, data: bytes) -> None:
+    def spy(self: Connection, data: bytes) -> None:
         writes.append(data)
         original(self, data)
 
-    monkeypatch.setattr(http._Connection, "write", spy)
+    monkeypatch.setattr(Connection, "write", spy)
     with RawClient(server) as client:
         for path, expected in [
             ("/error3", ERROR_3),
@@ -993,7 +999,7 @@ def test_max_requests_option() -> None:
     async def handler(request: Request) -> Response:
         return Response.empty(204)
 
-    with ServerThread(handler, max_requests=2) as srv, RawClient(srv) as client:
+    with ServerThread(handler, limits=Limits(max_requests=2)) as srv, RawClient(srv) as client:
         client.send(get("/") * 2)
         assert client.response().headers == [("Content-Length", "0")]
         assert client.response().headers == [("Content-Length", "0"), ("Connection", "close")]
@@ -1002,7 +1008,7 @@ def test_max_requests_option() -> None:
 
 def test_idle_keep_alive_connection_is_closed() -> None:
     rec = Recorder()
-    with ServerThread(make_handler(rec), idle_timeout=0.2) as srv:  # type: ignore[arg-type]
+    with ServerThread(make_handler(rec), limits=Limits(idle_timeout=0.2)) as srv:  # type: ignore[arg-type]
         with RawClient(srv) as client:
             client.send(get("/json"))
             assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
@@ -1018,7 +1024,7 @@ REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnect
 def test_slow_request_head_is_408_then_close(partial: bytes) -> None:
     rec = Recorder()
     with (
-        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(header_timeout=0.2)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         client.send(partial)
@@ -1030,7 +1036,7 @@ def test_slow_request_head_is_408_then_close(partial: bytes) -> None:
 def test_slow_head_after_a_response_is_408() -> None:
     rec = Recorder()
     with (
-        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(header_timeout=0.2)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         client.send(get("/json"))
@@ -1055,13 +1061,13 @@ def test_slow_pipelined_head_behind_an_unsent_response_closes_it() -> None:
     ``Connection: close`` and nothing follows it."""
     rec = Recorder()
     with (
-        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(header_timeout=0.2)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         try:
             client.send(get("/slow") + b"GET /json HTTP/1.1\r\nHo")
             assert rec.entered.wait(10)
-            _wait_for_connection_state(srv, "_head_timed_out")
+            _wait_for_connection_state(srv, "timed_out_head")
         finally:
             rec.release.set()
         response = client.response()
@@ -1080,11 +1086,11 @@ def test_slow_pipelined_head_behind_a_response_being_sent_is_408(tmp_path: Path)
         file.truncate(size)  # sparse: no disk cost
     rec = Recorder()
     with (
-        ServerThread(make_handler(rec), header_timeout=0.2) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(header_timeout=0.2)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         client.send(get(f"/file?path={quote(str(big))}&offset=0&length={size}") + b"GET /js")
-        _wait_for_connection_state(srv, "_head_timed_out")
+        _wait_for_connection_state(srv, "timed_out_head")
         head = client.read_until(b"\r\n\r\n")
         assert b"Connection" not in head
         assert b"Content-Length: %d\r\n" % size in head
@@ -1101,7 +1107,7 @@ def test_slow_pipelined_head_behind_a_response_being_sent_is_408(tmp_path: Path)
 def test_stalled_body_is_cut_off() -> None:
     rec = Recorder()
     with (
-        ServerThread(make_handler(rec), idle_timeout=0.2) as srv,  # type: ignore[arg-type]
+        ServerThread(make_handler(rec), limits=Limits(idle_timeout=0.2)) as srv,  # type: ignore[arg-type]
         RawClient(srv) as client,
     ):
         client.send(b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
@@ -1457,3 +1463,335 @@ def test_a_client_that_stops_reading_pauses_its_connection_until_it_reads() -> N
             assert json.loads(client.response().body) == {"errno": 0}
             assert handled == ["/big", "/json"]
             assert not any(conn._write_paused for conn in list(srv.server.connections))  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer codings other than chunked (RFC 9112 §6.1, §6.3)
+
+NOT_IMPLEMENTED = b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        [b"gzip, chunked"],
+        [b"deflate,chunked"],
+        [b"gzip", b"chunked"],  # two header lines: one list, chunked last
+        [b"x-custom ,  chunked"],
+    ],
+    ids=["gzip", "deflate", "two-lines", "unknown"],
+)
+def test_unsupported_transfer_coding_is_501_and_close(
+    server: ServerThread, rec: Recorder, codings: list[bytes]
+) -> None:
+    """RFC 9112 §6.1: a coding the server does not understand gets 501; the handler never sees
+    the request (it would read a still-gzipped body as if it were plain)."""
+    lines = b"".join(b"Transfer-Encoding: " + value + b"\r\n" for value in codings)
+    with RawClient(server) as client:
+        client.send(b"POST /echo HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n5\r\nhello\r\n0\r\n\r\n")
+        assert client.read_exact(len(NOT_IMPLEMENTED)) == NOT_IMPLEMENTED
+        assert client.closed()
+    assert rec.requests == []
+
+
+@pytest.mark.parametrize("value", [b"gzip", b"chunked, gzip"], ids=["gzip-only", "chunked-first"])
+def test_transfer_coding_without_final_chunked_is_400(server: ServerThread, value: bytes) -> None:
+    """RFC 9112 §6.3: chunked not final leaves the body length unknown -> 400 and close."""
+    with RawClient(server) as client:
+        client.send(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: " + value + b"\r\n\r\nhello")
+        assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+        assert client.closed()
+
+
+def test_plain_chunked_in_any_case_is_still_read(server: ServerThread, rec: Recorder) -> None:
+    with RawClient(server) as client:
+        client.send(
+            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        assert json.loads(client.response().body)["length"] == 5
+    assert rec.bodies == [b"hello"]
+
+
+# ---------------------------------------------------------------------------------------------
+# HEAD (RFC 9110 §9.3.2): the handler answers as for GET; the layer sends the head only
+
+
+def head(path: str) -> bytes:
+    return f"HEAD {path} HTTP/1.1\r\nHost:ota.heclouds.com\r\n\r\n".encode()
+
+
+def test_head_gets_the_get_headers_without_the_body(server: ServerThread, rec: Recorder) -> None:
+    with RawClient(server) as client:
+        client.send(head("/json") + get("/json"))
+        # the head as for GET, Content-Length included, and then straight the next response
+        assert client.read_exact(len(CANONICAL_JSON) - 26) == CANONICAL_JSON[:-26]
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+    assert [request.method for request in rec.requests] == ["HEAD", "GET"]
+
+
+def test_head_of_a_file_segment_never_reads_the_file(server: ServerThread, tmp_path: Path) -> None:
+    """The segment's file does not exist: a GET would send the fallback, a HEAD sends the head
+    it would have sent for the file, since it reads nothing."""
+    missing = tmp_path / "missing.bin"
+    with RawClient(server) as client:
+        for length in (100, 200000):  # small (read before writing) and large (sendfile)
+            client.send(head(f"/file?path={missing}&offset=0&length={length}&fallback=1"))
+            response = client.read_until(b"\r\n\r\n")
+            assert response.startswith(b"HTTP/1.1 206 Partial Content\r\n")
+            assert b"Content-Length: %d\r\n" % length in response
+        client.send(get("/json"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+
+
+def test_head_of_a_chunked_reply_keeps_the_connection(server: ServerThread) -> None:
+    with RawClient(server) as client:
+        client.send(head("/error3") + head("/close-delimited") + get("/json"))
+        error3_head = ERROR_3[: ERROR_3.index(b"\r\n\r\n") + 4]
+        assert client.read_exact(len(error3_head)) == error3_head
+        close_delimited = client.read_until(b"\r\n\r\n")
+        assert close_delimited.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"Connection" not in close_delimited  # no body follows, so nothing to delimit
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+
+
+# ---------------------------------------------------------------------------------------------
+# Holding connections: deadlines, the connection cap, TLS handshakes, descriptor exhaustion
+
+
+class _Trickler(threading.Thread):
+    """Sends ``data`` one byte at a time until done, stopped, or the server closes."""
+
+    def __init__(self, sock: socket.socket, data: bytes, pause: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.data, self.pause = sock, data, pause
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):
+            for index in range(len(self.data)):
+                if self.stop.wait(self.pause):
+                    return
+                self.sock.sendall(self.data[index : index + 1])
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_trickled_body_is_cut_at_the_body_deadline(framing: str) -> None:
+    """A body sent a byte at a time never lets the idle timeout fire, but cannot outlive the
+    body deadline: the handler's read fails and the client gets 400 and the close."""
+    rec = Recorder()
+    if framing == "chunked":
+        head = b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = b"".join(b"1\r\nx\r\n" for _ in range(2000)) + b"0\r\n\r\n"
+    else:
+        head = b"POST /echo HTTP/1.1\r\nContent-Length: 2000\r\n\r\n"
+        body = b"x" * 2000  # 40 s at one byte per 20 ms; the socket times out after 10
+    with (
+        ServerThread(make_handler(rec), limits=Limits(body_timeout=0.3)) as srv,  # type: ignore[arg-type]
+        RawClient(srv) as client,
+    ):
+        client.send(head)
+        trickler = _Trickler(client.sock, body)
+        trickler.start()
+        try:
+            assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+            assert client.closed()
+        finally:
+            trickler.stop.set()
+            trickler.join(10)
+    assert rec.bodies == []
+
+
+def test_trickled_head_is_cut_at_the_head_deadline() -> None:
+    rec = Recorder()
+    head = get("/json", "X-Pad: " + "p" * 2000 + "\r\n")
+    with (
+        ServerThread(make_handler(rec), limits=Limits(header_timeout=0.3)) as srv,  # type: ignore[arg-type]
+        RawClient(srv) as client,
+    ):
+        trickler = _Trickler(client.sock, head)
+        trickler.start()
+        try:
+            assert client.read_exact(len(REQUEST_TIMEOUT)) == REQUEST_TIMEOUT
+            assert client.closed()
+        finally:
+            trickler.stop.set()
+            trickler.join(10)
+    assert rec.requests == []
+
+
+def _served(srv: ServerThread, client: RawClient) -> bool:
+    """Whether ``client``'s connection is served: a request gets its response."""
+    try:
+        client.send(get("/json"))
+        return client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+    except (AssertionError, OSError):  # closed or reset by the server
+        return False
+
+
+def test_connection_cap_closes_the_connection_over_it_and_frees_slots() -> None:
+    rec = Recorder()
+    with ServerThread(make_handler(rec), limits=Limits(max_connections=2)) as srv:  # type: ignore[arg-type]
+        first, second = RawClient(srv), RawClient(srv)
+        try:
+            assert _served(srv, first)
+            assert _served(srv, second)
+            with RawClient(srv) as third:
+                assert third.closed()  # closed at once, without a response
+            assert _served(srv, first)  # the two held connections are unaffected
+            assert _served(srv, second)
+            first.sock.close()
+            # the server notices the close on its own time: try until the slot is free again
+            for _ in range(200):
+                with RawClient(srv) as fourth:
+                    if _served(srv, fourth):
+                        break
+                time.sleep(0.02)
+            else:
+                raise AssertionError("the freed slot was never reused")
+        finally:
+            first.sock.close()
+            second.sock.close()
+
+
+def test_tls_client_without_client_hello_is_closed_after_the_handshake_timeout(
+    rsa_ca: trustme.CA, tmp_path: Path
+) -> None:
+    rec = Recorder()
+    context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=True)
+    with (
+        ServerThread(make_handler(rec), ssl=context, limits=Limits(handshake_timeout=0.3)) as srv,  # type: ignore[arg-type]
+        socket.create_connection((srv.host, srv.port), timeout=10) as raw,
+    ):
+        assert RawClient(srv, sock=raw).closed()  # socket timeout 10 s: asyncio's default is 60
+
+
+def test_tls_handshakes_count_against_the_connection_cap(
+    rsa_ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A client that connects and stays silent holds a slot during its handshake, so silent
+    TLS clients cannot exceed the cap either."""
+    rec = Recorder()
+    context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=True)
+    with (
+        ServerThread(make_handler(rec), ssl=context, limits=Limits(max_connections=1)) as srv,  # type: ignore[arg-type]
+        socket.create_connection((srv.host, srv.port), timeout=10) as silent,
+        socket.create_connection((srv.host, srv.port), timeout=10) as second,
+    ):
+        assert RawClient(srv, sock=second).closed()
+        assert silent.fileno() >= 0
+
+
+def test_log_throttle_reports_once_per_interval_with_the_count() -> None:
+    now = [0.0]
+    throttle = http.LogThrottle(10.0, clock=lambda: now[0])
+    reports = []
+    for step in range(100_000):  # 100,000 failed accepts over 100 s
+        now[0] = step / 1000
+        count = throttle.hit()
+        if count is not None:
+            reports.append(count)
+    assert len(reports) == 10
+    assert reports[0] == 1  # the first occurrence is reported at once
+    assert sum(reports) == 90_001  # every event up to the last report; its interval is open
+
+
+_LOW_LIMIT_SERVER = """
+import logging, resource, sys
+from onenet_ota.server.http import Limits, Response
+from tests.serverthread import ServerThread
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+async def handler(request):
+    return Response.empty(204)
+
+# a cap over the descriptor limit, so that accepting itself fails
+with ServerThread(handler, limits=Limits(max_connections=10_000)) as srv:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    print(srv.port, flush=True)
+    sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_descriptor_exhaustion_is_logged_boundedly_and_recovers(tmp_path: Path) -> None:
+    """At the descriptor limit every accept fails: the log gets a warning per interval with a
+    count, no traceback, and once descriptors are free the server serves again."""
+    log = tmp_path / "server.log"
+    with log.open("wb") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LOW_LIMIT_SERVER],
+            cwd=Path(__file__).parents[2],  # where "tests" is importable
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+        )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        port = int(proc.stdout.readline())
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(60)]
+        for _ in range(300):  # until the server has met the limit
+            if b"cannot accept" in log.read_bytes():
+                break
+            time.sleep(0.01)
+        time.sleep(2.5)  # a few accept pauses' worth of retries at the limit
+        for sock in held:
+            sock.close()
+        for _ in range(500):
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+                contextlib.suppress(OSError),
+            ):
+                sock.sendall(get("/"))
+                if sock.recv(64).startswith(b"HTTP/1.1 204 "):
+                    break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the server did not recover")
+        proc.stdin.close()
+        proc.wait(20)
+    finally:
+        proc.kill()
+        proc.wait()
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert 1 <= text.count("cannot accept connections") <= 2, text[:2000]
+
+
+# ---------------------------------------------------------------------------------------------
+# The connection's states
+
+
+def test_connection_states_move_only_along_the_table() -> None:
+    async def handler(request: Request) -> Response:
+        return Response.empty(204)
+
+    async def main() -> None:
+        server = HttpServer(handler)
+        await server.start()
+        try:
+            conn = Connection(server)
+            assert conn.state is State.IDLE
+            with pytest.raises(StateError, match="can't go to LINGER in state IDLE"):
+                conn._to(State.LINGER)
+            conn._to(State.RECV_HEAD)
+            conn._to(State.MUST_CLOSE)
+            with pytest.raises(StateError, match="can't go to RECV_HEAD in state MUST_CLOSE"):
+                conn._to(State.RECV_HEAD)
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+    # every state but CLOSED can be lost; none comes back from CLOSED
+    assert all(State.CLOSED in TRANSITIONS[state] for state in State if state is not State.CLOSED)
+    assert TRANSITIONS[State.CLOSED] == frozenset()
+
+
+def test_limits_are_one_validated_value() -> None:
+    limits = Limits(idle_timeout=1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        limits.idle_timeout = 2.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="max_requests must be at least 1"):
+        Limits(max_requests=0)
+    with pytest.raises(ValueError, match="body_timeout must be positive"):
+        Limits(body_timeout=0)
+    assert 1 <= Limits().max_connections < resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -18,8 +18,9 @@ from sqlalchemy import Engine
 from onenet_ota.server.admin_service import CreatedTask, StateCounts, TaskCreated
 from onenet_ota.server.app import create_app
 from onenet_ota.server.config import Settings
-from onenet_ota.server.http import Request, Response, ServerThread
+from onenet_ota.server.http import Request, Response
 from onenet_ota.server.push import ATTEMPTS, TaskPusher, push_signature
+from tests.serverthread import ServerThread
 
 TOKEN = "12ghZU97OERxCnp7n5lnsjgf7NlLHe"
 UID = 34268

@@ -13,7 +13,6 @@ import pytest
 from sqlalchemy import Engine
 
 from onenet_ota.server.blobs import BlobStore
-from onenet_ota.server.http import ServerThread
 from tests.server.seed import (
     DB_PARAMS,
     FakeClock,
@@ -24,6 +23,7 @@ from tests.server.seed import (
     raw_exchange,
     running_api,
 )
+from tests.serverthread import ServerThread
 
 L100 = bytes(range(100))
 

@@ -15,8 +15,9 @@ from onenet_ota.protocol import values
 from onenet_ota.protocol.download import DownloadError, decode_error_body
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.server import wire
-from onenet_ota.server.http import FileSegment, Request, Response, ServerThread
+from onenet_ota.server.http import FileSegment, Request, Response
 from tests.server.seed import raw_exchange
+from tests.serverthread import ServerThread
 
 # -- builders ------------------------------------------------------------------------------------
 

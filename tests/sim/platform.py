@@ -13,8 +13,8 @@ from pydantic import SecretStr
 from onenet_ota.cli.admin import AdminClient
 from onenet_ota.server.app import create_app
 from onenet_ota.server.config import Settings
-from onenet_ota.server.http import ServerThread
 from tests.server.seed import DB_PARAMS, module_database
+from tests.serverthread import ServerThread
 
 ADMIN_TOKEN = "simulator-tests-admin-token"
 

@@ -72,6 +72,18 @@ def _settings_error(exc: ValidationError) -> str:
 )
 @click.option("--max-upload-bytes", type=int, help="largest package upload [default: 256 MiB]")
 @click.option("--idle-timeout", type=float, help="seconds an idle connection stays open")
+@click.option("--header-timeout", type=float, help="seconds for a whole request head [default: 10]")
+@click.option(
+    "--body-timeout",
+    type=float,
+    help="seconds for a request body, plus its length at 500 B/s [default: 20]",
+)
+@click.option("--handshake-timeout", type=float, help="seconds for a TLS handshake [default: 10]")
+@click.option(
+    "--max-connections",
+    type=int,
+    help="connections per process at once [default: from the descriptor limit]",
+)
 @click.option("--sweep-interval", type=float, help="seconds between deadline sweeps")
 @click.option(
     "--cache-ttl",

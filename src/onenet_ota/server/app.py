@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import multiprocessing
@@ -49,6 +50,7 @@ from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.device_api import DeviceApi
 from onenet_ota.server.http import (
     Handler,
+    Limits,
     Request,
     Response,
     make_server_ssl_context,
@@ -57,7 +59,7 @@ from onenet_ota.server.http import (
 )
 from onenet_ota.server.push import TaskPusher
 
-__all__ = ["AppResources", "bind_socket", "create_app", "run", "ssl_context"]
+__all__ = ["AppResources", "bind_socket", "create_app", "http_limits", "run", "ssl_context"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,19 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return make_server_ssl_context(settings.tls_cert, settings.tls_key, c_sdk_compatible=True)
 
 
+def http_limits(settings: Settings) -> Limits:
+    """The HTTP layer's limits from the settings; the rest keep :class:`Limits`'s defaults."""
+    limits = Limits(
+        idle_timeout=settings.idle_timeout,
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        handshake_timeout=settings.handshake_timeout,
+    )
+    if settings.max_connections is not None:
+        limits = dataclasses.replace(limits, max_connections=settings.max_connections)
+    return limits
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host``:``port`` (port 0 picks a free one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -193,7 +208,7 @@ async def _serve(
         pusher.verified = True  # the parent verified the URL once (D24)
     handler, resources = create_app(settings, pusher=pusher)
     server = asyncio.create_task(
-        serve(handler, sock=sock, ssl=ssl_context(settings), idle_timeout=settings.idle_timeout)
+        serve(handler, sock=sock, ssl=ssl_context(settings), limits=http_limits(settings))
     )
     background: list[asyncio.Task[None]] = []
     if sweeper:

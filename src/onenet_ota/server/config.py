@@ -13,6 +13,10 @@ environment; everything else receives a :class:`Settings`.
 | ``tls_cert`` / ``tls_key`` | ``ONENET_OTA_TLS_CERT`` / ``ONENET_OTA_TLS_KEY`` | none: plain HTTP |
 | ``max_upload_bytes`` | ``ONENET_OTA_MAX_UPLOAD_BYTES`` | 256 MiB (at most 2^31-1, §4.5) |
 | ``idle_timeout`` | ``ONENET_OTA_IDLE_TIMEOUT`` | 15 s (D19) |
+| ``header_timeout`` | ``ONENET_OTA_HEADER_TIMEOUT`` | 10 s for a whole request head |
+| ``body_timeout`` | ``ONENET_OTA_BODY_TIMEOUT`` | 20 s for a body, plus its length at 500 B/s |
+| ``handshake_timeout`` | ``ONENET_OTA_HANDSHAKE_TIMEOUT`` | 10 s for a TLS handshake |
+| ``max_connections`` | ``ONENET_OTA_MAX_CONNECTIONS`` | from the descriptor limit (RLIMIT_NOFILE) |
 | ``sweep_interval`` | ``ONENET_OTA_SWEEP_INTERVAL`` | 30 s between deadline sweeps (D23) |
 | ``cache_ttl`` | ``ONENET_OTA_CACHE_TTL`` | 30 s: longest life of a device-API cache entry |
 | ``push_url`` / ``push_token`` / ``push_uid`` | ``ONENET_OTA_PUSH_*`` | none: no task push (§11) |
@@ -67,6 +71,13 @@ class Settings(BaseSettings):
         DEFAULT_MAX_UPLOAD_BYTES
     )
     idle_timeout: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    header_timeout: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    body_timeout: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    handshake_timeout: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    max_connections: Annotated[int | None, Field(ge=1)] = Field(
+        default=None,
+        description="connections per process at once; default: derived from the descriptor limit",
+    )
     sweep_interval: Annotated[float, Field(gt=0, le=86400)] = 30.0
     # Changes made through any server process reach every cache within 0.1 s (server/changes.py);
     # this bounds only what the feed cannot carry (SQL typed into the database by hand).
