@@ -33,9 +33,10 @@ from onenet_ota.device.upgrader import (
     Upgrader,
     UpgradeResult,
 )
-from onenet_ota.server.http import Request, Response, ServerThread
+from onenet_ota.server.http import Request, Response
 from tests.integration.conftest import CURRENT, Platform, World
 from tests.integration.test_upgrade_e2e import OPTIONS, unique_package
+from tests.serverthread import ServerThread
 
 PACKAGE_SIZE = 100_000  # seven chunks of OPTIONS.chunk_size
 # A checkpoint only at the end: whatever a resumed run skips, the interrupted run's close kept.

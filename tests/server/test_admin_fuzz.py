@@ -35,8 +35,8 @@ from onenet_ota.protocol.states import TaskState
 from onenet_ota.server.admin_api import AdminApi, openapi_document
 from onenet_ota.server.admin_service import AdminService
 from onenet_ota.server.blobs import BlobStore
-from onenet_ota.server.http import ServerThread
 from tests.server.seed import DB_PARAMS, FakeClock, Seeder, module_database
+from tests.serverthread import ServerThread
 
 TOKEN = "admin-token-for-the-fuzz-tests-0123"
 MAX_EXAMPLES = 12  # per operation and database: about ten seconds for all of them on SQLite
