@@ -816,6 +816,9 @@ class AdminService:
                 )
             for batch in _chunks(rows):
                 conn.execute(insert(devices), list(batch))
+            # Every device API drops what it holds about these dev_ids and the tokens it
+            # verified with their keys (a name or dev_id may have been used by a deleted device).
+            changes.publish(conn, [row["dev_id"] for row in rows], now)
         return [Device(**row) for row in rows]
 
     @staticmethod
@@ -953,7 +956,7 @@ class AdminService:
                 )
             _delete_finished(conn, device_tasks.c.dev_id == dev_id)
             conn.execute(delete(devices).where(devices.c.dev_id == dev_id))
-            # The device row, its verified Authorization values and its answers are cached.
+            # The device row, its answers and the tokens verified with its key are cached.
             changes.publish(conn, [dev_id], now)
         self._changed()
 
