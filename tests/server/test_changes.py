@@ -25,7 +25,7 @@ from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import Action, TaskState
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import changes
-from onenet_ota.server.admin_service import AdminService, DeviceCreate, KeyRotate
+from onenet_ota.server.admin_service import AdminService, DeviceCreate, DeviceKeyRotate, KeyRotate
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.changes import EVERYTHING, NOTHING, ChangeFeed, Changes, publish
 from onenet_ota.server.device_service import DeviceService
@@ -499,6 +499,27 @@ def test_a_deleted_and_recreated_device_refuses_its_old_key_elsewhere_at_once(
         new = auth.build_token(w.pid, again.device_key, device_name=w.name)
         assert query_version(there, again.dev_id, new) == 0
         assert query_version(here, again.dev_id, old) == 1
+
+
+def test_a_rotated_device_key_is_refused_elsewhere_at_once(engine: Engine, seeder: Seeder) -> None:
+    w = seeder.world(device_key=K2)
+    old = auth.build_token(w.pid, K2, device_name=w.name)
+    other = seeder.world(device_key=K2)
+    others = auth.build_token(other.pid, K2, device_name=other.name)
+    admin = AdminService(engine, seeder.blobs, clock=seeder.clock)
+    with two_servers(engine, seeder) as (here, there):
+        for client in (here, there):
+            for _ in range(2):  # cached in both processes
+                assert query_version(client, w.dev_id, old) == 0
+                assert query_version(client, other.dev_id, others) == 0
+        rotated = admin.rotate_device_key(w.dev_id, DeviceKeyRotate())
+        assert rotated.device_key not in (None, K2)
+        assert query_version(there, w.dev_id, old) == 1
+        assert query_version(here, w.dev_id, old) == 1
+        assert rotated.device_key is not None
+        new = auth.build_token(w.pid, rotated.device_key, device_name=w.name)
+        assert query_version(there, w.dev_id, new) == 0
+        assert query_version(there, other.dev_id, others) == 0  # another device: untouched
 
 
 def test_a_feed_row_for_a_device_drops_the_tokens_verified_with_its_key(

@@ -155,6 +155,7 @@ class Route:
     tag: str
     status: int = 200
     body: type[BaseModel] | None = None  # a JSON request body
+    body_optional: bool = False  # the body may be left out (an empty body means {})
     upload: bool = False  # a raw file body
     response: type[BaseModel] | None = None  # None with status 204: no body
     query: tuple[Param, ...] = ()
@@ -260,7 +261,8 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "POST", "/products/{pid}/rotate-key", "rotate_key",
         "Replace the product's access key (given or generated)", "products",
-        body=svc.KeyRotate, response=svc.Product, path_types=_PID, errors=(404, 422),
+        body=svc.KeyRotate, body_optional=True, response=svc.Product, path_types=_PID,
+        errors=(404, 422),
     ),
     Route(
         "POST", "/devices", "create_device", "Create a device (given or generated dev_id)",
@@ -290,6 +292,13 @@ ROUTES: Final[tuple[Route, ...]] = (
         "DELETE", "/devices/{dev_id}", "delete_device",
         "Delete a device without open tasks, with its upgrade history and download tokens",
         "devices", status=204, path_types={"dev_id": "integer"}, errors=(404, 409),
+    ),
+    Route(
+        "POST", "/devices/{dev_id}/rotate-key", "rotate_device_key",
+        "Replace the device's key (given or generated); tokens signed with the old one stop "
+        "working at once", "devices",
+        body=svc.DeviceKeyRotate, body_optional=True, response=svc.Device,
+        path_types={"dev_id": "integer"}, errors=(404, 422),
     ),
     Route(
         "POST", "/packages", "upload_package",
@@ -433,7 +442,7 @@ def openapi_document() -> dict[str, Any]:
             operation["parameters"] = parameters
         if route.body is not None:
             operation["requestBody"] = {
-                "required": True,
+                "required": not route.body_optional,
                 "content": {"application/json": {"schema": ref(route.body, "validation")}},
             }
         if route.upload:
@@ -733,6 +742,11 @@ class AdminApi:
 
     async def _get_device(self, call: Call) -> svc.DeviceDetail:
         return await self._db(self.service.get_device, self._path_int(call, "dev_id"))
+
+    async def _rotate_device_key(self, call: Call) -> svc.Device:
+        dev_id = self._path_int(call, "dev_id")
+        spec = await self._json_body(call, svc.DeviceKeyRotate, optional=True)
+        return await self._db(self.service.rotate_device_key, dev_id, spec)
 
     async def _delete_device(self, call: Call) -> None:
         await self._db(self.service.delete_device, self._path_int(call, "dev_id"))

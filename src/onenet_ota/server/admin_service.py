@@ -73,6 +73,7 @@ __all__ = [
     "DeviceDetail",
     "DeviceImport",
     "DeviceImportItem",
+    "DeviceKeyRotate",
     "DeviceTaskHistory",
     "DeviceTaskView",
     "Invalid",
@@ -255,6 +256,17 @@ class DeviceCreate(DeviceImportItem):
     """A device to create in product ``pid``."""
 
     pid: Pid
+
+
+class DeviceKeyRotate(_In):
+    """A device key rotation: the new key, or none to have one generated."""
+
+    device_key: str | None = Field(default=None, description="base64; generated when omitted")
+
+    @model_validator(mode="after")
+    def _key(self) -> DeviceKeyRotate:
+        _check_key(self.device_key)
+        return self
 
 
 class DeviceImport(_In):
@@ -911,6 +923,23 @@ class AdminService:
                 for h in history
             ],
         )
+
+    @_retried
+    def rotate_device_key(self, dev_id: int, spec: DeviceKeyRotate) -> Device:
+        """Give a device a new device key (§3.4, D4): from the commit on, every server process
+        refuses the tokens signed with the old key (the change feed tells the others)."""
+        key = spec.device_key or generate_access_key()
+        with self._tx("concurrent change") as conn:
+            done = conn.execute(
+                update(devices).where(devices.c.dev_id == dev_id).values(device_key=key)
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"device {dev_id} not found")
+            row = conn.execute(select(devices).where(devices.c.dev_id == dev_id)).one()
+            # Tokens verified with the old key are cached by every device API.
+            changes.publish(conn, [dev_id], self._clock())
+        self._changed()
+        return Device(**row._mapping)
 
     @_retried
     def delete_device(self, dev_id: int) -> None:
