@@ -79,6 +79,13 @@ def test_ttl_expires_entries_and_zero_caches_nothing(monkeypatch: pytest.MonkeyP
     now[0] += 0.1
     assert cache.get("a") is None
     assert cache.nbytes == 0
+    cache.put("b", 1)
+    cache.put("c", 1)
+    now[0] += 20
+    cache.put("b", 2, renew=False)  # replaced, but no younger than the entry it replaces
+    cache.put("c", 2)  # replaced and renewed
+    now[0] += 15
+    assert (cache.get("b"), cache.get("c")) == (None, 2)
     off: BoundedCache[str, int] = BoundedCache(10_000, ttl=0)
     off.put("a", 1)
     assert off.get("a") is None

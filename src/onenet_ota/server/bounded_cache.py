@@ -118,16 +118,25 @@ class BoundedCache(Generic[K, V]):
             return None
         return item[1]
 
-    def put(self, key: K, value: V, size: int = 0, *, tag: Hashable = None) -> None:
+    def put(
+        self, key: K, value: V, size: int = 0, *, tag: Hashable = None, renew: bool = True
+    ) -> None:
         """Keep ``value`` for ``key``; ``size`` is what the value holds beyond the key, in bytes
-        (the key is weighed here). An entry larger than the whole budget is not kept."""
+        (the key is weighed here). An entry larger than the whole budget is not kept.
+
+        ``renew=False`` keeps the expiry of the entry it replaces, if any: for a value that
+        grows from an older one and must not outlive it.
+        """
         ttl = self._ttl
         if ttl is not None and ttl <= 0:
             return
         charge = ENTRY_OVERHEAD + weigh(key) + size + (0 if tag is None else _TAG_OVERHEAD)
         expires = None if ttl is None else time.monotonic() + ttl
         with self._lock:
-            if key in self._items:
+            old = self._items.get(key)
+            if old is not None:
+                if not renew:
+                    expires = old[0]
                 self._remove(key)  # re-inserted at the young end
             if charge > self._max:
                 return

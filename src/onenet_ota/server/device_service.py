@@ -828,7 +828,7 @@ class DeviceService:
             size = sum(_ENTRY_BYTES + weigh(k) + _OBJECT_BYTES for k in entries)
             if answer.info is not None:
                 size += len(entries) * _TASK_INFO_BYTES
-            self._answers.put(dev_id, entries, size)
+            self._answers.put(dev_id, entries, size, renew=False)  # the oldest answer's TTL
 
     def _transition(
         self,
