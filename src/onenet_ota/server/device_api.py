@@ -524,7 +524,7 @@ def _range_value(headers: list[tuple[str, str]]) -> str | None:
     return found
 
 
-# What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.12):
+# What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11):
 # a small object about 60-100 bytes, a dict entry about 100, a header (a tuple of two strings in
 # a list) about 150 beyond its text, a Basis with the objects it alone holds about 300.
 _OBJECT_BYTES: Final = 100

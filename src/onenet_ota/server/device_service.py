@@ -1299,7 +1299,7 @@ class DeviceService:
 
 
 _FOREVER: Final = float("inf")
-# What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.12:
+# What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11:
 # a small slotted object about 60-100 bytes; a dict entry about 100; a TaskInfo with its
 # strings about 500).
 _OBJECT_BYTES: Final = 100
