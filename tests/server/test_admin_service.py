@@ -815,8 +815,9 @@ def test_delete_device_removes_its_history_and_tokens_only(
 
     service.delete_device(gone)
 
-    assert _dev_rows(engine, gone) == {"devices": 0, "device_tasks": 0, "tokens": 0, "feed": 1}
-    assert _dev_rows(engine, kept) == {"devices": 1, "device_tasks": 2, "tokens": 4, "feed": 0}
+    # The feed names each device for its creation, and the deleted one for its deletion.
+    assert _dev_rows(engine, gone) == {"devices": 0, "device_tasks": 0, "tokens": 0, "feed": 2}
+    assert _dev_rows(engine, kept) == {"devices": 1, "device_tasks": 2, "tokens": 4, "feed": 1}
     assert changes == [1]  # this process's device API is told after the commit
     with pytest.raises(NotFound):
         service.get_device(gone)
