@@ -40,11 +40,15 @@ _TAG_OVERHEAD: Final = 100  # a tag's set, charged once per tagged entry (a set 
 class Budgets:
     """The byte budget of each device-API cache (per process)."""
 
-    principals: int = 8 * _MIB  # verified Authorization value -> principal (P1)
-    devices: int = 4 * _MIB  # dev_id -> (pid, name) for P3
+    # Entries of a typical request, as charged: a principal 550-700 bytes (one per device with
+    # device-level tokens, one per product with the C SDK's product-level one), a device row 450,
+    # a grant 650, a device's E3 answer 1.2 KiB, a memoised reply 1.5 KiB, a parsed query 1 KiB,
+    # a 4 KiB chunk 5.5 KiB. So about 25 000 devices' principals, 16 000 memoised replies.
+    principals: int = 16 * _MIB  # verified Authorization value -> principal (P1)
+    devices: int = 8 * _MIB  # dev_id -> (pid, name) for P3
     grants: int = 8 * _MIB  # E6 token -> download grant
-    answers: int = 8 * _MIB  # dev_id -> cached E3/E5 answers by question
-    replies: int = 16 * _MIB  # whole E3/E5 replies by request bytes (the memo)
+    answers: int = 16 * _MIB  # dev_id -> cached E3/E5 answers by question
+    replies: int = 24 * _MIB  # whole E3/E5 replies by request bytes (the memo)
     queries: int = 2 * _MIB  # query string -> parsed parameters
     task_bodies: int = 2 * _MIB  # encoded E3/E4 task replies by (task info, cdn)
     chunks: int = 16 * _MIB  # small E6 replies by (file, served range)
