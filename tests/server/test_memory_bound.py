@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
@@ -33,6 +34,7 @@ PAD = 14_000  # junk per request: most of the 16 KiB a request head may have
 # slack for the allocator's fragmentation and the HTTP layer's buffers.
 BOUND = BUDGETS.chunks + BUDGETS.replies + BUDGETS.principals + BUDGETS.queries + 24 * MIB
 REQUESTS = 2 * BOUND // PAD  # each request carries PAD bytes of junk: twice the bound in all
+CLIENTS = 2  # connections sending at once
 BATCH = 1  # one request at a time: a pipelined batch waits on delayed ACKs
 PER_CONNECTION = 900  # below the server's 1000 requests per connection (D19)
 
@@ -124,8 +126,8 @@ def test_hostile_heads_do_not_grow_the_server(server: ServerProcess) -> None:
             yield f"GET {check} HTTP/1.1\r\nAuthorization:{authorization}\r\n\r\n".encode()
             yield f"GET {download} HTTP/1.1\r\nRange:0-4095\r\n\r\n".encode()
 
-    def hostile() -> Iterator[bytes]:
-        for i in range(REQUESTS):
+    def hostile(first: int) -> Iterator[bytes]:
+        for i in range(first, REQUESTS, CLIENTS):
             kind = i % 3
             if kind == 0:  # E6 with its Range padded: the same first byte, a new key each time
                 a, c = i % 997, (i // 997) % 997
@@ -152,7 +154,16 @@ def test_hostile_heads_do_not_grow_the_server(server: ServerProcess) -> None:
             f"the server grew by {(peak - baseline) / MIB:.0f} MiB (bound {BOUND / MIB:.0f} MiB)"
         )
 
-    send_all(port, hostile(), REQUESTS, within_bound)
+    # Two clients at once keep the server busy while each handles its replies.
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        streams = [
+            pool.submit(
+                send_all, port, hostile(first), len(range(first, REQUESTS, CLIENTS)), within_bound
+            )
+            for first in range(CLIENTS)
+        ]
+        for stream in streams:
+            stream.result()  # re-raises a failed check
     within_bound()
     # Legit requests are still answered after the stream.
     reply = httpx2.get(url + check, headers={"Authorization": authorization}).json()
