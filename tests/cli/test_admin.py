@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 from pydantic import SecretStr
 
+from onenet_ota import auth
 from onenet_ota.cli.admin import BUSY_ATTEMPTS, AdminClient, AdminClientError
 from onenet_ota.cli.main import cli
 from onenet_ota.device import Credentials, DeviceConfig, OtaClient, StatusCode
@@ -99,6 +100,32 @@ def test_generated_product_and_key_rotation(admin: Any) -> None:
     assert rotated["access_key"] != product["access_key"]
     listed = _json(admin("product", "list", "--json", "--limit", "1000"))
     assert product["pid"] in {p["pid"] for p in listed["items"]}
+
+
+def test_device_key_rotation(admin: Any, server: str) -> None:
+    pid = _product(admin)
+    device = _json(admin("device", "add", "--pid", pid, "--name", "d", "--generate-key", "--json"))
+    old = auth.build_token(pid, device["device_key"], device_name="d")
+
+    def errno(authorization: str) -> int:
+        reply = httpx2.get(
+            server + "/ota/device/version",
+            params={"dev_id": device["dev_id"]},
+            headers={"Authorization": authorization},
+        )
+        return int(reply.json()["errno"])
+
+    assert errno(old) == 0
+    rotated = _json(admin("device", "rotate-key", str(device["dev_id"]), "--json"))
+    assert rotated["device_key"] not in (None, device["device_key"])
+    assert errno(old) == 1  # refused at once
+    assert errno(auth.build_token(pid, rotated["device_key"], device_name="d")) == 0
+    result = admin("device", "rotate-key", str(device["dev_id"]), "--device-key", K1)
+    assert f"device_key    {K1}" in result.stdout
+    assert _json(admin("device", "show", str(device["dev_id"]), "--json"))["device_key"] == K1
+    failed = admin("device", "rotate-key", "999999999", ok=False)
+    assert failed.exit_code == 1
+    assert "device 999999999 not found (HTTP 404)" in failed.stderr
 
 
 def test_duplicate_is_a_clear_error(admin: Any) -> None:

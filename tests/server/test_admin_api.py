@@ -414,6 +414,46 @@ def test_product_and_key_rotation(api: Api) -> None:
     _error(api.client.post("/api/v1/products/nope/rotate-key", json={}), 404, "not_found")
 
 
+def test_device_key_rotation(api: Api) -> None:
+    pid = api.pid()
+    dev_id = api.device(pid, "rotating", device_key=K1)
+    rotated = api.client.post(f"/api/v1/devices/{dev_id}/rotate-key")  # no body: generate
+    assert rotated.status_code == 200, rotated.text
+    key = rotated.json()["device_key"]
+    assert key != K1
+    assert len(key) == 44
+    assert api.client.get(f"/api/v1/devices/{dev_id}").json()["device_key"] == key
+    given = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+    reply = api.client.post(f"/api/v1/devices/{dev_id}/rotate-key", json={"device_key": given})
+    assert (reply.status_code, reply.json()["device_key"]) == (200, given)
+    plain = api.device(pid, "plain")  # signs with the product key until it gets one
+    assert api.client.post(f"/api/v1/devices/{plain}/rotate-key", json={}).status_code == 200
+    bad = api.client.post(f"/api/v1/devices/{dev_id}/rotate-key", json={"device_key": "no!"})
+    _error(bad, 422, "invalid")
+    unknown = api.client.post(f"/api/v1/devices/{dev_id}/rotate-key", json={"access_key": given})
+    _error(unknown, 422, "invalid")  # the product route's field, not this one's
+    assert api.client.get(f"/api/v1/devices/{dev_id}").json()["device_key"] == given
+    _error(api.client.post("/api/v1/devices/999999999/rotate-key"), 404, "not_found")
+    _error(api.client.post("/api/v1/devices/nope/rotate-key"), 404, "not_found")
+
+
+def test_rotate_key_bodies_are_documented_as_optional() -> None:
+    """Both rotate-key routes generate a key when the body is left out, and say so."""
+    paths = openapi_document()["paths"]
+    for path in ("/api/v1/products/{pid}/rotate-key", "/api/v1/devices/{dev_id}/rotate-key"):
+        body = paths[path]["post"]["requestBody"]
+        assert body["required"] is False, path
+    assert paths["/api/v1/devices"]["post"]["requestBody"]["required"] is True
+    rotate = paths["/api/v1/devices/{dev_id}/rotate-key"]["post"]
+    assert rotate["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/DeviceKeyRotate"
+    }
+    assert rotate["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Device"
+    }
+    assert {"404", "422"} <= set(rotate["responses"])
+
+
 def test_fleet_moved_from_onenet_keeps_its_ids(api: Api) -> None:
     pid = str(next(_pids))
     product = api.client.post("/api/v1/products", json={"pid": pid, "access_key": K1})

@@ -37,6 +37,7 @@ from onenet_ota.server.admin_service import (
     DeviceCreate,
     DeviceImport,
     DeviceImportItem,
+    DeviceKeyRotate,
     Invalid,
     KeyRotate,
     NotFound,
@@ -188,6 +189,30 @@ def test_rotate_key(service: AdminService, changes: list[int]) -> None:
     assert changes  # the device API's caches are told
     with pytest.raises(NotFound):
         service.rotate_product_key("999", KeyRotate())
+
+
+def test_rotate_device_key(service: AdminService, changes: list[int], engine: Engine) -> None:
+    _product(service)
+    device = service.create_device(DeviceCreate(pid="123123", name="d", device_key=K1))
+    other = service.create_device(DeviceCreate(pid="123123", name="e"))
+    published = _feed(engine)
+    assert published[-2:] == [device.dev_id, other.dev_id]  # creations are published too
+    rotated = service.rotate_device_key(device.dev_id, DeviceKeyRotate())
+    assert rotated.device_key not in (None, K1)
+    assert rotated.model_copy(update={"device_key": None}) == device.model_copy(
+        update={"device_key": None}
+    )
+    assert service.get_device(device.dev_id).device_key == rotated.device_key
+    given_key = base64.b64encode(bytes(range(32))).decode()
+    again = service.rotate_device_key(device.dev_id, DeviceKeyRotate(device_key=given_key))
+    assert again.device_key == given_key
+    assert service.get_device(other.dev_id).device_key is None  # only that device
+    assert _feed(engine)[len(published) :] == [device.dev_id, device.dev_id]
+    assert changes  # this process's device API is told at once
+    with pytest.raises(NotFound):
+        service.rotate_device_key(999, DeviceKeyRotate())
+    with pytest.raises(ValidationError):
+        DeviceKeyRotate(device_key="not base64!")
 
 
 def test_product_pages_cover_everything_once(service: AdminService) -> None:
@@ -790,8 +815,9 @@ def test_delete_device_removes_its_history_and_tokens_only(
 
     service.delete_device(gone)
 
-    assert _dev_rows(engine, gone) == {"devices": 0, "device_tasks": 0, "tokens": 0, "feed": 1}
-    assert _dev_rows(engine, kept) == {"devices": 1, "device_tasks": 2, "tokens": 4, "feed": 0}
+    # The feed names each device for its creation, and the deleted one for its deletion.
+    assert _dev_rows(engine, gone) == {"devices": 0, "device_tasks": 0, "tokens": 0, "feed": 2}
+    assert _dev_rows(engine, kept) == {"devices": 1, "device_tasks": 2, "tokens": 4, "feed": 1}
     assert changes == [1]  # this process's device API is told after the commit
     with pytest.raises(NotFound):
         service.get_device(gone)

@@ -10,6 +10,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, Select, func, insert, literal_column, select
 
+from onenet_ota import auth
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import Action, TaskState
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import changes
-from onenet_ota.server.admin_service import AdminService, KeyRotate
+from onenet_ota.server.admin_service import AdminService, DeviceCreate, DeviceKeyRotate, KeyRotate
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.changes import EVERYTHING, NOTHING, ChangeFeed, Changes, publish
 from onenet_ota.server.device_service import DeviceService
 from onenet_ota.server.schema import cache_changes
-from tests.server.seed import T0, FakeClock, Seeder, World, core_reader, running_api
+from tests.server.seed import K2, T0, FakeClock, Seeder, World, core_reader, running_api
 
 FOTA = TaskType.FOTA
 # Transactions that commit out of order exist only there: SQLite serialises its writers.
@@ -451,3 +453,92 @@ def test_two_servers_over_http_see_each_other(engine: Engine, seeder: Seeder) ->
         while errno() == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert errno() == 11
+
+
+# -- revocation: a device's key stops working at once in every process ---------------------------
+
+
+@contextmanager
+def two_servers(engine: Engine, seeder: Seeder) -> Iterator[tuple[httpx2.Client, httpx2.Client]]:
+    """Two device APIs on one database, as two workers, with caches and a feed read before
+    every request (so "the next request" is "after one more feed read")."""
+    options: dict[str, Any] = {"cache_ttl": 3600, "feed_interval": 0}
+    with (
+        running_api(engine, seeder.blobs, seeder.clock, **options) as (_, first),
+        running_api(engine, seeder.blobs, seeder.clock, **options) as (_, second),
+        httpx2.Client(base_url=first.url) as here,
+        httpx2.Client(base_url=second.url) as there,
+    ):
+        yield here, there
+
+
+def query_version(client: httpx2.Client, dev_id: int, authorization: str) -> int:
+    """E2's errno: 0 when the token is accepted for ``dev_id``, 1 when refused (P1/P3)."""
+    reply = client.get(
+        "/ota/device/version", params={"dev_id": dev_id}, headers={"Authorization": authorization}
+    )
+    return int(reply.json()["errno"])
+
+
+def test_a_deleted_and_recreated_device_refuses_its_old_key_elsewhere_at_once(
+    engine: Engine, seeder: Seeder
+) -> None:
+    """Deleting a device and creating it again with a new key, through one process's management
+    side, makes another process refuse tokens signed with the old key on its next request."""
+    w = seeder.world(task=False, device_key=K2)
+    old = auth.build_token(w.pid, K2, device_name=w.name)
+    admin = AdminService(engine, seeder.blobs, clock=seeder.clock)  # no on_change: elsewhere
+    with two_servers(engine, seeder) as (here, there):
+        assert query_version(there, w.dev_id, old) == 0
+        assert query_version(there, w.dev_id, old) == 0  # its principal is cached there now
+        admin.delete_device(w.dev_id)
+        assert query_version(here, w.dev_id, old) == 1  # gone
+        again = admin.create_device(DeviceCreate(pid=w.pid, name=w.name, generate_device_key=True))
+        assert again.device_key is not None
+        assert query_version(there, again.dev_id, old) == 1
+        new = auth.build_token(w.pid, again.device_key, device_name=w.name)
+        assert query_version(there, again.dev_id, new) == 0
+        assert query_version(here, again.dev_id, old) == 1
+
+
+def test_a_rotated_device_key_is_refused_elsewhere_at_once(engine: Engine, seeder: Seeder) -> None:
+    w = seeder.world(device_key=K2)
+    old = auth.build_token(w.pid, K2, device_name=w.name)
+    other = seeder.world(device_key=K2)
+    others = auth.build_token(other.pid, K2, device_name=other.name)
+    admin = AdminService(engine, seeder.blobs, clock=seeder.clock)
+    with two_servers(engine, seeder) as (here, there):
+        for client in (here, there):
+            for _ in range(2):  # cached in both processes
+                assert query_version(client, w.dev_id, old) == 0
+                assert query_version(client, other.dev_id, others) == 0
+        rotated = admin.rotate_device_key(w.dev_id, DeviceKeyRotate())
+        assert rotated.device_key not in (None, K2)
+        assert query_version(there, w.dev_id, old) == 1
+        assert query_version(here, w.dev_id, old) == 1
+        assert rotated.device_key is not None
+        new = auth.build_token(w.pid, rotated.device_key, device_name=w.name)
+        assert query_version(there, w.dev_id, new) == 0
+        assert query_version(there, other.dev_id, others) == 0  # another device: untouched
+
+
+def test_a_feed_row_for_a_device_drops_the_tokens_verified_with_its_key(
+    services: Callable[[], DeviceService], seeder: Seeder, engine: Engine
+) -> None:
+    """The service level: one feed read after a device's row names it, the principals verified
+    with that device's key are gone; product-level ones and other devices' stay."""
+    there = services()
+    w, other = seeder.world(device_key=K2), seeder.world(device_key=K2)
+    device_level = auth.build_token(w.pid, K2, device_name=w.name)
+    there.sync()  # the first read only finds its place (and drops everything)
+    for value in (device_level, w.auth, auth.build_token(other.pid, K2, device_name=other.name)):
+        assert there.authenticate(value) is not None
+    emit(engine, [w.dev_id])
+    assert there.authenticate_cached(device_level) is not None  # not read yet
+    there.sync()
+    assert there.authenticate_cached(device_level) is None
+    assert there.authenticate_cached(w.auth) is not None  # product key: not the device's
+    assert (
+        there.authenticate_cached(auth.build_token(other.pid, K2, device_name=other.name))
+        is not None
+    )

@@ -21,7 +21,6 @@ from onenet_ota.server.device_service import (
     ConcurrentChange,
     DeviceService,
     Report,
-    _TtlCache,
     expire_deadlines,
     new_token,
     token_expired,
@@ -307,21 +306,6 @@ def test_own_transitions_invalidate_grants_others_wait_for_ttl(
     fresh = service.download_grant(token)
     assert fresh is not None
     assert not fresh.usable(seeder.clock())
-
-
-def test_full_cache_drops_its_oldest_eighth() -> None:
-    cache: _TtlCache[int, str] = _TtlCache(60, max_entries=16)
-    for key in range(16):
-        cache.put(key, f"v{key}")
-    cache.put(3, "again")  # an update moves the entry to the young end, and evicts nothing
-    assert all(cache.get(key) is not None for key in range(16))
-    cache.put(16, "v16")  # full: the two oldest (0, 1) go, the rest stays
-    assert [key for key in range(17) if cache.get(key) is None] == [0, 1]
-    assert cache.get(3) == "again"
-    for key in range(17, 19):
-        cache.put(key, "more")
-    cache.put(19, "one too many")
-    assert [key for key in range(20) if cache.get(key) is None] == [0, 1, 2, 4]
 
 
 def test_cache_ttl_zero_caches_nothing(service: DeviceService, seeder: Seeder) -> None:

@@ -498,6 +498,19 @@ def device_show(dev_id: int, server: str, admin_token: str | None, as_json: bool
     ctx.show(ctx.call("GET", f"/devices/{dev_id}"), human)
 
 
+@device.command("rotate-key")
+@click.argument("dev_id", type=int)
+@click.option("--device-key", metavar="KEY", help="the new key (base64); else generated")
+@_common
+def device_rotate_key(
+    dev_id: int, device_key: str | None, server: str, admin_token: str | None, as_json: bool
+) -> None:
+    """Replace a device's key; tokens signed with the old one stop working at once."""
+    ctx = _ctx(server, admin_token, as_json)
+    body = {"device_key": device_key} if device_key else {}
+    ctx.show(ctx.call("POST", f"/devices/{dev_id}/rotate-key", json_body=body), _print_object)
+
+
 @device.command("delete")
 @click.argument("dev_id", type=int)
 @_common

@@ -414,6 +414,13 @@ ROUTES: Final[tuple[Route, ...]] = (
         "devices", status=204, path_params=(_DEV_ID,), errors=(409,),
     ),
     Route(
+        "POST", "/devices/{dev_id}/rotate-key", "rotate_device_key",
+        "Replace the device's key (given or generated); tokens signed with the old one stop "
+        "working at once", "devices",
+        body=svc.DeviceKeyRotate, body_optional=True, response=svc.Device,
+        path_params=(_DEV_ID,),
+    ),
+    Route(
         "POST", "/packages", "upload_package",
         "Upload a package file (raw body) with its metadata in the query", "packages",
         status=201, upload=True, response=svc.Package, errors=(409, 413, 507),
@@ -938,6 +945,10 @@ class AdminApi:
 
     async def _get_device(self, call: Call) -> svc.DeviceDetail:
         return await self._db(self.service.get_device, call.path["dev_id"])
+
+    async def _rotate_device_key(self, call: Call) -> svc.Device:
+        spec = await self._json_body(call, svc.DeviceKeyRotate)
+        return await self._db(self.service.rotate_device_key, call.path["dev_id"], spec)
 
     async def _delete_device(self, call: Call) -> None:
         await self._db(self.service.delete_device, call.path["dev_id"])

@@ -78,6 +78,7 @@ __all__ = [
     "DeviceDetail",
     "DeviceImport",
     "DeviceImportItem",
+    "DeviceKeyRotate",
     "DeviceTaskHistory",
     "DeviceTaskView",
     "Invalid",
@@ -289,6 +290,17 @@ class DeviceCreate(DeviceImportItem):
     """A device to create in product ``pid``."""
 
     pid: Pid
+
+
+class DeviceKeyRotate(_In):
+    """A device key rotation: the new key, or none to have one generated."""
+
+    device_key: str | None = Field(default=None, description="base64; generated when omitted")
+
+    @model_validator(mode="after")
+    def _key(self) -> DeviceKeyRotate:
+        _check_key(self.device_key)
+        return self
 
 
 class DeviceImport(_In):
@@ -864,6 +876,9 @@ class AdminService:
                 )
             for batch in _chunks(rows):
                 conn.execute(insert(devices), list(batch))
+            # Every device API drops what it holds about these dev_ids and the tokens it
+            # verified with their keys (a name or dev_id may have been used by a deleted device).
+            changes.publish(conn, [row["dev_id"] for row in rows], now)
         return [Device(**row) for row in rows]
 
     @staticmethod
@@ -958,6 +973,23 @@ class AdminService:
         )
 
     @_retried
+    def rotate_device_key(self, dev_id: int, spec: DeviceKeyRotate) -> Device:
+        """Give a device a new device key (§3.4, D4): from the commit on, every server process
+        refuses the tokens signed with the old key (the change feed tells the others)."""
+        key = spec.device_key or generate_access_key()
+        with self._tx("concurrent change") as conn:
+            done = conn.execute(
+                update(devices).where(devices.c.dev_id == dev_id).values(device_key=key)
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"device {dev_id} not found")
+            row = conn.execute(select(devices).where(devices.c.dev_id == dev_id)).one()
+            # Tokens verified with the old key are cached by every device API.
+            changes.publish(conn, [dev_id], self._clock())
+        self._changed()
+        return Device(**row._mapping)
+
+    @_retried
     def delete_device(self, dev_id: int) -> None:
         """Delete a device with its finished upgrade history (device tasks) and their download
         tokens, all in one transaction. 409 while the device has an open task: cancel it first.
@@ -1001,7 +1033,7 @@ class AdminService:
                 )
             _delete_finished(conn, device_tasks.c.dev_id == dev_id)
             conn.execute(delete(devices).where(devices.c.dev_id == dev_id))
-            # The device row, its verified Authorization values and its answers are cached.
+            # The device row, its answers and the tokens verified with its key are cached.
             changes.publish(conn, [dev_id], now)
         self._changed()
 

@@ -22,6 +22,15 @@ the path lookup). ``bench/server_bench`` on the 2-core development machine, SQLi
 request per connection 0.78x, 0.78x, 0.91x. Every E3 reading the database (no caches at all):
 0.14x and 0.37x. Shared-machine noise moves these by 0.1 to 0.15 from run to run.
 
+Every cache here is keyed by what a client sends (a Range value, a query string, an Authorization
+value), and a client may vary those with junk that changes nothing in the answer (padding inside
+the Range, unknown query parameters or token fields). So each is a
+:class:`~.bounded_cache.BoundedCache`, bounded by the bytes it holds with its keys, and the
+budgets of all of them are in :data:`~.bounded_cache.BUDGETS`. The keys stay the raw bytes
+rather than the question they mean (the Range parsed, the token's fields): normalising costs a
+parse on every hot request (about 3 us for a Range here) and would bound nothing by itself, since
+a client may ask as many distinct questions as it likes.
+
 Database calls are synchronous. ``db_threads=0`` (the default) runs them inline on the event loop;
 ``db_threads=N`` runs them in N worker threads. Inline was faster for both databases here, with
 every cache disabled (cache_ttl=0, 32 keep-alive connections, E3): PostgreSQL inline 1726 req/s
@@ -56,6 +65,7 @@ from onenet_ota.protocol.ranges import parse_range
 from onenet_ota.protocol.status import TaskType, classify_result, classify_step
 from onenet_ota.server import wire
 from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
 from onenet_ota.server.changes import DEFAULT_INTERVAL
 from onenet_ota.server.device_service import (
     DEFAULT_CACHE_TTL,
@@ -80,9 +90,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_CHUNK_CACHE_BYTES: Final = 16 * 1024 * 1024  # E6 reply bodies kept in memory, in total
-_MEMO_MAX: Final = 65536  # memoised replies kept (cleared when full; a miss costs one lookup)
 _MemoKey = tuple[str, str, str]  # (path, query string, Authorization)
+_ChunkKey = tuple[str, int, str, str | None]  # (sha256, size, file name, Range value)
 _S_ID_RE: Final = re.compile(r"[0-9]{1,19}")  # §6.6: an NB base-station id, validated, ignored
 # D6 step 6: sent by the HTTP layer instead of a segment it cannot read (never mutated there).
 _READ_FAILED: Final = wire.download_error(DownloadError.READ_FAILED)
@@ -141,11 +150,18 @@ class DeviceApi:
             ThreadPoolExecutor(threads, thread_name_prefix="onenet-ota-db") if threads else None
         )
         self._files = _OpenFiles(blobs)
-        self._chunks = _ChunkReplies(_CHUNK_CACHE_BYTES)  # E6 replies by (file, range)
-        self._task_bodies: dict[tuple[TaskInfo, bool], bytes] = {}  # E3/E4 replies, encoded
-        self._queries: dict[str, dict[str, str]] = {}  # query string -> parsed
+        # Every cache here is keyed by what a client sent, so each is bounded by the bytes it
+        # holds, keys included (see .bounded_cache).
+        # Small E6 replies by (file, Range value); see _cached_download.
+        self._chunks: BoundedCache[_ChunkKey, Response] = BoundedCache(BUDGETS.chunks)
+        # E3/E4 replies, encoded: a polling device gets the same bytes every time.
+        self._task_bodies: BoundedCache[tuple[TaskInfo, bool], bytes] = BoundedCache(
+            BUDGETS.task_bodies
+        )
+        # Query string -> parsed: polling devices repeat theirs verbatim.
+        self._queries: BoundedCache[str, dict[str, str]] = BoundedCache(BUDGETS.queries)
         # Whole E3/E5 replies by request, each with what it rests on (see _memoise).
-        self._memos: dict[_MemoKey, tuple[Basis, Response]] = {}
+        self._memos: BoundedCache[_MemoKey, tuple[Basis, Response]] = BoundedCache(BUDGETS.replies)
 
     def close(self) -> None:
         """Stop the database worker threads, if any, and close read connections and files."""
@@ -222,7 +238,7 @@ class DeviceApi:
             if memo is not None:
                 if self.service.holds(memo[0]):
                     return memo[1]
-                del self._memos[memo_key]
+                self._memos.pop(memo_key)
         principal = await self._principal(authorization)
         if principal is None:
             return wire.envelope(Errno.AUTH_FAILED)  # P1
@@ -276,9 +292,8 @@ class DeviceApi:
         query = self._queries.get(request.query_string)
         if query is None:
             query = request.query
-            if len(self._queries) >= 4096:
-                self._queries.clear()
-            self._queries[request.query_string] = query  # read-only from here on
+            size = sum(_ENTRY_BYTES + weigh(key) + weigh(value) for key, value in query.items())
+            self._queries.put(request.query_string, query, _OBJECT_BYTES + size)  # read-only now
         return query
 
     async def _principal(self, authorization: str | None) -> Principal | None:
@@ -379,9 +394,8 @@ class DeviceApi:
         basis = self.service.basis(memo_key[2], dev_id, key)
         if basis is None or basis.answer.errno is not errno or basis.answer.info != info:
             return response
-        if len(self._memos) >= _MEMO_MAX:
-            self._memos.clear()
-        self._memos[memo_key] = (basis, response)
+        # The key's strings are weighed by the cache; Basis holds the same Authorization object.
+        self._memos.put(memo_key, (basis, response), _BASIS_BYTES + _response_bytes(response))
         return response
 
     async def _tasking(self, dev_id: int, query: dict[str, str]) -> Response:
@@ -399,9 +413,8 @@ class DeviceApi:
             if cdn and self._public_address is not None:  # D10
                 info = replace(info, ip_port=self._public_address)
             body = encode_envelope(errno, info.to_data())
-            if len(self._task_bodies) >= 4096:
-                self._task_bodies.clear()
-            self._task_bodies[key] = body  # a polling device gets the same bytes every time
+            # The key's TaskInfo holds about what the body says.
+            self._task_bodies.put(key, body, _OBJECT_BYTES + 2 * weigh(body))
         return wire.json_reply(body)
 
     async def _dev_info(self, principal: Principal, body: bytes) -> Response:
@@ -479,7 +492,7 @@ class DeviceApi:
         )
         if isinstance(body, bytes):
             key = (grant.sha256, grant.size, grant.file_name, range_value)
-            self._chunks.put(key, response, len(body))
+            self._chunks.put(key, response, _response_bytes(response))
         return response
 
     def _cached_download(self, request: Request, token: str) -> Response | None:
@@ -514,6 +527,23 @@ def _range_value(headers: list[tuple[str, str]]) -> str | None:
     return found
 
 
+# What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11):
+# a small object about 60-100 bytes, a dict entry about 100, a header (a tuple of two strings in
+# a list) about 150 beyond its text, a Basis with the objects it alone holds about 300.
+_OBJECT_BYTES: Final = 100
+_ENTRY_BYTES: Final = 100
+_HEADER_BYTES: Final = 150
+_BASIS_BYTES: Final = 300
+
+
+def _response_bytes(response: Response) -> int:
+    """About what a cached response holds: the object, its headers and its body."""
+    size = _OBJECT_BYTES + weigh(response.body) if isinstance(response.body, bytes) else 1000
+    for name, value in response.headers:
+        size += _HEADER_BYTES + len(name) + len(value)
+    return size
+
+
 def _pread_all(fd: int, length: int, offset: int) -> bytes:
     data = os.pread(fd, length, offset)
     while len(data) < length:
@@ -522,34 +552,6 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
             raise OSError(f"package file ends before byte {offset + length}")
         data += more
     return data
-
-
-class _ChunkReplies:
-    """Small E6 replies by (sha256, size, file name, Range value), at most ``max_bytes`` of body
-    in total (all dropped when full: a miss costs one pread).
-
-    A package file is content-addressed and never rewritten, so a reply built from it stays
-    right for as long as the file exists with its size; the caller checks that on every use.
-    Used from the event loop only.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._items: dict[tuple[str, int, str, str | None], Response] = {}
-
-    def get(self, key: tuple[str, int, str, str | None]) -> Response | None:
-        return self._items.get(key)
-
-    def put(self, key: tuple[str, int, str, str | None], response: Response, size: int) -> None:
-        if size > self._max_bytes:
-            return
-        if self._bytes + size > self._max_bytes:
-            self._items.clear()
-            self._bytes = 0
-        if key not in self._items:
-            self._bytes += size
-        self._items[key] = response
 
 
 class _OpenFiles:

@@ -18,10 +18,12 @@ takes its write lock at BEGIN (db.py), so there it never conflicts; on PostgreSQ
 the re-evaluated WHERE clause is what detects a concurrent change. Writes go in one lock order,
 device_tasks rows before the devices row, and deadlocks or serialisation failures are retried.
 
-Caching (all in-process, per :class:`DeviceService`, bounded; an entry lives at most
-``cache_ttl`` seconds, 30 s by default):
+Caching (all in-process, per :class:`DeviceService`, each cache bounded by the bytes it holds,
+keys included: :mod:`.bounded_cache`; an entry lives at most ``cache_ttl`` seconds, 30 s by
+default):
 
-- verified Authorization values -> the principal (pid, device), re-checked against ``et`` on use;
+- verified Authorization values -> the principal (pid, device), re-checked against ``et`` on use,
+  and dropped with the device whose key verified them;
 - ``dev_id`` -> (pid, name) for P3;
 - E6's token -> (task state, token issue time, deadline, package file, size, file_name);
 - per device, E3 answers (errno 0 or 11) and successful E5 answers that changed nothing, keyed by
@@ -32,6 +34,10 @@ are never stale. Changes are seen as follows:
 
 - This process's own transitions drop the entries of their device at once; the management side in
   the same process calls :meth:`DeviceService.invalidate`.
+- A device's creation, deletion and key rotation are in the feed like any change of the device,
+  and dropping a device drops the tokens verified with its key: once a process has read the
+  feed past such a change, it verifies the device's tokens against the database again, so a
+  revoked key is refused from the next request after that read.
 - Every transaction that changes something cached (here or in :mod:`.admin_service`) also writes a
   row to the change feed (:mod:`.changes`) in the same commit. :meth:`DeviceService.sync`, which
   the device API calls before every request, reads the feed at most every ``feed_interval``
@@ -45,7 +51,6 @@ are never stale. Changes are seen as follows:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import secrets
 import string
@@ -54,7 +59,7 @@ import time
 from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, TypeAlias, TypeVar
+from typing import Any, Final, TypeAlias, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -88,6 +93,7 @@ from onenet_ota.protocol.states import (
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
 from onenet_ota.server import changes
+from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
 from onenet_ota.server.db import is_transient
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
 
@@ -108,15 +114,12 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 _Row: TypeAlias = "Row[*tuple[Any, ...]]"
 T = TypeVar("T")
-K = TypeVar("K")
-V = TypeVar("V")
 
 _ALPHANUMERIC: Final = string.ascii_letters + string.digits
 _MAX_ATTEMPTS: Final = 8
 # last_seen_at is informational; E3 polls refresh it at most this often, so a poll with an
 # unchanged version stays a read-only transaction.
 _LAST_SEEN_RESOLUTION_S: Final = 60
-_CACHE_MAX_ENTRIES: Final = 65536
 DEFAULT_CACHE_TTL: Final = 30.0
 """Seconds a cached entry lives at most: the bound for changes the change feed does not carry."""
 _OPEN_CODES: Final = tuple(int(s) for s in OPEN_STATES)
@@ -138,53 +141,6 @@ def token_expired(issued_at: int | None, now: float) -> bool:
 
 def _deadline_passed(deadline: int | None, now: float) -> bool:
     return deadline is not None and deadline <= now
-
-
-# --------------------------------------------------------------------------------------------
-# Small in-process caches
-
-
-class _TtlCache(Generic[K, V]):
-    """A bounded map whose entries live ``ttl`` seconds of monotonic time. Thread-safe."""
-
-    def __init__(self, ttl: float, max_entries: int = _CACHE_MAX_ENTRIES) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._items: dict[K, tuple[float, V]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: K) -> V | None:
-        if self._ttl <= 0:
-            return None
-        item = self._items.get(key)
-        if item is None:
-            return None
-        if item[0] <= time.monotonic():
-            with self._lock:
-                self._items.pop(key, None)
-            return None
-        return item[1]
-
-    def put(self, key: K, value: V) -> None:
-        if self._ttl <= 0:
-            return
-        with self._lock:
-            items = self._items
-            if len(items) >= self._max and key not in items:
-                # Full: the oldest eighth goes (dicts keep insertion order), so a fleet larger
-                # than the cache keeps most of it instead of losing all of it at once.
-                for old in list(itertools.islice(items, max(1, self._max // 8))):
-                    del items[old]
-            items.pop(key, None)  # re-inserted at the end: the order stays oldest first
-            items[key] = (time.monotonic() + self._ttl, value)
-
-    def pop(self, key: K) -> None:
-        with self._lock:
-            self._items.pop(key, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,13 +654,24 @@ class DeviceService:
         self._engine = engine
         self._clock = clock
         self._cache_ttl = cache_ttl
-        self._auth_cache: _TtlCache[str, Principal] = _TtlCache(cache_ttl)
-        self._device_cache: _TtlCache[int, DeviceRef] = _TtlCache(cache_ttl)
-        self._grant_cache: _TtlCache[str, DownloadGrant] = _TtlCache(cache_ttl)
-        self._grant_tokens: dict[int, set[str]] = {}  # dev_id -> cached tokens
+        # Verified Authorization values, tagged with the dev_id whose row was read to verify
+        # them (for a device-level token), so that a change of that device drops them.
+        self._auth_cache: BoundedCache[str, Principal] = BoundedCache(
+            BUDGETS.principals, ttl=cache_ttl
+        )
+        self._device_cache: BoundedCache[int, DeviceRef] = BoundedCache(
+            BUDGETS.devices, ttl=cache_ttl
+        )
+        # E6 tokens' grants, tagged with their device's dev_id.
+        self._grant_cache: BoundedCache[str, DownloadGrant] = BoundedCache(
+            BUDGETS.grants, ttl=cache_ttl
+        )
         self._grant_lock = threading.Lock()
-        # dev_id -> {("E3", type, version, manuf, model) or ("E5", token): answer}
-        self._answers: _TtlCache[int, dict[tuple[Any, ...], _Answer]] = _TtlCache(cache_ttl)
+        # dev_id -> {("E3", type, version, manuf, model) or ("E5", token): answer}; each dict
+        # is replaced, never changed, once cached (its size was charged when it was put).
+        self._answers: BoundedCache[int, dict[tuple[Any, ...], _Answer]] = BoundedCache(
+            BUDGETS.answers, ttl=cache_ttl
+        )
         # Bumped by every invalidation: a lookup that raced with one is not cached (thread mode).
         self._generation = 0
         self._readers = readers = _ReadConnections(engine)
@@ -803,15 +770,16 @@ class DeviceService:
             self._generation += 1
             if dev_id is None:
                 self._grant_cache.clear()
-                self._grant_tokens.clear()
                 self._answers.clear()
                 self._auth_cache.clear()
                 self._device_cache.clear()
                 return
-            for token in self._grant_tokens.pop(dev_id, ()):
-                self._grant_cache.pop(token)
+            self._grant_cache.pop_tag(dev_id)
             self._answers.pop(dev_id)
             self._device_cache.pop(dev_id)  # P3's row: the device may be gone or moved
+            # Tokens verified with its key: it may have been deleted (and its name given to a
+            # new device with another key) or have had its key rotated.
+            self._auth_cache.pop_tag(dev_id)
 
     def sync(self) -> None:
         """Drop what other processes changed, read from the change feed (:mod:`.changes`) at
@@ -852,12 +820,15 @@ class DeviceService:
         with self._grant_lock:
             if generation != self._generation:
                 return  # an invalidation ran meanwhile: the answer may be stale already
-            entries = self._answers.get(dev_id)
-            if entries is None:
-                entries = {}
-                self._answers.put(dev_id, entries)
-            if len(entries) < 16:  # a device asks few distinct questions; bound the odd one
-                entries[key] = answer
+            entries = self._answers.get(dev_id) or {}
+            if len(entries) >= 16:  # a device asks few distinct questions; bound the odd one
+                return
+            # A new dict: holds() compares the answers themselves, which stay the same objects.
+            entries = {**entries, key: answer}
+            size = sum(_ENTRY_BYTES + weigh(k) + _OBJECT_BYTES for k in entries)
+            if answer.info is not None:
+                size += len(entries) * _TASK_INFO_BYTES
+            self._answers.put(dev_id, entries, size, renew=False)  # the oldest answer's TTL
 
     def _transition(
         self,
@@ -902,6 +873,7 @@ class DeviceService:
         """P1 (§3.3, D3, D4): the principal, or None for errno 1. Reads keys from the database."""
         if not authorization:
             return None
+        generation = self._generation
         try:
             token = auth.parse_token(authorization)
         except auth.TokenError:
@@ -923,7 +895,10 @@ class DeviceService:
         except auth.TokenError:
             return None
         principal = Principal(token.product_id, token.device_name, token.expires_at)
-        self._auth_cache.put(authorization, principal)
+        with self._grant_lock:
+            if generation == self._generation:  # else raced with an invalidation: use it once
+                size = _OBJECT_BYTES + weigh(token.product_id) + weigh(token.device_name)
+                self._auth_cache.put(authorization, principal, size, tag=row.dev_id)
         return principal
 
     def device_cached(self, dev_id: int) -> DeviceRef | None:
@@ -936,7 +911,7 @@ class DeviceService:
         if row is None:
             return None
         ref = DeviceRef(dev_id, row.pid, row.name)
-        self._device_cache.put(dev_id, ref)
+        self._device_cache.put(dev_id, ref, _device_bytes(ref))
         return ref
 
     @staticmethod
@@ -1013,7 +988,7 @@ class DeviceService:
                 return Errno.AUTH_FAILED, None, None  # unknown, or deleted since P3
             if principal is not None:
                 ref = DeviceRef(dev_id, row.pid, row.name)
-                self._device_cache.put(dev_id, ref)
+                self._device_cache.put(dev_id, ref, _device_bytes(ref))
                 if not self.binds(principal, ref):
                     return Errno.AUTH_FAILED, None, None  # P3
             answer = self._offer_for_check(tx, row, dev_id, version, manuf, model)
@@ -1279,11 +1254,8 @@ class DeviceService:
         with self._grant_lock:
             if generation != self._generation:
                 return grant  # raced with an invalidation: use it once, do not cache it
-            self._grant_cache.put(token, grant)
-            self._grant_tokens.setdefault(grant.dev_id, set()).add(token)
-            if len(self._grant_tokens) > _CACHE_MAX_ENTRIES:
-                self._grant_tokens.clear()
-                self._grant_cache.clear()
+            size = _OBJECT_BYTES + weigh(grant.sha256) + weigh(grant.file_name)
+            self._grant_cache.put(token, grant, size, tag=grant.dev_id)
         return grant
 
     # -- E9 ----------------------------------------------------------------------------------
@@ -1327,6 +1299,16 @@ class DeviceService:
 
 
 _FOREVER: Final = float("inf")
+# What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11:
+# a small slotted object about 60-100 bytes; a dict entry about 100; a TaskInfo with its
+# strings about 500).
+_OBJECT_BYTES: Final = 100
+_ENTRY_BYTES: Final = 100
+_TASK_INFO_BYTES: Final = 500
+
+
+def _device_bytes(ref: DeviceRef) -> int:
+    return _OBJECT_BYTES + weigh(ref.pid) + weigh(ref.name)
 
 
 def _valid_until(token_issued_at: int, deadline: int | None) -> float:
