@@ -11,7 +11,8 @@ returned :class:`AppResources`.
 2. the database is migrated (safe when several servers start at once, see ``db.migrate``);
 3. the listening socket is bound once, in this process;
 4. ``workers=1`` serves in this process; ``workers=N`` starts N worker processes (spawned, not
-   forked) that share the socket, and restarts one that dies;
+   forked) that share the socket, and restarts one that dies; workers stop when the supervisor
+   dies, even by SIGKILL, so none is left holding the port;
 5. SIGINT/SIGTERM stop accepting, let in-flight requests finish (up to ``GRACE_S``), then exit.
 
 TLS (D25) wraps the listener with :func:`onenet_ota.server.http.make_server_ssl_context` in its
@@ -26,14 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +68,8 @@ log = logging.getLogger(__name__)
 GRACE_S: Final = 10.0
 _RESTART_DELAY_S: Final = 1.0
 _MAX_QUICK_DEATHS: Final = 5  # workers dying this often within a minute means a broken setup
+_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
+_PARENT_POLL_S: Final = 1.0
 
 
 @dataclass
@@ -234,13 +240,49 @@ def _run_loop(
 
 
 def _worker(
-    settings: Settings, sock: socket.socket, index: int, push_verified: bool, log_level: int
+    settings: Settings,
+    sock: socket.socket,
+    index: int,
+    push_verified: bool,
+    log_level: int,
+    supervisor: int,
 ) -> None:
     """A worker process's entry point (spawned: it imports everything afresh)."""
+    _stop_with_supervisor(supervisor)
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s"
     )
     _run_loop(settings, sock, sweeper=index == 0, push_verified=push_verified)
+
+
+def _stop_with_supervisor(supervisor: int) -> None:
+    """Stop this worker when the supervisor process ``supervisor`` dies, however it dies.
+
+    A supervisor killed by SIGKILL (the OOM killer, ``kill -9``) runs no cleanup, and workers left
+    behind would keep serving the shared port: a new ``serve`` then fails with "address in use".
+    On Linux the kernel sends the worker SIGTERM when its parent dies (PR_SET_PDEATHSIG). That
+    request comes too late if the supervisor died before it was made, and other systems have
+    none, so a thread also watches the parent pid: once the worker has another parent, it sends
+    SIGTERM itself (a graceful stop, as the supervisor would ask for), and if the worker is still
+    there ``GRACE_S`` later, it exits at once, as the supervisor would kill it.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        except (OSError, AttributeError) as exc:
+            log.warning("cannot ask to be stopped with the supervisor (%s); polling instead", exc)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(_PARENT_POLL_S)
+        log.error("the supervisor (pid %d) is gone; stopping", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(GRACE_S + 5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="onenet-ota-supervisor-watch", daemon=True).start()
 
 
 def _verify_push(settings: Settings) -> bool:
@@ -321,7 +363,7 @@ def _supervise(settings: Settings, sock: socket.socket, push_verified: bool) -> 
     def start(index: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(
             target=_worker,
-            args=(settings, sock, index, push_verified, level),
+            args=(settings, sock, index, push_verified, level, os.getpid()),
             name=f"onenet-ota-worker-{index}",
             daemon=False,
         )
