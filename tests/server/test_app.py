@@ -18,7 +18,9 @@ from pydantic import SecretStr
 from sqlalchemy import Engine
 
 from onenet_ota import auth
+from onenet_ota.server.admin_service import AdminService, PackageCreate, ProductCreate
 from onenet_ota.server.app import AppResources, create_app
+from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.config import Settings
 from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.http import ServerThread
@@ -316,3 +318,41 @@ def test_a_worker_whose_supervisor_is_already_gone_stops(tmp_path: Path) -> None
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the start-up logic
+def test_start_sweeps_what_a_crash_left_but_not_live_uploads(db_url: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    blobs = BlobStore(data / "packages")
+    engine = create_engine(db_url)
+    try:
+        migrate(engine)
+        service = AdminService(engine, blobs)
+        service.create_product(ProductCreate(pid="42", access_key=K1))
+        spec = PackageCreate(pid="42", module_type=1, target="2", file_name="fw.bin")
+        kept = service.create_package(spec, blobs.put_bytes(b"recorded")).sha256
+    finally:
+        engine.dispose()
+    orphan = blobs.put_bytes(b"row deleted, then the server died").sha256
+    just_written = blobs.put_bytes(b"stored by another worker, about to be recorded").sha256
+    partial = blobs.root / "tmp" / "upload-of-a-dead-server"
+    live = blobs.root / "tmp" / "upload-in-progress-elsewhere"
+    partial.write_bytes(b"half")
+    live.write_bytes(b"growing")
+    hours_ago = time.time() - 3 * 3600
+    for path in (blobs.path(kept), blobs.path(orphan), partial):
+        os.utime(path, (hours_ago, hours_ago))
+
+    server = ServerProcess(data, "--db", db_url, "--admin-token", TOKEN)
+    try:
+        server.url()  # listening: the start-up sweep is done
+        assert not partial.exists()
+        assert not blobs.exists(orphan)
+        # A fresh temporary file may be an upload that another worker or host is receiving, and
+        # a fresh stored file one that it is about to record: both stay.
+        assert live.exists()
+        assert blobs.exists(just_written)
+        assert blobs.exists(kept)
+        assert server.stop() == 0
+    finally:
+        server.kill()

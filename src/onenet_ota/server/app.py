@@ -8,7 +8,8 @@ returned :class:`AppResources`.
 ``run(settings)`` is ``onenet-ota serve``:
 
 1. the admin token is taken from the settings or generated and printed once;
-2. the database is migrated (safe when several servers start at once, see ``db.migrate``);
+2. the database is migrated (safe when several servers start at once, see ``db.migrate``), and
+   what a crash left in the package store is removed (``AdminService.sweep_storage``);
 3. the listening socket is bound once, in this process;
 4. ``workers=1`` serves in this process; ``workers=N`` starts N worker processes (spawned, not
    forked) that share the socket, and restarts one that dies; workers stop when the supervisor
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Final, TextIO
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from onenet_ota.server.admin_api import PREFIX, AdminApi
 from onenet_ota.server.admin_service import AdminService
@@ -68,6 +70,11 @@ log = logging.getLogger(__name__)
 GRACE_S: Final = 10.0
 _RESTART_DELAY_S: Final = 1.0
 _MAX_QUICK_DEATHS: Final = 5  # workers dying this often within a minute means a broken setup
+# Age after which a file in the package store's tmp, or a stored file no package refers to, is a
+# leftover of a crash. Other workers and hosts may share the store: an upload they are receiving
+# is written whenever data arrives and ends after idle_timeout (at most an hour) without any, and
+# a file just stored is recorded at once. Two hours leaves room for a slow final fsync.
+STALE_FILE_S: Final = 2 * 3600.0
 _PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 _PARENT_POLL_S: Final = 1.0
 
@@ -301,6 +308,23 @@ def _verify_push(settings: Settings) -> bool:
     return asyncio.run(verify())
 
 
+def _sweep_storage(engine: Engine, settings: Settings) -> None:
+    """Remove the partial uploads and unreferenced package files that a crash left behind."""
+    try:
+        partial, orphans = AdminService(engine, BlobStore(settings.packages_dir)).sweep_storage(
+            STALE_FILE_S
+        )
+    except (OSError, SQLAlchemyError):
+        # Leftovers only take space; serving matters more. The next start tries again.
+        log.warning("cannot sweep the package store; serving anyway", exc_info=True)
+        return
+    if partial or orphans:
+        log.info(
+            "removed %d partial upload(s) and %d unreferenced package file(s) left by a crash",
+            partial, orphans,
+        )  # fmt: skip
+
+
 def run(
     settings: Settings,
     *,
@@ -327,6 +351,7 @@ def run(
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         migrate(engine)
+        _sweep_storage(engine, settings)
     finally:
         engine.dispose()
     push_verified = _verify_push(settings)

@@ -3,6 +3,10 @@
 Files are stored by SHA-256 at ``packages/ab/abcdef...``; names come only from hex digests, never
 from user input, so no path can escape the data directory. Writes go to a temporary file in the
 same directory, are fsynced and renamed into place, so a file is either whole or absent.
+
+A server that dies mid-write leaves a partial file in ``tmp``, and one that dies between deleting a
+package's row and its file leaves a file no package refers to; both are harmless and removed at
+the next start (``sweep_tmp`` here, the orphans by ``AdminService.sweep_storage``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +58,59 @@ class BlobStore:
         """Remove the file if present."""
         with contextlib.suppress(FileNotFoundError):
             self.path(sha256).unlink()
+
+    def clock(self) -> float:
+        """The storage's own time: the modification time of a file created now.
+
+        File ages are measured against it rather than this host's clock, because on a storage
+        shared by several hosts the file server stamps the files with its own time.
+        """
+        with tempfile.NamedTemporaryFile(dir=self._tmp, prefix="clock-") as probe:
+            return os.fstat(probe.fileno()).st_mtime
+
+    def sweep_tmp(self, stale_after: float) -> int:
+        """Remove the files in ``tmp`` unmodified for ``stale_after`` seconds; returns how many.
+
+        Only a server that died while writing leaves files there (a partial upload). A live
+        upload writes its file whenever data arrives and the HTTP layer ends one that stays quiet
+        past its idle timeout, so a ``stale_after`` well above that timeout never removes an
+        upload still being received, by any process or host sharing this directory.
+        """
+        now = self.clock()
+        removed = 0
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):  # removed by another sweep
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    if now - entry.stat(follow_symlinks=False).st_mtime < stale_after:
+                        continue
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def stale(self, stale_after: float) -> Iterator[str]:
+        """Digests of the stored files unmodified for ``stale_after`` seconds."""
+        now = self.clock()
+        with os.scandir(self.root) as folders:
+            for folder in folders:
+                if folder.name == "tmp" or not folder.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(folder.path) as files:
+                    for entry in files:
+                        if _SHA256_RE.fullmatch(entry.name) is None:
+                            continue  # not a file this store wrote: leave it alone
+                        with contextlib.suppress(FileNotFoundError):
+                            if now - entry.stat(follow_symlinks=False).st_mtime >= stale_after:
+                                yield entry.name
+
+    def is_stale(self, sha256: str, stale_after: float) -> bool:
+        """Whether the stored file exists and is unmodified for ``stale_after`` seconds."""
+        try:
+            modified = self.path(sha256).stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return self.clock() - modified >= stale_after
 
     def put_bytes(self, data: bytes) -> StoredBlob:
         """Store ``data``; returns its digests."""
