@@ -6,6 +6,7 @@ pids), with its own package directory and server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -13,6 +14,7 @@ import itertools
 import json
 import os
 import threading
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from onenet_ota.protocol.download import DownloadError, decode_error_body
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import admin_api, schema
+from onenet_ota.server import blobs as blobs_module
 from onenet_ota.server.admin_api import ROUTES, AdminApi, openapi_document
 from onenet_ota.server.admin_service import AdminService, CreatedTask
 from onenet_ota.server.blobs import BlobStore
@@ -335,6 +338,66 @@ def test_chunked_upload(api: Api) -> None:
     )  # fmt: skip
     assert reply.status_code == 201, reply.text
     assert (reply.json()["size"], reply.json()["kind"]) == (2000, 2)
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _RecordedHash:
+    """A hashlib object that notes whether each update ran on an event loop."""
+
+    def __init__(self, real: Any, calls: list[tuple[str, bool]]) -> None:
+        self._real = real
+        self._calls = calls
+
+    def update(self, data: bytes) -> None:
+        self._calls.append(("hash", _on_event_loop()))
+        self._real.update(data)
+
+    def hexdigest(self) -> str:
+        digest: str = self._real.hexdigest()
+        return digest
+
+
+def test_upload_hashing_writing_and_fsync_run_off_the_event_loop(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop that receives an upload also serves devices: hashing, writing and syncing a large
+    # package on it would stall every device request meanwhile.
+    calls: list[tuple[str, bool]] = []
+    monkeypatch.setattr(
+        blobs_module,
+        "hashlib",
+        types.SimpleNamespace(
+            sha256=lambda: _RecordedHash(hashlib.sha256(), calls),
+            md5=lambda **kw: _RecordedHash(hashlib.md5(**kw), calls),
+        ),
+    )
+    for name in ("fsync", "replace"):
+        real = getattr(os, name)
+
+        def recorded(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            calls.append((_name, _on_event_loop()))
+            return _real(*args)
+
+        monkeypatch.setattr(os, name, recorded)
+    pid = api.pid()
+    chunks = [bytes([n]) * 4096 for n in range(12)]
+    reply = api.client.post(
+        "/api/v1/packages",
+        params={"pid": pid, "type": "fota", "target": "1", "file_name": "fw.bin"},
+        content=iter(chunks),
+    )
+    monkeypatch.undo()
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["sha256"] == hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert {what for what, _ in calls} == {"hash", "fsync", "replace"}
+    assert [call for call in calls if call[1]] == []
 
 
 @pytest.mark.parametrize("chunked", [False, True])

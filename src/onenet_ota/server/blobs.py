@@ -11,16 +11,20 @@ the next start (``sweep_tmp`` here, the orphans by ``AdminService.sweep_storage`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import re
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# Upload bytes that may wait on the event loop while the writer thread is busy (see put_stream).
+_PENDING_MAX = 1 << 20
 
 
 class BlobTooLarge(Exception):
@@ -127,14 +131,49 @@ class BlobStore:
             writer.abort()
 
     async def put_stream(self, chunks: AsyncIterator[bytes], *, limit: int | None) -> StoredBlob:
-        """Like :meth:`put_chunks` for an async source (an upload being received)."""
-        writer = _Writer(self, limit)
+        """Like :meth:`put_chunks` for an async source (an upload being received).
+
+        Hashing, writing and the final fsync run in a thread of the upload's own, never on the
+        event loop, which also serves devices: a large package would otherwise stall their
+        requests. Chunks that arrive while the thread writes are collected and handed over
+        together when it is done; once :data:`_PENDING_MAX` bytes wait, the source is not read
+        until the thread has caught up (the HTTP layer then stops reading the socket), so an
+        upload never sits in memory whole.
+        """
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onenet-ota-upload")
+        writer: _Writer | None = None
+        writing: asyncio.Future[None] | None = None
         try:
+            writer = await loop.run_in_executor(pool, _Writer, self, limit)
+            pending: list[bytes] = []
+            pending_size = 0
+            size = 0
             async for chunk in chunks:
-                writer.write(chunk)
-            return writer.commit()
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise BlobTooLarge(limit)
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if writing is not None and (writing.done() or pending_size >= _PENDING_MAX):
+                    await writing  # raises what the thread raised (a full disk, say)
+                    writing = None
+                if writing is None:
+                    writing = loop.run_in_executor(pool, writer.write_all, pending)
+                    pending = []
+                    pending_size = 0
+            if writing is not None:
+                await writing
+                writing = None
+            return await loop.run_in_executor(pool, writer.commit, pending)
         finally:
-            writer.abort()
+            if writing is not None:
+                writing.cancel()  # its outcome no longer matters; the removal below follows it
+            removed = loop.run_in_executor(pool, writer.abort) if writer is not None else None
+            pool.shutdown(wait=False)
+            if removed is not None:
+                # After anything still in flight (one thread, in order); a no-op once committed.
+                await removed
 
 
 class _Writer:
@@ -142,7 +181,9 @@ class _Writer:
         self._store = store
         self._limit = limit
         fd, name = tempfile.mkstemp(dir=store._tmp, prefix="upload-")
-        self._file = os.fdopen(fd, "wb")
+        # Unbuffered: every write reaches the file at once, which keeps a slow upload's
+        # modification time current (sweep_tmp judges liveness by it).
+        self._file = os.fdopen(fd, "wb", buffering=0)
         self._name: str | None = name
         self._sha256 = hashlib.sha256()
         self._md5 = hashlib.md5(usedforsecurity=False)
@@ -154,11 +195,19 @@ class _Writer:
             raise BlobTooLarge(self._limit)
         self._sha256.update(chunk)
         self._md5.update(chunk)
-        self._file.write(chunk)
+        view = memoryview(chunk)
+        while view:
+            written = self._file.write(view)
+            view = view[written or 0 :]
 
-    def commit(self) -> StoredBlob:
+    def write_all(self, chunks: Iterable[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def commit(self, last: Iterable[bytes] = ()) -> StoredBlob:
+        """Write ``last``, then make the file durable under its content address."""
         assert self._name is not None
-        self._file.flush()
+        self.write_all(last)
         os.fsync(self._file.fileno())
         self._file.close()
         sha = self._sha256.hexdigest()
