@@ -12,8 +12,11 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
+import socket
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -417,6 +420,64 @@ def test_oversized_upload_leaves_nothing_behind(api: Api, chunked: bool) -> None
     assert api.rows(schema.packages, pid=pid) == 0
     # The server still answers on a new connection.
     assert api.client.get("/api/v1/health").status_code == 200
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes."""
+    received = b""
+    while data := sock.recv(65536):
+        received += data
+    return received
+
+
+@pytest.mark.parametrize(("how", "status"), [("cut off", 400), ("stalled", 408)])
+@pytest.mark.parametrize("what", ["upload", "json"])
+def test_a_body_cut_off_or_stalled_is_4xx_and_leaves_nothing_behind(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    how: str, status: int, what: str,
+) -> None:  # fmt: skip
+    # The client stops sending mid-body: it shuts its side (cut off) or goes quiet past the idle
+    # timeout (stalled). Its mistake, so no 5xx and no logged traceback, and nothing is kept.
+    blobs = BlobStore(tmp_path / "packages")
+    handler = AdminApi(AdminService(engine, blobs), admin_token=TOKEN, max_upload_bytes=LIMIT)
+    # A short idle timeout makes the stall quick; the cut-off variant must not meet it.
+    idle_timeout = 0.3 if how == "stalled" else 60.0
+    pid = str(next(_pids))
+    with ServerThread(handler.handle, idle_timeout=idle_timeout) as srv:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        created = httpx2.post(srv.url + "/api/v1/products", json={"pid": pid, "access_key": K1},
+                              headers=headers)  # fmt: skip
+        assert created.status_code == 201
+        if what == "upload":
+            target = f"/api/v1/packages?pid={pid}&type=fota&target=1&file_name=fw.bin"
+            body = b"x" * 4096
+        else:
+            target = "/api/v1/devices"
+            body = json.dumps({"pid": pid, "name": "half"}).encode()
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(body) + 1000}\r\n\r\n"
+        ).encode()
+        with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+            sock.sendall(head + body)
+            if what == "upload":
+                for _ in range(600):  # a bound for a hung test, not a timing expectation
+                    if any((blobs.root / "tmp").glob("upload-*")):
+                        break
+                    time.sleep(0.05)
+                else:
+                    pytest.fail("the upload never reached the store")
+            if how == "cut off":
+                sock.shutdown(socket.SHUT_WR)
+            answer = _answer(sock)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
+    assert b"Traceback" not in answer
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+    assert [p for p in blobs.root.rglob("*") if p.is_file()] == []
+    with engine.connect() as conn:
+        for table in (schema.packages, schema.devices):
+            rows = conn.execute(select(func.count()).select_from(table).where(table.c.pid == pid))
+            assert rows.scalar_one() == 0
 
 
 def test_a_full_disk_is_507_and_leaves_nothing_behind(engine: Engine, tmp_path: Path) -> None:

@@ -8,10 +8,10 @@ Conventions:
 
 - Authentication: ``Authorization: Bearer <admin token>``, compared in constant time. Only
   ``/api/v1/openapi.json`` and ``/api/v1/health`` are public.
-- Errors: ``{"error":{"code":"...","message":"...","details":[...]}}`` with 400 (malformed JSON),
-  401, 404, 405 (with ``Allow``), 409 (duplicates, an open task, in use), 413 (body too large), 422
-  (a value breaks a rule), 503 (the database is busy; retry), 507 (no disk space for an upload).
-  Never a traceback.
+- Errors: ``{"error":{"code":"...","message":"...","details":[...]}}`` with 400 (malformed JSON, a
+  body cut off), 401, 404, 405 (with ``Allow``), 408 (a body that stopped arriving for the idle
+  timeout), 409 (duplicates, an open task, in use), 413 (body too large), 422 (a value breaks a
+  rule), 503 (the database is busy; retry), 507 (no disk space for an upload). Never a traceback.
 - Lists: ``?limit=`` (1-1000, default 100) and ``?after=`` (the ``next`` of the previous page);
   the reply is ``{"items":[...],"next":"..."|null}``.
 - Package upload: ``POST /api/v1/packages?pid=..&type=fota|sota&kind=full|diff&target=..&
@@ -42,7 +42,13 @@ import onenet_ota
 from onenet_ota.protocol.states import Action
 from onenet_ota.server import admin_service as svc
 from onenet_ota.server.blobs import BlobTooLarge
-from onenet_ota.server.http import BodyTooLarge, Request, Response
+from onenet_ota.server.http import (
+    BodyTooLarge,
+    Request,
+    RequestAborted,
+    RequestTimedOut,
+    Response,
+)
 
 __all__ = ["PREFIX", "ROUTES", "AdminApi", "openapi_document"]
 
@@ -394,6 +400,7 @@ def openapi_document() -> dict[str, Any]:
         401: "Missing or wrong admin token",
         404: "Not found",
         409: "Conflict with existing state",
+        408: "The request body stopped arriving",
         413: "Body too large",
         422: "A value breaks a rule",
         503: "Database busy; retry",
@@ -457,6 +464,8 @@ def openapi_document() -> dict[str, Any]:
         else:
             responses[str(route.status)] = {"description": "Success, no body"}
         codes = set(route.errors) | {400}
+        if route.body is not None or route.upload:
+            codes |= {408}
         if not route.public:
             codes |= {401, 503}
         for code in sorted(codes):
@@ -636,6 +645,18 @@ class AdminApi:
             raise _from_validation(exc) from None
         except BodyTooLarge:
             raise ApiError(413, "payload_too_large", "the request body is too large") from None
+        except RequestTimedOut:
+            # The client's doing, not the server's: no traceback. What was received is gone (an
+            # upload's partial file is removed by the blob store) and nothing was recorded.
+            log.info("%s %s: the body stopped arriving", call.request.method, call.request.path)
+            raise ApiError(
+                408, "request_timeout", "the request body stopped arriving; send it again"
+            ) from None
+        except RequestAborted:
+            log.info("%s %s: the body was cut off", call.request.method, call.request.path)
+            raise ApiError(
+                400, "bad_request", "the request body was cut off; send it again"
+            ) from None
         except OperationalError:
             # A lock wait ran out or the database is unreachable: the caller may retry.
             log.warning("database unavailable for %s %s", call.request.method, call.request.path)

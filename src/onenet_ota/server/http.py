@@ -89,6 +89,7 @@ __all__ = [
     "HttpServer",
     "Request",
     "RequestAborted",
+    "RequestTimedOut",
     "Response",
     "ServerThread",
     "make_server_ssl_context",
@@ -146,6 +147,10 @@ class RequestAborted(Exception):
     invalid. Handlers need not catch it: the layer answers 400 and closes if the client is still
     there, and drops the request otherwise.
     """
+
+
+class RequestTimedOut(RequestAborted):
+    """The client sent nothing more of the body within the idle timeout (a stalled body)."""
 
 
 @dataclass(slots=True)
@@ -379,6 +384,7 @@ class _Body:
         "discarding",
         "error",
         "received",
+        "timed_out",
         "waiter",
     )
 
@@ -389,6 +395,7 @@ class _Body:
         self.declared = declared
         self.received = 0
         self.error: str | None = None
+        self.timed_out = False
         self.discarding = False
         self.continue_pending = expect_continue
         self.waiter: asyncio.Future[None] | None = None
@@ -405,9 +412,10 @@ class _Body:
         self.complete = True
         self._wake()
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, *, timed_out: bool = False) -> None:
         if not self.complete and self.error is None:
             self.error = reason
+            self.timed_out = timed_out
             self._wake()
 
     def _wake(self) -> None:
@@ -442,7 +450,7 @@ class _Body:
             if self.complete:
                 return b""
             if self.error is not None:
-                raise RequestAborted(self.error)
+                raise (RequestTimedOut if self.timed_out else RequestAborted)(self.error)
             if self.continue_pending:
                 self.continue_pending = False
                 conn.write(_CONTINUE)
@@ -762,7 +770,7 @@ class _Connection(asyncio.Protocol):
         current = self._queue[0] if self._queue else None
         waiting = self._body_waited_on()
         if waiting is not None:
-            waiting.fail("no body data within the idle timeout")
+            waiting.fail("no body data within the idle timeout", timed_out=True)
             self._stop_parsing = True
         elif self._worker is not None or current is not None:
             # A slow pipelined head: finish the current response, then 408 (see _work).
