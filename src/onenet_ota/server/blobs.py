@@ -167,8 +167,11 @@ class BlobStore:
                 writing = None
             return await loop.run_in_executor(pool, writer.commit, pending)
         finally:
+            # A write still in flight no longer matters: the removal below runs after it, and
+            # cancel() also keeps asyncio from logging a failure of it that nobody awaited (the
+            # error being raised is the one to report).
             if writing is not None:
-                writing.cancel()  # its outcome no longer matters; the removal below follows it
+                writing.cancel()
             removed = loop.run_in_executor(pool, writer.abort) if writer is not None else None
             pool.shutdown(wait=False)
             if removed is not None:
