@@ -316,11 +316,10 @@ def test_upgrade_to_never_reused_ids_keeps_every_row(db_url: str) -> None:
         with eng.connect() as conn:
             assert _rows(conn) == before
             if eng.dialect.name == "sqlite":
-                created: dict[str, str] = dict(
-                    conn.execute(text("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL"))
-                    .tuples()
-                    .all()
+                found = conn.execute(
+                    text("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL")
                 )
+                created: dict[str, str] = {name: sql for name, sql in found}
                 for name in ("packages", "tasks", "device_tasks"):
                     assert "AUTOINCREMENT" in created[name], created[name]
                 assert "WHERE state IN (1, 2, 3, 7)" in created["uq_device_tasks_open"]
