@@ -6,14 +6,19 @@ pids), with its own package directory and server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
+import socket
 import threading
+import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +33,12 @@ from onenet_ota.protocol.download import DownloadError, decode_error_body
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import admin_api, schema
+from onenet_ota.server import blobs as blobs_module
 from onenet_ota.server.admin_api import ROUTES, AdminApi, openapi_document
 from onenet_ota.server.admin_service import AdminService, CreatedTask, column_max
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_api import DeviceApi
+from onenet_ota.server.http import Limits
 from tests.server.seed import DB_PARAMS, module_database, product_auth
 from tests.serverthread import ServerThread
 from tests.tmpfs import small_tmpfs
@@ -580,6 +587,66 @@ def test_chunked_upload(api: Api) -> None:
     assert (reply.json()["size"], reply.json()["kind"]) == (2000, 2)
 
 
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _RecordedHash:
+    """A hashlib object that notes whether each update ran on an event loop."""
+
+    def __init__(self, real: Any, calls: list[tuple[str, bool]]) -> None:
+        self._real = real
+        self._calls = calls
+
+    def update(self, data: bytes) -> None:
+        self._calls.append(("hash", _on_event_loop()))
+        self._real.update(data)
+
+    def hexdigest(self) -> str:
+        digest: str = self._real.hexdigest()
+        return digest
+
+
+def test_upload_hashing_writing_and_fsync_run_off_the_event_loop(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop that receives an upload also serves devices: hashing, writing and syncing a large
+    # package on it would stall every device request meanwhile.
+    calls: list[tuple[str, bool]] = []
+    monkeypatch.setattr(
+        blobs_module,
+        "hashlib",
+        types.SimpleNamespace(
+            sha256=lambda: _RecordedHash(hashlib.sha256(), calls),
+            md5=lambda **kw: _RecordedHash(hashlib.md5(**kw), calls),
+        ),
+    )
+    for name in ("fsync", "replace"):
+        real = getattr(os, name)
+
+        def recorded(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            calls.append((_name, _on_event_loop()))
+            return _real(*args)
+
+        monkeypatch.setattr(os, name, recorded)
+    pid = api.pid()
+    chunks = [bytes([n]) * 4096 for n in range(12)]
+    reply = api.client.post(
+        "/api/v1/packages",
+        params={"pid": pid, "type": "fota", "target": "1", "file_name": "fw.bin"},
+        content=iter(chunks),
+    )
+    monkeypatch.undo()
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["sha256"] == hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert {what for what, _ in calls} == {"hash", "fsync", "replace"}
+    assert [call for call in calls if call[1]] == []
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_oversized_upload_leaves_nothing_behind(api: Api, chunked: bool) -> None:
     pid = api.pid()
@@ -597,6 +664,64 @@ def test_oversized_upload_leaves_nothing_behind(api: Api, chunked: bool) -> None
     assert api.rows(schema.packages, pid=pid) == 0
     # The server still answers on a new connection.
     assert api.client.get("/api/v1/health").status_code == 200
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes."""
+    received = b""
+    while data := sock.recv(65536):
+        received += data
+    return received
+
+
+@pytest.mark.parametrize(("how", "status"), [("cut off", 400), ("stalled", 408)])
+@pytest.mark.parametrize("what", ["upload", "json"])
+def test_a_body_cut_off_or_stalled_is_4xx_and_leaves_nothing_behind(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    how: str, status: int, what: str,
+) -> None:  # fmt: skip
+    # The client stops sending mid-body: it shuts its side (cut off) or goes quiet past the idle
+    # timeout (stalled). Its mistake, so no 5xx and no logged traceback, and nothing is kept.
+    blobs = BlobStore(tmp_path / "packages")
+    handler = AdminApi(AdminService(engine, blobs), admin_token=TOKEN, max_upload_bytes=LIMIT)
+    # A short idle timeout makes the stall quick; the cut-off variant must not meet it.
+    idle_timeout = 0.3 if how == "stalled" else 60.0
+    pid = str(next(_pids))
+    with ServerThread(handler.handle, limits=Limits(idle_timeout=idle_timeout)) as srv:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        created = httpx2.post(srv.url + "/api/v1/products", json={"pid": pid, "access_key": K1},
+                              headers=headers)  # fmt: skip
+        assert created.status_code == 201
+        if what == "upload":
+            target = f"/api/v1/packages?pid={pid}&type=fota&target=1&file_name=fw.bin"
+            body = b"x" * 4096
+        else:
+            target = "/api/v1/devices"
+            body = json.dumps({"pid": pid, "name": "half"}).encode()
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(body) + 1000}\r\n\r\n"
+        ).encode()
+        with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+            sock.sendall(head + body)
+            if what == "upload":
+                for _ in range(600):  # a bound for a hung test, not a timing expectation
+                    if any((blobs.root / "tmp").glob("upload-*")):
+                        break
+                    time.sleep(0.05)
+                else:
+                    pytest.fail("the upload never reached the store")
+            if how == "cut off":
+                sock.shutdown(socket.SHUT_WR)
+            answer = _answer(sock)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
+    assert b"Traceback" not in answer
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+    assert [p for p in blobs.root.rglob("*") if p.is_file()] == []
+    with engine.connect() as conn:
+        for table in (schema.packages, schema.devices):
+            rows = conn.execute(select(func.count()).select_from(table).where(table.c.pid == pid))
+            assert rows.scalar_one() == 0
 
 
 def test_a_full_disk_is_507_and_leaves_nothing_behind(engine: Engine, tmp_path: Path) -> None:

@@ -6,6 +6,9 @@ import base64
 import functools
 import itertools
 import logging
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -512,6 +515,85 @@ def test_delete_package_keeps_shared_files(service: AdminService) -> None:
     with pytest.raises(NotFound):
         service.delete_package(second)
     assert list((service.blobs.root / "tmp").iterdir()) == []
+
+
+# A package delete killed at a step: the child process deletes package 1 and SIGKILLs itself just
+# before, or just after, the first file-system call that takes the package's file from its place.
+_DELETE_AND_DIE = """
+import os, signal, sys
+from onenet_ota.server.admin_service import AdminService
+from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.db import create_engine
+
+url, root, sha256, when, package_id = sys.argv[1:]
+blobs = BlobStore(root)
+target = str(blobs.path(sha256))
+
+def dying(real):
+    def call(path, *args, **kwargs):
+        if os.fspath(path) != target:
+            return real(path, *args, **kwargs)
+        if when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return call
+
+os.replace = dying(os.replace)
+os.rename = dying(os.rename)
+os.unlink = dying(os.unlink)
+os.remove = dying(os.remove)
+AdminService(create_engine(url), blobs).delete_package(int(package_id))
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_package_delete_killed_at_any_step_never_leaves_a_row_without_its_file(
+    service: AdminService, db_url: str, when: str
+) -> None:
+    # Devices are offered the tasks of every package row and download its file: a row whose file
+    # is gone answers byte 1 forever. A file without a row is harmless (the start-up sweep
+    # removes it), so the row must go first.
+    _product(service)
+    package_id = _package(service, "123123", b"firmware to delete")
+    sha = service.get_package(package_id).sha256
+    child = subprocess.run(
+        [sys.executable, "-c", _DELETE_AND_DIE, db_url, str(service.blobs.root), sha, when,
+         str(package_id)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    with service.engine.connect() as conn:
+        rows = conn.execute(select(schema.packages.c.sha256)).scalars().all()
+    for digest in rows:
+        assert service.blobs.exists(digest), "a package row whose file is gone"
+    # What the crash left behind, the start-up sweep clears: no file without a row stays.
+    service.sweep_storage(stale_after=0)
+    stored = [p.name for p in service.blobs.root.glob("??/*")]
+    assert sorted(stored) == sorted(set(rows))
+    assert list((service.blobs.root / "tmp").iterdir()) == []
+
+
+def test_package_delete_commits_before_it_removes_the_file(
+    service: AdminService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The removal after the commit may fail; the package is deleted all the same, and the file
+    # waits for the sweep.
+    _product(service)
+    package_id = _package(service, "123123")
+    sha = service.get_package(package_id).sha256
+
+    def fail(_sha256: str) -> None:
+        raise OSError("disk trouble")
+
+    monkeypatch.setattr(service.blobs, "delete", fail)
+    service.delete_package(package_id)
+    with pytest.raises(NotFound):
+        service.get_package(package_id)
+    assert service.blobs.exists(sha)
+    monkeypatch.undo()
+    assert service.sweep_storage(stale_after=0) == (0, 1)
+    assert not service.blobs.exists(sha)
 
 
 def test_package_in_use_cannot_be_deleted(service: AdminService) -> None:

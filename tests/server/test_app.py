@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +18,9 @@ from pydantic import SecretStr
 from sqlalchemy import Engine
 
 from onenet_ota import auth
+from onenet_ota.server.admin_service import AdminService, PackageCreate, ProductCreate
 from onenet_ota.server.app import AppResources, create_app
+from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.config import Settings
 from onenet_ota.server.db import create_engine, migrate
 from tests.server.serve_process import ServerProcess, children
@@ -250,3 +254,105 @@ def test_a_worker_that_dies_is_replaced(two_workers: ServerProcess) -> None:
     for _ in range(10):
         assert httpx2.get(url + "/api/v1/health", timeout=30).status_code == 200
     assert two_workers.stop() == 0
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its new parent to reap it has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the supervisor's own logic
+def test_workers_exit_when_the_supervisor_is_killed(
+    two_workers: ServerProcess, db_url: str, tmp_path: Path
+) -> None:
+    url = two_workers.url()
+    port = url.rsplit(":", 1)[1]
+    supervisor = two_workers.process.pid
+    assert httpx2.get(url + "/api/v1/health", timeout=30).status_code == 200
+    for _ in range(600):  # a bound for a hung test, not a timing expectation
+        if len(_workers(supervisor)) == 2:
+            break
+        time.sleep(0.05)
+    workers = _workers(supervisor)
+    assert len(workers) == 2
+    restarted: ServerProcess | None = None
+    try:
+        os.kill(supervisor, signal.SIGKILL)  # as the OOM killer or a careless `kill -9` would
+        two_workers.process.wait(30)
+        for _ in range(600):
+            if not any(_running(pid) for pid in workers):
+                break
+            time.sleep(0.05)
+        assert [pid for pid in workers if _running(pid)] == []
+        # Nothing holds the port any more: a new server binds it and serves.
+        restarted = ServerProcess(
+            tmp_path / "data", "--port", port, "--workers", "2", "--db", db_url,
+            "--admin-token", TOKEN,
+        )  # fmt: skip
+        assert restarted.url() == url
+        assert httpx2.get(url + "/api/v1/health", timeout=30).status_code == 200
+        assert restarted.stop() == 0
+    finally:
+        for pid in workers:  # orphans left by a failure must not outlive the test
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if restarted is not None:
+            restarted.kill()
+
+
+def test_a_worker_whose_supervisor_is_already_gone_stops(tmp_path: Path) -> None:
+    # The supervisor can die between starting a worker and the worker asking to be signalled on
+    # its death (Linux), or the platform has no such request: the worker notices all the same.
+    # Here the "supervisor" is the worker's own pid, which is never its parent's.
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, time; from onenet_ota.server.app import _stop_with_supervisor as s; "
+         "s(os.getpid()); time.sleep(60)"],
+    )  # fmt: skip
+    try:
+        assert child.wait(30) == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the start-up logic
+def test_start_sweeps_what_a_crash_left_but_not_live_uploads(db_url: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    blobs = BlobStore(data / "packages")
+    engine = create_engine(db_url)
+    try:
+        migrate(engine)
+        service = AdminService(engine, blobs)
+        service.create_product(ProductCreate(pid="42", access_key=K1))
+        spec = PackageCreate(pid="42", module_type=1, target="2", file_name="fw.bin")
+        kept = service.create_package(spec, blobs.put_bytes(b"recorded")).sha256
+    finally:
+        engine.dispose()
+    orphan = blobs.put_bytes(b"row deleted, then the server died").sha256
+    just_written = blobs.put_bytes(b"stored by another worker, about to be recorded").sha256
+    partial = blobs.root / "tmp" / "upload-of-a-dead-server"
+    live = blobs.root / "tmp" / "upload-in-progress-elsewhere"
+    partial.write_bytes(b"half")
+    live.write_bytes(b"growing")
+    hours_ago = time.time() - 3 * 3600
+    for path in (blobs.path(kept), blobs.path(orphan), partial):
+        os.utime(path, (hours_ago, hours_ago))
+
+    server = ServerProcess(data, "--db", db_url, "--admin-token", TOKEN)
+    try:
+        server.url()  # listening: the start-up sweep is done
+        assert not partial.exists()
+        assert not blobs.exists(orphan)
+        # A fresh temporary file may be an upload that another worker or host is receiving, and
+        # a fresh stored file one that it is about to record: both stay.
+        assert live.exists()
+        assert blobs.exists(just_written)
+        assert blobs.exists(kept)
+        assert server.stop() == 0
+    finally:
+        server.kill()

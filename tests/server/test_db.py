@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, insert, inspect, select, text
+from sqlalchemy import Connection, Engine, Table, delete, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from onenet_ota.server import db, schema
@@ -55,7 +55,7 @@ def test_migrated_schema_equals_schema_py(engine: Engine) -> None:
 def test_migrations_reach_head_and_rerun_is_a_no_op(engine: Engine) -> None:
     migrate(engine)
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0002"
+        assert MigrationContext.configure(conn).get_current_revision() == "0003"
     assert _diff(engine) == []
 
 
@@ -235,3 +235,103 @@ def test_errors_never_carry_statement_parameters(engine: Engine) -> None:
     with pytest.raises(IntegrityError) as excinfo, engine.begin() as conn:
         conn.execute(insert(schema.tokens).values(token=secret, device_task_id=999, issued_at=0))
     assert secret not in str(excinfo.value)
+
+
+# ------------------------------------------------------------------------------ ids never reused
+
+_PACKAGE = {
+    "pid": "1", "module_type": 1, "kind": 1, "target": "2", "file_name": "f", "size": 1,
+    "md5": "0" * 32, "sha256": "0" * 64, "created_at": 0,
+}  # fmt: skip
+_TASK = {"pid": "1", "module_type": 1, "start_time": 0, "created_at": 0}
+
+
+def _new_id(conn: Connection, table: Table, **row: object) -> int:
+    return int(conn.execute(insert(table).values(**row).returning(table.c.id)).scalar_one())
+
+
+def _parents(conn: Connection) -> None:
+    conn.execute(insert(schema.products).values(pid="1", access_key="k", created_at=0))
+    conn.execute(
+        insert(schema.devices).values(dev_id=7, pid="1", name="d", auth_info="d", created_at=0)
+    )
+
+
+def _create_delete_create(engine: Engine, table: Table, **row: object) -> tuple[int, int]:
+    """Insert a row, delete it, insert again; returns both ids."""
+    with engine.begin() as conn:
+        first = _new_id(conn, table, **row)
+    with engine.begin() as conn:
+        conn.execute(delete(table).where(table.c.id == first))
+    with engine.begin() as conn:
+        second = _new_id(conn, table, **row)
+    return first, second
+
+
+def test_deleted_ids_are_never_handed_out_again(engine: Engine) -> None:
+    # A repeated "task delete N" (after a lost reply) must not delete a newer task that got the
+    # freed number: SQLite reuses the largest rowid unless the table is AUTOINCREMENT.
+    with engine.begin() as conn:
+        _parents(conn)
+        package_id = _new_id(conn, schema.packages, **_PACKAGE)
+        task_id = _new_id(conn, schema.tasks, package_id=package_id, **_TASK)
+    device_task = {"task_id": task_id, "dev_id": 7, "module_type": 1, "state": 5, "updated_at": 0}
+    for table, row in (
+        (schema.packages, _PACKAGE),
+        (schema.tasks, {"package_id": package_id, **_TASK}),
+        (schema.device_tasks, device_task),
+    ):
+        first, second = _create_delete_create(engine, table, **row)
+        assert second > first, table.name
+
+
+def _rows(conn: Connection) -> dict[str, list[tuple[object, ...]]]:
+    return {
+        name: [tuple(row) for row in conn.execute(select(table).order_by(*table.primary_key))]
+        for name, table in schema.metadata.tables.items()
+        if name != "cache_changes"
+    }
+
+
+def test_upgrade_to_never_reused_ids_keeps_every_row(db_url: str) -> None:
+    eng = create_engine(db_url)
+    try:
+        migrate(eng, "0002")
+        with eng.begin() as conn:
+            _parents(conn)
+            packages = [_new_id(conn, schema.packages, **_PACKAGE) for _ in range(3)]
+            conn.execute(delete(schema.packages).where(schema.packages.c.id == packages[2]))
+            tasks = [_new_id(conn, schema.tasks, package_id=packages[0], **_TASK) for _ in range(2)]
+            device_task = _new_id(
+                conn, schema.device_tasks,
+                task_id=tasks[1], dev_id=7, module_type=1, state=2, updated_at=0,
+            )  # fmt: skip
+            conn.execute(
+                insert(schema.tokens).values(
+                    token="t" * 32, device_task_id=device_task, issued_at=0
+                )
+            )
+            before = _rows(conn)
+        migrate(eng)
+        with eng.connect() as conn:
+            assert _rows(conn) == before
+            if eng.dialect.name == "sqlite":
+                found = conn.execute(
+                    text("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL")
+                )
+                created: dict[str, str] = {name: sql for name, sql in found}
+                for name in ("packages", "tasks", "device_tasks"):
+                    assert "AUTOINCREMENT" in created[name], created[name]
+                assert "WHERE state IN (1, 2, 3, 7)" in created["uq_device_tasks_open"]
+                assert "ck_packages_from_version" in created["packages"]
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+        assert _diff(eng) == []
+        # The references survived the rebuild: they are still enforced.
+        with pytest.raises(IntegrityError), eng.begin() as conn:
+            conn.execute(
+                insert(schema.tokens).values(token="u" * 32, device_task_id=999, issued_at=0)
+            )
+        first, second = _create_delete_create(eng, schema.tasks, package_id=packages[0], **_TASK)
+        assert second > first > tasks[1]
+    finally:
+        eng.dispose()

@@ -8,10 +8,10 @@ Conventions:
 
 - Authentication: ``Authorization: Bearer <admin token>``, compared in constant time. Only
   ``/api/v1/openapi.json`` and ``/api/v1/health`` are public.
-- Errors: ``{"error":{"code":"...","message":"...","details":[...]}}`` with 400 (malformed JSON),
-  401, 404, 405 (with ``Allow``), 409 (duplicates, an open task, in use), 413 (body too large), 422
-  (a value breaks a rule), 503 (the database is busy; retry), 507 (no disk space for an upload).
-  Never a traceback.
+- Errors: ``{"error":{"code":"...","message":"...","details":[...]}}`` with 400 (malformed JSON, a
+  body cut off), 401, 404, 405 (with ``Allow``), 408 (a body that stopped arriving for the idle
+  timeout), 409 (duplicates, an open task, in use), 413 (body too large), 422 (a value breaks a
+  rule), 503 (the database is busy; retry), 507 (no disk space for an upload). Never a traceback.
 - Lists: ``?limit=`` (1-1000, default 100) and ``?after=`` (the ``next`` of the previous page);
   the reply is ``{"items":[...],"next":"..."|null}``.
 - Parameters: each has one rule (:class:`Param`) that both parses it and documents it. A query
@@ -51,7 +51,13 @@ from onenet_ota.protocol import values
 from onenet_ota.protocol.states import Action
 from onenet_ota.server import admin_service as svc
 from onenet_ota.server.blobs import BlobTooLarge
-from onenet_ota.server.http import BodyTooLarge, Request, Response
+from onenet_ota.server.http import (
+    BodyTooLarge,
+    Request,
+    RequestAborted,
+    RequestTimedOut,
+    Response,
+)
 
 __all__ = ["PREFIX", "ROUTES", "AdminApi", "openapi_document"]
 
@@ -278,6 +284,8 @@ class Route:
             codes |= {400, 413, 422}  # not JSON, too large, breaks the model
         if self.query or self.upload:
             codes.add(422)
+        if self.body is not None or self.upload:
+            codes |= {400, 408}  # a body cut off, or one that stopped arriving
         if self.path_params:
             codes.add(404)
         if not self.public:
@@ -531,6 +539,7 @@ def openapi_document() -> dict[str, Any]:
         401: "Missing or wrong admin token",
         404: "Not found",
         409: "Conflict with existing state",
+        408: "The request body stopped arriving",
         413: "Body too large",
         422: "A value breaks a rule",
         503: "Database busy; retry",
@@ -862,6 +871,18 @@ class AdminApi:
             raise _from_validation(exc) from None
         except BodyTooLarge:
             raise ApiError(413, "payload_too_large", "the request body is too large") from None
+        except RequestTimedOut:
+            # The client's doing, not the server's: no traceback. What was received is gone (an
+            # upload's partial file is removed by the blob store) and nothing was recorded.
+            log.info("%s %s: the body stopped arriving", call.request.method, call.request.path)
+            raise ApiError(
+                408, "request_timeout", "the request body stopped arriving; send it again"
+            ) from None
+        except RequestAborted:
+            log.info("%s %s: the body was cut off", call.request.method, call.request.path)
+            raise ApiError(
+                400, "bad_request", "the request body was cut off; send it again"
+            ) from None
         except OperationalError:
             # A lock wait ran out or the database is unreachable: the caller may retry.
             log.warning("database unavailable for %s %s", call.request.method, call.request.path)

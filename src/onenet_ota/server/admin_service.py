@@ -23,10 +23,8 @@ import binascii
 import contextlib
 import functools
 import logging
-import os
 import re
 import secrets
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -1162,47 +1160,66 @@ class AdminService:
         items = [Package(**row._mapping) for row in rows[:size]]
         return Page(items, str(items[-1].id) if len(rows) > size else None)
 
-    @_retried
     def delete_package(self, package_id: int) -> None:
         """Delete a package that no task uses, and its file unless another package shares it.
 
-        The file is moved aside inside the transaction and removed only after the commit, so a
-        failed commit puts it back and nothing is half-deleted.
+        The row goes first, in its own committed transaction, and the file after. A crash in
+        between leaves a file that no row refers to, which is harmless and removed by
+        :meth:`sweep_storage` at the next start; the other order would leave a row whose file is
+        gone, and devices offered its tasks would download byte 1 forever.
         """
-        trash: str | None = None
-        original: str | None = None
+        sha256 = self._delete_package_row(package_id)
         try:
-            with self._tx(f"package {package_id} is in use") as conn:
-                self._lock_blobs(conn)
-                row = conn.execute(
-                    select(packages.c.sha256).where(packages.c.id == package_id)
-                ).first()
-                if row is None:
-                    raise NotFound(f"package {package_id} not found")
-                used_by = conn.execute(
-                    select(func.count()).select_from(tasks).where(tasks.c.package_id == package_id)
-                ).scalar_one()
-                if used_by:
-                    raise Conflict(f"package {package_id} is used by {used_by} task(s)")
-                conn.execute(delete(packages).where(packages.c.id == package_id))
-                shared = conn.execute(
-                    select(func.count())
-                    .select_from(packages)
-                    .where(packages.c.sha256 == row.sha256)
-                ).scalar_one()
-                if not shared and self.blobs.exists(row.sha256):
-                    original = str(self.blobs.path(row.sha256))
-                    fd, trash = tempfile.mkstemp(dir=self.blobs.root / "tmp", prefix="deleted-")
-                    os.close(fd)
-                    os.replace(original, trash)
-        except BaseException:
-            if trash is not None and original is not None:
-                with contextlib.suppress(OSError):
-                    os.replace(trash, original)
-            raise
-        if trash is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(trash)
+            self.discard_blob_if_unused(sha256)
+        except Exception:
+            # The package is deleted; its file waits for the next start-up sweep.
+            log.warning("cannot remove the file of deleted package %d", package_id, exc_info=True)
+
+    @_retried
+    def _delete_package_row(self, package_id: int) -> str:
+        with self._tx(f"package {package_id} is in use") as conn:
+            row = conn.execute(select(packages.c.sha256).where(packages.c.id == package_id)).first()
+            if row is None:
+                raise NotFound(f"package {package_id} not found")
+            used_by = conn.execute(
+                select(func.count()).select_from(tasks).where(tasks.c.package_id == package_id)
+            ).scalar_one()
+            if used_by:
+                raise Conflict(f"package {package_id} is used by {used_by} task(s)")
+            conn.execute(delete(packages).where(packages.c.id == package_id))
+        return str(row.sha256)
+
+    def sweep_storage(self, stale_after: float) -> tuple[int, int]:
+        """Remove what a crash left in the package store; returns (partial uploads, orphans).
+
+        Partial uploads are files in the store's ``tmp`` unmodified for ``stale_after`` seconds
+        (:meth:`BlobStore.sweep_tmp`); orphans are stored files that no package refers to, as
+        left by a crash inside :meth:`delete_package`. A file is removed only once it is that old,
+        so an upload that another process or host sharing the store has just written, and is
+        about to record, stays.
+        """
+        partial = self.blobs.sweep_tmp(stale_after)
+        orphans = 0
+        for chunk in _chunks(list(self.blobs.stale(stale_after))):
+            orphans += self._remove_orphans(chunk, stale_after)
+        return partial, orphans
+
+    @_retried
+    def _remove_orphans(self, digests: Sequence[str], stale_after: float) -> int:
+        removed = 0
+        with self.engine.begin() as conn:
+            self._lock_blobs(conn)
+            used = set(
+                conn.execute(
+                    select(packages.c.sha256).where(packages.c.sha256.in_(digests))
+                ).scalars()
+            )
+            for sha256 in digests:
+                # Stale still? An upload of the same content may have rewritten it meanwhile.
+                if sha256 not in used and self.blobs.is_stale(sha256, stale_after):
+                    self.blobs.delete(sha256)
+                    removed += 1
+        return removed
 
     # ---------------------------------------------------------------- tasks
 

@@ -8,10 +8,12 @@ returned :class:`AppResources`.
 ``run(settings)`` is ``onenet-ota serve``:
 
 1. the admin token is taken from the settings or generated and printed once;
-2. the database is migrated (safe when several servers start at once, see ``db.migrate``);
+2. the database is migrated (safe when several servers start at once, see ``db.migrate``), and
+   what a crash left in the package store is removed (``AdminService.sweep_storage``);
 3. the listening socket is bound once, in this process;
 4. ``workers=1`` serves in this process; ``workers=N`` starts N worker processes (spawned, not
-   forked) that share the socket, and restarts one that dies;
+   forked) that share the socket, and restarts one that dies; workers stop when the supervisor
+   dies, even by SIGKILL, so none is left holding the port;
 5. SIGINT/SIGTERM stop accepting, let in-flight requests finish (up to ``GRACE_S``), then exit.
 
 TLS (D25) wraps the listener with :func:`onenet_ota.server.http.make_server_ssl_context` in its
@@ -26,21 +28,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, TextIO
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from onenet_ota.server.admin_api import PREFIX, AdminApi
 from onenet_ota.server.admin_service import AdminService
@@ -66,6 +72,13 @@ log = logging.getLogger(__name__)
 GRACE_S: Final = 10.0
 _RESTART_DELAY_S: Final = 1.0
 _MAX_QUICK_DEATHS: Final = 5  # workers dying this often within a minute means a broken setup
+# Age after which a file in the package store's tmp, or a stored file no package refers to, is a
+# leftover of a crash. Other workers and hosts may share the store: an upload they are receiving
+# is written whenever data arrives and ends after idle_timeout (at most an hour) without any, and
+# a file just stored is recorded at once. Two hours leaves room for a slow final fsync.
+STALE_FILE_S: Final = 2 * 3600.0
+_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
+_PARENT_POLL_S: Final = 1.0
 
 
 @dataclass
@@ -250,13 +263,49 @@ def _run_loop(
 
 
 def _worker(
-    settings: Settings, sock: socket.socket, index: int, push_verified: bool, log_level: int
+    settings: Settings,
+    sock: socket.socket,
+    index: int,
+    push_verified: bool,
+    log_level: int,
+    supervisor: int,
 ) -> None:
     """A worker process's entry point (spawned: it imports everything afresh)."""
+    _stop_with_supervisor(supervisor)
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s"
     )
     _run_loop(settings, sock, sweeper=index == 0, push_verified=push_verified)
+
+
+def _stop_with_supervisor(supervisor: int) -> None:
+    """Stop this worker when the supervisor process ``supervisor`` dies, however it dies.
+
+    A supervisor killed by SIGKILL (the OOM killer, ``kill -9``) runs no cleanup, and workers left
+    behind would keep serving the shared port: a new ``serve`` then fails with "address in use".
+    On Linux the kernel sends the worker SIGTERM when its parent dies (PR_SET_PDEATHSIG). That
+    request comes too late if the supervisor died before it was made, and other systems have
+    none, so a thread also watches the parent pid: once the worker has another parent, it sends
+    SIGTERM itself (a graceful stop, as the supervisor would ask for), and if the worker is still
+    there ``GRACE_S`` later, it exits at once, as the supervisor would kill it.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        except (OSError, AttributeError) as exc:
+            log.warning("cannot ask to be stopped with the supervisor (%s); polling instead", exc)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(_PARENT_POLL_S)
+        log.error("the supervisor (pid %d) is gone; stopping", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(GRACE_S + 5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="onenet-ota-supervisor-watch", daemon=True).start()
 
 
 def _verify_push(settings: Settings) -> bool:
@@ -273,6 +322,23 @@ def _verify_push(settings: Settings) -> bool:
             await pusher.aclose()
 
     return asyncio.run(verify())
+
+
+def _sweep_storage(engine: Engine, settings: Settings) -> None:
+    """Remove the partial uploads and unreferenced package files that a crash left behind."""
+    try:
+        partial, orphans = AdminService(engine, BlobStore(settings.packages_dir)).sweep_storage(
+            STALE_FILE_S
+        )
+    except (OSError, SQLAlchemyError):
+        # Leftovers only take space; serving matters more. The next start tries again.
+        log.warning("cannot sweep the package store; serving anyway", exc_info=True)
+        return
+    if partial or orphans:
+        log.info(
+            "removed %d partial upload(s) and %d unreferenced package file(s) left by a crash",
+            partial, orphans,
+        )  # fmt: skip
 
 
 def run(
@@ -301,6 +367,7 @@ def run(
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         migrate(engine)
+        _sweep_storage(engine, settings)
     finally:
         engine.dispose()
     push_verified = _verify_push(settings)
@@ -337,7 +404,7 @@ def _supervise(settings: Settings, sock: socket.socket, push_verified: bool) -> 
     def start(index: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(
             target=_worker,
-            args=(settings, sock, index, push_verified, level),
+            args=(settings, sock, index, push_verified, level, os.getpid()),
             name=f"onenet-ota-worker-{index}",
             daemon=False,
         )

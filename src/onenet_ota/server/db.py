@@ -6,9 +6,10 @@ SQLite: docs/performance.md).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -157,7 +158,40 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     from alembic.config import Config
 
     config = Config(str(MIGRATIONS_DIR / "alembic.ini"))
-    with engine.begin() as connection:
-        lock_for_migration(connection)
+    with migration_transaction(engine) as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+@contextlib.contextmanager
+def migration_transaction(engine: Engine) -> Iterator[Connection]:
+    """One locked transaction (:func:`lock_for_migration`) for schema migrations.
+
+    On SQLite, foreign keys are off for its duration: a migration that rebuilds a table (Alembic's
+    batch mode) drops a table that other tables refer to, which SQLite refuses while they are on,
+    and they can be switched only outside a transaction. Every reference is checked before the
+    commit instead, so a migration cannot leave a dangling one behind.
+    """
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            _driver_pragma(connection, "PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                lock_for_migration(connection)
+                yield connection
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
+                    if broken is not None:
+                        raise RuntimeError(f"migration left a dangling reference: {tuple(broken)}")
+        finally:
+            if sqlite:
+                _driver_pragma(connection, "PRAGMA foreign_keys=ON")
+
+
+def _driver_pragma(connection: Connection, pragma: str) -> None:
+    # Straight to sqlite3: through SQLAlchemy the statement would begin a transaction first, inside
+    # which SQLite ignores this pragma. The driver begins none itself (_disable_pysqlite_begin).
+    dbapi = connection.connection.driver_connection
+    assert isinstance(dbapi, sqlite3.Connection)
+    dbapi.execute(pragma)

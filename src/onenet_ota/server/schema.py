@@ -33,6 +33,11 @@ metadata = MetaData(
     }
 )
 
+# Ids that the management API shows or that rows refer to are never reused, so that an id names
+# one row forever: a repeated "delete task 7" (say after a lost reply) must not hit a newer task
+# that got the freed number. PostgreSQL sequences never hand a number out twice; SQLite reuses the
+# largest rowid after a delete unless the table is AUTOINCREMENT (sqlite_autoincrement=True).
+
 # Times are Unix seconds (float seconds where sub-second order matters are not needed: ints).
 products = Table(
     "products",
@@ -79,6 +84,7 @@ packages = Table(
     CheckConstraint("kind IN (1, 2)", name="kind"),
     CheckConstraint("size >= 1", name="size"),
     CheckConstraint("(kind = 2) = (from_version IS NOT NULL)", name="from_version"),
+    sqlite_autoincrement=True,
 )
 
 tasks = Table(
@@ -98,6 +104,7 @@ tasks = Table(
     Column("status", String(16), nullable=False, server_default="active"),
     Column("created_at", BigInteger, nullable=False),
     Index("ix_tasks_package_id", "package_id"),
+    sqlite_autoincrement=True,
 )
 
 device_tasks = Table(
@@ -127,6 +134,7 @@ device_tasks = Table(
         sqlite_where=text("state IN (1, 2, 3, 7)"),
         postgresql_where=text("state IN (1, 2, 3, 7)"),
     ),
+    sqlite_autoincrement=True,
 )
 
 tokens = Table(

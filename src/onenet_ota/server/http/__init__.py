@@ -118,6 +118,7 @@ from onenet_ota.server.http.models import (
     Limits,
     Request,
     RequestAborted,
+    RequestTimedOut,
     Response,
     default_max_connections,
 )
@@ -136,6 +137,7 @@ __all__ = [
     "LogThrottle",
     "Request",
     "RequestAborted",
+    "RequestTimedOut",
     "Response",
     "default_max_connections",
     "make_server_ssl_context",

@@ -27,7 +27,13 @@ from onenet_ota.server.http.encoding import (
     encode_head,
     loggable,
 )
-from onenet_ota.server.http.models import FileSegment, Request, RequestAborted, Response
+from onenet_ota.server.http.models import (
+    FileSegment,
+    Request,
+    RequestAborted,
+    RequestTimedOut,
+    Response,
+)
 
 if TYPE_CHECKING:
     from onenet_ota.server.http.server import HttpServer
@@ -142,6 +148,7 @@ class _Body:
         "error",
         "received",
         "started",
+        "timed_out",
         "waiter",
     )
 
@@ -152,6 +159,7 @@ class _Body:
         self.declared = declared
         self.received = 0
         self.error: str | None = None
+        self.timed_out = False
         self.discarding = False
         self.continue_pending = expect_continue
         self.waiter: asyncio.Future[None] | None = None
@@ -169,9 +177,10 @@ class _Body:
         self.complete = True
         self._wake()
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, *, timed_out: bool = False) -> None:
         if not self.complete and self.error is None:
             self.error = reason
+            self.timed_out = timed_out
             self._wake()
 
     def _wake(self) -> None:
@@ -206,7 +215,7 @@ class _Body:
             if self.complete:
                 return b""
             if self.error is not None:
-                raise RequestAborted(self.error)
+                raise (RequestTimedOut if self.timed_out else RequestAborted)(self.error)
             if self.continue_pending:
                 self.continue_pending = False
                 conn.write(CONTINUE)
@@ -595,7 +604,7 @@ class Connection(asyncio.Protocol):
             return
         waiting = self._body_waited_on()
         if waiting is not None:
-            waiting.fail("the body did not arrive in time")
+            waiting.fail("the body did not arrive in time", timed_out=True)
             self._must_close()
         elif self._worker is not None or self._queue:
             # A slow pipelined head: finish the current response, then 408 (see _work).

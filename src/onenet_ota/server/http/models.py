@@ -34,6 +34,12 @@ class RequestAborted(Exception):
     """
 
 
+class RequestTimedOut(RequestAborted):
+    """The body stopped arriving: nothing more came within the idle timeout, or the body's
+    deadline passed (a stalled or trickled body), as opposed to a client that left or broke the
+    framing. The management API answers it with 408."""
+
+
 @dataclass(slots=True)
 class FileSegment:
     """A response body served from a file: ``length`` bytes at ``offset`` of ``path``.

@@ -28,15 +28,14 @@ def _run_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    from onenet_ota.server.db import create_engine, lock_for_migration
+    from onenet_ota.server.db import create_engine, migration_transaction
 
     url = context.get_x_argument(as_dictionary=True).get("url")
     if not url:
         raise SystemExit("pass the database URL: alembic -x url=DATABASE_URL upgrade head")
     engine = create_engine(url, pool_size=1)
     try:
-        with engine.begin() as connection:
-            lock_for_migration(connection)
+        with migration_transaction(engine) as connection:
             _run(connection)
     finally:
         engine.dispose()
