@@ -161,18 +161,11 @@ def test_every_cited_spec_label_resolves() -> None:
 # Another tracker's numbers and documents that are not in this repository.
 _FOREIGN = re.compile(r"\bissues? #?\d+|\bthe seed\b|\bseed's\b|\bseed-compatible\b|style\.md")
 
-# TODO(integrator): these four are being rewritten on other branches; remove them from the
-# exclusions once the branches are merged and the words are gone.
-_NOT_YET = frozenset(
-    ROOT / "src" / "onenet_ota" / "server" / name
-    for name in ("http.py", "device_api.py", "device_service.py", "admin_api.py")
-)
-
 
 def test_no_words_that_point_outside_the_repository() -> None:
     found = []
     for path in scanned_files():
-        if path in _NOT_YET or path == Path(__file__).resolve():
+        if path == Path(__file__).resolve():
             continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if match := _FOREIGN.search(line):

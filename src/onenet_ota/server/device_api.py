@@ -9,18 +9,15 @@ The rules over the database live in :mod:`onenet_ota.server.device_service`; the
 Business outcomes are HTTP 200 with an errno (D1). Anything unexpected becomes errno 7 on a JSON
 endpoint and byte 4 on a download; a traceback is logged (without credentials), never sent.
 
-Performance (issue 3: check-task and 4 KiB downloads at >= 0.5x a bare fixed-JSON endpoint on the
-same HTTP layer). Requests that change nothing are decided on single-statement reads outside Core's
-execution machinery, and repeated questions are answered from in-process caches that the change
-feed keeps current across processes (see :mod:`.device_service` and :mod:`.changes`). On top of
-them: a polling device repeats its E3/E5 request byte for byte, so its whole reply is memoised
-with what it rests on (:meth:`DeviceService.holds` re-checks that in a few lookups); and every
-device of a task fetches the same chunks, so a small E6 reply is built once per (file, range) and
-served while the token's grant is usable and the open file keeps its size (an fstat, a tenth of
-the path lookup). ``bench/server_bench`` on the 2-core development machine, SQLite, 2000 devices,
-64 clients, median of 5: keep-alive check-task 0.65x, check-hot 0.63x, download 0.60x; one
-request per connection 0.78x, 0.78x, 0.91x. Every E3 reading the database (no caches at all):
-0.14x and 0.37x. Shared-machine noise moves these by 0.1 to 0.15 from run to run.
+Performance (target: check-task and 4 KiB downloads at >= 0.5x a bare fixed-JSON endpoint on the
+same HTTP layer; figures in docs/performance.md). Requests that change nothing are decided on
+single-statement reads outside Core's execution machinery, and repeated questions are answered
+from in-process caches that the change feed keeps current across processes (see
+:mod:`.device_service` and :mod:`.changes`). On top of them: a polling device repeats its E3/E5
+request byte for byte, so its whole reply is memoised with what it rests on
+(:meth:`DeviceService.holds` re-checks that in a few lookups); and every device of a task fetches
+the same chunks, so a small E6 reply is built once per (file, range) and served while the token's
+grant is usable and the open file keeps its size (an fstat, a tenth of the path lookup).
 
 Every cache here is keyed by what a client sends (a Range value, a query string, an Authorization
 value), and a client may vary those with junk that changes nothing in the answer (padding inside
@@ -32,12 +29,10 @@ parse on every hot request (about 3 us for a Range here) and would bound nothing
 a client may ask as many distinct questions as it likes.
 
 Database calls are synchronous. ``db_threads=0`` (the default) runs them inline on the event loop;
-``db_threads=N`` runs them in N worker threads. Inline was faster for both databases here, with
-every cache disabled (cache_ttl=0, 32 keep-alive connections, E3): PostgreSQL inline 1726 req/s
-against 944 with 4 threads (before the read path: 368 against 263, and less with 8 threads);
-SQLite inline 3047 req/s. Statements take well under a millisecond, and thread hand-offs plus GIL
-contention cost more than overlapping them gains on two cores. A pool may pay off with a remote
-PostgreSQL and more cores; it stays an option.
+``db_threads=N`` runs them in N worker threads. Inline was faster for both databases on the
+2-core development machine with every cache disabled (docs/performance.md): statements take well
+under a millisecond, and thread hand-offs plus GIL contention cost more than overlapping them
+gains on two cores. A pool may pay off with a remote PostgreSQL and more cores; it stays an option.
 """
 
 from __future__ import annotations

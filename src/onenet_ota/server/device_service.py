@@ -197,7 +197,7 @@ class DownloadGrant:
 
 
 # --------------------------------------------------------------------------------------------
-# Prebuilt statements (style.md: statements built per call cost 2-5x on SQLite)
+# Prebuilt statements (statements built per call cost 2-5x on SQLite, docs/performance.md)
 
 _dt, _t, _p = device_tasks, tasks, packages
 _TASK_JOIN = _dt.join(_t, _t.c.id == _dt.c.task_id).join(_p, _p.c.id == _t.c.package_id)
@@ -481,7 +481,7 @@ class _Reader:
 
     Why: on the development machine a Core ``engine.begin()`` + ``execute`` of E3's statement
     cost about 580 us on SQLite, the same SQL through the pooled sqlite3 connection about 25 us
-    (style.md measured raw sqlite3 at 4-7x Core). Reads are single statements, so the database's
+    (raw sqlite3 measured at 4-7x Core). Reads are single statements, so the database's
     own statement-level snapshot is all the consistency they need; every write still goes through
     a Core transaction with compare-and-set (see the module docstring). Values come back as the
     driver returns them: the columns read here are integers and strings, which need no result
