@@ -43,7 +43,9 @@ def test_serves_then_stops_without_a_trace() -> None:
         assert server.pid is not None
         data_dir = server.data_dir
         assert data_dir is not None
-        reply = httpx2.get(server.url + "/api/v1/health")
+        # "ready" means the socket is bound; on a loaded machine the workers may still be starting,
+        # and the request waits in the listen backlog until one accepts it.
+        reply = httpx2.get(server.url + "/api/v1/health", timeout=60)
         assert reply.status_code == 200
         denied = httpx2.get(server.url + "/api/v1/products")
         assert denied.status_code == 401
@@ -56,7 +58,9 @@ def test_serves_then_stops_without_a_trace() -> None:
         assert len([pid for pid in workers if alive(pid)]) >= 2
         pid = server.pid
     assert not alive(pid)
-    assert not any(alive(worker) for worker in workers)
+    # stop() SIGKILLs what is left of the group (multiprocessing's resource tracker among them)
+    # and returns; a killed process may still be running its exit for a moment.
+    assert all(wait_gone(worker) for worker in workers)
     assert not data_dir.exists()
 
 
