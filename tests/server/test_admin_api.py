@@ -1360,8 +1360,11 @@ def test_openapi_lists_every_error_status() -> None:
         for method, operation in operations.items():
             codes = {int(code) for code in operation["responses"] if int(code) >= 400}
             where = (method, path)
-            json_body = "application/json" in operation.get("requestBody", {}).get("content", {})
-            assert (400 in codes) == json_body, where  # only a JSON body can be malformed
+            content = operation.get("requestBody", {}).get("content", {})
+            json_body = "application/json" in content
+            # Only a body can be malformed or cut off (400), or stop arriving (408).
+            assert (400 in codes) == bool(content), where
+            assert (408 in codes) == bool(content), where
             if json_body:
                 assert {413, 422} <= codes, where
             if any(p["in"] == "query" for p in operation.get("parameters", [])):
