@@ -356,3 +356,34 @@ def test_start_sweeps_what_a_crash_left_but_not_live_uploads(db_url: str, tmp_pa
         assert server.stop() == 0
     finally:
         server.kill()
+
+
+# A stop asked for in the moment between "listening" and the installation of the loop's (or the
+# supervisor's) signal handlers: the process is told to stop from inside ``ready``, the last
+# thing before those handlers go in.
+_STOP_WHEN_READY = """
+import logging, os, signal, sys
+from pathlib import Path
+from onenet_ota.server.app import run
+from onenet_ota.server.config import Settings
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+settings = Settings(data_dir=Path(sys.argv[1]), port=0, workers=int(sys.argv[2]),
+                    admin_token="admin-token-for-app-tests-0123")
+run(settings, ready=lambda sock: os.kill(os.getpid(), signal.SIGTERM))
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_right_after_listening_is_graceful(tmp_path: Path, workers: int) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _STOP_WHEN_READY, str(tmp_path / "data"), str(workers)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    # Before: the default action of SIGTERM killed the process (-15) with nothing cleaned up.
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "returned\n"
+    assert "stopped" in done.stderr

@@ -243,14 +243,22 @@ async def _serve(
 
 
 def _run_loop(
-    settings: Settings, sock: socket.socket, *, sweeper: bool, push_verified: bool
+    settings: Settings,
+    sock: socket.socket,
+    *,
+    sweeper: bool,
+    push_verified: bool,
+    early_stop: threading.Event | None = None,
 ) -> None:
-    """Serve on ``sock`` in this process until SIGINT or SIGTERM."""
+    """Serve on ``sock`` in this process until SIGINT or SIGTERM (or at once if ``early_stop``,
+    a stop that arrived before the loop's handlers were installed, is set)."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if early_stop is not None and early_stop.is_set():
+        stop.set()
     try:
         loop.run_until_complete(
             _serve(settings, sock, sweeper=sweeper, push_verified=push_verified, stop=stop)
@@ -374,21 +382,36 @@ def run(
     sock = bind_socket(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     scheme = "https" if settings.tls else "http"
-    log.info("listening on %s://%s:%d with %d worker(s)", scheme, host, port, settings.workers)
-    if ready is not None:
-        ready(sock)
+    # A stop asked for between the announcement below and the moment the loop or the supervisor
+    # installs its own handlers must be a graceful stop, not the default action of SIGTERM (death
+    # by signal, with nothing cleaned up): it is recorded here and honoured once they are in place.
+    early_stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda _signum, _frame: early_stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
+        log.info("listening on %s://%s:%d with %d worker(s)", scheme, host, port, settings.workers)
+        if ready is not None:
+            ready(sock)
         if settings.workers == 1:
-            _run_loop(settings, sock, sweeper=True, push_verified=push_verified)
+            _run_loop(
+                settings, sock, sweeper=True, push_verified=push_verified, early_stop=early_stop
+            )
         else:
-            _supervise(settings, sock, push_verified)
+            _supervise(settings, sock, push_verified, early_stop)
     finally:
         sock.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     log.info("stopped")
 
 
-def _supervise(settings: Settings, sock: socket.socket, push_verified: bool) -> None:
-    """Run ``settings.workers`` worker processes on ``sock`` until SIGINT/SIGTERM."""
+def _supervise(
+    settings: Settings, sock: socket.socket, push_verified: bool, early_stop: threading.Event
+) -> None:
+    """Run ``settings.workers`` worker processes on ``sock`` until SIGINT/SIGTERM (see
+    :func:`_run_loop` for ``early_stop``)."""
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
     stopping = False
@@ -400,6 +423,7 @@ def _supervise(settings: Settings, sock: socket.socket, push_verified: bool) -> 
     previous = {
         signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)
     }
+    stopping = early_stop.is_set()
 
     def start(index: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(
