@@ -41,7 +41,7 @@ from onenet_ota.device._core import Call, ClientCore, Head
 from onenet_ota.device.config import Timeout
 from onenet_ota.device.events import DownloadedChunk
 from onenet_ota.protocol.codes import Operation, OtaErrno
-from onenet_ota.protocol.dialects import endpoint
+from onenet_ota.protocol.dialects import EndpointSpec, endpoint
 from tests.device.conftest import FIRMWARE, FIRMWARE_MD5, K1, MakeClient
 from tests.device.scripted_server import (
     Reply,
@@ -346,7 +346,10 @@ async def test_envelope_codes_raise_the_named_error(
     assert type(caught.value) is error
     assert caught.value.code == code
     assert caught.value.dialect is dialect
-    assert str(caught.value).startswith(caught.value.endpoint.label)  # "F-C check task: ..."
+    spec = caught.value.endpoint
+    assert isinstance(spec, EndpointSpec)
+    assert spec.dialect is dialect
+    assert str(caught.value).startswith(f"{spec.label} ")  # "F-C check task: ..."
 
 
 async def test_fuse_error_text_says_code_and_the_spec_s_words(
