@@ -6,7 +6,9 @@ several timed pieces), a connection closed without a reply, or a request left ha
 are kept alive unless an action says otherwise, so connection reuse is exercised too.
 
 A request that arrives when the script is empty is answered with a 599 and remembered in
-``unexpected``; the ``server`` fixture fails the test if that list is not empty.
+``unexpected``; the ``server`` fixture fails the test if that list is not empty. A test that needs
+a platform with state instead sets ``handler``: it answers every request the script does not
+(tests/device/dialect_platform.py is one).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -171,6 +174,7 @@ class ScriptedServer:
         self.unexpected: list[RecordedRequest] = []
         self.connections = 0
         self._script: deque[Action] = deque()
+        self.handler: Callable[[RecordedRequest], Action] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -258,6 +262,8 @@ class ScriptedServer:
                 with self._lock:
                     self.requests.append(request)
                     action = self._script.popleft() if self._script else None
+                if action is None and self.handler is not None:
+                    action = self.handler(request)
                 if action is None:
                     self.unexpected.append(request)
                     conn.sock.sendall(raw_response(599, b"no scripted reply"))

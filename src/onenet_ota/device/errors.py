@@ -313,6 +313,21 @@ VERDICT_EXCEPTIONS: Mapping[Verdict, type[PlatformError]] = {
 }
 
 
+def _verdict_elsewhere(dialect: Dialect, code: int) -> Verdict | None:
+    """The verdict ``code`` has on the dialect's other operations, if they all agree.
+
+    A platform may answer a code where this project's table does not list it: §13.7 names 22 a
+    terminal answer on fuse, and OneNET may send it on F-T, whose row here has no 22 (F7). The
+    number keeps its meaning across the dialect's operations (F3), so it is read as there.
+    """
+    found = {
+        verdict
+        for operation in codes.REPLY_CODES[dialect]
+        if (verdict := codes.verdict_of_code(dialect, operation, code)) is not None
+    }
+    return found.pop() if len(found) == 1 else None
+
+
 def platform_error(
     errno: int,
     text: str,
@@ -328,7 +343,9 @@ def platform_error(
     if isinstance(endpoint, EndpointSpec) and endpoint.dialect is not Dialect.CLASSIC:
         if not text:
             text = codes.REPLY_TEXTS[endpoint.dialect].get(errno, "")
-        verdict = codes.verdict_of_code(endpoint.dialect, endpoint.operation, errno)
+        verdict = codes.verdict_of_code(endpoint.dialect, endpoint.operation, errno) or (
+            _verdict_elsewhere(endpoint.dialect, errno)
+        )
         # 10403 and the other common answers are in every operation's row (F2); a code the
         # dialect does not answer on this operation is still an error, just an unnamed one.
         cls = VERDICT_EXCEPTIONS.get(verdict, PlatformError) if verdict else PlatformError
