@@ -537,3 +537,12 @@ def test_a_tid_outside_its_grammar_is_refused(tid: object) -> None:
     core = _core(Dialect.FUSE)
     with pytest.raises(InvalidArgumentError):
         core.task_status(tid)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("uid", ["0", "042", "-1", "12a", str(2**63)])
+def test_an_account_token_needs_a_canonical_uid(uid: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="user id"):
+        Credentials.from_user_key(uid, K1)
+    with pytest.raises(InvalidArgumentError) as caught:
+        Credentials.from_user_key("4242", "not base64!")
+    assert "not base64!" not in str(caught.value)
