@@ -39,8 +39,10 @@ from onenet_ota.device import (
 )
 from onenet_ota.device._core import Call, ClientCore, Head
 from onenet_ota.device.config import Timeout
+from onenet_ota.device.errors import VERDICT_EXCEPTIONS, platform_error
 from onenet_ota.device.events import DownloadedChunk
-from onenet_ota.protocol.codes import Operation, OtaErrno
+from onenet_ota.protocol import codes
+from onenet_ota.protocol.codes import Operation, OtaErrno, Verdict
 from onenet_ota.protocol.dialects import EndpointSpec, endpoint
 from tests.device.conftest import FIRMWARE, FIRMWARE_MD5, K1, MakeClient
 from tests.device.scripted_server import (
@@ -546,3 +548,19 @@ def test_an_account_token_needs_a_canonical_uid(uid: str) -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         Credentials.from_user_key("4242", "not base64!")
     assert "not base64!" not in str(caught.value)
+
+
+@pytest.mark.parametrize("dialect", [Dialect.STUDIO, Dialect.FUSE], ids=lambda d: d.value)
+def test_every_code_of_the_tables_raises_its_verdict_s_class(dialect: Dialect) -> None:
+    """Each non-zero code of each operation's row (codes.REPLY_CODES) names its class and text."""
+    for operation, row in codes.REPLY_CODES[dialect].items():
+        for verdict, code in row.items():
+            if verdict is Verdict.OK:
+                continue
+            spec = endpoint(dialect, operation)
+            exc = platform_error(code, "", endpoint=spec)
+            expected = codes.verdict_of_code(dialect, operation, code)
+            assert expected is not None
+            assert type(exc) is VERDICT_EXCEPTIONS[expected], (operation, code)
+            assert exc.code == code
+            assert exc.text == codes.reply_text(dialect, code)
