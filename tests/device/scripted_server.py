@@ -6,7 +6,9 @@ several timed pieces), a connection closed without a reply, or a request left ha
 are kept alive unless an action says otherwise, so connection reuse is exercised too.
 
 A request that arrives when the script is empty is answered with a 599 and remembered in
-``unexpected``; the ``server`` fixture fails the test if that list is not empty.
+``unexpected``; the ``server`` fixture fails the test if that list is not empty. A test that needs
+a platform with state instead sets ``handler``: it answers every request the script does not
+(tests/device/dialect_platform.py is one).
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from onenet_ota.protocol import messages
+from onenet_ota.protocol.codes import REPLY_TEXTS, Dialect
+from onenet_ota.protocol.dialects import DIALECTS
+from onenet_ota.protocol.envelopes import FUSE_ENVELOPE
 from onenet_ota.protocol.errno import Errno
+from onenet_ota.protocol.framing import error_reply, success_reply
 from onenet_ota.protocol.ranges import format_content_range
 
 REASONS = {200: "OK", 206: "Partial Content", 404: "Not Found", 500: "Internal Server Error"}
@@ -167,6 +174,7 @@ class ScriptedServer:
         self.unexpected: list[RecordedRequest] = []
         self.connections = 0
         self._script: deque[Action] = deque()
+        self.handler: Callable[[RecordedRequest], Action] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -254,6 +262,8 @@ class ScriptedServer:
                 with self._lock:
                     self.requests.append(request)
                     action = self._script.popleft() if self._script else None
+                if action is None and self.handler is not None:
+                    action = self.handler(request)
                 if action is None:
                     self.unexpected.append(request)
                     conn.sock.sendall(raw_response(599, b"no scripted reply"))
@@ -302,3 +312,36 @@ class ScriptedServer:
             return False
         conn.buffer += data
         return True
+
+
+# -- Studio and fuse (§12, §13) --------------------------------------------------------------
+# Replies are rendered by the protocol core's own encoders (envelopes, framing), the ones the
+# server will use, so these tests also check that the SDK reads what the core writes.
+
+
+def fuse_envelope(code: int = 0, msg: str | None = None, data: Any = None) -> Reply:
+    """``{"code":N,"msg":"text","request_id":"..."[,"data":...]}`` (§13.2)."""
+    text = msg if msg is not None else REPLY_TEXTS[Dialect.FUSE].get(code, "error")
+    body = FUSE_ENVELOPE.encode(code, text, data, request_id="0123456789abcdef0123456789abcdef")
+    return Reply(raw_response(200, body, [("Content-Type", FUSE_ENVELOPE.content_type)]))
+
+
+def dialect_download(
+    dialect: Dialect, data: bytes, start: int, end: int, total: int, *, partial: bool = True
+) -> Reply:
+    """A successful Studio/fuse download as the protocol core frames it (§12.3, §13.4)."""
+    reply = success_reply(
+        DIALECTS[dialect].framing,
+        file_name="firmware.bin",
+        length=total,
+        start=start,
+        end=end,
+        partial=partial,
+        body=data,
+    )
+    return Reply(reply.to_bytes())
+
+
+def dialect_download_error(dialect: Dialect, code: int) -> Reply:
+    """A Studio/fuse download error carrying ``Ota-Errno: code`` (§12.3, F8), status 200."""
+    return Reply(error_reply(DIALECTS[dialect].framing, code).to_bytes())

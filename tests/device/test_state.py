@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +29,7 @@ from onenet_ota.device.state import (
     UpgradeState,
     open_for_update,
 )
+from onenet_ota.protocol.codes import Dialect
 from onenet_ota.protocol.messages import TaskInfo
 from onenet_ota.protocol.status import TaskType
 
@@ -421,3 +423,44 @@ def test_state_directory_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None
     not_a_dir.write_text("x")
     with pytest.raises(StateError, match="state directory"):
         StateStore(not_a_dir, TaskType.FOTA).save(make_state())
+
+
+# -- dialects (§13.7) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dialect", [Dialect.STUDIO, Dialect.FUSE])
+def test_a_tid_state_round_trips_with_its_dialect(tmp_path: Path, dialect: Dialect) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    state = make_state(task=replace(TASK, token="4242"), dialect=dialect, offset=4096)
+    store.save(state)
+    assert json.loads(store.state_path.read_bytes())["dialect"] == dialect.value
+    assert store.load() == state
+
+
+def test_a_state_written_before_dialects_reads_as_classic(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    store.save(make_state(offset=100))
+    obj = json.loads(store.state_path.read_bytes())
+    del obj["dialect"]
+    store.state_path.write_text(json.dumps(obj))
+    loaded = store.load()
+    assert loaded is not None
+    assert loaded.dialect is Dialect.CLASSIC
+    assert loaded.offset == 100
+
+
+@pytest.mark.parametrize("token", ["ota_3fQ9cZr0LmT7wXa2bN5k", "0", "042", "2147483648"])
+def test_a_tid_state_needs_a_tid(token: str) -> None:
+    with pytest.raises(ValueError, match="tid"):
+        make_state(task=replace(TASK, token=token), dialect=Dialect.FUSE)
+
+
+@pytest.mark.parametrize("dialect", ["things", 3, None])
+def test_a_state_of_an_unknown_dialect_is_set_aside(tmp_path: Path, dialect: object) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    store.save(make_state())
+    obj = json.loads(store.state_path.read_bytes())
+    obj["dialect"] = dialect
+    store.state_path.write_text(json.dumps(obj))
+    assert store.load() is None
+    assert not store.state_path.exists()

@@ -6,6 +6,15 @@ Commands::
         --type fota|sota --version V --state-dir DIR --output PATH [--chunk-size N] [--json]
     onenet-ota device check --server URL --dev-id ID --product-id PID --access-key KEY \\
         --type fota|sota --version V [--json]
+    onenet-ota device upgrade|check --dialect studio|fuse --server URL --product-id PID \\
+        --device-name NAME --access-key KEY [--user-id UID] [--token-version V] ...
+
+``--dialect`` picks the device API (spec §13.7): ``classic`` (the default; needs ``--dev-id``),
+``studio`` (§12) or ``fuse`` (§13), which name the device by ``--product-id`` and
+``--device-name`` in the path. Their token is device-level by default (Studio: version
+2018-10-31, as the C SDK; fuse: 2022-05-01); ``--user-id`` signs an account-level token instead
+(fuse only), with the account's key as ``--access-key``; ``--token-version`` overrides the
+version.
 
 ``upgrade`` runs the whole resumable upgrade (:mod:`onenet_ota.device.upgrader`): run it again
 after any interruption and it continues from ``--state-dir``. On a terminal it draws a progress
@@ -66,7 +75,8 @@ from onenet_ota.device.upgrader import (
     Verified,
     Waiting,
 )
-from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.codes import Dialect
+from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
 from onenet_ota.protocol.status import describe_status, status_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,11 +113,19 @@ def _device_options(command: F) -> F:
             help="the OTA server's base URL, e.g. http://127.0.0.1:8080 [env ONENET_OTA_SERVER]",
         ),
         click.option(
+            "--dialect",
+            envvar=_env("DIALECT"),
+            type=click.Choice([dialect.value for dialect in Dialect]),
+            default=Dialect.CLASSIC.value,
+            show_default=True,
+            help="the device API: classic, studio (§12) or fuse (§13) [env ONENET_OTA_DIALECT]",
+        ),
+        click.option(
             "--dev-id",
             envvar=_env("DEV_ID"),
-            required=True,
             metavar="ID",
-            help="OneNET device id (digits) [env ONENET_OTA_DEV_ID]",
+            help="OneNET device id (digits); classic only, and required there "
+            "[env ONENET_OTA_DEV_ID]",
         ),
         click.option(
             "--product-id",
@@ -128,7 +146,22 @@ def _device_options(command: F) -> F:
             "--device-name",
             envvar=_env("DEVICE_NAME"),
             metavar="NAME",
-            help="sign a device-level token for this device [env ONENET_OTA_DEVICE_NAME]",
+            help="sign a device-level token for this device; studio and fuse also name the "
+            "device by it in the path, and need it [env ONENET_OTA_DEVICE_NAME]",
+        ),
+        click.option(
+            "--user-id",
+            envvar=_env("USER_ID"),
+            metavar="UID",
+            help="fuse: sign an account-level token (res=userid/UID, §13.3) with the account's "
+            "key as --access-key [env ONENET_OTA_USER_ID]",
+        ),
+        click.option(
+            "--token-version",
+            envvar=_env("TOKEN_VERSION"),
+            type=click.Choice(auth.VERSIONS),
+            help="the token's version; default: the dialect's (§13.7) "
+            "[env ONENET_OTA_TOKEN_VERSION]",
         ),
         click.option(
             "--method",
@@ -202,21 +235,41 @@ def _client(params: dict[str, Any]) -> OtaClient:
     server: str = params["server"]
     if not server.startswith(("http://", "https://")):
         _usage(f"--server must be an http:// or https:// URL, not {server!r}")
+    dialect = Dialect(params["dialect"])
+    if dialect is Dialect.CLASSIC and not params["dev_id"]:
+        _usage("--dev-id is required with --dialect classic")
+    if dialect is not Dialect.CLASSIC and not params["device_name"]:
+        _usage(f"--device-name is required with --dialect {dialect.value}")
+    if params["user_id"] is not None and dialect is not Dialect.FUSE:
+        _usage("--user-id (an account token) works with --dialect fuse only (§13.3)")
     try:
-        credentials = Credentials.from_access_key(
-            params["product_id"],
-            params["access_key"],
-            device_name=params["device_name"],
-            method=params["method"],
-        )
+        if params["user_id"] is not None:
+            credentials = Credentials.from_user_key(
+                params["user_id"],
+                params["access_key"],
+                method=params["method"],
+                version=params["token_version"] or auth.VERSION_2022,
+            )
+        else:
+            credentials = Credentials.for_dialect(
+                dialect,
+                params["product_id"],
+                params["access_key"],
+                device_name=params["device_name"],
+                method=params["method"],
+                version=params["token_version"],
+            )
         config = DeviceConfig(
             credentials=credentials,
-            dev_id=params["dev_id"],
+            dev_id=params["dev_id"] if dialect is Dialect.CLASSIC else None,
             version=params["version"],
             type=_TYPES[params["task_type"]],
             manuf=params["manuf"],
             model=params["model"],
             cdn=params["cdn"],
+            dialect=dialect,
+            product_id=params["product_id"] if dialect is not Dialect.CLASSIC else None,
+            device_name=params["device_name"] if dialect is not Dialect.CLASSIC else None,
         )
         return OtaClient(
             config,
@@ -244,12 +297,16 @@ def device() -> None:
 @device.command()
 @_device_options
 def check(**params: Any) -> None:
-    """Ask the server for an upgrade task (E3) and print it. Changes nothing but the stored
-    version (E3 records it, spec §6.3)."""
+    """Ask the server for an upgrade task (E3; S-C, F-C) and print it. Changes nothing but the
+    stored version (E3 records it, spec §6.3)."""
     as_json: bool = params["as_json"]
     with _client(params) as client:
         try:
-            task = client.check_task()
+            task: TaskInfo | TidTaskInfo = (
+                client.check_task()
+                if client.dialect is Dialect.CLASSIC
+                else client.check_tid_task()
+            )
         except NoTask:
             if as_json:
                 _print_json({"task": None})
@@ -267,7 +324,7 @@ def check(**params: Any) -> None:
         click.echo(f"{key:>9}: {value}")
 
 
-def _task_dict(task: TaskInfo) -> dict[str, Any]:
+def _task_dict(task: TaskInfo | TidTaskInfo) -> dict[str, Any]:
     # The token is a download credential: shown, since it is what `check` is for, but only here.
     data = task.to_data()
     data["type"] = "differential" if data["type"] == 2 else "full"
@@ -327,9 +384,9 @@ class _SizeType(click.ParamType[int]):
     "--token-check",
     envvar=_env("TOKEN_CHECK"),
     type=click.Choice([policy.value for policy in TokenCheck]),
-    default=TokenCheck.EVERY_CHUNK.value,
-    show_default=True,
-    help="when to check the download token (E5) [env ONENET_OTA_TOKEN_CHECK]",
+    help="when to check the download token (E5) or the task (S-T, F-T); default: the "
+    "dialect's, every-chunk on classic and studio, first-chunk on fuse (§13.7) "
+    "[env ONENET_OTA_TOKEN_CHECK]",
 )
 @click.option(
     "--progress-step",
@@ -408,7 +465,9 @@ def upgrade(**params: Any) -> None:
     try:
         options = UpgradeOptions(
             chunk_size=params["chunk_size"],
-            token_check=TokenCheck(params["token_check"]),
+            token_check=None
+            if params["token_check"] is None
+            else TokenCheck(params["token_check"]),
             progress_step=params["progress_step"],
             checkpoint_bytes=params["checkpoint_bytes"],
             signal_probe=_constant(params["signal"]),

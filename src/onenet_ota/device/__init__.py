@@ -64,6 +64,7 @@ from onenet_ota.device.errors import (
     RequestTimeout,
     TaskCancelled,
     TaskFinished,
+    TaskSucceeded,
     TokenExpired,
     TransportError,
     VersionMismatch,
@@ -92,9 +93,10 @@ from onenet_ota.device.upgrader import (
     Upgrader,
     UpgradeResult,
 )
+from onenet_ota.protocol.codes import Dialect
 from onenet_ota.protocol.download import DownloadError as DownloadErrorCode
 from onenet_ota.protocol.errno import Errno
-from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
 from onenet_ota.protocol.status import PackageKind, StatusCode, TaskType
 
 # Library logging stays silent unless the application configures it.
@@ -110,6 +112,7 @@ __all__ = [
     "ClientClosedError",
     "Credentials",
     "DeviceConfig",
+    "Dialect",
     "DownloadError",
     "DownloadErrorCode",
     "DownloadedChunk",
@@ -147,7 +150,9 @@ __all__ = [
     "TaskChecked",
     "TaskFinished",
     "TaskInfo",
+    "TaskSucceeded",
     "TaskType",
+    "TidTaskInfo",
     "Timeout",
     "TokenCheck",
     "TokenChecked",

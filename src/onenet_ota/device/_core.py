@@ -10,6 +10,15 @@ and calls :meth:`BodyReader.finish`, which decodes the reply into the call's res
 to report, or raises the error from :mod:`onenet_ota.device.errors`.
 
 No I/O and no httpx2 here: the drivers only move bytes and map transport exceptions.
+
+Dialects (§13.7). The configuration's ``dialect`` picks the API. Classic keeps its own request
+forms (query strings with ``dev_id``, download tokens). Studio (§12) and fuse (§13) take their
+paths from :mod:`onenet_ota.protocol.dialects`, their envelope from
+:mod:`onenet_ota.protocol.envelopes` and the meaning of their codes from
+:mod:`onenet_ota.protocol.codes`; a task is named by its ``tid``. Their downloads send
+``Range: bytes=s-e`` with the end clamped to the package's last byte, accept a chunk only when the
+served start and end equal the request, and read a non-zero ``Ota-Errno`` as an error whatever
+the status (:func:`onenet_ota.protocol.framing.read_error`, ``served_range``).
 """
 
 from __future__ import annotations
@@ -24,11 +33,14 @@ from urllib.parse import quote, urlsplit
 from onenet_ota.auth import redact
 from onenet_ota.device.config import DeviceConfig, Timeout
 from onenet_ota.device.errors import (
+    AnyEndpoint,
     DownloadError,
     HTTPStatusError,
     InvalidArgumentError,
+    OtaError,
     ProtocolError,
     RequestTimeout,
+    endpoint_label,
     platform_error,
 )
 from onenet_ota.device.events import (
@@ -40,13 +52,28 @@ from onenet_ota.device.events import (
     TokenChecked,
     VersionPosted,
 )
-from onenet_ota.protocol import messages, ranges, values
+from onenet_ota.protocol import framing, messages, ranges, values
+from onenet_ota.protocol.codes import Dialect, Operation, OtaErrno
+from onenet_ota.protocol.dialects import DIALECTS, EndpointSpec
+from onenet_ota.protocol.dialects import endpoint as dialect_endpoint
 from onenet_ota.protocol.download import decode_error_body
 from onenet_ota.protocol.endpoints import Endpoint, path_for
-from onenet_ota.protocol.messages import Envelope, TaskInfo, WireFormatError
+from onenet_ota.protocol.envelopes import EnvelopeCodec
+from onenet_ota.protocol.messages import (
+    Envelope,
+    TaskInfo,
+    TidTaskInfo,
+    WireFormatError,
+    parse_status_data,
+)
 from onenet_ota.protocol.status import TaskType, classify_result, classify_step
 
 T = TypeVar("T")
+AnyTask = TaskInfo | TidTaskInfo
+"""What a task check returns: classic's :class:`TaskInfo` (a download token) or Studio's and
+fuse's :class:`TidTaskInfo` (a ``tid``)."""
+TaskRef = str | int
+"""How a request names its task: a classic download token (str) or a Studio/fuse tid (int)."""
 
 # The protocol keeps JSON replies within 512 bytes (§8.2 item 4). This client is more lenient than
 # the C SDK, but a reply beyond 64 KiB is not a OneNET reply: refuse it without reading it all.
@@ -81,7 +108,7 @@ class Head:
 class WireRequest:
     """One HTTP request, as plain data. ``url`` is absolute; ``headers`` keep order and casing."""
 
-    endpoint: Endpoint
+    endpoint: AnyEndpoint
     method: str
     url: str
     headers: tuple[tuple[str, str], ...]
@@ -95,7 +122,7 @@ class WireRequest:
 
     def __repr__(self) -> str:  # the Authorization value is a credential
         headers = [(k, redact(v) if k.lower() == "authorization" else v) for k, v in self.headers]
-        return f"WireRequest({self.endpoint.value} {self.method} {self.url} {headers})"
+        return f"WireRequest({endpoint_label(self.endpoint)} {self.method} {self.url} {headers})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +169,7 @@ class Call(ABC, Generic[T]):
         self.request = request
 
     @property
-    def endpoint(self) -> Endpoint:
+    def endpoint(self) -> AnyEndpoint:
         """The endpoint the call goes to."""
         return self.request.endpoint
 
@@ -197,11 +224,18 @@ class Call(ABC, Generic[T]):
 
 
 class JsonCall(Call[T]):
-    """A call to a JSON endpoint: ``{"errno","error"[,"data"]}`` replies (§4.3)."""
+    """A call to a JSON endpoint: ``{"errno","error"[,"data"]}`` replies (§4.3), or the
+    dialect's envelope when ``codec`` is given (fuse's ``{"code","msg","request_id"}``, §13.2)."""
 
-    def __init__(self, request: WireRequest, on_success: Callable[[Envelope, bytes], Outcome[T]]):
+    def __init__(
+        self,
+        request: WireRequest,
+        on_success: Callable[[Envelope, bytes], Outcome[T]],
+        codec: EnvelopeCodec | None = None,
+    ):
         super().__init__(request)
         self._on_success = on_success
+        self._codec = codec
 
     def _body_limit(self, head: Head, length: int | None) -> tuple[int, str]:
         too_large = f"reply is larger than {MAX_JSON_REPLY} bytes"
@@ -211,7 +245,11 @@ class JsonCall(Call[T]):
 
     def _decode(self, head: Head, body: bytes, length: int | None) -> Outcome[T]:
         try:
-            envelope = messages.decode_envelope(body)
+            if self._codec is None:
+                envelope = messages.decode_envelope(body)
+            else:
+                reply = self._codec.decode(body)
+                envelope = Envelope(errno=reply.code, error=reply.text, data=reply.data)
         except WireFormatError as exc:
             raise self.protocol_error(str(exc)) from None
         if envelope.errno < 0:
@@ -329,6 +367,135 @@ class DownloadCall(Call[DownloadedChunk]):
         return Outcome(chunk, PackageDownloaded(self.endpoint, self.token, chunk))
 
 
+class TidDownloadCall(Call[DownloadedChunk]):
+    """S-D / F-D: a ``bytes=s-e`` Range request and its reply (§12.3, §13.4, §13.7).
+
+    - A non-zero ``Ota-Errno`` is an error whatever the HTTP status: :class:`DownloadError`.
+    - Otherwise a non-2xx status is an :class:`HTTPStatusError`; a 2xx without Content-Length is
+      Studio's one-byte error body (the same code, §12.3).
+    - Data is accepted only when the served start and end (``Content-Range-Start``/``-End``, or
+      ``Content-Range``) equal the request, whose end the client already clamped to the
+      package's last byte; a 200 without a range is accepted only if the request was the whole
+      package.
+    """
+
+    def __init__(
+        self,
+        request: WireRequest,
+        *,
+        dialect: Dialect,
+        tid: int,
+        start: int,
+        end: int,
+        known_total: int | None,
+    ) -> None:
+        super().__init__(request)
+        self.framing = DIALECTS[dialect].framing
+        self.tid = tid
+        self.start = start
+        self.end = end
+        self.known_total = known_total
+
+    def begin(self, head: Head) -> BodyReader[DownloadedChunk]:
+        """Judge ``Ota-Errno`` first (§13.4: only it tells the truth), then the status."""
+        headers = _lower(head)
+        if "ota-errno" in headers:
+            try:
+                # Status 0 makes read_error judge the header alone: the body is not read yet.
+                code = framing.read_error(self.framing, status=0, headers=headers, body=b"")
+            except WireFormatError as exc:
+                raise self.protocol_error(str(exc)) from None
+            if code is not None:
+                raise self._error(code)
+        return super().begin(head)
+
+    def _error(self, code: int) -> OtaError:
+        try:
+            return DownloadError(OtaErrno(code), endpoint=self.endpoint)
+        except ValueError:
+            return self.protocol_error(f"unknown Ota-Errno {code} (§13.5 has 0-6)")
+
+    def _body_limit(self, head: Head, length: int | None) -> tuple[int, str]:
+        if length is None:
+            # §12.3: an error's one code byte in a chunked body; never read further.
+            return 1, "download reply without Content-Length is not a one-byte error code"
+        size = self.end - self.start + 1
+        if length > size:
+            raise self.protocol_error(
+                f"server announced {length} bytes for the {size}-byte range {self.start}-{self.end}"
+            )
+        self._served(head, length)
+        return length, f"reply body is longer than its Content-Length {length}"
+
+    def _served(self, head: Head, length: int) -> tuple[int, bool]:
+        """(total, partial) once the served range is checked against the request."""
+        headers = _lower(head)
+        try:
+            served = framing.served_range(headers)
+        except WireFormatError as exc:
+            raise self.protocol_error(str(exc)) from None
+        total: int | None = None
+        content_range = headers.get("content-range")
+        if content_range is not None:
+            parsed = ranges.parse_content_range(content_range)
+            total = parsed[2] if parsed is not None else None
+        if total is not None and self.known_total is not None and total != self.known_total:
+            raise self.protocol_error(
+                f"the package has {total} bytes, but the task check gave {self.known_total}"
+            )
+        if served is None:
+            # §13.4: a 200 without a range is the whole file; it answers this request only if
+            # the request was for the whole package.
+            whole = (0, length - 1)
+            if (
+                head.status == 200
+                and (self.start, self.end) == whole
+                and (self.known_total in (None, length))
+            ):
+                return length, False
+            raise self.protocol_error(
+                f"the reply names no served range for the request {self.start}-{self.end}"
+            )
+        if served != (self.start, self.end):
+            raise self.protocol_error(
+                f"server served {served[0]}-{served[1]} for the request {self.start}-{self.end}; "
+                "a chunk is accepted only when they are equal (§13.7)"
+            )
+        if served[1] - served[0] + 1 != length:
+            raise self.protocol_error(
+                f"the served range {served[0]}-{served[1]} is {served[1] - served[0] + 1} bytes "
+                f"but Content-Length says {length}"
+            )
+        if total is None:
+            total = self.known_total if self.known_total is not None else self.end + 1
+        return total, True
+
+    def _decode(self, head: Head, body: bytes, length: int | None) -> Outcome[DownloadedChunk]:
+        if length is None:
+            try:
+                code = framing.read_error(
+                    self.framing, status=head.status, headers=_lower(head), body=body
+                )
+            except WireFormatError as exc:
+                raise self.protocol_error(str(exc)) from None
+            if code is None:  # pragma: no cover - read_error answers a code or raises here
+                raise self.protocol_error("download reply without Content-Length")
+            raise self._error(code)
+        total, partial = self._served(head, length)
+        chunk = DownloadedChunk(
+            data=body, start=self.start, end=self.end, total=total, partial=partial
+        )
+        return Outcome(chunk, PackageDownloaded(self.endpoint, "", chunk, tid=self.tid))
+
+
+def _lower(head: Head) -> dict[str, str]:
+    """The head's headers by lower-case name (the first value of each), as framing reads them."""
+    found: dict[str, str] = {}
+    for name, value in head.headers:
+        found.setdefault(name.lower(), value.strip())
+    return found
+
+
 def _data(envelope: Envelope) -> dict[str, Any]:
     if envelope.data is None:
         raise WireFormatError("reply has no 'data' object")
@@ -368,7 +535,12 @@ class ClientCore:
         self.config = config
         self.timeout = timeout
         self.scheme, self.origin, self.prefix = _split_base_url(base_url)
-        self.last_task: TaskInfo | None = None
+        self.last_task: AnyTask | None = None
+
+    @property
+    def dialect(self) -> Dialect:
+        """The device API this client speaks (§13.7)."""
+        return self.config.dialect
 
     # -- request building ------------------------------------------------------------------
 
@@ -412,11 +584,116 @@ class ClientCore:
             timeout=self._timeout(timeout_ms, endpoint),
         )
 
-    def _timeout(self, timeout_ms: int | None, endpoint: Endpoint) -> Timeout:
+    def _timeout(self, timeout_ms: int | None, endpoint: AnyEndpoint) -> Timeout:
         try:
             return self.timeout.with_ms(timeout_ms)
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(exc.message, endpoint=endpoint) from None
+
+    # -- Studio and fuse (§12, §13) -----------------------------------------------------------
+
+    def _spec(self, operation: Operation) -> EndpointSpec:
+        return dialect_endpoint(self.dialect, operation)
+
+    def _tid_request(
+        self,
+        operation: Operation,
+        method: str,
+        body: object | None,
+        timeout_ms: int | None,
+        *,
+        tid: int | None = None,
+        query: list[tuple[str, str]] | None = None,
+    ) -> tuple[EndpointSpec, WireRequest]:
+        spec = self._spec(operation)
+        values_: dict[str, str | int] = {
+            "pid": self.config.product_id or "",
+            "name": self.config.device_name or "",
+        }
+        if tid is not None:
+            values_["tid"] = tid
+        path = spec.path(**values_)  # the config validated pid and name; tid was checked
+        url = f"{self.origin}{self.prefix}{path}"
+        if query:
+            url += "?" + "&".join(f"{name}={value}" for name, value in query)
+        request = WireRequest(
+            endpoint=spec,
+            method=method,
+            url=url,
+            headers=self._json_headers(),
+            body=None if body is None else messages.dumps(body),
+            timeout=self._timeout(timeout_ms, spec),
+        )
+        return spec, request
+
+    def _json_call(
+        self, request: WireRequest, done: Callable[[Envelope, bytes], Outcome[T]]
+    ) -> JsonCall[T]:
+        return JsonCall(request, done, DIALECTS[self.dialect].envelope)
+
+    def _tid(self, task: TaskRef, endpoint: AnyEndpoint) -> int:
+        """A Studio/fuse task reference: a tid (§12.2)."""
+        if not _is_int(task) or not 1 <= int(task) <= messages.TID_MAX:
+            raise InvalidArgumentError(
+                f"the {self.dialect.value} dialect names a task by its tid, an integer from 1 to "
+                f"{messages.TID_MAX}",
+                endpoint=endpoint,
+            )
+        return int(task)
+
+    def _token(self, task: TaskRef, endpoint: Endpoint) -> str:
+        if not isinstance(task, str):
+            raise InvalidArgumentError(
+                "the classic dialect names a task by its download token (a string)",
+                endpoint=endpoint,
+            )
+        _check_token(task, endpoint)
+        return task
+
+    def _classic_only(self, endpoint: Endpoint, instead: str) -> None:
+        if self.dialect is not Dialect.CLASSIC:
+            raise InvalidArgumentError(
+                f"the {self.dialect.value} dialect has no such endpoint; {instead}",
+                endpoint=endpoint,
+            )
+
+    def task_status(self, tid: int, timeout_ms: int | None = None) -> Call[int]:
+        """S-T / F-T: the state (1-6, §5.1) of task ``tid``; validates the tid and moves a
+        to-be-upgraded task to downloading (S6, F7). Studio and fuse only (classic: E5)."""
+        if self.dialect is Dialect.CLASSIC:
+            raise InvalidArgumentError(
+                "the classic dialect has no task status; check the token with check_token (E5)",
+                endpoint=Endpoint.CHECK_TOKEN,
+            )
+        spec = self._spec(Operation.CHECK_STATE)
+        tid = self._tid(tid, spec)
+        spec, request = self._tid_request(Operation.CHECK_STATE, "GET", None, timeout_ms, tid=tid)
+
+        def done(envelope: Envelope, body: bytes) -> Outcome[int]:
+            status = parse_status_data(envelope.data)
+            return Outcome(status, TokenChecked(spec, body, "", tid=tid, status=status))
+
+        return self._json_call(request, done)
+
+    def check_tid_task(self, timeout_ms: int | None = None) -> Call[TidTaskInfo]:
+        """S-C / F-C: check for a task of the configured type (§12.2, §13.1). Studio and fuse
+        only (classic: :meth:`check_task`, whose task carries a download token)."""
+        if self.dialect is Dialect.CLASSIC:
+            raise InvalidArgumentError(
+                "the classic dialect's task has a download token: use check_task (E3)",
+                endpoint=Endpoint.CHECK_TASK,
+            )
+        query = [("type", str(int(self.config.type))), ("version", self.config.version)]
+        spec, request = self._tid_request(
+            Operation.CHECK_TASK, "GET", None, timeout_ms, query=query
+        )
+
+        def found(envelope: Envelope, body: bytes) -> Outcome[TidTaskInfo]:
+            task = TidTaskInfo.from_data(_data(envelope))
+            self.last_task = task
+            return Outcome(task, TaskChecked(spec, body, task))
+
+        return self._json_call(request, found)
 
     # -- operations --------------------------------------------------------------------------
 
@@ -439,6 +716,19 @@ class ClientCore:
             f_version = version
         elif version is not None:
             s_version = version
+        if self.dialect is not Dialect.CLASSIC:  # S-V, F-V: the same body, no query
+            spec, tid_request = self._tid_request(
+                Operation.REPORT_VERSION,
+                "POST",
+                messages.version_body(f_version, s_version),
+                timeout_ms,
+            )
+            return self._json_call(
+                tid_request,
+                lambda envelope, body: Outcome(
+                    None, VersionPosted(spec, body, f_version, s_version)
+                ),
+            )
         request = self._request(
             endpoint,
             "POST",
@@ -456,6 +746,11 @@ class ClientCore:
     def query_version(self, timeout_ms: int | None = None) -> Call[VersionInfo]:
         """E2: the versions the platform has stored for this device (§6.2)."""
         endpoint = Endpoint.QUERY_VERSION
+        if self.dialect is not Dialect.CLASSIC:  # S-Q, F-Q
+            _, tid_request = self._tid_request(Operation.QUERY_VERSION, "GET", None, timeout_ms)
+            return self._json_call(
+                tid_request, lambda envelope, body: Outcome(_parse_versions(envelope))
+            )
         request = self._request(
             endpoint,
             "GET",
@@ -467,9 +762,11 @@ class ClientCore:
         return JsonCall(request, lambda envelope, body: Outcome(_parse_versions(envelope)))
 
     def check_task(self, timeout_ms: int | None = None) -> Call[TaskInfo]:
-        """E3: check for a task of the configured type (§6.3)."""
+        """E3: check for a task of the configured type (§6.3). Classic only: Studio and fuse
+        answer a task without a token (:meth:`check_tid_task`)."""
         endpoint = Endpoint.CHECK_TASK
         config = self.config
+        self._classic_only(endpoint, "check with check_tid_task")
         query = [
             ("type", str(int(config.type))),
             ("version", config.version),
@@ -486,8 +783,10 @@ class ClientCore:
         return JsonCall(request, self._task_reply(endpoint))
 
     def tasking(self, timeout_ms: int | None = None) -> Call[TaskInfo]:
-        """E4: the task already downloading or upgrading, to recover after a reboot (§6.4)."""
+        """E4: the task already downloading or upgrading, to recover after a reboot (§6.4).
+        Classic only (Studio and fuse: task_status with the tid)."""
         endpoint = Endpoint.TASKING
+        self._classic_only(endpoint, "ask task_status with the tid")
         query = [
             ("type", str(int(self.config.type))),
             ("cdn", "true" if self.config.cdn else "false"),
@@ -505,8 +804,10 @@ class ClientCore:
         return done
 
     def check_token(self, token: str, timeout_ms: int | None = None) -> Call[None]:
-        """E5: check the download token; moves the task to downloading (§6.5)."""
+        """E5: check the download token; moves the task to downloading (§6.5).
+        Classic only (Studio and fuse: :meth:`task_status`)."""
         endpoint = Endpoint.CHECK_TOKEN
+        self._classic_only(endpoint, "check the tid with task_status")
         _check_token(token, endpoint)
         request = self._request(
             endpoint,
@@ -524,19 +825,26 @@ class ClientCore:
 
     def download(
         self,
-        token: str,
+        token: TaskRef,
         range_start: int,
         range_size: int,
         timeout_ms: int | None = None,
         *,
         exact_start: bool = False,
-    ) -> DownloadCall:
+        package_size: int | None = None,
+    ) -> Call[DownloadedChunk]:
         """E6: bytes ``range_start .. range_start + range_size - 1`` of the package (§6.6, §10).
 
         When the last E3/E4 reply for this token gave an ``ipPort``, the request goes there (D10).
+
+        Studio and fuse (S-D, F-D): ``token`` is the tid; the end is clamped to the package's
+        last byte (``package_size``, or the size the last task check gave for this tid) and the
+        reply must serve exactly the requested range (§13.7).
         """
         endpoint = Endpoint.DOWNLOAD
-        _check_token(token, endpoint)
+        if self.dialect is not Dialect.CLASSIC:
+            return self._tid_download(token, range_start, range_size, timeout_ms, package_size)
+        token = self._token(token, endpoint)
         if type(range_start) is not int or not 0 <= range_start < values.PACKAGE_SIZE_MAX:
             raise InvalidArgumentError(
                 f"range_start must be an integer from 0 to {values.PACKAGE_SIZE_MAX - 1}",
@@ -548,7 +856,8 @@ class ClientCore:
                 "(OneNET advises at least 2 bytes; the server clamps the end at EOF)",
                 endpoint=endpoint,
             )
-        task = self.last_task if self.last_task and self.last_task.token == token else None
+        last = self.last_task
+        task = last if isinstance(last, TaskInfo) and last.token == token else None
         path = path_for(endpoint, token)
         headers: list[tuple[str, str]] = []
         if task is not None and task.ip_port is not None:
@@ -581,15 +890,27 @@ class ClientCore:
             exact_start=exact_start,
         )
 
-    def report_status(self, token: str, code: int, timeout_ms: int | None = None) -> Call[None]:
-        """E7: report progress 0-100 or a status code 101-107/201-208 (§6.7)."""
+    def report_status(self, token: TaskRef, code: int, timeout_ms: int | None = None) -> Call[None]:
+        """E7: report progress 0-100 or a status code 101-107/201-208 (§6.7); S-R / F-R with
+        the tid on Studio and fuse (§12.2, §13.1)."""
         endpoint = Endpoint.REPORT_PROGRESS
-        _check_token(token, endpoint)
+        spec = None if self.dialect is Dialect.CLASSIC else self._spec(Operation.REPORT_STATUS)
+        tid = None if spec is None else self._tid(token, spec)
+        token = "" if spec is not None else self._token(token, endpoint)
         if not _is_int(code) or classify_step(code) is None:
             raise InvalidArgumentError(
-                f"status code must be 0-100, 101-107 or 201-208, got {code!r}", endpoint=endpoint
+                f"status code must be 0-100, 101-107 or 201-208, got {code!r}",
+                endpoint=spec or endpoint,
             )
         step = int(code)
+        if tid is not None:
+            spec, tid_request = self._tid_request(
+                Operation.REPORT_STATUS, "POST", {"step": step}, timeout_ms, tid=tid
+            )
+            return self._json_call(
+                tid_request,
+                lambda envelope, body: Outcome(None, StatusReported(spec, body, "", step, tid=tid)),
+            )
         request = self._request(
             endpoint,
             "POST",
@@ -605,8 +926,10 @@ class ClientCore:
         return JsonCall(request, done)
 
     def report_result(self, token: str, code: int, timeout_ms: int | None = None) -> Call[None]:
-        """E8: the older report form, ``{"result": code}``; status codes only (§6.8, D15)."""
+        """E8: the older report form, ``{"result": code}``; status codes only (§6.8, D15).
+        Classic only."""
         endpoint = Endpoint.REPORT_RESULT
+        self._classic_only(endpoint, "report with report_status and the tid")
         _check_token(token, endpoint)
         if not _is_int(code) or classify_result(code) is None:
             raise InvalidArgumentError(
@@ -637,6 +960,7 @@ class ClientCore:
         GET with a body, third-party clients use POST; both are accepted by the server (D18).
         """
         endpoint = Endpoint.DEV_INFO
+        self._classic_only(endpoint, "the device is named by product_id and device_name")
         if not isinstance(auth_info, str) or not auth_info:
             raise InvalidArgumentError("auth_info must be a non-empty string", endpoint=endpoint)
         if method not in ("GET", "POST"):
@@ -656,6 +980,62 @@ class ClientCore:
             timeout_ms,
         )
         return JsonCall(request, lambda envelope, body: Outcome(_parse_dev_id(envelope)))
+
+    def _tid_download(
+        self,
+        task: TaskRef,
+        range_start: int,
+        range_size: int,
+        timeout_ms: int | None,
+        package_size: int | None,
+    ) -> TidDownloadCall:
+        spec = self._spec(Operation.DOWNLOAD)
+        tid = self._tid(task, spec)
+        last = self.last_task
+        if package_size is None and isinstance(last, TidTaskInfo) and last.tid == tid:
+            package_size = last.size
+        if package_size is not None and (
+            not _is_int(package_size) or not 1 <= package_size <= values.PACKAGE_SIZE_MAX
+        ):
+            raise InvalidArgumentError(
+                f"package_size must be an integer from 1 to {values.PACKAGE_SIZE_MAX}",
+                endpoint=spec,
+            )
+        limit = values.PACKAGE_SIZE_MAX if package_size is None else package_size
+        if type(range_start) is not int or not 0 <= range_start < limit:
+            raise InvalidArgumentError(
+                f"range_start must be an integer from 0 to {limit - 1}", endpoint=spec
+            )
+        if type(range_size) is not int or not MIN_RANGE_SIZE <= range_size <= MAX_RANGE_SIZE:
+            raise InvalidArgumentError(
+                f"range_size must be an integer from {MIN_RANGE_SIZE} to {MAX_RANGE_SIZE}",
+                endpoint=spec,
+            )
+        # §13.7: the end is clamped to size-1, so the served range can equal the request.
+        end = min(range_start + range_size, limit) - 1
+        _, json_request = self._tid_request(Operation.DOWNLOAD, "GET", None, timeout_ms, tid=tid)
+        headers = (
+            ("Authorization", self.config.credentials.authorization),  # S2, F2: required
+            # §13.7: the bytes= form; ranges.format_request_range gives the unit-less value.
+            ("Range", "bytes=" + ranges.format_request_range(range_start, end)),
+            ("Accept-Encoding", "identity"),
+        )
+        request = WireRequest(
+            endpoint=spec,
+            method="GET",
+            url=json_request.url,
+            headers=headers,
+            body=None,
+            timeout=json_request.timeout,
+        )
+        return TidDownloadCall(
+            request,
+            dialect=self.dialect,
+            tid=tid,
+            start=range_start,
+            end=end,
+            known_total=package_size,
+        )
 
 
 def _is_int(value: object) -> bool:

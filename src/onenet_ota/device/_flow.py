@@ -28,6 +28,17 @@ delivered. Rules that keep a device whole:
 - Retries follow the task's ``retry``/``interval`` (:class:`~onenet_ota.device.retry.Retry`) and
   always end: timeouts, resets, short reads, HTTP 5xx and errno 7 are retried; a refusal that
   cannot succeed is not.
+
+Studio and fuse (§13.7) run the same flow. The task is named by its ``tid``, carried in the
+task's ``token`` field as decimal text (:func:`task_from_tid`); the driver turns it back into the
+integer the client sends (:func:`tid_of`). ``CheckToken`` is then S-T / F-T, whose status the
+driver judges with :func:`judge_status` (a terminal state is errno 20 or 22's exception).
+Studio checks the tid before every chunk, as the C SDK does; fuse checks at the start, after a
+failed chunk and before each status report, never before every chunk. ``Ota-Errno: 5`` is
+followed by a status check: a terminal state stops the flow without a report, an active one
+(a paused fuse task shows the state it was paused from, F7) waits as a pause does. Fuse's 12013
+(already on the target) ends the run like "no task". The state records the dialect: a state
+from another dialect, or from another tid, is started over, never resumed.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, NoReturn, TypeVar
 
 from onenet_ota.device.errors import (
+    AnyEndpoint,
     AuthFailed,
     DownloadError,
     HTTPStatusError,
@@ -58,6 +70,7 @@ from onenet_ota.device.errors import (
     RequestTimeout,
     TaskCancelled,
     TaskFinished,
+    TaskSucceeded,
     TokenExpired,
     TransportError,
     VersionMismatch,
@@ -66,9 +79,11 @@ from onenet_ota.device.events import DownloadedChunk
 from onenet_ota.device.install import InstallError
 from onenet_ota.device.retry import PauseLimitReached, Retry, RetryExhausted
 from onenet_ota.device.state import PartialFile, Phase, StateError, StateStore, UpgradeState
+from onenet_ota.protocol.codes import Dialect, OtaErrno
 from onenet_ota.protocol.download import DownloadError as DownloadErrorCode
 from onenet_ota.protocol.errno import Errno
-from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
+from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import StatusCode, TaskType
 
 __all__ = [
@@ -128,7 +143,10 @@ class CheckTask:
 
 @dataclass(frozen=True, slots=True)
 class Tasking:
-    """E4: the task already downloading or upgrading; returns a :class:`TaskInfo`."""
+    """E4: the task already downloading or upgrading; returns a :class:`TaskInfo`. On Studio
+    and fuse, the status of task ``token`` (the tid): NoValidToken unless it is upgrading."""
+
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +158,13 @@ class CheckToken:
 
 @dataclass(frozen=True, slots=True)
 class Download:
-    """E6: ``size`` bytes from ``start``; returns a :class:`DownloadedChunk`."""
+    """E6: ``size`` bytes from ``start``; returns a :class:`DownloadedChunk`. ``total`` is the
+    task's package size (Studio and fuse clamp the request's end to it, §13.7)."""
 
     token: str = field(repr=False)
     start: int
     size: int
+    total: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +202,45 @@ class TokenCheck(StrEnum):
     chunk and a device that never checks cannot report success, because its task never leaves
     to-be-upgraded)."""
 
-    EVERY_CHUNK = "every-chunk"  # the C SDK's behaviour (§7)
-    FIRST_CHUNK = "first-chunk"  # once per run, and again after any failure or new token
+    EVERY_CHUNK = "every-chunk"  # the C SDK's behaviour (§7); Studio's default (§13.7)
+    FIRST_CHUNK = "first-chunk"  # once per run, and again after any failure or new token;
+    # fuse's default (§13.7), which also checks before each status report
+
+
+DEFAULT_TOKEN_CHECK: Final = {
+    Dialect.CLASSIC: TokenCheck.EVERY_CHUNK,
+    Dialect.STUDIO: TokenCheck.EVERY_CHUNK,
+    Dialect.FUSE: TokenCheck.FIRST_CHUNK,
+}
+
+
+def task_from_tid(task: TidTaskInfo) -> TaskInfo:
+    """A Studio/fuse task in the flow's form: the tid as the token's decimal text, no advisory
+    values (S-C and F-C send none)."""
+    return TaskInfo(
+        target=task.target, token=str(task.tid), size=task.size, md5=task.md5, kind=task.kind
+    )
+
+
+def tid_of(token: str) -> int:
+    """The tid a Studio/fuse task's token field holds (see :func:`task_from_tid`)."""
+    return int(token)
+
+
+def judge_status(status: int, endpoint: AnyEndpoint | None) -> int:
+    """An S-T/F-T status as the flow reads E5's answers: a succeeded or failed task is
+    :class:`TaskFinished` (20), a cancelled one :class:`TaskCancelled` (22); an active state is
+    returned. A paused task never shows here: S-T answers 17 (S6), F-T its former state (F7)."""
+    state = TaskState(status)
+    if state is TaskState.CANCELLED:
+        raise TaskCancelled(
+            int(Errno.TASK_CANCELLED), f"the task is {state.name.lower()}", endpoint=endpoint
+        )
+    if state.is_terminal:
+        raise TaskFinished(
+            int(Errno.TASK_FINISHED), f"the task has {state.name.lower()}", endpoint=endpoint
+        )
+    return status
 
 
 class GatePolicy(StrEnum):
@@ -199,7 +256,8 @@ class UpgradeOptions:
     """How the upgrader behaves. Every field has a sensible default.
 
     - ``chunk_size``: bytes per E6 request (the C SDK uses 4096, §7).
-    - ``token_check``: when to run E5 (:class:`TokenCheck`).
+    - ``token_check``: when to run E5 (:class:`TokenCheck`); None for the dialect's default
+      (§13.7: every chunk on classic and Studio, first chunk on fuse).
     - ``progress_step``: report download progress (E7 0-99) every this many percent; 0 = never.
     - ``checkpoint_bytes``: fsync the partial package and persist the offset at least this often.
       A restart loses at most this much download.
@@ -214,7 +272,7 @@ class UpgradeOptions:
     """
 
     chunk_size: int = 64 * 1024
-    token_check: TokenCheck = TokenCheck.EVERY_CHUNK
+    token_check: TokenCheck | None = None
     progress_step: int = 10
     checkpoint_bytes: int = 1024 * 1024
     signal_probe: Probe | None = None
@@ -231,7 +289,8 @@ class UpgradeOptions:
             raise ValueError("progress_step must be an integer from 0 (never) to 99")
         if type(self.checkpoint_bytes) is not int or self.checkpoint_bytes < 1:
             raise ValueError("checkpoint_bytes must be a positive integer")
-        object.__setattr__(self, "token_check", TokenCheck(self.token_check))
+        if self.token_check is not None:
+            object.__setattr__(self, "token_check", TokenCheck(self.token_check))
         object.__setattr__(self, "gate", GatePolicy(self.gate))
         if self.max_duration is not None and not self.max_duration > 0:
             raise ValueError("max_duration must be positive (or None)")
@@ -419,6 +478,10 @@ class _Deliver(Exception):
         self.reason = reason
 
 
+class _FailedChunk(Exception):
+    """A retryable download failure on fuse: the loop checks the task (F-T) before retrying."""
+
+
 class _Unreachable:
     """The report's answer when the platform could not be reached."""
 
@@ -435,6 +498,12 @@ def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, DownloadError):
         return exc.reason is DownloadErrorCode.READ_FAILED
     return False
+
+
+def _no_task(exc: NoTask) -> str:
+    if isinstance(exc, TaskSucceeded):  # fuse 12013 (F6)
+        return "no upgrade task: the device already runs the latest task's target"
+    return "no upgrade task"
 
 
 def _is_failure_code(code: int) -> bool:
@@ -481,6 +550,7 @@ class UpgradeFlow:
         emit: Callable[[UpgradeEvent], None],
         clock: Callable[[], float],
         rng: random.Random,
+        dialect: Dialect = Dialect.CLASSIC,
     ) -> None:
         if store.task_type is not task_type:
             raise ValueError("the state store is for another task type")
@@ -499,6 +569,12 @@ class UpgradeFlow:
         self._resumed_from = 0
         self._verified_this_run = False
         self._refreshes = 0
+        self.dialect = Dialect(dialect)
+        self.token_check = options.token_check or DEFAULT_TOKEN_CHECK[self.dialect]
+
+    @property
+    def _by_tid(self) -> bool:
+        return self.dialect is not Dialect.CLASSIC
 
     # -- entry --------------------------------------------------------------------------------
 
@@ -563,6 +639,14 @@ class UpgradeFlow:
 
     def _main(self) -> Flow[UpgradeResult]:
         self.state = self.store.load()
+        if self.state is not None and self.state.dialect is not self.dialect:
+            # Its task reference means nothing to this dialect (a token is no tid), and its
+            # reports went to another API: start over rather than resume it wrongly.
+            self._emit(
+                Restarted(reason=f"the saved upgrade is of the {self.state.dialect.value} dialect")
+            )
+            self.state = None
+            self._clear()
         state = self.state
         if state is not None:
             self._resumed_from = state.offset if state.phase is Phase.DOWNLOADING else 0
@@ -644,6 +728,7 @@ class UpgradeFlow:
         *,
         reset: bool = False,
         accept: Callable[[Any], None] | None = None,
+        check_after_failure: bool = False,
     ) -> Flow[Any]:
         """Perform an operation, retrying retryable failures within the budget.
 
@@ -661,6 +746,8 @@ class UpgradeFlow:
                 if not _is_retryable(exc):
                     raise
                 yield from self._backoff(step, exc)
+                if check_after_failure:
+                    raise _FailedChunk from exc  # the caller checks the task before retrying
                 continue
             if reset:
                 self.retry = self.retry.reset()
@@ -717,9 +804,9 @@ class UpgradeFlow:
             try:
                 task: TaskInfo = yield from self._call("check task", CheckTask, reset=True)
                 return task
-            except NoTask:
+            except NoTask as exc:
                 if self.state is None:
-                    raise self._stop(Outcome.NO_TASK, "no upgrade task") from None
+                    raise self._stop(Outcome.NO_TASK, _no_task(exc)) from None
                 return (yield from self._resolve_vanished())
             except (ManufModelMismatch, VersionMismatch) as exc:
                 # T7/T8: the platform itself failed the task; nothing to report (§5.3).
@@ -779,6 +866,12 @@ class UpgradeFlow:
     def _adopt(self, task: TaskInfo) -> None:
         """Continue the persisted upgrade under ``task``, or start a new one."""
         state = self.state
+        if state is not None and self._by_tid and state.task.token != task.token:
+            # Another tid is another task (§12.2): its reports must not inherit this one's.
+            self._emit(Restarted(reason="the platform's task is another tid"))
+            self._clear()
+            self._resumed_from = 0
+            state = self.state = None
         if state is not None and not _same_package(state.task, task):
             self._emit(Restarted(reason="the task's package changed"))
             self._clear()
@@ -805,6 +898,7 @@ class UpgradeFlow:
                     from_version=self.current_version,
                     task=task,
                     started_at=self._clock(),
+                    dialect=self.dialect,
                 )
                 self.store.save(self.state)
             elif state.task != task:
@@ -882,7 +976,7 @@ class UpgradeFlow:
                     return
                 needs_check = True
                 continue
-            if needs_check or self.options.token_check is TokenCheck.EVERY_CHUNK:
+            if needs_check or self.token_check is TokenCheck.EVERY_CHUNK:
                 yield from self._token_check()
                 needs_check = False
                 # E5 may have refreshed the task, or restarted the download for a new package.
@@ -892,7 +986,7 @@ class UpgradeFlow:
                 if partial.offset >= state.task.size:
                     continue
             got = yield from self._download_chunk(partial.offset)
-            if got is None:  # the task was refreshed: check the (new) token first
+            if got is None:  # the task was refreshed or a chunk failed: check the task first
                 needs_check = True
                 continue
             partial.write(got)
@@ -971,6 +1065,7 @@ class UpgradeFlow:
             from_version=self.current_version,
             task=task,
             started_at=state.started_at,
+            dialect=self.dialect,
         )
         self.store.save(self.state)
         self._partial = self.store.open_partial(0)
@@ -994,10 +1089,19 @@ class UpgradeFlow:
         try:
             chunk: DownloadedChunk = yield from self._call(
                 "download",
-                lambda: Download(self._require_state().task.token, start, request_size),
+                lambda: Download(self._require_state().task.token, start, request_size, size),
                 accept=accept,
+                # §13.7: on fuse a failed chunk is followed by F-T before it is asked again.
+                check_after_failure=self.dialect is Dialect.FUSE,
             )
+        except _FailedChunk:
+            return None
         except DownloadError as exc:
+            if exc.reason is OtaErrno.NOT_DOWNLOADABLE:
+                # Ota-Errno 5 (§13.5): ended, cancelled or paused. The status check tells which:
+                # a terminal state stops without a report (§13.7), an active one is a pause.
+                yield from self._status_after_refusal()
+                return None
             if exc.reason is DownloadErrorCode.INVALID_TOKEN:
                 # Byte 3: expired token, or the task stopped (§6.6.4): E3 (and E5) tell which.
                 yield from self._backoff("download", exc)
@@ -1010,6 +1114,29 @@ class UpgradeFlow:
             self._fail_now(StatusCode.DOWNLOAD_OTHER, f"download: {exc}")
         view = memoryview(chunk.data)[start - chunk.start :]
         return view[: size - start]
+
+    def _status_after_refusal(self) -> Flow[None]:
+        """After ``Ota-Errno: 5``: S-T/F-T. Terminal stops the run; anything else waits."""
+        try:
+            yield from self._call("task status", lambda: self._check_op())
+        except TaskFinished:
+            raise self._stop(Outcome.FINISHED, _FINISHED, clear=True) from None
+        except TaskCancelled:
+            raise self._stop(Outcome.CANCELLED, _CANCELLED, clear=True) from None
+        except InvalidState:
+            pass
+        except NoValidToken as exc:
+            raise self._stop(
+                Outcome.NO_TASK, f"the platform no longer knows the task: {exc}", clear=True
+            ) from None
+        except _Exhausted as exc:
+            self._fail_exhausted(exc)
+        except OtaError as exc:
+            self._fail_now(StatusCode.DOWNLOAD_OTHER, f"task status: {exc}")
+        yield from self._wait_paused("the platform refused the download (Ota-Errno 5)")
+
+    def _check_op(self) -> CheckToken:
+        return CheckToken(self._require_state().task.token)
 
     def _report_progress(self, offset: int, size: int) -> Flow[None]:
         step = self.options.progress_step
@@ -1123,7 +1250,8 @@ class UpgradeFlow:
             # 21: upgrading already (our earlier 101 arrived), or paused. E4 reports only
             # downloading/upgrading tasks, and a downloading one would have taken 101 (§5.5).
             try:
-                yield from self._call("tasking", Tasking, reset=True)
+                token = self._require_state().task.token if self._by_tid else None
+                yield from self._call("tasking", lambda: Tasking(token), reset=True)
             except TokenExpired:
                 pass  # running, with an expired token: still upgrading
             except NoValidToken:
@@ -1182,8 +1310,21 @@ class UpgradeFlow:
         self._emit(Reported(code=code))
 
     def _send_report(self, code: StatusCode) -> Flow[int | _Unreachable]:
-        """E7 ``code``, persisted as pending first. Returns the errno, or :class:`_Unreachable`."""
+        """E7 ``code``, persisted as pending first. Returns the errno, or :class:`_Unreachable`.
+
+        Fuse checks the task (F-T) first (§13.7): a task that has ended answers as errno 20 or
+        22 would, and the report is not sent.
+        """
         self._save_quietly(pending=int(code))
+        if self.dialect is Dialect.FUSE:
+            try:
+                yield self._check_op()
+            except TaskFinished:
+                return Errno.TASK_FINISHED
+            except TaskCancelled:
+                return Errno.TASK_CANCELLED
+            except OtaError:
+                pass  # the report itself will tell
         try:
             yield from self._call(
                 f"report {int(code)}",

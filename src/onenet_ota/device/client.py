@@ -20,8 +20,8 @@ from typing import Any, Literal, TypeVar
 import httpx2
 
 from onenet_ota import __version__
-from onenet_ota.device._core import Call, ClientCore, Head, VersionInfo
-from onenet_ota.device.config import DEFAULT_BASE_URL, DeviceConfig, Timeout
+from onenet_ota.device._core import AnyTask, Call, ClientCore, Head, TaskRef, VersionInfo
+from onenet_ota.device.config import DEFAULT_BASE_URLS, DeviceConfig, Timeout
 from onenet_ota.device.errors import (
     ClientClosedError,
     InvalidArgumentError,
@@ -29,9 +29,11 @@ from onenet_ota.device.errors import (
     ProtocolError,
     RequestTimeout,
     TransportError,
+    endpoint_label,
 )
 from onenet_ota.device.events import AsyncEventCallback, DownloadedChunk, EventCallback, OtaEvent
-from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.codes import Dialect
+from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
 
 logger = logging.getLogger("onenet_ota.device")
 
@@ -136,7 +138,7 @@ class _ClientBase:
     def _setup(
         self,
         config: DeviceConfig,
-        base_url: str,
+        base_url: str | None,
         timeout: Timeout | int,
         verify: bool,
         ca_file: CaFile | None,
@@ -146,6 +148,9 @@ class _ClientBase:
             timeout = Timeout(timeout)
         if not isinstance(timeout, Timeout):
             raise InvalidArgumentError("timeout must be a Timeout or milliseconds as an int")
+        if base_url is None:
+            dialect = config.dialect if isinstance(config, DeviceConfig) else Dialect.CLASSIC
+            base_url = DEFAULT_BASE_URLS[dialect]
         self._core = ClientCore(config, base_url=base_url, timeout=timeout)
         if injected is not None and (ca_file is not None or verify is not True):
             raise InvalidArgumentError("configure TLS on the injected HTTP client instead")
@@ -158,9 +163,14 @@ class _ClientBase:
         return self._core.config
 
     @property
-    def last_task(self) -> TaskInfo | None:
+    def last_task(self) -> AnyTask | None:
         """The task the last successful ``check_task``/``tasking`` returned."""
         return self._core.last_task
+
+    @property
+    def dialect(self) -> Dialect:
+        """The device API this client speaks: classic, Studio or fuse (§13.7)."""
+        return self._core.dialect
 
     @property
     def closed(self) -> bool:
@@ -176,12 +186,17 @@ class _ClientBase:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(base_url={self._core.origin + self._core.prefix!r}, "
-            f"dev_id={self._core.config.dev_id!r}, type={self._core.config.type.name})"
+            f"dialect={self.dialect.value}, dev_id={self._core.config.dev_id!r}, "
+            f"device_name={self._core.config.device_name!r}, type={self._core.config.type.name})"
         )
 
 
 class OtaClient(_ClientBase):
-    """A OneNET classic OTA device client (sync), the C SDK's ``ota_*`` API.
+    """A OneNET OTA device client (sync), the C SDK's ``ota_*`` API.
+
+    The configuration's ``dialect`` chooses the API (§13.7): classic (tokens), Studio or fuse
+    (the task named by its ``tid``; :meth:`task_status` instead of :meth:`check_token`).
+    ``base_url`` defaults to the dialect's OneNET host.
 
     ``config`` is what ``ota_init`` takes; ``close()`` (or leaving a ``with`` block) is
     ``ota_deinit``. ``timeout`` is the default per-call limit (a :class:`Timeout` or ms); every
@@ -195,7 +210,7 @@ class OtaClient(_ClientBase):
         self,
         config: DeviceConfig,
         *,
-        base_url: str = DEFAULT_BASE_URL,
+        base_url: str | None = None,
         timeout: Timeout | int = DEFAULT_TIMEOUT,
         verify: bool = True,
         ca_file: CaFile | None = None,
@@ -244,7 +259,7 @@ class OtaClient(_ClientBase):
                     timeout=_http_timeout(request.timeout),
                 ) as response:
                     got_head = True
-                    logger.debug("%s: HTTP %s", call.endpoint.label, response.status_code)
+                    logger.debug("%s: HTTP %s", endpoint_label(call.endpoint), response.status_code)
                     reader = call.begin(_head(response))
                     for data in response.iter_raw():
                         reader.feed(data)
@@ -274,8 +289,19 @@ class OtaClient(_ClientBase):
         return self._execute(self._core.query_version(timeout_ms))
 
     def check_task(self, *, timeout_ms: int | None = None) -> TaskInfo:
-        """E3: the upgrade task for the configured type and version; :class:`NoTask` if none."""
+        """E3: the upgrade task for the configured type and version; :class:`NoTask` if none.
+        Classic only; Studio and fuse use :meth:`check_tid_task`."""
         return self._execute(self._core.check_task(timeout_ms))
+
+    def check_tid_task(self, *, timeout_ms: int | None = None) -> TidTaskInfo:
+        """S-C / F-C: the task for the configured type and version, named by its ``tid``;
+        :class:`NoTask` if none (Studio's 10, fuse's 12012), :class:`TaskSucceeded` for fuse's
+        12013 (already on the target)."""
+        return self._execute(self._core.check_tid_task(timeout_ms))
+
+    def task_status(self, tid: int, *, timeout_ms: int | None = None) -> int:
+        """S-T / F-T: the task's state 1-6 (§5.1); moves a to-be-upgraded task to downloading."""
+        return self._execute(self._core.task_status(tid, timeout_ms))
 
     def tasking(self, *, timeout_ms: int | None = None) -> TaskInfo:
         """E4: the task already downloading or upgrading (to resume after a power loss)."""
@@ -286,17 +312,28 @@ class OtaClient(_ClientBase):
         return self._execute(self._core.check_token(token, timeout_ms))
 
     def download_range(
-        self, token: str, range_start: int, range_size: int, *, timeout_ms: int | None = None
+        self,
+        token: TaskRef,
+        range_start: int,
+        range_size: int,
+        *,
+        timeout_ms: int | None = None,
+        package_size: int | None = None,
     ) -> DownloadedChunk:
         """E6: up to ``range_size`` bytes from ``range_start``, with where the server placed them.
 
         The server clamps the end at EOF, so the last chunk may be shorter. A 200 without
         Content-Range is the whole file, returned with ``start`` 0 and ``partial`` False.
+        Studio and fuse: ``token`` is the tid; the request's end is clamped to ``package_size``
+        (default: the last task check's size) and the reply must serve exactly that range.
         """
-        return self._execute(self._core.download(token, range_start, range_size, timeout_ms))
+        call = self._core.download(
+            token, range_start, range_size, timeout_ms, package_size=package_size
+        )
+        return self._execute(call)
 
     def download_package(
-        self, token: str, range_start: int, range_size: int, *, timeout_ms: int | None = None
+        self, token: TaskRef, range_start: int, range_size: int, *, timeout_ms: int | None = None
     ) -> bytes:
         """E6 as the C SDK's ``ota_download_package``: the bytes from ``range_start``.
 
@@ -306,8 +343,8 @@ class OtaClient(_ClientBase):
         call = self._core.download(token, range_start, range_size, timeout_ms, exact_start=True)
         return self._execute(call).data
 
-    def report_status(self, token: str, code: int, *, timeout_ms: int | None = None) -> None:
-        """E7: progress 0-100 or a :class:`StatusCode` (101-107, 201-208)."""
+    def report_status(self, token: TaskRef, code: int, *, timeout_ms: int | None = None) -> None:
+        """E7: progress 0-100 or a :class:`StatusCode` (101-107, 201-208); S-R/F-R (tid)."""
         return self._execute(self._core.report_status(token, code, timeout_ms))
 
     def report_result(self, token: str, code: int, *, timeout_ms: int | None = None) -> None:
@@ -343,7 +380,7 @@ class AsyncOtaClient(_ClientBase):
         self,
         config: DeviceConfig,
         *,
-        base_url: str = DEFAULT_BASE_URL,
+        base_url: str | None = None,
         timeout: Timeout | int = DEFAULT_TIMEOUT,
         verify: bool = True,
         ca_file: CaFile | None = None,
@@ -394,7 +431,7 @@ class AsyncOtaClient(_ClientBase):
                     timeout=_http_timeout(request.timeout),
                 ) as response:
                     got_head = True
-                    logger.debug("%s: HTTP %s", call.endpoint.label, response.status_code)
+                    logger.debug("%s: HTTP %s", endpoint_label(call.endpoint), response.status_code)
                     reader = call.begin(_head(response))
                     async for data in response.aiter_raw():
                         reader.feed(data)
@@ -431,6 +468,14 @@ class AsyncOtaClient(_ClientBase):
         """E3: see :meth:`OtaClient.check_task`."""
         return await self._execute(self._core.check_task(timeout_ms))
 
+    async def check_tid_task(self, *, timeout_ms: int | None = None) -> TidTaskInfo:
+        """S-C / F-C: see :meth:`OtaClient.check_tid_task`."""
+        return await self._execute(self._core.check_tid_task(timeout_ms))
+
+    async def task_status(self, tid: int, *, timeout_ms: int | None = None) -> int:
+        """S-T / F-T: see :meth:`OtaClient.task_status`."""
+        return await self._execute(self._core.task_status(tid, timeout_ms))
+
     async def tasking(self, *, timeout_ms: int | None = None) -> TaskInfo:
         """E4: see :meth:`OtaClient.tasking`."""
         return await self._execute(self._core.tasking(timeout_ms))
@@ -440,19 +485,30 @@ class AsyncOtaClient(_ClientBase):
         return await self._execute(self._core.check_token(token, timeout_ms))
 
     async def download_range(
-        self, token: str, range_start: int, range_size: int, *, timeout_ms: int | None = None
+        self,
+        token: TaskRef,
+        range_start: int,
+        range_size: int,
+        *,
+        timeout_ms: int | None = None,
+        package_size: int | None = None,
     ) -> DownloadedChunk:
         """E6: see :meth:`OtaClient.download_range`."""
-        return await self._execute(self._core.download(token, range_start, range_size, timeout_ms))
+        call = self._core.download(
+            token, range_start, range_size, timeout_ms, package_size=package_size
+        )
+        return await self._execute(call)
 
     async def download_package(
-        self, token: str, range_start: int, range_size: int, *, timeout_ms: int | None = None
+        self, token: TaskRef, range_start: int, range_size: int, *, timeout_ms: int | None = None
     ) -> bytes:
         """E6: see :meth:`OtaClient.download_package`."""
         call = self._core.download(token, range_start, range_size, timeout_ms, exact_start=True)
         return (await self._execute(call)).data
 
-    async def report_status(self, token: str, code: int, *, timeout_ms: int | None = None) -> None:
+    async def report_status(
+        self, token: TaskRef, code: int, *, timeout_ms: int | None = None
+    ) -> None:
         """E7: see :meth:`OtaClient.report_status`."""
         return await self._execute(self._core.report_status(token, code, timeout_ms))
 

@@ -11,9 +11,24 @@ from dataclasses import dataclass
 from onenet_ota import auth
 from onenet_ota.device.errors import InvalidArgumentError
 from onenet_ota.protocol import values
+from onenet_ota.protocol.codes import Dialect
+from onenet_ota.protocol.dialects import NAME, PID, STUDIO_PID
 from onenet_ota.protocol.status import TaskType
 
 DEFAULT_BASE_URL = "http://ota.heclouds.com"  # the classic API host (spec §2.1)
+# The hosts of the other dialects (§12, §13). Fuse's paths carry their own /fuse-ota/ prefix.
+DEFAULT_BASE_URLS = {
+    Dialect.CLASSIC: DEFAULT_BASE_URL,
+    Dialect.STUDIO: "http://studio-ota.heclouds.com",
+    Dialect.FUSE: "http://iot-api.heclouds.com",
+}
+# §13.7: the token version each dialect's device sends by default. Studio's is the C SDK's
+# (it sends 2018-10-31 in its things-model mode too, §12.2); fuse's the new platform's.
+DEFAULT_TOKEN_VERSIONS = {
+    Dialect.CLASSIC: auth.VERSION,
+    Dialect.STUDIO: auth.VERSION,
+    Dialect.FUSE: auth.VERSION_2022,
+}
 DEFAULT_TIMEOUT_MS = 3000  # the C SDK example's per-request timeout (spec §8.2 item 10)
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 
@@ -88,20 +103,69 @@ class Credentials:
         device_name: str | None = None,
         method: str = "sha1",
         et: int = auth.DEFAULT_ET,
+        version: str = auth.VERSION,
     ) -> Credentials:
         """Build the token as the C SDK does (§3.2): product level unless ``device_name`` is given.
 
-        ``et`` defaults to the C SDK's far-future constant 2524579200.
+        ``et`` defaults to the C SDK's far-future constant 2524579200; ``version`` to the classic
+        ``2018-10-31`` (Studio and fuse also take ``2022-05-01``, §13.3; see :meth:`for_dialect`).
         """
         try:
             return cls(
                 auth.build_token(
-                    product_id, access_key, device_name=device_name, method=method, et=et
+                    product_id,
+                    access_key,
+                    device_name=device_name,
+                    method=method,
+                    et=et,
+                    version=version,
                 )
             )
         except (ValueError, TypeError) as exc:
             # auth's messages name the bad field and never include the key.
             raise InvalidArgumentError(str(exc)) from None
+
+    @classmethod
+    def from_user_key(
+        cls,
+        user_id: str,
+        access_key: str,
+        *,
+        method: str = "sha1",
+        et: int = auth.DEFAULT_ET,
+        version: str = auth.VERSION_2022,
+    ) -> Credentials:
+        """An account-level token, ``res=userid/{uid}``, signed with the account's access key
+        (§13.3). Only the fuse dialect takes it (F2)."""
+        try:
+            return cls(
+                auth.build_user_token(user_id, access_key, method=method, et=et, version=version)
+            )
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgumentError(str(exc)) from None
+
+    @classmethod
+    def for_dialect(
+        cls,
+        dialect: Dialect,
+        product_id: str,
+        access_key: str,
+        *,
+        device_name: str | None = None,
+        method: str = "sha1",
+        et: int = auth.DEFAULT_ET,
+        version: str | None = None,
+    ) -> Credentials:
+        """The device's default token for ``dialect`` (§13.7): a ``2018-10-31`` token for classic
+        and Studio (the C SDK's), ``2022-05-01`` for fuse, unless ``version`` says otherwise."""
+        return cls.from_access_key(
+            product_id,
+            access_key,
+            device_name=device_name,
+            method=method,
+            et=et,
+            version=DEFAULT_TOKEN_VERSIONS[Dialect(dialect)] if version is None else version,
+        )
 
     @property
     def product_id(self) -> str | None:
@@ -141,6 +205,11 @@ class DeviceConfig:
     - ``other_version``: the version of the other channel (the application version of a FOTA
       device, the firmware version of a SOTA one). When set, E1 reports both versions; otherwise
       only ``type``'s key.
+    - ``dialect``: which device API to speak (§13.7): ``Dialect.CLASSIC`` (the default),
+      ``Dialect.STUDIO`` (§12) or ``Dialect.FUSE`` (§13).
+    - ``product_id``, ``device_name``: Studio and fuse name the device by these in the path
+      (§12.2, §13.1); both are required there, and ``dev_id``, ``manuf``, ``model`` and ``cdn``
+      are not used. Classic ignores them.
     """
 
     credentials: Credentials
@@ -151,6 +220,9 @@ class DeviceConfig:
     model: str | None = None
     cdn: bool = False
     other_version: str | None = None
+    dialect: Dialect = Dialect.CLASSIC
+    product_id: str | None = None
+    device_name: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.credentials, Credentials):
@@ -175,6 +247,29 @@ class DeviceConfig:
             _check_code(self.model, "model")
         if not isinstance(self.cdn, bool):
             raise InvalidArgumentError("cdn must be True or False")
+        try:
+            object.__setattr__(self, "dialect", Dialect(self.dialect))
+        except ValueError:
+            raise InvalidArgumentError(
+                f"dialect must be one of {', '.join(d.value for d in Dialect)}"
+            ) from None
+        if self.dialect is not Dialect.CLASSIC:
+            pid_grammar = STUDIO_PID if self.dialect is Dialect.STUDIO else PID
+            if not isinstance(self.product_id, str) or not pid_grammar.accepts(self.product_id):
+                raise InvalidArgumentError(
+                    f"the {self.dialect.value} dialect needs product_id: 1-32 characters of "
+                    "[A-Za-z0-9] (spec §1)"
+                    + (
+                        "; south, device and devInfo are reserved (S1)"
+                        if pid_grammar.reserved
+                        else ""
+                    )
+                )
+            if not isinstance(self.device_name, str) or not NAME.accepts(self.device_name):
+                raise InvalidArgumentError(
+                    f"the {self.dialect.value} dialect needs device_name: 1-64 characters of "
+                    "[A-Za-z0-9_.-] (spec §1)"
+                )
 
     @property
     def f_version(self) -> str | None:

@@ -28,7 +28,8 @@ code ported from C maps 1:1, and ``endpoint``, the
     │   ├── TaskCancelled             22  stop; do not report a failure
     │   └── InvalidVersionFormat      27  the configured version is not in the platform's format
     │   (24, 26, 32, 5116 and errnos this SDK does not know: PlatformError itself)
-    ├── DownloadError                1-6: E6's one-byte error reply (spec §6.6.4)
+    ├── DownloadError                1-6: E6's one-byte error reply (spec §6.6.4), or the
+    │                                    ``Ota-Errno`` of a Studio/fuse download (§12.3, §13.5)
     └── HTTPStatusError              >= 100: a non-2xx HTTP status
 
 The negative codes are the C SDK's own (``err_def.h``: ERR_INVALID_PARAM, ERR_INVALID_DATA,
@@ -36,17 +37,43 @@ ERR_UNINITIALIZED, ERR_NETWORK, ERR_TIMEOUT). As in C, download error codes 1-6 
 with errnos 1-6, and errno 5116 is >= 100: tell them apart by class (or by ``endpoint``), not by
 number. Messages read ``E3 check task: errno 11: no task``; they never contain the Authorization
 value.
+
+Studio and fuse (§12, §13). The same classes carry the dialect's own number: ``code`` and
+``errno`` are what the reply said (Studio's 10 is a :class:`NoTask`; fuse's 12012 a
+:class:`NoTask` on F-C and a :class:`NoValidToken` on F-T/F-R, 12013 a :class:`TaskSucceeded`,
+10403 an :class:`AuthFailed`), chosen through the protocol's code tables
+(:func:`onenet_ota.protocol.codes.verdict_of_code`). ``endpoint`` is then the dialect's
+:class:`~onenet_ota.protocol.dialects.EndpointSpec` (``S-C``, ``F-D``, ...), and ``dialect`` says
+which API answered. Messages read ``F-C check task: code 12012: not exist``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
+from onenet_ota.protocol import codes
+from onenet_ota.protocol.codes import Dialect, OtaErrno, Verdict
+from onenet_ota.protocol.dialects import EndpointSpec
 from onenet_ota.protocol.download import DownloadError as DownloadErrorCode
 from onenet_ota.protocol.endpoints import Endpoint
 from onenet_ota.protocol.errno import ERRNO_TEXT, Errno
+
+AnyEndpoint: TypeAlias = Endpoint | EndpointSpec
+"""A classic :class:`Endpoint` or a Studio/fuse :class:`EndpointSpec`."""
+
+
+def endpoint_label(endpoint: AnyEndpoint) -> str:
+    """How messages name an endpoint: ``E3 check task``, ``S-C check task``."""
+    if isinstance(endpoint, Endpoint):
+        return endpoint.label
+    return f"{endpoint.label} {endpoint.operation.name.lower().replace('_', ' ')}"
+
+
+def dialect_of(endpoint: AnyEndpoint | None) -> Dialect:
+    """The dialect an endpoint belongs to (classic when unknown)."""
+    return endpoint.dialect if isinstance(endpoint, EndpointSpec) else Dialect.CLASSIC
 
 
 class LocalCode(IntEnum):
@@ -63,19 +90,24 @@ class OtaError(Exception):
     """Base of every error the device SDK raises.
 
     ``code`` is the integer the C SDK's function would return; ``endpoint`` is the endpoint the
-    call went to, or None.
+    call went to, or None; ``dialect`` the API it belongs to.
     """
 
-    def __init__(self, message: str, *, code: int, endpoint: Endpoint | None = None) -> None:
+    def __init__(self, message: str, *, code: int, endpoint: AnyEndpoint | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.endpoint = endpoint
 
+    @property
+    def dialect(self) -> Dialect:
+        """The dialect of the endpoint the call went to (classic when none)."""
+        return dialect_of(self.endpoint)
+
     def __str__(self) -> str:
         if self.endpoint is None:
             return self.message
-        return f"{self.endpoint.label}: {self.message}"
+        return f"{endpoint_label(self.endpoint)}: {self.message}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r}, code={self.code})"
@@ -88,7 +120,7 @@ class LocalError(OtaError):
 class InvalidArgumentError(LocalError, ValueError):
     """An argument or configuration value is invalid. Raised before any request is sent."""
 
-    def __init__(self, message: str, *, endpoint: Endpoint | None = None) -> None:
+    def __init__(self, message: str, *, endpoint: AnyEndpoint | None = None) -> None:
         super().__init__(message, code=LocalCode.INVALID_PARAM, endpoint=endpoint)
 
 
@@ -99,7 +131,7 @@ class ProtocolError(LocalError):
     differs from the requested (clamped) range, a Content-Length that lies, and the like.
     """
 
-    def __init__(self, message: str, *, endpoint: Endpoint | None = None) -> None:
+    def __init__(self, message: str, *, endpoint: AnyEndpoint | None = None) -> None:
         super().__init__(message, code=LocalCode.INVALID_DATA, endpoint=endpoint)
 
 
@@ -107,7 +139,7 @@ class ClientClosedError(LocalError):
     """The client was closed (``close()``, the C SDK's ``ota_deinit``) or its HTTP client was."""
 
     def __init__(
-        self, message: str = "the client is closed", *, endpoint: Endpoint | None = None
+        self, message: str = "the client is closed", *, endpoint: AnyEndpoint | None = None
     ) -> None:
         super().__init__(message, code=LocalCode.UNINITIALIZED, endpoint=endpoint)
 
@@ -122,7 +154,7 @@ class TransportError(LocalError):
         self,
         message: str,
         *,
-        endpoint: Endpoint | None = None,
+        endpoint: AnyEndpoint | None = None,
         code: int = LocalCode.NETWORK,
     ) -> None:
         super().__init__(message, code=code, endpoint=endpoint)
@@ -131,7 +163,7 @@ class TransportError(LocalError):
 class RequestTimeout(TransportError):
     """The call did not finish within its ``timeout_ms``."""
 
-    def __init__(self, message: str, *, endpoint: Endpoint | None = None) -> None:
+    def __init__(self, message: str, *, endpoint: AnyEndpoint | None = None) -> None:
         super().__init__(message, endpoint=endpoint, code=LocalCode.TIMEOUT)
 
 
@@ -149,10 +181,11 @@ class PlatformError(OtaError):
         errno: int,
         text: str,
         *,
-        endpoint: Endpoint | None = None,
+        endpoint: AnyEndpoint | None = None,
         data: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(f"errno {errno}: {text}", code=errno, endpoint=endpoint)
+        word = "code" if dialect_of(endpoint) is Dialect.FUSE else "errno"  # §13.2 vs §4.3
+        super().__init__(f"{word} {errno}: {text}", code=errno, endpoint=endpoint)
         self.errno = errno
         self.text = text
         self.data = data
@@ -224,6 +257,11 @@ class InvalidOperation(PlatformError):
     errno_value = Errno.INVALID_OPERATION
 
 
+class TaskSucceeded(NoTask):
+    """fuse code 12013 on F-C: the device already runs the target of its latest task (F6).
+    Nothing to do, and nothing to report (§13.7)."""
+
+
 class TaskCancelled(PlatformError):
     """errno 22: the task was cancelled. Stop; do not report a failure."""
 
@@ -258,17 +296,60 @@ ERRNO_EXCEPTIONS: Mapping[Errno, type[PlatformError]] = {
 }
 
 
+# Studio and fuse: the class for each verdict the protocol's code tables read from a code.
+VERDICT_EXCEPTIONS: Mapping[Verdict, type[PlatformError]] = {
+    Verdict.AUTH_FAILED: AuthFailed,
+    Verdict.INVALID_PARAMETER: InvalidParameter,
+    Verdict.INTERNAL_ERROR: PlatformInternalError,
+    Verdict.FROM_VERSION_MISMATCH: VersionMismatch,
+    Verdict.BAD_VERSION_FORMAT: InvalidVersionFormat,
+    Verdict.NO_TASK: NoTask,
+    Verdict.ALREADY_ON_TARGET: TaskSucceeded,
+    Verdict.UNKNOWN_TASK: NoValidToken,
+    Verdict.INVALID_STATE: InvalidState,
+    Verdict.TASK_FINISHED: TaskFinished,
+    Verdict.INVALID_OPERATION: InvalidOperation,
+    Verdict.TASK_CANCELLED: TaskCancelled,
+}
+
+
+def _verdict_elsewhere(dialect: Dialect, code: int) -> Verdict | None:
+    """The verdict ``code`` has on the dialect's other operations, if they all agree.
+
+    A platform may answer a code where this project's table does not list it: §13.7 names 22 a
+    terminal answer on fuse, and OneNET may send it on F-T, whose row here has no 22 (F7). The
+    number keeps its meaning across the dialect's operations (F3), so it is read as there.
+    """
+    found = {
+        verdict
+        for operation in codes.REPLY_CODES[dialect]
+        if (verdict := codes.verdict_of_code(dialect, operation, code)) is not None
+    }
+    return found.pop() if len(found) == 1 else None
+
+
 def platform_error(
     errno: int,
     text: str,
     *,
-    endpoint: Endpoint | None = None,
+    endpoint: AnyEndpoint | None = None,
     data: Mapping[str, Any] | None = None,
 ) -> PlatformError:
     """The exception for a non-zero errno: its named subclass, or :class:`PlatformError`.
 
     An empty ``text`` is replaced by this project's text for the errno (spec D2), if it has one.
+    On a Studio or fuse endpoint the code is read with that dialect's table for the operation.
     """
+    if isinstance(endpoint, EndpointSpec) and endpoint.dialect is not Dialect.CLASSIC:
+        if not text:
+            text = codes.REPLY_TEXTS[endpoint.dialect].get(errno, "")
+        verdict = codes.verdict_of_code(endpoint.dialect, endpoint.operation, errno) or (
+            _verdict_elsewhere(endpoint.dialect, errno)
+        )
+        # 10403 and the other common answers are in every operation's row (F2); a code the
+        # dialect does not answer on this operation is still an error, just an unnamed one.
+        cls = VERDICT_EXCEPTIONS.get(verdict, PlatformError) if verdict else PlatformError
+        return cls(errno, text, endpoint=endpoint, data=data)
     try:
         known: Errno | None = Errno(errno)
     except ValueError:
@@ -280,15 +361,21 @@ def platform_error(
 
 
 class DownloadError(OtaError):
-    """E6 answered with its one-byte error reply (2xx without Content-Length, spec §6.6.4).
+    """E6 answered with its one-byte error reply (2xx without Content-Length, spec §6.6.4), or
+    a Studio/fuse download carried a non-zero ``Ota-Errno`` (§12.3, §13.4; whatever the status).
 
-    ``reason`` is the decoded :class:`~onenet_ota.protocol.download.DownloadError` code; both the
-    raw byte and the ASCII digit are accepted (§10). OneNET asks devices to report 107 after one.
+    ``reason`` is the decoded :class:`~onenet_ota.protocol.download.DownloadError` code (classic;
+    both the raw byte and the ASCII digit are accepted, §10) or
+    :class:`~onenet_ota.protocol.codes.OtaErrno` (Studio, fuse: the numbers mean other things,
+    §13.5). OneNET asks devices to report 107 after one.
     """
 
-    def __init__(self, reason: DownloadErrorCode, *, endpoint: Endpoint | None = None) -> None:
+    def __init__(
+        self, reason: DownloadErrorCode | OtaErrno, *, endpoint: AnyEndpoint | None = None
+    ) -> None:
+        what = "Ota-Errno" if isinstance(reason, OtaErrno) else "download error"
         super().__init__(
-            f"download error {int(reason)}: {reason.text}", code=int(reason), endpoint=endpoint
+            f"{what} {int(reason)}: {reason.text}", code=int(reason), endpoint=endpoint
         )
         self.reason = reason
 
@@ -296,6 +383,6 @@ class DownloadError(OtaError):
 class HTTPStatusError(OtaError):
     """The reply had a non-2xx HTTP status (``code`` and ``status_code`` are the status)."""
 
-    def __init__(self, status_code: int, *, endpoint: Endpoint | None = None) -> None:
+    def __init__(self, status_code: int, *, endpoint: AnyEndpoint | None = None) -> None:
         super().__init__(f"HTTP status {status_code}", code=status_code, endpoint=endpoint)
         self.status_code = status_code

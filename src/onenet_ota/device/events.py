@@ -23,8 +23,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, Protocol, TypeAlias
 
+from onenet_ota.protocol.dialects import EndpointSpec
 from onenet_ota.protocol.endpoints import Endpoint
-from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
+
+AnyEndpoint: TypeAlias = Endpoint | EndpointSpec
 
 
 class EventKind(IntEnum):
@@ -64,7 +67,7 @@ class VersionPosted:
     """E1 accepted the reported version(s)."""
 
     kind: ClassVar[EventKind] = EventKind.POST_VERSION
-    endpoint: Endpoint
+    endpoint: AnyEndpoint
     reply: bytes
     f_version: str | None
     s_version: str | None
@@ -75,19 +78,25 @@ class TaskChecked:
     """E3 (or E4) returned a task."""
 
     kind: ClassVar[EventKind] = EventKind.CHECK_TASK
-    endpoint: Endpoint
+    endpoint: AnyEndpoint
     reply: bytes
-    task: TaskInfo
+    task: TaskInfo | TidTaskInfo  # TidTaskInfo from Studio's S-C and fuse's F-C
 
 
 @dataclass(frozen=True, slots=True)
 class TokenChecked:
-    """E5 accepted the download token; the task is now downloading."""
+    """E5 accepted the download token; the task is now downloading.
+
+    Studio's S-T and fuse's F-T: ``token`` is empty, ``tid`` names the task and ``status`` is
+    the state the platform gave (§5.1).
+    """
 
     kind: ClassVar[EventKind] = EventKind.CHECK_TOKEN
-    endpoint: Endpoint
+    endpoint: AnyEndpoint
     reply: bytes
     token: str
+    tid: int | None = None
+    status: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +104,10 @@ class PackageDownloaded:
     """E6 served a chunk. ``chunk.data`` is the C SDK's event data; ``chunk.start`` its offset."""
 
     kind: ClassVar[EventKind] = EventKind.DOWNLOAD_PACKAGE
-    endpoint: Endpoint
-    token: str
+    endpoint: AnyEndpoint
+    token: str  # empty on Studio and fuse: see tid
     chunk: DownloadedChunk
+    tid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +115,11 @@ class StatusReported:
     """E7 (or E8) accepted a progress value (0-100) or a status code (101-107, 201-208)."""
 
     kind: ClassVar[EventKind] = EventKind.REPORT_STATUS
-    endpoint: Endpoint
+    endpoint: AnyEndpoint
     reply: bytes
-    token: str
+    token: str  # empty on Studio and fuse: see tid
     code: int
+    tid: int | None = None
 
 
 OtaEvent: TypeAlias = (

@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 from onenet_ota.protocol import values
+from onenet_ota.protocol.codes import Dialect
+from onenet_ota.protocol.dialects import TID
 from onenet_ota.protocol.messages import TaskInfo, WireFormatError
 from onenet_ota.protocol.status import TaskType
 
@@ -102,6 +104,9 @@ class UpgradeState:
     already had them); ``pending`` is a status code that may have left the device without its
     answer being recorded. ``progress`` is the last progress step (0-99) acknowledged, -1 for none.
     ``redownloads`` counts full restarts after a resumed download failed verification.
+    ``dialect`` is the device API the task came from (§13.7): on Studio and fuse the task's
+    ``token`` holds its ``tid`` in decimal, so a state from another dialect is never resumed as
+    this one's (files written before dialects existed read as classic).
     """
 
     task_type: TaskType
@@ -114,8 +119,11 @@ class UpgradeState:
     pending: int | None = None
     started_at: float = 0.0
     redownloads: int = 0
+    dialect: Dialect = Dialect.CLASSIC
 
     def __post_init__(self) -> None:
+        if self.dialect is not Dialect.CLASSIC and not _is_tid(self.task.token):
+            raise ValueError(f"a {self.dialect.value} task's tid is not a decimal 1..2^31-1")
         if not 0 <= self.offset <= self.task.size:
             raise ValueError(f"offset {self.offset} is outside the package (size {self.task.size})")
 
@@ -137,6 +145,7 @@ class UpgradeState:
             "pending": self.pending,
             "started_at": self.started_at,
             "redownloads": self.redownloads,
+            "dialect": self.dialect.value,
         }
 
     @classmethod
@@ -156,8 +165,9 @@ class UpgradeState:
         try:
             task_type = TaskType(integer("task_type", 1, 2))
             phase = Phase(str(obj.get("phase")))
+            dialect = Dialect(obj.get("dialect", Dialect.CLASSIC.value))
         except ValueError as exc:
-            raise ValueError(f"bad task type or phase: {exc}") from None
+            raise ValueError(f"bad task type, phase or dialect: {exc}") from None
         from_version = obj.get("from_version")
         if not values.is_version(from_version):
             raise ValueError("'from_version' is not a version")
@@ -190,7 +200,13 @@ class UpgradeState:
             pending=pending,
             started_at=float(started_at),
             redownloads=integer("redownloads", 0, 1_000_000),
+            dialect=dialect,
         )
+
+
+def _is_tid(text: str) -> bool:
+    # §12.2: the tid's one spelling (protocol.dialects.TID's grammar).
+    return TID.accepts(text)
 
 
 def open_for_update(path: Path) -> BinaryIO:

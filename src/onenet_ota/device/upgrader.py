@@ -72,12 +72,21 @@ from onenet_ota.device._flow import (
     UpgradeResult,
     Verified,
     Waiting,
+    judge_status,
+    task_from_tid,
+    tid_of,
 )
 from onenet_ota.device.client import AsyncOtaClient, OtaClient
-from onenet_ota.device.errors import OtaError
+from onenet_ota.device.errors import NoValidToken, OtaError
 from onenet_ota.device.install import AsyncInstaller, FileInstaller, Installer, InstallError
 from onenet_ota.device.retry import Retry
 from onenet_ota.device.state import Opener, StateStore, open_for_update
+from onenet_ota.protocol.codes import Dialect
+from onenet_ota.protocol.codes import Operation as ProtocolOperation
+from onenet_ota.protocol.dialects import EndpointSpec
+from onenet_ota.protocol.dialects import endpoint as dialect_endpoint
+from onenet_ota.protocol.errno import Errno
+from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import describe_status
 
 __all__ = [
@@ -260,6 +269,7 @@ class _UpgraderBase:
             emit=self._emit,
             clock=self._clock,
             rng=self._rng,
+            dialect=config.dialect,
         )
         return self._current.run()
 
@@ -344,6 +354,8 @@ class Upgrader(_UpgraderBase):
 
     def _perform(self, op: Operation) -> Any:
         client = self._client
+        if client.dialect is not Dialect.CLASSIC:
+            return self._perform_by_tid(op)
         if isinstance(op, Download):
             return client.download_range(op.token, op.start, op.size)
         if isinstance(op, CheckToken):
@@ -361,6 +373,27 @@ class Upgrader(_UpgraderBase):
         if isinstance(op, Sleep):
             return self._sleep(op.seconds)
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
+
+    def _perform_by_tid(self, op: Operation) -> Any:
+        """Studio and fuse (§13.7): the task is its tid, E5 and E4 are the status query."""
+        client = self._client
+        if isinstance(op, Download):
+            return client.download_range(tid_of(op.token), op.start, op.size, package_size=op.total)
+        if isinstance(op, CheckToken):
+            status = client.task_status(tid_of(op.token))
+            return judge_status(status, _status_endpoint(client.dialect))
+        if isinstance(op, Tasking):
+            return _upgrading(client.task_status(tid_of(_token(op))), client.dialect)
+        if isinstance(op, Report):
+            return client.report_status(tid_of(op.token), op.code)
+        if isinstance(op, CheckTask):
+            return task_from_tid(client.check_tid_task())
+        op = _classic_free(op)
+        if isinstance(op, PostVersion):
+            return client.post_version(version=op.version)
+        if isinstance(op, Install):
+            return self._installer.install(op.package, op.task, op.task_type)
+        return self._sleep(op.seconds)
 
 
 class AsyncUpgrader(_UpgraderBase):
@@ -422,6 +455,8 @@ class AsyncUpgrader(_UpgraderBase):
 
     async def _perform(self, op: Operation) -> Any:
         client = self._client
+        if client.dialect is not Dialect.CLASSIC:
+            return await self._perform_by_tid(op)
         if isinstance(op, Download):
             return await client.download_range(op.token, op.start, op.size)
         if isinstance(op, CheckToken):
@@ -442,3 +477,55 @@ class AsyncUpgrader(_UpgraderBase):
         if isinstance(op, Sleep):
             return await self._sleep(op.seconds)
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
+
+    async def _perform_by_tid(self, op: Operation) -> Any:
+        """Studio and fuse: see :meth:`Upgrader._perform_by_tid`."""
+        client = self._client
+        if isinstance(op, Download):
+            return await client.download_range(
+                tid_of(op.token), op.start, op.size, package_size=op.total
+            )
+        if isinstance(op, CheckToken):
+            status = await client.task_status(tid_of(op.token))
+            return judge_status(status, _status_endpoint(client.dialect))
+        if isinstance(op, Tasking):
+            return _upgrading(await client.task_status(tid_of(_token(op))), client.dialect)
+        if isinstance(op, Report):
+            return await client.report_status(tid_of(op.token), op.code)
+        if isinstance(op, CheckTask):
+            return task_from_tid(await client.check_tid_task())
+        op = _classic_free(op)
+        if isinstance(op, PostVersion):
+            return await client.post_version(version=op.version)
+        if isinstance(op, Install):
+            install = self.installer.install
+            if inspect.iscoroutinefunction(install):
+                return await install(op.package, op.task, op.task_type)
+            return await anyio.to_thread.run_sync(install, op.package, op.task, op.task_type)
+        return await self._sleep(op.seconds)
+
+
+def _status_endpoint(dialect: Dialect) -> EndpointSpec:
+    return dialect_endpoint(dialect, ProtocolOperation.CHECK_STATE)
+
+
+def _token(op: Tasking) -> str:
+    if op.token is None:  # pragma: no cover - the flow always names the task on Studio/fuse
+        raise TypeError("Studio and fuse need the task's tid for E4's status check")
+    return op.token
+
+
+def _upgrading(status: int, dialect: Dialect) -> None:
+    """E4's question on Studio/fuse: is the task upgrading? (E4 answers errno 4 when not.)"""
+    endpoint = _status_endpoint(dialect)
+    if judge_status(status, endpoint) != TaskState.UPGRADING:
+        raise NoValidToken(
+            int(Errno.NO_VALID_TOKEN), "the task is not upgrading", endpoint=endpoint
+        )
+
+
+def _classic_free(op: Operation) -> PostVersion | Install | Sleep:
+    """The operations every dialect performs alike."""
+    if isinstance(op, PostVersion | Install | Sleep):
+        return op
+    raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
