@@ -29,26 +29,21 @@ rather than the question they mean (the Range parsed, the token's fields): norma
 parse on every hot request (about 3 us for a Range here) and would bound nothing by itself, since
 a client may ask as many distinct questions as it likes.
 
-Database calls are synchronous. ``db_threads=0`` (the default) runs them inline on the event loop;
-``db_threads=N`` runs them in N worker threads. Inline was faster for both databases on the
-2-core development machine with every cache disabled (docs/performance.md): statements take well
-under a millisecond, and thread hand-offs plus GIL contention cost more than overlapping them
-gains on two cores. A pool may pay off with a remote PostgreSQL and more cores; it stays an option.
+Database calls are synchronous and run inline on the event loop: statements take well under a
+millisecond, and a pool of worker threads was slower on both databases (hand-offs and GIL
+contention cost more than overlapping them gains; docs/performance.md).
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import logging
 import os
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from sqlalchemy import Engine
 
@@ -87,22 +82,13 @@ from onenet_ota.server.http import (
     Response,
 )
 
-__all__ = ["DeviceApi", "default_db_threads"]
+__all__ = ["DeviceApi"]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 _S_ID_RE: Final = re.compile(r"[0-9]{1,19}")  # §6.6: an NB base-station id, validated, ignored
 # D6 step 6: sent by the HTTP layer instead of a segment it cannot read (never mutated there).
 _READ_FAILED: Final = wire.download_error(DownloadError.READ_FAILED)
-
-
-def default_db_threads(engine: Engine) -> int:
-    """Worker threads for database calls: 0 (inline on the event loop) for every dialect, as
-    measured (see the module docstring)."""
-    del engine  # kept in the signature: the choice may come to depend on the dialect
-    return 0
 
 
 class _Rejected(Exception):
@@ -120,8 +106,7 @@ class DeviceApi:
     characters), returned as ``ipPort`` to devices that ask with ``cdn=true``. ``clock`` returns
     Unix seconds (token lifetimes, ``et``, deadlines, start times). ``cache_ttl`` is the longest a
     cached entry lives (0 disables the caches) and ``feed_interval`` how often the change feed of
-    other processes is read (see :mod:`.device_service` and :mod:`.changes`). ``db_threads``
-    overrides :func:`default_db_threads`.
+    other processes is read (see :mod:`.device_caches` and :mod:`.changes`).
     """
 
     def __init__(
@@ -133,7 +118,6 @@ class DeviceApi:
         clock: Clock = time.time,
         cache_ttl: float = DEFAULT_CACHE_TTL,
         feed_interval: float = DEFAULT_INTERVAL,
-        db_threads: int | None = None,
     ) -> None:
         if public_address is not None and not values.is_ip_port(public_address):
             raise ValueError(
@@ -149,10 +133,6 @@ class DeviceApi:
         self._caches = caches
         self._public_address = public_address
         self._clock = clock
-        threads = default_db_threads(engine) if db_threads is None else db_threads
-        self._executor = (
-            ThreadPoolExecutor(threads, thread_name_prefix="onenet-ota-db") if threads else None
-        )
         assert caches.files is not None
         self._files = caches.files
         self._grants = caches.grants
@@ -162,16 +142,8 @@ class DeviceApi:
         self._memos = caches.replies
 
     def close(self) -> None:
-        """Stop the database worker threads, if any, and close read connections and files."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        """Close the read connections and the open package files."""
         self.service.close()  # and the caches' open files
-
-    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None:
-            return fn(*args)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     # -- entry point ---------------------------------------------------------------------------
 
@@ -251,14 +223,14 @@ class DeviceApi:
             if fused is not None:
                 return fused
         if device is None:
-            device = await self._db(self.service.device, dev_id)
+            device = self.service.device(dev_id)
         if not self.service.binds(principal, device):
             return wire.envelope(Errno.AUTH_FAILED)  # P3
         try:
             if endpoint is Endpoint.POST_VERSION:
                 return await self._post_version(dev_id, body)
             if endpoint is Endpoint.QUERY_VERSION:
-                data = await self._db(self.service.query_version, dev_id)
+                data = self.service.query_version(dev_id)
                 if data is None:
                     return wire.envelope(Errno.AUTH_FAILED)
                 return wire.envelope(Errno.SUCC, data)
@@ -268,15 +240,15 @@ class DeviceApi:
                 return await self._tasking(dev_id, query)
             if endpoint is Endpoint.CHECK_TOKEN:
                 assert token is not None
-                errno = await self._db(self.service.check_token, dev_id, token)
+                errno = self.service.check_token(dev_id, token)
                 key = check_token_key(token)
                 return self._memoise(memo_key, dev_id, key, errno, None, wire.envelope(errno))
             if endpoint is Endpoint.REPORT_PROGRESS:
                 report = _decode_report(body, "step", classify_step, Errno.INVALID_PARAMETER)
-                return wire.envelope(await self._db(self.service.report, dev_id, token, report))
+                return wire.envelope(self.service.report(dev_id, token, report))
             if endpoint is Endpoint.REPORT_RESULT:
                 report = _decode_report(body, "result", classify_result, Errno.INVALID_RESULT)
-                errno = await self._db(self.service.report, dev_id, query.get("token"), report)
+                errno = self.service.report(dev_id, query.get("token"), report)
                 return wire.envelope(errno)
         except _Rejected as rejected:
             return wire.envelope(rejected.errno)
@@ -294,7 +266,7 @@ class DeviceApi:
     async def _principal(self, authorization: str | None) -> Principal | None:
         if not authorization:
             return None
-        return await self._db(self.service.authenticate, authorization)
+        return self.service.authenticate(authorization)
 
     async def _post_version(self, dev_id: int, body: bytes) -> Response:
         # D16: a JSON object with at least one of the keys, each a version string.
@@ -309,9 +281,7 @@ class DeviceApi:
                 versions[key] = obj[key]
         if versions["f_version"] is None and versions["s_version"] is None:
             return wire.envelope(Errno.INVALID_PARAMETER)
-        errno = await self._db(
-            self.service.report_version, dev_id, versions["f_version"], versions["s_version"]
-        )
+        errno = self.service.report_version(dev_id, versions["f_version"], versions["s_version"])
         return wire.envelope(errno)
 
     async def _check_task_with_p3(
@@ -327,16 +297,8 @@ class DeviceApi:
         if version is None or not values.is_version(version):
             return None
         manuf, model = query.get("manuf") or None, query.get("model") or None
-        errno, info = await self._db(
-            functools.partial(
-                self.service.check_task,
-                dev_id,
-                task_type,
-                version,
-                manuf=manuf,
-                model=model,
-                principal=principal,
-            )
+        errno, info = self.service.check_task(
+            dev_id, task_type, version, manuf=manuf, model=model, principal=principal
         )
         key = check_task_key(task_type, version, manuf, model)
         return self._memoise(memo_key, dev_id, key, errno, info, self._task_reply(errno, info, cdn))
@@ -353,11 +315,7 @@ class DeviceApi:
             return wire.envelope(Errno.INVALID_VERSION_FORMAT)
         cdn = _cdn(query.get("cdn"))
         manuf, model = query.get("manuf") or None, query.get("model") or None
-        errno, info = await self._db(
-            functools.partial(
-                self.service.check_task, dev_id, task_type, version, manuf=manuf, model=model
-            )
-        )
+        errno, info = self.service.check_task(dev_id, task_type, version, manuf=manuf, model=model)
         key = check_task_key(task_type, version, manuf, model)
         return self._memoise(memo_key, dev_id, key, errno, info, self._task_reply(errno, info, cdn))
 
@@ -372,8 +330,8 @@ class DeviceApi:
     ) -> Response:
         """Keep ``response`` for ``memo_key`` if the service has cached the answer it carries.
 
-        The basis is taken after the answer: with database threads another request may have
-        replaced the cached answer meanwhile, so it is kept only if it says the same thing.
+        The basis is taken after the answer, and kept only if its cached answer says the same
+        thing (the management side, in other threads, may have invalidated and replaced it).
         Responses are never mutated by the HTTP layer, so one object serves every repeat.
         """
         if memo_key is None:
@@ -388,7 +346,7 @@ class DeviceApi:
     async def _tasking(self, dev_id: int, query: dict[str, str]) -> Response:
         task_type = _task_type(query.get("type"))  # §6.4 / D18
         cdn = _cdn(query.get("cdn"))
-        errno, info = await self._db(self.service.tasking, dev_id, task_type)
+        errno, info = self.service.tasking(dev_id, task_type)
         return self._task_reply(errno, info, cdn)
 
     def _task_reply(self, errno: Errno, info: TaskInfo | None, cdn: bool) -> Response:
@@ -423,7 +381,7 @@ class DeviceApi:
         if "\x00" in auth_info:
             # No device has one (the management API refuses NUL; PostgreSQL cannot store it).
             return wire.envelope(Errno.AUTH_FAILED)
-        dev_id = await self._db(self.service.dev_info, principal, auth_info)
+        dev_id = self.service.dev_info(principal, auth_info)
         if dev_id is None:
             return wire.envelope(Errno.AUTH_FAILED)
         return wire.envelope(Errno.SUCC, {"dev_id": str(dev_id)})  # a string (§6.9)
@@ -436,7 +394,7 @@ class DeviceApi:
             s_id = request.query.get("s_id")
             if s_id is not None and _S_ID_RE.fullmatch(s_id) is None:
                 return wire.download_error(DownloadError.BAD_PARAMETER)  # step 1
-        grant = await self._db(self.service.download_grant, token)
+        grant = self.service.download_grant(token)
         if grant is None or not grant.usable(self._clock()):
             return wire.download_error(DownloadError.INVALID_TOKEN)  # step 2
         range_value = _range_value(request.headers)
