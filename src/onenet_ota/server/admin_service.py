@@ -4,9 +4,10 @@ SQLAlchemy Core, one transaction per operation. The models below are both the in
 against the spec's value formats, §1 and §4.5) and the outputs; :mod:`onenet_ota.server.admin_api`
 turns them into JSON and into its OpenAPI document.
 
-Device-task state changes go only through :func:`onenet_ota.protocol.states.on_action`: a bulk
-pause, resume or cancel is one ``UPDATE ... CASE`` whose cases are read from that function, so
-every row moves once, atomically, and only along the state table's edges (§5.3 T2-T4).
+Device-task state changes go only along the edges of the state tables in
+:mod:`onenet_ota.protocol.states`: a bulk pause, resume or cancel is one ``UPDATE ... CASE`` whose
+cases are read from ``ACTION_TABLE`` and ``RESUME_TABLE``, so every row moves once, atomically,
+and only along the table's edges (§5.3 T2-T4).
 
 Errors are :class:`AdminError` subclasses, each naming what the caller did wrong:
 
@@ -54,11 +55,12 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from onenet_ota.protocol import values
 from onenet_ota.protocol.states import (
+    ACTION_TABLE,
     OPEN_STATES,
+    RESUME_TABLE,
     Action,
     IllegalTransition,
     TaskState,
-    on_action,
 )
 from onenet_ota.protocol.status import PackageKind, TaskType
 from onenet_ota.server import changes
@@ -566,35 +568,23 @@ def _version_column(module_type: int) -> Any:
 
 
 def _transition_case(action: Action, column: Any) -> tuple[Any, list[int]]:
-    """A SQL CASE applying ``action`` to ``column`` (the state), built from the state table.
+    """A SQL CASE applying ``action`` (not RESUME: see :func:`_resume_case`) to ``column`` (the
+    state), built from ``ACTION_TABLE``.
 
     Returns the CASE and the states it applies to; states where the action is illegal are left
     out, so their rows are not touched.
     """
-    whens = []
-    sources = []
-    for state in TaskState:
-        try:
-            target = on_action(state, action)
-        except IllegalTransition:
-            continue
-        whens.append((column == int(state), int(target)))
-        sources.append(int(state))
-    return case(*whens, else_=column), sources
+    edges = sorted(ACTION_TABLE[action].items())
+    whens = [(column == int(state), int(target)) for state, target in edges]
+    return case(*whens, else_=column), [int(state) for state, _ in edges]
 
 
 def _resume_case() -> tuple[Any, list[int]]:
-    """RESUME's target depends on ``paused_from`` (T3); read every legal pair from the table."""
-    whens = []
-    froms = []
-    for before in TaskState:
-        try:
-            target = on_action(TaskState.PAUSED, Action.RESUME, paused_from=before)
-        except IllegalTransition:
-            continue
-        whens.append((device_tasks.c.paused_from == int(before), int(target)))
-        froms.append(int(before))
-    return case(*whens, else_=device_tasks.c.state), froms
+    """RESUME's target depends on ``paused_from`` (T3): a CASE over ``RESUME_TABLE``, and the
+    ``paused_from`` values it applies to."""
+    edges = sorted(RESUME_TABLE.items())
+    whens = [(device_tasks.c.paused_from == int(before), int(target)) for before, target in edges]
+    return case(*whens, else_=device_tasks.c.state), [int(before) for before, _ in edges]
 
 
 # The operator-facing status of a whole task before and after each bulk action.

@@ -83,12 +83,13 @@ from onenet_ota.protocol import values
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.messages import TaskInfo
 from onenet_ota.protocol.states import (
+    ACTION_TABLE,
     DOWNLOADABLE_STATES,
     OPEN_STATES,
     RUNNING_STATES,
     Action,
-    IllegalTransition,
     TaskState,
+    action_sources,
     on_action,
     on_report,
     on_token_check,
@@ -351,22 +352,11 @@ _SET_VERSIONS = (
 )
 
 
-def _allowed_sources(action: Action) -> tuple[int, ...]:
-    """The states from which ``action`` is legal, read from the state machine itself."""
-    allowed = []
-    for state in TaskState:
-        try:
-            on_action(state, action, paused_from=TaskState.TO_BE_UPGRADED)
-        except IllegalTransition:
-            continue
-        allowed.append(int(state))
-    return tuple(allowed)
-
-
-# T5 as one statement, derived from protocol.states: every state DEADLINE may leave goes to the
-# state DEADLINE leads to (D23: every open device task of the task fails).
-_DEADLINE_SOURCES: Final = _allowed_sources(Action.DEADLINE)
-_DEADLINE_TARGET: Final = int(on_action(TaskState(_DEADLINE_SOURCES[0]), Action.DEADLINE))
+# T5 as one statement, read from protocol.states' action table: every state DEADLINE may leave
+# goes to the one state DEADLINE leads to (D23: every open device task of the task fails). The
+# unpacking fails at import if the table ever gives DEADLINE two targets.
+_DEADLINE_SOURCES: Final = tuple(sorted(int(state) for state in action_sources(Action.DEADLINE)))
+(_DEADLINE_TARGET,) = {int(target) for target in ACTION_TABLE[Action.DEADLINE].values()}
 _DEADLINE_TASKS = select(_t.c.id).where(
     _t.c.deadline.is_not(None), _t.c.deadline <= bindparam("now")
 )
