@@ -18,14 +18,13 @@ from onenet_ota.protocol.states import Action, IllegalTransition, TaskState
 from onenet_ota.protocol.status import ReportKind, TaskType
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_service import (
-    ConcurrentChange,
     DeviceService,
     Report,
-    expire_deadlines,
     new_token,
     token_expired,
 )
 from onenet_ota.server.schema import device_tasks, devices
+from onenet_ota.server.transitions import ConcurrentChange, expire_deadlines
 from tests.server.races import run_as_deadlock_victim
 from tests.server.seed import (
     DB_PARAMS,

@@ -2,7 +2,8 @@
 
 Synchronous SQLAlchemy Core with prebuilt statements, at most one transaction per request. Every
 task transition goes through :mod:`onenet_ota.protocol.states`; nothing here decides a state by
-itself.
+itself, and the SQL that changes a device task's state is :mod:`.transitions`' (shared with the
+management side).
 
 Reads first. A request is first decided on a single-statement read (:class:`_Reader`: the prebuilt
 statement, compiled once, run on a per-thread autocommit DBAPI connection). Most device requests
@@ -83,13 +84,11 @@ from onenet_ota.protocol import values
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.messages import TaskInfo
 from onenet_ota.protocol.states import (
-    ACTION_TABLE,
     DOWNLOADABLE_STATES,
     OPEN_STATES,
     RUNNING_STATES,
     Action,
     TaskState,
-    action_sources,
     on_action,
     on_report,
     on_token_check,
@@ -105,6 +104,13 @@ from onenet_ota.server.device_caches import (
     check_token_key,
 )
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
+from onenet_ota.server.transitions import (
+    ConcurrentChange,
+    apply_action,
+    expire_deadlines,
+    set_progress,
+    set_state,
+)
 
 __all__ = [
     "Basis",
@@ -113,8 +119,6 @@ __all__ = [
     "DeviceService",
     "DownloadGrant",
     "Principal",
-    "apply_action",
-    "expire_deadlines",
     "new_token",
 ]
 
@@ -296,28 +300,6 @@ _SELECT_TOKEN = (
     .select_from(tokens.join(_TASK_JOIN, _dt.c.id == tokens.c.device_task_id))
     .where(tokens.c.token == bindparam("token"))
 )
-_SELECT_TASK = select(*_TASK_COLUMNS).select_from(_TASK_JOIN).where(_dt.c.id == bindparam("b_id"))
-
-# Compare-and-set: the UPDATE names the state it read; no match means a concurrent change.
-_SET_STATE = (
-    update(_dt)
-    .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
-    .values(
-        state=bindparam("v_state"),
-        paused_from=bindparam("v_paused_from"),
-        progress=bindparam("v_progress"),
-        result_code=func.coalesce(
-            bindparam("v_result_code", type_=_dt.c.result_code.type), _dt.c.result_code
-        ),
-        updated_at=bindparam("now"),
-        finished_at=bindparam("v_finished_at"),
-    )
-)
-_SET_PROGRESS = (
-    update(_dt)
-    .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
-    .values(progress=bindparam("v_progress"), updated_at=bindparam("now"))
-)
 _SET_TOKEN = (
     update(_dt)
     .where(
@@ -350,76 +332,6 @@ _SET_VERSIONS = (
         last_seen_at=bindparam("now"),
     )
 )
-
-
-# T5 as one statement, read from protocol.states' action table: every state DEADLINE may leave
-# goes to the one state DEADLINE leads to (D23: every open device task of the task fails). The
-# unpacking fails at import if the table ever gives DEADLINE two targets.
-_DEADLINE_SOURCES: Final = tuple(sorted(int(state) for state in action_sources(Action.DEADLINE)))
-(_DEADLINE_TARGET,) = {int(target) for target in ACTION_TABLE[Action.DEADLINE].values()}
-_DEADLINE_TASKS = select(_t.c.id).where(
-    _t.c.deadline.is_not(None), _t.c.deadline <= bindparam("now")
-)
-_EXPIRE_ALL = (
-    update(_dt)
-    .where(_dt.c.state.in_(_DEADLINE_SOURCES), _dt.c.task_id.in_(_DEADLINE_TASKS))
-    .values(
-        state=_DEADLINE_TARGET,
-        paused_from=None,
-        updated_at=bindparam("now"),
-        finished_at=bindparam("now"),
-    )
-)
-_EXPIRE_DEVICE = _EXPIRE_ALL.where(_dt.c.dev_id == bindparam("b_dev_id"))
-
-
-def expire_deadlines(conn: Connection, now: float, *, dev_id: int | None = None) -> int:
-    """Apply T5 inside the caller's transaction: open device tasks of every task whose deadline
-    has passed (``deadline <= now``) become failed (§5.3, D23). Returns how many changed.
-
-    ``dev_id`` limits it to one device's tasks (what the device paths do lazily); without it, it
-    sweeps everything (for the management side or a periodic job). Callers in a process that also
-    serves the device API should afterwards call :meth:`DeviceService.invalidate`.
-    """
-    params: dict[str, Any] = {"now": int(now)}
-    if dev_id is None:
-        result = conn.execute(_EXPIRE_ALL, params)
-    else:
-        params["b_dev_id"] = dev_id
-        result = conn.execute(_EXPIRE_DEVICE, params)
-    return int(result.rowcount)
-
-
-def apply_action(
-    conn: Connection, device_task_id: int, action: Action, now: float
-) -> tuple[TaskState, TaskState] | None:
-    """Apply a management action (T2 pause, T3 resume, T4 cancel, T5 deadline) to one device
-    task inside the caller's transaction, through :func:`protocol.states.on_action`.
-
-    Returns (old state, new state), or None when the device task does not exist. Raises
-    :class:`IllegalTransition` when the state machine refuses, and :class:`ConcurrentChange` when
-    another transaction changed the row between the read and the write (run the transaction again).
-    """
-    row = conn.execute(_SELECT_TASK, {"b_id": device_task_id}).first()
-    if row is None:
-        return None
-    old = TaskState(row.state)
-    paused_from = TaskState(row.paused_from) if row.paused_from is not None else None
-    new = on_action(old, action, paused_from=paused_from)
-    _set_state(
-        conn,
-        row.dt_id,
-        old,
-        new,
-        now,
-        progress=row.progress,
-        paused_from=old if new is TaskState.PAUSED else None,
-    )
-    return old, new
-
-
-class ConcurrentChange(Exception):
-    """A compare-and-set UPDATE matched no row: another transaction changed the task first."""
 
 
 class _ReadConnections:
@@ -541,34 +453,6 @@ def _fetchall(cursor: Any) -> Any:
 
 def _fetchone(cursor: Any) -> Any:
     return cursor.fetchone()
-
-
-def _set_state(
-    conn: Connection,
-    device_task_id: int,
-    old: TaskState,
-    new: TaskState,
-    now: float,
-    *,
-    progress: int,
-    paused_from: TaskState | None = None,
-    result_code: int | None = None,
-) -> None:
-    result = conn.execute(
-        _SET_STATE,
-        {
-            "b_id": device_task_id,
-            "b_state": int(old),
-            "v_state": int(new),
-            "v_paused_from": None if paused_from is None else int(paused_from),
-            "v_progress": progress,
-            "v_result_code": result_code,
-            "now": int(now),
-            "v_finished_at": int(now) if new.is_terminal else None,
-        },
-    )
-    if result.rowcount != 1:
-        raise ConcurrentChange
 
 
 # --------------------------------------------------------------------------------------------
@@ -780,7 +664,7 @@ class DeviceService:
         result_code: int | None = None,
     ) -> None:
         old = TaskState(row.state)
-        _set_state(
+        set_state(
             tx.writer,
             row.dt_id,
             old,
@@ -1101,9 +985,7 @@ class DeviceService:
                 return outcome.errno
             new = outcome.state
             if report.kind is ReportKind.PROGRESS:  # T11: progress only, no state change
-                params = {"b_id": row.dt_id, "b_state": int(state), "v_progress": report.value}
-                if tx.writer.execute(_SET_PROGRESS, {**params, "now": int(tx.now)}).rowcount != 1:
-                    raise ConcurrentChange
+                set_progress(tx.writer, row.dt_id, state, report.value, tx.now)
                 return Errno.SUCC
             progress = 100 if new is TaskState.UPGRADING else None  # T12, T13
             self._transition(
