@@ -1,0 +1,83 @@
+"""DeviceCaches: one device's invalidation, clearing everything, and facts racing an invalidation.
+
+Unit tests of the cache object alone; the service's and the device API's use of it (and the
+change feed calling it) are tested in test_device_service, test_device_api and test_changes.
+"""
+
+from __future__ import annotations
+
+from onenet_ota.protocol.errno import Errno
+from onenet_ota.protocol.states import TaskState
+from onenet_ota.protocol.status import TaskType
+from onenet_ota.server import wire
+from onenet_ota.server.device_caches import Answer, DeviceCaches, check_task_key
+from onenet_ota.server.device_service import Basis, DeviceRef, DownloadGrant, Principal
+
+NOW = 1_700_000_000.0
+
+
+def _grant(dev_id: int) -> DownloadGrant:
+    return DownloadGrant(
+        device_task_id=dev_id,
+        dev_id=dev_id,
+        state=TaskState.DOWNLOADING,
+        token_issued_at=int(NOW),
+        current=True,
+        deadline=None,
+        sha256="ab" * 32,
+        size=10,
+        file_name="fw.bin",
+    )
+
+
+def _fill(caches: DeviceCaches, dev_id: int) -> Basis:
+    """Every fact about ``dev_id``, and a memoised reply and a chunk resting on them."""
+    generation = caches.generation
+    authorization = f"auth-of-{dev_id}"
+    principal = Principal("123", f"dev{dev_id}", int(NOW) + 3600)
+    device = DeviceRef(dev_id, "123", f"dev{dev_id}")
+    key = check_task_key(TaskType.FOTA, "1.0", None, None)
+    answer = Answer(Errno.NO_TASK, None, NOW + 3600)
+    caches.keep_principal(generation, authorization, principal, dev_id)
+    caches.keep_device(device)
+    caches.keep_grant(generation, f"ota_token{dev_id}", _grant(dev_id))
+    caches.keep_answer(generation, dev_id, key, answer)
+    basis = Basis(authorization, principal, dev_id, device, key, answer)
+    caches.replies.put(("/ota", str(dev_id), authorization), (basis, wire.envelope(Errno.NO_TASK)))
+    caches.chunks.put(("ab" * 32, 10, "fw.bin", str(dev_id)), wire.envelope(Errno.SUCC))
+    return basis
+
+
+def _facts(caches: DeviceCaches, dev_id: int) -> list[object]:
+    return [
+        caches.principal(f"auth-of-{dev_id}"),
+        caches.device(dev_id),
+        caches.grant(f"ota_token{dev_id}"),
+        caches.check_task(dev_id, TaskType.FOTA, "1.0"),
+    ]
+
+
+def test_invalidate_drops_one_devices_facts_and_retires_its_replies() -> None:
+    caches = DeviceCaches(ttl=60, clock=lambda: NOW)
+    one, two = _fill(caches, 1), _fill(caches, 2)
+    assert caches.holds(one)
+    assert caches.holds(two)
+    caches.invalidate(1)
+    assert _facts(caches, 1) == [None] * 4
+    assert None not in _facts(caches, 2)
+    assert not caches.holds(one)  # the memoised reply no longer rests on cached facts
+    assert caches.holds(two)
+
+
+def test_clear_drops_every_cache_and_a_racing_fact_is_not_kept() -> None:
+    caches = DeviceCaches(ttl=60, clock=lambda: NOW)
+    _fill(caches, 1)
+    before = caches.generation
+    caches.clear()
+    assert _facts(caches, 1) == [None] * 4
+    assert len(caches.replies) == len(caches.chunks) == 0
+    # A fact read before the clear (generation ``before``) may be stale: it is not kept.
+    caches.keep_grant(before, "ota_late", _grant(1))
+    caches.keep_answer(before, 1, ("E5", "ota_late"), Answer(Errno.SUCC, None, NOW + 60))
+    assert caches.grant("ota_late") is None
+    assert caches.check_token(1, "ota_late") is None
