@@ -31,7 +31,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Generic, Literal, ParamSpec, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -192,9 +199,20 @@ FILE_NAME_PATTERN: Final = r"[ !#-.0-\[\]-~]{1,64}"
 NO_NUL: Final = "^[^\\x00]*$"
 
 Pid = Annotated[str, StringConstraints(pattern=_whole(values.PID_RE.pattern))]
-# The pattern bounds the digits; the value bound (2^63-1) is checked by the models that take one.
-Uid = Annotated[str, StringConstraints(pattern=_whole(auth.USER_ID_RE.pattern))]
 UID_RULE: Final = "a decimal 1..2^63-1 without sign or leading zero"
+
+
+def _check_uid(value: str) -> str:
+    # The pattern bounds the digits (for the OpenAPI document too); this adds the value bound.
+    if not auth.is_user_id(value):
+        raise ValueError(f"must be {UID_RULE}")
+    return value
+
+
+# Exactly the uids a userid token can name (auth.user_resource), each with one spelling.
+Uid = Annotated[
+    str, StringConstraints(pattern=_whole(auth.USER_ID_RE.pattern)), AfterValidator(_check_uid)
+]
 
 RESERVED_PIDS: Final = STUDIO_PID.reserved
 """S1: the classic device paths ``/ota/south/...``, ``/ota/device/version`` and ``/ota/devInfo``
@@ -246,11 +264,6 @@ class _Out(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-def _check_uid(value: str | None) -> None:
-    if value is not None and not auth.is_user_id(value):
-        raise ValueError(f"uid must be {UID_RULE}")
-
-
 # --------------------------------------------------------------------------------------------
 # Accounts
 
@@ -265,8 +278,7 @@ class AccountCreate(_In):
     name: Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)] = ""
 
     @model_validator(mode="after")
-    def _rules(self) -> AccountCreate:
-        _check_uid(self.uid)
+    def _key(self) -> AccountCreate:
         _check_key(self.access_key)
         return self
 
@@ -285,11 +297,6 @@ class AccountAssign(_In):
     """The account a product is to belong to."""
 
     uid: Uid = Field(description=f"an existing account's uid: {UID_RULE}")
-
-    @model_validator(mode="after")
-    def _rules(self) -> AccountAssign:
-        _check_uid(self.uid)
-        return self
 
 
 # --------------------------------------------------------------------------------------------
