@@ -12,7 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select, update
 
 from onenet_ota import auth
 from onenet_ota.protocol import dialects
@@ -30,6 +30,7 @@ from onenet_ota.server.admin_service import (
     ProductCreate,
 )
 from onenet_ota.server.blobs import BlobStore
+from tests.server.races import Outcome, wait_until_blocked
 from tests.server.seed import DB_PARAMS, module_database
 from tests.serverthread import ServerThread
 
@@ -187,6 +188,43 @@ def test_an_account_with_products_is_not_deleted(service: AdminService, engine: 
     with pytest.raises(NotFound, match="account 41 not found"):
         service.delete_account("41")
     assert [p.pid for p in service.list_products().items] == ["a", "b", "c"]
+
+
+def test_assigning_to_an_account_being_deleted_is_404(
+    service: AdminService, engine: Engine
+) -> None:
+    # The delete holds the account's row when the assignment arrives: the assignment waits,
+    # then finds no account (404), never a database error, and the product stays unowned.
+    service.create_account(AccountCreate(uid="61"))
+    service.create_product(ProductCreate(pid="p61", access_key=K1))
+    with engine.begin() as conn:
+        accounts = schema.accounts
+        conn.execute(select(accounts).where(accounts.c.uid == "61").with_for_update())
+        assign = Outcome(lambda: service.set_product_account("p61", "61")).start()
+        wait_until_blocked(engine, assign.thread)
+        conn.execute(delete(accounts).where(accounts.c.uid == "61"))
+    assign.join()
+    assert isinstance(assign.error, NotFound), assign.error
+    assert _owner(engine, "p61") is None
+
+
+def test_deleting_an_account_that_just_got_a_product_is_409(
+    service: AdminService, engine: Engine
+) -> None:
+    # The assignment holds the account's row when the delete arrives: the delete waits, then
+    # sees the product and refuses (409), never a dangling owner or a database error.
+    service.create_account(AccountCreate(uid="71"))
+    service.create_product(ProductCreate(pid="p71", access_key=K1))
+    with engine.begin() as conn:
+        accounts, products = schema.accounts, schema.products
+        conn.execute(select(accounts).where(accounts.c.uid == "71").with_for_update())
+        conn.execute(update(products).where(products.c.pid == "p71").values(account_uid="71"))
+        remove = Outcome(lambda: service.delete_account("71")).start()
+        wait_until_blocked(engine, remove.thread)
+    remove.join()
+    assert isinstance(remove.error, Conflict), remove.error
+    assert "still owns product p71" in remove.error.message
+    assert service.get_account("71").product_count == 1
 
 
 def test_deleting_a_product_frees_its_account(service: AdminService) -> None:
