@@ -435,7 +435,8 @@ def test_bad_account_keys_and_fields_are_422(client: httpx2.Client) -> None:
 @pytest.mark.parametrize("pid", ["south", "device", "devInfo"])
 def test_reserved_pids_are_422_over_http(client: httpx2.Client, pid: str) -> None:
     error = _error(client.post("/api/v1/products", json={"pid": pid}), 422, "invalid")
-    assert f"pid {pid} is reserved" in error["message"]
+    assert error["message"].startswith(f"pid: Value error, pid {pid} is reserved")
+    assert error["details"][0]["field"] == "pid"
     assert "S1" in error["message"]
     _error(client.get(f"/api/v1/products/{pid}"), 404, "not_found")
 

@@ -37,6 +37,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 from sqlalchemy import (
@@ -145,7 +146,7 @@ class AdminError(Exception):
 
 
 class NotFound(AdminError):
-    """The addressed product, device, package or task does not exist."""
+    """The addressed account, product, device, package or task does not exist."""
 
     code = "not_found"
 
@@ -284,7 +285,8 @@ class AccountCreate(_In):
 
 
 class Account(_Out):
-    """An account. ``access_key`` is omitted from lists; ``product_count`` is shown alone."""
+    """An account. ``access_key`` is omitted from lists; ``product_count`` is given when one
+    account is shown."""
 
     uid: str
     name: str
@@ -312,15 +314,20 @@ class ProductCreate(_In):
     access_key: Key | None = Field(default=None, description="base64; generated when omitted")
     name: Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)] = ""
 
-    @model_validator(mode="after")
-    def _key(self) -> ProductCreate:
-        _check_key(self.access_key)
-        if self.pid in RESERVED_PIDS:
+    @field_validator("pid")
+    @classmethod
+    def _not_reserved(cls, pid: str | None) -> str | None:
+        if pid in RESERVED_PIDS:
             raise ValueError(
-                f"pid {self.pid} is reserved: the classic device paths /ota/south/...,"
+                f"pid {pid} is reserved: the classic device paths /ota/south/...,"
                 " /ota/device/version and /ota/devInfo would hide this product's Studio paths"
                 " /ota/{pid}/... (spec S1)"
             )
+        return pid
+
+    @model_validator(mode="after")
+    def _key(self) -> ProductCreate:
+        _check_key(self.access_key)
         return self
 
 
