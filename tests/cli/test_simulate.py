@@ -214,10 +214,18 @@ def test_an_interrupt_leaves_nothing_running(
 
 def test_an_interrupt_during_setup(isolated: tuple[dict[str, str], Path, Path]) -> None:
     env, tmp, _ = isolated
-    process = subprocess.Popen(
-        [str(ONENET_OTA), "simulate", "--devices", "100000", "--no-live"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
+    # During setup the simulator relies on Python's own SIGINT handler (KeyboardInterrupt). A
+    # test run started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python keeps an ignored SIGINT ignored; a handler here is reset to the default in the child
+    # at exec, so the child gets Python's handler as it would from a terminal.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [str(ONENET_OTA), "simulate", "--devices", "100000", "--no-live"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         assert process.stdout is not None
         output = [process.stdout.readline()]
