@@ -47,10 +47,10 @@ ratios to ``bare`` against the targets in docs/performance.md (check-task and do
 least 0.5x bare; check-hot is reported against the same bar, check-cold without one).
 The run is bounded (rounds x 10 x (warmup + duration) seconds, 75 s by default, plus setup) and
 exits 0 whether or not a target is met; it exits 1 only if the setup fails or a scenario completes
-no request. ``--profile`` runs the server's event-loop thread under cProfile (database worker
-threads are not included; with SQLite the device API runs its queries on the loop thread) and
-prints its top functions after the run; ``--only`` restricts the run to scenarios (``bare``,
-``check-task``, ``check-hot``, ``check-cold``, ``download``) and/or modes.
+no request. ``--profile`` runs the server's event-loop thread under cProfile (the device API runs
+its database calls on that thread) and prints its top functions after the run; ``--only``
+restricts the run to scenarios (``bare``, ``check-task``, ``check-hot``, ``check-cold``,
+``download``) and/or modes.
 """
 
 from __future__ import annotations

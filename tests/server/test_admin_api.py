@@ -1001,7 +1001,7 @@ def test_a_deleted_device_is_unknown_to_device_apis_that_had_cached_it(
         client.post(f"/api/v1/tasks/{task['id']}/cancel").raise_for_status()
         for device_api, url in device_apis:
             assert [poll(url), poll(url)] == [Errno.NO_TASK, Errno.NO_TASK]
-            cached = device_api.service.check_task_cached(dev, TaskType.FOTA, "1.0.0")
+            cached = device_api.service.caches.check_task(dev, TaskType.FOTA, "1.0.0")
             assert cached == (Errno.NO_TASK, None)
         assert _device_rows(api, dev) == (1, 1, 1)  # the second E3 got the same token
 
@@ -1156,10 +1156,10 @@ def test_a_deleted_task_is_forgotten_by_device_apis_that_had_cached_it(
         device_apis = [(d, _Device(url, dev, auth)) for d, url in platform.device_apis]
         for device_api, device in device_apis:
             assert [device.check(), device.check()] == [(Errno.NO_TASK, None)] * 2
-            cached = device_api.service.check_task_cached(dev, TaskType.FOTA, "1.0.0")
+            cached = device_api.service.caches.check_task(dev, TaskType.FOTA, "1.0.0")
             assert cached == (Errno.NO_TASK, None)
             assert device.e6(token) == DownloadError.INVALID_TOKEN  # §6.6.4: not active
-            assert device_api.service.download_grant_cached(token) is not None
+            assert device_api.service.caches.grant(token) is not None
             assert device.e5(token) == Errno.TASK_FINISHED  # §5.4
             assert device.e7(token, 201) == Errno.TASK_FINISHED  # §5.5
         assert _task_rows(api, task["id"]) == (1, 1, 1)
@@ -1168,11 +1168,11 @@ def test_a_deleted_task_is_forgotten_by_device_apis_that_had_cached_it(
 
         assert _task_rows(api, task["id"]) == (0, 0, 0)
         # on_change: this process's device API dropped what it had cached, before any request.
-        assert same.service.download_grant_cached(token) is None
-        assert same.service.check_task_cached(dev, TaskType.FOTA, "1.0.0") is None
+        assert same.service.caches.grant(token) is None
+        assert same.service.caches.check_task(dev, TaskType.FOTA, "1.0.0") is None
         for device_api, device in device_apis:
             assert device.check() == (Errno.NO_TASK, None)  # reads the feed first
-            assert device_api.service.download_grant_cached(token) is None
+            assert device_api.service.caches.grant(token) is None
             # §5.6: the tokens of a task that is no longer kept are unknown.
             assert device.e5(token) == Errno.NO_VALID_TOKEN
             assert device.e7(token, 201) == Errno.AUTH_FAILED

@@ -368,14 +368,14 @@ def test_another_process_transition_drops_that_device_only(
     offer(here, other)
     here.device(w.dev_id)  # P3's rows, cached
     here.device(other.dev_id)
-    assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is not None
+    assert here.caches.check_task(w.dev_id, FOTA, "1.0.0") is not None
     assert there.check_token(w.dev_id, token) is Errno.SUCC  # T9, in the other process
-    assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is not None  # not read yet
+    assert here.caches.check_task(w.dev_id, FOTA, "1.0.0") is not None  # not read yet
     here.sync()
-    assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
-    assert here.device_cached(w.dev_id) is None  # its row too: it may have been deleted
-    assert here.check_task_cached(other.dev_id, FOTA, "1.0.0") is not None
-    assert here.device_cached(other.dev_id) is not None
+    assert here.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
+    assert here.caches.device(w.dev_id) is None  # its row too: it may have been deleted
+    assert here.caches.check_task(other.dev_id, FOTA, "1.0.0") is not None
+    assert here.caches.device(other.dev_id) is not None
 
 
 def test_management_changes_elsewhere_drop_everything(
@@ -391,13 +391,13 @@ def test_management_changes_elsewhere_drop_everything(
     task_id = seeder.device_task(w.task_id).task_id
     admin.act_on_device_task(task_id, w.dev_id, Action.PAUSE)
     here.sync()
-    assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
-    assert here.check_task_cached(other.dev_id, FOTA, "1.0.0") is not None
+    assert here.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
+    assert here.caches.check_task(other.dev_id, FOTA, "1.0.0") is not None
     assert here.check_task(w.dev_id, FOTA, "1.0.0") == (Errno.NO_TASK, None)
     admin.rotate_product_key(other.pid, KeyRotate())
     here.sync()
-    assert here.check_task_cached(other.dev_id, FOTA, "1.0.0") is None
-    assert here.authenticate_cached(other.auth) is None
+    assert here.caches.check_task(other.dev_id, FOTA, "1.0.0") is None
+    assert here.caches.principal(other.auth) is None
 
 
 def test_unreadable_feed_caches_nothing_and_warns_once(
@@ -422,7 +422,7 @@ def test_unreadable_feed_caches_nothing_and_warns_once(
         here.sync()
         offer(here, w)
         here.sync()
-    assert here.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert here.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
     assert [r.message for r in caplog.records].count(
         "cannot read the cache change feed; caching nothing until it works"
     ) == 1
@@ -534,11 +534,10 @@ def test_a_feed_row_for_a_device_drops_the_tokens_verified_with_its_key(
     for value in (device_level, w.auth, auth.build_token(other.pid, K2, device_name=other.name)):
         assert there.authenticate(value) is not None
     emit(engine, [w.dev_id])
-    assert there.authenticate_cached(device_level) is not None  # not read yet
+    assert there.caches.principal(device_level) is not None  # not read yet
     there.sync()
-    assert there.authenticate_cached(device_level) is None
-    assert there.authenticate_cached(w.auth) is not None  # product key: not the device's
+    assert there.caches.principal(device_level) is None
+    assert there.caches.principal(w.auth) is not None  # product key: not the device's
     assert (
-        there.authenticate_cached(auth.build_token(other.pid, K2, device_name=other.name))
-        is not None
+        there.caches.principal(auth.build_token(other.pid, K2, device_name=other.name)) is not None
     )

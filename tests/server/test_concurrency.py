@@ -1,6 +1,6 @@
 """200 devices upgrading at once against one server, C-SDK style, one request per
 connection, duplicate requests racing each other. No 5xx, consistent final states, no duplicate
-rows. Runs on SQLite (DB calls inline) and PostgreSQL (DB calls in worker threads)."""
+rows. Runs on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -146,10 +146,7 @@ def test_200_devices_at_once(engine: Engine, tmp_path_factory: pytest.TempPathFa
             *(upgrade(port, dev_id, dev_id in failing, stats) for dev_id in dev_ids)
         )
 
-    # SQLite with DB calls inline (the default); PostgreSQL through worker threads, so that the
-    # thread mode's compare-and-set and cache generations are exercised too.
-    threads = 0 if engine.dialect.name == "sqlite" else 4
-    with running_api(engine, seeder.blobs, clock, cache_ttl=1.0, db_threads=threads) as (_, srv):
+    with running_api(engine, seeder.blobs, clock, cache_ttl=1.0) as (_, srv):
         asyncio.run(everyone(srv.port))
 
     assert set(stats.statuses) <= {200, 206}  # no 5xx, no 4xx

@@ -18,14 +18,13 @@ from onenet_ota.protocol.states import Action, IllegalTransition, TaskState
 from onenet_ota.protocol.status import ReportKind, TaskType
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_service import (
-    ConcurrentChange,
     DeviceService,
     Report,
-    expire_deadlines,
     new_token,
     token_expired,
 )
 from onenet_ota.server.schema import device_tasks, devices
+from onenet_ota.server.transitions import ConcurrentChange, expire_deadlines
 from tests.server.races import run_as_deadlock_victim
 from tests.server.seed import (
     DB_PARAMS,
@@ -218,10 +217,10 @@ def test_service_expire_deadlines_invalidates_cached_grants(
     w = seeder.world(deadline=T0 + 10)
     token = offer(service, w).token
     assert service.download_grant(token) is not None
-    assert service.download_grant_cached(token) is not None
+    assert service.caches.grant(token) is not None
     seeder.clock.advance(10)
     assert service.expire_deadlines(w.dev_id) == 1
-    assert service.download_grant_cached(token) is None
+    assert service.caches.grant(token) is None
     assert w.state() is S.FAILED
 
 
@@ -276,9 +275,9 @@ def test_authenticate_caches_but_rechecks_et(
     assert principal is not None
     assert (principal.pid, principal.device_name) == (w.pid, None)
     assert "sign" not in repr(principal)
-    assert service.authenticate_cached(value) == principal
+    assert service.caches.principal(value) == principal
     seeder.clock.advance(6)
-    assert service.authenticate_cached(value) is None
+    assert service.caches.principal(value) is None
     assert service.authenticate(value) is None
 
 
@@ -293,16 +292,16 @@ def test_own_transitions_invalidate_grants_others_wait_for_ttl(
     assert grant.usable(seeder.clock())
     # A change by another process is not seen while cached (the documented staleness) ...
     seeder.set_state(w.task_id, S.PAUSED, S.TO_BE_UPGRADED)
-    cached = service.download_grant_cached(token)
+    cached = service.caches.grant(token)
     assert cached is not None
     assert cached.state is S.TO_BE_UPGRADED
     service.invalidate()  # ... until the cache is dropped (or its TTL passes).
-    assert service.download_grant_cached(token) is None
+    assert service.caches.grant(token) is None
     seeder.set_state(w.task_id, S.TO_BE_UPGRADED)
     service.download_grant(token)
     # This process's own transition drops the entry at once.
     assert service.report(w.dev_id, token, Report(ReportKind.DOWNLOAD_FAILED, 107)) is Errno.SUCC
-    assert service.download_grant_cached(token) is None
+    assert service.caches.grant(token) is None
     fresh = service.download_grant(token)
     assert fresh is not None
     assert not fresh.usable(seeder.clock())
@@ -312,7 +311,7 @@ def test_cache_ttl_zero_caches_nothing(service: DeviceService, seeder: Seeder) -
     w = seeder.world()
     token = offer(service, w).token
     assert service.download_grant(token) is not None
-    assert service.download_grant_cached(token) is None
+    assert service.caches.grant(token) is None
 
 
 # -- concurrency ---------------------------------------------------------------------------------
@@ -435,32 +434,32 @@ def test_e3_answers_are_cached_only_when_nothing_changed(
     cached: DeviceService, seeder: Seeder
 ) -> None:
     w = seeder.world(deadline=T0 + TOKEN_LIFE + HOUR)
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
     first = offer(cached, w)  # issues the token: a write, so not cached
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
     assert offer(cached, w) == first
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") == (Errno.SUCC, first)
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") == (Errno.SUCC, first)
     # Another question is another entry.
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0", manuf="001") is None
-    assert cached.check_task_cached(w.dev_id, FOTA, "0.9") is None
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0", manuf="001") is None
+    assert cached.caches.check_task(w.dev_id, FOTA, "0.9") is None
     # The token's expiry ends the answer, whatever the TTL.
     seeder.clock.advance(TOKEN_LIFE)
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
     second = offer(cached, w)
     assert second.token != first.token
     offer(cached, w)
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") == (Errno.SUCC, second)
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") == (Errno.SUCC, second)
     # ... and so does the deadline.
     seeder.clock.now = T0 + TOKEN_LIFE + HOUR
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
 
 
 def test_e3_no_task_is_cached_until_start_time(cached: DeviceService, seeder: Seeder) -> None:
     w = seeder.world(start_time=T0 + 30)
     assert cached.check_task(w.dev_id, FOTA, "1.0.0") == (Errno.NO_TASK, None)
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") == (Errno.NO_TASK, None)
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") == (Errno.NO_TASK, None)
     seeder.clock.advance(30)
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
     assert offer(cached, w).target == "1.0.1"
 
 
@@ -468,17 +467,17 @@ def test_own_transitions_drop_cached_answers(cached: DeviceService, seeder: Seed
     w = seeder.world()
     token = offer(cached, w).token
     offer(cached, w)
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is not None
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") is not None
     assert cached.check_token(w.dev_id, token) is Errno.SUCC  # T9: a write, not cached
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
-    assert cached.check_token_cached(w.dev_id, token) is None
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
+    assert cached.caches.check_token(w.dev_id, token) is None
     assert cached.check_token(w.dev_id, token) is Errno.SUCC  # T10: nothing changed
-    assert cached.check_token_cached(w.dev_id, token) is Errno.SUCC
-    assert cached.check_token_cached(w.dev_id + 1, token) is None  # per device
+    assert cached.caches.check_token(w.dev_id, token) is Errno.SUCC
+    assert cached.caches.check_token(w.dev_id + 1, token) is None  # per device
     assert cached.report(w.dev_id, token, Report(ReportKind.DOWNLOADED, 101)) is Errno.SUCC
-    assert cached.check_token_cached(w.dev_id, token) is None
+    assert cached.caches.check_token(w.dev_id, token) is None
     assert cached.check_token(w.dev_id, token) is Errno.INVALID_STATE
-    assert cached.check_token_cached(w.dev_id, token) is None  # refusals are never cached
+    assert cached.caches.check_token(w.dev_id, token) is None  # refusals are never cached
 
 
 def test_answers_racing_an_invalidation_are_not_cached(
@@ -495,7 +494,7 @@ def test_answers_racing_an_invalidation_are_not_cached(
 
     monkeypatch.setattr(cached, "_read_first", read_then_invalidate)
     offer(cached, w)
-    assert cached.check_task_cached(w.dev_id, FOTA, "1.0.0") is None
+    assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
 
 
 def test_a_broken_read_connection_is_replaced(

@@ -4,9 +4,10 @@ SQLAlchemy Core, one transaction per operation. The models below are both the in
 against the spec's value formats, §1 and §4.5) and the outputs; :mod:`onenet_ota.server.admin_api`
 turns them into JSON and into its OpenAPI document.
 
-Device-task state changes go only through :func:`onenet_ota.protocol.states.on_action`: a bulk
-pause, resume or cancel is one ``UPDATE ... CASE`` whose cases are read from that function, so
-every row moves once, atomically, and only along the state table's edges (§5.3 T2-T4).
+Device-task state changes are the statements of :mod:`onenet_ota.server.transitions` (shared with
+the device side), which move rows only along the edges of the state tables in
+:mod:`onenet_ota.protocol.states`: a bulk pause, resume or cancel is one ``UPDATE ... CASE``, so
+every row moves once, atomically (§5.3 T2-T4).
 
 Errors are :class:`AdminError` subclasses, each naming what the caller did wrong:
 
@@ -41,11 +42,9 @@ from sqlalchemy import (
     Select,
     SmallInteger,
     and_,
-    case,
     delete,
     func,
     insert,
-    literal,
     select,
     text,
     update,
@@ -58,14 +57,18 @@ from onenet_ota.protocol.states import (
     Action,
     IllegalTransition,
     TaskState,
-    on_action,
 )
 from onenet_ota.protocol.status import PackageKind, TaskType
 from onenet_ota.server import changes
 from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.db import is_foreign_key_violation, is_transient, sqlstate
-from onenet_ota.server.device_service import ConcurrentChange, apply_action, expire_deadlines
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
+from onenet_ota.server.transitions import (
+    ConcurrentChange,
+    apply_action,
+    apply_bulk,
+    expire_deadlines,
+)
 
 __all__ = [
     "AdminError",
@@ -563,38 +566,6 @@ def _int_cursor(after: str | None, maximum: int) -> int | None:
 
 def _version_column(module_type: int) -> Any:
     return devices.c.f_version if module_type == TaskType.FOTA else devices.c.s_version
-
-
-def _transition_case(action: Action, column: Any) -> tuple[Any, list[int]]:
-    """A SQL CASE applying ``action`` to ``column`` (the state), built from the state table.
-
-    Returns the CASE and the states it applies to; states where the action is illegal are left
-    out, so their rows are not touched.
-    """
-    whens = []
-    sources = []
-    for state in TaskState:
-        try:
-            target = on_action(state, action)
-        except IllegalTransition:
-            continue
-        whens.append((column == int(state), int(target)))
-        sources.append(int(state))
-    return case(*whens, else_=column), sources
-
-
-def _resume_case() -> tuple[Any, list[int]]:
-    """RESUME's target depends on ``paused_from`` (T3); read every legal pair from the table."""
-    whens = []
-    froms = []
-    for before in TaskState:
-        try:
-            target = on_action(TaskState.PAUSED, Action.RESUME, paused_from=before)
-        except IllegalTransition:
-            continue
-        whens.append((device_tasks.c.paused_from == int(before), int(target)))
-        froms.append(int(before))
-    return case(*whens, else_=device_tasks.c.state), froms
 
 
 # The operator-facing status of a whole task before and after each bulk action.
@@ -1347,22 +1318,11 @@ class AdminService:
 
     @staticmethod
     def _cancel_open(conn: Connection, dev_ids: Sequence[int], module_type: int, now: int) -> None:
-        new_state, sources = _transition_case(Action.CANCEL, device_tasks.c.state)
         for chunk in _chunks(dev_ids):
-            conn.execute(
-                update(device_tasks)
-                .where(
-                    device_tasks.c.dev_id.in_(chunk),
-                    device_tasks.c.module_type == module_type,
-                    device_tasks.c.state.in_(sources),
-                )
-                .values(
-                    state=new_state,
-                    paused_from=None,
-                    updated_at=now,
-                    finished_at=now,
-                )
+            where = and_(
+                device_tasks.c.dev_id.in_(chunk), device_tasks.c.module_type == module_type
             )
+            apply_bulk(conn, Action.CANCEL, where, now)  # T4 on the open ones
 
     def _task_query(self) -> Select[Any]:
         return select(tasks, packages.c.target).join(packages, packages.c.id == tasks.c.package_id)
@@ -1587,7 +1547,7 @@ class AdminService:
                 raise Conflict(f"can't {action.name.lower()} a task that is {row.status}")
             # Deadlines first (T5), so that nothing past its deadline is resumed.
             expire_deadlines(conn, now)
-            changed = self._apply(conn, action, device_tasks.c.task_id == task_id, now)
+            changed = apply_bulk(conn, action, device_tasks.c.task_id == task_id, now)
             conn.execute(
                 update(tasks).where(tasks.c.id == task_id).values(status=_STATUS_AFTER[action])
             )
@@ -1623,32 +1583,6 @@ class AdminService:
             self._changed()
             return view
         raise Conflict("the device's task keeps changing; retry")
-
-    @staticmethod
-    def _apply(conn: Connection, action: Action, where: Any, now: int) -> int:
-        """One UPDATE moving every matching row along the table's edge for ``action``."""
-        state = device_tasks.c.state
-        if action is Action.RESUME:
-            new_state, froms = _resume_case()
-            condition = and_(
-                where, state == int(TaskState.PAUSED), device_tasks.c.paused_from.in_(froms)
-            )
-            new_values: dict[str, Any] = {"state": new_state, "paused_from": None}
-        else:
-            new_state, sources = _transition_case(action, state)
-            condition = and_(where, state.in_(sources))
-            new_values = {"state": new_state}
-            if action is Action.PAUSE:
-                new_values["paused_from"] = state  # T2: remember where to resume
-            else:
-                new_values["paused_from"] = None
-                new_values["finished_at"] = case(
-                    (new_state.in_(TERMINAL_CODES), literal(now)),
-                    else_=device_tasks.c.finished_at,
-                )
-        new_values["updated_at"] = now
-        result = conn.execute(update(device_tasks).where(condition).values(**new_values))
-        return int(result.rowcount)
 
 
 def _item_fields(spec: DeviceCreate) -> dict[str, Any]:

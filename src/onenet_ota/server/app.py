@@ -109,7 +109,7 @@ class AppResources:
             await asyncio.sleep(interval)
 
     async def aclose(self) -> None:
-        """Stop push deliveries, database threads and connections."""
+        """Stop push deliveries, close database connections and package files."""
         if self._closed:
             return
         self._closed = True

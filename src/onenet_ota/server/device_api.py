@@ -12,42 +12,38 @@ endpoint and byte 4 on a download; a traceback is logged (without credentials), 
 Performance (target: check-task and 4 KiB downloads at >= 0.5x a bare fixed-JSON endpoint on the
 same HTTP layer; figures in docs/performance.md). Requests that change nothing are decided on
 single-statement reads outside Core's execution machinery, and repeated questions are answered
-from in-process caches that the change feed keeps current across processes (see
-:mod:`.device_service` and :mod:`.changes`). On top of them: a polling device repeats its E3/E5
+from in-process caches that the change feed keeps current across processes (all of them, those
+of this module included, live in one :class:`~.device_caches.DeviceCaches`; see
+:mod:`.device_caches` and :mod:`.changes`). On top of them: a polling device repeats its E3/E5
 request byte for byte, so its whole reply is memoised with what it rests on
-(:meth:`DeviceService.holds` re-checks that in a few lookups); and every device of a task fetches
+(:meth:`.DeviceCaches.holds` re-checks that in a few lookups); and every device of a task fetches
 the same chunks, so a small E6 reply is built once per (file, range) and served while the token's
 grant is usable and the open file keeps its size (an fstat, a tenth of the path lookup).
 
-Every cache here is keyed by what a client sends (a Range value, a query string, an Authorization
-value), and a client may vary those with junk that changes nothing in the answer (padding inside
-the Range, unknown query parameters or token fields). So each is a
+Every cache used here is keyed by what a client sends (a Range value, a query string, an
+Authorization value), and a client may vary those with junk that changes nothing in the answer
+(padding inside the Range, unknown query parameters or token fields). So each is a
 :class:`~.bounded_cache.BoundedCache`, bounded by the bytes it holds with its keys, and the
 budgets of all of them are in :data:`~.bounded_cache.BUDGETS`. The keys stay the raw bytes
 rather than the question they mean (the Range parsed, the token's fields): normalising costs a
 parse on every hot request (about 3 us for a Range here) and would bound nothing by itself, since
 a client may ask as many distinct questions as it likes.
 
-Database calls are synchronous. ``db_threads=0`` (the default) runs them inline on the event loop;
-``db_threads=N`` runs them in N worker threads. Inline was faster for both databases on the
-2-core development machine with every cache disabled (docs/performance.md): statements take well
-under a millisecond, and thread hand-offs plus GIL contention cost more than overlapping them
-gains on two cores. A pool may pay off with a remote PostgreSQL and more cores; it stays an option.
+Database calls are synchronous and run inline on the event loop: statements take well under a
+millisecond, and a pool of worker threads was slower on both databases (hand-offs and GIL
+contention cost more than overlapping them gains; docs/performance.md).
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import logging
 import os
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from sqlalchemy import Engine
 
@@ -60,12 +56,19 @@ from onenet_ota.protocol.ranges import parse_range
 from onenet_ota.protocol.status import TaskType, classify_result, classify_step
 from onenet_ota.server import wire
 from onenet_ota.server.blobs import BlobStore
-from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
+from onenet_ota.server.bounded_cache import weigh
 from onenet_ota.server.changes import DEFAULT_INTERVAL
+from onenet_ota.server.device_caches import (
+    ENTRY_BYTES,
+    OBJECT_BYTES,
+    Clock,
+    DeviceCaches,
+    MemoKey,
+    check_task_key,
+    check_token_key,
+)
 from onenet_ota.server.device_service import (
     DEFAULT_CACHE_TTL,
-    Basis,
-    Clock,
     DeviceService,
     Principal,
     Report,
@@ -79,24 +82,13 @@ from onenet_ota.server.http import (
     Response,
 )
 
-__all__ = ["DeviceApi", "default_db_threads"]
+__all__ = ["DeviceApi"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-_MemoKey = tuple[str, str, str]  # (path, query string, Authorization)
-_ChunkKey = tuple[str, int, str, str | None]  # (sha256, size, file name, Range value)
 _S_ID_RE: Final = re.compile(r"[0-9]{1,19}")  # §6.6: an NB base-station id, validated, ignored
 # D6 step 6: sent by the HTTP layer instead of a segment it cannot read (never mutated there).
 _READ_FAILED: Final = wire.download_error(DownloadError.READ_FAILED)
-
-
-def default_db_threads(engine: Engine) -> int:
-    """Worker threads for database calls: 0 (inline on the event loop) for every dialect, as
-    measured (see the module docstring)."""
-    del engine  # kept in the signature: the choice may come to depend on the dialect
-    return 0
 
 
 class _Rejected(Exception):
@@ -114,8 +106,7 @@ class DeviceApi:
     characters), returned as ``ipPort`` to devices that ask with ``cdn=true``. ``clock`` returns
     Unix seconds (token lifetimes, ``et``, deadlines, start times). ``cache_ttl`` is the longest a
     cached entry lives (0 disables the caches) and ``feed_interval`` how often the change feed of
-    other processes is read (see :mod:`.device_service` and :mod:`.changes`). ``db_threads``
-    overrides :func:`default_db_threads`.
+    other processes is read (see :mod:`.device_caches` and :mod:`.changes`).
     """
 
     def __init__(
@@ -127,49 +118,32 @@ class DeviceApi:
         clock: Clock = time.time,
         cache_ttl: float = DEFAULT_CACHE_TTL,
         feed_interval: float = DEFAULT_INTERVAL,
-        db_threads: int | None = None,
     ) -> None:
         if public_address is not None and not values.is_ip_port(public_address):
             raise ValueError(
                 f"public_address {public_address!r} is not host or host:port of at most "
                 f"{values.IP_PORT_MAX_LEN} characters (D10)"
             )
+        # Every cache, the wire-level ones of this class included, lives in one DeviceCaches
+        # shared with the service; the hot paths keep direct references to theirs.
+        caches = DeviceCaches(ttl=cache_ttl, clock=clock, blobs=blobs)
         self.service = DeviceService(
-            engine, clock=clock, cache_ttl=cache_ttl, feed_interval=feed_interval
+            engine, clock=clock, cache_ttl=cache_ttl, feed_interval=feed_interval, caches=caches
         )
-        self._blobs = blobs
+        self._caches = caches
         self._public_address = public_address
         self._clock = clock
-        threads = default_db_threads(engine) if db_threads is None else db_threads
-        self._executor = (
-            ThreadPoolExecutor(threads, thread_name_prefix="onenet-ota-db") if threads else None
-        )
-        self._files = _OpenFiles(blobs)
-        # Every cache here is keyed by what a client sent, so each is bounded by the bytes it
-        # holds, keys included (see .bounded_cache).
-        # Small E6 replies by (file, Range value); see _cached_download.
-        self._chunks: BoundedCache[_ChunkKey, Response] = BoundedCache(BUDGETS.chunks)
-        # E3/E4 replies, encoded: a polling device gets the same bytes every time.
-        self._task_bodies: BoundedCache[tuple[TaskInfo, bool], bytes] = BoundedCache(
-            BUDGETS.task_bodies
-        )
-        # Query string -> parsed: polling devices repeat theirs verbatim.
-        self._queries: BoundedCache[str, dict[str, str]] = BoundedCache(BUDGETS.queries)
-        # Whole E3/E5 replies by request, each with what it rests on (see _memoise).
-        self._memos: BoundedCache[_MemoKey, tuple[Basis, Response]] = BoundedCache(BUDGETS.replies)
+        assert caches.files is not None
+        self._files = caches.files
+        self._grants = caches.grants
+        self._chunks = caches.chunks
+        self._task_bodies = caches.task_bodies
+        self._queries = caches.queries
+        self._memos = caches.replies
 
     def close(self) -> None:
-        """Stop the database worker threads, if any, and close read connections and files."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-        self.service.close()
-        self._files.close()
-
-    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None:
-            return fn(*args)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        """Close the read connections and the open package files."""
+        self.service.close()  # and the caches' open files
 
     # -- entry point ---------------------------------------------------------------------------
 
@@ -224,14 +198,14 @@ class DeviceApi:
         self, endpoint: Endpoint, request: Request, token: str | None, body: bytes
     ) -> Response:
         authorization = request.header("Authorization")
-        memo_key: _MemoKey | None = None
+        memo_key: MemoKey | None = None
         if authorization and (endpoint is Endpoint.CHECK_TASK or endpoint is Endpoint.CHECK_TOKEN):
             # A polling device repeats its request verbatim: the same bytes get the same reply
             # for as long as everything the reply was computed from still holds.
             memo_key = (request.path, request.query_string, authorization)
             memo = self._memos.get(memo_key)
             if memo is not None:
-                if self.service.holds(memo[0]):
+                if self._caches.holds(memo[0]):
                     return memo[1]
                 self._memos.pop(memo_key)
         principal = await self._principal(authorization)
@@ -243,20 +217,20 @@ class DeviceApi:
         dev_id = values.parse_dev_id(query.get("dev_id"))
         if dev_id is None:
             return wire.envelope(Errno.INVALID_PARAMETER)  # P2
-        device = self.service.device_cached(dev_id)
+        device = self._caches.device(dev_id)
         if device is None and endpoint is Endpoint.CHECK_TASK:
             fused = await self._check_task_with_p3(principal, dev_id, query, memo_key)
             if fused is not None:
                 return fused
         if device is None:
-            device = await self._db(self.service.device, dev_id)
+            device = self.service.device(dev_id)
         if not self.service.binds(principal, device):
             return wire.envelope(Errno.AUTH_FAILED)  # P3
         try:
             if endpoint is Endpoint.POST_VERSION:
                 return await self._post_version(dev_id, body)
             if endpoint is Endpoint.QUERY_VERSION:
-                data = await self._db(self.service.query_version, dev_id)
+                data = self.service.query_version(dev_id)
                 if data is None:
                     return wire.envelope(Errno.AUTH_FAILED)
                 return wire.envelope(Errno.SUCC, data)
@@ -266,17 +240,15 @@ class DeviceApi:
                 return await self._tasking(dev_id, query)
             if endpoint is Endpoint.CHECK_TOKEN:
                 assert token is not None
-                errno = self.service.check_token_cached(dev_id, token)
-                if errno is None:
-                    errno = await self._db(self.service.check_token, dev_id, token)
-                key = self.service.check_token_key(token)
+                errno = self.service.check_token(dev_id, token)
+                key = check_token_key(token)
                 return self._memoise(memo_key, dev_id, key, errno, None, wire.envelope(errno))
             if endpoint is Endpoint.REPORT_PROGRESS:
                 report = _decode_report(body, "step", classify_step, Errno.INVALID_PARAMETER)
-                return wire.envelope(await self._db(self.service.report, dev_id, token, report))
+                return wire.envelope(self.service.report(dev_id, token, report))
             if endpoint is Endpoint.REPORT_RESULT:
                 report = _decode_report(body, "result", classify_result, Errno.INVALID_RESULT)
-                errno = await self._db(self.service.report, dev_id, query.get("token"), report)
+                errno = self.service.report(dev_id, query.get("token"), report)
                 return wire.envelope(errno)
         except _Rejected as rejected:
             return wire.envelope(rejected.errno)
@@ -287,17 +259,14 @@ class DeviceApi:
         query = self._queries.get(request.query_string)
         if query is None:
             query = request.query
-            size = sum(_ENTRY_BYTES + weigh(key) + weigh(value) for key, value in query.items())
-            self._queries.put(request.query_string, query, _OBJECT_BYTES + size)  # read-only now
+            size = sum(ENTRY_BYTES + weigh(key) + weigh(value) for key, value in query.items())
+            self._queries.put(request.query_string, query, OBJECT_BYTES + size)  # read-only now
         return query
 
     async def _principal(self, authorization: str | None) -> Principal | None:
         if not authorization:
             return None
-        principal = self.service.authenticate_cached(authorization)
-        if principal is None:
-            principal = await self._db(self.service.authenticate, authorization)
-        return principal
+        return self.service.authenticate(authorization)
 
     async def _post_version(self, dev_id: int, body: bytes) -> Response:
         # D16: a JSON object with at least one of the keys, each a version string.
@@ -312,13 +281,11 @@ class DeviceApi:
                 versions[key] = obj[key]
         if versions["f_version"] is None and versions["s_version"] is None:
             return wire.envelope(Errno.INVALID_PARAMETER)
-        errno = await self._db(
-            self.service.report_version, dev_id, versions["f_version"], versions["s_version"]
-        )
+        errno = self.service.report_version(dev_id, versions["f_version"], versions["s_version"])
         return wire.envelope(errno)
 
     async def _check_task_with_p3(
-        self, principal: Principal, dev_id: int, query: dict[str, str], memo_key: _MemoKey | None
+        self, principal: Principal, dev_id: int, query: dict[str, str], memo_key: MemoKey | None
     ) -> Response | None:
         """E3 for a device not in the cache: P3 in the same transaction as E3 (the cold polling
         path). None when a parameter is invalid: its errno must wait for P3 (§4.2's order)."""
@@ -330,22 +297,14 @@ class DeviceApi:
         if version is None or not values.is_version(version):
             return None
         manuf, model = query.get("manuf") or None, query.get("model") or None
-        errno, info = await self._db(
-            functools.partial(
-                self.service.check_task,
-                dev_id,
-                task_type,
-                version,
-                manuf=manuf,
-                model=model,
-                principal=principal,
-            )
+        errno, info = self.service.check_task(
+            dev_id, task_type, version, manuf=manuf, model=model, principal=principal
         )
-        key = self.service.check_task_key(task_type, version, manuf, model)
+        key = check_task_key(task_type, version, manuf, model)
         return self._memoise(memo_key, dev_id, key, errno, info, self._task_reply(errno, info, cdn))
 
     async def _check_task(
-        self, dev_id: int, query: dict[str, str], memo_key: _MemoKey | None
+        self, dev_id: int, query: dict[str, str], memo_key: MemoKey | None
     ) -> Response:
         # §6.3 / D17, steps 2-4, in this order.
         task_type = _task_type(query.get("type"))
@@ -356,22 +315,13 @@ class DeviceApi:
             return wire.envelope(Errno.INVALID_VERSION_FORMAT)
         cdn = _cdn(query.get("cdn"))
         manuf, model = query.get("manuf") or None, query.get("model") or None
-        answer = self.service.check_task_cached(
-            dev_id, task_type, version, manuf=manuf, model=model
-        )
-        if answer is None:
-            answer = await self._db(
-                functools.partial(
-                    self.service.check_task, dev_id, task_type, version, manuf=manuf, model=model
-                )
-            )
-        errno, info = answer
-        key = self.service.check_task_key(task_type, version, manuf, model)
+        errno, info = self.service.check_task(dev_id, task_type, version, manuf=manuf, model=model)
+        key = check_task_key(task_type, version, manuf, model)
         return self._memoise(memo_key, dev_id, key, errno, info, self._task_reply(errno, info, cdn))
 
     def _memoise(
         self,
-        memo_key: _MemoKey | None,
+        memo_key: MemoKey | None,
         dev_id: int,
         key: tuple[Any, ...],
         errno: Errno,
@@ -380,8 +330,8 @@ class DeviceApi:
     ) -> Response:
         """Keep ``response`` for ``memo_key`` if the service has cached the answer it carries.
 
-        The basis is taken after the answer: with database threads another request may have
-        replaced the cached answer meanwhile, so it is kept only if it says the same thing.
+        The basis is taken after the answer, and kept only if its cached answer says the same
+        thing (the management side, in other threads, may have invalidated and replaced it).
         Responses are never mutated by the HTTP layer, so one object serves every repeat.
         """
         if memo_key is None:
@@ -396,7 +346,7 @@ class DeviceApi:
     async def _tasking(self, dev_id: int, query: dict[str, str]) -> Response:
         task_type = _task_type(query.get("type"))  # §6.4 / D18
         cdn = _cdn(query.get("cdn"))
-        errno, info = await self._db(self.service.tasking, dev_id, task_type)
+        errno, info = self.service.tasking(dev_id, task_type)
         return self._task_reply(errno, info, cdn)
 
     def _task_reply(self, errno: Errno, info: TaskInfo | None, cdn: bool) -> Response:
@@ -409,7 +359,7 @@ class DeviceApi:
                 info = replace(info, ip_port=self._public_address)
             body = encode_envelope(errno, info.to_data())
             # The key's TaskInfo holds about what the body says.
-            self._task_bodies.put(key, body, _OBJECT_BYTES + 2 * weigh(body))
+            self._task_bodies.put(key, body, OBJECT_BYTES + 2 * weigh(body))
         return wire.json_reply(body)
 
     async def _dev_info(self, principal: Principal, body: bytes) -> Response:
@@ -431,7 +381,7 @@ class DeviceApi:
         if "\x00" in auth_info:
             # No device has one (the management API refuses NUL; PostgreSQL cannot store it).
             return wire.envelope(Errno.AUTH_FAILED)
-        dev_id = await self._db(self.service.dev_info, principal, auth_info)
+        dev_id = self.service.dev_info(principal, auth_info)
         if dev_id is None:
             return wire.envelope(Errno.AUTH_FAILED)
         return wire.envelope(Errno.SUCC, {"dev_id": str(dev_id)})  # a string (§6.9)
@@ -444,11 +394,7 @@ class DeviceApi:
             s_id = request.query.get("s_id")
             if s_id is not None and _S_ID_RE.fullmatch(s_id) is None:
                 return wire.download_error(DownloadError.BAD_PARAMETER)  # step 1
-        grant = self.service.download_grant_cached(token)  # only issued tokens are cached
-        if grant is None:
-            if values.TOKEN_RE.fullmatch(token) is None:
-                return wire.download_error(DownloadError.INVALID_TOKEN)
-            grant = await self._db(self.service.download_grant, token)
+        grant = self.service.download_grant(token)
         if grant is None or not grant.usable(self._clock()):
             return wire.download_error(DownloadError.INVALID_TOKEN)  # step 2
         range_value = _range_value(request.headers)
@@ -500,7 +446,7 @@ class DeviceApi:
         """
         if request.query_string:
             return None
-        grant = self.service.download_grant_cached(token)
+        grant = self._grants.get(token)  # only issued tokens are cached
         if grant is None or not grant.usable(self._clock()):
             return None
         key = (grant.sha256, grant.size, grant.file_name, _range_value(request.headers))
@@ -523,17 +469,15 @@ def _range_value(headers: list[tuple[str, str]]) -> str | None:
 
 
 # What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11):
-# a small object about 60-100 bytes, a dict entry about 100, a header (a tuple of two strings in
-# a list) about 150 beyond its text, a Basis with the objects it alone holds about 300.
-_OBJECT_BYTES: Final = 100
-_ENTRY_BYTES: Final = 100
+# a header (a tuple of two strings in a list) about 150 beyond its text, a Basis with the objects
+# it alone holds about 300 (and see device_caches).
 _HEADER_BYTES: Final = 150
 _BASIS_BYTES: Final = 300
 
 
 def _response_bytes(response: Response) -> int:
     """About what a cached response holds: the object, its headers and its body."""
-    size = _OBJECT_BYTES + weigh(response.body) if isinstance(response.body, bytes) else 1000
+    size = OBJECT_BYTES + weigh(response.body) if isinstance(response.body, bytes) else 1000
     for name, value in response.headers:
         size += _HEADER_BYTES + len(name) + len(value)
     return size
@@ -547,70 +491,6 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
             raise OSError(f"package file ends before byte {offset + length}")
         data += more
     return data
-
-
-class _OpenFiles:
-    """Package files kept open for E6, so that a 4 KiB chunk costs a stat and a pread.
-
-    Every use stats the path: a missing file is still byte 1 and a changed size byte 2 at once.
-    A descriptor is reopened when the path names another file (inode changed) and at least every
-    ``ttl`` seconds. Files are content-addressed, so an open descriptor never serves other bytes
-    than the path. Used from the event loop only.
-    """
-
-    def __init__(self, blobs: BlobStore, ttl: float = 5.0, max_open: int = 64) -> None:
-        self._blobs = blobs
-        self._ttl = ttl
-        self._max_open = max_open
-        self._paths: dict[str, str] = {}  # sha256 -> path (pathlib is slow per request)
-        self._open: dict[str, tuple[int, int, int, float]] = {}  # sha256 -> fd, dev, ino, until
-
-    def _path(self, sha256: str) -> str:
-        path = self._paths.get(sha256)
-        if path is None:
-            if len(self._paths) >= 4096:
-                self._paths.clear()
-            path = self._paths[sha256] = str(self._blobs.path(sha256))
-        return path
-
-    def size_if_open(self, sha256: str) -> int | None:
-        """The size of the file if it is open and its path still names it, else None.
-
-        fstat costs a tenth of a path lookup; a link count of zero means the path no longer
-        names this file (deleted or replaced; the store never makes hard links).
-        """
-        entry = self._open.get(sha256)
-        if entry is None:
-            return None
-        try:
-            st = os.fstat(entry[0])
-        except OSError:
-            return None
-        return st.st_size if st.st_nlink else None
-
-    def get(self, sha256: str) -> tuple[str, int, int]:
-        """(path, descriptor, size) of the file; FileNotFoundError if missing, OSError."""
-        path = self._path(sha256)
-        st = os.stat(path)
-        entry = self._open.get(sha256)
-        if entry is not None:
-            fd, dev, ino, until = entry
-            if (dev, ino) == (st.st_dev, st.st_ino) and time.monotonic() < until:
-                return path, fd, st.st_size
-            del self._open[sha256]
-            os.close(fd)
-        if len(self._open) >= self._max_open:
-            self.close()
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        opened = os.fstat(fd)
-        self._open[sha256] = (fd, opened.st_dev, opened.st_ino, time.monotonic() + self._ttl)
-        return path, fd, opened.st_size
-
-    def close(self) -> None:
-        """Close every descriptor."""
-        entries, self._open = self._open, {}
-        for fd, *_ in entries.values():
-            os.close(fd)
 
 
 # -- parameter decoding (pure) -------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Synchronous SQLAlchemy Core with prebuilt statements, at most one transaction per request. Every
 task transition goes through :mod:`onenet_ota.protocol.states`; nothing here decides a state by
-itself.
+itself, and the SQL that changes a device task's state is :mod:`.transitions`' (shared with the
+management side).
 
 Reads first. A request is first decided on a single-statement read (:class:`_Reader`: the prebuilt
 statement, compiled once, run on a per-thread autocommit DBAPI connection). Most device requests
@@ -18,9 +19,10 @@ takes its write lock at BEGIN (db.py), so there it never conflicts; on PostgreSQ
 the re-evaluated WHERE clause is what detects a concurrent change. Writes go in one lock order,
 device_tasks rows before the devices row, and deadlocks or serialisation failures are retried.
 
-Caching (all in-process, per :class:`DeviceService`, each cache bounded by the bytes it holds,
-keys included: :mod:`.bounded_cache`; an entry lives at most ``cache_ttl`` seconds, 30 s by
-default):
+Caching (all in-process, in the service's :class:`~.device_caches.DeviceCaches`, each cache
+bounded by the bytes it holds, keys included: :mod:`.bounded_cache`; an entry lives at most
+``cache_ttl`` seconds, 30 s by default). Each method consults the caches for its own question
+before the database:
 
 - verified Authorization values -> the principal (pid, device), re-checked against ``et`` on use,
   and dropped with the device whose key verified them;
@@ -33,7 +35,8 @@ Token expiry, deadlines and start times are times, compared with the clock on ev
 are never stale. Changes are seen as follows:
 
 - This process's own transitions drop the entries of their device at once; the management side in
-  the same process calls :meth:`DeviceService.invalidate`.
+  the same process calls :meth:`DeviceService.invalidate`. Both end in
+  :meth:`.DeviceCaches.invalidate` or :meth:`.DeviceCaches.clear`.
 - A device's creation, deletion and key rotation are in the feed like any change of the device,
   and dropping a device drops the tokens verified with its key: once a process has read the
   feed past such a change, it verifies the device's tokens against the database again, so a
@@ -85,7 +88,6 @@ from onenet_ota.protocol.states import (
     OPEN_STATES,
     RUNNING_STATES,
     Action,
-    IllegalTransition,
     TaskState,
     on_action,
     on_report,
@@ -93,9 +95,22 @@ from onenet_ota.protocol.states import (
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
 from onenet_ota.server import changes
-from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
 from onenet_ota.server.db import is_transient
+from onenet_ota.server.device_caches import (
+    Answer,
+    Clock,
+    DeviceCaches,
+    check_task_key,
+    check_token_key,
+)
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
+from onenet_ota.server.transitions import (
+    ConcurrentChange,
+    apply_action,
+    expire_deadlines,
+    set_progress,
+    set_state,
+)
 
 __all__ = [
     "Basis",
@@ -104,14 +119,11 @@ __all__ = [
     "DeviceService",
     "DownloadGrant",
     "Principal",
-    "apply_action",
-    "expire_deadlines",
     "new_token",
 ]
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 _Row: TypeAlias = "Row[*tuple[Any, ...]]"
 T = TypeVar("T")
 
@@ -288,28 +300,6 @@ _SELECT_TOKEN = (
     .select_from(tokens.join(_TASK_JOIN, _dt.c.id == tokens.c.device_task_id))
     .where(tokens.c.token == bindparam("token"))
 )
-_SELECT_TASK = select(*_TASK_COLUMNS).select_from(_TASK_JOIN).where(_dt.c.id == bindparam("b_id"))
-
-# Compare-and-set: the UPDATE names the state it read; no match means a concurrent change.
-_SET_STATE = (
-    update(_dt)
-    .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
-    .values(
-        state=bindparam("v_state"),
-        paused_from=bindparam("v_paused_from"),
-        progress=bindparam("v_progress"),
-        result_code=func.coalesce(
-            bindparam("v_result_code", type_=_dt.c.result_code.type), _dt.c.result_code
-        ),
-        updated_at=bindparam("now"),
-        finished_at=bindparam("v_finished_at"),
-    )
-)
-_SET_PROGRESS = (
-    update(_dt)
-    .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
-    .values(progress=bindparam("v_progress"), updated_at=bindparam("now"))
-)
 _SET_TOKEN = (
     update(_dt)
     .where(
@@ -342,87 +332,6 @@ _SET_VERSIONS = (
         last_seen_at=bindparam("now"),
     )
 )
-
-
-def _allowed_sources(action: Action) -> tuple[int, ...]:
-    """The states from which ``action`` is legal, read from the state machine itself."""
-    allowed = []
-    for state in TaskState:
-        try:
-            on_action(state, action, paused_from=TaskState.TO_BE_UPGRADED)
-        except IllegalTransition:
-            continue
-        allowed.append(int(state))
-    return tuple(allowed)
-
-
-# T5 as one statement, derived from protocol.states: every state DEADLINE may leave goes to the
-# state DEADLINE leads to (D23: every open device task of the task fails).
-_DEADLINE_SOURCES: Final = _allowed_sources(Action.DEADLINE)
-_DEADLINE_TARGET: Final = int(on_action(TaskState(_DEADLINE_SOURCES[0]), Action.DEADLINE))
-_DEADLINE_TASKS = select(_t.c.id).where(
-    _t.c.deadline.is_not(None), _t.c.deadline <= bindparam("now")
-)
-_EXPIRE_ALL = (
-    update(_dt)
-    .where(_dt.c.state.in_(_DEADLINE_SOURCES), _dt.c.task_id.in_(_DEADLINE_TASKS))
-    .values(
-        state=_DEADLINE_TARGET,
-        paused_from=None,
-        updated_at=bindparam("now"),
-        finished_at=bindparam("now"),
-    )
-)
-_EXPIRE_DEVICE = _EXPIRE_ALL.where(_dt.c.dev_id == bindparam("b_dev_id"))
-
-
-def expire_deadlines(conn: Connection, now: float, *, dev_id: int | None = None) -> int:
-    """Apply T5 inside the caller's transaction: open device tasks of every task whose deadline
-    has passed (``deadline <= now``) become failed (§5.3, D23). Returns how many changed.
-
-    ``dev_id`` limits it to one device's tasks (what the device paths do lazily); without it, it
-    sweeps everything (for the management side or a periodic job). Callers in a process that also
-    serves the device API should afterwards call :meth:`DeviceService.invalidate`.
-    """
-    params: dict[str, Any] = {"now": int(now)}
-    if dev_id is None:
-        result = conn.execute(_EXPIRE_ALL, params)
-    else:
-        params["b_dev_id"] = dev_id
-        result = conn.execute(_EXPIRE_DEVICE, params)
-    return int(result.rowcount)
-
-
-def apply_action(
-    conn: Connection, device_task_id: int, action: Action, now: float
-) -> tuple[TaskState, TaskState] | None:
-    """Apply a management action (T2 pause, T3 resume, T4 cancel, T5 deadline) to one device
-    task inside the caller's transaction, through :func:`protocol.states.on_action`.
-
-    Returns (old state, new state), or None when the device task does not exist. Raises
-    :class:`IllegalTransition` when the state machine refuses, and :class:`ConcurrentChange` when
-    another transaction changed the row between the read and the write (run the transaction again).
-    """
-    row = conn.execute(_SELECT_TASK, {"b_id": device_task_id}).first()
-    if row is None:
-        return None
-    old = TaskState(row.state)
-    paused_from = TaskState(row.paused_from) if row.paused_from is not None else None
-    new = on_action(old, action, paused_from=paused_from)
-    _set_state(
-        conn,
-        row.dt_id,
-        old,
-        new,
-        now,
-        progress=row.progress,
-        paused_from=old if new is TaskState.PAUSED else None,
-    )
-    return old, new
-
-
-class ConcurrentChange(Exception):
-    """A compare-and-set UPDATE matched no row: another transaction changed the task first."""
 
 
 class _ReadConnections:
@@ -546,34 +455,6 @@ def _fetchone(cursor: Any) -> Any:
     return cursor.fetchone()
 
 
-def _set_state(
-    conn: Connection,
-    device_task_id: int,
-    old: TaskState,
-    new: TaskState,
-    now: float,
-    *,
-    progress: int,
-    paused_from: TaskState | None = None,
-    result_code: int | None = None,
-) -> None:
-    result = conn.execute(
-        _SET_STATE,
-        {
-            "b_id": device_task_id,
-            "b_state": int(old),
-            "v_state": int(new),
-            "v_paused_from": None if paused_from is None else int(paused_from),
-            "v_progress": progress,
-            "v_result_code": result_code,
-            "now": int(now),
-            "v_finished_at": int(now) if new.is_terminal else None,
-        },
-    )
-    if result.rowcount != 1:
-        raise ConcurrentChange
-
-
 # --------------------------------------------------------------------------------------------
 # The service
 
@@ -600,20 +481,11 @@ class _Tx:
 
 
 @dataclass(frozen=True, slots=True)
-class _Answer:
-    """A cached E3 or E5 answer that changed nothing, and until when (clock time) it holds."""
-
-    errno: Errno
-    info: TaskInfo | None
-    valid_until: float
-
-
-@dataclass(frozen=True, slots=True)
 class Basis:
     """What a cached E3 or E5 answer rests on, for a caller that memoises whole replies.
 
     Taken with :meth:`DeviceService.basis` right after the answer was computed or found in the
-    cache; :meth:`DeviceService.holds` then says, in a few dictionary lookups, whether every part
+    cache; :meth:`.DeviceCaches.holds` then says, in a few dictionary lookups, whether every part
     is still what the service would use: the same verified Authorization value (and within its
     ``et``), the same P3 device row, the same cached answer (and within its validity). Anything
     that would make the service answer differently (a TTL running out, an invalidation, a token
@@ -625,7 +497,7 @@ class Basis:
     dev_id: int
     device: DeviceRef
     key: tuple[Any, ...]
-    answer: _Answer
+    answer: Answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -641,6 +513,7 @@ class DeviceService:
     errno values (or data); they never raise for a client's mistake.
 
     ``clock`` returns Unix seconds; tests pass a fake one to expire tokens and deadlines.
+    ``caches`` are the caches to consult and fill (by default new ones with ``cache_ttl``).
     """
 
     def __init__(
@@ -650,30 +523,12 @@ class DeviceService:
         clock: Clock = time.time,
         cache_ttl: float = DEFAULT_CACHE_TTL,
         feed_interval: float = changes.DEFAULT_INTERVAL,
+        caches: DeviceCaches | None = None,
     ) -> None:
         self._engine = engine
         self._clock = clock
         self._cache_ttl = cache_ttl
-        # Verified Authorization values, tagged with the dev_id whose row was read to verify
-        # them (for a device-level token), so that a change of that device drops them.
-        self._auth_cache: BoundedCache[str, Principal] = BoundedCache(
-            BUDGETS.principals, ttl=cache_ttl
-        )
-        self._device_cache: BoundedCache[int, DeviceRef] = BoundedCache(
-            BUDGETS.devices, ttl=cache_ttl
-        )
-        # E6 tokens' grants, tagged with their device's dev_id.
-        self._grant_cache: BoundedCache[str, DownloadGrant] = BoundedCache(
-            BUDGETS.grants, ttl=cache_ttl
-        )
-        self._grant_lock = threading.Lock()
-        # dev_id -> {("E3", type, version, manuf, model) or ("E5", token): answer}; each dict
-        # is replaced, never changed, once cached (its size was charged when it was put).
-        self._answers: BoundedCache[int, dict[tuple[Any, ...], _Answer]] = BoundedCache(
-            BUDGETS.answers, ttl=cache_ttl
-        )
-        # Bumped by every invalidation: a lookup that raced with one is not cached (thread mode).
-        self._generation = 0
+        self.caches = DeviceCaches(ttl=cache_ttl, clock=clock) if caches is None else caches
         self._readers = readers = _ReadConnections(engine)
         self._origin = changes.new_origin()
         self._feed_failing = False
@@ -696,8 +551,10 @@ class DeviceService:
         self._read_token = _Reader(engine, readers, _SELECT_TOKEN)
 
     def close(self) -> None:
-        """Close the read connections (the engine and its pool stay the caller's)."""
+        """Close the read connections and the caches' open files (the engine and its pool stay
+        the caller's)."""
         self._readers.close()
+        self.caches.close()
 
     @property
     def clock(self) -> Clock:
@@ -759,27 +616,17 @@ class DeviceService:
             self.invalidate(dev_id)
 
     def invalidate(self, dev_id: int | None = None) -> None:
-        """Forget what is cached about one device (its row, its answers and its tokens' download
-        grants), or every cache when called without an argument.
+        """Forget what is cached about one device (:meth:`.DeviceCaches.invalidate`), or
+        everything when called without an argument (:meth:`.DeviceCaches.clear`).
 
         The management side calls this (without arguments) after it changes tasks, devices or
         keys in a process that also serves the device API; :meth:`sync` calls it for what other
         processes changed.
         """
-        with self._grant_lock:
-            self._generation += 1
-            if dev_id is None:
-                self._grant_cache.clear()
-                self._answers.clear()
-                self._auth_cache.clear()
-                self._device_cache.clear()
-                return
-            self._grant_cache.pop_tag(dev_id)
-            self._answers.pop(dev_id)
-            self._device_cache.pop(dev_id)  # P3's row: the device may be gone or moved
-            # Tokens verified with its key: it may have been deleted (and its name given to a
-            # new device with another key) or have had its key rotated.
-            self._auth_cache.pop_tag(dev_id)
+        if dev_id is None:
+            self.caches.clear()
+        else:
+            self.caches.invalidate(dev_id)
 
     def sync(self) -> None:
         """Drop what other processes changed, read from the change feed (:mod:`.changes`) at
@@ -807,29 +654,6 @@ class DeviceService:
         for dev_id in found.dev_ids:
             self.invalidate(dev_id)
 
-    def _answer(self, dev_id: int, key: tuple[Any, ...]) -> _Answer | None:
-        entries = self._answers.get(dev_id)
-        answer = None if entries is None else entries.get(key)
-        if answer is None or answer.valid_until <= self._clock():
-            return None
-        return answer
-
-    def _remember(
-        self, generation: int, dev_id: int, key: tuple[Any, ...], answer: _Answer
-    ) -> None:
-        with self._grant_lock:
-            if generation != self._generation:
-                return  # an invalidation ran meanwhile: the answer may be stale already
-            entries = self._answers.get(dev_id) or {}
-            if len(entries) >= 16:  # a device asks few distinct questions; bound the odd one
-                return
-            # A new dict: holds() compares the answers themselves, which stay the same objects.
-            entries = {**entries, key: answer}
-            size = sum(_ENTRY_BYTES + weigh(k) + _OBJECT_BYTES for k in entries)
-            if answer.info is not None:
-                size += len(entries) * _TASK_INFO_BYTES
-            self._answers.put(dev_id, entries, size, renew=False)  # the oldest answer's TTL
-
     def _transition(
         self,
         tx: _Tx,
@@ -840,7 +664,7 @@ class DeviceService:
         result_code: int | None = None,
     ) -> None:
         old = TaskState(row.state)
-        _set_state(
+        set_state(
             tx.writer,
             row.dt_id,
             old,
@@ -862,18 +686,17 @@ class DeviceService:
 
     # -- P1 and P3 ---------------------------------------------------------------------------
 
-    def authenticate_cached(self, authorization: str) -> Principal | None:
-        """A cached principal for this exact Authorization value, still within its ``et``."""
-        principal = self._auth_cache.get(authorization)
-        if principal is None or principal.expires_at < self._clock():
-            return None
-        return principal
-
     def authenticate(self, authorization: str | None) -> Principal | None:
-        """P1 (§3.3, D3, D4): the principal, or None for errno 1. Reads keys from the database."""
+        """P1 (§3.3, D3, D4): the principal, or None for errno 1. Answered from the cache when
+        this exact value was verified before and is within its ``et``; otherwise verified
+        against the keys in the database (and cached)."""
         if not authorization:
             return None
-        generation = self._generation
+        caches = self.caches
+        principal = caches.principal(authorization)
+        if principal is not None:
+            return principal
+        generation = caches.generation
         try:
             token = auth.parse_token(authorization)
         except auth.TokenError:
@@ -895,23 +718,19 @@ class DeviceService:
         except auth.TokenError:
             return None
         principal = Principal(token.product_id, token.device_name, token.expires_at)
-        with self._grant_lock:
-            if generation == self._generation:  # else raced with an invalidation: use it once
-                size = _OBJECT_BYTES + weigh(token.product_id) + weigh(token.device_name)
-                self._auth_cache.put(authorization, principal, size, tag=row.dev_id)
+        caches.keep_principal(generation, authorization, principal, row.dev_id)
         return principal
 
-    def device_cached(self, dev_id: int) -> DeviceRef | None:
-        """The cached device row for P3, if any."""
-        return self._device_cache.get(dev_id)
-
     def device(self, dev_id: int) -> DeviceRef | None:
-        """The device row for P3, from the database (and cached)."""
+        """The device row for P3, from the cache or else the database (and cached)."""
+        ref = self.caches.device(dev_id)
+        if ref is not None:
+            return ref
         row = self._read_device.one(dev_id=dev_id)
         if row is None:
             return None
         ref = DeviceRef(dev_id, row.pid, row.name)
-        self._device_cache.put(dev_id, ref, _device_bytes(ref))
+        self.caches.keep_device(ref)
         return ref
 
     @staticmethod
@@ -979,16 +798,24 @@ class DeviceService:
         may not speak for gets errno 1 before anything is written: a polling device whose row is
         not cached then costs one transaction instead of two.
 
-        Answers that changed no task (errno 0 or 11) are cached for :meth:`check_task_cached`.
+        Answers that changed no task (errno 0 or 11) are cached, and a cached answer to the same
+        question that still holds (:meth:`.DeviceCaches.check_task`) is returned without reading
+        the database, unless P3 is to run here.
         """
-        generation = self._generation
+        caches = self.caches
+        key = check_task_key(task_type, version, manuf, model)
+        if principal is None:
+            cached = caches.answer(dev_id, key)
+            if cached is not None:
+                return cached.errno, cached.info
+        generation = caches.generation
 
         def work(tx: _Tx, row: _Row | None) -> tuple[Errno, TaskInfo | None, float | None]:
             if row is None:
                 return Errno.AUTH_FAILED, None, None  # unknown, or deleted since P3
             if principal is not None:
                 ref = DeviceRef(dev_id, row.pid, row.name)
-                self._device_cache.put(dev_id, ref, _device_bytes(ref))
+                caches.keep_device(ref)
                 if not self.binds(principal, ref):
                     return Errno.AUTH_FAILED, None, None  # P3
             answer = self._offer_for_check(tx, row, dev_id, version, manuf, model)
@@ -1014,27 +841,8 @@ class DeviceService:
             self._read_open_task, _SELECT_DEVICE_AND_OPEN_TASK, params, work
         )
         if valid_until is not None:
-            key = self.check_task_key(task_type, version, manuf, model)
-            self._remember(generation, dev_id, key, _Answer(errno, info, valid_until))
+            caches.keep_answer(generation, dev_id, key, Answer(errno, info, valid_until))
         return errno, info
-
-    def check_task_cached(
-        self,
-        dev_id: int,
-        task_type: TaskType,
-        version: str,
-        *,
-        manuf: str | None = None,
-        model: str | None = None,
-    ) -> tuple[Errno, TaskInfo | None] | None:
-        """A recent E3 answer to the same question that changed nothing, if still valid.
-
-        Valid means: not older than ``cache_ttl``, not invalidated by this process, the token
-        not expired, the deadline not passed, a not-yet-started task still not started. The
-        version it reports was recorded when the answer was computed.
-        """
-        answer = self._answer(dev_id, self.check_task_key(task_type, version, manuf, model))
-        return None if answer is None else (answer.errno, answer.info)
 
     def _offer_for_check(
         self,
@@ -1106,10 +914,18 @@ class DeviceService:
     # -- E5, E7, E8 --------------------------------------------------------------------------
 
     def check_token(self, dev_id: int, token: str) -> Errno:
-        """E5 (§6.5, §5.4): token check; to-be-upgraded becomes downloading (T9)."""
+        """E5 (§6.5, §5.4): token check; to-be-upgraded becomes downloading (T9).
+
+        A successful check that changed nothing (T10) is cached and answered from the cache
+        while it holds (:meth:`.DeviceCaches.check_token`)."""
+        caches = self.caches
+        key = check_token_key(token)
+        cached = caches.answer(dev_id, key)
+        if cached is not None:
+            return cached.errno
         if values.TOKEN_RE.fullmatch(token) is None:
             return Errno.NO_VALID_TOKEN  # never issued: this server issues only this format
-        generation = self._generation
+        generation = caches.generation
 
         def work(tx: _Tx, row: _Row | None) -> tuple[Errno, float | None]:
             if row is None or row.dt_dev_id != dev_id:
@@ -1130,53 +946,23 @@ class DeviceService:
             self._read_token, _SELECT_TOKEN, {"token": token}, work
         )
         if valid_until is not None:
-            key = self.check_token_key(token)
-            self._remember(generation, dev_id, key, _Answer(errno, None, valid_until))
+            caches.keep_answer(generation, dev_id, key, Answer(errno, None, valid_until))
         return errno
 
-    def check_token_cached(self, dev_id: int, token: str) -> Errno | None:
-        """A recent successful E5 on a downloading task that is still valid (see
-        :meth:`check_task_cached`)."""
-        answer = self._answer(dev_id, self.check_token_key(token))
-        return None if answer is None else answer.errno
-
     # -- memoised replies ----------------------------------------------------------------------
-
-    @staticmethod
-    def check_task_key(
-        task_type: TaskType, version: str, manuf: str | None, model: str | None
-    ) -> tuple[Any, ...]:
-        """The cache key of an E3 question (for :meth:`basis`)."""
-        return ("E3", task_type, version, manuf, model)
-
-    @staticmethod
-    def check_token_key(token: str) -> tuple[Any, ...]:
-        """The cache key of an E5 question (for :meth:`basis`)."""
-        return ("E5", token)
 
     def basis(self, authorization: str, dev_id: int, key: tuple[Any, ...]) -> Basis | None:
         """The cached principal, device and answer behind a reply to ``key``, if all are cached
         and valid now; None otherwise (then the reply must not be memoised)."""
-        principal = self.authenticate_cached(authorization)
-        device = self._device_cache.get(dev_id)
-        answer = self._answer(dev_id, key)
+        caches = self.caches
+        principal = caches.principal(authorization)
+        device = caches.device(dev_id)
+        answer = caches.answer(dev_id, key)
         if principal is None or device is None or answer is None:
             return None
         if not self.binds(principal, device):
             return None
         return Basis(authorization, principal, dev_id, device, key, answer)
-
-    def holds(self, basis: Basis) -> bool:
-        """Whether the service would still give the answer of ``basis`` (see :class:`Basis`)."""
-        now = self._clock()
-        if basis.principal.expires_at < now or basis.answer.valid_until <= now:
-            return False
-        if self._auth_cache.get(basis.authorization) is not basis.principal:
-            return False
-        if self._device_cache.get(basis.dev_id) is not basis.device:
-            return False
-        entries = self._answers.get(basis.dev_id)
-        return entries is not None and entries.get(basis.key) is basis.answer
 
     def report(self, dev_id: int, token: str | None, report: Report | Errno) -> Errno:
         """E7/E8 (§6.7, §6.8, §5.5, D14, D15) on any token ever issued for the device's task.
@@ -1199,9 +985,7 @@ class DeviceService:
                 return outcome.errno
             new = outcome.state
             if report.kind is ReportKind.PROGRESS:  # T11: progress only, no state change
-                params = {"b_id": row.dt_id, "b_state": int(state), "v_progress": report.value}
-                if tx.writer.execute(_SET_PROGRESS, {**params, "now": int(tx.now)}).rowcount != 1:
-                    raise ConcurrentChange
+                set_progress(tx.writer, row.dt_id, state, report.value, tx.now)
                 return Errno.SUCC
             progress = 100 if new is TaskState.UPGRADING else None  # T12, T13
             self._transition(
@@ -1228,15 +1012,17 @@ class DeviceService:
 
     # -- E6 ----------------------------------------------------------------------------------
 
-    def download_grant_cached(self, token: str) -> DownloadGrant | None:
-        """A cached E6 lookup for ``token``, if any (see the module docstring for staleness)."""
-        return self._grant_cache.get(token)
-
     def download_grant(self, token: str) -> DownloadGrant | None:
-        """E6's token lookup (D6): None when the token was never issued. Changes nothing."""
+        """E6's token lookup (D6): None when the token was never issued. Changes nothing.
+        Answered from the cache when the token's grant is there (see the module docstring for
+        staleness), else read and cached."""
+        caches = self.caches
+        grant = caches.grant(token)
+        if grant is not None:
+            return grant
         if values.TOKEN_RE.fullmatch(token) is None:
             return None
-        generation = self._generation
+        generation = caches.generation
         row = self._read_token.one(token=token)
         if row is None:
             return None
@@ -1251,11 +1037,7 @@ class DeviceService:
             size=row.size,
             file_name=row.file_name,
         )
-        with self._grant_lock:
-            if generation != self._generation:
-                return grant  # raced with an invalidation: use it once, do not cache it
-            size = _OBJECT_BYTES + weigh(grant.sha256) + weigh(grant.file_name)
-            self._grant_cache.put(token, grant, size, tag=grant.dev_id)
+        caches.keep_grant(generation, token, grant)  # not if raced with an invalidation
         return grant
 
     # -- E9 ----------------------------------------------------------------------------------
@@ -1299,16 +1081,6 @@ class DeviceService:
 
 
 _FOREVER: Final = float("inf")
-# What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11:
-# a small slotted object about 60-100 bytes; a dict entry about 100; a TaskInfo with its
-# strings about 500).
-_OBJECT_BYTES: Final = 100
-_ENTRY_BYTES: Final = 100
-_TASK_INFO_BYTES: Final = 500
-
-
-def _device_bytes(ref: DeviceRef) -> int:
-    return _OBJECT_BYTES + weigh(ref.pid) + weigh(ref.name)
 
 
 def _valid_until(token_issued_at: int, deadline: int | None) -> float:

@@ -1,0 +1,323 @@
+"""Every in-process cache of the device API, in one object with one invalidation story.
+
+:class:`DeviceCaches` owns them all; :class:`~.device_service.DeviceService` consults and fills the
+ones about database facts inside its methods (one method per question), and
+:class:`~.device_api.DeviceApi` the ones about wire bytes. Each is a
+:class:`~.bounded_cache.BoundedCache` with its budget in :data:`~.bounded_cache.BUDGETS`, because
+most keys are strings a client sends (see that module).
+
+Facts read from the database (each entry lives at most ``ttl`` seconds, the bound for changes
+nobody announces):
+
+- ``principals``: verified Authorization value -> :class:`~.device_service.Principal`, tagged with
+  the dev_id whose key verified it (a device-level token), re-checked against ``et`` on use;
+- ``devices``: dev_id -> :class:`~.device_service.DeviceRef` for P3 (§4.2);
+- ``grants``: E6 token -> :class:`~.device_service.DownloadGrant`, tagged with its dev_id;
+- ``answers``: dev_id -> {question: :class:`Answer`}, the E3 and E5 answers that changed nothing.
+
+Wire bytes, derived from the facts above and never stale by themselves:
+
+- ``replies``: whole E3/E5 replies by request bytes, each with the
+  :class:`~.device_service.Basis` it rests on; :meth:`DeviceCaches.holds` re-checks that basis
+  against the fact caches on every use, so dropping the facts retires the reply;
+- ``chunks``: small E6 replies by (file, Range value), served only while the token's grant is
+  cached and usable, so dropping the grant retires them;
+- ``task_bodies``: encoded E3/E4 replies by (task info, cdn) and ``queries``: parsed query strings,
+  both pure functions of their keys;
+- ``files``: package files kept open for E6 (:class:`OpenFiles`), content-addressed and stat'ed on
+  every use.
+
+Invalidation: :meth:`DeviceCaches.invalidate` drops one device's facts, :meth:`DeviceCaches.clear`
+everything. This process's own transitions call them at once, the management side in the same
+process and the change feed (:mod:`.changes`, read by :meth:`DeviceService.sync`) for what other
+processes changed. Every invalidation bumps :attr:`DeviceCaches.generation`: a fact read before an
+invalidation and kept after it could be stale, so the ``keep_*`` methods refuse it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from onenet_ota.protocol.errno import Errno
+from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.status import TaskType
+from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
+from onenet_ota.server.http import Response
+
+if TYPE_CHECKING:
+    from onenet_ota.server.device_service import Basis, DeviceRef, DownloadGrant, Principal
+
+__all__ = [
+    "Answer",
+    "Clock",
+    "DeviceCaches",
+    "MemoKey",
+    "OpenFiles",
+    "check_task_key",
+    "check_token_key",
+]
+
+Clock = Callable[[], float]
+MemoKey = tuple[str, str, str]  # (path, query string, Authorization)
+ChunkKey = tuple[str, int, str, str | None]  # (sha256, size, file name, Range value)
+
+# What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11):
+# a small slotted object about 60-100 bytes; a dict entry about 100; a TaskInfo with its strings
+# about 500.
+OBJECT_BYTES: Final = 100
+ENTRY_BYTES: Final = 100
+_TASK_INFO_BYTES: Final = 500
+_MAX_ANSWERS: Final = 16  # per device: a device asks few distinct questions; bound the odd one
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A cached E3 or E5 answer that changed nothing, and until when (clock time) it holds."""
+
+    errno: Errno
+    info: TaskInfo | None
+    valid_until: float
+
+
+def check_task_key(
+    task_type: TaskType, version: str, manuf: str | None, model: str | None
+) -> tuple[Any, ...]:
+    """The ``answers`` key of an E3 question."""
+    return ("E3", task_type, version, manuf, model)
+
+
+def check_token_key(token: str) -> tuple[Any, ...]:
+    """The ``answers`` key of an E5 question."""
+    return ("E5", token)
+
+
+class DeviceCaches:
+    """The device API's caches (see the module docstring). ``ttl`` is the longest a fact lives
+    (0 or less: no fact is cached), ``clock`` returns Unix seconds; ``blobs``, when given, is where
+    :attr:`files` opens package files.
+
+    The ``BoundedCache`` attributes are public so that hot paths reach them in one lookup; their
+    entries are put through the ``keep_*`` methods (facts) or directly (wire bytes).
+    """
+
+    def __init__(self, *, ttl: float, clock: Clock, blobs: BlobStore | None = None) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self.principals: BoundedCache[str, Principal] = BoundedCache(BUDGETS.principals, ttl=ttl)
+        self.devices: BoundedCache[int, DeviceRef] = BoundedCache(BUDGETS.devices, ttl=ttl)
+        self.grants: BoundedCache[str, DownloadGrant] = BoundedCache(BUDGETS.grants, ttl=ttl)
+        # Each dict is replaced, never changed, once cached (its size was charged when put).
+        self.answers: BoundedCache[int, dict[tuple[Any, ...], Answer]] = BoundedCache(
+            BUDGETS.answers, ttl=ttl
+        )
+        self.replies: BoundedCache[MemoKey, tuple[Basis, Response]] = BoundedCache(BUDGETS.replies)
+        self.chunks: BoundedCache[ChunkKey, Response] = BoundedCache(BUDGETS.chunks)
+        self.task_bodies: BoundedCache[tuple[TaskInfo, bool], bytes] = BoundedCache(
+            BUDGETS.task_bodies
+        )
+        self.queries: BoundedCache[str, dict[str, str]] = BoundedCache(BUDGETS.queries)
+        self.files = OpenFiles(blobs) if blobs is not None else None
+        self.generation = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the open package files, if any."""
+        if self.files is not None:
+            self.files.close()
+
+    # -- invalidation --------------------------------------------------------------------------
+
+    def invalidate(self, dev_id: int) -> None:
+        """Forget what is cached about one device: its row, its answers, its tokens' download
+        grants, and the tokens verified with its key (it may have been deleted, and its name
+        given to a new device with another key, or have had its key rotated). Replies and chunks
+        resting on them are retired by the checks that serve them."""
+        with self._lock:
+            self.generation += 1
+            self.grants.pop_tag(dev_id)
+            self.answers.pop(dev_id)
+            self.devices.pop(dev_id)
+            self.principals.pop_tag(dev_id)
+
+    def clear(self) -> None:
+        """Forget everything cached (the open files stay: they cannot be stale)."""
+        with self._lock:
+            self.generation += 1
+            for cache in (
+                self.grants,
+                self.answers,
+                self.principals,
+                self.devices,
+                self.replies,
+                self.chunks,
+            ):
+                cache.clear()
+
+    # -- facts: lookups ------------------------------------------------------------------------
+
+    def principal(self, authorization: str) -> Principal | None:
+        """The principal of this exact Authorization value, if cached and within its ``et``."""
+        principal = self.principals.get(authorization)
+        if principal is None or principal.expires_at < self._clock():
+            return None
+        return principal
+
+    def device(self, dev_id: int) -> DeviceRef | None:
+        """The cached device row for P3, if any."""
+        return self.devices.get(dev_id)
+
+    def grant(self, token: str) -> DownloadGrant | None:
+        """The cached E6 grant of ``token``, if any (its usability is the caller's to check)."""
+        return self.grants.get(token)
+
+    def answer(self, dev_id: int, key: tuple[Any, ...]) -> Answer | None:
+        """The cached answer to question ``key`` of device ``dev_id``, if it still holds."""
+        entries = self.answers.get(dev_id)
+        answer = None if entries is None else entries.get(key)
+        if answer is None or answer.valid_until <= self._clock():
+            return None
+        return answer
+
+    def check_task(
+        self,
+        dev_id: int,
+        task_type: TaskType,
+        version: str,
+        *,
+        manuf: str | None = None,
+        model: str | None = None,
+    ) -> tuple[Errno, TaskInfo | None] | None:
+        """The cached E3 answer to this question, if any still holds: not older than ``ttl``,
+        not invalidated, the token not expired, the deadline not passed, a not-yet-started task
+        still not started."""
+        answer = self.answer(dev_id, check_task_key(task_type, version, manuf, model))
+        return None if answer is None else (answer.errno, answer.info)
+
+    def check_token(self, dev_id: int, token: str) -> Errno | None:
+        """The cached successful E5 answer for ``token``, if it still holds."""
+        answer = self.answer(dev_id, check_token_key(token))
+        return None if answer is None else answer.errno
+
+    def holds(self, basis: Basis) -> bool:
+        """Whether every fact a memoised reply rests on is still the one cached (see
+        :class:`~.device_service.Basis`): a few dictionary lookups."""
+        now = self._clock()
+        if basis.principal.expires_at < now or basis.answer.valid_until <= now:
+            return False
+        if self.principals.get(basis.authorization) is not basis.principal:
+            return False
+        if self.devices.get(basis.dev_id) is not basis.device:
+            return False
+        entries = self.answers.get(basis.dev_id)
+        return entries is not None and entries.get(basis.key) is basis.answer
+
+    # -- facts: keeping ------------------------------------------------------------------------
+    # ``generation`` is the value read before the database was: if an invalidation ran since,
+    # the fact may be stale already and is not kept (the caller still uses it once).
+
+    def keep_principal(
+        self, generation: int, authorization: str, principal: Principal, tag: Hashable
+    ) -> None:
+        """Cache a verified Authorization value, tagged with the dev_id whose key verified it."""
+        size = OBJECT_BYTES + weigh(principal.pid) + weigh(principal.device_name)
+        with self._lock:
+            if generation == self.generation:
+                self.principals.put(authorization, principal, size, tag=tag)
+
+    def keep_device(self, ref: DeviceRef) -> None:
+        """Cache a device row read for P3."""
+        self.devices.put(ref.dev_id, ref, OBJECT_BYTES + weigh(ref.pid) + weigh(ref.name))
+
+    def keep_grant(self, generation: int, token: str, grant: DownloadGrant) -> None:
+        """Cache E6's grant for ``token``, tagged with its device."""
+        size = OBJECT_BYTES + weigh(grant.sha256) + weigh(grant.file_name)
+        with self._lock:
+            if generation == self.generation:
+                self.grants.put(token, grant, size, tag=grant.dev_id)
+
+    def keep_answer(
+        self, generation: int, dev_id: int, key: tuple[Any, ...], answer: Answer
+    ) -> None:
+        """Cache an answer that changed nothing, next to the device's other answers."""
+        with self._lock:
+            if generation != self.generation:
+                return
+            entries = self.answers.get(dev_id) or {}
+            if len(entries) >= _MAX_ANSWERS:
+                return
+            # A new dict: holds() compares the answers themselves, which stay the same objects.
+            entries = {**entries, key: answer}
+            size = sum(ENTRY_BYTES + weigh(k) + OBJECT_BYTES for k in entries)
+            if answer.info is not None:
+                size += len(entries) * _TASK_INFO_BYTES
+            self.answers.put(dev_id, entries, size, renew=False)  # the oldest answer's TTL
+
+
+class OpenFiles:
+    """Package files kept open for E6, so that a 4 KiB chunk costs a stat and a pread.
+
+    Every use stats the path: a missing file is still byte 1 and a changed size byte 2 at once.
+    A descriptor is reopened when the path names another file (inode changed) and at least every
+    ``ttl`` seconds. Files are content-addressed, so an open descriptor never serves other bytes
+    than the path. Used from the event loop only.
+    """
+
+    def __init__(self, blobs: BlobStore, ttl: float = 5.0, max_open: int = 64) -> None:
+        self._blobs = blobs
+        self._ttl = ttl
+        self._max_open = max_open
+        self._paths: dict[str, str] = {}  # sha256 -> path (pathlib is slow per request)
+        self._open: dict[str, tuple[int, int, int, float]] = {}  # sha256 -> fd, dev, ino, until
+
+    def _path(self, sha256: str) -> str:
+        path = self._paths.get(sha256)
+        if path is None:
+            if len(self._paths) >= 4096:
+                self._paths.clear()
+            path = self._paths[sha256] = str(self._blobs.path(sha256))
+        return path
+
+    def size_if_open(self, sha256: str) -> int | None:
+        """The size of the file if it is open and its path still names it, else None.
+
+        fstat costs a tenth of a path lookup; a link count of zero means the path no longer
+        names this file (deleted or replaced; the store never makes hard links).
+        """
+        entry = self._open.get(sha256)
+        if entry is None:
+            return None
+        try:
+            st = os.fstat(entry[0])
+        except OSError:
+            return None
+        return st.st_size if st.st_nlink else None
+
+    def get(self, sha256: str) -> tuple[str, int, int]:
+        """(path, descriptor, size) of the file; FileNotFoundError if missing, OSError."""
+        path = self._path(sha256)
+        st = os.stat(path)
+        entry = self._open.get(sha256)
+        if entry is not None:
+            fd, dev, ino, until = entry
+            if (dev, ino) == (st.st_dev, st.st_ino) and time.monotonic() < until:
+                return path, fd, st.st_size
+            del self._open[sha256]
+            os.close(fd)
+        if len(self._open) >= self._max_open:
+            self.close()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        opened = os.fstat(fd)
+        self._open[sha256] = (fd, opened.st_dev, opened.st_ino, time.monotonic() + self._ttl)
+        return path, fd, opened.st_size
+
+    def close(self) -> None:
+        """Close every descriptor."""
+        entries, self._open = self._open, {}
+        for fd, *_ in entries.values():
+            os.close(fd)
