@@ -69,7 +69,9 @@ _RES_RE: Final = re.compile(
 )
 # F12 says only "decimal string". The uid also travels as a JSON integer in task pushes (§11), so
 # it is a positive 64-bit value written canonically: no sign, no leading zero (docs/dialects.md).
-_USER_RES_RE: Final = re.compile(r"userid/(?P<uid>[1-9][0-9]{0,18})")
+USER_ID_RE: Final = re.compile(r"[1-9][0-9]{0,18}")
+"""An account's uid, up to the value bound :data:`USER_ID_MAX` (see :func:`is_user_id`)."""
+_USER_RES_RE: Final = re.compile(rf"userid/(?P<uid>{USER_ID_RE.pattern})")
 _ET_RE: Final = re.compile(r"[0-9]{1,20}")
 _BAD_ESCAPE_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
@@ -145,12 +147,20 @@ def resource(pid: str, device_name: str | None = None) -> str:
     return res
 
 
+def is_user_id(value: object) -> bool:
+    """An account's uid: a decimal 1..2^63-1 without sign or leading zero (F12)."""
+    return (
+        isinstance(value, str)
+        and USER_ID_RE.fullmatch(value) is not None
+        and int(value) <= USER_ID_MAX
+    )
+
+
 def user_resource(user_id: str) -> str:
     """The ``res`` value of an account token: ``userid/{uid}`` (§13.3, F12)."""
-    res = f"userid/{user_id}"
-    if _USER_RES_RE.fullmatch(res) is None or int(user_id) > USER_ID_MAX:
+    if not is_user_id(user_id):
         raise ValueError(f"invalid user id {user_id!r}: a decimal 1..2^63-1 without leading zero")
-    return res
+    return f"userid/{user_id}"
 
 
 def decode_key(access_key: str) -> bytes:

@@ -136,6 +136,68 @@ def test_duplicate_is_a_clear_error(admin: Any) -> None:
     assert result.stdout == ""
 
 
+K2 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+
+
+def _fields(text: str) -> dict[str, str]:
+    """The human output of one object ("key  value" lines) as a dict."""
+    pairs = (([*line.split(maxsplit=1), ""])[:2] for line in text.splitlines())
+    return {key: value for key, value in pairs}
+
+
+def test_account_commands(admin: Any) -> None:
+    uid = str(next(_pid))
+    created = admin("account", "create", "--uid", uid, "--access-key", K1, "--name", "moved")
+    fields = _fields(created.stdout)
+    assert (fields["uid"], fields["access_key"], fields["name"]) == (uid, K1, "moved")
+    shown = _json(admin("account", "show", uid, "--json"))
+    assert (shown["uid"], shown["access_key"], shown["product_count"]) == (uid, K1, 0)
+    listed = admin("account", "list", "--limit", "1000")
+    assert "UID" in listed.stdout.splitlines()[0]
+    assert any(line.split()[:2] == [uid, "moved"] for line in listed.stdout.splitlines())
+    assert K1 not in listed.stdout  # lists carry no keys
+    rotated = _json(admin("account", "rotate-key", uid, "--access-key", K2, "--json"))
+    assert rotated["access_key"] == K2
+    generated = _json(admin("account", "rotate-key", uid, "--json"))
+    assert generated["access_key"] not in (None, K2)
+    fresh = _json(admin("account", "create", "--json"))
+    assert len(fresh["access_key"]) == 44
+
+    pid = _product(admin)
+    owned = _json(admin("product", "set-account", pid, uid, "--json"))
+    assert owned["account_uid"] == uid
+    product = admin("product", "show", pid).stdout
+    assert _fields(product)["account_uid"] == uid
+    refused = admin("account", "delete", uid, ok=False)
+    assert (refused.exit_code, refused.stdout) == (1, "")
+    assert refused.stderr == (
+        f"error: account {uid} still owns product {pid}; clear their account first (HTTP 409)\n"
+    )
+    cleared = _json(admin("product", "clear-account", pid, "--json"))
+    assert cleared["account_uid"] is None
+    assert admin("account", "delete", uid).stdout == f"account {uid} deleted\n"
+    gone = admin("account", "show", uid, ok=False)
+    assert (gone.exit_code, gone.stderr) == (1, f"error: account {uid} not found (HTTP 404)\n")
+    unknown = admin("product", "set-account", pid, uid, ok=False)
+    assert unknown.stderr == f"error: account {uid} not found (HTTP 404)\n"
+
+
+def test_bad_account_input_is_a_clear_error(admin: Any) -> None:
+    bad_uid = admin("account", "create", "--uid", "0123", ok=False)
+    assert bad_uid.exit_code == 1
+    assert bad_uid.stderr.startswith("error: uid: ")
+    assert "(HTTP 422)" in bad_uid.stderr
+    bad_key = admin("account", "create", "--access-key", "not base64", ok=False)
+    assert bad_key.exit_code == 1
+    assert "base64" in bad_key.stderr
+    reserved = admin("product", "create", "--id", "devInfo", ok=False)
+    assert reserved.exit_code == 1
+    assert "pid devInfo is reserved" in reserved.stderr
+    # A uid with a slash must not reach another route: it is one (unknown) path segment.
+    slash = admin("account", "show", "1/rotate-key", ok=False)
+    assert slash.stderr == "error: no uid '1/rotate-key' (HTTP 404)\n"
+
+
 def test_devices_add_import_list_show(admin: Any, tmp_path: Path) -> None:
     pid = _product(admin)
     added = _json(admin("device", "add", "--pid", pid, "--name", "dev01", "--dev-id",

@@ -363,7 +363,9 @@ def test_nul_in_query_and_path_strings_is_refused(api: Api) -> None:
 def _get_paths(api: Api) -> list[str]:
     """A concrete path of every GET route, addressing objects that exist."""
     pid, dev_id, package_id, task_id = _task(api)
-    concrete = {"{pid}": pid, "{dev_id}": str(dev_id), "{id}": str(task_id)}
+    uid = str(next(_pids))
+    assert api.client.post("/api/v1/accounts", json={"uid": uid}).status_code == 201
+    concrete = {"{pid}": pid, "{dev_id}": str(dev_id), "{id}": str(task_id), "{uid}": uid}
     paths = []
     for route in ROUTES:
         if route.method != "GET":
@@ -1382,7 +1384,9 @@ def test_every_documented_operation_is_served(api: Api) -> None:
     # Placeholders reach each route's handler: anything but "no such endpoint" and 405 proves it.
     document = httpx2.get(api.url + "/api/v1/openapi.json").json()
     for path, operations in document["paths"].items():
-        concrete = path.replace("{pid}", "1").replace("{id}", "1").replace("{dev_id}", "1")
+        concrete = path
+        for placeholder in ("{pid}", "{id}", "{dev_id}", "{uid}"):
+            concrete = concrete.replace(placeholder, "1")
         for method in operations:
             reply = api.client.request(method.upper(), concrete, content=b"{}")
             assert reply.status_code != 405, (method, path)

@@ -2,11 +2,11 @@
 loopback, on a real SQLite file and on PostgreSQL.
 
 Every operation of ``/api/v1/openapi.json`` gets a fixed number of generated requests, valid ones
-and ones that break the document's rules, against a database seeded with products, devices,
-packages and tasks at the small ids and short pids the generators try first, so that requests
-reach the handlers' real paths and not only "not found". A request fails the test when the server
-answers 5xx, or with a status, content type, header or body the document does not describe. The
-seed is fixed: the same examples run every time.
+and ones that break the document's rules, against a database seeded with accounts, products,
+devices, packages and tasks at the small ids, short pids and small uids the generators try first,
+so that requests reach the handlers' real paths and not only "not found". A request fails the
+test when the server answers 5xx, or with a status, content type, header or body the document
+does not describe. The seed is fixed: the same examples run every time.
 
 Not checked: that every rule-breaking request is refused. Query values are strings on the wire,
 so a generated "not a string" value often arrives as a valid one (``q=&``), and unknown query
@@ -29,13 +29,14 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from sqlalchemy import Engine
+from sqlalchemy import Engine, insert, update
 
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.server.admin_api import AdminApi, openapi_document
 from onenet_ota.server.admin_service import AdminService
 from onenet_ota.server.blobs import BlobStore
-from tests.server.seed import DB_PARAMS, FakeClock, Seeder, module_database
+from onenet_ota.server.schema import accounts, products
+from tests.server.seed import DB_PARAMS, K1, T0, FakeClock, Seeder, module_database
 from tests.serverthread import ServerThread
 
 TOKEN = "admin-token-for-the-fuzz-tests-0123"
@@ -72,9 +73,14 @@ CHECKS: Any = [
 
 
 def seed(seeder: Seeder) -> None:
-    """Objects at the ids and pids that generated requests address most often."""
+    """Objects at the ids, pids and uids that generated requests address most often."""
+    with seeder.engine.begin() as conn:
+        for uid in ("1", "2"):
+            conn.execute(insert(accounts).values(uid=uid, access_key=K1, created_at=T0))
     for pid in ("0", "1", "A", "a"):
         seeder.product(pid)
+    with seeder.engine.begin() as conn:  # account 1 owns a product: its delete is refused
+        conn.execute(update(products).where(products.c.pid == "1").values(account_uid="1"))
     for dev_id, pid in [(1, "0"), (2, "0"), (3, "1"), (4, "1"), (5, "A"), (6, "a")]:
         seeder.device(dev_id, pid, f"dev{dev_id}", f_version="1.0", s_version="2.0")
     fota = seeder.package("0")  # id 1

@@ -55,7 +55,7 @@ def test_migrated_schema_equals_schema_py(engine: Engine) -> None:
 def test_migrations_reach_head_and_rerun_is_a_no_op(engine: Engine) -> None:
     migrate(engine)
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0003"
+        assert MigrationContext.configure(conn).get_current_revision() == "0004"
     assert _diff(engine) == []
 
 
@@ -285,12 +285,30 @@ def test_deleted_ids_are_never_handed_out_again(engine: Engine) -> None:
         assert second > first, table.name
 
 
-def _rows(conn: Connection) -> dict[str, list[tuple[object, ...]]]:
+Shape = dict[str, list[str]]
+
+
+def _shape(conn: Connection) -> Shape:
+    """The tables of schema.py that the database has, with the columns it has of each: an
+    older revision lacks some of both."""
+    inspector = inspect(conn)
+    present = set(inspector.get_table_names())
     return {
-        name: [tuple(row) for row in conn.execute(select(table).order_by(*table.primary_key))]
+        name: [c["name"] for c in inspector.get_columns(name) if c["name"] in table.c]
         for name, table in schema.metadata.tables.items()
-        if name != "cache_changes"
+        if name in present and name != "cache_changes"
     }
+
+
+def _rows(conn: Connection, shape: Shape | None = None) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of the tables and columns of ``shape`` (by default, all the database has)."""
+    shape = _shape(conn) if shape is None else shape
+    rows = {}
+    for name, columns in shape.items():
+        table = schema.metadata.tables[name]
+        query = select(*(table.c[c] for c in columns)).order_by(*table.primary_key)
+        rows[name] = [tuple(row) for row in conn.execute(query)]
+    return rows
 
 
 def test_upgrade_to_never_reused_ids_keeps_every_row(db_url: str) -> None:
@@ -311,10 +329,11 @@ def test_upgrade_to_never_reused_ids_keeps_every_row(db_url: str) -> None:
                     token="t" * 32, device_task_id=device_task, issued_at=0
                 )
             )
-            before = _rows(conn)
+            shape = _shape(conn)
+            before = _rows(conn, shape)
         migrate(eng)
         with eng.connect() as conn:
-            assert _rows(conn) == before
+            assert _rows(conn, shape) == before
             if eng.dialect.name == "sqlite":
                 found = conn.execute(
                     text("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL")
@@ -333,5 +352,77 @@ def test_upgrade_to_never_reused_ids_keeps_every_row(db_url: str) -> None:
             )
         first, second = _create_delete_create(eng, schema.tasks, package_id=packages[0], **_TASK)
         assert second > first > tasks[1]
+    finally:
+        eng.dispose()
+
+
+# ------------------------------------------------------------------------------ accounts (0004)
+
+
+def _downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(db.MIGRATIONS_DIR / "alembic.ini"))
+    with db.migration_transaction(engine) as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
+
+def test_upgrade_to_accounts_keeps_every_row(db_url: str) -> None:
+    eng = create_engine(db_url)
+    try:
+        migrate(eng, "0003")
+        with eng.begin() as conn:
+            _parents(conn)
+            conn.execute(
+                insert(schema.products).values(pid="2", name="two", access_key="k2", created_at=5)
+            )
+            package_id = _new_id(conn, schema.packages, **_PACKAGE)
+            task_id = _new_id(conn, schema.tasks, package_id=package_id, **_TASK)
+            _new_id(
+                conn, schema.device_tasks,
+                task_id=task_id, dev_id=7, module_type=1, state=2, updated_at=0,
+            )  # fmt: skip
+            shape = _shape(conn)
+            before = _rows(conn, shape)
+        assert "accounts" not in shape
+        assert "account_uid" not in shape["products"]
+        migrate(eng)
+        with eng.connect() as conn:
+            assert _rows(conn, shape) == before
+            owners = conn.execute(select(schema.products.c.account_uid)).scalars().all()
+            assert owners == [None, None]
+            assert conn.execute(select(schema.accounts)).all() == []
+            if eng.dialect.name == "sqlite":
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+        assert _diff(eng) == []
+        # The new reference is enforced, and the old ones survived the rebuild.
+        with pytest.raises(IntegrityError), eng.begin() as conn:
+            conn.execute(
+                schema.products.update()
+                .where(schema.products.c.pid == "1")
+                .values(account_uid="42")
+            )
+        with pytest.raises(IntegrityError), eng.begin() as conn:
+            conn.execute(
+                insert(schema.devices).values(
+                    dev_id=8, pid="none", name="e", auth_info="e", created_at=0
+                )
+            )
+        with eng.begin() as conn:
+            conn.execute(insert(schema.accounts).values(uid="42", access_key="k", created_at=0))
+            conn.execute(
+                schema.products.update()
+                .where(schema.products.c.pid == "1")
+                .values(account_uid="42")
+            )
+        # And back: the column and the table go, the products stay.
+        with eng.begin() as conn:
+            conn.execute(schema.products.update().values(account_uid=None))
+        _downgrade(eng, "0003")
+        with eng.connect() as conn:
+            assert _shape(conn) == shape
+            assert _rows(conn, shape) == before
     finally:
         eng.dispose()

@@ -7,6 +7,8 @@ the human summary). Errors print one clear line on stderr and exit with code 1.
 Examples::
 
     onenet-ota admin product create --id 123123 --access-key "$KEY"   # take over a OneNET product
+    onenet-ota admin account create --uid 4242 --access-key "$USER_KEY" # its OneNET user (fuse)
+    onenet-ota admin product set-account 123123 4242                   # userid tokens now work
     onenet-ota admin device add --pid 123123 --name dev01 --dev-id 987654321
     onenet-ota admin device import --pid 123123 devices.csv           # name,dev_id,device_key,...
     onenet-ota admin package upload fw.bin --pid 123123 --type fota --target 1.0.1
@@ -283,7 +285,7 @@ def _timestamp(value: str | None, name: str) -> int | None:
 
 @click.group()
 def admin() -> None:
-    """Manage products, devices, packages and upgrade tasks on an onenet-ota server."""
+    """Manage accounts, products, devices, packages and upgrade tasks on an onenet-ota server."""
 
 
 def _delete(ctx: _Ctx, path: str, what: str, ident: object) -> None:
@@ -297,7 +299,7 @@ def product() -> None:
     """Products: the OneNET product id and access key devices sign with."""
 
 
-_PRODUCT_COLUMNS = ["pid", "name", "created_at"]
+_PRODUCT_COLUMNS = ["pid", "name", "account_uid", "created_at"]
 
 
 @product.command("create")
@@ -360,6 +362,99 @@ def product_show(pid: str, server: str, admin_token: str | None, as_json: bool) 
 def product_delete(pid: str, server: str, admin_token: str | None, as_json: bool) -> None:
     """Delete a product that has no devices, packages or tasks left."""
     _delete(_ctx(server, admin_token, as_json), f"/products/{_seg(pid)}", "product", pid)
+
+
+@product.command("set-account")
+@click.argument("pid")
+@click.argument("uid")
+@_common
+def product_set_account(
+    pid: str, uid: str, server: str, admin_token: str | None, as_json: bool
+) -> None:
+    """Make account UID the owner of product PID: its userid tokens then speak for the
+    product's devices (fuse dialect)."""
+    ctx = _ctx(server, admin_token, as_json)
+    reply = ctx.call("PUT", f"/products/{_seg(pid)}/account", json_body={"uid": uid})
+    ctx.show(reply, _print_object)
+
+
+@product.command("clear-account")
+@click.argument("pid")
+@_common
+def product_clear_account(pid: str, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Leave product PID without an owning account."""
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.show(ctx.call("DELETE", f"/products/{_seg(pid)}/account"), _print_object)
+
+
+@admin.group()
+def account() -> None:
+    """Accounts: the OneNET user id and access key that userid tokens (fuse dialect) sign with."""
+
+
+_ACCOUNT_COLUMNS = ["uid", "name", "created_at"]
+
+
+@account.command("create")
+@click.option("--uid", metavar="UID", help="user id to use (e.g. the OneNET one); else generated")
+@click.option("--access-key", metavar="KEY", help="access key to use (base64); else generated")
+@click.option("--name", default="", help="a label")
+@_common
+def account_create(
+    uid: str | None, access_key: str | None, name: str, server: str, admin_token: str | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Create an account; prints its uid and access key."""
+    ctx = _ctx(server, admin_token, as_json)
+    body: dict[str, Any] = {"name": name}
+    if uid is not None:
+        body["uid"] = uid
+    if access_key is not None:
+        body["access_key"] = access_key
+    ctx.show(ctx.call("POST", "/accounts", json_body=body), _print_object)
+
+
+@account.command("rotate-key")
+@click.argument("uid")
+@click.option("--access-key", metavar="KEY", help="the new key (base64); else generated")
+@_common
+def account_rotate_key(
+    uid: str, access_key: str | None, server: str, admin_token: str | None, as_json: bool
+) -> None:
+    """Replace an account's access key; userid tokens signed with the old one stop working."""
+    ctx = _ctx(server, admin_token, as_json)
+    body = {"access_key": access_key} if access_key else {}
+    ctx.show(ctx.call("POST", f"/accounts/{_seg(uid)}/rotate-key", json_body=body), _print_object)
+
+
+@account.command("list")
+@click.option("--limit", type=click.IntRange(1, 1000))
+@click.option("--after", metavar="CURSOR", help="continue after this page cursor")
+@_common
+def account_list(
+    limit: int | None, after: str | None, server: str, admin_token: str | None, as_json: bool
+) -> None:
+    """List accounts."""
+    ctx = _ctx(server, admin_token, as_json)
+    page = ctx.call("GET", "/accounts", params={"limit": limit, "after": after})
+    ctx.show(page, lambda p: _print_page(p, _ACCOUNT_COLUMNS))
+
+
+@account.command("show")
+@click.argument("uid")
+@_common
+def account_show(uid: str, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Show an account with its access key and product count."""
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.show(ctx.call("GET", f"/accounts/{_seg(uid)}"), _print_object)
+
+
+@account.command("delete")
+@click.argument("uid")
+@_common
+def account_delete(uid: str, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Delete an account that owns no product."""
+    _delete(_ctx(server, admin_token, as_json), f"/accounts/{_seg(uid)}", "account", uid)
 
 
 def _seg(value: str) -> str:

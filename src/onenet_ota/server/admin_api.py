@@ -47,6 +47,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import OperationalError
 
 import onenet_ota
+from onenet_ota import auth
 from onenet_ota.protocol import values
 from onenet_ota.protocol.states import Action
 from onenet_ota.server import admin_service as svc
@@ -301,6 +302,13 @@ class ProductPage(BaseModel):
     next: str | None
 
 
+class AccountPage(BaseModel):
+    """A page of accounts."""
+
+    items: list[svc.Account]
+    next: str | None
+
+
 class DevicePage(BaseModel):
     """A page of devices."""
 
@@ -358,6 +366,9 @@ class ErrorBody(BaseModel):
 
 _PID = (_pid("the product"),)
 _PID_AFTER = Param("after", description=f"{_NEXT}: a pid", pattern=values.PID_RE.pattern)
+_UID_PATTERN = auth.USER_ID_RE.pattern
+_UID = (Param("uid", description=f"the account: {svc.UID_RULE}", pattern=_UID_PATTERN),)
+_UID_AFTER = Param("after", description=f"{_NEXT}: a uid", pattern=_UID_PATTERN)
 _DEV_ID = _int("dev_id", svc.DEV_ID_MAX, "the device")
 _PACKAGE = (_int("id", svc.PACKAGE_ID_MAX, "the package"),)
 _TASK = (_int("id", svc.TASK_ID_MAX, "the task"),)
@@ -391,6 +402,41 @@ ROUTES: Final[tuple[Route, ...]] = (
         "POST", "/products/{pid}/rotate-key", "rotate_key",
         "Replace the product's access key (given or generated)", "products",
         body=svc.KeyRotate, body_optional=True, response=svc.Product, path_params=_PID,
+    ),
+    Route(
+        "PUT", "/products/{pid}/account", "set_product_account",
+        "Make an account the product's owner: its userid tokens then speak for the product's"
+        " devices", "products",
+        body=svc.AccountAssign, response=svc.Product, path_params=_PID, errors=(409,),
+    ),
+    Route(
+        "DELETE", "/products/{pid}/account", "clear_product_account",
+        "Leave the product without an owning account", "products",
+        response=svc.Product, path_params=_PID,
+    ),
+    Route(
+        "POST", "/accounts", "create_account",
+        "Create an account for userid tokens (given or generated uid and key)", "accounts",
+        status=201, body=svc.AccountCreate, response=svc.Account, errors=(409,),
+    ),
+    Route(
+        "GET", "/accounts", "list_accounts", "List accounts (without keys)", "accounts",
+        response=AccountPage, query=_page(_UID_AFTER),
+    ),
+    Route(
+        "GET", "/accounts/{uid}", "get_account",
+        "Show an account with its access key and product count", "accounts",
+        response=svc.Account, path_params=_UID,
+    ),
+    Route(
+        "DELETE", "/accounts/{uid}", "delete_account", "Delete an account that owns no product",
+        "accounts", status=204, path_params=_UID, errors=(409,),
+    ),
+    Route(
+        "POST", "/accounts/{uid}/rotate-key", "rotate_account_key",
+        "Replace the account's access key (given or generated); userid tokens signed with the"
+        " old one stop working at once", "accounts",
+        body=svc.KeyRotate, body_optional=True, response=svc.Account, path_params=_UID,
     ),
     Route(
         "POST", "/devices", "create_device", "Create a device (given or generated dev_id)",
@@ -628,8 +674,8 @@ def openapi_document() -> dict[str, Any]:
             "title": "onenet-ota management API",
             "version": onenet_ota.__version__,
             "description": (
-                "Products, devices, packages and upgrade tasks of a self-hosted OneNET OTA "
-                'platform. Errors are {"error":{"code","message","details"}}.'
+                "Accounts, products, devices, packages and upgrade tasks of a self-hosted OneNET"
+                ' OTA platform. Errors are {"error":{"code","message","details"}}.'
             ),
         },
         "servers": [{"url": "/"}],
@@ -941,6 +987,33 @@ class AdminApi:
 
     async def _delete_product(self, call: Call) -> None:
         await self._db(self.service.delete_product, call.path["pid"])
+
+    async def _set_product_account(self, call: Call) -> svc.Product:
+        spec = await self._json_body(call, svc.AccountAssign)
+        return await self._db(self.service.set_product_account, call.path["pid"], spec.uid)
+
+    async def _clear_product_account(self, call: Call) -> svc.Product:
+        return await self._db(self.service.set_product_account, call.path["pid"], None)
+
+    # ---------------------------------------------------------------- accounts
+
+    async def _create_account(self, call: Call) -> svc.Account:
+        spec = await self._json_body(call, svc.AccountCreate)
+        return await self._db(self.service.create_account, spec)
+
+    async def _list_accounts(self, call: Call) -> AccountPage:
+        page = await self._db(self.service.list_accounts, **self._page_args(call))
+        return AccountPage(items=page.items, next=page.next)
+
+    async def _get_account(self, call: Call) -> svc.Account:
+        return await self._db(self.service.get_account, call.path["uid"])
+
+    async def _rotate_account_key(self, call: Call) -> svc.Account:
+        spec = await self._json_body(call, svc.KeyRotate)
+        return await self._db(self.service.rotate_account_key, call.path["uid"], spec)
+
+    async def _delete_account(self, call: Call) -> None:
+        await self._db(self.service.delete_account, call.path["uid"])
 
     # ---------------------------------------------------------------- devices
 

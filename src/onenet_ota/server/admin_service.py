@@ -1,4 +1,4 @@
-"""The management side of the platform: products, devices, packages and tasks, in SQL.
+"""The management side of the platform: accounts, products, devices, packages and tasks, in SQL.
 
 SQLAlchemy Core, one transaction per operation. The models below are both the inputs (validated
 against the spec's value formats, §1 and §4.5) and the outputs; :mod:`onenet_ota.server.admin_api`
@@ -32,7 +32,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Generic, Literal, ParamSpec, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -51,7 +59,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from onenet_ota import auth
 from onenet_ota.protocol import values
+from onenet_ota.protocol.dialects import STUDIO_PID
 from onenet_ota.protocol.states import (
     OPEN_STATES,
     Action,
@@ -62,7 +72,15 @@ from onenet_ota.protocol.status import PackageKind, TaskType
 from onenet_ota.server import changes
 from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.db import is_foreign_key_violation, is_transient, sqlstate
-from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
+from onenet_ota.server.schema import (
+    accounts,
+    device_tasks,
+    devices,
+    packages,
+    products,
+    tasks,
+    tokens,
+)
 from onenet_ota.server.transitions import (
     ConcurrentChange,
     apply_action,
@@ -71,6 +89,10 @@ from onenet_ota.server.transitions import (
 )
 
 __all__ = [
+    "RESERVED_PIDS",
+    "Account",
+    "AccountAssign",
+    "AccountCreate",
     "AdminError",
     "AdminService",
     "Conflict",
@@ -127,7 +149,7 @@ class AdminError(Exception):
 
 
 class NotFound(AdminError):
-    """The addressed product, device, package or task does not exist."""
+    """The addressed account, product, device, package or task does not exist."""
 
     code = "not_found"
 
@@ -181,6 +203,26 @@ FILE_NAME_PATTERN: Final = r"[ !#-.0-\[\]-~]{1,64}"
 NO_NUL: Final = "^[^\\x00]*$"
 
 Pid = Annotated[str, StringConstraints(pattern=_whole(values.PID_RE.pattern))]
+UID_RULE: Final = "a decimal 1..2^63-1 without sign or leading zero"
+
+
+def _check_uid(value: str) -> str:
+    # The pattern bounds the digits (for the OpenAPI document too); this adds the value bound.
+    if not auth.is_user_id(value):
+        raise ValueError(f"must be {UID_RULE}")
+    return value
+
+
+# Exactly the uids a userid token can name (auth.user_resource), each with one spelling.
+Uid = Annotated[
+    str, StringConstraints(pattern=_whole(auth.USER_ID_RE.pattern)), AfterValidator(_check_uid)
+]
+
+RESERVED_PIDS: Final = STUDIO_PID.reserved
+"""S1: the classic device paths ``/ota/south/...``, ``/ota/device/version`` and ``/ota/devInfo``
+win over Studio's ``/ota/{pid}/...``, so a product with one of these pids could not be reached
+by Studio devices. The match is exact: pids are case-sensitive (§1), and so is path matching,
+so ``South`` is an ordinary pid."""
 DeviceName = Annotated[str, StringConstraints(pattern=_whole(values.DEVICE_NAME_RE.pattern))]
 Version = Annotated[str, StringConstraints(pattern=_whole(values.VERSION_RE.pattern))]
 DevId = Annotated[int, Field(ge=1, le=DEV_ID_MAX)]
@@ -227,6 +269,42 @@ class _Out(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------
+# Accounts
+
+
+class AccountCreate(_In):
+    """An account for ``userid/{uid}`` tokens (§13.3, F12). Give ``uid`` and ``access_key`` to
+    take over a OneNET account whose devices already sign with them; omit them to have them
+    generated."""
+
+    uid: Uid | None = Field(default=None, description=f"{UID_RULE}; generated when omitted")
+    access_key: Key | None = Field(default=None, description="base64; generated when omitted")
+    name: Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)] = ""
+
+    @model_validator(mode="after")
+    def _key(self) -> AccountCreate:
+        _check_key(self.access_key)
+        return self
+
+
+class Account(_Out):
+    """An account. ``access_key`` is omitted from lists; ``product_count`` is given when one
+    account is shown."""
+
+    uid: str
+    name: str
+    access_key: str | None = None
+    created_at: int
+    product_count: int | None = None
+
+
+class AccountAssign(_In):
+    """The account a product is to belong to."""
+
+    uid: Uid = Field(description=f"an existing account's uid: {UID_RULE}")
+
+
+# --------------------------------------------------------------------------------------------
 # Products
 
 
@@ -238,6 +316,17 @@ class ProductCreate(_In):
     pid: Pid | None = Field(default=None, description="1-32 characters [A-Za-z0-9]")
     access_key: Key | None = Field(default=None, description="base64; generated when omitted")
     name: Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)] = ""
+
+    @field_validator("pid")
+    @classmethod
+    def _not_reserved(cls, pid: str | None) -> str | None:
+        if pid in RESERVED_PIDS:
+            raise ValueError(
+                f"pid {pid} is reserved: the classic device paths /ota/south/...,"
+                " /ota/device/version and /ota/devInfo would hide this product's Studio paths"
+                " /ota/{pid}/... (spec S1)"
+            )
+        return pid
 
     @model_validator(mode="after")
     def _key(self) -> ProductCreate:
@@ -257,12 +346,14 @@ class KeyRotate(_In):
 
 
 class Product(_Out):
-    """A product. ``access_key`` is omitted from lists."""
+    """A product. ``access_key`` is omitted from lists. ``account_uid``: the account that owns
+    it (F12), if any."""
 
     pid: str
     name: str
     access_key: str | None = None
     created_at: int
+    account_uid: str | None = None
     device_count: int | None = None
 
 
@@ -705,9 +796,7 @@ class AdminService:
             row = conn.execute(select(products).where(products.c.pid == pid)).one()
             changes.publish(conn, None, self._clock())  # verified Authorization values
         self._changed()
-        return Product(
-            pid=row.pid, name=row.name, access_key=row.access_key, created_at=row.created_at
-        )
+        return _product(row, access_key=True)
 
     def get_product(self, pid: str) -> Product:
         """A product with its access key and device count."""
@@ -718,18 +807,14 @@ class AdminService:
             count = conn.execute(
                 select(func.count()).select_from(devices).where(devices.c.pid == pid)
             ).scalar_one()
-        return Product(
-            pid=row.pid,
-            name=row.name,
-            access_key=row.access_key,
-            created_at=row.created_at,
-            device_count=count,
-        )
+        return _product(row, access_key=True, device_count=count)
 
     def list_products(self, *, limit: int | None = None, after: str | None = None) -> Page[Product]:
         """Products in pid order, without their keys."""
         size = _page_limit(limit)
-        query = select(products.c.pid, products.c.name, products.c.created_at)
+        query = select(
+            products.c.pid, products.c.name, products.c.created_at, products.c.account_uid
+        )
         if after is not None:
             if not values.is_pid(after):
                 raise Invalid("after must be the 'next' value of a previous page")
@@ -737,8 +822,151 @@ class AdminService:
         query = query.order_by(products.c.pid).limit(size + 1)
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
-        items = [Product(pid=r.pid, name=r.name, created_at=r.created_at) for r in rows[:size]]
+        items = [_product(r) for r in rows[:size]]
         return Page(items, items[-1].pid if len(rows) > size else None)
+
+    @_retried
+    def set_product_account(self, pid: str, uid: str | None) -> Product:
+        """Make account ``uid`` the owner of product ``pid``, or none with None (F12).
+
+        Both rows are locked (PostgreSQL), so that a concurrent delete of the account either
+        sees the product (409) or commits first (404 here). A change is published on the
+        change feed: cached verifications of ``userid`` tokens for the product's devices must
+        go on every worker at once.
+        """
+        now = self._now()
+        with self._tx("concurrent change; retry", missing=f"account {uid} went meanwhile") as conn:
+            row = conn.execute(
+                select(products).where(products.c.pid == pid).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"product {pid} not found")
+            if uid is not None and not self._lock_account(conn, uid):
+                raise NotFound(f"account {uid} not found")
+            if row.account_uid != uid:
+                conn.execute(update(products).where(products.c.pid == pid).values(account_uid=uid))
+                changes.publish(conn, None, now)
+            row = conn.execute(select(products).where(products.c.pid == pid)).one()
+        self._changed()
+        return _product(row)
+
+    # ---------------------------------------------------------------- accounts
+
+    @_retried
+    def create_account(self, spec: AccountCreate) -> Account:
+        """Create an account, generating the uid and/or the access key when not given."""
+        access_key = spec.access_key or generate_access_key()
+        now = self._now()
+        with self._tx("the account already exists") as conn:
+            uid = spec.uid
+            if uid is None:
+                uid = self._unused_uid(conn)
+            elif self._account_exists(conn, uid):
+                raise Conflict(f"account {uid} already exists")
+            conn.execute(
+                insert(accounts).values(
+                    uid=uid, name=spec.name, access_key=access_key, created_at=now
+                )
+            )
+        return Account(uid=uid, name=spec.name, access_key=access_key, created_at=now)
+
+    def _unused_uid(self, conn: Connection) -> str:
+        for _ in range(20):
+            uid = str(100_000_000 + secrets.randbelow(900_000_000))
+            if not self._account_exists(conn, uid):
+                return uid
+        raise Conflict("could not find an unused uid; retry")  # pragma: no cover
+
+    @staticmethod
+    def _account_exists(conn: Connection, uid: str) -> bool:
+        row = conn.execute(select(accounts.c.uid).where(accounts.c.uid == uid)).first()
+        return row is not None
+
+    @staticmethod
+    def _lock_account(conn: Connection, uid: str) -> bool:
+        query = select(accounts.c.uid).where(accounts.c.uid == uid).with_for_update()
+        return conn.execute(query).first() is not None
+
+    @_retried
+    def rotate_account_key(self, uid: str, spec: KeyRotate) -> Account:
+        """Replace an account's access key: ``userid`` tokens signed with the old one stop
+        working at once, on every worker (the change feed)."""
+        key = spec.access_key or generate_access_key()
+        with self._tx("concurrent change") as conn:
+            done = conn.execute(
+                update(accounts).where(accounts.c.uid == uid).values(access_key=key)
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"account {uid} not found")
+            row = conn.execute(select(accounts).where(accounts.c.uid == uid)).one()
+            changes.publish(conn, None, self._clock())  # verified Authorization values
+        self._changed()
+        return _account(row, access_key=True)
+
+    def get_account(self, uid: str) -> Account:
+        """An account with its access key and the number of products it owns."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(accounts).where(accounts.c.uid == uid)).first()
+            if row is None:
+                raise NotFound(f"account {uid} not found")
+            count = conn.execute(
+                select(func.count()).select_from(products).where(products.c.account_uid == uid)
+            ).scalar_one()
+        return _account(row, access_key=True, product_count=count)
+
+    def list_accounts(self, *, limit: int | None = None, after: str | None = None) -> Page[Account]:
+        """Accounts in numeric uid order, without their keys."""
+        size = _page_limit(limit)
+        # uids are canonical decimals: shorter is smaller, and equal lengths compare as text.
+        length = func.length(accounts.c.uid)
+        query = select(accounts.c.uid, accounts.c.name, accounts.c.created_at)
+        if after is not None:
+            if not auth.is_user_id(after):
+                raise Invalid("after must be the 'next' value of a previous page")
+            query = query.where(
+                (length > len(after)) | ((length == len(after)) & (accounts.c.uid > after))
+            )
+        query = query.order_by(length, accounts.c.uid).limit(size + 1)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        items = [_account(r) for r in rows[:size]]
+        return Page(items, items[-1].uid if len(rows) > size else None)
+
+    @_retried
+    def delete_account(self, uid: str) -> None:
+        """Delete an account that owns no product (409 names the products it still owns).
+
+        The account row is locked first (PostgreSQL), so a product assigned to it at the same
+        time either commits before the check sees it (409) or waits and then finds no account.
+        """
+        now = self._now()
+        with self._tx(f"account {uid} got a product meanwhile; retry") as conn:
+            if not self._lock_account(conn, uid):
+                raise NotFound(f"account {uid} not found")
+            owned = (
+                conn.execute(
+                    select(products.c.pid)
+                    .where(products.c.account_uid == uid)
+                    .order_by(products.c.pid)
+                    .limit(_CONFLICT_SAMPLE)
+                )
+                .scalars()
+                .all()
+            )
+            if owned:
+                total = conn.execute(
+                    select(func.count()).select_from(products).where(products.c.account_uid == uid)
+                ).scalar_one()
+                noun = "products" if total > 1 else "product"
+                raise Conflict(
+                    f"account {uid} still owns {noun} {_listed(owned, total)};"
+                    " clear their account first",
+                    details=[{"products": list(owned), "product_count": total}],
+                )
+            conn.execute(delete(accounts).where(accounts.c.uid == uid))
+            # Verified userid tokens of the account are cached by every device API.
+            changes.publish(conn, None, now)
+        self._changed()
 
     @_retried
     def delete_product(self, pid: str) -> None:
@@ -1583,6 +1811,27 @@ class AdminService:
             self._changed()
             return view
         raise Conflict("the device's task keeps changing; retry")
+
+
+def _product(row: Any, *, access_key: bool = False, device_count: int | None = None) -> Product:
+    return Product(
+        pid=row.pid,
+        name=row.name,
+        access_key=row.access_key if access_key else None,
+        created_at=row.created_at,
+        account_uid=row.account_uid,
+        device_count=device_count,
+    )
+
+
+def _account(row: Any, *, access_key: bool = False, product_count: int | None = None) -> Account:
+    return Account(
+        uid=row.uid,
+        name=row.name,
+        access_key=row.access_key if access_key else None,
+        created_at=row.created_at,
+        product_count=product_count,
+    )
 
 
 def _item_fields(spec: DeviceCreate) -> dict[str, Any]:

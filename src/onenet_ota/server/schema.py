@@ -39,6 +39,19 @@ metadata = MetaData(
 # largest rowid after a delete unless the table is AUTOINCREMENT (sqlite_autoincrement=True).
 
 # Times are Unix seconds (float seconds where sub-second order matters are not needed: ints).
+
+# An account signs ``userid/{uid}`` tokens with its access key; such a token speaks for every
+# device of the products the account owns (§13.3, F2, F12). ``uid`` is the canonical decimal of
+# auth.user_resource (1..2^63-1, no leading zero), kept as the text devices sign.
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("uid", String(19), primary_key=True),
+    Column("name", String(128), nullable=False, server_default=""),
+    Column("access_key", String(128), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
 products = Table(
     "products",
     metadata,
@@ -46,6 +59,9 @@ products = Table(
     Column("name", String(128), nullable=False, server_default=""),
     Column("access_key", String(128), nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    # The account that owns the product (F12), if any.
+    Column("account_uid", String(19), ForeignKey("accounts.uid"), nullable=True),
+    Index("ix_products_account_uid", "account_uid"),
 )
 
 devices = Table(
