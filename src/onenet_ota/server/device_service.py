@@ -106,7 +106,15 @@ from onenet_ota.server.device_caches import (
     check_task_key,
     check_token_key,
 )
-from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
+from onenet_ota.server.schema import (
+    accounts,
+    device_tasks,
+    devices,
+    packages,
+    products,
+    tasks,
+    tokens,
+)
 from onenet_ota.server.transitions import (
     ConcurrentChange,
     apply_action,
@@ -168,12 +176,13 @@ def _deadline_passed(deadline: int | None, now: float) -> bool:
 class Principal:
     """Who a verified Authorization value speaks for (§3.3, D4)."""
 
-    pid: str
+    pid: str  # "" for an account: no product's pid (§1: 1-32 characters), so P3 never binds
     device_name: str | None  # set for a device-level res
     expires_at: int
+    user_id: str | None = None  # set for an account-level res (F2, F12)
 
     def __repr__(self) -> str:
-        return f"Principal(pid={self.pid!r}, device={self.device_name!r})"
+        return f"Principal(pid={self.pid!r}, device={self.device_name!r}, user={self.user_id!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,9 +282,20 @@ _SELECT_KEYS = (
 _SELECT_DEVICE = select(devices.c.pid, devices.c.name).where(
     devices.c.dev_id == bindparam("dev_id")
 )
-_SELECT_DEVICE_ID = select(devices.c.dev_id).where(
-    devices.c.pid == bindparam("pid"), devices.c.name == bindparam("name")
+_SELECT_DEVICE_ID = (
+    select(devices.c.dev_id, products.c.account_uid)
+    .select_from(devices.join(products, products.c.pid == devices.c.pid))
+    .where(devices.c.pid == bindparam("pid"), devices.c.name == bindparam("name"))
 )
+# F6: the device's most recent task of one type, whatever its state.
+_SELECT_LATEST_TASK = (
+    select(_dt.c.state, _p.c.target)
+    .select_from(_TASK_JOIN)
+    .where(_dt.c.dev_id == bindparam("dev_id"), _dt.c.module_type == bindparam("module_type"))
+    .order_by(_dt.c.id.desc())
+    .limit(1)
+)
+_SELECT_ACCOUNT_KEY = select(accounts.c.access_key).where(accounts.c.uid == bindparam("uid"))
 # Studio and fuse: a device task named by its id, the tid (§12.1), with its task and package.
 _SELECT_TID = select(*_TASK_COLUMNS).select_from(_TASK_JOIN).where(_dt.c.id == bindparam("tid"))
 _SELECT_VERSIONS = select(devices.c.f_version, devices.c.s_version).where(
@@ -576,6 +596,8 @@ class DeviceService:
         self._read_open_task = _Reader(engine, readers, _SELECT_DEVICE_AND_OPEN_TASK)
         self._read_token = _Reader(engine, readers, _SELECT_TOKEN)
         self._read_device_id = _Reader(engine, readers, _SELECT_DEVICE_ID)
+        self._read_account_key = _Reader(engine, readers, _SELECT_ACCOUNT_KEY)
+        self._read_latest_task = _Reader(engine, readers, _SELECT_LATEST_TASK)
         self._read_tid = _Reader(engine, readers, _SELECT_TID)
 
     def close(self) -> None:
@@ -733,9 +755,11 @@ class DeviceService:
             return principal
         generation = caches.generation
         try:
-            token = auth.parse_token(authorization, policy=policy)
+            token = auth.parse_any_token(authorization, policy=policy)
         except auth.TokenError:
             return None
+        if isinstance(token, auth.UserToken):
+            return self._authenticate_account(token)
         row = self._read_keys.one(pid=token.product_id, name=token.device_name)
         if row is None:  # unknown product
             return None
@@ -757,11 +781,31 @@ class DeviceService:
             caches.keep_principal(generation, authorization, principal, row.dev_id)
         return principal
 
-    def device_named(self, pid: str, name: str) -> int | None:
-        """The dev_id of device ``name`` of product ``pid`` (Studio and fuse name the device in
-        the path, §12.1), or None when there is none (S3: answered as a bad signature)."""
+    def _authenticate_account(self, token: auth.UserToken) -> Principal | None:
+        """F2, F12: a ``userid/{uid}`` token, verified with the account's key. Never cached: a
+        rotated key or a deleted account is refused from the next request on every worker."""
+        row = self._read_account_key.one(uid=token.user_id)
+        if row is None:
+            return None
+        try:
+            key = auth.decode_key(row.access_key)
+            auth.verify_token(token, key, now=self._clock())
+        except (ValueError, auth.TokenError):  # TokenError is a ValueError too
+            return None
+        return Principal("", None, token.expires_at, user_id=token.user_id)
+
+    def device_named(self, principal: Principal, pid: str, name: str) -> int | None:
+        """P3 for the dialects that name the device in the path (§12.1, S2, S3, F2, F4): the
+        dev_id of device ``name`` of product ``pid`` if ``principal`` speaks for it, else None
+        (an unknown product or device answers as a bad signature). An account speaks for every
+        device of the products it owns now: the owner is read on every request, so a product
+        moved to another account is refused at once."""
         row = self._read_device_id.one(pid=pid, name=name)
-        return None if row is None else int(row.dev_id)
+        if row is None:
+            return None
+        if principal.user_id is not None:
+            return int(row.dev_id) if row.account_uid == principal.user_id else None
+        return int(row.dev_id) if self.binds(principal, DeviceRef(row.dev_id, pid, name)) else None
 
     def device(self, dev_id: int) -> DeviceRef | None:
         """The device row for P3, from the cache or else the database (and cached)."""
@@ -894,6 +938,12 @@ class DeviceService:
             self._read_open_task, _SELECT_DEVICE_AND_OPEN_TASK, params, work
         )
         return errno, info
+
+    def reached_latest(self, dev_id: int, task_type: TaskType, version: str) -> bool:
+        """F6: whether the device's most recent task of ``task_type`` succeeded and its target
+        is ``version`` (exact strings, F5): the device already runs it."""
+        row = self._read_latest_task.one(dev_id=dev_id, module_type=int(task_type))
+        return row is not None and row.state == TaskState.SUCCEEDED and row.target == version
 
     def _check(
         self,

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from onenet_ota.protocol import values
 from onenet_ota.protocol.codes import (
+    REPLY_CODES,
     Dialect,
     DownloadVerdict,
     Operation,
@@ -54,7 +55,7 @@ from onenet_ota.server.device_requests import (
     pread_all,
     range_header,
 )
-from onenet_ota.server.device_service import DeviceRef, DeviceService
+from onenet_ota.server.device_service import DeviceService
 from onenet_ota.server.http import (
     SMALL_SEGMENT,
     BodyTooLarge,
@@ -68,7 +69,7 @@ __all__ = ["SERVED_DIALECTS", "DialectApi"]
 
 log = logging.getLogger(__name__)
 
-SERVED_DIALECTS: Final = frozenset({Dialect.STUDIO})
+SERVED_DIALECTS: Final = frozenset({Dialect.STUDIO, Dialect.FUSE})
 """The dialects this listener serves besides classic."""
 
 # The classic errnos the shared rules answer, as verdicts; the state tables' outcomes are read
@@ -92,7 +93,7 @@ def _verdict(errno: Errno) -> Verdict:
 
 
 class DialectApi:
-    """The Studio (and, when listed, fuse) endpoints over the classic API's ``service`` and its
+    """The Studio and fuse endpoints over the classic API's ``service`` and its
     open package ``files``."""
 
     def __init__(
@@ -147,12 +148,7 @@ class DialectApi:
             return None
         assert route.pid is not None
         assert route.name is not None
-        dev_id = self.service.device_named(route.pid, route.name)
-        if dev_id is None:
-            return None
-        if not self.service.binds(principal, DeviceRef(dev_id, route.pid, route.name)):
-            return None
-        return dev_id
+        return self.service.device_named(principal, route.pid, route.name)
 
     def _json(
         self,
@@ -187,7 +183,14 @@ class DialectApi:
             if not values.is_version(version):
                 return Verdict.BAD_VERSION_FORMAT, None
             errno, info = service.check_task_tid(dev_id, task_type, version)
-            return _verdict(errno), None if info is None else info.to_data()
+            verdict = _verdict(errno)
+            if (
+                verdict is Verdict.NO_TASK
+                and Verdict.ALREADY_ON_TARGET in REPLY_CODES[spec.dialect][operation]
+                and service.reached_latest(dev_id, task_type, version)
+            ):
+                verdict = Verdict.ALREADY_ON_TARGET  # F6: 12013, where the dialect has it
+            return verdict, None if info is None else info.to_data()
         assert route.tid is not None
         if operation is Operation.CHECK_STATE:  # S6, F7
             refuses = _STATE_CHECK_REFUSES[spec.dialect]
