@@ -15,9 +15,9 @@ from sqlalchemy import Engine, update
 
 from onenet_ota import auth
 from onenet_ota.protocol.states import TaskState
-from onenet_ota.server.admin_service import AccountCreate, AdminService, KeyRotate
+from onenet_ota.server.admin_service import AccountCreate, AdminService, DeviceCreate, KeyRotate
 from onenet_ota.server.blobs import BlobStore
-from onenet_ota.server.schema import device_tasks, packages
+from onenet_ota.server.schema import device_tasks, devices, packages
 from tests.server.seed import (
     DB_PARAMS,
     DEV_ID,
@@ -421,3 +421,28 @@ def test_malformed_paths_are_404_never_5xx(world: World, target: str) -> None:
     _, srv, _ = world
     reply = send(srv, fuse("GET", target))
     assert reply.raw == b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_a_deleted_and_recreated_device_name_is_read_again_from_the_feed(
+    world: World, engine: Engine
+) -> None:
+    """The (pid, name) -> dev_id cache of the path dialects is dropped with its device: a device
+    deleted by another process and created again under the same name with a new dev_id is the
+    one answered once this worker has read the change feed."""
+    seeder, _, admin = world
+    request = fuse("GET", "/fuse-ota/123123/dev02/version", authorization=auth.build_token(PID, K1))
+    # feed_interval 0: the feed is read before every request, as it is 0.1 s after a change.
+    with running_api(engine, seeder.blobs, seeder.clock, cache_ttl=30, feed_interval=0) as (
+        _,
+        srv,
+    ):
+        assert normalised(send(srv, request)) == golden(0, "succ", b"{}")
+        seeder.set_state(TID + 1, TaskState.CANCELLED)  # delete refuses an open task
+        admin.delete_device(DEV_ID + 1)
+        admin.create_device(DeviceCreate(pid=PID, name="dev02", dev_id=DEV_ID + 2))
+        with engine.begin() as conn:
+            conn.execute(
+                update(devices).where(devices.c.dev_id == DEV_ID + 2).values(f_version="9.9")
+            )
+        expected = golden(0, "succ", b'{"f_version":"9.9"}')
+        assert normalised(send(srv, request)) == expected

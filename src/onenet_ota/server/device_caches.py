@@ -111,6 +111,9 @@ class DeviceCaches:
         self._clock = clock
         self.principals: BoundedCache[str, Principal] = BoundedCache(BUDGETS.principals, ttl=ttl)
         self.devices: BoundedCache[int, DeviceRef] = BoundedCache(BUDGETS.devices, ttl=ttl)
+        # Studio and fuse name a device by (pid, name) in the path (§12.1): its dev_id, tagged
+        # with it. Charged to the same budget as the rows above, a name being about a row.
+        self.names: BoundedCache[tuple[str, str], int] = BoundedCache(BUDGETS.devices, ttl=ttl)
         self.grants: BoundedCache[str, DownloadGrant] = BoundedCache(BUDGETS.grants, ttl=ttl)
         # Each dict is replaced, never changed, once cached (its size was charged when put).
         self.answers: BoundedCache[int, dict[tuple[Any, ...], Answer]] = BoundedCache(
@@ -143,6 +146,7 @@ class DeviceCaches:
             self.grants.pop_tag(dev_id)
             self.answers.pop(dev_id)
             self.devices.pop(dev_id)
+            self.names.pop_tag(dev_id)
             self.principals.pop_tag(dev_id)
 
     def clear(self) -> None:
@@ -154,6 +158,7 @@ class DeviceCaches:
                 self.answers,
                 self.principals,
                 self.devices,
+                self.names,
                 self.replies,
                 self.chunks,
             ):
@@ -229,6 +234,14 @@ class DeviceCaches:
         with self._lock:
             if generation == self.generation:
                 self.principals.put(authorization, principal, size, tag=tag)
+
+    def keep_name(self, generation: int, pid: str, name: str, dev_id: int) -> None:
+        """Cache the dev_id of device ``name`` of product ``pid``, unless an invalidation came
+        after ``generation`` (the row read may be older than it)."""
+        size = OBJECT_BYTES + weigh(pid) + weigh(name)
+        with self._lock:
+            if generation == self.generation:
+                self.names.put((pid, name), dev_id, size, tag=dev_id)
 
     def keep_device(self, ref: DeviceRef) -> None:
         """Cache a device row read for P3."""

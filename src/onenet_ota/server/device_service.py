@@ -179,6 +179,7 @@ class Principal:
     pid: str  # "" for an account: no product's pid (§1: 1-32 characters), so P3 never binds
     device_name: str | None  # set for a device-level res
     expires_at: int
+    version: str = auth.VERSION  # the token's version: the dialects accept different ones
     user_id: str | None = None  # set for an account-level res (F2, F12)
 
     def __repr__(self) -> str:
@@ -752,7 +753,9 @@ class DeviceService:
         caches = self.caches
         principal = caches.principal(authorization)
         if principal is not None:
-            return principal
+            # The key is the exact value, so its version is the one verified: a 2022-05-01
+            # token cached for Studio or fuse is still refused by classic (D3).
+            return principal if principal.version in policy.versions else None
         generation = caches.generation
         try:
             token = auth.parse_any_token(authorization, policy=policy)
@@ -776,9 +779,8 @@ class DeviceService:
             auth.verify_token(token, key, now=self._clock())
         except auth.TokenError:
             return None
-        principal = Principal(token.product_id, token.device_name, token.expires_at)
-        if token.version in auth.CLASSIC_POLICY.versions:
-            caches.keep_principal(generation, authorization, principal, row.dev_id)
+        principal = Principal(token.product_id, token.device_name, token.expires_at, token.version)
+        caches.keep_principal(generation, authorization, principal, row.dev_id)
         return principal
 
     def _authenticate_account(self, token: auth.UserToken) -> Principal | None:
@@ -792,7 +794,7 @@ class DeviceService:
             auth.verify_token(token, key, now=self._clock())
         except (ValueError, auth.TokenError):  # TokenError is a ValueError too
             return None
-        return Principal("", None, token.expires_at, user_id=token.user_id)
+        return Principal("", None, token.expires_at, token.version, user_id=token.user_id)
 
     def device_named(self, principal: Principal, pid: str, name: str) -> int | None:
         """P3 for the dialects that name the device in the path (§12.1, S2, S3, F2, F4): the
@@ -800,12 +802,22 @@ class DeviceService:
         (an unknown product or device answers as a bad signature). An account speaks for every
         device of the products it owns now: the owner is read on every request, so a product
         moved to another account is refused at once."""
-        row = self._read_device_id.one(pid=pid, name=name)
-        if row is None:
-            return None
         if principal.user_id is not None:
-            return int(row.dev_id) if row.account_uid == principal.user_id else None
-        return int(row.dev_id) if self.binds(principal, DeviceRef(row.dev_id, pid, name)) else None
+            # Never from a cache: ownership moves and account keys take effect at once.
+            row = self._read_device_id.one(pid=pid, name=name)
+            if row is None or row.account_uid != principal.user_id:
+                return None
+            return int(row.dev_id)
+        caches = self.caches
+        dev_id = caches.names.get((pid, name))
+        if dev_id is None:
+            generation = caches.generation
+            row = self._read_device_id.one(pid=pid, name=name)
+            if row is None:
+                return None
+            dev_id = int(row.dev_id)
+            caches.keep_name(generation, pid, name, dev_id)
+        return dev_id if self.binds(principal, DeviceRef(dev_id, pid, name)) else None
 
     def device(self, dev_id: int) -> DeviceRef | None:
         """The device row for P3, from the cache or else the database (and cached)."""
