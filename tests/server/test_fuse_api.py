@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, update
 
 from onenet_ota import auth
-from onenet_ota.protocol.states import TaskState
+from onenet_ota.protocol.states import Action, TaskState
 from onenet_ota.server.admin_service import AccountCreate, AdminService, DeviceCreate, KeyRotate
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.schema import device_tasks, devices, packages
@@ -446,3 +446,26 @@ def test_a_deleted_and_recreated_device_name_is_read_again_from_the_feed(
             )
         expected = golden(0, "succ", b'{"f_version":"9.9"}')
         assert normalised(send(srv, request)) == expected
+
+
+def test_cached_check_and_download_answers_follow_the_task(world: World, engine: Engine) -> None:
+    """With the caches on, F-C and F-D's task lookups are cached per device and dropped when
+    the task changes: by this worker's own transition (F-T's T9), or by another process's
+    change read from the feed (a cancel)."""
+    seeder, _, admin = world
+    check = fuse("GET", f"{BASE}/check?type=1&version=1.0.0")
+    download = fuse("GET", f"{BASE}/4242/download", extra=("Range: bytes=0-9",))
+    with running_api(engine, seeder.blobs, seeder.clock, cache_ttl=30, feed_interval=0) as (
+        _,
+        srv,
+    ):
+        for _ in range(2):
+            assert json.loads(send(srv, check).body)["data"]["status"] == 1
+        assert code(srv, fuse("GET", f"{BASE}/4242/check")) == 0  # T9
+        assert json.loads(send(srv, check).body)["data"]["status"] == 2
+        for _ in range(2):
+            assert send(srv, download).status == 206
+        task_id = seeder.device_task(TID).task_id
+        admin.act_on_task(task_id, Action.CANCEL)
+        assert code(srv, check) == 12012
+        assert send(srv, download).header("Ota-Errno") == "5"

@@ -44,14 +44,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from onenet_ota.protocol.errno import Errno
-from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
 from onenet_ota.server.http import Response
 
 if TYPE_CHECKING:
-    from onenet_ota.server.device_service import Basis, DeviceRef, DownloadGrant, Principal
+    from onenet_ota.server.device_service import (
+        Basis,
+        DeviceRef,
+        DownloadGrant,
+        Principal,
+        TidGrant,
+    )
 
 __all__ = [
     "Answer",
@@ -83,6 +89,18 @@ class Answer:
     errno: Errno
     info: TaskInfo | None
     valid_until: float
+    tid_info: TidTaskInfo | None = None  # S-C/F-C's answer (the path dialects)
+    grant: TidGrant | None = None  # S-D/F-D's task lookup
+
+
+def check_tid_task_key(task_type: TaskType, version: str) -> tuple[Any, ...]:
+    """The ``answers`` key of an S-C/F-C question."""
+    return ("S-C", task_type, version)
+
+
+def download_tid_key(tid: int) -> tuple[Any, ...]:
+    """The ``answers`` key of an S-D/F-D task lookup."""
+    return ("S-D", tid)
 
 
 def check_task_key(
@@ -267,7 +285,7 @@ class DeviceCaches:
             # A new dict: holds() compares the answers themselves, which stay the same objects.
             entries = {**entries, key: answer}
             size = sum(ENTRY_BYTES + weigh(k) + OBJECT_BYTES for k in entries)
-            if answer.info is not None:
+            if answer.info is not None or answer.tid_info is not None or answer.grant is not None:
                 size += len(entries) * _TASK_INFO_BYTES
             self.answers.put(dev_id, entries, size, renew=False)  # the oldest answer's TTL
 

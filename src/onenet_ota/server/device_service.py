@@ -104,7 +104,9 @@ from onenet_ota.server.device_caches import (
     Clock,
     DeviceCaches,
     check_task_key,
+    check_tid_task_key,
     check_token_key,
+    download_tid_key,
 )
 from onenet_ota.server.schema import (
     accounts,
@@ -936,6 +938,13 @@ class DeviceService:
         its T8) on the device's open task of ``task_type``, answered with the task's ``tid`` and
         state; nothing is issued (S5). Errno 11 means no active task (each dialect numbers it)."""
 
+        caches = self.caches
+        key = check_tid_task_key(task_type, version)
+        cached = caches.answer(dev_id, key)
+        if cached is not None:
+            return cached.errno, cached.tid_info
+        generation = caches.generation
+
         def work(tx: _Tx, row: _Row | None) -> tuple[Errno, TidTaskInfo | None, float | None]:
             return self._check(tx, row, dev_id, task_type, version, None, offer)
 
@@ -943,12 +952,17 @@ class DeviceService:
             errno, state, valid_until = self._preflight(tx, row, dev_id, version, None, None)
             if state is None:
                 return errno, None, valid_until
-            return Errno.SUCC, _tid_task_info(row, state), None
+            # Holds until the deadline; any change of the task invalidates the device.
+            until = _FOREVER if row.deadline is None else float(row.deadline)
+            return Errno.SUCC, _tid_task_info(row, state), until
 
         params = {"dev_id": dev_id, "module_type": int(task_type)}
-        errno, info, _ = self._read_first(
+        errno, info, valid_until = self._read_first(
             self._read_open_task, _SELECT_DEVICE_AND_OPEN_TASK, params, work
         )
+        if valid_until is not None and errno is not Errno.AUTH_FAILED:
+            answer = Answer(errno, None, valid_until, tid_info=info)
+            caches.keep_answer(generation, dev_id, key, answer)
         return errno, info
 
     def reached_latest(self, dev_id: int, task_type: TaskType, version: str) -> bool:
@@ -1206,6 +1220,12 @@ class DeviceService:
         """S-D and F-D's task lookup (S7, F8): what may be served of the device task ``tid``, or
         None when it is not this device's task. Changes nothing: a successful download calls
         :meth:`downloaded_tid`."""
+        caches = self.caches
+        key = download_tid_key(tid)
+        cached = caches.answer(dev_id, key)
+        if cached is not None:
+            return cached.grant
+        generation = caches.generation
         row = self._read_tid.one(tid=tid)
         now = self._clock()
         if row is None or row.dt_dev_id != dev_id or row.start_time > now:
@@ -1213,7 +1233,11 @@ class DeviceService:
         state = TaskState(row.state)
         if state.is_open and _deadline_passed(row.deadline, now):
             state = TaskState.FAILED  # T5, applied by the next request that writes
-        return TidGrant(state, row.sha256, row.size, row.file_name)
+        grant = TidGrant(state, row.sha256, row.size, row.file_name)
+        # Every change of the task invalidates the device; the deadline is a time.
+        until = _FOREVER if row.deadline is None or not state.is_open else float(row.deadline)
+        caches.keep_answer(generation, dev_id, key, Answer(Errno.SUCC, None, until, grant=grant))
+        return grant
 
     def downloaded_tid(self, dev_id: int, tid: int) -> None:
         """After a successful S-D/F-D: a to-be-upgraded task moves to downloading (S7,
