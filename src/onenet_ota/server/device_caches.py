@@ -130,8 +130,8 @@ class DeviceCaches:
         self.principals: BoundedCache[str, Principal] = BoundedCache(BUDGETS.principals, ttl=ttl)
         self.devices: BoundedCache[int, DeviceRef] = BoundedCache(BUDGETS.devices, ttl=ttl)
         # Studio and fuse name a device by (pid, name) in the path (§12.1): its dev_id, tagged
-        # with it. Charged to the same budget as the rows above, a name being about a row.
-        self.names: BoundedCache[tuple[str, str], int] = BoundedCache(BUDGETS.devices, ttl=ttl)
+        # with it.
+        self.names: BoundedCache[tuple[str, str], int] = BoundedCache(BUDGETS.names, ttl=ttl)
         self.grants: BoundedCache[str, DownloadGrant] = BoundedCache(BUDGETS.grants, ttl=ttl)
         # Each dict is replaced, never changed, once cached (its size was charged when put).
         self.answers: BoundedCache[int, dict[tuple[Any, ...], Answer]] = BoundedCache(

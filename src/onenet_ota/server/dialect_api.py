@@ -46,6 +46,7 @@ from onenet_ota.protocol.ranges import parse_range
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import classify_step
 from onenet_ota.server import wire
+from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
 from onenet_ota.server.device_caches import OpenFiles
 from onenet_ota.server.device_requests import (
     Rejected,
@@ -83,6 +84,10 @@ _VERDICTS: Final = {
     Errno.NO_TASK: Verdict.NO_TASK,
 }
 
+_FUSE_PREFIX: Final = "/fuse-ota/"  # F1
+# A cached Route beyond its path: the object and its strings (CPython 3.11, about).
+_ROUTE_BYTES: Final = 400
+
 # S6: Studio's S-T answers as E5 by state; F7: fuse's F-T refuses nothing by state.
 _STATE_CHECK_REFUSES: Final = {Dialect.STUDIO: True, Dialect.FUSE: False}
 
@@ -105,11 +110,24 @@ class DialectApi:
     ) -> None:
         self.service = service
         self._files = files
-        self._dialects = frozenset(dialects) - {Dialect.CLASSIC}
+        served = frozenset(dialects) - {Dialect.CLASSIC}
+        # F1: fuse paths live under their own prefix, so a path is matched against one
+        # dialect's table only.
+        self._fuse = served & {Dialect.FUSE}
+        self._others = served - {Dialect.FUSE}
+        # A device repeats its paths (one per task and endpoint): matched once, then looked up.
+        # Keyed by what clients send, so bounded (only paths that matched are kept).
+        self._routes: BoundedCache[str, Route] = BoundedCache(BUDGETS.routes)
 
     def route(self, path: str) -> Route | None:
         """The route of ``path`` in the served dialects, or None (404)."""
-        return match(path, self._dialects)
+        found = self._routes.get(path)
+        if found is not None:
+            return found
+        found = match(path, self._fuse if path.startswith(_FUSE_PREFIX) else self._others)
+        if found is not None:
+            self._routes.put(path, found, _ROUTE_BYTES + weigh(path))
+        return found
 
     async def handle(self, request: Request, route: Route) -> Response:
         """Answer one request on ``route``. Never raises for a client's input."""
