@@ -305,7 +305,7 @@ NAMES: Final = (
     "fuse-check",
     "fuse-dl",
 )
-TARGETED: Final = ("check-task", "check-hot", "download")
+TARGETED: Final = ("check-task", "check-hot", "download", "fuse-check", "fuse-dl")
 
 
 @dataclass

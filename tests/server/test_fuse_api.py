@@ -44,6 +44,8 @@ CANONICAL_NAMES = {
     "Content-Type",
     "Content-Length",
     "Content-Range",
+    "Content-Range-Start",  # Studio's, where a test crosses dialects
+    "Content-Range-End",
     "Content-Disposition",
     "Ota-Errno",
     "Connection",
@@ -469,3 +471,23 @@ def test_cached_check_and_download_answers_follow_the_task(world: World, engine:
         admin.act_on_task(task_id, Action.CANCEL)
         assert code(srv, check) == 12012
         assert send(srv, download).header("Ota-Errno") == "5"
+
+
+def test_a_cached_chunk_keeps_each_dialects_framing(world: World) -> None:
+    """Small download replies are cached per (file, range, dialect): the same range asked over
+    Studio, fuse and Studio again is framed for each (§12.3, F11)."""
+    _, srv, _ = world
+    studio_auth = auth.build_token(PID, K1, device_name="dev01")
+    studio = fuse(
+        "GET",
+        "/ota/123123/dev01/4242/download/",
+        authorization=studio_auth,
+        extra=("Range: bytes=0-9",),
+    )
+    ours = fuse("GET", f"{BASE}/4242/download", extra=("Range: bytes=0-9",))
+    for request, extra in [(studio, "Content-Range-Start"), (ours, "Ota-Errno")] * 2:
+        reply = send(srv, request)
+        assert reply.body == FIRMWARE[:10]
+        names = [name for name, _ in reply.headers]
+        assert extra in names
+        assert ("Ota-Errno" in names) is (extra == "Ota-Errno")

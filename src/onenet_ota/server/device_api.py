@@ -63,6 +63,7 @@ from onenet_ota.server.device_caches import (
     MemoKey,
     check_task_key,
     check_token_key,
+    response_bytes,
 )
 from onenet_ota.server.device_requests import (
     Rejected,
@@ -95,6 +96,9 @@ log = logging.getLogger(__name__)
 _S_ID_RE: Final = re.compile(r"[0-9]{1,19}")  # §6.6: an NB base-station id, validated, ignored
 # D6 step 6: sent by the HTTP layer instead of a segment it cannot read (never mutated there).
 _READ_FAILED: Final = wire.download_error(DownloadError.READ_FAILED)
+
+
+_CLASSIC: Final = "classic"  # the dialect part of a cached chunk's key
 
 
 class DeviceApi:
@@ -138,7 +142,7 @@ class DeviceApi:
         self._task_bodies = caches.task_bodies
         self._queries = caches.queries
         self._memos = caches.replies
-        self._dialects = DialectApi(self.service, self._files)
+        self._dialects = DialectApi(self.service, self._files, self._chunks)
 
     def close(self) -> None:
         """Close the read connections and the open package files."""
@@ -333,7 +337,7 @@ class DeviceApi:
         if basis is None or basis.answer.errno is not errno or basis.answer.info != info:
             return response
         # The key's strings are weighed by the cache; Basis holds the same Authorization object.
-        self._memos.put(memo_key, (basis, response), _BASIS_BYTES + _response_bytes(response))
+        self._memos.put(memo_key, (basis, response), _BASIS_BYTES + response_bytes(response))
         return response
 
     async def _tasking(self, dev_id: int, query: dict[str, str]) -> Response:
@@ -425,8 +429,8 @@ class DeviceApi:
             body=body,
         )
         if isinstance(body, bytes):
-            key = (grant.sha256, grant.size, grant.file_name, range_value)
-            self._chunks.put(key, response, _response_bytes(response))
+            key = (grant.sha256, grant.size, grant.file_name, range_value, _CLASSIC)
+            self._chunks.put(key, response, response_bytes(response))
         return response
 
     def _cached_download(self, request: Request, token: str) -> Response | None:
@@ -442,7 +446,7 @@ class DeviceApi:
         grant = self._grants.get(token)  # only issued tokens are cached
         if grant is None or not grant.usable(self._clock()):
             return None
-        key = (grant.sha256, grant.size, grant.file_name, range_header(request.headers))
+        key = (grant.sha256, grant.size, grant.file_name, range_header(request.headers), _CLASSIC)
         cached = self._chunks.get(key)
         if cached is None or self._files.size_if_open(grant.sha256) != grant.size:
             return None
@@ -450,18 +454,8 @@ class DeviceApi:
 
 
 # What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11):
-# a header (a tuple of two strings in a list) about 150 beyond its text, a Basis with the objects
-# it alone holds about 300 (and see device_caches).
-_HEADER_BYTES: Final = 150
+# a Basis with the objects it alone holds about 300 (and see device_caches).
 _BASIS_BYTES: Final = 300
-
-
-def _response_bytes(response: Response) -> int:
-    """About what a cached response holds: the object, its headers and its body."""
-    size = OBJECT_BYTES + weigh(response.body) if isinstance(response.body, bytes) else 1000
-    for name, value in response.headers:
-        size += _HEADER_BYTES + len(name) + len(value)
-    return size
 
 
 # -- parameter decoding (pure) -------------------------------------------------------------------

@@ -71,7 +71,8 @@ __all__ = [
 
 Clock = Callable[[], float]
 MemoKey = tuple[str, str, str]  # (path, query string, Authorization)
-ChunkKey = tuple[str, int, str, str | None]  # (sha256, size, file name, Range value)
+# (sha256, size, file name, Range value, dialect): each dialect frames the same bytes its way.
+ChunkKey = tuple[str, int, str, str | None, str]
 
 # What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11):
 # a small slotted object about 60-100 bytes; a dict entry about 100; a TaskInfo with its strings
@@ -352,3 +353,15 @@ class OpenFiles:
         entries, self._open = self._open, {}
         for fd, *_ in entries.values():
             os.close(fd)
+
+
+# A cached header (a tuple of two strings in a list), about, beyond its text (CPython 3.11).
+HEADER_BYTES: Final = 150
+
+
+def response_bytes(response: Response) -> int:
+    """About what a cached response holds: the object, its headers and its body."""
+    size = OBJECT_BYTES + weigh(response.body) if isinstance(response.body, bytes) else 1000
+    for name, value in response.headers:
+        size += HEADER_BYTES + len(name) + len(value)
+    return size

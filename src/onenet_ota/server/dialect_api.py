@@ -47,7 +47,7 @@ from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import classify_step
 from onenet_ota.server import wire
 from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
-from onenet_ota.server.device_caches import OpenFiles
+from onenet_ota.server.device_caches import ChunkKey, OpenFiles, response_bytes
 from onenet_ota.server.device_requests import (
     Rejected,
     decode_report,
@@ -56,7 +56,7 @@ from onenet_ota.server.device_requests import (
     pread_all,
     range_header,
 )
-from onenet_ota.server.device_service import DeviceService
+from onenet_ota.server.device_service import DeviceService, TidGrant
 from onenet_ota.server.http import (
     SMALL_SEGMENT,
     BodyTooLarge,
@@ -98,18 +98,20 @@ def _verdict(errno: Errno) -> Verdict:
 
 
 class DialectApi:
-    """The Studio and fuse endpoints over the classic API's ``service`` and its
-    open package ``files``."""
+    """The Studio and fuse endpoints over the classic API's ``service``, its open package
+    ``files`` and its cache of small download replies (``chunks``)."""
 
     def __init__(
         self,
         service: DeviceService,
         files: OpenFiles,
+        chunks: BoundedCache[ChunkKey, Response],
         *,
         dialects: Iterable[Dialect] = SERVED_DIALECTS,
     ) -> None:
         self.service = service
         self._files = files
+        self._chunks = chunks
         served = frozenset(dialects) - {Dialect.CLASSIC}
         # F1: fuse paths live under their own prefix, so a path is matched against one
         # dialect's table only.
@@ -265,6 +267,13 @@ class DialectApi:
             return fail(DownloadVerdict.UNKNOWN_TASK)
         if not grant.downloadable:
             return fail(DownloadVerdict.NOT_DOWNLOADABLE)
+        value = range_header(request.headers)
+        key = (grant.sha256, grant.size, grant.file_name, value, spec.dialect.value)
+        cached = self._chunks.get(key)
+        if cached is not None and self._files.size_if_open(grant.sha256) == grant.size:
+            # Every device of a task fetches the same chunks: built once per (file, range).
+            self._downloaded(grant, dev_id, route.tid)
+            return cached
         try:
             path, fd, size = self._files.get(grant.sha256)
         except FileNotFoundError:
@@ -274,7 +283,6 @@ class DialectApi:
             return fail(DownloadVerdict.READ_FAILED)
         if size != grant.size:
             return fail(DownloadVerdict.SIZE_MISMATCH)
-        value = range_header(request.headers)
         parsed = None if value is None else parse_range(value)
         start, end = parsed.clamp(size) if parsed is not None else (0, size - 1)
         length = end - start + 1
@@ -295,6 +303,12 @@ class DialectApi:
             end=end,
             partial=parsed is not None,
         )
-        if grant.state is TaskState.TO_BE_UPGRADED:  # to-be-upgraded: S7's move to downloading
-            self.service.downloaded_tid(dev_id, route.tid)
-        return Response(reply.status, list(reply.headers), body)
+        self._downloaded(grant, dev_id, route.tid)
+        response = Response(reply.status, list(reply.headers), body)
+        if isinstance(body, bytes):
+            self._chunks.put(key, response, response_bytes(response))
+        return response
+
+    def _downloaded(self, grant: TidGrant, dev_id: int, tid: int) -> None:
+        if grant.state is TaskState.TO_BE_UPGRADED:  # S7, F8: the move to downloading
+            self.service.downloaded_tid(dev_id, tid)
