@@ -47,7 +47,13 @@ from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import classify_step
 from onenet_ota.server import wire
 from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
-from onenet_ota.server.device_caches import ChunkKey, OpenFiles, response_bytes
+from onenet_ota.server.device_caches import (
+    ENTRY_BYTES,
+    OBJECT_BYTES,
+    ChunkKey,
+    OpenFiles,
+    response_bytes,
+)
 from onenet_ota.server.device_requests import (
     Rejected,
     decode_report,
@@ -192,7 +198,7 @@ class DialectApi:
             found = service.query_version(dev_id)
             return (Verdict.AUTH_FAILED, None) if found is None else (Verdict.OK, found)
         if operation is Operation.CHECK_TASK:  # S4, S5, F6: E3's rules, D17's order
-            query = request.query
+            query = self._query(request)
             try:
                 task_type = parse_task_type(query.get("type"))
             except Rejected as rejected:
@@ -224,6 +230,17 @@ class DialectApi:
             outcome = service.report_tid(dev_id, route.tid, report)
             return (Verdict.UNKNOWN_TASK if outcome is None else _verdict(outcome)), None
         raise AssertionError(f"unrouted endpoint {endpoint.label}")  # pragma: no cover
+
+    def _query(self, request: Request) -> dict[str, str]:
+        """The parsed query; polling devices repeat theirs verbatim, so parses are reused (the
+        classic handler's cache, read-only once kept)."""
+        queries = self.service.caches.queries
+        query = queries.get(request.query_string)
+        if query is None:
+            query = request.query
+            size = sum(ENTRY_BYTES + weigh(key) + weigh(value) for key, value in query.items())
+            queries.put(request.query_string, query, OBJECT_BYTES + size)
+        return query
 
     def _reply(
         self,

@@ -86,10 +86,10 @@ def json_reply(body: bytes, content_type: str = "application/json") -> Response:
     custom = content_type != _JSON_TYPE[1]
     kind = ("Content-Type", content_type) if custom else _JSON_TYPE
     response = Response(200, [kind, ("Content-Length", str(len(body)))], body)
-    # Short bodies cannot reach the limit: skip the exact count on the hot path.
-    if (custom or len(body) > _SHORT_JSON_BODY) and response_size(
-        response, closing=True
-    ) > MAX_JSON_RESPONSE:
+    # Short bodies cannot reach the limit: skip the exact count on the hot path (a longer
+    # Content-Type leaves that much less room).
+    short = _SHORT_JSON_BODY - (len(content_type) - len(_JSON_TYPE[1]) if custom else 0)
+    if len(body) > short and response_size(response, closing=True) > MAX_JSON_RESPONSE:
         raise WireLimitError(f"JSON reply of {len(body)} bytes exceeds 512 bytes on the wire")
     return response
 
