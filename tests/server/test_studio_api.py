@@ -449,3 +449,18 @@ def test_a_2022_token_verified_for_studio_never_passes_classic_from_the_cache(
         assert json.loads(raw_exchange(srv.port, classic).body)["errno"] == 0
         reply = replay(srv, studio("GET", "/ota/123123/dev01/version", authorization=product))
         assert json.loads(reply.body)["errno"] == 0
+
+
+def test_the_studio_sdks_request_style_is_served(world: World) -> None:
+    """§12.1: the Studio SDK sends ``authorization:`` in lower case, ``Connection: keep-alive``
+    and an exact Content-Length, and keeps one connection open."""
+    _, srv = world
+    body = b'{"f_version":"1.0.0"}'
+    request = (
+        b"POST /ota/123123/dev01/version HTTP/1.1\r\n"
+        b"Host: studio-ota.heclouds.com\r\n"
+        b"authorization: " + DEVICE_AUTH.encode() + b"\r\n"
+        b"Connection: keep-alive\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    assert replay(srv, request).raw == JSON_OK
