@@ -36,21 +36,25 @@ What it does:
    poll again and again), ``check-cold`` (E3 across all devices on a second device API over the
    same database with its caches off, so every request reads the database: reported, no target)
    and ``download`` (E6 with ``Range:<s>-<s+4095>``, 256 devices each fetching its 64 chunks in
-   order, like the C SDK's loop, interleaved across devices). Each run has ``--warmup`` seconds
-   unmeasured, then ``--duration`` seconds measured; the eight scenarios run ``--rounds`` times,
+   order, like the C SDK's loop, interleaved across devices), and the same two over fuse-ota
+   (§13): ``fuse-check`` (F-C across all devices, each with its device-level ``2022-05-01``
+   token, the fuse default of §13.7) and ``fuse-dl`` (F-D with ``Range: bytes=``, as
+   ``download``). Each run has ``--warmup`` seconds
+   unmeasured, then ``--duration`` seconds measured; the fourteen scenarios run ``--rounds`` times,
    interleaved, so that load from elsewhere on a shared machine drifts over all of them alike,
    and each reports its median.
 
 It prints requests/s per scenario, the server's CPU use (process CPU time over wall time: close
 to 1.0 means the server was the bottleneck; well below it, the client or the machine was), and the
 ratios to ``bare`` against the targets in docs/performance.md (check-task and download each at
-least 0.5x bare; check-hot is reported against the same bar, check-cold without one).
-The run is bounded (rounds x 10 x (warmup + duration) seconds, 75 s by default, plus setup) and
+least 0.5x bare, and so fuse-check and fuse-dl; check-hot is reported against the same bar,
+check-cold without one).
+The run is bounded (rounds x 14 x (warmup + duration) seconds, 105 s by default, plus setup) and
 exits 0 whether or not a target is met; it exits 1 only if the setup fails or a scenario completes
 no request. ``--profile`` runs the server's event-loop thread under cProfile (the device API runs
 its database calls on that thread) and prints its top functions after the run; ``--only``
 restricts the run to scenarios (``bare``, ``check-task``, ``check-hot``, ``check-cold``,
-``download``) and/or modes.
+``download``, ``fuse-check``, ``fuse-dl``) and/or modes.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from pydantic import SecretStr
 from tests.serverthread import ServerThread
 
 from bench.loadgen import Result, Scenario, load_generator
+from onenet_ota import auth
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server.admin_service import (
     DeviceImport,
@@ -145,12 +150,38 @@ def download_request(token: str, start: int) -> bytes:
     ).encode()
 
 
+def fuse_check_request(dev_id: int) -> bytes:
+    """F-C as the field's fuse clients send it (§13.1), with a device-level 2022-05-01 token
+    (§13.7's default)."""
+    return (
+        f"GET /fuse-ota/{PID}/dev{dev_id}/check?type=1&version=1.0.0 HTTP/1.1\r\n"
+        "Host: iot-api.heclouds.com\r\n"
+        f"Authorization: {fuse_authorization(dev_id)}\r\n"
+        "\r\n"
+    ).encode()
+
+
+def fuse_download_request(dev_id: int, tid: int, start: int) -> bytes:
+    """F-D with ``Range: bytes=`` (§13.1)."""
+    return (
+        f"GET /fuse-ota/{PID}/dev{dev_id}/{tid}/download HTTP/1.1\r\n"
+        "Host: iot-api.heclouds.com\r\n"
+        f"Authorization: {fuse_authorization(dev_id)}\r\n"
+        f"Range: bytes={start}-{start + CHUNK - 1}\r\n"
+        "\r\n"
+    ).encode()
+
+
+def fuse_authorization(dev_id: int) -> str:
+    return auth.build_token(PID, K1, device_name=f"dev{dev_id}", version=auth.VERSION_2022)
+
+
 # ---------------------------------------------------------------------------------------------
 # The server side
 
 
-def seed(settings: Settings, devices: int) -> tuple[Any, Any, list[int], list[str]]:
-    """Create the app and its data; returns (handler, resources, dev_ids, tokens)."""
+def seed(settings: Settings, devices: int) -> tuple[Any, Any, list[int], list[str], list[int]]:
+    """Create the app and its data; returns (handler, resources, dev_ids, tokens, tids)."""
     engine = create_engine(settings.database_url)
     migrate(engine)
     engine.dispose()
@@ -178,7 +209,13 @@ def seed(settings: Settings, devices: int) -> tuple[Any, Any, list[int], list[st
         if info is None:
             raise RuntimeError(f"seeding failed: E3 for {dev_id} answered errno {int(errno)}")
         tokens.append(info.token)
-    return handler, resources, dev_ids, tokens
+    tids = []
+    for dev_id in dev_ids:
+        errno, tid_info = device_service.check_task_tid(dev_id, TaskType.FOTA, "1.0.0")
+        if tid_info is None:
+            raise RuntimeError(f"seeding failed: F-C for {dev_id} answered errno {int(errno)}")
+        tids.append(tid_info.tid)
+    return handler, resources, dev_ids, tokens, tids
 
 
 COLD_PREFIX: Final = "/cold"
@@ -202,7 +239,12 @@ def bench_handler(app: Any, cold: DeviceApi) -> Any:
 
 
 def scenarios(
-    dev_ids: list[int], tokens: list[str], *, download_devices: int, hot_devices: int
+    dev_ids: list[int],
+    tokens: list[str],
+    tids: list[int],
+    *,
+    download_devices: int,
+    hot_devices: int,
 ) -> list[Scenario]:
     rng = random.Random(7)
     bare = [bare_request()]
@@ -218,6 +260,15 @@ def scenarios(
         for chunk in range(PACKAGE_SIZE // CHUNK)
         for token in devices
     ]
+    fuse_check = [fuse_check_request(dev_id) for dev_id in dev_ids]
+    rng.shuffle(fuse_check)
+    fuse_devices = rng.sample(range(len(dev_ids)), min(download_devices, len(dev_ids)))
+    fuse_download = [
+        fuse_download_request(dev_ids[i], tids[i], chunk * CHUNK)
+        for chunk in range(PACKAGE_SIZE // CHUNK)
+        for i in fuse_devices
+    ]
+    fuse_ok = b'"code":0,"msg":"succ"'
     result = []
     for mode in ("keep-alive", "per-connection"):
         result += [
@@ -226,6 +277,8 @@ def scenarios(
             Scenario("check-hot", mode, hot, b"200", b'"errno":0,"error":"succ","data"'),
             Scenario("check-cold", mode, cold, b"200", b'"errno":0,"error":"succ","data"'),
             Scenario("download", mode, download, b"206", b"Content-Length: 4096\r\n"),
+            Scenario("fuse-check", mode, fuse_check, b"200", fuse_ok),
+            Scenario("fuse-dl", mode, fuse_download, b"206", b"Content-Length: 4096\r\n"),
         ]
     return result
 
@@ -243,8 +296,16 @@ def _run_in_loop(server: ServerThread, fn: Any) -> None:
 
 
 MODES: Final = ("keep-alive", "per-connection")
-NAMES: Final = ("bare", "check-task", "check-hot", "check-cold", "download")
-TARGETED: Final = ("check-task", "check-hot", "download")
+NAMES: Final = (
+    "bare",
+    "check-task",
+    "check-hot",
+    "check-cold",
+    "download",
+    "fuse-check",
+    "fuse-dl",
+)
+TARGETED: Final = ("check-task", "check-hot", "download", "fuse-check", "fuse-dl")
 
 
 @dataclass
@@ -288,10 +349,12 @@ def main(argv: list[str] | None = None) -> int:
             admin_token=SecretStr("bench-admin-token"),
         )
         print(f"seeding {args.devices} devices, one package, one task ...", flush=True)
-        app, resources, dev_ids, tokens = seed(settings, args.devices)
+        app, resources, dev_ids, tokens, tids = seed(settings, args.devices)
         plan = [
             s
-            for s in scenarios(dev_ids, tokens, download_devices=256, hot_devices=args.concurrency)
+            for s in scenarios(
+                dev_ids, tokens, tids, download_devices=256, hot_devices=args.concurrency
+            )
             if s.mode in modes and s.name in names
         ]
         measured = [Measured(scenario, [], []) for scenario in plan]

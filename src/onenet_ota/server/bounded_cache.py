@@ -52,6 +52,8 @@ class Budgets:
     queries: int = 2 * _MIB  # query string -> parsed parameters
     task_bodies: int = 2 * _MIB  # encoded E3/E4 task replies by (task info, cdn)
     chunks: int = 16 * _MIB  # small E6 replies by (file, served range)
+    names: int = 8 * _MIB  # Studio/fuse (pid, name) in the path -> dev_id
+    routes: int = 2 * _MIB  # Studio/fuse request path -> its matched route
 
     @property
     def total(self) -> int:

@@ -36,12 +36,9 @@ contention cost more than overlapping them gains; docs/performance.md).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Final
 
@@ -53,7 +50,7 @@ from onenet_ota.protocol.endpoints import DOWNLOAD_PREFIX, Endpoint, match_path
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.messages import MAX_JSON_REQUEST_BODY, TaskInfo, encode_envelope
 from onenet_ota.protocol.ranges import parse_range
-from onenet_ota.protocol.status import TaskType, classify_result, classify_step
+from onenet_ota.protocol.status import classify_result, classify_step
 from onenet_ota.server import wire
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.bounded_cache import weigh
@@ -66,13 +63,23 @@ from onenet_ota.server.device_caches import (
     MemoKey,
     check_task_key,
     check_token_key,
+    response_bytes,
+)
+from onenet_ota.server.device_requests import (
+    Rejected,
+    decode_report,
+    decode_versions,
+    json_object,
+    parse_task_type,
+    pread_all,
+    range_header,
 )
 from onenet_ota.server.device_service import (
     DEFAULT_CACHE_TTL,
     DeviceService,
     Principal,
-    Report,
 )
+from onenet_ota.server.dialect_api import DialectApi
 from onenet_ota.server.http import (
     SMALL_SEGMENT,
     BodyTooLarge,
@@ -91,12 +98,7 @@ _S_ID_RE: Final = re.compile(r"[0-9]{1,19}")  # §6.6: an NB base-station id, va
 _READ_FAILED: Final = wire.download_error(DownloadError.READ_FAILED)
 
 
-class _Rejected(Exception):
-    """A request answered early with a fixed errno."""
-
-    def __init__(self, errno: Errno) -> None:
-        super().__init__(errno.text)
-        self.errno = errno
+_CLASSIC: Final = "classic"  # the dialect part of a cached chunk's key
 
 
 class DeviceApi:
@@ -140,6 +142,7 @@ class DeviceApi:
         self._task_bodies = caches.task_bodies
         self._queries = caches.queries
         self._memos = caches.replies
+        self._dialects = DialectApi(self.service, self._files, self._chunks)
 
     def close(self) -> None:
         """Close the read connections and the open package files."""
@@ -165,7 +168,11 @@ class DeviceApi:
                 return cached
         route = match_path(path)
         if route is None:
-            return wire.empty(404)
+            # Classic's paths win (S1); the other dialects' paths are tried only after them.
+            other = self._dialects.route(path)
+            if other is None:
+                return wire.empty(404)
+            return await self._dialects.handle(request, other)
         endpoint = route.by_method.get(request.method)
         if endpoint is None:  # D20: HEAD and every other method -> 405
             return wire.empty(405, allow=route.allow)
@@ -244,13 +251,13 @@ class DeviceApi:
                 key = check_token_key(token)
                 return self._memoise(memo_key, dev_id, key, errno, None, wire.envelope(errno))
             if endpoint is Endpoint.REPORT_PROGRESS:
-                report = _decode_report(body, "step", classify_step, Errno.INVALID_PARAMETER)
+                report = decode_report(body, "step", classify_step, Errno.INVALID_PARAMETER)
                 return wire.envelope(self.service.report(dev_id, token, report))
             if endpoint is Endpoint.REPORT_RESULT:
-                report = _decode_report(body, "result", classify_result, Errno.INVALID_RESULT)
+                report = decode_report(body, "result", classify_result, Errno.INVALID_RESULT)
                 errno = self.service.report(dev_id, query.get("token"), report)
                 return wire.envelope(errno)
-        except _Rejected as rejected:
+        except Rejected as rejected:
             return wire.envelope(rejected.errno)
         raise AssertionError(f"unrouted endpoint {endpoint}")  # pragma: no cover
 
@@ -269,20 +276,10 @@ class DeviceApi:
         return self.service.authenticate(authorization)
 
     async def _post_version(self, dev_id: int, body: bytes) -> Response:
-        # D16: a JSON object with at least one of the keys, each a version string.
-        obj = _json_object(body)
-        if obj is None:
+        versions = decode_versions(body)  # D16
+        if versions is None:
             return wire.envelope(Errno.INVALID_PARAMETER)
-        versions: dict[str, str | None] = {"f_version": None, "s_version": None}
-        for key in versions:
-            if key in obj:
-                if not values.is_version(obj[key]):
-                    return wire.envelope(Errno.INVALID_PARAMETER)
-                versions[key] = obj[key]
-        if versions["f_version"] is None and versions["s_version"] is None:
-            return wire.envelope(Errno.INVALID_PARAMETER)
-        errno = self.service.report_version(dev_id, versions["f_version"], versions["s_version"])
-        return wire.envelope(errno)
+        return wire.envelope(self.service.report_version(dev_id, *versions))
 
     async def _check_task_with_p3(
         self, principal: Principal, dev_id: int, query: dict[str, str], memo_key: MemoKey | None
@@ -291,8 +288,8 @@ class DeviceApi:
         path). None when a parameter is invalid: its errno must wait for P3 (§4.2's order)."""
         version = query.get("version")
         try:
-            task_type, cdn = _task_type(query.get("type")), _cdn(query.get("cdn"))
-        except _Rejected:
+            task_type, cdn = parse_task_type(query.get("type")), _cdn(query.get("cdn"))
+        except Rejected:
             return None
         if version is None or not values.is_version(version):
             return None
@@ -307,7 +304,7 @@ class DeviceApi:
         self, dev_id: int, query: dict[str, str], memo_key: MemoKey | None
     ) -> Response:
         # §6.3 / D17, steps 2-4, in this order.
-        task_type = _task_type(query.get("type"))
+        task_type = parse_task_type(query.get("type"))
         version = query.get("version")
         if version is None:
             return wire.envelope(Errno.INVALID_PARAMETER)
@@ -340,11 +337,11 @@ class DeviceApi:
         if basis is None or basis.answer.errno is not errno or basis.answer.info != info:
             return response
         # The key's strings are weighed by the cache; Basis holds the same Authorization object.
-        self._memos.put(memo_key, (basis, response), _BASIS_BYTES + _response_bytes(response))
+        self._memos.put(memo_key, (basis, response), _BASIS_BYTES + response_bytes(response))
         return response
 
     async def _tasking(self, dev_id: int, query: dict[str, str]) -> Response:
-        task_type = _task_type(query.get("type"))  # §6.4 / D18
+        task_type = parse_task_type(query.get("type"))  # §6.4 / D18
         cdn = _cdn(query.get("cdn"))
         errno, info = self.service.tasking(dev_id, task_type)
         return self._task_reply(errno, info, cdn)
@@ -364,7 +361,7 @@ class DeviceApi:
 
     async def _dev_info(self, principal: Principal, body: bytes) -> Response:
         # §6.9: P1 done; then the body (2), the pid (1), the lookup (1).
-        obj = _json_object(body)
+        obj = json_object(body)
         if obj is None:
             return wire.envelope(Errno.INVALID_PARAMETER)
         pid, auth_info = obj.get("pid"), obj.get("authInfo")
@@ -397,7 +394,7 @@ class DeviceApi:
         grant = self.service.download_grant(token)
         if grant is None or not grant.usable(self._clock()):
             return wire.download_error(DownloadError.INVALID_TOKEN)  # step 2
-        range_value = _range_value(request.headers)
+        range_value = range_header(request.headers)
         try:
             path, fd, size = self._files.get(grant.sha256)
         except FileNotFoundError:
@@ -415,7 +412,7 @@ class DeviceApi:
             # Step 6, here, so that a failure is byte 4 before anything was sent; the bytes
             # then leave with the headers in one write.
             try:
-                body = _pread_all(fd, length, start)
+                body = pread_all(fd, length, start)
             except OSError:
                 log.exception("E6 cannot read a package file")
                 return wire.download_error(DownloadError.READ_FAILED)
@@ -432,8 +429,8 @@ class DeviceApi:
             body=body,
         )
         if isinstance(body, bytes):
-            key = (grant.sha256, grant.size, grant.file_name, range_value)
-            self._chunks.put(key, response, _response_bytes(response))
+            key = (grant.sha256, grant.size, grant.file_name, range_value, _CLASSIC)
+            self._chunks.put(key, response, response_bytes(response))
         return response
 
     def _cached_download(self, request: Request, token: str) -> Response | None:
@@ -449,77 +446,26 @@ class DeviceApi:
         grant = self._grants.get(token)  # only issued tokens are cached
         if grant is None or not grant.usable(self._clock()):
             return None
-        key = (grant.sha256, grant.size, grant.file_name, _range_value(request.headers))
+        key = (grant.sha256, grant.size, grant.file_name, range_header(request.headers), _CLASSIC)
         cached = self._chunks.get(key)
         if cached is None or self._files.size_if_open(grant.sha256) != grant.size:
             return None
         return cached
 
 
-def _range_value(headers: list[tuple[str, str]]) -> str | None:
-    """Step 5's input: the one Range header's value. More than one Range header is malformed,
-    served as if none was sent (§6.6.1)."""
-    found = None
-    for name, value in headers:
-        if len(name) == 5 and name.lower() == "range":
-            if found is not None:
-                return None
-            found = value
-    return found
-
-
 # What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11):
-# a header (a tuple of two strings in a list) about 150 beyond its text, a Basis with the objects
-# it alone holds about 300 (and see device_caches).
-_HEADER_BYTES: Final = 150
+# a Basis with the objects it alone holds about 300 (and see device_caches).
 _BASIS_BYTES: Final = 300
-
-
-def _response_bytes(response: Response) -> int:
-    """About what a cached response holds: the object, its headers and its body."""
-    size = OBJECT_BYTES + weigh(response.body) if isinstance(response.body, bytes) else 1000
-    for name, value in response.headers:
-        size += _HEADER_BYTES + len(name) + len(value)
-    return size
-
-
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise OSError(f"package file ends before byte {offset + length}")
-        data += more
-    return data
 
 
 # -- parameter decoding (pure) -------------------------------------------------------------------
 
 
-def _task_type(value: str | None) -> TaskType:
-    if value == "1":
-        return TaskType.FOTA
-    if value == "2":
-        return TaskType.SOTA
-    raise _Rejected(Errno.INVALID_PARAMETER)  # "exactly 1 or 2" (§4.5)
-
-
 def _cdn(value: str | None) -> bool:
     cdn = values.parse_cdn(value)
     if cdn is None:
-        raise _Rejected(Errno.INVALID_PARAMETER)
+        raise Rejected(Errno.INVALID_PARAMETER)
     return cdn
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    """A UTF-8 JSON object (§2.4), or None."""
-    if not body:
-        return None
-    try:
-        obj = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def _is_unicode(text: str) -> bool:
@@ -529,23 +475,3 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _decode_report(
-    body: bytes,
-    key: str,
-    classify: Callable[[int], Any],
-    body_errno: Errno,
-) -> Report | Errno:
-    """E7's ``step`` / E8's ``result``: a JSON integer (never a bool, §2.4) of a valid kind."""
-    obj = _json_object(body)
-    if obj is None:
-        return body_errno
-    value = obj.get(key)
-    if not values.is_json_int(value):
-        return body_errno
-    assert isinstance(value, int)
-    kind = classify(value)
-    if kind is None:
-        return Errno.INVALID_PARAMETER  # E7 step 4, E8 step 4
-    return Report(kind, value)

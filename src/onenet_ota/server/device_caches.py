@@ -44,14 +44,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from onenet_ota.protocol.errno import Errno
-from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
 from onenet_ota.server.http import Response
 
 if TYPE_CHECKING:
-    from onenet_ota.server.device_service import Basis, DeviceRef, DownloadGrant, Principal
+    from onenet_ota.server.device_service import (
+        Basis,
+        DeviceRef,
+        DownloadGrant,
+        Principal,
+        TidGrant,
+    )
 
 __all__ = [
     "Answer",
@@ -65,7 +71,8 @@ __all__ = [
 
 Clock = Callable[[], float]
 MemoKey = tuple[str, str, str]  # (path, query string, Authorization)
-ChunkKey = tuple[str, int, str, str | None]  # (sha256, size, file name, Range value)
+# (sha256, size, file name, Range value, dialect): each dialect frames the same bytes its way.
+ChunkKey = tuple[str, int, str, str | None, str]
 
 # What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11):
 # a small slotted object about 60-100 bytes; a dict entry about 100; a TaskInfo with its strings
@@ -83,6 +90,18 @@ class Answer:
     errno: Errno
     info: TaskInfo | None
     valid_until: float
+    tid_info: TidTaskInfo | None = None  # S-C/F-C's answer (the path dialects)
+    grant: TidGrant | None = None  # S-D/F-D's task lookup
+
+
+def check_tid_task_key(task_type: TaskType, version: str) -> tuple[Any, ...]:
+    """The ``answers`` key of an S-C/F-C question."""
+    return ("S-C", task_type, version)
+
+
+def download_tid_key(tid: int) -> tuple[Any, ...]:
+    """The ``answers`` key of an S-D/F-D task lookup."""
+    return ("S-D", tid)
 
 
 def check_task_key(
@@ -111,6 +130,9 @@ class DeviceCaches:
         self._clock = clock
         self.principals: BoundedCache[str, Principal] = BoundedCache(BUDGETS.principals, ttl=ttl)
         self.devices: BoundedCache[int, DeviceRef] = BoundedCache(BUDGETS.devices, ttl=ttl)
+        # Studio and fuse name a device by (pid, name) in the path (§12.1): its dev_id, tagged
+        # with it.
+        self.names: BoundedCache[tuple[str, str], int] = BoundedCache(BUDGETS.names, ttl=ttl)
         self.grants: BoundedCache[str, DownloadGrant] = BoundedCache(BUDGETS.grants, ttl=ttl)
         # Each dict is replaced, never changed, once cached (its size was charged when put).
         self.answers: BoundedCache[int, dict[tuple[Any, ...], Answer]] = BoundedCache(
@@ -143,6 +165,7 @@ class DeviceCaches:
             self.grants.pop_tag(dev_id)
             self.answers.pop(dev_id)
             self.devices.pop(dev_id)
+            self.names.pop_tag(dev_id)
             self.principals.pop_tag(dev_id)
 
     def clear(self) -> None:
@@ -154,6 +177,7 @@ class DeviceCaches:
                 self.answers,
                 self.principals,
                 self.devices,
+                self.names,
                 self.replies,
                 self.chunks,
             ):
@@ -230,6 +254,14 @@ class DeviceCaches:
             if generation == self.generation:
                 self.principals.put(authorization, principal, size, tag=tag)
 
+    def keep_name(self, generation: int, pid: str, name: str, dev_id: int) -> None:
+        """Cache the dev_id of device ``name`` of product ``pid``, unless an invalidation came
+        after ``generation`` (the row read may be older than it)."""
+        size = OBJECT_BYTES + weigh(pid) + weigh(name)
+        with self._lock:
+            if generation == self.generation:
+                self.names.put((pid, name), dev_id, size, tag=dev_id)
+
     def keep_device(self, ref: DeviceRef) -> None:
         """Cache a device row read for P3."""
         self.devices.put(ref.dev_id, ref, OBJECT_BYTES + weigh(ref.pid) + weigh(ref.name))
@@ -254,7 +286,7 @@ class DeviceCaches:
             # A new dict: holds() compares the answers themselves, which stay the same objects.
             entries = {**entries, key: answer}
             size = sum(ENTRY_BYTES + weigh(k) + OBJECT_BYTES for k in entries)
-            if answer.info is not None:
+            if answer.info is not None or answer.tid_info is not None or answer.grant is not None:
                 size += len(entries) * _TASK_INFO_BYTES
             self.answers.put(dev_id, entries, size, renew=False)  # the oldest answer's TTL
 
@@ -321,3 +353,15 @@ class OpenFiles:
         entries, self._open = self._open, {}
         for fd, *_ in entries.values():
             os.close(fd)
+
+
+# A cached header (a tuple of two strings in a list), about, beyond its text (CPython 3.11).
+HEADER_BYTES: Final = 150
+
+
+def response_bytes(response: Response) -> int:
+    """About what a cached response holds: the object, its headers and its body."""
+    size = OBJECT_BYTES + weigh(response.body) if isinstance(response.body, bytes) else 1000
+    for name, value in response.headers:
+        size += HEADER_BYTES + len(name) + len(value)
+    return size

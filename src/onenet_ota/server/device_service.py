@@ -82,7 +82,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from onenet_ota import auth
 from onenet_ota.protocol import values
 from onenet_ota.protocol.errno import Errno
-from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
 from onenet_ota.protocol.states import (
     DOWNLOADABLE_STATES,
     OPEN_STATES,
@@ -90,8 +90,11 @@ from onenet_ota.protocol.states import (
     Action,
     TaskState,
     on_action,
+    on_download,
     on_report,
+    on_status_query,
     on_token_check,
+    wire_status,
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
 from onenet_ota.server import changes
@@ -101,9 +104,19 @@ from onenet_ota.server.device_caches import (
     Clock,
     DeviceCaches,
     check_task_key,
+    check_tid_task_key,
     check_token_key,
+    download_tid_key,
 )
-from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
+from onenet_ota.server.schema import (
+    accounts,
+    device_tasks,
+    devices,
+    packages,
+    products,
+    tasks,
+    tokens,
+)
 from onenet_ota.server.transitions import (
     ConcurrentChange,
     apply_action,
@@ -119,6 +132,7 @@ __all__ = [
     "DeviceService",
     "DownloadGrant",
     "Principal",
+    "TidGrant",
     "new_token",
 ]
 
@@ -126,6 +140,7 @@ log = logging.getLogger(__name__)
 
 _Row: TypeAlias = "Row[*tuple[Any, ...]]"
 T = TypeVar("T")
+InfoT = TypeVar("InfoT")
 
 _ALPHANUMERIC: Final = string.ascii_letters + string.digits
 _MAX_ATTEMPTS: Final = 8
@@ -163,12 +178,14 @@ def _deadline_passed(deadline: int | None, now: float) -> bool:
 class Principal:
     """Who a verified Authorization value speaks for (§3.3, D4)."""
 
-    pid: str
+    pid: str  # "" for an account: no product's pid (§1: 1-32 characters), so P3 never binds
     device_name: str | None  # set for a device-level res
     expires_at: int
+    version: str = auth.VERSION  # the token's version: the dialects accept different ones
+    user_id: str | None = None  # set for an account-level res (F2, F12)
 
     def __repr__(self) -> str:
-        return f"Principal(pid={self.pid!r}, device={self.device_name!r})"
+        return f"Principal(pid={self.pid!r}, device={self.device_name!r}, user={self.user_id!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +223,22 @@ class DownloadGrant:
     def usable(self, now: float) -> bool:
         """Whether bytes may be served now: token valid and task active (D6, step 2)."""
         return now < self.usable_until
+
+
+@dataclass(frozen=True, slots=True)
+class TidGrant:
+    """What S-D and F-D need to know about a device task: its state (a passed deadline read as
+    failed) and its package file."""
+
+    state: TaskState
+    sha256: str
+    size: int
+    file_name: str
+
+    @property
+    def downloadable(self) -> bool:
+        """Whether bytes may be served (S7, F8: states 1-3, ``DOWNLOAD_TABLE``)."""
+        return on_download(self.state, moves=True) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +285,22 @@ _SELECT_KEYS = (
 _SELECT_DEVICE = select(devices.c.pid, devices.c.name).where(
     devices.c.dev_id == bindparam("dev_id")
 )
+_SELECT_DEVICE_ID = (
+    select(devices.c.dev_id, products.c.account_uid)
+    .select_from(devices.join(products, products.c.pid == devices.c.pid))
+    .where(devices.c.pid == bindparam("pid"), devices.c.name == bindparam("name"))
+)
+# F6: the device's most recent task of one type, whatever its state.
+_SELECT_LATEST_TASK = (
+    select(_dt.c.state, _p.c.target)
+    .select_from(_TASK_JOIN)
+    .where(_dt.c.dev_id == bindparam("dev_id"), _dt.c.module_type == bindparam("module_type"))
+    .order_by(_dt.c.id.desc())
+    .limit(1)
+)
+_SELECT_ACCOUNT_KEY = select(accounts.c.access_key).where(accounts.c.uid == bindparam("uid"))
+# Studio and fuse: a device task named by its id, the tid (§12.1), with its task and package.
+_SELECT_TID = select(*_TASK_COLUMNS).select_from(_TASK_JOIN).where(_dt.c.id == bindparam("tid"))
 _SELECT_VERSIONS = select(devices.c.f_version, devices.c.s_version).where(
     devices.c.dev_id == bindparam("dev_id")
 )
@@ -549,6 +598,10 @@ class DeviceService:
         self._read_by_auth_info = _Reader(engine, readers, _SELECT_BY_AUTH_INFO)
         self._read_open_task = _Reader(engine, readers, _SELECT_DEVICE_AND_OPEN_TASK)
         self._read_token = _Reader(engine, readers, _SELECT_TOKEN)
+        self._read_device_id = _Reader(engine, readers, _SELECT_DEVICE_ID)
+        self._read_account_key = _Reader(engine, readers, _SELECT_ACCOUNT_KEY)
+        self._read_latest_task = _Reader(engine, readers, _SELECT_LATEST_TASK)
+        self._read_tid = _Reader(engine, readers, _SELECT_TID)
 
     def close(self) -> None:
         """Close the read connections and the caches' open files (the engine and its pool stay
@@ -686,21 +739,32 @@ class DeviceService:
 
     # -- P1 and P3 ---------------------------------------------------------------------------
 
-    def authenticate(self, authorization: str | None) -> Principal | None:
-        """P1 (§3.3, D3, D4): the principal, or None for errno 1. Answered from the cache when
-        this exact value was verified before and is within its ``et``; otherwise verified
-        against the keys in the database (and cached)."""
+    def authenticate(
+        self, authorization: str | None, policy: auth.TokenPolicy = auth.CLASSIC_POLICY
+    ) -> Principal | None:
+        """P1 (§3.3, D3, D4; S2 with Studio's ``policy``): the principal, or None for errno 1.
+        Answered from the cache when this exact value was verified before and is within its
+        ``et``; otherwise verified against the keys in the database (and cached).
+
+        Only values the classic policy accepts are cached: a cached principal is then good for
+        every dialect (Studio's and fuse's policies accept everything classic's does), and a
+        ``2022-05-01`` token verified for Studio can never pass classic's P1 through the cache.
+        """
         if not authorization:
             return None
         caches = self.caches
         principal = caches.principal(authorization)
         if principal is not None:
-            return principal
+            # The key is the exact value, so its version is the one verified: a 2022-05-01
+            # token cached for Studio or fuse is still refused by classic (D3).
+            return principal if principal.version in policy.versions else None
         generation = caches.generation
         try:
-            token = auth.parse_token(authorization)
+            token = auth.parse_any_token(authorization, policy=policy)
         except auth.TokenError:
             return None
+        if isinstance(token, auth.UserToken):
+            return self._authenticate_account(token)
         row = self._read_keys.one(pid=token.product_id, name=token.device_name)
         if row is None:  # unknown product
             return None
@@ -717,9 +781,45 @@ class DeviceService:
             auth.verify_token(token, key, now=self._clock())
         except auth.TokenError:
             return None
-        principal = Principal(token.product_id, token.device_name, token.expires_at)
+        principal = Principal(token.product_id, token.device_name, token.expires_at, token.version)
         caches.keep_principal(generation, authorization, principal, row.dev_id)
         return principal
+
+    def _authenticate_account(self, token: auth.UserToken) -> Principal | None:
+        """F2, F12: a ``userid/{uid}`` token, verified with the account's key. Never cached: a
+        rotated key or a deleted account is refused from the next request on every worker."""
+        row = self._read_account_key.one(uid=token.user_id)
+        if row is None:
+            return None
+        try:
+            key = auth.decode_key(row.access_key)
+            auth.verify_token(token, key, now=self._clock())
+        except (ValueError, auth.TokenError):  # TokenError is a ValueError too
+            return None
+        return Principal("", None, token.expires_at, token.version, user_id=token.user_id)
+
+    def device_named(self, principal: Principal, pid: str, name: str) -> int | None:
+        """P3 for the dialects that name the device in the path (§12.1, S2, S3, F2, F4): the
+        dev_id of device ``name`` of product ``pid`` if ``principal`` speaks for it, else None
+        (an unknown product or device answers as a bad signature). An account speaks for every
+        device of the products it owns now: the owner is read on every request, so a product
+        moved to another account is refused at once."""
+        if principal.user_id is not None:
+            # Never from a cache: ownership moves and account keys take effect at once.
+            row = self._read_device_id.one(pid=pid, name=name)
+            if row is None or row.account_uid != principal.user_id:
+                return None
+            return int(row.dev_id)
+        caches = self.caches
+        dev_id = caches.names.get((pid, name))
+        if dev_id is None:
+            generation = caches.generation
+            row = self._read_device_id.one(pid=pid, name=name)
+            if row is None:
+                return None
+            dev_id = int(row.dev_id)
+            caches.keep_name(generation, pid, name, dev_id)
+        return dev_id if self.binds(principal, DeviceRef(dev_id, pid, name)) else None
 
     def device(self, dev_id: int) -> DeviceRef | None:
         """The device row for P3, from the cache or else the database (and cached)."""
@@ -811,30 +911,17 @@ class DeviceService:
         generation = caches.generation
 
         def work(tx: _Tx, row: _Row | None) -> tuple[Errno, TaskInfo | None, float | None]:
-            if row is None:
-                return Errno.AUTH_FAILED, None, None  # unknown, or deleted since P3
-            if principal is not None:
-                ref = DeviceRef(dev_id, row.pid, row.name)
-                caches.keep_device(ref)
-                if not self.binds(principal, ref):
-                    return Errno.AUTH_FAILED, None, None  # P3
-            answer = self._offer_for_check(tx, row, dev_id, version, manuf, model)
-            # Step 5: record the version. Written only when it changed (or to refresh
-            # last_seen_at now and then), so that polling stays a read-only transaction.
-            stored = row.f_version if task_type is TaskType.FOTA else row.s_version
-            stale = row.last_seen_at is None or tx.now - row.last_seen_at >= _LAST_SEEN_RESOLUTION_S
-            if stored != version or stale:
-                fota = task_type is TaskType.FOTA
-                tx.writer.execute(
-                    _SET_VERSIONS,
-                    {
-                        "b_dev_id": dev_id,
-                        "f": version if fota else None,
-                        "s": None if fota else version,
-                        "now": int(tx.now),
-                    },
-                )
-            return answer
+            return self._check(tx, row, dev_id, task_type, version, principal, offer)
+
+        def offer(tx: _Tx, row: _Row) -> tuple[Errno, TaskInfo | None, float | None]:
+            errno, state, valid_until = self._preflight(tx, row, dev_id, version, manuf, model)
+            if state is None:
+                return errno, None, valid_until
+            token = row.current_token
+            if token is None or token_expired(row.token_issued_at, tx.now):
+                return Errno.SUCC, _task_info(row, self._issue_token(tx, row, state)), None
+            until = _valid_until(row.token_issued_at, row.deadline)
+            return Errno.SUCC, _task_info(row, token), until
 
         params = {"dev_id": dev_id, "module_type": int(task_type)}
         errno, info, valid_until = self._read_first(
@@ -844,7 +931,84 @@ class DeviceService:
             caches.keep_answer(generation, dev_id, key, Answer(errno, info, valid_until))
         return errno, info
 
-    def _offer_for_check(
+    def check_task_tid(
+        self, dev_id: int, task_type: TaskType, version: str
+    ) -> tuple[Errno, TidTaskInfo | None]:
+        """S-C and F-C (S4, S5, F6): E3's rules (the version recorded, the pre-flight check and
+        its T8) on the device's open task of ``task_type``, answered with the task's ``tid`` and
+        state; nothing is issued (S5). Errno 11 means no active task (each dialect numbers it)."""
+
+        caches = self.caches
+        key = check_tid_task_key(task_type, version)
+        cached = caches.answer(dev_id, key)
+        if cached is not None:
+            return cached.errno, cached.tid_info
+        generation = caches.generation
+
+        def work(tx: _Tx, row: _Row | None) -> tuple[Errno, TidTaskInfo | None, float | None]:
+            return self._check(tx, row, dev_id, task_type, version, None, offer)
+
+        def offer(tx: _Tx, row: _Row) -> tuple[Errno, TidTaskInfo | None, float | None]:
+            errno, state, valid_until = self._preflight(tx, row, dev_id, version, None, None)
+            if state is None:
+                return errno, None, valid_until
+            # Holds until the deadline; any change of the task invalidates the device.
+            until = _FOREVER if row.deadline is None else float(row.deadline)
+            return Errno.SUCC, _tid_task_info(row, state), until
+
+        params = {"dev_id": dev_id, "module_type": int(task_type)}
+        errno, info, valid_until = self._read_first(
+            self._read_open_task, _SELECT_DEVICE_AND_OPEN_TASK, params, work
+        )
+        if valid_until is not None and errno is not Errno.AUTH_FAILED:
+            answer = Answer(errno, None, valid_until, tid_info=info)
+            caches.keep_answer(generation, dev_id, key, answer)
+        return errno, info
+
+    def reached_latest(self, dev_id: int, task_type: TaskType, version: str) -> bool:
+        """F6: whether the device's most recent task of ``task_type`` succeeded and its target
+        is ``version`` (exact strings, F5): the device already runs it."""
+        row = self._read_latest_task.one(dev_id=dev_id, module_type=int(task_type))
+        return row is not None and row.state == TaskState.SUCCEEDED and row.target == version
+
+    def _check(
+        self,
+        tx: _Tx,
+        row: _Row | None,
+        dev_id: int,
+        task_type: TaskType,
+        version: str,
+        principal: Principal | None,
+        offer: Callable[[_Tx, _Row], tuple[Errno, InfoT, float | None]],
+    ) -> tuple[Errno, InfoT | None, float | None]:
+        """E3's transaction for every dialect: P3 when ``principal`` is given, the offer (which
+        tells the dialects apart: a token or a tid), then step 5, recording the version."""
+        if row is None:
+            return Errno.AUTH_FAILED, None, None  # unknown, or deleted since P3
+        if principal is not None:
+            ref = DeviceRef(dev_id, row.pid, row.name)
+            self.caches.keep_device(ref)
+            if not self.binds(principal, ref):
+                return Errno.AUTH_FAILED, None, None  # P3
+        answer = offer(tx, row)
+        # Step 5: record the version. Written only when it changed (or to refresh
+        # last_seen_at now and then), so that polling stays a read-only transaction.
+        stored = row.f_version if task_type is TaskType.FOTA else row.s_version
+        stale = row.last_seen_at is None or tx.now - row.last_seen_at >= _LAST_SEEN_RESOLUTION_S
+        if stored != version or stale:
+            fota = task_type is TaskType.FOTA
+            tx.writer.execute(
+                _SET_VERSIONS,
+                {
+                    "b_dev_id": dev_id,
+                    "f": version if fota else None,
+                    "s": None if fota else version,
+                    "now": int(tx.now),
+                },
+            )
+        return answer
+
+    def _preflight(
         self,
         tx: _Tx,
         row: _Row,
@@ -852,8 +1016,9 @@ class DeviceService:
         version: str,
         manuf: str | None,
         model: str | None,
-    ) -> tuple[Errno, TaskInfo | None, float | None]:
-        """The answer and until when it may be cached (None: it changed something)."""
+    ) -> tuple[Errno, TaskState | None, float | None]:
+        """E3 steps 6-8 on the open task: its state when it is offered, else the errno and
+        until when that answer may be cached (None: it changed something)."""
         if row.dt_id is None:
             return Errno.NO_TASK, None, _FOREVER
         if row.start_time > tx.now:  # not started: invisible until start_time (§5.2, D22)
@@ -871,10 +1036,7 @@ class DeviceService:
             if row.kind == PackageKind.DIFF and row.from_version != version:
                 self._transition(tx, row, on_action(state, Action.PREFLIGHT_FAILED))  # T8
                 return Errno.VERSION_MISMATCH, None, None
-        token = row.current_token
-        if token is None or token_expired(row.token_issued_at, tx.now):
-            return Errno.SUCC, _task_info(row, self._issue_token(tx, row, state)), None
-        return Errno.SUCC, _task_info(row, token), _valid_until(row.token_issued_at, row.deadline)
+        return Errno.SUCC, state, None
 
     def _issue_token(self, tx: _Tx, row: _Row, state: TaskState) -> str:
         """D13: a fresh token with a fresh 48 h; the old ones stay remembered for E7/E8."""
@@ -972,11 +1134,24 @@ class DeviceService:
         """
         if token is None or values.TOKEN_RE.fullmatch(token) is None:
             return Errno.AUTH_FAILED
+        errno = self._report(dev_id, _SELECT_TOKEN, {"token": token}, report)
+        return Errno.AUTH_FAILED if errno is None else errno  # unknown or foreign (§5.6)
 
-        def work(tx: _Tx) -> Errno:
-            row = tx.writer.execute(_SELECT_TOKEN, {"token": token}).first()
+    def report_tid(self, dev_id: int, tid: int, report: Report | Errno) -> Errno | None:
+        """S-R and F-R (S8, F9): E7's table on the device task ``tid``; None when it is not
+        this device's task (each dialect numbers that answer)."""
+        return self._report(dev_id, _SELECT_TID, {"tid": tid}, report)
+
+    def _report(
+        self, dev_id: int, statement: Select[Any], params: dict[str, Any], report: Report | Errno
+    ) -> Errno | None:
+        """The report rules of every dialect, on the task ``statement`` finds; None when it
+        finds none of this device's."""
+
+        def work(tx: _Tx) -> Errno | None:
+            row = tx.writer.execute(statement, params).first()
             if row is None or row.dt_dev_id != dev_id:
-                return Errno.AUTH_FAILED  # unknown or foreign download token (§5.6)
+                return None
             if isinstance(report, Errno):
                 return report
             state = self._effective_state(tx, row, dev_id)
@@ -1009,6 +1184,74 @@ class DeviceService:
             return Errno.SUCC
 
         return self._run(work)
+
+    # -- Studio and fuse: the task named by its tid -----------------------------------------
+
+    def check_state_tid(
+        self, dev_id: int, tid: int, *, refuses: bool
+    ) -> tuple[Errno, int | None] | None:
+        """S-T and F-T on the device task ``tid``: the errno and the ``status`` shown (1-6), or
+        None when ``tid`` is not this device's task (or not started, so invisible, §5.2).
+
+        ``refuses``: Studio's S-T answers as E5 by state (S6: §5.4's table, a tid never expires);
+        fuse's F-T refuses nothing by state (F7: ``STATUS_QUERY_TABLE``). Both move a
+        to-be-upgraded task to downloading (T9).
+        """
+
+        def work(tx: _Tx, row: _Row | None) -> tuple[Errno, int | None] | None:
+            if row is None or row.dt_dev_id != dev_id or row.start_time > tx.now:
+                return None
+            state = self._effective_state(tx, row, dev_id)
+            if refuses:
+                outcome = on_token_check(state, token_expired=False)
+                if not outcome.ok or outcome.state is None:
+                    return outcome.errno, None
+                new = outcome.state
+            else:
+                new = on_status_query(state)
+            if new is not state:
+                self._transition(tx, row, new)  # T9 (a read-only attempt runs again, writing)
+            paused_from = None if row.paused_from is None else TaskState(row.paused_from)
+            return Errno.SUCC, wire_status(new, paused_from)
+
+        return self._read_first(self._read_tid, _SELECT_TID, {"tid": tid}, work)
+
+    def download_tid(self, dev_id: int, tid: int) -> TidGrant | None:
+        """S-D and F-D's task lookup (S7, F8): what may be served of the device task ``tid``, or
+        None when it is not this device's task. Changes nothing: a successful download calls
+        :meth:`downloaded_tid`."""
+        caches = self.caches
+        key = download_tid_key(tid)
+        cached = caches.answer(dev_id, key)
+        if cached is not None:
+            return cached.grant
+        generation = caches.generation
+        row = self._read_tid.one(tid=tid)
+        now = self._clock()
+        if row is None or row.dt_dev_id != dev_id or row.start_time > now:
+            return None
+        state = TaskState(row.state)
+        if state.is_open and _deadline_passed(row.deadline, now):
+            state = TaskState.FAILED  # T5, applied by the next request that writes
+        grant = TidGrant(state, row.sha256, row.size, row.file_name)
+        # Every change of the task invalidates the device; the deadline is a time.
+        until = _FOREVER if row.deadline is None or not state.is_open else float(row.deadline)
+        caches.keep_answer(generation, dev_id, key, Answer(Errno.SUCC, None, until, grant=grant))
+        return grant
+
+    def downloaded_tid(self, dev_id: int, tid: int) -> None:
+        """After a successful S-D/F-D: a to-be-upgraded task moves to downloading (S7,
+        ``DOWNLOAD_TABLE``), so that devices that skip S-T still progress."""
+
+        def work(tx: _Tx, row: _Row | None) -> None:
+            if row is None or row.dt_dev_id != dev_id:
+                return
+            state = self._effective_state(tx, row, dev_id)
+            new = on_download(state, moves=True)
+            if new is not None and new is not state:
+                self._transition(tx, row, new)
+
+        self._read_first(self._read_tid, _SELECT_TID, {"tid": tid}, work)
 
     # -- E6 ----------------------------------------------------------------------------------
 
@@ -1087,6 +1330,17 @@ def _valid_until(token_issued_at: int, deadline: int | None) -> float:
     """When a cached answer about a token stops holding: its expiry or the task's deadline."""
     until = float(token_issued_at + values.TOKEN_LIFETIME_S)
     return until if deadline is None else min(until, float(deadline))
+
+
+def _tid_task_info(row: _Row, state: TaskState) -> TidTaskInfo:
+    return TidTaskInfo(
+        target=row.target,
+        tid=row.dt_id,
+        size=row.size,
+        md5=row.md5,
+        status=wire_status(state),
+        kind=PackageKind(row.kind),
+    )
 
 
 def _task_info(row: _Row, token: str) -> TaskInfo:

@@ -76,15 +76,20 @@ def _check_header_count(headers: list[tuple[str, str]]) -> None:
         raise WireLimitError(f"{len(headers)} headers leave no room for Connection (§8.2 item 3)")
 
 
-def json_reply(body: bytes) -> Response:
-    """A 200 JSON reply with ``body`` (already compact JSON, §2.5).
+def json_reply(body: bytes, content_type: str = "application/json") -> Response:
+    """A 200 JSON reply with ``body`` (already compact JSON, §2.5). ``content_type`` replaces
+    ``application/json`` (fuse: §13.2, F11).
 
     Raises :class:`WireLimitError` if the response, with a ``Connection`` line, would exceed the
     C SDK's 512-byte receive buffer (§8.2 item 4). Value limits (D21) keep real replies far below.
     """
-    response = Response(200, [_JSON_TYPE, ("Content-Length", str(len(body)))], body)
-    # Short bodies cannot reach the limit: skip the exact count on the hot path.
-    if len(body) > _SHORT_JSON_BODY and response_size(response, closing=True) > MAX_JSON_RESPONSE:
+    custom = content_type != _JSON_TYPE[1]
+    kind = ("Content-Type", content_type) if custom else _JSON_TYPE
+    response = Response(200, [kind, ("Content-Length", str(len(body)))], body)
+    # Short bodies cannot reach the limit: skip the exact count on the hot path (a longer
+    # Content-Type leaves that much less room).
+    short = _SHORT_JSON_BODY - (len(content_type) - len(_JSON_TYPE[1]) if custom else 0)
+    if len(body) > short and response_size(response, closing=True) > MAX_JSON_RESPONSE:
         raise WireLimitError(f"JSON reply of {len(body)} bytes exceeds 512 bytes on the wire")
     return response
 
