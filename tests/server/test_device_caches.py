@@ -44,7 +44,7 @@ def _fill(caches: DeviceCaches, dev_id: int) -> Basis:
     caches.keep_answer(generation, dev_id, key, answer)
     basis = Basis(authorization, principal, dev_id, device, key, answer)
     caches.replies.put(("/ota", str(dev_id), authorization), (basis, wire.envelope(Errno.NO_TASK)))
-    caches.chunks.put(("ab" * 32, 10, "fw.bin", str(dev_id)), wire.envelope(Errno.SUCC))
+    caches.chunks.put(("ab" * 32, 10, "fw.bin", str(dev_id), "classic"), wire.envelope(Errno.SUCC))
     return basis
 
 
