@@ -1,0 +1,131 @@
+"""The device SDK's upgrader in the Studio and fuse dialects against the project's own platform.
+
+The server's record is what counts (``platform`` from this folder's conftest, on SQLite and
+PostgreSQL): the device task ends succeeded with 201 whatever dialect the device speaks (S10,
+F14), and the installed file is the package.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from onenet_ota.device import (
+    AsyncOtaClient,
+    AsyncUpgrader,
+    Credentials,
+    DeviceConfig,
+    Dialect,
+    FileInstaller,
+    OtaClient,
+    Outcome,
+    Upgrader,
+)
+from onenet_ota.device.retry import Retry
+from onenet_ota.device.upgrader import UpgradeOptions
+from tests.integration.conftest import CURRENT, TARGET, Platform, World
+
+OPTIONS = UpgradeOptions(chunk_size=16 * 1024, retry=Retry(interval=0.01, jitter=0))
+NEW_DIALECTS = [Dialect.STUDIO, Dialect.FUSE]
+
+
+def _config(world: World, dialect: Dialect, *, device_level: bool) -> DeviceConfig:
+    credentials = Credentials.for_dialect(
+        dialect,
+        world.pid,
+        world.access_key,
+        device_name=world.name if device_level else None,
+    )
+    return DeviceConfig(
+        credentials=credentials,
+        dev_id=None,
+        version=CURRENT,
+        dialect=dialect,
+        product_id=world.pid,
+        device_name=world.name,
+    )
+
+
+def _data() -> bytes:
+    return random.Random(os.urandom(16)).randbytes(100_003)  # not a multiple of any chunk size
+
+
+@pytest.mark.parametrize("device_level", [True, False], ids=["device-token", "product-token"])
+@pytest.mark.parametrize("dialect", NEW_DIALECTS, ids=str)
+def test_sync_upgrade_in_each_dialect(
+    platform: Platform, tmp_path: Path, dialect: Dialect, device_level: bool
+) -> None:
+    data = _data()
+    world = platform.world(data=data)
+    config = _config(world, dialect, device_level=device_level)
+    with OtaClient(config, base_url=platform.api.url, timeout=10_000) as ota:
+        result = Upgrader(
+            ota,
+            FileInstaller(tmp_path / "fw.bin"),
+            state_dir=tmp_path / "state",
+            options=OPTIONS,
+            sleep=lambda seconds: None,
+        ).run()
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert result.target == TARGET
+    assert (tmp_path / "fw.bin").read_bytes() == data
+    row = platform.device_task(world)
+    assert (row["state"], row["result_code"]) == ("succeeded", 201)
+    assert platform.device(world)["f_version"] == TARGET
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("dialect", NEW_DIALECTS, ids=str)
+async def test_async_upgrade_in_each_dialect(
+    platform: Platform, tmp_path: Path, dialect: Dialect
+) -> None:
+    data = _data()
+    world = platform.world(data=data)
+
+    async def sleep(seconds: float) -> None:
+        del seconds
+
+    config = _config(world, dialect, device_level=True)
+    async with AsyncOtaClient(config, base_url=platform.api.url, timeout=10_000) as ota:
+        result = await AsyncUpgrader(
+            ota,
+            FileInstaller(tmp_path / "fw.bin"),
+            state_dir=tmp_path / "state",
+            options=OPTIONS,
+            sleep=sleep,
+        ).run()
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert (tmp_path / "fw.bin").read_bytes() == data
+    row = platform.device_task(world)
+    assert (row["state"], row["result_code"]) == ("succeeded", 201)
+
+
+@pytest.mark.parametrize("dialect", NEW_DIALECTS, ids=str)
+def test_a_wrong_key_is_refused_and_nothing_changes(
+    platform: Platform, tmp_path: Path, dialect: Dialect
+) -> None:
+    world = platform.world()
+    other_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    bad = DeviceConfig(
+        credentials=Credentials.for_dialect(dialect, world.pid, other_key, device_name=world.name),
+        dev_id=None,
+        version=CURRENT,
+        dialect=dialect,
+        product_id=world.pid,
+        device_name=world.name,
+    )
+    with OtaClient(bad, base_url=platform.api.url, timeout=10_000) as ota:
+        result = Upgrader(
+            ota,
+            FileInstaller(tmp_path / "fw.bin"),
+            state_dir=tmp_path / "state",
+            options=UpgradeOptions(retry=Retry(attempts=1, interval=0.01, jitter=0)),
+            sleep=lambda seconds: None,
+        ).run()
+    assert result.outcome is not Outcome.SUCCEEDED
+    assert not (tmp_path / "fw.bin").exists()
+    row = platform.device_task(world)
+    assert row["state"] == "to_be_upgraded"
