@@ -51,13 +51,18 @@ class Provisioned:
     size: int
     md5: str
 
-    def device_args(self, server: str) -> list[str]:
-        """``onenet-ota device upgrade`` options naming this device (the key goes by env)."""
+    def device_args(self, server: str, dialect: str = "classic") -> list[str]:
+        """``onenet-ota device upgrade`` options naming this device in ``dialect`` (the key goes
+        by env): classic names it by dev_id, Studio and fuse by product and name in the path."""
+        named = (
+            ["--dev-id", str(self.dev_id)]
+            if dialect == "classic"
+            else ["--dialect", dialect, "--device-name", self.device_name]
+        )
         return [
             "--server",
             server,
-            "--dev-id",
-            str(self.dev_id),
+            *named,
             "--product-id",
             self.pid,
             "--type",
@@ -139,6 +144,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--chunk-size", default="16k", help="download chunk, as the CLI takes it (default 16k)"
     )
     parser.add_argument("--type", choices=["fota", "sota"], default="fota")
+    parser.add_argument(
+        "--dialect",
+        choices=["classic", "studio", "fuse"],
+        default="classic",
+        help="the device API the device speaks (default classic; spec §12, §13)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.size <= 2**31 - 1:
         parser.error("--size must be from 1 to 2^31-1 bytes")
@@ -186,7 +197,7 @@ def _upgrade(tmp: Path, args: argparse.Namespace, server: LocalServer, admin: Ad
     data = generate_package(args.size)
     _say(
         f"==> management API: product, device, {len(data)}-byte {args.type.upper()} package "
-        "and task"
+        f"and task (the device speaks the {args.dialect} dialect)"
     )
     world = provision(admin, data, module_type=args.type)
     _say(
@@ -201,7 +212,7 @@ def _upgrade(tmp: Path, args: argparse.Namespace, server: LocalServer, admin: Ad
         "onenet_ota.cli.main",
         "device",
         "upgrade",
-        *world.device_args(server.url),
+        *world.device_args(server.url, args.dialect),
         "--state-dir",
         str(tmp / "device" / "state"),
         "--output",
