@@ -42,6 +42,7 @@ from onenet_ota.server.http import (
     serve,
 )
 from onenet_ota.server.http.connection import TRANSITIONS, Connection, State, StateError
+from onenet_ota.server.http.encoding import encode_head
 from tests.captures import CAPTURES, FIRMWARE
 from tests.serverthread import ServerThread
 
@@ -1795,3 +1796,29 @@ def test_limits_are_one_validated_value() -> None:
     with pytest.raises(ValueError, match="body_timeout must be positive"):
         Limits(body_timeout=0)
     assert 1 <= Limits().max_connections < resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@pytest.mark.parametrize(
+    ("range_headers", "expected"),
+    [
+        # Classic (§6.6.3/D8): Content-Range stays last.
+        ([("Content-Range", "bytes 0-3/10")], ["Connection", "Content-Range"]),
+        # Studio (§12.3): its two headers stay next to Content-Range, the group last.
+        (
+            [
+                ("Content-Range-Start", "0"),
+                ("Content-Range-End", "3"),
+                ("Content-Range", "bytes 0-3/10"),
+            ],
+            ["Connection", "Content-Range-Start", "Content-Range-End", "Content-Range"],
+        ),
+    ],
+)
+def test_the_layers_connection_header_goes_before_the_range_group(
+    range_headers: list[tuple[str, str]], expected: list[str]
+) -> None:
+    response = Response(206, [("Content-Length", "4"), *range_headers], b"abcd")
+    head, close = encode_head(response, 4, close=True)
+    assert close
+    names = [line.split(b":")[0].decode() for line in head.split(b"\r\n")[1:] if line]
+    assert names == ["Content-Length", *expected]

@@ -73,6 +73,11 @@ def reason_phrase(response: Response) -> str:
         return "Unknown"
 
 
+# The headers that close a ranged download reply, in order; the layer's Connection header goes
+# before the first of them so that the group stays together and last (§6.6.3, §12.3).
+_RANGE_GROUP: Final = frozenset({"content-range-start", "content-range-end", "content-range"})
+
+
 def encode_head(
     response: Response,
     body_length: int | None,
@@ -84,7 +89,8 @@ def encode_head(
 
     When the handler sent no Connection header, adds ``Connection: close`` when closing, or
     ``Connection: keep-alive`` for an HTTP/1.0 request (``http10``) whose connection stays open:
-    before ``Content-Range`` (which stays last, §6.6.3/D8), else at the end. ``head_only``: the
+    before the range group (``Content-Range``, which stays last, §6.6.3/D8, and Studio's
+    ``Content-Range-Start/End`` just before it, §12.3), else at the end. ``head_only``: the
     answer to HEAD, whose body is never sent; ``body_length`` None: a HEAD handler left the body
     out, so ``Content-Length`` is taken as it is.
     """
@@ -111,7 +117,7 @@ def encode_head(
                 close = True  # HTTP/1.0 has no chunked coding: its client reads to the close
         elif lowered == "connection":
             connection = value.lower()
-        elif lowered == "content-range":
+        elif lowered in _RANGE_GROUP and range_index < 0:
             range_index = len(lines)
         lines.append(f"{name}: {value}\r\n")
     if not framed and not head_only and status not in _NO_BODY_STATUSES and not 100 <= status < 200:
