@@ -73,9 +73,9 @@ def reason_phrase(response: Response) -> str:
         return "Unknown"
 
 
-# The headers that close a ranged download reply, in order; the layer's Connection header goes
-# before the first of them so that the group stays together and last (§6.6.3, §12.3).
-_RANGE_GROUP: Final = frozenset({"content-range-start", "content-range-end", "content-range"})
+# The headers that may stand right before the final Content-Range as one group; the layer's
+# Connection header goes before the whole group, which stays together and last (§6.6.3, §12.3).
+_RANGE_PREFIX: Final = frozenset({"content-range-start", "content-range-end"})
 
 
 def encode_head(
@@ -117,7 +117,7 @@ def encode_head(
                 close = True  # HTTP/1.0 has no chunked coding: its client reads to the close
         elif lowered == "connection":
             connection = value.lower()
-        elif lowered in _RANGE_GROUP and range_index < 0:
+        elif lowered == "content-range":
             range_index = len(lines)
         lines.append(f"{name}: {value}\r\n")
     if not framed and not head_only and status not in _NO_BODY_STATUSES and not 100 <= status < 200:
@@ -129,6 +129,9 @@ def encode_head(
         # RFC 9112 §9.3: an HTTP/1.0 client keeps the connection only if the response says so.
         line = "Connection: close\r\n" if close else "Connection: keep-alive\r\n"
         if range_index >= 0:
+            # Studio's Content-Range-Start/End right before it belong to the group (§12.3).
+            while lines[range_index - 1].split(":", 1)[0].lower() in _RANGE_PREFIX:
+                range_index -= 1
             lines.insert(range_index, line)
         else:
             lines.append(line)
