@@ -516,7 +516,8 @@ def test_serialisation_model(
     """D26 as a property: the status line, then the handler's headers verbatim and in order,
     then nothing added but ``Connection: close`` when closing or ``Connection: keep-alive``
     when an HTTP/1.0 connection stays open, placed before the (last) Content-Range and Studio's
-    Content-Range-Start/End right before it (§12.3), or else at the end; then the body, in one piece. A kept connection answers the next request."""
+    Content-Range-Start/End right before it (§12.3), or else at the end; then the body, in one
+    piece. A kept connection answers the next request."""
     version, connection = kind
     close = connection == "close" or (version == "1.0" and connection is None)
     headers = list(headers)
