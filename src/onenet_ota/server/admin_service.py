@@ -44,6 +44,7 @@ from pydantic import (
 from sqlalchemy import (
     BigInteger,
     Column,
+    ColumnElement,
     Connection,
     Engine,
     Integer,
@@ -760,7 +761,7 @@ class AdminService:
         with self._tx("the product already exists") as conn:
             pid = spec.pid
             if pid is None:
-                pid = self._unused_pid(conn)
+                pid = self._unused_key(conn, products.c.pid, "product id")
             elif self._product_exists(conn, pid):
                 raise Conflict(f"product {pid} already exists")
             conn.execute(
@@ -770,18 +771,23 @@ class AdminService:
             )
         return Product(pid=pid, name=spec.name, access_key=access_key, created_at=now)
 
-    def _unused_pid(self, conn: Connection) -> str:
-        # Classic OneNET pids are decimal (§1); nine digits look like theirs.
+    @classmethod
+    def _unused_key(cls, conn: Connection, column: ColumnElement[str], what: str) -> str:
+        """A free value of ``column``: OneNET's pids and uids are decimal (§1, §13.3), and nine
+        digits look like theirs."""
         for _ in range(20):
-            pid = str(100_000_000 + secrets.randbelow(900_000_000))
-            if not self._product_exists(conn, pid):
-                return pid
-        raise Conflict("could not find an unused product id; retry")  # pragma: no cover
+            value = str(100_000_000 + secrets.randbelow(900_000_000))
+            if not cls._key_exists(conn, column, value):
+                return value
+        raise Conflict(f"could not find an unused {what}; retry")  # pragma: no cover
 
     @staticmethod
-    def _product_exists(conn: Connection, pid: str) -> bool:
-        row = conn.execute(select(products.c.pid).where(products.c.pid == pid)).first()
-        return row is not None
+    def _key_exists(conn: Connection, column: ColumnElement[str], value: str) -> bool:
+        return conn.execute(select(column).where(column == value)).first() is not None
+
+    @classmethod
+    def _product_exists(cls, conn: Connection, pid: str) -> bool:
+        return cls._key_exists(conn, products.c.pid, pid)
 
     @_retried
     def rotate_product_key(self, pid: str, spec: KeyRotate) -> Product:
@@ -860,8 +866,8 @@ class AdminService:
         with self._tx("the account already exists") as conn:
             uid = spec.uid
             if uid is None:
-                uid = self._unused_uid(conn)
-            elif self._account_exists(conn, uid):
+                uid = self._unused_key(conn, accounts.c.uid, "uid")
+            elif self._key_exists(conn, accounts.c.uid, uid):
                 raise Conflict(f"account {uid} already exists")
             conn.execute(
                 insert(accounts).values(
@@ -869,18 +875,6 @@ class AdminService:
                 )
             )
         return Account(uid=uid, name=spec.name, access_key=access_key, created_at=now)
-
-    def _unused_uid(self, conn: Connection) -> str:
-        for _ in range(20):
-            uid = str(100_000_000 + secrets.randbelow(900_000_000))
-            if not self._account_exists(conn, uid):
-                return uid
-        raise Conflict("could not find an unused uid; retry")  # pragma: no cover
-
-    @staticmethod
-    def _account_exists(conn: Connection, uid: str) -> bool:
-        row = conn.execute(select(accounts.c.uid).where(accounts.c.uid == uid)).first()
-        return row is not None
 
     @staticmethod
     def _lock_account(conn: Connection, uid: str) -> bool:
