@@ -11,6 +11,7 @@ import os
 import random
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from onenet_ota.device import (
@@ -129,3 +130,59 @@ def test_a_wrong_key_is_refused_and_nothing_changes(
     assert not (tmp_path / "fw.bin").exists()
     row = platform.device_task(world)
     assert row["state"] == "to_be_upgraded"
+
+
+class _LoseFirst101Reply(httpx2.AsyncBaseTransport):
+    """Real HTTP, except that the reply to the first report of 101 is lost after the server
+    processed it (a connection reset): the client's one reconnect sends 101 again (§10)."""
+
+    def __init__(self) -> None:
+        self._inner = httpx2.AsyncHTTPTransport(trust_env=False)
+        self.lost = 0
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        if not self.lost and request.method == "POST" and b'"step":101' in request.content:
+            self.lost += 1
+            await response.aread()
+            await response.aclose()
+            raise httpx2.ReadError("connection reset by peer", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("dialect", list(Dialect), ids=str)
+async def test_a_101_whose_reply_was_lost_is_confirmed_in_each_dialect(
+    platform: Platform, tmp_path: Path, dialect: Dialect
+) -> None:
+    """The repeated 101 meets errno 21 (the task is upgrading already, §5.5); the upgrader
+    confirms that and goes on to install, whatever the dialect."""
+    data = _data()
+    world = platform.world(data=data)
+
+    async def sleep(seconds: float) -> None:
+        del seconds
+
+    config = (
+        world.config() if dialect is Dialect.CLASSIC else _config(world, dialect, device_level=True)
+    )
+    transport = _LoseFirst101Reply()
+    async with (
+        httpx2.AsyncClient(transport=transport, trust_env=False) as http,
+        AsyncOtaClient(config, base_url=platform.api.url, timeout=10_000, http_client=http) as ota,
+    ):
+        result = await AsyncUpgrader(
+            ota,
+            FileInstaller(tmp_path / "fw.bin"),
+            state_dir=tmp_path / "state",
+            options=OPTIONS,
+            sleep=sleep,
+        ).run()
+    assert transport.lost == 1
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert result.reports[-2:] == (101, 201)
+    row = platform.device_task(world)
+    assert (row["state"], row["result_code"]) == ("succeeded", 201)

@@ -77,7 +77,7 @@ from onenet_ota.device._flow import (
     tid_of,
 )
 from onenet_ota.device.client import AsyncOtaClient, OtaClient
-from onenet_ota.device.errors import NoValidToken, OtaError
+from onenet_ota.device.errors import InvalidState, NoTask, NoValidToken, OtaError
 from onenet_ota.device.install import AsyncInstaller, FileInstaller, Installer, InstallError
 from onenet_ota.device.retry import Retry
 from onenet_ota.device.state import Opener, StateStore, open_for_update
@@ -86,6 +86,7 @@ from onenet_ota.protocol.codes import Operation as ProtocolOperation
 from onenet_ota.protocol.dialects import EndpointSpec
 from onenet_ota.protocol.dialects import endpoint as dialect_endpoint
 from onenet_ota.protocol.errno import Errno
+from onenet_ota.protocol.messages import TidTaskInfo
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import describe_status
 
@@ -383,7 +384,15 @@ class Upgrader(_UpgraderBase):
             status = client.task_status(tid_of(op.token))
             return judge_status(status, _status_endpoint(client.dialect))
         if isinstance(op, Tasking):
-            return _upgrading(client.task_status(tid_of(_token(op))), client.dialect)
+            tid = tid_of(_token(op))
+            try:
+                return _upgrading(client.task_status(tid), client.dialect)
+            except InvalidState:
+                try:
+                    offered = client.check_tid_task()
+                except NoTask:
+                    offered = None
+                return _offered_upgrading(offered, tid, client.dialect)
         if isinstance(op, Report):
             return client.report_status(tid_of(op.token), op.code)
         if isinstance(op, CheckTask):
@@ -489,7 +498,15 @@ class AsyncUpgrader(_UpgraderBase):
             status = await client.task_status(tid_of(op.token))
             return judge_status(status, _status_endpoint(client.dialect))
         if isinstance(op, Tasking):
-            return _upgrading(await client.task_status(tid_of(_token(op))), client.dialect)
+            tid = tid_of(_token(op))
+            try:
+                return _upgrading(await client.task_status(tid), client.dialect)
+            except InvalidState:
+                try:
+                    offered = await client.check_tid_task()
+                except NoTask:
+                    offered = None
+                return _offered_upgrading(offered, tid, client.dialect)
         if isinstance(op, Report):
             return await client.report_status(tid_of(op.token), op.code)
         if isinstance(op, CheckTask):
@@ -521,6 +538,18 @@ def _upgrading(status: int, dialect: Dialect) -> None:
     if judge_status(status, endpoint) != TaskState.UPGRADING:
         raise NoValidToken(
             int(Errno.NO_VALID_TOKEN), "the task is not upgrading", endpoint=endpoint
+        )
+
+
+def _offered_upgrading(offered: TidTaskInfo | None, tid: int, dialect: Dialect) -> None:
+    """E4's question when the status query answered 17: Studio's S-T does so for an upgrading
+    task and a paused one alike (S6). S-C tells them apart: it offers an open task with its
+    state, never a paused one (S4, S5, D12)."""
+    if offered is None or offered.tid != tid or offered.status != TaskState.UPGRADING:
+        raise NoValidToken(
+            int(Errno.NO_VALID_TOKEN),
+            "the task is not upgrading",
+            endpoint=_status_endpoint(dialect),
         )
 
 
