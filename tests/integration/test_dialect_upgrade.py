@@ -132,6 +132,44 @@ def test_a_wrong_key_is_refused_and_nothing_changes(
     assert row["state"] == "to_be_upgraded"
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("dialect", list(Dialect), ids=str)
+async def test_progress_100_then_101_is_confirmed_in_each_dialect(
+    platform: Platform, tmp_path: Path, dialect: Dialect
+) -> None:
+    """An AT-command module's habit (§13.1): 100 moves the task to upgrading (§5.5), so the 101
+    after it meets errno 21, and the upgrader must confirm the task is upgrading and go on. On
+    Studio the confirmation cannot be S-T alone, which answers 17 for upgrading and paused
+    alike (S6)."""
+    data = _data()
+    world = platform.world(data=data)
+
+    async def sleep(seconds: float) -> None:
+        del seconds
+
+    config = (
+        world.config() if dialect is Dialect.CLASSIC else _config(world, dialect, device_level=True)
+    )
+    options = UpgradeOptions(
+        chunk_size=16 * 1024,
+        report_full_progress=True,
+        retry=Retry(interval=0.01, jitter=0),
+    )
+    async with AsyncOtaClient(config, base_url=platform.api.url, timeout=10_000) as ota:
+        result = await AsyncUpgrader(
+            ota,
+            FileInstaller(tmp_path / "fw.bin"),
+            state_dir=tmp_path / "state",
+            options=options,
+            sleep=sleep,
+        ).run()
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert result.reports[-3:] == (100, 101, 201)
+    assert (tmp_path / "fw.bin").read_bytes() == data
+    row = platform.device_task(world)
+    assert (row["state"], row["result_code"]) == ("succeeded", 201)
+
+
 class _LoseFirst101Reply(httpx2.AsyncBaseTransport):
     """Real HTTP, except that the reply to the first report of 101 is lost after the server
     processed it (a connection reset): the client's one reconnect sends 101 again (§10)."""

@@ -19,6 +19,11 @@ paths from :mod:`onenet_ota.protocol.dialects`, their envelope from
 ``Range: bytes=s-e`` with the end clamped to the package's last byte, accept a chunk only when the
 served start and end equal the request, and read a non-zero ``Ota-Errno`` as an error whatever
 the status (:func:`onenet_ota.protocol.framing.read_error`, ``served_range``).
+
+Field clients (§13.1). Two configuration switches shape the requests as some clients in the field
+do, in every dialect: ``keep_alive=False`` adds ``Connection: close`` to every request (the
+AT-command modules), and ``range_for_whole_file=False`` sends a download of the whole package
+from byte 0 without a Range (the ESP32 clients that stream the file in one GET).
 """
 
 from __future__ import annotations
@@ -552,7 +557,18 @@ class ClientCore:
             # This client reads raw bytes (download lengths are checked against them), so it asks
             # for no content coding.
             ("Accept-Encoding", "identity"),
+            *self._connection_header(),
         )
+
+    def _connection_header(self) -> tuple[tuple[str, str], ...]:
+        """``Connection: close`` when the configuration asks for a connection per request."""
+        return () if self.config.keep_alive else (("Connection", "close"),)
+
+    def _ranged(self, range_start: int, range_size: int, total: int | None) -> bool:
+        """Whether a download sends Range: always, unless the configuration streams a request
+        for the whole package in one GET without it (``range_for_whole_file``, §13.1)."""
+        whole = range_start == 0 and total is not None and range_size >= total
+        return self.config.range_for_whole_file or not whole
 
     def _dev_id(self, endpoint: Endpoint) -> str:
         if self.config.dev_id is None:
@@ -868,11 +884,15 @@ class ClientCore:
             url = f"{self.origin}{self.prefix}{path}"
             # The C SDK sends Authorization on E6; the server ignores it (D5, §8.1).
             headers.append(("Authorization", self.config.credentials.authorization))
-        # The unit-less form OneNET documents and the C SDK sends (§10); no Content-Type (§6.6).
-        headers.append(
-            ("Range", ranges.format_request_range(range_start, range_start + range_size - 1))
-        )
+        known_total = task.size if task is not None else None
+        if self._ranged(range_start, range_size, known_total):
+            # The unit-less form OneNET documents and the C SDK sends (§10); no Content-Type
+            # (§6.6).
+            headers.append(
+                ("Range", ranges.format_request_range(range_start, range_start + range_size - 1))
+            )
         headers.append(("Accept-Encoding", "identity"))
+        headers.extend(self._connection_header())
         request = WireRequest(
             endpoint=endpoint,
             method="GET",
@@ -886,7 +906,7 @@ class ClientCore:
             token=token,
             start=range_start,
             size=range_size,
-            known_total=task.size if task is not None else None,
+            known_total=known_total,
             exact_start=exact_start,
         )
 
@@ -1014,11 +1034,13 @@ class ClientCore:
         # §13.7: the end is clamped to size-1, so the served range can equal the request.
         end = min(range_start + range_size, limit) - 1
         _, json_request = self._tid_request(Operation.DOWNLOAD, "GET", None, timeout_ms, tid=tid)
+        # §13.7: the bytes= form; ranges.format_request_range gives the unit-less value.
+        range_ = ("Range", "bytes=" + ranges.format_request_range(range_start, end))
         headers = (
             ("Authorization", self.config.credentials.authorization),  # S2, F2: required
-            # §13.7: the bytes= form; ranges.format_request_range gives the unit-less value.
-            ("Range", "bytes=" + ranges.format_request_range(range_start, end)),
+            *((range_,) if self._ranged(range_start, range_size, package_size) else ()),
             ("Accept-Encoding", "identity"),
+            *self._connection_header(),
         )
         request = WireRequest(
             endpoint=spec,

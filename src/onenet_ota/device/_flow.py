@@ -269,6 +269,11 @@ class UpgradeOptions:
     - ``retry``: the defaults of the retry budget; a task's non-zero ``retry``/``interval`` override
       its ``attempts``/``interval``.
     - ``report_version``: after 201, report the new version with E1.
+    - ``report_full_progress``: also report progress 100, once the package is verified and just
+      before 101, as the AT-command modules of §13.1 do. The platform moves the task to
+      upgrading on 100 and answers the 101 after it with errno 21 (§5.5); the upgrader then
+      confirms with E4 (S-T, F-T) that the task is upgrading and counts 101 as delivered.
+      Off by default: §5.5 and §13.5 say a device that reported 100 does not also send 101.
     """
 
     chunk_size: int = 64 * 1024
@@ -281,6 +286,7 @@ class UpgradeOptions:
     max_duration: float | None = None
     retry: Retry = field(default_factory=Retry)
     report_version: bool = True
+    report_full_progress: bool = False
 
     def __post_init__(self) -> None:
         if type(self.chunk_size) is not int or not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
@@ -296,6 +302,9 @@ class UpgradeOptions:
             raise ValueError("max_duration must be positive (or None)")
         if not isinstance(self.retry, Retry):
             raise ValueError("retry must be a Retry")
+        for name in ("report_version", "report_full_progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False")
 
 
 class Outcome(StrEnum):
@@ -1160,6 +1169,24 @@ class UpgradeFlow:
         self._emit(Reported(code=value))
         self.state = replace(state, progress=value)
 
+    def _report_full_progress(self) -> Flow[None]:
+        """Progress 100 after verification (``report_full_progress``), once: never before the
+        package is verified, so that it says no more than the 101 it comes before."""
+        state = self._require_state()
+        if state.progress >= 100:
+            return
+        try:
+            yield Report(state.task.token, 100)
+        except TaskFinished:
+            raise self._stop(Outcome.FINISHED, _FINISHED, clear=True) from None
+        except TaskCancelled:
+            raise self._stop(Outcome.CANCELLED, _CANCELLED, clear=True) from None
+        except OtaError:
+            return  # advisory like any progress: the 101 that follows settles the state
+        self._reports.append(100)
+        self._emit(Reported(code=100))
+        self._save_quietly(progress=100)
+
     def _verify_download(self) -> bool:
         """Size and MD5 against the task (§10); True when verified and persisted."""
         state = self._require_state()
@@ -1196,6 +1223,8 @@ class UpgradeFlow:
     def _apply(self) -> Flow[UpgradeResult]:
         state = self._require_state()
         if StatusCode.DOWNLOADED not in state.sent:
+            if self.options.report_full_progress:
+                yield from self._report_full_progress()
             yield from self._report_downloaded()
         self._gate(downloading=False)
         self._check_deadline()

@@ -210,6 +210,13 @@ class DeviceConfig:
     - ``product_id``, ``device_name``: Studio and fuse name the device by these in the path
       (§12.2, §13.1); both are required there, and ``dev_id``, ``manuf``, ``model`` and ``cdn``
       are not used. Classic ignores them.
+    - ``keep_alive``: False sends ``Connection: close`` on every request, so that each request
+      has a connection of its own, as the AT-command modules of §13.1 do. The default lets the
+      HTTP client keep a connection open between requests.
+    - ``range_for_whole_file``: False sends a download that asks for the whole package from
+      byte 0 without a ``Range`` header, as the ESP32 clients of §13.1 that stream the file in
+      one GET do; the reply must then be a 200 with the whole file (§10, §13.4, F10). A
+      download of any other span always carries a Range.
     """
 
     credentials: Credentials
@@ -223,6 +230,8 @@ class DeviceConfig:
     dialect: Dialect = Dialect.CLASSIC
     product_id: str | None = None
     device_name: str | None = None
+    keep_alive: bool = True
+    range_for_whole_file: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.credentials, Credentials):
@@ -245,8 +254,9 @@ class DeviceConfig:
             _check_code(self.manuf, "manuf")
         if self.model is not None:
             _check_code(self.model, "model")
-        if not isinstance(self.cdn, bool):
-            raise InvalidArgumentError("cdn must be True or False")
+        for name in ("cdn", "keep_alive", "range_for_whole_file"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgumentError(f"{name} must be True or False")
         try:
             object.__setattr__(self, "dialect", Dialect(self.dialect))
         except ValueError:

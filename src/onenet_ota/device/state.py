@@ -102,7 +102,8 @@ class UpgradeState:
 
     ``sent`` holds the status codes the server acknowledged (errno 0, or an answer proving it
     already had them); ``pending`` is a status code that may have left the device without its
-    answer being recorded. ``progress`` is the last progress step (0-99) acknowledged, -1 for none.
+    answer being recorded. ``progress`` is the last progress step acknowledged, -1 for none: 0-99,
+    or 100 after the verified package was reported complete (``report_full_progress``).
     ``redownloads`` counts full restarts after a resumed download failed verification.
     ``dialect`` is the device API the task came from (§13.7): on Studio and fuse the task's
     ``token`` holds its ``tid`` in decimal, so a state from another dialect is never resumed as
