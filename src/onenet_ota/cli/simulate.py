@@ -4,6 +4,7 @@ Examples::
 
     onenet-ota simulate --devices 1000 --concurrency 64          # on a throwaway local server
     onenet-ota simulate --devices 1000 --drop-rate 0.05 --power-cut-rate 0.02 --seed 7
+    onenet-ota simulate --devices 120 --dialect mixed --profile mixed --drop-rate 0.02
     onenet-ota simulate --server http://ota.example.net:8080 --devices 500 --ramp-up 60
     onenet-ota simulate --server http://ota.example.net:8080 --task 12 --devices 200 \
         --allow-real-devices
@@ -14,6 +15,12 @@ Without ``--server`` the command starts its own server (SQLite in a temporary di
 and a task through ``/api/v1``, unless ``--task`` names an existing task to run. Those devices
 were not created by the simulator and may be real ones: the run rewrites their versions and task
 states on the server, so ``--task`` is refused without ``--allow-real-devices``.
+
+``--dialect`` picks the device API the devices speak (classic, Studio §12, fuse §13, or a mix);
+``--profile`` how their clients behave, after the clients seen in the field (§13.1): ``c-sdk``
+(4 KiB ranges, a check before each, a connection per request), ``at-module`` (256 B-1 KiB ranges,
+``Connection: close``, progress every 10 %, 100 then 101), ``esp32-stream`` (one GET without
+Range), or a mix (see :mod:`onenet_ota.sim.profiles`).
 
 Exit status: 0 when every device succeeded, installed the right bytes and the server's records
 agree with the devices; 1 otherwise (or when the run could not start); 130 when interrupted.
@@ -142,6 +149,21 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     "--type", "task_type", type=click.Choice(["fota", "sota"]), default="fota", show_default=True
 )
 @click.option(
+    "--dialect",
+    type=click.Choice(["classic", "studio", "fuse", "mixed"]),
+    default="classic",
+    show_default=True,
+    help="the device API the devices speak (mixed: each one of the three, by its index)",
+)
+@click.option(
+    "--profile",
+    type=click.Choice(["default", "c-sdk", "at-module", "esp32-stream", "mixed"]),
+    default="default",
+    show_default=True,
+    help="how the devices' clients behave, after the clients in the field (mixed: each one of "
+    "the four, by its index)",
+)
+@click.option(
     "--signal",
     "signal_range",
     metavar="LOW:HIGH",
@@ -228,7 +250,8 @@ def simulate(
     ramp_up: float,
     chunk_size: str, package_size: str, package: Path | None, task_id: int | None,
     allow_real_devices: bool, version: str,
-    target: str, task_type: str, signal_range: str | None, power_range: str | None,
+    target: str, task_type: str, dialect: str, profile: str, signal_range: str | None,
+    power_range: str | None,
     task_signal: int, task_power: int, gate: str, drop_rate: float, power_cut_rate: float,
     timeout_ms: int, retry_interval: float, seed: int | None, db: str | None,
     server_workers: int, state_dir: Path | None, json_out: str | None, live: bool | None,
@@ -257,6 +280,8 @@ def simulate(
             version=version,
             target=target,
             task_type=TaskType.FOTA if task_type == "fota" else TaskType.SOTA,
+            dialect=dialect,
+            profile=profile,
             signal=None if signal_range is None else parse_range(
                 signal_range, "--signal", low=-(2**31), high=2**31 - 1),
             power=None if power_range is None else parse_range(

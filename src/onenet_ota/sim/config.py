@@ -17,6 +17,7 @@ from onenet_ota.device._flow import MAX_CHUNK, MIN_CHUNK
 from onenet_ota.device.config import MAX_TIMEOUT_MS
 from onenet_ota.protocol import values
 from onenet_ota.protocol.status import TaskType
+from onenet_ota.sim.profiles import DIALECT_NAMES, MIXED, PROFILE_NAMES
 
 __all__ = [
     "FD_PER_DEVICE",
@@ -101,6 +102,12 @@ class FleetConfig:
     - ``timeout_ms`` [--timeout-ms]: each request's time limit.
     - ``version``: the version the devices report before the upgrade; ``task_type``: FOTA/SOTA.
 
+    Dialects and clients (:mod:`onenet_ota.sim.profiles`):
+    - ``dialect`` [--dialect]: the device API the devices speak: ``classic``, ``studio``,
+      ``fuse``, or ``mixed`` (each device one of the three, by its index).
+    - ``profile`` [--profile]: how their HTTP clients behave: ``default``, ``c-sdk``,
+      ``at-module``, ``esp32-stream``, or ``mixed``.
+
     Probes and gates:
     - ``signal``, ``power`` [--signal, --power]: each device's probe value is drawn from this range
       once (None: the device has no probe, so the task's thresholds are not checked).
@@ -136,6 +143,8 @@ class FleetConfig:
     version: str = "1.0.0"
     target: str = "1.0.1"
     task_type: TaskType = TaskType.FOTA
+    dialect: str = "classic"
+    profile: str = "default"
     signal: ValueRange | None = None
     power: ValueRange | None = None
     task_signal: int = 0
@@ -185,6 +194,12 @@ class FleetConfig:
         if self.package is None and self.task_id is None and self.version == self.target:
             raise SimulationError("--target must differ from --version, or nothing is upgraded")
         object.__setattr__(self, "task_type", TaskType(self.task_type))
+        for name, flag, choices in (
+            ("dialect", "--dialect", (*DIALECT_NAMES, MIXED)),
+            ("profile", "--profile", (*PROFILE_NAMES, MIXED)),
+        ):
+            if getattr(self, name) not in choices:
+                raise SimulationError(f"{flag} must be one of {', '.join(choices)}")
         for name, flag in (("task_signal", "--task-signal"), ("task_power", "--task-power")):
             integer(name, flag, values.INT32_MIN, values.INT32_MAX)
         number("drop_rate", "--drop-rate", 0, 1, high_open=True)

@@ -3,12 +3,15 @@
 Theory of operation. ``concurrency`` worker tasks take devices in order; device *i* starts no
 earlier than ``ramp_up * i / N`` seconds into the run. A device is:
 
-- an :class:`~onenet_ota.device.AsyncOtaClient` (product-level token, its ``dev_id``, the
-  fleet's version) over the fleet's one shared ``httpx2.AsyncClient``, whose
+- an :class:`~onenet_ota.device.AsyncOtaClient` in the device's dialect (classic: the
+  product-level token and its ``dev_id``; Studio and fuse: a device-level token and its name),
+  with the fleet's version, over the fleet's one shared ``httpx2.AsyncClient``, whose
   :class:`~onenet_ota.sim.transport.FleetTransport` meters every request and injects the faults;
 - an :class:`~onenet_ota.device.upgrader.AsyncUpgrader` with a
   :class:`~onenet_ota.device.install.FileInstaller`, on a state directory of its own, with probes
   returning the device's signal and battery values;
+- a client profile (:mod:`onenet_ota.sim.profiles`) that sets the client's and the upgrader's
+  options, and whether the device's requests go through pools that keep connections alive;
 - a power-cut plan: with ``power_cut_rate`` a run loses power at a random request (the transport
   raises :class:`PowerCut`); the device then "reboots": a fresh client and a fresh upgrader on
   the same state directory, which resume from what the dead run had made durable.
@@ -69,8 +72,10 @@ from onenet_ota.device.upgrader import (
     Verified,
     Waiting,
 )
+from onenet_ota.protocol.codes import Dialect
 from onenet_ota.sim.config import FleetConfig, SimulationError
 from onenet_ota.sim.metrics import FleetMetrics
+from onenet_ota.sim.profiles import PROFILES, ClientProfile, dialect_of, profile_of
 from onenet_ota.sim.provision import FleetTarget
 from onenet_ota.sim.transport import DeviceLink, FleetTransport, PowerCut, device_context
 
@@ -114,10 +119,16 @@ class DeviceRecord:
 
     ``accepted`` counts the status codes (101-107, 201-208) the server acknowledged with errno 0;
     a code acknowledged twice would be a duplicated report. ``installed_ok`` says whether the
-    installed file matched the package (None when nothing was installed).
+    installed file matched the package (None when nothing was installed). ``index`` is the
+    device's place in the fleet, ``name`` its name on the server; ``dialect`` and ``profile``
+    say how it talks (:mod:`onenet_ota.sim.profiles`).
     """
 
     dev_id: int
+    index: int = 0
+    name: str = ""
+    dialect: Dialect = Dialect.CLASSIC
+    profile: str = "default"
     phase: Phase = Phase.WAITING
     result: UpgradeResult | None = None
     runs: int = 0
@@ -232,23 +243,66 @@ class Fleet:
         self.shard = shard
         indices = range(len(target.dev_ids)) if shard is None else shard.indices
         self._indices = tuple(indices)
-        self.state = FleetState([DeviceRecord(target.dev_ids[i]) for i in self._indices])
+        self.state = FleetState(
+            [
+                DeviceRecord(
+                    target.dev_ids[i],
+                    index=i,
+                    name=target.names[i],
+                    dialect=dialect_of(config.dialect, i),
+                    profile=profile_of(config.profile, i).name,
+                )
+                for i in self._indices
+            ]
+        )
         self.state.phases[Phase.WAITING] = len(self.state.devices)
         self._rng = random.Random(
             config.seed if shard is None or config.seed is None else f"{config.seed}:{shard.number}"
         )
         self._credentials = Credentials.from_access_key(target.pid, target.access_key)
         self._inner = inner_transport
-        chunks = math.ceil(target.size / config.chunk_size)
-        reports = min(chunks, 100 // config.progress_step) if config.progress_step else 0
-        # E1, E3, (E5, E6) per chunk, progress reports, 101, 201, E1: where a cut may land.
-        self._expected_requests = 2 + 2 * chunks + reports + 3
 
-    def _options(self, signal: int | None, power: int | None) -> UpgradeOptions:
+    def _expected_requests(self, options: UpgradeOptions) -> int:
+        """E1, E3, (E5, E6) per chunk, progress reports, 100, 101, 201, E1: where a cut may
+        land."""
+        chunks = math.ceil(self.target.size / options.chunk_size)
+        step = options.progress_step
+        reports = min(chunks, 100 // step) if step else 0
+        return 2 + 2 * chunks + reports + 4
+
+    def _device_config(self, record: DeviceRecord, profile: ClientProfile) -> DeviceConfig:
+        dialect = record.dialect
+        if dialect is Dialect.CLASSIC:
+            credentials = self._credentials  # the product-level token, shared
+        else:
+            # The device-level token Studio's C SDK and fuse clients send (§13.7), signed with
+            # the product's key (D4): the simulator's devices have no keys of their own.
+            credentials = Credentials.for_dialect(
+                dialect, self.target.pid, self.target.access_key, device_name=record.name
+            )
+        return DeviceConfig(
+            credentials=credentials,
+            dev_id=str(record.dev_id),
+            version=self.target.version,
+            type=self.target.task_type,
+            dialect=dialect,
+            product_id=None if dialect is Dialect.CLASSIC else self.target.pid,
+            device_name=None if dialect is Dialect.CLASSIC else record.name,
+            keep_alive=profile.keep_alive,
+            range_for_whole_file=not profile.whole_file,
+        )
+
+    def _options(
+        self, signal: int | None, power: int | None, profile: ClientProfile, index: int
+    ) -> UpgradeOptions:
         config = self.config
         return UpgradeOptions(
-            chunk_size=config.chunk_size,
-            progress_step=config.progress_step,
+            chunk_size=profile.chunk_size(index, config.chunk_size),
+            token_check=profile.token_check,
+            progress_step=(
+                config.progress_step if profile.progress_step is None else profile.progress_step
+            ),
+            report_full_progress=profile.report_full_progress,
             signal_probe=None if signal is None else (lambda: signal),
             power_probe=None if power is None else (lambda: power),
             gate=GatePolicy.FAIL if config.gate_fail else GatePolicy.DEFER,
@@ -321,19 +375,27 @@ class Fleet:
         total = len(self.target.dev_ids)
         # One pool per POOL_SIZE workers: each worker runs one device at a time, so no pool
         # ever needs more than POOL_SIZE connections.
-        limits = httpx2.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
         pools = math.ceil(concurrency / POOL_SIZE)
         tls = httpx2.create_ssl_context(verify=True, trust_env=False)  # one CA load for all
-        inner: list[httpx2.AsyncBaseTransport] = (
-            [self._inner]
-            if self._inner is not None
-            else [
+
+        def make_pools(keepalive: int) -> list[httpx2.AsyncBaseTransport]:
+            if self._inner is not None:
+                return [self._inner]
+            limits = httpx2.Limits(max_connections=POOL_SIZE, max_keepalive_connections=keepalive)
+            return [
                 httpx2.AsyncHTTPTransport(verify=tls, limits=limits, trust_env=False)
                 for _ in range(pools)
             ]
-        )
+
+        # Clients that open a connection for every request (profiles without
+        # reuse_connections) send through pools that keep no idle connection.
+        once = any(not profile_of(config.profile, i).reuse_connections for i in self._indices)
         transport = FleetTransport(
-            inner, state.metrics, drop_rate=config.drop_rate, rng=random.Random(self._rng.random())
+            make_pools(POOL_SIZE),
+            state.metrics,
+            drop_rate=config.drop_rate,
+            rng=random.Random(self._rng.random()),
+            fresh=make_pools(0) if once else None,
         )
         root = make_state_root(config) if shard is None else shard.root
         next_index = iter(enumerate(self._indices))
@@ -399,15 +461,12 @@ class Fleet:
             None if config.signal is None else rng.randint(config.signal.low, config.signal.high)
         )
         power = None if config.power is None else rng.randint(config.power.low, config.power.high)
-        options = self._options(signal, power)
-        device_config = DeviceConfig(
-            credentials=self._credentials,
-            dev_id=str(record.dev_id),
-            version=self.target.version,
-            type=self.target.task_type,
-        )
+        profile = PROFILES[record.profile]
+        options = self._options(signal, power, profile, record.index)
+        expected_requests = self._expected_requests(options)
+        device_config = self._device_config(record, profile)
         output = home / "installed.bin"
-        link = DeviceLink(pool=pool)
+        link = DeviceLink(pool=pool, fresh=not profile.reuse_connections)
 
         def on_client_event(event: OtaEvent) -> None:
             if isinstance(event, StatusReported) and event.code > 100:
@@ -433,7 +492,7 @@ class Fleet:
                 if record.power_cuts < config.max_power_cuts and (
                     config.power_cut_rate and rng.random() < config.power_cut_rate
                 ):
-                    link.cut_at = link.requests + rng.randint(1, self._expected_requests)
+                    link.cut_at = link.requests + rng.randint(1, expected_requests)
                 client = AsyncOtaClient(
                     device_config,
                     base_url=self.base_url,

@@ -31,12 +31,17 @@ _UPLOAD_CHUNK: Final = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class FleetTarget:
-    """The devices to run and what they upgrade to. ``access_key`` is a secret (not in repr)."""
+    """The devices to run and what they upgrade to. ``access_key`` is a secret (not in repr).
+
+    ``names`` are the devices' names, in the order of ``dev_ids``: Studio and fuse name a device
+    by its product id and name (§12.2, §13.1), and sign its token with the product's key (D4).
+    """
 
     pid: str
     access_key: str = field(repr=False)
     task_id: int
     dev_ids: tuple[int, ...]
+    names: tuple[str, ...]
     task_type: TaskType
     version: str
     target: str
@@ -77,6 +82,7 @@ def provision(admin: AdminClient, config: FleetConfig) -> FleetTarget:
     pid, key = product["pid"], product["access_key"]
     run = secrets.token_hex(4)
     dev_ids: list[int] = []
+    names: list[str] = []
     for first in range(0, config.devices, IMPORT_BATCH):
         count = min(IMPORT_BATCH, config.devices - first)
         body = {
@@ -85,6 +91,7 @@ def provision(admin: AdminClient, config: FleetConfig) -> FleetTarget:
         }
         created = _call(admin, "creating the devices", "POST", "/devices/import", json_body=body)
         dev_ids.extend(int(item["dev_id"]) for item in created["items"])
+        names.extend(str(item["name"]) for item in created["items"])
     if config.package is not None:
         try:
             data = config.package.read_bytes()
@@ -128,6 +135,7 @@ def provision(admin: AdminClient, config: FleetConfig) -> FleetTarget:
         access_key=key,
         task_id=int(task["id"]),
         dev_ids=tuple(dev_ids),
+        names=tuple(names),
         task_type=config.task_type,
         version=config.version,
         target=config.target,
@@ -146,6 +154,7 @@ def adopt(admin: AdminClient, config: FleetConfig) -> FleetTarget:
     package = _call(admin, "reading the package", "GET", f"/packages/{task['package_id']}")
     product = _call(admin, "reading the product", "GET", f"/products/{task['pid']}")
     dev_ids: list[int] = []
+    names: list[str] = []
     after: str | None = None
     while len(dev_ids) < config.devices:
         page = _call(
@@ -156,6 +165,7 @@ def adopt(admin: AdminClient, config: FleetConfig) -> FleetTarget:
             params={"state": "to_be_upgraded", "limit": PAGE, "after": after},
         )
         dev_ids.extend(int(item["dev_id"]) for item in page["items"])
+        names.extend(str(item["name"]) for item in page["items"])
         after = page["next"]
         if after is None:
             break
@@ -173,6 +183,7 @@ def adopt(admin: AdminClient, config: FleetConfig) -> FleetTarget:
         access_key=product["access_key"],
         task_id=config.task_id,
         dev_ids=tuple(dev_ids[: config.devices]),
+        names=tuple(names[: config.devices]),
         task_type=TaskType(task["module_type"]),
         version=version,
         target=package["target"],

@@ -17,6 +17,10 @@ no task                            (not checked)
 
 A status report the server acknowledged but does not show is **lost**; a status code the server
 acknowledged twice for one device (errno 0 both times) is **duplicated**. Both must be zero.
+
+The rules are the same in every dialect and for every client profile: one task is shared by all
+dialects (S10, F14), and the server keeps one state machine (§5.5). The agreement also counts
+the devices that disagree per dialect and per profile, so that a mixed fleet shows where.
 """
 
 from __future__ import annotations
@@ -72,11 +76,19 @@ class Agreement:
     duplicated_reports: int = 0
     missing: int = 0
     examples: list[str] = field(default_factory=list)
+    disagreeing: dict[str, Counter[str]] = field(
+        default_factory=lambda: {"dialect": Counter(), "profile": Counter()}
+    )
+
+    @property
+    def problems(self) -> int:
+        """Mismatches, lost and duplicated reports, and missing devices, together."""
+        return self.mismatches + self.lost_reports + self.duplicated_reports + self.missing
 
     @property
     def ok(self) -> bool:
         """No mismatch, no lost or duplicated report, no device missing from the task."""
-        return not (self.mismatches or self.lost_reports or self.duplicated_reports or self.missing)
+        return not self.problems
 
     def _note(self, text: str) -> None:
         if len(self.examples) < _MAX_LISTED:
@@ -94,6 +106,7 @@ class Agreement:
             "duplicated_reports": self.duplicated_reports,
             "missing": self.missing,
             "examples": self.examples,
+            "disagreeing": {k: dict(sorted(v.items())) for k, v in self.disagreeing.items()},
         }
 
 
@@ -106,36 +119,43 @@ def check_agreement(state: FleetState, views: dict[int, DeviceView]) -> Agreemen
         {p.value: device_counts.get(p.value, 0) for p in Phase if p.done},
     )
     for record in state.devices:
-        duplicated = sum(n - 1 for n in record.accepted.values() if n > 1)
-        if duplicated:
-            agreement.duplicated_reports += duplicated
-            agreement._note(f"{record.dev_id}: a status report was acknowledged twice")
-        view = views.get(record.dev_id)
-        if view is None:
-            agreement.missing += 1
-            agreement._note(f"{record.dev_id}: not in the task on the server")
-            continue
-        allowed = _expected(record)
-        if allowed is None:
-            continue
-        agreement.checked += 1
-        if view.state not in allowed:
-            agreement.mismatches += 1
-            agreement._note(
-                f"{record.dev_id}: the device ended {record.phase.value}, "
-                f"the server says {_name(view.state)}"
-            )
-        for code, count in record.accepted.items():
-            if not count:
-                continue
-            terminal = code == StatusCode.UPGRADED or 102 <= code <= 107 or 202 <= code <= 208
-            if terminal and view.result_code != code:
-                agreement.lost_reports += 1
-                agreement._note(
-                    f"{record.dev_id}: the server acknowledged {code}, "
-                    f"but shows result code {view.result_code}"
-                )
+        before = agreement.problems
+        _check_device(agreement, record, views.get(record.dev_id))
+        if agreement.problems > before:
+            agreement.disagreeing["dialect"][record.dialect.value] += 1
+            agreement.disagreeing["profile"][record.profile] += 1
     return agreement
+
+
+def _check_device(agreement: Agreement, record: DeviceRecord, view: DeviceView | None) -> None:
+    duplicated = sum(n - 1 for n in record.accepted.values() if n > 1)
+    if duplicated:
+        agreement.duplicated_reports += duplicated
+        agreement._note(f"{record.dev_id}: a status report was acknowledged twice")
+    if view is None:
+        agreement.missing += 1
+        agreement._note(f"{record.dev_id}: not in the task on the server")
+        return
+    allowed = _expected(record)
+    if allowed is None:
+        return
+    agreement.checked += 1
+    if view.state not in allowed:
+        agreement.mismatches += 1
+        agreement._note(
+            f"{record.dev_id}: the device ended {record.phase.value}, "
+            f"the server says {_name(view.state)}"
+        )
+    for code, count in record.accepted.items():
+        if not count:
+            continue
+        terminal = code == StatusCode.UPGRADED or 102 <= code <= 107 or 202 <= code <= 208
+        if terminal and view.result_code != code:
+            agreement.lost_reports += 1
+            agreement._note(
+                f"{record.dev_id}: the server acknowledged {code}, "
+                f"but shows result code {view.result_code}"
+            )
 
 
 @dataclass(slots=True)
@@ -161,6 +181,14 @@ class FleetReport:
         """Devices per final phase (only phases that occurred)."""
         counts = Counter(record.phase.value for record in self.state.devices)
         return dict(sorted(counts.items()))
+
+    def outcomes_by(self, key: str) -> dict[str, dict[str, int]]:
+        """Devices per final phase for each ``"dialect"`` or ``"profile"`` present."""
+        groups: dict[str, Counter[str]] = {}
+        for record in self.state.devices:
+            group = record.dialect.value if key == "dialect" else record.profile
+            groups.setdefault(group, Counter())[record.phase.value] += 1
+        return {name: dict(sorted(counts.items())) for name, counts in sorted(groups.items())}
 
     @property
     def failure_codes(self) -> dict[str, int]:
@@ -225,6 +253,10 @@ class FleetReport:
             "devices": len(state.devices),
             "concurrency": config.concurrency,
             "chunk_size": config.chunk_size,
+            "dialect": config.dialect,
+            "profile": config.profile,
+            "by_dialect": self.outcomes_by("dialect"),
+            "by_profile": self.outcomes_by("profile"),
             "package_size": self.target.size,
             "drop_rate": config.drop_rate,
             "power_cut_rate": config.power_cut_rate,

@@ -8,7 +8,9 @@ per-device bookkeeping costs one lookup.
 
 For each request it:
 
-- classifies the endpoint with the protocol's own path table (:func:`match_path`);
+- classifies the endpoint with the protocol's own path tables (:func:`match_path`, and the
+  Studio and fuse tables of :mod:`onenet_ota.protocol.dialects`, by the classic endpoint of the
+  same operation);
 - injects a **connection drop** with the fleet's drop rate, as one of three faults a real network
   produces (chosen with equal odds):
 
@@ -40,12 +42,15 @@ from typing import Final
 
 import httpx2
 
+from onenet_ota.protocol.codes import Dialect
+from onenet_ota.protocol.dialects import match as match_dialect_path
 from onenet_ota.protocol.endpoints import Endpoint, match_path
 from onenet_ota.sim.metrics import EndpointStats, FleetMetrics
 
 __all__ = ["DeviceLink", "FleetTransport", "PowerCut", "device_context"]
 
 DROP_KINDS: Final = ("refused", "reset", "truncated")
+_NEW_DIALECTS: Final = frozenset({Dialect.STUDIO, Dialect.FUSE})
 
 
 class PowerCut(Exception):
@@ -57,12 +62,14 @@ class DeviceLink:
     """What the transport knows about one device: its request count and planned power cut.
 
     ``cut_at`` is the number of the request (counted over the device's whole life) at which the
-    power fails, or None. ``pool`` picks the connection pool the device's requests use.
+    power fails, or None. ``pool`` picks the connection pool the device's requests use;
+    ``fresh`` sends them through the pools that open a new connection for every request.
     """
 
     requests: int = 0
     cut_at: int | None = None
     pool: int = 0
+    fresh: bool = False
 
 
 _current: ContextVar[DeviceLink | None] = ContextVar("onenet_ota_sim_device", default=None)
@@ -79,8 +86,15 @@ def device_context(link: DeviceLink) -> Iterator[None]:
 
 
 def _endpoint(request: httpx2.Request) -> Endpoint | None:
-    route = match_path(request.url.path)
-    return None if route is None else route.by_method.get(request.method)
+    """The classic endpoint of the request, or of the operation a Studio or fuse request
+    performs (S-C counts as E3, S-T and F-T as E5, S-R and F-R as E7, ...)."""
+    path = request.url.path
+    route = match_path(path)
+    if route is not None:
+        return route.by_method.get(request.method)
+    tid_route = match_dialect_path(path, _NEW_DIALECTS)
+    spec = None if tid_route is None else tid_route.by_method.get(request.method)
+    return None if spec is None else Endpoint(spec.operation.value)
 
 
 class _MeteredStream(httpx2.AsyncByteStream):
@@ -134,7 +148,8 @@ class FleetTransport(httpx2.AsyncBaseTransport):
     devices (:attr:`DeviceLink.pool`). httpx2's pool scans all its connections for every request,
     so a few small pools cost the client far less CPU than one big one. ``drop_rate`` is the
     probability that a request's connection drops; ``rng`` draws the faults (seed it for a
-    repeatable run).
+    repeatable run). ``fresh`` are the pools of devices that use a connection per request
+    (:attr:`DeviceLink.fresh`); without them such devices share ``inner``.
     """
 
     def __init__(
@@ -144,12 +159,14 @@ class FleetTransport(httpx2.AsyncBaseTransport):
         *,
         drop_rate: float = 0.0,
         rng: random.Random | None = None,
+        fresh: list[httpx2.AsyncBaseTransport] | None = None,
     ) -> None:
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError("drop_rate must be at least 0 and below 1")
         self._pools = list(inner) if isinstance(inner, list) else [inner]
         if not self._pools:
             raise ValueError("at least one inner transport is needed")
+        self._fresh = list(fresh) if fresh else self._pools
         self._metrics = metrics
         self._drop_rate = drop_rate
         self._rng = rng if rng is not None else random.Random()
@@ -177,7 +194,8 @@ class FleetTransport(httpx2.AsyncBaseTransport):
             if drop == "refused":
                 stats.failures += 1
                 raise httpx2.ConnectError("connection refused (simulated drop)", request=request)
-        pool = self._pools[link.pool % len(self._pools)] if link is not None else self._pools[0]
+        pools = self._fresh if link is not None and link.fresh else self._pools
+        pool = pools[link.pool % len(pools)] if link is not None else pools[0]
         started = time.perf_counter()
         try:
             response = await pool.handle_async_request(request)
@@ -204,5 +222,5 @@ class FleetTransport(httpx2.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         """Close the real transports' connections."""
-        for pool in self._pools:
+        for pool in {id(p): p for p in (*self._pools, *self._fresh)}.values():
             await pool.aclose()

@@ -8,6 +8,7 @@ latest retry reasons. Elsewhere (a log file, CI) it prints one line every few se
 from __future__ import annotations
 
 import time
+from collections import Counter
 from types import TracebackType
 from typing import Final
 
@@ -150,6 +151,7 @@ def print_summary(report: FleetReport, console: Console) -> None:
         shown = describe_status(int(code)) if code.isdigit() else code  # "none": none arrived
         outcomes.add_row(f"  failed, reported {shown}", str(count))
     console.print(outcomes)
+    _print_groups(report, console)
     endpoints = Table(title="Requests (latency in ms, to the last byte)", title_justify="left")
     for column in ("endpoint", "requests", "failed", "p50", "p95", "p99", "max"):
         endpoints.add_column(column, justify="left" if column == "endpoint" else "right")
@@ -213,3 +215,24 @@ def print_summary(report: FleetReport, console: Console) -> None:
         console.print("not succeeded:")
         for reason in reasons:
             console.print(f"  {reason}", highlight=False)
+
+
+def _print_groups(report: FleetReport, console: Console) -> None:
+    """Outcomes per dialect and per client profile, with the devices the server disagrees on."""
+    disagreeing: dict[str, Counter[str]] = (
+        report.agreement.disagreeing if report.agreement is not None else {}
+    )
+    table = Table(title="By dialect and client profile", title_justify="left")
+    for column in ("dialect / profile", "devices", "succeeded", "other outcomes", "disagree"):
+        table.add_column(column, justify="left" if column == "dialect / profile" else "right")
+    for key in ("dialect", "profile"):
+        for name, outcomes in report.outcomes_by(key).items():
+            others = ", ".join(f"{k} {v}" for k, v in outcomes.items() if k != "succeeded")
+            table.add_row(
+                f"{key} {name}",
+                str(sum(outcomes.values())),
+                str(outcomes.get("succeeded", 0)),
+                others or "-",
+                str(disagreeing.get(key, Counter())[name]),
+            )
+    console.print(table)
