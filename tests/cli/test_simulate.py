@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
 from onenet_ota.cli.main import cli
+from onenet_ota.cli.simulate import simulate
 from onenet_ota.sim import FleetConfig
+from onenet_ota.sim.profiles import DIALECT_NAMES, PROFILE_NAMES
 from onenet_ota.sim.provision import provision
 from tests.server.serve_process import children
 from tests.sim.platform import Platform, sqlite_platform
@@ -80,6 +83,33 @@ def test_a_run_against_a_server(sqlite_platform: Platform, tmp_path: Path) -> No
     assert data["agreement"]["server_counts"]["succeeded"] == 12
     assert data["endpoints"]["E3 check task"]["latency_ms"]["p99"] > 0
     assert list(tmp_path.iterdir()) == [summary]  # the device state directories are gone
+
+
+def test_a_run_in_mixed_dialects_and_profiles(sqlite_platform: Platform) -> None:
+    result = invoke(
+        "--server", sqlite_platform.url, "--admin-token", sqlite_platform.admin_token,
+        "--devices", "12", "--concurrency", "6", "--package-size", "8k",
+        "--dialect", "mixed", "--profile", "mixed", "--drop-rate", "0.05",
+        "--retry-interval", "0.02", "--no-live", "--json", "-",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["dialect"], data["profile"]) == ("mixed", "mixed")
+    assert data["by_dialect"] == {name: {"succeeded": 4} for name in DIALECT_NAMES}
+    assert data["by_profile"] == {name: {"succeeded": 3} for name in PROFILE_NAMES}
+    assert data["agreement"]["ok"] is True
+    assert data["agreement"]["disagreeing"] == {"dialect": {}, "profile": {}}
+    # Studio's and fuse's requests are metered under the classic endpoints they correspond to.
+    assert "other" not in data["endpoints"]
+    assert "By dialect and client profile" in result.stderr
+    assert "profile esp32-stream" in result.stderr
+
+
+def test_the_dialect_and_profile_choices_are_the_table_s() -> None:
+    for flag, names in (("--dialect", DIALECT_NAMES), ("--profile", PROFILE_NAMES)):
+        option = next(p for p in simulate.params if f"{flag}" in p.opts)
+        assert isinstance(option.type, click.Choice)
+        assert list(option.type.choices) == [*names, "mixed"]
 
 
 def test_a_run_that_does_not_succeed_exits_1(sqlite_platform: Platform) -> None:
