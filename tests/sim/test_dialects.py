@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 
+from onenet_ota.device.upgrader import Outcome, UpgradeResult
 from onenet_ota.protocol import ranges
 from onenet_ota.protocol.codes import Dialect, Operation
 from onenet_ota.protocol.dialects import match
-from onenet_ota.protocol.status import StatusCode
+from onenet_ota.protocol.states import TaskState
+from onenet_ota.protocol.status import StatusCode, TaskType
 from onenet_ota.sim import FleetConfig, SimulationError, ValueRange, simulate
-from onenet_ota.sim.fleet import DeviceRecord
+from onenet_ota.sim.fleet import DeviceRecord, FleetState, Phase
 from onenet_ota.sim.profiles import (
     DIALECT_NAMES,
     PROFILE_NAMES,
@@ -28,7 +30,8 @@ from onenet_ota.sim.profiles import (
     dialect_of,
     profile_of,
 )
-from onenet_ota.sim.report import FleetReport
+from onenet_ota.sim.provision import DeviceView
+from onenet_ota.sim.report import FleetReport, check_agreement
 from tests.sim.platform import Platform, Seen
 
 PACKAGE = 12 * 1024
@@ -248,3 +251,30 @@ def test_mixed_assignment_is_stable_and_covers_every_pairing() -> None:
 def test_unknown_dialects_and_profiles_are_refused(changes: dict[str, Any], flag: str) -> None:
     with pytest.raises(SimulationError, match=flag):
         FleetConfig(**changes)
+
+
+def test_disagreements_are_counted_per_dialect_and_profile() -> None:
+    def record(dev_id: int, dialect: Dialect, profile: str) -> DeviceRecord:
+        return DeviceRecord(
+            dev_id,
+            dialect=dialect,
+            profile=profile,
+            phase=Phase.SUCCEEDED,
+            result=UpgradeResult(Outcome.SUCCEEDED, TaskType.FOTA),
+        )
+
+    records = [
+        record(1, Dialect.STUDIO, "at-module"),  # the server says failed
+        record(2, Dialect.FUSE, "c-sdk"),  # missing on the server
+        record(3, Dialect.STUDIO, "c-sdk"),
+    ]
+    views = {
+        1: DeviceView(TaskState.FAILED, 100, 205),
+        3: DeviceView(TaskState.SUCCEEDED, 100, 201),
+    }
+    agreement = check_agreement(FleetState(records), views)
+    assert agreement.disagreeing == {
+        "dialect": {"studio": 1, "fuse": 1},
+        "profile": {"at-module": 1, "c-sdk": 1},
+    }
+    assert agreement.to_dict()["disagreeing"]["dialect"] == {"fuse": 1, "studio": 1}
