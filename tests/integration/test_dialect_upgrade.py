@@ -224,3 +224,27 @@ async def test_a_101_whose_reply_was_lost_is_confirmed_in_each_dialect(
     assert result.reports[-2:] == (101, 201)
     row = platform.device_task(world)
     assert (row["state"], row["result_code"]) == ("succeeded", 201)
+
+
+@pytest.mark.parametrize("dialect", list(Dialect), ids=str)
+def test_progress_100_then_101_with_the_sync_upgrader(
+    platform: Platform, tmp_path: Path, dialect: Dialect
+) -> None:
+    """The sync upgrader confirms the 101 after 100 the same way (S-C on Studio)."""
+    world = platform.world(data=_data())
+    config = (
+        world.config() if dialect is Dialect.CLASSIC else _config(world, dialect, device_level=True)
+    )
+    options = UpgradeOptions(chunk_size=16 * 1024, report_full_progress=True, retry=OPTIONS.retry)
+    with OtaClient(config, base_url=platform.api.url, timeout=10_000) as ota:
+        result = Upgrader(
+            ota,
+            FileInstaller(tmp_path / "fw.bin"),
+            state_dir=tmp_path / "state",
+            options=options,
+            sleep=lambda seconds: None,
+        ).run()
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert result.reports[-3:] == (100, 101, 201)
+    row = platform.device_task(world)
+    assert (row["state"], row["result_code"]) == ("succeeded", 201)
