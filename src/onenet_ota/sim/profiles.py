@@ -7,17 +7,15 @@ of §7, §8.2). They are data, one row of :data:`PROFILES` each, and reach the d
 the SDK's own options (:class:`~onenet_ota.device.DeviceConfig`,
 :class:`~onenet_ota.device.upgrader.UpgradeOptions`) and the fleet's connection pools:
 
-=============  ==============  ==========================  ====================================
-profile        chunk           checks and reports          connections
-=============  ==============  ==========================  ====================================
-default        ``--chunk-size``  the dialect's defaults     kept alive in a shared pool
-c-sdk          4 KiB           E5 / S-T / F-T before       a new one per request (no
-                               every chunk; no progress    ``Connection`` header, as the C SDK)
-at-module      256 B-1 KiB     progress every 10 %, then   ``Connection: close`` on every
-                               100, then 101               request
-esp32-stream   the whole file  the dialect's defaults      kept alive; the download is one GET
-                                                           without Range
-=============  ==============  ==========================  ====================================
+- ``default``: ``--chunk-size`` ranges; the dialect's checks (§13.7) and progress every 10 %;
+  connections kept alive in the fleet's shared pools.
+- ``c-sdk``: 4 KiB ranges, a token (E5) or tid (S-T, F-T) check before every chunk, no progress
+  reports (101 and 201 only, §6.7), and a new connection for every request, without a
+  ``Connection`` header saying so.
+- ``at-module``: 256 B, 512 B or 1 KiB ranges, ``Connection: close`` on every request, progress
+  every 10 %, then 100, then 101.
+- ``esp32-stream``: the whole package in one GET without Range (packages up to the SDK's largest
+  chunk, 16 MiB; beyond that, 16 MiB ranges); connections kept alive.
 
 ``mixed`` assigns by the device's index in the fleet: device *i* speaks dialect ``i mod 3`` and
 runs profile ``(i div 3) mod 4`` (in the orders of :data:`DIALECT_NAMES` and
