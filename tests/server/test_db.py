@@ -276,7 +276,11 @@ def test_deleted_ids_are_never_handed_out_again(engine: Engine) -> None:
         package_id = _new_id(conn, schema.packages, **_PACKAGE)
         task_id = _new_id(conn, schema.tasks, package_id=package_id, **_TASK)
     device_task = {"task_id": task_id, "dev_id": 7, "module_type": 1, "state": 5, "updated_at": 0}
+    token = {"name": "t", "role": "viewer", "secret_hash": "0" * 64, "created_at": 0}
+    entry = {"created_at": 0, "actor": "a", "action": "x.y", "target": "x:1"}
     for table, row in (
+        (schema.api_tokens, token),
+        (schema.audit_log, entry),
         (schema.packages, _PACKAGE),
         (schema.tasks, {"package_id": package_id, **_TASK}),
         (schema.device_tasks, device_task),
