@@ -4,6 +4,7 @@ route table, over real HTTP on loopback, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,3 +276,31 @@ def test_first_start_bootstrap_runs_once(engine: Engine) -> None:
     assert principal.name == "admin"
     assert principal.role == "admin"
     assert store.verify("another-secret-0123456789") is None
+
+
+def test_last_use_is_written_at_most_once_a_minute(engine: Engine) -> None:
+    """Not a write per request: uses within a minute of the recorded one leave it alone."""
+    now = [1_900_000_000.0]
+    store = TokenStore(engine, clock=lambda: now[0])
+    created = store.create(ApiTokenCreate(name=fresh("used"), role="viewer"))
+
+    def last_used() -> int | None:
+        deadline = time.monotonic() + 10
+        while store._touching and time.monotonic() < deadline:  # the writer thread
+            time.sleep(0.01)
+        with engine.connect() as conn:
+            value = conn.execute(
+                select(api_tokens.c.last_used_at).where(api_tokens.c.id == created.id)
+            ).scalar_one()
+        return None if value is None else int(value)
+
+    assert last_used() is None
+    assert store.verify(created.secret) is not None
+    assert last_used() == 1_900_000_000
+    now[0] += 59
+    for _ in range(5):
+        assert store.verify(created.secret) is not None
+    assert last_used() == 1_900_000_000
+    now[0] += 1
+    assert store.verify(created.secret) is not None
+    assert last_used() == 1_900_000_060
