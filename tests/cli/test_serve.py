@@ -93,22 +93,41 @@ def processes() -> Iterator[list[ServerProcess]]:
         process.kill()
 
 
-def test_generated_token_is_printed_once_and_works(
+def test_generated_token_is_printed_once_and_kept_across_restarts(
     tmp_path: Path, processes: list[ServerProcess]
 ) -> None:
+    """The first start on an empty token table creates the admin token and prints its secret
+    once, to stdout and never to the log; a restart creates nothing and the secret still
+    works; the database holds its hash only."""
     server = ServerProcess(tmp_path / "data")
     processes.append(server)
     url = server.url()
     assert server.process.stdout is not None
-    line = server.process.stdout.readline()
-    assert line.startswith("Generated admin token")
-    token = line.rsplit(" ", 1)[1].strip()
+    assert server.process.stdout.readline().startswith("Created the management API's admin")
+    token = server.process.stdout.readline().strip()
+    assert token.startswith("oota_")
     reply = httpx2.get(url + "/api/v1/products", headers={"Authorization": f"Bearer {token}"})
     assert reply.status_code == 200
     assert server.stop(signal.SIGINT) == 0
     assert token not in "".join(server.lines)  # never in the log
     assert server.process.stdout.read() == ""  # printed once
-    assert (tmp_path / "data" / "onenet-ota.db").is_file()
+    database = tmp_path / "data" / "onenet-ota.db"
+    assert token.encode() not in database.read_bytes() + _wal(database)
+
+    again = ServerProcess(tmp_path / "data")
+    processes.append(again)
+    url = again.url()
+    reply = httpx2.get(url + "/api/v1/tokens", headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 200
+    assert [t["name"] for t in reply.json()["items"]] == ["admin"]  # not regenerated
+    assert again.stop() == 0
+    assert again.process.stdout is not None
+    assert again.process.stdout.read() == ""
+
+
+def _wal(database: Path) -> bytes:
+    wal = database.with_name(database.name + "-wal")
+    return wal.read_bytes() if wal.exists() else b""
 
 
 def test_settings_from_the_environment(tmp_path: Path, processes: list[ServerProcess]) -> None:

@@ -1398,9 +1398,10 @@ def test_every_documented_operation_is_served(api: Api) -> None:
 
 
 class _BrokenService(AdminService):
-    def __init__(self, exc: Exception, blobs: BlobStore) -> None:
+    def __init__(self, exc: Exception, blobs: BlobStore, engine: Engine) -> None:
         self.exc = exc
         self.blobs = blobs
+        self.engine = engine  # where the API's tokens are
 
     def list_products(self, **_kwargs: Any) -> Any:
         raise self.exc
@@ -1414,10 +1415,10 @@ class _BrokenService(AdminService):
     ],
 )
 def test_unexpected_failures_send_no_internals(
-    tmp_path: Path, exc: Exception, status: int, code: str
+    tmp_path: Path, engine: Engine, exc: Exception, status: int, code: str
 ) -> None:
     handler = AdminApi(
-        _BrokenService(exc, BlobStore(tmp_path)), admin_token=TOKEN, max_upload_bytes=10
+        _BrokenService(exc, BlobStore(tmp_path), engine), admin_token=TOKEN, max_upload_bytes=10
     )
     with ServerThread(handler.handle) as srv:
         reply = httpx2.get(

@@ -137,11 +137,6 @@ def test_cache_ttl_reaches_the_device_api(tmp_path: Path) -> None:
             asyncio.run(resources.aclose())
 
 
-def test_create_app_needs_an_admin_token(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="admin_token"):
-        create_app(Settings(data_dir=tmp_path))
-
-
 # ------------------------------------------------------------------------------ real processes
 
 

@@ -88,18 +88,6 @@ def test_invalid_settings_are_refused(kwargs: dict[str, object]) -> None:
         Settings(**kwargs)  # type: ignore[arg-type]
 
 
-def test_admin_token_generated_only_when_unset() -> None:
-    settings, generated = Settings().with_admin_token()
-    assert generated is not None
-    assert len(generated) >= 40
-    assert settings.admin_token == SecretStr(generated)
-    again, none = settings.with_admin_token()
-    assert none is None
-    assert again.admin_token == SecretStr(generated)
-    other, _ = Settings().with_admin_token()
-    assert other.admin_token != settings.admin_token
-
-
 def test_http_limits_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from onenet_ota.server.app import http_limits
     from onenet_ota.server.http import Limits

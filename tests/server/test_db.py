@@ -55,7 +55,7 @@ def test_migrated_schema_equals_schema_py(engine: Engine) -> None:
 def test_migrations_reach_head_and_rerun_is_a_no_op(engine: Engine) -> None:
     migrate(engine)
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0004"
+        assert MigrationContext.configure(conn).get_current_revision() == "0005"
     assert _diff(engine) == []
 
 
@@ -276,7 +276,11 @@ def test_deleted_ids_are_never_handed_out_again(engine: Engine) -> None:
         package_id = _new_id(conn, schema.packages, **_PACKAGE)
         task_id = _new_id(conn, schema.tasks, package_id=package_id, **_TASK)
     device_task = {"task_id": task_id, "dev_id": 7, "module_type": 1, "state": 5, "updated_at": 0}
+    token = {"name": "t", "role": "viewer", "secret_hash": "0" * 64, "created_at": 0}
+    entry = {"created_at": 0, "actor": "a", "action": "x.y", "target": "x:1"}
     for table, row in (
+        (schema.api_tokens, token),
+        (schema.audit_log, entry),
         (schema.packages, _PACKAGE),
         (schema.tasks, {"package_id": package_id, **_TASK}),
         (schema.device_tasks, device_task),

@@ -842,4 +842,10 @@ task_pause = _action_command("pause", "Pause a task (to-be-upgraded and download
 task_resume = _action_command("resume", "Resume a paused task (T3).")
 task_cancel = _action_command("cancel", "Cancel a task (every open device; T4).")
 
+# Token management and the audit log live in their own module, which uses the helpers above.
+from onenet_ota.cli.admin_access import audit, token  # noqa: E402
+
+admin.add_command(token)
+admin.add_command(audit)
+
 __all__ = ["AdminClient", "AdminClientError", "admin"]

@@ -56,8 +56,9 @@ def _settings_error(exc: ValidationError) -> str:
 @click.option(
     "--admin-token",
     metavar="TOKEN",
-    help="bearer token of the management API; prefer ONENET_OTA_ADMIN_TOKEN, since "
-    "arguments are visible to other users [default: generated and printed once]",
+    help="secret of the admin API token the first start creates (ignored once tokens exist); "
+    "prefer ONENET_OTA_ADMIN_TOKEN, since arguments are visible to other users "
+    "[default: generated and printed once]",
 )
 @click.option("--workers", type=int, help="worker processes sharing the port [default: 1]")
 @click.option(

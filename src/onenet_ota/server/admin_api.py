@@ -6,10 +6,13 @@ data (:data:`ROUTES`): the dispatcher and the OpenAPI 3.1 document served at
 
 Conventions:
 
-- Authentication: ``Authorization: Bearer <admin token>``, compared in constant time. Only
-  ``/api/v1/openapi.json`` and ``/api/v1/health`` are public.
+- Authentication: ``Authorization: Bearer <token>``, a named API token (:mod:`.api_tokens`).
+  Only ``/api/v1/openapi.json`` and ``/api/v1/health`` are public. Each route needs a role
+  (:attr:`Route.role`): by default viewer for GET and HEAD, operator for every other method;
+  token management needs admin. No token, an unknown or revoked one: 401; a token whose role is
+  too low: 403. The actor of every change in the audit log is the token's name.
 - Errors: ``{"error":{"code":"...","message":"...","details":[...]}}`` with 400 (malformed JSON, a
-  body cut off), 401, 404, 405 (with ``Allow``), 408 (a body that stopped arriving for the idle
+  body cut off), 401, 403, 404, 405 (with ``Allow``), 408 (a body that stopped arriving for the idle
   timeout), 409 (duplicates, an open task, in use), 413 (body too large), 422 (a value breaks a
   rule), 503 (the database is busy; retry), 507 (no disk space for an upload). Never a traceback.
 - Lists: ``?limit=`` (1-1000, default 100) and ``?after=`` (the ``next`` of the previous page);
@@ -32,8 +35,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import hashlib
-import hmac
 import json
 import logging
 import re
@@ -51,6 +52,17 @@ from onenet_ota import auth
 from onenet_ota.protocol import values
 from onenet_ota.protocol.states import Action
 from onenet_ota.server import admin_service as svc
+from onenet_ota.server import audit
+from onenet_ota.server.api_tokens import (
+    TOKEN_ID_MAX,
+    ApiTokenCreate,
+    ApiTokenCreated,
+    ApiTokenPage,
+    Principal,
+    Role,
+    TokenStore,
+    role_allows,
+)
 from onenet_ota.server.blobs import BlobTooLarge
 from onenet_ota.server.http import (
     BodyTooLarge,
@@ -273,6 +285,18 @@ class Route:
     path_params: tuple[Param, ...] = ()  # a value that breaks its rule is 404
     errors: tuple[int, ...] = ()  # the handler's own error statuses; the rest are derived
     public: bool = False
+    # The least role that may call it; None: viewer for GET (and HEAD), operator otherwise, so
+    # that a route added without a thought for roles can never let a viewer change anything.
+    role: Role | None = None
+
+    @property
+    def min_role(self) -> Role | None:
+        """The role a token needs for this route (None: public)."""
+        if self.public:
+            return None
+        if self.role is not None:
+            return self.role
+        return "viewer" if self.method in ("GET", "HEAD") else "operator"
 
     @property
     def segments(self) -> list[str]:
@@ -290,7 +314,7 @@ class Route:
         if self.path_params:
             codes.add(404)
         if not self.public:
-            codes |= {401, 503}  # the token; the database
+            codes |= {401, 403, 503}  # the token, its role; the database
         return sorted(codes)
 
 
@@ -392,6 +416,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "GET", "/products/{pid}", "get_product", "Show a product with its access key",
         "products", response=svc.Product, path_params=_PID,
+        role="operator",  # the key signs device tokens: not a viewer's to read
     ),
     Route(
         "DELETE", "/products/{pid}", "delete_product",
@@ -426,7 +451,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "GET", "/accounts/{uid}", "get_account",
         "Show an account with its access key and product count", "accounts",
-        response=svc.Account, path_params=_UID,
+        response=svc.Account, path_params=_UID, role="operator",  # the key: as get_product
     ),
     Route(
         "DELETE", "/accounts/{uid}", "delete_account", "Delete an account that owns no product",
@@ -558,10 +583,48 @@ ROUTES: Final[tuple[Route, ...]] = (
         )
         for verb in ("pause", "resume", "cancel")
     ),
+    Route(
+        "GET", "/tokens", "list_tokens", "List API tokens (never their secrets)", "tokens",
+        response=ApiTokenPage, query=_page(_int("after", TOKEN_ID_MAX, _NEXT, minimum=0)),
+        role="admin",
+    ),
+    Route(
+        "POST", "/tokens", "create_token",
+        "Create a named API token with a role; its secret is in this reply only", "tokens",
+        status=201, body=ApiTokenCreate, response=ApiTokenCreated, errors=(409,), role="admin",
+    ),
+    Route(
+        "DELETE", "/tokens/{id}", "revoke_token",
+        "Revoke a token: every request with it fails from now on, on every server process",
+        "tokens", status=204, path_params=(_int("id", TOKEN_ID_MAX, "the token"),),
+        errors=(409,), role="admin",
+    ),
+    Route(
+        "GET", "/audit", "list_audit",
+        "The audit log, oldest first: who changed what, when, before and after", "audit",
+        response=audit.AuditPage,
+        query=(
+            Param("actor", description="only this token name or system:<component>",
+                  pattern=".{1,80}"),
+            Param("action", description="only this action, e.g. product.create",
+                  pattern=".{1,64}"),
+            Param("target", description="only this object, e.g. product:123123 or task:7",
+                  pattern=".{1,200}"),
+            _int("since", 2**62, "only entries at or after this Unix time", minimum=0),
+            _int("until", 2**62, "only entries at or before this Unix time", minimum=0),
+            *_page(_int("after", 2**63 - 1, _NEXT, minimum=0)),
+        ),
+    ),
 )  # fmt: skip
 
 # --------------------------------------------------------------------------------------------
 # OpenAPI
+
+_ROLE_NOTE: Final = {
+    "viewer": "Needs a token with the viewer, operator or admin role.",
+    "operator": "Needs a token with the operator or admin role.",
+    "admin": "Needs a token with the admin role.",
+}
 
 _ERROR_HEADERS: Final = {
     401: ("WWW-Authenticate", "Bearer"),
@@ -582,7 +645,8 @@ def openapi_document() -> dict[str, Any]:
     error_ref = ref(ErrorBody, "serialization")
     reasons = {
         400: "Malformed request",
-        401: "Missing or wrong admin token",
+        401: "No token, or an unknown or revoked one",
+        403: "The token's role does not allow this",
         404: "Not found",
         409: "Conflict with existing state",
         408: "The request body stopped arriving",
@@ -667,6 +731,12 @@ def openapi_document() -> dict[str, Any]:
         operation["responses"] = responses
         if route.public:
             operation["security"] = []
+        else:
+            role = route.min_role
+            assert role is not None
+            operation["security"] = [{"bearerAuth": []}]
+            operation["x-required-role"] = role
+            operation["description"] = _ROLE_NOTE[role]
         paths.setdefault(PREFIX + route.path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -683,7 +753,14 @@ def openapi_document() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": dict(sorted(schemas.items())),
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A named API token (onenet-ota admin token create); its role"
+                    " (viewer < operator < admin) decides what it may do (x-required-role).",
+                }
+            },
         },
     }
 
@@ -815,23 +892,26 @@ def _kind(value: str | None) -> int:
 class AdminApi:
     """The ``/api/v1`` handler over an :class:`~onenet_ota.server.admin_service.AdminService`.
 
-    ``admin_token`` is the bearer token operators present. ``max_upload_bytes`` limits package
-    uploads (413 past it). ``on_task_created`` is called with every created task (the task push,
-    §11); it must not block.
+    ``tokens`` holds the API tokens (default: those in the service's database). ``admin_token``,
+    when given, is the first start's admin secret: on an empty token table it becomes the admin
+    token named ``admin`` (:meth:`TokenStore.bootstrap`); otherwise it is ignored.
+    ``max_upload_bytes`` limits package uploads (413 past it). ``on_task_created`` is called
+    with every created task (the task push, §11); it must not block.
     """
 
     def __init__(
         self,
         service: svc.AdminService,
         *,
-        admin_token: str,
+        admin_token: str | None = None,
         max_upload_bytes: int,
         on_task_created: Callable[[svc.CreatedTask], None] | None = None,
+        tokens: TokenStore | None = None,
     ) -> None:
-        if not admin_token:
-            raise ValueError("the management API needs an admin token")
         self.service = service
-        self._token_digest = hashlib.sha256(admin_token.encode()).digest()
+        self.tokens = tokens if tokens is not None else TokenStore(service.engine)
+        if admin_token:
+            self.tokens.bootstrap(admin_token)
         self._max_upload = max_upload_bytes
         self._on_task_created = on_task_created
         self._openapi_bytes: bytes | None = None
@@ -877,15 +957,28 @@ class AdminApi:
                 f"{request.method} is not allowed here; use {allow}",
                 headers=[("Allow", allow)],
             )
-        if not route.public:
-            self._authenticate(request)
+        principal = None
+        if route.min_role is not None:
+            principal = await self._authenticate(request)
+            if not role_allows(principal.role, route.min_role):
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    f"this needs the {route.min_role} role; token {principal.name} is"
+                    f" {principal.role}",
+                )
         call = Call(
             request=request,
             route=route,
             path=_path_values(route, params),
             query=_query_values(route, request.query),
         )
-        result = await self._run(route, call)
+        if principal is None:
+            result = await self._run(route, call)
+        else:
+            # The audit log's actor for whatever the handler changes (threads inherit it).
+            with audit.acting_as(principal.name):
+                result = await self._run(route, call)
         if route.status == 204:
             return Response.empty(204)
         if isinstance(result, Response):
@@ -893,20 +986,28 @@ class AdminApi:
         payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
         return _json_response(route.status, payload)
 
-    def _authenticate(self, request: Request) -> None:
+    async def _authenticate(self, request: Request) -> Principal:
         value = request.header("Authorization") or ""
         scheme, _, token = value.partition(" ")
-        # Digests of equal length, compared in constant time even when the scheme is wrong, so
-        # timing reveals neither the token nor its length.
-        given = hashlib.sha256(token.strip().encode("utf-8", "replace")).digest()
-        ok = hmac.compare_digest(given, self._token_digest)
-        if scheme.lower() != "bearer" or not ok:
+        token = token.strip()
+        principal = None
+        if scheme.lower() == "bearer" and token:
+            try:
+                principal = await self._db(self.tokens.verify, token)
+            except OperationalError:
+                log.warning("database unavailable to check a token for %s", request.path)
+                raise ApiError(
+                    503, "unavailable", "the database is busy or unavailable; retry",
+                    headers=[("Retry-After", "1")],
+                ) from None  # fmt: skip
+        if principal is None:
             raise ApiError(
                 401,
                 "unauthorized",
-                "missing or wrong admin token (Authorization: Bearer <token>)",
+                "missing, unknown or revoked API token (Authorization: Bearer <token>)",
                 headers=[("WWW-Authenticate", "Bearer")],
             )
+        return principal
 
     async def _run(self, route: Route, call: Call) -> Any:
         try:
@@ -1181,4 +1282,35 @@ class AdminApi:
             call.path["id"],
             call.path["dev_id"],
             action,
+        )
+
+    # ---------------------------------------------------------------- tokens and audit
+
+    async def _list_tokens(self, call: Call) -> ApiTokenPage:
+        page = await self._db(
+            self.tokens.list,
+            limit=call.query.get("limit") or svc.DEFAULT_PAGE,
+            after=call.query.get("after"),
+        )
+        return ApiTokenPage(items=page.items, next=page.next)
+
+    async def _create_token(self, call: Call) -> ApiTokenCreated:
+        spec = await self._json_body(call, ApiTokenCreate)
+        return await self._db(self.tokens.create, spec)
+
+    async def _revoke_token(self, call: Call) -> None:
+        await self._db(self.tokens.revoke, call.path["id"])
+
+    async def _list_audit(self, call: Call) -> audit.AuditPage:
+        q = call.query
+        return await self._db(
+            audit.list_entries,
+            self.service.engine,
+            actor=q.get("actor"),
+            action=q.get("action"),
+            target=q.get("target"),
+            since=q.get("since"),
+            until=q.get("until"),
+            after=q.get("after"),
+            limit=q.get("limit") or svc.DEFAULT_PAGE,
         )

@@ -70,7 +70,7 @@ from onenet_ota.protocol.states import (
     TaskState,
 )
 from onenet_ota.protocol.status import PackageKind, TaskType
-from onenet_ota.server import changes
+from onenet_ota.server import audit, changes
 from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.db import is_foreign_key_violation, is_transient, sqlstate
 from onenet_ota.server.schema import (
@@ -737,6 +737,22 @@ class AdminService:
         if self._on_change is not None:
             self._on_change()
 
+    def _audit(
+        self,
+        conn: Connection,
+        action: str,
+        target: str,
+        before: Any,
+        after: Any,
+        detail: str | None = None,
+    ) -> None:
+        """One audit row in ``conn``'s transaction, for :func:`audit.current_actor`. ``before``
+        and ``after``: a row, a model, a mapping or None (audit.py redacts the keys)."""
+        audit.record(
+            conn, actor=audit.current_actor(), action=action, target=target,
+            before=_state(before), after=_state(after), detail=detail, now=self._clock(),
+        )  # fmt: skip
+
     @contextlib.contextmanager
     def _tx(self, conflict: str, *, missing: str | None = None) -> Iterator[Connection]:
         """One transaction. A constraint that a concurrent request broke becomes 409: a
@@ -769,7 +785,9 @@ class AdminService:
                     pid=pid, name=spec.name, access_key=access_key, created_at=now
                 )
             )
-        return Product(pid=pid, name=spec.name, access_key=access_key, created_at=now)
+            product = Product(pid=pid, name=spec.name, access_key=access_key, created_at=now)
+            self._audit(conn, "product.create", f"product:{pid}", None, product)
+        return product
 
     @classmethod
     def _unused_key(cls, conn: Connection, column: ColumnElement[str], what: str) -> str:
@@ -794,12 +812,14 @@ class AdminService:
         """Replace a product's access key. Devices must then sign with the new key (§3.4)."""
         key = spec.access_key or generate_access_key()
         with self._tx("concurrent change") as conn:
+            old = conn.execute(select(products).where(products.c.pid == pid)).first()
             done = conn.execute(
                 update(products).where(products.c.pid == pid).values(access_key=key)
             )
             if done.rowcount == 0:
                 raise NotFound(f"product {pid} not found")
             row = conn.execute(select(products).where(products.c.pid == pid)).one()
+            self._audit(conn, "product.rotate_key", f"product:{pid}", old, row)
             changes.publish(conn, None, self._clock())  # verified Authorization values
         self._changed()
         return _product(row, access_key=True)
@@ -849,10 +869,13 @@ class AdminService:
                 raise NotFound(f"product {pid} not found")
             if uid is not None and not self._lock_account(conn, uid):
                 raise NotFound(f"account {uid} not found")
+            old = row
             if row.account_uid != uid:
                 conn.execute(update(products).where(products.c.pid == pid).values(account_uid=uid))
                 changes.publish(conn, None, now)
             row = conn.execute(select(products).where(products.c.pid == pid)).one()
+            action = "product.set_account" if uid is not None else "product.clear_account"
+            self._audit(conn, action, f"product:{pid}", old, row)
         self._changed()
         return _product(row)
 
@@ -874,7 +897,9 @@ class AdminService:
                     uid=uid, name=spec.name, access_key=access_key, created_at=now
                 )
             )
-        return Account(uid=uid, name=spec.name, access_key=access_key, created_at=now)
+            account = Account(uid=uid, name=spec.name, access_key=access_key, created_at=now)
+            self._audit(conn, "account.create", f"account:{uid}", None, account)
+        return account
 
     @staticmethod
     def _lock_account(conn: Connection, uid: str) -> bool:
@@ -887,12 +912,14 @@ class AdminService:
         working at once, on every worker (the change feed)."""
         key = spec.access_key or generate_access_key()
         with self._tx("concurrent change") as conn:
+            old = conn.execute(select(accounts).where(accounts.c.uid == uid)).first()
             done = conn.execute(
                 update(accounts).where(accounts.c.uid == uid).values(access_key=key)
             )
             if done.rowcount == 0:
                 raise NotFound(f"account {uid} not found")
             row = conn.execute(select(accounts).where(accounts.c.uid == uid)).one()
+            self._audit(conn, "account.rotate_key", f"account:{uid}", old, row)
             changes.publish(conn, None, self._clock())  # verified Authorization values
         self._changed()
         return _account(row, access_key=True)
@@ -957,7 +984,9 @@ class AdminService:
                     " clear their account first",
                     details=[{"products": list(owned), "product_count": total}],
                 )
+            old = conn.execute(select(accounts).where(accounts.c.uid == uid)).one()
             conn.execute(delete(accounts).where(accounts.c.uid == uid))
+            self._audit(conn, "account.delete", f"account:{uid}", old, None)
             # Verified userid tokens of the account are cached by every device API.
             changes.publish(conn, None, now)
         self._changed()
@@ -973,7 +1002,7 @@ class AdminService:
         now = self._now()
         with self._tx(f"product {pid} got a device, package or task meanwhile; retry") as conn:
             row = conn.execute(
-                select(products.c.pid).where(products.c.pid == pid).with_for_update()
+                select(products).where(products.c.pid == pid).with_for_update()
             ).first()
             if row is None:
                 raise NotFound(f"product {pid} not found")
@@ -991,6 +1020,7 @@ class AdminService:
                 )
                 raise Conflict(f"product {pid} still has {what}; delete them first", details=[left])
             conn.execute(delete(products).where(products.c.pid == pid))
+            self._audit(conn, "product.delete", f"product:{pid}", row, None)
             # Verified Authorization values of the product are cached by every device API.
             changes.publish(conn, None, now)
         self._changed()
@@ -999,14 +1029,18 @@ class AdminService:
 
     def create_device(self, spec: DeviceCreate) -> Device:
         """Create one device (given or generated dev_id; optional device key)."""
-        page = self.import_devices(
-            DeviceImport(pid=spec.pid, devices=[DeviceImportItem(**_item_fields(spec))])
+        page = self._import(
+            DeviceImport(pid=spec.pid, devices=[DeviceImportItem(**_item_fields(spec))]),
+            "device.create",
         )
         return page[0]
 
-    @_retried
     def import_devices(self, spec: DeviceImport) -> list[Device]:
         """Create every device in ``spec`` or none: duplicates are reported, nothing is written."""
+        return self._import(spec, "device.import")
+
+    @_retried
+    def _import(self, spec: DeviceImport, action: str) -> list[Device]:
         names = [item.name for item in spec.devices]
         repeated_names = [name for name, n in Counter(names).items() if n > 1]
         if repeated_names:
@@ -1067,6 +1101,12 @@ class AdminService:
                 )
             for batch in _chunks(rows):
                 conn.execute(insert(devices), list(batch))
+            if action == "device.create":
+                self._audit(conn, action, f"device:{rows[0]['dev_id']}", None, rows[0])
+            else:
+                created = [{"dev_id": row["dev_id"], "name": row["name"]} for row in rows]
+                after = {"pid": spec.pid, "count": len(rows), "devices": created}
+                self._audit(conn, action, f"product:{spec.pid}", None, after)
             # Every device API drops what it holds about these dev_ids and the tokens it
             # verified with their keys (a name or dev_id may have been used by a deleted device).
             changes.publish(conn, [row["dev_id"] for row in rows], now)
@@ -1169,12 +1209,14 @@ class AdminService:
         refuses the tokens signed with the old key (the change feed tells the others)."""
         key = spec.device_key or generate_access_key()
         with self._tx("concurrent change") as conn:
+            old = conn.execute(select(devices).where(devices.c.dev_id == dev_id)).first()
             done = conn.execute(
                 update(devices).where(devices.c.dev_id == dev_id).values(device_key=key)
             )
             if done.rowcount == 0:
                 raise NotFound(f"device {dev_id} not found")
             row = conn.execute(select(devices).where(devices.c.dev_id == dev_id)).one()
+            self._audit(conn, "device.rotate_key", f"device:{dev_id}", old, row)
             # Tokens verified with the old key are cached by every device API.
             changes.publish(conn, [dev_id], self._clock())
         self._changed()
@@ -1201,7 +1243,7 @@ class AdminService:
         with self._tx(f"device {dev_id} got a task meanwhile; cancel it first") as conn:
             expire_deadlines(conn, now, dev_id=dev_id)
             row = conn.execute(
-                select(devices.c.dev_id).where(devices.c.dev_id == dev_id).with_for_update()
+                select(devices).where(devices.c.dev_id == dev_id).with_for_update()
             ).first()
             if row is None:
                 raise NotFound(f"device {dev_id} not found")
@@ -1224,6 +1266,7 @@ class AdminService:
                 )
             _delete_finished(conn, device_tasks.c.dev_id == dev_id)
             conn.execute(delete(devices).where(devices.c.dev_id == dev_id))
+            self._audit(conn, "device.delete", f"device:{dev_id}", row, None)
             # The device row, its answers and the tokens verified with its key are cached.
             changes.publish(conn, [dev_id], now)
         self._changed()
@@ -1290,14 +1333,16 @@ class AdminService:
                 )
                 .returning(packages.c.id)
             ).one()
-        return Package(
-            id=row.id,
-            **spec.model_dump(),
-            size=blob.size,
-            md5=blob.md5,
-            sha256=blob.sha256,
-            created_at=now,
-        )
+            package = Package(
+                id=row.id,
+                **spec.model_dump(),
+                size=blob.size,
+                md5=blob.md5,
+                sha256=blob.sha256,
+                created_at=now,
+            )
+            self._audit(conn, "package.create", f"package:{row.id}", None, package)
+        return package
 
     @staticmethod
     def _lock_blobs(conn: Connection) -> None:
@@ -1371,7 +1416,7 @@ class AdminService:
     @_retried
     def _delete_package_row(self, package_id: int) -> str:
         with self._tx(f"package {package_id} is in use") as conn:
-            row = conn.execute(select(packages.c.sha256).where(packages.c.id == package_id)).first()
+            row = conn.execute(select(packages).where(packages.c.id == package_id)).first()
             if row is None:
                 raise NotFound(f"package {package_id} not found")
             used_by = conn.execute(
@@ -1380,6 +1425,7 @@ class AdminService:
             if used_by:
                 raise Conflict(f"package {package_id} is used by {used_by} task(s)")
             conn.execute(delete(packages).where(packages.c.id == package_id))
+            self._audit(conn, "package.delete", f"package:{package_id}", row, None)
         return str(row.sha256)
 
     def sweep_storage(self, stale_after: float) -> tuple[int, int]:
@@ -1486,6 +1532,8 @@ class AdminService:
             for batch in _chunks(rows):
                 conn.execute(insert(device_tasks), list(batch))
             task = self._task(conn, task_id)
+            after = {**task.model_dump(), "skipped": skipped, "cancelled": cancelled}
+            self._audit(conn, "task.create", f"task:{task_id}", None, after)
             # Everything: T5 above may have moved any device, and E3 answers "no task" are cached.
             changes.publish(conn, None, now)
         self._changed()
@@ -1743,8 +1791,10 @@ class AdminService:
                     .limit(changes.MAX_DEVICES_PER_CHANGE + 1)  # beyond it: "anything"
                 ).scalars()
             )
+            old = self._task(conn, task_id)
             _delete_finished(conn, this_task)
             conn.execute(delete(tasks).where(tasks.c.id == task_id))
+            self._audit(conn, "task.delete", f"task:{task_id}", old, None)
             # T5 above needs no feed row of its own: cached answers and download grants end at
             # the deadline by themselves (device_service.py).
             changes.publish(conn, affected, now)
@@ -1769,11 +1819,16 @@ class AdminService:
                 raise Conflict(f"can't {action.name.lower()} a task that is {row.status}")
             # Deadlines first (T5), so that nothing past its deadline is resumed.
             expire_deadlines(conn, now)
+            old = self._task(conn, task_id)
             changed = apply_bulk(conn, action, device_tasks.c.task_id == task_id, now)
             conn.execute(
                 update(tasks).where(tasks.c.id == task_id).values(status=_STATUS_AFTER[action])
             )
             task = self._task(conn, task_id)
+            self._audit(
+                conn, f"task.{action.name.lower()}", f"task:{task_id}", old, task,
+                detail=f"{changed} device task(s) changed",
+            )  # fmt: skip
             changes.publish(conn, None, now)
         self._changed()
         return TaskActionResult(**task.model_dump(), changed=changed)
@@ -1794,17 +1849,32 @@ class AdminService:
                     ).scalar_one_or_none()
                     if device_task_id is None:
                         raise NotFound(f"device {dev_id} is not part of task {task_id}")
+                    old = self._device_views(conn, where, limit=1)[0]
                     try:
                         apply_action(conn, device_task_id, action, now)
                     except IllegalTransition as exc:
                         raise Conflict(str(exc)) from None
                     view = self._device_views(conn, where, limit=1)[0]
+                    self._audit(
+                        conn, f"task.device_{action.name.lower()}",
+                        f"task:{task_id}/device:{dev_id}", old, view,
+                    )  # fmt: skip
                     changes.publish(conn, [dev_id], now)
             except ConcurrentChange:
                 continue  # a device request moved the task meanwhile: read it again
             self._changed()
             return view
         raise Conflict("the device's task keeps changing; retry")
+
+
+def _state(value: Any) -> dict[str, Any] | None:
+    """An object's state for the audit log: a model, a row or a mapping as a dict."""
+    if value is None:
+        return None
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    mapping = getattr(value, "_mapping", value)
+    return dict(mapping)
 
 
 def _product(row: Any, *, access_key: bool = False, device_count: int | None = None) -> Product:

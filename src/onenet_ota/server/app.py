@@ -7,9 +7,10 @@ returned :class:`AppResources`.
 
 ``run(settings)`` is ``onenet-ota serve``:
 
-1. the admin token is taken from the settings or generated and printed once;
-2. the database is migrated (safe when several servers start at once, see ``db.migrate``), and
+1. the database is migrated (safe when several servers start at once, see ``db.migrate``), and
    what a crash left in the package store is removed (``AdminService.sweep_storage``);
+2. on the first start (an empty token table) the management API's admin token is created, with
+   the configured secret or a generated one that is printed once (``api_tokens.py``);
 3. the listening socket is bound once, in this process;
 4. ``workers=1`` serves in this process; ``workers=N`` starts N worker processes (spawned, not
    forked) that share the socket, and restarts one that dies; workers stop when the supervisor
@@ -50,6 +51,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from onenet_ota.server.admin_api import PREFIX, AdminApi
 from onenet_ota.server.admin_service import AdminService
+from onenet_ota.server.api_tokens import TokenStore
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.config import Settings
 from onenet_ota.server.db import create_engine, migrate
@@ -127,11 +129,10 @@ def create_app(
 ) -> tuple[Handler, AppResources]:
     """The combined handler and its resources. The database must already be migrated.
 
-    ``settings.admin_token`` must be set (``run`` generates one when it is not). ``pusher`` is a
-    verified :class:`TaskPusher`, or None for no task push.
+    ``settings.admin_token``, if set, becomes the admin token on an empty token table (the first
+    start; see ``api_tokens.py``). ``pusher`` is a verified :class:`TaskPusher`, or None for no
+    task push.
     """
-    if settings.admin_token is None:
-        raise ValueError("create_app needs settings.admin_token (run() generates one)")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_engine(settings.database_url)
     blobs = BlobStore(settings.packages_dir)
@@ -152,7 +153,9 @@ def create_app(
     )
     admin_api = AdminApi(
         service,
-        admin_token=settings.admin_token.get_secret_value(),
+        admin_token=(
+            settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+        ),
         max_upload_bytes=settings.max_upload_bytes,
         on_task_created=pusher.notify if pusher is not None else None,
     )
@@ -349,6 +352,27 @@ def _sweep_storage(engine: Engine, settings: Settings) -> None:
         )  # fmt: skip
 
 
+def _first_token(engine: Engine, settings: Settings, out: TextIO) -> None:
+    """Create the admin token on an empty token table, printing a generated secret once."""
+    tokens = TokenStore(engine)
+    configured = settings.admin_token.get_secret_value() if settings.admin_token else None
+    generated = tokens.bootstrap(configured)
+    if generated is not None:
+        # To the terminal, never to the log: logs are collected and kept.
+        print(
+            "Created the management API's admin token 'admin'. It is shown only now and kept"
+            " across restarts; store it safely (onenet-ota admin token create makes more):"
+            f"\n{generated}",
+            file=out,
+            flush=True,
+        )
+    elif configured is not None and tokens.verify(configured, touch=False) is None:
+        log.warning(
+            "ONENET_OTA_ADMIN_TOKEN is not an active API token: it names the admin token of the"
+            " first start only; manage tokens with 'onenet-ota admin token'"
+        )
+
+
 def run(
     settings: Settings,
     *,
@@ -358,23 +382,16 @@ def run(
     """``onenet-ota serve``: migrate, bind, serve with ``settings.workers`` processes, and return
     after SIGINT/SIGTERM once everything has stopped.
 
-    A generated admin token is written to ``out`` (default stdout), once. ``ready`` is called
-    with the listening socket before serving starts.
+    On the first start, a generated admin token is written to ``out`` (default stdout), once,
+    and never to the log. ``ready`` is called with the listening socket before serving starts.
     """
     out = out if out is not None else sys.stdout
-    settings, generated = settings.with_admin_token()
-    if generated is not None:
-        print(
-            f"Generated admin token (shown only now; set ONENET_OTA_ADMIN_TOKEN to keep one): "
-            f"{generated}",
-            file=out,
-            flush=True,
-        )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ssl_context(settings)  # fail now, with a clear error, on a bad certificate or key
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         migrate(engine)
+        _first_token(engine, settings, out)
         _sweep_storage(engine, settings)
     finally:
         engine.dispose()

@@ -8,7 +8,7 @@ environment; everything else receives a :class:`Settings`.
 | ``data_dir`` | ``ONENET_OTA_DATA_DIR`` | ``./data``; package files in ``{data_dir}/packages`` |
 | ``host`` / ``port`` | ``ONENET_OTA_HOST`` / ``ONENET_OTA_PORT`` | ``127.0.0.1`` / ``8080`` |
 | ``public_address`` | ``ONENET_OTA_PUBLIC_ADDRESS`` | none: cdn devices get no ``ipPort`` (D10) |
-| ``admin_token`` | ``ONENET_OTA_ADMIN_TOKEN`` | generated at start and printed once |
+| ``admin_token`` | ``ONENET_OTA_ADMIN_TOKEN`` | the first admin token: generated, printed once |
 | ``workers`` | ``ONENET_OTA_WORKERS`` | ``1`` (in-process) |
 | ``tls_cert`` / ``tls_key`` | ``ONENET_OTA_TLS_CERT`` / ``ONENET_OTA_TLS_KEY`` | none: plain HTTP |
 | ``max_upload_bytes`` | ``ONENET_OTA_MAX_UPLOAD_BYTES`` | 256 MiB (at most 2^31-1, §4.5) |
@@ -24,7 +24,6 @@ environment; everything else receives a :class:`Settings`.
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 from typing import Annotated
 
@@ -62,7 +61,9 @@ class Settings(BaseSettings):
         default=None, description="host[:port] handed to cdn devices as ipPort (D10)"
     )
     admin_token: SecretStr | None = Field(
-        default=None, description="bearer token of the management API; generated when unset"
+        default=None,
+        description="secret of the admin API token created on the first start (an empty token"
+        " table); generated and printed once when unset, ignored once tokens exist",
     )
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     tls_cert: Path | None = None
@@ -137,14 +138,3 @@ class Settings(BaseSettings):
     def tls(self) -> bool:
         """Whether the listener speaks TLS."""
         return self.tls_cert is not None
-
-    def with_admin_token(self) -> tuple[Settings, str | None]:
-        """These settings with an admin token, generating one when unset.
-
-        Returns the settings and the generated token (None when one was configured), so that
-        the caller can show a generated token once and never again.
-        """
-        if self.admin_token is not None:
-            return self, None
-        token = secrets.token_urlsafe(32)
-        return self.model_copy(update={"admin_token": SecretStr(token)}), token

@@ -19,6 +19,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -178,5 +179,47 @@ cache_changes = Table(
     Column("created_at", BigInteger, nullable=False),
     Index("ix_cache_changes_xid", "xid"),
     Index("ix_cache_changes_created_at", "created_at"),
+    sqlite_autoincrement=True,
+)
+
+# Bearer tokens of the management API (server/api_tokens.py). Only a keyed hash of each secret is
+# kept; a revoked token keeps its row (revoked_at set), so its name and id stay taken and the
+# audit log's names stay unambiguous.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("prefix", String(16), nullable=False, server_default=""),  # shown in lists
+    Column("secret_hash", String(64), nullable=False),  # hex HMAC-SHA256 of the secret
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_used_at", BigInteger, nullable=True),  # to the minute, not per request
+    Column("revoked_at", BigInteger, nullable=True),
+    UniqueConstraint("name"),
+    UniqueConstraint("secret_hash"),
+    CheckConstraint("role IN ('viewer', 'operator', 'admin')", name="role"),
+    sqlite_autoincrement=True,
+)
+
+# Who changed what, when, from what to what (server/audit.py): one row per management action
+# and per automatic decision, written in the transaction of the change itself.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("created_at", BigInteger, nullable=False),
+    Column("actor", String(80), nullable=False),  # a token's name, or system:<component>
+    Column("action", String(64), nullable=False),  # e.g. product.create, task.pause
+    Column("target", String(200), nullable=False),  # e.g. product:123123, task:7
+    Column("before_state", Text, nullable=True),  # JSON, secrets redacted
+    Column("after_state", Text, nullable=True),
+    Column("detail", Text, nullable=True),  # the numbers behind an automatic decision
+    Index("ix_audit_log_actor", "actor"),
+    Index("ix_audit_log_action", "action"),
+    Index("ix_audit_log_target", "target"),
+    Index("ix_audit_log_created_at", "created_at"),
     sqlite_autoincrement=True,
 )
