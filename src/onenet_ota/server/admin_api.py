@@ -849,7 +849,19 @@ class AdminApi:
             log.exception("management request %s %s failed", request.method, request.path)
             return _error_response(ApiError(500, "internal", "internal error"))
 
-    async def _dispatch(self, request: Request) -> Response:
+    async def handle_signed_in(self, request: Request) -> Response:
+        """Answer ``request`` for a caller this process has signed in already (the web console),
+        so it carries no bearer token; every other rule of the route applies as for ``handle``.
+        """
+        try:
+            return await self._dispatch(request, authenticated=True)
+        except ApiError as exc:
+            return _error_response(exc)
+        except Exception:
+            log.exception("management request %s %s failed", request.method, request.path)
+            return _error_response(ApiError(500, "internal", "internal error"))
+
+    async def _dispatch(self, request: Request, *, authenticated: bool = False) -> Response:
         path = request.path
         if path != PREFIX and not path.startswith(PREFIX + "/"):
             raise ApiError(404, "not_found", "no such endpoint")
@@ -877,7 +889,7 @@ class AdminApi:
                 f"{request.method} is not allowed here; use {allow}",
                 headers=[("Allow", allow)],
             )
-        if not route.public:
+        if not route.public and not authenticated:
             self._authenticate(request)
         call = Call(
             request=request,
