@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 import jinja2
 from babel.support import NullTranslations
 
-from onenet_ota.protocol.status import StatusCode
+from onenet_ota.protocol.status import describe_status
 from onenet_ota.server import admin_service as svc
 from onenet_ota.server.admin_api import PREFIX as API
 from onenet_ota.server.console import PREFIX, i18n
@@ -124,12 +124,7 @@ class _Ctx:
 
 
 def _status_text(code: int | None) -> str:
-    if code is None:
-        return ""
-    try:
-        return f"{code} {StatusCode(code).name.lower().replace('_', ' ')}"
-    except ValueError:
-        return str(code)
+    return "" if code is None else describe_status(code)
 
 
 class Console:
@@ -159,7 +154,7 @@ class Console:
         self._translations = i18n.load_translations()
         self._envs = {code: self._environment(t) for code, t in self._translations.items()}
         self._static = self._load_static()
-        self.live: LiveHub[int, dict[str, Any]] = LiveHub(self._task_counts)
+        self.live: LiveHub[int, dict[str, Any]] = LiveHub(self._task_live)
         self._pages = self._page_table()
 
     # ------------------------------------------------------------------ set-up
@@ -532,15 +527,35 @@ class Console:
         return self._render(ctx, "tasks.html", {"tasks": page.items, "next": page.next})
 
     async def _task(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        task_id = int(match["id"])
         try:
-            task = await asyncio.to_thread(self.service.get_task, int(match["id"]))
+            task = await asyncio.to_thread(self.service.get_task, task_id)
+            devices = await asyncio.to_thread(
+                self._devices_of, task_id, ctx.request.query.get("after") or None
+            )
         except svc.NotFound:
             raise _Refused(404, self._gettext(ctx, "No such task.")) from None
-        return self._render(ctx, "task.html", {"task": task, "counts": _counts(task)})
+        return self._render(ctx, "task.html", {"task": task, "counts": _counts(task), **devices})
 
-    async def _task_counts(self, task_id: int) -> dict[str, Any]:
-        task = await asyncio.to_thread(self.service.get_task, task_id)
-        return {"status": task.status, "total": task.total, **_counts(task)}
+    def _devices_of(self, task_id: int, after: str | None) -> dict[str, Any]:
+        page = self.service.list_task_devices(task_id, after=after, limit=100)
+        failed = self.service.list_task_devices(task_id, state="failed", limit=500)
+        reasons: dict[int | None, list[svc.DeviceTaskView]] = {}
+        for device in failed.items:
+            reasons.setdefault(device.result_code, []).append(device)
+        return {
+            "devices": page.items,
+            "devices_next": page.next,
+            "reasons": sorted(reasons.items(), key=lambda kv: (-len(kv[1]), kv[0] or 0)),
+            "reasons_partial": failed.next is not None,
+        }
+
+    async def _task_live(self, task_id: int) -> dict[str, Any]:
+        def read() -> dict[str, Any]:
+            task = self.service.get_task(task_id)
+            return {"counts": _counts(task), "devices": self._devices_of(task_id, None)}
+
+        return await asyncio.to_thread(read)
 
     async def _task_events(self, ctx: _Ctx, match: re.Match[str]) -> Response:
         task_id = int(match["id"])
@@ -549,7 +564,10 @@ class Console:
         except svc.NotFound:
             raise _Refused(404, self._gettext(ctx, "No such task.")) from None
         env = self._envs[ctx.lang]
-        fragment = env.get_template("_task_counts.html")
+        fragments = {
+            "counts": env.get_template("_task_counts.html"),
+            "devices": env.get_template("_task_devices.html"),
+        }
 
         async def events() -> AsyncIterator[bytes]:
             yield b"retry: 1000\n\n"
@@ -557,9 +575,15 @@ class Console:
                 if value is None:
                     yield b""  # lets the HTTP layer notice a gone client or a stopping server
                     continue
-                html = fragment.render(counts=value, task_id=task_id)
-                data = "".join(f"data: {line}\n" for line in html.splitlines())
-                yield f"event: counts\n{data}\n".encode()
+                for event, fragment in fragments.items():
+                    html = fragment.render(
+                        counts=value["counts"],
+                        task_id=task_id,
+                        prefix=PREFIX,
+                        **value["devices"],
+                    )
+                    data = "".join(f"data: {line}\n" for line in html.splitlines())
+                    yield f"event: {event}\n{data}\n".encode()
 
         headers = [
             ("Content-Type", "text/event-stream; charset=utf-8"),
