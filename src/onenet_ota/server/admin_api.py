@@ -929,7 +929,20 @@ class AdminApi:
             log.exception("management request %s %s failed", request.method, request.path)
             return _error_response(ApiError(500, "internal", "internal error"))
 
-    async def _dispatch(self, request: Request) -> Response:
+    async def handle_signed_in(self, request: Request, principal: Principal) -> Response:
+        """Answer ``request`` for ``principal``, whom this process has signed in already (the
+        web console), so the request carries no bearer token. Every other rule of the route
+        applies as for :meth:`handle`: the role it needs, and the audit log's actor.
+        """
+        try:
+            return await self._dispatch(request, principal=principal)
+        except ApiError as exc:
+            return _error_response(exc)
+        except Exception:
+            log.exception("management request %s %s failed", request.method, request.path)
+            return _error_response(ApiError(500, "internal", "internal error"))
+
+    async def _dispatch(self, request: Request, *, principal: Principal | None = None) -> Response:
         path = request.path
         if path != PREFIX and not path.startswith(PREFIX + "/"):
             raise ApiError(404, "not_found", "no such endpoint")
@@ -957,9 +970,9 @@ class AdminApi:
                 f"{request.method} is not allowed here; use {allow}",
                 headers=[("Allow", allow)],
             )
-        principal = None
         if route.min_role is not None:
-            principal = await self._authenticate(request)
+            if principal is None:
+                principal = await self._authenticate(request)
             if not role_allows(principal.role, route.min_role):
                 raise ApiError(
                     403,

@@ -290,6 +290,17 @@ class TokenStore:
             self._touch(row.id, now)
         return Principal(id=row.id, name=row.name, role=row.role)
 
+    def active(self, token_id: int) -> Principal | None:
+        """Token ``token_id`` if it is still active (not revoked), else None. Reads the
+        database every time, like :meth:`verify`: the web console asks it on every request, so
+        a revocation ends a console session at once."""
+        query = select(api_tokens.c.id, api_tokens.c.name, api_tokens.c.role).where(
+            api_tokens.c.id == token_id, api_tokens.c.revoked_at.is_(None)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else Principal(id=row.id, name=row.name, role=row.role)
+
     def _touch(self, token_id: int, now: int) -> None:
         with self._lock:
             if token_id in self._touching:

@@ -54,6 +54,7 @@ from onenet_ota.server.admin_service import AdminService
 from onenet_ota.server.api_tokens import TokenStore
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.config import Settings
+from onenet_ota.server.console import PREFIX as CONSOLE_PREFIX
 from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.device_api import DeviceApi
 from onenet_ota.server.http import (
@@ -162,14 +163,40 @@ def create_app(
     resources = AppResources(settings, engine, blobs, device_api, admin_api, pusher)
     admin_handle = admin_api.handle
     device_handle = device_api.handle
+    console_handle = _console(settings, service, admin_api)
 
     async def handle(request: Request) -> Response:
         path = request.path
         if path == PREFIX or path.startswith(PREFIX + "/"):
             return await admin_handle(request)
+        if console_handle is not None and (
+            path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")
+        ):
+            return await console_handle(request)
         return await device_handle(request)
 
     return handle, resources
+
+
+def _console(settings: Settings, service: AdminService, admin_api: AdminApi) -> Handler | None:
+    if not settings.console:
+        return None
+    # Imported here: Jinja2 and Babel load only when the console is on.
+    from onenet_ota.server.console.app import Console
+    from onenet_ota.server.console.sessions import SessionCodec, load_or_create_key
+
+    console = Console(
+        service,
+        admin_api,
+        admin_api.tokens,
+        SessionCodec(
+            load_or_create_key(settings.data_dir),
+            lifetime=settings.console_session_hours * 3600,
+        ),
+        secure=settings.tls_cert is not None,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
+    return console.handle
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:

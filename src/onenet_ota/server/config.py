@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     # Changes made through any server process reach every cache within 0.1 s (server/changes.py);
     # this bounds only what the feed cannot carry (SQL typed into the database by hand).
     cache_ttl: Annotated[float, Field(ge=0, le=86400)] = 30.0  # device_service.DEFAULT_CACHE_TTL
+    console: bool = Field(default=True, description="serve the web console at /console")
+    console_session_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 8.0
     push_url: str | None = Field(default=None, description="task-push receiver URL (§11)")
     push_token: SecretStr | None = Field(default=None, description="task-push token (§11)")
     push_uid: Annotated[int, Field(ge=0)] = 0

@@ -25,7 +25,7 @@ from onenet_ota.protocol.download import DownloadError
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.messages import MAX_JSON_RESPONSE, encode_envelope
 from onenet_ota.protocol.ranges import format_content_range
-from onenet_ota.server.http import REASONS, FileSegment, Response
+from onenet_ota.server.http import REASONS, FileSegment, Response, Stream
 
 __all__ = [
     "MAX_HEADERS",
@@ -66,6 +66,8 @@ def response_size(response: Response, *, closing: bool = True) -> int:
     if closing and all(name != "Connection" for name, _ in response.headers):
         size += _CLOSE_LINE_LEN
     body = response.body
+    if isinstance(body, Stream):
+        raise TypeError("a device reply is never a stream")
     size += body.length if isinstance(body, FileSegment) else len(body)
     return size
 

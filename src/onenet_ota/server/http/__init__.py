@@ -120,6 +120,7 @@ from onenet_ota.server.http.models import (
     RequestAborted,
     RequestTimedOut,
     Response,
+    Stream,
     default_max_connections,
 )
 from onenet_ota.server.http.server import HttpServer, LogThrottle, new_event_loop, serve
@@ -139,6 +140,7 @@ __all__ = [
     "RequestAborted",
     "RequestTimedOut",
     "Response",
+    "Stream",
     "default_max_connections",
     "make_server_ssl_context",
     "new_event_loop",

@@ -33,6 +33,7 @@ from onenet_ota.server.http.models import (
     RequestAborted,
     RequestTimedOut,
     Response,
+    Stream,
 )
 
 if TYPE_CHECKING:
@@ -813,6 +814,8 @@ class Connection(asyncio.Protocol):
         included, and the body never does (a file segment is not even opened).
         """
         payload = response.body
+        if isinstance(payload, Stream):
+            return await self._send_stream(response, payload, http10, head_only)
         try:
             if head_only:
                 length = payload.length if isinstance(payload, FileSegment) else len(payload)
@@ -833,6 +836,31 @@ class Connection(asyncio.Protocol):
             self.write(payload)
         await self._drain()
         return close
+
+    async def _send_stream(
+        self, response: Response, stream: Stream, http10: bool, head_only: bool
+    ) -> bool:
+        chunks = stream.chunks
+        try:
+            head, _ = encode_head(response, None, True, http10, head_only)
+            self.write(head)
+            await self._drain()
+            if head_only:
+                return True
+            async for chunk in chunks:
+                if self.state is CLOSED or self.server.closing:
+                    break  # the client left, or the server stops: an empty chunk gets here
+                if chunk:
+                    self.write(chunk)
+                    await self._drain()
+        except InvalidResponse as exc:
+            logger.error("invalid streamed response (%s); closing", exc)
+            raise _AbortConnection from exc
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return True  # close-delimited: the end of the connection ends the body
 
     async def _send_file(
         self, response: Response, segment: FileSegment, close: bool, http10: bool

@@ -17,6 +17,7 @@ __all__ = [
     "Request",
     "RequestAborted",
     "Response",
+    "Stream",
     "default_max_connections",
 ]
 
@@ -55,6 +56,20 @@ class FileSegment:
 
 
 @dataclass(slots=True)
+class Stream:
+    """A response body produced over time, such as Server-Sent Events.
+
+    Each chunk is written as the iterator yields it. The body is close-delimited (RFC 9112
+    §6.3): the connection closes after the last chunk, so a stream never holds a keep-alive
+    connection's later requests hostage. The layer stops the iterator (closes it at its next
+    ``yield``) when the client goes away or the server begins to stop, so an iterator that waits
+    long between chunks should yield an empty chunk now and then to be checked.
+    """
+
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass(slots=True)
 class Response:
     """A response, serialised exactly: headers in the given order and casing, nothing added
     except ``Connection: close`` when the connection is about to close (D26), or ``Connection:
@@ -71,7 +86,7 @@ class Response:
 
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes | FileSegment = b""
+    body: bytes | FileSegment | Stream = b""
     reason: str | None = None
 
     @classmethod

@@ -1,0 +1,736 @@
+"""The web console at ``/console``: server-rendered pages over the management API.
+
+The console holds no rules of its own. Pages read through the same service as the management
+API, and every change is sent through the management API's own dispatcher
+(:meth:`~onenet_ota.server.admin_api.AdminApi.handle_signed_in`), so validation, roles and
+errors are the API's, word for word. What the console adds is presentation and the browser's
+security: a signed session cookie (:mod:`.sessions`), a CSRF token on every change, a
+Content-Security-Policy that allows only the console's own files (no inline script, no outside
+origin), and escaping of everything shown (Jinja2 autoescape).
+
+Live counters come over Server-Sent Events (:mod:`.live`): at most two updates a second per
+page, read once per period however many pages watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import mimetypes
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qsl, quote, urlencode
+
+import jinja2
+from babel.support import NullTranslations
+
+from onenet_ota.protocol.status import describe_status
+from onenet_ota.server import admin_service as svc
+from onenet_ota.server.admin_api import PREFIX as API
+from onenet_ota.server.admin_api import AdminApi
+from onenet_ota.server.api_tokens import Principal, role_allows
+from onenet_ota.server.console import PREFIX, i18n
+from onenet_ota.server.console.live import LiveHub
+from onenet_ota.server.console.principals import TokenDirectory
+from onenet_ota.server.console.sessions import Session, SessionCodec
+from onenet_ota.server.http import Request, Response, Stream
+
+__all__ = ["LABELS", "Console"]
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE: Final = "onenet_ota_session"
+LANG_COOKIE: Final = "onenet_ota_lang"
+MAX_FORM: Final = 16 * 1024
+STREAM_LIFETIME: Final = 60.0
+"""Seconds an event stream lasts; the browser's EventSource then reconnects by itself, which
+also re-checks the session, so a revoked token stops receiving within this time at most."""
+
+_HERE = Path(__file__).parent
+_STATIC = _HERE / "static"
+
+CSP: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+_SECURITY_HEADERS: Final = (
+    ("Content-Security-Policy", CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+    ("X-Frame-Options", "DENY"),
+)
+
+
+def N_(message: str) -> str:
+    """Marks ``message`` for the catalogue; it is translated where it is shown."""
+    return message
+
+
+LABELS: Final[Mapping[str, str]] = {
+    # device-task states (protocol.states) and task statuses
+    "to_be_upgraded": N_("to be upgraded"),
+    "downloading": N_("downloading"),
+    "upgrading": N_("upgrading"),
+    "succeeded": N_("succeeded"),
+    "failed": N_("failed"),
+    "cancelled": N_("cancelled"),
+    "paused": N_("paused"),
+    "active": N_("active"),
+    # roles
+    "viewer": N_("viewer"),
+    "operator": N_("operator"),
+    "admin": N_("admin"),
+}
+"""Display names of the values the console shows as words, by value."""
+
+
+class _Redirect(Exception):
+    def __init__(self, location: str) -> None:
+        self.location = location
+
+
+class _Refused(Exception):
+    """A request the console answers with a page saying why (no traceback, no 5xx)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    method: str
+    pattern: re.Pattern[str]
+    handler: Callable[[_Ctx, re.Match[str]], Awaitable[Response]]
+    role: str | None  # None: no session needed (sign-in, static files)
+    form: bool = True  # a POST's body is a form (else: the upload's file)
+
+
+@dataclass(slots=True)
+class _Ctx:
+    request: Request
+    lang: str
+    session: Session | None
+    principal: Principal | None
+    csrf: str  # the session's CSRF token, for the page's forms
+    secure: bool
+    form: dict[str, str] = field(default_factory=dict)  # a form change's fields, once checked
+
+
+def _status_text(code: int | None) -> str:
+    return "" if code is None else describe_status(code)
+
+
+class Console:
+    """The ``/console`` handler.
+
+    ``service`` is the management API's service (reads); ``api`` its dispatcher (changes);
+    ``tokens`` the token store that signs operators in; ``sessions`` the cookie codec;
+    ``secure`` whether the listener uses TLS (then cookies are ``Secure``).
+    """
+
+    def __init__(
+        self,
+        service: svc.AdminService,
+        api: AdminApi,
+        tokens: TokenDirectory,
+        sessions: SessionCodec,
+        *,
+        secure: bool = False,
+        max_upload_bytes: int = 0,
+    ) -> None:
+        self.service = service
+        self._api = api
+        self._tokens = tokens
+        self._sessions = sessions
+        self._secure = secure
+        self._max_upload = max_upload_bytes
+        self._translations = i18n.load_translations()
+        self._envs = {code: self._environment(t) for code, t in self._translations.items()}
+        self._static = self._load_static()
+        self.live: LiveHub[int, dict[str, Any]] = LiveHub(self._task_live)
+        self._pages = self._page_table()
+
+    # ------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _environment(translations: NullTranslations) -> jinja2.Environment:
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(_HERE / "templates"),
+            autoescape=True,  # every value shown is escaped: a `<script>` name stays text
+            extensions=["jinja2.ext.i18n"],
+            undefined=jinja2.StrictUndefined,
+            auto_reload=False,
+        )
+        env.install_gettext_translations(translations, newstyle=True)  # type: ignore[attr-defined]
+        env.filters["status"] = _status_text
+        env.filters["label"] = lambda value: translations.gettext(LABELS.get(value, value))
+        env.filters["when"] = lambda t: (
+            "" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(t)))
+        )
+        return env
+
+    @staticmethod
+    def _load_static() -> dict[str, tuple[bytes, str, str]]:
+        # A fixed, small set of files: read once, served from memory with a content ETag.
+        files: dict[str, tuple[bytes, str, str]] = {}
+        for path in sorted(_STATIC.iterdir()):
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            if kind.startswith("text/") or kind.endswith("javascript"):
+                kind += "; charset=utf-8"
+            etag = '"' + hashlib.sha256(data).hexdigest()[:20] + '"'
+            files[path.name] = (data, kind, etag)
+        return files
+
+    def _page_table(self) -> list[_Page]:
+        def page(
+            method: str,
+            pattern: str,
+            handler: Callable[[_Ctx, re.Match[str]], Awaitable[Response]],
+            role: str | None = "viewer",
+            *,
+            form: bool = True,
+        ) -> _Page:
+            return _Page(method, re.compile(pattern + r"\Z"), handler, role, form)
+
+        return [
+            page("GET", r"/static/(?P<name>[A-Za-z0-9._-]+)", self._static_file, None),
+            page("GET", r"/login", self._login_form, None),
+            page("POST", r"/login", self._login, None),
+            page("POST", r"/logout", self._logout, None),
+            page("POST", r"/lang", self._set_lang, None),
+            page("GET", r"/?", self._overview),
+            page("GET", r"/devices", self._devices),
+            page("GET", r"/devices/(?P<dev_id>[1-9][0-9]{0,18})", self._device),
+            page("GET", r"/packages", self._packages),
+            page("POST", r"/packages/upload", self._upload, "operator", form=False),
+            page(
+                "POST",
+                r"/packages/(?P<id>[1-9][0-9]{0,9})/delete",
+                self._delete_package,
+                "operator",
+            ),
+            page("GET", r"/tasks", self._tasks),
+            page("GET", r"/tasks/(?P<id>[1-9][0-9]{0,9})", self._task),
+            page("GET", r"/tasks/(?P<id>[1-9][0-9]{0,9})/events", self._task_events),
+            page(
+                "POST",
+                r"/tasks/(?P<id>[1-9][0-9]{0,9})/(?P<action>pause|resume|cancel)",
+                self._task_action,
+                "operator",
+            ),
+        ]  # fmt: skip
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one ``/console`` request; never raises, never sends a traceback."""
+        ctx = self._context(request)
+        try:
+            return await self._dispatch(ctx)
+        except _Redirect as redirect:
+            return self._redirect(redirect.location)
+        except _Refused as refused:
+            return self._render(ctx, "error.html", {"message": refused.message}, refused.status)
+        except Exception:
+            log.exception("console request %s %s failed", request.method, request.path)
+            return self._render(ctx, "error.html", {"message": "internal error"}, 500)
+
+    def _context(self, request: Request) -> _Ctx:
+        cookies = _cookies(request)
+        lang = i18n.negotiate(cookies.get(LANG_COOKIE), request.header("Accept-Language"))
+        session = self._sessions.decode(cookies.get(SESSION_COOKIE))
+        principal: Principal | None = None
+        if session is not None:
+            # Asked on every request: a revoked token's sessions end at once.
+            principal = self._active(session)
+            if principal is None:
+                session = None
+        csrf = self._sessions.csrf_token(session) if session is not None else ""
+        return _Ctx(request, lang, session, principal, csrf, self._secure)
+
+    def _active(self, session: Session) -> Principal | None:
+        try:
+            token_id = int(session.token_id)
+        except ValueError:
+            return None
+        principal = self._tokens.active(token_id)
+        if principal is None or principal.name != session.name or principal.role != session.role:
+            return None
+        return principal
+
+    async def _dispatch(self, ctx: _Ctx) -> Response:
+        request = ctx.request
+        sub = request.path[len(PREFIX) :] or "/"
+        method = "GET" if request.method == "HEAD" else request.method
+        allowed: set[str] = set()
+        for page in self._pages:
+            match = page.pattern.match(sub)
+            if match is None:
+                continue
+            if page.method != method:
+                allowed.add(page.method)
+                continue
+            if page.role is not None:
+                if ctx.principal is None:
+                    if method == "GET":
+                        raise _Redirect(f"{PREFIX}/login?next={quote(request.path)}")
+                    raise _Refused(401, self._gettext(ctx, "Sign in first."))
+                if not role_allows(ctx.principal.role, page.role):
+                    raise _Refused(403, self._gettext(ctx, "Your role may not do this."))
+            if method == "POST":
+                await self._check_change(ctx, page)
+            return await page.handler(ctx, match)
+        if allowed:
+            raise _Refused(405, self._gettext(ctx, "Method not allowed."))
+        raise _Refused(404, self._gettext(ctx, "No such page."))
+
+    async def _check_change(self, ctx: _Ctx, page: _Page) -> None:
+        """The CSRF and origin checks of a change, before its handler runs.
+
+        A form page's body is read here (into ``ctx.form``) and must carry the session's token
+        in ``_csrf``; any other change (the package upload, whose body is the file) must carry
+        it in the ``X-CSRF-Token`` header, as htmx and console.js send it.
+        """
+        _check_origin(ctx, self._gettext(ctx, "The request came from another site."))
+        if page.role is None:  # sign-in, sign-out, language: no session to protect yet
+            if page.form:
+                ctx.form = await self._read_form(ctx)
+            return
+        expired = self._gettext(ctx, "The form has expired; reload the page.")
+        session = ctx.session
+        header = ctx.request.header("X-CSRF-Token")
+        if page.form:
+            ctx.form = await self._read_form(ctx)
+            given = header if header is not None else ctx.form.get("_csrf")
+        else:
+            given = header
+        if session is None or not self._sessions.check_csrf(session, given):
+            raise _Refused(403, expired)
+
+    async def _read_form(self, ctx: _Ctx) -> dict[str, str]:
+        request = ctx.request
+        unreadable = self._gettext(ctx, "The form could not be read.")
+        try:
+            raw = await request.body(MAX_FORM)
+        except Exception as exc:
+            raise _Refused(400, unreadable) from exc
+        form: dict[str, str] = {}
+        try:
+            for key, value in parse_qsl(raw.decode("utf-8"), keep_blank_values=True):
+                form.setdefault(key, value)
+        except (UnicodeDecodeError, ValueError):
+            raise _Refused(400, unreadable) from None
+        return form
+
+    # ------------------------------------------------------------------ rendering
+
+    def _gettext(self, ctx: _Ctx, message: str) -> str:
+        return self._translations[ctx.lang].gettext(message)
+
+    def _render(
+        self, ctx: _Ctx, template: str, values: Mapping[str, Any], status: int = 200
+    ) -> Response:
+        env = self._envs[ctx.lang]
+        html = env.get_template(template).render(
+            lang=ctx.lang,
+            languages=i18n.LANGUAGES,
+            principal=ctx.principal,
+            csrf=ctx.csrf,
+            prefix=PREFIX,
+            path=ctx.request.path,
+            can_operate=ctx.principal is not None and role_allows(ctx.principal.role, "operator"),
+            **values,
+        )
+        return self._html(html, status)
+
+    @staticmethod
+    def _html(html: str, status: int = 200, extra: list[tuple[str, str]] | None = None) -> Response:
+        body = html.encode("utf-8")
+        headers = [
+            ("Content-Type", "text/html; charset=utf-8"),
+            ("Cache-Control", "no-store"),
+            *_SECURITY_HEADERS,
+            *(extra or []),
+            ("Content-Length", str(len(body))),
+        ]
+        return Response(status, headers, body)
+
+    @staticmethod
+    def _redirect(location: str, extra: list[tuple[str, str]] | None = None) -> Response:
+        return Response.empty(
+            303, [("Location", location), ("Cache-Control", "no-store"), *(extra or [])]
+        )
+
+    def _cookie(self, name: str, value: str, *, max_age: int | None = None) -> tuple[str, str]:
+        parts = [f"{name}={value}", f"Path={PREFIX}", "HttpOnly", "SameSite=Strict"]
+        if max_age is not None:
+            parts.append(f"Max-Age={max_age}")
+        if self._secure:
+            parts.append("Secure")
+        return ("Set-Cookie", "; ".join(parts))
+
+    # ------------------------------------------------------------------ pages
+
+    async def _static_file(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        found = self._static.get(match["name"])
+        if found is None:
+            raise _Refused(404, self._gettext(ctx, "No such page."))
+        data, kind, etag = found
+        headers = [
+            ("Content-Type", kind),
+            ("ETag", etag),
+            ("Cache-Control", "no-cache"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        if ctx.request.header("If-None-Match") == etag:
+            return Response.empty(304, headers[1:])
+        return Response(200, [*headers, ("Content-Length", str(len(data)))], data)
+
+    async def _login_form(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        return self._render(ctx, "login.html", {"error": None, "next": _safe_next(ctx)})
+
+    async def _login(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        # No session yet, so no CSRF token: SameSite=Strict and the origin check guard sign-in.
+        form = ctx.form
+        secret = form.get("token", "").strip()
+        principal = await asyncio.to_thread(self._tokens.verify, secret) if secret else None
+        if principal is None:
+            log.info("console sign-in refused from %s", ctx.request.peer)
+            return self._render(
+                ctx,
+                "login.html",
+                {
+                    "error": self._gettext(ctx, "That token is not valid."),
+                    "next": _safe_next(ctx, form.get("next")),
+                },
+                401,
+            )
+        session = self._sessions.new(str(principal.id), principal.name, principal.role)
+        log.info("console sign-in by token %r", principal.name)
+        cookie = self._cookie(
+            SESSION_COOKIE, self._sessions.encode(session), max_age=int(self._sessions.lifetime)
+        )
+        return self._redirect(_safe_next(ctx, form.get("next")), [cookie])
+
+    async def _logout(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        # A forged sign-out (another site's form) would only be a nuisance, but it is refused
+        # all the same: a signed-in session must show its CSRF token.
+        session = ctx.session
+        if session is not None and not self._sessions.check_csrf(session, ctx.form.get("_csrf")):
+            raise _Refused(403, self._gettext(ctx, "The form has expired; reload the page."))
+        return self._redirect(f"{PREFIX}/login", [self._cookie(SESSION_COOKIE, "", max_age=0)])
+
+    async def _set_lang(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        # A language choice changes nothing on the server: no session or CSRF token needed.
+        form = ctx.form
+        lang = form.get("lang", "")
+        if lang not in i18n.LANGUAGES:
+            raise _Refused(400, self._gettext(ctx, "Unknown language."))
+        cookie = self._cookie(LANG_COOKIE, lang, max_age=365 * 86400)
+        return self._redirect(_safe_next(ctx, form.get("next")), [cookie])
+
+    async def _overview(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        overview = await asyncio.to_thread(self._overview_data)
+        return self._render(ctx, "overview.html", overview)
+
+    def _overview_data(self) -> dict[str, Any]:
+        tasks = self.service.list_tasks(status="active", limit=20).items
+        versions: dict[tuple[str, str], int] = {}
+        failures: dict[int, int] = {}
+        page = self.service.list_devices(limit=500)
+        for device in page.items:
+            key = (device.pid, device.f_version or "-")
+            versions[key] = versions.get(key, 0) + 1
+        for task in tasks:
+            detail = self.service.get_task(task.id)
+            for dt in detail.devices:
+                if dt.state == "failed" and dt.result_code is not None:
+                    failures[dt.result_code] = failures.get(dt.result_code, 0) + 1
+        return {
+            "tasks": tasks,
+            "versions": sorted(versions.items()),
+            "versions_partial": page.next is not None,
+            "failures": sorted(failures.items(), key=lambda kv: -kv[1]),
+        }
+
+    async def _devices(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        q = ctx.request.query
+        try:
+            page = await asyncio.to_thread(
+                self.service.list_devices,
+                pid=q.get("pid") or None,
+                f_version=q.get("version") or None,
+                name_contains=q.get("q") or None,
+                after=q.get("after") or None,
+                limit=50,
+            )
+        except svc.AdminError as exc:
+            raise _Refused(422, str(exc)) from None
+        return self._render(
+            ctx,
+            "devices.html",
+            {
+                "devices": page.items,
+                "next": page.next,
+                "filters": {k: q.get(k, "") for k in ("pid", "version", "q")},
+            },
+        )
+
+    async def _device(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        dev_id = int(match["dev_id"])
+        try:
+            if dev_id > svc.DEV_ID_MAX:
+                raise svc.NotFound("no such device")
+            device = await asyncio.to_thread(self.service.get_device, dev_id)
+        except svc.NotFound:
+            raise _Refused(404, self._gettext(ctx, "No such device.")) from None
+        return self._render(ctx, "device.html", {"device": device})
+
+    async def _packages(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        page = await asyncio.to_thread(
+            self.service.list_packages, after=ctx.request.query.get("after") or None, limit=50
+        )
+        products = await asyncio.to_thread(self.service.list_products, limit=200)
+        return self._render(
+            ctx,
+            "packages.html",
+            {
+                "packages": page.items,
+                "next": page.next,
+                "products": products.items,
+                "max_upload": self._max_upload,
+            },
+        )
+
+    async def _upload(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        # The file is the body (sent by console.js with upload progress); its description is
+        # the query, exactly as the management API's upload takes them.
+        request = ctx.request
+        query = {k: v for k, v in request.query.items() if k != "_csrf"}
+        forwarded = _forward(request, "POST", "/packages", query)
+        response = await self._api.handle_signed_in(forwarded, self._who(ctx))
+        return _json_passthrough(response)
+
+    async def _delete_package(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        response = await self._api.handle_signed_in(
+            _internal(ctx.request, "DELETE", f"/packages/{match['id']}"), self._who(ctx)
+        )
+        self._raise_for(ctx, response)
+        raise _Redirect(f"{PREFIX}/packages")
+
+    async def _tasks(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        page = await asyncio.to_thread(
+            self.service.list_tasks, after=ctx.request.query.get("after") or None, limit=50
+        )
+        return self._render(ctx, "tasks.html", {"tasks": page.items, "next": page.next})
+
+    async def _task(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        task_id = int(match["id"])
+        try:
+            task = await asyncio.to_thread(self.service.get_task, task_id)
+            devices = await asyncio.to_thread(
+                self._devices_of, task_id, ctx.request.query.get("after") or None
+            )
+        except svc.NotFound:
+            raise _Refused(404, self._gettext(ctx, "No such task.")) from None
+        return self._render(ctx, "task.html", {"task": task, "counts": _counts(task), **devices})
+
+    def _devices_of(self, task_id: int, after: str | None) -> dict[str, Any]:
+        page = self.service.list_task_devices(task_id, after=after, limit=100)
+        failed = self.service.list_task_devices(task_id, state="failed", limit=500)
+        reasons: dict[int | None, list[svc.DeviceTaskView]] = {}
+        for device in failed.items:
+            reasons.setdefault(device.result_code, []).append(device)
+        return {
+            "devices": page.items,
+            "devices_next": page.next,
+            "reasons": sorted(reasons.items(), key=lambda kv: (-len(kv[1]), kv[0] or 0)),
+            "reasons_partial": failed.next is not None,
+        }
+
+    async def _task_live(self, task_id: int) -> dict[str, Any]:
+        def read() -> dict[str, Any]:
+            task = self.service.get_task(task_id)
+            return {"counts": _counts(task), "devices": self._devices_of(task_id, None)}
+
+        return await asyncio.to_thread(read)
+
+    async def _task_events(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        task_id = int(match["id"])
+        try:
+            await asyncio.to_thread(self.service.get_task, task_id)
+        except svc.NotFound:
+            raise _Refused(404, self._gettext(ctx, "No such task.")) from None
+        env = self._envs[ctx.lang]
+        fragments = {
+            "counts": env.get_template("_task_counts.html"),
+            "devices": env.get_template("_task_devices.html"),
+        }
+
+        async def events() -> AsyncIterator[bytes]:
+            yield b"retry: 1000\n\n"
+            async for value in self.live.watch(task_id, lifetime=STREAM_LIFETIME):
+                if value is None:
+                    yield b""  # lets the HTTP layer notice a gone client or a stopping server
+                    continue
+                for event, fragment in fragments.items():
+                    html = fragment.render(
+                        counts=value["counts"],
+                        task_id=task_id,
+                        prefix=PREFIX,
+                        **value["devices"],
+                    )
+                    data = "".join(f"data: {line}\n" for line in html.splitlines())
+                    yield f"event: {event}\n{data}\n".encode()
+
+        headers = [
+            ("Content-Type", "text/event-stream; charset=utf-8"),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        return Response(200, headers, Stream(events()))
+
+    async def _task_action(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        task_id = match["id"]
+        response = await self._api.handle_signed_in(
+            _internal(ctx.request, "POST", f"/tasks/{task_id}/{match['action']}"), self._who(ctx)
+        )
+        self._raise_for(ctx, response)
+        raise _Redirect(f"{PREFIX}/tasks/{task_id}")
+
+    @staticmethod
+    def _who(ctx: _Ctx) -> Principal:
+        assert ctx.principal is not None  # the page table let only signed-in callers here
+        return ctx.principal
+
+    def _raise_for(self, ctx: _Ctx, response: Response) -> None:
+        if response.status < 300:
+            return
+        message = _api_message(response) or self._gettext(ctx, "The action failed.")
+        # The API's own answer, shown as it is: the console adds no rules (and a 5xx of the
+        # API stays a 5xx: it is the server's fault, not the operator's).
+        raise _Refused(response.status, message)
+
+
+def _counts(task: svc.Task) -> dict[str, Any]:
+    counts = task.counts.model_dump()
+    total = max(task.total, 1)
+    succeeded = counts.get("succeeded", 0)
+    failed = counts.get("failed", 0)
+    return {
+        "states": counts,
+        "succeeded_pct": round(100 * succeeded / total, 1),
+        "failed_pct": round(100 * failed / total, 1),
+        "done_pct": round(100 * (succeeded + failed + counts.get("cancelled", 0)) / total, 1),
+    }
+
+
+def _cookies(request: Request) -> dict[str, str]:
+    raw = request.header("Cookie")
+    if not raw or len(raw) > 4096:
+        return {}
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(raw)
+    except Exception:  # a malformed cookie header is as good as none
+        return {}
+    return {key: morsel.value for key, morsel in jar.items()}
+
+
+def _check_origin(ctx: _Ctx, message: str) -> None:
+    # Browsers send Origin on every POST; one naming another host is a cross-site request.
+    origin = ctx.request.header("Origin")
+    if origin is None or origin == "null":
+        return
+    host = ctx.request.header("Host") or ""
+    if origin.split("://", 1)[-1] != host:
+        raise _Refused(403, message)
+
+
+def _safe_next(ctx: _Ctx, given: str | None = None) -> str:
+    target = given if given is not None else ctx.request.query.get("next", "")
+    # Only a path of this console: never an open redirect to another site.
+    if target.startswith(PREFIX) and not target.startswith("//") and "\\" not in target:
+        return target
+    return f"{PREFIX}/"
+
+
+def _internal(
+    request: Request,
+    method: str,
+    path: str,
+    *,
+    body: bytes = b"",
+    query: Mapping[str, str] | None = None,
+) -> Request:
+    sent = False
+
+    async def read() -> bytes:
+        nonlocal sent
+        if sent:
+            return b""
+        sent = True
+        return body
+
+    qs = urlencode(dict(query or {}))
+    return Request(
+        method=method,
+        target=API + path + (f"?{qs}" if qs else ""),
+        path=API + path,
+        query_string=qs,
+        headers=[("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+        peer=request.peer,
+        _read_chunk=read,
+        content_length=len(body),
+    )
+
+
+def _forward(request: Request, method: str, path: str, query: Mapping[str, str]) -> Request:
+    qs = urlencode(dict(query))
+    return Request(
+        method=method,
+        target=API + path + (f"?{qs}" if qs else ""),
+        path=API + path,
+        query_string=qs,
+        headers=[
+            h
+            for h in request.headers
+            if h[0].lower() in ("content-length", "transfer-encoding", "content-type")
+        ],
+        peer=request.peer,
+        _read_chunk=request._read_chunk,
+        content_length=request.content_length,
+        chunked=request.chunked,
+        http_version=request.http_version,
+    )
+
+
+def _api_message(response: Response) -> str | None:
+    if not isinstance(response.body, bytes):
+        return None
+    try:
+        return str(json.loads(response.body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _json_passthrough(response: Response) -> Response:
+    # The upload's answer goes to console.js as the API gave it, with the console's headers.
+    keep = [(k, v) for k, v in response.headers if k.lower() in ("content-type", "content-length")]
+    return Response(
+        response.status,
+        [*keep, ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")],
+        response.body,
+    )

@@ -1,0 +1,97 @@
+"""Live task counters for the console's Server-Sent Events, one poll per watched task.
+
+However many pages watch a task, this process reads its counters once per :data:`PERIOD`
+and hands the result to every watcher; a watcher gets a value only when it changed. So the
+database sees at most two reads a second per watched task, and a page at most two updates a
+second, never one per device report. A task nobody watches is not polled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from typing import Final, Generic, TypeVar
+
+__all__ = ["PERIOD", "LiveHub"]
+
+PERIOD: Final = 0.5
+"""Seconds between two reads of a watched value (at most 2 updates a second per page)."""
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Watch(Generic[V]):
+    def __init__(self) -> None:
+        self.subscribers = 0
+        self.value: V | None = None
+        self.version = 0
+        self.changed = asyncio.Condition()
+        self.task: asyncio.Task[None] | None = None
+
+
+class LiveHub(Generic[K, V]):
+    """Polls ``read(key)`` for each key someone watches and fans the values out.
+
+    ``read`` runs off the event loop (it may query the database). A failing read is skipped:
+    the watchers keep the last value and the next period tries again.
+    """
+
+    def __init__(self, read: Callable[[K], Awaitable[V]], *, period: float = PERIOD) -> None:
+        self._read = read
+        self._period = period
+        self._watches: dict[K, _Watch[V]] = {}
+
+    async def watch(self, key: K, *, lifetime: float) -> AsyncIterator[V | None]:
+        """Values of ``key`` as they change, for ``lifetime`` seconds.
+
+        Yields None every period without a change, so the caller can send a keep-alive and
+        notice a client that went away.
+        """
+        watch = self._watches.get(key)
+        if watch is None:
+            watch = self._watches[key] = _Watch()
+            watch.task = asyncio.get_running_loop().create_task(self._poll(key, watch))
+        watch.subscribers += 1
+        seen = 0
+        loop = asyncio.get_running_loop()
+        end = loop.time() + lifetime
+        try:
+            while loop.time() < end:
+                async with watch.changed:
+                    if watch.version == seen:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(watch.changed.wait(), self._period * 2)
+                if watch.version != seen:
+                    seen = watch.version
+                    yield watch.value
+                else:
+                    yield None
+        finally:
+            watch.subscribers -= 1
+            if watch.subscribers == 0:
+                if self._watches.get(key) is watch:
+                    del self._watches[key]
+                if watch.task is not None:
+                    watch.task.cancel()
+
+    async def _poll(self, key: K, watch: _Watch[V]) -> None:
+        while True:
+            try:
+                value: V | None = await self._read(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a database hiccup: keep the last value, try next period
+                value = watch.value
+            if value != watch.value or watch.version == 0:
+                watch.value = value
+                async with watch.changed:
+                    watch.version += 1
+                    watch.changed.notify_all()
+            await asyncio.sleep(self._period)
+
+    @property
+    def watched(self) -> int:
+        """How many keys are being polled (for tests and metrics)."""
+        return len(self._watches)

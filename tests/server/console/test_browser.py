@@ -1,0 +1,245 @@
+"""The console in a real headless Chromium (Debian's ``chromium`` and ``chromium-driver``,
+driven by Selenium; no browser is downloaded).
+
+One operator's session, in order: sign in, upload a package, watch a task's counters move live
+while the fleet simulator upgrades its devices against the same server, pause a task, open a
+failed device's page, switch the language; then a viewer is refused a change. With
+``ONENET_OTA_SCREENSHOTS=DIR`` the pages are saved there (the README's screenshots).
+
+Without Chromium the tests skip, except under CI (``CI=true``), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from onenet_ota.device import Credentials, DeviceConfig, OtaClient
+from onenet_ota.protocol.status import StatusCode
+from onenet_ota.server.console import PREFIX
+from tests.server.console.conftest import ADMIN, KEY, Platform, product, task
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    TimeoutException,
+)
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+WAIT = 30.0  # seconds a page may take to show what the test waits for; not a timing check
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"browser tests cannot run under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    if CHROMIUM is None or DRIVER is None:
+        _unavailable("Debian's chromium and chromium-driver are not installed")
+    assert CHROMIUM is not None
+    assert DRIVER is not None
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",  # tests run as root in a container
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,900",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        options.add_argument(arg)
+    service = webdriver.ChromeService(executable_path=DRIVER)
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(driver: WebDriver, condition: Callable[[WebDriver], object], what: str) -> None:
+    try:
+        WebDriverWait(driver, WAIT, poll_frequency=0.1).until(condition)
+    except TimeoutException:
+        body = _text(driver, "task-devices-part") or driver.page_source
+        pytest.fail(f"the page never showed {what}: {driver.current_url}\n{body[-1500:]}")
+
+
+def _text(driver: WebDriver, element_id: str, by: str = By.ID) -> str:
+    # htmx replaces the live fragment as events arrive, and a click may reload the page: an
+    # element found may be gone the next moment, so look it up again.
+    for _ in range(20):
+        try:
+            found = driver.find_elements(by, element_id)
+            return str(found[0].text) if found else ""
+        except StaleElementReferenceException:
+            continue
+    return ""
+
+
+def _shot(driver: WebDriver, name: str) -> None:
+    target = os.environ.get("ONENET_OTA_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(target) / f"console-{name}.png"))
+
+
+def _sign_in(driver: WebDriver, url: str, secret: str) -> None:
+    driver.delete_all_cookies()
+    driver.get(f"{url}{PREFIX}/")
+    _wait(driver, lambda d: d.find_elements(By.ID, "token"), "the sign-in form")
+    driver.find_element(By.ID, "token").send_keys(secret)
+    driver.find_element(By.ID, "sign-in").click()
+    _wait(driver, lambda d: d.find_elements(By.ID, "who"), "the signed-in operator")
+
+
+def _report_failure(platform: Platform, pid: str, dev_id: int) -> None:
+    """The device fetches its task and reports an md5 mismatch, as a real device would."""
+    config = DeviceConfig(
+        credentials=Credentials.from_access_key(pid, KEY), dev_id=str(dev_id), version="1.0"
+    )
+    with OtaClient(config, base_url=platform.url) as client:
+        client.post_version()
+        offered = client.check_task()
+        client.report_status(offered.token, 101)
+        client.report_status(offered.token, StatusCode.UPGRADE_MD5_MISMATCH)
+
+
+def test_an_operators_session(platform: Platform, browser: WebDriver, tmp_path: Path) -> None:
+    url = platform.url
+    pid = product(platform.api, name="水表 meters")
+    _sign_in(browser, url, ADMIN)
+    _shot(browser, "overview")
+
+    # Upload a package, with the progress bar, and see it listed with its hashes.
+    browser.get(f"{url}{PREFIX}/packages")
+    firmware = tmp_path / "fw-2.0.bin"
+    firmware.write_bytes(os.urandom(3000))
+    browser.find_element(By.ID, "pkg-target").send_keys("2.0")
+    browser.find_element(By.ID, "pkg-file").send_keys(str(firmware))
+    browser.find_element(By.ID, "upload-button").click()
+    _wait(browser, lambda d: "fw-2.0.bin" in _text(d, "packages"), "the uploaded package")
+    package = platform.api.get("/packages").json()["items"][0]
+    assert package["size"] == 3000
+    assert package["md5"] in _text(browser, "packages")
+    _shot(browser, "packages")
+
+    # A task of 20 devices, watched live while the simulator upgrades them.
+    dev_ids = [
+        platform.api.post("/devices", json={"pid": pid, "name": f"m{i:02}"}).json()["dev_id"]
+        for i in range(20)
+    ]
+    created = platform.api.post("/tasks", json={"package_id": package["id"], "dev_ids": dev_ids})
+    assert created.status_code == 201, created.text
+    task_id = created.json()["id"]
+    browser.get(f"{url}{PREFIX}/tasks/{task_id}")
+    _wait(browser, lambda d: _text(d, "count-to_be_upgraded") == "20", "20 devices waiting")
+    # A mark on the page: if it is still there at the end, the counters moved without a reload.
+    browser.execute_script("window.onenetMark = 'unchanged page';")
+    simulator = subprocess.Popen(
+        [
+            sys.executable, "-m", "onenet_ota", "simulate",
+            "--server", url, "--task", str(task_id), "--allow-real-devices",
+            "--devices", "20", "--chunk-size", "1024", "--ramp-up", "2",
+        ],
+        env={**os.environ, "ONENET_OTA_ADMIN_TOKEN": ADMIN},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    seen: set[str] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while _text(browser, "count-succeeded") != "20" and time.monotonic() < deadline:
+            seen.add(_text(browser, "count-succeeded"))
+            time.sleep(0.05)
+        output, _ = simulator.communicate(timeout=120)
+    finally:
+        simulator.kill()
+    assert simulator.returncode == 0, output.decode(errors="replace")[-3000:]
+    _wait(browser, lambda d: _text(d, "count-succeeded") == "20", "20 devices succeeded")
+    _wait(
+        browser,
+        lambda d: _text(d, "task-devices").count(" succeeded 100%") == 20,
+        "every device's row succeeded",
+    )
+    assert browser.execute_script("return window.onenetMark;") == "unchanged page"
+    assert "0" in seen  # the counter was seen before the devices finished, then moved to 20
+    _shot(browser, "task")
+
+    # Pause another task from its page.
+    other_task, _other_devices = task(platform.api, pid, devices=2)
+    browser.get(f"{url}{PREFIX}/tasks/{other_task}")
+    browser.find_element(By.ID, "task-pause").click()
+    _wait(browser, lambda d: _text(d, "count-paused") == "2", "the paused devices")
+    assert platform.api.get(f"/tasks/{other_task}").json()["status"] == "paused"
+
+    # A failed device's page shows the code with its name.
+    third_task, third_devices = task(platform.api, pid, devices=1)
+    platform.api.post(f"/tasks/{other_task}/cancel")
+    _report_failure(platform, pid, third_devices[0])
+    browser.get(f"{url}{PREFIX}/tasks/{third_task}")
+    _wait(browser, lambda d: "205" in _text(d, "failure-reasons"), "the failures by reason")
+    # Follow the device's link. The live part of the page is replaced as events arrive, so the
+    # link is read (again, if it went stale) rather than clicked.
+    link = ""
+    for _ in range(20):
+        try:
+            link = str(
+                browser.find_element(By.CSS_SELECTOR, "#failure-reasons a").get_attribute("href")
+            )
+            break
+        except StaleElementReferenceException:
+            continue
+    assert link.endswith(f"{PREFIX}/devices/{third_devices[0]}")
+    browser.get(link)
+    _wait(browser, lambda d: "205" in _text(d, "history"), "the failure code")
+    assert "md5" in _text(browser, "history").lower()
+    _shot(browser, "device")
+
+    # Switch the language.
+    browser.find_element(By.ID, "lang-zh_Hans").click()
+    _wait(browser, lambda d: "概览" in _text(d, "nav", By.TAG_NAME), "Chinese")
+    _shot(browser, "device-zh")
+    browser.find_element(By.ID, "lang-en").click()
+    _wait(browser, lambda d: "Overview" in _text(d, "nav", By.TAG_NAME), "English")
+
+    # Sign out.
+    browser.find_element(By.ID, "sign-out").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "token"), "the sign-in form again")
+
+
+def test_a_viewer_is_refused_a_change(platform: Platform, browser: WebDriver) -> None:
+    pid = product(platform.api)
+    task_id, _ = task(platform.api, pid, devices=2)
+    _sign_in(browser, platform.url, platform.viewer)
+    browser.get(f"{platform.url}{PREFIX}/tasks/{task_id}")
+    _wait(browser, lambda d: _text(d, "count-to_be_upgraded") == "2", "the task's devices")
+    assert browser.find_elements(By.ID, "task-pause") == []
+    # Without the button, a viewer could still send the request by hand: the server refuses it.
+    status = browser.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        fetch(arguments[0], {method: "POST", headers: {"X-CSRF-Token": document.body.dataset.csrf}})
+            .then(r => done(r.status), () => done(-1));
+        """,
+        f"{PREFIX}/tasks/{task_id}/pause",
+    )
+    assert status == 403
+    assert platform.api.get(f"/tasks/{task_id}").json()["status"] == "active"
+    reply = httpx2.get(f"{platform.url}{PREFIX}/tasks/{task_id}", follow_redirects=False)
+    assert reply.status_code == 303  # and no page works without a session
