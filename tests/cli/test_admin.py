@@ -302,7 +302,7 @@ def test_task_show_names_result_codes(admin: Any, server: str, tmp_path: Path) -
         device.check_token(token)
         device.report_status(token, StatusCode.DOWNLOAD_NO_SPACE)
     shown = admin("task", "show", str(task_id)).stdout
-    assert "102 (download failed: not enough space)" in shown
+    assert "102 download no space (download failed: not enough space)" in shown
     (row,) = _json(admin("task", "show", str(task_id), "--json"))["devices"]
     assert row["result_code"] == 102  # --json stays machine-readable
 

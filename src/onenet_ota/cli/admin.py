@@ -169,7 +169,7 @@ def _cell(key: str, value: Any) -> str:
     if key.endswith(("_at", "_time")) or key == "deadline":
         return _human_time(value)
     if key == "result_code" and type(value) is int:
-        return describe_status(value)  # e.g. "205 (upgrade failed: MD5 mismatch)"
+        return describe_status(value)  # e.g. "205 md5 mismatch (upgrade failed: MD5 check failed)"
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in value.items() if v)
     if isinstance(value, list):
