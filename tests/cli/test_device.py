@@ -168,7 +168,9 @@ def test_text_output_names_the_status_codes(
     assert result.exit_code == EXIT_FAILED, result.output
     lines = result.output.splitlines()
     assert "reported 105 download low battery (download failed: battery too low)" in lines
-    assert lines[-1].startswith("failed, reported 105 download low battery (download failed: battery too low): ")
+    assert lines[-1].startswith(
+        "failed, reported 105 download low battery (download failed: battery too low): "
+    )
 
 
 def test_wrong_access_key_is_a_clear_failure(

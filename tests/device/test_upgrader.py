@@ -1043,7 +1043,8 @@ def test_a_failed_upgrade_is_logged_as_an_error(
     last = caplog.records[-1]
     assert (last.name, last.levelno) == ("onenet_ota.device.upgrader", logging.ERROR)
     assert last.getMessage().startswith(
-        "FOTA upgrade failed, reported 104 download timeout (download failed: request timed out): download: "
+        "FOTA upgrade failed, reported 104 download timeout "
+        "(download failed: request timed out): download: "
     )
     _check_no_secrets(caplog, platform)
 

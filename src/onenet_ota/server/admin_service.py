@@ -78,6 +78,7 @@ from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.db import is_foreign_key_violation, is_transient, sqlstate
 from onenet_ota.server.schema import (
     accounts,
+    device_task_events,
     device_tasks,
     devices,
     packages,
@@ -197,6 +198,7 @@ def column_max(column: Column[Any]) -> int:
 DEV_ID_MAX = min(values.DEV_ID_MAX, column_max(devices.c.dev_id))
 PACKAGE_ID_MAX = column_max(packages.c.id)
 TASK_ID_MAX = column_max(tasks.c.id)
+EVENT_ID_MAX = column_max(device_task_events.c.id)
 
 _DIGITS: Final = re.compile(r"[0-9]+")
 # §4.5's file name less '/', which would let a device that saves the file under its name leave
@@ -1220,6 +1222,27 @@ class AdminService:
         )
 
     @_retried
+    def device_history(
+        self,
+        dev_id: int,
+        *,
+        task_id: int | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> Page[timeline.HistoryEvent]:
+        """A page of a device's timeline (:mod:`.timeline`), oldest first, optionally of one
+        task; ``after`` is the previous page's ``next``."""
+        size = _page_limit(limit)
+        cursor = _int_cursor(after, EVENT_ID_MAX)
+        with self.engine.connect() as conn:
+            found = conn.execute(select(devices.c.dev_id).where(devices.c.dev_id == dev_id))
+            if found.first() is None:
+                raise NotFound(f"device {dev_id} not found")
+            items, more = timeline.device_history(
+                conn, dev_id, task_id=task_id, after=cursor, limit=size
+            )
+        return Page(items, str(items[-1].id) if more and items else None)
+
     def rotate_device_key(self, dev_id: int, spec: DeviceKeyRotate) -> Device:
         """Give a device a new device key (§3.4, D4): from the commit on, every server process
         refuses the tokens signed with the old key (the change feed tells the others)."""

@@ -216,7 +216,7 @@ class DeviceApi:
     async def _json(
         self, endpoint: Endpoint, request: Request, token: str | None, body: bytes
     ) -> Response:
-        set_call(_CLASSIC, endpoint.label)  # for the timeline events this request causes
+        set_call(_CLASSIC, endpoint.value)  # "E7": for the timeline events this request causes
         authorization = request.header("Authorization")
         memo_key: MemoKey | None = None
         if authorization and (endpoint is Endpoint.CHECK_TASK or endpoint is Endpoint.CHECK_TOKEN):

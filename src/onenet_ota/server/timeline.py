@@ -268,7 +268,7 @@ def record_version(
 SELECT_OFFERED: Final = select(_ev.c.id).where(
     _ev.c.device_task_id == bindparam("e_id"),
     _ev.c.kind == "offered",
-    _ev.c.dialect == bindparam("e_dialect"),
+    _ev.c.dialect.is_not_distinct_from(bindparam("e_dialect", type_=_ev.c.dialect.type)),
 )
 
 
