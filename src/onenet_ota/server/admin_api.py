@@ -541,7 +541,7 @@ ROUTES: Final[tuple[Route, ...]] = (
             _pid("only this product's tasks"),
             _int("package_id", svc.PACKAGE_ID_MAX, "only tasks of this package"),
             Param("status", description="only tasks with this status",
-                  enum=("active", "paused", "cancelled")),
+                  enum=svc.TASK_STATUSES),
             *_page(_int("after", svc.TASK_ID_MAX, _NEXT, minimum=0)),
         ),
     ),
