@@ -147,8 +147,7 @@ def test_failure_codes_are_shown_with_their_names(sqlite_platform: Platform) -> 
         "--gate", "fail", "--no-live",
     )  # fmt: skip
     assert result.exit_code == 1, result.output
-    shown = "failed, reported 105 download low battery (download failed: battery too low)"
-    assert shown in result.output
+    assert "failed, reported 105 download low battery" in result.output
 
 
 @pytest.fixture

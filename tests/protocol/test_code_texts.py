@@ -29,6 +29,7 @@ def test_every_status_code_has_one_entry_with_a_unique_name() -> None:
 def test_each_codes_class_and_state_match_the_report_table() -> None:
     for code, entry in CODE_TEXTS.items():
         kind = classify_step(code)
+        assert kind is not None
         download = kind in (ReportKind.DOWNLOADED, ReportKind.DOWNLOAD_FAILED)
         assert entry.phase == ("download" if download else "upgrade")
         assert (entry.outcome == "success") == (

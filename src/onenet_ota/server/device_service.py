@@ -753,8 +753,8 @@ class DeviceService:
                 self._offered.clear()  # bounded: forgetting costs one read per device task
             self._offered.add(key)
             return
+        # Nothing cached depends on the timeline: no invalidation, so the answer stays cacheable.
         timeline.record_offer(tx.writer, row.dt_id, tx.now, source)
-        tx.touched.add(row.dt_dev_id)
 
     def _effective_state(self, tx: _Tx, row: _Row, dev_id: int) -> TaskState:
         """The row's state after T5, applied lazily: a passed deadline fails the open tasks."""
