@@ -521,6 +521,7 @@ class _Tx:
     now: float
     touched: set[int] = field(default_factory=set)  # devices whose cached facts changed
     touched_all: bool = False
+    offered: list[tuple[int, str | None]] = field(default_factory=list)  # first offers written
 
     @property
     def writer(self) -> Connection:
@@ -637,7 +638,8 @@ class DeviceService:
                         changes.publish(conn, None, tx.now, origin=self._origin)
                     elif tx.touched:
                         changes.publish(conn, tx.touched, tx.now, origin=self._origin)
-                    return result
+                self._remember_offers(tx.offered)  # committed: they are on the timeline
+                return result
             except (ConcurrentChange, IntegrityError):
                 # IntegrityError: a token collision or a concurrent insert; both retry cleanly.
                 if attempt == _MAX_ATTEMPTS:
@@ -736,6 +738,13 @@ class DeviceService:
         )
         tx.touched.add(row.dt_dev_id)
 
+    def _remember_offers(self, keys: list[tuple[int, str | None]]) -> None:
+        if not keys:
+            return
+        if len(self._offered) >= _OFFERED_MEMO_MAX:
+            self._offered.clear()  # bounded: forgetting costs one read per device task
+        self._offered.update(keys)
+
     def _record_offer(self, tx: _Tx, row: _Row, default_dialect: str | None) -> None:
         """The device task's first offer through this dialect on its timeline; later offers
         find it (timeline module docstring: repeats write nothing)."""
@@ -749,12 +758,11 @@ class DeviceService:
         else:
             found = tx.conn.execute(timeline.SELECT_OFFERED, params).first()
         if found is not None:
-            if len(self._offered) >= _OFFERED_MEMO_MAX:
-                self._offered.clear()  # bounded: forgetting costs one read per device task
-            self._offered.add(key)
+            self._remember_offers([key])
             return
         # Nothing cached depends on the timeline: no invalidation, so the answer stays cacheable.
         timeline.record_offer(tx.writer, row.dt_id, tx.now, source)
+        tx.offered.append(key)
 
     def _effective_state(self, tx: _Tx, row: _Row, dev_id: int) -> TaskState:
         """The row's state after T5, applied lazily: a passed deadline fails the open tasks."""
