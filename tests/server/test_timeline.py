@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from sqlalchemy import Engine, func, select, update
 
@@ -24,10 +25,20 @@ from onenet_ota.protocol.status import ReportKind, TaskType
 from onenet_ota.server.admin_service import AdminService
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.device_service import DeviceService, Report
-from onenet_ota.server.schema import device_task_events, device_tasks, tasks
+from onenet_ota.server.schema import device_task_bytes, device_task_events, device_tasks, tasks
 from onenet_ota.server.timeline import set_call
 from onenet_ota.server.transitions import apply_bulk, expire_deadlines
-from tests.server.seed import DB_PARAMS, HOUR, T0, FakeClock, Seeder, World, module_database
+from tests.server.seed import (
+    DB_PARAMS,
+    HOUR,
+    T0,
+    FakeClock,
+    Seeder,
+    World,
+    issue_token,
+    module_database,
+    running_api,
+)
 
 S = TaskState
 _ev = device_task_events
@@ -253,3 +264,24 @@ def test_deleting_a_device_deletes_its_timeline(
     with engine.connect() as conn:
         left = conn.execute(select(func.count()).where(_ev.c.dev_id == w.dev_id)).scalar_one()
     assert left == 0
+
+
+def test_bytes_served_still_pending_are_written_when_the_device_api_closes(
+    seeder: Seeder, engine: Engine
+) -> None:
+    w = seeder.world()
+    with running_api(engine, seeder.blobs, seeder.clock) as (api, server):
+        token = issue_token(server.url, w)
+        reply = httpx2.get(f"{server.url}/ota/south/download/{token}", headers={"Range": "0-99"})
+        assert len(reply.content) == 100
+        assert api.service.served.pending == 1  # counted in memory, not yet written
+        with engine.connect() as conn:
+            written = conn.execute(select(device_task_bytes.c.device_task_id)).scalars().all()
+        assert w.task_id not in written
+    with engine.connect() as conn:  # running_api closed the device API: flushed
+        served = conn.execute(
+            select(device_task_bytes.c.served).where(
+                device_task_bytes.c.device_task_id == w.task_id
+            )
+        ).scalar_one()
+    assert served == 100
