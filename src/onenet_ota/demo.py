@@ -234,7 +234,7 @@ def _upgrade(tmp: Path, args: argparse.Namespace, server: LocalServer, admin: Ad
     for row in rows:
         _say(
             f"    device {row['dev_id']}: state {row['state']}, progress {row['progress']}, "
-            f"result code {row['result_code']}"
+            f"result code {row['result_code']} {row.get('status_name') or ''}".rstrip()
         )
     device = admin.request("GET", f"/devices/{world.dev_id}")
     version_key = "f_version" if args.type == "fota" else "s_version"

@@ -302,7 +302,7 @@ def test_task_show_names_result_codes(admin: Any, server: str, tmp_path: Path) -
         device.check_token(token)
         device.report_status(token, StatusCode.DOWNLOAD_NO_SPACE)
     shown = admin("task", "show", str(task_id)).stdout
-    assert "102 (download failed: not enough space)" in shown
+    assert "102 download no space (download failed: not enough space)" in shown
     (row,) = _json(admin("task", "show", str(task_id), "--json"))["devices"]
     assert row["result_code"] == 102  # --json stays machine-readable
 
@@ -465,3 +465,47 @@ def test_a_streamed_upload_is_not_sent_twice() -> None:
             "PUT", "/packages/1", content=iter([b"firmware"])
         )  # idempotent, yet a stream
     assert len(seen) == 1
+
+
+def test_device_history_and_finished_task(admin: Any, server: str, tmp_path: Path) -> None:
+    pid, dev_id, _, task_id = _device_task(admin, tmp_path, b"history firmware")
+    config = DeviceConfig(
+        credentials=Credentials.from_access_key(pid, K1), dev_id=str(dev_id), version="1.0"
+    )
+    assert _json(admin("task", "show", str(task_id), "--json"))["status"] == "active"
+    with OtaClient(config, base_url=server) as device:  # the package fails its MD5 check
+        token = device.check_task().token
+        device.check_task()  # polling again adds nothing to the timeline
+        device.check_token(token)
+        device.report_status(token, StatusCode.DOWNLOADED)
+        device.report_status(token, StatusCode.UPGRADE_MD5_MISMATCH)
+    shown = admin("device", "history", str(dev_id)).stdout
+    lines = shown.splitlines()
+    assert lines[0].split() == ["ID", "TIME", "TASK", "KIND", "VIA", "CODE", "CHANGE", "NOTE"]
+    kinds = ["offered", "version", "state", "report", "report"]  # E3 records the version
+    assert [line.split()[4] for line in lines[1:]] == kinds
+    assert "classic/E3" in lines[1]
+    assert "f_version=1.0" in lines[2]
+    assert "to_be_upgraded -> downloading" in lines[3]
+    assert "classic/E5" in lines[3]
+    assert "101 downloaded" in lines[4]
+    assert "205 md5 mismatch" in lines[5]
+    assert "upgrading -> failed" in lines[5]
+    assert "upgrade failed: MD5 check failed" in lines[5]
+    page = _json(admin("device", "history", str(dev_id), "--task", str(task_id), "--json"))
+    last = page["items"][-1]
+    assert (last["code"], last["status_name"]) == (205, "md5 mismatch")
+    assert (last["from_state"], last["to_state"], last["endpoint"]) == ("upgrading", "failed", "E7")
+    # Every device of the task has ended: the task shows finished everywhere.
+    assert _json(admin("task", "show", str(task_id), "--json"))["status"] == "finished"
+    listed = admin("task", "list", "--pid", pid, "--status", "finished").stdout
+    assert "finished" in listed
+    assert str(task_id) in listed
+    assert "(none)" in admin("task", "list", "--pid", pid, "--status", "active").stdout
+    (row,) = _json(admin("task", "show", str(task_id), "--json"))["devices"]
+    assert (row["status_name"], row["status_text"]) == (
+        "md5 mismatch",
+        "upgrade failed: MD5 check failed",
+    )
+    device_shown = admin("device", "show", str(dev_id)).stdout
+    assert "205 md5 mismatch (upgrade failed: MD5 check failed)" in device_shown

@@ -167,8 +167,10 @@ def test_text_output_names_the_status_codes(
     result = run(args)
     assert result.exit_code == EXIT_FAILED, result.output
     lines = result.output.splitlines()
-    assert "reported 105 (download failed: battery too low)" in lines
-    assert lines[-1].startswith("failed, reported 105 (download failed: battery too low): ")
+    assert "reported 105 download low battery (download failed: battery too low)" in lines
+    assert lines[-1].startswith(
+        "failed, reported 105 download low battery (download failed: battery too low): "
+    )
 
 
 def test_wrong_access_key_is_a_clear_failure(

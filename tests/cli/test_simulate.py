@@ -177,7 +177,7 @@ def test_failure_codes_are_shown_with_their_names(sqlite_platform: Platform) -> 
         "--gate", "fail", "--no-live",
     )  # fmt: skip
     assert result.exit_code == 1, result.output
-    assert "failed, reported 105 (download failed: battery too low)" in result.output
+    assert "failed, reported 105 download low battery" in result.output
 
 
 @pytest.fixture

@@ -1020,8 +1020,8 @@ def test_the_upgrader_logs_retries_and_outcomes(
     ]
     assert "***" in next(text for _, _, text in logged if "retrying" in text)
     texts = [text for _, _, text in logged]
-    assert "reported 101 (package downloaded)" in texts
-    assert "reported 201 (upgrade succeeded)" in texts
+    assert "reported 101 downloaded (package downloaded)" in texts
+    assert "reported 201 upgraded (upgrade succeeded)" in texts
     assert texts[-1] == "FOTA upgrade succeeded"
     _check_no_secrets(caplog, platform)
 
@@ -1043,7 +1043,8 @@ def test_a_failed_upgrade_is_logged_as_an_error(
     last = caplog.records[-1]
     assert (last.name, last.levelno) == ("onenet_ota.device.upgrader", logging.ERROR)
     assert last.getMessage().startswith(
-        "FOTA upgrade failed, reported 104 (download failed: request timed out): download: "
+        "FOTA upgrade failed, reported 104 download timeout "
+        "(download failed: request timed out): download: "
     )
     _check_no_secrets(caplog, platform)
 

@@ -194,9 +194,10 @@ def test_terminal_states_are_absorbing_and_paused_remembers(
 
 def test_every_status_code_has_its_meaning() -> None:
     assert {code: code.text for code in StatusCode} == STATUS_TEXT
-    assert StatusCode.UPGRADE_MD5_MISMATCH.text == "upgrade failed: MD5 mismatch"
-    assert describe_status(205) == "205 (upgrade failed: MD5 mismatch)"
-    assert describe_status(102) == "102 (download failed: not enough space)"
+    assert StatusCode.UPGRADE_MD5_MISMATCH.text == "upgrade failed: MD5 check failed"
+    assert StatusCode.UPGRADE_MD5_MISMATCH.label == "205 md5 mismatch"
+    assert describe_status(205) == "205 md5 mismatch (upgrade failed: MD5 check failed)"
+    assert describe_status(102) == "102 download no space (download failed: not enough space)"
     assert status_name(101) == "package downloaded"
     # Progress values and unknown numbers are shown bare.
     assert (describe_status(50), describe_status(209), status_name(0)) == ("50", "209", None)

@@ -169,7 +169,7 @@ def _cell(key: str, value: Any) -> str:
     if key.endswith(("_at", "_time")) or key == "deadline":
         return _human_time(value)
     if key == "result_code" and type(value) is int:
-        return describe_status(value)  # e.g. "205 (upgrade failed: MD5 mismatch)"
+        return describe_status(value)  # e.g. "205 md5 mismatch (upgrade failed: MD5 check failed)"
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in value.items() if v)
     if isinstance(value, list):
@@ -587,10 +587,77 @@ def device_show(dev_id: int, server: str, admin_token: str | None, as_json: bool
         _print_object(d, skip=("tasks",))
         click.echo("")
         _print_table(
-            d["tasks"], ["task_id", "package_id", "target", "state", "progress", "updated_at"]
+            d["tasks"],
+            ["task_id", "package_id", "target", "state", "progress", "result_code", "updated_at"],
         )
 
     ctx.show(ctx.call("GET", f"/devices/{dev_id}"), human)
+
+
+@device.command("history")
+@click.argument("dev_id", type=int)
+@click.option("--task", "task_id", type=int, help="only this task's events")
+@click.option("--limit", type=click.IntRange(1, 1000))
+@click.option("--after", metavar="CURSOR", help="continue after this page cursor")
+@_common
+def device_history(
+    dev_id: int, task_id: int | None, limit: int | None, after: str | None, server: str,
+    admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Show a device's timeline: state changes, reports with their codes' names and texts,
+    version reports and offers, oldest first."""
+    ctx = _ctx(server, admin_token, as_json)
+    params = {"task_id": task_id, "limit": limit, "after": after}
+    page = ctx.call("GET", f"/devices/{dev_id}/history", params=params)
+
+    def human(p: dict[str, Any]) -> None:
+        rows = [_history_row(event) for event in p.get("items", [])]
+        _print_page({"items": rows, "next": p.get("next")}, _HISTORY_COLUMNS)
+
+    ctx.show(page, human)
+
+
+_HISTORY_COLUMNS = ["id", "time", "task", "kind", "via", "code", "change", "note"]
+
+
+def _history_row(event: dict[str, Any]) -> dict[str, Any]:
+    """One timeline event as table cells: ``205 md5 mismatch``, ``downloading -> failed``."""
+    at_ms = event.get("at_ms")
+    shown_at = (
+        datetime.fromtimestamp(at_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%fZ")[:-4] + "Z"
+        if isinstance(at_ms, int)
+        else "-"
+    )
+    code = event.get("code")
+    if code is None:
+        shown_code = "-"
+    elif event.get("status_name"):
+        shown_code = f"{code} {event['status_name']}"
+    else:
+        shown_code = str(code)
+    before, after = event.get("from_state"), event.get("to_state")
+    change = f"{before} -> {after}" if after else "-"
+    notes = []
+    if event.get("errno") is not None:
+        notes.append(f"refused: errno {event['errno']} in {before}")
+    if event.get("detail"):
+        notes.append(str(event["detail"]))
+    if event.get("status_text"):
+        notes.append(str(event["status_text"]))
+    short = event.get("short_download")
+    if isinstance(short, dict):
+        notes.append(f"short_download: served {short.get('served')} of {short.get('size')} bytes")
+    via = "/".join(str(v) for v in (event.get("dialect"), event.get("endpoint")) if v)
+    return {
+        "id": event.get("id"),
+        "time": shown_at,
+        "task": event.get("task_id"),
+        "kind": event.get("kind"),
+        "via": via or None,
+        "code": shown_code,
+        "change": change,
+        "note": "; ".join(notes) or None,
+    }
 
 
 @device.command("rotate-key")
@@ -774,7 +841,7 @@ def task_create(
 @task.command("list")
 @click.option("--pid", help="only this product's tasks")
 @click.option("--package", "package_id", type=int, help="only tasks of this package")
-@click.option("--status", type=click.Choice(["active", "paused", "cancelled"]))
+@click.option("--status", type=click.Choice(["active", "paused", "cancelled", "finished"]))
 @click.option("--limit", type=click.IntRange(1, 1000))
 @click.option("--after", metavar="CURSOR", help="continue after this page cursor")
 @_common

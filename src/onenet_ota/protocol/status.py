@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum, IntEnum
 
+from onenet_ota.protocol.code_texts import CODE_TEXTS, code_label, code_text
+
 
 class TaskType(IntEnum):
     """The ``type`` query parameter: which channel an upgrade travels on (spec §1)."""
@@ -43,42 +45,33 @@ class StatusCode(IntEnum):
         """What the code means, in the words of spec §6.7.1 (for people; never sent)."""
         return STATUS_TEXT[self]
 
+    @property
+    def label(self) -> str:
+        """The code with its short name, e.g. ``205 md5 mismatch`` (for people; never sent)."""
+        return code_label(self)
 
-STATUS_TEXT: dict[StatusCode, str] = {
-    StatusCode.DOWNLOADED: "package downloaded",
-    StatusCode.DOWNLOAD_NO_SPACE: "download failed: not enough space",
-    StatusCode.DOWNLOAD_NO_MEMORY: "download failed: out of memory",
-    StatusCode.DOWNLOAD_TIMEOUT: "download failed: request timed out",
-    StatusCode.DOWNLOAD_LOW_BATTERY: "download failed: battery too low",
-    StatusCode.DOWNLOAD_WEAK_SIGNAL: "download failed: signal too weak",
-    StatusCode.DOWNLOAD_OTHER: "download failed: other error",
-    StatusCode.UPGRADED: "upgrade succeeded",
-    StatusCode.UPGRADE_LOW_BATTERY: "upgrade failed: battery too low",
-    StatusCode.UPGRADE_NO_MEMORY: "upgrade failed: out of memory",
-    StatusCode.UPGRADE_VERSION_MISMATCH: "upgrade failed: package version is not the target",
-    StatusCode.UPGRADE_MD5_MISMATCH: "upgrade failed: MD5 mismatch",
-    StatusCode.UPGRADE_OTHER: "upgrade failed: other error",
-    StatusCode.UPGRADE_RETRY_LIMIT: "upgrade failed: retry limit reached",
-    StatusCode.UPGRADE_EXPIRED: "upgrade failed: upgrade expired",
-}
+
+# Read from the one table of codes' names and texts (protocol.code_texts); an import-time check
+# that it names exactly these codes.
+STATUS_TEXT: dict[StatusCode, str] = {code: CODE_TEXTS[code].text for code in StatusCode}
+if set(CODE_TEXTS) != set(StatusCode):  # pragma: no cover - a table out of step with the enum
+    raise AssertionError("protocol.code_texts must name exactly the StatusCode values")
 
 
 def status_name(code: int) -> str | None:
     """The text of status code ``code`` (:attr:`StatusCode.text`), or None for another value."""
-    try:
-        return StatusCode(code).text
-    except ValueError:
-        return None
+    return code_text(code)
 
 
 def describe_status(code: int) -> str:
-    """``code`` with its meaning for display, e.g. ``205 (upgrade failed: MD5 mismatch)``.
+    """``code`` with its name and meaning for display, e.g.
+    ``205 md5 mismatch (upgrade failed: MD5 check failed)``.
 
     A value that is not a status code (a progress value, or whatever a newer server sends)
     shows as the bare number.
     """
-    name = status_name(code)
-    return str(code) if name is None else f"{code} ({name})"
+    text = code_text(code)
+    return str(code) if text is None else f"{code_label(code)} ({text})"
 
 
 class ReportKind(Enum):

@@ -71,6 +71,7 @@ from onenet_ota.server.http import (
     RequestTimedOut,
     Response,
 )
+from onenet_ota.server.timeline import HistoryEvent
 
 __all__ = ["PREFIX", "ROUTES", "AdminApi", "openapi_document"]
 
@@ -360,6 +361,13 @@ class TaskPage(BaseModel):
     next: str | None
 
 
+class HistoryPage(BaseModel):
+    """A page of a device's timeline, oldest first."""
+
+    items: list[HistoryEvent]
+    next: str | None
+
+
 class DeviceTaskPage(BaseModel):
     """A page of a task's devices."""
 
@@ -488,6 +496,16 @@ ROUTES: Final[tuple[Route, ...]] = (
         response=svc.DeviceDetail, path_params=(_DEV_ID,),
     ),
     Route(
+        "GET", "/devices/{dev_id}/history", "device_history",
+        "A device's timeline: its tasks' state changes, reports (with the code's name and text),"
+        " version reports and offers, oldest first", "devices", response=HistoryPage,
+        path_params=(_DEV_ID,),
+        query=(
+            _int("task_id", svc.TASK_ID_MAX, "only this task's events"),
+            *_page(_int("after", svc.EVENT_ID_MAX, _NEXT, minimum=0)),
+        ),
+    ),
+    Route(
         "DELETE", "/devices/{dev_id}", "delete_device",
         "Delete a device without open tasks, with its upgrade history and download tokens",
         "devices", status=204, path_params=(_DEV_ID,), errors=(409,),
@@ -548,7 +566,7 @@ ROUTES: Final[tuple[Route, ...]] = (
             _pid("only this product's tasks"),
             _int("package_id", svc.PACKAGE_ID_MAX, "only tasks of this package"),
             Param("status", description="only tasks with this status",
-                  enum=("active", "paused", "cancelled")),
+                  enum=svc.TASK_STATUSES),
             *_page(_int("after", svc.TASK_ID_MAX, _NEXT, minimum=0)),
         ),
     ),
@@ -1153,6 +1171,15 @@ class AdminApi:
 
     async def _get_device(self, call: Call) -> svc.DeviceDetail:
         return await self._db(self.service.get_device, call.path["dev_id"])
+
+    async def _device_history(self, call: Call) -> HistoryPage:
+        page = await self._db(
+            self.service.device_history,
+            call.path["dev_id"],
+            task_id=call.query.get("task_id"),
+            **self._page_args(call),
+        )
+        return HistoryPage(items=page.items, next=page.next)
 
     async def _rotate_device_key(self, call: Call) -> svc.Device:
         spec = await self._json_body(call, svc.DeviceKeyRotate)

@@ -38,6 +38,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    computed_field,
     field_validator,
     model_validator,
 )
@@ -52,6 +53,7 @@ from sqlalchemy import (
     SmallInteger,
     and_,
     delete,
+    exists,
     func,
     insert,
     select,
@@ -62,6 +64,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from onenet_ota import auth
 from onenet_ota.protocol import values
+from onenet_ota.protocol.code_texts import code_name, code_text
 from onenet_ota.protocol.dialects import STUDIO_PID
 from onenet_ota.protocol.states import (
     OPEN_STATES,
@@ -70,11 +73,12 @@ from onenet_ota.protocol.states import (
     TaskState,
 )
 from onenet_ota.protocol.status import PackageKind, TaskType
-from onenet_ota.server import audit, changes
+from onenet_ota.server import audit, changes, timeline
 from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.db import is_foreign_key_violation, is_transient, sqlstate
 from onenet_ota.server.schema import (
     accounts,
+    device_task_events,
     device_tasks,
     devices,
     packages,
@@ -194,6 +198,7 @@ def column_max(column: Column[Any]) -> int:
 DEV_ID_MAX = min(values.DEV_ID_MAX, column_max(devices.c.dev_id))
 PACKAGE_ID_MAX = column_max(packages.c.id)
 TASK_ID_MAX = column_max(tasks.c.id)
+EVENT_ID_MAX = column_max(device_task_events.c.id)
 
 _DIGITS: Final = re.compile(r"[0-9]+")
 # §4.5's file name less '/', which would let a device that saves the file under its name leave
@@ -430,6 +435,18 @@ class DeviceTaskHistory(_Out):
     updated_at: int
     finished_at: int | None
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def status_name(self) -> str | None:
+        """``result_code``'s short name (``md5 mismatch``), from protocol.code_texts."""
+        return code_name(self.result_code)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def status_text(self) -> str | None:
+        """What ``result_code`` means (spec §6.7.1)."""
+        return code_text(self.result_code)
+
 
 class DeviceDetail(Device):
     """A device with its task history."""
@@ -548,7 +565,8 @@ class Task(_Out):
     interval: int
     start_time: int
     deadline: int | None
-    status: Literal["active", "paused", "cancelled"]
+    # "finished" when every device task has ended (computed: see AdminService._task_model).
+    status: Literal["active", "paused", "cancelled", "finished"]
     created_at: int
     total: int
     counts: StateCounts
@@ -565,6 +583,18 @@ class DeviceTaskView(_Out):
     result_code: int | None
     updated_at: int
     finished_at: int | None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def status_name(self) -> str | None:
+        """``result_code``'s short name (``md5 mismatch``), from protocol.code_texts."""
+        return code_name(self.result_code)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def status_text(self) -> str | None:
+        """What ``result_code`` means (spec §6.7.1)."""
+        return code_text(self.result_code)
 
 
 class TaskDetail(Task):
@@ -675,6 +705,33 @@ TERMINAL_CODES = [int(s) for s in TaskState if s.is_terminal]
 OPEN_CODES = [int(s) for s in OPEN_STATES]
 
 
+# What a task's status shows: the stored one (what the operator did), except "finished" for an
+# active or paused task whose every device task has ended; a task without devices has not.
+TASK_STATUSES: Final = ("active", "paused", "cancelled", "finished")
+_OPEN_CODES: Final = [int(state) for state in TaskState if state.is_open]
+
+
+def _all_ended(counts: dict[str, int]) -> bool:
+    """Whether a task's per-state counts show devices, none of them in an open state."""
+    open_names = {STATE_NAMES[TaskState(code)] for code in _OPEN_CODES}
+    total = sum(counts.values())
+    return total > 0 and not any(counts.get(name, 0) for name in open_names)
+
+
+def _status_is(status: str) -> Any:
+    """The SQL condition of a task showing ``status`` (the same rule as ``_all_ended``)."""
+    has_devices = exists().where(device_tasks.c.task_id == tasks.c.id)
+    has_open = exists().where(
+        device_tasks.c.task_id == tasks.c.id, device_tasks.c.state.in_(_OPEN_CODES)
+    )
+    ended = and_(has_devices, ~has_open)
+    if status == "finished":
+        return and_(tasks.c.status != "cancelled", ended)
+    if status == "cancelled":
+        return tasks.c.status == "cancelled"
+    return and_(tasks.c.status == status, ~ended)
+
+
 def _delete_finished(conn: Connection, which: Any) -> None:
     """Delete the finished device tasks matching ``which`` with their download tokens.
 
@@ -682,6 +739,7 @@ def _delete_finished(conn: Connection, which: Any) -> None:
     key then fails the caller's delete of the parent row (409), never a half-deleted history.
     """
     finished = and_(which, device_tasks.c.state.in_(TERMINAL_CODES))
+    timeline.delete_for(conn, select(device_tasks.c.id).where(finished))
     conn.execute(
         delete(tokens).where(tokens.c.device_task_id.in_(select(device_tasks.c.id).where(finished)))
     )
@@ -1204,6 +1262,27 @@ class AdminService:
         )
 
     @_retried
+    def device_history(
+        self,
+        dev_id: int,
+        *,
+        task_id: int | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> Page[timeline.HistoryEvent]:
+        """A page of a device's timeline (:mod:`.timeline`), oldest first, optionally of one
+        task; ``after`` is the previous page's ``next``."""
+        size = _page_limit(limit)
+        cursor = _int_cursor(after, EVENT_ID_MAX)
+        with self.engine.connect() as conn:
+            found = conn.execute(select(devices.c.dev_id).where(devices.c.dev_id == dev_id))
+            if found.first() is None:
+                raise NotFound(f"device {dev_id} not found")
+            items, more = timeline.device_history(
+                conn, dev_id, task_id=task_id, after=cursor, limit=size
+            )
+        return Page(items, str(items[-1].id) if more and items else None)
+
     def rotate_device_key(self, dev_id: int, spec: DeviceKeyRotate) -> Device:
         """Give a device a new device key (§3.4, D4): from the commit on, every server process
         refuses the tokens signed with the old key (the change feed tells the others)."""
@@ -1265,6 +1344,7 @@ class AdminService:
                     ],
                 )
             _delete_finished(conn, device_tasks.c.dev_id == dev_id)
+            timeline.delete_device(conn, dev_id)
             conn.execute(delete(devices).where(devices.c.dev_id == dev_id))
             self._audit(conn, "device.delete", f"device:{dev_id}", row, None)
             # The device row, its answers and the tokens verified with its key are cached.
@@ -1612,6 +1692,8 @@ class AdminService:
     @staticmethod
     def _task_model(row: Any, counts: dict[str, int]) -> Task:
         data = dict(row._mapping)
+        if data["status"] != "cancelled" and _all_ended(counts):
+            data["status"] = "finished"
         return Task(**data, total=sum(counts.values()), counts=StateCounts(**counts))
 
     def _task(self, conn: Connection, task_id: int) -> Task:
@@ -1713,9 +1795,9 @@ class AdminService:
         if package_id is not None:
             query = query.where(tasks.c.package_id == package_id)
         if status is not None:
-            if status not in ("active", "paused", "cancelled"):
-                raise Invalid("status must be active, paused or cancelled")
-            query = query.where(tasks.c.status == status)
+            if status not in TASK_STATUSES:
+                raise Invalid(f"status must be one of {', '.join(TASK_STATUSES)}")
+            query = query.where(_status_is(status))
         cursor = _int_cursor(after, TASK_ID_MAX)
         if cursor is not None:
             query = query.where(tasks.c.id > cursor)

@@ -82,6 +82,9 @@ _MAX_QUICK_DEATHS: Final = 5  # workers dying this often within a minute means a
 STALE_FILE_S: Final = 2 * 3600.0
 _PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 _PARENT_POLL_S: Final = 1.0
+# How often each worker writes the bytes it served (server/timeline.py): how long a timeline may
+# lag behind the downloads.
+SERVED_FLUSH_S: Final = 1.0
 
 
 @dataclass
@@ -110,6 +113,16 @@ class AppResources:
             except Exception:
                 log.exception("deadline sweep failed; retrying at the next interval")
             await asyncio.sleep(interval)
+
+    async def flush_served_forever(self, interval: float) -> None:
+        """Write the bytes served (device timelines) every ``interval`` seconds until
+        cancelled; one small transaction per interval, none when nothing was served."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.device_api.flush_served()
+            except Exception:
+                log.warning("cannot write the bytes served; retrying at the next interval")
 
     async def aclose(self) -> None:
         """Stop push deliveries, close database connections and package files."""
@@ -253,7 +266,9 @@ async def _serve(
     server = asyncio.create_task(
         serve(handler, sock=sock, ssl=ssl_context(settings), limits=http_limits(settings))
     )
-    background: list[asyncio.Task[None]] = []
+    background: list[asyncio.Task[None]] = [
+        asyncio.create_task(resources.flush_served_forever(SERVED_FLUSH_S))
+    ]
     if sweeper:
         background.append(asyncio.create_task(resources.sweep_forever(settings.sweep_interval)))
     try:

@@ -88,6 +88,7 @@ from onenet_ota.server.http import (
     RequestAborted,
     Response,
 )
+from onenet_ota.server.timeline import body_length, set_call
 
 __all__ = ["DeviceApi"]
 
@@ -143,10 +144,21 @@ class DeviceApi:
         self._queries = caches.queries
         self._memos = caches.replies
         self._dialects = DialectApi(self.service, self._files, self._chunks)
+        self._served = self.service.served
 
     def close(self) -> None:
-        """Close the read connections and the open package files."""
+        """Write the bytes served still pending, close the read connections and the open
+        package files."""
+        try:
+            self._served.flush()
+        except Exception:
+            log.warning("cannot write the bytes served at shutdown", exc_info=True)
         self.service.close()  # and the caches' open files
+
+    def flush_served(self) -> int:
+        """Write the bytes served since the last flush (:class:`.timeline.ServedBytes`);
+        returns how many device tasks were written."""
+        return self._served.flush()
 
     # -- entry point ---------------------------------------------------------------------------
 
@@ -204,6 +216,7 @@ class DeviceApi:
     async def _json(
         self, endpoint: Endpoint, request: Request, token: str | None, body: bytes
     ) -> Response:
+        set_call(_CLASSIC, endpoint.value)  # "E7": for the timeline events this request causes
         authorization = request.header("Authorization")
         memo_key: MemoKey | None = None
         if authorization and (endpoint is Endpoint.CHECK_TASK or endpoint is Endpoint.CHECK_TOKEN):
@@ -431,6 +444,7 @@ class DeviceApi:
         if isinstance(body, bytes):
             key = (grant.sha256, grant.size, grant.file_name, range_value, _CLASSIC)
             self._chunks.put(key, response, response_bytes(response))
+        self._served.add(grant.device_task_id, length)  # in memory; flushed in batches
         return response
 
     def _cached_download(self, request: Request, token: str) -> Response | None:
@@ -450,6 +464,7 @@ class DeviceApi:
         cached = self._chunks.get(key)
         if cached is None or self._files.size_if_open(grant.sha256) != grant.size:
             return None
+        self._served.add(grant.device_task_id, body_length(cached))
         return cached
 
 

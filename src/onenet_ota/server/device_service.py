@@ -97,7 +97,7 @@ from onenet_ota.protocol.states import (
     wire_status,
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
-from onenet_ota.server import changes
+from onenet_ota.server import changes, timeline
 from onenet_ota.server.db import is_transient
 from onenet_ota.server.device_caches import (
     Answer,
@@ -521,6 +521,7 @@ class _Tx:
     now: float
     touched: set[int] = field(default_factory=set)  # devices whose cached facts changed
     touched_all: bool = False
+    offered: list[tuple[int, str | None]] = field(default_factory=list)  # first offers written
 
     @property
     def writer(self) -> Connection:
@@ -602,6 +603,10 @@ class DeviceService:
         self._read_account_key = _Reader(engine, readers, _SELECT_ACCOUNT_KEY)
         self._read_latest_task = _Reader(engine, readers, _SELECT_LATEST_TASK)
         self._read_tid = _Reader(engine, readers, _SELECT_TID)
+        self._read_offered = _Reader(engine, readers, timeline.SELECT_OFFERED)
+        # Device tasks (and dialects) whose first offer is known to be on their timeline.
+        self._offered: set[tuple[int, str | None]] = set()
+        self.served = timeline.ServedBytes(engine, clock)
 
     def close(self) -> None:
         """Close the read connections and the caches' open files (the engine and its pool stay
@@ -633,7 +638,8 @@ class DeviceService:
                         changes.publish(conn, None, tx.now, origin=self._origin)
                     elif tx.touched:
                         changes.publish(conn, tx.touched, tx.now, origin=self._origin)
-                    return result
+                self._remember_offers(tx.offered)  # committed: they are on the timeline
+                return result
             except (ConcurrentChange, IntegrityError):
                 # IntegrityError: a token collision or a concurrent insert; both retry cleanly.
                 if attempt == _MAX_ATTEMPTS:
@@ -715,6 +721,8 @@ class DeviceService:
         *,
         progress: int | None = None,
         result_code: int | None = None,
+        kind: timeline.EventKind = "state",
+        code: int | None = None,
     ) -> None:
         old = TaskState(row.state)
         set_state(
@@ -725,8 +733,36 @@ class DeviceService:
             tx.now,
             progress=row.progress if progress is None else progress,
             result_code=result_code,
+            kind=kind,
+            code=code,
         )
         tx.touched.add(row.dt_dev_id)
+
+    def _remember_offers(self, keys: list[tuple[int, str | None]]) -> None:
+        if not keys:
+            return
+        if len(self._offered) >= _OFFERED_MEMO_MAX:
+            self._offered.clear()  # bounded: forgetting costs one read per device task
+        self._offered.update(keys)
+
+    def _record_offer(self, tx: _Tx, row: _Row, default_dialect: str | None) -> None:
+        """The device task's first offer through this dialect on its timeline; later offers
+        find it (timeline module docstring: repeats write nothing)."""
+        source = timeline.current_source(default_dialect)
+        key = (row.dt_id, source.dialect)
+        if key in self._offered:
+            return
+        params = {"e_id": row.dt_id, "e_dialect": source.dialect}
+        if tx.conn is None:
+            found = self._read_offered.one(**params)
+        else:
+            found = tx.conn.execute(timeline.SELECT_OFFERED, params).first()
+        if found is not None:
+            self._remember_offers([key])
+            return
+        # Nothing cached depends on the timeline: no invalidation, so the answer stays cacheable.
+        timeline.record_offer(tx.writer, row.dt_id, tx.now, source)
+        tx.offered.append(key)
 
     def _effective_state(self, tx: _Tx, row: _Row, dev_id: int) -> TaskState:
         """The row's state after T5, applied lazily: a passed deadline fails the open tasks."""
@@ -849,6 +885,7 @@ class DeviceService:
         reported = {TaskType.FOTA: f_version, TaskType.SOTA: s_version}
 
         def work(tx: _Tx) -> Errno:
+            before = tx.writer.execute(_SELECT_VERSIONS, {"dev_id": dev_id}).first()
             for row in tx.writer.execute(_SELECT_OPEN_TASKS, {"dev_id": dev_id}).all():
                 if row.start_time > tx.now:  # not started: invisible to devices (§5.2)
                     continue
@@ -860,6 +897,13 @@ class DeviceService:
                 _SET_VERSIONS,
                 {"b_dev_id": dev_id, "f": f_version, "s": s_version, "now": int(tx.now)},
             )
+            if before is not None:
+                changed = {}
+                if f_version is not None and f_version != before.f_version:
+                    changed["f_version"] = f_version
+                if s_version is not None and s_version != before.s_version:
+                    changed["s_version"] = s_version
+                timeline.record_version(tx.writer, dev_id, tx.now, changed)
             return Errno.SUCC if result.rowcount == 1 else Errno.AUTH_FAILED
 
         return self._run(work)
@@ -917,6 +961,7 @@ class DeviceService:
             errno, state, valid_until = self._preflight(tx, row, dev_id, version, manuf, model)
             if state is None:
                 return errno, None, valid_until
+            self._record_offer(tx, row, "classic")
             token = row.current_token
             if token is None or token_expired(row.token_issued_at, tx.now):
                 return Errno.SUCC, _task_info(row, self._issue_token(tx, row, state)), None
@@ -952,6 +997,7 @@ class DeviceService:
             errno, state, valid_until = self._preflight(tx, row, dev_id, version, None, None)
             if state is None:
                 return errno, None, valid_until
+            self._record_offer(tx, row, None)
             # Holds until the deadline; any change of the task invalidates the device.
             until = _FOREVER if row.deadline is None else float(row.deadline)
             return Errno.SUCC, _tid_task_info(row, state), until
@@ -997,6 +1043,9 @@ class DeviceService:
         stale = row.last_seen_at is None or tx.now - row.last_seen_at >= _LAST_SEEN_RESOLUTION_S
         if stored != version or stale:
             fota = task_type is TaskType.FOTA
+            if stored != version:
+                field_name = "f_version" if fota else "s_version"
+                timeline.record_version(tx.writer, dev_id, tx.now, {field_name: version})
             tx.writer.execute(
                 _SET_VERSIONS,
                 {
@@ -1147,8 +1196,10 @@ class DeviceService:
     ) -> Errno | None:
         """The report rules of every dialect, on the task ``statement`` finds; None when it
         finds none of this device's."""
+        done: list[int] = []  # the device task, when the report moved it
 
         def work(tx: _Tx) -> Errno | None:
+            done.clear()
             row = tx.writer.execute(statement, params).first()
             if row is None or row.dt_dev_id != dev_id:
                 return None
@@ -1157,6 +1208,10 @@ class DeviceService:
             state = self._effective_state(tx, row, dev_id)
             outcome = on_report(state, report.kind)
             if not outcome.ok or outcome.state is None:
+                # Refused, with its reason on the timeline (a report that changed nothing).
+                timeline.record_refused(
+                    tx.writer, row.dt_id, state, report.value, int(outcome.errno), tx.now
+                )
                 return outcome.errno
             new = outcome.state
             if report.kind is ReportKind.PROGRESS:  # T11: progress only, no state change
@@ -1169,7 +1224,10 @@ class DeviceService:
                 new,
                 progress=progress,
                 result_code=report.value if new.is_terminal else None,  # T14-T16
+                kind="report",
+                code=report.value,
             )
+            done.append(row.dt_id)
             if report.kind is ReportKind.UPGRADED:  # T15: the device now runs the target
                 fota = TaskType(row.module_type) is TaskType.FOTA
                 tx.writer.execute(
@@ -1183,7 +1241,18 @@ class DeviceService:
                 )
             return Errno.SUCC
 
-        return self._run(work)
+        errno = self._run(work)
+        if done:
+            # The download is over: what this worker served of it goes to the database now
+            # rather than at the next periodic flush.
+            self._flush_served(done)
+        return errno
+
+    def _flush_served(self, device_task_ids: list[int]) -> None:
+        try:
+            self.served.flush(device_task_ids)
+        except Exception:
+            log.warning("cannot write the bytes served; the periodic flush will retry")
 
     # -- Studio and fuse: the task named by its tid -----------------------------------------
 
@@ -1324,6 +1393,7 @@ class DeviceService:
 
 
 _FOREVER: Final = float("inf")
+_OFFERED_MEMO_MAX: Final = 100_000  # about 10 MB at most
 
 
 def _valid_until(token_issued_at: int, deadline: int | None) -> float:

@@ -71,6 +71,7 @@ from onenet_ota.server.http import (
     RequestAborted,
     Response,
 )
+from onenet_ota.server.timeline import body_length, set_call
 
 __all__ = ["SERVED_DIALECTS", "DialectApi"]
 
@@ -143,6 +144,7 @@ class DialectApi:
         if endpoint is None:
             return wire.empty(405, allow=route.allow)
         spec = DIALECTS[route.dialect]
+        set_call(route.dialect.value, endpoint.label)  # for the timeline events it causes
         if endpoint.operation is Operation.DOWNLOAD:
             try:
                 return self._download(spec, request, route)
@@ -290,6 +292,7 @@ class DialectApi:
         if cached is not None and self._files.size_if_open(grant.sha256) == grant.size:
             # Every device of a task fetches the same chunks: built once per (file, range).
             self._downloaded(grant, dev_id, route.tid)
+            self.service.served.add(route.tid, body_length(cached))
             return cached
         try:
             path, fd, size = self._files.get(grant.sha256)
@@ -321,6 +324,7 @@ class DialectApi:
             partial=parsed is not None,
         )
         self._downloaded(grant, dev_id, route.tid)
+        self.service.served.add(route.tid, length)  # in memory; flushed in batches
         response = Response(reply.status, list(reply.headers), body)
         if isinstance(body, bytes):
             self._chunks.put(key, response, response_bytes(response))

@@ -223,3 +223,54 @@ audit_log = Table(
     Index("ix_audit_log_created_at", "created_at"),
     sqlite_autoincrement=True,
 )
+
+# A device's timeline (server/timeline.py): one row per state change of a device task, per report
+# (accepted or refused), per version report that changed a stored version, and one per device
+# task and dialect for its first offer. Written in the transaction of what it records. No foreign
+# keys: rows are deleted with their device tasks (or device) by the management service, and a
+# version report may belong to no device task.
+device_task_events = Table(
+    "device_task_events",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("dev_id", BigInteger, nullable=False),
+    Column("device_task_id", Integer, nullable=True),  # NULL: a version report without a task
+    Column("task_id", Integer, nullable=True),
+    Column("at_ms", BigInteger, nullable=False),  # Unix milliseconds
+    # offered, state, report, progress, version (timeline.EventKind)
+    Column("kind", String(16), nullable=False),
+    # Who caused it: the device's dialect (classic, studio, fuse) and endpoint label ("E7",
+    # "S-R", "F-R"), or dialect NULL and endpoint "admin" / "deadline".
+    Column("dialect", String(8), nullable=True),
+    Column("endpoint", String(16), nullable=True),
+    Column("code", SmallInteger, nullable=True),  # the reported step or status code
+    Column("errno", SmallInteger, nullable=True),  # a refused report's errno (classic numbers)
+    Column("from_state", SmallInteger, nullable=True),
+    Column("to_state", SmallInteger, nullable=True),
+    Column("detail", String(64), nullable=True),  # a version report: "f_version=1.2"
+    Index("ix_device_task_events_dev_id_id", "dev_id", "id"),
+    Index("ix_device_task_events_device_task_id", "device_task_id"),
+    # One first-offer row per device task and dialect: two workers offering at once cannot both
+    # insert one (the loser's transaction is retried and finds the row).
+    Index(
+        "uq_device_task_events_offered",
+        "device_task_id",
+        "dialect",
+        unique=True,
+        sqlite_where=text("kind = 'offered'"),
+        postgresql_where=text("kind = 'offered'"),
+    ),
+    sqlite_autoincrement=True,
+)
+
+# Bytes of the package served per device task, summed in memory by each worker and added here
+# periodically (server/timeline.py: ServedBytes), never per chunk.
+device_task_bytes = Table(
+    "device_task_bytes",
+    metadata,
+    Column("device_task_id", Integer, primary_key=True, autoincrement=False),
+    Column("served", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)

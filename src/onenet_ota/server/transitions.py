@@ -15,8 +15,8 @@ transaction, and each moves rows only along the edges of the state tables in
 
 Single-row changes are compare-and-set: the UPDATE names the state it read, and a row that
 another transaction changed meanwhile matches nothing and raises :class:`ConcurrentChange` (run
-the transaction again). A device task's row is its whole record (state, progress, result code,
-``updated_at``, ``finished_at``); no separate history is kept.
+the transaction again). Every change also writes its timeline event (:mod:`.timeline`) in the
+same transaction: one row per device task moved, so the timeline and the state never disagree.
 
 The change feed row (:func:`.changes.publish`) stays with the caller: a transaction may change
 several device tasks and other rows, and it publishes once, at its end, every device it touched
@@ -28,7 +28,18 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from sqlalchemy import Connection, and_, bindparam, case, func, literal, select, update
+from sqlalchemy import (
+    Connection,
+    SmallInteger,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal,
+    select,
+    update,
+)
 
 from onenet_ota.protocol.states import (
     ACTION_TABLE,
@@ -39,6 +50,14 @@ from onenet_ota.protocol.states import (
     on_action,
 )
 from onenet_ota.server.schema import device_tasks, tasks
+from onenet_ota.server.timeline import (
+    ADMIN,
+    DEADLINE,
+    EventKind,
+    Source,
+    record_bulk,
+    record_transition,
+)
 
 __all__ = [
     "ConcurrentChange",
@@ -94,10 +113,16 @@ def set_state(
     progress: int,
     paused_from: TaskState | None = None,
     result_code: int | None = None,
+    kind: EventKind = "state",
+    code: int | None = None,
+    source: Source | None = None,
 ) -> None:
     """Move a device task from ``old`` (the state it was read in) to ``new``; a terminal state
     records ``finished_at``, a ``result_code`` of None keeps the stored one. Raises
-    :class:`ConcurrentChange` when the row is no longer in ``old``."""
+    :class:`ConcurrentChange` when the row is no longer in ``old``.
+
+    The timeline event says ``kind`` (``report`` for a device's report, whose value is
+    ``code``; ``state`` otherwise) and ``source`` (None: the device request being answered)."""
     result = conn.execute(
         _SET_STATE,
         {
@@ -113,6 +138,10 @@ def set_state(
     )
     if result.rowcount != 1:
         raise ConcurrentChange
+    event_code = result_code if code is None else code
+    record_transition(
+        conn, device_task_id, old, new, now, kind=kind, code=event_code, source=source
+    )
 
 
 def set_progress(
@@ -123,10 +152,11 @@ def set_progress(
     params = {"b_id": device_task_id, "b_state": int(state), "v_progress": progress}
     if conn.execute(_SET_PROGRESS, {**params, "now": int(now)}).rowcount != 1:
         raise ConcurrentChange
+    record_transition(conn, device_task_id, None, None, now, kind="progress", code=progress)
 
 
 def apply_action(
-    conn: Connection, device_task_id: int, action: Action, now: float
+    conn: Connection, device_task_id: int, action: Action, now: float, *, source: Source = ADMIN
 ) -> tuple[TaskState, TaskState] | None:
     """Apply a management action (T2 pause, T3 resume, T4 cancel, T5 deadline) to one device
     task inside the caller's transaction, through :func:`protocol.states.on_action`.
@@ -150,6 +180,7 @@ def apply_action(
         now,
         progress=row.progress,
         paused_from=old if new is TaskState.PAUSED else None,
+        source=source,
     )
     return old, new
 
@@ -173,10 +204,21 @@ def _resume_case() -> tuple[Any, list[int]]:
     return case(*whens, else_=_dt.c.state), [int(before) for before, _ in edges]
 
 
-def apply_bulk(conn: Connection, action: Action, where: Any, now: float) -> int:
+def _lock(conn: Connection, condition: Any) -> None:
+    """PostgreSQL: lock the rows a bulk change will move before its events are written, so that
+    a concurrent transaction cannot move one between the events' INSERT and the UPDATE (SQLite
+    has one writer at a time)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(_dt.c.id).where(condition).with_for_update())
+
+
+def apply_bulk(
+    conn: Connection, action: Action, where: Any, now: float, *, source: Source = ADMIN
+) -> int:
     """One UPDATE moving every device task matching ``where`` along the table's edge for
     ``action`` (T2 pause, T3 resume, T4 cancel); rows where the action is illegal stay as they
-    are. Returns how many moved."""
+    are. Returns how many moved. Each moved row gets its timeline event first, computed from
+    the same CASE."""
     state = _dt.c.state
     if action is Action.RESUME:
         new_state, froms = _resume_case()
@@ -195,6 +237,8 @@ def apply_bulk(conn: Connection, action: Action, where: Any, now: float) -> int:
                 else_=_dt.c.finished_at,
             )
     new_values["updated_at"] = int(now)
+    _lock(conn, condition)
+    record_bulk(conn, condition, new_state, now, source)
     result = conn.execute(update(_dt).where(condition).values(**new_values))
     return int(result.rowcount)
 
@@ -229,6 +273,16 @@ def expire_deadlines(conn: Connection, now: float, *, dev_id: int | None = None)
     serves the device API should afterwards call :meth:`.DeviceService.invalidate`.
     """
     params: dict[str, Any] = {"now": int(now)}
+    condition = and_(
+        _dt.c.state.in_(_DEADLINE_SOURCES),
+        _dt.c.task_id.in_(
+            select(_t.c.id).where(_t.c.deadline.is_not(None), _t.c.deadline <= int(now))
+        ),
+    )
+    if dev_id is not None:
+        condition = and_(condition, _dt.c.dev_id == dev_id)
+    _lock(conn, condition)
+    record_bulk(conn, condition, cast(literal(_DEADLINE_TARGET), SmallInteger()), now, DEADLINE)
     if dev_id is None:
         result = conn.execute(_EXPIRE_ALL, params)
     else:

@@ -19,7 +19,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from onenet_ota.protocol.status import describe_status
+from onenet_ota.protocol.code_texts import code_label
 from onenet_ota.sim.fleet import FleetState, Phase
 from onenet_ota.sim.report import FleetReport
 
@@ -148,7 +148,8 @@ def print_summary(report: FleetReport, console: Console) -> None:
     for name, count in data["outcomes"].items():
         outcomes.add_row(Text(name, style=_STYLE.get(Phase(name), "")), str(count))
     for code, count in data["failure_codes"].items():
-        shown = describe_status(int(code)) if code.isdigit() else code  # "none": none arrived
+        # The code and its name ("105 download low battery"); the text would wrap the column.
+        shown = code_label(int(code)) if code.isdigit() else code  # "none": none arrived
         outcomes.add_row(f"  failed, reported {shown}", str(count))
     console.print(outcomes)
     _print_groups(report, console)

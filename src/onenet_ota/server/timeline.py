@@ -1,0 +1,490 @@
+"""Device timelines: what happened to a device's tasks, when, through which dialect and endpoint.
+
+One ``device_task_events`` row per
+
+- **state change** of a device task (every edge of the state tables, whoever caused it: a device
+  request, a management action, a deadline), written by :mod:`.transitions` in the transaction
+  of the change, so that the timeline and the device-task row never disagree;
+- **report** (E7, E8, S-R, F-R): kind ``report`` when it moved the state, ``progress`` for T11,
+  and a refused report with the errno it got (reasons: "reported 205 while cancelled");
+- **version report** (E1, S-V, F-V, and the version E3/S-C/F-C record) that changed a stored
+  version. A device repeating the same version writes nothing: E1 before every poll must not
+  grow the table;
+- **first offer** of a device task to a device, per dialect (an E3, S-C or F-C that returned the
+  task). Repeated polls write nothing: a polling fleet would otherwise write a row per device and
+  poll. A repeat's count is not kept either: most repeats are answered from the caches or
+  memoised replies without reaching the service, so a count would undercount anyway, and
+  keeping one exactly would cost a write per poll.
+
+Who caused an event is read from :func:`set_call`, which each device API handler sets per
+request (a context variable, so concurrent requests on the event loop keep theirs); changes made
+without one (the management API, the deadline sweep) name their source explicitly.
+
+Bytes served per device task (:class:`ServedBytes`) are summed in memory by each worker and
+added to ``device_task_bytes`` in one transaction per interval (and at shutdown, and for the
+device task being reported on, right after the report), never a write per chunk. The
+history shows a success report (101, or 201, §6.7.1) made while fewer bytes than the package
+were served as ``short_download``: flagged, not refused. The OneNET C SDK example does exactly
+that on packages of 4096·k + 1 bytes, whose last byte it never requests, and on 1-byte packages,
+which it never downloads (its chunk loop runs while ``start < size − 1``, spec §7 step 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Engine,
+    SmallInteger,
+    String,
+    and_,
+    bindparam,
+    cast,
+    insert,
+    literal,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from onenet_ota.protocol.code_texts import code_name, code_text
+from onenet_ota.protocol.states import TaskState
+from onenet_ota.server.http import FileSegment, Response
+from onenet_ota.server.schema import (
+    device_task_bytes,
+    device_task_events,
+    device_tasks,
+    packages,
+    tasks,
+)
+
+__all__ = [
+    "ADMIN",
+    "DEADLINE",
+    "EventKind",
+    "HistoryEvent",
+    "ServedBytes",
+    "Source",
+    "body_length",
+    "current_source",
+    "delete_for",
+    "device_history",
+    "record_bulk",
+    "record_refused",
+    "record_transition",
+    "record_version",
+    "set_call",
+]
+
+log = logging.getLogger(__name__)
+
+EventKind = Literal["offered", "state", "report", "progress", "version"]
+_ev, _dt, _b = device_task_events, device_tasks, device_task_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Who caused an event: a device's dialect and endpoint label, or (dialect None) the
+    management API or a deadline."""
+
+    dialect: str | None
+    endpoint: str | None
+
+
+ADMIN: Final = Source(None, "admin")
+DEADLINE: Final = Source(None, "deadline")
+_NOBODY: Final = Source(None, None)
+
+_CALL: ContextVar[Source] = ContextVar("onenet_ota_device_call", default=_NOBODY)
+
+
+def set_call(dialect: str, endpoint: str) -> None:
+    """Name the device request being answered (its dialect and endpoint label, e.g. ``classic``
+    and ``E7``) for the events it causes. Each device API handler calls it per request."""
+    _CALL.set(Source(dialect, endpoint))
+
+
+def current_source(default_dialect: str | None = None) -> Source:
+    """The request named by :func:`set_call` in this context; ``default_dialect`` when none was
+    (a service called directly)."""
+    found = _CALL.get()
+    if found.dialect is None and default_dialect is not None:
+        return Source(default_dialect, found.endpoint)
+    return found
+
+
+def _ms(now: float) -> int:
+    return int(now * 1000)
+
+
+# -- writing, inside the caller's transaction ------------------------------------------------
+
+
+def _param(name: str, type_: Any) -> Any:
+    # Cast so that PostgreSQL knows a parameter's type in a SELECT list.
+    return cast(bindparam(name, type_=type_), type_)
+
+
+_EVENT_COLUMNS: Final = [
+    "dev_id",
+    "device_task_id",
+    "task_id",
+    "at_ms",
+    "kind",
+    "dialect",
+    "endpoint",
+    "code",
+    "errno",
+    "from_state",
+    "to_state",
+]
+# One device task's event, its dev_id and task_id read from its row in the same statement.
+_INSERT_FOR_TASK = insert(_ev).from_select(
+    _EVENT_COLUMNS,
+    select(
+        _dt.c.dev_id,
+        _dt.c.id,
+        _dt.c.task_id,
+        _param("e_at", BigInteger()),
+        _param("e_kind", String(16)),
+        _param("e_dialect", String(8)),
+        _param("e_endpoint", String(16)),
+        _param("e_code", SmallInteger()),
+        _param("e_errno", SmallInteger()),
+        _param("e_from", SmallInteger()),
+        _param("e_to", SmallInteger()),
+    ).where(_dt.c.id == bindparam("e_id")),
+)
+
+
+def record_transition(
+    conn: Connection,
+    device_task_id: int,
+    old: TaskState | None,
+    new: TaskState | None,
+    now: float,
+    *,
+    kind: EventKind = "state",
+    code: int | None = None,
+    errno: int | None = None,
+    source: Source | None = None,
+) -> None:
+    """One event of device task ``device_task_id`` (its state change from ``old`` to ``new``,
+    or a report that changed nothing when they are None)."""
+    who = current_source() if source is None else source
+    conn.execute(
+        _INSERT_FOR_TASK,
+        {
+            "e_id": device_task_id,
+            "e_at": _ms(now),
+            "e_kind": kind,
+            "e_dialect": who.dialect,
+            "e_endpoint": who.endpoint,
+            "e_code": code,
+            "e_errno": errno,
+            "e_from": None if old is None else int(old),
+            "e_to": None if new is None else int(new),
+        },
+    )
+
+
+def record_refused(
+    conn: Connection, device_task_id: int, state: TaskState, code: int, errno: int, now: float
+) -> None:
+    """A report the state machine refused: ``code`` reported in ``state``, answered ``errno``
+    (classic numbers; each dialect numbers its answer from it)."""
+    record_transition(conn, device_task_id, state, None, now, kind="report", code=code, errno=errno)
+
+
+def record_bulk(
+    conn: Connection, where: Any, new_state: Any, now: float, source: Source | None
+) -> None:
+    """The events of a bulk change, before its UPDATE: one per device task matching ``where``,
+    from its current state to ``new_state`` (a SQL expression over the row: the UPDATE's own
+    CASE). The caller's UPDATE must then move exactly these rows (it has the same condition and
+    runs in the same transaction, after the rows were locked)."""
+    who = current_source() if source is None else source
+    conn.execute(
+        insert(_ev).from_select(
+            _EVENT_COLUMNS,
+            select(
+                _dt.c.dev_id,
+                _dt.c.id,
+                _dt.c.task_id,
+                cast(literal(_ms(now), BigInteger()), BigInteger()),
+                cast(literal("state", String(16)), String(16)),
+                cast(literal(who.dialect, String(8)), String(8)),
+                cast(literal(who.endpoint, String(16)), String(16)),
+                cast(literal(None, SmallInteger()), SmallInteger()),
+                cast(literal(None, SmallInteger()), SmallInteger()),
+                _dt.c.state,
+                new_state,
+            ).where(where),
+        )
+    )
+
+
+_INSERT_VERSION = insert(_ev).values(
+    dev_id=bindparam("e_dev_id"),
+    at_ms=bindparam("e_at"),
+    kind="version",
+    dialect=bindparam("e_dialect"),
+    endpoint=bindparam("e_endpoint"),
+    detail=bindparam("e_detail"),
+)
+
+
+def record_version(
+    conn: Connection,
+    dev_id: int,
+    now: float,
+    changed: dict[str, str],
+    *,
+    default_dialect: str | None = None,
+) -> None:
+    """A version report that changed the stored versions (``changed``: field -> new value)."""
+    if not changed:
+        return
+    who = current_source(default_dialect)
+    detail = " ".join(f"{field}={value}" for field, value in sorted(changed.items()))
+    conn.execute(
+        _INSERT_VERSION,
+        {
+            "e_dev_id": dev_id,
+            "e_at": _ms(now),
+            "e_dialect": who.dialect,
+            "e_endpoint": who.endpoint,
+            "e_detail": detail[:64],
+        },
+    )
+
+
+SELECT_OFFERED: Final = select(_ev.c.id).where(
+    _ev.c.device_task_id == bindparam("e_id"),
+    _ev.c.kind == "offered",
+    _ev.c.dialect.is_not_distinct_from(bindparam("e_dialect", type_=_ev.c.dialect.type)),
+)
+
+
+def record_offer(conn: Connection, device_task_id: int, now: float, source: Source) -> None:
+    """The first offer of a device task to a device through ``source``'s dialect (the caller
+    checked :data:`SELECT_OFFERED` first; a concurrent insert fails on the unique index and the
+    caller's transaction is retried)."""
+    record_transition(conn, device_task_id, None, None, now, kind="offered", source=source)
+
+
+def delete_for(conn: Connection, device_task_ids: Any) -> None:
+    """Delete the timelines and byte counts of the device tasks ``device_task_ids`` (a SELECT
+    of ids), with them."""
+    conn.execute(_ev.delete().where(_ev.c.device_task_id.in_(device_task_ids)))
+    conn.execute(_b.delete().where(_b.c.device_task_id.in_(device_task_ids)))
+
+
+def delete_device(conn: Connection, dev_id: int) -> None:
+    """Delete what is left of a device's timeline (its version reports) with the device."""
+    conn.execute(_ev.delete().where(_ev.c.dev_id == dev_id))
+
+
+# -- bytes served -----------------------------------------------------------------------------
+
+
+def _add_bytes_statement(conn: Connection) -> Any:
+    ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(_b)
+    return ins.on_conflict_do_update(
+        index_elements=[_b.c.device_task_id],
+        set_={"served": _b.c.served + ins.excluded.served, "updated_at": ins.excluded.updated_at},
+    )
+
+
+def add_bytes(conn: Connection, counts: dict[int, int], now: float) -> None:
+    """Add ``counts`` (device task id -> bytes) to ``device_task_bytes`` in one statement."""
+    if counts:
+        rows = [
+            {"device_task_id": dt_id, "served": n, "updated_at": int(now)}
+            for dt_id, n in counts.items()
+        ]
+        conn.execute(_add_bytes_statement(conn), rows)
+
+
+class ServedBytes:
+    """Bytes of packages served per device task, summed in memory and written in batches.
+
+    :meth:`add` is a dictionary update (the download paths call it per chunk); :meth:`flush`
+    writes what is pending in one transaction (a periodic task and shutdown call it for
+    everything, a report that ends a download for its device task). All of it runs on the
+    worker's event loop thread, so no lock is needed. What is pending is bounded by the device
+    tasks this worker served, never by what clients send.
+    """
+
+    def __init__(self, engine: Engine, clock: Callable[[], float]) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._pending: dict[int, int] = {}
+
+    def add(self, device_task_id: int, nbytes: int) -> None:
+        """Count ``nbytes`` served for ``device_task_id``."""
+        pending = self._pending
+        pending[device_task_id] = pending.get(device_task_id, 0) + nbytes
+
+    @property
+    def pending(self) -> int:
+        """Device tasks with bytes not yet written."""
+        return len(self._pending)
+
+    def flush(self, device_task_ids: Iterable[int] | None = None) -> int:
+        """Write what is pending (only for ``device_task_ids`` when given) in one transaction;
+        on failure it stays pending (and the error is raised). Returns how many device tasks
+        were written."""
+        if device_task_ids is None:
+            taken, self._pending = self._pending, {}
+        else:
+            taken = {}
+            for dt_id in device_task_ids:
+                nbytes = self._pending.pop(dt_id, 0)
+                if nbytes:
+                    taken[dt_id] = nbytes
+        if not taken:
+            return 0
+        try:
+            with self._engine.begin() as conn:
+                add_bytes(conn, taken, self._clock())
+        except Exception:
+            for dt_id, nbytes in taken.items():
+                self.add(dt_id, nbytes)
+            raise
+        return len(taken)
+
+
+def body_length(response: Response) -> int:
+    """The bytes a download response carries (a cached chunk's, or a file segment's)."""
+    body = response.body
+    if isinstance(body, bytes):
+        return len(body)
+    if isinstance(body, FileSegment):
+        return body.length
+    return 0  # a stream is never a download reply
+
+
+def served_total(conn: Connection, device_task_id: int) -> int:
+    """The bytes written for ``device_task_id`` so far."""
+    found = conn.execute(
+        select(_b.c.served).where(_b.c.device_task_id == device_task_id)
+    ).scalar_one_or_none()
+    return 0 if found is None else int(found)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+_STATE_NAMES: Final = {int(state): state.name.lower() for state in TaskState}
+# Reports of a downloaded package (§6.7.1): 101, and 201 (which a device may send without 101);
+# and the progress value 100, which stands for 101 on E7 (§5.5).
+_SUCCESS_CODES: Final = frozenset({101, 201})
+
+
+class ShortDownload(BaseModel):
+    """A success report made while the server had served fewer bytes than the package."""
+
+    model_config = ConfigDict(frozen=True)
+
+    served: int
+    size: int
+
+
+class HistoryEvent(BaseModel):
+    """One event of a device's timeline (``GET /devices/{dev_id}/history``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    at_ms: int
+    kind: EventKind
+    task_id: int | None
+    device_task_id: int | None
+    dialect: str | None
+    endpoint: str | None
+    code: int | None
+    status_name: str | None
+    status_text: str | None
+    errno: int | None
+    from_state: str | None
+    to_state: str | None
+    detail: str | None
+    short_download: ShortDownload | None = None
+
+
+def _history_event(row: Any, short: ShortDownload | None) -> HistoryEvent:
+    return HistoryEvent(
+        id=row.id,
+        at_ms=row.at_ms,
+        kind=row.kind,
+        task_id=row.task_id,
+        device_task_id=row.device_task_id,
+        dialect=row.dialect,
+        endpoint=row.endpoint,
+        code=row.code,
+        status_name=code_name(row.code) if row.kind != "progress" else None,
+        status_text=code_text(row.code) if row.kind != "progress" else None,
+        errno=row.errno,
+        from_state=None if row.from_state is None else _STATE_NAMES.get(row.from_state),
+        to_state=None if row.to_state is None else _STATE_NAMES.get(row.to_state),
+        detail=row.detail,
+        short_download=short,
+    )
+
+
+def _is_success_report(row: Any) -> bool:
+    if row.kind != "report" or row.errno is not None:
+        return False
+    return row.code in _SUCCESS_CODES or row.code == 100
+
+
+def device_history(
+    conn: Connection,
+    dev_id: int,
+    *,
+    task_id: int | None,
+    after: int | None,
+    limit: int,
+) -> tuple[list[HistoryEvent], bool]:
+    """A page of ``dev_id``'s events in id order (after ``after``), optionally of one task, and
+    whether more follow."""
+    where = _ev.c.dev_id == dev_id
+    if task_id is not None:
+        where = and_(where, _ev.c.task_id == task_id)
+    if after is not None:
+        where = and_(where, _ev.c.id > after)
+    rows = conn.execute(select(_ev).where(where).order_by(_ev.c.id).limit(limit + 1)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    sizes = _served_and_sizes(conn, {r.device_task_id for r in rows if _is_success_report(r)})
+    events = []
+    for row in rows:
+        short = None
+        found = sizes.get(row.device_task_id) if _is_success_report(row) else None
+        if found is not None and found[0] < found[1]:
+            short = ShortDownload(served=found[0], size=found[1])
+        events.append(_history_event(row, short))
+    return events, more
+
+
+def _served_and_sizes(conn: Connection, ids: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """Bytes served and package size of each device task of ``ids``."""
+    wanted = sorted(ids)
+    if not wanted:
+        return {}
+    rows = conn.execute(
+        select(_dt.c.id, packages.c.size, _b.c.served)
+        .select_from(
+            _dt.join(tasks, tasks.c.id == _dt.c.task_id)
+            .join(packages, packages.c.id == tasks.c.package_id)
+            .outerjoin(_b, _b.c.device_task_id == _dt.c.id)
+        )
+        .where(_dt.c.id.in_(wanted))
+    ).all()
+    return {int(r.id): (int(r.served or 0), int(r.size)) for r in rows}
