@@ -48,6 +48,17 @@ from sqlalchemy.exc import OperationalError
 
 import onenet_ota
 from onenet_ota import auth
+from onenet_ota.management.models import (
+    AccountPage,
+    DeviceList,
+    DevicePage,
+    DeviceTaskPage,
+    ErrorBody,
+    Health,
+    PackagePage,
+    ProductPage,
+    TaskPage,
+)
 from onenet_ota.protocol import values
 from onenet_ota.protocol.states import Action
 from onenet_ota.server import admin_service as svc
@@ -292,76 +303,6 @@ class Route:
         if not self.public:
             codes |= {401, 503}  # the token; the database
         return sorted(codes)
-
-
-# Page and envelope models, named for the OpenAPI document.
-class ProductPage(BaseModel):
-    """A page of products."""
-
-    items: list[svc.Product]
-    next: str | None
-
-
-class AccountPage(BaseModel):
-    """A page of accounts."""
-
-    items: list[svc.Account]
-    next: str | None
-
-
-class DevicePage(BaseModel):
-    """A page of devices."""
-
-    items: list[svc.Device]
-    next: str | None
-
-
-class DeviceList(BaseModel):
-    """Devices created by an import, in request order."""
-
-    items: list[svc.Device]
-
-
-class PackagePage(BaseModel):
-    """A page of packages."""
-
-    items: list[svc.Package]
-    next: str | None
-
-
-class TaskPage(BaseModel):
-    """A page of tasks."""
-
-    items: list[svc.Task]
-    next: str | None
-
-
-class DeviceTaskPage(BaseModel):
-    """A page of a task's devices."""
-
-    items: list[svc.DeviceTaskView]
-    next: str | None
-
-
-class Health(BaseModel):
-    """Liveness."""
-
-    status: Literal["ok"]
-    version: str
-
-
-class ErrorDetail(BaseModel):
-    """What went wrong."""
-
-    code: str
-    message: str
-    details: list[dict[str, Any]] | None = None
-
-
-class ErrorBody(BaseModel):
-    """Every error reply."""
-
-    error: ErrorDetail
 
 
 _PID = (_pid("the product"),)
