@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 from pydantic import SecretStr
 
-from onenet_ota.cli.admin import AdminClient
+from onenet_ota.management import ManagementClient
 from onenet_ota.server.app import create_app
 from onenet_ota.server.config import Settings
 from tests.server.seed import DB_PARAMS, module_database
@@ -26,9 +26,9 @@ class Platform:
     url: str
     admin_token: str
 
-    def admin(self) -> AdminClient:
+    def admin(self) -> ManagementClient:
         """A management client (close it after use)."""
-        return AdminClient(self.url, self.admin_token)
+        return ManagementClient(self.url, self.admin_token)
 
 
 @pytest.fixture(scope="module", params=DB_PARAMS)

@@ -74,7 +74,13 @@ from onenet_ota.management.models import (
     TaskPage,
 )
 
-__all__ = ["DEFAULT_TIMEOUT", "AsyncManagementClient", "ManagementClient", "UploadSource"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Action",
+    "AsyncManagementClient",
+    "ManagementClient",
+    "UploadSource",
+]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT: Final = httpx2.Timeout(30.0, read=300.0)
@@ -523,6 +529,10 @@ class ManagementClient:
                 task_id, state=state, limit=page_size, after=after
             )
         )
+
+    def act_on_task(self, task_id: int, action: Action) -> TaskActionResult:
+        """Pause, resume or cancel every device of a task where the state machine allows it."""
+        return self._send(self._core.act_on_task(task_id, action))
 
     def pause_task(self, task_id: int) -> TaskActionResult:
         """Pause every device of the task that is waiting or downloading (T2)."""
@@ -1003,6 +1013,10 @@ class AsyncManagementClient:
                 task_id, state=state, limit=page_size, after=after
             )
         )
+
+    async def act_on_task(self, task_id: int, action: Action) -> TaskActionResult:
+        """Pause, resume or cancel every device of a task where the state machine allows it."""
+        return await self._send(self._core.act_on_task(task_id, action))
 
     async def pause_task(self, task_id: int) -> TaskActionResult:
         """Pause every device of the task that is waiting or downloading (T2)."""
