@@ -38,9 +38,15 @@ def fresh_pid() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test server's data directory (database and package files)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def server(data_dir: Path) -> Iterator[str]:
     """The platform's base URL; its admin token is :data:`TOKEN`."""
-    data: Path = tmp_path_factory.mktemp("data")
+    data = data_dir
     settings = Settings(data_dir=data, admin_token=SecretStr(TOKEN), max_upload_bytes=MAX_UPLOAD)
     engine = create_engine(settings.database_url)
     migrate(engine)

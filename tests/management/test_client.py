@@ -7,6 +7,7 @@ those tests drive the clients against a scripted transport instead.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import io
 from pathlib import Path
@@ -27,6 +28,7 @@ from onenet_ota.management import (
     NotFound,
     PayloadTooLarge,
     ProtocolError,
+    ServerError,
     TransportError,
     Unauthorized,
 )
@@ -47,6 +49,7 @@ from tests.management.conftest import (
     K1,
     K2,
     MAX_UPLOAD,
+    TOKEN,
     Driver,
     fresh_pid,
     make_client,
@@ -149,6 +152,12 @@ async def test_every_method_against_the_server(api: Driver, tmp_path: Path) -> N
     named = await api("upload_package", handle, pid=pid, module_type="sota", target="2.2")
     assert (named.file_name, named.size) == ("named.bin", 3)
     assert (await api("get_package", package.id)).md5 == package.md5
+    copy = tmp_path / "copy.bin"
+    assert await api("download_package", package.id, copy) == package.size
+    assert copy.read_bytes() == path.read_bytes()
+    into = io.BytesIO()
+    assert await api("download_package", from_bytes.id, into) == 3
+    assert into.getvalue() == b"app"
     fota = await api("list_packages", pid=pid, module_type="fota")
     assert [p.id for p in fota.items] == [package.id]
     assert len(await api.collect("iter_packages", pid=pid, page_size=1)) == 4
@@ -239,6 +248,9 @@ async def test_errors_are_mapped_to_the_tree(api: Driver, server: str) -> None:
         )  # fmt: skip
     assert large.value.status == 413
 
+    with pytest.raises(NotFound):
+        await api("download_package", 2**31 - 1, io.BytesIO())
+
     with pytest.raises(BadRequest) as malformed:
         await api(
             "request",
@@ -248,6 +260,50 @@ async def test_errors_are_mapped_to_the_tree(api: Driver, server: str) -> None:
             headers={"Content-Type": "application/json"},
         )
     assert (malformed.value.status, malformed.value.code) == (400, "bad_request")
+
+
+async def test_a_download_is_the_file_with_its_digest(api: Driver, server: str) -> None:
+    pid = fresh_pid()
+    await api("create_product", pid=pid)
+    package = await api(
+        "upload_package", FIRMWARE, pid=pid, module_type="fota", target="1.0.1",
+        file_name="fw.bin",
+    )  # fmt: skip
+    reply = httpx2.get(
+        f"{server}/api/v1/packages/{package.id}/file", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert reply.status_code == 200
+    assert reply.content == FIRMWARE
+    assert reply.headers["Content-Type"] == "application/octet-stream"
+    assert reply.headers["Content-Disposition"] == 'attachment; filename="fw.bin"'
+    assert reply.headers["ETag"] == f'"{package.sha256}"'
+    assert reply.headers["ETag"] == f'"{hashlib.sha256(FIRMWARE).hexdigest()}"'
+
+
+def _lose(data_dir: Path, sha256: str) -> None:
+    (stored,) = data_dir.rglob(sha256)
+    stored.unlink()
+
+
+def _files(directory: Path) -> list[Path]:
+    return list(directory.iterdir())
+
+
+async def test_a_lost_package_file_fails_and_leaves_no_file(
+    api: Driver, data_dir: Path, tmp_path: Path
+) -> None:
+    pid = fresh_pid()
+    await api("create_product", pid=pid)
+    package = await api(
+        "upload_package", FIRMWARE + b"lost", pid=pid, module_type="fota", target="1.0.1",
+        file_name="fw.bin",
+    )  # fmt: skip
+    _lose(data_dir, package.sha256)
+    destination = tmp_path / "fw.bin"
+    with pytest.raises(ServerError) as failed:
+        await api("download_package", package.id, destination)
+    assert (failed.value.status, failed.value.code) == (500, "internal")
+    assert _files(tmp_path) == []  # neither the file nor a partial one
 
 
 async def test_a_wrong_token_is_unauthorized(flavour: str, server: str) -> None:
@@ -365,6 +421,31 @@ async def test_a_streamed_upload_is_not_sent_twice(flavour: str) -> None:
             "request", "PUT", "/packages/1", content=iter([b"firmware"])
         )  # idempotent, yet a stream
     assert len(script.seen) == 1
+
+
+async def test_a_download_is_retried_when_busy_and_checked(flavour: str) -> None:
+    data = b"package bytes"
+    etag = f'"{hashlib.sha256(data).hexdigest()}"'
+    script = Scripted(
+        flavour, [_busy("1"), httpx2.Response(200, content=data, headers={"ETag": etag})]
+    )
+    sink = io.BytesIO()
+    assert await script.driver("download_package", 7, sink) == len(data)
+    assert sink.getvalue() == data
+    assert script.slept == [1.0]
+    assert [r.url.path for r in script.seen] == ["/api/v1/packages/7/file"] * 2
+
+
+async def test_a_download_that_differs_from_its_etag_leaves_no_file(
+    flavour: str, tmp_path: Path
+) -> None:
+    etag = f'"{hashlib.sha256(b"the real bytes").hexdigest()}"'
+    script = Scripted(
+        flavour, [httpx2.Response(200, content=b"other bytes", headers={"ETag": etag})]
+    )
+    with pytest.raises(ProtocolError, match="sha256"):
+        await script.driver("download_package", 7, tmp_path / "fw.bin")
+    assert _files(tmp_path) == []
 
 
 async def test_the_token_goes_in_the_authorization_header(flavour: str) -> None:

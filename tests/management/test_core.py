@@ -5,6 +5,7 @@ No network here: :class:`Call` judges a status and a body given as plain values.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from onenet_ota.management._core import (
     BUSY_ATTEMPTS,
     MAX_RETRY_AFTER_S,
+    DownloadReader,
     ManagementCore,
     next_cursor,
     parse_retry_after,
@@ -238,3 +240,56 @@ def test_a_cursor_that_does_not_move_is_refused() -> None:
         next_cursor(page, "1")
     with pytest.raises(ProtocolError, match="does not advance"):
         next_cursor(DevicePage(items=[], next="2"), "1")
+
+
+# -- downloads --------------------------------------------------------------------------------
+
+
+def _reader(content_length: str | None, data: bytes | None = None) -> DownloadReader:
+    etag = None if data is None else f'"{hashlib.sha256(data).hexdigest()}"'
+    return core.download_package(1).reader(content_length, etag)
+
+
+def test_a_download_is_whole_when_length_and_digest_agree() -> None:
+    reader = _reader("6", b"abcdef")
+    reader.feed(b"abc")
+    reader.feed(b"def")
+    assert reader.finish() == 6
+
+
+def test_a_download_longer_than_announced_stops_at_once() -> None:
+    reader = _reader("3")
+    with pytest.raises(ProtocolError, match="more than the 3 bytes"):
+        reader.feed(b"abcd")
+
+
+def test_a_short_download_is_refused() -> None:
+    reader = _reader("6")
+    reader.feed(b"abc")
+    with pytest.raises(ProtocolError, match="after 3 of 6 bytes"):
+        reader.finish()
+
+
+def test_a_download_whose_digest_differs_is_refused() -> None:
+    reader = _reader(None, b"abc")
+    reader.feed(b"abd")
+    with pytest.raises(ProtocolError, match="sha256"):
+        reader.finish()
+
+
+@pytest.mark.parametrize("etag", [None, "", 'W/"abc"', '"not-a-digest"'])
+def test_an_etag_that_is_no_sha256_is_not_checked(etag: str | None) -> None:
+    reader = core.download_package(1).reader(None, etag)
+    reader.feed(b"anything")
+    assert reader.finish() == 8
+
+
+def test_a_content_length_that_is_no_number_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="Content-Length"):
+        _reader("-1")
+
+
+def test_a_download_names_the_file_route_and_is_retried_when_busy() -> None:
+    call = core.download_package(42).call
+    assert call.request.url.endswith("/api/v1/packages/42/file")
+    assert call.attempts == BUSY_ATTEMPTS

@@ -16,8 +16,10 @@ would be a second verdict, and a stale one against a newer server). A refused va
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
@@ -56,6 +58,8 @@ __all__ = [
     "BUSY_ATTEMPTS",
     "MAX_RETRY_AFTER_S",
     "Call",
+    "Download",
+    "DownloadReader",
     "ManagementCore",
     "PageLike",
     "WireRequest",
@@ -133,6 +137,10 @@ class Call(Generic[T_co]):
             return None
         return parse_retry_after(retry_after)
 
+    def error(self, status: int, reason: str, body: bytes) -> ApiError | ProtocolError:
+        """The exception a non-2xx reply stands for."""
+        return error_reply(status, reason, body, self.server)
+
     def judge(self, status: int, reason: str, body: bytes) -> T_co:
         """The decoded result of a final reply, or the exception it stands for."""
         if 200 <= status < 300:
@@ -145,6 +153,56 @@ class Call(Generic[T_co]):
                     status=status,
                 ) from None
         raise error_reply(status, reason, body, self.server)
+
+
+_ETAG_SHA256: Final = re.compile(r'"([0-9a-f]{64})"')
+
+
+class DownloadReader:
+    """Checks a package file as it streams in: no byte past ``Content-Length``, and at the end
+    exactly that many bytes whose sha256 is the ``ETag`` the server sent."""
+
+    def __init__(self, length: int | None, sha256: str | None, server: str) -> None:
+        self._length = length
+        self._sha256 = sha256
+        self._server = server
+        self._digest = hashlib.sha256()
+        self.received = 0
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next bytes of the file."""
+        self.received += len(chunk)
+        if self._length is not None and self.received > self._length:
+            raise ProtocolError(
+                f"{self._server} sent more than the {self._length} bytes it announced"
+            )
+        self._digest.update(chunk)
+
+    def finish(self) -> int:
+        """The file's size, once it is known to be whole and unchanged."""
+        if self._length is not None and self.received != self._length:
+            raise ProtocolError(f"the download ended after {self.received} of {self._length} bytes")
+        if self._sha256 is not None and self._digest.hexdigest() != self._sha256:
+            raise ProtocolError("the downloaded file's sha256 differs from the server's ETag")
+        return self.received
+
+
+@dataclass(frozen=True, slots=True)
+class Download:
+    """A package download: ``call`` judges (and retries) the reply as any other call does;
+    a 2xx reply's body is the file, checked by :meth:`reader`."""
+
+    call: Call[None]
+
+    def reader(self, content_length: str | None, etag: str | None) -> DownloadReader:
+        """A checker for the body of a 2xx reply with these headers."""
+        length = None
+        if content_length is not None:
+            if not content_length.isdigit():
+                raise ProtocolError(f"{self.call.server} sent Content-Length {content_length!r}")
+            length = int(content_length)
+        found = _ETAG_SHA256.fullmatch(etag or "")
+        return DownloadReader(length, found.group(1) if found else None, self.call.server)
 
 
 def parse_retry_after(value: str | None) -> float:
@@ -509,6 +567,13 @@ class ManagementCore:
     def get_package(self, package_id: int) -> Call[Package]:
         """``GET /packages/{id}``."""
         return self.call("GET", f"/packages/{_seg(package_id)}", _model(Package))
+
+    def download_package(self, package_id: int) -> Download:
+        """``GET /packages/{id}/file``: the package's file, streamed by the driver."""
+        call = self.call("GET", f"/packages/{_seg(package_id)}/file", _nothing)
+        accept = tuple((k, v) for k, v in call.request.headers if k != "Accept")
+        wire = WireRequest(call.request.method, call.request.url, (), accept)
+        return Download(Call(wire, _nothing, self.server))
 
     def delete_package(self, package_id: int) -> Call[None]:
         """``DELETE /packages/{id}``."""

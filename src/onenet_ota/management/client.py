@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import time
 from collections.abc import (
     AsyncIterable,
@@ -43,6 +44,7 @@ import httpx2
 from onenet_ota.management._core import (
     DEFAULT_PAGE_SIZE,
     Call,
+    Download,
     Kind,
     ManagementCore,
     ModuleType,
@@ -112,6 +114,13 @@ def _known_size(content: object, size: int | None) -> int | None:
     if isinstance(content, os.PathLike):
         return Path(content).stat().st_size  # a missing file: OSError, before anything is sent
     return None
+
+
+def _part_path(destination: os.PathLike[str]) -> Path:
+    """Where a download to ``destination`` is written until it is whole: beside it, so that the
+    final rename stays on one file system."""
+    target = Path(destination)
+    return target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
 
 
 def _transport_error(call: Call[Any], exc: Exception) -> TransportError:
@@ -430,6 +439,50 @@ class ManagementClient:
     def get_package(self, package_id: int) -> Package:
         """A package's metadata."""
         return self._send(self._core.get_package(package_id))
+
+    def download_package(self, package_id: int, destination: os.PathLike[str] | IO[bytes]) -> int:
+        """Download a package's file, streamed; returns its size.
+
+        The bytes are checked against the length and sha256 the server announced. A path is
+        written whole or not at all (a partial file is removed); a file object gets the bytes as
+        they arrive.
+        """
+        download = self._core.download_package(package_id)
+        if not isinstance(destination, os.PathLike):
+            return self._download(download, destination)
+        part = _part_path(destination)
+        try:
+            with open(part, "wb") as sink:
+                size = self._download(download, sink)
+            os.replace(part, destination)
+        finally:
+            part.unlink(missing_ok=True)
+        return size
+
+    def _download(self, download: Download, sink: IO[bytes]) -> int:
+        call = download.call
+        wire = call.request
+        attempt = 1
+        while True:
+            try:
+                with self._client.stream(wire.method, wire.url, headers=wire.headers) as response:
+                    status = response.status_code
+                    if 200 <= status < 300:
+                        reader = download.reader(
+                            response.headers.get("Content-Length"), response.headers.get("ETag")
+                        )
+                        for chunk in response.iter_bytes():
+                            reader.feed(chunk)
+                            sink.write(chunk)
+                        return reader.finish()
+                    response.read()
+            except httpx2.HTTPError as exc:
+                raise _transport_error(call, exc) from None
+            delay = call.retry_delay(status, response.headers.get("Retry-After"), attempt)
+            if delay is None:
+                raise call.error(status, response.reason_phrase, response.content)
+            attempt += 1
+            self._sleep(delay)
 
     def delete_package(self, package_id: int) -> None:
         """Delete a package no task uses."""
@@ -915,6 +968,53 @@ class AsyncManagementClient:
     async def get_package(self, package_id: int) -> Package:
         """A package's metadata."""
         return await self._send(self._core.get_package(package_id))
+
+    async def download_package(
+        self, package_id: int, destination: os.PathLike[str] | IO[bytes]
+    ) -> int:
+        """Download a package's file (see :meth:`ManagementClient.download_package`); the file
+        is written off the event loop."""
+        download = self._core.download_package(package_id)
+        if not isinstance(destination, os.PathLike):
+            return await self._download(download, destination)
+        part = _part_path(destination)
+        try:
+            sink = await asyncio.to_thread(open, part, "wb")
+            try:
+                size = await self._download(download, sink)
+            finally:
+                await asyncio.to_thread(sink.close)
+            await asyncio.to_thread(os.replace, part, destination)
+        finally:
+            await asyncio.to_thread(part.unlink, missing_ok=True)
+        return size
+
+    async def _download(self, download: Download, sink: IO[bytes]) -> int:
+        call = download.call
+        wire = call.request
+        attempt = 1
+        while True:
+            try:
+                async with self._client.stream(
+                    wire.method, wire.url, headers=wire.headers
+                ) as response:
+                    status = response.status_code
+                    if 200 <= status < 300:
+                        reader = download.reader(
+                            response.headers.get("Content-Length"), response.headers.get("ETag")
+                        )
+                        async for chunk in response.aiter_bytes():
+                            reader.feed(chunk)
+                            await asyncio.to_thread(sink.write, chunk)
+                        return reader.finish()
+                    await response.aread()
+            except httpx2.HTTPError as exc:
+                raise _transport_error(call, exc) from None
+            delay = call.retry_delay(status, response.headers.get("Retry-After"), attempt)
+            if delay is None:
+                raise call.error(status, response.reason_phrase, response.content)
+            attempt += 1
+            await self._sleep(delay)
 
     async def delete_package(self, package_id: int) -> None:
         """Delete a package no task uses."""

@@ -65,11 +65,13 @@ from onenet_ota.server import admin_service as svc
 from onenet_ota.server.blobs import BlobTooLarge
 from onenet_ota.server.http import (
     BodyTooLarge,
+    FileSegment,
     Request,
     RequestAborted,
     RequestTimedOut,
     Response,
 )
+from onenet_ota.server.wire import safe_file_name
 
 __all__ = ["PREFIX", "ROUTES", "AdminApi", "openapi_document"]
 
@@ -279,6 +281,7 @@ class Route:
     body: type[BaseModel] | None = None  # a JSON request body
     body_optional: bool = False  # an empty body reads as {}
     upload: bool = False  # a raw file body
+    download: bool = False  # answers with a raw file body
     response: type[BaseModel] | None = None  # None with status 204: no body
     query: tuple[Param, ...] = ()
     path_params: tuple[Param, ...] = ()  # a value that breaks its rule is 404
@@ -450,6 +453,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         response=svc.Package, path_params=_PACKAGE,
     ),
     Route(
+        "GET", "/packages/{id}/file", "download_package",
+        "Download a package's file; its ETag is the file's sha256", "packages",
+        path_params=_PACKAGE, download=True,
+    ),
+    Route(
         "DELETE", "/packages/{id}", "delete_package", "Delete a package no task uses",
         "packages", status=204, path_params=_PACKAGE, errors=(409,),
     ),
@@ -583,6 +591,20 @@ def openapi_document() -> dict[str, Any]:
             responses[str(route.status)] = {
                 "description": "Success",
                 "content": {"application/json": {"schema": ref(route.response, "serialization")}},
+            }
+        elif route.download:
+            responses[str(route.status)] = {
+                "description": "The file",
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+                "headers": {
+                    "ETag": {
+                        "description": "the file's sha256, quoted",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                },
             }
         elif route.operation == "openapi":
             responses["200"] = {
@@ -1048,6 +1070,20 @@ class AdminApi:
 
     async def _get_package(self, call: Call) -> svc.Package:
         return await self._db(self.service.get_package, call.path["id"])
+
+    async def _download_package(self, call: Call) -> Response:
+        package: svc.Package = await self._db(self.service.get_package, call.path["id"])
+        path = self.service.blobs.path(package.sha256)
+        # A file the store lost is the server's fault: 500 before anything was sent, and the
+        # HTTP layer logs it. Sent with sendfile, so a large package costs no memory.
+        lost = _error_response(ApiError(500, "internal", "the package file cannot be read"))
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Length", str(package.size)),
+            ("Content-Disposition", f'attachment; filename="{safe_file_name(package.file_name)}"'),
+            ("ETag", f'"{package.sha256}"'),
+        ]
+        return Response(200, headers, FileSegment(str(path), 0, package.size, fallback=lost))
 
     async def _delete_package(self, call: Call) -> None:
         await self._db(self.service.delete_package, call.path["id"])
