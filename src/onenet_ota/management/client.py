@@ -132,8 +132,9 @@ class ManagementClient:
     """A synchronous client of the management API (``/api/v1``) of an onenet-ota server.
 
     ``server`` is the base URL (``http://host:port``), ``token`` the admin token. ``client`` is
-    an injectable ``httpx2.Client`` (tests, proxies, TLS settings; the caller then closes it).
-    ``sleep`` waits between tries when the server is busy.
+    an injectable ``httpx2.Client`` (tests, proxies, TLS settings; the caller then closes it);
+    otherwise the client makes its own with ``timeout``. ``sleep`` waits between tries when the
+    server is busy. A ``server`` that is not an http(s) URL is a ``ValueError``.
 
     Every method sends one request (the ``iter_*`` helpers one per page) and returns the reply as
     a model of :mod:`onenet_ota.management.models`, or raises a

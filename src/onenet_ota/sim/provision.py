@@ -132,6 +132,8 @@ def adopt(admin: ManagementClient, config: FleetConfig) -> FleetTarget:
         raise SimulationError(f"task {task_id} is {task.status}; resume it first")
     package = _step("reading the package", lambda: admin.get_package(task.package_id))
     product = _step("reading the product", lambda: admin.get_product(task.pid))
+    if product.access_key is None:  # one product is always shown with its key
+        raise SimulationError(f"reading product {task.pid}: the server did not tell its key")
     waiting = admin.iter_task_devices(task_id, state="to_be_upgraded", page_size=PAGE)
     dev_ids = _step(
         "listing the task's devices",
@@ -150,7 +152,7 @@ def adopt(admin: ManagementClient, config: FleetConfig) -> FleetTarget:
         version = package.from_version
     return FleetTarget(
         pid=task.pid,
-        access_key=product.access_key or "",
+        access_key=product.access_key,
         task_id=task_id,
         dev_ids=tuple(dev_ids),
         task_type=TaskType(task.module_type),
