@@ -25,6 +25,8 @@ Conventions:
   (``application/octet-stream``, Content-Length or chunked). The metadata is checked before a
   byte of the body is read; the body streams to the content-addressed store, is measured there
   (size, md5, sha256), and is refused with 413 past the configured limit, leaving nothing behind.
+- Package download: ``GET /api/v1/packages/{id}/file`` answers the raw file (sendfile), its
+  sha256 as the ``ETag``, so a client can check what it received.
 """
 
 from __future__ import annotations
