@@ -150,6 +150,7 @@ __all__ = [
     "Page",
     "Product",
     "ProductCreate",
+    "StateCounts",
     "Task",
     "TaskActionResult",
     "TaskCreate",
