@@ -67,8 +67,8 @@ from bench.common import PySpy, machine, process_cpu
 from bench.loadgen import LoadGenerator, Result, Scenario
 from bench.profiles import top_functions
 from bench.server_bench import K1, PID, check_task_request
-from onenet_ota.cli.admin import AdminClient
 from onenet_ota.device import Credentials, DeviceConfig, OtaClient
+from onenet_ota.management import ManagementClient
 from onenet_ota.sim import LocalServer
 
 PACKAGE_SIZE: Final = 256 * 1024
@@ -264,18 +264,15 @@ class Goosebit:
 
 def seed_ours(server: LocalServer, devices: int, package: bytes) -> tuple[list[int], list[str]]:
     """Product 123123 (K1), ``devices`` devices, the package, a task; one E3 each for tokens."""
-    admin = AdminClient(server.url, server.admin_token)
+    admin = ManagementClient(server.url, server.admin_token)
     try:
-        admin.request("POST", "/products", json_body={"pid": PID, "access_key": K1})
-        body = {"pid": PID, "devices": [{"name": f"dev{i}"} for i in range(devices)]}
-        dev_ids = [d["dev_id"] for d in admin.request("POST", "/devices/import", json_body=body)[
-            "items"]]  # fmt: skip
-        params = {"pid": PID, "type": "fota", "target": "1.0.1", "file_name": "firmware.bin"}
-        pkg = admin.request(
-            "POST", "/packages", params=params, content=iter([package]),
-            headers={"Content-Type": "application/octet-stream"},
-        )  # fmt: skip
-        admin.request("POST", "/tasks", json_body={"package_id": pkg["id"], "dev_ids": dev_ids})
+        admin.create_product(pid=PID, access_key=K1)
+        names = [{"name": f"dev{i}"} for i in range(devices)]
+        dev_ids = [d.dev_id for d in admin.import_devices(PID, names)]
+        pkg = admin.upload_package(
+            package, pid=PID, module_type="fota", target="1.0.1", file_name="firmware.bin"
+        )
+        admin.create_task(pkg.id, dev_ids=dev_ids)
     finally:
         admin.close()
     credentials = Credentials.from_access_key(PID, K1)

@@ -44,11 +44,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench.common import machine, process_cpu
-from onenet_ota.cli.admin import AdminClient
 from onenet_ota.demo import Provisioned, generate_package, provision
 from onenet_ota.device import Credentials, DeviceConfig, OtaClient, TaskType
 from onenet_ota.device.install import FileInstaller
 from onenet_ota.device.upgrader import Outcome, UpgradeOptions, Upgrader
+from onenet_ota.management import ManagementClient
 from onenet_ota.sim.server import LocalServer
 
 KIB = 1024
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"upgrade benchmark on {machine()}", file=sys.stderr)
 
     with LocalServer() as server:
-        admin = AdminClient(server.url, server.admin_token)
+        admin = ManagementClient(server.url, server.admin_token)
         try:
             return _run(server.url, server.pid, admin, args, chunks, rss_sizes)
         finally:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(
     server: str,
     server_pid: int | None,
-    admin: AdminClient,
+    admin: ManagementClient,
     args: argparse.Namespace,
     chunks: list[int],
     rss_sizes: list[int],

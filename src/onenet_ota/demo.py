@@ -3,7 +3,7 @@
 1. start the real server (``onenet-ota serve``, embedded SQLite) in a temporary directory on a
    free loopback port (:class:`onenet_ota.sim.server.LocalServer`);
 2. create a product, a device, a generated package and a task through the management API
-   (:class:`onenet_ota.cli.admin.AdminClient`, what ``onenet-ota admin`` uses);
+   (:class:`onenet_ota.management.ManagementClient`, what ``onenet-ota admin`` uses);
 3. run the device upgrade with the real command line, ``onenet-ota device upgrade``, which draws
    its progress bar on a terminal;
 4. print the server's final task state, check the installed file against the package;
@@ -22,17 +22,15 @@ import random
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from onenet_ota.cli.admin import AdminClient, AdminClientError
+from onenet_ota.management import ManagementClient, ManagementError, ProtocolError
 from onenet_ota.sim.server import LocalServer, LocalServerError
 
 __all__ = ["Provisioned", "generate_package", "main", "provision"]
-
-_UPLOAD_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,17 +75,11 @@ def generate_package(size: int, seed: int = 2026) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def _chunks(data: bytes) -> Iterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(data), _UPLOAD_CHUNK):
-        yield bytes(view[start : start + _UPLOAD_CHUNK])
-
-
 def provision(
-    admin: AdminClient,
+    admin: ManagementClient,
     data: bytes,
     *,
-    module_type: str = "fota",
+    module_type: Literal["fota", "sota"] = "fota",
     current: str = "1.0.0",
     target: str = "1.0.1",
     file_name: str = "firmware.bin",
@@ -96,39 +88,31 @@ def provision(
 ) -> Provisioned:
     """Create a product, a device, the package ``data`` and a task for the device.
 
-    ``task`` adds to the task's creation body (``retry``, ``interval``, ``signal``, ...).
-    Raises :class:`AdminClientError` when the server refuses a step.
+    ``task`` adds to the task's creation arguments (``retry``, ``interval``, ``signal``, ...;
+    see :meth:`~onenet_ota.management.ManagementClient.create_task`).
+    Raises :class:`~onenet_ota.management.ManagementError` when the server refuses a step.
     """
-    product = admin.request("POST", "/products", json_body={"name": "demo"})
-    device = admin.request(
-        "POST", "/devices", json_body={"pid": product["pid"], "name": device_name}
+    product = admin.create_product(name="demo")
+    if product.access_key is None:  # a created product is always shown with its key
+        raise ProtocolError("the server created a product without telling its access key")
+    device = admin.create_device(product.pid, device_name)
+    package = admin.upload_package(
+        data, pid=product.pid, module_type=module_type, target=target, file_name=file_name
     )
-    package = admin.request(
-        "POST",
-        "/packages",
-        params={
-            "pid": product["pid"],
-            "type": module_type,
-            "target": target,
-            "file_name": file_name,
-        },
-        content=_chunks(data),
-        headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
-    )
-    body = {"package_id": package["id"], "dev_ids": [device["dev_id"]], "retry": 3, "interval": 1}
-    created = admin.request("POST", "/tasks", json_body={**body, **(task or {})})
+    options: dict[str, Any] = {"retry": 3, "interval": 1, **(task or {})}
+    created = admin.create_task(package.id, dev_ids=[device.dev_id], **options)
     return Provisioned(
-        pid=str(product["pid"]),
-        access_key=str(product["access_key"]),
-        dev_id=int(device["dev_id"]),
-        device_name=str(device["name"]),
-        package_id=int(package["id"]),
-        task_id=int(created["id"]),
+        pid=product.pid,
+        access_key=product.access_key,
+        dev_id=device.dev_id,
+        device_name=device.name,
+        package_id=package.id,
+        task_id=created.id,
         module_type=module_type,
         current=current,
         target=target,
-        size=int(package["size"]),
-        md5=str(package["md5"]),
+        size=package.size,
+        md5=package.md5,
     )
 
 
@@ -180,10 +164,10 @@ def _demo(tmp: Path, args: argparse.Namespace) -> int:
         return 1
     try:
         _say(f"    listening on {server.url}")
-        admin = AdminClient(server.url, server.admin_token)
+        admin = ManagementClient(server.url, server.admin_token)
         try:
             return _upgrade(tmp, args, server, admin)
-        except AdminClientError as exc:
+        except ManagementError as exc:
             print(f"error: the management API refused a step: {exc}", file=sys.stderr)
             return 1
         finally:
@@ -193,7 +177,9 @@ def _demo(tmp: Path, args: argparse.Namespace) -> int:
         server.stop()
 
 
-def _upgrade(tmp: Path, args: argparse.Namespace, server: LocalServer, admin: AdminClient) -> int:
+def _upgrade(
+    tmp: Path, args: argparse.Namespace, server: LocalServer, admin: ManagementClient
+) -> int:
     data = generate_package(args.size)
     _say(
         f"==> management API: product, device, {len(data)}-byte {args.type.upper()} package "
@@ -227,18 +213,18 @@ def _upgrade(tmp: Path, args: argparse.Namespace, server: LocalServer, admin: Ad
     _say(f"    exit status {status}")
 
     _say("==> the server's record of the task")
-    task = admin.request("GET", f"/tasks/{world.task_id}")
-    rows = admin.request("GET", f"/tasks/{world.task_id}/devices")["items"]
-    counts = ", ".join(f"{k}={v}" for k, v in task.get("counts", {}).items() if v)
-    _say(f"    task {task['id']}: target {task['target']}, status {task['status']}, {counts}")
+    task = admin.get_task(world.task_id)
+    rows = list(admin.iter_task_devices(world.task_id))
+    counts = ", ".join(f"{k}={v}" for k, v in task.counts.model_dump().items() if v)
+    _say(f"    task {task.id}: target {task.target}, status {task.status}, {counts}")
     for row in rows:
         _say(
-            f"    device {row['dev_id']}: state {row['state']}, progress {row['progress']}, "
-            f"result code {row['result_code']} {row.get('status_name') or ''}".rstrip()
+            f"    device {row.dev_id}: state {row.state}, progress {row.progress}, "
+            f"result code {row.result_code} {row.status_name or ''}".rstrip()
         )
-    device = admin.request("GET", f"/devices/{world.dev_id}")
-    version_key = "f_version" if args.type == "fota" else "s_version"
-    _say(f"    device version on the server: {device.get(version_key)}")
+    device = admin.get_device(world.dev_id)
+    version = device.f_version if args.type == "fota" else device.s_version
+    _say(f"    device version on the server: {version}")
 
     installed = output.read_bytes() if output.exists() else b""
     identical = hashlib.md5(installed, usedforsecurity=False).hexdigest() == world.md5
@@ -246,8 +232,8 @@ def _upgrade(tmp: Path, args: argparse.Namespace, server: LocalServer, admin: Ad
     ok = (
         status == 0
         and identical
-        and [row["state"] for row in rows] == ["succeeded"]
-        and device.get(version_key) == world.target
+        and [row.state for row in rows] == ["succeeded"]
+        and version == world.target
     )
     _say("==> demo " + ("succeeded" if ok else "FAILED"))
     return 0 if ok else 1

@@ -15,7 +15,6 @@ from click.testing import CliRunner, Result
 from pydantic import SecretStr
 
 from onenet_ota import auth
-from onenet_ota.cli.admin import BUSY_ATTEMPTS, AdminClient, AdminClientError
 from onenet_ota.cli.main import cli
 from onenet_ota.device import Credentials, DeviceConfig, OtaClient, StatusCode
 from onenet_ota.server.app import create_app
@@ -402,69 +401,6 @@ def test_not_an_onenet_ota_server(admin: Any, server: str) -> None:
     result = admin("product", "list", "--server", server + "/elsewhere", ok=False)
     assert result.exit_code == 1
     assert "is this an onenet-ota server?" in result.stderr
-
-
-# -- retrying a busy server (the only way to make the real server answer 503 is to break its
-# database, so these drive the client against a scripted transport) -------------------------
-
-
-def _scripted(replies: list[httpx2.Response], seen: list[httpx2.Request]) -> httpx2.Client:
-    def handle(request: httpx2.Request) -> httpx2.Response:
-        seen.append(request)
-        return replies.pop(0)
-
-    return httpx2.Client(transport=httpx2.MockTransport(handle))
-
-
-def _busy(retry_after: str | None = "2") -> httpx2.Response:
-    headers = {"Retry-After": retry_after} if retry_after is not None else {}
-    body = {"error": {"code": "unavailable", "message": "the database is busy; retry"}}
-    return httpx2.Response(503, json=body, headers=headers)
-
-
-def test_a_busy_server_is_asked_again_after_its_retry_after() -> None:
-    seen: list[httpx2.Request] = []
-    slept: list[float] = []
-    client = AdminClient(
-        "http://x",
-        "t",
-        client=_scripted([_busy("2"), _busy("nan"), httpx2.Response(200, json={"id": 1})], seen),
-        sleep=slept.append,
-    )
-    assert client.request("GET", "/tasks/1") == {"id": 1}
-    assert slept == [2.0, 1.0]
-    assert [r.url.path for r in seen] == ["/api/v1/tasks/1"] * 3
-
-
-def test_a_server_busy_every_time_ends_in_its_message() -> None:
-    seen: list[httpx2.Request] = []
-    slept: list[float] = []
-    replies = [_busy("600") for _ in range(BUSY_ATTEMPTS)]
-    client = AdminClient("http://x", "t", client=_scripted(replies, seen), sleep=slept.append)
-    with pytest.raises(AdminClientError, match="database is busy") as failed:
-        client.request("GET", "/products")
-    assert failed.value.status == 503
-    assert len(seen) == BUSY_ATTEMPTS
-    assert slept == [10.0] * (BUSY_ATTEMPTS - 1)  # capped
-
-
-def test_a_create_is_not_sent_twice() -> None:
-    # Its 503 may stand for a commit whose outcome the server could not learn.
-    seen: list[httpx2.Request] = []
-    client = AdminClient("http://x", "t", client=_scripted([_busy()], seen), sleep=lambda _s: None)
-    with pytest.raises(AdminClientError, match="database is busy"):
-        client.request("POST", "/tasks", json_body={"package_id": 1})
-    assert len(seen) == 1
-
-
-def test_a_streamed_upload_is_not_sent_twice() -> None:
-    seen: list[httpx2.Request] = []
-    client = AdminClient("http://x", "t", client=_scripted([_busy()], seen), sleep=lambda _s: None)
-    with pytest.raises(AdminClientError):
-        client.request(
-            "PUT", "/packages/1", content=iter([b"firmware"])
-        )  # idempotent, yet a stream
-    assert len(seen) == 1
 
 
 def test_device_history_and_finished_task(admin: Any, server: str, tmp_path: Path) -> None:

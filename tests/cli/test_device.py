@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from onenet_ota.cli.admin import AdminClient
 from onenet_ota.cli.device import EXIT_DEFERRED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, device
 from onenet_ota.demo import Provisioned, generate_package, provision
+from onenet_ota.management import ManagementClient
 from onenet_ota.sim.server import LocalServer
 
 PACKAGE = generate_package(300_000, seed=11)
@@ -24,9 +24,9 @@ ENV_PREFIX = "ONENET_OTA_"
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[LocalServer, AdminClient]]:
+def server() -> Iterator[tuple[LocalServer, ManagementClient]]:
     with LocalServer() as local:
-        admin = AdminClient(local.url, local.admin_token)
+        admin = ManagementClient(local.url, local.admin_token)
         try:
             yield local, admin
         finally:
@@ -37,7 +37,7 @@ _names = iter(range(1, 10_000))
 
 
 def new_world(
-    server: tuple[LocalServer, AdminClient], data: bytes = PACKAGE, **task: Any
+    server: tuple[LocalServer, ManagementClient], data: bytes = PACKAGE, **task: Any
 ) -> Provisioned:
     return provision(server[1], data, device_name=f"dev{next(_names)}", task=task or None)
 
@@ -67,7 +67,7 @@ def json_lines(output: str) -> list[dict[str, Any]]:
 
 
 def test_upgrade_json_prints_one_object_per_event(
-    server: tuple[LocalServer, AdminClient], tmp_path: Path
+    server: tuple[LocalServer, ManagementClient], tmp_path: Path
 ) -> None:
     world = new_world(server)
     result = run(upgrade_args(world, server[0].url, tmp_path, "--json", "--chunk-size", "64k"))
@@ -88,7 +88,7 @@ def test_upgrade_json_prints_one_object_per_event(
 
 
 def test_every_option_can_come_from_the_environment(
-    server: tuple[LocalServer, AdminClient], tmp_path: Path
+    server: tuple[LocalServer, ManagementClient], tmp_path: Path
 ) -> None:
     world = new_world(server)
     env = {
@@ -113,7 +113,7 @@ def test_every_option_can_come_from_the_environment(
 
 
 def test_text_output_without_a_terminal(
-    server: tuple[LocalServer, AdminClient], tmp_path: Path
+    server: tuple[LocalServer, ManagementClient], tmp_path: Path
 ) -> None:
     world = new_world(server)
     result = run(upgrade_args(world, server[0].url, tmp_path))
@@ -124,7 +124,7 @@ def test_text_output_without_a_terminal(
     assert lines[-1] == "upgraded to 1.0.1"
 
 
-def test_no_task_exits_0(server: tuple[LocalServer, AdminClient], tmp_path: Path) -> None:
+def test_no_task_exits_0(server: tuple[LocalServer, ManagementClient], tmp_path: Path) -> None:
     world = new_world(server)
     server[1].request("POST", f"/tasks/{world.task_id}/cancel")
     result = run(upgrade_args(world, server[0].url, tmp_path, "--json"))
@@ -133,7 +133,7 @@ def test_no_task_exits_0(server: tuple[LocalServer, AdminClient], tmp_path: Path
 
 
 def test_gate_below_threshold_defers_with_exit_3(
-    server: tuple[LocalServer, AdminClient], tmp_path: Path
+    server: tuple[LocalServer, ManagementClient], tmp_path: Path
 ) -> None:
     world = new_world(server, signal=10)
     result = run(upgrade_args(world, server[0].url, tmp_path, "--signal", "3", "--json"))
@@ -146,7 +146,7 @@ def test_gate_below_threshold_defers_with_exit_3(
 
 
 def test_gate_fail_policy_reports_and_exits_1(
-    server: tuple[LocalServer, AdminClient], tmp_path: Path
+    server: tuple[LocalServer, ManagementClient], tmp_path: Path
 ) -> None:
     world = new_world(server, power=50)
     args = upgrade_args(world, server[0].url, tmp_path, "--power", "20", "--gate", "fail")
@@ -160,7 +160,7 @@ def test_gate_fail_policy_reports_and_exits_1(
 
 
 def test_text_output_names_the_status_codes(
-    server: tuple[LocalServer, AdminClient], tmp_path: Path
+    server: tuple[LocalServer, ManagementClient], tmp_path: Path
 ) -> None:
     world = new_world(server, power=50)
     args = upgrade_args(world, server[0].url, tmp_path, "--power", "20", "--gate", "fail")
@@ -174,7 +174,7 @@ def test_text_output_names_the_status_codes(
 
 
 def test_wrong_access_key_is_a_clear_failure(
-    server: tuple[LocalServer, AdminClient], tmp_path: Path
+    server: tuple[LocalServer, ManagementClient], tmp_path: Path
 ) -> None:
     world = new_world(server)
     wrong = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -265,7 +265,7 @@ def test_unreachable_server_fails_without_a_traceback(tmp_path: Path) -> None:
 
 
 def test_unwritable_state_directory_is_a_clear_failure(
-    server: tuple[LocalServer, AdminClient], tmp_path: Path
+    server: tuple[LocalServer, ManagementClient], tmp_path: Path
 ) -> None:
     world = new_world(server)
     (tmp_path / "file").write_text("a file, not a directory")
@@ -279,7 +279,7 @@ def test_unwritable_state_directory_is_a_clear_failure(
     assert "Not a directory" in final["reason"]
 
 
-def test_check_prints_the_task(server: tuple[LocalServer, AdminClient]) -> None:
+def test_check_prints_the_task(server: tuple[LocalServer, ManagementClient]) -> None:
     world = new_world(server)
     args = ["check", *world.device_args(server[0].url), "--access-key", world.access_key]
     result = run([*args, "--json"])
@@ -294,7 +294,7 @@ def test_check_prints_the_task(server: tuple[LocalServer, AdminClient]) -> None:
     assert f"md5: {world.md5}" in text.output
 
 
-def test_check_without_a_task(server: tuple[LocalServer, AdminClient]) -> None:
+def test_check_without_a_task(server: tuple[LocalServer, ManagementClient]) -> None:
     world = new_world(server)
     server[1].request("POST", f"/tasks/{world.task_id}/cancel")
     args = ["check", *world.device_args(server[0].url), "--access-key", world.access_key]
@@ -302,7 +302,7 @@ def test_check_without_a_task(server: tuple[LocalServer, AdminClient]) -> None:
     assert run(args).output.strip() == "no task"
 
 
-def test_check_error_exits_1(server: tuple[LocalServer, AdminClient]) -> None:
+def test_check_error_exits_1(server: tuple[LocalServer, ManagementClient]) -> None:
     world = new_world(server)
     args = ["check", *world.device_args(server[0].url), "--access-key", world.access_key]
     args[args.index("--dev-id") + 1] = "999999999999"

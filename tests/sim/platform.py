@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 from pydantic import SecretStr
 
-from onenet_ota.cli.admin import AdminClient
+from onenet_ota.management import ManagementClient
 from onenet_ota.server.app import create_app
 from onenet_ota.server.config import Settings
 from onenet_ota.server.http import Handler, Request, Response
@@ -55,9 +55,9 @@ class Platform:
     admin_token: str
     seen: list[Seen] = field(default_factory=list)
 
-    def admin(self) -> AdminClient:
+    def admin(self) -> ManagementClient:
         """A management client (close it after use)."""
-        return AdminClient(self.url, self.admin_token)
+        return ManagementClient(self.url, self.admin_token)
 
 
 @pytest.fixture(scope="module", params=DB_PARAMS)

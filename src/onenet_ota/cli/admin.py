@@ -23,129 +23,23 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar, cast
 
 import click
-import httpx2
+from pydantic import BaseModel
 
+from onenet_ota.management import ManagementClient, ManagementError
+from onenet_ota.management.client import Action
 from onenet_ota.protocol.status import describe_status
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
-API = "/api/v1"
-_UPLOAD_CHUNK = 1024 * 1024
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class AdminClientError(Exception):
-    """A failed management call, printable as one line."""
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-BUSY_ATTEMPTS = 3
-"""Tries of an idempotent call the server answered 503 (its database was busy or unreachable)."""
-# RFC 9110 §9.2.2. A POST is not repeated: a 503 for a connection lost during its COMMIT cannot
-# say whether the commit happened, and a repeated create would make a second product or task.
-_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-_MAX_RETRY_AFTER_S = 10.0
-
-
-class AdminClient:
-    """A thin synchronous client of ``/api/v1``. ``client`` is injectable (tests, proxies).
-
-    An idempotent call (GET, PUT, DELETE) the server answered with 503 (its database was busy
-    or unreachable) is sent again after the server's ``Retry-After``, up to
-    :data:`BUSY_ATTEMPTS` tries in all, unless its body was a stream that cannot be replayed.
-    """
-
-    def __init__(
-        self,
-        server: str,
-        token: str | None,
-        *,
-        client: httpx2.Client | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.server = server.rstrip("/")
-        self._client = client or httpx2.Client(timeout=httpx2.Timeout(30.0, read=300.0))
-        self._headers = headers
-        self._sleep = sleep
-
-    def close(self) -> None:
-        """Close the HTTP connection pool."""
-        self._client.close()
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json_body: Any = None,
-        params: dict[str, Any] | None = None,
-        content: Iterator[bytes] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Any:
-        """One call; returns the decoded JSON (None for 204) or raises :class:`AdminClientError`."""
-        clean = {k: v for k, v in (params or {}).items() if v is not None}
-        attempts = BUSY_ATTEMPTS if content is None and method.upper() in _IDEMPOTENT else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                response = self._client.request(
-                    method,
-                    self.server + API + path,
-                    json=json_body,
-                    params=clean,
-                    content=content,
-                    headers={**self._headers, **(headers or {})},
-                )
-            except httpx2.HTTPError as exc:
-                raise AdminClientError(f"cannot reach {self.server}: {exc}") from None
-            if response.status_code != 503 or attempt == attempts:
-                break
-            self._sleep(_retry_after(response))
-        if response.status_code == 204:
-            return None
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = None
-        if response.is_success:
-            if payload is None:
-                raise AdminClientError(f"{self.server} sent a reply that is not JSON")
-            return payload
-        error = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(error, dict):
-            message = str(error.get("message", "")) or response.reason_phrase
-            raise AdminClientError(
-                message, status=response.status_code, code=str(error.get("code", ""))
-            )
-        raise AdminClientError(
-            f"HTTP {response.status_code} {response.reason_phrase} from {self.server}"
-            " (is this an onenet-ota server?)",
-            status=response.status_code,
-        )
-
-
-def _retry_after(response: httpx2.Response) -> float:
-    # Only the delay-seconds form: this server sends nothing else (RFC 9110 §10.2.3).
-    try:
-        seconds = float(response.headers.get("Retry-After", "1"))
-    except ValueError:
-        return 1.0
-    if not math.isfinite(seconds):
-        return 1.0
-    return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
+R = TypeVar("R")
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,26 +102,44 @@ def _print_page(page: dict[str, Any], columns: list[str]) -> None:
 
 
 class _Ctx:
+    """One command's client: :meth:`run` makes a typed call, :meth:`call` reaches any route."""
+
     def __init__(self, server: str, token: str | None, as_json: bool) -> None:
-        self.client = AdminClient(server, token)
+        self.client = ManagementClient(server, token)
         self.as_json = as_json
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def run(self, operation: Callable[[ManagementClient], R]) -> R:
+        """``operation(client)``; a failure is printed as one line (exit code 1)."""
         try:
-            return self.client.request(method, path, **kwargs)
-        except AdminClientError as exc:
+            return operation(self.client)
+        except ManagementError as exc:
             _fail(_describe(exc))
         finally:
             self.client.close()
 
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A route without a typed method: its decoded JSON reply."""
+        return self.run(lambda client: client.request(method, path, **kwargs))
+
     def show(self, payload: Any, human: Callable[[Any], None]) -> None:
+        """Print ``payload`` (a model, or the API's JSON) as JSON or for humans."""
+        plain = _plain(payload)
         if self.as_json:
-            click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+            click.echo(json.dumps(plain, indent=2, ensure_ascii=False))
         else:
-            human(payload)
+            human(plain)
 
 
-def _describe(exc: AdminClientError) -> str:
+def _plain(payload: Any) -> Any:
+    """A reply model as the JSON the server sent (the printers read dicts)."""
+    if isinstance(payload, BaseModel):
+        return payload.model_dump(mode="json")
+    if isinstance(payload, list):
+        return [_plain(item) for item in payload]
+    return payload
+
+
+def _describe(exc: ManagementError) -> str:
     if exc.status == 401:
         return f"{exc} (give --admin-token or set ONENET_OTA_ADMIN_TOKEN)"
     if exc.status is not None:
@@ -288,9 +200,11 @@ def admin() -> None:
     """Manage accounts, products, devices, packages and upgrade tasks on an onenet-ota server."""
 
 
-def _delete(ctx: _Ctx, path: str, what: str, ident: object) -> None:
-    """DELETE ``path``; on success say which ``what`` went (``--json``: {"deleted": ident})."""
-    ctx.call("DELETE", path)
+def _delete(
+    ctx: _Ctx, delete: Callable[[ManagementClient], None], what: str, ident: object
+) -> None:
+    """Run ``delete``; on success say which ``what`` went (``--json``: {"deleted": ident})."""
+    ctx.run(delete)
     ctx.show({"deleted": ident}, lambda _: click.echo(f"{what} {ident} deleted"))
 
 
@@ -313,12 +227,8 @@ def product_create(
 ) -> None:  # fmt: skip
     """Create a product; prints its pid and access key."""
     ctx = _ctx(server, admin_token, as_json)
-    body: dict[str, Any] = {"name": name}
-    if pid is not None:
-        body["pid"] = pid
-    if access_key is not None:
-        body["access_key"] = access_key
-    ctx.show(ctx.call("POST", "/products", json_body=body), _print_object)
+    product = ctx.run(lambda api: api.create_product(pid=pid, access_key=access_key, name=name))
+    ctx.show(product, _print_object)
 
 
 @product.command("rotate-key")
@@ -330,8 +240,8 @@ def product_rotate_key(
 ) -> None:
     """Replace a product's access key; devices must sign with the new one."""
     ctx = _ctx(server, admin_token, as_json)
-    body = {"access_key": access_key} if access_key else {}
-    ctx.show(ctx.call("POST", f"/products/{_seg(pid)}/rotate-key", json_body=body), _print_object)
+    key = access_key or None
+    ctx.show(ctx.run(lambda api: api.rotate_product_key(pid, access_key=key)), _print_object)
 
 
 @product.command("list")
@@ -343,7 +253,7 @@ def product_list(
 ) -> None:
     """List products."""
     ctx = _ctx(server, admin_token, as_json)
-    page = ctx.call("GET", "/products", params={"limit": limit, "after": after})
+    page = ctx.run(lambda api: api.list_products(limit=limit, after=after))
     ctx.show(page, lambda p: _print_page(p, _PRODUCT_COLUMNS))
 
 
@@ -353,7 +263,7 @@ def product_list(
 def product_show(pid: str, server: str, admin_token: str | None, as_json: bool) -> None:
     """Show a product with its access key."""
     ctx = _ctx(server, admin_token, as_json)
-    ctx.show(ctx.call("GET", f"/products/{_seg(pid)}"), _print_object)
+    ctx.show(ctx.run(lambda api: api.get_product(pid)), _print_object)
 
 
 @product.command("delete")
@@ -361,7 +271,7 @@ def product_show(pid: str, server: str, admin_token: str | None, as_json: bool) 
 @_common
 def product_delete(pid: str, server: str, admin_token: str | None, as_json: bool) -> None:
     """Delete a product that has no devices, packages or tasks left."""
-    _delete(_ctx(server, admin_token, as_json), f"/products/{_seg(pid)}", "product", pid)
+    _delete(_ctx(server, admin_token, as_json), lambda api: api.delete_product(pid), "product", pid)
 
 
 @product.command("set-account")
@@ -374,8 +284,7 @@ def product_set_account(
     """Make account UID the owner of product PID: its userid tokens then speak for the
     product's devices (fuse dialect)."""
     ctx = _ctx(server, admin_token, as_json)
-    reply = ctx.call("PUT", f"/products/{_seg(pid)}/account", json_body={"uid": uid})
-    ctx.show(reply, _print_object)
+    ctx.show(ctx.run(lambda api: api.set_product_account(pid, uid)), _print_object)
 
 
 @product.command("clear-account")
@@ -384,7 +293,7 @@ def product_set_account(
 def product_clear_account(pid: str, server: str, admin_token: str | None, as_json: bool) -> None:
     """Leave product PID without an owning account."""
     ctx = _ctx(server, admin_token, as_json)
-    ctx.show(ctx.call("DELETE", f"/products/{_seg(pid)}/account"), _print_object)
+    ctx.show(ctx.run(lambda api: api.clear_product_account(pid)), _print_object)
 
 
 @admin.group()
@@ -406,12 +315,8 @@ def account_create(
 ) -> None:  # fmt: skip
     """Create an account; prints its uid and access key."""
     ctx = _ctx(server, admin_token, as_json)
-    body: dict[str, Any] = {"name": name}
-    if uid is not None:
-        body["uid"] = uid
-    if access_key is not None:
-        body["access_key"] = access_key
-    ctx.show(ctx.call("POST", "/accounts", json_body=body), _print_object)
+    account = ctx.run(lambda api: api.create_account(uid=uid, access_key=access_key, name=name))
+    ctx.show(account, _print_object)
 
 
 @account.command("rotate-key")
@@ -423,8 +328,8 @@ def account_rotate_key(
 ) -> None:
     """Replace an account's access key; userid tokens signed with the old one stop working."""
     ctx = _ctx(server, admin_token, as_json)
-    body = {"access_key": access_key} if access_key else {}
-    ctx.show(ctx.call("POST", f"/accounts/{_seg(uid)}/rotate-key", json_body=body), _print_object)
+    key = access_key or None
+    ctx.show(ctx.run(lambda api: api.rotate_account_key(uid, access_key=key)), _print_object)
 
 
 @account.command("list")
@@ -436,7 +341,7 @@ def account_list(
 ) -> None:
     """List accounts."""
     ctx = _ctx(server, admin_token, as_json)
-    page = ctx.call("GET", "/accounts", params={"limit": limit, "after": after})
+    page = ctx.run(lambda api: api.list_accounts(limit=limit, after=after))
     ctx.show(page, lambda p: _print_page(p, _ACCOUNT_COLUMNS))
 
 
@@ -446,7 +351,7 @@ def account_list(
 def account_show(uid: str, server: str, admin_token: str | None, as_json: bool) -> None:
     """Show an account with its access key and product count."""
     ctx = _ctx(server, admin_token, as_json)
-    ctx.show(ctx.call("GET", f"/accounts/{_seg(uid)}"), _print_object)
+    ctx.show(ctx.run(lambda api: api.get_account(uid)), _print_object)
 
 
 @account.command("delete")
@@ -454,13 +359,7 @@ def account_show(uid: str, server: str, admin_token: str | None, as_json: bool) 
 @_common
 def account_delete(uid: str, server: str, admin_token: str | None, as_json: bool) -> None:
     """Delete an account that owns no product."""
-    _delete(_ctx(server, admin_token, as_json), f"/accounts/{_seg(uid)}", "account", uid)
-
-
-def _seg(value: str) -> str:
-    from urllib.parse import quote
-
-    return quote(value, safe="")
+    _delete(_ctx(server, admin_token, as_json), lambda api: api.delete_account(uid), "account", uid)
 
 
 @admin.group()
@@ -485,16 +384,13 @@ def device_add(
 ) -> None:  # fmt: skip
     """Create a device."""
     ctx = _ctx(server, admin_token, as_json)
-    body: dict[str, Any] = {"pid": pid, "name": name}
-    if dev_id is not None:
-        body["dev_id"] = dev_id
-    if device_key is not None:
-        body["device_key"] = device_key
-    if generate_key:
-        body["generate_device_key"] = True
-    if auth_info is not None:
-        body["auth_info"] = auth_info
-    ctx.show(ctx.call("POST", "/devices", json_body=body), _print_object)
+    created = ctx.run(
+        lambda api: api.create_device(
+            pid, name, dev_id=dev_id, device_key=device_key, generate_device_key=generate_key,
+            auth_info=auth_info,
+        )
+    )  # fmt: skip
+    ctx.show(created, _print_object)
 
 
 def _read_devices(stream: IO[str], name: str) -> list[dict[str, Any]]:
@@ -545,7 +441,7 @@ def device_import(
     """
     devices = _read_devices(file, file.name)
     ctx = _ctx(server, admin_token, as_json)
-    result = ctx.call("POST", "/devices/import", json_body={"pid": pid, "devices": devices})
+    result = {"items": _plain(ctx.run(lambda api: api.import_devices(pid, devices)))}
 
     def human(r: dict[str, Any]) -> None:
         _print_table(r["items"], _DEVICE_COLUMNS[:3])
@@ -568,11 +464,12 @@ def device_list(
 ) -> None:  # fmt: skip
     """List devices."""
     ctx = _ctx(server, admin_token, as_json)
-    params = {
-        "pid": pid, "f_version": f_version, "s_version": s_version, "q": name_contains,
-        "limit": limit, "after": after,
-    }  # fmt: skip
-    page = ctx.call("GET", "/devices", params=params)
+    page = ctx.run(
+        lambda api: api.list_devices(
+            pid=pid, f_version=f_version, s_version=s_version, name_contains=name_contains,
+            limit=limit, after=after,
+        )
+    )  # fmt: skip
     ctx.show(page, lambda p: _print_page(p, _DEVICE_COLUMNS))
 
 
@@ -591,7 +488,7 @@ def device_show(dev_id: int, server: str, admin_token: str | None, as_json: bool
             ["task_id", "package_id", "target", "state", "progress", "result_code", "updated_at"],
         )
 
-    ctx.show(ctx.call("GET", f"/devices/{dev_id}"), human)
+    ctx.show(ctx.run(lambda api: api.get_device(dev_id)), human)
 
 
 @device.command("history")
@@ -669,8 +566,8 @@ def device_rotate_key(
 ) -> None:
     """Replace a device's key; tokens signed with the old one stop working at once."""
     ctx = _ctx(server, admin_token, as_json)
-    body = {"device_key": device_key} if device_key else {}
-    ctx.show(ctx.call("POST", f"/devices/{dev_id}/rotate-key", json_body=body), _print_object)
+    key = device_key or None
+    ctx.show(ctx.run(lambda api: api.rotate_device_key(dev_id, device_key=key)), _print_object)
 
 
 @device.command("delete")
@@ -678,7 +575,9 @@ def device_rotate_key(
 @_common
 def device_delete(dev_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
     """Delete a device with its upgrade history; cancel its open tasks first."""
-    _delete(_ctx(server, admin_token, as_json), f"/devices/{dev_id}", "device", dev_id)
+    _delete(
+        _ctx(server, admin_token, as_json), lambda api: api.delete_device(dev_id), "device", dev_id
+    )
 
 
 @admin.group()
@@ -688,12 +587,6 @@ def package() -> None:
 
 _PACKAGE_COLUMNS = ["id", "pid", "module_type", "kind", "from_version", "target", "size",
                     "file_name"]  # fmt: skip
-
-
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as handle:
-        while chunk := handle.read(_UPLOAD_CHUNK):
-            yield chunk
 
 
 @package.command("upload")
@@ -715,19 +608,17 @@ def package_upload(
 ) -> None:  # fmt: skip
     """Upload FILE; the server computes size, md5 and sha256."""
     ctx = _ctx(server, admin_token, as_json)
-    params = {
-        "pid": pid, "type": module_type, "target": target, "kind": kind,
-        "from_version": from_version, "manuf": manuf, "model": model,
-        "file_name": file_name or file.name,
-    }  # fmt: skip
     try:
         size = file.stat().st_size
     except OSError as exc:
         _fail(f"{file}: {exc.strerror}")
-    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-    result = ctx.call(
-        "POST", "/packages", params=params, content=_file_chunks(file), headers=headers
-    )
+    result = ctx.run(
+        lambda api: api.upload_package(
+            file, pid=pid, module_type=cast(Any, module_type), target=target,
+            kind=cast(Any, kind), from_version=from_version, manuf=manuf, model=model,
+            file_name=file_name or file.name, size=size,
+        )
+    )  # fmt: skip
     ctx.show(result, _print_object)
 
 
@@ -743,8 +634,11 @@ def package_list(
 ) -> None:  # fmt: skip
     """List packages."""
     ctx = _ctx(server, admin_token, as_json)
-    params = {"pid": pid, "type": module_type, "limit": limit, "after": after}
-    page = ctx.call("GET", "/packages", params=params)
+    page = ctx.run(
+        lambda api: api.list_packages(
+            pid=pid, module_type=cast(Any, module_type), limit=limit, after=after
+        )
+    )
     ctx.show(page, lambda p: _print_page(p, _PACKAGE_COLUMNS))
 
 
@@ -754,7 +648,7 @@ def package_list(
 def package_show(package_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
     """Show a package."""
     ctx = _ctx(server, admin_token, as_json)
-    ctx.show(ctx.call("GET", f"/packages/{package_id}"), _print_object)
+    ctx.show(ctx.run(lambda api: api.get_package(package_id)), _print_object)
 
 
 @package.command("delete")
@@ -762,7 +656,12 @@ def package_show(package_id: int, server: str, admin_token: str | None, as_json:
 @_common
 def package_delete(package_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
     """Delete a package that no task uses."""
-    _delete(_ctx(server, admin_token, as_json), f"/packages/{package_id}", "package", package_id)
+    _delete(
+        _ctx(server, admin_token, as_json),
+        lambda api: api.delete_package(package_id),
+        "package",
+        package_id,
+    )
 
 
 @admin.group()
@@ -820,22 +719,17 @@ def task_create(
     """Create an upgrade task for explicit devices or for every device at given versions."""
     if bool(dev_ids) == bool(from_versions):
         _fail("give --dev-id or --from-version (one kind, repeatable)")
-    body: dict[str, Any] = {
-        "package_id": package_id, "signal": signal, "power": power, "retry": retry,
-        "interval": interval, "on_open": on_open,
-    }  # fmt: skip
-    if dev_ids:
-        body["dev_ids"] = list(dev_ids)
-    else:
-        body["from_versions"] = list(from_versions)
     start = _timestamp(start_time, "--start-time")
-    if start is not None:
-        body["start_time"] = start
     end = _timestamp(deadline, "--deadline")
-    if end is not None:
-        body["deadline"] = end
     ctx = _ctx(server, admin_token, as_json)
-    ctx.show(ctx.call("POST", "/tasks", json_body=body), _print_task)
+    created = ctx.run(
+        lambda api: api.create_task(
+            package_id, dev_ids=list(dev_ids) or None, from_versions=list(from_versions) or None,
+            signal=signal, power=power, retry=retry, interval=interval, start_time=start,
+            deadline=end, on_open=cast(Any, on_open),
+        )
+    )  # fmt: skip
+    ctx.show(created, _print_task)
 
 
 @task.command("list")
@@ -851,9 +745,11 @@ def task_list(
 ) -> None:  # fmt: skip
     """List tasks with per-state counts."""
     ctx = _ctx(server, admin_token, as_json)
-    params = {"pid": pid, "package_id": package_id, "status": status, "limit": limit,
-              "after": after}  # fmt: skip
-    page = ctx.call("GET", "/tasks", params=params)
+    page = ctx.run(
+        lambda api: api.list_tasks(
+            pid=pid, package_id=package_id, status=cast(Any, status), limit=limit, after=after
+        )
+    )
     ctx.show(page, lambda p: _print_page(p, _TASK_COLUMNS))
 
 
@@ -869,8 +765,10 @@ def task_show(
 ) -> None:  # fmt: skip
     """Show a task: settings, counts per state, and its devices' states and progress."""
     ctx = _ctx(server, admin_token, as_json)
-    params = {"state": state, "limit": limit, "after": after}
-    ctx.show(ctx.call("GET", f"/tasks/{task_id}", params=params), _print_task)
+    detail = ctx.run(
+        lambda api: api.get_task(task_id, state=cast(Any, state), limit=limit, after=after)
+    )
+    ctx.show(detail, _print_task)
 
 
 @task.command("delete")
@@ -878,10 +776,12 @@ def task_show(
 @_common
 def task_delete(task_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
     """Delete a finished task with its devices' part of it; cancel it first if still open."""
-    _delete(_ctx(server, admin_token, as_json), f"/tasks/{task_id}", "task", task_id)
+    _delete(
+        _ctx(server, admin_token, as_json), lambda api: api.delete_task(task_id), "task", task_id
+    )
 
 
-def _action_command(verb: str, text: str) -> click.Command:
+def _action_command(verb: Action, text: str) -> click.Command:
     @task.command(verb, help=text)
     @click.argument("task_id", type=int)
     @click.option("--dev-id", type=int, help="only this device's part of the task")
@@ -891,7 +791,7 @@ def _action_command(verb: str, text: str) -> click.Command:
     ) -> None:
         ctx = _ctx(server, admin_token, as_json)
         if dev_id is None:
-            result = ctx.call("POST", f"/tasks/{task_id}/{verb}")
+            result = ctx.run(lambda api: api.act_on_task(task_id, verb))
 
             def human(r: dict[str, Any]) -> None:
                 _print_task(r)
@@ -899,8 +799,9 @@ def _action_command(verb: str, text: str) -> click.Command:
 
             ctx.show(result, human)
         else:
-            result = ctx.call("POST", f"/tasks/{task_id}/devices/{dev_id}/{verb}")
-            ctx.show(result, _print_object)
+            one = dev_id
+            view = ctx.run(lambda api: api.act_on_device_task(task_id, one, verb))
+            ctx.show(view, _print_object)
 
     return command
 
@@ -915,4 +816,4 @@ from onenet_ota.cli.admin_access import audit, token  # noqa: E402
 admin.add_command(token)
 admin.add_command(audit)
 
-__all__ = ["AdminClient", "AdminClientError", "admin"]
+__all__ = ["admin"]

@@ -28,6 +28,8 @@ Conventions:
   (``application/octet-stream``, Content-Length or chunked). The metadata is checked before a
   byte of the body is read; the body streams to the content-addressed store, is measured there
   (size, md5, sha256), and is refused with 413 past the configured limit, leaving nothing behind.
+- Package download: ``GET /api/v1/packages/{id}/file`` answers the raw file (sendfile), its
+  sha256 as the ``ETag``, so a client can check what it received.
 """
 
 from __future__ import annotations
@@ -49,6 +51,19 @@ from sqlalchemy.exc import OperationalError
 
 import onenet_ota
 from onenet_ota import auth
+from onenet_ota.management.models import (
+    AccountPage,
+    ApiTokenPage,
+    DeviceList,
+    DevicePage,
+    DeviceTaskPage,
+    ErrorBody,
+    Health,
+    HistoryPage,
+    PackagePage,
+    ProductPage,
+    TaskPage,
+)
 from onenet_ota.protocol import values
 from onenet_ota.protocol.states import Action
 from onenet_ota.server import admin_service as svc
@@ -57,7 +72,6 @@ from onenet_ota.server.api_tokens import (
     TOKEN_ID_MAX,
     ApiTokenCreate,
     ApiTokenCreated,
-    ApiTokenPage,
     Principal,
     Role,
     TokenStore,
@@ -66,12 +80,13 @@ from onenet_ota.server.api_tokens import (
 from onenet_ota.server.blobs import BlobTooLarge
 from onenet_ota.server.http import (
     BodyTooLarge,
+    FileSegment,
     Request,
     RequestAborted,
     RequestTimedOut,
     Response,
 )
-from onenet_ota.server.timeline import HistoryEvent
+from onenet_ota.server.wire import safe_file_name
 
 __all__ = ["PREFIX", "ROUTES", "AdminApi", "openapi_document"]
 
@@ -281,6 +296,7 @@ class Route:
     body: type[BaseModel] | None = None  # a JSON request body
     body_optional: bool = False  # an empty body reads as {}
     upload: bool = False  # a raw file body
+    download: bool = False  # answers with a raw file body
     response: type[BaseModel] | None = None  # None with status 204: no body
     query: tuple[Param, ...] = ()
     path_params: tuple[Param, ...] = ()  # a value that breaks its rule is 404
@@ -317,83 +333,6 @@ class Route:
         if not self.public:
             codes |= {401, 403, 503}  # the token, its role; the database
         return sorted(codes)
-
-
-# Page and envelope models, named for the OpenAPI document.
-class ProductPage(BaseModel):
-    """A page of products."""
-
-    items: list[svc.Product]
-    next: str | None
-
-
-class AccountPage(BaseModel):
-    """A page of accounts."""
-
-    items: list[svc.Account]
-    next: str | None
-
-
-class DevicePage(BaseModel):
-    """A page of devices."""
-
-    items: list[svc.Device]
-    next: str | None
-
-
-class DeviceList(BaseModel):
-    """Devices created by an import, in request order."""
-
-    items: list[svc.Device]
-
-
-class PackagePage(BaseModel):
-    """A page of packages."""
-
-    items: list[svc.Package]
-    next: str | None
-
-
-class TaskPage(BaseModel):
-    """A page of tasks."""
-
-    items: list[svc.Task]
-    next: str | None
-
-
-class HistoryPage(BaseModel):
-    """A page of a device's timeline, oldest first."""
-
-    items: list[HistoryEvent]
-    next: str | None
-
-
-class DeviceTaskPage(BaseModel):
-    """A page of a task's devices."""
-
-    items: list[svc.DeviceTaskView]
-    next: str | None
-
-
-class Health(BaseModel):
-    """Liveness."""
-
-    status: Literal["ok"]
-    version: str
-
-
-class ErrorDetail(BaseModel):
-    """What went wrong."""
-
-    code: str
-    message: str
-    details: list[dict[str, Any]] | None = None
-
-
-class ErrorBody(BaseModel):
-    """Every error reply."""
-
-    error: ErrorDetail
 
 
 _PID = (_pid("the product"),)
@@ -550,6 +489,11 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "GET", "/packages/{id}", "get_package", "Show a package", "packages",
         response=svc.Package, path_params=_PACKAGE,
+    ),
+    Route(
+        "GET", "/packages/{id}/file", "download_package",
+        "Download a package's file; its ETag is the file's sha256", "packages",
+        path_params=_PACKAGE, download=True,
     ),
     Route(
         "DELETE", "/packages/{id}", "delete_package", "Delete a package no task uses",
@@ -724,6 +668,20 @@ def openapi_document() -> dict[str, Any]:
             responses[str(route.status)] = {
                 "description": "Success",
                 "content": {"application/json": {"schema": ref(route.response, "serialization")}},
+            }
+        elif route.download:
+            responses[str(route.status)] = {
+                "description": "The file",
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+                "headers": {
+                    "ETag": {
+                        "description": "the file's sha256, quoted",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                },
             }
         elif route.operation == "openapi":
             responses["200"] = {
@@ -1248,6 +1206,20 @@ class AdminApi:
 
     async def _get_package(self, call: Call) -> svc.Package:
         return await self._db(self.service.get_package, call.path["id"])
+
+    async def _download_package(self, call: Call) -> Response:
+        package: svc.Package = await self._db(self.service.get_package, call.path["id"])
+        path = self.service.blobs.path(package.sha256)
+        # A file the store lost is the server's fault: 500 before anything was sent, and the
+        # HTTP layer logs it. Sent with sendfile, so a large package costs no memory.
+        lost = _error_response(ApiError(500, "internal", "the package file cannot be read"))
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Length", str(package.size)),
+            ("Content-Disposition", f'attachment; filename="{safe_file_name(package.file_name)}"'),
+            ("ETag", f'"{package.sha256}"'),
+        ]
+        return Response(200, headers, FileSegment(str(path), 0, package.size, fallback=lost))
 
     async def _delete_package(self, call: Call) -> None:
         await self._db(self.service.delete_package, call.path["id"])

@@ -1,8 +1,9 @@
 """The management side of the platform: accounts, products, devices, packages and tasks, in SQL.
 
-SQLAlchemy Core, one transaction per operation. The models below are both the inputs (validated
-against the spec's value formats, §1 and §4.5) and the outputs; :mod:`onenet_ota.server.admin_api`
-turns them into JSON and into its OpenAPI document.
+SQLAlchemy Core, one transaction per operation. The models, defined in
+:mod:`onenet_ota.management.models` so that the server and its clients share one definition, are
+both the inputs (validated against the spec's value formats, §1 and §4.5) and the outputs;
+:mod:`onenet_ota.server.admin_api` turns them into JSON and into its OpenAPI document.
 
 Device-task state changes are the statements of :mod:`onenet_ota.server.transitions` (shared with
 the device side), which move rows only along the edges of the state tables in
@@ -20,7 +21,6 @@ Errors are :class:`AdminError` subclasses, each naming what the caller did wrong
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import functools
 import logging
@@ -30,17 +30,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Final, Generic, ParamSpec, TypeVar
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    computed_field,
-    field_validator,
-    model_validator,
 )
 from sqlalchemy import (
     BigInteger,
@@ -63,16 +56,49 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from onenet_ota import auth
+from onenet_ota.management.models import (
+    DEFAULT_PAGE,
+    DEV_ID_MAX,
+    FILE_NAME_PATTERN,
+    MAX_IMPORT,
+    MAX_PAGE,
+    PACKAGE_ID_MAX,
+    RESERVED_PIDS,
+    STATE_NAMES,
+    STATES_BY_NAME,
+    TASK_ID_MAX,
+    UID_RULE,
+    Account,
+    AccountAssign,
+    AccountCreate,
+    Device,
+    DeviceCreate,
+    DeviceDetail,
+    DeviceImport,
+    DeviceImportItem,
+    DeviceKeyRotate,
+    DeviceTaskHistory,
+    DeviceTaskView,
+    KeyRotate,
+    Package,
+    PackageCreate,
+    Product,
+    ProductCreate,
+    StateCounts,
+    Task,
+    TaskActionResult,
+    TaskCreate,
+    TaskCreated,
+    TaskDetail,
+)
 from onenet_ota.protocol import values
-from onenet_ota.protocol.code_texts import code_name, code_text
-from onenet_ota.protocol.dialects import STUDIO_PID
 from onenet_ota.protocol.states import (
     OPEN_STATES,
     Action,
     IllegalTransition,
     TaskState,
 )
-from onenet_ota.protocol.status import PackageKind, TaskType
+from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import audit, changes, timeline
 from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.db import is_foreign_key_violation, is_transient, sqlstate
@@ -93,8 +119,20 @@ from onenet_ota.server.transitions import (
     expire_deadlines,
 )
 
+# The models and limits are the management API's (onenet_ota.management.models); they are named
+# here too because the server's modules address them through this one.
 __all__ = [
+    "DEFAULT_PAGE",
+    "DEV_ID_MAX",
+    "FILE_NAME_PATTERN",
+    "MAX_IMPORT",
+    "MAX_PAGE",
+    "PACKAGE_ID_MAX",
     "RESERVED_PIDS",
+    "STATES_BY_NAME",
+    "STATE_NAMES",
+    "TASK_ID_MAX",
+    "UID_RULE",
     "Account",
     "AccountAssign",
     "AccountCreate",
@@ -117,6 +155,7 @@ __all__ = [
     "Page",
     "Product",
     "ProductCreate",
+    "StateCounts",
     "Task",
     "TaskActionResult",
     "TaskCreate",
@@ -130,9 +169,6 @@ log = logging.getLogger(__name__)
 # dev_ids the server generates stay below 2^53 so that JavaScript clients read them exactly; the
 # protocol allows up to 2^63-1 (§1) and operator-given ids may use the whole range.
 GENERATED_DEV_ID_MAX = 2**53 - 1
-MAX_PAGE = 1000
-DEFAULT_PAGE = 100
-MAX_IMPORT = 10_000
 _CHUNK = 500  # rows per IN (...) list and per executemany batch
 _CONFLICT_SAMPLE = 20  # how many offending ids an error message lists
 _MAX_ATTEMPTS = 5  # runs of a management call whose transaction the database aborted
@@ -172,12 +208,7 @@ class Invalid(AdminError):
 
 
 # --------------------------------------------------------------------------------------------
-# Value types shared by the models
-
-
-def _whole(pattern: str) -> str:
-    # pydantic searches for the pattern; the spec's formats must match the whole value.
-    return f"^(?:{pattern})$"
+# Models: defined with the management client, so that the server and its clients share them
 
 
 def column_max(column: Column[Any]) -> int:
@@ -193,415 +224,16 @@ def column_max(column: Column[Any]) -> int:
     raise TypeError(f"{column} is not an integer column")
 
 
-# The bounds of every id the management API accepts, read from the columns that store them, so
-# that no id the API lets through can overflow a column (a database error, not a client's 4xx).
-DEV_ID_MAX = min(values.DEV_ID_MAX, column_max(devices.c.dev_id))
-PACKAGE_ID_MAX = column_max(packages.c.id)
-TASK_ID_MAX = column_max(tasks.c.id)
+# The bound of the timeline's ids, read from its column (the other ids' bounds are in
+# management.models, shared with the client).
 EVENT_ID_MAX = column_max(device_task_events.c.id)
 
 _DIGITS: Final = re.compile(r"[0-9]+")
-# §4.5's file name less '/', which would let a device that saves the file under its name leave
-# its directory (the rule that the name is not only dots and spaces is checked in PackageCreate).
-FILE_NAME_PATTERN: Final = r"[ !#-.0-\[\]-~]{1,64}"
-
-# Free text: PostgreSQL cannot store NUL in a string, and no field of this API needs one.
-NO_NUL: Final = "^[^\\x00]*$"
-
-Pid = Annotated[str, StringConstraints(pattern=_whole(values.PID_RE.pattern))]
-UID_RULE: Final = "a decimal 1..2^63-1 without sign or leading zero"
-
-
-def _check_uid(value: str) -> str:
-    # The pattern bounds the digits (for the OpenAPI document too); this adds the value bound.
-    if not auth.is_user_id(value):
-        raise ValueError(f"must be {UID_RULE}")
-    return value
-
-
-# Exactly the uids a userid token can name (auth.user_resource), each with one spelling.
-Uid = Annotated[
-    str, StringConstraints(pattern=_whole(auth.USER_ID_RE.pattern)), AfterValidator(_check_uid)
-]
-
-RESERVED_PIDS: Final = STUDIO_PID.reserved
-"""S1: the classic device paths ``/ota/south/...``, ``/ota/device/version`` and ``/ota/devInfo``
-win over Studio's ``/ota/{pid}/...``, so a product with one of these pids could not be reached
-by Studio devices. The match is exact: pids are case-sensitive (§1), and so is path matching,
-so ``South`` is an ordinary pid."""
-DeviceName = Annotated[str, StringConstraints(pattern=_whole(values.DEVICE_NAME_RE.pattern))]
-Version = Annotated[str, StringConstraints(pattern=_whole(values.VERSION_RE.pattern))]
-DevId = Annotated[int, Field(ge=1, le=DEV_ID_MAX)]
-PackageId = Annotated[int, Field(ge=1, le=PACKAGE_ID_MAX)]
-Int32 = Annotated[int, Field(ge=values.INT32_MIN, le=values.INT32_MAX)]
-UnixTime = Annotated[int, Field(ge=0, le=2**62)]
-AuthInfo = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=NO_NUL)]
-Key = Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)]
-ManufModel = Annotated[str, StringConstraints(pattern=_whole(values.MANUF_MODEL_RE.pattern))]
-StateName = Literal[
-    "to_be_upgraded", "downloading", "upgrading", "succeeded", "failed", "cancelled", "paused"
-]
-STATE_NAMES: dict[TaskState, str] = {state: state.name.lower() for state in TaskState}
-STATES_BY_NAME: dict[str, TaskState] = {name: state for state, name in STATE_NAMES.items()}
-
-
-def _check_key(value: str | None) -> str | None:
-    """An access key or device key: standard base64 of at least 1 byte, at most 128 chars (§1)."""
-    if value is None:
-        return None
-    if len(value) > 128:
-        raise ValueError("a key is at most 128 characters")
-    try:
-        decoded = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("a key must be standard base64, e.g. 44 characters for 32 bytes") from None
-    if not decoded:
-        raise ValueError("a key must not be empty")
-    return value
 
 
 def generate_access_key() -> str:
     """A new key in OneNET's format: base64 of 32 random bytes, 44 characters (§1)."""
     return base64.b64encode(secrets.token_bytes(32)).decode("ascii")
-
-
-class _In(BaseModel):
-    # Strict: JSON true is not an integer (§2.4), "1" is not a number; unknown keys are typos.
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-
-class _Out(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Accounts
-
-
-class AccountCreate(_In):
-    """An account for ``userid/{uid}`` tokens (§13.3, F12). Give ``uid`` and ``access_key`` to
-    take over a OneNET account whose devices already sign with them; omit them to have them
-    generated."""
-
-    uid: Uid | None = Field(default=None, description=f"{UID_RULE}; generated when omitted")
-    access_key: Key | None = Field(default=None, description="base64; generated when omitted")
-    name: Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)] = ""
-
-    @model_validator(mode="after")
-    def _key(self) -> AccountCreate:
-        _check_key(self.access_key)
-        return self
-
-
-class Account(_Out):
-    """An account. ``access_key`` is omitted from lists; ``product_count`` is given when one
-    account is shown."""
-
-    uid: str
-    name: str
-    access_key: str | None = None
-    created_at: int
-    product_count: int | None = None
-
-
-class AccountAssign(_In):
-    """The account a product is to belong to."""
-
-    uid: Uid = Field(description=f"an existing account's uid: {UID_RULE}")
-
-
-# --------------------------------------------------------------------------------------------
-# Products
-
-
-class ProductCreate(_In):
-    """A product to create. Give ``pid`` and ``access_key`` to take over a product whose devices
-    already carry them in firmware (moving a fleet from OneNET); omit them to have them generated.
-    """
-
-    pid: Pid | None = Field(default=None, description="1-32 characters [A-Za-z0-9]")
-    access_key: Key | None = Field(default=None, description="base64; generated when omitted")
-    name: Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)] = ""
-
-    @field_validator("pid")
-    @classmethod
-    def _not_reserved(cls, pid: str | None) -> str | None:
-        if pid in RESERVED_PIDS:
-            raise ValueError(
-                f"pid {pid} is reserved: the classic device paths /ota/south/...,"
-                " /ota/device/version and /ota/devInfo would hide this product's Studio paths"
-                " /ota/{pid}/... (spec S1)"
-            )
-        return pid
-
-    @model_validator(mode="after")
-    def _key(self) -> ProductCreate:
-        _check_key(self.access_key)
-        return self
-
-
-class KeyRotate(_In):
-    """A key rotation: the new key, or none to have one generated."""
-
-    access_key: Key | None = Field(default=None, description="base64; generated when omitted")
-
-    @model_validator(mode="after")
-    def _key(self) -> KeyRotate:
-        _check_key(self.access_key)
-        return self
-
-
-class Product(_Out):
-    """A product. ``access_key`` is omitted from lists. ``account_uid``: the account that owns
-    it (F12), if any."""
-
-    pid: str
-    name: str
-    access_key: str | None = None
-    created_at: int
-    account_uid: str | None = None
-    device_count: int | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Devices
-
-
-class DeviceImportItem(_In):
-    """One device: its name, and optionally the dev_id, device key and auth_info it already has."""
-
-    name: DeviceName = Field(description="1-64 characters [A-Za-z0-9_.-], unique in the product")
-    dev_id: DevId | None = Field(default=None, description="generated when omitted")
-    device_key: Key | None = Field(default=None, description="optional per-device key (base64)")
-    generate_device_key: bool = False
-    auth_info: AuthInfo | None = Field(default=None, description="E9 lookup string; the name")
-
-    @model_validator(mode="after")
-    def _key(self) -> DeviceImportItem:
-        _check_key(self.device_key)
-        if self.device_key is not None and self.generate_device_key:
-            raise ValueError("give device_key or generate_device_key, not both")
-        return self
-
-
-class DeviceCreate(DeviceImportItem):
-    """A device to create in product ``pid``."""
-
-    pid: Pid
-
-
-class DeviceKeyRotate(_In):
-    """A device key rotation: the new key, or none to have one generated."""
-
-    device_key: str | None = Field(default=None, description="base64; generated when omitted")
-
-    @model_validator(mode="after")
-    def _key(self) -> DeviceKeyRotate:
-        _check_key(self.device_key)
-        return self
-
-
-class DeviceImport(_In):
-    """Many devices of one product, created all together or not at all."""
-
-    pid: Pid
-    devices: Annotated[list[DeviceImportItem], Field(min_length=1, max_length=MAX_IMPORT)]
-
-
-class Device(_Out):
-    """A device and the versions it last reported (E1) or declared (E3)."""
-
-    dev_id: int
-    pid: str
-    name: str
-    auth_info: str
-    device_key: str | None
-    f_version: str | None
-    s_version: str | None
-    created_at: int
-    last_seen_at: int | None
-
-
-class DeviceTaskHistory(_Out):
-    """One of a device's upgrades, newest first in :class:`DeviceDetail`."""
-
-    task_id: int
-    package_id: int
-    module_type: int
-    target: str
-    state: StateName
-    progress: int
-    result_code: int | None
-    updated_at: int
-    finished_at: int | None
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def status_name(self) -> str | None:
-        """``result_code``'s short name (``md5 mismatch``), from protocol.code_texts."""
-        return code_name(self.result_code)
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def status_text(self) -> str | None:
-        """What ``result_code`` means (spec §6.7.1)."""
-        return code_text(self.result_code)
-
-
-class DeviceDetail(Device):
-    """A device with its task history."""
-
-    tasks: list[DeviceTaskHistory]
-
-
-# --------------------------------------------------------------------------------------------
-# Packages
-
-
-class PackageCreate(_In):
-    """A package's metadata. The file itself is uploaded separately and measured by the server."""
-
-    pid: Pid
-    module_type: Literal[1, 2] = Field(description="1 = FOTA, 2 = SOTA")
-    kind: Literal[1, 2] = Field(default=1, description="1 = full, 2 = differential")
-    from_version: Version | None = Field(default=None, description="differential packages only")
-    target: Version
-    manuf: ManufModel | None = None
-    model: ManufModel | None = None
-    file_name: Annotated[str, StringConstraints(pattern=_whole(FILE_NAME_PATTERN))] = Field(
-        description="1-64 printable ASCII characters, no quote, backslash or slash, not only dots"
-        " and spaces"
-    )
-
-    @model_validator(mode="after")
-    def _rules(self) -> PackageCreate:
-        if not values.is_file_name(self.file_name):
-            raise ValueError(
-                "file_name must be 1-64 printable ASCII characters other than '\"' and '\\'"
-            )
-        # Stricter than §4.5: the name reaches devices in Content-Disposition, and one that saves
-        # the file under it must stay in its directory.
-        if "/" in self.file_name or self.file_name.strip(" .") == "":
-            raise ValueError("file_name must not contain '/' or consist only of dots and spaces")
-        if self.kind == int(PackageKind.DIFF) and self.from_version is None:
-            raise ValueError("a differential package needs from_version")
-        if self.kind == int(PackageKind.FULL) and self.from_version is not None:
-            raise ValueError("from_version is for differential packages only")
-        return self
-
-
-class Package(_Out):
-    """A stored package. ``size``, ``md5`` and ``sha256`` were computed by the server."""
-
-    id: int
-    pid: str
-    module_type: int
-    kind: int
-    from_version: str | None
-    target: str
-    manuf: str | None
-    model: str | None
-    file_name: str
-    size: int
-    md5: str
-    sha256: str
-    created_at: int
-
-
-# --------------------------------------------------------------------------------------------
-# Tasks
-
-
-class TaskCreate(_In):
-    """An upgrade task for one package.
-
-    Targets: explicit ``dev_ids``, or every device of the package's product whose current version
-    for the package's type is one of ``from_versions``. ``on_open`` decides what happens to a
-    targeted device that already has an open task of that type (D23): ``fail`` refuses the whole
-    request, ``skip`` leaves the device out, ``cancel`` cancels its open task first.
-    """
-
-    package_id: PackageId
-    dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=100_000)] | None = None
-    from_versions: Annotated[list[Version], Field(min_length=1, max_length=100)] | None = None
-    signal: Int32 = 0
-    power: Int32 = 0
-    retry: Int32 = 0
-    interval: Int32 = 0
-    start_time: UnixTime | None = Field(default=None, description="Unix seconds; default now")
-    deadline: UnixTime | None = Field(default=None, description="Unix seconds; open tasks fail")
-    on_open: Literal["fail", "skip", "cancel"] = "fail"
-
-    @model_validator(mode="after")
-    def _rules(self) -> TaskCreate:
-        if (self.dev_ids is None) == (self.from_versions is None):
-            raise ValueError("give exactly one of dev_ids and from_versions")
-        return self
-
-
-class StateCounts(_Out):
-    """How many of a task's devices are in each state."""
-
-    to_be_upgraded: int = 0
-    downloading: int = 0
-    upgrading: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    paused: int = 0
-
-
-class Task(_Out):
-    """An operator's task: one package, a set of devices, one policy."""
-
-    id: int
-    pid: str
-    package_id: int
-    module_type: int
-    target: str
-    signal: int
-    power: int
-    retry: int
-    interval: int
-    start_time: int
-    deadline: int | None
-    # "finished" when every device task has ended (computed: see AdminService._task_model).
-    status: Literal["active", "paused", "cancelled", "finished"]
-    created_at: int
-    total: int
-    counts: StateCounts
-
-
-class DeviceTaskView(_Out):
-    """One device's part of a task."""
-
-    dev_id: int
-    name: str
-    state: StateName
-    paused_from: StateName | None
-    progress: int
-    result_code: int | None
-    updated_at: int
-    finished_at: int | None
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def status_name(self) -> str | None:
-        """``result_code``'s short name (``md5 mismatch``), from protocol.code_texts."""
-        return code_name(self.result_code)
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def status_text(self) -> str | None:
-        """What ``result_code`` means (spec §6.7.1)."""
-        return code_text(self.result_code)
-
-
-class TaskDetail(Task):
-    """A task with the first page of its devices (``devices_next`` continues the list)."""
-
-    devices: list[DeviceTaskView]
-    devices_next: str | None
 
 
 T = TypeVar("T")
@@ -614,21 +246,6 @@ class Page(Generic[T]):
 
     items: list[T]
     next: str | None
-
-
-class TaskCreated(Task):
-    """A new task. ``skipped``: targeted devices left out because they had an open task
-    (``on_open=skip``); ``cancelled``: devices whose open task was cancelled (``on_open=cancel``).
-    """
-
-    skipped: list[int]
-    cancelled: list[int]
-
-
-class TaskActionResult(Task):
-    """A task after pause, resume or cancel; ``changed`` device tasks moved."""
-
-    changed: int
 
 
 @dataclass(frozen=True, slots=True)

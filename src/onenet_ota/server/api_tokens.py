@@ -33,12 +33,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from onenet_ota.management.models import (
+    ApiToken,
+    ApiTokenCreate,
+    ApiTokenCreated,
+    Role,
+)
 from onenet_ota.server import audit
 from onenet_ota.server.admin_service import Conflict, NotFound, Page, column_max
 from onenet_ota.server.schema import api_tokens
@@ -58,15 +63,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Role = Literal["viewer", "operator", "admin"]
 ROLES: Final[tuple[Role, ...]] = ("viewer", "operator", "admin")
 _RANK: Final[dict[str, int]] = {role: rank for rank, role in enumerate(ROLES)}
 SECRET_PREFIX: Final = "oota_"
 _SHOWN: Final = len(SECRET_PREFIX) + 6  # characters of a generated secret kept for lists
 BOOTSTRAP_NAME: Final = "admin"
 TOKEN_ID_MAX: Final = column_max(api_tokens.c.id)
-NAME_RULE: Final = "1-64 characters [A-Za-z0-9_.-], starting with a letter or digit"
-_NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _LAST_USED_EVERY: Final = 60  # seconds between two writes of a token's last_used_at
 
 # The hash: HMAC-SHA256 under a fixed key. A slow password hash (bcrypt, scrypt, Argon2) exists
@@ -111,45 +113,6 @@ class Principal:
     id: int
     name: str
     role: Role
-
-
-class ApiTokenCreate(BaseModel):
-    """A token to create: a unique name and a role (viewer unless said)."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    name: Annotated[str, StringConstraints(pattern=f"^(?:{_NAME_PATTERN})$")] = Field(
-        description=f"{NAME_RULE}; unique, never reused"
-    )
-    role: Role = "viewer"
-
-
-class ApiToken(BaseModel):
-    """A token as lists show it: never its secret. ``prefix``: the secret's first characters
-    (empty for a secret the operator chose)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: int
-    name: str
-    role: Role
-    prefix: str
-    created_at: int
-    last_used_at: int | None
-    revoked_at: int | None
-
-
-class ApiTokenCreated(ApiToken):
-    """A new token with its secret: shown this once, never again."""
-
-    secret: str
-
-
-class ApiTokenPage(BaseModel):
-    """A page of tokens."""
-
-    items: list[ApiToken]
-    next: str | None
 
 
 def _public(row: Any) -> ApiToken:

@@ -20,9 +20,9 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
-from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, insert, select
 
+from onenet_ota.management.models import AuditEntry, AuditPage
 from onenet_ota.server.schema import audit_log
 
 __all__ = [
@@ -118,26 +118,6 @@ def record(
             detail=None if detail is None else detail[:MAX_DETAIL],
         )
     )
-
-
-class AuditEntry(BaseModel):
-    """One audit row: ``actor`` did ``action`` to ``target`` at ``at`` (Unix seconds)."""
-
-    id: int
-    at: int
-    actor: str
-    action: str
-    target: str
-    before: dict[str, Any] | None
-    after: dict[str, Any] | None
-    detail: str | None
-
-
-class AuditPage(BaseModel):
-    """A page of the audit log, oldest first; ``next`` continues it (``after=``)."""
-
-    items: list[AuditEntry]
-    next: str | None
 
 
 def list_entries(

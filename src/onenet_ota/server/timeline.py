@@ -35,9 +35,8 @@ import logging
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -53,6 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from onenet_ota.management.models import EventKind, HistoryEvent, ShortDownload
 from onenet_ota.protocol.code_texts import code_name, code_text
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.server.http import FileSegment, Response
@@ -84,7 +84,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EventKind = Literal["offered", "state", "report", "progress", "version"]
 _ev, _dt, _b = device_task_events, device_tasks, device_task_bytes
 
 
@@ -385,37 +384,6 @@ _STATE_NAMES: Final = {int(state): state.name.lower() for state in TaskState}
 # Reports of a downloaded package (§6.7.1): 101, and 201 (which a device may send without 101);
 # and the progress value 100, which stands for 101 on E7 (§5.5).
 _SUCCESS_CODES: Final = frozenset({101, 201})
-
-
-class ShortDownload(BaseModel):
-    """A success report made while the server had served fewer bytes than the package."""
-
-    model_config = ConfigDict(frozen=True)
-
-    served: int
-    size: int
-
-
-class HistoryEvent(BaseModel):
-    """One event of a device's timeline (``GET /devices/{dev_id}/history``)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: int
-    at_ms: int
-    kind: EventKind
-    task_id: int | None
-    device_task_id: int | None
-    dialect: str | None
-    endpoint: str | None
-    code: int | None
-    status_name: str | None
-    status_text: str | None
-    errno: int | None
-    from_state: str | None
-    to_state: str | None
-    detail: str | None
-    short_download: ShortDownload | None = None
 
 
 def _history_event(row: Any, short: ShortDownload | None) -> HistoryEvent:

@@ -4,20 +4,22 @@
 (imported in batches), a package of random bytes (or a given file) and one task for all of them.
 :func:`adopt` uses an existing task instead: its product, package and the devices still waiting
 to upgrade. :func:`server_states` reads every simulated device's state back, for the summary's
-agreement check. Everything goes through :class:`~onenet_ota.cli.admin.AdminClient`, the admin
-CLI's client; nothing touches the database directly.
+agreement check. Everything goes through :class:`~onenet_ota.management.ManagementClient`, the
+admin CLI's client too; nothing touches the database directly.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import random
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final, TypeVar
 
-from onenet_ota.cli.admin import AdminClient, AdminClientError
+from onenet_ota.management import ManagementClient, ManagementError
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import PackageKind, TaskType
 from onenet_ota.sim.config import FleetConfig, SimulationError
@@ -26,7 +28,7 @@ __all__ = ["DeviceView", "FleetTarget", "adopt", "provision", "server_states"]
 
 IMPORT_BATCH: Final = 10_000  # the management API's import limit
 PAGE: Final = 1000  # the management API's largest page
-_UPLOAD_CHUNK: Final = 1024 * 1024
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,39 +61,33 @@ class DeviceView:
     result_code: int | None
 
 
-def _call(admin: AdminClient, what: str, method: str, path: str, **kwargs: Any) -> Any:
+def _step(what: str, operation: Callable[[], T]) -> T:
+    """``operation()``, with a refusal or an unreachable server as a :class:`SimulationError`."""
     try:
-        return admin.request(method, path, **kwargs)
-    except AdminClientError as exc:
+        return operation()
+    except ManagementError as exc:
         hint = ""
         if exc.status == 401:
             hint = " (check --admin-token / ONENET_OTA_ADMIN_TOKEN)"
         raise SimulationError(f"{what}: {exc}{hint}") from None
 
 
-def _chunks(data: bytes) -> Iterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(view), _UPLOAD_CHUNK):
-        yield bytes(view[start : start + _UPLOAD_CHUNK])
-
-
-def provision(admin: AdminClient, config: FleetConfig) -> FleetTarget:
+def provision(admin: ManagementClient, config: FleetConfig) -> FleetTarget:
     """Create a product, ``config.devices`` devices, a package and a task for them."""
     rng = random.Random(config.seed)
-    product = _call(admin, "creating the product", "POST", "/products", json_body={"name": "sim"})
-    pid, key = product["pid"], product["access_key"]
+    product = _step("creating the product", lambda: admin.create_product(name="sim"))
+    if product.access_key is None:  # a created product is always shown with its key
+        raise SimulationError("creating the product: the server did not tell its access key")
+    pid, key = product.pid, product.access_key
     run = secrets.token_hex(4)
     dev_ids: list[int] = []
     names: list[str] = []
     for first in range(0, config.devices, IMPORT_BATCH):
         count = min(IMPORT_BATCH, config.devices - first)
-        body = {
-            "pid": pid,
-            "devices": [{"name": f"sim-{run}-{first + i:06d}"} for i in range(count)],
-        }
-        created = _call(admin, "creating the devices", "POST", "/devices/import", json_body=body)
-        dev_ids.extend(int(item["dev_id"]) for item in created["items"])
-        names.extend(str(item["name"]) for item in created["items"])
+        items = [{"name": f"sim-{run}-{first + i:06d}"} for i in range(count)]
+        created = _step("creating the devices", functools.partial(admin.import_devices, pid, items))
+        dev_ids.extend(device.dev_id for device in created)
+        names.extend(device.name for device in created)
     if config.package is not None:
         try:
             data = config.package.read_bytes()
@@ -101,39 +97,29 @@ def provision(admin: AdminClient, config: FleetConfig) -> FleetTarget:
     else:
         data = rng.randbytes(config.package_size)
         file_name = "sim-firmware.bin"
-    package = _call(
-        admin,
+    package = _step(
         "uploading the package",
-        "POST",
-        "/packages",
-        params={
-            "pid": pid,
-            "type": "fota" if config.task_type is TaskType.FOTA else "sota",
-            "target": config.target,
-            "file_name": file_name,
-        },
-        content=_chunks(data),
-        headers={"Content-Type": "application/octet-stream"},
+        lambda: admin.upload_package(
+            data,
+            pid=pid,
+            module_type=config.task_type,
+            target=config.target,
+            file_name=file_name,
+        ),
     )
     md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-    if package["md5"] != md5 or package["size"] != len(data):
+    if package.md5 != md5 or package.size != len(data):
         raise SimulationError("the server stored a package that differs from the upload")
-    task = _call(
-        admin,
+    task = _step(
         "creating the task",
-        "POST",
-        "/tasks",
-        json_body={
-            "package_id": package["id"],
-            "dev_ids": dev_ids,
-            "signal": config.task_signal,
-            "power": config.task_power,
-        },
+        lambda: admin.create_task(
+            package.id, dev_ids=dev_ids, signal=config.task_signal, power=config.task_power
+        ),
     )
     return FleetTarget(
         pid=pid,
         access_key=key,
-        task_id=int(task["id"]),
+        task_id=task.id,
         dev_ids=tuple(dev_ids),
         names=tuple(names),
         task_type=config.task_type,
@@ -145,81 +131,70 @@ def provision(admin: AdminClient, config: FleetConfig) -> FleetTarget:
     )
 
 
-def adopt(admin: AdminClient, config: FleetConfig) -> FleetTarget:
+def adopt(admin: ManagementClient, config: FleetConfig) -> FleetTarget:
     """Use task ``config.task_id``: its product, package and first devices still waiting."""
-    assert config.task_id is not None
-    task = _call(admin, f"reading task {config.task_id}", "GET", f"/tasks/{config.task_id}")
-    if task["status"] != "active":
-        raise SimulationError(f"task {config.task_id} is {task['status']}; resume it first")
-    package = _call(admin, "reading the package", "GET", f"/packages/{task['package_id']}")
-    product = _call(admin, "reading the product", "GET", f"/products/{task['pid']}")
-    dev_ids: list[int] = []
-    names: list[str] = []
-    after: str | None = None
-    while len(dev_ids) < config.devices:
-        page = _call(
-            admin,
-            "listing the task's devices",
-            "GET",
-            f"/tasks/{config.task_id}/devices",
-            params={"state": "to_be_upgraded", "limit": PAGE, "after": after},
-        )
-        dev_ids.extend(int(item["dev_id"]) for item in page["items"])
-        names.extend(str(item["name"]) for item in page["items"])
-        after = page["next"]
-        if after is None:
-            break
+    task_id = config.task_id
+    assert task_id is not None
+    task = _step(f"reading task {task_id}", lambda: admin.get_task(task_id, limit=1))
+    if task.status != "active":
+        raise SimulationError(f"task {task_id} is {task.status}; resume it first")
+    package = _step("reading the package", lambda: admin.get_package(task.package_id))
+    product = _step("reading the product", lambda: admin.get_product(task.pid))
+    if product.access_key is None:  # one product is always shown with its key
+        raise SimulationError(f"reading product {task.pid}: the server did not tell its key")
+    waiting = admin.iter_task_devices(task_id, state="to_be_upgraded", page_size=PAGE)
+    views = _step(
+        "listing the task's devices",
+        lambda: list(itertools.islice(waiting, config.devices)),
+    )
+    dev_ids = [view.dev_id for view in views]
+    names = [view.name for view in views]
     if len(dev_ids) < config.devices:
         raise SimulationError(
-            f"task {config.task_id} has {len(dev_ids)} device(s) waiting to upgrade; "
+            f"task {task_id} has {len(dev_ids)} device(s) waiting to upgrade; "
             f"use --devices {len(dev_ids)} or less"
             if dev_ids
-            else f"task {config.task_id} has no device waiting to upgrade"
+            else f"task {task_id} has no device waiting to upgrade"
         )
     # A differential package applies to its from-version only (E3 errno 9 otherwise, §6.3).
-    version = package["from_version"] if package["kind"] == PackageKind.DIFF else config.version
+    version = config.version
+    if package.kind == PackageKind.DIFF and package.from_version is not None:
+        version = package.from_version
     return FleetTarget(
-        pid=task["pid"],
-        access_key=product["access_key"],
-        task_id=config.task_id,
-        dev_ids=tuple(dev_ids[: config.devices]),
-        names=tuple(names[: config.devices]),
-        task_type=TaskType(task["module_type"]),
+        pid=task.pid,
+        access_key=product.access_key,
+        task_id=task_id,
+        dev_ids=tuple(dev_ids),
+        names=tuple(names),
+        task_type=TaskType(task.module_type),
         version=version,
-        target=package["target"],
-        size=int(package["size"]),
-        md5=package["md5"],
+        target=package.target,
+        size=package.size,
+        md5=package.md5,
         created=False,
     )
 
 
-def task_counts(admin: AdminClient, task_id: int) -> dict[str, int]:
+def task_counts(admin: ManagementClient, task_id: int) -> dict[str, int]:
     """The server's device counts per state for the whole task."""
-    task = _call(admin, f"reading task {task_id}", "GET", f"/tasks/{task_id}")
-    counts: dict[str, int] = task["counts"]
-    return counts
+    task = _step(f"reading task {task_id}", lambda: admin.get_task(task_id, limit=1))
+    return task.counts.model_dump()
 
 
-def server_states(admin: AdminClient, task_id: int, dev_ids: set[int]) -> dict[int, DeviceView]:
+def server_states(
+    admin: ManagementClient, task_id: int, dev_ids: set[int]
+) -> dict[int, DeviceView]:
     """The server's view of each of ``dev_ids`` in task ``task_id`` (pages of 1000)."""
-    views: dict[int, DeviceView] = {}
-    after: str | None = None
-    while True:
-        page = _call(
-            admin,
-            "reading the task's devices",
-            "GET",
-            f"/tasks/{task_id}/devices",
-            params={"limit": PAGE, "after": after},
-        )
-        for item in page["items"]:
-            dev_id = int(item["dev_id"])
-            if dev_id in dev_ids:
-                views[dev_id] = DeviceView(
-                    TaskState[str(item["state"]).upper()],
-                    int(item["progress"]),
-                    item["result_code"],
+
+    def read() -> dict[int, DeviceView]:
+        views: dict[int, DeviceView] = {}
+        for item in admin.iter_task_devices(task_id, page_size=PAGE):
+            if item.dev_id in dev_ids:
+                views[item.dev_id] = DeviceView(
+                    TaskState[item.state.upper()], item.progress, item.result_code
                 )
-        after = page["next"]
-        if after is None or len(views) == len(dev_ids):
-            return views
+                if len(views) == len(dev_ids):
+                    break
+        return views
+
+    return _step("reading the task's devices", read)

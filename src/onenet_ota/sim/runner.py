@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from onenet_ota.cli.admin import AdminClient, AdminClientError
+from onenet_ota.management import ManagementClient, ManagementError
 from onenet_ota.sim.config import FleetConfig, SimulationError
 from onenet_ota.sim.fleet import Fleet, FleetState
 from onenet_ota.sim.provision import adopt, provision, server_states, task_counts
@@ -48,7 +48,7 @@ def simulate(
     """
     say = notice or (lambda _text: None)
     local: LocalServer | None = None
-    admin: AdminClient | None = None
+    admin: ManagementClient | None = None
     try:
         if server is None:
             say(f"starting a local server ({db or 'SQLite'}, {server_workers} worker(s)) ...")
@@ -67,10 +67,10 @@ def simulate(
                     "--admin-token (or ONENET_OTA_ADMIN_TOKEN) is needed to set up the fleet"
                 )
             base_url, token = server.rstrip("/"), admin_token
-        admin = AdminClient(base_url, token)
+        admin = ManagementClient(base_url, token)
         try:
-            admin.request("GET", "/health")
-        except AdminClientError as exc:
+            admin.health()
+        except ManagementError as exc:
             raise SimulationError(f"the server at {base_url} does not answer: {exc}") from None
         if config.task_id is None:
             say(f"creating a product, {config.devices} devices, a package and a task ...")
