@@ -56,6 +56,7 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -75,6 +76,8 @@ from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.db import is_foreign_key_violation, is_transient, sqlstate
 from onenet_ota.server.schema import (
     accounts,
+    campaign_devices,
+    device_labels,
     device_tasks,
     devices,
     packages,
@@ -103,10 +106,12 @@ __all__ = [
     "DeviceImport",
     "DeviceImportItem",
     "DeviceKeyRotate",
+    "DeviceLabels",
     "DeviceTaskHistory",
     "DeviceTaskView",
     "Invalid",
     "KeyRotate",
+    "LabelsSet",
     "NotFound",
     "Package",
     "PackageCreate",
@@ -119,6 +124,8 @@ __all__ = [
     "TaskCreated",
     "TaskDetail",
     "generate_access_key",
+    "label_filter",
+    "parse_label",
 ]
 
 log = logging.getLogger(__name__)
@@ -230,6 +237,14 @@ DevId = Annotated[int, Field(ge=1, le=DEV_ID_MAX)]
 PackageId = Annotated[int, Field(ge=1, le=PACKAGE_ID_MAX)]
 Int32 = Annotated[int, Field(ge=values.INT32_MIN, le=values.INT32_MAX)]
 UnixTime = Annotated[int, Field(ge=0, le=2**62)]
+# Device labels: free-form ``key=value`` pairs. Keys and values leave out ``=``, ``,`` and ``;``
+# so that a label is written the same way in a query (``?label=k=v``), a CSV cell and the CLI.
+LABEL_KEY_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+LABEL_VALUE_PATTERN: Final = r"[A-Za-z0-9_.:/@+-]{0,128}"
+MAX_LABELS: Final = 32
+LabelKey = Annotated[str, StringConstraints(pattern=_whole(LABEL_KEY_PATTERN))]
+LabelValue = Annotated[str, StringConstraints(pattern=_whole(LABEL_VALUE_PATTERN))]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_LABELS)]
 AuthInfo = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=NO_NUL)]
 Key = Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)]
 ManufModel = Annotated[str, StringConstraints(pattern=_whole(values.MANUF_MODEL_RE.pattern))]
@@ -370,6 +385,7 @@ class DeviceImportItem(_In):
     device_key: Key | None = Field(default=None, description="optional per-device key (base64)")
     generate_device_key: bool = False
     auth_info: AuthInfo | None = Field(default=None, description="E9 lookup string; the name")
+    labels: Labels | None = Field(default=None, description="key=value labels")
 
     @model_validator(mode="after")
     def _key(self) -> DeviceImportItem:
@@ -432,9 +448,48 @@ class DeviceTaskHistory(_Out):
 
 
 class DeviceDetail(Device):
-    """A device with its task history."""
+    """A device with its labels and task history."""
 
+    labels: dict[str, str]
     tasks: list[DeviceTaskHistory]
+
+
+class LabelsSet(_In):
+    """Labels to set: PUT replaces every label, PATCH changes the given ones (null removes)."""
+
+    labels: Annotated[dict[LabelKey, LabelValue | None], Field(max_length=MAX_LABELS)]
+
+
+class DeviceLabels(_Out):
+    """A device's labels after a change."""
+
+    dev_id: int
+    labels: dict[str, str]
+
+
+def parse_label(text: str) -> tuple[str, str] | None:
+    """``key=value`` as a pair, or None when it breaks the label rules."""
+    key, sep, value = text.partition("=")
+    if not sep or re.fullmatch(LABEL_KEY_PATTERN, key) is None:
+        return None
+    if re.fullmatch(LABEL_VALUE_PATTERN, value) is None:
+        return None
+    return key, value
+
+
+def label_filter(labels: Iterable[tuple[str, str]]) -> ColumnElement[bool]:
+    """A condition on ``devices``: the device has every one of ``labels``."""
+    conditions = [
+        select(device_labels.c.dev_id)
+        .where(
+            device_labels.c.dev_id == devices.c.dev_id,
+            device_labels.c.key == key,
+            device_labels.c.value == value,
+        )
+        .exists()
+        for key, value in labels
+    ]
+    return and_(true(), *conditions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1067,6 +1122,13 @@ class AdminService:
                 )
             for batch in _chunks(rows):
                 conn.execute(insert(devices), list(batch))
+            label_rows = [
+                {"dev_id": row["dev_id"], "key": key, "value": value}
+                for row, item in zip(rows, spec.devices, strict=True)
+                for key, value in (item.labels or {}).items()
+            ]
+            for batch in _chunks(label_rows):
+                conn.execute(insert(device_labels), list(batch))
             # Every device API drops what it holds about these dev_ids and the tokens it
             # verified with their keys (a name or dev_id may have been used by a deleted device).
             changes.publish(conn, [row["dev_id"] for row in rows], now)
@@ -1097,12 +1159,16 @@ class AdminService:
         f_version: str | None = None,
         s_version: str | None = None,
         name_contains: str | None = None,
+        labels: Sequence[tuple[str, str]] = (),
         limit: int | None = None,
         after: str | None = None,
     ) -> Page[Device]:
-        """Devices in dev_id order, filtered by product, reported versions or name."""
+        """Devices in dev_id order, filtered by product, reported versions, name or labels
+        (every one given)."""
         size = _page_limit(limit)
         query = select(devices)
+        if labels:
+            query = query.where(label_filter(labels))
         if pid is not None:
             query = query.where(devices.c.pid == pid)
         if f_version is not None:
@@ -1145,8 +1211,10 @@ class AdminService:
                 .order_by(device_tasks.c.id.desc())
                 .limit(MAX_PAGE)
             ).all()
+            labels = self._labels(conn, dev_id)
         return DeviceDetail(
             **row._mapping,
+            labels=labels,
             tasks=[
                 DeviceTaskHistory(
                     task_id=h.task_id,
@@ -1162,6 +1230,41 @@ class AdminService:
                 for h in history
             ],
         )
+
+    @staticmethod
+    def _labels(conn: Connection, dev_id: int) -> dict[str, str]:
+        rows = conn.execute(
+            select(device_labels.c.key, device_labels.c.value)
+            .where(device_labels.c.dev_id == dev_id)
+            .order_by(device_labels.c.key)
+        ).all()
+        return {r.key: r.value for r in rows}
+
+    @_retried
+    def set_device_labels(self, dev_id: int, spec: LabelsSet, *, replace: bool) -> DeviceLabels:
+        """Set a device's labels: ``replace`` drops every label not given (PUT); otherwise only
+        the given keys change, and a null value removes its key (PATCH). At most 32 labels."""
+        with self._tx("concurrent change of the device's labels; retry") as conn:
+            found = conn.execute(
+                select(devices.c.dev_id).where(devices.c.dev_id == dev_id).with_for_update()
+            ).first()
+            if found is None:
+                raise NotFound(f"device {dev_id} not found")
+            labels = {} if replace else self._labels(conn, dev_id)
+            for key, value in spec.labels.items():
+                if value is None:
+                    labels.pop(key, None)
+                else:
+                    labels[key] = value
+            if len(labels) > MAX_LABELS:
+                raise Invalid(f"a device has at most {MAX_LABELS} labels")
+            conn.execute(delete(device_labels).where(device_labels.c.dev_id == dev_id))
+            if labels:
+                conn.execute(
+                    insert(device_labels),
+                    [{"dev_id": dev_id, "key": k, "value": v} for k, v in labels.items()],
+                )
+        return DeviceLabels(dev_id=dev_id, labels=dict(sorted(labels.items())))
 
     @_retried
     def rotate_device_key(self, dev_id: int, spec: DeviceKeyRotate) -> Device:
@@ -1222,6 +1325,9 @@ class AdminService:
                         for t in open_tasks
                     ],
                 )
+            # A campaign forgets a deleted member (its counts lose the device).
+            conn.execute(delete(campaign_devices).where(campaign_devices.c.dev_id == dev_id))
+            conn.execute(delete(device_labels).where(device_labels.c.dev_id == dev_id))
             _delete_finished(conn, device_tasks.c.dev_id == dev_id)
             conn.execute(delete(devices).where(devices.c.dev_id == dev_id))
             # The device row, its answers and the tokens verified with its key are cached.
