@@ -51,6 +51,7 @@ from onenet_ota import auth
 from onenet_ota.protocol import values
 from onenet_ota.protocol.states import Action
 from onenet_ota.server import admin_service as svc
+from onenet_ota.server import campaigns as camp
 from onenet_ota.server.blobs import BlobTooLarge
 from onenet_ota.server.http import (
     BodyTooLarge,
@@ -59,6 +60,7 @@ from onenet_ota.server.http import (
     RequestTimedOut,
     Response,
 )
+from onenet_ota.server.schema import campaigns as campaigns_table
 
 __all__ = ["PREFIX", "ROUTES", "AdminApi", "openapi_document"]
 
@@ -343,6 +345,19 @@ class DeviceTaskPage(BaseModel):
     next: str | None
 
 
+class CampaignPage(BaseModel):
+    """A page of campaigns."""
+
+    items: list[camp.Campaign]
+    next: str | None
+
+
+class CampaignEventList(BaseModel):
+    """A campaign's events, oldest first."""
+
+    items: list[camp.CampaignEvent]
+
+
 class Health(BaseModel):
     """Liveness."""
 
@@ -377,6 +392,14 @@ _STATE_PARAM = Param(
     "state", description="only devices in this state", enum=tuple(svc.STATES_BY_NAME)
 )
 _TYPES = ("fota", "sota", "1", "2")
+_CAMPAIGN_ID_MAX = svc.column_max(campaigns_table.c.id)
+_CAMPAIGN = (_int("id", _CAMPAIGN_ID_MAX, "the campaign"),)
+_LABELS_PARAM = Param(
+    "label",
+    description="only devices with every one of these labels: key=value, comma-separated",
+    pattern=f"{svc.LABEL_KEY_PATTERN}={svc.LABEL_VALUE_PATTERN}"
+    f"(?:,{svc.LABEL_KEY_PATTERN}={svc.LABEL_VALUE_PATTERN})*",
+)
 
 ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/openapi.json", "openapi", "This document", "meta", public=True),
@@ -454,8 +477,19 @@ ROUTES: Final[tuple[Route, ...]] = (
             _version("f_version", "only devices that reported this FOTA version"),
             _version("s_version", "only devices that reported this SOTA version"),
             Param("q", description="only devices whose name contains this; no NUL"),
+            _LABELS_PARAM,
             *_DEV_PAGE,
         ),
+    ),
+    *(
+        Route(
+            method, "/devices/{dev_id}/labels", f"{verb}_device_labels", summary, "devices",
+            body=svc.LabelsSet, response=svc.DeviceLabels, path_params=(_DEV_ID,),
+        )
+        for method, verb, summary in (
+            ("PUT", "put", "Replace every label of the device"),
+            ("PATCH", "patch", "Set the given labels of the device (null removes one)"),
+        )
     ),
     Route(
         "GET", "/devices/{dev_id}", "get_device",
@@ -557,6 +591,70 @@ ROUTES: Final[tuple[Route, ...]] = (
             response=svc.DeviceTaskView, path_params=_TASK_DEVICE, errors=(409,),
         )
         for verb in ("pause", "resume", "cancel")
+    ),
+    Route(
+        "POST", "/campaigns", "create_campaign",
+        "Create a staged campaign (a draft; refused when its stages cannot be satisfied)",
+        "campaigns", status=201, body=camp.CampaignCreate, response=camp.Campaign,
+    ),
+    Route(
+        "POST", "/campaigns/preview", "preview_campaign_spec",
+        "Dry run: each stage's members of a campaign, creating nothing", "campaigns",
+        body=camp.CampaignCreate, response=camp.Preview,
+    ),
+    Route(
+        "GET", "/campaigns", "list_campaigns", "List campaigns", "campaigns",
+        response=CampaignPage,
+        query=(
+            Param("state", description="only campaigns in this state",
+                  enum=("draft", "running", "paused", "finished", "aborted")),
+            *_page(_int("after", _CAMPAIGN_ID_MAX, _NEXT, minimum=0)),
+        ),
+    ),
+    Route(
+        "GET", "/campaigns/{id}", "get_campaign",
+        "Show a campaign with per-stage counters and its latest events", "campaigns",
+        response=camp.CampaignDetail, path_params=_CAMPAIGN,
+    ),
+    Route(
+        "DELETE", "/campaigns/{id}", "delete_campaign",
+        "Delete a draft or ended campaign (its tasks stay)", "campaigns", status=204,
+        path_params=_CAMPAIGN, errors=(409,),
+    ),
+    Route(
+        "GET", "/campaigns/{id}/preview", "preview_campaign",
+        "Dry run of a campaign over the devices it matches now", "campaigns",
+        response=camp.Preview, path_params=_CAMPAIGN,
+    ),
+    Route(
+        "GET", "/campaigns/{id}/events", "campaign_events",
+        "Every decision and action of a campaign with its numbers, oldest first", "campaigns",
+        response=CampaignEventList, path_params=_CAMPAIGN,
+    ),
+    *(
+        Route(
+            "POST", f"/campaigns/{{id}}/{verb}", f"{verb}_campaign", summary, "campaigns",
+            response=camp.Campaign, path_params=_CAMPAIGN, errors=(409,),
+        )
+        for verb, summary in (
+            ("start", "Start a draft campaign: its first stage is activated"),
+            ("pause", "Pause a running campaign and its device tasks"),
+            ("resume", "Resume a paused campaign (refused if it would stop again at once)"),
+            ("advance", "Advance to the next stage now (finish after the last)"),
+            ("abort", "Abort the campaign and cancel its open device tasks"),
+        )
+    ),
+    Route(
+        "POST", "/campaigns/{id}/retry-failed", "retry_failed_campaign",
+        "Give the failed members (of the given failure classes) a new task", "campaigns",
+        body=camp.RetryFailed, body_optional=True, response=camp.Campaign,
+        path_params=_CAMPAIGN, errors=(409,),
+    ),
+    Route(
+        "POST", "/campaigns/{id}/devices", "add_campaign_devices",
+        "Add devices to the campaign (a running one activates them up to its stage's share)",
+        "campaigns", body=camp.DevicesAdd, response=camp.Campaign, path_params=_CAMPAIGN,
+        errors=(409,),
     ),
 )  # fmt: skip
 
@@ -827,10 +925,14 @@ class AdminApi:
         admin_token: str,
         max_upload_bytes: int,
         on_task_created: Callable[[svc.CreatedTask], None] | None = None,
+        campaigns: camp.CampaignService | None = None,
     ) -> None:
         if not admin_token:
             raise ValueError("the management API needs an admin token")
         self.service = service
+        self.campaigns = (
+            campaigns if campaigns is not None else camp.CampaignService(service.engine)
+        )
         self._token_digest = hashlib.sha256(admin_token.encode()).digest()
         self._max_upload = max_upload_bytes
         self._on_task_created = on_task_created
@@ -1033,9 +1135,24 @@ class AdminApi:
             f_version=q.get("f_version") or None,
             s_version=q.get("s_version") or None,
             name_contains=q.get("q") or None,
+            labels=_labels(q.get("label")),
             **self._page_args(call),
         )
         return DevicePage(items=page.items, next=page.next)
+
+    async def _put_device_labels(self, call: Call) -> svc.DeviceLabels:
+        spec = await self._json_body(call, svc.LabelsSet)
+        if any(value is None for value in spec.labels.values()):
+            raise ApiError(422, "invalid", "labels: null removes a label with PATCH only")
+        return await self._db(
+            self.service.set_device_labels, call.path["dev_id"], spec, replace=True
+        )
+
+    async def _patch_device_labels(self, call: Call) -> svc.DeviceLabels:
+        spec = await self._json_body(call, svc.LabelsSet)
+        return await self._db(
+            self.service.set_device_labels, call.path["dev_id"], spec, replace=False
+        )
 
     async def _get_device(self, call: Call) -> svc.DeviceDetail:
         return await self._db(self.service.get_device, call.path["dev_id"])
@@ -1182,3 +1299,82 @@ class AdminApi:
             call.path["dev_id"],
             action,
         )
+
+    # ---------------------------------------------------------------- campaigns
+
+    def _announce(self, applied: camp.Applied) -> camp.Campaign:
+        """Push the tasks a campaign action created (§11), then answer with the campaign."""
+        if self._on_task_created is not None:
+            for created in applied.created:
+                try:
+                    self._on_task_created(created)
+                except Exception:  # the push is advisory (D24)
+                    log.exception("task push scheduling failed for task %d", created.task.id)
+        return applied.campaign
+
+    async def _create_campaign(self, call: Call) -> camp.Campaign:
+        spec = await self._json_body(call, camp.CampaignCreate)
+        return await self._db(self.campaigns.create, spec)
+
+    async def _preview_campaign_spec(self, call: Call) -> camp.Preview:
+        spec = await self._json_body(call, camp.CampaignCreate)
+        return await self._db(self.campaigns.preview, spec)
+
+    async def _list_campaigns(self, call: Call) -> CampaignPage:
+        after = call.query.get("after")
+        page = await self._db(
+            self.campaigns.list_campaigns,
+            state=call.query.get("state") or None,
+            limit=call.query.get("limit"),
+            after=after,
+        )
+        return CampaignPage(items=page.items, next=page.next)
+
+    async def _get_campaign(self, call: Call) -> camp.CampaignDetail:
+        return await self._db(self.campaigns.get, call.path["id"])
+
+    async def _delete_campaign(self, call: Call) -> None:
+        await self._db(self.campaigns.delete_draft, call.path["id"])
+
+    async def _preview_campaign(self, call: Call) -> camp.Preview:
+        return await self._db(self.campaigns.preview_campaign, call.path["id"])
+
+    async def _campaign_events(self, call: Call) -> CampaignEventList:
+        return CampaignEventList(items=await self._db(self.campaigns.events, call.path["id"]))
+
+    async def _campaign_action(
+        self, call: Call, action: str, body: BaseModel | None = None
+    ) -> camp.Campaign:
+        applied = await self._db(self.campaigns.act, call.path["id"], action, body)
+        return self._announce(applied)
+
+    async def _start_campaign(self, call: Call) -> camp.Campaign:
+        return await self._campaign_action(call, "start")
+
+    async def _pause_campaign(self, call: Call) -> camp.Campaign:
+        return await self._campaign_action(call, "pause")
+
+    async def _resume_campaign(self, call: Call) -> camp.Campaign:
+        return await self._campaign_action(call, "resume")
+
+    async def _advance_campaign(self, call: Call) -> camp.Campaign:
+        return await self._campaign_action(call, "advance")
+
+    async def _abort_campaign(self, call: Call) -> camp.Campaign:
+        return await self._campaign_action(call, "abort")
+
+    async def _retry_failed_campaign(self, call: Call) -> camp.Campaign:
+        body = await self._json_body(call, camp.RetryFailed)
+        return await self._campaign_action(call, "retry_failed", body)
+
+    async def _add_campaign_devices(self, call: Call) -> camp.Campaign:
+        body = await self._json_body(call, camp.DevicesAdd)
+        return await self._campaign_action(call, "add_devices", body)
+
+
+def _labels(text: str | None) -> list[tuple[str, str]]:
+    """``?label=k=v,k2=v2`` as pairs (the parameter's pattern was checked already)."""
+    if not text:
+        return []
+    pairs = [svc.parse_label(part) for part in text.split(",")]
+    return [pair for pair in pairs if pair is not None]
