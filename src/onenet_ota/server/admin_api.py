@@ -394,6 +394,12 @@ _STATE_PARAM = Param(
 _TYPES = ("fota", "sota", "1", "2")
 _CAMPAIGN_ID_MAX = svc.column_max(campaigns_table.c.id)
 _CAMPAIGN = (_int("id", _CAMPAIGN_ID_MAX, "the campaign"),)
+_IF_VERSION = _int(
+    "if_version",
+    2**31 - 1,
+    "act only if the campaign is still at this version (409 otherwise)",
+    minimum=0,
+)
 _LABELS_PARAM = Param(
     "label",
     description="only devices with every one of these labels: key=value, comma-separated",
@@ -634,7 +640,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     *(
         Route(
             "POST", f"/campaigns/{{id}}/{verb}", f"{verb}_campaign", summary, "campaigns",
-            response=camp.Campaign, path_params=_CAMPAIGN, errors=(409,),
+            response=camp.Campaign, path_params=_CAMPAIGN, errors=(409,), query=(_IF_VERSION,),
         )
         for verb, summary in (
             ("start", "Start a draft campaign: its first stage is activated"),
@@ -648,13 +654,13 @@ ROUTES: Final[tuple[Route, ...]] = (
         "POST", "/campaigns/{id}/retry-failed", "retry_failed_campaign",
         "Give the failed members (of the given failure classes) a new task", "campaigns",
         body=camp.RetryFailed, body_optional=True, response=camp.Campaign,
-        path_params=_CAMPAIGN, errors=(409,),
+        path_params=_CAMPAIGN, errors=(409,), query=(_IF_VERSION,),
     ),
     Route(
         "POST", "/campaigns/{id}/devices", "add_campaign_devices",
         "Add devices to the campaign (a running one activates them up to its stage's share)",
         "campaigns", body=camp.DevicesAdd, response=camp.Campaign, path_params=_CAMPAIGN,
-        errors=(409,),
+        errors=(409,), query=(_IF_VERSION,),
     ),
 )  # fmt: skip
 
@@ -1345,7 +1351,13 @@ class AdminApi:
     async def _campaign_action(
         self, call: Call, action: str, body: BaseModel | None = None
     ) -> camp.Campaign:
-        applied = await self._db(self.campaigns.act, call.path["id"], action, body)
+        applied = await self._db(
+            self.campaigns.act,
+            call.path["id"],
+            action,
+            body,
+            if_version=call.query.get("if_version"),
+        )
         return self._announce(applied)
 
     async def _start_campaign(self, call: Call) -> camp.Campaign:

@@ -769,14 +769,32 @@ class CampaignService:
 
     # ---------------------------------------------------------------- operator actions
 
-    def act(self, campaign_id: int, action: str, body: BaseModel | None = None) -> Applied:
+    def act(
+        self,
+        campaign_id: int,
+        action: str,
+        body: BaseModel | None = None,
+        *,
+        if_version: int | None = None,
+    ) -> Applied:
         """An operator action (start, pause, resume, advance, abort, retry_failed, add_devices);
-        409 when the campaign's state does not allow it or it changed meanwhile."""
+        409 when the campaign's state does not allow it or it changed meanwhile.
+
+        ``if_version`` is the campaign version the operator decided on: when the campaign has
+        moved on since (another operator's action, an automatic decision), the action is refused
+        instead of applied to a campaign the operator has not seen, so two operators pressing
+        "advance" on the same stage advance it once."""
         now = self._now()
         try:
             with self.engine.begin() as conn:
                 expire_deadlines(conn, now)
                 row = self._row(conn, campaign_id, lock=True)
+                if if_version is not None and row.version != if_version:
+                    raise Conflict(
+                        f"campaign {campaign_id} is at version {row.version}, not {if_version}: "
+                        f"it changed meanwhile (now {row.state}, stage {row.stage + 1}); read it "
+                        "and decide again"
+                    )
                 refusal = action_refusal(action, row.state)
                 if refusal is not None:
                     raise Conflict(refusal)
