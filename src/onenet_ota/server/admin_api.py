@@ -936,9 +936,7 @@ class AdminApi:
         if not admin_token:
             raise ValueError("the management API needs an admin token")
         self.service = service
-        self.campaigns = (
-            campaigns if campaigns is not None else camp.CampaignService(service.engine)
-        )
+        self._campaigns = campaigns
         self._token_digest = hashlib.sha256(admin_token.encode()).digest()
         self._max_upload = max_upload_bytes
         self._on_task_created = on_task_created
@@ -946,6 +944,13 @@ class AdminApi:
         self._handlers: dict[str, Callable[[Call], Awaitable[Any]]] = {
             route.operation: getattr(self, "_" + route.operation) for route in ROUTES
         }
+
+    @property
+    def campaigns(self) -> camp.CampaignService:
+        """The campaign service (made over the management service's engine on first use)."""
+        if self._campaigns is None:
+            self._campaigns = camp.CampaignService(self.service.engine)
+        return self._campaigns
 
     async def handle(self, request: Request) -> Response:
         """Answer one ``/api/v1`` request; never raises, never sends a traceback."""
