@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -80,6 +82,15 @@ def platform(url: str) -> Iterator[tuple[AdminClient, Engine]]:
 
 
 def _version(engine: Engine, campaign_id: int) -> tuple[int, str, int]:
+    """The campaign's version, state and stage. On SQLite through a plain read connection: the
+    project's engine begins every transaction with BEGIN IMMEDIATE (the write lock), and polling
+    through it every 2 ms would hold the evaluator off and measure the poll, not the evaluator."""
+    query = "SELECT version, state, stage FROM campaigns WHERE id = ?"
+    if engine.dialect.name == "sqlite":
+        assert engine.url.database is not None
+        with contextlib.closing(sqlite3.connect(engine.url.database, isolation_level=None)) as db:
+            version, state, stage = db.execute(query, (campaign_id,)).fetchone()
+        return int(version), str(state), int(stage)
     with engine.connect() as conn:
         row = conn.execute(
             select(schema.campaigns.c.version, schema.campaigns.c.state, schema.campaigns.c.stage)
@@ -184,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             headers={"Content-Type": "application/octet-stream"},
         )  # fmt: skip
         delays: list[float] = []
+        finish_delays: list[float] = []
         totals: list[float] = []
         for _ in range(args.campaigns):
             got, total = run_campaign(client, engine, int(package["id"]), args.batch)
             delays += got
+            finish_delays.append(got[-1])
             totals.append(total)
         with engine.connect() as conn:
             events = conn.execute(
@@ -203,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         f"gate delay (condition true -> action committed), {len(delays)} gates: "
         f"p50 {statistics.median(delays) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
         f"max {delays[-1] * 1000:.0f} ms (target p99 < 1000 ms)"
+    )
+    finishes = sorted(finish_delays)
+    print(
+        f"of which the last stage's (finish: no stage to activate), {len(finishes)} gates: "
+        f"p50 {statistics.median(finishes) * 1000:.0f} ms, max {finishes[-1] * 1000:.0f} ms"
     )
     print(
         "total per campaign (start -> finished, the bench's own reporting included): "
