@@ -222,6 +222,7 @@ class Campaign(BaseModel):
     state: Literal["draft", "running", "paused", "finished", "aborted"]
     stage: int  # the active stage (0-based); -1 before the first one
     stage_started_at: int | None
+    activated_stage: int  # the highest stage whose members were activated
     population: int
     version: int
     created_at: int
@@ -716,6 +717,15 @@ class CampaignService:
         """Make stage ``index``'s new members (up to its cumulative share) part of the campaign:
         a task for those without an open task of the type, a skipped row for the others."""
         stages = _stages(row)
+        # Compare-and-set: one activation per stage, however many evaluators get here.
+        if index > row.activated_stage:
+            marked = conn.execute(
+                update(campaigns)
+                .where(campaigns.c.id == row.id, campaigns.c.activated_stage < index)
+                .values(activated_stage=index)
+            )
+            if marked.rowcount != 1:
+                raise StaleCampaign
         matching = self._matching(conn, row.pid, row.module_type, _selector(row))
         have = set(
             conn.execute(
@@ -968,21 +978,45 @@ class CampaignService:
 
     def evaluate(self, campaign_id: int) -> Applied | None:
         """Evaluate one running campaign and apply the engine's decision; None when there is
-        nothing to do (or the campaign changed meanwhile: the next look sees the new state)."""
+        nothing to do (or the campaign changed meanwhile: the next look sees the new state).
+
+        An advance is committed on its own, then the new stage is activated in a second
+        transaction (at once, or at the next look if that one failed): the decision never
+        waits for the insert of a stage's device tasks, and no decision is made on a stage
+        before its members are activated."""
         now = self._now()
+        created: list[Any] = []
+        decided = False
         try:
             with self.engine.begin() as conn:
                 row = self._row(conn, campaign_id, lock=True)
                 if row.state != "running":
                     return None
-                created = self._evaluate(conn, row, now)
-                if created is None:
-                    return None
-                result = self._model(self._row(conn, campaign_id))
+                if row.activated_stage >= row.stage:
+                    made = self._evaluate(conn, row, now)
+                    if made is None:
+                        return None
+                    created += made
+                    decided = True
+                row = self._row(conn, campaign_id)
         except (StaleCampaign, IntegrityError):
             return None
+        activated = False
+        if row.state == "running" and row.activated_stage < row.stage:
+            try:
+                with self.engine.begin() as conn:
+                    row = self._row(conn, campaign_id, lock=True)
+                    if row.state == "running" and row.activated_stage < row.stage:
+                        task, _ = self._activate(conn, row, row.stage, now)
+                        created.append(task)
+                        activated = True
+                    row = self._row(conn, campaign_id)
+            except (StaleCampaign, IntegrityError):
+                pass  # another evaluator activated the stage, or will at its next look
+        if not (decided or activated):
+            return None
         self._changed()
-        return Applied(result, [c for c in created if c is not None])
+        return Applied(self._model(row), [c for c in created if c is not None])
 
     def _evaluate(self, conn: Connection, row: Any, now: int) -> list[Any] | None:
         if row.deadline is not None and now >= row.deadline:
@@ -1015,10 +1049,7 @@ class CampaignService:
         elif decision.kind is DecisionKind.ABORT:
             self._move_tasks(conn, row.id, Action.CANCEL, now)
         elif decision.kind is DecisionKind.ADVANCE:
-            stage = row.stage + 1
-            task, activation = self._activate(conn, row, stage, now)
-            created.append(task)
-            numbers |= activation
+            stage = row.stage + 1  # activated in the next transaction (see evaluate)
         record_transition(
             conn,
             row,

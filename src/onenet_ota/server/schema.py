@@ -217,6 +217,9 @@ campaigns = Table(
     Column("state", String(16), nullable=False),  # draft, running, paused, finished, aborted
     Column("stage", Integer, nullable=False, server_default=text("-1")),  # -1: not started
     Column("stage_started_at", BigInteger, nullable=True),
+    # The highest stage whose members were activated: an advance is committed first and its
+    # stage activated in the next transaction, so a decision waits for no insert of thousands.
+    Column("activated_stage", Integer, nullable=False, server_default=text("-1")),
     Column("population", Integer, nullable=False, server_default=text("0")),
     Column("version", Integer, nullable=False, server_default=text("0")),
     Column("created_at", BigInteger, nullable=False),

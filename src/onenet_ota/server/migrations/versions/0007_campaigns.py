@@ -54,6 +54,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("stage", sa.Integer(), server_default=sa.text("-1"), nullable=False),
         sa.Column("stage_started_at", sa.BigInteger(), nullable=True),
+        sa.Column("activated_stage", sa.Integer(), server_default=sa.text("-1"), nullable=False),
         sa.Column("population", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("version", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
