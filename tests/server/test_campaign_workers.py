@@ -86,7 +86,8 @@ def test_three_workers_decide_once(pg_url: str, tmp_path: Path) -> None:
                 deadline = time.monotonic() + 60  # stops a broken run; the evaluator takes < 1 s
                 while time.monotonic() < deadline:
                     campaign = _call(client, "GET", f"/campaigns/{campaign['id']}")
-                    if campaign["stage"] > stage or campaign["state"] != "running":
+                    # Advanced and the next stage's members activated, or ended.
+                    if campaign["activated_stage"] > stage or campaign["state"] != "running":
                         break
                     time.sleep(0.05)
             events = _call(client, "GET", f"/campaigns/{campaign['id']}/events")["items"]
