@@ -16,6 +16,10 @@ Examples::
     onenet-ota admin task show 1
     onenet-ota admin device delete 987654321                          # no open task left
     onenet-ota admin task delete 1                                    # cancelled or finished
+    onenet-ota admin device label 987654321 region=eu ring=canary
+    onenet-ota admin campaign create --package 1 --label region=eu \
+        --stage count=100,min_executed=20,max_failed_percent=10 --stage percent=50 --stage rest
+    onenet-ota admin campaign start 1
 """
 
 from __future__ import annotations
@@ -197,7 +201,8 @@ def _timestamp(value: str | None, name: str) -> int | None:
 
 @click.group()
 def admin() -> None:
-    """Manage accounts, products, devices, packages and upgrade tasks on an onenet-ota server."""
+    """Manage accounts, products, devices, packages, upgrade tasks and campaigns on an onenet-ota
+    server."""
 
 
 def _delete(
@@ -377,20 +382,38 @@ _DEVICE_COLUMNS = ["dev_id", "pid", "name", "f_version", "s_version", "last_seen
 @click.option("--device-key", metavar="KEY", help="per-device key (base64)")
 @click.option("--generate-key", is_flag=True, help="generate a per-device key")
 @click.option("--auth-info", help="E9 lookup string (IMEI, serial...); defaults to the name")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="a label (repeatable)")
 @_common
 def device_add(
     pid: str, name: str, dev_id: int | None, device_key: str | None, generate_key: bool,
-    auth_info: str | None, server: str, admin_token: str | None, as_json: bool,
+    auth_info: str | None, labels: tuple[str, ...], server: str, admin_token: str | None,
+    as_json: bool,
 ) -> None:  # fmt: skip
     """Create a device."""
     ctx = _ctx(server, admin_token, as_json)
-    created = ctx.run(
-        lambda api: api.create_device(
-            pid, name, dev_id=dev_id, device_key=device_key, generate_device_key=generate_key,
-            auth_info=auth_info,
-        )
-    )  # fmt: skip
-    ctx.show(created, _print_object)
+    body: dict[str, Any] = {"pid": pid, "name": name}
+    if dev_id is not None:
+        body["dev_id"] = dev_id
+    if device_key is not None:
+        body["device_key"] = device_key
+    if generate_key:
+        body["generate_device_key"] = True
+    if auth_info is not None:
+        body["auth_info"] = auth_info
+    if labels:
+        body["labels"] = _labels(labels, "--label")
+    ctx.show(ctx.call("POST", "/devices", json_body=body), _print_object)
+
+
+def _labels(pairs: tuple[str, ...] | list[str], what: str) -> dict[str, str]:
+    """``key=value`` words as a dict (the server checks the characters)."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"{what}: {pair!r} is not key=value")
+        labels[key] = value
+    return labels
 
 
 def _read_devices(stream: IO[str], name: str) -> list[dict[str, Any]]:
@@ -408,7 +431,9 @@ def _read_devices(stream: IO[str], name: str) -> list[dict[str, Any]]:
         return data
     rows = list(csv.DictReader(io.StringIO(text)))
     if not rows:
-        _fail(f"{name}: no devices (CSV needs a header line: name,dev_id,device_key,auth_info)")
+        _fail(
+            f"{name}: no devices (CSV needs a header line: name,dev_id,device_key,auth_info,labels)"
+        )
     devices: list[dict[str, Any]] = []
     for number, row in enumerate(rows, start=2):
         if None in row or "name" not in row:
@@ -423,6 +448,9 @@ def _read_devices(stream: IO[str], name: str) -> list[dict[str, Any]]:
             value = (row.get(key) or "").strip()
             if value:
                 item[key] = value
+        labels = (row.get("labels") or "").strip()
+        if labels:  # key=value pairs separated by ";"
+            item["labels"] = _labels(labels.split(";"), f"{name}: line {number}: labels")
         devices.append(item)
     return devices
 
@@ -437,7 +465,8 @@ def device_import(
     """Create many devices from FILE ('-' for stdin), all or none.
 
     FILE is CSV with a header line (name,dev_id,device_key,auth_info; only name is required) or a
-    JSON list of objects with those keys.
+    JSON list of objects with those keys. An optional ``labels`` column holds key=value pairs
+    separated by ``;`` (``region=eu;ring=canary``).
     """
     devices = _read_devices(file, file.name)
     ctx = _ctx(server, admin_token, as_json)
@@ -455,21 +484,24 @@ def device_import(
 @click.option("--f-version", help="only devices at this FOTA version")
 @click.option("--s-version", help="only devices at this SOTA version")
 @click.option("--name-contains", help="only devices whose name contains this")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="only devices with this label (repeatable: all of them)")  # fmt: skip
 @click.option("--limit", type=click.IntRange(1, 1000))
 @click.option("--after", metavar="CURSOR", help="continue after this page cursor")
 @_common
 def device_list(
     pid: str | None, f_version: str | None, s_version: str | None, name_contains: str | None,
-    limit: int | None, after: str | None, server: str, admin_token: str | None, as_json: bool,
+    labels: tuple[str, ...], limit: int | None, after: str | None, server: str,
+    admin_token: str | None, as_json: bool,
 ) -> None:  # fmt: skip
     """List devices."""
     ctx = _ctx(server, admin_token, as_json)
-    page = ctx.run(
-        lambda api: api.list_devices(
-            pid=pid, f_version=f_version, s_version=s_version, name_contains=name_contains,
-            limit=limit, after=after,
-        )
-    )  # fmt: skip
+    _labels(labels, "--label")
+    params = {
+        "pid": pid, "f_version": f_version, "s_version": s_version, "q": name_contains,
+        "label": ",".join(labels) or None, "limit": limit, "after": after,
+    }  # fmt: skip
+    page = ctx.call("GET", "/devices", params=params)
     ctx.show(page, lambda p: _print_page(p, _DEVICE_COLUMNS))
 
 
@@ -578,6 +610,249 @@ def device_delete(dev_id: int, server: str, admin_token: str | None, as_json: bo
     _delete(
         _ctx(server, admin_token, as_json), lambda api: api.delete_device(dev_id), "device", dev_id
     )
+
+
+@device.command("label")
+@click.argument("dev_id", type=int)
+@click.argument("labels", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--remove", multiple=True, metavar="KEY", help="remove this label (repeatable)")
+@click.option("--replace", is_flag=True, help="drop every label not given")
+@_common
+def device_label(
+    dev_id: int, labels: tuple[str, ...], remove: tuple[str, ...], replace: bool, server: str,
+    admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Set (or with --remove, remove) a device's labels."""
+    ctx = _ctx(server, admin_token, as_json)
+    body: dict[str, Any] = {"labels": {**_labels(labels, "labels"), **dict.fromkeys(remove)}}
+    if replace and remove:
+        _fail("--replace drops every label not given; --remove makes no sense with it")
+    method = "PUT" if replace else "PATCH"
+    ctx.show(ctx.call(method, f"/devices/{dev_id}/labels", json_body=body), _print_object)
+
+
+@admin.group()
+def campaign() -> None:
+    """Campaigns: staged rollouts of a package with automatic gates and failure ceilings."""
+
+
+_CAMPAIGN_COLUMNS = ["id", "name", "package_id", "state", "stage", "population", "version"]
+_STAGE_INTS = ("count", "soak_s", "min_executed", "max_failed")
+_STAGE_FLOATS = ("percent", "success_percent", "max_failed_percent")
+
+
+def _stage(text: str) -> dict[str, Any]:
+    """``--stage count=100,min_executed=20,max_failed_percent=10,on_failure=abort`` or ``rest``."""
+    stage: dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if key == "rest" and not sep:
+            stage["rest"] = True
+        elif not sep:
+            _fail(f"--stage: {part!r} is not key=value (or rest)")
+        elif key in _STAGE_INTS or key in _STAGE_FLOATS:
+            try:
+                stage[key] = int(value) if key in _STAGE_INTS else float(value)
+            except ValueError:
+                _fail(f"--stage: {key} must be a number, not {value!r}")
+        else:
+            stage[key] = value  # name, on_success, on_failure: the server checks them
+    return stage
+
+
+def _campaign_spec(
+    file: IO[str] | None, package_id: int | None, name: str, stages: tuple[str, ...],
+    labels: tuple[str, ...], from_versions: tuple[str, ...], dev_ids: tuple[int, ...],
+    deadline: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    if file is not None:
+        try:
+            spec = json.load(file)
+        except json.JSONDecodeError as exc:
+            _fail(f"{file.name}: not valid JSON: {exc}")
+        if not isinstance(spec, dict):
+            _fail(f"{file.name}: a campaign is a JSON object")
+        return spec
+    if package_id is None or not stages:
+        _fail("give --package and at least one --stage (or --file)")
+    selector: dict[str, Any] = {}
+    if dev_ids:
+        selector["dev_ids"] = list(dev_ids)
+    if from_versions:
+        selector["from_versions"] = list(from_versions)
+    if labels:
+        selector["labels"] = _labels(labels, "--label")
+    spec = {
+        "name": name,
+        "package_id": package_id,
+        "selector": selector,
+        "stages": [_stage(s) for s in stages],
+    }
+    if deadline is not None:
+        spec["deadline"] = _timestamp(deadline, "--deadline")
+    return spec
+
+
+def _spec_options(command: F) -> F:
+    options = [
+        click.option("--file", type=click.File("r", encoding="utf-8"),
+                     help="the whole campaign as JSON (the API's body)"),
+        click.option("--package", "package_id", type=int, help="the package to roll out"),
+        click.option("--name", default="", help="a label"),
+        click.option("--stage", "stages", multiple=True, metavar="SPEC",
+                     help="a stage, in order: count=N or percent=P (cumulative) or rest, then "
+                     "soak_s, min_executed, success_percent, on_success, max_failed, "
+                     "max_failed_percent, on_failure"),
+        click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+                     help="only devices with this label (repeatable)"),
+        click.option("--from-version", "from_versions", multiple=True,
+                     help="only devices at this version (repeatable)"),
+        click.option("--dev-id", "dev_ids", multiple=True, type=int,
+                     help="exactly these devices (repeatable)"),
+        click.option("--deadline", help="Unix seconds or ISO 8601: open device tasks fail then"),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _print_campaign(c: dict[str, Any]) -> None:
+    _print_object(c, skip=("stages", "events", "selector", "failure_classes"))
+    for stage in c.get("stages", []):
+        counts = stage["counts"]
+        click.echo(
+            f"  stage {stage['index'] + 1}: planned {stage['planned']}, "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+        )
+    for event in reversed(c.get("events", [])[:10]):
+        click.echo(f"  v{event['version']} {_human_time(event['at'])} {event['actor']}: "
+                   f"{event['detail']}")  # fmt: skip
+
+
+def _print_preview(p: dict[str, Any]) -> None:
+    click.echo(f"{p['population']} matching device(s); {p['busy']} busy now (they are skipped)")
+    for stage in p["stages"]:
+        sample = ", ".join(str(d) for d in stage["sample"])
+        click.echo(f"  {stage['name']}: {stage['devices']} device(s) ({sample}...)")
+
+
+@campaign.command("create")
+@_spec_options
+@_common
+def campaign_create(
+    file: IO[str] | None, package_id: int | None, name: str, stages: tuple[str, ...],
+    labels: tuple[str, ...], from_versions: tuple[str, ...], dev_ids: tuple[int, ...],
+    deadline: str | None, server: str, admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Create a draft campaign (refused when its stages cannot be satisfied)."""
+    spec = _campaign_spec(file, package_id, name, stages, labels, from_versions, dev_ids, deadline)
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.show(ctx.call("POST", "/campaigns", json_body=spec), _print_campaign)
+
+
+@campaign.command("preview")
+@_spec_options
+@_common
+def campaign_preview(
+    file: IO[str] | None, package_id: int | None, name: str, stages: tuple[str, ...],
+    labels: tuple[str, ...], from_versions: tuple[str, ...], dev_ids: tuple[int, ...],
+    deadline: str | None, server: str, admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Dry run: each stage's devices, creating nothing."""
+    spec = _campaign_spec(file, package_id, name, stages, labels, from_versions, dev_ids, deadline)
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.show(ctx.call("POST", "/campaigns/preview", json_body=spec), _print_preview)
+
+
+@campaign.command("list")
+@click.option("--state", type=click.Choice(["draft", "running", "paused", "finished", "aborted"]))
+@click.option("--limit", type=click.IntRange(1, 1000))
+@click.option("--after", metavar="CURSOR", help="continue after this page cursor")
+@_common
+def campaign_list(
+    state: str | None, limit: int | None, after: str | None, server: str,
+    admin_token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """List campaigns."""
+    ctx = _ctx(server, admin_token, as_json)
+    page = ctx.call("GET", "/campaigns", params={"state": state, "limit": limit, "after": after})
+    ctx.show(page, lambda p: _print_page(p, _CAMPAIGN_COLUMNS))
+
+
+@campaign.command("show")
+@click.argument("campaign_id", type=int)
+@_common
+def campaign_show(campaign_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Show a campaign with per-stage counters and its latest decisions."""
+    ctx = _ctx(server, admin_token, as_json)
+    ctx.show(ctx.call("GET", f"/campaigns/{campaign_id}"), _print_campaign)
+
+
+@campaign.command("events")
+@click.argument("campaign_id", type=int)
+@_common
+def campaign_events(campaign_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
+    """Every decision and action of a campaign, with its numbers."""
+    ctx = _ctx(server, admin_token, as_json)
+    result = ctx.call("GET", f"/campaigns/{campaign_id}/events")
+    ctx.show(result, lambda r: _print_table(r["items"], ["version", "at", "actor", "detail"]))
+
+
+def _campaign_action(verb: str, text: str) -> click.Command:
+    @campaign.command(verb, help=text)
+    @click.argument("campaign_id", type=int)
+    @click.option("--if-version", type=int,
+                  help="act only if the campaign is still at this version")  # fmt: skip
+    @_common
+    def command(
+        campaign_id: int, if_version: int | None, server: str, admin_token: str | None,
+        as_json: bool,
+    ) -> None:  # fmt: skip
+        ctx = _ctx(server, admin_token, as_json)
+        result = ctx.call(
+            "POST", f"/campaigns/{campaign_id}/{verb}", params={"if_version": if_version}
+        )
+        ctx.show(result, _print_campaign)
+
+    return command
+
+
+campaign_start = _campaign_action("start", "Start a draft campaign (activates its first stage).")
+campaign_pause = _campaign_action("pause", "Pause a campaign and its device tasks.")
+campaign_resume = _campaign_action("resume", "Resume a paused campaign.")
+campaign_advance = _campaign_action("advance", "Advance to the next stage now.")
+campaign_abort = _campaign_action("abort", "Abort a campaign; its open device tasks are cancelled.")
+
+
+@campaign.command("retry-failed")
+@click.argument("campaign_id", type=int)
+@click.option("--class", "classes", multiple=True,
+              type=click.Choice(["deferral", "environment", "package"]),
+              help="only failures of this class (repeatable; default all)")  # fmt: skip
+@_common
+def campaign_retry_failed(
+    campaign_id: int, classes: tuple[str, ...], server: str, admin_token: str | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Give the failed members a new task."""
+    ctx = _ctx(server, admin_token, as_json)
+    body = {"classes": list(classes)} if classes else {}
+    result = ctx.call("POST", f"/campaigns/{campaign_id}/retry-failed", json_body=body)
+    ctx.show(result, _print_campaign)
+
+
+@campaign.command("add-devices")
+@click.argument("campaign_id", type=int)
+@click.argument("dev_ids", type=int, nargs=-1, required=True)
+@_common
+def campaign_add_devices(
+    campaign_id: int, dev_ids: tuple[int, ...], server: str, admin_token: str | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Add devices to a campaign."""
+    ctx = _ctx(server, admin_token, as_json)
+    body = {"dev_ids": list(dev_ids)}
+    ctx.show(ctx.call("POST", f"/campaigns/{campaign_id}/devices", json_body=body), _print_campaign)
 
 
 @admin.group()

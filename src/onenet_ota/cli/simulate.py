@@ -213,6 +213,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     help="probability that a device loses power during a run (it then resumes)",
 )
 @click.option(
+    "--defective-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    metavar="P",
+    help="fraction of devices whose install fails with 205 or 206 (a defective package)",
+)
+@click.option(
     "--timeout-ms", type=int, default=30_000, show_default=True, help="each request's time limit"
 )
 @click.option(
@@ -253,7 +261,7 @@ def simulate(
     target: str, task_type: str, dialect: str, profile: str, signal_range: str | None,
     power_range: str | None,
     task_signal: int, task_power: int, gate: str, drop_rate: float, power_cut_rate: float,
-    timeout_ms: int, retry_interval: float, seed: int | None, db: str | None,
+    defective_rate: float, timeout_ms: int, retry_interval: float, seed: int | None, db: str | None,
     server_workers: int, state_dir: Path | None, json_out: str | None, live: bool | None,
 ) -> None:  # fmt: skip
     """Rehearse a fleet upgrade: virtual devices run the real upgrader against a server."""
@@ -291,6 +299,7 @@ def simulate(
             gate_fail=gate == "fail",
             drop_rate=drop_rate,
             power_cut_rate=power_cut_rate,
+            defective_rate=defective_rate,
             timeout_ms=timeout_ms,
             retry_interval=retry_interval,
             seed=seed,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
@@ -130,6 +131,14 @@ RESERVED_PIDS: Final = STUDIO_PID.reserved
 win over Studio's ``/ota/{pid}/...``, so a product with one of these pids could not be reached
 by Studio devices. The match is exact: pids are case-sensitive (§1), and so is path matching,
 so ``South`` is an ordinary pid."""
+# Device labels: free-form ``key=value`` pairs. Keys and values leave out ``=``, ``,`` and ``;``
+# so that a label is written the same way in a query (``?label=k=v``), a CSV cell and the CLI.
+LABEL_KEY_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+LABEL_VALUE_PATTERN: Final = r"[A-Za-z0-9_.:/@+-]{0,128}"
+MAX_LABELS: Final = 32
+LabelKey = Annotated[str, StringConstraints(pattern=_whole(LABEL_KEY_PATTERN))]
+LabelValue = Annotated[str, StringConstraints(pattern=_whole(LABEL_VALUE_PATTERN))]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_LABELS)]
 DeviceName = Annotated[str, StringConstraints(pattern=_whole(values.DEVICE_NAME_RE.pattern))]
 Version = Annotated[str, StringConstraints(pattern=_whole(values.VERSION_RE.pattern))]
 DevId = Annotated[int, Field(ge=1, le=DEV_ID_MAX)]
@@ -271,6 +280,7 @@ class DeviceImportItem(_In):
     device_key: Key | None = Field(default=None, description="optional per-device key (base64)")
     generate_device_key: bool = False
     auth_info: AuthInfo | None = Field(default=None, description="E9 lookup string; the name")
+    labels: Labels | None = Field(default=None, description="key=value labels")
 
     @model_validator(mode="after")
     def _key(self) -> DeviceImportItem:
@@ -351,9 +361,23 @@ class DeviceTaskHistory(_WithResultText):
 
 
 class DeviceDetail(Device):
-    """A device with its task history."""
+    """A device with its labels and task history."""
 
+    labels: dict[str, str]
     tasks: list[DeviceTaskHistory]
+
+
+class LabelsSet(_In):
+    """Labels to set: PUT replaces every label, PATCH changes the given ones (null removes)."""
+
+    labels: Annotated[dict[LabelKey, LabelValue | None], Field(max_length=MAX_LABELS)]
+
+
+class DeviceLabels(_Out):
+    """A device's labels after a change."""
+
+    dev_id: int
+    labels: dict[str, str]
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,3 +715,215 @@ class AuditPage(BaseModel):
 
     items: list[AuditEntry]
     next: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# Staged campaigns (server/campaigns.py, server/campaign_engine.py)
+
+MAX_STAGES: Final = 20
+
+
+class FailureClass(StrEnum):
+    """What a failure code says about the package (module doc)."""
+
+    DEFERRAL = "deferral"
+    ENVIRONMENT = "environment"
+    PACKAGE = "package"
+
+
+# The defaults, per status code of §6.7.1 (the success codes 101 and 201 are not failures). A
+# failure without a code (T5, the deadline) is ENVIRONMENT; a code not listed here is PACKAGE, the
+# cautious choice: an unknown failure may be the package's.
+
+
+Percent = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+
+
+class StageSpec(BaseModel):
+    """One stage: its share of the population and the rules that end it.
+
+    ``percent`` or ``count`` is the stage's **cumulative** share (module doc); ``rest`` takes
+    every device left and is allowed for the last stage only. Exactly one of them is given.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    percent: Percent | None = Field(default=None, description="cumulative percent of the devices")
+    count: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        default=None, description="cumulative number of devices"
+    )
+    rest: bool = Field(default=False, description="every device left (last stage only)")
+    soak_s: Annotated[int, Field(ge=0, le=30 * 86400)] = Field(
+        default=0, description="seconds after activation before the gate may pass"
+    )
+    min_executed: Annotated[int, Field(ge=0, le=10_000_000)] = Field(
+        default=0, description="succeeded + package failures needed before a gate or ratio"
+    )
+    success_percent: Percent = Field(
+        default=100.0, description="succeeded / targeted needed to pass the gate"
+    )
+    on_success: Literal["advance", "pause"] = "advance"
+    max_failed: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        default=None, description="package failures that trip the ceiling"
+    )
+    max_failed_percent: Percent | None = Field(
+        default=None, description="package failures / executed that trip the ceiling"
+    )
+    on_failure: Literal["pause", "abort"] = "pause"
+
+    @model_validator(mode="after")
+    def _one_share(self) -> StageSpec:
+        given = sum((self.percent is not None, self.count is not None, self.rest))
+        if given != 1:
+            raise ValueError("give exactly one of percent, count and rest")
+        return self
+
+    def label(self, index: int) -> str:
+        """The stage's name for messages: its own name or ``stage N`` (1-based)."""
+        return self.name or f"stage {index + 1}"
+
+
+class _CampaignIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+class Selector(_CampaignIn):
+    """Which devices of the package's product a campaign covers: an explicit ``dev_ids`` list,
+    or a filter (``from_versions`` of the package's type and every one of ``labels``; an empty
+    filter is every device of the product). ``added`` holds devices added later."""
+
+    dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=100_000)] | None = None
+    from_versions: Annotated[list[Version], Field(min_length=1, max_length=100)] | None = None
+    labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = Field(
+        default_factory=dict
+    )
+    added: Annotated[list[DevId], Field(max_length=100_000)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Selector:
+        if self.dev_ids is not None and (self.from_versions is not None or self.labels):
+            raise ValueError("give dev_ids, or a filter (from_versions, labels), not both")
+        return self
+
+
+class CampaignCreate(_CampaignIn):
+    """A staged campaign (see :mod:`onenet_ota.server.campaign_engine` for the rules).
+
+    ``failure_classes`` overrides the class of status codes (``{"207": "environment"}``); the
+    device parameters ``signal``, ``power``, ``retry`` and ``interval``, ``start_time`` and
+    ``deadline`` are forwarded to the tasks the campaign creates.
+    """
+
+    name: Annotated[str, Field(max_length=128)] = ""
+    package_id: PackageId
+    selector: Selector
+    stages: Annotated[list[StageSpec], Field(min_length=1, max_length=MAX_STAGES)]
+    failure_classes: dict[Annotated[int, Field(ge=102, le=208)], FailureClass] = Field(
+        default_factory=dict
+    )
+    signal: Int32 = 0
+    power: Int32 = 0
+    retry: Int32 = 0
+    interval: Int32 = 0
+    start_time: UnixTime | None = None
+    deadline: UnixTime | None = None
+
+
+class StageView(BaseModel):
+    """One stage with its counters (``targeted`` 0 until it is activated)."""
+
+    index: int
+    spec: StageSpec
+    planned: int  # devices the stage covers, over the current population
+    skipped: int  # members left out because they had an open task (D23)
+    counts: dict[str, int]
+
+
+class CampaignEvent(BaseModel):
+    """One decision or action, with the numbers behind it."""
+
+    version: int
+    at: int
+    actor: str
+    action: str
+    stage: int
+    from_state: str
+    to_state: str
+    detail: str
+    numbers: dict[str, Any]
+
+
+class Campaign(BaseModel):
+    """A campaign and where it stands."""
+
+    id: int
+    name: str
+    pid: str
+    package_id: int
+    module_type: int
+    selector: Selector
+    failure_classes: dict[int, FailureClass]
+    signal: int
+    power: int
+    retry: int
+    interval: int
+    start_time: int | None
+    deadline: int | None
+    state: Literal["draft", "running", "paused", "finished", "aborted"]
+    stage: int  # the active stage (0-based); -1 before the first one
+    stage_started_at: int | None
+    activated_stage: int  # the highest stage whose members were activated
+    population: int
+    version: int
+    created_at: int
+    updated_at: int
+
+
+class CampaignDetail(Campaign):
+    """A campaign with per-stage counters and its latest events, newest first."""
+
+    stages: list[StageView]
+    events: list[CampaignEvent]
+
+
+class StagePreview(BaseModel):
+    """A dry run of one stage: how many devices it would activate and which (the first few)."""
+
+    index: int
+    name: str
+    devices: int
+    sample: list[int]
+
+
+class Preview(BaseModel):
+    """What a campaign would do, computed without changing anything."""
+
+    population: int
+    stages: list[StagePreview]
+    busy: int  # matching devices that have an open task of the type now (they would be skipped)
+
+
+class DevicesAdd(_CampaignIn):
+    """Devices to add to a campaign (they join at the next activation in the stable order)."""
+
+    dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=100_000)]
+
+
+class RetryFailed(_CampaignIn):
+    """Which failed members get a new task: by default every failure class."""
+
+    classes: list[FailureClass] = Field(default_factory=lambda: list(FailureClass))
+
+
+class CampaignPage(BaseModel):
+    """A page of campaigns."""
+
+    items: list[Campaign]
+    next: str | None
+
+
+class CampaignEventList(BaseModel):
+    """A campaign's events, oldest first."""
+
+    items: list[CampaignEvent]

@@ -52,8 +52,12 @@ from sqlalchemy.exc import OperationalError
 import onenet_ota
 from onenet_ota import auth
 from onenet_ota.management.models import (
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_PATTERN,
     AccountPage,
     ApiTokenPage,
+    CampaignEventList,
+    CampaignPage,
     DeviceList,
     DevicePage,
     DeviceTaskPage,
@@ -68,6 +72,7 @@ from onenet_ota.protocol import values
 from onenet_ota.protocol.states import Action
 from onenet_ota.server import admin_service as svc
 from onenet_ota.server import audit
+from onenet_ota.server import campaigns as camp
 from onenet_ota.server.api_tokens import (
     TOKEN_ID_MAX,
     ApiTokenCreate,
@@ -86,6 +91,7 @@ from onenet_ota.server.http import (
     RequestTimedOut,
     Response,
 )
+from onenet_ota.server.schema import campaigns as campaigns_table
 from onenet_ota.server.wire import safe_file_name
 
 __all__ = ["PREFIX", "ROUTES", "AdminApi", "openapi_document"]
@@ -348,6 +354,20 @@ _STATE_PARAM = Param(
     "state", description="only devices in this state", enum=tuple(svc.STATES_BY_NAME)
 )
 _TYPES = ("fota", "sota", "1", "2")
+_CAMPAIGN_ID_MAX = svc.column_max(campaigns_table.c.id)
+_CAMPAIGN = (_int("id", _CAMPAIGN_ID_MAX, "the campaign"),)
+_IF_VERSION = _int(
+    "if_version",
+    2**31 - 1,
+    "act only if the campaign is still at this version (409 otherwise)",
+    minimum=0,
+)
+_LABELS_PARAM = Param(
+    "label",
+    description="only devices with every one of these labels: key=value, comma-separated",
+    pattern=f"{LABEL_KEY_PATTERN}={LABEL_VALUE_PATTERN}"
+    f"(?:,{LABEL_KEY_PATTERN}={LABEL_VALUE_PATTERN})*",
+)
 
 ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/openapi.json", "openapi", "This document", "meta", public=True),
@@ -426,8 +446,19 @@ ROUTES: Final[tuple[Route, ...]] = (
             _version("f_version", "only devices that reported this FOTA version"),
             _version("s_version", "only devices that reported this SOTA version"),
             Param("q", description="only devices whose name contains this; no NUL"),
+            _LABELS_PARAM,
             *_DEV_PAGE,
         ),
+    ),
+    *(
+        Route(
+            method, "/devices/{dev_id}/labels", f"{verb}_device_labels", summary, "devices",
+            body=svc.LabelsSet, response=svc.DeviceLabels, path_params=(_DEV_ID,),
+        )
+        for method, verb, summary in (
+            ("PUT", "put", "Replace every label of the device"),
+            ("PATCH", "patch", "Set the given labels of the device (null removes one)"),
+        )
     ),
     Route(
         "GET", "/devices/{dev_id}", "get_device",
@@ -576,6 +607,70 @@ ROUTES: Final[tuple[Route, ...]] = (
             _int("until", 2**62, "only entries at or before this Unix time", minimum=0),
             *_page(_int("after", 2**63 - 1, _NEXT, minimum=0)),
         ),
+    ),
+    Route(
+        "POST", "/campaigns", "create_campaign",
+        "Create a staged campaign (a draft; refused when its stages cannot be satisfied)",
+        "campaigns", status=201, body=camp.CampaignCreate, response=camp.Campaign,
+    ),
+    Route(
+        "POST", "/campaigns/preview", "preview_campaign_spec",
+        "Dry run: each stage's members of a campaign, creating nothing", "campaigns",
+        body=camp.CampaignCreate, response=camp.Preview,
+    ),
+    Route(
+        "GET", "/campaigns", "list_campaigns", "List campaigns", "campaigns",
+        response=CampaignPage,
+        query=(
+            Param("state", description="only campaigns in this state",
+                  enum=("draft", "running", "paused", "finished", "aborted")),
+            *_page(_int("after", _CAMPAIGN_ID_MAX, _NEXT, minimum=0)),
+        ),
+    ),
+    Route(
+        "GET", "/campaigns/{id}", "get_campaign",
+        "Show a campaign with per-stage counters and its latest events", "campaigns",
+        response=camp.CampaignDetail, path_params=_CAMPAIGN,
+    ),
+    Route(
+        "DELETE", "/campaigns/{id}", "delete_campaign",
+        "Delete a draft or ended campaign (its tasks stay)", "campaigns", status=204,
+        path_params=_CAMPAIGN, errors=(409,),
+    ),
+    Route(
+        "GET", "/campaigns/{id}/preview", "preview_campaign",
+        "Dry run of a campaign over the devices it matches now", "campaigns",
+        response=camp.Preview, path_params=_CAMPAIGN,
+    ),
+    Route(
+        "GET", "/campaigns/{id}/events", "campaign_events",
+        "Every decision and action of a campaign with its numbers, oldest first", "campaigns",
+        response=CampaignEventList, path_params=_CAMPAIGN,
+    ),
+    *(
+        Route(
+            "POST", f"/campaigns/{{id}}/{verb}", f"{verb}_campaign", summary, "campaigns",
+            response=camp.Campaign, path_params=_CAMPAIGN, errors=(409,), query=(_IF_VERSION,),
+        )
+        for verb, summary in (
+            ("start", "Start a draft campaign: its first stage is activated"),
+            ("pause", "Pause a running campaign and its device tasks"),
+            ("resume", "Resume a paused campaign (refused if it would stop again at once)"),
+            ("advance", "Advance to the next stage now (finish after the last)"),
+            ("abort", "Abort the campaign and cancel its open device tasks"),
+        )
+    ),
+    Route(
+        "POST", "/campaigns/{id}/retry-failed", "retry_failed_campaign",
+        "Give the failed members (of the given failure classes) a new task", "campaigns",
+        body=camp.RetryFailed, body_optional=True, response=camp.Campaign,
+        path_params=_CAMPAIGN, errors=(409,), query=(_IF_VERSION,),
+    ),
+    Route(
+        "POST", "/campaigns/{id}/devices", "add_campaign_devices",
+        "Add devices to the campaign (a running one activates them up to its stage's share)",
+        "campaigns", body=camp.DevicesAdd, response=camp.Campaign, path_params=_CAMPAIGN,
+        errors=(409,), query=(_IF_VERSION,),
     ),
 )  # fmt: skip
 
@@ -883,17 +978,26 @@ class AdminApi:
         max_upload_bytes: int,
         on_task_created: Callable[[svc.CreatedTask], None] | None = None,
         tokens: TokenStore | None = None,
+        campaigns: camp.CampaignService | None = None,
     ) -> None:
         self.service = service
         self.tokens = tokens if tokens is not None else TokenStore(service.engine)
         if admin_token:
             self.tokens.bootstrap(admin_token)
+        self._campaigns = campaigns
         self._max_upload = max_upload_bytes
         self._on_task_created = on_task_created
         self._openapi_bytes: bytes | None = None
         self._handlers: dict[str, Callable[[Call], Awaitable[Any]]] = {
             route.operation: getattr(self, "_" + route.operation) for route in ROUTES
         }
+
+    @property
+    def campaigns(self) -> camp.CampaignService:
+        """The campaign service (made over the management service's engine on first use)."""
+        if self._campaigns is None:
+            self._campaigns = camp.CampaignService(self.service.engine)
+        return self._campaigns
 
     async def handle(self, request: Request) -> Response:
         """Answer one ``/api/v1`` request; never raises, never sends a traceback."""
@@ -1123,9 +1227,24 @@ class AdminApi:
             f_version=q.get("f_version") or None,
             s_version=q.get("s_version") or None,
             name_contains=q.get("q") or None,
+            labels=_labels(q.get("label")),
             **self._page_args(call),
         )
         return DevicePage(items=page.items, next=page.next)
+
+    async def _put_device_labels(self, call: Call) -> svc.DeviceLabels:
+        spec = await self._json_body(call, svc.LabelsSet)
+        if any(value is None for value in spec.labels.values()):
+            raise ApiError(422, "invalid", "labels: null removes a label with PATCH only")
+        return await self._db(
+            self.service.set_device_labels, call.path["dev_id"], spec, replace=True
+        )
+
+    async def _patch_device_labels(self, call: Call) -> svc.DeviceLabels:
+        spec = await self._json_body(call, svc.LabelsSet)
+        return await self._db(
+            self.service.set_device_labels, call.path["dev_id"], spec, replace=False
+        )
 
     async def _get_device(self, call: Call) -> svc.DeviceDetail:
         return await self._db(self.service.get_device, call.path["dev_id"])
@@ -1326,3 +1445,88 @@ class AdminApi:
             after=q.get("after"),
             limit=q.get("limit") or svc.DEFAULT_PAGE,
         )
+
+    # ---------------------------------------------------------------- campaigns
+
+    def _announce(self, applied: camp.Applied) -> camp.Campaign:
+        """Push the tasks a campaign action created (§11), then answer with the campaign."""
+        if self._on_task_created is not None:
+            for created in applied.created:
+                try:
+                    self._on_task_created(created)
+                except Exception:  # the push is advisory (D24)
+                    log.exception("task push scheduling failed for task %d", created.task.id)
+        return applied.campaign
+
+    async def _create_campaign(self, call: Call) -> camp.Campaign:
+        spec = await self._json_body(call, camp.CampaignCreate)
+        return await self._db(self.campaigns.create, spec)
+
+    async def _preview_campaign_spec(self, call: Call) -> camp.Preview:
+        spec = await self._json_body(call, camp.CampaignCreate)
+        return await self._db(self.campaigns.preview, spec)
+
+    async def _list_campaigns(self, call: Call) -> CampaignPage:
+        after = call.query.get("after")
+        page = await self._db(
+            self.campaigns.list_campaigns,
+            state=call.query.get("state") or None,
+            limit=call.query.get("limit"),
+            after=after,
+        )
+        return CampaignPage(items=page.items, next=page.next)
+
+    async def _get_campaign(self, call: Call) -> camp.CampaignDetail:
+        return await self._db(self.campaigns.get, call.path["id"])
+
+    async def _delete_campaign(self, call: Call) -> None:
+        await self._db(self.campaigns.delete_draft, call.path["id"])
+
+    async def _preview_campaign(self, call: Call) -> camp.Preview:
+        return await self._db(self.campaigns.preview_campaign, call.path["id"])
+
+    async def _campaign_events(self, call: Call) -> CampaignEventList:
+        return CampaignEventList(items=await self._db(self.campaigns.events, call.path["id"]))
+
+    async def _campaign_action(
+        self, call: Call, action: str, body: BaseModel | None = None
+    ) -> camp.Campaign:
+        applied = await self._db(
+            self.campaigns.act,
+            call.path["id"],
+            action,
+            body,
+            if_version=call.query.get("if_version"),
+        )
+        return self._announce(applied)
+
+    async def _start_campaign(self, call: Call) -> camp.Campaign:
+        return await self._campaign_action(call, "start")
+
+    async def _pause_campaign(self, call: Call) -> camp.Campaign:
+        return await self._campaign_action(call, "pause")
+
+    async def _resume_campaign(self, call: Call) -> camp.Campaign:
+        return await self._campaign_action(call, "resume")
+
+    async def _advance_campaign(self, call: Call) -> camp.Campaign:
+        return await self._campaign_action(call, "advance")
+
+    async def _abort_campaign(self, call: Call) -> camp.Campaign:
+        return await self._campaign_action(call, "abort")
+
+    async def _retry_failed_campaign(self, call: Call) -> camp.Campaign:
+        body = await self._json_body(call, camp.RetryFailed)
+        return await self._campaign_action(call, "retry_failed", body)
+
+    async def _add_campaign_devices(self, call: Call) -> camp.Campaign:
+        body = await self._json_body(call, camp.DevicesAdd)
+        return await self._campaign_action(call, "add_devices", body)
+
+
+def _labels(text: str | None) -> list[tuple[str, str]]:
+    """``?label=k=v,k2=v2`` as pairs (the parameter's pattern was checked already)."""
+    if not text:
+        return []
+    pairs = [svc.parse_label(part) for part in text.split(",")]
+    return [pair for pair in pairs if pair is not None]

@@ -51,6 +51,7 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -60,7 +61,10 @@ from onenet_ota.management.models import (
     DEFAULT_PAGE,
     DEV_ID_MAX,
     FILE_NAME_PATTERN,
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_PATTERN,
     MAX_IMPORT,
+    MAX_LABELS,
     MAX_PAGE,
     PACKAGE_ID_MAX,
     RESERVED_PIDS,
@@ -77,9 +81,11 @@ from onenet_ota.management.models import (
     DeviceImport,
     DeviceImportItem,
     DeviceKeyRotate,
+    DeviceLabels,
     DeviceTaskHistory,
     DeviceTaskView,
     KeyRotate,
+    LabelsSet,
     Package,
     PackageCreate,
     Product,
@@ -104,6 +110,8 @@ from onenet_ota.server.blobs import BlobStore, StoredBlob
 from onenet_ota.server.db import is_foreign_key_violation, is_transient, sqlstate
 from onenet_ota.server.schema import (
     accounts,
+    campaign_devices,
+    device_labels,
     device_task_events,
     device_tasks,
     devices,
@@ -145,10 +153,12 @@ __all__ = [
     "DeviceImport",
     "DeviceImportItem",
     "DeviceKeyRotate",
+    "DeviceLabels",
     "DeviceTaskHistory",
     "DeviceTaskView",
     "Invalid",
     "KeyRotate",
+    "LabelsSet",
     "NotFound",
     "Package",
     "PackageCreate",
@@ -162,6 +172,8 @@ __all__ = [
     "TaskCreated",
     "TaskDetail",
     "generate_access_key",
+    "label_filter",
+    "parse_label",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,6 +241,31 @@ def column_max(column: Column[Any]) -> int:
 EVENT_ID_MAX = column_max(device_task_events.c.id)
 
 _DIGITS: Final = re.compile(r"[0-9]+")
+
+
+def parse_label(text: str) -> tuple[str, str] | None:
+    """``key=value`` as a pair, or None when it breaks the label rules."""
+    key, sep, value = text.partition("=")
+    if not sep or re.fullmatch(LABEL_KEY_PATTERN, key) is None:
+        return None
+    if re.fullmatch(LABEL_VALUE_PATTERN, value) is None:
+        return None
+    return key, value
+
+
+def label_filter(labels: Iterable[tuple[str, str]]) -> ColumnElement[bool]:
+    """A condition on ``devices``: the device has every one of ``labels``."""
+    conditions = [
+        select(device_labels.c.dev_id)
+        .where(
+            device_labels.c.dev_id == devices.c.dev_id,
+            device_labels.c.key == key,
+            device_labels.c.value == value,
+        )
+        .exists()
+        for key, value in labels
+    ]
+    return and_(true(), *conditions)
 
 
 def generate_access_key() -> str:
@@ -776,6 +813,13 @@ class AdminService:
                 )
             for batch in _chunks(rows):
                 conn.execute(insert(devices), list(batch))
+            label_rows = [
+                {"dev_id": row["dev_id"], "key": key, "value": value}
+                for row, item in zip(rows, spec.devices, strict=True)
+                for key, value in (item.labels or {}).items()
+            ]
+            for batch in _chunks(label_rows):
+                conn.execute(insert(device_labels), list(batch))
             if action == "device.create":
                 self._audit(conn, action, f"device:{rows[0]['dev_id']}", None, rows[0])
             else:
@@ -812,12 +856,16 @@ class AdminService:
         f_version: str | None = None,
         s_version: str | None = None,
         name_contains: str | None = None,
+        labels: Sequence[tuple[str, str]] = (),
         limit: int | None = None,
         after: str | None = None,
     ) -> Page[Device]:
-        """Devices in dev_id order, filtered by product, reported versions or name."""
+        """Devices in dev_id order, filtered by product, reported versions, name or labels
+        (every one given)."""
         size = _page_limit(limit)
         query = select(devices)
+        if labels:
+            query = query.where(label_filter(labels))
         if pid is not None:
             query = query.where(devices.c.pid == pid)
         if f_version is not None:
@@ -860,8 +908,10 @@ class AdminService:
                 .order_by(device_tasks.c.id.desc())
                 .limit(MAX_PAGE)
             ).all()
+            labels = self._labels(conn, dev_id)
         return DeviceDetail(
             **row._mapping,
+            labels=labels,
             tasks=[
                 DeviceTaskHistory(
                     task_id=h.task_id,
@@ -877,6 +927,41 @@ class AdminService:
                 for h in history
             ],
         )
+
+    @staticmethod
+    def _labels(conn: Connection, dev_id: int) -> dict[str, str]:
+        rows = conn.execute(
+            select(device_labels.c.key, device_labels.c.value)
+            .where(device_labels.c.dev_id == dev_id)
+            .order_by(device_labels.c.key)
+        ).all()
+        return {r.key: r.value for r in rows}
+
+    @_retried
+    def set_device_labels(self, dev_id: int, spec: LabelsSet, *, replace: bool) -> DeviceLabels:
+        """Set a device's labels: ``replace`` drops every label not given (PUT); otherwise only
+        the given keys change, and a null value removes its key (PATCH). At most 32 labels."""
+        with self._tx("concurrent change of the device's labels; retry") as conn:
+            found = conn.execute(
+                select(devices.c.dev_id).where(devices.c.dev_id == dev_id).with_for_update()
+            ).first()
+            if found is None:
+                raise NotFound(f"device {dev_id} not found")
+            labels = {} if replace else self._labels(conn, dev_id)
+            for key, value in spec.labels.items():
+                if value is None:
+                    labels.pop(key, None)
+                else:
+                    labels[key] = value
+            if len(labels) > MAX_LABELS:
+                raise Invalid(f"a device has at most {MAX_LABELS} labels")
+            conn.execute(delete(device_labels).where(device_labels.c.dev_id == dev_id))
+            if labels:
+                conn.execute(
+                    insert(device_labels),
+                    [{"dev_id": dev_id, "key": k, "value": v} for k, v in labels.items()],
+                )
+        return DeviceLabels(dev_id=dev_id, labels=dict(sorted(labels.items())))
 
     @_retried
     def device_history(
@@ -960,6 +1045,9 @@ class AdminService:
                         for t in open_tasks
                     ],
                 )
+            # A campaign forgets a deleted member (its counts lose the device).
+            conn.execute(delete(campaign_devices).where(campaign_devices.c.dev_id == dev_id))
+            conn.execute(delete(device_labels).where(device_labels.c.dev_id == dev_id))
             _delete_finished(conn, device_tasks.c.dev_id == dev_id)
             timeline.delete_device(conn, dev_id)
             conn.execute(delete(devices).where(devices.c.dev_id == dev_id))

@@ -23,6 +23,8 @@ preferred for everyone else.
 
 One process (the only one, or worker 0) sweeps deadlines every ``sweep_interval`` seconds (T5,
 D23) through the device service's own function; devices also see expiry lazily on each request.
+Every process runs the campaign evaluator (server/campaigns.py); a lease in the database lets
+exactly one of them, on any host, act at a time.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from onenet_ota.server.admin_api import PREFIX, AdminApi
 from onenet_ota.server.admin_service import AdminService
 from onenet_ota.server.api_tokens import TokenStore
 from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.campaigns import CampaignEvaluator, CampaignService
 from onenet_ota.server.config import Settings
 from onenet_ota.server.console import PREFIX as CONSOLE_PREFIX
 from onenet_ota.server.db import create_engine, migrate
@@ -96,6 +99,7 @@ class AppResources:
     blobs: BlobStore
     device_api: DeviceApi
     admin_api: AdminApi
+    evaluator: CampaignEvaluator
     pusher: TaskPusher | None = None
     _closed: bool = field(default=False, repr=False)
 
@@ -165,15 +169,19 @@ def create_app(
         # of them through the change feed (server/changes.py).
         on_change=device_api.service.invalidate,
     )
+    campaigns = CampaignService(engine, clock=clock, on_change=device_api.service.invalidate)
+    notify = pusher.notify if pusher is not None else None
     admin_api = AdminApi(
         service,
         admin_token=(
             settings.admin_token.get_secret_value() if settings.admin_token is not None else None
         ),
         max_upload_bytes=settings.max_upload_bytes,
-        on_task_created=pusher.notify if pusher is not None else None,
+        on_task_created=notify,
+        campaigns=campaigns,
     )
-    resources = AppResources(settings, engine, blobs, device_api, admin_api, pusher)
+    evaluator = CampaignEvaluator(campaigns, on_created=notify)
+    resources = AppResources(settings, engine, blobs, device_api, admin_api, evaluator, pusher)
     admin_handle = admin_api.handle
     device_handle = device_api.handle
     console_handle = _console(settings, service, admin_api)
@@ -266,8 +274,10 @@ async def _serve(
     server = asyncio.create_task(
         serve(handler, sock=sock, ssl=ssl_context(settings), limits=http_limits(settings))
     )
+    # Every process runs the campaign evaluator; the lease lets one of them act at a time.
     background: list[asyncio.Task[None]] = [
-        asyncio.create_task(resources.flush_served_forever(SERVED_FLUSH_S))
+        asyncio.create_task(resources.flush_served_forever(SERVED_FLUSH_S)),
+        asyncio.create_task(resources.evaluator.run_forever()),
     ]
     if sweeper:
         background.append(asyncio.create_task(resources.sweep_forever(settings.sweep_interval)))

@@ -274,3 +274,93 @@ device_task_bytes = Table(
     Column("served", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
 )
+
+# Free-form ``key=value`` labels on devices, for campaign selectors and device lists. One row per
+# label so that "devices with region=eu" is an indexed lookup on both databases.
+device_labels = Table(
+    "device_labels",
+    metadata,
+    Column("dev_id", BigInteger, ForeignKey("devices.dev_id"), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("value", String(128), nullable=False),
+    Index("ix_device_labels_key_value", "key", "value"),
+)
+
+# Staged campaigns (server/campaigns.py, server/campaign_engine.py). ``selector``, ``stages`` and
+# ``failure_classes`` are JSON text validated by the engine's models. ``version`` grows with every
+# change: every action is a compare-and-set on it, so a concurrent one applies once.
+campaigns = Table(
+    "campaigns",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False, server_default=""),
+    Column("pid", String(32), ForeignKey("products.pid"), nullable=False),
+    Column("package_id", Integer, ForeignKey("packages.id"), nullable=False),
+    Column("module_type", SmallInteger, nullable=False),
+    Column("selector", Text, nullable=False),
+    Column("stages", Text, nullable=False),
+    Column("failure_classes", Text, nullable=False, server_default="{}"),
+    Column("signal", Integer, nullable=False, server_default=text("0")),
+    Column("power", Integer, nullable=False, server_default=text("0")),
+    Column("retry", Integer, nullable=False, server_default=text("0")),
+    Column("interval", Integer, nullable=False, server_default=text("0")),
+    Column("start_time", BigInteger, nullable=True),
+    Column("deadline", BigInteger, nullable=True),
+    Column("salt", String(32), nullable=False),
+    Column("state", String(16), nullable=False),  # draft, running, paused, finished, aborted
+    Column("stage", Integer, nullable=False, server_default=text("-1")),  # -1: not started
+    Column("stage_started_at", BigInteger, nullable=True),
+    # The highest stage whose members were activated: an advance is committed first and its
+    # stage activated in the next transaction, so a decision waits for no insert of thousands.
+    Column("activated_stage", Integer, nullable=False, server_default=text("-1")),
+    Column("population", Integer, nullable=False, server_default=text("0")),
+    Column("version", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ix_campaigns_state", "state"),
+    sqlite_autoincrement=True,
+)
+
+# A campaign's members once activated: the stage that activated them and the task holding their
+# device task (a retry gives a device a new task).
+campaign_devices = Table(
+    "campaign_devices",
+    metadata,
+    Column("campaign_id", Integer, ForeignKey("campaigns.id"), primary_key=True),
+    Column("dev_id", BigInteger, ForeignKey("devices.dev_id"), primary_key=True),
+    Column("stage", Integer, nullable=False),
+    Column("task_id", Integer, ForeignKey("tasks.id"), nullable=True),  # NULL: skipped (D23)
+    Column("activated_at", BigInteger, nullable=False),
+    Index("ix_campaign_devices_campaign_id_stage", "campaign_id", "stage"),
+    Index("ix_campaign_devices_task_id", "task_id"),
+)
+
+# Every decision and action on a campaign, once: ``version`` is the campaign version it made,
+# unique per campaign, so a decision applied twice would break the constraint.
+campaign_events = Table(
+    "campaign_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("campaign_id", Integer, ForeignKey("campaigns.id"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Column("actor", String(32), nullable=False),  # "auto" or "operator"
+    Column("action", String(32), nullable=False),
+    Column("stage", Integer, nullable=False),
+    Column("from_state", String(16), nullable=False),
+    Column("to_state", String(16), nullable=False),
+    Column("detail", String(1000), nullable=False),
+    Column("numbers", Text, nullable=False, server_default="{}"),
+    UniqueConstraint("campaign_id", "version"),
+    sqlite_autoincrement=True,
+)
+
+# Leases: the process that holds ``name`` until ``expires_at`` does that job alone (the campaign
+# evaluator). Taken and renewed by compare-and-set (server/campaigns.py).
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("holder", String(64), nullable=False, server_default=""),
+    Column("expires_at", BigInteger, nullable=False),  # Unix milliseconds
+)

@@ -117,6 +117,9 @@ class FleetConfig:
 
     Faults:
     - ``drop_rate`` [--drop-rate]: probability that a request's connection drops (0 to < 1).
+    - ``defective_rate`` [--defective-rate]: fraction of devices on which the package is
+      defective: the install fails and the device reports 205 or 206 (one of
+      ``defective_codes``), as a bad build would make it (a staged campaign's ceiling trips);
     - ``power_cut_rate`` [--power-cut-rate]: probability that an upgrader run loses power (at a
       random request) and restarts on its state directory; at most 5 cuts per device.
 
@@ -152,6 +155,8 @@ class FleetConfig:
     gate_fail: bool = False
     drop_rate: float = 0.0
     power_cut_rate: float = 0.0
+    defective_rate: float = 0.0
+    defective_codes: tuple[int, ...] = (205, 206)
     retry_interval: float = 0.2
     retry_attempts: int = 8
     package_size: int = 256 * 1024
@@ -204,6 +209,11 @@ class FleetConfig:
             integer(name, flag, values.INT32_MIN, values.INT32_MAX)
         number("drop_rate", "--drop-rate", 0, 1, high_open=True)
         number("power_cut_rate", "--power-cut-rate", 0, 1, high_open=False)
+        number("defective_rate", "--defective-rate", 0, 1, high_open=False)
+        if not self.defective_codes or any(
+            type(code) is not int or not 202 <= code <= 208 for code in self.defective_codes
+        ):
+            raise SimulationError("defective_codes must be upgrade failure codes 202-208")
         number("retry_interval", "--retry-interval", 0, 120, high_open=False)
         integer("retry_attempts", "--retry-attempts", 1, 50)
         integer("progress_step", "--progress-step", 0, 99)

@@ -12,6 +12,8 @@ earlier than ``ramp_up * i / N`` seconds into the run. A device is:
   returning the device's signal and battery values;
 - a client profile (:mod:`onenet_ota.sim.profiles`) that sets the client's and the upgrader's
   options, and whether the device's requests go through pools that keep connections alive;
+- a defective package with ``defective_rate``: the device's installer fails with 205 or 206
+  (:class:`DefectiveInstaller`), after a download that verified, as a bad build fails;
 - a power-cut plan: with ``power_cut_rate`` a run loses power at a random request (the transport
   raises :class:`PowerCut`); the device then "reboots": a fresh client and a fresh upgrader on
   the same state directory, which resume from what the dead run had made durable.
@@ -57,6 +59,7 @@ from onenet_ota.device import (
     StatusReported,
     Timeout,
 )
+from onenet_ota.device.install import InstallError
 from onenet_ota.device.upgrader import (
     AsyncUpgrader,
     FileInstaller,
@@ -73,13 +76,23 @@ from onenet_ota.device.upgrader import (
     Waiting,
 )
 from onenet_ota.protocol.codes import Dialect
+from onenet_ota.protocol.messages import TaskInfo
+from onenet_ota.protocol.status import StatusCode, TaskType
 from onenet_ota.sim.config import FleetConfig, SimulationError
 from onenet_ota.sim.metrics import FleetMetrics
 from onenet_ota.sim.profiles import PROFILES, ClientProfile, dialect_of, profile_of
 from onenet_ota.sim.provision import FleetTarget
 from onenet_ota.sim.transport import DeviceLink, FleetTransport, PowerCut, device_context
 
-__all__ = ["DeviceRecord", "Fleet", "FleetState", "Phase", "Shard", "make_state_root"]
+__all__ = [
+    "DefectiveInstaller",
+    "DeviceRecord",
+    "Fleet",
+    "FleetState",
+    "Phase",
+    "Shard",
+    "make_state_root",
+]
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +196,18 @@ _OUTCOME_PHASE: Final = {
     Outcome.FINISHED: Phase.FINISHED,
     Outcome.NO_TASK: Phase.NO_TASK,
 }
+
+
+class DefectiveInstaller:
+    """The simulator's defective package: the install fails with ``code`` (205 or 206) and
+    nothing is installed, every time (so a retry fails the same way)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = StatusCode(code)
+
+    def install(self, package: Path, task: TaskInfo, task_type: TaskType) -> None:
+        """Fail as a bad build does."""
+        raise InstallError("the package is defective (simulated)", self.code)
 
 
 def _md5_of(path: Path) -> tuple[int, str]:
@@ -466,6 +491,9 @@ class Fleet:
         expected_requests = self._expected_requests(options)
         device_config = self._device_config(record, profile)
         output = home / "installed.bin"
+        installer: FileInstaller | DefectiveInstaller = FileInstaller(output)
+        if config.defective_rate and rng.random() < config.defective_rate:
+            installer = DefectiveInstaller(rng.choice(config.defective_codes))
         link = DeviceLink(pool=pool, fresh=not profile.reuse_connections)
 
         def on_client_event(event: OtaEvent) -> None:
@@ -502,7 +530,7 @@ class Fleet:
                 )
                 upgrader = AsyncUpgrader(
                     client,
-                    FileInstaller(output),
+                    installer,
                     state_dir=home,
                     options=options,
                     on_event=on_event,
