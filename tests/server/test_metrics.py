@@ -343,10 +343,18 @@ def test_two_workers_report_the_whole_server(db_url: str, tmp_path: Path) -> Non
                     time.sleep(0.1)
             dev_id = _device(admin)
         sdk = {"Authorization": auth.build_token(PID, K1), "Connection": "close"}
-        sent = 40
-        for _ in range(sent):  # a connection each, so both workers take a share (§2.3)
-            reply = httpx2.get(url + "/ota/device/version", params={"dev_id": dev_id}, headers=sdk)
-            assert reply.json()["errno"] == 0
+        sent = 0
+        # A connection each, so both workers take a share (§2.3); the kernel chooses which, so
+        # send until the access log shows both served some.
+        while sent < 400 and _workers_of(server, "E2") != {0, 1}:
+            for _ in range(20):
+                reply = httpx2.get(
+                    url + "/ota/device/version", params={"dev_id": dev_id}, headers=sdk
+                )
+                assert reply.json()["errno"] == 0
+                sent += 1
+            time.sleep(0.2)  # the log lines reach the reader thread
+        assert _workers_of(server, "E2") == {0, 1}
         deadline = time.monotonic() + 30
         counted = -1.0
         while time.monotonic() < deadline:
@@ -356,16 +364,27 @@ def test_two_workers_report_the_whole_server(db_url: str, tmp_path: Path) -> Non
                 break
             time.sleep(0.2)
         assert counted == sent
-        # Whichever worker answers from now on, the count neither falls nor grows.
-        for _ in range(10):
+        # Whichever worker answers from now on, the count neither falls nor grows; go on until
+        # both have answered a scrape.
+        before = len([line for line in server.lines if '"endpoint":"metrics"' in line])
+        for scrapes in range(200):
             samples = parse(httpx2.get(url + "/metrics", headers={"Connection": "close"}).text)
             assert requests_of(samples, dialect="classic", endpoint="E2", answer="200") == sent
+            if scrapes >= 10 and _workers_of(server, "metrics", after=before) == {0, 1}:
+                break
+        assert _workers_of(server, "metrics", after=before) == {0, 1}
     finally:
         assert server.stop() == 0
-    entries = [json.loads(line) for line in server.lines if line.startswith("{")]
-    assert all(line.startswith("{") for line in server.lines if line.strip()), server.lines[:5]
-    queries = [e for e in entries if e.get("endpoint") == "E2"]
-    assert len(queries) == sent
-    assert {e["worker"] for e in queries} == {0, 1}  # both workers served, both were counted
-    scrapes = [e for e in entries if e.get("endpoint") == "metrics"]
-    assert {e["worker"] for e in scrapes} == {0, 1}
+    entries = [json.loads(line) for line in server.lines if line.strip()]  # all JSON
+    assert len([e for e in entries if e.get("endpoint") == "E2"]) == sent
+
+
+def _workers_of(server: ServerProcess, endpoint: str, after: int = 0) -> set[int]:
+    """The workers whose access log shows requests to ``endpoint`` (after the first ``after``
+    such lines)."""
+    found = [
+        json.loads(line)
+        for line in list(server.lines)
+        if line.startswith("{") and f'"endpoint":"{endpoint}"' in line
+    ]
+    return {entry["worker"] for entry in found[after:]}
