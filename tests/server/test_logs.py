@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import httpx2
 import pytest
 
 from onenet_ota import auth
-from onenet_ota.server.logs import redact
+from onenet_ota.server.logs import JsonFormatter, configure_logging, redact
 from tests.server.serve_process import ServerProcess
 
 TOKEN = "admin-token-for-log-tests-0123456"
@@ -178,3 +179,21 @@ def test_redact_blanks_credentials(line: str, secret: str, kept: str) -> None:
     shown = redact(line)
     assert secret not in shown
     assert kept in shown
+
+
+def test_configuring_leaves_logging_set_up_by_someone_else_alone() -> None:
+    """As ``logging.basicConfig``: a process whose logging is already set up (an application
+    embedding the server, a test runner) keeps its handlers and level."""
+    root = logging.getLogger()
+    theirs = logging.NullHandler()
+    saved = (root.level, list(root.handlers))
+    root.addHandler(theirs)
+    root.setLevel(logging.WARNING)
+    try:
+        configure_logging(logging.DEBUG, "json")
+        assert root.level == logging.WARNING
+        assert theirs in root.handlers
+        assert not [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]

@@ -115,15 +115,21 @@ def configure_logging(
     stream: TextIO | None = None,
 ) -> None:
     """Log records of ``level`` and above to ``stream`` (stderr) in ``log_format``, replacing
-    the handler an earlier call installed (others, such as a test runner's, stay); ``worker`` is
-    the worker index shown on each line."""
+    the handler an earlier call installed; ``worker`` is the worker index shown on each line.
+
+    Like ``logging.basicConfig``, this does nothing where something else has set up the root
+    logger already (an application embedding the server, a test runner): its handlers and
+    level are its own.
+    """
+    root = logging.getLogger()
+    if any(old.get_name() != _HANDLER_NAME for old in root.handlers):
+        return
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     formatter: logging.Formatter = (
         JsonFormatter(worker) if log_format == "json" else TextFormatter(worker)
     )
     handler.setFormatter(formatter)
     handler.set_name(_HANDLER_NAME)
-    root = logging.getLogger()
     for old in list(root.handlers):
         if old.get_name() == _HANDLER_NAME:
             root.removeHandler(old)
