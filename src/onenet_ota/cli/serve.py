@@ -11,7 +11,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +94,27 @@ def _settings_error(exc: ValidationError) -> str:
 @click.option("--push-token", help="task-push token (spec §11); prefer ONENET_OTA_PUSH_TOKEN")
 @click.option("--push-uid", type=int, help="account uid in task pushes (spec §11)")
 @click.option(
+    "--metrics",
+    type=click.Choice(["off", "loopback", "token", "public"]),
+    help="who may read /metrics: this machine only, holders of --metrics-token, anyone, or "
+    "nobody [default: loopback]",
+)
+@click.option(
+    "--metrics-token",
+    metavar="TOKEN",
+    help="bearer token for /metrics with --metrics token; prefer ONENET_OTA_METRICS_TOKEN",
+)
+@click.option(
+    "--access-log/--no-access-log",
+    default=None,
+    help="log one line per request (path without query; never headers) [default: off]",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="log lines as text, or as one JSON object each [default: text]",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -104,18 +124,16 @@ def serve(log_level: str, **options: Any) -> None:  # fmt: skip
     """Run the OTA platform: OneNET's device API and the /api/v1 management API."""
     from onenet_ota.server.app import run
     from onenet_ota.server.config import Settings
+    from onenet_ota.server.logs import configure_logging
 
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up noise
+    level = getattr(logging, log_level.upper())
+    configure_logging(level, "json" if options.get("log_format") == "json" else "text")
     given = {name: value for name, value in options.items() if value is not None}
     try:
         settings = Settings(**given)
     except ValidationError as exc:
         raise click.ClickException(_settings_error(exc)) from None
+    configure_logging(level, settings.log_format)  # ONENET_OTA_LOG_FORMAT may have said json
     try:
         run(settings, ready=_announce)
     except ssl.SSLError as exc:

@@ -1,9 +1,11 @@
 """Composition of the platform: one handler for both APIs, and the process model that runs it.
 
 ``create_app(settings)`` builds the parts over one database and one data directory and returns
-``(handler, resources)``: ``/api/v1`` goes to the management API (:class:`AdminApi`), every other
-path to OneNET's classic device API (:class:`DeviceApi`). No globals: everything hangs off the
-returned :class:`AppResources`.
+``(handler, resources)``: ``/api/v1`` goes to the management API (:class:`AdminApi`),
+``/healthz``, ``/readyz`` and ``/metrics`` to the operations endpoints (:class:`OpsApi`), every
+other path to OneNET's device APIs (:class:`DeviceApi`). Every request is counted for the metrics
+(:mod:`.metrics`) and, when asked, written to the access log (:mod:`.logs`). No globals:
+everything hangs off the returned :class:`AppResources`.
 
 ``run(settings)`` is ``onenet-ota serve``:
 
@@ -20,6 +22,9 @@ returned :class:`AppResources`.
 TLS (D25) wraps the listener with :func:`onenet_ota.server.http.make_server_ssl_context` in its
 C-SDK-compatible mode: TLS 1.2 with the official SDK's four RSA AES-CBC suites, modern suites
 preferred for everyone else.
+
+With several workers, the supervisor makes a private directory where the workers share their
+metric counts (:mod:`.metrics`), and removes it when it stops.
 
 One process (the only one, or worker 0) sweeps deadlines every ``sweep_interval`` seconds (T5,
 D23) through the device service's own function; devices also see expiry lazily on each request.
@@ -38,23 +43,27 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
 import ssl
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final, TextIO
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import SQLAlchemyError
 
-from onenet_ota.server.admin_api import PREFIX, AdminApi
+from onenet_ota.server.admin_api import PREFIX, ROUTES, AdminApi
 from onenet_ota.server.admin_service import AdminService
 from onenet_ota.server.api_tokens import TokenStore
 from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.bounded_cache import BoundedCache
 from onenet_ota.server.campaigns import CampaignEvaluator, CampaignService
 from onenet_ota.server.config import Settings
 from onenet_ota.server.console import PREFIX as CONSOLE_PREFIX
@@ -64,11 +73,15 @@ from onenet_ota.server.http import (
     Handler,
     Limits,
     Request,
+    RequestAborted,
     Response,
     make_server_ssl_context,
     new_event_loop,
     serve,
 )
+from onenet_ota.server.logs import AccessLog, configure_logging
+from onenet_ota.server.metrics import FLUSH_INTERVAL, Metrics
+from onenet_ota.server.ops_api import OPS_PATHS, OpsApi
 from onenet_ota.server.push import TaskPusher
 
 __all__ = ["AppResources", "bind_socket", "create_app", "http_limits", "run", "ssl_context"]
@@ -100,6 +113,7 @@ class AppResources:
     device_api: DeviceApi
     admin_api: AdminApi
     evaluator: CampaignEvaluator
+    metrics: Metrics
     pusher: TaskPusher | None = None
     _closed: bool = field(default=False, repr=False)
 
@@ -128,6 +142,15 @@ class AppResources:
             except Exception:
                 log.warning("cannot write the bytes served; retrying at the next interval")
 
+    async def flush_metrics_forever(self, interval: float = FLUSH_INTERVAL) -> None:
+        """Share this worker's metric counts every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.metrics.flush)
+            except OSError:
+                log.warning("cannot write this worker's metrics; retrying", exc_info=True)
+
     async def aclose(self) -> None:
         """Stop push deliveries, close database connections and package files."""
         if self._closed:
@@ -135,6 +158,8 @@ class AppResources:
         self._closed = True
         if self.pusher is not None:
             await self.pusher.aclose()
+        with contextlib.suppress(OSError):
+            self.metrics.flush()  # this worker's last counts, for the scrapes to come
         self.device_api.close()
         self.engine.dispose()
 
@@ -144,12 +169,14 @@ def create_app(
     *,
     clock: Callable[[], float] = time.time,
     pusher: TaskPusher | None = None,
+    metrics_dir: Path | None = None,
 ) -> tuple[Handler, AppResources]:
     """The combined handler and its resources. The database must already be migrated.
 
     ``settings.admin_token``, if set, becomes the admin token on an empty token table (the first
     start; see ``api_tokens.py``). ``pusher`` is a verified :class:`TaskPusher`, or None for no
-    task push.
+    task push. ``metrics_dir`` is where the worker processes of one server share their metric
+    counts (None: this process is the server).
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_engine(settings.database_url)
@@ -180,21 +207,82 @@ def create_app(
         on_task_created=notify,
         campaigns=campaigns,
     )
+    caches = {
+        name: cache
+        for name, cache in vars(device_api.service.caches).items()
+        if isinstance(cache, BoundedCache)
+    }
+    endpoint_of = device_api.endpoint_of
+
+    def classify(method: str, path: str, answer: int | str) -> tuple[str, str] | None:
+        # Labels only ever take the values of the route tables, never a client's path.
+        if path == PREFIX or path.startswith(PREFIX + "/"):
+            operation = _admin_operation(method, path)
+            return None if operation is None else ("admin", operation)
+        if path in OPS_PATHS:
+            return "ops", path[1:]
+        if path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/"):
+            return "console", "page"  # one label for every console page: no client values
+        if answer == 404:  # the device API's one 404: a path that names no endpoint
+            return None
+        return endpoint_of(method, path)
+
+    metrics = Metrics(engine, classify=classify, caches=caches, share_dir=metrics_dir)
+    event.listen(engine, "handle_error", metrics.on_engine_error)
+    device_api.service.on_database_error(metrics.database_error)
+    ops_api = OpsApi(
+        metrics,
+        engine,
+        access=settings.metrics,
+        token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
+    )
     evaluator = CampaignEvaluator(campaigns, on_created=notify)
-    resources = AppResources(settings, engine, blobs, device_api, admin_api, evaluator, pusher)
+    resources = AppResources(
+        settings, engine, blobs, device_api, admin_api, evaluator, metrics, pusher
+    )
     admin_handle = admin_api.handle
     device_handle = device_api.handle
+    ops_handle = ops_api.handle
     console_handle = _console(settings, service, admin_api)
+    stats = metrics.requests
+    count = stats.request
+    access_log = AccessLog() if settings.access_log else None
+    clock = time.perf_counter
+
+    admin_prefix = PREFIX + "/"
+
+    def done(request: Request, answer: int | str, response: Response | None, start: float) -> None:
+        seconds = clock() - start
+        count(request.method, request.path, answer, seconds)
+        if access_log is not None:
+            labels = stats.labels(request.method, request.path, answer)
+            access_log.write(request, answer, response, seconds, *labels)
 
     async def handle(request: Request) -> Response:
+        start = clock()
         path = request.path
-        if path == PREFIX or path.startswith(PREFIX + "/"):
-            return await admin_handle(request)
-        if console_handle is not None and (
-            path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")
-        ):
-            return await console_handle(request)
-        return await device_handle(request)
+        try:
+            if path == PREFIX or path.startswith(admin_prefix):
+                response = await admin_handle(request)
+            elif path in OPS_PATHS:
+                response = await ops_handle(request)
+            elif console_handle is not None and (
+                path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")
+            ):
+                response = await console_handle(request)
+            else:
+                response = await device_handle(request)
+        except RequestAborted:
+            done(request, "aborted", None, start)
+            raise
+        except Exception:
+            done(request, 500, None, start)  # the HTTP layer answers 500
+            raise
+        if access_log is None:  # the common case, inline: a function call less per request
+            count(request.method, path, response.status, clock() - start)
+        else:
+            done(request, response.status, response, start)
+        return response
 
     return handle, resources
 
@@ -218,6 +306,25 @@ def _console(settings: Settings, service: AdminService, admin_api: AdminApi) -> 
         max_upload_bytes=settings.max_upload_bytes,
     )
     return console.handle
+
+
+def _admin_operation(method: str, path: str) -> str | None:
+    """The management operation (``list_products``) of ``method`` on ``path``, by the route
+    table's templates; None for a path of no route. A method the path does not take is named
+    by the path's operations, as ``delete_product|get_product``."""
+    segments = path[len(PREFIX) :].strip("/").split("/") if path.strip("/") != PREFIX[1:] else []
+    segments = [segment for segment in segments if segment]
+    wanted = "GET" if method == "HEAD" else method
+    found: list[str] = []
+    for route in ROUTES:
+        template = route.segments
+        if len(template) != len(segments):
+            continue
+        if all(t.startswith("{") or t == s for t, s in zip(template, segments, strict=True)):
+            if route.method == wanted:
+                return route.operation
+            found.append(route.operation)
+    return "|".join(sorted(found)) if found else None
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -263,6 +370,7 @@ async def _serve(
     sweeper: bool,
     push_verified: bool,
     stop: asyncio.Event,
+    metrics_dir: Path | None = None,
 ) -> None:
     pusher: TaskPusher | None = None
     if settings.push_url is not None and settings.push_token is not None and push_verified:
@@ -270,7 +378,7 @@ async def _serve(
             settings.push_url, settings.push_token.get_secret_value(), settings.push_uid
         )
         pusher.verified = True  # the parent verified the URL once (D24)
-    handler, resources = create_app(settings, pusher=pusher)
+    handler, resources = create_app(settings, pusher=pusher, metrics_dir=metrics_dir)
     server = asyncio.create_task(
         serve(handler, sock=sock, ssl=ssl_context(settings), limits=http_limits(settings))
     )
@@ -281,6 +389,8 @@ async def _serve(
     ]
     if sweeper:
         background.append(asyncio.create_task(resources.sweep_forever(settings.sweep_interval)))
+    if metrics_dir is not None:
+        background.append(asyncio.create_task(resources.flush_metrics_forever()))
     try:
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({server, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -304,6 +414,7 @@ def _run_loop(
     sweeper: bool,
     push_verified: bool,
     early_stop: threading.Event | None = None,
+    metrics_dir: Path | None = None,
 ) -> None:
     """Serve on ``sock`` in this process until SIGINT or SIGTERM (or at once if ``early_stop``,
     a stop that arrived before the loop's handlers were installed, is set)."""
@@ -316,7 +427,14 @@ def _run_loop(
         stop.set()
     try:
         loop.run_until_complete(
-            _serve(settings, sock, sweeper=sweeper, push_verified=push_verified, stop=stop)
+            _serve(
+                settings,
+                sock,
+                sweeper=sweeper,
+                push_verified=push_verified,
+                stop=stop,
+                metrics_dir=metrics_dir,
+            )
         )
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -332,13 +450,14 @@ def _worker(
     push_verified: bool,
     log_level: int,
     supervisor: int,
+    metrics_dir: Path,
 ) -> None:
     """A worker process's entry point (spawned: it imports everything afresh)."""
     _stop_with_supervisor(supervisor)
-    logging.basicConfig(
-        level=log_level, format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s"
+    configure_logging(log_level, settings.log_format, worker=index)
+    _run_loop(
+        settings, sock, sweeper=index == 0, push_verified=push_verified, metrics_dir=metrics_dir
     )
-    _run_loop(settings, sock, sweeper=index == 0, push_verified=push_verified)
 
 
 def _stop_with_supervisor(supervisor: int) -> None:
@@ -493,11 +612,14 @@ def _supervise(
         signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     stopping = early_stop.is_set()
+    # Private to this server (mode 0700), so nothing else writes counts into it; new at every
+    # start, so no earlier run's counts are added.
+    metrics_dir = Path(tempfile.mkdtemp(prefix="onenet-ota-metrics-"))
 
     def start(index: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(
             target=_worker,
-            args=(settings, sock, index, push_verified, level, os.getpid()),
+            args=(settings, sock, index, push_verified, level, os.getpid(), metrics_dir),
             name=f"onenet-ota-worker-{index}",
             daemon=False,
         )
@@ -531,5 +653,6 @@ def _supervise(
                 log.error("worker %s did not stop in time; killing it", process.name)
                 process.kill()
                 process.join(5)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

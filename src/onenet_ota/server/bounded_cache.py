@@ -87,7 +87,7 @@ class BoundedCache(Generic[K, V]):
     depend on (a verified Authorization value depends on its device's key).
     """
 
-    __slots__ = ("_bytes", "_items", "_lock", "_max", "_tags", "_ttl")
+    __slots__ = ("_bytes", "_hits", "_items", "_lock", "_max", "_misses", "_tags", "_ttl")
 
     def __init__(self, max_bytes: int, *, ttl: float | None = None) -> None:
         self._max = max_bytes
@@ -97,6 +97,21 @@ class BoundedCache(Generic[K, V]):
         self._items: OrderedDict[K, tuple[float | None, V, int, Hashable]] = OrderedDict()
         self._tags: dict[Hashable, set[K]] = {}
         self._lock = threading.Lock()
+        # Lookups counted for the metrics (server/metrics.py): plain increments, no lock, so a
+        # count may lose one when two threads look up at once; only the event loop's thread
+        # looks up often.
+        self._hits = 0
+        self._misses = 0
+
+    @property
+    def hits(self) -> int:
+        """Lookups that found a live entry."""
+        return self._hits
+
+    @property
+    def misses(self) -> int:
+        """Lookups that found nothing, or an expired entry."""
+        return self._misses
 
     @property
     def max_bytes(self) -> int:
@@ -115,13 +130,16 @@ class BoundedCache(Generic[K, V]):
         """The value for ``key``, or None when absent or expired."""
         item = self._items.get(key)
         if item is None:
+            self._misses += 1
             return None
         expires = item[0]
         if expires is not None and expires <= time.monotonic():
             with self._lock:
                 if self._items.get(key) is item:
                     self._remove(key)
+            self._misses += 1
             return None
+        self._hits += 1
         return item[1]
 
     def put(

@@ -20,12 +20,16 @@ environment; everything else receives a :class:`Settings`.
 | ``sweep_interval`` | ``ONENET_OTA_SWEEP_INTERVAL`` | 30 s between deadline sweeps (D23) |
 | ``cache_ttl`` | ``ONENET_OTA_CACHE_TTL`` | 30 s: longest life of a device-API cache entry |
 | ``push_url`` / ``push_token`` / ``push_uid`` | ``ONENET_OTA_PUSH_*`` | none: no task push (§11) |
+| ``metrics`` | ``ONENET_OTA_METRICS`` | ``loopback`` (``/metrics``), or token, public, off |
+| ``metrics_token`` | ``ONENET_OTA_METRICS_TOKEN`` | none; the bearer token of ``token`` |
+| ``access_log`` | ``ONENET_OTA_ACCESS_LOG`` | off: one log record per request when on |
+| ``log_format`` | ``ONENET_OTA_LOG_FORMAT`` | ``text``; ``json`` for one JSON object per line |
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -88,6 +92,14 @@ class Settings(BaseSettings):
     push_url: str | None = Field(default=None, description="task-push receiver URL (§11)")
     push_token: SecretStr | None = Field(default=None, description="task-push token (§11)")
     push_uid: Annotated[int, Field(ge=0)] = 0
+    # Who may read /metrics (server/ops_api.py). Loopback by default: the counts say how busy
+    # the fleet is and which endpoints fail, nothing a device network needs to see.
+    metrics: Literal["off", "loopback", "token", "public"] = "loopback"
+    metrics_token: SecretStr | None = Field(
+        default=None, description="bearer token for /metrics when metrics=token"
+    )
+    access_log: bool = False
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("public_address")
     @classmethod
@@ -98,9 +110,9 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("admin_token")
+    @field_validator("admin_token", "metrics_token")
     @classmethod
-    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             token = value.get_secret_value()
             if len(token) < 16:
@@ -122,6 +134,10 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.push_url is not None and self.push_token is None:
             raise ValueError("push_url needs push_token")
+        if self.metrics == "token" and self.metrics_token is None:
+            raise ValueError("metrics=token needs metrics_token")
+        if self.metrics_token is not None and self.metrics != "token":
+            raise ValueError("metrics_token is used only with metrics=token")
         return self
 
     @property

@@ -160,6 +160,25 @@ class DeviceApi:
         returns how many device tasks were written."""
         return self._served.flush()
 
+    def endpoint_of(self, method: str, path: str) -> tuple[str, str] | None:
+        """The dialect and endpoint label (``E3``, ``S-C``, ``F-D``) that :meth:`handle` routes
+        ``method`` on ``path`` to, for the metrics and the access log; None for a path that
+        names no endpoint (404). A method the path does not take (405) is named by the path's
+        endpoints, as ``E1|E2``. Classic's paths win, as in :meth:`handle` (S1)."""
+        route = match_path(path)
+        if route is not None:
+            found = route.by_method.get(method)
+            if found is not None:
+                return _CLASSIC, found.value
+            return _CLASSIC, "|".join(sorted({e.value for e in route.by_method.values()}))
+        other = self._dialects.route(path)  # cached: handle() just matched the same path
+        if other is None:
+            return None
+        spec = other.by_method.get(method)
+        if spec is not None:
+            return other.dialect.value, spec.label
+        return other.dialect.value, "|".join(sorted({s.label for s in other.by_method.values()}))
+
     # -- entry point ---------------------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:

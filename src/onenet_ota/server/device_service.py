@@ -396,6 +396,7 @@ class _ReadConnections:
         self._local = threading.local()
         self._all: list[Any] = []
         self._lock = threading.Lock()
+        self.on_error: Callable[[BaseException], None] | None = None  # see DeviceService
 
     def get(self) -> tuple[Any, bool]:
         """This thread's connection, and whether it was opened before this call."""
@@ -470,7 +471,9 @@ class _Reader:
                     return fetch(cursor)
                 finally:
                     cursor.close()
-            except Exception:
+            except Exception as exc:
+                if connections.on_error is not None:
+                    connections.on_error(exc)
                 connections.discard()  # perhaps broken: the next read reconnects
                 # A connection that served earlier reads may have been cut since (the database
                 # restarted, a proxy timed it out) with nobody noticing: one more try on a new
@@ -613,6 +616,14 @@ class DeviceService:
         the caller's)."""
         self._readers.close()
         self.caches.close()
+
+    def on_database_error(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback`` with every exception a direct read raises (the metrics count them).
+
+        Those reads bypass SQLAlchemy's execution machinery, so its ``handle_error`` event, which
+        sees every other statement's errors, never sees theirs.
+        """
+        self._readers.on_error = callback
 
     @property
     def clock(self) -> Clock:
