@@ -51,6 +51,10 @@ class Broken:
     closed: bool = False
 
 
+class _HeadTooLong(Exception):
+    """Raised inside llhttp's header callback to stop it at :data:`MAX_HEAD`."""
+
+
 class _End:
     """The end of one reply."""
 
@@ -79,6 +83,8 @@ class ReplyParser:
         self._close_delimited = False
         self._broken = False
         self._received = False  # any byte at all since the last complete reply
+        self._header_bytes = 0
+        self._head_too_long = False
         self.closed = False  # the server closed the connection
         self.keep_alive = True  # the last complete reply allows another request
 
@@ -88,8 +94,13 @@ class ReplyParser:
         self._in_reply = True
         self._in_head = True
         self._headers = []
+        self._header_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_head:
+            self._head_too_long = True
+            raise _HeadTooLong  # stops llhttp; feed() reports it
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -141,9 +152,13 @@ class ReplyParser:
             self._break("the server switched protocols")
             return
         except httptools.HttpParserError as exc:
-            self._break(str(exc) or type(exc).__name__)
+            if self._head_too_long:
+                self._break(f"reply head longer than {self._max_head} bytes")
+            else:
+                self._break(str(exc) or type(exc).__name__)
             return
         if self._in_head:
+            # A head still incomplete: bound what is buffered of it (llhttp has no limit).
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head:
                 self._break(f"reply head longer than {self._max_head} bytes")
