@@ -267,7 +267,8 @@ class Exchange:
     def advance(self) -> None:
         """Consume the parser's queued events."""
         events = self.parser.events
-        while events and not self.done:
+        results, wanted = self.results, len(self.calls)
+        while events and len(results) < wanted:
             event = events.popleft()
             if type(event) is bytes:
                 if self._skip is None:

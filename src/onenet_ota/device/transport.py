@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import ssl
 import threading
@@ -65,6 +66,7 @@ class Origin(NamedTuple):
         return host if self.port == default else f"{host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=64)  # a device asks the same few URLs over and over
 def _split(url: str) -> tuple[Origin, str]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
