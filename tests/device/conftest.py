@@ -118,7 +118,7 @@ def server() -> Iterator[ScriptedServer]:
     assert not srv.unexpected, f"requests without a scripted reply: {srv.unexpected}"
 
 
-def _httpx_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+def httpx_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The client's TLS options as an injected httpx2 client's."""
     verify: bool | ssl.SSLContext = kwargs.pop("verify", True)
     ca_file = kwargs.pop("ca_file", None)
@@ -148,7 +148,7 @@ async def make_client(
         kwargs.setdefault("base_url", server.url)
         kwargs.setdefault("on_event", events.append)
         if transport == "httpx" and "http_client" not in kwargs:
-            options = _httpx_options(kwargs)
+            options = httpx_options(kwargs)
             http = httpx2.AsyncClient(**options) if flavour == "async" else httpx2.Client(**options)
             https.append(http)
             kwargs["http_client"] = http

@@ -45,7 +45,7 @@ from onenet_ota.server.admin_api import PREFIX
 from onenet_ota.server.app import AppResources, bind_socket, create_app
 from onenet_ota.server.config import Settings
 from onenet_ota.server.http import Handler, Limits, Request, Response
-from tests.device.conftest import TRANSPORTS, Driver, MakeClient
+from tests.device.conftest import TRANSPORTS, Driver, MakeClient, httpx_options
 from tests.server.seed import DB_PARAMS, FIRMWARE, FakeClock, module_database
 from tests.serverthread import ServerThread
 
@@ -352,11 +352,8 @@ async def make_client(
         kwargs.setdefault("on_event", events.append)
         kwargs.setdefault("timeout", 10_000)  # a loaded CI machine, not a device's 3 s
         if transport == "httpx":
-            http = (
-                httpx2.AsyncClient(trust_env=False)
-                if flavour == "async"
-                else httpx2.Client(trust_env=False)
-            )
+            options = httpx_options(kwargs)
+            http = httpx2.AsyncClient(**options) if flavour == "async" else httpx2.Client(**options)
             https.append(http)
             kwargs["http_client"] = http
         cls = AsyncOtaClient if flavour == "async" else OtaClient
