@@ -27,6 +27,7 @@ that connection, which is then dropped (see :class:`Broken`).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
@@ -34,7 +35,9 @@ from typing import Any, Final
 import httptools
 
 from onenet_ota.device._core import Call, Head, Outcome, WireRequest
-from onenet_ota.device.errors import OtaError, ProtocolError, TransportError
+from onenet_ota.device.errors import OtaError, ProtocolError, TransportError, endpoint_label
+
+logger = logging.getLogger("onenet_ota.device")
 
 MAX_HEAD: Final = 16 * 1024
 """Largest reply head (status line and headers) the client reads; a OneNET head is ~300 bytes."""
@@ -280,6 +283,7 @@ class Exchange:
                         self._finish_current(Failure(exc))
                         self._abandon("the connection was dropped after an oversized reply")
             elif type(event) is Head:
+                logger.debug("%s: HTTP %s", endpoint_label(self.current.endpoint), event.status)
                 self._head = event
                 try:
                     self._reader = self.current.begin(event)
