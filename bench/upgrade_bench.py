@@ -13,6 +13,10 @@ SQLite, in its own process: :class:`onenet_ota.sim.server.LocalServer`):
    upgrade through the SDK (:class:`~onenet_ota.device.upgrader.Upgrader` over
    :class:`OtaClient`): E1, E3, then a token check (E5) before *every* chunk and the chunk (E6),
    fsynced checkpoints every MiB, verification, 101, install (an atomic copy of the file), 201.
+   Each chunk size runs once per ``--variants`` entry: ``httpx`` (the client over an injected
+   httpx2 client, as before the SDK had its own transport), ``lean`` (the SDK's own transport,
+   the default) and ``lean+pipeline`` (``UpgradeOptions.pipeline``: E5 and E6 back to back on
+   one connection), so one run gives the before and after ratios.
    As the baseline, ``curl`` downloads the same file from the same server in one request (E6
    without Range). Each measurement runs in a separate process (so none shares an interpreter
    with the server), is repeated ``--rounds`` times, interleaved, and reported as its median,
