@@ -8,6 +8,7 @@ checks and downloads, and a server that does not pipeline.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +20,12 @@ from onenet_ota.device._core import Head, Outcome
 from onenet_ota.device._http import END, MAX_HEAD, Broken, Failure, ReplyParser
 from onenet_ota.device.errors import DownloadError, ProtocolError, TokenExpired
 from onenet_ota.device.events import DownloadedChunk, EventKind, OtaEvent
-from tests.device.conftest import FIRMWARE, TOKEN, make_config
+from onenet_ota.device.install import FileInstaller
+from onenet_ota.device.upgrader import AsyncUpgrader, UpgradeOptions, Upgrader
+from onenet_ota.device.upgrader import Outcome as RunOutcome
+from tests.device.conftest import FIRMWARE, TOKEN, make_config, task_data
 from tests.device.scripted_server import (
+    RecordedRequest,
     Reply,
     ScriptedServer,
     download_reply,
@@ -328,3 +333,55 @@ def test_the_head_bound_is_a_protocol_error(server: ScriptedServer) -> None:
         pytest.raises(ProtocolError, match="head longer"),
     ):
         client.check_token(TOKEN)
+
+
+# -- the upgrader, pipelining against a server that closes after every reply --------------------
+
+
+def is_download(path: str) -> bool:
+    """E6's path (not E5's, which ends in /check)."""
+    return path.startswith("/ota/south/download/") and not path.endswith("/check")
+
+
+def closing_platform(request: RecordedRequest) -> Reply:
+    """A classic platform that answers one request per connection (no pipelining, no
+    keep-alive), like the C SDK's servers (§10): E1, E3, E5 and E7 succeed, E6 serves ranges."""
+    path = request.path
+    if path == "/ota/south/check":
+        reply = envelope(0, data=task_data())
+    elif is_download(path):
+        range_header = request.header("Range") or ""
+        first, last = (int(x) for x in range_header.split("-"))  # classic: "s-e" (§6.6.1)
+        last = min(last, len(FIRMWARE) - 1)
+        reply = download_reply(FIRMWARE[first : last + 1], first, last, len(FIRMWARE))
+    else:
+        reply = envelope(0)
+    return Reply(reply.data, close=True)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.anyio
+async def test_pipelined_upgrade_against_a_server_that_does_not_pipeline(
+    server: ScriptedServer, tmp_path: Path, flavour: str
+) -> None:
+    server.handler = closing_platform
+    options = UpgradeOptions(chunk_size=1024, pipeline=True, progress_step=0)
+    output = tmp_path / "fw.bin"
+    if flavour == "async":
+        async with AsyncOtaClient(make_config(), base_url=server.url) as aclient:
+            result = await AsyncUpgrader(
+                aclient, FileInstaller(output), state_dir=tmp_path / "state", options=options
+            ).run()
+    else:
+        with OtaClient(make_config(), base_url=server.url) as client:
+            result = Upgrader(
+                client, FileInstaller(output), state_dir=tmp_path / "state", options=options
+            ).run()
+    assert result.outcome is RunOutcome.SUCCEEDED, result.reason
+    assert output.read_bytes() == FIRMWARE
+    kinds = ["E6" if is_download(r.path) else r.path for r in server.requests]
+    downloads = [i for i, kind in enumerate(kinds) if kind == "E6"]
+    # Every chunk fetched once (the pipelined one the server dropped was not read by it), each
+    # right after its token check.
+    assert len(downloads) == -(-len(FIRMWARE) // 1024)
+    assert all(kinds[i - 1].endswith("/check") for i in downloads)
