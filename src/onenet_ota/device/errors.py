@@ -11,7 +11,7 @@ code ported from C maps 1:1, and ``endpoint``, the
     │   ├── ProtocolError            -3  a reply that breaks the protocol: not JSON, too large, no
     │   │                                errno, wrong field types, wrong length, lying length
     │   ├── ClientClosedError        -5  the client was closed (the C SDK's ota_deinit)
-X
+    │   └── TransportError           -11 the connection failed (chains the transport's exception)
     │       └── RequestTimeout       -13 the call ran out of time
     ├── PlatformError                errno: the platform answered {"errno": N} with N != 0
     │   ├── AuthFailed                1   Authorization or dev_id refused: a configuration error
