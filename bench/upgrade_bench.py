@@ -13,6 +13,10 @@ SQLite, in its own process: :class:`onenet_ota.sim.server.LocalServer`):
    upgrade through the SDK (:class:`~onenet_ota.device.upgrader.Upgrader` over
    :class:`OtaClient`): E1, E3, then a token check (E5) before *every* chunk and the chunk (E6),
    fsynced checkpoints every MiB, verification, 101, install (an atomic copy of the file), 201.
+   Each chunk size runs once per ``--variants`` entry: ``httpx`` (the client over an injected
+   httpx2 client, as before the SDK had its own transport), ``lean`` (the SDK's own transport,
+   the default) and ``lean+pipeline`` (``UpgradeOptions.pipeline``: E5 and E6 back to back on
+   one connection), so one run gives the before and after ratios.
    As the baseline, ``curl`` downloads the same file from the same server in one request (E6
    without Range). Each measurement runs in a separate process (so none shares an interpreter
    with the server), is repeated ``--rounds`` times, interleaved, and reported as its median,
@@ -30,6 +34,7 @@ socket takes its place, and the report says so. Exit status 0 when every run suc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -82,9 +87,15 @@ def worker(args: argparse.Namespace) -> int:
         version="1.0.0",
         type=TaskType.FOTA,
     )
-    options = UpgradeOptions(chunk_size=args.chunk_size)
-    with tempfile.TemporaryDirectory(prefix="onenet-ota-bench-device-") as tmp:
-        with OtaClient(config, base_url=args.server, timeout=30_000) as client:
+    options = UpgradeOptions(chunk_size=args.chunk_size, pipeline=args.pipeline)
+    with contextlib.ExitStack() as stack:
+        http: Any = None
+        if args.transport == "httpx":
+            import httpx2
+
+            http = stack.enter_context(httpx2.Client(trust_env=False))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="onenet-ota-bench-device-"))
+        with OtaClient(config, base_url=args.server, timeout=30_000, http_client=http) as client:
             upgrader = Upgrader(
                 client,
                 FileInstaller(Path(tmp) / "fw.bin"),
@@ -112,7 +123,11 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def _upgrade_in_process(
-    server: str, world: Provisioned, chunk_size: int, server_pid: int | None = None
+    server: str,
+    world: Provisioned,
+    chunk_size: int,
+    server_pid: int | None = None,
+    variant: str = "lean",
 ) -> dict[str, Any]:
     env = {**os.environ, "BENCH_ACCESS_KEY": world.access_key}
     command = [
@@ -128,6 +143,9 @@ def _upgrade_in_process(
         str(world.dev_id),
         "--chunk-size",
         str(chunk_size),
+        "--transport",
+        variant.split("+")[0],
+        *(["--pipeline"] if variant.endswith("+pipeline") else []),
     ]
     before = process_cpu(server_pid) if server_pid is not None else 0.0
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -182,6 +200,12 @@ def _raw_get(url: str, size: int) -> float:
     return seconds
 
 
+def _requests(size: int, chunk: int) -> int:
+    """The requests of one upgrade: E5 and E6 per chunk, E1, E3, 101, 201 and E1 again, and
+    progress reports (at most nine)."""
+    return 2 * -(-size // chunk) + 5 + min(9, -(-size // chunk))
+
+
 def _mib_s(size: int, seconds: float) -> float:
     return size / seconds / MIB
 
@@ -192,16 +216,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="repetitions, median reported")
     parser.add_argument("--chunks", default="4k,64k,1m", help="chunk sizes to measure")
     parser.add_argument("--rss-sizes", default="8m,64m", help="package sizes for peak RSS")
+    parser.add_argument(
+        "--variants",
+        default="httpx,lean,lean+pipeline",
+        help="SDK transports to measure: lean (the SDK's own), httpx (an injected httpx2 "
+        "client), each optionally +pipeline (UpgradeOptions.pipeline)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--server", help=argparse.SUPPRESS)
     parser.add_argument("--pid", help=argparse.SUPPRESS)
     parser.add_argument("--dev-id", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--transport", default="lean", help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
     chunks = [_size(c) for c in args.chunks.split(",")]
+    variants = args.variants.split(",")
+    if not set(variants) <= {"lean", "httpx", "lean+pipeline", "httpx+pipeline"}:
+        parser.error("--variants: lean, httpx, lean+pipeline, httpx+pipeline")
+    args.variant_list = variants
     rss_sizes = [_size(s) for s in args.rss_sizes.split(",")]
     print(f"upgrade benchmark on {machine()}", file=sys.stderr)
 
@@ -227,18 +263,19 @@ def _run(
         return provision(admin, data, device_name=f"bench{next(names)}")
 
     data = generate_package(args.size)
-    sdk: dict[int, list[float]] = {chunk: [] for chunk in chunks}
-    cpu: dict[int, list[tuple[float, float]]] = {chunk: [] for chunk in chunks}
+    runs = [(variant, chunk) for variant in args.variant_list for chunk in chunks]
+    sdk: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+    cpu: dict[tuple[str, int], list[tuple[float, float]]] = {run: [] for run in runs}
     baseline: list[float] = []
     tool = ""
     for _ in range(args.rounds):
         # Interleaved, so that load from elsewhere on a shared machine drifts over all alike.
-        for chunk in chunks:
-            report = _upgrade_in_process(server, world(data), chunk, server_pid)
+        for variant, chunk in runs:
+            report = _upgrade_in_process(server, world(data), chunk, server_pid, variant)
             if report["outcome"] != "succeeded" or report["bytes"] != len(data):
-                raise RuntimeError(f"upgrade with {chunk}-byte chunks: {report}")
-            sdk[chunk].append(report["seconds"])
-            cpu[chunk].append((report["cpu_seconds"], report["server_cpu_seconds"] or 0.0))
+                raise RuntimeError(f"upgrade with {chunk}-byte chunks ({variant}): {report}")
+            sdk[variant, chunk].append(report["seconds"])
+            cpu[variant, chunk].append((report["cpu_seconds"], report["server_cpu_seconds"] or 0.0))
         curl_world = world(data)
         token = _download_token(server, curl_world)
         seconds, tool = _curl(f"{server}/ota/south/download/{token}", len(data))
@@ -246,7 +283,8 @@ def _run(
 
     rss: dict[int, int] = {}
     for size in rss_sizes:
-        report = _upgrade_in_process(server, world(generate_package(size, seed=size)), 64 * KIB)
+        package = generate_package(size, seed=size)
+        report = _upgrade_in_process(server, world(package), 64 * KIB, None, args.variant_list[-1])
         if report["outcome"] != "succeeded":
             raise RuntimeError(f"upgrade of {size} bytes: {report}")
         rss[size] = report["vmhwm_kib"]
@@ -257,14 +295,17 @@ def _run(
         "package_bytes": len(data),
         "baseline": {"tool": tool, "seconds": curl_s, "bytes_per_s": curl_bps},
         "sdk": {
-            str(chunk): {
+            f"{variant}/{chunk}": {
                 "seconds": statistics.median(times),
                 "bytes_per_s": len(data) / statistics.median(times),
                 "ratio_to_baseline": (len(data) / statistics.median(times)) / curl_bps,
-                "client_cpu_seconds": statistics.median(c for c, _ in cpu[chunk]),
-                "server_cpu_seconds": statistics.median(s for _, s in cpu[chunk]),
+                "client_cpu_seconds": statistics.median(c for c, _ in cpu[variant, chunk]),
+                "client_cpu_us_per_request": statistics.median(c for c, _ in cpu[variant, chunk])
+                * 1e6
+                / _requests(len(data), chunk),
+                "server_cpu_seconds": statistics.median(s for _, s in cpu[variant, chunk]),
             }
-            for chunk, times in sdk.items()
+            for (variant, chunk), times in sdk.items()
         },
         "peak_rss_kib": {str(size): kib for size, kib in rss.items()},
     }
@@ -279,23 +320,26 @@ def _run(
     print(f"\nthroughput, {len(data) / MIB:g} MiB package, median of {args.rounds}:")
     print(
         f"  {'':38}{'seconds':>9}{'MiB/s':>8}{'bytes/s':>13}{'x ' + tool.split()[0]:>9}"
-        f"{'client CPU':>12}{'server CPU':>12}"
+        f"{'client CPU':>12}{'server CPU':>12}{'CPU/req':>11}"
     )
     print(
         f"  {tool + ', one request':38}{curl_s:>9.3f}{_mib_s(len(data), curl_s):>8.1f}"
         f"{curl_bps:>13,.0f}{1.0:>9.3f}"
     )
-    for chunk, times in sdk.items():
+    for (variant, chunk), times in sdk.items():
         seconds = statistics.median(times)
-        row = results["sdk"][str(chunk)]
-        label = f"SDK upgrade, {chunk // KIB} KiB chunks, E5 each"
+        row = results["sdk"][f"{variant}/{chunk}"]
+        label = f"SDK {variant}, {chunk // KIB} KiB chunks, E5 each"
         print(
             f"  {label:38}{seconds:>9.3f}{_mib_s(len(data), seconds):>8.1f}"
             f"{len(data) / seconds:>13,.0f}{(len(data) / seconds) / curl_bps:>9.3f}"
             f"{row['client_cpu_seconds']:>11.2f}s{row['server_cpu_seconds']:>11.2f}s"
+            f"{row['client_cpu_us_per_request']:>9.0f}µs"
         )
     print(
-        "  (one chunk = two requests, E5 then E6; client CPU is the upgrader process's, server\n"
+        "  (one chunk = two requests, E5 then E6, pipelined with +pipeline; lean is the SDK's\n"
+        "   own transport, httpx an injected httpx2 client; client CPU is the upgrader process's,\n"
+        "   CPU/req over all its requests; server\n"
         "   CPU the server's over the same run; their sum well below the wall time means the\n"
         "   machine was busy elsewhere)"
     )

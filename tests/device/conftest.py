@@ -1,16 +1,19 @@
 """Fixtures for the device client tests: a scripted loopback server, and clients of both flavours.
 
-Every client test runs twice, once with :class:`OtaClient` and once with :class:`AsyncOtaClient`,
-through :class:`Driver`, which awaits a call when the client is async and simply makes it
-otherwise (the scripted server runs in its own threads, so a blocking call is fine).
+Every client test runs four times: with :class:`OtaClient` and with :class:`AsyncOtaClient`, each
+over the SDK's own transport ("lean") and over an injected httpx2 client ("httpx"), through
+:class:`Driver`, which awaits a call when the client is async and simply makes it otherwise (the
+scripted server runs in its own threads, so a blocking call is fine).
 """
 
 from __future__ import annotations
 
 import inspect
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import httpx2
 import pytest
 
 from onenet_ota.device import (
@@ -68,9 +71,22 @@ def task_data(**changes: Any) -> dict[str, Any]:
 class Driver:
     """One interface over a sync or an async client: ``await driver("check_task")``."""
 
-    def __init__(self, client: OtaClient | AsyncOtaClient, events: list[OtaEvent]) -> None:
+    def __init__(
+        self, client: OtaClient | AsyncOtaClient, events: list[OtaEvent], transport: str = "lean"
+    ) -> None:
         self.client = client
         self.events = events
+        self.transport = transport
+
+    @property
+    def connect_error(self) -> type[BaseException]:
+        """What the transport chains to a TransportError when it cannot connect."""
+        return httpx2.ConnectError if self.transport == "httpx" else OSError
+
+    @property
+    def timeout_error(self) -> type[BaseException]:
+        """What the transport chains to a RequestTimeout."""
+        return httpx2.TimeoutException if self.transport == "httpx" else TimeoutError
 
     @property
     def is_async(self) -> bool:
@@ -102,23 +118,50 @@ def server() -> Iterator[ScriptedServer]:
     assert not srv.unexpected, f"requests without a scripted reply: {srv.unexpected}"
 
 
-@pytest.fixture(params=["sync", "async"])
+def httpx_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The client's TLS options as an injected httpx2 client's."""
+    verify: bool | ssl.SSLContext = kwargs.pop("verify", True)
+    ca_file = kwargs.pop("ca_file", None)
+    if ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(ca_file))
+    return {"verify": verify, "trust_env": False}
+
+
+TRANSPORTS = ["sync-lean", "async-lean", "sync-httpx", "async-httpx"]
+
+
+@pytest.fixture(params=TRANSPORTS)
 async def make_client(
     request: pytest.FixtureRequest, server: ScriptedServer
 ) -> AsyncIterator[MakeClient]:
-    """A factory of clients of this run's flavour, aimed at ``server`` by default."""
-    flavour: str = request.param
+    """A factory of clients of this run's flavour and transport, aimed at ``server`` by default.
+
+    Clients over httpx2 get an injected ``httpx2.Client``/``AsyncClient`` (TLS options moved
+    onto it), closed at the end of the test.
+    """
+    flavour, transport = request.param.split("-")
     drivers: list[Driver] = []
+    https: list[httpx2.Client | httpx2.AsyncClient] = []
 
     def make(config: DeviceConfig | None = None, **kwargs: Any) -> Driver:
         events: list[OtaEvent] = []
         kwargs.setdefault("base_url", server.url)
         kwargs.setdefault("on_event", events.append)
+        if transport == "httpx" and "http_client" not in kwargs:
+            options = httpx_options(kwargs)
+            http = httpx2.AsyncClient(**options) if flavour == "async" else httpx2.Client(**options)
+            https.append(http)
+            kwargs["http_client"] = http
         cls = AsyncOtaClient if flavour == "async" else OtaClient
-        driver = Driver(cls(config or make_config(), **kwargs), events)
+        driver = Driver(cls(config or make_config(), **kwargs), events, transport)
         drivers.append(driver)
         return driver
 
     yield make
     for driver in drivers:
         await driver.close()
+    for http in https:
+        if isinstance(http, httpx2.AsyncClient):
+            await http.aclose()
+        else:
+            http.close()

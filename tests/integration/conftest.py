@@ -45,7 +45,7 @@ from onenet_ota.server.admin_api import PREFIX
 from onenet_ota.server.app import AppResources, bind_socket, create_app
 from onenet_ota.server.config import Settings
 from onenet_ota.server.http import Handler, Limits, Request, Response
-from tests.device.conftest import Driver, MakeClient
+from tests.device.conftest import TRANSPORTS, Driver, MakeClient, httpx_options
 from tests.server.seed import DB_PARAMS, FIRMWARE, FakeClock, module_database
 from tests.serverthread import ServerThread
 
@@ -335,28 +335,40 @@ def platform(
         yield platform
 
 
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=TRANSPORTS)
 async def make_client(
     request: pytest.FixtureRequest, platform: Platform
 ) -> AsyncIterator[MakeClient]:
-    """A factory of clients of this run's flavour, aimed at the platform's ``api`` listener
-    unless ``base_url`` says otherwise; every event goes to the driver's ``events``."""
-    flavour: str = request.param
+    """A factory of clients of this run's flavour and transport (the SDK's own, or an injected
+    httpx2 client), aimed at the platform's ``api`` listener unless ``base_url`` says otherwise;
+    every event goes to the driver's ``events``."""
+    flavour, transport = request.param.split("-")
     drivers: list[Driver] = []
+    https: list[httpx2.Client | httpx2.AsyncClient] = []
 
     def make(config: DeviceConfig, **kwargs: Any) -> Driver:
         events: list[OtaEvent] = []
         kwargs.setdefault("base_url", platform.api.url)
         kwargs.setdefault("on_event", events.append)
         kwargs.setdefault("timeout", 10_000)  # a loaded CI machine, not a device's 3 s
+        if transport == "httpx":
+            options = httpx_options(kwargs)
+            http = httpx2.AsyncClient(**options) if flavour == "async" else httpx2.Client(**options)
+            https.append(http)
+            kwargs["http_client"] = http
         cls = AsyncOtaClient if flavour == "async" else OtaClient
-        driver = Driver(cls(config, **kwargs), events)
+        driver = Driver(cls(config, **kwargs), events, transport)
         drivers.append(driver)
         return driver
 
     yield make
     for driver in drivers:
         await driver.close()
+    for http in https:
+        if isinstance(http, httpx2.AsyncClient):
+            await http.aclose()
+        else:
+            http.close()
 
 
 def md5(data: bytes) -> str:

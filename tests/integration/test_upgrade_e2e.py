@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -83,11 +84,17 @@ def server_record(platform: Platform, world: World) -> tuple[str, int | None]:
 # -- full upgrades --------------------------------------------------------------------------------
 
 
-def test_full_fota_upgrade(platform: Platform, tmp_path: Path) -> None:
+# Each chunk's E5 and E6 one after the other, or pipelined on one connection (the project's
+# server pipelines); the platform must see the same requests in the same order either way.
+PIPELINE = pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
+
+
+@PIPELINE
+def test_full_fota_upgrade(platform: Platform, tmp_path: Path, pipeline: bool) -> None:
     data = unique_package()
     world = platform.world(data=data)
     watch = platform.watch()
-    result = run_upgrade(platform, world, tmp_path)
+    result = run_upgrade(platform, world, tmp_path, options=replace(OPTIONS, pipeline=pipeline))
     assert result.outcome is Outcome.SUCCEEDED, result.reason
     assert result.target == TARGET
     assert result.bytes_downloaded == len(data)
@@ -106,7 +113,8 @@ def test_full_fota_upgrade(platform: Platform, tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_full_sota_upgrade_async(platform: Platform, tmp_path: Path) -> None:
+@PIPELINE
+async def test_full_sota_upgrade_async(platform: Platform, tmp_path: Path, pipeline: bool) -> None:
     data = unique_package(123_457)
     world = platform.world(data=data, module_type="sota")
     slept: list[float] = []
@@ -120,7 +128,7 @@ async def test_full_sota_upgrade_async(platform: Platform, tmp_path: Path) -> No
             ota,
             FileInstaller(tmp_path / "app.bin"),
             state_dir=tmp_path / "state",
-            options=UpgradeOptions(chunk_size=4096, retry=OPTIONS.retry),
+            options=UpgradeOptions(chunk_size=4096, retry=OPTIONS.retry, pipeline=pipeline),
             sleep=sleep,
         ).run()
     assert result.outcome is Outcome.SUCCEEDED, result.reason
@@ -227,8 +235,9 @@ def test_sigkill_at_random_points_then_one_success(platform: Platform, tmp_path:
 # -- failures the platform must hear about ---------------------------------------------------------
 
 
+@PIPELINE
 def test_corrupt_package_reports_205_and_installs_nothing(
-    platform: Platform, tmp_path: Path
+    platform: Platform, tmp_path: Path, pipeline: bool
 ) -> None:
     data = unique_package()
     world = platform.world(data=data)
@@ -239,7 +248,7 @@ def test_corrupt_package_reports_205_and_installs_nothing(
         byte = blob.read(1)
         blob.seek(1234)
         blob.write(bytes([byte[0] ^ 0xFF]))
-    result = run_upgrade(platform, world, tmp_path)
+    result = run_upgrade(platform, world, tmp_path, options=replace(OPTIONS, pipeline=pipeline))
     assert result.outcome is Outcome.FAILED
     assert result.code is StatusCode.UPGRADE_MD5_MISMATCH
     statuses = [code for code in result.reports if code > 100]  # progress values aside
@@ -249,7 +258,10 @@ def test_corrupt_package_reports_205_and_installs_nothing(
     assert not (tmp_path / "state" / "fota.part").exists()
 
 
-def test_task_cancelled_mid_download_stops_the_upgrader(platform: Platform, tmp_path: Path) -> None:
+@PIPELINE
+def test_task_cancelled_mid_download_stops_the_upgrader(
+    platform: Platform, tmp_path: Path, pipeline: bool
+) -> None:
     data = unique_package()
     world = platform.world(data=data)
     seen: list[int] = []
@@ -260,7 +272,13 @@ def test_task_cancelled_mid_download_stops_the_upgrader(platform: Platform, tmp_
             if len(seen) == 1:
                 platform.act(world, "cancel")
 
-    result = run_upgrade(platform, world, tmp_path, on_event=cancel_after_first_chunk)
+    result = run_upgrade(
+        platform,
+        world,
+        tmp_path,
+        on_event=cancel_after_first_chunk,
+        options=replace(OPTIONS, pipeline=pipeline),
+    )
     assert result.outcome is Outcome.CANCELLED
     assert result.code is None
     assert result.reports == ()
@@ -270,7 +288,10 @@ def test_task_cancelled_mid_download_stops_the_upgrader(platform: Platform, tmp_
     assert not (tmp_path / "state" / "fota.json").exists()
 
 
-def test_token_expiry_mid_download_recovers(platform: Platform, tmp_path: Path) -> None:
+@PIPELINE
+def test_token_expiry_mid_download_recovers(
+    platform: Platform, tmp_path: Path, pipeline: bool
+) -> None:
     data = unique_package()
     world = platform.world(data=data)
     watch = platform.watch()
@@ -281,7 +302,13 @@ def test_token_expiry_mid_download_recovers(platform: Platform, tmp_path: Path) 
             platform.clock.advance(values.TOKEN_LIFETIME_S + 1)  # the 48 h are up (D13)
 
     try:
-        result = run_upgrade(platform, world, tmp_path, on_event=expire_after_first_chunk)
+        result = run_upgrade(
+            platform,
+            world,
+            tmp_path,
+            on_event=expire_after_first_chunk,
+            options=replace(OPTIONS, pipeline=pipeline),
+        )
     finally:
         platform.clock.now = start
     assert result.outcome is Outcome.SUCCEEDED, result.reason

@@ -1,9 +1,11 @@
-"""``OtaClient`` and ``AsyncOtaClient``: thin I/O drivers over httpx2 around the sans-IO core.
+"""``OtaClient`` and ``AsyncOtaClient``: thin I/O drivers around the sans-IO core.
 
 Both build their calls with :class:`~onenet_ota.device._core.ClientCore` and judge the replies with
-it; all they add is sending, streaming the body into the core's reader (so no more than the
-protocol allows is ever read), the overall deadline, mapping httpx2's exceptions into
-:mod:`onenet_ota.device.errors`, and delivering events.
+it. The bytes move through a transport: the SDK's own HTTP/1.1 transport
+(:mod:`onenet_ota.device.transport`: blocking sockets or asyncio streams, llhttp for the framing)
+by default, or an injected ``httpx2`` client (:mod:`onenet_ota.device._httpx`). Either answers
+each call's outcome or its error from :mod:`onenet_ota.device.errors`; all the clients add is the
+event delivery.
 """
 
 from __future__ import annotations
@@ -13,105 +15,56 @@ import inspect
 import logging
 import os
 import ssl
-import time
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar
-
-import httpx2
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from onenet_ota import __version__
-from onenet_ota.device._core import AnyTask, Call, ClientCore, Head, TaskRef, VersionInfo
+from onenet_ota.device._core import AnyTask, Call, ClientCore, Outcome, TaskRef, VersionInfo
+from onenet_ota.device._http import Failure, Result
 from onenet_ota.device.config import DEFAULT_BASE_URLS, DeviceConfig, Timeout
-from onenet_ota.device.errors import (
-    ClientClosedError,
-    InvalidArgumentError,
-    OtaError,
-    ProtocolError,
-    RequestTimeout,
-    TransportError,
-    endpoint_label,
-)
+from onenet_ota.device.errors import ClientClosedError, InvalidArgumentError
 from onenet_ota.device.events import AsyncEventCallback, DownloadedChunk, EventCallback, OtaEvent
+from onenet_ota.device.transport import AsyncTransport, SyncTransport
 from onenet_ota.protocol.codes import Dialect
 from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
+
+if TYPE_CHECKING:
+    import httpx2
 
 logger = logging.getLogger("onenet_ota.device")
 
 T = TypeVar("T")
 CaFile = str | os.PathLike[str]
 DEFAULT_TIMEOUT = Timeout()
-
-
-def _http_timeout(timeout: Timeout) -> httpx2.Timeout:
-    return httpx2.Timeout(timeout.seconds, connect=timeout.connect_seconds)
-
-
-def _head(response: httpx2.Response) -> Head:
-    return Head(
-        response.status_code,
-        tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw),
-    )
-
-
-def _wrap(call: Call[T], exc: Exception, *, got_head: bool) -> OtaError:
-    """httpx2's exception as this SDK's; the caller chains it with ``from``."""
-    endpoint = call.endpoint
-    detail = str(exc) or type(exc).__name__
-    authorization = call.request.header("Authorization")
-    if authorization:  # belt and braces: no library message may carry the credential out
-        detail = detail.replace(authorization, "***")
-    if isinstance(exc, httpx2.TimeoutException):
-        return RequestTimeout(
-            f"timed out after {call.request.timeout.ms} ms ({type(exc).__name__})",
-            endpoint=endpoint,
-        )
-    if isinstance(exc, httpx2.RemoteProtocolError):
-        if got_head:
-            # The status and headers arrived, the body did not match its framing: typically a
-            # Content-Length larger than the bytes sent before the server closed.
-            return ProtocolError(
-                f"reply body does not match its framing: {detail}", endpoint=endpoint
-            )
-        if "without sending a response" in detail:
-            return TransportError(
-                "the server closed the connection without replying", endpoint=endpoint
-            )
-        return ProtocolError(f"reply is not valid HTTP/1.1: {detail}", endpoint=endpoint)
-    return TransportError(f"{type(exc).__name__}: {detail}", endpoint=endpoint)
-
-
-_HTTPX_ERRORS = (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError)
-
-
-def _may_retry(exc: Exception, got_head: bool, retried: bool, deadline: float) -> bool:
-    """Whether to send the request once more, on a new connection.
-
-    §10: the SDK MUST reconnect when the server closes a connection. A kept-alive connection that
-    the server closed while idle fails only when it is reused: the request goes out and the
-    connection ends with no reply at all. Then the server never read the request, so one retry on
-    a fresh connection is safe, even for a POST. (A server that read it and died without a word
-    looks the same; a repeated request changes no task state twice, §5.5, it may only answer an
-    errno.) Any reply byte, or a timeout, rules a retry out.
-    """
-    if retried or got_head or time.monotonic() >= deadline:
-        return False
-    if isinstance(exc, httpx2.RemoteProtocolError):
-        return "without sending a response" in str(exc)
-    return isinstance(exc, httpx2.ReadError | httpx2.WriteError)
+USER_AGENT = f"onenet-ota/{__version__}"
 
 
 @functools.cache
 def _default_tls() -> ssl.SSLContext:
-    # Loading the system CA store costs about 0.1 s; a fleet of clients shares one context
-    # (an SSLContext is safe to share). trust_env=False: library code never reads the environment.
-    return httpx2.create_ssl_context(verify=True, trust_env=False)
+    # Loading a CA store costs about 0.1 s; a fleet of clients shares one context (an SSLContext
+    # is safe to share). certifi's bundle when it is installed (what httpx2 would load), the
+    # system's store otherwise: the SDK itself does not depend on certifi.
+    try:
+        import certifi
+    except ImportError:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
 
 
-def _tls(verify: bool, ca_file: CaFile | None) -> ssl.SSLContext | bool:
+@functools.cache
+def _unverified_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _tls(verify: bool, ca_file: CaFile | None) -> ssl.SSLContext:
     if not isinstance(verify, bool):
         raise InvalidArgumentError("verify must be True or False")
     if ca_file is None:
-        return _default_tls() if verify else False
+        return _default_tls() if verify else _unverified_tls()
     if not verify:
         raise InvalidArgumentError("ca_file makes no sense with verify=False")
     try:
@@ -121,13 +74,23 @@ def _tls(verify: bool, ca_file: CaFile | None) -> ssl.SSLContext | bool:
         raise InvalidArgumentError(f"cannot load the CA file {ca_file!s}: {reason}") from None
 
 
-def _http_options(tls: ssl.SSLContext | bool) -> dict[str, Any]:
-    """Options of the HTTP client a client creates for itself (sync and async alike)."""
-    return {
-        "verify": tls,
-        "trust_env": False,  # library code never reads the environment: inject a client
-        "headers": {"User-Agent": f"onenet-ota/{__version__}"},
-    }
+class _SyncSender(Protocol):
+    def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]: ...
+    def close(self) -> None: ...
+
+
+class _AsyncSender(Protocol):
+    async def exchange(
+        self, calls: Sequence[Call[Any]], *, pipeline: bool = False
+    ) -> list[Result]: ...
+    async def aclose(self) -> None: ...
+
+
+def _value(result: Result) -> Outcome[Any]:
+    """The outcome, or its error raised (chained to the transport's exception, if any)."""
+    if isinstance(result, Failure):
+        raise result.error from result.cause
+    return result
 
 
 class _ClientBase:
@@ -143,7 +106,7 @@ class _ClientBase:
         verify: bool,
         ca_file: CaFile | None,
         injected: object | None,
-    ) -> ssl.SSLContext | bool:
+    ) -> ssl.SSLContext:
         if isinstance(timeout, int) and not isinstance(timeout, bool):
             timeout = Timeout(timeout)
         if not isinstance(timeout, Timeout):
@@ -155,6 +118,9 @@ class _ClientBase:
         if injected is not None and (ca_file is not None or verify is not True):
             raise InvalidArgumentError("configure TLS on the injected HTTP client instead")
         self._closed = False
+        # One switch, in the configuration: the core adds the Connection: close header, and the
+        # transport then keeps no connection for another call.
+        self._keep_alive = self._core.config.keep_alive
         return _tls(verify, ca_file)
 
     @property
@@ -177,10 +143,15 @@ class _ClientBase:
         """Whether :meth:`close` has been called."""
         return self._closed
 
-    def _check_open(self, call: Call[T], http_closed: bool) -> None:
+    @property
+    def keep_alive(self) -> bool:
+        """Whether connections are kept between calls (False: ``Connection: close`` on each)."""
+        return self._keep_alive
+
+    def _check_open(self, call: Call[Any], sender: object) -> None:
         if self._closed:
             raise ClientClosedError(endpoint=call.endpoint)
-        if http_closed:
+        if getattr(sender, "http_closed", False):
             raise ClientClosedError("the injected HTTP client is closed", endpoint=call.endpoint)
 
     def __repr__(self) -> str:
@@ -201,8 +172,12 @@ class OtaClient(_ClientBase):
     ``config`` is what ``ota_init`` takes; ``close()`` (or leaving a ``with`` block) is
     ``ota_deinit``. ``timeout`` is the default per-call limit (a :class:`Timeout` or ms); every
     call takes ``timeout_ms`` to override it. TLS: ``verify`` (default on) and ``ca_file``.
-    ``http_client`` injects an ``httpx2.Client`` (proxies, custom TLS, mounts); it is not closed
-    by this client. ``on_event`` receives the C SDK's events (:mod:`onenet_ota.device.events`).
+    By default the client sends over its own HTTP/1.1 transport
+    (:mod:`onenet_ota.device.transport`); ``http_client`` injects an ``httpx2.Client`` instead
+    (proxies, custom TLS, mounts; needs the ``httpx`` extra); it is not closed by this client.
+    ``config.keep_alive`` False sends ``Connection: close`` and uses a new connection for every
+    call.
+    ``on_event`` receives the C SDK's events (:mod:`onenet_ota.device.events`).
     Errors are :mod:`onenet_ota.device.errors`; nothing else escapes.
     """
 
@@ -218,10 +193,18 @@ class OtaClient(_ClientBase):
         on_event: EventCallback | None = None,
     ) -> None:
         tls = self._setup(config, base_url, timeout, verify, ca_file, http_client)
-        if http_client is not None and not isinstance(http_client, httpx2.Client):
-            raise InvalidArgumentError("http_client must be an httpx2.Client")
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else httpx2.Client(**_http_options(tls))
+        keep_alive = self._keep_alive
+        self._sender: _SyncSender
+        if http_client is None:
+            self._sender = SyncTransport(tls, user_agent=USER_AGENT, keep_alive=keep_alive)
+        else:
+            import httpx2
+
+            from onenet_ota.device._httpx import HttpxTransport
+
+            if not isinstance(http_client, httpx2.Client):
+                raise InvalidArgumentError("http_client must be an httpx2.Client")
+            self._sender = HttpxTransport(http_client, keep_alive=keep_alive)
         self._on_event = on_event
 
     def close(self) -> None:
@@ -229,8 +212,7 @@ class OtaClient(_ClientBase):
         if self._closed:
             return
         self._closed = True
-        if self._owns_http:
-            self._http.close()
+        self._sender.close()
 
     def __enter__(self) -> OtaClient:
         return self
@@ -244,37 +226,30 @@ class OtaClient(_ClientBase):
         self.close()
 
     def _execute(self, call: Call[T]) -> T:
-        self._check_open(call, self._http.is_closed)
-        request = call.request
-        deadline = time.monotonic() + request.timeout.seconds
-        retried = False
-        while True:
-            got_head = False
-            try:
-                with self._http.stream(
-                    request.method,
-                    request.url,
-                    headers=list(request.headers),
-                    content=request.body,
-                    timeout=_http_timeout(request.timeout),
-                ) as response:
-                    got_head = True
-                    logger.debug("%s: HTTP %s", endpoint_label(call.endpoint), response.status_code)
-                    reader = call.begin(_head(response))
-                    for data in response.iter_raw():
-                        reader.feed(data)
-                        if time.monotonic() > deadline:
-                            raise call.timeout_error()
-                    outcome = reader.finish()
-                break
-            except _HTTPX_ERRORS as exc:
-                if _may_retry(exc, got_head, retried, deadline):
-                    retried = True
-                    continue
-                raise _wrap(call, exc, got_head=got_head) from exc
+        self._check_open(call, self._sender)
+        outcome: Outcome[T] = _value(self._sender.exchange([call])[0])
         if outcome.event is not None and self._on_event is not None:
             self._on_event(outcome.event)
         return outcome.value
+
+    def _deliver(self, result: Result) -> Any:
+        """A result of :meth:`_check_and_download`: its value, after its event."""
+        outcome = _value(result)
+        if outcome.event is not None and self._on_event is not None:
+            self._on_event(outcome.event)
+        return outcome.value
+
+    def _check_and_download(
+        self, token: str, range_start: int, range_size: int, *, pipeline: bool
+    ) -> tuple[Result, Result]:
+        """E5 and then E6, pipelined on one connection when ``pipeline`` (and the transport
+        can); their results, undelivered: the upgrader reads the download's only after the
+        check passed (:meth:`_deliver`). Classic only."""
+        check = self._core.check_token(token, None)
+        download = self._core.download(token, range_start, range_size, None)
+        self._check_open(check, self._sender)
+        first, second = self._sender.exchange([check, download], pipeline=pipeline)
+        return first, second
 
     def post_version(self, *, version: str | None = None, timeout_ms: int | None = None) -> None:
         """E1: report the configured version (and ``other_version``, if set).
@@ -388,12 +363,18 @@ class AsyncOtaClient(_ClientBase):
         on_event: AsyncEventCallback | None = None,
     ) -> None:
         tls = self._setup(config, base_url, timeout, verify, ca_file, http_client)
-        if http_client is not None and not isinstance(http_client, httpx2.AsyncClient):
-            raise InvalidArgumentError("http_client must be an httpx2.AsyncClient")
-        self._owns_http = http_client is None
-        self._http = (
-            http_client if http_client is not None else httpx2.AsyncClient(**_http_options(tls))
-        )
+        keep_alive = self._keep_alive
+        self._sender: _AsyncSender
+        if http_client is None:
+            self._sender = AsyncTransport(tls, user_agent=USER_AGENT, keep_alive=keep_alive)
+        else:
+            import httpx2
+
+            from onenet_ota.device._httpx import AsyncHttpxTransport
+
+            if not isinstance(http_client, httpx2.AsyncClient):
+                raise InvalidArgumentError("http_client must be an httpx2.AsyncClient")
+            self._sender = AsyncHttpxTransport(http_client, keep_alive=keep_alive)
         self._on_event = on_event
 
     async def aclose(self) -> None:
@@ -401,8 +382,7 @@ class AsyncOtaClient(_ClientBase):
         if self._closed:
             return
         self._closed = True
-        if self._owns_http:
-            await self._http.aclose()
+        await self._sender.aclose()
 
     async def __aenter__(self) -> AsyncOtaClient:
         return self
@@ -416,37 +396,28 @@ class AsyncOtaClient(_ClientBase):
         await self.aclose()
 
     async def _execute(self, call: Call[T]) -> T:
-        self._check_open(call, self._http.is_closed)
-        request = call.request
-        deadline = time.monotonic() + request.timeout.seconds
-        retried = False
-        while True:
-            got_head = False
-            try:
-                async with self._http.stream(
-                    request.method,
-                    request.url,
-                    headers=list(request.headers),
-                    content=request.body,
-                    timeout=_http_timeout(request.timeout),
-                ) as response:
-                    got_head = True
-                    logger.debug("%s: HTTP %s", endpoint_label(call.endpoint), response.status_code)
-                    reader = call.begin(_head(response))
-                    async for data in response.aiter_raw():
-                        reader.feed(data)
-                        if time.monotonic() > deadline:
-                            raise call.timeout_error()
-                    outcome = reader.finish()
-                break
-            except _HTTPX_ERRORS as exc:
-                if _may_retry(exc, got_head, retried, deadline):
-                    retried = True
-                    continue
-                raise _wrap(call, exc, got_head=got_head) from exc
+        self._check_open(call, self._sender)
+        outcome: Outcome[T] = _value((await self._sender.exchange([call]))[0])
         if outcome.event is not None and self._on_event is not None:
             await self._deliver(outcome.event)
         return outcome.value
+
+    async def _deliver_result(self, result: Result) -> Any:
+        """A result of :meth:`_check_and_download`: its value, after its event."""
+        outcome = _value(result)
+        if outcome.event is not None and self._on_event is not None:
+            await self._deliver(outcome.event)
+        return outcome.value
+
+    async def _check_and_download(
+        self, token: str, range_start: int, range_size: int, *, pipeline: bool
+    ) -> tuple[Result, Result]:
+        """See :meth:`OtaClient._check_and_download`."""
+        check = self._core.check_token(token, None)
+        download = self._core.download(token, range_start, range_size, None)
+        self._check_open(check, self._sender)
+        first, second = await self._sender.exchange([check, download], pipeline=pipeline)
+        return first, second
 
     async def _deliver(self, event: OtaEvent) -> None:
         assert self._on_event is not None

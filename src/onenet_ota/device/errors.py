@@ -11,7 +11,7 @@ code ported from C maps 1:1, and ``endpoint``, the
     │   ├── ProtocolError            -3  a reply that breaks the protocol: not JSON, too large, no
     │   │                                errno, wrong field types, wrong length, lying length
     │   ├── ClientClosedError        -5  the client was closed (the C SDK's ota_deinit)
-    │   └── TransportError           -11 the connection failed (wraps httpx2's exception)
+    │   └── TransportError           -11 the connection failed (chains the transport's exception)
     │       └── RequestTimeout       -13 the call ran out of time
     ├── PlatformError                errno: the platform answered {"errno": N} with N != 0
     │   ├── AuthFailed                1   Authorization or dev_id refused: a configuration error
@@ -147,7 +147,7 @@ class ClientClosedError(LocalError):
 class TransportError(LocalError):
     """The connection failed: refused, reset, TLS failure, closed without a reply.
 
-    The httpx2 exception is chained as ``__cause__``.
+    The transport's exception (an :class:`OSError`, or httpx2's) is chained as ``__cause__``.
     """
 
     def __init__(

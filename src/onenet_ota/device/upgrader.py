@@ -76,6 +76,7 @@ from onenet_ota.device._flow import (
     task_from_tid,
     tid_of,
 )
+from onenet_ota.device._http import Result
 from onenet_ota.device.client import AsyncOtaClient, OtaClient
 from onenet_ota.device.errors import InvalidState, NoTask, NoValidToken, OtaError
 from onenet_ota.device.install import AsyncInstaller, FileInstaller, Installer, InstallError
@@ -226,6 +227,16 @@ class _UpgraderBase:
         self._rng = rng if rng is not None else random.Random()
         self._current: UpgradeFlow | None = None
         self._callback_failures: dict[str, int] = {}
+        # A download sent right behind its token check (UpgradeOptions.pipeline) and its
+        # result, kept until the flow asks for exactly that download (see CheckToken.then).
+        self._prefetched: tuple[Download, Result] | None = None
+
+    def _take_prefetched(self, op: Operation) -> Result | None:
+        """The pipelined result for ``op``, if that is what was sent; any other is dropped."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == op:
+            return prefetched[1]
+        return None
 
     def _emit(self, event: UpgradeEvent) -> None:
         _log_event(event, self._redact)
@@ -287,6 +298,7 @@ class _UpgraderBase:
                 logger.warning("on_event raised %s %d times in this run", kind, count)
         self._callback_failures = {}
         self._current = None
+        self._prefetched = None
 
 
 class Upgrader(_UpgraderBase):
@@ -355,11 +367,22 @@ class Upgrader(_UpgraderBase):
 
     def _perform(self, op: Operation) -> Any:
         client = self._client
+        prefetched = self._take_prefetched(op)
+        if prefetched is not None:
+            return client._deliver(prefetched)
         if client.dialect is not Dialect.CLASSIC:
             return self._perform_by_tid(op)
         if isinstance(op, Download):
             return client.download_range(op.token, op.start, op.size)
         if isinstance(op, CheckToken):
+            if op.then is not None:
+                then = op.then
+                check, download = client._check_and_download(
+                    op.token, then.start, then.size, pipeline=True
+                )
+                value = client._deliver(check)  # raises when the check failed: E6 is dropped
+                self._prefetched = (then, download)
+                return value
             return client.check_token(op.token)
         if isinstance(op, Report):
             return client.report_status(op.token, op.code)
@@ -464,11 +487,22 @@ class AsyncUpgrader(_UpgraderBase):
 
     async def _perform(self, op: Operation) -> Any:
         client = self._client
+        prefetched = self._take_prefetched(op)
+        if prefetched is not None:
+            return await client._deliver_result(prefetched)
         if client.dialect is not Dialect.CLASSIC:
             return await self._perform_by_tid(op)
         if isinstance(op, Download):
             return await client.download_range(op.token, op.start, op.size)
         if isinstance(op, CheckToken):
+            if op.then is not None:
+                then = op.then
+                check, download = await client._check_and_download(
+                    op.token, then.start, then.size, pipeline=True
+                )
+                value = await client._deliver_result(check)  # raises when the check failed
+                self._prefetched = (then, download)
+                return value
             return await client.check_token(op.token)
         if isinstance(op, Report):
             return await client.report_status(op.token, op.code)

@@ -1,0 +1,435 @@
+"""The device SDK's own HTTP/1.1 transport: plain sockets (sync) and asyncio streams (async).
+
+Theory of operation. A client hands its transport a list of :class:`~onenet_ota.device._core.Call`
+objects; the transport answers each one's :class:`~onenet_ota.device._http.Result` (an outcome or
+a failure carrying the SDK's error). Framing and judging are sans-IO
+(:class:`~onenet_ota.device._http.Exchange` over llhttp, and the calls themselves); the two
+classes here only connect, write, read, watch the clock and map socket errors, one with blocking
+sockets and one with asyncio streams. They share :class:`_Plan`, which decides what to send on
+which connection and what to retry.
+
+- **Keep-alive.** An idle connection per origin is kept (up to :data:`MAX_IDLE` per origin) unless
+  ``keep_alive`` is False, in which case every request says ``Connection: close`` and gets a
+  connection of its own (a field device that cannot keep sockets open).
+- **Reconnection** (§10). A request whose reply did not begin when the connection ended (a kept
+  connection the server closed while idle, a reset) is sent once more on a new connection. A
+  reply byte, or a timeout, rules that out, so nothing is ever done twice on the client's word.
+- **Pipelining.** With ``pipeline=True`` consecutive calls to one origin are written back to back
+  before their replies are read (RFC 9112 §9.3.2). A server that answers the first and closes
+  (one that does not pipeline) leaves the rest unanswered: they are sent again, one at a time,
+  and the transport stops pipelining for the rest of its life. Each call's result is final once
+  its reply arrived, so no reply is reported twice.
+- **Time.** Each call's whole exchange (connect, write, read) is bounded by its
+  :class:`~onenet_ota.device.config.Timeout`; the connect alone by ``connect_ms``.
+- **TLS** with verification (the system's CA store, or a CA file) or without it.
+- **Size.** A reply head is at most :data:`~onenet_ota.device._http.MAX_HEAD` bytes; a body at
+  most what its call allows (the core's body reader refuses the rest without reading it).
+
+The async transport needs an asyncio event loop (AnyIO on asyncio included); inject an
+``httpx2.AsyncClient`` for trio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Final, NamedTuple
+from urllib.parse import urlsplit
+
+from onenet_ota.device._core import Call
+from onenet_ota.device._http import Exchange, Failure, ReplyParser, Result, encode_request
+from onenet_ota.device.errors import OtaError, RequestTimeout, TransportError
+
+MAX_IDLE: Final = 4
+"""Idle connections kept per origin (an async client may run several calls at once)."""
+READ_SIZE: Final = 256 * 1024
+# While pipelined replies are outstanding the client has nothing to send, so its ACKs are
+# delayed (up to 40 ms on Linux); a server whose socket keeps Nagle's algorithm then holds the
+# next reply until that ACK comes. Measured: 46 ms per pipelined pair without quick ACKs, under
+# 1.5 ms with them. Linux only; elsewhere the option does not exist and nothing is set.
+_TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
+
+
+class Origin(NamedTuple):
+    """Where a request goes: scheme, host and port."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def host_header(self) -> str:
+        """The ``Host`` value: the port only when it is not the scheme's default."""
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@functools.lru_cache(maxsize=64)  # a device asks the same few URLs over and over
+def _split(url: str) -> tuple[Origin, str]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return Origin(scheme, parts.hostname or "", port), target
+
+
+def _connect_error(call: Call[Any], origin: Origin, exc: BaseException) -> OtaError:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return RequestTimeout(
+            f"timed out after {call.request.timeout.ms} ms (connecting)", endpoint=call.endpoint
+        )
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+        return TransportError(f"TLS with {origin.host} failed: {reason}", endpoint=call.endpoint)
+    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return TransportError(
+        f"cannot connect to {origin.host}:{origin.port}: {detail}", endpoint=call.endpoint
+    )
+
+
+def _io_error(call: Call[Any], exc: BaseException, *, got_head: bool) -> OtaError:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        if got_head:
+            return call.timeout_error()
+        return RequestTimeout(
+            f"timed out after {call.request.timeout.ms} ms (waiting for the reply)",
+            endpoint=call.endpoint,
+        )
+    if isinstance(exc, ssl.SSLError):
+        return TransportError(f"TLS failed: {exc.reason or exc}", endpoint=call.endpoint)
+    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return TransportError(f"the connection failed: {detail}", endpoint=call.endpoint)
+
+
+class _Plan:
+    """What to send next and what to retry; shared by the sync and the async transport.
+
+    Each call may be sent once more after its reply failed to begin (§10); a call left
+    unanswered because the server closed after answering an earlier pipelined one does not use
+    that chance up, since the server demonstrably stopped reading before it.
+    """
+
+    def __init__(self, calls: Sequence[Call[Any]], pipeline: bool) -> None:
+        self.calls = list(calls)
+        self.pipeline = pipeline
+        self.results: list[Result | None] = [None] * len(self.calls)
+        self.retried = [False] * len(self.calls)
+        self.targets = [_split(call.request.url) for call in self.calls]
+        now = time.monotonic()
+        self.deadlines = [now + call.request.timeout.seconds for call in self.calls]
+        self.refused_pipelining = False
+
+    def next_batch(self) -> list[int]:
+        """The indices of the calls to send together on one connection; empty when done."""
+        pending = [i for i, result in enumerate(self.results) if result is None]
+        if not pending:
+            return []
+        if not self.pipeline:
+            return pending[:1]
+        origin = self.targets[pending[0]][0]
+        batch = []
+        for index in pending:
+            if self.targets[index][0] != origin:
+                break
+            batch.append(index)
+        return batch
+
+    def settle(self, batch: list[int], exchange: Exchange) -> None:
+        """Record the batch's results, leaving out the calls that may be sent again."""
+        answered_before = False
+        for index, result in zip(batch, exchange.results, strict=True):
+            if isinstance(result, Failure) and result.unanswered:
+                if answered_before and len(batch) > 1:
+                    self.refused_pipelining = True  # closed after an earlier pipelined reply
+                    self.pipeline = False
+                    continue
+                if not self.retried[index] and time.monotonic() < self.deadlines[index]:
+                    self.retried[index] = True
+                    continue
+            self.results[index] = result
+            answered_before = answered_before or not (
+                isinstance(result, Failure) and result.unanswered
+            )
+
+    def finished(self) -> list[Result]:
+        """Every call's result, in order."""
+        results = [result for result in self.results if result is not None]
+        assert len(results) == len(self.calls)
+        return results
+
+
+class _Pool:
+    """Idle connections by origin, at most :data:`MAX_IDLE` each."""
+
+    def __init__(self) -> None:
+        self._idle: dict[Origin, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, origin: Origin) -> Any | None:
+        with self._lock:
+            idle = self._idle.get(origin)
+            return idle.pop() if idle else None
+
+    def give(self, origin: Origin, conn: Any) -> bool:
+        with self._lock:
+            idle = self._idle.setdefault(origin, [])
+            if len(idle) >= MAX_IDLE:
+                return False
+            idle.append(conn)
+            return True
+
+    def drain(self) -> list[Any]:
+        with self._lock:
+            conns = [conn for idle in self._idle.values() for conn in idle]
+            self._idle.clear()
+            return conns
+
+
+class _Base:
+    def __init__(
+        self, tls: ssl.SSLContext | None, *, user_agent: str, keep_alive: bool = True
+    ) -> None:
+        self._tls = tls
+        self._keep_alive = keep_alive
+        # Connection: close comes with the request (the core adds it for keep_alive False).
+        self._extra: tuple[tuple[str, str], ...] = (("User-Agent", user_agent),)
+        self._pool = _Pool()
+        self._no_pipelining = False
+        self.closed = False
+
+    @property
+    def pipelining(self) -> bool:
+        """False once a server has shown that it does not pipeline."""
+        return not self._no_pipelining
+
+    def _payload(self, plan: _Plan, batch: list[int]) -> bytes:
+        return b"".join(
+            encode_request(
+                plan.calls[i].request,
+                plan.targets[i][1],
+                plan.targets[i][0].host_header,
+                self._extra,
+            )
+            for i in batch
+        )
+
+    def _tls_for(self, origin: Origin, call: Call[Any]) -> ssl.SSLContext | None:
+        if origin.scheme != "https":
+            return None
+        if self._tls is None:
+            raise TransportError("TLS is not configured", endpoint=call.endpoint)
+        return self._tls
+
+
+class _SyncConn:
+    __slots__ = ("parser", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.parser = ReplyParser()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class SyncTransport(_Base):
+    """Blocking sockets. ``tls`` is the context for ``https`` origins (None: refuse them)."""
+
+    def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]:
+        """Send ``calls`` and read their replies; their results in order (never raises an
+        :class:`OtaError`: each call's error is in its result)."""
+        plan = _Plan(calls, pipeline and not self._no_pipelining)
+        while batch := plan.next_batch():
+            self._run(plan, batch)
+        if plan.refused_pipelining:
+            self._no_pipelining = True
+        return plan.finished()
+
+    def _run(self, plan: _Plan, batch: list[int]) -> None:
+        first = plan.calls[batch[0]]
+        origin = plan.targets[batch[0]][0]
+        conn = self._pool.take(origin) if self._keep_alive else None
+        if conn is None:
+            try:
+                conn = self._connect(origin, first, plan.deadlines[batch[0]])
+            except OtaError as error:
+                plan.results[batch[0]] = Failure(error, cause=error.__cause__)
+                return
+        exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
+        sock = conn.sock
+        quickack = _TCP_QUICKACK if len(batch) > 1 else None
+        try:
+            sock.settimeout(max(plan.deadlines[batch[0]] - time.monotonic(), 0.001))
+            sock.sendall(self._payload(plan, batch))
+        except OSError as exc:
+            # Nothing was read yet: a kept connection the server had closed fails here too.
+            timed_out = isinstance(exc, TimeoutError | socket.timeout)
+            problem = _io_error(first, exc, got_head=False)
+            exchange.fail(problem, unanswered=not timed_out, cause=exc)
+        while not exchange.done:
+            exchange.advance()
+            if exchange.done:
+                break
+            deadline = plan.deadlines[batch[len(exchange.results)]]
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                if quickack is not None:  # see _TCP_QUICKACK
+                    sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+                data = sock.recv(READ_SIZE)
+            except OSError as exc:
+                call = exchange.current
+                problem = _io_error(call, exc, got_head=exchange.got_head)
+                timed_out = isinstance(exc, TimeoutError | socket.timeout)
+                exchange.fail(problem, unanswered=not timed_out, cause=exc)
+                break
+            if data:
+                conn.parser.feed(data)
+            else:
+                conn.parser.feed_eof()
+        plan.settle(batch, exchange)
+        keep = exchange.reusable and self._keep_alive and not self.closed
+        if not (keep and self._pool.give(origin, conn)):
+            conn.close()
+
+    def _connect(self, origin: Origin, call: Call[Any], deadline: float) -> _SyncConn:
+        tls = self._tls_for(origin, call)
+        limit = min(call.request.timeout.connect_seconds, max(deadline - time.monotonic(), 0.001))
+        try:
+            sock = socket.create_connection((origin.host, origin.port), timeout=limit)
+        except OSError as exc:
+            raise _connect_error(call, origin, exc) from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=origin.host)
+        except (OSError, ssl.CertificateError) as exc:
+            sock.close()
+            raise _connect_error(call, origin, exc) from exc
+        return _SyncConn(sock)
+
+    def close(self) -> None:
+        """Close every idle connection; further exchanges open new ones."""
+        self.closed = True
+        for conn in self._pool.drain():
+            conn.close()
+
+
+class _AsyncConn:
+    __slots__ = ("parser", "reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.parser = ReplyParser()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            self.writer.close()
+
+
+class AsyncTransport(_Base):
+    """asyncio streams; the async twin of :class:`SyncTransport`."""
+
+    async def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]:
+        """See :meth:`SyncTransport.exchange`."""
+        plan = _Plan(calls, pipeline and not self._no_pipelining)
+        while batch := plan.next_batch():
+            await self._run(plan, batch)
+        if plan.refused_pipelining:
+            self._no_pipelining = True
+        return plan.finished()
+
+    async def _run(self, plan: _Plan, batch: list[int]) -> None:
+        first = plan.calls[batch[0]]
+        origin = plan.targets[batch[0]][0]
+        conn = self._pool.take(origin) if self._keep_alive else None
+        if conn is None:
+            try:
+                conn = await self._connect(origin, first, plan.deadlines[batch[0]])
+            except OtaError as error:
+                plan.results[batch[0]] = Failure(error, cause=error.__cause__)
+                return
+        exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
+        completed = False
+        sock = conn.writer.get_extra_info("socket") if len(batch) > 1 else None
+        quickack = _TCP_QUICKACK if sock is not None else None
+        try:
+            try:
+                conn.writer.write(self._payload(plan, batch))
+                async with asyncio.timeout_at(_loop_time(plan.deadlines[batch[0]])):
+                    await conn.writer.drain()
+            except (OSError, TimeoutError) as exc:
+                problem = _io_error(first, exc, got_head=False)
+                exchange.fail(problem, unanswered=not isinstance(exc, TimeoutError), cause=exc)
+            while not exchange.done:
+                exchange.advance()
+                if exchange.done:
+                    break
+                deadline = plan.deadlines[batch[len(exchange.results)]]
+                if quickack is not None and sock is not None:  # see _TCP_QUICKACK
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+                try:
+                    async with asyncio.timeout_at(_loop_time(deadline)):
+                        data = await conn.reader.read(READ_SIZE)
+                except (OSError, TimeoutError) as exc:
+                    problem = _io_error(exchange.current, exc, got_head=exchange.got_head)
+                    timed_out = isinstance(exc, TimeoutError)
+                    exchange.fail(problem, unanswered=not timed_out, cause=exc)
+                    break
+                if data:
+                    conn.parser.feed(data)
+                else:
+                    conn.parser.feed_eof()
+            completed = True
+        finally:
+            # A cancelled call leaves its connection mid-reply: it cannot be reused.
+            if completed:
+                plan.settle(batch, exchange)
+            keep = completed and exchange.reusable and self._keep_alive and not self.closed
+            if not (keep and self._pool.give(origin, conn)):
+                conn.close()
+
+    async def _connect(self, origin: Origin, call: Call[Any], deadline: float) -> _AsyncConn:
+        tls = self._tls_for(origin, call)
+        limit = min(call.request.timeout.connect_seconds, max(deadline - time.monotonic(), 0.001))
+        try:
+            async with asyncio.timeout(limit):
+                reader, writer = await asyncio.open_connection(
+                    origin.host,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls is not None else None,
+                    limit=READ_SIZE,
+                )
+        except (OSError, TimeoutError, ssl.CertificateError) as exc:
+            raise _connect_error(call, origin, exc) from exc
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _AsyncConn(reader, writer)
+
+    async def aclose(self) -> None:
+        """Close every idle connection."""
+        self.closed = True
+        for conn in self._pool.drain():
+            conn.close()
+
+
+def _loop_time(deadline: float) -> float:
+    """A :func:`time.monotonic` deadline on the running loop's clock."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())

@@ -1,0 +1,387 @@
+"""The SDK's own HTTP/1.1 transport: reply framing (property tests), pipelining, keep-alive.
+
+The whole client suite (test_client.py) already runs over this transport and over an injected
+httpx2 client; this module covers what only the SDK's transport does: its llhttp framing layer
+(:mod:`onenet_ota.device._http`) over every way a reply can be cut into reads, pipelined token
+checks and downloads, and a server that does not pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from onenet_ota.device import AsyncOtaClient, OtaClient
+from onenet_ota.device._core import Head, Outcome
+from onenet_ota.device._http import END, MAX_HEAD, Broken, Failure, ReplyParser
+from onenet_ota.device.errors import DownloadError, ProtocolError, TokenExpired
+from onenet_ota.device.events import DownloadedChunk, EventKind, OtaEvent
+from onenet_ota.device.install import FileInstaller
+from onenet_ota.device.upgrader import AsyncUpgrader, UpgradeOptions, Upgrader
+from onenet_ota.device.upgrader import Outcome as RunOutcome
+from tests.device.conftest import FIRMWARE, TOKEN, make_config, task_data
+from tests.device.scripted_server import (
+    RecordedRequest,
+    Reply,
+    ScriptedServer,
+    download_reply,
+    envelope,
+    error_byte_reply,
+    raw_response,
+)
+
+# -- the framing layer, property-tested ------------------------------------------------------
+
+
+def frame(body: bytes, framing: str, chunks: list[int]) -> bytes:
+    """``body`` as a 200 reply framed by Content-Length, chunked (cut at ``chunks``) or close."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+    if framing == "length":
+        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    if framing == "close":
+        return head + b"Connection: close\r\n\r\n" + body
+    pieces, at = [], 0
+    for size in [*chunks, len(body)]:
+        piece = body[at : at + size] if size else b""
+        if piece:
+            pieces.append(b"%x\r\n%s\r\n" % (len(piece), piece))
+        at += len(piece)
+        if at >= len(body):
+            break
+    return head + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(pieces) + b"0\r\n\r\n"
+
+
+def parse(wire: bytes, cuts: list[int], *, eof: bool) -> list[Any]:
+    """The parser's events for ``wire`` fed in pieces cut at ``cuts``, then EOF if ``eof``."""
+    parser = ReplyParser()
+    at = 0
+    for cut in [*sorted({c % (len(wire) + 1) for c in cuts}), len(wire)]:
+        parser.feed(wire[at:cut])
+        at = cut
+    if eof:
+        parser.feed_eof()
+    return list(parser.events)
+
+
+def replies(events: list[Any]) -> list[tuple[Head, bytes]]:
+    """The complete replies among ``events``: head and joined body."""
+    done, head, body = [], None, b""
+    for event in events:
+        if isinstance(event, Head):
+            head, body = event, b""
+        elif isinstance(event, bytes):
+            body += event
+        elif event is END:
+            assert head is not None
+            done.append((head, body))
+            head = None
+    return done
+
+
+FRAMINGS = st.sampled_from(["length", "chunked", "close"])
+CUTS = st.lists(st.integers(min_value=0, max_value=100_000), max_size=8)
+
+
+@given(
+    body=st.binary(max_size=3000),
+    framing=FRAMINGS,
+    chunks=st.lists(st.integers(min_value=1, max_value=700), max_size=6),
+    cuts=CUTS,
+)
+def test_any_framing_cut_anywhere_gives_the_body_back(
+    body: bytes, framing: str, chunks: list[int], cuts: list[int]
+) -> None:
+    wire = frame(body, framing, chunks)
+    events = parse(wire, cuts, eof=framing == "close")
+    assert replies(events) == [(replies(events)[0][0], body)]
+    assert not any(isinstance(e, Broken) for e in events)
+
+
+@given(code=st.sampled_from([b"1", b"2", b"3", b"4", b"5", b"6"]), cuts=CUTS, framing=FRAMINGS)
+def test_one_byte_download_errors_in_every_framing(
+    code: bytes, cuts: list[int], framing: str
+) -> None:
+    # §6.6.4: OneNET's one-byte errors come chunked or close-delimited; Studio's chunked (§12.3).
+    wire = frame(code, framing, [1])
+    assert [body for _, body in replies(parse(wire, cuts, eof=framing == "close"))] == [code]
+
+
+@given(
+    bodies=st.lists(st.binary(max_size=500), min_size=1, max_size=4),
+    framings=st.lists(st.sampled_from(["length", "chunked"]), min_size=4, max_size=4),
+    cuts=CUTS,
+)
+def test_replies_back_to_back_come_out_in_order(
+    bodies: list[bytes], framings: list[str], cuts: list[int]
+) -> None:
+    # Keep-alive and pipelining: several replies in one stream, each its own.
+    wire = b"".join(frame(b, f, [7]) for b, f in zip(bodies, framings, strict=False))
+    assert [body for _, body in replies(parse(wire, cuts, eof=False))] == bodies
+
+
+@given(body=st.binary(min_size=1, max_size=2000), data=st.data())
+def test_a_close_before_the_end_of_a_framed_body_is_broken(body: bytes, data: Any) -> None:
+    framing = data.draw(st.sampled_from(["length", "chunked"]))
+    wire = frame(body, framing, [5])
+    head_end = wire.index(b"\r\n\r\n") + 4
+    cut = data.draw(st.integers(min_value=head_end, max_value=len(wire) - 1))
+    events = parse(wire[:cut], [], eof=True)
+    assert replies(events) == []
+    assert isinstance(events[-1], Broken)
+    assert events[-1].closed
+
+
+@given(junk=st.binary(min_size=1, max_size=50))
+def test_bytes_that_are_not_a_reply_are_broken(junk: bytes) -> None:
+    # llhttp skips empty lines before a reply (RFC 9112 §2.2) and knows the RTSP/ICE status
+    # lines, which start with other letters: the first byte here starts none of those.
+    wire = b"X" + junk + b"\r\n\r\n"
+    events = parse(wire, [], eof=False)
+    assert events == [Broken(events[0].detail)]
+
+
+def test_a_head_longer_than_the_limit_is_broken() -> None:
+    wire = b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"a" * MAX_HEAD + b"\r\n"
+    events = parse(wire, list(range(0, len(wire), 1000)), eof=False)
+    assert isinstance(events[-1], Broken)
+    assert "head longer" in events[-1].detail
+
+
+def test_nothing_then_eof_is_a_close_without_reply() -> None:
+    events = parse(b"", [], eof=True)
+    assert events == [Broken("the server closed the connection without replying", True)]
+
+
+def test_interim_replies_are_skipped() -> None:
+    wire = b"HTTP/1.1 100 Continue\r\n\r\n" + frame(b"{}", "length", [])
+    assert [(h.status, b) for h, b in replies(parse(wire, [3, 30], eof=False))] == [(200, b"{}")]
+
+
+# -- pipelining over the scripted server ------------------------------------------------------
+
+CHUNK = FIRMWARE[:100]
+CHUNK_REPLY = download_reply(CHUNK, 0, 99, len(FIRMWARE))
+
+
+async def check_and_download(
+    client: OtaClient | AsyncOtaClient, *, pipeline: bool = True
+) -> tuple[Any, Any]:
+    if isinstance(client, AsyncOtaClient):
+        return await client._check_and_download(TOKEN, 0, 100, pipeline=pipeline)
+    return client._check_and_download(TOKEN, 0, 100, pipeline=pipeline)
+
+
+@pytest.fixture(params=["sync", "async"])
+def client(request: pytest.FixtureRequest, server: ScriptedServer) -> OtaClient | AsyncOtaClient:
+    cls = AsyncOtaClient if request.param == "async" else OtaClient
+    return cls(make_config(), base_url=server.url)
+
+
+async def close(client: OtaClient | AsyncOtaClient) -> None:
+    if isinstance(client, AsyncOtaClient):
+        await client.aclose()
+    else:
+        client.close()
+
+
+@pytest.mark.anyio
+async def test_check_and_download_pipelined_on_one_connection(
+    client: OtaClient | AsyncOtaClient, server: ScriptedServer
+) -> None:
+    server.add(envelope(0), CHUNK_REPLY)
+    check, download = await check_and_download(client)
+    await close(client)
+    assert isinstance(check, Outcome)
+    assert isinstance(download, Outcome)
+    assert download.value == DownloadedChunk(CHUNK, 0, 99, len(FIRMWARE), partial=True)
+    assert server.connections == 1
+    # Both requests went out before the first reply was read: one write, both in it.
+    first = server.requests[0]
+    assert first.path.endswith("/check")
+    assert server.requests[1].path.endswith(f"/download/{TOKEN}")
+
+
+@pytest.mark.anyio
+async def test_a_server_that_closes_after_the_first_reply_gets_the_rest_again(
+    client: OtaClient | AsyncOtaClient, server: ScriptedServer
+) -> None:
+    # A server that does not pipeline: it answers the check and closes the connection, the
+    # download it never read is sent once more on a new connection, and the client stops
+    # pipelining (the next pair goes one request at a time, still one reply each).
+    server.add(Reply(envelope(0).data, close=True), CHUNK_REPLY)
+    check, download = await check_and_download(client)
+    assert isinstance(check, Outcome)
+    assert isinstance(download, Outcome)
+    assert download.value.data == CHUNK
+    assert server.connections == 2
+    assert [r.path.rsplit("/", 1)[-1] for r in server.requests] == ["check", TOKEN]
+    assert not client._sender.pipelining  # type: ignore[union-attr]
+    server.add(Reply(envelope(0).data, close=True), Reply(CHUNK_REPLY.data, close=True))
+    check, download = await check_and_download(client)
+    await close(client)
+    assert isinstance(check, Outcome)
+    assert isinstance(download, Outcome)
+    assert server.connections == 3  # the download's connection was kept, then one more
+    assert len(server.requests) == 4
+
+
+@pytest.mark.anyio
+async def test_a_failed_check_still_reads_the_pipelined_reply_off_the_connection(
+    client: OtaClient | AsyncOtaClient, server: ScriptedServer
+) -> None:
+    server.add(envelope(12), CHUNK_REPLY, envelope(0))
+    check, download = await check_and_download(client)
+    assert isinstance(check, Failure)
+    assert isinstance(check.error, TokenExpired)
+    assert isinstance(download, Outcome)  # read, so that the next reply is the next call's
+    if isinstance(client, AsyncOtaClient):
+        await client.check_token(TOKEN)
+    else:
+        client.check_token(TOKEN)
+    await close(client)
+    assert server.connections == 1
+
+
+@pytest.mark.anyio
+async def test_a_broken_first_reply_fails_the_pair_without_a_retry(
+    client: OtaClient | AsyncOtaClient, server: ScriptedServer
+) -> None:
+    # The first reply's head arrived, its body was cut: the check fails; the download, sent but
+    # never answered on that connection, is asked once more on a new one.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{"
+    server.add(Reply(head, close=True), CHUNK_REPLY)
+    check, download = await check_and_download(client)
+    await close(client)
+    assert isinstance(check, Failure)
+    assert isinstance(check.error, ProtocolError)
+    assert isinstance(download, Outcome)
+    assert len(server.requests) == 2
+
+
+@pytest.mark.anyio
+async def test_without_pipelining_the_pair_is_sequential(
+    client: OtaClient | AsyncOtaClient, server: ScriptedServer
+) -> None:
+    server.add(envelope(0), CHUNK_REPLY)
+    check, download = await check_and_download(client, pipeline=False)
+    await close(client)
+    assert isinstance(check, Outcome)
+    assert isinstance(download, Outcome)
+    assert server.connections == 1
+
+
+# -- keep_alive=False: a connection per call ---------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_keep_alive_off_sends_connection_close_and_reconnects(
+    server: ScriptedServer, flavour: str
+) -> None:
+    server.add(envelope(0), envelope(0), envelope(0))
+    events: list[OtaEvent] = []
+    if flavour == "async":
+        async with AsyncOtaClient(
+            make_config(keep_alive=False), base_url=server.url, on_event=events.append
+        ) as aclient:
+            for _ in range(3):
+                await aclient.check_token(TOKEN)
+    else:
+        with OtaClient(
+            make_config(keep_alive=False), base_url=server.url, on_event=events.append
+        ) as client:
+            assert not client.keep_alive
+            for _ in range(3):
+                client.check_token(TOKEN)
+    assert server.connections == 3
+    assert all(r.header("Connection") == "close" for r in server.requests)
+    assert [e.kind for e in events] == [EventKind.CHECK_TOKEN] * 3
+
+
+# -- bad replies only this transport sees this way -------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_one_byte_error_after_a_kept_reply(
+    client: OtaClient | AsyncOtaClient, server: ScriptedServer
+) -> None:
+    # A close-delimited one-byte error (§6.6.4) ends with the connection; the next call opens
+    # a new one.
+    server.add(envelope(0), error_byte_reply(b"3", chunked=False), envelope(0))
+    check, download = await check_and_download(client)
+    assert isinstance(check, Outcome)
+    assert isinstance(download, Failure)
+    assert isinstance(download.error, DownloadError)
+    assert download.error.code == 3
+    if isinstance(client, AsyncOtaClient):
+        await client.check_token(TOKEN)
+    else:
+        client.check_token(TOKEN)
+    await close(client)
+    assert server.connections == 2
+
+
+def test_the_head_bound_is_a_protocol_error(server: ScriptedServer) -> None:
+    huge = raw_response(200, b'{"errno":0}', [("X-Filler", "a" * (MAX_HEAD + 1))])
+    server.add(Reply(huge))
+    with (
+        OtaClient(make_config(), base_url=server.url) as client,
+        pytest.raises(ProtocolError, match="head longer"),
+    ):
+        client.check_token(TOKEN)
+
+
+# -- the upgrader, pipelining against a server that closes after every reply --------------------
+
+
+def is_download(path: str) -> bool:
+    """E6's path (not E5's, which ends in /check)."""
+    return path.startswith("/ota/south/download/") and not path.endswith("/check")
+
+
+def closing_platform(request: RecordedRequest) -> Reply:
+    """A classic platform that answers one request per connection (no pipelining, no
+    keep-alive), like the C SDK's servers (§10): E1, E3, E5 and E7 succeed, E6 serves ranges."""
+    path = request.path
+    if path == "/ota/south/check":
+        reply = envelope(0, data=task_data())
+    elif is_download(path):
+        range_header = request.header("Range") or ""
+        first, last = (int(x) for x in range_header.split("-"))  # classic: "s-e" (§6.6.1)
+        last = min(last, len(FIRMWARE) - 1)
+        reply = download_reply(FIRMWARE[first : last + 1], first, last, len(FIRMWARE))
+    else:
+        reply = envelope(0)
+    return Reply(reply.data, close=True)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.anyio
+async def test_pipelined_upgrade_against_a_server_that_does_not_pipeline(
+    server: ScriptedServer, tmp_path: Path, flavour: str
+) -> None:
+    server.handler = closing_platform
+    options = UpgradeOptions(chunk_size=1024, pipeline=True, progress_step=0)
+    output = tmp_path / "fw.bin"
+    if flavour == "async":
+        async with AsyncOtaClient(make_config(), base_url=server.url) as aclient:
+            result = await AsyncUpgrader(
+                aclient, FileInstaller(output), state_dir=tmp_path / "state", options=options
+            ).run()
+    else:
+        with OtaClient(make_config(), base_url=server.url) as client:
+            result = Upgrader(
+                client, FileInstaller(output), state_dir=tmp_path / "state", options=options
+            ).run()
+    assert result.outcome is RunOutcome.SUCCEEDED, result.reason
+    assert output.read_bytes() == FIRMWARE
+    kinds = ["E6" if is_download(r.path) else r.path for r in server.requests]
+    downloads = [i for i, kind in enumerate(kinds) if kind == "E6"]
+    # Every chunk fetched once (the pipelined one the server dropped was not read by it), each
+    # right after its token check.
+    assert len(downloads) == -(-len(FIRMWARE) // 1024)
+    assert all(kinds[i - 1].endswith("/check") for i in downloads)
