@@ -82,7 +82,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from onenet_ota import auth
 from onenet_ota.protocol import values
 from onenet_ota.protocol.errno import Errno
-from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
+from onenet_ota.protocol.messages import TID_MAX, TaskInfo, TidTaskInfo
 from onenet_ota.protocol.states import (
     DOWNLOADABLE_STATES,
     OPEN_STATES,
@@ -959,6 +959,11 @@ class DeviceService:
             return self._check(tx, row, dev_id, task_type, version, None, offer)
 
         def offer(tx: _Tx, row: _Row) -> tuple[Errno, TidTaskInfo | None, float | None]:
+            if row.dt_id is not None and row.dt_id > TID_MAX:
+                # S11: a device keeps the tid in 32 bits, where this one would name another
+                # task (SQLite's keys can pass the limit; PostgreSQL's column cannot).
+                log.error("device task %d has an id past 2^31-1: no tid names it (S11)", row.dt_id)
+                return Errno.INTERNAL_ERROR, None, None
             errno, state, valid_until = self._preflight(tx, row, dev_id, version, None, None)
             if state is None:
                 return errno, None, valid_until
