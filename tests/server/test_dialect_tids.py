@@ -9,7 +9,7 @@ loopback, SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -136,14 +136,26 @@ def test_s11_a_tid_outside_its_grammar_is_404_on_every_endpoint(world: World, la
     assert seeder.state(TID + 1).value == 1
 
 
+def errno_is(expected: int) -> Callable[[RawReply], bool]:
+    return lambda reply: bool(json.loads(reply.body)["errno"] == expected)
+
+
+def code_is(expected: int) -> Callable[[RawReply], bool]:
+    return lambda reply: bool(json.loads(reply.body)["code"] == expected)
+
+
+def ota_errno_is(expected: int) -> Callable[[RawReply], bool]:
+    return lambda reply: reply.header("Ota-Errno") == str(expected)
+
+
 # The answer to a well-formed tid that is not this device's task (S6, S7, S8, F7, F8, F9).
-UNKNOWN_TASK = {
-    "S-T": ("GET", lambda r: json.loads(r.body)["errno"] == 4),
-    "S-R": ("POST", lambda r: json.loads(r.body)["errno"] == 4),
-    "S-D": ("GET", lambda r: r.header("Ota-Errno") == "5"),
-    "F-T": ("GET", lambda r: json.loads(r.body)["code"] == 12012),
-    "F-R": ("POST", lambda r: json.loads(r.body)["code"] == 12012),
-    "F-D": ("GET", lambda r: r.header("Ota-Errno") == "1"),
+UNKNOWN_TASK: dict[str, tuple[str, Callable[[RawReply], bool]]] = {
+    "S-T": ("GET", errno_is(4)),
+    "S-R": ("POST", errno_is(4)),
+    "S-D": ("GET", ota_errno_is(5)),
+    "F-T": ("GET", code_is(12012)),
+    "F-R": ("POST", code_is(12012)),
+    "F-D": ("GET", ota_errno_is(1)),
 }
 
 

@@ -870,6 +870,9 @@ class DeviceService:
                 _SET_VERSIONS,
                 {"b_dev_id": dev_id, "f": f_version, "s": s_version, "now": int(tx.now)},
             )
+            # Cached E3/S-C/F-C answers rest on the stored versions (their step 5 records the
+            # version only when it changed): drop them.
+            tx.touched.add(dev_id)
             return Errno.SUCC if result.rowcount == 1 else Errno.AUTH_FAILED
 
         return self._run(work)
@@ -1023,6 +1026,11 @@ class DeviceService:
         # last_seen_at now and then), so that polling stays a read-only transaction.
         stored = row.f_version if task_type is TaskType.FOTA else row.s_version
         stale = row.last_seen_at is None or tx.now - row.last_seen_at >= _LAST_SEEN_RESOLUTION_S
+        if stored != version:
+            # The device's cached answers to its other questions were each cached when their
+            # version was the stored one: answered from the cache again, they would skip this
+            # step and leave this version stored.
+            tx.touched.add(dev_id)
         if stored != version or stale:
             fota = task_type is TaskType.FOTA
             tx.writer.execute(
