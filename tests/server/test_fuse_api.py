@@ -15,7 +15,13 @@ from sqlalchemy import Engine, update
 
 from onenet_ota import auth
 from onenet_ota.protocol.states import Action, TaskState
-from onenet_ota.server.admin_service import AccountCreate, AdminService, DeviceCreate, KeyRotate
+from onenet_ota.server.admin_service import (
+    AccountCreate,
+    AdminService,
+    DeviceCreate,
+    KeyRotate,
+    TaskCreate,
+)
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.schema import device_tasks, devices, packages
 from tests.server.seed import (
@@ -556,3 +562,48 @@ def test_a_memoised_download_ends_with_its_authorization(world: World, engine: E
             assert send(srv, ours).body == FIRMWARE[:10]
         admin.act_on_task(seeder.device_task(TID).task_id, Action.PAUSE)
         assert send(srv, ours).header("Ota-Errno") == "5"
+
+
+def test_f1_prefix_with_any_host_a_trailing_slash_and_http_1_0(world: World) -> None:
+    """F1: fuse lives under /fuse-ota/, whatever the Host says (D20), and takes the classic
+    listener's tolerance: one trailing slash, and HTTP/1.0."""
+    _, srv, _ = world
+    expected = golden(0, "succ", TASK_DATA)
+    other_host = fuse("GET", f"{BASE}/check?type=1&version=1.0.0").replace(
+        b"Host: iot-api.heclouds.com", b"Host: example.org"
+    )
+    assert normalised(send(srv, other_host)) == expected
+    assert normalised(send(srv, fuse("GET", f"{BASE}/check/?type=1&version=1.0.0"))) == expected
+    http_1_0 = fuse("GET", f"{BASE}/check?type=1&version=1.0.0").replace(
+        b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1
+    )
+    reply = send(srv, http_1_0)
+    assert (reply.status, json.loads(reply.body)["code"]) == (200, 0)
+    # Without its prefix a fuse path is nobody's.
+    reply = send(srv, fuse("GET", "/fuse/123123/dev01/check?type=1&version=1.0.0"))
+    assert reply.status == 404
+
+
+def test_f13_without_notices_a_new_task_is_found_by_the_next_poll(
+    world: World, engine: Engine
+) -> None:
+    """F13: no MQTT inform notice is sent, so a device learns of a new task only by polling
+    F-C; with the caches on, the poll after the task's creation (by the management side, in
+    another process: the change feed) offers it, never the "no task" cached before."""
+    seeder, _, admin = world
+    seeder.set_state(TID, TaskState.SUCCEEDED)
+    poll = fuse("GET", f"{BASE}/check?type=1&version=1.0.1")
+    # feed_interval 0: the feed is read before every request, as it is 0.1 s after a change.
+    with running_api(engine, seeder.blobs, seeder.clock, cache_ttl=30, feed_interval=0) as (
+        _,
+        srv,
+    ):
+        assert code(srv, poll) == 12013
+        assert code(srv, poll) == 12013  # answered from the cache now
+        package = seeder.package(target="1.0.2")
+        created = admin.create_task(TaskCreate(package_id=package, dev_ids=[DEV_ID]))
+        envelope = json.loads(send(srv, poll).body)
+        assert envelope["code"] == 0
+        assert envelope["data"]["target"] == "1.0.2"
+        assert envelope["data"]["tid"] != TID
+        assert created.dev_ids == [DEV_ID]

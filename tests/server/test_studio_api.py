@@ -294,6 +294,9 @@ def test_download_error_arrives_with_its_headers_in_one_write(world: World) -> N
     ],
 )
 def test_golden_replies(world: World, request_bytes: bytes, golden: bytes) -> None:
+    """S12: every endpoint's reply is canonical (D26), byte for byte: compact JSON with
+    ``Content-Type: application/json`` and an exact ``Content-Length``, within §8.2's limits
+    (``replay`` checks those on every reply)."""
     _, srv = world
     assert replay(srv, request_bytes).raw == golden
 
