@@ -34,8 +34,10 @@ Wire bytes, derived from the facts above and never stale by themselves:
 Invalidation: :meth:`DeviceCaches.invalidate` drops one device's facts, :meth:`DeviceCaches.clear`
 everything. This process's own transitions call them at once, the management side in the same
 process and the change feed (:mod:`.changes`, read by :meth:`DeviceService.sync`) for what other
-processes changed. Every invalidation bumps :attr:`DeviceCaches.generation`: a fact read before an
-invalidation and kept after it could be stale, so the ``keep_*`` methods refuse it.
+processes changed. A device's request that changes its stored versions counts as a transition
+(an answer cached while another version was stored would skip recording its own, E3 step 5).
+Every invalidation bumps :attr:`DeviceCaches.generation`: a fact read before an invalidation and
+kept after it could be stale, so the ``keep_*`` methods refuse it.
 """
 
 from __future__ import annotations
