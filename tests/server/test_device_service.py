@@ -456,6 +456,8 @@ def test_e3_answers_are_cached_only_when_nothing_changed(
 
 def test_e3_no_task_is_cached_until_start_time(cached: DeviceService, seeder: Seeder) -> None:
     w = seeder.world(start_time=T0 + 30)
+    # The first question records the version, a change: answers are cached from the second.
+    assert cached.check_task(w.dev_id, FOTA, "1.0.0") == (Errno.NO_TASK, None)
     assert cached.check_task(w.dev_id, FOTA, "1.0.0") == (Errno.NO_TASK, None)
     assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") == (Errno.NO_TASK, None)
     seeder.clock.advance(30)
@@ -478,6 +480,26 @@ def test_own_transitions_drop_cached_answers(cached: DeviceService, seeder: Seed
     assert cached.caches.check_token(w.dev_id, token) is None
     assert cached.check_token(w.dev_id, token) is Errno.INVALID_STATE
     assert cached.caches.check_token(w.dev_id, token) is None  # refusals are never cached
+
+
+def test_a_cached_answer_never_skips_recording_a_changed_version(
+    cached: DeviceService, seeder: Seeder
+) -> None:
+    """E3 step 5, S4, F6 with the caches on: a question answered from the cache still leaves
+    the device's stored version what it last reported. Found by the F14 state machine: S-C with
+    1.0.0 (cached), S-C with 1.0.1, S-C with 1.0.0 again from the cache left 1.0.1 stored. A
+    recorded change of version, by E3/S-C/F-C or by E1, drops the device's cached answers."""
+    w = seeder.world()
+    for check in (
+        lambda version: offer(cached, w, version),
+        lambda version: cached.check_task_tid(w.dev_id, FOTA, version),
+    ):
+        for version in ("1.0.0", "1.0.0", "0.9", "1.0.0"):
+            check(version)
+            assert seeder.versions(w.dev_id)[0] == version
+        assert cached.report_version(w.dev_id, "0.8", None) is Errno.SUCC
+        check("1.0.0")
+        assert seeder.versions(w.dev_id)[0] == "1.0.0"
 
 
 def test_answers_racing_an_invalidation_are_not_cached(

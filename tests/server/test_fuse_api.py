@@ -15,7 +15,13 @@ from sqlalchemy import Engine, update
 
 from onenet_ota import auth
 from onenet_ota.protocol.states import Action, TaskState
-from onenet_ota.server.admin_service import AccountCreate, AdminService, DeviceCreate, KeyRotate
+from onenet_ota.server.admin_service import (
+    AccountCreate,
+    AdminService,
+    DeviceCreate,
+    KeyRotate,
+    TaskCreate,
+)
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.schema import device_tasks, devices, packages
 from tests.server.seed import (
@@ -491,3 +497,113 @@ def test_a_cached_chunk_keeps_each_dialects_framing(world: World) -> None:
         names = [name for name, _ in reply.headers]
         assert extra in names
         assert ("Ota-Errno" in names) is (extra == "Ota-Errno")
+
+
+def test_memoised_polls_get_a_fresh_request_id_and_follow_the_task(
+    world: World, engine: Engine
+) -> None:
+    """§13.2 with the caches on: a repeated F-C or F-T is answered from a memo, yet every reply
+    carries its own request_id; the memo ends with the task's change (this worker's own, or an
+    invalidation from the management side)."""
+    seeder, _, admin = world
+    check = fuse("GET", f"{BASE}/check?type=1&version=1.0.0")
+    state = fuse("GET", f"{BASE}/4242/check")
+    with running_api(engine, seeder.blobs, seeder.clock, cache_ttl=30) as (api, srv):
+        replies = [send(srv, check) for _ in range(4)]
+        assert {normalised(reply) for reply in replies} == {golden(0, "succ", TASK_DATA)}
+        ids = {found.group(1) for reply in replies if (found := REQUEST_ID.search(reply.raw))}
+        assert len(ids) == 4
+        assert normalised(send(srv, state)) == golden(0, "succ", b'{"status":2}')  # T9
+        for _ in range(3):
+            assert normalised(send(srv, state)) == golden(0, "succ", b'{"status":2}')
+        assert json.loads(send(srv, check).body)["data"]["status"] == 2
+        assert code(srv, fuse("POST", f"{BASE}/4242/status", body=b'{"step":101}')) == 0
+        assert normalised(send(srv, state)) == golden(0, "succ", b'{"status":3}')
+        admin.act_on_task(seeder.device_task(TID).task_id, Action.CANCEL)
+        api.service.invalidate()  # as the management API of this process does
+        assert normalised(send(srv, state)) == golden(0, "succ", b'{"status":6}')
+        assert code(srv, check) == 12012
+
+
+def test_already_on_target_is_cached_like_the_check(world: World, engine: Engine) -> None:
+    """F6 with the caches on: the 12013 answer (most of a fleet's polling once a rollout is
+    done) is cached with the device's other answers, and dropped with them."""
+    seeder, _, _ = world
+    seeder.set_state(TID, TaskState.SUCCEEDED)
+    done = fuse("GET", f"{BASE}/check?type=1&version=1.0.1")
+    with running_api(engine, seeder.blobs, seeder.clock, cache_ttl=30) as (api, srv):
+        assert code(srv, done) == 12013
+        assert code(srv, done) == 12013
+        seeder.set_state(TID, TaskState.FAILED)  # nobody tells this worker
+        assert code(srv, done) == 12013
+        api.service.invalidate()
+        assert code(srv, done) == 12012
+
+
+def test_a_memoised_download_ends_with_its_authorization(world: World, engine: Engine) -> None:
+    """F2 with the caches on: chunk after chunk on one path and Authorization rest on cached
+    checks, which end with the token's ``et`` (Ota-Errno 6) and with the task (5)."""
+    seeder, _, admin = world
+    short = auth.build_token(
+        PID, K1, device_name="dev01", version=auth.VERSION_2022, et=int(seeder.clock()) + 30
+    )
+    chunk = fuse("GET", f"{BASE}/4242/download", authorization=short, extra=("Range: bytes=0-9",))
+    # feed_interval 0: the feed is read before every request, as it is 0.1 s after a change.
+    with running_api(engine, seeder.blobs, seeder.clock, cache_ttl=3600, feed_interval=0) as (
+        _,
+        srv,
+    ):
+        for _ in range(3):
+            assert send(srv, chunk).body == FIRMWARE[:10]
+        seeder.clock.advance(31)
+        assert normalised(send(srv, chunk)) == download_error(6, "authentication failed")
+        ours = fuse("GET", f"{BASE}/4242/download", extra=("Range: bytes=0-9",))
+        for _ in range(2):
+            assert send(srv, ours).body == FIRMWARE[:10]
+        admin.act_on_task(seeder.device_task(TID).task_id, Action.PAUSE)
+        assert send(srv, ours).header("Ota-Errno") == "5"
+
+
+def test_f1_prefix_with_any_host_a_trailing_slash_and_http_1_0(world: World) -> None:
+    """F1: fuse lives under /fuse-ota/, whatever the Host says (D20), and takes the classic
+    listener's tolerance: one trailing slash, and HTTP/1.0."""
+    _, srv, _ = world
+    expected = golden(0, "succ", TASK_DATA)
+    other_host = fuse("GET", f"{BASE}/check?type=1&version=1.0.0").replace(
+        b"Host: iot-api.heclouds.com", b"Host: example.org"
+    )
+    assert normalised(send(srv, other_host)) == expected
+    assert normalised(send(srv, fuse("GET", f"{BASE}/check/?type=1&version=1.0.0"))) == expected
+    http_1_0 = fuse("GET", f"{BASE}/check?type=1&version=1.0.0").replace(
+        b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1
+    )
+    reply = send(srv, http_1_0)
+    assert (reply.status, json.loads(reply.body)["code"]) == (200, 0)
+    # Without its prefix a fuse path is nobody's.
+    reply = send(srv, fuse("GET", "/fuse/123123/dev01/check?type=1&version=1.0.0"))
+    assert reply.status == 404
+
+
+def test_f13_without_notices_a_new_task_is_found_by_the_next_poll(
+    world: World, engine: Engine
+) -> None:
+    """F13: no MQTT inform notice is sent, so a device learns of a new task only by polling
+    F-C; with the caches on, the poll after the task's creation (by the management side, in
+    another process: the change feed) offers it, never the "no task" cached before."""
+    seeder, _, admin = world
+    seeder.set_state(TID, TaskState.SUCCEEDED)
+    poll = fuse("GET", f"{BASE}/check?type=1&version=1.0.1")
+    # feed_interval 0: the feed is read before every request, as it is 0.1 s after a change.
+    with running_api(engine, seeder.blobs, seeder.clock, cache_ttl=30, feed_interval=0) as (
+        _,
+        srv,
+    ):
+        assert code(srv, poll) == 12013
+        assert code(srv, poll) == 12013  # answered from the cache now
+        package = seeder.package(target="1.0.2")
+        created = admin.create_task(TaskCreate(package_id=package, dev_ids=[DEV_ID]))
+        envelope = json.loads(send(srv, poll).body)
+        assert envelope["code"] == 0
+        assert envelope["data"]["target"] == "1.0.2"
+        assert envelope["data"]["tid"] != TID
+        assert created.dev_ids == [DEV_ID]

@@ -1,11 +1,15 @@
-"""The task state machine through the real server (spec §5.3-§5.6, D12-D16, D23).
+"""The task state machine through the real server (spec §5.3-§5.6, D12-D16, D23, S10, F14).
 
 Two parts:
 
 - every transition T1-T16 of §5.3, walked explicitly over HTTP (a table of paths);
 - a hypothesis rule-based machine that drives E1/E3/E5/E6/E7/E8 over HTTP plus pause, resume,
   cancel, deadlines and the passing of time against a model built from ``protocol.states``'
-  tables, and checks every answer and the stored state after every step.
+  tables, and checks every answer and the stored state after every step. The same device also
+  speaks Studio (S-V, S-C, S-T, S-D, S-R) and fuse (F-V, F-C, F-T, F-D, F-R) between any two
+  of those requests, so it switches dialect mid-task as F14 allows: one task, whose state is
+  what the tables say whichever dialect moved it (S10, F14). It runs with the device API's
+  caches off and on (their memoised replies included).
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from sqlalchemy import update
 
+from onenet_ota import auth
+from onenet_ota.protocol.codes import Dialect, Operation, reply_code, verdict_of_errno
 from onenet_ota.protocol.states import (
     Action,
     IllegalTransition,
     TaskState,
     on_action,
+    on_download,
     on_report,
+    on_status_query,
     on_token_check,
+    wire_status,
 )
 from onenet_ota.protocol.status import classify_result, classify_step
 from onenet_ota.server.blobs import BlobStore
@@ -65,6 +74,18 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             httpx2.Client(base_url=srv.url, timeout=10) as client,
         ):
             yield Env(seeder, api, client)
+
+
+@pytest.fixture
+def cached_env(env: Env) -> Iterator[Env]:
+    """A second device API on the same database with its caches on (memoised replies and
+    chunks included), served on its own port."""
+    seeder = env.seeder
+    with (
+        running_api(seeder.engine, seeder.blobs, seeder.clock, cache_ttl=30) as (api, srv),
+        httpx2.Client(base_url=srv.url, timeout=10) as client,
+    ):
+        yield Env(seeder, api, client)
 
 
 class Device:
@@ -110,6 +131,54 @@ class Device:
     def e8(self, token: str, result: int | None) -> int:
         body = None if result is None else {"result": result}
         return int(self._json("POST", "/ota/south/report", {"token": token}, body)["errno"])
+
+    # -- Studio (§12) and fuse (§13): the device named in the path, the task by its tid --------
+
+    def _path_json(
+        self, dialect: Dialect, method: str, path: str, body: Any = None
+    ) -> tuple[int, Any]:
+        response = self.env.client.request(
+            method,
+            DIALECT_PREFIX[dialect] + f"/{self.w.pid}/{self.w.name}{path}",
+            headers={"Authorization": self.path_auth(dialect)},
+            json=body,
+        )
+        assert response.status_code == 200
+        reply = response.json()
+        return int(reply["code" if dialect is Dialect.FUSE else "errno"]), reply.get("data")
+
+    def path_auth(self, dialect: Dialect) -> str:
+        """Each dialect's default device-level token (§12.2: sha1 2018-10-31; §13.7: 2022)."""
+        version = auth.VERSION_2022 if dialect is Dialect.FUSE else auth.VERSION
+        return auth.build_token(self.w.pid, self.w.key, device_name=self.w.name, version=version)
+
+    def version(self, dialect: Dialect, version: str) -> int:
+        return self._path_json(dialect, "POST", "/version", {"f_version": version})[0]
+
+    def check_tid(self, dialect: Dialect, version: str) -> tuple[int, Any]:
+        return self._path_json(dialect, "GET", f"/check?type=1&version={version}")
+
+    def state_check(self, dialect: Dialect, tid: int) -> tuple[int, Any]:
+        return self._path_json(dialect, "GET", f"/{tid}/check")
+
+    def tid_report(self, dialect: Dialect, tid: int, step: int) -> int:
+        return self._path_json(dialect, "POST", f"/{tid}/status", {"step": step})[0]
+
+    def tid_download(self, dialect: Dialect, tid: int) -> int | None:
+        """None for the first ten bytes served, else the Ota-Errno (§12.3, §13.4)."""
+        response = self.env.client.get(
+            DIALECT_PREFIX[dialect] + f"/{self.w.pid}/{self.w.name}/{tid}/download",
+            headers={"Authorization": self.path_auth(dialect), "Range": "bytes=0-9"},
+        )
+        code = int(response.headers.get("Ota-Errno", "0"))
+        if code == 0:
+            assert response.status_code == 206
+            assert response.content == FIRMWARE[:10]
+            return None
+        return code
+
+
+DIALECT_PREFIX = {Dialect.STUDIO: "/ota", Dialect.FUSE: "/fuse-ota"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +292,11 @@ class Model:
 
 
 TOKEN_CHOICES = st.sampled_from(["current", "oldest", "unknown", "foreign"])
+PATH_DIALECTS = st.sampled_from([Dialect.STUDIO, Dialect.FUSE])
+TID_CHOICES = st.sampled_from(["own", "foreign"])
+# The answer to a tid that is not this device's task (S6-S8, F7-F9).
+UNKNOWN_TID = {Dialect.STUDIO: 4, Dialect.FUSE: 12012}
+UNKNOWN_TID_DOWNLOAD = {Dialect.STUDIO: 5, Dialect.FUSE: 1}
 STEPS = st.sampled_from([0, 50, 99, 100, 101, 102, 107, 108, 150, 201, 205, 208, 209, -1])
 RESULTS = st.sampled_from([None, 50, 100, 101, 104, 107, 201, 203, 208, 300])
 
@@ -239,6 +313,7 @@ class TaskMachine(RuleBasedStateMachine):
         _, foreign = other.e3()
         assert foreign is not None
         self.foreign = foreign
+        self.foreign_tid = other.w.task_id
         self.foreign_issued = int(self.clock())
         self.model = Model()
 
@@ -373,6 +448,84 @@ class TaskMachine(RuleBasedStateMachine):
     def wait(self, seconds: int) -> None:
         self.clock.advance(seconds)
 
+    # -- Studio and fuse on the same task (S10, F14) ---------------------------------------------
+
+    def tid(self, choice: str) -> int:
+        return self.device.w.task_id if choice == "own" else self.foreign_tid
+
+    @rule(dialect=PATH_DIALECTS, version=st.sampled_from(["1.0.0", "1.0.1"]))
+    def path_check(self, dialect: Dialect, version: str) -> None:
+        """S-C / F-C (S4, S5, F6): the open task with its tid and state; recorded like E3's."""
+        code, data = self.device.check_tid(dialect, version)
+        self.model.version = version
+        state = self.model.state
+        if state.is_active:
+            assert code == 0
+            assert (data["tid"], data["status"]) == (self.device.w.task_id, wire_status(state))
+            return
+        if dialect is Dialect.STUDIO:
+            assert code == 10  # S4
+        elif state is S.SUCCEEDED and version == "1.0.1":
+            assert code == 12013  # F6: the device already runs the latest task's target
+        else:
+            assert code == 12012
+
+    @rule(dialect=PATH_DIALECTS, choice=TID_CHOICES)
+    def path_state_check(self, dialect: Dialect, choice: str) -> None:
+        """S-T answers as E5 by state (S6); F-T shows every state (F7); both do T9."""
+        code, data = self.device.state_check(dialect, self.tid(choice))
+        if choice == "foreign":
+            assert code == UNKNOWN_TID[dialect]
+            return
+        state = self.model.state
+        if dialect is Dialect.STUDIO:
+            outcome = on_token_check(state, token_expired=False)
+            if not outcome.ok or outcome.state is None:
+                assert (code, data) == (int(outcome.errno), None)
+                return
+            new = outcome.state
+        else:
+            new = on_status_query(state)
+        assert (code, data) == (0, {"status": wire_status(new, self.model.paused_from)})
+        self.model.state = new
+
+    @rule(dialect=PATH_DIALECTS, choice=TID_CHOICES)
+    def path_download(self, dialect: Dialect, choice: str) -> None:
+        """S-D / F-D (S7, F8): served in states 1-3, moving to-be-upgraded to downloading."""
+        code = self.device.tid_download(dialect, self.tid(choice))
+        if choice == "foreign":
+            assert code == UNKNOWN_TID_DOWNLOAD[dialect]
+            return
+        new = on_download(self.model.state, moves=True)
+        if new is None:
+            assert code == 5
+            return
+        assert code is None
+        self.model.state = new
+
+    @rule(dialect=PATH_DIALECTS, choice=TID_CHOICES, step=STEPS)
+    def path_report(self, dialect: Dialect, choice: str, step: int) -> None:
+        """S-R / F-R: the E7 table keyed by tid (S8, F9)."""
+        code = self.device.tid_report(dialect, self.tid(choice), step)
+        if choice == "foreign":
+            assert code == UNKNOWN_TID[dialect]
+            return
+        kind = classify_step(step)
+        if kind is not None:
+            # F3: these outcomes keep their classic numbers in both dialects.
+            errno = on_report(self.model.state, kind).errno
+            verdict = verdict_of_errno(errno)
+            assert code == reply_code(dialect, Operation.REPORT_STATUS, verdict) == int(errno)
+        self._report(code, kind, step)
+
+    @rule(dialect=PATH_DIALECTS, version=st.sampled_from(["1.0.1", "1.0.0"]))
+    def path_version(self, dialect: Dialect, version: str) -> None:
+        """S-V / F-V (S9, F5): as E1, completing an open task whose target is reported (T6)."""
+        assert self.device.version(dialect, version) == 0
+        self.model.version = version
+        if version == "1.0.1" and self.model.state.is_open:
+            self.model.state = on_action(self.model.state, Action.VERSION_REACHED)  # T6
+
     # -- invariants -----------------------------------------------------------------------------
 
     @invariant()
@@ -385,8 +538,11 @@ class TaskMachine(RuleBasedStateMachine):
         assert self.env.seeder.versions(self.device.w.dev_id)[0] == self.model.version
 
 
-def test_state_machine(env: Env) -> None:
-    TaskMachine.env = env
+@pytest.mark.parametrize("caches", ["off", "on"])
+def test_state_machine(env: Env, cached_env: Env, caches: str) -> None:
+    """T1-T16 and F14: the task's state stays what protocol.states says through any sequence
+    of classic, Studio and fuse requests and management actions."""
+    TaskMachine.env = env if caches == "off" else cached_env
     run_state_machine_as_test(
         TaskMachine,
         settings=settings(

@@ -294,6 +294,9 @@ def test_download_error_arrives_with_its_headers_in_one_write(world: World) -> N
     ],
 )
 def test_golden_replies(world: World, request_bytes: bytes, golden: bytes) -> None:
+    """S12: every endpoint's reply is canonical (D26), byte for byte: compact JSON with
+    ``Content-Type: application/json`` and an exact ``Content-Length``, within §8.2's limits
+    (``replay`` checks those on every reply)."""
     _, srv = world
     assert replay(srv, request_bytes).raw == golden
 
@@ -464,3 +467,46 @@ def test_the_studio_sdks_request_style_is_served(world: World) -> None:
         b"Content-Length: %d\r\n\r\n" % len(body)
     ) + body
     assert replay(srv, request).raw == JSON_OK
+
+
+def test_state_check_before_every_chunk_is_answered_from_the_cache(
+    world: World, engine: Engine
+) -> None:
+    """S6 with the caches on: S-T, which the C SDK sends before every chunk, uses classic E5's
+    cache. A check that changed nothing (T10) is answered from the cache while it holds, so a
+    change nobody announced is not seen; this worker's own transitions and an invalidation (the
+    management API, the change feed) are seen at once."""
+    seeder, _ = world
+    check = studio("GET", "/ota/123123/dev01/4242/check")
+    with running_api(engine, seeder.blobs, seeder.clock, cache_ttl=30) as (api, srv):
+        assert json.loads(replay(srv, check).body)["data"] == {"status": 2}  # T9: a write
+        assert json.loads(replay(srv, check).body)["data"] == {"status": 2}  # T10: cached now
+        # Another process pauses the task without telling this one: the cached answer stands.
+        seeder.set_state(TID, TaskState.PAUSED, paused_from=TaskState.DOWNLOADING)
+        assert json.loads(replay(srv, check).body)["errno"] == 0
+        api.service.invalidate()
+        assert json.loads(replay(srv, check).body)["errno"] == 17  # §5.4: paused
+        assert json.loads(replay(srv, check).body)["errno"] == 17  # refusals are not cached
+        seeder.set_state(TID, TaskState.DOWNLOADING)
+        assert json.loads(replay(srv, check).body)["errno"] == 0
+        assert json.loads(replay(srv, check).body)["errno"] == 0
+        # This worker's own transition (S8: 101 moves to upgrading) drops the answer.
+        report = studio("POST", "/ota/123123/dev01/4242/status", body=b'{"step":101}')
+        assert json.loads(replay(srv, report).body)["errno"] == 0
+        assert json.loads(replay(srv, check).body)["errno"] == 17  # §5.4: upgrading
+        report = studio("POST", "/ota/123123/dev01/4242/status", body=b'{"step":201}')
+        assert json.loads(replay(srv, report).body)["errno"] == 0
+        assert json.loads(replay(srv, check).body)["errno"] == 20  # finished
+
+
+def test_a_memoised_state_check_ends_with_its_authorization(world: World, engine: Engine) -> None:
+    """S2 with the caches on: a repeated S-T is memoised, but only while the Authorization
+    value behind it is within its ``et``."""
+    seeder, _ = world
+    short = auth.build_token(PID, K1, device_name="dev01", et=int(seeder.clock()) + 30)
+    check = studio("GET", "/ota/123123/dev01/4242/check", authorization=short)
+    with running_api(engine, seeder.blobs, seeder.clock, cache_ttl=3600) as (_, srv):
+        for _ in range(3):
+            assert json.loads(replay(srv, check).body)["errno"] == 0
+        seeder.clock.advance(31)
+        assert replay(srv, check).raw == AUTH_FAILED

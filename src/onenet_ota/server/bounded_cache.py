@@ -49,6 +49,8 @@ class Budgets:
     grants: int = 8 * _MIB  # E6 token -> download grant
     answers: int = 16 * _MIB  # dev_id -> cached E3/E5 answers by question
     replies: int = 24 * _MIB  # whole E3/E5 replies by request bytes (the memo)
+    dialect_replies: int = 8 * _MIB  # the same for Studio/fuse S-C, S-T, F-C, F-T
+    dialect_grants: int = 8 * _MIB  # S-D/F-D: (path, Authorization) -> what its checks rest on
     queries: int = 2 * _MIB  # query string -> parsed parameters
     task_bodies: int = 2 * _MIB  # encoded E3/E4 task replies by (task info, cdn)
     chunks: int = 16 * _MIB  # small E6 replies by (file, served range)

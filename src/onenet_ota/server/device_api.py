@@ -79,7 +79,7 @@ from onenet_ota.server.device_service import (
     DeviceService,
     Principal,
 )
-from onenet_ota.server.dialect_api import DialectApi
+from onenet_ota.server.dialect_api import FUSE_PREFIX, DialectApi
 from onenet_ota.server.http import (
     SMALL_SEGMENT,
     BodyTooLarge,
@@ -197,7 +197,9 @@ class DeviceApi:
                 return wire.download_error(DownloadError.READ_FAILED)  # D6 step 6
             if cached is not None:
                 return cached
-        route = match_path(path)
+        # Every classic path starts /ota/, so a fuse path (F1: its own prefix) skips classic's
+        # matcher.
+        route = None if path.startswith(FUSE_PREFIX) else match_path(path)
         if route is None:
             # Classic's paths win (S1); the other dialects' paths are tried only after them.
             other = self._dialects.route(path)

@@ -20,6 +20,10 @@ Wire bytes, derived from the facts above and never stale by themselves:
 - ``replies``: whole E3/E5 replies by request bytes, each with the
   :class:`~.device_service.Basis` it rests on; :meth:`DeviceCaches.holds` re-checks that basis
   against the fact caches on every use, so dropping the facts retires the reply;
+- ``dialect_replies``: the same for Studio's S-C/S-T and fuse's F-C/F-T, as a
+  :class:`ReplyTemplate` (a fuse reply gets a fresh ``request_id`` on every use, §13.2);
+- ``dialect_grants``: what S-D/F-D's checks rest on (a :class:`~.device_service.Basis`
+  whose answer holds the task's grant), by (path, Authorization), re-checked in the same way;
 - ``chunks``: small E6 replies by (file, Range value), served only while the token's grant is
   cached and usable, so dropping the grant retires them;
 - ``task_bodies``: encoded E3/E4 replies by (task info, cdn) and ``queries``: parsed query strings,
@@ -30,8 +34,10 @@ Wire bytes, derived from the facts above and never stale by themselves:
 Invalidation: :meth:`DeviceCaches.invalidate` drops one device's facts, :meth:`DeviceCaches.clear`
 everything. This process's own transitions call them at once, the management side in the same
 process and the change feed (:mod:`.changes`, read by :meth:`DeviceService.sync`) for what other
-processes changed. Every invalidation bumps :attr:`DeviceCaches.generation`: a fact read before an
-invalidation and kept after it could be stale, so the ``keep_*`` methods refuse it.
+processes changed. A device's request that changes its stored versions counts as a transition
+(an answer cached while another version was stored would skip recording its own, E3 step 5).
+Every invalidation bumps :attr:`DeviceCaches.generation`: a fact read before an invalidation and
+kept after it could be stale, so the ``keep_*`` methods refuse it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from onenet_ota.protocol.envelopes import new_request_id
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
 from onenet_ota.protocol.status import TaskType
@@ -65,6 +72,7 @@ __all__ = [
     "DeviceCaches",
     "MemoKey",
     "OpenFiles",
+    "ReplyTemplate",
     "check_task_key",
     "check_token_key",
 ]
@@ -92,6 +100,46 @@ class Answer:
     valid_until: float
     tid_info: TidTaskInfo | None = None  # S-C/F-C's answer (the path dialects)
     grant: TidGrant | None = None  # S-D/F-D's task lookup
+    status: int | None = None  # S-T/F-T's ``status`` (1-6)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTemplate:
+    """A memoised Studio or fuse JSON reply.
+
+    A Studio reply is sent as it is. A fuse reply carries a ``request_id`` that is random per
+    response (§13.2), so its body is kept split around that id (``head``, ``tail``) and
+    :meth:`render` splices a fresh one in: the same length, so the headers stay valid.
+    """
+
+    response: Response
+    head: bytes = b""
+    tail: bytes = b""
+    spliced: bool = False
+
+    @classmethod
+    def of(cls, response: Response, request_id: str | None) -> ReplyTemplate:
+        """The template of ``response``, whose body holds ``request_id`` (None: no id)."""
+        body = response.body
+        assert isinstance(body, bytes)
+        if request_id is None:
+            return cls(response)
+        # The envelope's keys come in a fixed order (§13.2): code, msg, request_id, data, so
+        # the first occurrence of the key is the id's, whatever the data holds.
+        start = body.index(_REQUEST_ID_KEY) + len(_REQUEST_ID_KEY)
+        if body[start : start + len(request_id)] != request_id.encode():
+            raise ValueError("the reply's request_id is not where the envelope puts it")
+        return cls(response, body[:start], body[start + len(request_id) :], True)
+
+    def render(self) -> Response:
+        """The response to send now."""
+        if not self.spliced:
+            return self.response
+        body = self.head + new_request_id().encode() + self.tail
+        return Response(self.response.status, self.response.headers, body)
+
+
+_REQUEST_ID_KEY: Final = b'"request_id":"'
 
 
 def check_tid_task_key(task_type: TaskType, version: str) -> tuple[Any, ...]:
@@ -102,6 +150,18 @@ def check_tid_task_key(task_type: TaskType, version: str) -> tuple[Any, ...]:
 def download_tid_key(tid: int) -> tuple[Any, ...]:
     """The ``answers`` key of an S-D/F-D task lookup."""
     return ("S-D", tid)
+
+
+def check_state_tid_key(tid: int, refuses: bool) -> tuple[Any, ...]:
+    """The ``answers`` key of an S-T (``refuses``) or F-T question: the two dialects answer
+    the same task differently (S6, F7)."""
+    return ("S-T", tid, refuses)
+
+
+def reached_latest_key(task_type: TaskType, version: str) -> tuple[Any, ...]:
+    """The ``answers`` key of F6's question: did the latest task of ``task_type`` end with
+    ``version`` reached?"""
+    return ("F6", task_type, version)
 
 
 def check_task_key(
@@ -139,6 +199,15 @@ class DeviceCaches:
             BUDGETS.answers, ttl=ttl
         )
         self.replies: BoundedCache[MemoKey, tuple[Basis, Response]] = BoundedCache(BUDGETS.replies)
+        # Studio and fuse: whole S-C/S-T/F-C/F-T replies, kept as a template (a fuse reply gets
+        # a fresh request_id spliced in on every use, §13.2).
+        self.dialect_replies: BoundedCache[MemoKey, tuple[Basis, ReplyTemplate]] = BoundedCache(
+            BUDGETS.dialect_replies
+        )
+        # Studio and fuse downloads: what S-D/F-D's checks rest on, by (path, Authorization).
+        self.dialect_grants: BoundedCache[tuple[str, str], Basis] = BoundedCache(
+            BUDGETS.dialect_grants
+        )
         self.chunks: BoundedCache[ChunkKey, Response] = BoundedCache(BUDGETS.chunks)
         self.task_bodies: BoundedCache[tuple[TaskInfo, bool], bytes] = BoundedCache(
             BUDGETS.task_bodies
@@ -179,6 +248,8 @@ class DeviceCaches:
                 self.devices,
                 self.names,
                 self.replies,
+                self.dialect_replies,
+                self.dialect_grants,
                 self.chunks,
             ):
                 cache.clear()
@@ -236,7 +307,13 @@ class DeviceCaches:
             return False
         if self.principals.get(basis.authorization) is not basis.principal:
             return False
-        if self.devices.get(basis.dev_id) is not basis.device:
+        if basis.named:
+            # Studio and fuse name the device in the path: P3 rests on the (pid, name) entry,
+            # dropped with the device's other facts (invalidate).
+            device = basis.device
+            if self.names.get((device.pid, device.name)) != basis.dev_id:
+                return False
+        elif self.devices.get(basis.dev_id) is not basis.device:
             return False
         entries = self.answers.get(basis.dev_id)
         return entries is not None and entries.get(basis.key) is basis.answer

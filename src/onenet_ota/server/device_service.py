@@ -82,7 +82,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from onenet_ota import auth
 from onenet_ota.protocol import values
 from onenet_ota.protocol.errno import Errno
-from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
+from onenet_ota.protocol.messages import TID_MAX, TaskInfo, TidTaskInfo
 from onenet_ota.protocol.states import (
     DOWNLOADABLE_STATES,
     OPEN_STATES,
@@ -103,10 +103,12 @@ from onenet_ota.server.device_caches import (
     Answer,
     Clock,
     DeviceCaches,
+    check_state_tid_key,
     check_task_key,
     check_tid_task_key,
     check_token_key,
     download_tid_key,
+    reached_latest_key,
 )
 from onenet_ota.server.schema import (
     accounts,
@@ -234,11 +236,12 @@ class TidGrant:
     sha256: str
     size: int
     file_name: str
+    # Whether bytes may be served (S7, F8: states 1-3, DOWNLOAD_TABLE). Decided once: a grant
+    # is cached and asked on every chunk.
+    downloadable: bool = field(init=False)
 
-    @property
-    def downloadable(self) -> bool:
-        """Whether bytes may be served (S7, F8: states 1-3, ``DOWNLOAD_TABLE``)."""
-        return on_download(self.state, moves=True) is not None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "downloadable", on_download(self.state, moves=True) is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,6 +546,9 @@ class Basis:
     ``et``), the same P3 device row, the same cached answer (and within its validity). Anything
     that would make the service answer differently (a TTL running out, an invalidation, a token
     expiring, a deadline passing) makes ``holds`` false.
+
+    ``named``: the device was named by product and name in the path (Studio, fuse), so P3
+    rests on the cached (pid, name) -> dev_id entry rather than on the cached device row.
     """
 
     authorization: str
@@ -551,6 +557,7 @@ class Basis:
     device: DeviceRef
     key: tuple[Any, ...]
     answer: Answer
+    named: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -866,7 +873,10 @@ class DeviceService:
                 return None
             dev_id = int(row.dev_id)
             caches.keep_name(generation, pid, name, dev_id)
-        return dev_id if self.binds(principal, DeviceRef(dev_id, pid, name)) else None
+        # binds() on this device, without building its DeviceRef (asked on every request).
+        if principal.pid != pid or principal.device_name not in (None, name):
+            return None
+        return dev_id
 
     def device(self, dev_id: int) -> DeviceRef | None:
         """The device row for P3, from the cache or else the database (and cached)."""
@@ -915,6 +925,9 @@ class DeviceService:
                 if s_version is not None and s_version != before.s_version:
                     changed["s_version"] = s_version
                 timeline.record_version(tx.writer, dev_id, tx.now, changed)
+            # Cached E3/S-C/F-C answers rest on the stored versions (their step 5 records the
+            # version only when it changed): drop them.
+            tx.touched.add(dev_id)
             return Errno.SUCC if result.rowcount == 1 else Errno.AUTH_FAILED
 
         return self._run(work)
@@ -1005,6 +1018,11 @@ class DeviceService:
             return self._check(tx, row, dev_id, task_type, version, None, offer)
 
         def offer(tx: _Tx, row: _Row) -> tuple[Errno, TidTaskInfo | None, float | None]:
+            if row.dt_id is not None and row.dt_id > TID_MAX:
+                # S11: a device keeps the tid in 32 bits, where this one would name another
+                # task (SQLite's keys can pass the limit; PostgreSQL's column cannot).
+                log.error("device task %d has an id past 2^31-1: no tid names it (S11)", row.dt_id)
+                return Errno.INTERNAL_ERROR, None, None
             errno, state, valid_until = self._preflight(tx, row, dev_id, version, None, None)
             if state is None:
                 return errno, None, valid_until
@@ -1024,9 +1042,22 @@ class DeviceService:
 
     def reached_latest(self, dev_id: int, task_type: TaskType, version: str) -> bool:
         """F6: whether the device's most recent task of ``task_type`` succeeded and its target
-        is ``version`` (exact strings, F5): the device already runs it."""
+        is ``version`` (exact strings, F5): the device already runs it.
+
+        Asked on every F-C that finds no open task, which is most of a fleet's polling: cached
+        per device like E3's answers (a new task or any change of one invalidates the device).
+        """
+        caches = self.caches
+        key = reached_latest_key(task_type, version)
+        cached = caches.answer(dev_id, key)
+        if cached is not None:
+            return cached.errno is Errno.SUCC
+        generation = caches.generation
         row = self._read_latest_task.one(dev_id=dev_id, module_type=int(task_type))
-        return row is not None and row.state == TaskState.SUCCEEDED and row.target == version
+        reached = row is not None and row.state == TaskState.SUCCEEDED and row.target == version
+        answer = Answer(Errno.SUCC if reached else Errno.NO_TASK, None, _FOREVER)
+        caches.keep_answer(generation, dev_id, key, answer)
+        return reached
 
     def _check(
         self,
@@ -1052,6 +1083,11 @@ class DeviceService:
         # last_seen_at now and then), so that polling stays a read-only transaction.
         stored = row.f_version if task_type is TaskType.FOTA else row.s_version
         stale = row.last_seen_at is None or tx.now - row.last_seen_at >= _LAST_SEEN_RESOLUTION_S
+        if stored != version:
+            # The device's cached answers to its other questions were each cached when their
+            # version was the stored one: answered from the cache again, they would skip this
+            # step and leave this version stored.
+            tx.touched.add(dev_id)
         if stored != version or stale:
             fota = task_type is TaskType.FOTA
             if stored != version:
@@ -1186,6 +1222,24 @@ class DeviceService:
             return None
         return Basis(authorization, principal, dev_id, device, key, answer)
 
+    def basis_named(
+        self, authorization: str, pid: str, name: str, key: tuple[Any, ...]
+    ) -> Basis | None:
+        """:meth:`basis` for the dialects that name the device in the path (Studio, fuse):
+        the cached principal, the cached dev_id of (``pid``, ``name``) and the cached answer to
+        ``key``. None when any is missing, or the principal is an account's (never cached: F2,
+        F12) or does not speak for the device."""
+        caches = self.caches
+        principal = caches.principal(authorization)
+        dev_id = caches.names.get((pid, name))
+        if principal is None or dev_id is None:
+            return None
+        answer = caches.answer(dev_id, key)
+        device = DeviceRef(dev_id, pid, name)
+        if answer is None or not self.binds(principal, device):
+            return None
+        return Basis(authorization, principal, dev_id, device, key, answer, named=True)
+
     def report(self, dev_id: int, token: str | None, report: Report | Errno) -> Errno:
         """E7/E8 (§6.7, §6.8, §5.5, D14, D15) on any token ever issued for the device's task.
 
@@ -1276,25 +1330,44 @@ class DeviceService:
         ``refuses``: Studio's S-T answers as E5 by state (S6: §5.4's table, a tid never expires);
         fuse's F-T refuses nothing by state (F7: ``STATUS_QUERY_TABLE``). Both move a
         to-be-upgraded task to downloading (T9).
-        """
 
-        def work(tx: _Tx, row: _Row | None) -> tuple[Errno, int | None] | None:
+        As E5's (:meth:`check_token`): a successful check that changed nothing (T10, the check
+        the C SDK makes before every chunk) is cached, until the task's deadline, and answered
+        from the cache while it holds; every change of the task invalidates the device.
+        """
+        caches = self.caches
+        key = check_state_tid_key(tid, refuses)
+        cached = caches.answer(dev_id, key)
+        if cached is not None:
+            return cached.errno, cached.status
+        generation = caches.generation
+
+        def work(tx: _Tx, row: _Row | None) -> tuple[tuple[Errno, int | None] | None, float | None]:
             if row is None or row.dt_dev_id != dev_id or row.start_time > tx.now:
-                return None
+                return None, None
+            stored = TaskState(row.state)
             state = self._effective_state(tx, row, dev_id)
             if refuses:
                 outcome = on_token_check(state, token_expired=False)
                 if not outcome.ok or outcome.state is None:
-                    return outcome.errno, None
+                    return (outcome.errno, None), None  # refusals are never cached (as E5)
                 new = outcome.state
             else:
                 new = on_status_query(state)
             if new is not state:
                 self._transition(tx, row, new)  # T9 (a read-only attempt runs again, writing)
             paused_from = None if row.paused_from is None else TaskState(row.paused_from)
-            return Errno.SUCC, wire_status(new, paused_from)
+            found = (Errno.SUCC, wire_status(new, paused_from))
+            if new is not stored:
+                return found, None  # changed something (T9 or T5): not cached
+            until = _FOREVER if row.deadline is None or not new.is_open else float(row.deadline)
+            return found, until
 
-        return self._read_first(self._read_tid, _SELECT_TID, {"tid": tid}, work)
+        found, valid_until = self._read_first(self._read_tid, _SELECT_TID, {"tid": tid}, work)
+        if found is not None and valid_until is not None:
+            answer = Answer(found[0], None, valid_until, status=found[1])
+            caches.keep_answer(generation, dev_id, key, answer)
+        return found
 
     def download_tid(self, dev_id: int, tid: int) -> TidGrant | None:
         """S-D and F-D's task lookup (S7, F8): what may be served of the device task ``tid``, or

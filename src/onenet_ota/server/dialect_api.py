@@ -51,7 +51,12 @@ from onenet_ota.server.device_caches import (
     ENTRY_BYTES,
     OBJECT_BYTES,
     ChunkKey,
+    MemoKey,
     OpenFiles,
+    ReplyTemplate,
+    check_state_tid_key,
+    check_tid_task_key,
+    download_tid_key,
     response_bytes,
 )
 from onenet_ota.server.device_requests import (
@@ -73,7 +78,7 @@ from onenet_ota.server.http import (
 )
 from onenet_ota.server.timeline import body_length, set_call
 
-__all__ = ["SERVED_DIALECTS", "DialectApi"]
+__all__ = ["FUSE_PREFIX", "SERVED_DIALECTS", "DialectApi"]
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +96,21 @@ _VERDICTS: Final = {
     Errno.NO_TASK: Verdict.NO_TASK,
 }
 
-_FUSE_PREFIX: Final = "/fuse-ota/"  # F1
+FUSE_PREFIX: Final = "/fuse-ota/"
+"""Where every fuse path starts (F1); no classic or Studio path does."""
 # A cached Route beyond its path: the object and its strings (CPython 3.11, about).
 _ROUTE_BYTES: Final = 400
 
 # S6: Studio's S-T answers as E5 by state; F7: fuse's F-T refuses nothing by state.
 _STATE_CHECK_REFUSES: Final = {Dialect.STUDIO: True, Dialect.FUSE: False}
+# The questions a device repeats verbatim, whose replies are memoised.
+_MEMOISED: Final = frozenset({Operation.CHECK_TASK, Operation.CHECK_STATE})
+# What a cached memo holds beyond its key and response bytes: the Basis and the template
+# objects (CPython 3.11, about).
+_BASIS_BYTES: Final = 400
+# The service's answer a reply was made from: its answers-cache key, errno and payload (the
+# S-C/F-C task info or the S-T/F-T status).
+_Fact = tuple[tuple[Any, ...], Errno, Any]
 
 
 def _verdict(errno: Errno) -> Verdict:
@@ -119,6 +133,8 @@ class DialectApi:
         self.service = service
         self._files = files
         self._chunks = chunks
+        self._memos = service.caches.dialect_replies
+        self._grant_memos = service.caches.dialect_grants
         served = frozenset(dialects) - {Dialect.CLASSIC}
         # F1: fuse paths live under their own prefix, so a path is matched against one
         # dialect's table only.
@@ -133,7 +149,7 @@ class DialectApi:
         found = self._routes.get(path)
         if found is not None:
             return found
-        found = match(path, self._fuse if path.startswith(_FUSE_PREFIX) else self._others)
+        found = match(path, self._fuse if path.startswith(FUSE_PREFIX) else self._others)
         if found is not None:
             self._routes.put(path, found, _ROUTE_BYTES + weigh(path))
         return found
@@ -157,14 +173,55 @@ class DialectApi:
                 body = await request.body(MAX_JSON_REQUEST_BODY)  # §4.3
             except BodyTooLarge:
                 return wire.empty(413)
+        memo_key: MemoKey | None = None
+        authorization = request.header("Authorization")
+        if authorization and endpoint.operation in _MEMOISED:
+            # A polling device repeats its S-C/F-C (and Studio's S-T before every chunk)
+            # verbatim: the same bytes get the same reply for as long as everything it was
+            # computed from still holds (classic's memo, device_api).
+            memo_key = (request.path, request.query_string, authorization)
+            memo = self._memos.get(memo_key)
+            if memo is not None:
+                if self.service.caches.holds(memo[0]):
+                    return memo[1].render()
+                self._memos.pop(memo_key)
+        fact: _Fact | None = None
         try:
-            verdict, data = self._json(spec, endpoint, request, route, body)
+            verdict, data, fact = self._json(spec, endpoint, request, route, body)
         except RequestAborted:
             raise
         except Exception:
             log.exception("%s failed", endpoint.label)
             verdict, data = Verdict.INTERNAL_ERROR, None
-        return self._reply(spec, endpoint.operation, verdict, data)
+        response, request_id = self._reply(spec, endpoint.operation, verdict, data)
+        if memo_key is not None and fact is not None:
+            self._memoise(memo_key, route, endpoint.operation, fact, response, request_id)
+        return response
+
+    def _memoise(
+        self,
+        memo_key: MemoKey,
+        route: Route,
+        operation: Operation,
+        fact: _Fact,
+        response: Response,
+        request_id: str | None,
+    ) -> None:
+        """Keep ``response`` for ``memo_key`` if the service has cached the answer it carries:
+        the basis is taken after the answer, and kept only if its cached answer says the same
+        (another thread may have invalidated and replaced it meanwhile)."""
+        key, errno, payload = fact
+        assert route.pid is not None
+        assert route.name is not None
+        basis = self.service.basis_named(memo_key[2], route.pid, route.name, key)
+        if basis is None:
+            return
+        answer = basis.answer
+        cached = answer.tid_info if operation is Operation.CHECK_TASK else answer.status
+        if answer.errno is not errno or cached != payload:
+            return
+        template = ReplyTemplate.of(response, request_id)
+        self._memos.put(memo_key, (basis, template), _BASIS_BYTES + 2 * response_bytes(response))
 
     # -- shared rules ------------------------------------------------------------------------
 
@@ -185,52 +242,58 @@ class DialectApi:
         request: Request,
         route: Route,
         body: bytes,
-    ) -> tuple[Verdict, dict[str, Any] | None]:
+    ) -> tuple[Verdict, dict[str, Any] | None, _Fact | None]:
+        """The endpoint's verdict and data, and for S-C/S-T/F-C/F-T the service's answer they
+        were made from (what a memoised reply rests on)."""
         dev_id = self._device(spec, request, route)
         if dev_id is None:
-            return Verdict.AUTH_FAILED, None
+            return Verdict.AUTH_FAILED, None, None
         operation = endpoint.operation
         service = self.service
         if operation is Operation.REPORT_VERSION:  # S9, F5: as E1
             versions = decode_versions(body)
             if versions is None:
-                return Verdict.INVALID_PARAMETER, None
-            return _verdict(service.report_version(dev_id, *versions)), None
+                return Verdict.INVALID_PARAMETER, None, None
+            return _verdict(service.report_version(dev_id, *versions)), None, None
         if operation is Operation.QUERY_VERSION:  # as E2
             found = service.query_version(dev_id)
-            return (Verdict.AUTH_FAILED, None) if found is None else (Verdict.OK, found)
+            return (Verdict.AUTH_FAILED, None, None) if found is None else (Verdict.OK, found, None)
         if operation is Operation.CHECK_TASK:  # S4, S5, F6: E3's rules, D17's order
             query = self._query(request)
             try:
                 task_type = parse_task_type(query.get("type"))
             except Rejected as rejected:
-                return _verdict(rejected.errno), None
+                return _verdict(rejected.errno), None, None
             version = query.get("version")
             if version is None:
-                return Verdict.INVALID_PARAMETER, None
+                return Verdict.INVALID_PARAMETER, None, None
             if not values.is_version(version):
-                return Verdict.BAD_VERSION_FORMAT, None
+                return Verdict.BAD_VERSION_FORMAT, None, None
             errno, info = service.check_task_tid(dev_id, task_type, version)
             verdict = _verdict(errno)
+            # F6's 12013 rests on the same answer: the latest task changes only with a change
+            # of the device's tasks, which drops every cached answer of the device.
             if (
                 verdict is Verdict.NO_TASK
                 and Verdict.ALREADY_ON_TARGET in REPLY_CODES[spec.dialect][operation]
                 and service.reached_latest(dev_id, task_type, version)
             ):
                 verdict = Verdict.ALREADY_ON_TARGET  # F6: 12013, where the dialect has it
-            return verdict, None if info is None else info.to_data()
+            fact: _Fact = (check_tid_task_key(task_type, version), errno, info)
+            return verdict, None if info is None else info.to_data(), fact
         assert route.tid is not None
         if operation is Operation.CHECK_STATE:  # S6, F7
             refuses = _STATE_CHECK_REFUSES[spec.dialect]
             found_state = service.check_state_tid(dev_id, route.tid, refuses=refuses)
             if found_state is None:
-                return Verdict.UNKNOWN_TASK, None
+                return Verdict.UNKNOWN_TASK, None, None
             errno, status = found_state
-            return _verdict(errno), None if status is None else status_data(status)
+            state_fact: _Fact = (check_state_tid_key(route.tid, refuses), errno, status)
+            return _verdict(errno), None if status is None else status_data(status), state_fact
         if operation is Operation.REPORT_STATUS:  # S8, F9: the E7 table
             report = decode_report(body, "step", classify_step, Errno.INVALID_PARAMETER)
             outcome = service.report_tid(dev_id, route.tid, report)
-            return (Verdict.UNKNOWN_TASK if outcome is None else _verdict(outcome)), None
+            return (Verdict.UNKNOWN_TASK if outcome is None else _verdict(outcome)), None, None
         raise AssertionError(f"unrouted endpoint {endpoint.label}")  # pragma: no cover
 
     def _query(self, request: Request) -> dict[str, str]:
@@ -250,7 +313,8 @@ class DialectApi:
         operation: Operation,
         verdict: Verdict,
         data: dict[str, Any] | None,
-    ) -> Response:
+    ) -> tuple[Response, str | None]:
+        """The reply, and the ``request_id`` in it (fuse, §13.2) or None."""
         code = reply_code(spec.dialect, operation, verdict)
         envelope = spec.envelope
         request_id = new_request_id() if envelope.has_request_id else None  # §13.2
@@ -260,7 +324,7 @@ class DialectApi:
             data if verdict is Verdict.OK else None,
             request_id=request_id,
         )
-        return wire.json_reply(body, envelope.content_type)
+        return wire.json_reply(body, envelope.content_type), request_id
 
     # -- downloads ---------------------------------------------------------------------------
 
@@ -277,11 +341,22 @@ class DialectApi:
         def fail(verdict: DownloadVerdict) -> Response:
             return self._download_error(spec, verdict)
 
-        dev_id = self._device(spec, request, route)
-        if dev_id is None:
-            return fail(DownloadVerdict.AUTH_FAILED)
         assert route.tid is not None
-        grant = self.service.download_tid(dev_id, route.tid)
+        authorization = request.header("Authorization")
+        memo_key = (request.path, authorization or "")
+        basis = self._grant_memos.get(memo_key) if authorization else None
+        if basis is not None and self.service.caches.holds(basis):
+            # A device fetches chunk after chunk with the same path and Authorization: P1, P3
+            # and the task lookup rest on cached facts, re-checked here in a few lookups.
+            dev_id, grant = basis.dev_id, basis.answer.grant
+        else:
+            found_dev_id = self._device(spec, request, route)
+            if found_dev_id is None:
+                return fail(DownloadVerdict.AUTH_FAILED)
+            dev_id = found_dev_id
+            grant = self.service.download_tid(dev_id, route.tid)
+            if authorization and grant is not None:
+                self._memoise_grant(memo_key, route, grant)
         if grant is None:
             return fail(DownloadVerdict.UNKNOWN_TASK)
         if not grant.downloadable:
@@ -329,6 +404,18 @@ class DialectApi:
         if isinstance(body, bytes):
             self._chunks.put(key, response, response_bytes(response))
         return response
+
+    def _memoise_grant(self, memo_key: tuple[str, str], route: Route, grant: TidGrant) -> None:
+        """Keep what S-D/F-D's checks rest on for ``memo_key`` (path, Authorization), if the
+        service has cached all of it and its cached grant is the one just used."""
+        assert route.pid is not None
+        assert route.name is not None
+        assert route.tid is not None
+        basis = self.service.basis_named(
+            memo_key[1], route.pid, route.name, download_tid_key(route.tid)
+        )
+        if basis is not None and basis.answer.grant is grant:
+            self._grant_memos.put(memo_key, basis, _BASIS_BYTES)
 
     def _downloaded(self, grant: TidGrant, dev_id: int, tid: int) -> None:
         if grant.state is TaskState.TO_BE_UPGRADED:  # S7, F8: the move to downloading
