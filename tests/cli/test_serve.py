@@ -203,3 +203,14 @@ def test_says_when_it_is_reachable_from_the_network(
     # Every interface includes loopback. (A request also means the server is past start-up.)
     assert httpx2.get(f"http://127.0.0.1:{port}/api/v1/health").status_code == 200
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("args", "status"), [((), 200), (("--no-console",), 404)])
+def test_the_console_is_served_unless_turned_off(
+    tmp_path: Path, processes: list[ServerProcess], args: tuple[str, ...], status: int
+) -> None:
+    server = ServerProcess(tmp_path / "data", *args, env={"ONENET_OTA_ADMIN_TOKEN": TOKEN})
+    processes.append(server)
+    reply = httpx2.get(server.url() + "/console/login")
+    assert reply.status_code == status
+    assert server.stop() == 0

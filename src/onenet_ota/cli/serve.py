@@ -105,6 +105,11 @@ def _settings_error(exc: ValidationError) -> str:
     help="bearer token for /metrics with --metrics token; prefer ONENET_OTA_METRICS_TOKEN",
 )
 @click.option(
+    "--console/--no-console",
+    default=None,
+    help="serve the web console at /console [default: on]",
+)
+@click.option(
     "--access-log/--no-access-log",
     default=None,
     help="log one line per request (path without query; never headers) [default: off]",
@@ -121,7 +126,8 @@ def _settings_error(exc: ValidationError) -> str:
     show_default=True,
 )
 def serve(log_level: str, **options: Any) -> None:  # fmt: skip
-    """Run the OTA platform: OneNET's device API and the /api/v1 management API."""
+    """Run the OTA platform: OneNET's device API, the /api/v1 management API and the web
+    console at /console."""
     from onenet_ota.server.app import run
     from onenet_ota.server.config import Settings
     from onenet_ota.server.logs import configure_logging

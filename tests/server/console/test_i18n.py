@@ -72,3 +72,15 @@ def test_translations_load_and_translate() -> None:
     assert set(translations) == set(i18n.LANGUAGES)
     assert translations["zh_Hans"].gettext("Sign in") == "登录"
     assert translations["en"].gettext("Sign in") == "Sign in"
+
+
+def test_the_consoles_code_texts_are_the_protocols() -> None:
+    # The console marks each status code's meaning for the catalogue; they must stay the
+    # protocol table's texts, or a code would show untranslated.
+    from onenet_ota.protocol.code_texts import CODE_TEXTS
+    from onenet_ota.server.console.app import CODE_MESSAGES
+
+    assert sorted(CODE_MESSAGES) == sorted(entry.text for entry in CODE_TEXTS.values())
+    zh = i18n.load_translations()["zh_Hans"]
+    for text in CODE_MESSAGES:
+        assert zh.gettext(text) != text

@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 import jinja2
 from babel.support import NullTranslations
 
-from onenet_ota.protocol.status import describe_status
+from onenet_ota.protocol.code_texts import code_text
 from onenet_ota.server import admin_service as svc
 from onenet_ota.server.admin_api import PREFIX as API
 from onenet_ota.server.admin_api import AdminApi
@@ -125,8 +125,36 @@ class _Ctx:
     form: dict[str, str] = field(default_factory=dict)  # a form change's fields, once checked
 
 
-def _status_text(code: int | None) -> str:
-    return "" if code is None else describe_status(code)
+CODE_MESSAGES: Final = (
+    # The meanings of the status codes (spec §6.7.1, protocol.code_texts), marked for the
+    # catalogue so that the console shows them in the reader's language. The Chinese texts are
+    # this project's translations: the spec does not give OneNET's console wording.
+    # test_console's catalogue test checks this list against protocol.code_texts.
+    N_("package downloaded"),
+    N_("download failed: not enough space"),
+    N_("download failed: out of memory"),
+    N_("download failed: request timed out"),
+    N_("download failed: battery too low"),
+    N_("download failed: signal too weak"),
+    N_("download failed: other error"),
+    N_("upgrade succeeded"),
+    N_("upgrade failed: battery too low"),
+    N_("upgrade failed: out of memory"),
+    N_("upgrade failed: package version ≠ task target"),
+    N_("upgrade failed: MD5 check failed"),
+    N_("upgrade failed: other error"),
+    N_("upgrade failed: retry limit reached"),
+    N_("upgrade failed: device upgrade expired"),
+)
+
+
+def _status_text(translations: NullTranslations, code: int | None) -> str:
+    """``205 upgrade failed: MD5 check failed`` in the page's language; a value that is not a
+    status code shows as the bare number."""
+    if code is None:
+        return ""
+    text = code_text(code)
+    return str(code) if text is None else f"{code} {translations.gettext(text)}"
 
 
 class Console:
@@ -171,7 +199,7 @@ class Console:
             auto_reload=False,
         )
         env.install_gettext_translations(translations, newstyle=True)  # type: ignore[attr-defined]
-        env.filters["status"] = _status_text
+        env.filters["status"] = lambda code: _status_text(translations, code)
         env.filters["label"] = lambda value: translations.gettext(LABELS.get(value, value))
         env.filters["when"] = lambda t: (
             "" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(t)))
