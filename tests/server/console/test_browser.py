@@ -4,7 +4,7 @@ driven by Selenium; no browser is downloaded).
 One operator's session, in order: sign in, upload a package, watch a task's counters move live
 while the fleet simulator upgrades its devices against the same server, pause a task, open a
 failed device's page, switch the language; then a viewer is refused a change. With
-``ONENET_OTA_SCREENSHOTS=DIR`` the pages are saved there (the README's screenshots).
+``CONSOLE_SCREENSHOTS=DIR`` the pages are saved there (the README's screenshots).
 
 Without Chromium the tests skip, except under CI (``CI=true``), where they fail.
 """
@@ -93,7 +93,7 @@ def _text(driver: WebDriver, element_id: str, by: str = By.ID) -> str:
 
 
 def _shot(driver: WebDriver, name: str) -> None:
-    target = os.environ.get("ONENET_OTA_SCREENSHOTS")
+    target = os.environ.get("CONSOLE_SCREENSHOTS")
     if target:
         Path(target).mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(Path(target) / f"console-{name}.png"))
