@@ -124,6 +124,7 @@ from onenet_ota.server.transitions import (
     ConcurrentChange,
     apply_action,
     apply_bulk,
+    create_task,
     expire_deadlines,
 )
 
@@ -1285,37 +1286,20 @@ class AdminService:
                 else:
                     cancelled = sorted(busy)
                     self._cancel_open(conn, cancelled, module_type, now)
-            task_id = conn.execute(
-                insert(tasks)
-                .values(
-                    pid=package.pid,
-                    package_id=package.id,
-                    module_type=module_type,
-                    signal=spec.signal,
-                    power=spec.power,
-                    retry=spec.retry,
-                    interval=spec.interval,
-                    start_time=start_time,
-                    deadline=spec.deadline,
-                    status="active",
-                    created_at=now,
-                )
-                .returning(tasks.c.id)
-            ).scalar_one()
-            rows = [
-                {
-                    "task_id": task_id,
-                    "dev_id": dev_id,
-                    "module_type": module_type,
-                    "state": int(TaskState.TO_BE_UPGRADED),  # T1
-                    "paused_from": None,
-                    "progress": 0,
-                    "updated_at": now,
-                }
-                for dev_id in targets
-            ]
-            for batch in _chunks(rows):
-                conn.execute(insert(device_tasks), list(batch))
+            task_id = create_task(
+                conn,
+                pid=package.pid,
+                package_id=package.id,
+                module_type=module_type,
+                signal=spec.signal,
+                power=spec.power,
+                retry=spec.retry,
+                interval=spec.interval,
+                start_time=start_time,
+                deadline=spec.deadline,
+                dev_ids=targets,
+                now=now,
+            )
             task = self._task(conn, task_id)
             after = {**task.model_dump(), "skipped": skipped, "cancelled": cancelled}
             self._audit(conn, "task.create", f"task:{task_id}", None, after)

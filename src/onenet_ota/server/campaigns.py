@@ -99,7 +99,7 @@ from onenet_ota.server.schema import (
     packages,
     tasks,
 )
-from onenet_ota.server.transitions import apply_bulk, expire_deadlines
+from onenet_ota.server.transitions import apply_bulk, create_task, expire_deadlines
 
 __all__ = [
     "Campaign",
@@ -541,37 +541,20 @@ class CampaignService:
         if not dev_ids:
             return None
         start_time = row.start_time if row.start_time is not None else now
-        task_id = conn.execute(
-            insert(tasks)
-            .values(
-                pid=row.pid,
-                package_id=row.package_id,
-                module_type=row.module_type,
-                signal=row.signal,
-                power=row.power,
-                retry=row.retry,
-                interval=row.interval,
-                start_time=start_time,
-                deadline=row.deadline,
-                status="active",
-                created_at=now,
-            )
-            .returning(tasks.c.id)
-        ).scalar_one()
-        rows = [
-            {
-                "task_id": task_id,
-                "dev_id": dev_id,
-                "module_type": row.module_type,
-                "state": int(TaskState.TO_BE_UPGRADED),
-                "paused_from": None,
-                "progress": 0,
-                "updated_at": now,
-            }
-            for dev_id in dev_ids
-        ]
-        for batch in _chunks(rows):
-            conn.execute(insert(device_tasks), list(batch))
+        task_id = create_task(
+            conn,
+            pid=row.pid,
+            package_id=row.package_id,
+            module_type=row.module_type,
+            signal=row.signal,
+            power=row.power,
+            retry=row.retry,
+            interval=row.interval,
+            start_time=start_time,
+            deadline=row.deadline,
+            dev_ids=dev_ids,
+            now=now,
+        )
         target = conn.execute(
             select(packages.c.target).where(packages.c.id == row.package_id)
         ).scalar_one()

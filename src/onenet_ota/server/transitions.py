@@ -26,6 +26,7 @@ operation).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -36,6 +37,7 @@ from sqlalchemy import (
     case,
     cast,
     func,
+    insert,
     literal,
     select,
     update,
@@ -63,6 +65,7 @@ __all__ = [
     "ConcurrentChange",
     "apply_action",
     "apply_bulk",
+    "create_task",
     "expire_deadlines",
     "set_progress",
     "set_state",
@@ -101,6 +104,60 @@ _SET_PROGRESS = (
     .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
     .values(progress=bindparam("v_progress"), updated_at=bindparam("now"))
 )
+
+
+_INSERT_BATCH: Final = 500  # device-task rows per executemany
+
+
+def create_task(
+    conn: Connection,
+    *,
+    pid: str,
+    package_id: int,
+    module_type: int,
+    signal: int,
+    power: int,
+    retry: int,
+    interval: int,
+    start_time: int,
+    deadline: int | None,
+    dev_ids: Sequence[int],
+    now: int,
+) -> int:
+    """T1: an active task and a to-be-upgraded device task per device of ``dev_ids``; returns
+    the task's id. Shared by an operator's task and a campaign's stage activation."""
+    task_id: int = conn.execute(
+        insert(tasks)
+        .values(
+            pid=pid,
+            package_id=package_id,
+            module_type=module_type,
+            signal=signal,
+            power=power,
+            retry=retry,
+            interval=interval,
+            start_time=start_time,
+            deadline=deadline,
+            status="active",
+            created_at=now,
+        )
+        .returning(tasks.c.id)
+    ).scalar_one()
+    rows = [
+        {
+            "task_id": task_id,
+            "dev_id": dev_id,
+            "module_type": module_type,
+            "state": int(TaskState.TO_BE_UPGRADED),
+            "paused_from": None,
+            "progress": 0,
+            "updated_at": now,
+        }
+        for dev_id in dev_ids
+    ]
+    for start in range(0, len(rows), _INSERT_BATCH):
+        conn.execute(insert(device_tasks), rows[start : start + _INSERT_BATCH])
+    return task_id
 
 
 def set_state(
