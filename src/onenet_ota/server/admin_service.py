@@ -523,19 +523,23 @@ class AdminService:
     @_retried
     def rotate_product_key(self, pid: str, spec: KeyRotate) -> Product:
         """Replace a product's access key. Devices must then sign with the new key (§3.4)."""
-        key = spec.access_key or generate_access_key()
+        return _product(self._rotate_key(products.c.pid, pid, "product", spec), access_key=True)
+
+    def _rotate_key(self, column: Column[Any], key: str, kind: str, spec: KeyRotate) -> Any:
+        """Give the product or account whose ``column`` is ``key`` a new access key; returns
+        its row. Tokens verified with the old key stop working at once, on every worker."""
+        table = column.table
+        new_key = spec.access_key or generate_access_key()
         with self._tx("concurrent change") as conn:
-            old = conn.execute(select(products).where(products.c.pid == pid)).first()
-            done = conn.execute(
-                update(products).where(products.c.pid == pid).values(access_key=key)
-            )
+            old = conn.execute(select(table).where(column == key)).first()
+            done = conn.execute(update(table).where(column == key).values(access_key=new_key))
             if done.rowcount == 0:
-                raise NotFound(f"product {pid} not found")
-            row = conn.execute(select(products).where(products.c.pid == pid)).one()
-            self._audit(conn, "product.rotate_key", f"product:{pid}", old, row)
+                raise NotFound(f"{kind} {key} not found")
+            row = conn.execute(select(table).where(column == key)).one()
+            self._audit(conn, f"{kind}.rotate_key", f"{kind}:{key}", old, row)
             changes.publish(conn, None, self._clock())  # verified Authorization values
         self._changed()
-        return _product(row, access_key=True)
+        return row
 
     def get_product(self, pid: str) -> Product:
         """A product with its access key and device count."""
@@ -623,19 +627,7 @@ class AdminService:
     def rotate_account_key(self, uid: str, spec: KeyRotate) -> Account:
         """Replace an account's access key: ``userid`` tokens signed with the old one stop
         working at once, on every worker (the change feed)."""
-        key = spec.access_key or generate_access_key()
-        with self._tx("concurrent change") as conn:
-            old = conn.execute(select(accounts).where(accounts.c.uid == uid)).first()
-            done = conn.execute(
-                update(accounts).where(accounts.c.uid == uid).values(access_key=key)
-            )
-            if done.rowcount == 0:
-                raise NotFound(f"account {uid} not found")
-            row = conn.execute(select(accounts).where(accounts.c.uid == uid)).one()
-            self._audit(conn, "account.rotate_key", f"account:{uid}", old, row)
-            changes.publish(conn, None, self._clock())  # verified Authorization values
-        self._changed()
-        return _account(row, access_key=True)
+        return _account(self._rotate_key(accounts.c.uid, uid, "account", spec), access_key=True)
 
     def get_account(self, uid: str) -> Account:
         """An account with its access key and the number of products it owns."""
