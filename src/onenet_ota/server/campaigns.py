@@ -109,6 +109,7 @@ __all__ = [
     "CampaignEvent",
     "CampaignService",
     "DevicesAdd",
+    "FailedMember",
     "Preview",
     "RetryFailed",
     "Selector",
@@ -144,6 +145,16 @@ class Applied:
 
     campaign: Campaign
     created: list[CreatedTask]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedMember:
+    """A campaign member whose device task failed, with its code's failure class."""
+
+    dev_id: int
+    name: str
+    result_code: int | None
+    failure_class: FailureClass
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,6 +512,36 @@ class CampaignService:
         with self.engine.connect() as conn:
             self._row(conn, campaign_id)
             return list(reversed(self._events(conn, campaign_id, 1_000_000)))
+
+    def failures(self, campaign_id: int, *, limit: int = 500) -> tuple[list[FailedMember], bool]:
+        """The campaign's failed members (the first ``limit`` by device id), each with its
+        result code and that code's failure class; and whether more were left out."""
+        with self.engine.connect() as conn:
+            row = self._row(conn, campaign_id)
+            rows = conn.execute(
+                select(campaign_devices.c.dev_id, devices.c.name, device_tasks.c.result_code)
+                .select_from(campaign_devices)
+                .join(
+                    device_tasks,
+                    and_(
+                        device_tasks.c.task_id == campaign_devices.c.task_id,
+                        device_tasks.c.dev_id == campaign_devices.c.dev_id,
+                    ),
+                )
+                .join(devices, devices.c.dev_id == campaign_devices.c.dev_id)
+                .where(
+                    campaign_devices.c.campaign_id == campaign_id,
+                    device_tasks.c.state == int(TaskState.FAILED),
+                )
+                .order_by(campaign_devices.c.dev_id)
+                .limit(limit + 1)
+            ).all()
+        classes = _classes(row)
+        members = [
+            FailedMember(r.dev_id, r.name, r.result_code, classify(r.result_code, classes))
+            for r in rows[:limit]
+        ]
+        return members, len(rows) > limit
 
     def list_campaigns(
         self, *, state: str | None = None, limit: int | None = None, after: int | None = None

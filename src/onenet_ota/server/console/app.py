@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import mimetypes
 import re
 import time
@@ -31,11 +32,14 @@ from urllib.parse import parse_qsl, quote, urlencode
 import jinja2
 from babel.support import NullTranslations
 
+from onenet_ota.management.models import CampaignDetail
 from onenet_ota.protocol.code_texts import code_text
 from onenet_ota.server import admin_service as svc
+from onenet_ota.server import campaigns as camp
 from onenet_ota.server.admin_api import PREFIX as API
 from onenet_ota.server.admin_api import AdminApi
 from onenet_ota.server.api_tokens import Principal, role_allows
+from onenet_ota.server.campaign_engine import action_refusal
 from onenet_ota.server.console import PREFIX, i18n
 from onenet_ota.server.console.live import LiveHub
 from onenet_ota.server.console.principals import TokenDirectory
@@ -87,6 +91,26 @@ LABELS: Final[Mapping[str, str]] = {
     "viewer": N_("viewer"),
     "operator": N_("operator"),
     "admin": N_("admin"),
+    # campaign states, stage counters and failure classes (management.models)
+    "draft": N_("draft"),
+    "running": N_("running"),
+    "finished": N_("finished"),
+    "aborted": N_("aborted"),
+    "targeted": N_("targeted"),
+    "failed_package": N_("failed (package)"),
+    "failed_environment": N_("failed (environment)"),
+    "deferred": N_("deferred"),
+    "open": N_("open"),
+    "executed": N_("executed"),
+    "package": N_("package"),
+    "environment": N_("environment"),
+    "deferral": N_("deferral"),
+    # device timeline events (server.timeline)
+    "offered": N_("task offered"),
+    "state": N_("state changed"),
+    "report": N_("status reported"),
+    "progress": N_("progress reported"),
+    "version": N_("version reported"),
 }
 """Display names of the values the console shows as words, by value."""
 
@@ -185,6 +209,7 @@ class Console:
         self._envs = {code: self._environment(t) for code, t in self._translations.items()}
         self._static = self._load_static()
         self.live: LiveHub[int, dict[str, Any]] = LiveHub(self._task_live)
+        self.campaign_live: LiveHub[int, dict[str, Any]] = LiveHub(self._campaign_live)
         self._pages = self._page_table()
 
     # ------------------------------------------------------------------ set-up
@@ -203,6 +228,9 @@ class Console:
         env.filters["label"] = lambda value: translations.gettext(LABELS.get(value, value))
         env.filters["when"] = lambda t: (
             "" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(t)))
+        )
+        env.filters["when_ms"] = lambda ms: (
+            "" if ms is None else env.filters["when"](ms // 1000) + f".{int(ms) % 1000:03d}"
         )
         return env
 
@@ -256,6 +284,18 @@ class Console:
                 "POST",
                 r"/tasks/(?P<id>[1-9][0-9]{0,9})/(?P<action>pause|resume|cancel)",
                 self._task_action,
+                "operator",
+            ),
+            page("GET", r"/campaigns", self._campaigns),
+            page("GET", r"/campaigns/new", self._campaign_form, "operator"),
+            page("POST", r"/campaigns/preview", self._campaign_preview, "operator"),
+            page("POST", r"/campaigns/create", self._campaign_create, "operator"),
+            page("GET", r"/campaigns/(?P<id>[1-9][0-9]{0,9})", self._campaign),
+            page("GET", r"/campaigns/(?P<id>[1-9][0-9]{0,9})/events", self._campaign_events),
+            page(
+                "POST",
+                r"/campaigns/(?P<id>[1-9][0-9]{0,9})/(?P<action>" + _ACTION_PATTERN + ")",
+                self._campaign_action,
                 "operator",
             ),
         ]  # fmt: skip
@@ -488,6 +528,7 @@ class Console:
                     failures[dt.result_code] = failures.get(dt.result_code, 0) + 1
         return {
             "tasks": tasks,
+            "campaigns": self._active_campaigns(),
             "versions": sorted(versions.items()),
             "versions_partial": page.next is not None,
             "failures": sorted(failures.items(), key=lambda kv: -kv[1]),
@@ -522,9 +563,21 @@ class Console:
             if dev_id > svc.DEV_ID_MAX:
                 raise svc.NotFound("no such device")
             device = await asyncio.to_thread(self.service.get_device, dev_id)
+            timeline = await asyncio.to_thread(
+                self.service.device_history,
+                dev_id,
+                after=ctx.request.query.get("after") or None,
+                limit=TIMELINE_PAGE,
+            )
         except svc.NotFound:
             raise _Refused(404, self._gettext(ctx, "No such device.")) from None
-        return self._render(ctx, "device.html", {"device": device})
+        except svc.AdminError as exc:  # a malformed ?after= cursor
+            raise _Refused(422, str(exc)) from None
+        return self._render(
+            ctx,
+            "device.html",
+            {"device": device, "timeline": timeline.items, "timeline_next": timeline.next},
+        )
 
     async def _packages(self, ctx: _Ctx, match: re.Match[str]) -> Response:
         page = await asyncio.to_thread(
@@ -638,6 +691,184 @@ class Console:
         self._raise_for(ctx, response)
         raise _Redirect(f"{PREFIX}/tasks/{task_id}")
 
+    # ------------------------------------------------------------------ campaigns
+
+    async def _campaigns(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        q = ctx.request.query
+        state = q.get("state") or None
+        if state is not None and state not in CAMPAIGN_STATES:
+            raise _Refused(422, self._gettext(ctx, "Unknown campaign state."))
+        after = q.get("after") or ""
+        if after and not (after.isdigit() and len(after) <= 10):
+            raise _Refused(422, self._gettext(ctx, "The page link is not valid."))
+
+        def read() -> dict[str, Any]:
+            page = self._api.campaigns.list_campaigns(
+                state=state, after=int(after) if after else None, limit=CAMPAIGN_PAGE
+            )
+            rows = [self._campaign_row(c.id) for c in page.items]
+            return {"campaigns": rows, "next": page.next}
+
+        listed = await asyncio.to_thread(read)
+        return self._render(
+            ctx, "campaigns.html", {**listed, "state": state or "", "states": CAMPAIGN_STATES}
+        )
+
+    def _campaign_row(self, campaign_id: int) -> dict[str, Any]:
+        detail = self._api.campaigns.get(campaign_id)
+        return {"campaign": detail, "bars": _stage_bars(detail)}
+
+    def _active_campaigns(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for state in ("running", "paused"):
+            page = self._api.campaigns.list_campaigns(state=state, limit=CAMPAIGN_PAGE)
+            found += [self._campaign_row(c.id) for c in page.items]
+        return sorted(found, key=lambda row: row["campaign"].id)
+
+    async def _campaign_form(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        return await self._render_campaign_form(ctx, _FORM_DEFAULTS)
+
+    async def _render_campaign_form(
+        self,
+        ctx: _Ctx,
+        form: Mapping[str, str],
+        *,
+        preview: dict[str, Any] | None = None,
+        error: str | None = None,
+        status: int = 200,
+    ) -> Response:
+        packages = await asyncio.to_thread(self.service.list_packages, limit=200)
+        return self._render(
+            ctx,
+            "campaign_new.html",
+            {
+                "form": form,
+                "packages": packages.items,
+                "stage_rows": range(1, STAGE_ROWS + 1),
+                "preview": preview,
+                "error": error,
+            },
+            status,
+        )
+
+    async def _campaign_preview(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        return await self._campaign_submit(ctx, "/campaigns/preview")
+
+    async def _campaign_create(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        return await self._campaign_submit(ctx, "/campaigns")
+
+    async def _campaign_submit(self, ctx: _Ctx, api_path: str) -> Response:
+        """The form, checked for shape here and for meaning by the API: its dry run (shown
+        under the form) or its creation (then the new campaign's page)."""
+        form = {k: v for k, v in ctx.form.items() if k != "_csrf"}
+        try:
+            spec = _campaign_spec(form, self._translations[ctx.lang].gettext)
+        except _FormInvalid as exc:
+            return await self._render_campaign_form(ctx, form, error=str(exc), status=422)
+        body = json.dumps(spec).encode()
+        response = await self._api.handle_signed_in(
+            _internal(ctx.request, "POST", api_path, body=body), self._who(ctx)
+        )
+        if response.status >= 500:
+            self._raise_for(ctx, response)
+        if response.status >= 300:
+            message = _api_message(response) or self._gettext(ctx, "The action failed.")
+            return await self._render_campaign_form(
+                ctx, form, error=message, status=response.status
+            )
+        assert isinstance(response.body, bytes)
+        answer = json.loads(response.body)
+        if api_path == "/campaigns":
+            raise _Redirect(f"{PREFIX}/campaigns/{int(answer['id'])}")
+        return await self._render_campaign_form(ctx, form, preview=answer)
+
+    async def _campaign(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        campaign_id = int(match["id"])
+        try:
+            value = await self._campaign_live(campaign_id)
+            preview = None
+            if value["campaign"].state == "draft":  # who each stage takes, before it goes live
+                preview = await asyncio.to_thread(self._api.campaigns.preview_campaign, campaign_id)
+        except svc.NotFound:
+            raise _Refused(404, self._gettext(ctx, "No such campaign.")) from None
+        return self._render(ctx, "campaign.html", {**value, "preview": preview})
+
+    async def _campaign_live(self, campaign_id: int) -> dict[str, Any]:
+        """What the campaign page shows, aggregated per stage and failure reason: one read of
+        the campaign's counters (a GROUP BY) and of its failed members, however many devices
+        reported since the last one."""
+
+        def read() -> dict[str, Any]:
+            detail = self._api.campaigns.get(campaign_id)
+            failed, partial = self._api.campaigns.failures(campaign_id, limit=FAILURES_SHOWN)
+            reasons: dict[int | None, list[camp.FailedMember]] = {}
+            for member in failed:
+                reasons.setdefault(member.result_code, []).append(member)
+            return {
+                "campaign": detail,
+                "bars": _stage_bars(detail),
+                "actions": [
+                    a
+                    for a in CAMPAIGN_ACTIONS
+                    if action_refusal(_ENGINE_ACTION[a], detail.state) is None
+                ],
+                "reasons": sorted(reasons.items(), key=lambda kv: (-len(kv[1]), kv[0] or 0)),
+                "reasons_partial": partial,
+            }
+
+        return await asyncio.to_thread(read)
+
+    async def _campaign_events(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        campaign_id = int(match["id"])
+        try:
+            await asyncio.to_thread(self._api.campaigns.get, campaign_id)
+        except svc.NotFound:
+            raise _Refused(404, self._gettext(ctx, "No such campaign.")) from None
+        env = self._envs[ctx.lang]
+        fragments = {
+            "campaign": env.get_template("_campaign_stages.html"),
+            "failures": env.get_template("_campaign_failures.html"),
+        }
+        page_values = {
+            "prefix": PREFIX,
+            "csrf": ctx.csrf,
+            "can_operate": ctx.principal is not None
+            and role_allows(ctx.principal.role, "operator"),
+        }
+
+        async def events() -> AsyncIterator[bytes]:
+            yield b"retry: 1000\n\n"
+            async for value in self.campaign_live.watch(campaign_id, lifetime=STREAM_LIFETIME):
+                if value is None:
+                    yield b""  # lets the HTTP layer notice a gone client or a stopping server
+                    continue
+                for event, fragment in fragments.items():
+                    html = fragment.render(**page_values, **value)
+                    data = "".join(f"data: {line}\n" for line in html.splitlines())
+                    yield f"event: {event}\n{data}\n".encode()
+
+        headers = [
+            ("Content-Type", "text/event-stream; charset=utf-8"),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        return Response(200, headers, Stream(events()))
+
+    async def _campaign_action(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        campaign_id = match["id"]
+        # The version the operator saw: the API refuses the action if the campaign moved on
+        # meanwhile (another operator, an automatic decision), rather than apply it blind.
+        version = ctx.form.get("version", "")
+        query = {"if_version": version} if version.isdigit() and len(version) <= 9 else {}
+        response = await self._api.handle_signed_in(
+            _internal(
+                ctx.request, "POST", f"/campaigns/{campaign_id}/{match['action']}", query=query
+            ),
+            self._who(ctx),
+        )
+        self._raise_for(ctx, response)
+        raise _Redirect(f"{PREFIX}/campaigns/{campaign_id}")
+
     @staticmethod
     def _who(ctx: _Ctx) -> Principal:
         assert ctx.principal is not None  # the page table let only signed-in callers here
@@ -650,6 +881,160 @@ class Console:
         # The API's own answer, shown as it is: the console adds no rules (and a 5xx of the
         # API stays a 5xx: it is the server's fault, not the operator's).
         raise _Refused(response.status, message)
+
+
+# ---- campaigns: the form's shape and the stage bars (the rules are the API's)
+
+CAMPAIGN_STATES: Final = ("draft", "running", "paused", "finished", "aborted")
+CAMPAIGN_ACTIONS: Final = ("start", "pause", "resume", "advance", "abort", "retry-failed")
+_ENGINE_ACTION: Final = {a: a.replace("-", "_") for a in CAMPAIGN_ACTIONS}
+_ACTION_PATTERN: Final = "|".join(CAMPAIGN_ACTIONS)
+CAMPAIGN_PAGE: Final = 20
+FAILURES_SHOWN: Final = 500
+TIMELINE_PAGE: Final = 100
+STAGE_ROWS: Final = 5
+"""Stage rows of the create form (the API allows more; the console's form stays one screen)."""
+
+_FORM_DEFAULTS: Final[Mapping[str, str]] = {
+    "selector": "filter",
+    **{f"s{n}_{k}": v for n in (1, 2, 3) for k, v in (("min", "0"), ("success", "95"))},
+    **{f"s{n}_on_failure": "pause" for n in range(1, STAGE_ROWS + 1)},
+    "s1_share": "10%",
+    "s1_soak": "600",
+    "s1_ceiling": "10%",
+    "s2_share": "50%",
+    "s2_soak": "600",
+    "s2_ceiling": "10%",
+    "s3_share": "rest",
+    "s3_soak": "0",
+    **dict.fromkeys(("signal", "power", "retry", "interval"), "0"),
+}
+_WHOLE: Final = re.compile(r"-?[0-9]{1,12}\Z")
+
+
+class _FormInvalid(Exception):
+    """A form field that is not of the shape the API takes; the message is translated."""
+
+
+def _number(text: str, message: str, *, whole: bool = True) -> int | float:
+    if whole:
+        if not _WHOLE.match(text):
+            raise _FormInvalid(message)
+        return int(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise _FormInvalid(message) from None
+    if not math.isfinite(value):
+        raise _FormInvalid(message)
+    return value
+
+
+def _share(
+    text: str, message: str, *, percent: str, count: str, rest: str | None = None
+) -> dict[str, Any]:
+    """``10%`` (a percent), ``100`` (a number of devices) or, where allowed, ``rest``."""
+    if rest is not None and text.lower() in ("rest", "剩余"):
+        return {rest: True}
+    if text.endswith("%"):
+        return {percent: _number(text[:-1].strip(), message, whole=False)}
+    return {count: _number(text, message)}
+
+
+def _campaign_spec(form: Mapping[str, str], _: Callable[[str], str]) -> dict[str, Any]:
+    """The form as the management API's campaign (``CampaignCreate``), or :class:`_FormInvalid`
+    for a field that cannot be put in it. What the values mean is the API's to check."""
+    package = form.get("package_id", "").strip()
+    if not (package.isdigit() and len(package) <= 10):
+        raise _FormInvalid(_("Choose a package."))
+    selector: dict[str, Any] = {}
+    if form.get("selector") == "devices":
+        ids = form.get("dev_ids", "").replace(",", " ").split()
+        if not ids or not all(i.isdigit() and len(i) <= 19 for i in ids):
+            raise _FormInvalid(_("List the devices by ID, separated by spaces or commas."))
+        selector["dev_ids"] = [int(i) for i in ids]
+    else:
+        versions = [v.strip() for v in form.get("from_versions", "").split(",") if v.strip()]
+        if versions:
+            selector["from_versions"] = versions
+        labels: dict[str, str] = {}
+        for part in form.get("labels", "").split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise _FormInvalid(_("Labels are key=value pairs separated by commas."))
+            labels[key.strip()] = value.strip()
+        if labels:
+            selector["labels"] = labels
+    stages: list[dict[str, Any]] = []
+    for n in range(1, STAGE_ROWS + 1):
+        share = form.get(f"s{n}_share", "").strip()
+        if not share:
+            continue
+        bad = _("Stage %(n)d: “%(value)s” is not a number.")
+
+        def field(name: str, *, whole: bool = True, n: int = n, bad: str = bad) -> Any:
+            text = form.get(f"s{n}_{name}", "").strip()
+            return None if not text else _number(text, bad % {"n": n, "value": text}, whole=whole)
+
+        shape = _(
+            "Stage %(n)d: the share is a cumulative percent (10%%), a number of devices (100) "
+            "or “rest”."
+        )
+        stage: dict[str, Any] = _share(
+            share, shape % {"n": n}, percent="percent", count="count", rest="rest"
+        )
+        ceiling = form.get(f"s{n}_ceiling", "").strip()
+        if ceiling:
+            shape = _("Stage %(n)d: the failure ceiling is a percent (10%%) or a number (5).")
+            stage |= _share(
+                ceiling, shape % {"n": n}, percent="max_failed_percent", count="max_failed"
+            )
+        for name, key, whole in (
+            ("soak", "soak_s", True),
+            ("min", "min_executed", True),
+            ("success", "success_percent", False),
+        ):
+            value = field(name, whole=whole)
+            if value is not None:
+                stage[key] = value
+        if form.get(f"s{n}_on_failure") == "abort":
+            stage["on_failure"] = "abort"
+        stages.append(stage)
+    if not stages:
+        raise _FormInvalid(_("Give at least one stage."))
+    spec: dict[str, Any] = {
+        "name": form.get("name", "").strip(),
+        "package_id": int(package),
+        "selector": selector,
+        "stages": stages,
+    }
+    for name in ("signal", "power", "retry", "interval"):
+        text = form.get(name, "").strip() or "0"
+        spec[name] = _number(text, _("“%(value)s” is not a whole number.") % {"value": text})
+    return spec
+
+
+def _stage_bars(detail: CampaignDetail) -> list[dict[str, int]]:
+    """Each stage's bar widths (multiples of 5, as the stylesheet's classes), over the devices
+    it covers: succeeded, failed with a package failure, failed otherwise."""
+    bars = []
+    for stage in detail.stages:
+        counts = stage.counts
+        whole = max(stage.planned, counts.get("targeted", 0), 1)
+
+        def width(n: int, whole: int = whole) -> int:
+            return min(100, round(20 * n / whole) * 5)
+
+        bars.append(
+            {
+                "ok": width(counts.get("succeeded", 0)),
+                "bad": width(counts.get("failed_package", 0)),
+                "other": width(counts.get("failed_environment", 0)),
+            }
+        )
+    return bars
 
 
 def _counts(task: svc.Task) -> dict[str, Any]:
