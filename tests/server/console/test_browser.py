@@ -3,7 +3,9 @@ driven by Selenium; no browser is downloaded).
 
 One operator's session, in order: sign in, upload a package, watch a task's counters move live
 while the fleet simulator upgrades its devices against the same server, pause a task, open a
-failed device's page, switch the language; then a viewer is refused a change. With
+failed device's page, switch the language; then a viewer is refused a change. A staged
+campaign: its form and dry run, its stage counters moving live while the simulator upgrades the
+first stage on a partly defective package, the pause, and a failed device's timeline. With
 ``CONSOLE_SCREENSHOTS=DIR`` the pages are saved there (the README's screenshots).
 
 Without Chromium the tests skip, except under CI (``CI=true``), where they fail.
@@ -243,3 +245,128 @@ def test_a_viewer_is_refused_a_change(platform: Platform, browser: WebDriver) ->
     assert platform.api.get(f"/tasks/{task_id}").json()["status"] == "active"
     reply = httpx2.get(f"{platform.url}{PREFIX}/tasks/{task_id}", follow_redirects=False)
     assert reply.status_code == 303  # and no page works without a session
+
+
+def _click(driver: WebDriver, element_id: str) -> None:
+    # A button inside the live part may be replaced between finding and clicking it.
+    for _ in range(20):
+        try:
+            driver.find_element(By.ID, element_id).click()
+            return
+        except StaleElementReferenceException:
+            continue
+    pytest.fail(f"could not click {element_id}")
+
+
+def _fill(driver: WebDriver, values: dict[str, str]) -> None:
+    for element_id, value in values.items():
+        field = driver.find_element(By.ID, element_id)
+        field.clear()
+        if value:
+            field.send_keys(value)
+
+
+def test_a_staged_campaign(platform: Platform, browser: WebDriver) -> None:
+    """An operator creates a two-stage campaign after its dry run, starts it, watches its first
+    stage's counters move while the simulator upgrades the stage's devices (some on a defective
+    package), pauses it and opens a failed device's timeline."""
+    url = platform.url
+    api = platform.api
+    pid = product(api, name="水表 meters")
+    for i in range(20):
+        assert api.post("/devices", json={"pid": pid, "name": f"w{i:02}"}).status_code == 201
+    package = api.post(
+        "/packages",
+        params={"pid": pid, "type": "1", "target": "2.0", "file_name": "fw-2.0.bin"},
+        content=os.urandom(3000),
+    )
+    assert package.status_code == 201, package.text
+    _sign_in(browser, url, platform.operator)
+
+    # The form, its dry run, then the draft.
+    browser.get(f"{url}{PREFIX}/campaigns/new")
+    _fill(
+        browser,
+        {
+            "c-name": "canary 金丝雀",
+            "s1_share": "10",
+            "s1_soak": "3600",
+            "s1_success": "50",
+            "s1_ceiling": "",
+            "s2_share": "rest",
+            "s2_ceiling": "",
+            "s3_share": "",
+        },
+    )
+    browser.find_element(By.ID, "campaign-preview").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "preview"), "the dry run")
+    assert _text(browser, "preview-stage-0").split()[:3] == ["stage", "1", "10"]
+    assert _text(browser, "preview-stage-1").split()[:3] == ["stage", "2", "10"]
+    assert api.get("/campaigns").json()["items"] == []  # the dry run created nothing
+    _shot(browser, "campaign-new")
+    browser.find_element(By.ID, "campaign-create").click()
+    _wait(browser, lambda d: _text(d, "campaign-state") == "draft", "the draft campaign")
+    (campaign,) = api.get("/campaigns").json()["items"]
+    assert browser.find_elements(By.ID, "preview-stage-0")  # who each stage takes
+    _click(browser, "campaign-start")
+    _wait(browser, lambda d: _text(d, "stage-0-open") == "10", "stage 1's ten devices")
+    assert _text(browser, "campaign-state") == "running"
+    (task_row,) = api.get("/tasks", params={"package_id": package.json()["id"]}).json()["items"]
+
+    # The simulator upgrades the first stage; three devices in ten get a defective package.
+    browser.execute_script("window.onenetMark = 'unchanged page';")
+    simulator = subprocess.Popen(
+        [
+            sys.executable, "-m", "onenet_ota", "simulate",
+            "--server", url, "--task", str(task_row["id"]), "--allow-real-devices",
+            "--devices", "10", "--chunk-size", "1024", "--ramp-up", "2",
+            "--defective-rate", "0.3", "--seed", "3",
+        ],
+        env={**os.environ, "ONENET_OTA_ADMIN_TOKEN": ADMIN},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    seen: set[str] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while _text(browser, "stage-0-open") != "0" and time.monotonic() < deadline:
+            seen.add(_text(browser, "stage-0-succeeded"))
+            time.sleep(0.05)
+        output, _ = simulator.communicate(timeout=120)
+    finally:
+        simulator.kill()
+    log = output.decode(errors="replace")[-3000:]
+    _wait(browser, lambda d: _text(d, "stage-0-open") == "0", "every device of stage 1 done")
+    succeeded = int(_text(browser, "stage-0-succeeded"))
+    failed = int(_text(browser, "stage-0-failed_package"))
+    assert succeeded + failed == 10, log
+    assert failed >= 1, log  # the defective package's failures, counted as the package's
+    assert "0" in seen  # the counter was seen before the devices finished, then moved
+    assert browser.execute_script("return window.onenetMark;") == "unchanged page"
+    detail = api.get(f"/campaigns/{campaign['id']}").json()
+    assert detail["stages"][0]["counts"]["succeeded"] == succeeded
+    _wait(browser, lambda d: _text(d, "campaign-failures"), "the failures by reason")
+    _shot(browser, "campaign")
+
+    # Pause it from its page.
+    _click(browser, "campaign-pause")
+    _wait(browser, lambda d: _text(d, "campaign-state") == "paused", "the paused campaign")
+    assert api.get(f"/campaigns/{campaign['id']}").json()["state"] == "paused"
+    assert browser.find_elements(By.ID, "campaign-resume")
+
+    # A failed device's timeline, through the failures' link.
+    link = ""
+    for _ in range(20):
+        try:
+            found = browser.find_element(By.CSS_SELECTOR, "#campaign-failures a")
+            link = str(found.get_attribute("href"))
+            break
+        except StaleElementReferenceException:
+            continue
+    assert f"{PREFIX}/devices/" in link
+    browser.get(link)
+    _wait(browser, lambda d: "upgrade failed" in _text(d, "timeline"), "the failure's code")
+    timeline = _text(browser, "timeline")
+    assert "205" in timeline or "206" in timeline
+    assert "classic" in timeline
+    _shot(browser, "timeline")
