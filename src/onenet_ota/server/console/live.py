@@ -4,6 +4,12 @@ However many pages watch a task, this process reads its counters once per :data:
 and hands the result to every watcher; a watcher gets a value only when it changed. So the
 database sees at most two reads a second per watched task, and a page at most two updates a
 second, never one per device report. A task nobody watches is not polled.
+
+The same hub serves the campaign pages, keyed by campaign (one read of its per-stage counters
+and failed members per period). It polls rather than waking on the cache change feed
+(:mod:`onenet_ota.server.changes`): the feed names devices whose cached facts changed, which
+leaves out progress reports (T11), so a page's progress would stop moving; and reading the feed
+is itself a poll of the database. The bound above already holds however many pages watch.
 """
 
 from __future__ import annotations
