@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 SESSION_COOKIE: Final = "onenet_ota_session"
 LANG_COOKIE: Final = "onenet_ota_lang"
 MAX_FORM: Final = 16 * 1024
+MAX_CAMPAIGN_FORM: Final = 2 * 1024 * 1024
+"""A campaign's form may list devices by ID, up to the API's 100,000 (about 20 bytes each)."""
 STREAM_LIFETIME: Final = 60.0
 """Seconds an event stream lasts; the browser's EventSource then reconnects by itself, which
 also re-checks the session, so a revoked token stops receiving within this time at most."""
@@ -136,6 +138,7 @@ class _Page:
     handler: Callable[[_Ctx, re.Match[str]], Awaitable[Response]]
     role: str | None  # None: no session needed (sign-in, static files)
     form: bool = True  # a POST's body is a form (else: the upload's file)
+    max_form: int = MAX_FORM  # the largest form body the page reads
 
 
 @dataclass(slots=True)
@@ -257,8 +260,9 @@ class Console:
             role: str | None = "viewer",
             *,
             form: bool = True,
+            max_form: int = MAX_FORM,
         ) -> _Page:
-            return _Page(method, re.compile(pattern + r"\Z"), handler, role, form)
+            return _Page(method, re.compile(pattern + r"\Z"), handler, role, form, max_form)
 
         return [
             page("GET", r"/static/(?P<name>[A-Za-z0-9._-]+)", self._static_file, None),
@@ -288,8 +292,10 @@ class Console:
             ),
             page("GET", r"/campaigns", self._campaigns),
             page("GET", r"/campaigns/new", self._campaign_form, "operator"),
-            page("POST", r"/campaigns/preview", self._campaign_preview, "operator"),
-            page("POST", r"/campaigns/create", self._campaign_create, "operator"),
+            page("POST", r"/campaigns/preview", self._campaign_preview, "operator",
+                 max_form=MAX_CAMPAIGN_FORM),
+            page("POST", r"/campaigns/create", self._campaign_create, "operator",
+                 max_form=MAX_CAMPAIGN_FORM),
             page("GET", r"/campaigns/(?P<id>[1-9][0-9]{0,9})", self._campaign),
             page("GET", r"/campaigns/(?P<id>[1-9][0-9]{0,9})/events", self._campaign_events),
             page(
@@ -374,24 +380,24 @@ class Console:
         _check_origin(ctx, self._gettext(ctx, "The request came from another site."))
         if page.role is None:  # sign-in, sign-out, language: no session to protect yet
             if page.form:
-                ctx.form = await self._read_form(ctx)
+                ctx.form = await self._read_form(ctx, page.max_form)
             return
         expired = self._gettext(ctx, "The form has expired; reload the page.")
         session = ctx.session
         header = ctx.request.header("X-CSRF-Token")
         if page.form:
-            ctx.form = await self._read_form(ctx)
+            ctx.form = await self._read_form(ctx, page.max_form)
             given = header if header is not None else ctx.form.get("_csrf")
         else:
             given = header
         if session is None or not self._sessions.check_csrf(session, given):
             raise _Refused(403, expired)
 
-    async def _read_form(self, ctx: _Ctx) -> dict[str, str]:
+    async def _read_form(self, ctx: _Ctx, limit: int) -> dict[str, str]:
         request = ctx.request
         unreadable = self._gettext(ctx, "The form could not be read.")
         try:
-            raw = await request.body(MAX_FORM)
+            raw = await request.body(limit)
         except Exception as exc:
             raise _Refused(400, unreadable) from exc
         form: dict[str, str] = {}
