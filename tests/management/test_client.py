@@ -470,6 +470,10 @@ def test_an_operation_reads_as_a_method_of_both_clients() -> None:
         assert list(inspect.signature(method).parameters) == ["dev_id", "labels", "replace"]
         assert method.__name__ == "set_device_labels"
         assert method.__doc__ == ManagementCore.set_device_labels.__doc__
+    # What help() and editors show is what the client returns, not the core's Call or Pages.
+    assert inspect.signature(ManagementClient.get_product).return_annotation == "Product"
+    assert inspect.signature(sync.iter_devices).return_annotation == "Iterator[Device]"
+    assert inspect.signature(async_.iter_devices).return_annotation == "AsyncIterator[Device]"
     assert not inspect.iscoroutinefunction(sync.get_product)
     assert inspect.iscoroutinefunction(async_.get_product)
     with pytest.raises(TransportError):

@@ -121,13 +121,20 @@ class _Described:
 
     On the class, the descriptor is the operation as an unbound method
     (``ManagementClient.get_product(api, pid)``; ``inspect.signature`` shows ``self`` first);
-    on an instance, a function with the builder's parameters after ``self``."""
+    on an instance, a function with the builder's parameters after ``self``. Either way the
+    signature shows what the client returns (``Product``, ``Iterator[Device]``), not what the
+    builder does (``Call[Product]``, ``Pages[Device]``), for ``help()`` and editors."""
+
+    _builds = "Call"  # the builder's result type, whose parameter the client returns
 
     def __init__(self, build: Callable[..., Any]) -> None:
         self.__name__ = build.__name__
         self.__doc__ = build.__doc__
         self.__wrapped__ = build
-        self._signature: inspect.Signature | None = None
+        self._signatures: dict[str, inspect.Signature] = {}
+        # On the class: ``self`` first, and what either client returns.
+        either = "Iterator[{}] | AsyncIterator[{}]" if self._builds == "Pages" else "{}"
+        self.__signature__ = self._signature(either, 0)
 
     def __set_name__(self, owner: type[object], name: str) -> None:
         if name != self.__name__:  # one name per operation, in the core and in the clients
@@ -136,13 +143,24 @@ class _Described:
     def __repr__(self) -> str:
         return f"<operation {self.__name__}>"
 
-    def _described(self, function: Callable[P, T]) -> Callable[P, T]:
-        if self._signature is None:
+    def _signature(self, returns: str, skip: int) -> inspect.Signature:
+        """The builder's signature without its first ``skip`` parameters, returning ``returns``
+        (a format of the builder's result's parameter, e.g. ``"Iterator[{}]"``)."""
+        key = f"{skip}:{returns}"
+        if key not in self._signatures:
             whole = inspect.signature(self.__wrapped__)
-            self._signature = whole.replace(parameters=list(whole.parameters.values())[1:])
+            built = str(whole.return_annotation)  # "Call[Product]": the core's are strings
+            item = built.removeprefix(f"{self._builds}[").removesuffix("]")
+            self._signatures[key] = whole.replace(
+                parameters=list(whole.parameters.values())[skip:],
+                return_annotation=returns.format(item, item),
+            )
+        return self._signatures[key]
+
+    def _described(self, function: Callable[P, T], returns: str) -> Callable[P, T]:
         function.__name__ = function.__qualname__ = self.__name__
         function.__doc__ = self.__doc__
-        function.__signature__ = self._signature  # type: ignore[attr-defined]
+        function.__signature__ = self._signature(returns, 1)  # type: ignore[attr-defined]
         return function
 
 
@@ -168,7 +186,7 @@ class _Operation(_Described, Generic[P, T]):
     ) -> Any:
         if instance is None:
             return self
-        return self._described(instance._operation(self._build))
+        return self._described(instance._operation(self._build), "{}")
 
     def __call__(
         self, client: ManagementClient | AsyncManagementClient, /, *args: Any, **kwargs: Any
@@ -181,6 +199,8 @@ class _Paged(_Described, Generic[P, T]):
     """An ``iter_*`` helper: ``build`` (a method of ManagementCore) makes its :class:`Pages`; the
     client follows them as an iterator (``ManagementClient``) or an async iterator
     (``AsyncManagementClient``)."""
+
+    _builds = "Pages"
 
     def __init__(self, build: Callable[Concatenate[ManagementCore, P], Pages[T]]) -> None:
         super().__init__(build)
@@ -201,7 +221,10 @@ class _Paged(_Described, Generic[P, T]):
     ) -> Any:
         if instance is None:
             return self
-        return self._described(instance._paged(self._build))
+        returns = (
+            "AsyncIterator[{}]" if isinstance(instance, AsyncManagementClient) else "Iterator[{}]"
+        )
+        return self._described(instance._paged(self._build), returns)
 
     def __call__(
         self, client: ManagementClient | AsyncManagementClient, /, *args: Any, **kwargs: Any
