@@ -2,64 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2
-import pytest
-from click.testing import CliRunner, Result
-from pydantic import SecretStr
+from click.testing import Result
 
 from onenet_ota import auth
-from onenet_ota.cli.main import cli
 from onenet_ota.device import Credentials, DeviceConfig, OtaClient, StatusCode
-from onenet_ota.server.app import create_app
-from onenet_ota.server.config import Settings
-from onenet_ota.server.db import create_engine, migrate
-from tests.serverthread import ServerThread
+from tests.cli.conftest import Admin
 
-TOKEN = "cli-admin-token-0123456789"
 K1 = "MHEoPy2atlp4V/zqE09jYh/16aWJQkQjtgLsFaCnfvg="
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data = tmp_path_factory.mktemp("data")
-    settings = Settings(data_dir=data, admin_token=SecretStr(TOKEN), max_upload_bytes=10_000)
-    engine = create_engine(settings.database_url)
-    migrate(engine)
-    engine.dispose()
-    handler, resources = create_app(settings)
-    try:
-        with ServerThread(handler) as srv:
-            yield srv.url
-    finally:
-        asyncio.run(resources.aclose())
-
-
-@pytest.fixture
-def admin(server: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("ONENET_OTA_SERVER", server)
-    monkeypatch.setenv("ONENET_OTA_ADMIN_TOKEN", TOKEN)
-    runner = CliRunner()
-
-    def run(*args: str, ok: bool = True) -> Result:
-        result = runner.invoke(cli, ["admin", *args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    return run
 
 
 _pid = iter(range(500, 10_000))
 
 
-def _product(admin: Any) -> str:
+def _product(admin: Admin) -> str:
     pid = str(next(_pid))
     admin("product", "create", "--id", pid, "--access-key", K1)
     return pid
@@ -69,7 +30,7 @@ def _json(result: Result) -> Any:
     return json.loads(result.stdout)
 
 
-def _device_task(admin: Any, tmp_path: Path, firmware: bytes) -> tuple[str, int, int, int]:
+def _device_task(admin: Admin, tmp_path: Path, firmware: bytes) -> tuple[str, int, int, int]:
     """A new product with one device and a FOTA task for it, made with the CLI:
     (pid, dev_id, package id, task id). ``firmware`` is made unique per product."""
     pid = _product(admin)
@@ -83,7 +44,7 @@ def _device_task(admin: Any, tmp_path: Path, firmware: bytes) -> tuple[str, int,
     return pid, dev, package_id, task_id
 
 
-def test_product_create_with_onenet_ids(admin: Any) -> None:
+def test_product_create_with_onenet_ids(admin: Admin) -> None:
     pid = str(next(_pid))
     result = admin("product", "create", "--id", pid, "--access-key", K1)
     assert f"pid           {pid}" in result.stdout
@@ -92,7 +53,7 @@ def test_product_create_with_onenet_ids(admin: Any) -> None:
     assert (shown["pid"], shown["access_key"]) == (pid, K1)
 
 
-def test_generated_product_and_key_rotation(admin: Any) -> None:
+def test_generated_product_and_key_rotation(admin: Admin) -> None:
     product = _json(admin("product", "create", "--json"))
     assert len(product["access_key"]) == 44
     rotated = _json(admin("product", "rotate-key", product["pid"], "--json"))
@@ -101,7 +62,7 @@ def test_generated_product_and_key_rotation(admin: Any) -> None:
     assert product["pid"] in {p["pid"] for p in listed["items"]}
 
 
-def test_device_key_rotation(admin: Any, server: str) -> None:
+def test_device_key_rotation(admin: Admin, server: str) -> None:
     pid = _product(admin)
     device = _json(admin("device", "add", "--pid", pid, "--name", "d", "--generate-key", "--json"))
     old = auth.build_token(pid, device["device_key"], device_name="d")
@@ -127,7 +88,7 @@ def test_device_key_rotation(admin: Any, server: str) -> None:
     assert "device 999999999 not found (HTTP 404)" in failed.stderr
 
 
-def test_duplicate_is_a_clear_error(admin: Any) -> None:
+def test_duplicate_is_a_clear_error(admin: Admin) -> None:
     pid = _product(admin)
     result = admin("product", "create", "--id", pid, ok=False)
     assert result.exit_code == 1
@@ -144,7 +105,7 @@ def _fields(text: str) -> dict[str, str]:
     return {key: value for key, value in pairs}
 
 
-def test_account_commands(admin: Any) -> None:
+def test_account_commands(admin: Admin) -> None:
     uid = str(next(_pid))
     created = admin("account", "create", "--uid", uid, "--access-key", K1, "--name", "moved")
     fields = _fields(created.stdout)
@@ -181,7 +142,7 @@ def test_account_commands(admin: Any) -> None:
     assert unknown.stderr == f"error: account {uid} not found (HTTP 404)\n"
 
 
-def test_bad_account_input_is_a_clear_error(admin: Any) -> None:
+def test_bad_account_input_is_a_clear_error(admin: Admin) -> None:
     bad_uid = admin("account", "create", "--uid", "0123", ok=False)
     assert bad_uid.exit_code == 1
     assert bad_uid.stderr.startswith("error: uid: ")
@@ -197,7 +158,7 @@ def test_bad_account_input_is_a_clear_error(admin: Any) -> None:
     assert slash.stderr == "error: no uid '1/rotate-key' (HTTP 404)\n"
 
 
-def test_devices_add_import_list_show(admin: Any, tmp_path: Path) -> None:
+def test_devices_add_import_list_show(admin: Admin, tmp_path: Path) -> None:
     pid = _product(admin)
     added = _json(admin("device", "add", "--pid", pid, "--name", "dev01", "--dev-id",
                         f"7{pid}0", "--json"))  # fmt: skip
@@ -218,7 +179,7 @@ def test_devices_add_import_list_show(admin: Any, tmp_path: Path) -> None:
     assert "(none)" in shown.stdout  # no task history yet
 
 
-def test_bad_import_files(admin: Any, tmp_path: Path) -> None:
+def test_bad_import_files(admin: Admin, tmp_path: Path) -> None:
     pid = _product(admin)
     bad = tmp_path / "bad.csv"
     bad.write_text("name,dev_id\nx,abc\n")
@@ -235,7 +196,7 @@ def test_bad_import_files(admin: Any, tmp_path: Path) -> None:
     assert "(HTTP 422)" in result.stderr
 
 
-def test_package_upload_list_delete(admin: Any, tmp_path: Path) -> None:
+def test_package_upload_list_delete(admin: Admin, tmp_path: Path) -> None:
     pid = _product(admin)
     firmware = tmp_path / "firmware.bin"
     data = bytes(range(256)) * 10 + pid.encode()
@@ -253,7 +214,7 @@ def test_package_upload_list_delete(admin: Any, tmp_path: Path) -> None:
     assert "(HTTP 404)" in gone.stderr
 
 
-def test_oversized_upload_is_refused(admin: Any, tmp_path: Path) -> None:
+def test_oversized_upload_is_refused(admin: Admin, tmp_path: Path) -> None:
     pid = _product(admin)
     big = tmp_path / "big.bin"
     big.write_bytes(b"x" * 10_001)
@@ -263,7 +224,7 @@ def test_oversized_upload_is_refused(admin: Any, tmp_path: Path) -> None:
     assert "exceeds 10000 bytes" in result.stderr
 
 
-def test_task_commands(admin: Any, tmp_path: Path) -> None:
+def test_task_commands(admin: Admin, tmp_path: Path) -> None:
     pid = _product(admin)
     a = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
     b = _json(admin("device", "add", "--pid", pid, "--name", "b", "--json"))["dev_id"]
@@ -291,7 +252,7 @@ def test_task_commands(admin: Any, tmp_path: Path) -> None:
     assert "(HTTP 409)" in again.stderr
 
 
-def test_task_show_names_result_codes(admin: Any, server: str, tmp_path: Path) -> None:
+def test_task_show_names_result_codes(admin: Admin, server: str, tmp_path: Path) -> None:
     pid, dev_id, _, task_id = _device_task(admin, tmp_path, b"result code firmware")
     config = DeviceConfig(
         credentials=Credentials.from_access_key(pid, K1), dev_id=str(dev_id), version="1.0"
@@ -306,7 +267,7 @@ def test_task_show_names_result_codes(admin: Any, server: str, tmp_path: Path) -
     assert row["result_code"] == 102  # --json stays machine-readable
 
 
-def test_device_and_product_delete(admin: Any, tmp_path: Path) -> None:
+def test_device_and_product_delete(admin: Admin, tmp_path: Path) -> None:
     pid, dev, _, task_id = _device_task(admin, tmp_path, b"delete firmware ")
 
     busy = admin("device", "delete", str(dev), ok=False)
@@ -336,14 +297,14 @@ def test_device_and_product_delete(admin: Any, tmp_path: Path) -> None:
     assert missing.stderr == f"error: product {empty} not found (HTTP 404)\n"
 
 
-def test_device_delete_json(admin: Any) -> None:
+def test_device_delete_json(admin: Admin) -> None:
     pid = _product(admin)
     dev = _json(admin("device", "add", "--pid", pid, "--name", "a", "--json"))["dev_id"]
     assert _json(admin("device", "delete", str(dev), "--json")) == {"deleted": dev}
     assert admin("product", "delete", pid).stdout == f"product {pid} deleted\n"
 
 
-def test_task_delete(admin: Any, tmp_path: Path) -> None:
+def test_task_delete(admin: Admin, tmp_path: Path) -> None:
     _, dev, package_id, task_id = _device_task(admin, tmp_path, b"task delete firmware ")
 
     busy = admin("task", "delete", str(task_id), ok=False)
@@ -366,14 +327,14 @@ def test_task_delete(admin: Any, tmp_path: Path) -> None:
     admin("package", "delete", str(package_id))  # no task uses it any more
 
 
-def test_task_delete_json(admin: Any, tmp_path: Path) -> None:
+def test_task_delete_json(admin: Admin, tmp_path: Path) -> None:
     pid, _, _, task_id = _device_task(admin, tmp_path, b"task delete json ")
     admin("task", "cancel", str(task_id), "--json")
     assert _json(admin("task", "delete", str(task_id), "--json")) == {"deleted": task_id}
     assert _json(admin("task", "list", "--pid", pid, "--json"))["items"] == []
 
 
-def test_task_create_needs_targets_and_dates(admin: Any) -> None:
+def test_task_create_needs_targets_and_dates(admin: Admin) -> None:
     result = admin("task", "create", "--package", "1", ok=False)
     assert result.exit_code == 1
     assert "--dev-id or --from-version" in result.stderr
@@ -383,7 +344,7 @@ def test_task_create_needs_targets_and_dates(admin: Any) -> None:
     assert "ISO 8601" in result.stderr
 
 
-def test_wrong_token_and_unreachable_server(admin: Any) -> None:
+def test_wrong_token_and_unreachable_server(admin: Admin) -> None:
     result = admin("product", "list", "--admin-token", "wrong-token-wrong-token", ok=False)
     assert result.exit_code == 1
     assert "ONENET_OTA_ADMIN_TOKEN" in result.stderr
@@ -396,14 +357,14 @@ def test_wrong_token_and_unreachable_server(admin: Any) -> None:
     assert "Traceback" not in result.output
 
 
-def test_not_an_onenet_ota_server(admin: Any, server: str) -> None:
+def test_not_an_onenet_ota_server(admin: Admin, server: str) -> None:
     # The device API answers /elsewhere with an empty 404: no JSON error, still a clear message.
     result = admin("product", "list", "--server", server + "/elsewhere", ok=False)
     assert result.exit_code == 1
     assert "is this an onenet-ota server?" in result.stderr
 
 
-def test_device_history_and_finished_task(admin: Any, server: str, tmp_path: Path) -> None:
+def test_device_history_and_finished_task(admin: Admin, server: str, tmp_path: Path) -> None:
     pid, dev_id, _, task_id = _device_task(admin, tmp_path, b"history firmware")
     config = DeviceConfig(
         credentials=Credentials.from_access_key(pid, K1), dev_id=str(dev_id), version="1.0"

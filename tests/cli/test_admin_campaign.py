@@ -4,60 +4,23 @@ API's answers to bad input (422/409 with a message, never 5xx)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Iterator
+import re
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
-from click.testing import CliRunner, Result
-from pydantic import SecretStr
+from click.testing import Result
 
-from onenet_ota.cli.main import cli
-from onenet_ota.server.app import create_app
-from onenet_ota.server.config import Settings
-from onenet_ota.server.db import create_engine, migrate
-from tests.serverthread import ServerThread
-
-TOKEN = "cli-campaign-token-0123456789"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("data"), admin_token=SecretStr(TOKEN))
-    engine = create_engine(settings.database_url)
-    migrate(engine)
-    engine.dispose()
-    handler, resources = create_app(settings)
-    try:
-        with ServerThread(handler) as srv:
-            yield srv.url
-    finally:
-        asyncio.run(resources.aclose())
-
-
-@pytest.fixture
-def admin(server: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("ONENET_OTA_SERVER", server)
-    monkeypatch.setenv("ONENET_OTA_ADMIN_TOKEN", TOKEN)
-    runner = CliRunner()
-
-    def run(*args: str, ok: bool = True) -> Result:
-        result = runner.invoke(cli, ["admin", *args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    return run
+from tests.cli.conftest import TOKEN, Admin
 
 
 def _json(result: Result) -> Any:
     return json.loads(result.stdout)
 
 
-def _fleet(admin: Any, tmp_path: Path) -> tuple[str, int]:
+def _fleet(admin: Admin, tmp_path: Path) -> tuple[str, int]:
     """A product with 20 devices from a CSV with labels (odd ones region=eu), and a package."""
     pid = _json(admin("product", "create", "--json"))["pid"]
     lines = ["name,labels"] + [
@@ -75,7 +38,7 @@ def _fleet(admin: Any, tmp_path: Path) -> tuple[str, int]:
     return pid, int(package["id"])
 
 
-def test_labels_from_csv_and_the_cli_select_devices(admin: Any, tmp_path: Path) -> None:
+def test_labels_from_csv_and_the_cli_select_devices(admin: Admin, tmp_path: Path) -> None:
     pid, _ = _fleet(admin, tmp_path)
     eu = _json(admin("device", "list", "--pid", pid, "--label", "region=eu", "--json"))
     assert len(eu["items"]) == 10
@@ -93,7 +56,7 @@ def test_labels_from_csv_and_the_cli_select_devices(admin: Any, tmp_path: Path) 
     assert "is not key=value" in bad.output
 
 
-def test_campaign_preview_create_start_pause_show(admin: Any, tmp_path: Path) -> None:
+def test_campaign_preview_create_start_pause_show(admin: Admin, tmp_path: Path) -> None:
     _, package_id = _fleet(admin, tmp_path)
     spec = ["--package", str(package_id), "--label", "region=eu", "--stage",
             "count=2,max_failed=1", "--stage", "percent=50", "--stage", "rest"]  # fmt: skip
@@ -114,7 +77,7 @@ def test_campaign_preview_create_start_pause_show(admin: Any, tmp_path: Path) ->
     assert [e["action"] for e in events] == ["start", "pause"]
 
 
-def test_unsatisfiable_campaign_is_refused_with_the_reasons(admin: Any, tmp_path: Path) -> None:
+def test_unsatisfiable_campaign_is_refused_with_the_reasons(admin: Admin, tmp_path: Path) -> None:
     _, package_id = _fleet(admin, tmp_path)
     result = admin(
         "campaign", "create", "--package", str(package_id), "--stage", "percent=60",
@@ -157,3 +120,50 @@ def test_bad_input_gets_a_clear_4xx(
     )
     assert reply.status_code == status, reply.text
     assert reply.json()["error"]["message"]
+
+
+def test_campaign_actions_from_list_to_abort(admin: Admin, server: str, tmp_path: Path) -> None:
+    pid, package_id = _fleet(admin, tmp_path)
+    eu = [d["dev_id"] for d in _json(admin("device", "list", "--pid", pid, "--json"))["items"]]
+    spec = tmp_path / "campaign.json"
+    spec.write_text(json.dumps({
+        "name": "from-file", "package_id": package_id, "selector": {"dev_ids": eu[:4]},
+        "stages": [{"count": 1}, {"rest": True}],
+    }))  # fmt: skip
+    created = _json(admin("campaign", "create", "--file", str(spec), "--json"))
+    campaign_id = str(created["id"])
+    drafts = _json(admin("campaign", "list", "--state", "draft", "--json"))["items"]
+    assert created["id"] in [c["id"] for c in drafts]
+    assert "from-file" in admin("campaign", "list").output
+
+    admin("campaign", "start", campaign_id)
+    admin("campaign", "pause", campaign_id)
+    resumed = _json(admin("campaign", "resume", campaign_id, "--json"))
+    assert resumed["state"] == "running"
+    advanced = _json(
+        admin("campaign", "advance", campaign_id, "--if-version", str(resumed["version"]),
+              "--json")
+    )  # fmt: skip
+    assert advanced["stage"] == 1
+    added = _json(admin("campaign", "add-devices", campaign_id, str(eu[4]), str(eu[5]), "--json"))
+    assert added["population"] == 6
+    none_failed = admin("campaign", "retry-failed", campaign_id, "--class", "package", ok=False)
+    assert (
+        none_failed.stderr == "error: no failed member of the chosen classes to retry (HTTP 409)\n"
+    )
+    assert admin("campaign", "retry-failed", campaign_id, ok=False).exit_code == 1
+    aborted = admin("campaign", "abort", campaign_id)
+    assert re.search(r"^state +aborted$", aborted.output, re.MULTILINE), aborted.output
+
+    # --json prints the API's own JSON for the campaign, its events and a device's labels.
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    raw = httpx2.get(f"{server}/api/v1/campaigns/{campaign_id}", headers=headers).json()
+    assert _json(admin("campaign", "show", campaign_id, "--json")) == raw
+    events = httpx2.get(f"{server}/api/v1/campaigns/{campaign_id}/events", headers=headers)
+    assert _json(admin("campaign", "events", campaign_id, "--json")) == events.json()
+    actions = [e["action"] for e in events.json()["items"]]
+    assert actions == ["start", "pause", "resume", "advance", "add_devices", "abort"]
+    replaced = _json(admin("device", "label", str(eu[0]), "site=b7", "--replace", "--json"))
+    assert replaced == {"dev_id": eu[0], "labels": {"site": "b7"}}
+    conflicting = admin("device", "label", str(eu[0]), "--replace", "--remove", "site", ok=False)
+    assert "--remove makes no sense" in conflicting.stderr

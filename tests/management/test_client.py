@@ -32,6 +32,8 @@ from onenet_ota.management import (
     TransportError,
     Unauthorized,
 )
+from onenet_ota.management._core import ManagementCore
+from onenet_ota.management.client import _Operation
 from onenet_ota.management.models import (
     Account,
     Device,
@@ -55,6 +57,7 @@ from tests.management.conftest import (
     make_client,
     public_methods,
 )
+from tests.management.test_client_operations import AREAS
 
 pytestmark = pytest.mark.anyio
 
@@ -205,8 +208,10 @@ async def test_every_method_against_the_server(api: Driver, tmp_path: Path) -> N
     assert await api("delete_product", pid) is None
     assert await api("delete_account", uid) is None
 
+    # Tokens, the audit log, labels, timelines and campaigns: test_client_operations.py.
     cls = AsyncManagementClient if api.is_async else ManagementClient
-    assert public_methods(cls) - {"close", "aclose"} <= api.used
+    assert public_methods(cls) - {"close", "aclose"} - AREAS <= api.used
+    assert public_methods(cls) >= AREAS
 
 
 async def test_pagination_follows_the_cursor_across_pages(api: Driver) -> None:
@@ -453,3 +458,36 @@ async def test_the_token_goes_in_the_authorization_header(flavour: str) -> None:
     await script.driver("health")
     assert script.seen[0].headers["Authorization"] == "Bearer t"
     await script.driver.close()
+
+
+def test_an_operation_reads_as_a_method_of_both_clients() -> None:
+    # On the class, an unbound method with ``self``; on a client, the core builder's parameters,
+    # name and docstring; on the async client, a coroutine function.
+    assert list(inspect.signature(ManagementClient.get_product).parameters) == ["self", "pid"]
+    sync = ManagementClient("http://127.0.0.1:9")
+    async_ = AsyncManagementClient("http://127.0.0.1:9")
+    for method in (sync.set_device_labels, async_.set_device_labels):
+        assert list(inspect.signature(method).parameters) == ["dev_id", "labels", "replace"]
+        assert method.__name__ == "set_device_labels"
+        assert method.__doc__ == ManagementCore.set_device_labels.__doc__
+    # What help() and editors show is what the client returns, not the core's Call or Pages.
+    assert inspect.signature(ManagementClient.get_product).return_annotation == "Product"
+    assert inspect.signature(sync.iter_devices).return_annotation == "Iterator[Device]"
+    assert inspect.signature(async_.iter_devices).return_annotation == "AsyncIterator[Device]"
+    assert not inspect.iscoroutinefunction(sync.get_product)
+    assert inspect.iscoroutinefunction(async_.get_product)
+    with pytest.raises(TransportError):
+        ManagementClient.health(sync)  # called on the class, as an unbound method
+    sync.close()
+
+
+def test_an_operation_under_another_name_is_refused() -> None:
+    # Python before 3.12 wraps an error of __set_name__ in a RuntimeError.
+    with pytest.raises((TypeError, RuntimeError)) as raised:
+
+        class Renamed:
+            fetch_product = _Operation(ManagementCore.get_product)
+
+    error = raised.value.__cause__ or raised.value
+    assert isinstance(error, TypeError)
+    assert str(error) == "Renamed.fetch_product must be named get_product"

@@ -29,15 +29,16 @@ import io
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, NoReturn, TypeVar, cast
+from typing import IO, Any, NoReturn, TypeVar, cast, get_args
 
 import click
 from pydantic import BaseModel
 
 from onenet_ota.management import ManagementClient, ManagementError
-from onenet_ota.management.client import Action
+from onenet_ota.management._core import Action, CampaignAction, CampaignState, FailureClassName
 from onenet_ota.protocol.status import describe_status
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
@@ -106,7 +107,7 @@ def _print_page(page: dict[str, Any], columns: list[str]) -> None:
 
 
 class _Ctx:
-    """One command's client: :meth:`run` makes a typed call, :meth:`call` reaches any route."""
+    """One command's client: :meth:`run` makes a typed call and prints a failure."""
 
     def __init__(self, server: str, token: str | None, as_json: bool) -> None:
         self.client = ManagementClient(server, token)
@@ -120,10 +121,6 @@ class _Ctx:
             _fail(_describe(exc))
         finally:
             self.client.close()
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """A route without a typed method: its decoded JSON reply."""
-        return self.run(lambda client: client.request(method, path, **kwargs))
 
     def show(self, payload: Any, human: Callable[[Any], None]) -> None:
         """Print ``payload`` (a model, or the API's JSON) as JSON or for humans."""
@@ -213,70 +210,108 @@ def _delete(
     ctx.show({"deleted": ident}, lambda _: click.echo(f"{what} {ident} deleted"))
 
 
+@dataclass(frozen=True)
+class _KeyHolder:
+    """What the commands of products and accounts need to know of their kind: both are an id
+    and an access key, given or generated, so their commands differ only in names, help texts,
+    columns and the client methods they call."""
+
+    noun: str  # "product"
+    article: str  # "a product"
+    id_option: str  # the create option giving the id
+    id_help: str
+    id_metavar: str  # "PID"
+    columns: list[str]
+    rotate_help: str
+    show_help: str
+    delete_help: str
+    create: Callable[[ManagementClient, str | None, str | None, str], BaseModel]
+    rotate: Callable[[ManagementClient, str, str | None], BaseModel]
+    page: Callable[[ManagementClient, int | None, str | None], BaseModel]
+    get: Callable[[ManagementClient, str], BaseModel]
+    delete: Callable[[ManagementClient, str], None]
+
+
+def _key_holder_commands(group: click.Group, kind: _KeyHolder) -> None:
+    """``create``, ``rotate-key``, ``list``, ``show`` and ``delete`` of ``kind`` in ``group``."""
+    ident_arg = click.argument("ident", metavar=kind.id_metavar)
+
+    @group.command(
+        "create",
+        help=f"Create {kind.article}; prints its {kind.id_metavar.lower()} and access key.",
+    )
+    @click.option(kind.id_option, "ident", metavar=kind.id_metavar, help=kind.id_help)
+    @click.option("--access-key", metavar="KEY", help="access key to use (base64); else generated")
+    @click.option("--name", default="", help="a label")
+    @_common
+    def create_command(
+        ident: str | None, access_key: str | None, name: str, server: str,
+        admin_token: str | None, as_json: bool,
+    ) -> None:  # fmt: skip
+        ctx = _ctx(server, admin_token, as_json)
+        ctx.show(ctx.run(lambda api: kind.create(api, ident, access_key, name)), _print_object)
+
+    @group.command("rotate-key", help=kind.rotate_help)
+    @ident_arg
+    @click.option("--access-key", metavar="KEY", help="the new key (base64); else generated")
+    @_common
+    def rotate_command(
+        ident: str, access_key: str | None, server: str, admin_token: str | None, as_json: bool
+    ) -> None:
+        ctx = _ctx(server, admin_token, as_json)
+        key = access_key or None
+        ctx.show(ctx.run(lambda api: kind.rotate(api, ident, key)), _print_object)
+
+    @group.command("list", help=f"List {kind.noun}s.")
+    @click.option("--limit", type=click.IntRange(1, 1000))
+    @click.option("--after", metavar="CURSOR", help="continue after this page cursor")
+    @_common
+    def list_command(
+        limit: int | None, after: str | None, server: str, admin_token: str | None, as_json: bool
+    ) -> None:
+        ctx = _ctx(server, admin_token, as_json)
+        page = ctx.run(lambda api: kind.page(api, limit, after))
+        ctx.show(page, lambda p: _print_page(p, kind.columns))
+
+    @group.command("show", help=kind.show_help)
+    @ident_arg
+    @_common
+    def show_command(ident: str, server: str, admin_token: str | None, as_json: bool) -> None:
+        ctx = _ctx(server, admin_token, as_json)
+        ctx.show(ctx.run(lambda api: kind.get(api, ident)), _print_object)
+
+    @group.command("delete", help=kind.delete_help)
+    @ident_arg
+    @_common
+    def delete_command(ident: str, server: str, admin_token: str | None, as_json: bool) -> None:
+        ctx = _ctx(server, admin_token, as_json)
+        _delete(ctx, lambda api: kind.delete(api, ident), kind.noun, ident)
+
+
 @admin.group()
 def product() -> None:
     """Products: the OneNET product id and access key devices sign with."""
 
 
-_PRODUCT_COLUMNS = ["pid", "name", "account_uid", "created_at"]
-
-
-@product.command("create")
-@click.option("--id", "pid", metavar="PID", help="product id to use (e.g. the OneNET one)")
-@click.option("--access-key", metavar="KEY", help="access key to use (base64); else generated")
-@click.option("--name", default="", help="a label")
-@_common
-def product_create(
-    pid: str | None, access_key: str | None, name: str, server: str, admin_token: str | None,
-    as_json: bool,
-) -> None:  # fmt: skip
-    """Create a product; prints its pid and access key."""
-    ctx = _ctx(server, admin_token, as_json)
-    product = ctx.run(lambda api: api.create_product(pid=pid, access_key=access_key, name=name))
-    ctx.show(product, _print_object)
-
-
-@product.command("rotate-key")
-@click.argument("pid")
-@click.option("--access-key", metavar="KEY", help="the new key (base64); else generated")
-@_common
-def product_rotate_key(
-    pid: str, access_key: str | None, server: str, admin_token: str | None, as_json: bool
-) -> None:
-    """Replace a product's access key; devices must sign with the new one."""
-    ctx = _ctx(server, admin_token, as_json)
-    key = access_key or None
-    ctx.show(ctx.run(lambda api: api.rotate_product_key(pid, access_key=key)), _print_object)
-
-
-@product.command("list")
-@click.option("--limit", type=click.IntRange(1, 1000))
-@click.option("--after", metavar="CURSOR", help="continue after this page cursor")
-@_common
-def product_list(
-    limit: int | None, after: str | None, server: str, admin_token: str | None, as_json: bool
-) -> None:
-    """List products."""
-    ctx = _ctx(server, admin_token, as_json)
-    page = ctx.run(lambda api: api.list_products(limit=limit, after=after))
-    ctx.show(page, lambda p: _print_page(p, _PRODUCT_COLUMNS))
-
-
-@product.command("show")
-@click.argument("pid")
-@_common
-def product_show(pid: str, server: str, admin_token: str | None, as_json: bool) -> None:
-    """Show a product with its access key."""
-    ctx = _ctx(server, admin_token, as_json)
-    ctx.show(ctx.run(lambda api: api.get_product(pid)), _print_object)
-
-
-@product.command("delete")
-@click.argument("pid")
-@_common
-def product_delete(pid: str, server: str, admin_token: str | None, as_json: bool) -> None:
-    """Delete a product that has no devices, packages or tasks left."""
-    _delete(_ctx(server, admin_token, as_json), lambda api: api.delete_product(pid), "product", pid)
+_key_holder_commands(
+    product,
+    _KeyHolder(
+        noun="product",
+        article="a product",
+        id_option="--id",
+        id_help="product id to use (e.g. the OneNET one)",
+        id_metavar="PID",
+        columns=["pid", "name", "account_uid", "created_at"],
+        rotate_help="Replace a product's access key; devices must sign with the new one.",
+        show_help="Show a product with its access key.",
+        delete_help="Delete a product that has no devices, packages or tasks left.",
+        create=lambda api, pid, key, name: api.create_product(pid=pid, access_key=key, name=name),
+        rotate=lambda api, pid, key: api.rotate_product_key(pid, access_key=key),
+        page=lambda api, limit, after: api.list_products(limit=limit, after=after),
+        get=lambda api, pid: api.get_product(pid),
+        delete=lambda api, pid: api.delete_product(pid),
+    ),
+)
 
 
 @product.command("set-account")
@@ -306,65 +341,26 @@ def account() -> None:
     """Accounts: the OneNET user id and access key that userid tokens (fuse dialect) sign with."""
 
 
-_ACCOUNT_COLUMNS = ["uid", "name", "created_at"]
-
-
-@account.command("create")
-@click.option("--uid", metavar="UID", help="user id to use (e.g. the OneNET one); else generated")
-@click.option("--access-key", metavar="KEY", help="access key to use (base64); else generated")
-@click.option("--name", default="", help="a label")
-@_common
-def account_create(
-    uid: str | None, access_key: str | None, name: str, server: str, admin_token: str | None,
-    as_json: bool,
-) -> None:  # fmt: skip
-    """Create an account; prints its uid and access key."""
-    ctx = _ctx(server, admin_token, as_json)
-    account = ctx.run(lambda api: api.create_account(uid=uid, access_key=access_key, name=name))
-    ctx.show(account, _print_object)
-
-
-@account.command("rotate-key")
-@click.argument("uid")
-@click.option("--access-key", metavar="KEY", help="the new key (base64); else generated")
-@_common
-def account_rotate_key(
-    uid: str, access_key: str | None, server: str, admin_token: str | None, as_json: bool
-) -> None:
-    """Replace an account's access key; userid tokens signed with the old one stop working."""
-    ctx = _ctx(server, admin_token, as_json)
-    key = access_key or None
-    ctx.show(ctx.run(lambda api: api.rotate_account_key(uid, access_key=key)), _print_object)
-
-
-@account.command("list")
-@click.option("--limit", type=click.IntRange(1, 1000))
-@click.option("--after", metavar="CURSOR", help="continue after this page cursor")
-@_common
-def account_list(
-    limit: int | None, after: str | None, server: str, admin_token: str | None, as_json: bool
-) -> None:
-    """List accounts."""
-    ctx = _ctx(server, admin_token, as_json)
-    page = ctx.run(lambda api: api.list_accounts(limit=limit, after=after))
-    ctx.show(page, lambda p: _print_page(p, _ACCOUNT_COLUMNS))
-
-
-@account.command("show")
-@click.argument("uid")
-@_common
-def account_show(uid: str, server: str, admin_token: str | None, as_json: bool) -> None:
-    """Show an account with its access key and product count."""
-    ctx = _ctx(server, admin_token, as_json)
-    ctx.show(ctx.run(lambda api: api.get_account(uid)), _print_object)
-
-
-@account.command("delete")
-@click.argument("uid")
-@_common
-def account_delete(uid: str, server: str, admin_token: str | None, as_json: bool) -> None:
-    """Delete an account that owns no product."""
-    _delete(_ctx(server, admin_token, as_json), lambda api: api.delete_account(uid), "account", uid)
+_key_holder_commands(
+    account,
+    _KeyHolder(
+        noun="account",
+        article="an account",
+        id_option="--uid",
+        id_help="user id to use (e.g. the OneNET one); else generated",
+        id_metavar="UID",
+        columns=["uid", "name", "created_at"],
+        rotate_help="Replace an account's access key; userid tokens signed with the old one stop"
+        " working.",
+        show_help="Show an account with its access key and product count.",
+        delete_help="Delete an account that owns no product.",
+        create=lambda api, uid, key, name: api.create_account(uid=uid, access_key=key, name=name),
+        rotate=lambda api, uid, key: api.rotate_account_key(uid, access_key=key),
+        page=lambda api, limit, after: api.list_accounts(limit=limit, after=after),
+        get=lambda api, uid: api.get_account(uid),
+        delete=lambda api, uid: api.delete_account(uid),
+    ),
+)
 
 
 @admin.group()
@@ -391,29 +387,30 @@ def device_add(
 ) -> None:  # fmt: skip
     """Create a device."""
     ctx = _ctx(server, admin_token, as_json)
-    body: dict[str, Any] = {"pid": pid, "name": name}
-    if dev_id is not None:
-        body["dev_id"] = dev_id
-    if device_key is not None:
-        body["device_key"] = device_key
-    if generate_key:
-        body["generate_device_key"] = True
-    if auth_info is not None:
-        body["auth_info"] = auth_info
-    if labels:
-        body["labels"] = _labels(labels, "--label")
-    ctx.show(ctx.call("POST", "/devices", json_body=body), _print_object)
+    given = _labels(labels, "--label") if labels else None
+    created = ctx.run(
+        lambda api: api.create_device(
+            pid, name, dev_id=dev_id, device_key=device_key, generate_device_key=generate_key,
+            auth_info=auth_info, labels=given,
+        )
+    )  # fmt: skip
+    ctx.show(created, _print_object)
 
 
-def _labels(pairs: tuple[str, ...] | list[str], what: str) -> dict[str, str]:
-    """``key=value`` words as a dict (the server checks the characters)."""
-    labels: dict[str, str] = {}
+def _label_pairs(pairs: tuple[str, ...] | list[str], what: str) -> list[tuple[str, str]]:
+    """``key=value`` words as pairs, in order (the server checks the characters)."""
+    found: list[tuple[str, str]] = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             _fail(f"{what}: {pair!r} is not key=value")
-        labels[key] = value
-    return labels
+        found.append((key, value))
+    return found
+
+
+def _labels(pairs: tuple[str, ...] | list[str], what: str) -> dict[str, str]:
+    """``key=value`` words as a dict (a key given twice keeps its last value)."""
+    return dict(_label_pairs(pairs, what))
 
 
 def _read_devices(stream: IO[str], name: str) -> list[dict[str, Any]]:
@@ -496,12 +493,13 @@ def device_list(
 ) -> None:  # fmt: skip
     """List devices."""
     ctx = _ctx(server, admin_token, as_json)
-    _labels(labels, "--label")
-    params = {
-        "pid": pid, "f_version": f_version, "s_version": s_version, "q": name_contains,
-        "label": ",".join(labels) or None, "limit": limit, "after": after,
-    }  # fmt: skip
-    page = ctx.call("GET", "/devices", params=params)
+    wanted = _label_pairs(labels, "--label")  # pairs: a key given twice matches no device
+    page = ctx.run(
+        lambda api: api.list_devices(
+            pid=pid, f_version=f_version, s_version=s_version, name_contains=name_contains,
+            labels=wanted, limit=limit, after=after,
+        )
+    )  # fmt: skip
     ctx.show(page, lambda p: _print_page(p, _DEVICE_COLUMNS))
 
 
@@ -536,8 +534,9 @@ def device_history(
     """Show a device's timeline: state changes, reports with their codes' names and texts,
     version reports and offers, oldest first."""
     ctx = _ctx(server, admin_token, as_json)
-    params = {"task_id": task_id, "limit": limit, "after": after}
-    page = ctx.call("GET", f"/devices/{dev_id}/history", params=params)
+    page = ctx.run(
+        lambda api: api.list_device_history(dev_id, task_id=task_id, limit=limit, after=after)
+    )
 
     def human(p: dict[str, Any]) -> None:
         rows = [_history_row(event) for event in p.get("items", [])]
@@ -624,11 +623,11 @@ def device_label(
 ) -> None:  # fmt: skip
     """Set (or with --remove, remove) a device's labels."""
     ctx = _ctx(server, admin_token, as_json)
-    body: dict[str, Any] = {"labels": {**_labels(labels, "labels"), **dict.fromkeys(remove)}}
+    changes: dict[str, str | None] = {**_labels(labels, "labels"), **dict.fromkeys(remove)}
     if replace and remove:
         _fail("--replace drops every label not given; --remove makes no sense with it")
-    method = "PUT" if replace else "PATCH"
-    ctx.show(ctx.call(method, f"/devices/{dev_id}/labels", json_body=body), _print_object)
+    result = ctx.run(lambda api: api.set_device_labels(dev_id, changes, replace=replace))
+    ctx.show(result, _print_object)
 
 
 @admin.group()
@@ -747,7 +746,7 @@ def campaign_create(
     """Create a draft campaign (refused when its stages cannot be satisfied)."""
     spec = _campaign_spec(file, package_id, name, stages, labels, from_versions, dev_ids, deadline)
     ctx = _ctx(server, admin_token, as_json)
-    ctx.show(ctx.call("POST", "/campaigns", json_body=spec), _print_campaign)
+    ctx.show(ctx.run(lambda api: api.create_campaign(spec)), _print_campaign)
 
 
 @campaign.command("preview")
@@ -761,21 +760,21 @@ def campaign_preview(
     """Dry run: each stage's devices, creating nothing."""
     spec = _campaign_spec(file, package_id, name, stages, labels, from_versions, dev_ids, deadline)
     ctx = _ctx(server, admin_token, as_json)
-    ctx.show(ctx.call("POST", "/campaigns/preview", json_body=spec), _print_preview)
+    ctx.show(ctx.run(lambda api: api.preview_campaign_spec(spec)), _print_preview)
 
 
 @campaign.command("list")
-@click.option("--state", type=click.Choice(["draft", "running", "paused", "finished", "aborted"]))
+@click.option("--state", type=click.Choice(get_args(CampaignState)))
 @click.option("--limit", type=click.IntRange(1, 1000))
 @click.option("--after", metavar="CURSOR", help="continue after this page cursor")
 @_common
 def campaign_list(
-    state: str | None, limit: int | None, after: str | None, server: str,
+    state: CampaignState | None, limit: int | None, after: str | None, server: str,
     admin_token: str | None, as_json: bool,
 ) -> None:  # fmt: skip
     """List campaigns."""
     ctx = _ctx(server, admin_token, as_json)
-    page = ctx.call("GET", "/campaigns", params={"state": state, "limit": limit, "after": after})
+    page = ctx.run(lambda api: api.list_campaigns(state=state, limit=limit, after=after))
     ctx.show(page, lambda p: _print_page(p, _CAMPAIGN_COLUMNS))
 
 
@@ -785,7 +784,7 @@ def campaign_list(
 def campaign_show(campaign_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
     """Show a campaign with per-stage counters and its latest decisions."""
     ctx = _ctx(server, admin_token, as_json)
-    ctx.show(ctx.call("GET", f"/campaigns/{campaign_id}"), _print_campaign)
+    ctx.show(ctx.run(lambda api: api.get_campaign(campaign_id)), _print_campaign)
 
 
 @campaign.command("events")
@@ -794,11 +793,11 @@ def campaign_show(campaign_id: int, server: str, admin_token: str | None, as_jso
 def campaign_events(campaign_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
     """Every decision and action of a campaign, with its numbers."""
     ctx = _ctx(server, admin_token, as_json)
-    result = ctx.call("GET", f"/campaigns/{campaign_id}/events")
+    result = {"items": _plain(ctx.run(lambda api: api.list_campaign_events(campaign_id)))}
     ctx.show(result, lambda r: _print_table(r["items"], ["version", "at", "actor", "detail"]))
 
 
-def _campaign_action(verb: str, text: str) -> click.Command:
+def _campaign_action(verb: CampaignAction, text: str) -> click.Command:
     @campaign.command(verb, help=text)
     @click.argument("campaign_id", type=int)
     @click.option("--if-version", type=int,
@@ -809,9 +808,7 @@ def _campaign_action(verb: str, text: str) -> click.Command:
         as_json: bool,
     ) -> None:  # fmt: skip
         ctx = _ctx(server, admin_token, as_json)
-        result = ctx.call(
-            "POST", f"/campaigns/{campaign_id}/{verb}", params={"if_version": if_version}
-        )
+        result = ctx.run(lambda api: api.act_on_campaign(campaign_id, verb, if_version=if_version))
         ctx.show(result, _print_campaign)
 
     return command
@@ -827,17 +824,17 @@ campaign_abort = _campaign_action("abort", "Abort a campaign; its open device ta
 @campaign.command("retry-failed")
 @click.argument("campaign_id", type=int)
 @click.option("--class", "classes", multiple=True,
-              type=click.Choice(["deferral", "environment", "package"]),
+              type=click.Choice(get_args(FailureClassName)),
               help="only failures of this class (repeatable; default all)")  # fmt: skip
 @_common
 def campaign_retry_failed(
-    campaign_id: int, classes: tuple[str, ...], server: str, admin_token: str | None,
-    as_json: bool,
+    campaign_id: int, classes: tuple[FailureClassName, ...], server: str,
+    admin_token: str | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Give the failed members a new task."""
     ctx = _ctx(server, admin_token, as_json)
-    body = {"classes": list(classes)} if classes else {}
-    result = ctx.call("POST", f"/campaigns/{campaign_id}/retry-failed", json_body=body)
+    chosen = list(classes) or None  # none given: every class
+    result = ctx.run(lambda api: api.retry_failed_campaign(campaign_id, classes=chosen))
     ctx.show(result, _print_campaign)
 
 
@@ -851,8 +848,8 @@ def campaign_add_devices(
 ) -> None:  # fmt: skip
     """Add devices to a campaign."""
     ctx = _ctx(server, admin_token, as_json)
-    body = {"dev_ids": list(dev_ids)}
-    ctx.show(ctx.call("POST", f"/campaigns/{campaign_id}/devices", json_body=body), _print_campaign)
+    result = ctx.run(lambda api: api.add_campaign_devices(campaign_id, list(dev_ids)))
+    ctx.show(result, _print_campaign)
 
 
 @admin.group()

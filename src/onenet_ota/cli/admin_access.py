@@ -13,7 +13,7 @@ Examples::
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, get_args
 
 import click
 
@@ -25,11 +25,12 @@ from onenet_ota.cli.admin import (
     _print_table,
     _timestamp,
 )
+from onenet_ota.management.models import Role
 
 __all__ = ["audit", "token"]
 
 _TOKEN_COLUMNS = ["id", "name", "role", "prefix", "created_at", "last_used_at", "revoked_at"]
-_ROLES = ("viewer", "operator", "admin")
+_ROLES = get_args(Role)
 
 
 @click.group()
@@ -48,10 +49,12 @@ def token() -> None:
     help="viewer: read; operator: also change; admin: also manage tokens",
 )
 @_common
-def token_create(name: str, role: str, server: str, admin_token: str | None, as_json: bool) -> None:
+def token_create(
+    name: str, role: Role, server: str, admin_token: str | None, as_json: bool
+) -> None:
     """Create token NAME (unique, never reused); prints its secret, shown this once only."""
     ctx = _ctx(server, admin_token, as_json)
-    created = ctx.call("POST", "/tokens", json_body={"name": name, "role": role})
+    created = ctx.run(lambda api: api.create_token(name, role=role))
 
     def human(t: dict[str, Any]) -> None:
         _print_object(t, skip=("secret",))
@@ -71,7 +74,7 @@ def token_list(
 ) -> None:
     """List tokens, revoked ones included (never their secrets)."""
     ctx = _ctx(server, admin_token, as_json)
-    page = ctx.call("GET", "/tokens", params={"limit": limit, "after": after})
+    page = ctx.run(lambda api: api.list_tokens(limit=limit, after=after))
     ctx.show(page, lambda p: _print_page(p, _TOKEN_COLUMNS))
 
 
@@ -81,7 +84,7 @@ def token_list(
 def token_revoke(token_id: int, server: str, admin_token: str | None, as_json: bool) -> None:
     """Revoke token TOKEN_ID: every request with it fails from now on."""
     ctx = _ctx(server, admin_token, as_json)
-    ctx.call("DELETE", f"/tokens/{token_id}")
+    ctx.run(lambda api: api.revoke_token(token_id))
     ctx.show({"revoked": token_id}, lambda _: click.echo(f"token {token_id} revoked"))
 
 
@@ -111,12 +114,13 @@ def audit(
 ) -> None:  # fmt: skip
     """Show the audit log, oldest first: who changed what, when, and from what to what."""
     ctx = _ctx(server, admin_token, as_json)
-    params = {
-        "actor": actor, "action": action, "target": target,
-        "since": _timestamp(since, "--since"), "until": _timestamp(until, "--until"),
-        "limit": limit, "after": after,
-    }  # fmt: skip
-    page = ctx.call("GET", "/audit", params=params)
+    start, end = _timestamp(since, "--since"), _timestamp(until, "--until")
+    page = ctx.run(
+        lambda api: api.list_audit(
+            actor=actor, action=action, target=target, since=start, until=end, limit=limit,
+            after=after,
+        )
+    )  # fmt: skip
 
     def human(p: dict[str, Any]) -> None:
         rows = [{**e, "logged_at": e["at"], "change": _change(e)} for e in p.get("items", [])]

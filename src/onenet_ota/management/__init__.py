@@ -1,8 +1,9 @@
 """``onenet_ota.management``: the typed Python client of an onenet-ota server's management API.
 
 :class:`ManagementClient` (blocking) and :class:`AsyncManagementClient` (asyncio) have the same
-methods, one per operation of ``/api/v1`` (accounts, products, devices, packages, tasks, device
-tasks, health, the OpenAPI document), each returning a model of
+methods, one per operation of ``/api/v1`` (accounts, products, devices and their labels and
+timelines, packages, tasks, device tasks, staged campaigns, API tokens, the audit log, health, the
+OpenAPI document), written once for both and fully typed, each returning a model of
 :mod:`onenet_ota.management.models`, the very classes the server answers with. ``iter_*`` helpers
 follow page cursors; :meth:`ManagementClient.request` reaches any route without a typed method.
 Failures raise the exceptions of :mod:`onenet_ota.management.errors`.

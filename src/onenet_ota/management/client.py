@@ -5,6 +5,15 @@ reply with it; all they add is sending, waiting out a busy server (``Retry-After
 calls only), streaming package files, following page cursors and mapping httpx2's exceptions to
 :class:`~onenet_ota.management.errors.TransportError`.
 
+The operations are written once. Each is a method of ``ManagementCore`` (its typed parameters,
+route, body and reply model), named in :class:`_Operations`, the base of both clients, by a
+descriptor: :class:`_Operation` for one call, :class:`_Paged` for an ``iter_*`` helper. Read on a
+``ManagementClient`` the descriptor is a function returning the result; on an
+``AsyncManagementClient``, a coroutine function. Its overloaded ``__get__`` says so to a type
+checker, so ``api.get_product`` has the builder's parameters and returns ``Product`` (or an
+awaitable of it). Only what moves bytes differently (uploads, downloads, ``request``) is
+written per client.
+
 ::
 
     from onenet_ota.management import ManagementClient, NotFound
@@ -22,6 +31,7 @@ calls only), streaming package files, following page cursors and mapping httpx2'
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import secrets
 import time
@@ -30,51 +40,29 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Coroutine,
     Iterable,
     Iterator,
     Mapping,
-    Sequence,
 )
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Final, Literal, TypeVar
+from typing import IO, Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, overload
 
 import httpx2
 
 from onenet_ota.management._core import (
-    DEFAULT_PAGE_SIZE,
+    Action,
     Call,
     Download,
     Kind,
     ManagementCore,
     ModuleType,
-    OnOpen,
-    PageLike,
-    TaskStatus,
+    Pages,
     next_cursor,
 )
 from onenet_ota.management.errors import TransportError
-from onenet_ota.management.models import (
-    Account,
-    AccountPage,
-    Device,
-    DeviceDetail,
-    DeviceImportItem,
-    DevicePage,
-    DeviceTaskPage,
-    DeviceTaskView,
-    Health,
-    Package,
-    PackagePage,
-    Product,
-    ProductPage,
-    StateName,
-    Task,
-    TaskActionResult,
-    TaskCreated,
-    TaskDetail,
-    TaskPage,
-)
+from onenet_ota.management.models import Package
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -85,10 +73,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 DEFAULT_TIMEOUT: Final = httpx2.Timeout(30.0, read=300.0)
 """30 s to connect and write, 300 s to read: a fleet-wide task or a big import takes a while."""
 UPLOAD_CHUNK: Final = 1024 * 1024
-Action = Literal["pause", "resume", "cancel"]
 
 UploadSource = bytes | os.PathLike[str] | IO[bytes] | Iterable[bytes]
 """A package file: its bytes, a path, a binary file object read from its current position, or
@@ -128,7 +116,209 @@ def _transport_error(call: Call[Any], exc: Exception) -> TransportError:
     return TransportError(f"cannot reach {call.server}: {detail}")
 
 
-class ManagementClient:
+class _Described:
+    """What both operation descriptors share: the builder's name, docstring and signature.
+
+    On the class, the descriptor is the operation as an unbound method
+    (``ManagementClient.get_product(api, pid)``; ``inspect.signature`` shows ``self`` first);
+    on an instance, a function with the builder's parameters after ``self``. Either way the
+    signature shows what the client returns (``Product``, ``Iterator[Device]``), not what the
+    builder does (``Call[Product]``, ``Pages[Device]``), for ``help()`` and editors."""
+
+    _builds = "Call"  # the builder's result type, whose parameter the client returns
+
+    def __init__(self, build: Callable[..., Any]) -> None:
+        self.__name__ = build.__name__
+        self.__doc__ = build.__doc__
+        self.__wrapped__ = build
+        self._signatures: dict[str, inspect.Signature] = {}
+        # On the class: ``self`` first, and what either client returns.
+        either = "Iterator[{}] | AsyncIterator[{}]" if self._builds == "Pages" else "{}"
+        self.__signature__ = self._signature(either, 0)
+
+    def __set_name__(self, owner: type[object], name: str) -> None:
+        if name != self.__name__:  # one name per operation, in the core and in the clients
+            raise TypeError(f"{owner.__name__}.{name} must be named {self.__name__}")
+
+    def __repr__(self) -> str:
+        return f"<operation {self.__name__}>"
+
+    def _signature(self, returns: str, skip: int) -> inspect.Signature:
+        """The builder's signature without its first ``skip`` parameters, returning ``returns``
+        (a format of the builder's result's parameter, e.g. ``"Iterator[{}]"``)."""
+        key = f"{skip}:{returns}"
+        if key not in self._signatures:
+            whole = inspect.signature(self.__wrapped__)
+            built = str(whole.return_annotation)  # "Call[Product]": the core's are strings
+            item = built.removeprefix(f"{self._builds}[").removesuffix("]")
+            self._signatures[key] = whole.replace(
+                parameters=list(whole.parameters.values())[skip:],
+                return_annotation=returns.format(item, item),
+            )
+        return self._signatures[key]
+
+    def _described(self, function: Callable[P, T], returns: str) -> Callable[P, T]:
+        function.__name__ = function.__qualname__ = self.__name__
+        function.__doc__ = self.__doc__
+        function.__signature__ = self._signature(returns, 1)  # type: ignore[attr-defined]
+        return function
+
+
+class _Operation(_Described, Generic[P, T]):
+    """One operation: ``build`` (a method of ManagementCore) makes its call; the client sends it
+    and returns its result (``ManagementClient``) or a coroutine of it
+    (``AsyncManagementClient``)."""
+
+    def __init__(self, build: Callable[Concatenate[ManagementCore, P], Call[T]]) -> None:
+        super().__init__(build)
+        self._build = build
+
+    @overload
+    def __get__(self, instance: None, owner: type[object]) -> Self: ...
+    @overload
+    def __get__(self, instance: ManagementClient, owner: type[object]) -> Callable[P, T]: ...
+    @overload
+    def __get__(
+        self, instance: AsyncManagementClient, owner: type[object]
+    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
+    def __get__(
+        self, instance: ManagementClient | AsyncManagementClient | None, owner: type[object]
+    ) -> Any:
+        if instance is None:
+            return self
+        return self._described(instance._operation(self._build), "{}")
+
+    def __call__(
+        self, client: ManagementClient | AsyncManagementClient, /, *args: Any, **kwargs: Any
+    ) -> Any:
+        """The operation called on the class: ``ManagementClient.get_product(api, pid)``."""
+        return self.__get__(client, type(client))(*args, **kwargs)
+
+
+class _Paged(_Described, Generic[P, T]):
+    """An ``iter_*`` helper: ``build`` (a method of ManagementCore) makes its :class:`Pages`; the
+    client follows them as an iterator (``ManagementClient``) or an async iterator
+    (``AsyncManagementClient``)."""
+
+    _builds = "Pages"
+
+    def __init__(self, build: Callable[Concatenate[ManagementCore, P], Pages[T]]) -> None:
+        super().__init__(build)
+        self._build = build
+
+    @overload
+    def __get__(self, instance: None, owner: type[object]) -> Self: ...
+    @overload
+    def __get__(
+        self, instance: ManagementClient, owner: type[object]
+    ) -> Callable[P, Iterator[T]]: ...
+    @overload
+    def __get__(
+        self, instance: AsyncManagementClient, owner: type[object]
+    ) -> Callable[P, AsyncIterator[T]]: ...
+    def __get__(
+        self, instance: ManagementClient | AsyncManagementClient | None, owner: type[object]
+    ) -> Any:
+        if instance is None:
+            return self
+        returns = (
+            "AsyncIterator[{}]" if isinstance(instance, AsyncManagementClient) else "Iterator[{}]"
+        )
+        return self._described(instance._paged(self._build), returns)
+
+    def __call__(
+        self, client: ManagementClient | AsyncManagementClient, /, *args: Any, **kwargs: Any
+    ) -> Any:
+        """The helper called on the class: ``ManagementClient.iter_products(api)``."""
+        return self.__get__(client, type(client))(*args, **kwargs)
+
+
+_C = ManagementCore
+
+
+class _Operations:
+    """Every operation of the management API with a typed method, once for both clients (each
+    described where :class:`ManagementCore` builds it)."""
+
+    health = _Operation(_C.health)
+    openapi = _Operation(_C.openapi)
+
+    create_account = _Operation(_C.create_account)
+    list_accounts = _Operation(_C.list_accounts)
+    iter_accounts = _Paged(_C.iter_accounts)
+    get_account = _Operation(_C.get_account)
+    delete_account = _Operation(_C.delete_account)
+    rotate_account_key = _Operation(_C.rotate_account_key)
+
+    create_product = _Operation(_C.create_product)
+    list_products = _Operation(_C.list_products)
+    iter_products = _Paged(_C.iter_products)
+    get_product = _Operation(_C.get_product)
+    delete_product = _Operation(_C.delete_product)
+    rotate_product_key = _Operation(_C.rotate_product_key)
+    set_product_account = _Operation(_C.set_product_account)
+    clear_product_account = _Operation(_C.clear_product_account)
+
+    create_device = _Operation(_C.create_device)
+    import_devices = _Operation(_C.import_devices)
+    list_devices = _Operation(_C.list_devices)
+    iter_devices = _Paged(_C.iter_devices)
+    get_device = _Operation(_C.get_device)
+    delete_device = _Operation(_C.delete_device)
+    rotate_device_key = _Operation(_C.rotate_device_key)
+    get_device_labels = _Operation(_C.get_device_labels)
+    set_device_labels = _Operation(_C.set_device_labels)
+    list_device_history = _Operation(_C.list_device_history)
+    iter_device_history = _Paged(_C.iter_device_history)
+
+    list_packages = _Operation(_C.list_packages)
+    iter_packages = _Paged(_C.iter_packages)
+    get_package = _Operation(_C.get_package)
+    delete_package = _Operation(_C.delete_package)
+
+    create_task = _Operation(_C.create_task)
+    list_tasks = _Operation(_C.list_tasks)
+    iter_tasks = _Paged(_C.iter_tasks)
+    get_task = _Operation(_C.get_task)
+    delete_task = _Operation(_C.delete_task)
+    list_task_devices = _Operation(_C.list_task_devices)
+    iter_task_devices = _Paged(_C.iter_task_devices)
+    act_on_task = _Operation(_C.act_on_task)
+    pause_task = _Operation(_C.pause_task)
+    resume_task = _Operation(_C.resume_task)
+    cancel_task = _Operation(_C.cancel_task)
+    act_on_device_task = _Operation(_C.act_on_device_task)
+    pause_device_task = _Operation(_C.pause_device_task)
+    resume_device_task = _Operation(_C.resume_device_task)
+    cancel_device_task = _Operation(_C.cancel_device_task)
+
+    create_token = _Operation(_C.create_token)
+    list_tokens = _Operation(_C.list_tokens)
+    iter_tokens = _Paged(_C.iter_tokens)
+    revoke_token = _Operation(_C.revoke_token)
+
+    list_audit = _Operation(_C.list_audit)
+    iter_audit = _Paged(_C.iter_audit)
+
+    create_campaign = _Operation(_C.create_campaign)
+    preview_campaign_spec = _Operation(_C.preview_campaign_spec)
+    list_campaigns = _Operation(_C.list_campaigns)
+    iter_campaigns = _Paged(_C.iter_campaigns)
+    get_campaign = _Operation(_C.get_campaign)
+    delete_campaign = _Operation(_C.delete_campaign)
+    preview_campaign = _Operation(_C.preview_campaign)
+    list_campaign_events = _Operation(_C.list_campaign_events)
+    act_on_campaign = _Operation(_C.act_on_campaign)
+    start_campaign = _Operation(_C.start_campaign)
+    pause_campaign = _Operation(_C.pause_campaign)
+    resume_campaign = _Operation(_C.resume_campaign)
+    advance_campaign = _Operation(_C.advance_campaign)
+    abort_campaign = _Operation(_C.abort_campaign)
+    retry_failed_campaign = _Operation(_C.retry_failed_campaign)
+    add_campaign_devices = _Operation(_C.add_campaign_devices)
+
+
+class ManagementClient(_Operations):
     """A synchronous client of the management API (``/api/v1``) of an onenet-ota server.
 
     ``server`` is the base URL (``http://host:port``), ``token`` the admin token. ``client`` is
@@ -179,6 +369,22 @@ class ManagementClient:
 
     # ---------------------------------------------------------------- the driver
 
+    def _operation(
+        self, build: Callable[Concatenate[ManagementCore, P], Call[T]]
+    ) -> Callable[P, T]:
+        def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            return self._send(build(self._core, *args, **kwargs))
+
+        return run
+
+    def _paged(
+        self, build: Callable[Concatenate[ManagementCore, P], Pages[T]]
+    ) -> Callable[P, Iterator[T]]:
+        def run(*args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+            return self._pages(build(self._core, *args, **kwargs))
+
+        return run
+
     def _send(self, call: Call[T], content: Any = None) -> T:
         wire = call.request
         attempt = 1
@@ -201,10 +407,10 @@ class ManagementClient:
             attempt += 1
             self._sleep(delay)
 
-    def _pages(self, page: Callable[[str | None], Call[PageLike[T]]]) -> Iterator[T]:
+    def _pages(self, pages: Pages[T]) -> Iterator[T]:
         after: str | None = None
         while True:
-            current = self._send(page(after))
+            current = self._send(pages.page(after))
             yield from current.items
             after = next_cursor(current, after)
             if after is None:
@@ -233,154 +439,7 @@ class ManagementClient:
         )
         return self._send(call, content)
 
-    # ---------------------------------------------------------------- meta
-
-    def health(self) -> Health:
-        """Liveness and the server's version (needs no token)."""
-        return self._send(self._core.health())
-
-    def openapi(self) -> dict[str, Any]:
-        """The API's OpenAPI 3.1 document."""
-        return self._send(self._core.openapi())
-
-    # ---------------------------------------------------------------- accounts
-
-    def create_account(
-        self, *, uid: str | None = None, access_key: str | None = None, name: str = ""
-    ) -> Account:
-        """Create an account for userid tokens (fuse dialect); uid and key generated if omitted."""
-        return self._send(self._core.create_account(uid=uid, access_key=access_key, name=name))
-
-    def list_accounts(self, *, limit: int | None = None, after: str | None = None) -> AccountPage:
-        """One page of accounts (without keys)."""
-        return self._send(self._core.list_accounts(limit=limit, after=after))
-
-    def iter_accounts(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[Account]:
-        """Every account, page after page."""
-        return self._pages(lambda after: self._core.list_accounts(limit=page_size, after=after))
-
-    def get_account(self, uid: str) -> Account:
-        """An account with its access key and product count."""
-        return self._send(self._core.get_account(uid))
-
-    def delete_account(self, uid: str) -> None:
-        """Delete an account that owns no product."""
-        self._send(self._core.delete_account(uid))
-
-    def rotate_account_key(self, uid: str, *, access_key: str | None = None) -> Account:
-        """Replace an account's access key (generated if omitted)."""
-        return self._send(self._core.rotate_account_key(uid, access_key=access_key))
-
-    # ---------------------------------------------------------------- products
-
-    def create_product(
-        self, *, pid: str | None = None, access_key: str | None = None, name: str = ""
-    ) -> Product:
-        """Create a product; pid and access key generated if omitted."""
-        return self._send(self._core.create_product(pid=pid, access_key=access_key, name=name))
-
-    def list_products(self, *, limit: int | None = None, after: str | None = None) -> ProductPage:
-        """One page of products (without keys)."""
-        return self._send(self._core.list_products(limit=limit, after=after))
-
-    def iter_products(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[Product]:
-        """Every product, page after page."""
-        return self._pages(lambda after: self._core.list_products(limit=page_size, after=after))
-
-    def get_product(self, pid: str) -> Product:
-        """A product with its access key and device count."""
-        return self._send(self._core.get_product(pid))
-
-    def delete_product(self, pid: str) -> None:
-        """Delete a product that has no devices, packages or tasks left."""
-        self._send(self._core.delete_product(pid))
-
-    def rotate_product_key(self, pid: str, *, access_key: str | None = None) -> Product:
-        """Replace a product's access key (generated if omitted)."""
-        return self._send(self._core.rotate_product_key(pid, access_key=access_key))
-
-    def set_product_account(self, pid: str, uid: str) -> Product:
-        """Make account ``uid`` the product's owner: its userid tokens then speak for it."""
-        return self._send(self._core.set_product_account(pid, uid))
-
-    def clear_product_account(self, pid: str) -> Product:
-        """Leave the product without an owning account."""
-        return self._send(self._core.clear_product_account(pid))
-
-    # ---------------------------------------------------------------- devices
-
-    def create_device(
-        self,
-        pid: str,
-        name: str,
-        *,
-        dev_id: int | None = None,
-        device_key: str | None = None,
-        generate_device_key: bool = False,
-        auth_info: str | None = None,
-    ) -> Device:
-        """Create a device; dev_id generated if omitted."""
-        return self._send(
-            self._core.create_device(
-                pid, name, dev_id=dev_id, device_key=device_key,
-                generate_device_key=generate_device_key, auth_info=auth_info,
-            )
-        )  # fmt: skip
-
-    def import_devices(
-        self, pid: str, devices: Iterable[DeviceImportItem | Mapping[str, Any]]
-    ) -> list[Device]:
-        """Create many devices of product ``pid`` (at most 10,000), all or none."""
-        return self._send(self._core.import_devices(pid, devices))
-
-    def list_devices(
-        self,
-        *,
-        pid: str | None = None,
-        f_version: str | None = None,
-        s_version: str | None = None,
-        name_contains: str | None = None,
-        limit: int | None = None,
-        after: str | None = None,
-    ) -> DevicePage:
-        """One page of devices, filtered."""
-        return self._send(
-            self._core.list_devices(
-                pid=pid, f_version=f_version, s_version=s_version, name_contains=name_contains,
-                limit=limit, after=after,
-            )
-        )  # fmt: skip
-
-    def iter_devices(
-        self,
-        *,
-        pid: str | None = None,
-        f_version: str | None = None,
-        s_version: str | None = None,
-        name_contains: str | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
-    ) -> Iterator[Device]:
-        """Every device that passes the filters, page after page."""
-        return self._pages(
-            lambda after: self._core.list_devices(
-                pid=pid, f_version=f_version, s_version=s_version, name_contains=name_contains,
-                limit=page_size, after=after,
-            )
-        )  # fmt: skip
-
-    def get_device(self, dev_id: int) -> DeviceDetail:
-        """A device with its reported versions and task history."""
-        return self._send(self._core.get_device(dev_id))
-
-    def delete_device(self, dev_id: int) -> None:
-        """Delete a device without open tasks, with its upgrade history."""
-        self._send(self._core.delete_device(dev_id))
-
-    def rotate_device_key(self, dev_id: int, *, device_key: str | None = None) -> Device:
-        """Replace a device's key (generated if omitted); the old one stops working at once."""
-        return self._send(self._core.rotate_device_key(dev_id, device_key=device_key))
-
-    # ---------------------------------------------------------------- packages
+    # ---------------------------------------------------------------- package files
 
     def upload_package(
         self,
@@ -409,37 +468,6 @@ class ManagementClient:
             size=_known_size(content, size),
         )  # fmt: skip
         return self._send(call, _sync_body(content))
-
-    def list_packages(
-        self,
-        *,
-        pid: str | None = None,
-        module_type: ModuleType | None = None,
-        limit: int | None = None,
-        after: str | None = None,
-    ) -> PackagePage:
-        """One page of packages."""
-        return self._send(
-            self._core.list_packages(pid=pid, module_type=module_type, limit=limit, after=after)
-        )
-
-    def iter_packages(
-        self,
-        *,
-        pid: str | None = None,
-        module_type: ModuleType | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
-    ) -> Iterator[Package]:
-        """Every package that passes the filters, page after page."""
-        return self._pages(
-            lambda after: self._core.list_packages(
-                pid=pid, module_type=module_type, limit=page_size, after=after
-            )
-        )
-
-    def get_package(self, package_id: int) -> Package:
-        """A package's metadata."""
-        return self._send(self._core.get_package(package_id))
 
     def download_package(self, package_id: int, destination: os.PathLike[str] | IO[bytes]) -> int:
         """Download a package's file, streamed; returns its size.
@@ -484,137 +512,6 @@ class ManagementClient:
                 raise call.error(status, response.reason_phrase, response.content)
             attempt += 1
             self._sleep(delay)
-
-    def delete_package(self, package_id: int) -> None:
-        """Delete a package no task uses."""
-        self._send(self._core.delete_package(package_id))
-
-    # ---------------------------------------------------------------- tasks
-
-    def create_task(
-        self,
-        package_id: int,
-        *,
-        dev_ids: Sequence[int] | None = None,
-        from_versions: Sequence[str] | None = None,
-        signal: int = 0,
-        power: int = 0,
-        retry: int = 0,
-        interval: int = 0,
-        start_time: int | None = None,
-        deadline: int | None = None,
-        on_open: OnOpen = "fail",
-    ) -> TaskCreated:
-        """Create an upgrade task for ``dev_ids``, or for every device of the package's product
-        at one of ``from_versions``. Times are Unix seconds."""
-        return self._send(
-            self._core.create_task(
-                package_id, dev_ids=dev_ids, from_versions=from_versions, signal=signal,
-                power=power, retry=retry, interval=interval, start_time=start_time,
-                deadline=deadline, on_open=on_open,
-            )
-        )  # fmt: skip
-
-    def list_tasks(
-        self,
-        *,
-        pid: str | None = None,
-        package_id: int | None = None,
-        status: TaskStatus | None = None,
-        limit: int | None = None,
-        after: str | None = None,
-    ) -> TaskPage:
-        """One page of tasks with their per-state counts."""
-        return self._send(
-            self._core.list_tasks(
-                pid=pid, package_id=package_id, status=status, limit=limit, after=after
-            )
-        )
-
-    def iter_tasks(
-        self,
-        *,
-        pid: str | None = None,
-        package_id: int | None = None,
-        status: TaskStatus | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
-    ) -> Iterator[Task]:
-        """Every task that passes the filters, page after page."""
-        return self._pages(
-            lambda after: self._core.list_tasks(
-                pid=pid, package_id=package_id, status=status, limit=page_size, after=after
-            )
-        )
-
-    def get_task(
-        self,
-        task_id: int,
-        *,
-        state: StateName | None = None,
-        limit: int | None = None,
-        after: str | None = None,
-    ) -> TaskDetail:
-        """A task with its counts and one page of its devices (``devices_next`` continues)."""
-        return self._send(self._core.get_task(task_id, state=state, limit=limit, after=after))
-
-    def delete_task(self, task_id: int) -> None:
-        """Delete a task without open device tasks (the package stays)."""
-        self._send(self._core.delete_task(task_id))
-
-    def list_task_devices(
-        self,
-        task_id: int,
-        *,
-        state: StateName | None = None,
-        limit: int | None = None,
-        after: str | None = None,
-    ) -> DeviceTaskPage:
-        """One page of a task's devices with state and progress."""
-        return self._send(
-            self._core.list_task_devices(task_id, state=state, limit=limit, after=after)
-        )
-
-    def iter_task_devices(
-        self, task_id: int, *, state: StateName | None = None, page_size: int = DEFAULT_PAGE_SIZE
-    ) -> Iterator[DeviceTaskView]:
-        """Every device of a task (in ``state``, if given), page after page."""
-        return self._pages(
-            lambda after: self._core.list_task_devices(
-                task_id, state=state, limit=page_size, after=after
-            )
-        )
-
-    def act_on_task(self, task_id: int, action: Action) -> TaskActionResult:
-        """Pause, resume or cancel every device of a task where the state machine allows it."""
-        return self._send(self._core.act_on_task(task_id, action))
-
-    def pause_task(self, task_id: int) -> TaskActionResult:
-        """Pause every device of the task that is waiting or downloading (T2)."""
-        return self._send(self._core.act_on_task(task_id, "pause"))
-
-    def resume_task(self, task_id: int) -> TaskActionResult:
-        """Resume the task's paused devices (T3)."""
-        return self._send(self._core.act_on_task(task_id, "resume"))
-
-    def cancel_task(self, task_id: int) -> TaskActionResult:
-        """Cancel every open device of the task (T4)."""
-        return self._send(self._core.act_on_task(task_id, "cancel"))
-
-    def act_on_device_task(self, task_id: int, dev_id: int, action: Action) -> DeviceTaskView:
-        """Pause, resume or cancel one device's part of a task."""
-        return self._send(self._core.act_on_device_task(task_id, dev_id, action))
-
-    def pause_device_task(self, task_id: int, dev_id: int) -> DeviceTaskView:
-        """Pause one device's part of a task."""
-        return self.act_on_device_task(task_id, dev_id, "pause")
-
-    def resume_device_task(self, task_id: int, dev_id: int) -> DeviceTaskView:
-        """Resume one device's part of a task."""
-        return self.act_on_device_task(task_id, dev_id, "resume")
-
-    def cancel_device_task(self, task_id: int, dev_id: int) -> DeviceTaskView:
-        """Cancel one device's part of a task."""
-        return self.act_on_device_task(task_id, dev_id, "cancel")
 
 
 def _file_name(content: object, given: str | None) -> str:
@@ -661,7 +558,7 @@ async def _async_chunks(content: object) -> AsyncIterator[bytes]:
         yield chunk
 
 
-class AsyncManagementClient:
+class AsyncManagementClient(_Operations):
     """The asynchronous twin of :class:`ManagementClient`: the same methods, awaited, over one
     ``httpx2.AsyncClient``; the ``iter_*`` helpers are async iterators. ``upload_package`` also
     takes an async iterable of chunks."""
@@ -702,6 +599,22 @@ class AsyncManagementClient:
 
     # ---------------------------------------------------------------- the driver
 
+    def _operation(
+        self, build: Callable[Concatenate[ManagementCore, P], Call[T]]
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await self._send(build(self._core, *args, **kwargs))
+
+        return run
+
+    def _paged(
+        self, build: Callable[Concatenate[ManagementCore, P], Pages[T]]
+    ) -> Callable[P, AsyncIterator[T]]:
+        def run(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
+            return self._pages(build(self._core, *args, **kwargs))
+
+        return run
+
     async def _send(self, call: Call[T], content: Any = None) -> T:
         wire = call.request
         attempt = 1
@@ -724,10 +637,10 @@ class AsyncManagementClient:
             attempt += 1
             await self._sleep(delay)
 
-    async def _pages(self, page: Callable[[str | None], Call[PageLike[T]]]) -> AsyncIterator[T]:
+    async def _pages(self, pages: Pages[T]) -> AsyncIterator[T]:
         after: str | None = None
         while True:
-            current = await self._send(page(after))
+            current = await self._send(pages.page(after))
             for item in current.items:
                 yield item
             after = next_cursor(current, after)
@@ -757,162 +670,7 @@ class AsyncManagementClient:
         body = content if content is None or isinstance(content, bytes) else _async_chunks(content)
         return await self._send(call, body)
 
-    # ---------------------------------------------------------------- meta
-
-    async def health(self) -> Health:
-        """Liveness and the server's version (needs no token)."""
-        return await self._send(self._core.health())
-
-    async def openapi(self) -> dict[str, Any]:
-        """The API's OpenAPI 3.1 document."""
-        return await self._send(self._core.openapi())
-
-    # ---------------------------------------------------------------- accounts
-
-    async def create_account(
-        self, *, uid: str | None = None, access_key: str | None = None, name: str = ""
-    ) -> Account:
-        """Create an account for userid tokens (fuse dialect); uid and key generated if omitted."""
-        return await self._send(
-            self._core.create_account(uid=uid, access_key=access_key, name=name)
-        )
-
-    async def list_accounts(
-        self, *, limit: int | None = None, after: str | None = None
-    ) -> AccountPage:
-        """One page of accounts (without keys)."""
-        return await self._send(self._core.list_accounts(limit=limit, after=after))
-
-    def iter_accounts(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[Account]:
-        """Every account, page after page."""
-        return self._pages(lambda after: self._core.list_accounts(limit=page_size, after=after))
-
-    async def get_account(self, uid: str) -> Account:
-        """An account with its access key and product count."""
-        return await self._send(self._core.get_account(uid))
-
-    async def delete_account(self, uid: str) -> None:
-        """Delete an account that owns no product."""
-        await self._send(self._core.delete_account(uid))
-
-    async def rotate_account_key(self, uid: str, *, access_key: str | None = None) -> Account:
-        """Replace an account's access key (generated if omitted)."""
-        return await self._send(self._core.rotate_account_key(uid, access_key=access_key))
-
-    # ---------------------------------------------------------------- products
-
-    async def create_product(
-        self, *, pid: str | None = None, access_key: str | None = None, name: str = ""
-    ) -> Product:
-        """Create a product; pid and access key generated if omitted."""
-        return await self._send(
-            self._core.create_product(pid=pid, access_key=access_key, name=name)
-        )
-
-    async def list_products(
-        self, *, limit: int | None = None, after: str | None = None
-    ) -> ProductPage:
-        """One page of products (without keys)."""
-        return await self._send(self._core.list_products(limit=limit, after=after))
-
-    def iter_products(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[Product]:
-        """Every product, page after page."""
-        return self._pages(lambda after: self._core.list_products(limit=page_size, after=after))
-
-    async def get_product(self, pid: str) -> Product:
-        """A product with its access key and device count."""
-        return await self._send(self._core.get_product(pid))
-
-    async def delete_product(self, pid: str) -> None:
-        """Delete a product that has no devices, packages or tasks left."""
-        await self._send(self._core.delete_product(pid))
-
-    async def rotate_product_key(self, pid: str, *, access_key: str | None = None) -> Product:
-        """Replace a product's access key (generated if omitted)."""
-        return await self._send(self._core.rotate_product_key(pid, access_key=access_key))
-
-    async def set_product_account(self, pid: str, uid: str) -> Product:
-        """Make account ``uid`` the product's owner: its userid tokens then speak for it."""
-        return await self._send(self._core.set_product_account(pid, uid))
-
-    async def clear_product_account(self, pid: str) -> Product:
-        """Leave the product without an owning account."""
-        return await self._send(self._core.clear_product_account(pid))
-
-    # ---------------------------------------------------------------- devices
-
-    async def create_device(
-        self,
-        pid: str,
-        name: str,
-        *,
-        dev_id: int | None = None,
-        device_key: str | None = None,
-        generate_device_key: bool = False,
-        auth_info: str | None = None,
-    ) -> Device:
-        """Create a device; dev_id generated if omitted."""
-        return await self._send(
-            self._core.create_device(
-                pid, name, dev_id=dev_id, device_key=device_key,
-                generate_device_key=generate_device_key, auth_info=auth_info,
-            )
-        )  # fmt: skip
-
-    async def import_devices(
-        self, pid: str, devices: Iterable[DeviceImportItem | Mapping[str, Any]]
-    ) -> list[Device]:
-        """Create many devices of product ``pid`` (at most 10,000), all or none."""
-        return await self._send(self._core.import_devices(pid, devices))
-
-    async def list_devices(
-        self,
-        *,
-        pid: str | None = None,
-        f_version: str | None = None,
-        s_version: str | None = None,
-        name_contains: str | None = None,
-        limit: int | None = None,
-        after: str | None = None,
-    ) -> DevicePage:
-        """One page of devices, filtered."""
-        return await self._send(
-            self._core.list_devices(
-                pid=pid, f_version=f_version, s_version=s_version, name_contains=name_contains,
-                limit=limit, after=after,
-            )
-        )  # fmt: skip
-
-    def iter_devices(
-        self,
-        *,
-        pid: str | None = None,
-        f_version: str | None = None,
-        s_version: str | None = None,
-        name_contains: str | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
-    ) -> AsyncIterator[Device]:
-        """Every device that passes the filters, page after page."""
-        return self._pages(
-            lambda after: self._core.list_devices(
-                pid=pid, f_version=f_version, s_version=s_version, name_contains=name_contains,
-                limit=page_size, after=after,
-            )
-        )  # fmt: skip
-
-    async def get_device(self, dev_id: int) -> DeviceDetail:
-        """A device with its reported versions and task history."""
-        return await self._send(self._core.get_device(dev_id))
-
-    async def delete_device(self, dev_id: int) -> None:
-        """Delete a device without open tasks, with its upgrade history."""
-        await self._send(self._core.delete_device(dev_id))
-
-    async def rotate_device_key(self, dev_id: int, *, device_key: str | None = None) -> Device:
-        """Replace a device's key (generated if omitted); the old one stops working at once."""
-        return await self._send(self._core.rotate_device_key(dev_id, device_key=device_key))
-
-    # ---------------------------------------------------------------- packages
+    # ---------------------------------------------------------------- package files
 
     async def upload_package(
         self,
@@ -938,37 +696,6 @@ class AsyncManagementClient:
         if isinstance(content, bytes | bytearray | memoryview):
             return await self._send(call, bytes(content))
         return await self._send(call, _async_chunks(content))
-
-    async def list_packages(
-        self,
-        *,
-        pid: str | None = None,
-        module_type: ModuleType | None = None,
-        limit: int | None = None,
-        after: str | None = None,
-    ) -> PackagePage:
-        """One page of packages."""
-        return await self._send(
-            self._core.list_packages(pid=pid, module_type=module_type, limit=limit, after=after)
-        )
-
-    def iter_packages(
-        self,
-        *,
-        pid: str | None = None,
-        module_type: ModuleType | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
-    ) -> AsyncIterator[Package]:
-        """Every package that passes the filters, page after page."""
-        return self._pages(
-            lambda after: self._core.list_packages(
-                pid=pid, module_type=module_type, limit=page_size, after=after
-            )
-        )
-
-    async def get_package(self, package_id: int) -> Package:
-        """A package's metadata."""
-        return await self._send(self._core.get_package(package_id))
 
     async def download_package(
         self, package_id: int, destination: os.PathLike[str] | IO[bytes]
@@ -1016,133 +743,3 @@ class AsyncManagementClient:
                 raise call.error(status, response.reason_phrase, response.content)
             attempt += 1
             await self._sleep(delay)
-
-    async def delete_package(self, package_id: int) -> None:
-        """Delete a package no task uses."""
-        await self._send(self._core.delete_package(package_id))
-
-    # ---------------------------------------------------------------- tasks
-
-    async def create_task(
-        self,
-        package_id: int,
-        *,
-        dev_ids: Sequence[int] | None = None,
-        from_versions: Sequence[str] | None = None,
-        signal: int = 0,
-        power: int = 0,
-        retry: int = 0,
-        interval: int = 0,
-        start_time: int | None = None,
-        deadline: int | None = None,
-        on_open: OnOpen = "fail",
-    ) -> TaskCreated:
-        """Create an upgrade task (see :meth:`ManagementClient.create_task`)."""
-        return await self._send(
-            self._core.create_task(
-                package_id, dev_ids=dev_ids, from_versions=from_versions, signal=signal,
-                power=power, retry=retry, interval=interval, start_time=start_time,
-                deadline=deadline, on_open=on_open,
-            )
-        )  # fmt: skip
-
-    async def list_tasks(
-        self,
-        *,
-        pid: str | None = None,
-        package_id: int | None = None,
-        status: TaskStatus | None = None,
-        limit: int | None = None,
-        after: str | None = None,
-    ) -> TaskPage:
-        """One page of tasks with their per-state counts."""
-        return await self._send(
-            self._core.list_tasks(
-                pid=pid, package_id=package_id, status=status, limit=limit, after=after
-            )
-        )
-
-    def iter_tasks(
-        self,
-        *,
-        pid: str | None = None,
-        package_id: int | None = None,
-        status: TaskStatus | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
-    ) -> AsyncIterator[Task]:
-        """Every task that passes the filters, page after page."""
-        return self._pages(
-            lambda after: self._core.list_tasks(
-                pid=pid, package_id=package_id, status=status, limit=page_size, after=after
-            )
-        )
-
-    async def get_task(
-        self,
-        task_id: int,
-        *,
-        state: StateName | None = None,
-        limit: int | None = None,
-        after: str | None = None,
-    ) -> TaskDetail:
-        """A task with its counts and one page of its devices (``devices_next`` continues)."""
-        return await self._send(self._core.get_task(task_id, state=state, limit=limit, after=after))
-
-    async def delete_task(self, task_id: int) -> None:
-        """Delete a task without open device tasks (the package stays)."""
-        await self._send(self._core.delete_task(task_id))
-
-    async def list_task_devices(
-        self,
-        task_id: int,
-        *,
-        state: StateName | None = None,
-        limit: int | None = None,
-        after: str | None = None,
-    ) -> DeviceTaskPage:
-        """One page of a task's devices with state and progress."""
-        return await self._send(
-            self._core.list_task_devices(task_id, state=state, limit=limit, after=after)
-        )
-
-    def iter_task_devices(
-        self, task_id: int, *, state: StateName | None = None, page_size: int = DEFAULT_PAGE_SIZE
-    ) -> AsyncIterator[DeviceTaskView]:
-        """Every device of a task (in ``state``, if given), page after page."""
-        return self._pages(
-            lambda after: self._core.list_task_devices(
-                task_id, state=state, limit=page_size, after=after
-            )
-        )
-
-    async def act_on_task(self, task_id: int, action: Action) -> TaskActionResult:
-        """Pause, resume or cancel every device of a task where the state machine allows it."""
-        return await self._send(self._core.act_on_task(task_id, action))
-
-    async def pause_task(self, task_id: int) -> TaskActionResult:
-        """Pause every device of the task that is waiting or downloading (T2)."""
-        return await self._send(self._core.act_on_task(task_id, "pause"))
-
-    async def resume_task(self, task_id: int) -> TaskActionResult:
-        """Resume the task's paused devices (T3)."""
-        return await self._send(self._core.act_on_task(task_id, "resume"))
-
-    async def cancel_task(self, task_id: int) -> TaskActionResult:
-        """Cancel every open device of the task (T4)."""
-        return await self._send(self._core.act_on_task(task_id, "cancel"))
-
-    async def act_on_device_task(self, task_id: int, dev_id: int, action: Action) -> DeviceTaskView:
-        """Pause, resume or cancel one device's part of a task."""
-        return await self._send(self._core.act_on_device_task(task_id, dev_id, action))
-
-    async def pause_device_task(self, task_id: int, dev_id: int) -> DeviceTaskView:
-        """Pause one device's part of a task."""
-        return await self.act_on_device_task(task_id, dev_id, "pause")
-
-    async def resume_device_task(self, task_id: int, dev_id: int) -> DeviceTaskView:
-        """Resume one device's part of a task."""
-        return await self.act_on_device_task(task_id, dev_id, "resume")
-
-    async def cancel_device_task(self, task_id: int, dev_id: int) -> DeviceTaskView:
-        """Cancel one device's part of a task."""
-        return await self.act_on_device_task(task_id, dev_id, "cancel")

@@ -41,6 +41,7 @@ __all__ = [
     "DEV_ID_MAX",
     "MAX_IMPORT",
     "MAX_PAGE",
+    "MAX_TARGETS",
     "PACKAGE_ID_MAX",
     "RESERVED_PIDS",
     "TASK_ID_MAX",
@@ -85,6 +86,8 @@ DEFAULT_PAGE: Final = 100
 """The page size when ``?limit=`` is not given."""
 MAX_IMPORT: Final = 10_000
 """The most devices one import creates."""
+MAX_TARGETS: Final = 100_000
+"""The most dev_ids one request names: a task's, a campaign's selector or its added devices."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,7 +451,7 @@ class TaskCreate(_In):
     """
 
     package_id: PackageId
-    dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=100_000)] | None = None
+    dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=MAX_TARGETS)] | None = None
     from_versions: Annotated[list[Version], Field(min_length=1, max_length=100)] | None = None
     signal: Int32 = 0
     power: Int32 = 0
@@ -793,12 +796,12 @@ class Selector(_CampaignIn):
     or a filter (``from_versions`` of the package's type and every one of ``labels``; an empty
     filter is every device of the product). ``added`` holds devices added later."""
 
-    dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=100_000)] | None = None
+    dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=MAX_TARGETS)] | None = None
     from_versions: Annotated[list[Version], Field(min_length=1, max_length=100)] | None = None
     labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = Field(
         default_factory=dict
     )
-    added: Annotated[list[DevId], Field(max_length=100_000)] = Field(default_factory=list)
+    added: Annotated[list[DevId], Field(max_length=MAX_TARGETS)] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Selector:
@@ -907,7 +910,7 @@ class Preview(BaseModel):
 class DevicesAdd(_CampaignIn):
     """Devices to add to a campaign (they join at the next activation in the stable order)."""
 
-    dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=100_000)]
+    dev_ids: Annotated[list[DevId], Field(min_length=1, max_length=MAX_TARGETS)]
 
 
 class RetryFailed(_CampaignIn):

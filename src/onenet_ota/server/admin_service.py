@@ -107,7 +107,7 @@ from onenet_ota.protocol.states import (
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import audit, changes, timeline
 from onenet_ota.server.blobs import BlobStore, StoredBlob
-from onenet_ota.server.db import is_foreign_key_violation, is_transient, sqlstate
+from onenet_ota.server.db import chunks, is_foreign_key_violation, is_transient, sqlstate
 from onenet_ota.server.schema import (
     accounts,
     campaign_devices,
@@ -182,7 +182,6 @@ log = logging.getLogger(__name__)
 # dev_ids the server generates stay below 2^53 so that JavaScript clients read them exactly; the
 # protocol allows up to 2^63-1 (§1) and operator-given ids may use the whole range.
 GENERATED_DEV_ID_MAX = 2**53 - 1
-_CHUNK = 500  # rows per IN (...) list and per executemany batch
 _CONFLICT_SAMPLE = 20  # how many offending ids an error message lists
 _MAX_ATTEMPTS = 5  # runs of a management call whose transaction the database aborted
 
@@ -296,11 +295,6 @@ class CreatedTask:
 
 # --------------------------------------------------------------------------------------------
 # The service
-
-
-def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _sample(ids: Iterable[object]) -> str:
@@ -762,7 +756,7 @@ class AdminService:
             if not self._product_exists(conn, spec.pid):
                 raise Invalid(f"product {spec.pid} does not exist")
             taken_names: set[str] = set()
-            for chunk in _chunks(names):
+            for chunk in chunks(names):
                 taken_names.update(
                     conn.execute(
                         select(devices.c.name).where(
@@ -804,14 +798,14 @@ class AdminService:
                         "last_seen_at": None,
                     }
                 )
-            for batch in _chunks(rows):
+            for batch in chunks(rows):
                 conn.execute(insert(devices), list(batch))
             label_rows = [
                 {"dev_id": row["dev_id"], "key": key, "value": value}
                 for row, item in zip(rows, spec.devices, strict=True)
                 for key, value in (item.labels or {}).items()
             ]
-            for batch in _chunks(label_rows):
+            for batch in chunks(label_rows):
                 conn.execute(insert(device_labels), list(batch))
             if action == "device.create":
                 self._audit(conn, action, f"device:{rows[0]['dev_id']}", None, rows[0])
@@ -827,7 +821,7 @@ class AdminService:
     @staticmethod
     def _existing_dev_ids(conn: Connection, dev_ids: Sequence[int]) -> set[int]:
         found: set[int] = set()
-        for chunk in _chunks(dev_ids):
+        for chunk in chunks(dev_ids):
             found.update(
                 conn.execute(select(devices.c.dev_id).where(devices.c.dev_id.in_(chunk))).scalars()
             )
@@ -1217,7 +1211,7 @@ class AdminService:
         """
         partial = self.blobs.sweep_tmp(stale_after)
         orphans = 0
-        for chunk in _chunks(list(self.blobs.stale(stale_after))):
+        for chunk in chunks(list(self.blobs.stale(stale_after))):
             orphans += self._remove_orphans(chunk, stale_after)
         return partial, orphans
 
@@ -1307,7 +1301,7 @@ class AdminService:
         if spec.dev_ids is not None:
             wanted = list(dict.fromkeys(spec.dev_ids))
             found: set[int] = set()
-            for chunk in _chunks(wanted):
+            for chunk in chunks(wanted):
                 found.update(
                     conn.execute(
                         select(devices.c.dev_id).where(
@@ -1335,7 +1329,7 @@ class AdminService:
     @staticmethod
     def _open_task_devices(conn: Connection, dev_ids: Sequence[int], module_type: int) -> set[int]:
         busy: set[int] = set()
-        for chunk in _chunks(dev_ids):
+        for chunk in chunks(dev_ids):
             busy.update(
                 conn.execute(
                     select(device_tasks.c.dev_id).where(
@@ -1349,7 +1343,7 @@ class AdminService:
 
     @staticmethod
     def _cancel_open(conn: Connection, dev_ids: Sequence[int], module_type: int, now: int) -> None:
-        for chunk in _chunks(dev_ids):
+        for chunk in chunks(dev_ids):
             where = and_(
                 device_tasks.c.dev_id.in_(chunk), device_tasks.c.module_type == module_type
             )
@@ -1360,7 +1354,7 @@ class AdminService:
 
     def _counts(self, conn: Connection, task_ids: Sequence[int]) -> dict[int, dict[str, int]]:
         counts: dict[int, dict[str, int]] = {task_id: {} for task_id in task_ids}
-        for chunk in _chunks(task_ids):
+        for chunk in chunks(task_ids):
             rows = conn.execute(
                 select(device_tasks.c.task_id, device_tasks.c.state, func.count())
                 .where(device_tasks.c.task_id.in_(chunk))

@@ -31,7 +31,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -89,6 +89,7 @@ from onenet_ota.server.campaign_engine import (
     stage_problems,
     tally,
 )
+from onenet_ota.server.db import chunks
 from onenet_ota.server.schema import (
     campaign_devices,
     campaign_events,
@@ -118,7 +119,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CHUNK: Final = 500
 _OPEN_CODES: Final = [int(s) for s in OPEN_STATES]
 _SAMPLE: Final = 20
 LEASE_NAME: Final = "campaigns"
@@ -127,11 +127,6 @@ EVENTS_SHOWN: Final = 50
 
 class StaleCampaign(Exception):
     """The campaign changed since it was read: the compare-and-set matched nothing."""
-
-
-def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +262,7 @@ class CampaignService:
         """Every device the selector matches now (existing devices of the product only)."""
         found: set[int] = set()
         if selector.dev_ids is not None:
-            for chunk in _chunks(selector.dev_ids):
+            for chunk in chunks(selector.dev_ids):
                 found.update(
                     conn.execute(
                         select(devices.c.dev_id).where(
@@ -285,7 +280,7 @@ class CampaignService:
             if selector.labels:
                 query = query.where(label_filter(selector.labels.items()))
             found.update(conn.execute(query).scalars())
-        for chunk in _chunks(selector.added):
+        for chunk in chunks(selector.added):
             found.update(
                 conn.execute(
                     select(devices.c.dev_id).where(
@@ -298,7 +293,7 @@ class CampaignService:
     @staticmethod
     def _busy(conn: Connection, dev_ids: Sequence[int], module_type: int) -> set[int]:
         busy: set[int] = set()
-        for chunk in _chunks(dev_ids):
+        for chunk in chunks(dev_ids):
             busy.update(
                 conn.execute(
                     select(device_tasks.c.dev_id).where(
@@ -659,7 +654,7 @@ class CampaignService:
             }
             for dev_id in chosen
         ]
-        for batch in _chunks(member_rows):
+        for batch in chunks(member_rows):
             conn.execute(insert(campaign_devices), list(batch))
         if population != row.population:
             conn.execute(
@@ -677,7 +672,7 @@ class CampaignService:
             return 0
         status = {Action.PAUSE: "paused", Action.RESUME: "active", Action.CANCEL: "cancelled"}
         moved = 0
-        for chunk in _chunks(task_ids):
+        for chunk in chunks(task_ids):
             moved += apply_bulk(conn, action, device_tasks.c.task_id.in_(chunk), now)
             still = tasks.c.status != "cancelled"
             conn.execute(
@@ -817,7 +812,7 @@ class CampaignService:
                 conn.execute(
                     update(tasks).where(tasks.c.id == created.task.id).values(status="paused")
                 )
-            for chunk in _chunks(ready):
+            for chunk in chunks(ready):
                 conn.execute(
                     update(campaign_devices)
                     .where(
@@ -836,7 +831,7 @@ class CampaignService:
         assert isinstance(body, DevicesAdd)
         wanted = list(dict.fromkeys(body.dev_ids))
         found: set[int] = set()
-        for chunk in _chunks(wanted):
+        for chunk in chunks(wanted):
             found.update(
                 conn.execute(
                     select(devices.c.dev_id).where(

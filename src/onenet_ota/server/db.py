@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy import create_engine as _sa_create_engine
@@ -19,6 +19,18 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from onenet_ota.server.schema import metadata
+
+T = TypeVar("T")
+
+IN_LIST_CHUNK: Final = 500
+"""Rows per ``IN (...)`` list and per executemany batch: SQLite binds at most 32,766 parameters
+a statement, and a shorter list keeps each statement's plan and memory small on both databases."""
+
+
+def chunks(items: Sequence[T], size: int = IN_LIST_CHUNK) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def normalize_url(url: str) -> str:
