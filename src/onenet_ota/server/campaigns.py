@@ -670,25 +670,52 @@ class CampaignService:
             if marked.rowcount != 1:
                 raise StaleCampaign
         chosen, population = self._choose(conn, row, index)
-        member_rows = [
-            {
-                "campaign_id": row.id,
-                "dev_id": dev_id,
-                "stage": index,
-                "task_id": None,
-                "activated_at": now,
-                "pending": True,
-            }
-            for dev_id in chosen
-        ]
-        for batch in _chunks(member_rows):
-            conn.execute(insert(campaign_devices), list(batch))
         if population != row.population:
             conn.execute(
                 update(campaigns).where(campaigns.c.id == row.id).values(population=population)
             )
-        created, numbers = self._dispatch(conn, row.id, now)
+        if _rate(row) is None:
+            # No rate: every new member gets its task now, written once (a stage of thousands
+            # is the one large insert on the way from a gate to the next stage).
+            busy = self._busy(conn, chosen, row.module_type)
+            ready = [d for d in chosen if d not in busy]
+            created = self._new_task(conn, row, ready, now)
+            task_id = created.task.id if created is not None else None
+            self._insert_members(conn, row.id, chosen, index, now, task_id=task_id, busy=busy)
+            if ready:
+                changes.publish(conn, ready, now)
+            numbers = {"activated": len(ready), "skipped_busy": len(busy), "pending": 0}
+        else:
+            self._insert_members(conn, row.id, chosen, index, now, task_id=None, busy=None)
+            created, numbers = self._dispatch(conn, row.id, now)
         return created, {"chosen": len(chosen), **numbers, "population": population}
+
+    @staticmethod
+    def _insert_members(
+        conn: Connection,
+        campaign_id: int,
+        dev_ids: Sequence[int],
+        stage: int,
+        now: int,
+        *,
+        task_id: int | None,
+        busy: set[int] | None,
+    ) -> None:
+        """Member rows: with their task (``busy`` ones skipped, without), or pending (``busy``
+        None: the rate dispatches them)."""
+        rows = [
+            {
+                "campaign_id": campaign_id,
+                "dev_id": dev_id,
+                "stage": stage,
+                "task_id": None if busy is None or dev_id in busy else task_id,
+                "activated_at": now,
+                "pending": busy is None,
+            }
+            for dev_id in dev_ids
+        ]
+        for batch in _chunks(rows):
+            conn.execute(insert(campaign_devices), list(batch))
 
     def _dispatch(
         self, conn: Connection, campaign_id: int, now: int
