@@ -188,22 +188,25 @@ def run_campaign(
 
 
 def _idle_campaigns(client: ManagementClient, count: int) -> None:
-    """``count`` running campaigns over another product's 100 devices, left running: each stays
-    in its first stage (nothing reports), so an evaluator that looked at every running campaign
-    on every report would pay for them all."""
+    """``count`` running campaigns, each over two devices of its own in another product, left
+    running: each stays in its first stage (nothing reports), so an evaluator that looked at
+    every running campaign on every report would pay for them all."""
     product = client.request("POST", "/products", json_body={"name": "idle"})
-    names = [{"name": f"idle{i:03d}"} for i in range(100)]
-    client.request("POST", "/devices/import", json_body={"pid": product["pid"], "devices": names})
+    names = [{"name": f"idle{i:04d}"} for i in range(2 * count)]
+    created = client.request(
+        "POST", "/devices/import", json_body={"pid": product["pid"], "devices": names}
+    )
+    dev_ids = [int(item["dev_id"]) for item in created["items"]]
     package = client.request(
         "POST", "/packages",
         params={"pid": product["pid"], "type": "fota", "target": "2.0", "file_name": "f"},
         content=iter([b"idle firmware"]),
         headers={"Content-Type": "application/octet-stream"},
     )  # fmt: skip
-    for _ in range(count):
+    for index in range(count):
         spec = {
             "package_id": package["id"],
-            "selector": {},
+            "selector": {"dev_ids": dev_ids[2 * index : 2 * index + 2]},
             "stages": [{"percent": 50}, {"rest": True}],
         }
         campaign = client.request("POST", "/campaigns", json_body=spec)

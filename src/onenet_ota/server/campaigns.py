@@ -61,7 +61,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from onenet_ota.management.models import (
     MAX_PAGE,
@@ -1404,9 +1404,16 @@ class CampaignEvaluator:
                     for result in applied:
                         for created in result.created:
                             self._notify(created)
+                except OperationalError as exc:
+                    # The database is busy (a long write elsewhere held SQLite's lock past the
+                    # busy timeout) or unreachable: nothing was applied, the next round retries.
+                    # The lease counts as lost until renewed, so that a round never acts on a
+                    # lease it may no longer hold.
+                    self._holding = False
+                    self._next_lease = self._monotonic() + 1.0
+                    log.warning("campaign evaluation: database busy or unavailable (%s)", exc.orig)
                 except Exception:
                     log.exception("campaign evaluation failed; retrying at the next round")
-                    self._next_lease = min(self._next_lease, self._monotonic() + 1.0)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), max(self._timeout(), 0.001))
         finally:
