@@ -461,8 +461,15 @@ class CampaignService:
         return Campaign(**data)
 
     @staticmethod
-    def _stage_counts(conn: Connection, row: Any) -> dict[int, StageCounts]:
-        """Counts of every activated stage (the members with a task)."""
+    def _stage_counts(
+        conn: Connection, row: Any, only: int | None = None
+    ) -> dict[int, StageCounts]:
+        """Counts of every activated stage (the members with a task), or of stage ``only``."""
+        where = [campaign_devices.c.campaign_id == row.id]
+        if (
+            only is not None
+        ):  # the evaluator's look: one stage's rows, by the (campaign, stage) index
+            where.append(campaign_devices.c.stage == only)
         rows = conn.execute(
             select(
                 campaign_devices.c.stage,
@@ -478,7 +485,7 @@ class CampaignService:
                     device_tasks.c.dev_id == campaign_devices.c.dev_id,
                 ),
             )
-            .where(campaign_devices.c.campaign_id == row.id)
+            .where(*where)
             .group_by(campaign_devices.c.stage, device_tasks.c.state, device_tasks.c.result_code)
         ).all()
         grouped: dict[int, list[tuple[int, int | None, int]]] = {}
@@ -488,7 +495,7 @@ class CampaignService:
         counts = {stage: tally(items, classes) for stage, items in grouped.items()}
         pending = conn.execute(
             select(campaign_devices.c.stage, func.count())
-            .where(campaign_devices.c.campaign_id == row.id, campaign_devices.c.pending)
+            .where(*where, campaign_devices.c.pending)
             .group_by(campaign_devices.c.stage)
         ).all()
         for stage, count in pending:
@@ -989,7 +996,7 @@ class CampaignService:
 
     def _decision(self, conn: Connection, row: Any, now: int) -> Decision:
         stages = _stages(row)
-        counts = self._stage_counts(conn, row).get(row.stage, StageCounts())
+        counts = self._stage_counts(conn, row, row.stage).get(row.stage, StageCounts())
         stage = stages[row.stage]
         started = row.stage_started_at or now
         return decide(
