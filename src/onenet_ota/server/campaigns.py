@@ -40,6 +40,7 @@ audited decision, and each batch is visible in the members' tasks and the ``disp
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -1284,6 +1285,7 @@ class CampaignEvaluator:
         feed_interval: float = 0.05,
         sweep_interval: float = 5.0,
         rejoin_interval: float = 1.0,
+        sweep_slice: float = 0.05,
         on_created: Callable[[CreatedTask], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -1292,6 +1294,7 @@ class CampaignEvaluator:
         self.feed_interval = feed_interval
         self.sweep_interval = sweep_interval
         self.rejoin_interval = rejoin_interval
+        self.sweep_slice = sweep_slice
         self.holder = secrets.token_hex(8)
         self._on_created = on_created
         self._monotonic = monotonic
@@ -1302,6 +1305,7 @@ class CampaignEvaluator:
         self._due: dict[int, float] = {}  # campaign -> Unix seconds it is next due
         self._rejoin_wanted: set[int] = set()  # dynamic campaigns a device change may concern
         self._last_rejoin: dict[int, float] = {}
+        self._sweeping: collections.deque[int] = collections.deque()  # the sweep still to do
         self._woken: set[int | None] = set()  # None: every campaign
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1339,6 +1343,7 @@ class CampaignEvaluator:
             woken, self._woken = self._woken, set()
         if not self._holding:
             self._due.clear()
+            self._sweeping.clear()
             return []
         sweep = mono >= self._next_sweep or None in woken
         ids = {w for w in woken if w is not None}
@@ -1361,12 +1366,25 @@ class CampaignEvaluator:
         ids.update(c for c, at in self._due.items() if at <= now)
         if sweep:
             running = self.service.running()
-            ids.update(running)
             self._due = {c: at for c, at in self._due.items() if c in running}
             self._rejoin_wanted.update(running)
             self._next_sweep = mono + self.sweep_interval
+            known = set(self._sweeping)
+            self._sweeping.extend(c for c in running if c not in known)
+        # What something named first, then the sweep in slices of ``sweep_slice`` seconds: a
+        # sweep over many campaigns never holds back a look that a report or a timer asked for.
+        order = sorted(ids)
+        if self._sweeping:
+            self._sweeping = collections.deque(c for c in self._sweeping if c not in ids)
+        applied = self._looks(order, mono, now)
+        started = self._monotonic()
+        while self._sweeping and self._monotonic() - started < self.sweep_slice:
+            applied += self._looks([self._sweeping.popleft()], mono, now)
+        return applied
+
+    def _looks(self, order: list[int], mono: float, now: float) -> list[Applied]:
         applied = []
-        for campaign_id in sorted(ids):
+        for campaign_id in order:
             rejoin = False
             if campaign_id in self._rejoin_wanted:
                 last = self._last_rejoin.get(campaign_id)
@@ -1392,6 +1410,8 @@ class CampaignEvaluator:
         mono = self._monotonic()
         waits = [self._next_lease - mono]
         if self._holding:
+            if self._sweeping:
+                return 0.0
             waits.append(self.feed_interval)
             waits.append(self._next_sweep - mono)
             if self._due:
