@@ -13,7 +13,7 @@ from sqlalchemy import Engine, Table, and_, func, select, update
 
 from onenet_ota.management.models import DispatchRate
 from onenet_ota.protocol.states import TaskState
-from onenet_ota.server import schema
+from onenet_ota.server import changes, schema
 from onenet_ota.server.admin_service import (
     AdminService,
     Conflict,
@@ -28,6 +28,7 @@ from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.campaign_engine import FailureClass, StageSpec, order_members
 from onenet_ota.server.campaigns import (
     CampaignCreate,
+    CampaignEvaluator,
     CampaignService,
     DevicesAdd,
     RetryFailed,
@@ -654,3 +655,61 @@ def _salt(engine: Engine, campaign_id: int) -> str:
                 select(schema.campaigns.c.salt).where(schema.campaigns.c.id == campaign_id)
             ).scalar_one()
         )
+
+
+# ------------------------------------------------------------------------------ the evaluator
+
+
+class CountingService(CampaignService):
+    """A service that remembers which campaigns the evaluator looked at."""
+
+    looked: list[int]
+
+    def look(self, campaign_id: int, *, rejoin: bool = True) -> Any:
+        self.looked.append(campaign_id)
+        return super().look(campaign_id, rejoin=rejoin)
+
+
+def test_the_evaluator_looks_when_the_feed_an_action_or_a_timer_says_so(
+    admin: AdminService, engine: Engine, clock: Clock
+) -> None:
+    package = _fleet(admin, 20)
+    service = CountingService(engine, clock=clock)
+    service.looked = []
+    mono = [0.0]
+    evaluator = CampaignEvaluator(
+        service, feed_interval=0, sweep_interval=1e9, monotonic=lambda: mono[0]
+    )
+    spec = _spec(package, StageSpec(count=5, soak_s=60), StageSpec(rest=True))
+    campaign = service.create(spec)
+    service.act(campaign.id, "start")
+    assert evaluator.tick() == []  # takes the lease and sweeps once: the soak is not over
+    assert service.looked == [campaign.id]
+
+    # Reports written without a change feed row: nothing names the campaign, and it does not poll.
+    _report(engine, campaign.id, _stage_members(engine, campaign.id, 0), TaskState.SUCCEEDED, 201)
+    assert evaluator.tick() == []
+    assert service.looked == [campaign.id]
+    # The soak's end is a due time: the look at it advances.
+    clock.now += 60
+    advanced = evaluator.tick()
+    assert [a.campaign.stage for a in advanced] == [1]
+
+    assert evaluator.tick() == []  # reads the activation's own feed rows: nothing to do
+    # A report with its feed row (as the device API writes it) names the campaign.
+    last = _stage_members(engine, campaign.id, 1)
+    _report(engine, campaign.id, last, TaskState.SUCCEEDED, 201)
+    looks = len(service.looked)
+    assert evaluator.tick() == []  # not yet in the feed
+    assert len(service.looked) == looks
+    with engine.begin() as conn:
+        changes.publish(conn, last[:1], NOW)
+    finished = evaluator.tick()
+    assert [a.campaign.state for a in finished] == ["finished"]
+
+    # An operator action in this process wakes the evaluator for that campaign.
+    other = service.create(_spec(package, StageSpec(rest=True)))
+    service.act(other.id, "start")
+    evaluator.tick()
+    assert service.looked[-1] == other.id
+    assert [e.action for e in service.events(campaign.id)] == ["start", "advance", "finish"]
