@@ -149,8 +149,10 @@ def test_campaign_with_a_rate_and_dynamic_mode(admin: Any, tmp_path: Path) -> No
     bad = admin("campaign", "create", "--package", str(package_id), "--rate", "speed=3",
                 "--stage", "rest", ok=False)  # fmt: skip
     assert "is not one of per_minute" in bad.output
-    capped = admin("campaign", "create", "--package", str(package_id), "--rate",
-                   "per_minute=60,growth=2,max_per_minute=10", "--stage", "rest", ok=False)  # fmt: skip
+    capped = admin(
+        "campaign", "create", "--package", str(package_id), "--rate",
+        "per_minute=60,growth=2,max_per_minute=10", "--stage", "rest", ok=False,
+    )  # fmt: skip
     assert "below the starting rate" in capped.output
 
 
