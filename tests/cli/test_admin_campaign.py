@@ -92,6 +92,36 @@ def test_unsatisfiable_campaign_is_refused_with_the_reasons(admin: Admin, tmp_pa
     assert "the selector matches no device" in result.output
 
 
+def test_campaign_with_a_rate_and_dynamic_mode(admin: Any, tmp_path: Path) -> None:
+    _, package_id = _fleet(admin, tmp_path)
+    created = _json(
+        admin("campaign", "create", "--package", str(package_id), "--label", "region=eu",
+              "--rate", "per_minute=6,growth=2,period_s=300,max_per_minute=60", "--dynamic",
+              "--stage", "percent=50", "--stage", "rest", "--json")
+    )  # fmt: skip
+    assert created["rate"] == {
+        "per_minute": 6.0, "growth": 2.0, "period_s": 300, "max_per_minute": 60.0
+    }  # fmt: skip
+    assert created["dynamic"] is True
+    plain = _json(
+        admin("campaign", "create", "--package", str(package_id), "--rate", "30",
+              "--stage", "rest", "--json")
+    )  # fmt: skip
+    assert plain["rate"]["per_minute"] == 30.0
+    assert plain["dynamic"] is False
+    bad = admin("campaign", "create", "--package", str(package_id), "--rate", "speed=3",
+                "--stage", "rest", ok=False)  # fmt: skip
+    assert "is not one of per_minute" in bad.output
+    capped = admin(
+        "campaign", "create", "--package", str(package_id), "--rate",
+        "per_minute=60,growth=2,max_per_minute=10", "--stage", "rest", ok=False,
+    )  # fmt: skip
+    assert "below the starting rate" in capped.output
+
+
+_STAGES = [{"rest": True}]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status"),
     [
@@ -107,6 +137,21 @@ def test_unsatisfiable_campaign_is_refused_with_the_reasons(admin: Admin, tmp_pa
         ("PUT", "/devices/999/labels", {"labels": {"k=": "v"}}, 422),
         ("PATCH", "/devices/999/labels", {"labels": {"k": "a,b"}}, 422),
         ("GET", "/devices?label=novalue", None, 422),
+        # nonsense dispatch rates and dynamic mode over an explicit list
+        ("POST", "/campaigns", {"package_id": 1, "selector": {}, "stages": _STAGES,
+                                "rate": {"per_minute": 0}}, 422),
+        ("POST", "/campaigns", {"package_id": 1, "selector": {}, "stages": _STAGES,
+                                "rate": {"per_minute": -5}}, 422),
+        ("POST", "/campaigns", {"package_id": 1, "selector": {}, "stages": _STAGES,
+                                "rate": {"per_minute": "NaN"}}, 422),
+        ("POST", "/campaigns", {"package_id": 1, "selector": {}, "stages": _STAGES,
+                                "rate": {"per_minute": 10, "growth": 0.5}}, 422),
+        ("POST", "/campaigns", {"package_id": 1, "selector": {}, "stages": _STAGES,
+                                "rate": {"per_minute": 10, "period_s": 0}}, 422),
+        ("POST", "/campaigns", {"package_id": 1, "selector": {}, "stages": _STAGES,
+                                "rate": {"per_minute": 10, "max_per_minute": 20}}, 422),
+        ("POST", "/campaigns", {"package_id": 1, "selector": {"dev_ids": [1]},
+                                "stages": _STAGES, "dynamic": True}, 422),
     ],
 )  # fmt: skip
 def test_bad_input_gets_a_clear_4xx(

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from onenet_ota.management.models import DispatchRate
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.server.campaign_engine import (
     ACTIONS,
@@ -21,6 +22,9 @@ from onenet_ota.server.campaign_engine import (
     classify,
     cumulative_targets,
     decide,
+    dispatch_integral,
+    dispatch_quota,
+    next_dispatch_in,
     order_members,
     stage_problems,
     tally,
@@ -219,6 +223,107 @@ def test_actions() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Dispatch rate
+
+R = DispatchRate
+
+# (case, rate, seconds since the rate started, devices it allows by then: 1 + floor(A(t)))
+RATE_TABLE = [
+    ("the first device goes at once", R(per_minute=6), 0, 1),
+    ("constant: one every 10 s", R(per_minute=6), 9.99, 1),
+    ("constant: the slot itself", R(per_minute=6), 10, 2),
+    ("constant after a minute", R(per_minute=6), 60, 7),
+    ("fractional rate", R(per_minute=0.5), 119, 1),
+    ("fractional rate, two minutes", R(per_minute=0.5), 120, 2),
+    ("fast rate", R(per_minute=6000), 1.5, 151),
+    ("doubling: first period at the start rate", R(per_minute=60, growth=2), 60, 61),
+    ("doubling: second period twice as fast", R(per_minute=60, growth=2), 90, 121),
+    ("doubling: third period", R(per_minute=60, growth=2), 180, 421),
+    ("capped: the cap from the third period on",
+     R(per_minute=60, growth=2, max_per_minute=180), 240, 60 + 120 + 180 + 180 + 1),
+    ("cap equal to the start rate", R(per_minute=60, growth=3, max_per_minute=60), 120, 121),
+    ("longer period", R(per_minute=60, growth=2, period_s=600), 660, 600 + 120 + 1),
+    ("an uncapped growth stops at the ceiling", R(per_minute=1000, growth=100, period_s=1),
+     10, 1 + int(1000 / 60 + 100_000 / 60 + 8 * 1_000_000 / 60)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rate", "elapsed", "allowed"),
+    [pytest.param(*case[1:], id=case[0]) for case in RATE_TABLE],
+)
+def test_rate_table(rate: DispatchRate, elapsed: float, allowed: int) -> None:
+    assert dispatch_quota(rate, elapsed, 0) == allowed
+    assert dispatch_quota(rate, elapsed, allowed) == 0
+    assert dispatch_quota(rate, elapsed, allowed - 1) == 1
+
+
+def test_no_rate_no_limit() -> None:
+    assert dispatch_quota(None, 0, 10**6) is None
+
+
+@pytest.mark.parametrize(
+    ("rate", "elapsed", "dispatched", "wait"),
+    [
+        (R(per_minute=6), 0, 1, 10.0),
+        (R(per_minute=6), 4, 1, 6.0),
+        (R(per_minute=6), 4, 0, 0.0),
+        (R(per_minute=60, growth=2), 60, 61, 0.5),
+        (R(per_minute=60, growth=2), 59.5, 60, 0.5),
+    ],
+)
+def test_next_slot(rate: DispatchRate, elapsed: float, dispatched: int, wait: float) -> None:
+    assert next_dispatch_in(rate, elapsed, dispatched) == pytest.approx(wait, abs=1e-3)
+    if wait:  # one more is allowed at the slot, not before it
+        assert dispatch_quota(rate, elapsed + wait + 1e-3, dispatched) == 1
+        assert dispatch_quota(rate, elapsed + wait - 1e-2, dispatched) == 0
+
+
+@given(
+    per_minute=st.floats(0.01, 10_000),
+    growth=st.floats(1, 10),
+    period_s=st.integers(1, 600),
+    t=st.floats(0, 20_000),
+    dt=st.floats(0, 1000),
+)
+def test_rate_integral_grows_at_least_at_the_start_rate(
+    per_minute: float, growth: float, period_s: int, t: float, dt: float
+) -> None:
+    rate = R(per_minute=per_minute, growth=growth, period_s=period_s)
+    before, after = dispatch_integral(rate, t), dispatch_integral(rate, t + dt)
+    assert after >= before + per_minute / 60 * dt * (1 - 1e-9) - 1e-6
+    assert after <= before + 1_000_000 / 60 * dt * (1 + 1e-9) + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("rate", "message"),
+    [
+        ({"per_minute": 0}, "greater than 0"),
+        ({"per_minute": float("inf")}, "finite number"),
+        ({"per_minute": 10, "growth": 0.9}, "greater than or equal to 1"),
+        ({"per_minute": 10, "period_s": 0}, "greater than or equal to 1"),
+        ({"per_minute": 10, "growth": 2, "max_per_minute": 5}, "below the starting rate"),
+        ({"per_minute": 10, "max_per_minute": 50}, "give growth > 1"),
+        ({"per_minute": 10, "every": 3}, "Extra inputs"),
+    ],
+)
+def test_nonsense_rates_are_refused(rate: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DispatchRate.model_validate(rate)
+
+
+def test_the_gate_waits_for_pending_members_but_the_ceiling_does_not() -> None:
+    stage = S(count=10, success_percent=50, max_failed=2)
+    waiting = StageCounts(targeted=3, succeeded=3, pending=7)
+    assert decide(stage, waiting, index=0, last=False, soaked=True).kind is DecisionKind.NONE
+    assert not waiting.settled
+    failing = StageCounts(targeted=3, succeeded=1, failed_package=2, pending=7)
+    assert decide(stage, failing, index=0, last=False, soaked=True).kind is DecisionKind.PAUSE
+    done = StageCounts(targeted=10, succeeded=6, open=4)
+    assert decide(stage, done, index=0, last=False, soaked=True).kind is DecisionKind.ADVANCE
+
+
+# --------------------------------------------------------------------------------------------
 # Property: a model campaign driven only by the engine, under random reports and actions
 
 
@@ -228,6 +333,7 @@ class Model:
 
     stages: list[StageSpec]
     population: int
+    rate: DispatchRate | None = None
     state: str = "running"
     stage: int = 0
     elapsed: int = 0  # seconds since the stage was activated
@@ -235,6 +341,9 @@ class Model:
     member_stage: dict[int, int] = field(default_factory=dict)
     events: list[tuple[int, str, str, int]] = field(default_factory=list)  # (stage, rule, kind, n)
     version: int = 0
+    pending: list[int] = field(default_factory=list)  # members waiting for the rate, in order
+    rate_elapsed: float = 0.0  # seconds since the rate (re)started
+    dispatched: int = 0  # devices dispatched since then
 
     def __post_init__(self) -> None:
         self.order = order_members("prop", range(self.population))
@@ -244,12 +353,33 @@ class Model:
     def activate(self, index: int) -> None:
         self.stage = index
         self.elapsed = 0
+        self.restart_rate()
         for dev in self.order[len(self.member_stage) : self.targets[index]]:
             self.member_stage[dev] = index
+            self.pending.append(dev)
+        self.dispatch()
+
+    def restart_rate(self) -> None:
+        self.rate_elapsed = 0.0
+        self.dispatched = 0
+
+    def dispatch(self) -> None:
+        """A batch: as many pending members as the rate allows get their device task."""
+        if self.state != "running":
+            return
+        quota = dispatch_quota(self.rate, self.rate_elapsed, self.dispatched)
+        batch = self.pending if quota is None else self.pending[:quota]
+        self.pending = self.pending[len(batch) :]
+        for dev in batch:
             self.outcomes[dev] = "open"
+        self.dispatched += len(batch)
 
     def counts(self) -> StageCounts:
-        mine = [self.outcomes[d] for d, s in self.member_stage.items() if s == self.stage]
+        mine = [
+            self.outcomes[d]
+            for d, s in self.member_stage.items()
+            if s == self.stage and d in self.outcomes
+        ]
         return StageCounts(
             targeted=len(mine),
             succeeded=mine.count("ok"),
@@ -257,6 +387,7 @@ class Model:
             failed_environment=mine.count("environment"),
             deferred=mine.count("deferral"),
             open=mine.count("open"),
+            pending=sum(1 for d in self.pending if self.member_stage[d] == self.stage),
         )
 
     def evaluate(self) -> None:
@@ -284,6 +415,7 @@ class Model:
                 and now.failed_package * 100 >= stage.max_failed_percent * now.executed
             )
             assert not breached
+            assert now.pending == 0  # a gate never passes before every member is dispatched
         self.events.append((self.stage, decision.rule, decision.kind.value, self.version))
         self.version += 1
         if decision.kind is DecisionKind.ADVANCE:
@@ -319,14 +451,29 @@ step_strategy = st.one_of(
 )
 
 
+rate_strategy = st.one_of(
+    st.none(),
+    st.builds(
+        DispatchRate,
+        per_minute=st.sampled_from([6.0, 30.0, 120.0]),
+        growth=st.sampled_from([1.0, 2.0]),
+        period_s=st.sampled_from([10, 30]),
+    ),
+)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     raw_stages=st.lists(stage_strategy, min_size=1, max_size=4),
     population=st.integers(5, 40),
     steps=st.lists(step_strategy, min_size=10, max_size=120),
+    rate=rate_strategy,
 )
 def test_random_reports_and_actions_keep_the_invariants(
-    raw_stages: list[StageSpec], population: int, steps: list[tuple[str, Any]]
+    raw_stages: list[StageSpec],
+    population: int,
+    steps: list[tuple[str, Any]],
+    rate: DispatchRate | None,
 ) -> None:
     # Cumulative counts, and only stages the validation accepts.
     stages: list[StageSpec] = []
@@ -335,7 +482,7 @@ def test_random_reports_and_actions_keep_the_invariants(
         total += stage.count or 0
         stages.append(stage.model_copy(update={"count": total}))
     assume(not stage_problems(stages, population))
-    model = Model(stages, population)
+    model = Model(stages, population, rate)
     model.evaluate()
     for kind, what in steps:
         if kind == "report":
@@ -344,23 +491,28 @@ def test_random_reports_and_actions_keep_the_invariants(
                 model.outcomes[dev] = outcome
         elif kind == "time":
             model.elapsed += what
+            model.rate_elapsed += what
         elif kind == "tick":
             before = len(model.events)
             model.evaluate()
+            model.dispatch()
             model.evaluate()  # a second look at the same numbers decides nothing new
             assert len(model.events) - before <= 1
         elif what == "pause" and action_refusal("pause", model.state) is None:
             model.state = "paused"
         elif what == "resume" and action_refusal("resume", model.state) is None:
             model.state = "running"
+            model.restart_rate()
         elif what == "advance" and action_refusal("advance", model.state) is None:
             if model.stage + 1 < len(stages):
                 model.activate(model.stage + 1)
                 model.state = "running"
             else:
                 model.state = "finished"
-        # Never more devices activated than the stage allows.
+        # Never more devices activated than the stage allows, nor dispatched than the rate does.
         assert len(model.member_stage) <= model.targets[model.stage]
+        if rate is not None:
+            assert model.dispatched <= 1 + int(dispatch_integral(rate, model.rate_elapsed) + 1e-9)
         for dev, index in model.member_stage.items():
             assert index <= model.stage
             assert model.order.index(dev) < model.targets[index]

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, Table, and_, func, select, update
 
+from onenet_ota.management.models import DispatchRate
 from onenet_ota.protocol.states import TaskState
-from onenet_ota.server import schema
+from onenet_ota.server import changes, schema
 from onenet_ota.server.admin_service import (
     AdminService,
     Conflict,
@@ -23,9 +25,10 @@ from onenet_ota.server.admin_service import (
     ProductCreate,
 )
 from onenet_ota.server.blobs import BlobStore
-from onenet_ota.server.campaign_engine import FailureClass, StageSpec
+from onenet_ota.server.campaign_engine import FailureClass, StageSpec, order_members
 from onenet_ota.server.campaigns import (
     CampaignCreate,
+    CampaignEvaluator,
     CampaignService,
     DevicesAdd,
     RetryFailed,
@@ -432,3 +435,281 @@ def test_an_advance_whose_activation_failed_is_activated_at_the_next_look(
     assert again.campaign.state == "running"
     assert len(_stage_members(engine, campaign.id, 1)) == 20
     assert [e.action for e in service.events(campaign.id)] == ["start", "advance"]
+
+
+# ------------------------------------------------------------------------------ dispatch rate
+
+
+def _pending(engine: Engine, campaign_id: int) -> int:
+    cd = schema.campaign_devices
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(cd.c.campaign_id == campaign_id, cd.c.pending)
+            ).scalar_one()
+        )
+
+
+def _dispatched(engine: Engine, campaign_id: int) -> list[int]:
+    """Members with a device task, whatever its state."""
+    cd = schema.campaign_devices
+    with engine.connect() as conn:
+        return sorted(
+            conn.execute(
+                select(cd.c.dev_id).where(
+                    cd.c.campaign_id == campaign_id, cd.c.task_id.is_not(None)
+                )
+            ).scalars()
+        )
+
+
+def _rated(package: int, *stages: StageSpec, per_minute: float = 6, **rate: Any) -> CampaignCreate:
+    spec = _spec(package, *stages)
+    return spec.model_copy(update={"rate": DispatchRate(per_minute=per_minute, **rate)})
+
+
+def test_a_rate_dispatches_members_in_batches_and_the_gate_waits_for_all(
+    admin: AdminService, service: CampaignService, engine: Engine, clock: Clock
+) -> None:
+    package = _fleet(admin, 20)
+    # 6 a minute: one at once, then one every 10 s.
+    campaign = service.create(_rated(package, StageSpec(count=10), StageSpec(rest=True)))
+    started = service.act(campaign.id, "start")
+    assert [len(c.dev_ids) for c in started.created] == [1]
+    assert len(_members(engine, campaign.id)) == 10  # membership is decided at activation
+    assert _pending(engine, campaign.id) == 9
+    look = service.look(campaign.id)
+    assert look.applied is None
+    assert look.due == pytest.approx(NOW + 10, abs=0.01)  # the rate's next slot
+
+    clock.now += 10
+    assert len(_dispatched(engine, campaign.id)) == 1
+    batch = service.look(campaign.id)
+    assert batch.applied is not None
+    assert [len(c.dev_ids) for c in batch.applied.created] == [1]
+    clock.now += 35  # A(45 s) = 4.5: five devices in all
+    service.look(campaign.id)
+    assert len(_dispatched(engine, campaign.id)) == 5
+    # Every dispatched member succeeded: 100 % of the targeted, yet the gate waits.
+    _report(engine, campaign.id, _dispatched(engine, campaign.id), TaskState.SUCCEEDED, 201)
+    assert service.look(campaign.id).applied is None
+    assert service.get(campaign.id).stage == 0
+    clock.now += 60
+    service.look(campaign.id)
+    assert _pending(engine, campaign.id) == 0
+    _report(engine, campaign.id, _dispatched(engine, campaign.id), TaskState.SUCCEEDED, 201)
+    advanced = service.look(campaign.id)
+    assert advanced.applied is not None
+    assert advanced.applied.campaign.stage == 1
+    # The next stage starts its rate again: one member at once.
+    assert len(_dispatched(engine, campaign.id)) == 11
+    # One audited decision per stage activation, none per batch.
+    assert [e.action for e in service.events(campaign.id)] == ["start", "advance"]
+    with engine.connect() as conn:
+        audited = conn.execute(
+            select(func.count()).where(schema.audit_log.c.target == f"campaign:{campaign.id}")
+        ).scalar_one()
+    assert audited == 2
+
+
+def test_the_ceiling_trips_on_dispatched_members_before_the_rest_are_dispatched(
+    admin: AdminService, service: CampaignService, engine: Engine, clock: Clock
+) -> None:
+    package = _fleet(admin, 20)
+    spec = _rated(package, StageSpec(count=10, max_failed=2), StageSpec(rest=True))
+    campaign = service.create(spec)
+    service.act(campaign.id, "start")
+    clock.now += 10
+    service.look(campaign.id)
+    _report(engine, campaign.id, _dispatched(engine, campaign.id), TaskState.FAILED, 206)
+    paused = service.look(campaign.id)
+    assert paused.applied is not None
+    assert paused.applied.campaign.state == "paused"
+    clock.now += 600
+    assert service.look(campaign.id).applied is None  # a paused campaign dispatches nothing
+    assert len(_dispatched(engine, campaign.id)) == 2
+    assert _pending(engine, campaign.id) == 8
+
+
+def test_a_resume_restarts_the_rate_instead_of_a_burst(
+    admin: AdminService, service: CampaignService, engine: Engine, clock: Clock
+) -> None:
+    package = _fleet(admin, 20)
+    campaign = service.create(_rated(package, StageSpec(rest=True)))
+    service.act(campaign.id, "start")
+    service.act(campaign.id, "pause")
+    clock.now += 3600
+    resumed = service.act(campaign.id, "resume")
+    assert resumed.campaign.dispatched == 0
+    service.look(campaign.id)
+    assert len(_dispatched(engine, campaign.id)) == 2  # the first one, and one at once
+    clock.now += 10
+    service.look(campaign.id)
+    assert len(_dispatched(engine, campaign.id)) == 3
+
+
+def test_concurrent_looks_dispatch_a_batch_once(
+    admin: AdminService, engine: Engine, clock: Clock
+) -> None:
+    package = _fleet(admin, 40)
+    services = [CampaignService(engine, clock=clock) for _ in range(4)]
+    campaign = services[0].create(_rated(package, StageSpec(rest=True), per_minute=60))
+    services[0].act(campaign.id, "start")
+    clock.now += 10  # ten more allowed
+    barrier = threading.Barrier(len(services))
+
+    def look(service: CampaignService) -> None:
+        barrier.wait()
+        service.look(campaign.id)
+
+    threads = [threading.Thread(target=look, args=(s,)) for s in services]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(_dispatched(engine, campaign.id)) == 11
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(schema.campaigns.c.dispatched).where(schema.campaigns.c.id == campaign.id)
+        ).scalar_one()
+        tasks_made = conn.execute(select(func.count()).select_from(schema.tasks)).scalar_one()
+    assert row == 11
+    assert tasks_made == 2  # the first device's task and one batch's
+
+
+# ------------------------------------------------------------------------------ dynamic mode
+
+
+def test_dynamic_campaign_takes_newly_matching_devices_up_to_the_current_share(
+    admin: AdminService, service: CampaignService, engine: Engine
+) -> None:
+    labels = {i: {"region": "eu"} for i in range(1, 11)}
+    package = _fleet(admin, 20, labels)
+    spec = _spec(
+        package, StageSpec(percent=50), StageSpec(rest=True), labels={"region": "eu"}
+    ).model_copy(update={"dynamic": True})
+    campaign = service.create(spec)
+    service.act(campaign.id, "start")
+    first = set(_members(engine, campaign.id))
+    assert len(first) == 5
+    assert service.look(campaign.id).applied is None  # nothing new matches
+
+    # Ten devices come to match: the population is 20, the first stage covers 10 of them.
+    for dev_id in range(11, 21):
+        admin.set_device_labels(dev_id, LabelsSet(labels={"region": "eu"}), replace=False)
+    joined = service.look(campaign.id)
+    assert joined.applied is not None
+    members = _members(engine, campaign.id)
+    assert len(members) == 10
+    assert set(members.values()) == {0}
+    assert len(_dispatched(engine, campaign.id)) == 10
+    detail = service.get(campaign.id)
+    assert detail.population == 20
+    assert detail.stages[0].counts["targeted"] == 10
+    # Members never leave; the newcomers are the lowest positions in the stable order of the
+    # devices not yet members, and the others wait for the second stage.
+    rest = order_members(_salt(engine, campaign.id), [d for d in range(1, 21) if d not in first])
+    assert set(members) == first | set(rest[:5])
+
+    # A new device that matches: 21 devices, the first stage's share is 11.
+    admin.import_devices(DeviceImport(pid=PID, devices=[DeviceImportItem(name="late", dev_id=21)]))
+    admin.set_device_labels(21, LabelsSet(labels={"region": "eu"}), replace=False)
+    service.look(campaign.id)
+    assert len(_members(engine, campaign.id)) == 11
+    _report(engine, campaign.id, sorted(_members(engine, campaign.id)), TaskState.SUCCEEDED, 201)
+    service.look(campaign.id)
+    assert sorted(_members(engine, campaign.id)) == list(range(1, 22))
+    # The joins are not campaign events; the stage decisions are.
+    assert [e.action for e in service.events(campaign.id)] == ["start", "advance"]
+
+
+def test_a_static_campaign_ignores_newly_matching_devices_until_its_next_stage(
+    admin: AdminService, service: CampaignService, engine: Engine
+) -> None:
+    labels = {i: {"region": "eu"} for i in range(1, 11)}
+    package = _fleet(admin, 20, labels)
+    campaign = service.create(
+        _spec(package, StageSpec(percent=50), StageSpec(rest=True), labels={"region": "eu"})
+    )
+    service.act(campaign.id, "start")
+    for dev_id in range(11, 21):
+        admin.set_device_labels(dev_id, LabelsSet(labels={"region": "eu"}), replace=False)
+    assert service.look(campaign.id).applied is None
+    assert len(_members(engine, campaign.id)) == 5
+
+
+def test_dynamic_mode_refuses_an_explicit_list() -> None:
+    with pytest.raises(ValueError, match="dynamic mode needs a filter selector"):
+        CampaignCreate(
+            package_id=1,
+            selector=Selector(dev_ids=[1, 2]),
+            stages=[StageSpec(rest=True)],
+            dynamic=True,
+        )
+
+
+def _salt(engine: Engine, campaign_id: int) -> str:
+    with engine.connect() as conn:
+        return str(
+            conn.execute(
+                select(schema.campaigns.c.salt).where(schema.campaigns.c.id == campaign_id)
+            ).scalar_one()
+        )
+
+
+# ------------------------------------------------------------------------------ the evaluator
+
+
+class CountingService(CampaignService):
+    """A service that remembers which campaigns the evaluator looked at."""
+
+    looked: list[int]
+
+    def look(self, campaign_id: int, *, rejoin: bool = True) -> Any:
+        self.looked.append(campaign_id)
+        return super().look(campaign_id, rejoin=rejoin)
+
+
+def test_the_evaluator_looks_when_the_feed_an_action_or_a_timer_says_so(
+    admin: AdminService, engine: Engine, clock: Clock
+) -> None:
+    package = _fleet(admin, 20)
+    service = CountingService(engine, clock=clock)
+    service.looked = []
+    mono = [0.0]
+    evaluator = CampaignEvaluator(
+        service, feed_interval=0, sweep_interval=1e9, monotonic=lambda: mono[0]
+    )
+    spec = _spec(package, StageSpec(count=5, soak_s=60), StageSpec(rest=True))
+    campaign = service.create(spec)
+    service.act(campaign.id, "start")
+    assert evaluator.tick() == []  # takes the lease and sweeps once: the soak is not over
+    assert service.looked == [campaign.id]
+
+    # Reports written without a change feed row: nothing names the campaign, and it does not poll.
+    _report(engine, campaign.id, _stage_members(engine, campaign.id, 0), TaskState.SUCCEEDED, 201)
+    assert evaluator.tick() == []
+    assert service.looked == [campaign.id]
+    # The soak's end is a due time: the look at it advances.
+    clock.now += 60
+    advanced = evaluator.tick()
+    assert [a.campaign.stage for a in advanced] == [1]
+
+    assert evaluator.tick() == []  # reads the activation's own feed rows: nothing to do
+    # A report with its feed row (as the device API writes it) names the campaign.
+    last = _stage_members(engine, campaign.id, 1)
+    _report(engine, campaign.id, last, TaskState.SUCCEEDED, 201)
+    looks = len(service.looked)
+    assert evaluator.tick() == []  # not yet in the feed
+    assert len(service.looked) == looks
+    with engine.begin() as conn:
+        changes.publish(conn, last[:1], NOW)
+    finished = evaluator.tick()
+    assert [a.campaign.state for a in finished] == ["finished"]
+
+    # An operator action in this process wakes the evaluator for that campaign.
+    other = service.create(_spec(package, StageSpec(rest=True)))
+    service.act(other.id, "start")
+    evaluator.tick()
+    assert service.looked[-1] == other.id
+    assert [e.action for e in service.events(campaign.id)] == ["start", "advance", "finish"]

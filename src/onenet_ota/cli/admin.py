@@ -19,6 +19,8 @@ Examples::
     onenet-ota admin device label 987654321 region=eu ring=canary
     onenet-ota admin campaign create --package 1 --label region=eu \
         --stage count=100,min_executed=20,max_failed_percent=10 --stage percent=50 --stage rest
+    onenet-ota admin campaign create --package 1 --from-version 1.0 --dynamic \
+        --rate per_minute=10,growth=2,period_s=600,max_per_minute=200 --stage percent=5 --stage rest
     onenet-ota admin campaign start 1
 """
 
@@ -659,10 +661,29 @@ def _stage(text: str) -> dict[str, Any]:
     return stage
 
 
+_RATE_KEYS = ("per_minute", "growth", "period_s", "max_per_minute")
+
+
+def _rate(text: str) -> dict[str, Any]:
+    """``--rate 10`` (devices per minute) or ``--rate per_minute=10,growth=2,period_s=600``."""
+    rate: dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep:
+            key, value = "per_minute", key
+        if key not in _RATE_KEYS:
+            _fail(f"--rate: {key!r} is not one of {', '.join(_RATE_KEYS)}")
+        try:
+            rate[key] = int(value) if key == "period_s" else float(value)
+        except ValueError:
+            _fail(f"--rate: {key} must be a number, not {value!r}")
+    return rate
+
+
 def _campaign_spec(
     file: IO[str] | None, package_id: int | None, name: str, stages: tuple[str, ...],
     labels: tuple[str, ...], from_versions: tuple[str, ...], dev_ids: tuple[int, ...],
-    deadline: str | None,
+    deadline: str | None, rate: str | None = None, dynamic: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     if file is not None:
         try:
@@ -689,6 +710,10 @@ def _campaign_spec(
     }
     if deadline is not None:
         spec["deadline"] = _timestamp(deadline, "--deadline")
+    if rate is not None:
+        spec["rate"] = _rate(rate)
+    if dynamic:
+        spec["dynamic"] = True
     return spec
 
 
@@ -709,6 +734,11 @@ def _spec_options(command: F) -> F:
         click.option("--dev-id", "dev_ids", multiple=True, type=int,
                      help="exactly these devices (repeatable)"),
         click.option("--deadline", help="Unix seconds or ISO 8601: open device tasks fail then"),
+        click.option("--rate", metavar="SPEC",
+                     help="dispatch rate of every stage: devices per minute, or per_minute=N "
+                     "with growth (factor per period), period_s and max_per_minute"),
+        click.option("--dynamic", is_flag=True,
+                     help="devices that come to match the selector while it runs join it"),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
@@ -741,10 +771,13 @@ def _print_preview(p: dict[str, Any]) -> None:
 def campaign_create(
     file: IO[str] | None, package_id: int | None, name: str, stages: tuple[str, ...],
     labels: tuple[str, ...], from_versions: tuple[str, ...], dev_ids: tuple[int, ...],
-    deadline: str | None, server: str, admin_token: str | None, as_json: bool,
+    deadline: str | None, rate: str | None, dynamic: bool, server: str, admin_token: str | None,
+    as_json: bool,
 ) -> None:  # fmt: skip
     """Create a draft campaign (refused when its stages cannot be satisfied)."""
-    spec = _campaign_spec(file, package_id, name, stages, labels, from_versions, dev_ids, deadline)
+    spec = _campaign_spec(
+        file, package_id, name, stages, labels, from_versions, dev_ids, deadline, rate, dynamic
+    )
     ctx = _ctx(server, admin_token, as_json)
     ctx.show(ctx.run(lambda api: api.create_campaign(spec)), _print_campaign)
 
@@ -755,10 +788,13 @@ def campaign_create(
 def campaign_preview(
     file: IO[str] | None, package_id: int | None, name: str, stages: tuple[str, ...],
     labels: tuple[str, ...], from_versions: tuple[str, ...], dev_ids: tuple[int, ...],
-    deadline: str | None, server: str, admin_token: str | None, as_json: bool,
+    deadline: str | None, rate: str | None, dynamic: bool, server: str, admin_token: str | None,
+    as_json: bool,
 ) -> None:  # fmt: skip
     """Dry run: each stage's devices, creating nothing."""
-    spec = _campaign_spec(file, package_id, name, stages, labels, from_versions, dev_ids, deadline)
+    spec = _campaign_spec(
+        file, package_id, name, stages, labels, from_versions, dev_ids, deadline, rate, dynamic
+    )
     ctx = _ctx(server, admin_token, as_json)
     ctx.show(ctx.run(lambda api: api.preview_campaign_spec(spec)), _print_preview)
 

@@ -787,6 +787,49 @@ class StageSpec(BaseModel):
         return self.name or f"stage {index + 1}"
 
 
+class DispatchRate(BaseModel):
+    """How fast a stage's members get their device task: a rate that starts at ``per_minute``
+    and is multiplied by ``growth`` every ``period_s`` seconds, up to ``max_per_minute``.
+
+    The rate restarts when a stage is activated and when the campaign is resumed (a pause
+    dispatches nothing, and a resume does not make up for it). Over the ``t`` seconds since then
+    the stage may have dispatched ``1 + floor(A(t))`` devices, where ``A(t)`` is the integral of
+    the rate (devices per second is ``per_minute / 60``): the first device goes at once, the next
+    ones as the integral reaches each whole device. The evaluator dispatches in batches, at each
+    of those slots or when it next looks, never more than this. ``growth`` 1 (the default) is a
+    constant rate; ``growth`` 2 with ``period_s`` 300 doubles it every five minutes.
+
+    A stage's success gate waits until every member is dispatched; its failure ceiling counts
+    the dispatched devices only and may trip at any time.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_minute: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] = Field(
+        description="devices dispatched per minute at the start of a stage"
+    )
+    growth: Annotated[float, Field(ge=1, le=100, allow_inf_nan=False)] = Field(
+        default=1.0, description="factor the rate is multiplied by every period (1: constant)"
+    )
+    period_s: Annotated[int, Field(ge=1, le=30 * 86400)] = Field(
+        default=60, description="seconds between two growths of the rate"
+    )
+    max_per_minute: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] | None = Field(
+        default=None, description="the rate never grows beyond this"
+    )
+
+    @model_validator(mode="after")
+    def _sensible(self) -> DispatchRate:
+        if self.max_per_minute is not None and self.max_per_minute < self.per_minute:
+            raise ValueError(
+                f"max_per_minute {self.max_per_minute:g} is below the starting rate "
+                f"per_minute {self.per_minute:g}"
+            )
+        if self.max_per_minute is not None and self.growth == 1:
+            raise ValueError("max_per_minute caps a growing rate: give growth > 1 with it")
+        return self
+
+
 class _CampaignIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
@@ -831,6 +874,22 @@ class CampaignCreate(_CampaignIn):
     interval: Int32 = 0
     start_time: UnixTime | None = None
     deadline: UnixTime | None = None
+    rate: DispatchRate | None = Field(
+        default=None, description="dispatch rate of every stage (None: all members at once)"
+    )
+    dynamic: bool = Field(
+        default=False,
+        description="devices that come to match the selector while it runs join it",
+    )
+
+    @model_validator(mode="after")
+    def _dynamic_needs_a_filter(self) -> CampaignCreate:
+        if self.dynamic and self.selector.dev_ids is not None:
+            raise ValueError(
+                "dynamic mode needs a filter selector (from_versions, labels): an explicit "
+                "dev_ids list never gains devices"
+            )
+        return self
 
 
 class StageView(BaseModel):
@@ -881,6 +940,9 @@ class Campaign(BaseModel):
     version: int
     created_at: int
     updated_at: int
+    rate: DispatchRate | None = None
+    dynamic: bool = False
+    dispatched: int = 0  # devices the current stage's rate has dispatched since it (re)started
 
 
 class CampaignDetail(Campaign):

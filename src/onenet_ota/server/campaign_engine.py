@@ -37,6 +37,20 @@ advance and a stage never passes with its ceiling breached:
 3. **settled**: every device of the stage has finished and the gate is not met (nor can it be):
    pause for a person;
 4. otherwise nothing.
+
+Dispatch rate. A campaign may give a :class:`DispatchRate`: a stage's members are then chosen
+at its activation as above (membership does not depend on the rate) but get their device tasks
+in batches, no faster than the rate allows (:func:`dispatch_quota`; the model is in
+:class:`DispatchRate`'s doc). Members waiting for the rate are **pending**: they count toward
+nothing, the success gate and the "settled" rule wait until the stage has none, and the ceiling
+counts the dispatched devices only, so a bad package still stops the stage early.
+
+Dynamic membership. A dynamic campaign's population is read again while it runs: a device that
+comes to match the selector (created, or its version or labels changed) takes its place in the
+stable order, and the stages up to the current one are topped up to their cumulative share of
+the grown population, lowest positions first, through the rate like any member. A device whose
+position falls in a later stage waits for that stage's activation. Activated members never
+leave, so the number activated is always the current stage's share of the population.
 """
 
 from __future__ import annotations
@@ -50,6 +64,7 @@ from typing import Any, Final, Literal
 
 from onenet_ota.management.models import (
     MAX_STAGES,
+    DispatchRate,
     FailureClass,
     StageSpec,
 )
@@ -62,6 +77,7 @@ __all__ = [
     "CampaignState",
     "Decision",
     "DecisionKind",
+    "DispatchRate",
     "FailureClass",
     "OperatorAction",
     "StageCounts",
@@ -71,8 +87,11 @@ __all__ = [
     "classify",
     "cumulative_targets",
     "decide",
+    "dispatch_integral",
+    "dispatch_quota",
     "gate_met",
     "member_hash",
+    "next_dispatch_in",
     "order_members",
     "stage_problems",
     "tally",
@@ -199,12 +218,70 @@ def order_members(salt: str, dev_ids: Iterable[int]) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Dispatch rate
+
+RATE_CEILING_PER_MINUTE: Final = 1_000_000.0
+"""A growing rate without ``max_per_minute`` stops growing here (the most a rate may be given)."""
+
+
+def dispatch_integral(rate: DispatchRate, elapsed: float) -> float:
+    """``A(t)``: the devices the rate allows over ``elapsed`` seconds after it started, as a
+    real number (the integral of a rate that is constant within each period and multiplied by
+    ``growth`` at each period's end, up to its cap). Closed form, so any ``elapsed`` costs the
+    same."""
+    t = max(0.0, elapsed)
+    r0 = rate.per_minute / 60
+    cap = (rate.max_per_minute or RATE_CEILING_PER_MINUTE) / 60
+    g = rate.growth
+    if g == 1 or r0 >= cap:  # constant (the validation keeps r0 <= cap)
+        return r0 * t
+    period = float(rate.period_s)
+    # m: the first period whose rate reaches the cap (r0 g^m >= cap); periods before it grow.
+    m = max(0, math.ceil(math.log(cap / r0) / math.log(g) - 1e-12))
+    n = int(t // period)
+    full = min(n, m)
+    grown = r0 * period * (g**full - 1) / (g - 1)
+    if n < m:
+        return grown + r0 * g**n * (t - n * period)
+    return grown + cap * (t - m * period)
+
+
+def dispatch_quota(rate: DispatchRate | None, elapsed: float, dispatched: int) -> int | None:
+    """How many more devices may be dispatched now, ``elapsed`` seconds after the rate started,
+    ``dispatched`` devices having been dispatched since: ``1 + floor(A(elapsed)) - dispatched``
+    (never negative). None: no rate, no limit."""
+    if rate is None:
+        return None
+    allowed = 1 + math.floor(dispatch_integral(rate, elapsed) + 1e-9)
+    return max(0, allowed - dispatched)
+
+
+def next_dispatch_in(rate: DispatchRate, elapsed: float, dispatched: int) -> float:
+    """Seconds from ``elapsed`` until the quota allows one more device than ``dispatched``
+    (0: it does now): the smallest ``t`` with ``A(t) >= dispatched``, found by bisection (``A``
+    grows at least at the starting rate, which bounds the search)."""
+    if dispatch_quota(rate, elapsed, dispatched):
+        return 0.0
+    low, high = max(0.0, elapsed), dispatched / (rate.per_minute / 60) + 1.0
+    for _ in range(100):
+        middle = (low + high) / 2
+        if dispatch_integral(rate, middle) + 1e-9 >= dispatched:
+            high = middle
+        else:
+            low = middle
+        if high - low < 1e-4:
+            break
+    return max(0.0, high - max(0.0, elapsed))
+
+
+# --------------------------------------------------------------------------------------------
 # Counts and decisions
 
 
 @dataclass(frozen=True, slots=True)
 class StageCounts:
-    """One stage's devices by outcome. ``targeted``: devices given a device task in it."""
+    """One stage's devices by outcome. ``targeted``: devices given a device task in it;
+    ``pending``: members still waiting for the dispatch rate (not among ``targeted``)."""
 
     targeted: int = 0
     succeeded: int = 0
@@ -213,6 +290,7 @@ class StageCounts:
     deferred: int = 0
     cancelled: int = 0
     open: int = 0
+    pending: int = 0
 
     @property
     def executed(self) -> int:
@@ -221,8 +299,8 @@ class StageCounts:
 
     @property
     def settled(self) -> bool:
-        """Whether every device of the stage has finished."""
-        return self.open == 0
+        """Whether every device of the stage was dispatched and has finished."""
+        return self.open == 0 and self.pending == 0
 
     def as_dict(self) -> dict[str, int]:
         """The counts by name (for events and the API)."""
@@ -234,6 +312,7 @@ class StageCounts:
             "deferred": self.deferred,
             "cancelled": self.cancelled,
             "open": self.open,
+            "pending": self.pending,
             "executed": self.executed,
         }
 
@@ -306,8 +385,9 @@ def ceiling_breach(stage: StageSpec, counts: StageCounts) -> str | None:
 
 
 def gate_met(stage: StageSpec, counts: StageCounts, *, soaked: bool) -> bool:
-    """Whether the success gate passes: soaked, enough executed, enough succeeded."""
-    if not soaked or counts.executed < stage.min_executed:
+    """Whether the success gate passes: every member dispatched, soaked, enough executed, enough
+    succeeded."""
+    if not soaked or counts.pending or counts.executed < stage.min_executed:
         return False
     return counts.succeeded * 100 >= stage.success_percent * counts.targeted
 

@@ -18,21 +18,37 @@ the second one's UPDATE matches no row and its transaction is rolled back.
 
 One evaluator. Every server process runs :class:`CampaignEvaluator`, but only the holder of the
 ``campaigns`` lease (a row taken and renewed by compare-and-set with an expiry) evaluates; if it
-dies, another takes over once the lease expires. It looks every ``interval`` (0.2 s): the counts
-come from one indexed GROUP BY per running campaign, so a report that trips a gate on any worker
-or host is acted on within the interval plus one query. Reports land on whichever worker the
-device reached, so an in-process signal would cover one worker only; the short poll covers all.
+dies, another takes over once the lease expires. It does not poll the campaigns: it looks at a
+campaign when something that can change its gate happens. A device's report lands on whichever
+worker or host the device reached, and every such transaction writes a change feed row naming the
+device (:mod:`.changes`); the holder reads the feed (one indexed query, every 50 ms) and looks at
+the campaigns those devices are members of. An operator action in the holder's own process wakes
+it at once, one elsewhere through the feed; a look also says when the campaign is next due
+without any change (a soak's end, the rate's next slot, the deadline), and a full sweep every
+few seconds covers changes the feed cannot show. A look is a read; only a look that finds
+something to apply takes a write transaction (and on SQLite the write lock), so many idle
+campaigns hold no writer off.
+
+Dispatch and dynamic membership (:mod:`.campaign_engine`'s doc). A stage's members are chosen when
+it is activated and written as **pending** members; :meth:`CampaignService._dispatch` gives them
+their device tasks in batches under the rate, each batch one task, each member taken by a
+compare-and-set on its pending flag, so that two evaluators never dispatch it twice. The rate's
+batches are not campaign events: the stage's activation (or the operator action) is the one
+audited decision, and each batch is visible in the members' tasks and the ``dispatched`` count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from pydantic import BaseModel
@@ -46,7 +62,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from onenet_ota.management.models import (
     MAX_PAGE,
@@ -55,6 +71,7 @@ from onenet_ota.management.models import (
     CampaignDetail,
     CampaignEvent,
     DevicesAdd,
+    DispatchRate,
     Preview,
     RetryFailed,
     Selector,
@@ -85,6 +102,9 @@ from onenet_ota.server.campaign_engine import (
     classify,
     cumulative_targets,
     decide,
+    dispatch_quota,
+    member_hash,
+    next_dispatch_in,
     order_members,
     stage_problems,
     tally,
@@ -233,6 +253,20 @@ def _classes(row: Any) -> dict[int, FailureClass]:
     return {int(k): FailureClass(v) for k, v in json.loads(row.failure_classes).items()}
 
 
+def _rate(row: Any) -> DispatchRate | None:
+    return None if row.rate is None else DispatchRate.model_validate_json(row.rate)
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """What one look at a running campaign did (``applied``, None: nothing) and when it should
+    be looked at again although nothing changed (``due``, Unix seconds: the soak's end, the
+    rate's next slot or the deadline; None: only when something changes)."""
+
+    applied: Applied | None
+    due: float | None
+
+
 class CampaignService:
     """Campaigns over ``engine``. ``clock`` returns Unix seconds; ``on_change`` is called after
     every committed change to device tasks (as :class:`.AdminService`'s)."""
@@ -247,10 +281,21 @@ class CampaignService:
         self.engine = engine
         self._clock = clock
         self._on_change = on_change
+        self._on_action: list[Callable[[int], None]] = []
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The service's clock (Unix seconds)."""
+        return self._clock
 
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change()
+
+    def on_action(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(campaign_id)`` after every committed operator action (the evaluator
+        of this process looks at the campaign at once instead of at its next timer)."""
+        self._on_action.append(callback)
 
     def _now(self) -> int:
         return int(self._clock())
@@ -387,6 +432,8 @@ class CampaignService:
                     interval=spec.interval,
                     start_time=spec.start_time,
                     deadline=spec.deadline,
+                    rate=None if spec.rate is None else spec.rate.model_dump_json(),
+                    dynamic=spec.dynamic,
                     salt=secrets.token_hex(8),
                     state="draft",
                     stage=-1,
@@ -412,15 +459,24 @@ class CampaignService:
     @staticmethod
     def _model(row: Any) -> Campaign:
         data = dict(row._mapping)
-        for name in ("stages", "salt"):
+        for name in ("stages", "salt", "dispatch_since_ms"):
             data.pop(name)
         data["selector"] = _selector(row)
         data["failure_classes"] = _classes(row)
+        data["rate"] = _rate(row)
+        data["dynamic"] = bool(row.dynamic)
         return Campaign(**data)
 
     @staticmethod
-    def _stage_counts(conn: Connection, row: Any) -> dict[int, StageCounts]:
-        """Counts of every activated stage (the members with a task)."""
+    def _stage_counts(
+        conn: Connection, row: Any, only: int | None = None
+    ) -> dict[int, StageCounts]:
+        """Counts of every activated stage (the members with a task), or of stage ``only``."""
+        where = [campaign_devices.c.campaign_id == row.id]
+        if (
+            only is not None
+        ):  # the evaluator's look: one stage's rows, by the (campaign, stage) index
+            where.append(campaign_devices.c.stage == only)
         rows = conn.execute(
             select(
                 campaign_devices.c.stage,
@@ -436,14 +492,22 @@ class CampaignService:
                     device_tasks.c.dev_id == campaign_devices.c.dev_id,
                 ),
             )
-            .where(campaign_devices.c.campaign_id == row.id)
+            .where(*where)
             .group_by(campaign_devices.c.stage, device_tasks.c.state, device_tasks.c.result_code)
         ).all()
         grouped: dict[int, list[tuple[int, int | None, int]]] = {}
         for stage, state, code, count in rows:
             grouped.setdefault(stage, []).append((state, code, count))
         classes = _classes(row)
-        return {stage: tally(items, classes) for stage, items in grouped.items()}
+        counts = {stage: tally(items, classes) for stage, items in grouped.items()}
+        pending = conn.execute(
+            select(campaign_devices.c.stage, func.count())
+            .where(*where, campaign_devices.c.pending)
+            .group_by(campaign_devices.c.stage)
+        ).all()
+        for stage, count in pending:
+            counts[stage] = replace(counts.get(stage, StageCounts()), pending=int(count))
+        return counts
 
     def get(self, campaign_id: int) -> CampaignDetail:
         """A campaign with per-stage counters and its latest events."""
@@ -457,6 +521,7 @@ class CampaignService:
                     .where(
                         campaign_devices.c.campaign_id == campaign_id,
                         campaign_devices.c.task_id.is_(None),
+                        campaign_devices.c.pending.is_(False),
                     )
                     .group_by(campaign_devices.c.stage)
                 ).all()
@@ -615,21 +680,9 @@ class CampaignService:
         )
         return CreatedTask(task=task, dev_ids=list(dev_ids))
 
-    def _activate(
-        self, conn: Connection, row: Any, index: int, now: int
-    ) -> tuple[CreatedTask | None, dict[str, int]]:
-        """Make stage ``index``'s new members (up to its cumulative share) part of the campaign:
-        a task for those without an open task of the type, a skipped row for the others."""
-        stages = _stages(row)
-        # Compare-and-set: one activation per stage, however many evaluators get here.
-        if index > row.activated_stage:
-            marked = conn.execute(
-                update(campaigns)
-                .where(campaigns.c.id == row.id, campaigns.c.activated_stage < index)
-                .values(activated_stage=index)
-            )
-            if marked.rowcount != 1:
-                raise StaleCampaign
+    def _choose(self, conn: Connection, row: Any, index: int) -> tuple[list[int], int]:
+        """The devices that join stage ``index`` now (its cumulative share of the population
+        matching now, lowest positions first, less the members so far) and the population."""
         matching = self._matching(conn, row.pid, row.module_type, _selector(row))
         have = set(
             conn.execute(
@@ -637,32 +690,134 @@ class CampaignService:
             ).scalars()
         )
         population = len(set(matching) | have)
-        target = cumulative_targets(stages, population)[index]
+        target = cumulative_targets(_stages(row), population)[index]
         fresh = order_members(row.salt, [d for d in matching if d not in have])
-        chosen = fresh[: max(0, target - len(have))]
-        busy = self._busy(conn, chosen, row.module_type)
-        ready = [d for d in chosen if d not in busy]
-        created = self._new_task(conn, row, ready, now)
-        task_id = created.task.id if created is not None else None
-        member_rows = [
-            {
-                "campaign_id": row.id,
-                "dev_id": dev_id,
-                "stage": index,
-                "task_id": None if dev_id in busy else task_id,
-                "activated_at": now,
-            }
-            for dev_id in chosen
-        ]
-        for batch in chunks(member_rows):
-            conn.execute(insert(campaign_devices), list(batch))
+        return fresh[: max(0, target - len(have))], population
+
+    def _activate(
+        self, conn: Connection, row: Any, index: int, now: int
+    ) -> tuple[CreatedTask | None, dict[str, int]]:
+        """Make stage ``index``'s new members (up to its cumulative share) part of the campaign,
+        pending, then dispatch as many as the rate allows (:meth:`_dispatch`: all of them without
+        a rate). Activating a later stage than before restarts the rate."""
+        # Compare-and-set: one activation per stage, however many evaluators get here.
+        if index > row.activated_stage:
+            marked = conn.execute(
+                update(campaigns)
+                .where(campaigns.c.id == row.id, campaigns.c.activated_stage < index)
+                .values(
+                    activated_stage=index,
+                    dispatch_since_ms=int(self._clock() * 1000),
+                    dispatched=0,
+                )
+            )
+            if marked.rowcount != 1:
+                raise StaleCampaign
+        chosen, population = self._choose(conn, row, index)
         if population != row.population:
             conn.execute(
                 update(campaigns).where(campaigns.c.id == row.id).values(population=population)
             )
-        if ready:
+        if _rate(row) is None:
+            # No rate: every new member gets its task now, written once (a stage of thousands
+            # is the one large insert on the way from a gate to the next stage).
+            busy = self._busy(conn, chosen, row.module_type)
+            ready = [d for d in chosen if d not in busy]
+            created = self._new_task(conn, row, ready, now)
+            task_id = created.task.id if created is not None else None
+            self._insert_members(conn, row.id, chosen, index, now, task_id=task_id, busy=busy)
+            if ready:
+                changes.publish(conn, ready, now)
+            numbers = {"activated": len(ready), "skipped_busy": len(busy), "pending": 0}
+        else:
+            self._insert_members(conn, row.id, chosen, index, now, task_id=None, busy=None)
+            created, numbers = self._dispatch(conn, row.id, now)
+        return created, {"chosen": len(chosen), **numbers, "population": population}
+
+    @staticmethod
+    def _insert_members(
+        conn: Connection,
+        campaign_id: int,
+        dev_ids: Sequence[int],
+        stage: int,
+        now: int,
+        *,
+        task_id: int | None,
+        busy: set[int] | None,
+    ) -> None:
+        """Member rows: with their task (``busy`` ones skipped, without), or pending (``busy``
+        None: the rate dispatches them)."""
+        rows = [
+            {
+                "campaign_id": campaign_id,
+                "dev_id": dev_id,
+                "stage": stage,
+                "task_id": None if busy is None or dev_id in busy else task_id,
+                "activated_at": now,
+                "pending": busy is None,
+            }
+            for dev_id in dev_ids
+        ]
+        for batch in chunks(rows):
+            conn.execute(insert(campaign_devices), list(batch))
+
+    def _dispatch(
+        self, conn: Connection, campaign_id: int, now: int
+    ) -> tuple[CreatedTask | None, dict[str, int]]:
+        """Give pending members their device task, as many as the rate allows now (every one
+        without a rate), earlier stages first and in the stable order within a stage: one task
+        for those without an open task of the type, skipped (no task) for the others (D23).
+        Skipped members count toward the rate too: the rate paces decisions, not tasks."""
+        row = self._row(conn, campaign_id)
+        pending = conn.execute(
+            select(campaign_devices.c.dev_id, campaign_devices.c.stage).where(
+                campaign_devices.c.campaign_id == row.id, campaign_devices.c.pending
+            )
+        ).all()
+        since = (row.dispatch_since_ms or 0) / 1000
+        quota = dispatch_quota(_rate(row), self._clock() - since, row.dispatched)
+        if not pending or quota == 0:
+            return None, {"activated": 0, "skipped_busy": 0, "pending": len(pending)}
+        ordered = sorted(pending, key=lambda r: (r.stage, member_hash(row.salt, r.dev_id)))
+        chosen = [r.dev_id for r in (ordered if quota is None else ordered[:quota])]
+        # Compare-and-set per member: a member is dispatched once, whoever else tries.
+        taken = 0
+        for chunk in chunks(chosen):
+            taken += conn.execute(
+                update(campaign_devices)
+                .where(
+                    campaign_devices.c.campaign_id == row.id,
+                    campaign_devices.c.dev_id.in_(chunk),
+                    campaign_devices.c.pending,
+                )
+                .values(pending=False, activated_at=now)
+            ).rowcount
+        if taken != len(chosen):
+            raise StaleCampaign
+        busy = self._busy(conn, chosen, row.module_type)
+        ready = [d for d in chosen if d not in busy]
+        created = self._new_task(conn, row, ready, now)
+        if created is not None:
+            for chunk in chunks(ready):
+                conn.execute(
+                    update(campaign_devices)
+                    .where(
+                        campaign_devices.c.campaign_id == row.id,
+                        campaign_devices.c.dev_id.in_(chunk),
+                    )
+                    .values(task_id=created.task.id)
+                )
             changes.publish(conn, ready, now)
-        numbers = {"activated": len(ready), "skipped_busy": len(busy), "population": population}
+        conn.execute(
+            update(campaigns)
+            .where(campaigns.c.id == row.id)
+            .values(dispatched=campaigns.c.dispatched + len(chosen))
+        )
+        numbers = {
+            "activated": len(ready),
+            "skipped_busy": len(busy),
+            "pending": len(pending) - len(chosen),
+        }
         return created, numbers
 
     def _move_tasks(self, conn: Connection, campaign_id: int, action: Action, now: int) -> int:
@@ -719,6 +874,8 @@ class CampaignService:
         except IntegrityError:
             raise Conflict(f"campaign {campaign_id} changed meanwhile; read it and retry") from None
         self._changed()
+        for callback in self._on_action:
+            callback(campaign_id)
         return Applied(result, [c for c in created if c is not None])
 
     def _op(
@@ -762,6 +919,13 @@ class CampaignService:
                 "failed devices or abort instead"
             )
         moved = self._move_tasks(conn, row.id, Action.RESUME, now)
+        # The rate starts again from its first rate: a pause dispatched nothing, and a resume
+        # must not make up for it in one burst.
+        conn.execute(
+            update(campaigns)
+            .where(campaigns.c.id == row.id)
+            .values(dispatch_since_ms=int(self._clock() * 1000), dispatched=0)
+        )
         self._op(conn, row, now, "resume", "running", "resumed by an operator", {"moved": moved})
         return []
 
@@ -869,7 +1033,7 @@ class CampaignService:
 
     def _decision(self, conn: Connection, row: Any, now: int) -> Decision:
         stages = _stages(row)
-        counts = self._stage_counts(conn, row).get(row.stage, StageCounts())
+        counts = self._stage_counts(conn, row, row.stage).get(row.stage, StageCounts())
         stage = stages[row.stage]
         started = row.stage_started_at or now
         return decide(
@@ -881,16 +1045,76 @@ class CampaignService:
         )
 
     def evaluate(self, campaign_id: int) -> Applied | None:
-        """Evaluate one running campaign and apply the engine's decision; None when there is
-        nothing to do (or the campaign changed meanwhile: the next look sees the new state).
+        """Evaluate one running campaign and apply what is due (:meth:`look`); None when there
+        was nothing to do."""
+        return self.look(campaign_id).applied
+
+    def look(self, campaign_id: int, *, rejoin: bool = True) -> Look:
+        """Look at one running campaign and apply what is due: the engine's decision, the
+        activation of a stage an advance moved to, the rate's next batch, and (``rejoin``, for a
+        dynamic campaign) the devices that came to match its selector.
+
+        The look itself is a read (on SQLite it takes no write lock, so looking at many
+        campaigns holds no writer off); a write transaction follows only when something is due,
+        and checks everything again under the campaign's lock.
 
         An advance is committed on its own, then the new stage is activated in a second
         transaction (at once, or at the next look if that one failed): the decision never
         waits for the insert of a stage's device tasks, and no decision is made on a stage
         before its members are activated."""
         now = self._now()
+        with self.engine.connect() as conn:
+            row = self._row(conn, campaign_id)
+            if row.state != "running":
+                return Look(None, None)
+            needed, due = self._inspect(conn, row, now, rejoin=rejoin)
+        if not needed:
+            return Look(None, due)
+        applied = self._apply(campaign_id, now, rejoin=rejoin)
+        with self.engine.connect() as conn:
+            row = self._row(conn, campaign_id)
+            if row.state != "running":
+                return Look(applied, None)
+            _, due = self._inspect(conn, row, self._now(), rejoin=False)
+        return Look(applied, due)
+
+    def _inspect(
+        self, conn: Connection, row: Any, now: int, *, rejoin: bool
+    ) -> tuple[bool, float | None]:
+        """Whether a look at the running campaign ``row`` has something to apply, and when it
+        will next have (:class:`Look`'s ``due``) if nothing changes meanwhile."""
+        dues: list[float] = []
+        if row.deadline is not None:
+            if now >= row.deadline:
+                return True, None
+            dues.append(float(row.deadline))
+        if row.activated_stage < row.stage:
+            return True, None
+        stage = _stages(row)[row.stage]
+        started = row.stage_started_at or now
+        if now - started < stage.soak_s:
+            dues.append(float(started + stage.soak_s))
+        if self._decision(conn, row, now).kind is not DecisionKind.NONE:
+            return True, None
+        pending = conn.execute(
+            select(func.count()).where(
+                campaign_devices.c.campaign_id == row.id, campaign_devices.c.pending
+            )
+        ).scalar_one()
+        if pending:
+            rate = _rate(row)
+            since = (row.dispatch_since_ms or 0) / 1000
+            elapsed = self._clock() - since
+            if rate is None or dispatch_quota(rate, elapsed, row.dispatched):
+                return True, None
+            dues.append(since + elapsed + next_dispatch_in(rate, elapsed, row.dispatched))
+        if rejoin and row.dynamic and self._choose(conn, row, row.stage)[0]:
+            return True, None
+        return False, min(dues) if dues else None
+
+    def _apply(self, campaign_id: int, now: int, *, rejoin: bool) -> Applied | None:
         created: list[Any] = []
-        decided = False
+        changed = False
         try:
             with self.engine.begin() as conn:
                 row = self._row(conn, campaign_id, lock=True)
@@ -898,26 +1122,37 @@ class CampaignService:
                     return None
                 if row.activated_stage >= row.stage:
                     made = self._evaluate(conn, row, now)
-                    if made is None:
-                        return None
-                    created += made
-                    decided = True
+                    if made is not None:
+                        created += made
+                        changed = True
                 row = self._row(conn, campaign_id)
         except (StaleCampaign, IntegrityError):
             return None
-        activated = False
-        if row.state == "running" and row.activated_stage < row.stage:
+        if row.state == "running":
             try:
                 with self.engine.begin() as conn:
                     row = self._row(conn, campaign_id, lock=True)
-                    if row.state == "running" and row.activated_stage < row.stage:
-                        task, _ = self._activate(conn, row, row.stage, now)
+                    if row.state == "running":
+                        new_stage = row.activated_stage < row.stage
+                        if new_stage or (rejoin and row.dynamic):
+                            # A new stage, or a dynamic campaign's newcomers (a top-up of the
+                            # current stage), then the rate's batch.
+                            task, numbers = self._activate(conn, row, row.stage, now)
+                        else:
+                            task, numbers = self._dispatch(conn, row.id, now)
                         created.append(task)
-                        activated = True
+                        changed = (
+                            changed
+                            or new_stage
+                            or any(
+                                numbers.get(key, 0)
+                                for key in ("chosen", "activated", "skipped_busy")
+                            )
+                        )
                     row = self._row(conn, campaign_id)
             except (StaleCampaign, IntegrityError):
-                pass  # another evaluator activated the stage, or will at its next look
-        if not (decided or activated):
+                pass  # another evaluator did it, or the next look will
+        if not changed:
             return None
         self._changed()
         return Applied(self._model(row), [c for c in created if c is not None])
@@ -987,6 +1222,33 @@ class CampaignService:
                 applied.append(result)
         return applied
 
+    def running_dynamic(self) -> list[int]:
+        """The ids of running dynamic campaigns."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(campaigns.c.id).where(
+                        campaigns.c.state == "running", campaigns.c.dynamic.is_(True)
+                    )
+                ).scalars()
+            )
+
+    def concerned(self, dev_ids: Iterable[int]) -> set[int]:
+        """The running campaigns that have one of ``dev_ids`` as a member."""
+        found: set[int] = set()
+        running = campaigns.c.state == "running"
+        with self.engine.connect() as conn:
+            for chunk in chunks(sorted(dev_ids)):
+                found.update(
+                    conn.execute(
+                        select(campaign_devices.c.campaign_id)
+                        .join(campaigns, campaigns.c.id == campaign_devices.c.campaign_id)
+                        .where(campaign_devices.c.dev_id.in_(chunk), running)
+                        .distinct()
+                    ).scalars()
+                )
+        return found
+
     # ---------------------------------------------------------------- the lease
 
     def hold_lease(self, holder: str, ttl: float) -> bool:
@@ -1024,44 +1286,201 @@ class CampaignService:
             conn.execute(delete(campaigns).where(campaigns.c.id == row.id))
 
 
+def _reader(engine: Engine) -> changes.Reader:
+    """A :data:`.changes.Reader` over ``engine``'s pool (read transactions: no write lock on
+    SQLite, db.py)."""
+
+    def compile_(statement: Any) -> Callable[..., list[Any]]:
+        def run(**params: Any) -> list[Any]:
+            with engine.connect() as conn:
+                return list(conn.execute(statement, params))
+
+        return run
+
+    return compile_
+
+
 class CampaignEvaluator:
-    """Runs :meth:`CampaignService.evaluate_all` every ``interval`` seconds while this process
-    holds the lease (module doc). ``on_created`` receives every task a stage activation made
-    (the task push); it is called on the event loop."""
+    """Looks at running campaigns when something that can change what they should do happens,
+    while this process holds the lease (module doc). ``on_created`` receives every task a stage
+    activation or a batch made (the task push); it is called on the event loop.
+
+    What wakes it: an operator action in this process (:meth:`wake`, at once); the change feed
+    (:mod:`.changes`, read every ``feed_interval`` seconds by the lease holder only), whose
+    devices name the campaigns they are members of, and any device change names every dynamic
+    campaign; the time a look said a campaign is next due (a soak's end, the rate's next slot,
+    a deadline); and a full sweep every ``sweep_interval`` seconds for what the feed cannot
+    show (rows changed by hand in SQL). The lease is renewed every ``lease_ttl / 3`` seconds.
+    """
 
     def __init__(
         self,
         service: CampaignService,
         *,
-        interval: float = 0.2,
         lease_ttl: float = 3.0,
+        feed_interval: float = 0.05,
+        sweep_interval: float = 5.0,
+        rejoin_interval: float = 1.0,
+        sweep_slice: float = 0.05,
         on_created: Callable[[CreatedTask], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.service = service
-        self.interval = interval
         self.lease_ttl = lease_ttl
+        self.feed_interval = feed_interval
+        self.sweep_interval = sweep_interval
+        self.rejoin_interval = rejoin_interval
+        self.sweep_slice = sweep_slice
         self.holder = secrets.token_hex(8)
         self._on_created = on_created
+        self._monotonic = monotonic
+        self._feed: changes.ChangeFeed | None = None
+        self._holding = False
+        self._next_lease = 0.0
+        self._next_sweep = 0.0
+        self._due: dict[int, float] = {}  # campaign -> Unix seconds it is next due
+        self._rejoin_wanted: set[int] = set()  # dynamic campaigns a device change may concern
+        self._last_rejoin: dict[int, float] = {}
+        self._sweeping: collections.deque[int] = collections.deque()  # the sweep still to do
+        self._woken: set[int | None] = set()  # None: every campaign
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        service.on_action(self.wake)
+
+    def wake(self, campaign_id: int | None = None) -> None:
+        """Look at ``campaign_id`` (None: every running campaign) as soon as possible; callable
+        from any thread."""
+        with self._lock:
+            self._woken.add(campaign_id)
+        loop, event = self._loop, self._event
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(event.set)
 
     def tick(self) -> list[Applied]:
-        """One look: take or renew the lease, then evaluate if it is ours."""
-        if not self.service.hold_lease(self.holder, self.lease_ttl):
+        """One round, blocking (the loop runs it in a thread): renew or take the lease when it is
+        time, read the change feed, and look at every campaign something concerns."""
+        mono = self._monotonic()
+        if mono >= self._next_lease:
+            held = self.service.hold_lease(self.holder, self.lease_ttl)
+            self._next_lease = mono + self.lease_ttl / 3
+            if held and not self._holding:  # taken over: start from what is there now
+                self._feed = changes.ChangeFeed(
+                    self.service.engine,
+                    _reader(self.service.engine),
+                    origin=0,  # this process's own reports wake it too
+                    interval=self.feed_interval,
+                )
+                self._feed.start()
+                self._next_sweep = mono
+            self._holding = held
+        with self._lock:
+            woken, self._woken = self._woken, set()
+        if not self._holding:
+            self._due.clear()
+            self._sweeping.clear()
             return []
-        return self.service.evaluate_all()
+        sweep = mono >= self._next_sweep or None in woken
+        ids = {w for w in woken if w is not None}
+        feed = self._feed
+        if feed is not None and feed.due():
+            try:
+                found = feed.read()
+            except Exception:
+                log.warning("cannot read the change feed; looking at every campaign", exc_info=True)
+                feed.start()
+                found = changes.EVERYTHING
+            if found.everything:
+                sweep = True
+            elif found.dev_ids:
+                ids |= self.service.concerned(found.dev_ids)
+                dynamic = self.service.running_dynamic()
+                self._rejoin_wanted.update(dynamic)
+                ids.update(dynamic)
+        now = self.service.clock()
+        ids.update(c for c, at in self._due.items() if at <= now)
+        if sweep:
+            running = self.service.running()
+            self._due = {c: at for c, at in self._due.items() if c in running}
+            self._rejoin_wanted.update(running)
+            self._next_sweep = mono + self.sweep_interval
+            known = set(self._sweeping)
+            self._sweeping.extend(c for c in running if c not in known)
+        # What something named first, then the sweep in slices of ``sweep_slice`` seconds: a
+        # sweep over many campaigns never holds back a look that a report or a timer asked for.
+        order = sorted(ids)
+        if self._sweeping:
+            self._sweeping = collections.deque(c for c in self._sweeping if c not in ids)
+        applied = self._looks(order, mono, now)
+        started = self._monotonic()
+        while self._sweeping and self._monotonic() - started < self.sweep_slice:
+            applied += self._looks([self._sweeping.popleft()], mono, now)
+        return applied
+
+    def _looks(self, order: list[int], mono: float, now: float) -> list[Applied]:
+        applied = []
+        for campaign_id in order:
+            rejoin = False
+            if campaign_id in self._rejoin_wanted:
+                last = self._last_rejoin.get(campaign_id)
+                if last is None or mono - last >= self.rejoin_interval:
+                    rejoin = True
+                    self._rejoin_wanted.discard(campaign_id)
+                    self._last_rejoin[campaign_id] = mono
+            look = self.service.look(campaign_id, rejoin=rejoin)
+            due = look.due
+            if campaign_id in self._rejoin_wanted:  # held back: at the end of its interval
+                later = now + self.rejoin_interval
+                due = later if due is None else min(due, later)
+            if due is None:
+                self._due.pop(campaign_id, None)
+            else:
+                self._due[campaign_id] = due
+            if look.applied is not None:
+                applied.append(look.applied)
+        return applied
+
+    def _timeout(self) -> float:
+        """Seconds until the next thing the evaluator must do unasked."""
+        mono = self._monotonic()
+        waits = [self._next_lease - mono]
+        if self._holding:
+            if self._sweeping:
+                return 0.0
+            waits.append(self.feed_interval)
+            waits.append(self._next_sweep - mono)
+            if self._due:
+                waits.append(min(self._due.values()) - self.service.clock())
+        return max(0.0, min(waits))
 
     async def run_forever(self) -> None:
-        """Tick until cancelled; gives the lease up on the way out."""
+        """Look whenever something wakes it (class doc) until cancelled; gives the lease up on
+        the way out."""
+        self._loop = asyncio.get_running_loop()
+        self._event = event = asyncio.Event()
         try:
             while True:
+                event.clear()  # before the round: a wake during it starts the next one at once
                 try:
                     applied = await asyncio.to_thread(self.tick)
                     for result in applied:
                         for created in result.created:
                             self._notify(created)
+                except OperationalError as exc:
+                    # The database is busy (a long write elsewhere held SQLite's lock past the
+                    # busy timeout) or unreachable: nothing was applied, the next round retries.
+                    # The lease counts as lost until renewed, so that a round never acts on a
+                    # lease it may no longer hold.
+                    self._holding = False
+                    self._next_lease = self._monotonic() + 1.0
+                    log.warning("campaign evaluation: database busy or unavailable (%s)", exc.orig)
                 except Exception:
-                    log.exception("campaign evaluation failed; retrying at the next tick")
-                await asyncio.sleep(self.interval)
+                    log.exception("campaign evaluation failed; retrying at the next round")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), max(self._timeout(), 0.001))
         finally:
+            self._loop = None
             try:
                 await asyncio.to_thread(self.service.release_lease, self.holder)
             except Exception:

@@ -97,9 +97,11 @@ def create_engine(url: str, *, pool_size: int = 8) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; take control so that write
-        # transactions start with BEGIN IMMEDIATE and never deadlock on lock upgrades.
+        # transactions start with BEGIN IMMEDIATE and never deadlock on lock upgrades, while
+        # read transactions (engine.connect() without begin()) take no lock (_SQLiteConnection).
         event.listen(engine, "connect", _disable_pysqlite_begin)
-        event.listen(engine, "begin", _begin_immediate)
+        event.listen(engine, "begin", _begin)
+        engine._connection_cls = _SQLiteConnection
         return engine
     return _sa_create_engine(
         url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, hide_parameters=True
@@ -110,8 +112,34 @@ def _disable_pysqlite_begin(dbapi_conn: sqlite3.Connection, _record: Any) -> Non
     dbapi_conn.isolation_level = None
 
 
-def _begin_immediate(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+class _SQLiteConnection(Connection):
+    """A connection that tells the ``begin`` event how its transaction started.
+
+    ``engine.begin()`` and ``conn.begin()`` start a **write** transaction: BEGIN IMMEDIATE takes
+    SQLite's write lock at once, so a transaction that reads and then writes never has to upgrade
+    its lock (an upgrade fails at once with "database is locked" when another connection wrote
+    since the read, whatever the busy timeout). A statement run on ``engine.connect()`` without
+    ``begin()`` starts a **read** transaction (SQLAlchemy's autobegin): a plain BEGIN, which in
+    WAL mode reads a snapshot and never waits for a writer. Were reads to take the write lock
+    too, every reader would queue behind every writer (a management GET behind a bulk import),
+    and a reader polling often (a dashboard, a benchmark) would starve the writers, whose busy
+    handler backs off to 100 ms sleeps, until one gave up with "database is locked".
+
+    A read transaction must not write: the project's writes all go through ``begin()``.
+    """
+
+    _reading = False
+
+    def _autobegin(self) -> None:
+        self._reading = True
+        try:
+            super()._autobegin()
+        finally:
+            self._reading = False
+
+
+def _begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN" if getattr(conn, "_reading", False) else "BEGIN IMMEDIATE")
 
 
 # PostgreSQL's serialization_failure and deadlock_detected: the server rolled the transaction

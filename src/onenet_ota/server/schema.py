@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     ForeignKey,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 
@@ -317,6 +319,13 @@ campaigns = Table(
     Column("version", Integer, nullable=False, server_default=text("0")),
     Column("created_at", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+    # The dispatch rate (JSON of DispatchRate; NULL: a stage's members all at once), whether
+    # newly matching devices join while it runs, and the current rate's start (Unix ms) with
+    # the devices dispatched since: the rate restarts at every stage and every resume.
+    Column("rate", Text, nullable=True),
+    Column("dynamic", Boolean, nullable=False, server_default=false()),
+    Column("dispatch_since_ms", BigInteger, nullable=True),
+    Column("dispatched", Integer, nullable=False, server_default=text("0")),
     Index("ix_campaigns_state", "state"),
     sqlite_autoincrement=True,
 )
@@ -331,8 +340,11 @@ campaign_devices = Table(
     Column("stage", Integer, nullable=False),
     Column("task_id", Integer, ForeignKey("tasks.id"), nullable=True),  # NULL: skipped (D23)
     Column("activated_at", BigInteger, nullable=False),
+    # Chosen for its stage, its device task waiting for the dispatch rate (task_id NULL).
+    Column("pending", Boolean, nullable=False, server_default=false()),
     Index("ix_campaign_devices_campaign_id_stage", "campaign_id", "stage"),
     Index("ix_campaign_devices_task_id", "task_id"),
+    Index("ix_campaign_devices_dev_id", "dev_id"),
 )
 
 # Every decision and action on a campaign, once: ``version`` is the campaign version it made,
