@@ -242,20 +242,70 @@ class _SyncConn:
             self.sock.close()
 
 
+class _Sent:
+    """A batch written on its connection whose replies are still to be read."""
+
+    __slots__ = ("batch", "conn", "exchange", "origin")
+
+    def __init__(self, batch: list[int], origin: Origin, conn: Any, exchange: Exchange) -> None:
+        self.batch = batch
+        self.origin = origin
+        self.conn = conn
+        self.exchange = exchange
+
+
+class InFlight:
+    """Calls a transport has sent (:meth:`SyncTransport.start`) and not yet read the replies
+    of; :meth:`SyncTransport.finish` reads them, :meth:`SyncTransport.abandon` drops them."""
+
+    __slots__ = ("plan", "sent")
+
+    def __init__(self, plan: _Plan, sent: _Sent | None) -> None:
+        self.plan = plan
+        self.sent = sent
+
+
 class SyncTransport(_Base):
     """Blocking sockets. ``tls`` is the context for ``https`` origins (None: refuse them)."""
 
     def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]:
         """Send ``calls`` and read their replies; their results in order (never raises an
         :class:`OtaError`: each call's error is in its result)."""
+        return self.finish(self.start(calls, pipeline=pipeline))
+
+    def start(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> InFlight:
+        """Send the first batch of ``calls`` (all of them when pipelining) without reading.
+
+        The caller does other work while the server answers, then :meth:`finish` reads the
+        replies (and sends what could not go in the first batch). Never raises an
+        :class:`OtaError`: a failure to connect or write is the result :meth:`finish` gives.
+        """
         plan = _Plan(calls, pipeline and not self._no_pipelining)
+        batch = plan.next_batch()
+        return InFlight(plan, self._send(plan, batch) if batch else None)
+
+    def finish(self, flight: InFlight) -> list[Result]:
+        """Read the replies of what :meth:`start` sent; every call's result, in order."""
+        plan, sent = flight.plan, flight.sent
+        flight.sent = None
+        if sent is not None:
+            self._receive(plan, sent)
         while batch := plan.next_batch():
-            self._run(plan, batch)
+            sent = self._send(plan, batch)
+            if sent is not None:
+                self._receive(plan, sent)
         if plan.refused_pipelining:
             self._no_pipelining = True
         return plan.finished()
 
-    def _run(self, plan: _Plan, batch: list[int]) -> None:
+    def abandon(self, flight: InFlight) -> None:
+        """Drop what :meth:`start` sent: its connection is closed without reading the replies
+        (a reply half read could not be told from the next one)."""
+        sent, flight.sent = flight.sent, None
+        if sent is not None:
+            sent.conn.close()
+
+    def _send(self, plan: _Plan, batch: list[int]) -> _Sent | None:
         first = plan.calls[batch[0]]
         origin = plan.targets[batch[0]][0]
         conn = self._pool.take(origin) if self._keep_alive else None
@@ -264,18 +314,22 @@ class SyncTransport(_Base):
                 conn = self._connect(origin, first, plan.deadlines[batch[0]])
             except OtaError as error:
                 plan.results[batch[0]] = Failure(error, cause=error.__cause__)
-                return
+                return None
         exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
-        sock = conn.sock
-        quickack = _TCP_QUICKACK if len(batch) > 1 else None
         try:
-            sock.settimeout(max(plan.deadlines[batch[0]] - time.monotonic(), 0.001))
-            sock.sendall(self._payload(plan, batch))
+            conn.sock.settimeout(max(plan.deadlines[batch[0]] - time.monotonic(), 0.001))
+            conn.sock.sendall(self._payload(plan, batch))
         except OSError as exc:
             # Nothing was read yet: a kept connection the server had closed fails here too.
             timed_out = isinstance(exc, TimeoutError | socket.timeout)
             problem = _io_error(first, exc, got_head=False)
             exchange.fail(problem, unanswered=not timed_out, cause=exc)
+        return _Sent(batch, origin, conn, exchange)
+
+    def _receive(self, plan: _Plan, sent: _Sent) -> None:
+        batch, conn, exchange = sent.batch, sent.conn, sent.exchange
+        sock = conn.sock
+        quickack = _TCP_QUICKACK if len(batch) > 1 else None
         while not exchange.done:
             exchange.advance()
             if exchange.done:
@@ -301,7 +355,7 @@ class SyncTransport(_Base):
                 conn.parser.feed_eof()
         plan.settle(batch, exchange)
         keep = exchange.reusable and self._keep_alive and not self.closed
-        if not (keep and self._pool.give(origin, conn)):
+        if not (keep and self._pool.give(sent.origin, conn)):
             conn.close()
 
     def _connect(self, origin: Origin, call: Call[Any], deadline: float) -> _SyncConn:
@@ -345,14 +399,35 @@ class AsyncTransport(_Base):
 
     async def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]:
         """See :meth:`SyncTransport.exchange`."""
+        return await self.finish(await self.start(calls, pipeline=pipeline))
+
+    async def start(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> InFlight:
+        """See :meth:`SyncTransport.start`."""
         plan = _Plan(calls, pipeline and not self._no_pipelining)
+        batch = plan.next_batch()
+        return InFlight(plan, await self._send(plan, batch) if batch else None)
+
+    async def finish(self, flight: InFlight) -> list[Result]:
+        """See :meth:`SyncTransport.finish`."""
+        plan, sent = flight.plan, flight.sent
+        flight.sent = None
+        if sent is not None:
+            await self._receive(plan, sent)
         while batch := plan.next_batch():
-            await self._run(plan, batch)
+            sent = await self._send(plan, batch)
+            if sent is not None:
+                await self._receive(plan, sent)
         if plan.refused_pipelining:
             self._no_pipelining = True
         return plan.finished()
 
-    async def _run(self, plan: _Plan, batch: list[int]) -> None:
+    def abandon(self, flight: InFlight) -> None:
+        """See :meth:`SyncTransport.abandon`."""
+        sent, flight.sent = flight.sent, None
+        if sent is not None:
+            sent.conn.close()
+
+    async def _send(self, plan: _Plan, batch: list[int]) -> _Sent | None:
         first = plan.calls[batch[0]]
         origin = plan.targets[batch[0]][0]
         conn = self._pool.take(origin) if self._keep_alive else None
@@ -361,11 +436,9 @@ class AsyncTransport(_Base):
                 conn = await self._connect(origin, first, plan.deadlines[batch[0]])
             except OtaError as error:
                 plan.results[batch[0]] = Failure(error, cause=error.__cause__)
-                return
+                return None
         exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
-        completed = False
-        sock = conn.writer.get_extra_info("socket") if len(batch) > 1 else None
-        quickack = _TCP_QUICKACK if sock is not None else None
+        sent = False
         try:
             try:
                 conn.writer.write(self._payload(plan, batch))
@@ -374,6 +447,18 @@ class AsyncTransport(_Base):
             except (OSError, TimeoutError) as exc:
                 problem = _io_error(first, exc, got_head=False)
                 exchange.fail(problem, unanswered=not isinstance(exc, TimeoutError), cause=exc)
+            sent = True
+        finally:
+            if not sent:  # cancelled mid-write: the connection cannot be reused
+                conn.close()
+        return _Sent(batch, origin, conn, exchange)
+
+    async def _receive(self, plan: _Plan, sent: _Sent) -> None:
+        batch, conn, exchange = sent.batch, sent.conn, sent.exchange
+        completed = False
+        sock = conn.writer.get_extra_info("socket") if len(batch) > 1 else None
+        quickack = _TCP_QUICKACK if sock is not None else None
+        try:
             while not exchange.done:
                 exchange.advance()
                 if exchange.done:
@@ -400,7 +485,7 @@ class AsyncTransport(_Base):
             if completed:
                 plan.settle(batch, exchange)
             keep = completed and exchange.reusable and self._keep_alive and not self.closed
-            if not (keep and self._pool.give(origin, conn)):
+            if not (keep and self._pool.give(sent.origin, conn)):
                 conn.close()
 
     async def _connect(self, origin: Origin, call: Call[Any], deadline: float) -> _AsyncConn:
