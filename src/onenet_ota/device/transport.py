@@ -19,6 +19,11 @@ which connection and what to retry.
   (one that does not pipeline) leaves the rest unanswered: they are sent again, one at a time,
   and the transport stops pipelining for the rest of its life. Each call's result is final once
   its reply arrived, so no reply is reported twice.
+- **Sent ahead.** :meth:`SyncTransport.start` sends (the first batch of) the calls and returns;
+  :meth:`SyncTransport.finish` reads their replies later, so the caller works while the server
+  answers (the upgrader writes and hashes a chunk while the next one is in flight);
+  :meth:`SyncTransport.abandon` closes the connection of calls whose replies are not wanted.
+  :meth:`SyncTransport.exchange` is the two at once.
 - **Time.** Each call's whole exchange (connect, write, read) is bounded by its
   :class:`~onenet_ota.device.config.Timeout`; the connect alone by ``connect_ms``.
 - **TLS** with verification (the system's CA store, or a CA file) or without it.
@@ -319,6 +324,11 @@ class SyncTransport(_Base):
         try:
             conn.sock.settimeout(max(plan.deadlines[batch[0]] - time.monotonic(), 0.001))
             conn.sock.sendall(self._payload(plan, batch))
+            if len(batch) > 1 and _TCP_QUICKACK is not None:
+                # The replies may arrive before the caller reads them (start, then other
+                # work): acknowledge them at once all the same (see _TCP_QUICKACK).
+                with contextlib.suppress(OSError):
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         except OSError as exc:
             # Nothing was read yet: a kept connection the server had closed fails here too.
             timed_out = isinstance(exc, TimeoutError | socket.timeout)
@@ -444,6 +454,10 @@ class AsyncTransport(_Base):
                 conn.writer.write(self._payload(plan, batch))
                 async with asyncio.timeout_at(_loop_time(plan.deadlines[batch[0]])):
                     await conn.writer.drain()
+                sock = conn.writer.get_extra_info("socket")
+                if len(batch) > 1 and _TCP_QUICKACK is not None and sock is not None:
+                    with contextlib.suppress(OSError):  # see SyncTransport._send
+                        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
             except (OSError, TimeoutError) as exc:
                 problem = _io_error(first, exc, got_head=False)
                 exchange.fail(problem, unanswered=not isinstance(exc, TimeoutError), cause=exc)
