@@ -7,12 +7,14 @@ result; a failed operation is thrown back into it as the client's exception
 (:mod:`onenet_ota.device.errors`). The sync and async upgraders (:mod:`onenet_ota.device.upgrader`)
 only perform the operations, the way httpx drives its auth flows. Local disk I/O (the state
 directory) happens here, synchronously: it is bounded by the checkpoint size and a device's disk
-is local.
+is local. The exception is the periodic checkpoint during the download, whose fsync and state
+save run in a worker thread while the next chunks download (:meth:`UpgradeFlow._checkpoint_behind`).
 
 The flow (spec §7, §10)::
 
-    E1 post version -> E3 check task -> gate (signal, power) -> for each chunk: E5, E6, write
-    -> checkpoint (fsync, persist offset) -> verify size and MD5 -> persist VERIFIED -> E7 101
+    E1 post version -> E3 check task -> gate (signal, power) -> for each chunk: E5, E6,
+    (the next chunk's E5 sent: Prefetch) write -> checkpoint (fsync, persist offset)
+    -> verify size and MD5 -> persist VERIFIED -> E7 101
     -> gate (power) -> install -> persist INSTALLED -> E7 201 -> E1 the new version -> clear
 
 Every way out is one :class:`UpgradeResult`. A failure the platform must hear about is reported

@@ -18,8 +18,11 @@ without waiting. Run an upgrader again after any interruption (power cut, SIGKIL
 it continues from the state directory.
 
 The state directory is local storage: its reads, writes and fsyncs run synchronously, also in
-:class:`AsyncUpgrader` (bounded by ``checkpoint_bytes`` between fsyncs); the installer of the async
-upgrader runs in a worker thread unless its ``install`` is a coroutine function.
+:class:`AsyncUpgrader` (bounded by ``checkpoint_bytes`` between fsyncs), except the periodic
+checkpoints of the download, which run in a worker thread while the next chunks download; the
+installer of the async upgrader runs in a worker thread unless its ``install`` is a coroutine
+function. Both upgraders send the next chunk's request before writing the last one
+(:class:`~onenet_ota.device._flow.Prefetch`).
 
 ``on_event`` only observes: an :class:`Exception` it raises (a closed pipe, a full log disk, a
 bug) is logged and ignored, so it can never become the device's verdict. What is not an
