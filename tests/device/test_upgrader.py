@@ -19,7 +19,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onenet_ota.device import AsyncOtaClient, Credentials, DeviceConfig, OtaClient
+from onenet_ota.device import (
+    AsyncOtaClient,
+    Credentials,
+    DeviceConfig,
+    OtaClient,
+    OtaEvent,
+    PackageDownloaded,
+)
 from onenet_ota.device._flow import (
     CheckTask,
     CheckToken,
@@ -984,6 +991,34 @@ def test_sync_upgrader_drives_a_client(tmp_path: Path, package: bytes) -> None:
     assert (tmp_path / "fw.bin").read_bytes() == package
     assert isinstance(events[-1], Finished)
     assert platform.versions == ["1.0.0", "1.0.1"]
+
+
+def test_a_client_closed_mid_download_fails_the_run_instead_of_crashing_it(
+    tmp_path: Path, package: bytes
+) -> None:
+    # The next chunk's check cannot be sent ahead on a closed client: the flow meets the error
+    # where it judges errors (107, whose report fails too), not at the prefetch.
+    platform = FakePlatform(package)
+    with httpx2.Client(transport=_mock_platform(platform)) as http:
+        client: OtaClient
+
+        def close_after_a_chunk(event: OtaEvent) -> None:
+            if isinstance(event, PackageDownloaded):
+                client.close()
+
+        client = OtaClient(
+            _config(), base_url="http://ota.test", http_client=http, on_event=close_after_a_chunk
+        )
+        result = Upgrader(
+            client,
+            FileInstaller(tmp_path / "fw.bin"),
+            state_dir=tmp_path / "state",
+            options=UpgradeOptions(chunk_size=4096, retry=FAST, progress_step=0),
+        ).run()
+    assert result.outcome is Outcome.FAILED
+    assert "closed" in result.reason
+    assert platform.requests.count("Download") == 1
+    assert not (tmp_path / "fw.bin").exists()
 
 
 def test_sync_upgrader_retries_a_timeout_then_reports_104(tmp_path: Path, package: bytes) -> None:

@@ -38,6 +38,7 @@ restarts, status reports and outcome (progress at DEBUG). It never records token
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -415,8 +416,11 @@ class Upgrader(_UpgraderBase):
             return client._deliver(prefetched)
         ahead = self._take_ahead(op)
         if isinstance(op, Prefetch):
-            calls = self._calls(op.op)
-            self._ahead = (op.op, client._send_ahead(calls, pipeline=len(calls) > 1))
+            # A request that cannot be built or sent (a closed client) is not sent ahead: the
+            # flow asks for it next and meets the same error where it judges errors.
+            with contextlib.suppress(OtaError):
+                calls = self._calls(op.op)
+                self._ahead = (op.op, client._send_ahead(calls, pipeline=len(calls) > 1))
             return None
         if isinstance(op, CheckToken | Download):
             if ahead is not None:
@@ -535,8 +539,9 @@ class AsyncUpgrader(_UpgraderBase):
             return await client._deliver_result(prefetched)
         ahead = self._take_ahead(op)
         if isinstance(op, Prefetch):
-            calls = self._calls(op.op)
-            self._ahead = (op.op, await client._send_ahead(calls, pipeline=len(calls) > 1))
+            with contextlib.suppress(OtaError):  # see Upgrader._perform
+                calls = self._calls(op.op)
+                self._ahead = (op.op, await client._send_ahead(calls, pipeline=len(calls) > 1))
             return None
         if isinstance(op, CheckToken | Download):
             if ahead is not None:
