@@ -78,7 +78,7 @@ def test_sync_upgrade_in_each_dialect(
             options=replace(OPTIONS, pipeline=pipeline),
             sleep=lambda seconds: None,
         ).run()
-        pipelining = ota._sender.pipelining  # type: ignore[union-attr]
+        pipelining = ota._sender.pipelining  # type: ignore[attr-defined]
     assert pipelining  # the project's server never made the client give pipelining up
     # Studio checks before every chunk, fuse before the first (§13.7); no chunk asked twice.
     paths = [r.path.rsplit("/", 1)[-1] for r in watch.requests]
