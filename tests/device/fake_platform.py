@@ -25,6 +25,7 @@ from onenet_ota.device._flow import (
     Install,
     Operation,
     PostVersion,
+    Prefetch,
     Report,
     Sleep,
     Tasking,
@@ -229,6 +230,10 @@ class Harness:
     now: float = 1_700_000_000.0
     on_op: Callable[[Operation, int], None] | None = None
     ops: int = 0
+    # Perform a Prefetch's operation when it is yielded, as the real drivers send it (the
+    # platform sees it before the flow writes the chunk); off, a prefetch is ignored.
+    prefetch: bool = False
+    _ahead: tuple[Operation, Any, Exception | None] | None = None
 
     def flow(self) -> UpgradeFlow:
         return UpgradeFlow(
@@ -242,6 +247,19 @@ class Harness:
         )
 
     def perform(self, op: Operation) -> Any:
+        if isinstance(op, Prefetch):
+            self._ahead = None
+            if self.prefetch:
+                try:
+                    self._ahead = (op.op, self.perform(op.op), None)
+                except Exception as exc:
+                    self._ahead = (op.op, None, exc)
+            return None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == op:  # performed when it was prefetched
+            if ahead[2] is not None:
+                raise ahead[2]
+            return ahead[1]
         if self.on_op is not None:
             self.on_op(op, self.ops)
         self.ops += 1
@@ -268,13 +286,14 @@ class Harness:
             return first
         count = 0
         while True:
-            if kill_after is not None and count == kill_after:
+            ignored = isinstance(op, Prefetch) and not self.prefetch  # no operation at all
+            if kill_after is not None and count == kill_after and not ignored:
                 if reply_lost:
                     with contextlib.suppress(Exception):  # the reply is lost either way
                         self.perform(op)
                 gen.close()
                 return None
-            count += 1
+            count += not ignored
             try:
                 value = self.perform(op)
             except Exception as exc:

@@ -46,6 +46,9 @@ class RecordedRequest:
     headers: list[tuple[str, str]]
     body: bytes
     port: int  # the server port it arrived on
+    # Whole in the server's buffer before the server answered the request before it on the
+    # connection: the client wrote it without waiting for that reply (pipelining).
+    queued: bool = False
 
     @property
     def path(self) -> str:
@@ -286,7 +289,9 @@ class ScriptedServer:
                 conn.sock.close()
 
     def _read_request(self, conn: _Conn) -> RecordedRequest | None:
+        queued = True
         while b"\r\n\r\n" not in conn.buffer:
+            queued = False
             if not self._fill(conn):
                 return None
         head_end = conn.buffer.index(b"\r\n\r\n") + 4
@@ -299,11 +304,12 @@ class ScriptedServer:
             headers.append((name, value.strip()))
         length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
         while len(conn.buffer) < head_end + length:
+            queued = False
             if not self._fill(conn):
                 return None
         raw = bytes(conn.buffer[: head_end + length])
         del conn.buffer[: head_end + length]
-        return RecordedRequest(raw, method, target, headers, raw[head_end:], self.port)
+        return RecordedRequest(raw, method, target, headers, raw[head_end:], self.port, queued)
 
     @staticmethod
     def _fill(conn: _Conn) -> bool:

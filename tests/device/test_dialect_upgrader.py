@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from tests.device.dialect_platform import DialectPlatform
 from tests.device.fake_platform import package_bytes
 from tests.device.scripted_server import (
     Action,
+    RecordedRequest,
     Reply,
     ScriptedServer,
     envelope,
@@ -96,6 +98,7 @@ class Run:
         self.target = tmp_path / "fw.bin"
         self.state_dir = tmp_path / "state"
         self.events: list[UpgradeEvent] = []
+        self.client_events: list[OtaEvent] = []
 
     async def __call__(
         self,
@@ -109,6 +112,7 @@ class Run:
 
         def on_client_event(event: OtaEvent) -> None:
             nonlocal chunks
+            self.client_events.append(event)
             if isinstance(event, PackageDownloaded):
                 chunks += 1
                 if cut_after_chunks is not None and chunks > cut_after_chunks:
@@ -167,6 +171,58 @@ async def test_success(platform: DialectPlatform, run: Run) -> None:
     else:  # §13.7: F-T at the start and before each report (101, 201), not per chunk
         assert checks(platform) == 3
     assert not run.state_dir.joinpath("fota.json").exists()
+
+
+def _kinds(server: ScriptedServer) -> list[tuple[str, bool]]:
+    """Each request as ("check" | "download" | ..., whether it was pipelined)."""
+    return [(r.path.rsplit("/", 1)[-1], r.queued) for r in server.requests]
+
+
+async def test_pipelined_checks_and_chunks(
+    platform: DialectPlatform, run: Run, server: ScriptedServer
+) -> None:
+    """``pipeline``: a status check (S-T; F-T) and the chunk after it go out together, on one
+    connection, and the platform's record is that of a run without pipelining."""
+    result = await run(platform.dialect, pipeline=True)
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert run.target.read_bytes() == platform.package
+    assert platform.reports == [101, 201]
+    assert platform.state is TaskState.SUCCEEDED
+    kinds = _kinds(server)
+    after_check = [kinds[i] for i in range(1, len(kinds)) if kinds[i - 1][0] == "check"]
+    pairs = [queued for kind, queued in after_check if kind == "download"]
+    # Studio checks before every chunk, fuse before the first only (§13.7); each such chunk
+    # was written behind its check, before the check's reply.
+    assert pairs == [True] * (CHUNKS if platform.dialect is Dialect.STUDIO else 1)
+    assert server.connections == 1
+    downloaded = [e for e in run.client_events if isinstance(e, PackageDownloaded)]
+    assert len(downloaded) == CHUNKS
+
+
+async def test_pipelining_against_a_server_that_closes_after_each_reply(
+    platform: DialectPlatform, run: Run, server: ScriptedServer
+) -> None:
+    """A server that answers one request per connection drops the chunk pipelined behind a
+    check: it is asked again on a new connection, once, and never delivered twice."""
+
+    def one_per_connection(request: RecordedRequest) -> Action:
+        action = platform(request)
+        return replace(action, close=True) if isinstance(action, Reply) else action
+
+    server.handler = one_per_connection
+    result = await run(platform.dialect, pipeline=True)
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert result.bytes_downloaded == SIZE
+    assert run.target.read_bytes() == platform.package
+    assert platform.reports == [101, 201]
+    assert platform.operations().count(Operation.DOWNLOAD) == CHUNKS
+    downloaded = [e for e in run.client_events if isinstance(e, PackageDownloaded)]
+    assert [(e.chunk.start, e.chunk.end) for e in downloaded] == [
+        (start, min(start + CHUNK, SIZE) - 1) for start in range(0, SIZE, CHUNK)
+    ]
+    if platform.dialect is Dialect.STUDIO:  # still a check before every chunk
+        kinds = [kind for kind, _ in _kinds(server)]
+        assert all(kinds[i - 1] == "check" for i, k in enumerate(kinds) if k == "download")
 
 
 async def test_resume_after_a_power_cut(platform: DialectPlatform, run: Run) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -72,6 +73,32 @@ def test_a_failed_copy_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> N
         FileInstaller(target).install(tmp_path / "vanished.part", TASK, TaskType.FOTA)
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["fw.bin"]
+
+
+@pytest.mark.parametrize("how", ["sendfile", "no sendfile", "sendfile refused"])
+def test_the_copy_is_whole_with_or_without_the_kernel_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 7)  # larger than one sendfile call may move
+    package = tmp_path / "fota.part"
+    package.write_bytes(data)
+    calls: list[int] = []
+    real = getattr(os, "sendfile", None)
+
+    def refused(out: int, src: int, offset: int, count: int) -> int:
+        calls.append(offset)
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))  # e.g. a filesystem without it
+
+    if how == "no sendfile":
+        monkeypatch.delattr(os, "sendfile", raising=False)
+    elif how == "sendfile refused":
+        monkeypatch.setattr(os, "sendfile", refused, raising=False)
+    elif real is None:
+        pytest.skip("this system has no sendfile")
+    target = tmp_path / "fw.bin"
+    FileInstaller(target).install(package, TASK, TaskType.FOTA)
+    assert target.read_bytes() == data
+    assert calls == ([0] if how == "sendfile refused" else [])
 
 
 def test_install_error_carries_an_upgrade_failure_code() -> None:

@@ -370,6 +370,42 @@ def test_a_failed_write_leaves_the_offset_and_the_md5_unchanged(tmp_path: Path) 
     assert store.partial_path.read_bytes() == b"12345"
 
 
+def test_a_sync_behind_persists_after_the_fsync_and_counts_only_once_settled(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    seen: list[tuple[bytes, int]] = []
+    with store.open_partial(0) as partial:
+        partial.write(b"hello ")
+
+        def after() -> None:  # what the flow runs there: persist the offset the fsync covers
+            seen.append((store.partial_path.read_bytes(), partial.durable_offset))
+
+        checkpoint = partial.sync_behind(after)
+        partial.write(b"world")  # the download goes on while the worker syncs
+        assert checkpoint.offset == 6
+        partial.settle(checkpoint)
+        assert partial.durable_offset == 6  # what was flushed before, not what came after
+        assert partial.offset == 11
+    # The worker ran after the flush, and before its offset counted as durable.
+    assert seen[0][0].startswith(b"hello ")
+    assert seen[0][1] == 0
+
+
+def test_a_failed_sync_behind_raises_on_settling_and_durability_stays(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, TaskType.FOTA)
+    with store.open_partial(0) as partial:
+        partial.write(b"hello")
+
+        def full_disk() -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        checkpoint = partial.sync_behind(full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            partial.settle(checkpoint)
+        assert partial.durable_offset == 0
+
+
 def test_partial_file_without_sync_keeps_its_durable_offset(tmp_path: Path) -> None:
     path = tmp_path / "p"
     partial = PartialFile(open_for_update(path), 0, hashlib.md5())

@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from onenet_ota.device import AsyncOtaClient, OtaClient
-from onenet_ota.device._core import Head, Outcome
+from onenet_ota.device._core import Call, Head, Outcome
 from onenet_ota.device._http import END, MAX_HEAD, Broken, Failure, ReplyParser
 from onenet_ota.device.errors import DownloadError, ProtocolError, TokenExpired
 from onenet_ota.device.events import DownloadedChunk, EventKind, OtaEvent
@@ -272,6 +273,73 @@ async def test_without_pipelining_the_pair_is_sequential(
     assert isinstance(check, Outcome)
     assert isinstance(download, Outcome)
     assert server.connections == 1
+
+
+# -- sent ahead: the request goes out before its reply is wanted ------------------------------
+
+
+async def _arrived(server: ScriptedServer, count: int) -> bool:
+    """Whether the server has read ``count`` requests, waiting up to 10 s for them (the
+    server reads in its own thread)."""
+    for _ in range(1000):
+        if len(server.requests) >= count:
+            return True
+        await anyio.sleep(0.01)
+    return False
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("pipeline", [False, True], ids=["one", "pipelined"])
+async def test_calls_sent_ahead_reach_the_server_before_their_replies_are_read(
+    client: OtaClient | AsyncOtaClient, server: ScriptedServer, pipeline: bool
+) -> None:
+    # What the upgrader's Prefetch relies on: the request is on the wire while the device
+    # writes the last chunk; the reply is read only when it is wanted.
+    server.add(envelope(0), CHUNK_REPLY)
+    core = client._core
+    calls: list[Call[Any]] = [core.check_token(TOKEN), core.download(TOKEN, 0, 100)]
+    sent = calls if pipeline else calls[:1]
+    if isinstance(client, AsyncOtaClient):
+        ahead = await client._send_ahead(sent, pipeline=pipeline)
+    else:
+        ahead = client._send_ahead(sent, pipeline=pipeline)
+    assert await _arrived(server, len(sent))
+    if isinstance(client, AsyncOtaClient):
+        results = await client._collect(ahead)
+        if not pipeline:
+            results += await client._exchange(calls[1:], pipeline=False)
+    else:
+        results = client._collect(ahead)
+        if not pipeline:
+            results += client._exchange(calls[1:], pipeline=False)
+    await close(client)
+    assert isinstance(results[0], Outcome)
+    assert isinstance(results[1], Outcome)
+    assert results[1].value.data == CHUNK
+    assert server.connections == 1  # the connection went back to the pool, and was reused
+
+
+@pytest.mark.anyio
+async def test_calls_sent_ahead_and_dropped_leave_no_reply_behind(
+    client: OtaClient | AsyncOtaClient, server: ScriptedServer
+) -> None:
+    # Dropped (the flow asked for something else): its connection is closed unread, so its
+    # reply can never be taken for the next call's.
+    server.add(envelope(0), CHUNK_REPLY, envelope(12))
+    core = client._core
+    calls: list[Call[Any]] = [core.check_token(TOKEN), core.download(TOKEN, 0, 100)]
+    if isinstance(client, AsyncOtaClient):
+        client._drop(await client._send_ahead(calls, pipeline=True))
+        assert await _arrived(server, 2)
+        with pytest.raises(TokenExpired):
+            await client.check_token(TOKEN)
+    else:
+        client._drop(client._send_ahead(calls, pipeline=True))
+        assert await _arrived(server, 2)
+        with pytest.raises(TokenExpired):
+            client.check_token(TOKEN)
+    await close(client)
+    assert server.connections == 2
 
 
 # -- keep_alive=False: a connection per call ---------------------------------------------------

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,7 +19,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onenet_ota.device import AsyncOtaClient, Credentials, DeviceConfig, OtaClient
+from onenet_ota.device import (
+    AsyncOtaClient,
+    Credentials,
+    DeviceConfig,
+    OtaClient,
+    OtaEvent,
+    PackageDownloaded,
+)
 from onenet_ota.device._flow import (
     CheckTask,
     CheckToken,
@@ -201,6 +209,147 @@ def test_resumed_download_failing_md5_is_downloaded_once_more(
     assert h.output.read_bytes() == package
     assert any("downloading again" in e.reason for e in h.of(Restarted))
     assert platform.status_reports == [101, 201]
+
+
+# -- overlap: the next request goes out before a chunk is written ----------------------------
+
+
+class _WriteLog:
+    """The partial package's file, noting which requests the platform had seen at each write."""
+
+    def __init__(self, file: BinaryIO, platform: FakePlatform, seen: list[list[str]]) -> None:
+        self._file = file
+        self._platform = platform
+        self._seen = seen
+
+    def write(self, data: bytes) -> int:
+        self._seen.append(list(self._platform.requests))
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._file, name)
+
+
+@pytest.mark.parametrize(
+    ("token_check", "pipeline", "before_writes", "downloads"),
+    [
+        # E5 before every chunk: the next chunk's E5 precedes the write (pipelined, its E6
+        # too: the drivers' tests show that on the wire).
+        (TokenCheck.EVERY_CHUNK, False, ["CheckToken", "CheckToken", "Download"], [1, 2, 3]),
+        # E5 once (fuse's habit): the next chunk's E6 precedes the write.
+        (TokenCheck.FIRST_CHUNK, False, ["Download", "Download", "Download"], [2, 3, 3]),
+    ],
+)
+def test_the_next_request_is_sent_before_a_chunk_is_written(
+    tmp_path: Path,
+    package: bytes,
+    token_check: TokenCheck,
+    pipeline: bool,
+    before_writes: list[str],
+    downloads: list[int],
+) -> None:
+    platform = FakePlatform(package)
+    h = harness(tmp_path, platform, progress_step=0, token_check=token_check, pipeline=pipeline)
+    h.prefetch = True  # the platform answers a prefetch when it is sent, as a server does
+    seen: list[list[str]] = []
+    h.opener = lambda path: _WriteLog(open_for_update(path), platform, seen)  # type: ignore[assignment,return-value]
+    result = h.run()
+    assert result is not None
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert h.output.read_bytes() == package
+    # Each chunk but the last is written once the next chunk's request went out.
+    assert [requests[-1] for requests in seen] == before_writes
+    assert [requests.count("Download") for requests in seen] == downloads
+
+
+def test_overlap_keeps_the_requests_and_their_order(tmp_path: Path) -> None:
+    """The same requests in the same order with and without overlap, progress reports
+    included: a chunk after which a report is due is written before the next check goes out."""
+    runs = []
+    for prefetch in (False, True):
+        platform = FakePlatform(package_bytes(100_000))
+        h = harness(tmp_path / str(prefetch), platform, chunk_size=5000, progress_step=25)
+        h.prefetch = prefetch
+        result = h.run()
+        assert result is not None
+        assert result.outcome is Outcome.SUCCEEDED, result.reason
+        runs.append((platform.requests, platform.accepted))
+    assert runs[0] == runs[1]
+    assert runs[1][1] == [25, 50, 75, 101, 201]
+
+
+def test_a_failed_write_after_a_prefetch_reports_and_uses_nothing_prefetched(
+    tmp_path: Path, package: bytes
+) -> None:
+    platform = FakePlatform(package)
+    h = harness(tmp_path, platform, progress_step=0)
+    h.prefetch = True
+    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    h.opener = lambda path: _FullDisk(open_for_update(path), 5000, error)  # type: ignore[assignment,return-value]
+    result = h.run()
+    assert result is not None
+    assert result.code is StatusCode.DOWNLOAD_NO_SPACE
+    assert platform.status_reports == [102]
+    # The third chunk's check went out before the second chunk's write failed; its answer was
+    # dropped unused and the failure reported next.
+    assert platform.requests == [
+        "PostVersion",
+        "CheckTask",
+        *["CheckToken", "Download"] * 2,
+        "CheckToken",
+        "Report",
+    ]
+
+
+def test_checkpoints_run_behind_the_download_and_resume_from_the_last_settled(
+    tmp_path: Path, package: bytes
+) -> None:
+    """A checkpoint's fsync and save run in a worker thread while the next chunk downloads;
+    a run interrupted after it resumes from the offset it made durable."""
+    platform = FakePlatform(package)
+    h = harness(tmp_path, platform, checkpoint_bytes=4096, progress_step=0)
+    threads: set[str] = set()
+    real_save = StateStore.save
+
+    def save(store: StateStore, state: Any) -> None:
+        threads.add(threading.current_thread().name)
+        real_save(store, state)
+
+    # Operations 0-5: E1, E3, E5, E6, E5, E6; the kill comes at the third chunk's E5.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StateStore, "save", save)
+        assert h.run(kill_after=6, reply_lost=False) is None
+    assert "onenet-ota-checkpoint" in threads
+    state = StateStore(tmp_path / "state", TaskType.FOTA).load()
+    assert state is not None
+    assert state.offset == 8192
+    assert (tmp_path / "state" / "fota.part").read_bytes()[:8192] == package[:8192]
+    result = h.run()
+    assert result is not None
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert result.resumed_from == 8192
+    assert h.output.read_bytes() == package
+
+
+def test_a_checkpoint_failing_behind_the_download_is_reported(
+    tmp_path: Path, package: bytes
+) -> None:
+    platform = FakePlatform(package)
+    h = harness(tmp_path, platform, checkpoint_bytes=4096, progress_step=0)
+    real_save = StateStore.save
+
+    def save(store: StateStore, state: Any) -> None:
+        if threading.current_thread().name == "onenet-ota-checkpoint":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(store, state)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StateStore, "save", save)
+        result = h.run()
+    assert result is not None
+    assert result.outcome is Outcome.FAILED
+    assert result.code is StatusCode.DOWNLOAD_NO_SPACE
+    assert platform.status_reports == [102]
 
 
 # -- platform answers ---------------------------------------------------------------------------
@@ -842,6 +991,34 @@ def test_sync_upgrader_drives_a_client(tmp_path: Path, package: bytes) -> None:
     assert (tmp_path / "fw.bin").read_bytes() == package
     assert isinstance(events[-1], Finished)
     assert platform.versions == ["1.0.0", "1.0.1"]
+
+
+def test_a_client_closed_mid_download_fails_the_run_instead_of_crashing_it(
+    tmp_path: Path, package: bytes
+) -> None:
+    # The next chunk's check cannot be sent ahead on a closed client: the flow meets the error
+    # where it judges errors (107, whose report fails too), not at the prefetch.
+    platform = FakePlatform(package)
+    with httpx2.Client(transport=_mock_platform(platform)) as http:
+        client: OtaClient
+
+        def close_after_a_chunk(event: OtaEvent) -> None:
+            if isinstance(event, PackageDownloaded):
+                client.close()
+
+        client = OtaClient(
+            _config(), base_url="http://ota.test", http_client=http, on_event=close_after_a_chunk
+        )
+        result = Upgrader(
+            client,
+            FileInstaller(tmp_path / "fw.bin"),
+            state_dir=tmp_path / "state",
+            options=UpgradeOptions(chunk_size=4096, retry=FAST, progress_step=0),
+        ).run()
+    assert result.outcome is Outcome.FAILED
+    assert "closed" in result.reason
+    assert platform.requests.count("Download") == 1
+    assert not (tmp_path / "fw.bin").exists()
 
 
 def test_sync_upgrader_retries_a_timeout_then_reports_104(tmp_path: Path, package: bytes) -> None:

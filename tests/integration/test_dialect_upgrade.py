@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import httpx2
@@ -54,22 +55,37 @@ def _data() -> bytes:
     return random.Random(os.urandom(16)).randbytes(100_003)  # not a multiple of any chunk size
 
 
+# Each check and the chunk after it one after the other, or pipelined on one connection (the
+# project's server pipelines): the platform's record must be the same.
+PIPELINE = pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
+
+
+@PIPELINE
 @pytest.mark.parametrize("device_level", [True, False], ids=["device-token", "product-token"])
 @pytest.mark.parametrize("dialect", NEW_DIALECTS, ids=str)
 def test_sync_upgrade_in_each_dialect(
-    platform: Platform, tmp_path: Path, dialect: Dialect, device_level: bool
+    platform: Platform, tmp_path: Path, dialect: Dialect, device_level: bool, pipeline: bool
 ) -> None:
     data = _data()
     world = platform.world(data=data)
     config = _config(world, dialect, device_level=device_level)
+    watch = platform.watch()
     with OtaClient(config, base_url=platform.api.url, timeout=10_000) as ota:
         result = Upgrader(
             ota,
             FileInstaller(tmp_path / "fw.bin"),
             state_dir=tmp_path / "state",
-            options=OPTIONS,
+            options=replace(OPTIONS, pipeline=pipeline),
             sleep=lambda seconds: None,
         ).run()
+        pipelining = ota._sender.pipelining  # type: ignore[attr-defined]
+    assert pipelining  # the project's server never made the client give pipelining up
+    # Studio checks before every chunk, fuse before the first (§13.7); no chunk asked twice.
+    paths = [r.path.rsplit("/", 1)[-1] for r in watch.requests]
+    chunks = -(-len(data) // OPTIONS.chunk_size)
+    assert paths.count("download") == chunks
+    if dialect is Dialect.STUDIO:
+        assert all(paths[i - 1] == "check" for i, p in enumerate(paths) if p == "download")
     assert result.outcome is Outcome.SUCCEEDED, result.reason
     assert result.target == TARGET
     assert (tmp_path / "fw.bin").read_bytes() == data
@@ -79,9 +95,10 @@ def test_sync_upgrade_in_each_dialect(
 
 
 @pytest.mark.anyio
+@PIPELINE
 @pytest.mark.parametrize("dialect", NEW_DIALECTS, ids=str)
 async def test_async_upgrade_in_each_dialect(
-    platform: Platform, tmp_path: Path, dialect: Dialect
+    platform: Platform, tmp_path: Path, dialect: Dialect, pipeline: bool
 ) -> None:
     data = _data()
     world = platform.world(data=data)
@@ -95,7 +112,7 @@ async def test_async_upgrade_in_each_dialect(
             ota,
             FileInstaller(tmp_path / "fw.bin"),
             state_dir=tmp_path / "state",
-            options=OPTIONS,
+            options=replace(OPTIONS, pipeline=pipeline),
             sleep=sleep,
         ).run()
     assert result.outcome is Outcome.SUCCEEDED, result.reason

@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -88,6 +88,7 @@ MAX_RANGE_SIZE = values.PACKAGE_SIZE_MAX
 # OneNET advises devices to fetch at least 2 bytes per request (§6.6.1, §10).
 MIN_RANGE_SIZE = 2
 _MAX_TOKEN_LEN = 64
+_BUILT_MAX = 16  # requests kept by ClientCore._cached: a few per task, a task or two at a time
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{1,64}")
 
 
@@ -97,16 +98,28 @@ class Head:
 
     status: int
     headers: tuple[tuple[str, str], ...] = ()
+    # The values by lower-case name, built once: every reply is looked up several times
+    # (framing, Content-Length, Content-Range...), and the client's CPU per request counts.
+    _index: dict[str, list[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index: dict[str, list[str]] = {}
+        for key, value in self.headers:
+            index.setdefault(key.lower(), []).append(value)
+        object.__setattr__(self, "_index", index)
 
     def get_all(self, name: str) -> list[str]:
         """Every value of header ``name``."""
-        lowered = name.lower()
-        return [value for key, value in self.headers if key.lower() == lowered]
+        return list(self._index.get(name.lower(), ()))
 
     def get(self, name: str) -> str | None:
         """The first value of header ``name``, or None."""
-        found = self.get_all(name)
+        found = self._index.get(name.lower())
         return found[0] if found else None
+
+    def first_values(self) -> dict[str, str]:
+        """The first value of each header, stripped, by lower-case name (as framing reads them)."""
+        return {name: values[0].strip() for name, values in self._index.items()}
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -154,17 +167,22 @@ class BodyReader(Generic[T]):
         self._head = head
         self._limit = limit
         self._overflow = overflow
-        self._body = bytearray()
+        # The pieces as they came, joined once at the end: a chunk's bytes are copied once
+        # here, not once per piece and again into the result.
+        self._pieces: list[bytes] = []
+        self._size = 0
 
     def feed(self, data: bytes) -> None:
         """Add body bytes; raises :class:`ProtocolError` once they exceed the limit."""
-        self._body += data
-        if len(self._body) > self._limit:
+        self._size += len(data)
+        if self._size > self._limit:
             raise self._call.protocol_error(self._overflow)
+        self._pieces.append(data)
 
     def finish(self) -> Outcome[T]:
         """Decode the complete body."""
-        return self._call.finish(self._head, bytes(self._body))
+        # A body that came in one piece is that piece itself (bytes.join does not copy one).
+        return self._call.finish(self._head, b"".join(self._pieces))
 
 
 class Call(ABC, Generic[T]):
@@ -172,6 +190,7 @@ class Call(ABC, Generic[T]):
 
     def __init__(self, request: WireRequest) -> None:
         self.request = request
+        self._known_length: tuple[Head, int | None] | None = None
 
     @property
     def endpoint(self) -> AnyEndpoint:
@@ -209,6 +228,14 @@ class Call(ABC, Generic[T]):
         return self._decode(head, body, length)
 
     def _content_length(self, head: Head) -> int | None:
+        known = self._known_length
+        if known is not None and known[0] is head:  # begin() and finish() read the same head
+            return known[1]
+        length = self._parse_content_length(head)
+        self._known_length = (head, length)
+        return length
+
+    def _parse_content_length(self, head: Head) -> int | None:
         found = {value.strip() for value in head.get_all("Content-Length")}
         if not found:
             return None
@@ -296,6 +323,7 @@ class DownloadCall(Call[DownloadedChunk]):
         self.size = size
         self.known_total = known_total
         self.exact_start = exact_start
+        self._known_served: tuple[Head, tuple[int, int, int, bool]] | None = None
 
     @property
     def end(self) -> int:
@@ -316,6 +344,14 @@ class DownloadCall(Call[DownloadedChunk]):
 
     def _served(self, head: Head, length: int) -> tuple[int, int, int, bool]:
         """(start, end, total, partial) that the head announces, checked against the request."""
+        known = self._known_served
+        if known is not None and known[0] is head:  # checked in _body_limit, used in _decode
+            return known[1]
+        served = self._check_served(head, length)
+        self._known_served = (head, served)
+        return served
+
+    def _check_served(self, head: Head, length: int) -> tuple[int, int, int, bool]:
         content_range = head.get("Content-Range")
         if content_range is None:
             if head.status == 206:
@@ -495,10 +531,7 @@ class TidDownloadCall(Call[DownloadedChunk]):
 
 def _lower(head: Head) -> dict[str, str]:
     """The head's headers by lower-case name (the first value of each), as framing reads them."""
-    found: dict[str, str] = {}
-    for name, value in head.headers:
-        found.setdefault(name.lower(), value.strip())
-    return found
+    return head.first_values()
 
 
 def _data(envelope: Envelope) -> dict[str, Any]:
@@ -541,6 +574,20 @@ class ClientCore:
         self.timeout = timeout
         self.scheme, self.origin, self.prefix = _split_base_url(base_url)
         self.last_task: AnyTask | None = None
+        # Requests that are the same every time they are built (a chunk's token check, the URL
+        # and fixed headers of its download), kept for the few tasks a device works on: an
+        # upgrade asks for them thousands of times. Bounded, and filled only by the device's
+        # own calls.
+        self._built: dict[tuple[Any, ...], Any] = {}
+        self._json_head: tuple[tuple[str, str], ...] = (
+            # The C SDK's order and casing; Content-Type even on GETs (§8.1).
+            ("Content-Type", "application/json"),
+            ("Authorization", config.credentials.authorization),
+            # This client reads raw bytes (download lengths are checked against them), so it
+            # asks for no content coding.
+            ("Accept-Encoding", "identity"),
+            *(() if config.keep_alive else (("Connection", "close"),)),
+        )
 
     @property
     def dialect(self) -> Dialect:
@@ -550,15 +597,16 @@ class ClientCore:
     # -- request building ------------------------------------------------------------------
 
     def _json_headers(self) -> tuple[tuple[str, str], ...]:
-        # The C SDK's order and casing; Content-Type even on GETs (§8.1).
-        return (
-            ("Content-Type", "application/json"),
-            ("Authorization", self.config.credentials.authorization),
-            # This client reads raw bytes (download lengths are checked against them), so it asks
-            # for no content coding.
-            ("Accept-Encoding", "identity"),
-            *self._connection_header(),
-        )
+        return self._json_head
+
+    def _cached(self, key: tuple[Any, ...], build: Callable[[], T]) -> T:
+        """``build()``'s value, kept under ``key`` (see ``_built``)."""
+        found: T | None = self._built.get(key)
+        if found is None:
+            if len(self._built) >= _BUILT_MAX:
+                self._built.clear()
+            found = self._built[key] = build()
+        return found
 
     def _connection_header(self) -> tuple[tuple[str, str], ...]:
         """``Connection: close`` when the configuration asks for a connection per request."""
@@ -683,7 +731,10 @@ class ClientCore:
             )
         spec = self._spec(Operation.CHECK_STATE)
         tid = self._tid(tid, spec)
-        spec, request = self._tid_request(Operation.CHECK_STATE, "GET", None, timeout_ms, tid=tid)
+        spec, request = self._cached(
+            (Operation.CHECK_STATE, tid, timeout_ms),
+            lambda: self._tid_request(Operation.CHECK_STATE, "GET", None, timeout_ms, tid=tid),
+        )
 
         def done(envelope: Envelope, body: bytes) -> Outcome[int]:
             status = parse_status_data(envelope.data)
@@ -825,13 +876,16 @@ class ClientCore:
         endpoint = Endpoint.CHECK_TOKEN
         self._classic_only(endpoint, "check the tid with task_status")
         _check_token(token, endpoint)
-        request = self._request(
-            endpoint,
-            "GET",
-            path_for(endpoint, token),
-            [("dev_id", self._dev_id(endpoint))],
-            None,
-            timeout_ms,
+        request = self._cached(
+            (endpoint, token, timeout_ms),
+            lambda: self._request(
+                endpoint,
+                "GET",
+                path_for(endpoint, token),
+                [("dev_id", self._dev_id(endpoint))],
+                None,
+                timeout_ms,
+            ),
         )
 
         def done(envelope: Envelope, body: bytes) -> Outcome[None]:
@@ -874,16 +928,11 @@ class ClientCore:
             )
         last = self.last_task
         task = last if isinstance(last, TaskInfo) and last.token == token else None
-        path = path_for(endpoint, token)
-        headers: list[tuple[str, str]] = []
-        if task is not None and task.ip_port is not None:
-            # D10: download from ipPort with the API's scheme. The Authorization value is not
-            # sent to that other host: E6 is authenticated by its path token alone (D5).
-            url = f"{self.scheme}://{task.ip_port}{path}"
-        else:
-            url = f"{self.origin}{self.prefix}{path}"
-            # The C SDK sends Authorization on E6; the server ignores it (D5, §8.1).
-            headers.append(("Authorization", self.config.credentials.authorization))
+        url, authorization = self._cached(
+            (endpoint, token, None if task is None else task.ip_port),
+            lambda: self._download_target(token, task),
+        )
+        headers: list[tuple[str, str]] = [*authorization]
         known_total = task.size if task is not None else None
         if self._ranged(range_start, range_size, known_total):
             # The unit-less form OneNET documents and the C SDK sends (§10); no Content-Type
@@ -909,6 +958,19 @@ class ClientCore:
             known_total=known_total,
             exact_start=exact_start,
         )
+
+    def _download_target(
+        self, token: str, task: TaskInfo | None
+    ) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """E6's URL for ``token`` and the Authorization header it carries (if any)."""
+        path = path_for(Endpoint.DOWNLOAD, token)
+        if task is not None and task.ip_port is not None:
+            # D10: download from ipPort with the API's scheme. The Authorization value is not
+            # sent to that other host: E6 is authenticated by its path token alone (D5).
+            return f"{self.scheme}://{task.ip_port}{path}", ()
+        # The C SDK sends Authorization on E6; the server ignores it (D5, §8.1).
+        authorization = ("Authorization", self.config.credentials.authorization)
+        return f"{self.origin}{self.prefix}{path}", (authorization,)
 
     def report_status(self, token: TaskRef, code: int, timeout_ms: int | None = None) -> Call[None]:
         """E7: report progress 0-100 or a status code 101-107/201-208 (§6.7); S-R / F-R with
@@ -1033,7 +1095,10 @@ class ClientCore:
             )
         # §13.7: the end is clamped to size-1, so the served range can equal the request.
         end = min(range_start + range_size, limit) - 1
-        _, json_request = self._tid_request(Operation.DOWNLOAD, "GET", None, timeout_ms, tid=tid)
+        _, json_request = self._cached(
+            (Operation.DOWNLOAD, tid, timeout_ms),
+            lambda: self._tid_request(Operation.DOWNLOAD, "GET", None, timeout_ms, tid=tid),
+        )
         # §13.7: the bytes= form; ranges.format_request_range gives the unit-less value.
         range_ = ("Range", "bytes=" + ranges.format_request_range(range_start, end))
         headers = (

@@ -7,12 +7,14 @@ result; a failed operation is thrown back into it as the client's exception
 (:mod:`onenet_ota.device.errors`). The sync and async upgraders (:mod:`onenet_ota.device.upgrader`)
 only perform the operations, the way httpx drives its auth flows. Local disk I/O (the state
 directory) happens here, synchronously: it is bounded by the checkpoint size and a device's disk
-is local.
+is local. The exception is the periodic checkpoint during the download, whose fsync and state
+save run in a worker thread while the next chunks download (:meth:`UpgradeFlow._checkpoint_behind`).
 
 The flow (spec §7, §10)::
 
-    E1 post version -> E3 check task -> gate (signal, power) -> for each chunk: E5, E6, write
-    -> checkpoint (fsync, persist offset) -> verify size and MD5 -> persist VERIFIED -> E7 101
+    E1 post version -> E3 check task -> gate (signal, power) -> for each chunk: E5, E6,
+    (the next chunk's E5 sent: Prefetch) write -> checkpoint (fsync, persist offset)
+    -> verify size and MD5 -> persist VERIFIED -> E7 101
     -> gate (power) -> install -> persist INSTALLED -> E7 201 -> E1 the new version -> clear
 
 Every way out is one :class:`UpgradeResult`. A failure the platform must hear about is reported
@@ -78,7 +80,14 @@ from onenet_ota.device.errors import (
 from onenet_ota.device.events import DownloadedChunk
 from onenet_ota.device.install import InstallError
 from onenet_ota.device.retry import PauseLimitReached, Retry, RetryExhausted
-from onenet_ota.device.state import PartialFile, Phase, StateError, StateStore, UpgradeState
+from onenet_ota.device.state import (
+    Checkpoint,
+    PartialFile,
+    Phase,
+    StateError,
+    StateStore,
+    UpgradeState,
+)
 from onenet_ota.protocol.codes import Dialect, OtaErrno
 from onenet_ota.protocol.download import DownloadError as DownloadErrorCode
 from onenet_ota.protocol.errno import Errno
@@ -96,6 +105,7 @@ __all__ = [
     "Operation",
     "Outcome",
     "PostVersion",
+    "Prefetch",
     "Progress",
     "Report",
     "Reported",
@@ -175,6 +185,21 @@ class CheckToken:
 
 
 @dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Send ``op`` now and return at once, without waiting for its reply.
+
+    The flow yields it just before it writes and hashes a chunk, with the operation it will ask
+    for next (the next chunk's check, or the next chunk), so that the server works on that while
+    the device works on its disk. The driver hands ``op``'s result to the flow only when the next
+    operation is exactly ``op``; when it is anything else, the driver drops what it sent (its
+    reply is never used) and performs that operation. A driver may also ignore a prefetch and
+    return None: the flow then waits for ``op`` as for any operation.
+    """
+
+    op: CheckToken | Download
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """E7 with ``code``: progress 0-99 or a status code."""
 
@@ -198,7 +223,9 @@ class Sleep:
     seconds: float
 
 
-Operation = PostVersion | CheckTask | Tasking | CheckToken | Download | Report | Install | Sleep
+Operation = (
+    PostVersion | CheckTask | Tasking | CheckToken | Download | Prefetch | Report | Install | Sleep
+)
 
 
 # -- configuration and results ----------------------------------------------------------------
@@ -282,11 +309,16 @@ class UpgradeOptions:
       confirms with E4 (S-T, F-T) that the task is upgrading and counts 101 as delivered.
       Off by default: §5.5 and §13.5 say a device that reported 100 does not also send 101.
     - ``pipeline``: send each chunk's token check and its download back to back on one
-      connection (HTTP/1.1 pipelining), saving a round trip per chunk. The check still comes
-      first and the chunk is used only when it passed. Off by default: OneNET's own servers, and
-      other third-party ones, may not pipeline (a server that answers the first request and
-      closes is detected, and the client goes back to one request at a time). Classic only;
-      Studio and fuse ignore it.
+      connection (HTTP/1.1 pipelining), saving a round trip per chunk: E5 and E6 on classic,
+      S-T and S-D on Studio, F-T and F-D on fuse (whose check comes only before the first chunk
+      and after a failed one, §13.7). The check still comes first and the chunk is used only
+      when it passed. Off by default: OneNET's own servers, and other third-party ones, may not
+      pipeline (a server that answers the first request and closes is detected, and the client
+      goes back to one request at a time).
+
+    Whatever the options, the next chunk's request (or its check) is sent before the chunk
+    just received is written and hashed (:class:`Prefetch`), so the server and the device's
+    disk work at the same time; the requests and their order on the wire are the same.
     """
 
     chunk_size: int = 64 * 1024
@@ -592,6 +624,7 @@ class UpgradeFlow:
         self._resumed_from = 0
         self._verified_this_run = False
         self._refreshes = 0
+        self._behind: Checkpoint | None = None  # see _checkpoint_behind
         self.dialect = Dialect(dialect)
         self.token_check = options.token_check or DEFAULT_TOKEN_CHECK[self.dialect]
 
@@ -705,17 +738,21 @@ class UpgradeFlow:
 
     def _save(self, **changes: Any) -> None:
         """Update the state and persist it; OSError propagates (the caller maps it to a code)."""
+        self._settle()
         self.state = replace(self._require_state(), **changes)
         self.store.save(self.state)
 
     def _save_quietly(self, **changes: Any) -> None:
         """Update and persist if the disk lets us; a failure only costs durability."""
+        with contextlib.suppress(OSError):
+            self._settle()
         self.state = replace(self._require_state(), **changes)
         with contextlib.suppress(OSError):
             self.store.save(self.state)
 
     def _checkpoint(self) -> None:
         """fsync the partial package, then persist the offset it covers (never the reverse)."""
+        self._settle()
         partial = self._partial
         state = self.state
         if partial is None or state is None or state.phase is not Phase.DOWNLOADING:
@@ -725,6 +762,32 @@ class UpgradeFlow:
         partial.sync()
         self._save(offset=partial.durable_offset)
 
+    def _checkpoint_behind(self) -> None:
+        """:meth:`_checkpoint` in a worker thread, while the download goes on: the fsync of
+        the partial package, then the state with the offset it covers. The offset counts as
+        durable only once :meth:`_settle` saw both done (the next checkpoint, any save, the
+        end of the download, closing the file); until then a restart resumes from the one
+        before, as it would after a power cut in the middle of a checkpoint."""
+        self._settle()
+        partial = self._partial
+        assert partial is not None
+        snapshot = replace(self._require_state(), offset=partial.offset)
+        store = self.store
+        self._behind = partial.sync_behind(lambda: store.save(snapshot))
+
+    def _settle(self) -> None:
+        """Wait for the checkpoint running behind the download, if any, and take its offset
+        as the state's. Raises its :class:`OSError` (the offset then stays where it was)."""
+        behind, self._behind = self._behind, None
+        if behind is None:
+            return
+        partial = self._partial
+        assert partial is not None, "the partial package is closed only after settling"
+        partial.settle(behind)
+        state = self._require_state()
+        if state.phase is Phase.DOWNLOADING and behind.offset > state.offset:
+            self.state = replace(state, offset=behind.offset)
+
     def _checkpoint_quietly(self) -> None:
         # the durable offset stays where it was; a restart repeats the rest
         with contextlib.suppress(OSError, MemoryError):
@@ -732,6 +795,8 @@ class UpgradeFlow:
 
     def _close_partial(self) -> None:
         if self._partial is not None:
+            with contextlib.suppress(OSError):
+                self._settle()  # the worker's fsync must not outlive the file's descriptor
             with contextlib.suppress(OSError):
                 self._partial.close()
             self._partial = None
@@ -1012,6 +1077,12 @@ class UpgradeFlow:
             if got is None:  # the task was refreshed or a chunk failed: check the task first
                 needs_check = True
                 continue
+            ahead = self._next_request(partial.offset + len(got))
+            if ahead is not None:
+                # The next chunk's request goes out before this one is written and hashed: the
+                # server answers while the disk works. Its reply is used only if the flow asks
+                # for exactly that next (Prefetch), so a failed write still stops here.
+                yield Prefetch(ahead)
             partial.write(got)
             self._downloaded += len(got)
             self.retry = self.retry.reset()
@@ -1019,19 +1090,32 @@ class UpgradeFlow:
             size = state.task.size
             self._emit(Progress(downloaded=partial.offset, total=size))
             if partial.offset - partial.durable_offset >= self.options.checkpoint_bytes:
-                self._checkpoint()
+                self._checkpoint_behind()
             yield from self._report_progress(partial.offset, size)
+
+    def _next_request(self, offset: int) -> CheckToken | Download | None:
+        """What the download loop asks for once the chunk ending at ``offset`` is written, if
+        that is known now: the next chunk's check, or the chunk itself when the dialect checks
+        only after a failure. None when something else comes first (a progress report, the
+        verification)."""
+        state = self._require_state()
+        size = state.task.size
+        if offset >= size or self._progress_due(offset, size) is not None:
+            return None
+        if self.token_check is TokenCheck.EVERY_CHUNK:
+            return self._chunk_check(offset)
+        return self._planned_download(offset)
+
+    def _chunk_check(self, start: int) -> CheckToken:
+        """E5 (S-T, F-T) before the chunk at ``start``, with that chunk when pipelining."""
+        then = self._planned_download(start) if self.options.pipeline else None
+        return CheckToken(self._require_state().task.token, then)
 
     def _token_check(self, start: int) -> Flow[None]:
         """E5 before the chunk at ``start`` (§6.5, §10's errno table)."""
-
-        def check() -> CheckToken:
-            then = self._planned_download(start) if self.options.pipeline else None
-            return CheckToken(self._require_state().task.token, then)
-
         while True:
             try:
-                yield from self._call("check token", check)
+                yield from self._call("check token", lambda: self._chunk_check(start))
                 self._check_deadline()
                 return
             except (TokenExpired, NoValidToken) as exc:
@@ -1168,16 +1252,23 @@ class UpgradeFlow:
     def _check_op(self) -> CheckToken:
         return CheckToken(self._require_state().task.token)
 
-    def _report_progress(self, offset: int, size: int) -> Flow[None]:
+    def _progress_due(self, offset: int, size: int) -> int | None:
+        """The progress value to report once ``offset`` bytes are written, or None."""
         step = self.options.progress_step
         if step == 0:
-            return
+            return None
         percent = offset * 100 // size
         value = percent - percent % step
-        state = self._require_state()
         # 0-99 only: 100 would replace 101, and the SDK sends 101 (§5.5).
-        if value <= state.progress or value <= 0 or value >= 100:
+        if value <= self._require_state().progress or value <= 0 or value >= 100:
+            return None
+        return value
+
+    def _report_progress(self, offset: int, size: int) -> Flow[None]:
+        value = self._progress_due(offset, size)
+        if value is None:
             return
+        state = self._require_state()
         try:
             yield Report(state.task.token, value)
         except TaskFinished:

@@ -283,7 +283,8 @@ class Exchange:
                         self._finish_current(Failure(exc))
                         self._abandon("the connection was dropped after an oversized reply")
             elif type(event) is Head:
-                logger.debug("%s: HTTP %s", endpoint_label(self.current.endpoint), event.status)
+                if logger.isEnabledFor(logging.DEBUG):  # the label costs more than the rest
+                    logger.debug("%s: HTTP %s", endpoint_label(self.current.endpoint), event.status)
                 self._head = event
                 try:
                     self._reader = self.current.begin(event)

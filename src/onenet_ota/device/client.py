@@ -25,7 +25,7 @@ from onenet_ota.device._http import Failure, Result
 from onenet_ota.device.config import DEFAULT_BASE_URLS, DeviceConfig, Timeout
 from onenet_ota.device.errors import ClientClosedError, InvalidArgumentError
 from onenet_ota.device.events import AsyncEventCallback, DownloadedChunk, EventCallback, OtaEvent
-from onenet_ota.device.transport import AsyncTransport, SyncTransport
+from onenet_ota.device.transport import AsyncTransport, InFlight, SyncTransport
 from onenet_ota.protocol.codes import Dialect
 from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
 
@@ -84,6 +84,22 @@ class _AsyncSender(Protocol):
         self, calls: Sequence[Call[Any]], *, pipeline: bool = False
     ) -> list[Result]: ...
     async def aclose(self) -> None: ...
+
+
+class Ahead:
+    """Calls sent ahead of their use (:meth:`OtaClient._send_ahead`), not yet read.
+
+    ``flight`` is what the SDK's own transport has on the wire; None when the transport cannot
+    split a send from its read (an injected httpx2 client): the calls then go out when their
+    results are asked for.
+    """
+
+    __slots__ = ("calls", "flight", "pipeline")
+
+    def __init__(self, calls: list[Call[Any]], pipeline: bool, flight: InFlight | None) -> None:
+        self.calls = calls
+        self.pipeline = pipeline
+        self.flight = flight
 
 
 def _value(result: Result) -> Outcome[Any]:
@@ -238,6 +254,36 @@ class OtaClient(_ClientBase):
         if outcome.event is not None and self._on_event is not None:
             self._on_event(outcome.event)
         return outcome.value
+
+    def _exchange(self, calls: list[Call[Any]], *, pipeline: bool) -> list[Result]:
+        """``calls`` on one connection (pipelined when ``pipeline`` and the transport can);
+        their results, undelivered (:meth:`_deliver`)."""
+        self._check_open(calls[0], self._sender)
+        return self._sender.exchange(calls, pipeline=pipeline)
+
+    def _send_ahead(self, calls: list[Call[Any]], *, pipeline: bool) -> Ahead:
+        """Send ``calls`` without reading their replies; :meth:`_collect` reads them later,
+        :meth:`_drop` forgets them. Never raises for a failure to send: :meth:`_collect`
+        gives it as the calls' results."""
+        self._check_open(calls[0], self._sender)
+        sender = self._sender
+        flight = (
+            sender.start(calls, pipeline=pipeline) if isinstance(sender, SyncTransport) else None
+        )
+        return Ahead(calls, pipeline, flight)
+
+    def _collect(self, ahead: Ahead) -> list[Result]:
+        """The results of calls sent with :meth:`_send_ahead`, undelivered."""
+        if ahead.flight is None:
+            return self._exchange(ahead.calls, pipeline=ahead.pipeline)
+        assert isinstance(self._sender, SyncTransport)
+        return self._sender.finish(ahead.flight)
+
+    def _drop(self, ahead: Ahead) -> None:
+        """Forget calls sent with :meth:`_send_ahead`: their replies are never read."""
+        if ahead.flight is not None:
+            assert isinstance(self._sender, SyncTransport)
+            self._sender.abandon(ahead.flight)
 
     def _check_and_download(
         self, token: str, range_start: int, range_size: int, *, pipeline: bool
@@ -408,6 +454,32 @@ class AsyncOtaClient(_ClientBase):
         if outcome.event is not None and self._on_event is not None:
             await self._deliver(outcome.event)
         return outcome.value
+
+    async def _exchange(self, calls: list[Call[Any]], *, pipeline: bool) -> list[Result]:
+        """See :meth:`OtaClient._exchange`."""
+        self._check_open(calls[0], self._sender)
+        return await self._sender.exchange(calls, pipeline=pipeline)
+
+    async def _send_ahead(self, calls: list[Call[Any]], *, pipeline: bool) -> Ahead:
+        """See :meth:`OtaClient._send_ahead`."""
+        self._check_open(calls[0], self._sender)
+        sender = self._sender
+        if isinstance(sender, AsyncTransport):
+            return Ahead(calls, pipeline, await sender.start(calls, pipeline=pipeline))
+        return Ahead(calls, pipeline, None)
+
+    async def _collect(self, ahead: Ahead) -> list[Result]:
+        """See :meth:`OtaClient._collect`."""
+        if ahead.flight is None:
+            return await self._exchange(ahead.calls, pipeline=ahead.pipeline)
+        assert isinstance(self._sender, AsyncTransport)
+        return await self._sender.finish(ahead.flight)
+
+    def _drop(self, ahead: Ahead) -> None:
+        """See :meth:`OtaClient._drop`."""
+        if ahead.flight is not None:
+            assert isinstance(self._sender, AsyncTransport)
+            self._sender.abandon(ahead.flight)
 
     async def _check_and_download(
         self, token: str, range_start: int, range_size: int, *, pipeline: bool

@@ -13,6 +13,7 @@ finished), so it must be idempotent: installing the same package twice leaves th
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -63,6 +64,33 @@ class AsyncInstaller(Protocol):
         ...  # pragma: no cover - protocol
 
 
+_NO_KERNEL_COPY = frozenset(
+    {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOTSOCK, errno.EXDEV}
+)
+
+
+def _kernel_copy(src: int, out: int) -> bool:
+    """Copy file ``src`` to the empty file ``out`` with ``sendfile`` (the kernel moves the
+    bytes; the package does not pass through Python's buffers, which cost the device a second
+    copy of every byte). False, with nothing written, where the system cannot do that."""
+    sendfile = getattr(os, "sendfile", None)
+    if sendfile is None:
+        return False
+    size = os.fstat(src).st_size
+    offset = 0
+    while offset < size:
+        try:
+            sent = sendfile(out, src, offset, size - offset)
+        except OSError as exc:
+            if offset == 0 and exc.errno in _NO_KERNEL_COPY:
+                return False
+            raise
+        if sent == 0:  # the package shrank under us: a short copy fails the install
+            raise OSError(errno.EIO, "the package ended early while being copied")
+        offset += sent
+    return True
+
+
 class FileInstaller:
     """Places the package at ``target`` atomically: a reader sees the old file or the new one.
 
@@ -89,7 +117,8 @@ class FileInstaller:
             raise InstallError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
         try:
             with os.fdopen(fd, "wb") as out, package.open("rb") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
+                if not _kernel_copy(src.fileno(), out.fileno()):
+                    shutil.copyfileobj(src, out, 1 << 20)
                 out.flush()
                 os.fchmod(out.fileno(), self.mode)
                 os.fsync(out.fileno())

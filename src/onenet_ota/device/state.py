@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -56,6 +57,7 @@ except ImportError:  # pragma: no cover - not POSIX; the lock degrades to a no-o
 __all__ = [
     "FORMAT",
     "KEEP_QUARANTINED",
+    "Checkpoint",
     "Opener",
     "PartialFile",
     "Phase",
@@ -270,6 +272,20 @@ class PartialFile:
         self._durable = self._offset
         return self._durable
 
+    def sync_behind(self, after: Callable[[], None]) -> Checkpoint:
+        """Flush, then fsync and run ``after`` in a worker thread, while this thread goes on
+        writing. The bytes up to the current offset become durable when the returned
+        :class:`Checkpoint` is settled (:meth:`settle`), never before; ``after`` (persisting
+        the offset) runs only once the fsync succeeded. The file must not be closed before."""
+        self._file.flush()
+        return Checkpoint(self, self._offset, after)
+
+    def settle(self, checkpoint: Checkpoint) -> None:
+        """Wait for ``checkpoint``; its offset is durable once this returns (it raises the
+        worker's :class:`OSError` otherwise, and the durable offset stays where it was)."""
+        checkpoint.wait()
+        self._durable = max(self._durable, checkpoint.offset)
+
     def hexdigest(self) -> str:
         """The MD5 of bytes 0..offset-1, lower-case hex."""
         digest: str = self._md5.hexdigest()
@@ -284,6 +300,34 @@ class PartialFile:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class Checkpoint:
+    """An fsync of the partial package, then ``after`` (persisting the offset it covers), in a
+    worker thread: on a device's flash an fsync takes milliseconds, in which the next chunks
+    download. See :meth:`PartialFile.sync_behind`."""
+
+    def __init__(self, partial: PartialFile, offset: int, after: Callable[[], None]) -> None:
+        self.offset = offset
+        self._fd = partial._file.fileno()
+        self._after = after
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="onenet-ota-checkpoint")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            os.fsync(self._fd)  # never the reverse order: the offset never claims unsynced bytes
+            self._after()
+        except BaseException as exc:  # handed to the flow's thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Until the worker is done; raises what it raised."""
+        self._thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 class StateStore:

@@ -19,6 +19,11 @@ which connection and what to retry.
   (one that does not pipeline) leaves the rest unanswered: they are sent again, one at a time,
   and the transport stops pipelining for the rest of its life. Each call's result is final once
   its reply arrived, so no reply is reported twice.
+- **Sent ahead.** :meth:`SyncTransport.start` sends (the first batch of) the calls and returns;
+  :meth:`SyncTransport.finish` reads their replies later, so the caller works while the server
+  answers (the upgrader writes and hashes a chunk while the next one is in flight);
+  :meth:`SyncTransport.abandon` closes the connection of calls whose replies are not wanted.
+  :meth:`SyncTransport.exchange` is the two at once.
 - **Time.** Each call's whole exchange (connect, write, read) is bounded by its
   :class:`~onenet_ota.device.config.Timeout`; the connect alone by ``connect_ms``.
 - **TLS** with verification (the system's CA store, or a CA file) or without it.
@@ -242,20 +247,70 @@ class _SyncConn:
             self.sock.close()
 
 
+class _Sent:
+    """A batch written on its connection whose replies are still to be read."""
+
+    __slots__ = ("batch", "conn", "exchange", "origin")
+
+    def __init__(self, batch: list[int], origin: Origin, conn: Any, exchange: Exchange) -> None:
+        self.batch = batch
+        self.origin = origin
+        self.conn = conn
+        self.exchange = exchange
+
+
+class InFlight:
+    """Calls a transport has sent (:meth:`SyncTransport.start`) and not yet read the replies
+    of; :meth:`SyncTransport.finish` reads them, :meth:`SyncTransport.abandon` drops them."""
+
+    __slots__ = ("plan", "sent")
+
+    def __init__(self, plan: _Plan, sent: _Sent | None) -> None:
+        self.plan = plan
+        self.sent = sent
+
+
 class SyncTransport(_Base):
     """Blocking sockets. ``tls`` is the context for ``https`` origins (None: refuse them)."""
 
     def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]:
         """Send ``calls`` and read their replies; their results in order (never raises an
         :class:`OtaError`: each call's error is in its result)."""
+        return self.finish(self.start(calls, pipeline=pipeline))
+
+    def start(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> InFlight:
+        """Send the first batch of ``calls`` (all of them when pipelining) without reading.
+
+        The caller does other work while the server answers, then :meth:`finish` reads the
+        replies (and sends what could not go in the first batch). Never raises an
+        :class:`OtaError`: a failure to connect or write is the result :meth:`finish` gives.
+        """
         plan = _Plan(calls, pipeline and not self._no_pipelining)
+        batch = plan.next_batch()
+        return InFlight(plan, self._send(plan, batch) if batch else None)
+
+    def finish(self, flight: InFlight) -> list[Result]:
+        """Read the replies of what :meth:`start` sent; every call's result, in order."""
+        plan, sent = flight.plan, flight.sent
+        flight.sent = None
+        if sent is not None:
+            self._receive(plan, sent)
         while batch := plan.next_batch():
-            self._run(plan, batch)
+            sent = self._send(plan, batch)
+            if sent is not None:
+                self._receive(plan, sent)
         if plan.refused_pipelining:
             self._no_pipelining = True
         return plan.finished()
 
-    def _run(self, plan: _Plan, batch: list[int]) -> None:
+    def abandon(self, flight: InFlight) -> None:
+        """Drop what :meth:`start` sent: its connection is closed without reading the replies
+        (a reply half read could not be told from the next one)."""
+        sent, flight.sent = flight.sent, None
+        if sent is not None:
+            sent.conn.close()
+
+    def _send(self, plan: _Plan, batch: list[int]) -> _Sent | None:
         first = plan.calls[batch[0]]
         origin = plan.targets[batch[0]][0]
         conn = self._pool.take(origin) if self._keep_alive else None
@@ -264,18 +319,27 @@ class SyncTransport(_Base):
                 conn = self._connect(origin, first, plan.deadlines[batch[0]])
             except OtaError as error:
                 plan.results[batch[0]] = Failure(error, cause=error.__cause__)
-                return
+                return None
         exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
-        sock = conn.sock
-        quickack = _TCP_QUICKACK if len(batch) > 1 else None
         try:
-            sock.settimeout(max(plan.deadlines[batch[0]] - time.monotonic(), 0.001))
-            sock.sendall(self._payload(plan, batch))
+            conn.sock.settimeout(max(plan.deadlines[batch[0]] - time.monotonic(), 0.001))
+            conn.sock.sendall(self._payload(plan, batch))
+            if len(batch) > 1 and _TCP_QUICKACK is not None:
+                # The replies may arrive before the caller reads them (start, then other
+                # work): acknowledge them at once all the same (see _TCP_QUICKACK).
+                with contextlib.suppress(OSError):
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         except OSError as exc:
             # Nothing was read yet: a kept connection the server had closed fails here too.
             timed_out = isinstance(exc, TimeoutError | socket.timeout)
             problem = _io_error(first, exc, got_head=False)
             exchange.fail(problem, unanswered=not timed_out, cause=exc)
+        return _Sent(batch, origin, conn, exchange)
+
+    def _receive(self, plan: _Plan, sent: _Sent) -> None:
+        batch, conn, exchange = sent.batch, sent.conn, sent.exchange
+        sock = conn.sock
+        quickack = _TCP_QUICKACK if len(batch) > 1 else None
         while not exchange.done:
             exchange.advance()
             if exchange.done:
@@ -301,7 +365,7 @@ class SyncTransport(_Base):
                 conn.parser.feed_eof()
         plan.settle(batch, exchange)
         keep = exchange.reusable and self._keep_alive and not self.closed
-        if not (keep and self._pool.give(origin, conn)):
+        if not (keep and self._pool.give(sent.origin, conn)):
             conn.close()
 
     def _connect(self, origin: Origin, call: Call[Any], deadline: float) -> _SyncConn:
@@ -345,14 +409,35 @@ class AsyncTransport(_Base):
 
     async def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]:
         """See :meth:`SyncTransport.exchange`."""
+        return await self.finish(await self.start(calls, pipeline=pipeline))
+
+    async def start(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> InFlight:
+        """See :meth:`SyncTransport.start`."""
         plan = _Plan(calls, pipeline and not self._no_pipelining)
+        batch = plan.next_batch()
+        return InFlight(plan, await self._send(plan, batch) if batch else None)
+
+    async def finish(self, flight: InFlight) -> list[Result]:
+        """See :meth:`SyncTransport.finish`."""
+        plan, sent = flight.plan, flight.sent
+        flight.sent = None
+        if sent is not None:
+            await self._receive(plan, sent)
         while batch := plan.next_batch():
-            await self._run(plan, batch)
+            sent = await self._send(plan, batch)
+            if sent is not None:
+                await self._receive(plan, sent)
         if plan.refused_pipelining:
             self._no_pipelining = True
         return plan.finished()
 
-    async def _run(self, plan: _Plan, batch: list[int]) -> None:
+    def abandon(self, flight: InFlight) -> None:
+        """See :meth:`SyncTransport.abandon`."""
+        sent, flight.sent = flight.sent, None
+        if sent is not None:
+            sent.conn.close()
+
+    async def _send(self, plan: _Plan, batch: list[int]) -> _Sent | None:
         first = plan.calls[batch[0]]
         origin = plan.targets[batch[0]][0]
         conn = self._pool.take(origin) if self._keep_alive else None
@@ -361,19 +446,33 @@ class AsyncTransport(_Base):
                 conn = await self._connect(origin, first, plan.deadlines[batch[0]])
             except OtaError as error:
                 plan.results[batch[0]] = Failure(error, cause=error.__cause__)
-                return
+                return None
         exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
-        completed = False
-        sock = conn.writer.get_extra_info("socket") if len(batch) > 1 else None
-        quickack = _TCP_QUICKACK if sock is not None else None
+        sent = False
         try:
             try:
                 conn.writer.write(self._payload(plan, batch))
                 async with asyncio.timeout_at(_loop_time(plan.deadlines[batch[0]])):
                     await conn.writer.drain()
+                sock = conn.writer.get_extra_info("socket")
+                if len(batch) > 1 and _TCP_QUICKACK is not None and sock is not None:
+                    with contextlib.suppress(OSError):  # see SyncTransport._send
+                        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
             except (OSError, TimeoutError) as exc:
                 problem = _io_error(first, exc, got_head=False)
                 exchange.fail(problem, unanswered=not isinstance(exc, TimeoutError), cause=exc)
+            sent = True
+        finally:
+            if not sent:  # cancelled mid-write: the connection cannot be reused
+                conn.close()
+        return _Sent(batch, origin, conn, exchange)
+
+    async def _receive(self, plan: _Plan, sent: _Sent) -> None:
+        batch, conn, exchange = sent.batch, sent.conn, sent.exchange
+        completed = False
+        sock = conn.writer.get_extra_info("socket") if len(batch) > 1 else None
+        quickack = _TCP_QUICKACK if sock is not None else None
+        try:
             while not exchange.done:
                 exchange.advance()
                 if exchange.done:
@@ -400,7 +499,7 @@ class AsyncTransport(_Base):
             if completed:
                 plan.settle(batch, exchange)
             keep = completed and exchange.reusable and self._keep_alive and not self.closed
-            if not (keep and self._pool.give(origin, conn)):
+            if not (keep and self._pool.give(sent.origin, conn)):
                 conn.close()
 
     async def _connect(self, origin: Origin, call: Call[Any], deadline: float) -> _AsyncConn:

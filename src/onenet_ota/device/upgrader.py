@@ -18,8 +18,11 @@ without waiting. Run an upgrader again after any interruption (power cut, SIGKIL
 it continues from the state directory.
 
 The state directory is local storage: its reads, writes and fsyncs run synchronously, also in
-:class:`AsyncUpgrader` (bounded by ``checkpoint_bytes`` between fsyncs); the installer of the async
-upgrader runs in a worker thread unless its ``install`` is a coroutine function.
+:class:`AsyncUpgrader` (bounded by ``checkpoint_bytes`` between fsyncs), except the periodic
+checkpoints of the download, which run in a worker thread while the next chunks download; the
+installer of the async upgrader runs in a worker thread unless its ``install`` is a coroutine
+function. Both upgraders send the next chunk's request before writing the last one
+(:class:`~onenet_ota.device._flow.Prefetch`).
 
 ``on_event`` only observes: an :class:`Exception` it raises (a closed pipe, a full log disk, a
 bug) is logged and ignored, so it can never become the device's verdict. What is not an
@@ -35,6 +38,7 @@ restarts, status reports and outcome (progress at DEBUG). It never records token
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -46,6 +50,7 @@ from typing import Any, Final
 import anyio
 import anyio.to_thread
 
+from onenet_ota.device._core import Call, ClientCore
 from onenet_ota.device._flow import (
     CheckTask,
     CheckToken,
@@ -57,6 +62,7 @@ from onenet_ota.device._flow import (
     Operation,
     Outcome,
     PostVersion,
+    Prefetch,
     Progress,
     Report,
     Reported,
@@ -77,7 +83,7 @@ from onenet_ota.device._flow import (
     tid_of,
 )
 from onenet_ota.device._http import Result
-from onenet_ota.device.client import AsyncOtaClient, OtaClient
+from onenet_ota.device.client import Ahead, AsyncOtaClient, OtaClient
 from onenet_ota.device.errors import InvalidState, NoTask, NoValidToken, OtaError
 from onenet_ota.device.install import AsyncInstaller, FileInstaller, Installer, InstallError
 from onenet_ota.device.retry import Retry
@@ -230,6 +236,8 @@ class _UpgraderBase:
         # A download sent right behind its token check (UpgradeOptions.pipeline) and its
         # result, kept until the flow asks for exactly that download (see CheckToken.then).
         self._prefetched: tuple[Download, Result] | None = None
+        # An operation sent ahead (Prefetch) whose replies are not read yet.
+        self._ahead: tuple[CheckToken | Download, Ahead] | None = None
 
     def _take_prefetched(self, op: Operation) -> Result | None:
         """The pipelined result for ``op``, if that is what was sent; any other is dropped."""
@@ -237,6 +245,39 @@ class _UpgraderBase:
         if prefetched is not None and prefetched[0] == op:
             return prefetched[1]
         return None
+
+    def _take_ahead(self, op: Operation) -> Ahead | None:
+        """What was sent ahead for ``op``, if that is what was sent; any other is dropped
+        unread (its connection closed), before ``op`` itself goes out."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead[0] == op:
+            return ahead[1]
+        self.client._drop(ahead[1])
+        return None
+
+    def _calls(self, op: CheckToken | Download) -> list[Call[Any]]:
+        """The requests that perform ``op``: the check (E5; S-T/F-T by tid) and the chunk
+        pipelined behind it, or the chunk alone (E6; S-D/F-D)."""
+        core = self.client._core
+        by_tid = core.dialect is not Dialect.CLASSIC
+        if isinstance(op, Download):
+            return [_download_call(op, by_tid, core)]
+        if by_tid:
+            check: Call[Any] = core.task_status(tid_of(op.token), None)
+        else:
+            check = core.check_token(op.token, None)
+        if op.then is None:
+            return [check]
+        return [check, _download_call(op.then, by_tid, core)]
+
+    def _judged(self, op: CheckToken | Download, value: Any) -> Any:
+        """A delivered result as the flow reads it: Studio/fuse statuses through
+        :func:`judge_status` (which raises for a finished or cancelled task)."""
+        if isinstance(op, CheckToken) and self.client.dialect is not Dialect.CLASSIC:
+            return judge_status(value, _status_endpoint(self.client.dialect))
+        return value
 
     def _emit(self, event: UpgradeEvent) -> None:
         _log_event(event, self._redact)
@@ -299,6 +340,9 @@ class _UpgraderBase:
         self._callback_failures = {}
         self._current = None
         self._prefetched = None
+        if self._ahead is not None:
+            self.client._drop(self._ahead[1])
+            self._ahead = None
 
 
 class Upgrader(_UpgraderBase):
@@ -370,20 +414,28 @@ class Upgrader(_UpgraderBase):
         prefetched = self._take_prefetched(op)
         if prefetched is not None:
             return client._deliver(prefetched)
+        ahead = self._take_ahead(op)
+        if isinstance(op, Prefetch):
+            # A request that cannot be built or sent (a closed client) is not sent ahead: the
+            # flow asks for it next and meets the same error where it judges errors.
+            with contextlib.suppress(OtaError):
+                calls = self._calls(op.op)
+                self._ahead = (op.op, client._send_ahead(calls, pipeline=len(calls) > 1))
+            return None
+        if isinstance(op, CheckToken | Download):
+            if ahead is not None:
+                results = client._collect(ahead)
+            else:
+                calls = self._calls(op)
+                results = client._exchange(calls, pipeline=len(calls) > 1)
+            # The check's own error is raised here: a pipelined chunk behind a failed check
+            # is dropped unused.
+            value = self._judged(op, client._deliver(results[0]))
+            if isinstance(op, CheckToken) and op.then is not None:
+                self._prefetched = (op.then, results[1])
+            return value
         if client.dialect is not Dialect.CLASSIC:
             return self._perform_by_tid(op)
-        if isinstance(op, Download):
-            return client.download_range(op.token, op.start, op.size)
-        if isinstance(op, CheckToken):
-            if op.then is not None:
-                then = op.then
-                check, download = client._check_and_download(
-                    op.token, then.start, then.size, pipeline=True
-                )
-                value = client._deliver(check)  # raises when the check failed: E6 is dropped
-                self._prefetched = (then, download)
-                return value
-            return client.check_token(op.token)
         if isinstance(op, Report):
             return client.report_status(op.token, op.code)
         if isinstance(op, CheckTask):
@@ -399,13 +451,8 @@ class Upgrader(_UpgraderBase):
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
 
     def _perform_by_tid(self, op: Operation) -> Any:
-        """Studio and fuse (§13.7): the task is its tid, E5 and E4 are the status query."""
+        """Studio and fuse (§13.7): the task is its tid, E4 is the status query."""
         client = self._client
-        if isinstance(op, Download):
-            return client.download_range(tid_of(op.token), op.start, op.size, package_size=op.total)
-        if isinstance(op, CheckToken):
-            status = client.task_status(tid_of(op.token))
-            return judge_status(status, _status_endpoint(client.dialect))
         if isinstance(op, Tasking):
             tid = tid_of(_token(op))
             try:
@@ -490,20 +537,24 @@ class AsyncUpgrader(_UpgraderBase):
         prefetched = self._take_prefetched(op)
         if prefetched is not None:
             return await client._deliver_result(prefetched)
+        ahead = self._take_ahead(op)
+        if isinstance(op, Prefetch):
+            with contextlib.suppress(OtaError):  # see Upgrader._perform
+                calls = self._calls(op.op)
+                self._ahead = (op.op, await client._send_ahead(calls, pipeline=len(calls) > 1))
+            return None
+        if isinstance(op, CheckToken | Download):
+            if ahead is not None:
+                results = await client._collect(ahead)
+            else:
+                calls = self._calls(op)
+                results = await client._exchange(calls, pipeline=len(calls) > 1)
+            value = self._judged(op, await client._deliver_result(results[0]))
+            if isinstance(op, CheckToken) and op.then is not None:
+                self._prefetched = (op.then, results[1])
+            return value
         if client.dialect is not Dialect.CLASSIC:
             return await self._perform_by_tid(op)
-        if isinstance(op, Download):
-            return await client.download_range(op.token, op.start, op.size)
-        if isinstance(op, CheckToken):
-            if op.then is not None:
-                then = op.then
-                check, download = await client._check_and_download(
-                    op.token, then.start, then.size, pipeline=True
-                )
-                value = await client._deliver_result(check)  # raises when the check failed
-                self._prefetched = (then, download)
-                return value
-            return await client.check_token(op.token)
         if isinstance(op, Report):
             return await client.report_status(op.token, op.code)
         if isinstance(op, CheckTask):
@@ -512,25 +563,13 @@ class AsyncUpgrader(_UpgraderBase):
             return await client.tasking()
         if isinstance(op, PostVersion):
             return await client.post_version(version=op.version)
-        if isinstance(op, Install):
-            install = self.installer.install
-            if inspect.iscoroutinefunction(install):
-                return await install(op.package, op.task, op.task_type)
-            return await anyio.to_thread.run_sync(install, op.package, op.task, op.task_type)
-        if isinstance(op, Sleep):
-            return await self._sleep(op.seconds)
+        if isinstance(op, Install | Sleep):
+            return await self._local(op)
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
 
     async def _perform_by_tid(self, op: Operation) -> Any:
         """Studio and fuse: see :meth:`Upgrader._perform_by_tid`."""
         client = self._client
-        if isinstance(op, Download):
-            return await client.download_range(
-                tid_of(op.token), op.start, op.size, package_size=op.total
-            )
-        if isinstance(op, CheckToken):
-            status = await client.task_status(tid_of(op.token))
-            return judge_status(status, _status_endpoint(client.dialect))
         if isinstance(op, Tasking):
             tid = tid_of(_token(op))
             try:
@@ -548,12 +587,21 @@ class AsyncUpgrader(_UpgraderBase):
         op = _classic_free(op)
         if isinstance(op, PostVersion):
             return await client.post_version(version=op.version)
+        return await self._local(op)
+
+    async def _local(self, op: Install | Sleep) -> Any:
         if isinstance(op, Install):
             install = self.installer.install
             if inspect.iscoroutinefunction(install):
                 return await install(op.package, op.task, op.task_type)
             return await anyio.to_thread.run_sync(install, op.package, op.task, op.task_type)
         return await self._sleep(op.seconds)
+
+
+def _download_call(op: Download, by_tid: bool, core: ClientCore) -> Call[Any]:
+    if by_tid:  # §13.7: the end is clamped to the package's size
+        return core.download(tid_of(op.token), op.start, op.size, None, package_size=op.total)
+    return core.download(op.token, op.start, op.size, None)
 
 
 def _status_endpoint(dialect: Dialect) -> EndpointSpec:
