@@ -132,6 +132,7 @@ from onenet_ota.server.transitions import (
 # here too because the server's modules address them through this one.
 __all__ = [
     "DEFAULT_PAGE",
+    "DEVICE_STATES",
     "DEV_ID_MAX",
     "FILE_NAME_PATTERN",
     "MAX_IMPORT",
@@ -364,6 +365,12 @@ OPEN_CODES = [int(s) for s in OPEN_STATES]
 # active or paused task whose every device task has ended; a task without devices has not.
 TASK_STATUSES: Final = ("active", "paused", "cancelled", "finished")
 _OPEN_CODES: Final = [int(state) for state in TaskState if state.is_open]
+# What a device is doing now, for the device list's ``state`` filter: the state of its open
+# task (D23: at most one per module type), or "idle" without one.
+DEVICE_STATES: Final = ("idle", *(STATE_NAMES[TaskState(code)] for code in sorted(_OPEN_CODES)))
+# The open-task index's condition written exactly as the index is, so that SQLite sees the
+# partial index ``uq_device_tasks_open`` (dev_id first) can answer the device state filter.
+_OPEN_INDEX_WHERE: Final = text("device_tasks.state IN (1, 2, 3, 7)")
 
 
 def _all_ended(counts: dict[str, int]) -> bool:
@@ -640,6 +647,25 @@ class AdminService:
             ).scalar_one()
         return _account(row, access_key=True, product_count=count)
 
+    @_retried
+    def reveal_product_key(self, pid: str) -> Product:
+        """A product with its access key, the showing recorded in the audit log (who, when;
+        never the key) in the same transaction: a key is read only where it is recorded."""
+        return _product(self._reveal_key(products.c.pid, pid, "product"), access_key=True)
+
+    @_retried
+    def reveal_account_key(self, uid: str) -> Account:
+        """An account with its access key, the showing audited as :meth:`reveal_product_key`."""
+        return _account(self._reveal_key(accounts.c.uid, uid, "account"), access_key=True)
+
+    def _reveal_key(self, column: Column[Any], key: str, kind: str) -> Any:
+        with self._tx("concurrent change") as conn:
+            row = conn.execute(select(column.table).where(column == key)).first()
+            if row is None:
+                raise NotFound(f"{kind} {key} not found")
+            self._audit(conn, f"{kind}.reveal_key", f"{kind}:{key}", None, None, "access key shown")
+        return row
+
     def list_accounts(self, *, limit: int | None = None, after: str | None = None) -> Page[Account]:
         """Accounts in numeric uid order, without their keys."""
         size = _page_limit(limit)
@@ -850,15 +876,18 @@ class AdminService:
         s_version: str | None = None,
         name_contains: str | None = None,
         labels: Sequence[tuple[str, str]] = (),
+        state: str | None = None,
         limit: int | None = None,
         after: str | None = None,
     ) -> Page[Device]:
-        """Devices in dev_id order, filtered by product, reported versions, name or labels
-        (every one given)."""
+        """Devices in dev_id order, filtered by product, reported versions, name, labels or
+        state (:data:`DEVICE_STATES`; every filter given applies)."""
         size = _page_limit(limit)
         query = select(devices)
         if labels:
             query = query.where(label_filter(labels))
+        if state is not None:
+            query = query.where(_device_state_filter(state))
         if pid is not None:
             query = query.where(devices.c.pid == pid)
         if f_version is not None:
@@ -1628,6 +1657,18 @@ class AdminService:
             self._changed()
             return view
         raise Conflict("the device's task keeps changing; retry")
+
+
+def _device_state_filter(state: str) -> ColumnElement[bool]:
+    """A condition on ``devices``: the device is in ``state`` (one of :data:`DEVICE_STATES`)."""
+    if state not in DEVICE_STATES:
+        raise Invalid(f"state must be one of {', '.join(DEVICE_STATES)}")
+    open_task = select(device_tasks.c.id).where(
+        device_tasks.c.dev_id == devices.c.dev_id, _OPEN_INDEX_WHERE
+    )
+    if state == "idle":
+        return ~open_task.exists()
+    return open_task.where(device_tasks.c.state == int(STATES_BY_NAME[state])).exists()
 
 
 def _state(value: Any) -> dict[str, Any] | None:
