@@ -884,10 +884,17 @@ class AdminService:
         state (:data:`DEVICE_STATES`; every filter given applies)."""
         size = _page_limit(limit)
         query = select(devices)
-        if labels:
-            query = query.where(label_filter(labels))
-        if state is not None:
-            query = query.where(_device_state_filter(state))
+        for key, value in labels:
+            # A list of the label's devices from its (key, value) index, walked in dev_id order:
+            # a correlated EXISTS would probe every device until a page is found, which for a
+            # rare label is the whole fleet.
+            query = query.where(
+                devices.c.dev_id.in_(
+                    select(device_labels.c.dev_id).where(
+                        device_labels.c.key == key, device_labels.c.value == value
+                    )
+                )
+            )
         if pid is not None:
             query = query.where(devices.c.pid == pid)
         if f_version is not None:
@@ -902,6 +909,8 @@ class AdminService:
             query = query.where(devices.c.dev_id > cursor)
         query = query.order_by(devices.c.dev_id).limit(size + 1)
         with self.engine.connect() as conn:
+            if state is not None:
+                query = query.where(_device_state_filter(conn, state))
             rows = conn.execute(query).all()
         items = [Device(**row._mapping) for row in rows[:size]]
         return Page(items, str(items[-1].dev_id) if len(rows) > size else None)
@@ -1436,7 +1445,9 @@ class AdminService:
     ) -> Page[DeviceTaskView]:
         """A page of a task's devices with their states and progress."""
         with self.engine.connect() as conn:
-            self._task(conn, task_id)
+            # Only whether the task exists: its counts would read every one of its devices.
+            if conn.execute(select(tasks.c.id).where(tasks.c.id == task_id)).first() is None:
+                raise NotFound(f"task {task_id} not found")
             return self._task_devices(conn, task_id, state=state, limit=limit, after=after)
 
     def _task_devices(
@@ -1457,17 +1468,29 @@ class AdminService:
         cursor = _int_cursor(after, DEV_ID_MAX)
         if cursor is not None:
             where = and_(where, device_tasks.c.dev_id > cursor)
-        views = self._device_views(conn, where, limit=size + 1)
+        order: ColumnElement[Any] = device_tasks.c.dev_id
+        if state is not None:
+            matching = conn.execute(
+                select(func.count()).select_from(device_tasks).where(where)
+            ).scalar_one()
+            if matching <= _FEW:
+                # Few in this state (the failed ones, say): read them from the (task_id, state)
+                # index and sort, rather than walk the whole task in dev_id order (the order by
+                # an expression is what keeps SQLite off the dev_id-ordered index).
+                order = device_tasks.c.dev_id + 0
+        views = self._device_views(conn, where, limit=size + 1, order=order)
         items = views[:size]
         return Page(items, str(items[-1].dev_id) if len(views) > size else None)
 
     @staticmethod
-    def _device_views(conn: Connection, where: Any, *, limit: int) -> list[DeviceTaskView]:
+    def _device_views(
+        conn: Connection, where: Any, *, limit: int, order: ColumnElement[Any] | None = None
+    ) -> list[DeviceTaskView]:
         rows = conn.execute(
             select(device_tasks, devices.c.name)
             .join(devices, devices.c.dev_id == device_tasks.c.dev_id)
             .where(where)
-            .order_by(device_tasks.c.dev_id)
+            .order_by(device_tasks.c.dev_id if order is None else order)
             .limit(limit)
         ).all()
         return [
@@ -1659,8 +1682,25 @@ class AdminService:
         raise Conflict("the device's task keeps changing; retry")
 
 
-def _device_state_filter(state: str) -> ColumnElement[bool]:
-    """A condition on ``devices``: the device is in ``state`` (one of :data:`DEVICE_STATES`)."""
+_FEW: Final = 5000
+"""Matching rows up to which a filter is driven from its own index and sorted, rather than by
+walking the ordered table and probing each row (which stops early only when matches are dense)."""
+
+
+def _in_state(state: int) -> ColumnElement[bool]:
+    # Device tasks in one state, found per task through ix_device_tasks_task_id_state (there
+    # are few tasks and many device tasks: one index range each, no scan of the table).
+    return and_(device_tasks.c.task_id.in_(select(tasks.c.id)), device_tasks.c.state == state)
+
+
+def _device_state_filter(conn: Connection, state: str) -> ColumnElement[bool]:
+    """A condition on ``devices``: the device is in ``state`` (one of :data:`DEVICE_STATES`).
+
+    A rare state (few devices downloading) is found from the device tasks' index; a common one
+    by walking the devices in order, which finds a page within its first rows. "idle" has no
+    index to come from (it is the absence of an open task): its cost grows with how far the
+    idle devices lie in the fleet.
+    """
     if state not in DEVICE_STATES:
         raise Invalid(f"state must be one of {', '.join(DEVICE_STATES)}")
     open_task = select(device_tasks.c.id).where(
@@ -1668,7 +1708,17 @@ def _device_state_filter(state: str) -> ColumnElement[bool]:
     )
     if state == "idle":
         return ~open_task.exists()
-    return open_task.where(device_tasks.c.state == int(STATES_BY_NAME[state])).exists()
+    code = int(STATES_BY_NAME[state])
+    count = conn.execute(
+        select(func.count()).select_from(device_tasks).where(_in_state(code))
+    ).scalar_one()
+    if count <= _FEW:
+        # The ids of the device tasks come from the index alone; their rows then give the
+        # dev_ids (selecting dev_id directly makes SQLite scan every device task instead).
+        found = device_tasks.alias("found")
+        ids = select(device_tasks.c.id).where(_in_state(code))
+        return devices.c.dev_id.in_(select(found.c.dev_id).where(found.c.id.in_(ids)))
+    return open_task.where(device_tasks.c.state == code).exists()
 
 
 def _state(value: Any) -> dict[str, Any] | None:
