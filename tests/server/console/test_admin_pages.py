@@ -12,6 +12,8 @@ from typing import Any
 import httpx2
 import pytest
 
+from onenet_ota.device import Credentials, DeviceConfig, OtaClient
+from onenet_ota.protocol.status import StatusCode
 from onenet_ota.server.console import PREFIX
 from onenet_ota.server.console.app import CSP
 from tests.server.console.conftest import ADMIN, KEY, Platform, product, task
@@ -313,3 +315,22 @@ def test_the_nav_links_every_new_page(platform: Platform) -> None:
     platform.clients.append(stranger)
     for path in ("/products", "/accounts/1", "/audit", "/tokens"):
         assert stranger.get(PREFIX + path).status_code == 303
+
+
+def test_the_overview_counts_failures_by_reason(platform: Platform) -> None:
+    pid = product(platform.api)
+    _task_id, dev_ids = task(platform.api, pid, devices=3)
+    for dev_id in dev_ids[:2]:  # two devices fail their md5 check, as real devices report it
+        config = DeviceConfig(
+            credentials=Credentials.from_access_key(pid, KEY), dev_id=str(dev_id), version="1.0"
+        )
+        with OtaClient(config, base_url=platform.url) as device:
+            device.post_version()
+            offered = device.check_task()
+            device.report_status(offered.token, 101)
+            device.report_status(offered.token, StatusCode.UPGRADE_MD5_MISMATCH)
+    client, _ = platform.signed_in(platform.viewer)
+    page = client.get(f"{PREFIX}/").text
+    row = re.search(r"<td>205 [^<]*</td><td>(\d+)</td>", page)
+    assert row is not None, page
+    assert row.group(1) == "2"

@@ -512,9 +512,11 @@ class Console:
             key = (device.pid, device.f_version or "-")
             versions[key] = versions.get(key, 0) + 1
         for task in tasks:
-            detail = self.service.get_task(task.id)
-            for dt in detail.devices:
-                if dt.state == "failed" and dt.result_code is not None:
+            # The failed device tasks alone, from their index: the task's full detail would
+            # count its every device again (its counts are in the list already).
+            failed = self.service.list_task_devices(task.id, state="failed", limit=500)
+            for dt in failed.items:
+                if dt.result_code is not None:
                     failures[dt.result_code] = failures.get(dt.result_code, 0) + 1
         return {
             "tasks": tasks,
