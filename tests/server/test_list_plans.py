@@ -118,3 +118,19 @@ def test_a_tasks_failed_devices_are_read_without_walking_the_task(
     # ... and the failed rows come from the (task_id, state) index, not a walk of the task.
     assert any("ix_device_tasks_task_id_state (task_id=? AND state=?)" in line for line in lines)
     assert not any("sqlite_autoindex_device_tasks_1" in line for line in lines), lines
+
+
+def test_idle_devices_come_from_one_merge_of_two_indexes(
+    fleet: tuple[AdminService, Engine],
+) -> None:
+    service, engine = fleet
+    with engine.begin() as conn:  # three devices end their task: they are idle
+        conn.execute(
+            device_tasks.update().where(device_tasks.c.dev_id.in_([5, 6, 290])).values(state=4)
+        )
+    page, _, lines = plans(engine, lambda: service.list_devices(state="idle", limit=2))
+    assert [d.dev_id for d in page.items] == [5, 6]
+    following = service.list_devices(state="idle", limit=2, after=page.next)
+    assert [d.dev_id for d in following.items] == [200, 290]  # 200 failed: not open either
+    assert any("MERGE (EXCEPT)" in line for line in lines), lines
+    assert not any("CORRELATED" in line for line in lines), lines
