@@ -16,7 +16,7 @@ def test_watchers_share_one_poll_and_see_changes_only() -> None:
         return value["n"]
 
     async def scenario() -> tuple[list[int | None], list[int | None], int]:
-        hub: LiveHub[int, int] = LiveHub(read, period=0.01)
+        hub: LiveHub[int, int] = LiveHub(read, period=0.01, budget=1.0)  # never stretched
         seen_a: list[int | None] = []
         seen_b: list[int | None] = []
 
@@ -51,7 +51,7 @@ def test_a_failing_read_keeps_the_last_value() -> None:
         raise OSError("database hiccup")
 
     async def scenario() -> list[str | None]:
-        hub: LiveHub[str, str] = LiveHub(read, period=0.01)
+        hub: LiveHub[str, str] = LiveHub(read, period=0.01, budget=1.0)  # never stretched
         return [item async for item in hub.watch("k", lifetime=0.2)]
 
     items = asyncio.run(scenario())

@@ -9,7 +9,7 @@ A read that costs more than :data:`BUDGET` of its period stretches the period: t
 task of 100,000 devices take tens of milliseconds to read, and read twice a second they would
 hold a tenth of a core for as long as one page stays open. Stretched, polling a watched task
 takes about 0.5 % of a core (rendering and sending come on top); such a page then updates
-every few seconds.
+every few seconds, and at least every :data:`MAX_WAIT` seconds.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Final, Generic, TypeVar
 
-__all__ = ["BUDGET", "PERIOD", "LiveHub"]
+__all__ = ["BUDGET", "MAX_WAIT", "PERIOD", "LiveHub"]
 
 PERIOD: Final = 0.5
 """Seconds between two reads of a watched value (at most 2 updates a second per page)."""
 BUDGET: Final = 0.005
 """The share of the time a watched key's reads may take (of a core, for a database read)."""
+MAX_WAIT: Final = 5.0
+"""The longest a stretched period gets: a read's wall time also grows with the machine's load,
+and a page must still move within seconds."""
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -108,7 +111,7 @@ class LiveHub(Generic[K, V]):
                     watch.version += 1
                     watch.changed.notify_all()
             cost = loop.time() - started
-            await asyncio.sleep(max(self._period, cost / self._budget - cost))
+            await asyncio.sleep(max(self._period, min(MAX_WAIT, cost / self._budget - cost)))
 
     @property
     def watched(self) -> int:
