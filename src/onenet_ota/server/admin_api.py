@@ -386,6 +386,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         role="operator",  # the key signs device tokens: not a viewer's to read
     ),
     Route(
+        "POST", "/products/{pid}/reveal-key", "reveal_product_key",
+        "Show a product with its access key, recording the showing in the audit log",
+        "products", response=svc.Product, path_params=_PID, role="operator",
+    ),
+    Route(
         "DELETE", "/products/{pid}", "delete_product",
         "Delete a product that has no devices, packages or tasks left", "products",
         status=204, path_params=_PID, errors=(409,),
@@ -421,6 +426,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         response=svc.Account, path_params=_UID, role="operator",  # the key: as get_product
     ),
     Route(
+        "POST", "/accounts/{uid}/reveal-key", "reveal_account_key",
+        "Show an account with its access key, recording the showing in the audit log",
+        "accounts", response=svc.Account, path_params=_UID, role="operator",
+    ),
+    Route(
         "DELETE", "/accounts/{uid}", "delete_account", "Delete an account that owns no product",
         "accounts", status=204, path_params=_UID, errors=(409,),
     ),
@@ -447,6 +457,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             _version("s_version", "only devices that reported this SOTA version"),
             Param("q", description="only devices whose name contains this; no NUL"),
             _LABELS_PARAM,
+            Param("state", description="only devices in this state: idle (no open task) or"
+                  " their open task's state", enum=svc.DEVICE_STATES),
             *_DEV_PAGE,
         ),
     ),
@@ -1175,6 +1187,9 @@ class AdminApi:
     async def _get_product(self, call: Call) -> svc.Product:
         return await self._db(self.service.get_product, call.path["pid"])
 
+    async def _reveal_product_key(self, call: Call) -> svc.Product:
+        return await self._db(self.service.reveal_product_key, call.path["pid"])
+
     async def _rotate_key(self, call: Call) -> svc.Product:
         spec = await self._json_body(call, svc.KeyRotate)
         return await self._db(self.service.rotate_product_key, call.path["pid"], spec)
@@ -1202,6 +1217,9 @@ class AdminApi:
     async def _get_account(self, call: Call) -> svc.Account:
         return await self._db(self.service.get_account, call.path["uid"])
 
+    async def _reveal_account_key(self, call: Call) -> svc.Account:
+        return await self._db(self.service.reveal_account_key, call.path["uid"])
+
     async def _rotate_account_key(self, call: Call) -> svc.Account:
         spec = await self._json_body(call, svc.KeyRotate)
         return await self._db(self.service.rotate_account_key, call.path["uid"], spec)
@@ -1228,6 +1246,7 @@ class AdminApi:
             s_version=q.get("s_version") or None,
             name_contains=q.get("q") or None,
             labels=_labels(q.get("label")),
+            state=q.get("state") or None,
             **self._page_args(call),
         )
         return DevicePage(items=page.items, next=page.next)

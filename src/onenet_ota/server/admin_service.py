@@ -132,6 +132,7 @@ from onenet_ota.server.transitions import (
 # here too because the server's modules address them through this one.
 __all__ = [
     "DEFAULT_PAGE",
+    "DEVICE_STATES",
     "DEV_ID_MAX",
     "FILE_NAME_PATTERN",
     "MAX_IMPORT",
@@ -358,6 +359,12 @@ OPEN_CODES = [int(s) for s in OPEN_STATES]
 # active or paused task whose every device task has ended; a task without devices has not.
 TASK_STATUSES: Final = ("active", "paused", "cancelled", "finished")
 _OPEN_CODES: Final = [int(state) for state in TaskState if state.is_open]
+# What a device is doing now, for the device list's ``state`` filter: the state of its open
+# task (D23: at most one per module type), or "idle" without one.
+DEVICE_STATES: Final = ("idle", *(STATE_NAMES[TaskState(code)] for code in sorted(_OPEN_CODES)))
+# The open-task index's condition written exactly as the index is, so that SQLite sees the
+# partial index ``uq_device_tasks_open`` (dev_id first) can answer the device state filter.
+_OPEN_INDEX_WHERE: Final = text("device_tasks.state IN (1, 2, 3, 7)")
 
 
 def _all_ended(counts: dict[str, int]) -> bool:
@@ -634,6 +641,25 @@ class AdminService:
             ).scalar_one()
         return _account(row, access_key=True, product_count=count)
 
+    @_retried
+    def reveal_product_key(self, pid: str) -> Product:
+        """A product with its access key, the showing recorded in the audit log (who, when;
+        never the key) in the same transaction: a key is read only where it is recorded."""
+        return _product(self._reveal_key(products.c.pid, pid, "product"), access_key=True)
+
+    @_retried
+    def reveal_account_key(self, uid: str) -> Account:
+        """An account with its access key, the showing audited as :meth:`reveal_product_key`."""
+        return _account(self._reveal_key(accounts.c.uid, uid, "account"), access_key=True)
+
+    def _reveal_key(self, column: Column[Any], key: str, kind: str) -> Any:
+        with self._tx("concurrent change") as conn:
+            row = conn.execute(select(column.table).where(column == key)).first()
+            if row is None:
+                raise NotFound(f"{kind} {key} not found")
+            self._audit(conn, f"{kind}.reveal_key", f"{kind}:{key}", None, None, "access key shown")
+        return row
+
     def list_accounts(self, *, limit: int | None = None, after: str | None = None) -> Page[Account]:
         """Accounts in numeric uid order, without their keys."""
         size = _page_limit(limit)
@@ -856,15 +882,27 @@ class AdminService:
         s_version: str | None = None,
         name_contains: str | None = None,
         labels: Sequence[tuple[str, str]] = (),
+        state: str | None = None,
         limit: int | None = None,
         after: str | None = None,
     ) -> Page[Device]:
-        """Devices in dev_id order, filtered by product, reported versions, name or labels
-        (every one given)."""
+        """Devices in dev_id order, filtered by product, reported versions, name, labels or
+        state (:data:`DEVICE_STATES`; every filter given applies)."""
         size = _page_limit(limit)
+        if state is not None and state not in DEVICE_STATES:
+            raise Invalid(f"state must be one of {', '.join(DEVICE_STATES)}")
         query = select(devices)
-        if labels:
-            query = query.where(label_filter(labels))
+        for key, value in labels:
+            # A list of the label's devices from its (key, value) index, walked in dev_id order:
+            # a correlated EXISTS would probe every device until a page is found, which for a
+            # rare label is the whole fleet.
+            query = query.where(
+                devices.c.dev_id.in_(
+                    select(device_labels.c.dev_id).where(
+                        device_labels.c.key == key, device_labels.c.value == value
+                    )
+                )
+            )
         if pid is not None:
             query = query.where(devices.c.pid == pid)
         if f_version is not None:
@@ -877,9 +915,24 @@ class AdminService:
         cursor = _int_cursor(after, DEV_ID_MAX)
         if cursor is not None:
             query = query.where(devices.c.dev_id > cursor)
-        query = query.order_by(devices.c.dev_id).limit(size + 1)
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
+            if state == "idle":
+                # Devices without an open task: the two dev_id-ordered indexes merged (EXCEPT),
+                # one pass with no lookup per device; then the page's rows by their ids.
+                open_ids = select(device_tasks.c.dev_id).where(_OPEN_INDEX_WHERE)
+                if cursor is not None:
+                    open_ids = open_ids.where(device_tasks.c.dev_id > cursor)
+                idle = (
+                    query.with_only_columns(devices.c.dev_id)
+                    .except_(open_ids)
+                    .order_by(devices.c.dev_id)
+                    .limit(size + 1)
+                )
+                ids = list(conn.execute(idle).scalars())
+                query = select(devices).where(devices.c.dev_id.in_(ids))
+            elif state is not None:
+                query = query.where(_device_state_filter(conn, state))
+            rows = conn.execute(query.order_by(devices.c.dev_id).limit(size + 1)).all()
         items = [Device(**row._mapping) for row in rows[:size]]
         return Page(items, str(items[-1].dev_id) if len(rows) > size else None)
 
@@ -1413,7 +1466,9 @@ class AdminService:
     ) -> Page[DeviceTaskView]:
         """A page of a task's devices with their states and progress."""
         with self.engine.connect() as conn:
-            self._task(conn, task_id)
+            # Only whether the task exists: its counts would read every one of its devices.
+            if conn.execute(select(tasks.c.id).where(tasks.c.id == task_id)).first() is None:
+                raise NotFound(f"task {task_id} not found")
             return self._task_devices(conn, task_id, state=state, limit=limit, after=after)
 
     def _task_devices(
@@ -1434,17 +1489,29 @@ class AdminService:
         cursor = _int_cursor(after, DEV_ID_MAX)
         if cursor is not None:
             where = and_(where, device_tasks.c.dev_id > cursor)
-        views = self._device_views(conn, where, limit=size + 1)
+        order: ColumnElement[Any] = device_tasks.c.dev_id
+        if state is not None:
+            matching = conn.execute(
+                select(func.count()).select_from(device_tasks).where(where)
+            ).scalar_one()
+            if matching <= _FEW:
+                # Few in this state (the failed ones, say): read them from the (task_id, state)
+                # index and sort, rather than walk the whole task in dev_id order (the order by
+                # an expression is what keeps SQLite off the dev_id-ordered index).
+                order = device_tasks.c.dev_id + 0
+        views = self._device_views(conn, where, limit=size + 1, order=order)
         items = views[:size]
         return Page(items, str(items[-1].dev_id) if len(views) > size else None)
 
     @staticmethod
-    def _device_views(conn: Connection, where: Any, *, limit: int) -> list[DeviceTaskView]:
+    def _device_views(
+        conn: Connection, where: Any, *, limit: int, order: ColumnElement[Any] | None = None
+    ) -> list[DeviceTaskView]:
         rows = conn.execute(
             select(device_tasks, devices.c.name)
             .join(devices, devices.c.dev_id == device_tasks.c.dev_id)
             .where(where)
-            .order_by(device_tasks.c.dev_id)
+            .order_by(device_tasks.c.dev_id if order is None else order)
             .limit(limit)
         ).all()
         return [
@@ -1634,6 +1701,40 @@ class AdminService:
             self._changed()
             return view
         raise Conflict("the device's task keeps changing; retry")
+
+
+_FEW: Final = 5000
+"""Matching rows up to which a filter is driven from its own index and sorted, rather than by
+walking the ordered table and probing each row (which stops early only when matches are dense)."""
+
+
+def _in_state(state: int) -> ColumnElement[bool]:
+    # Device tasks in one state, found per task through ix_device_tasks_task_id_state (there
+    # are few tasks and many device tasks: one index range each, no scan of the table).
+    return and_(device_tasks.c.task_id.in_(select(tasks.c.id)), device_tasks.c.state == state)
+
+
+def _device_state_filter(conn: Connection, state: str) -> ColumnElement[bool]:
+    """A condition on ``devices``: the device is in ``state`` (one of :data:`DEVICE_STATES`).
+
+    A rare state (few devices downloading) is found from the device tasks' index; a common one
+    by walking the devices in order, which finds a page within its first rows. ("idle", the
+    absence of an open task, is :meth:`AdminService.list_devices`'s own.)
+    """
+    open_task = select(device_tasks.c.id).where(
+        device_tasks.c.dev_id == devices.c.dev_id, _OPEN_INDEX_WHERE
+    )
+    code = int(STATES_BY_NAME[state])
+    count = conn.execute(
+        select(func.count()).select_from(device_tasks).where(_in_state(code))
+    ).scalar_one()
+    if count <= _FEW:
+        # The ids of the device tasks come from the index alone; their rows then give the
+        # dev_ids (selecting dev_id directly makes SQLite scan every device task instead).
+        found = device_tasks.alias("found")
+        ids = select(device_tasks.c.id).where(_in_state(code))
+        return devices.c.dev_id.in_(select(found.c.dev_id).where(found.c.id.in_(ids)))
+    return open_task.where(device_tasks.c.state == code).exists()
 
 
 def _state(value: Any) -> dict[str, Any] | None:

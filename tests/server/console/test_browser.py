@@ -381,3 +381,33 @@ def test_a_staged_campaign(platform: Platform, browser: WebDriver) -> None:
     browser.get(f"{url}{PREFIX}/campaigns/{campaign['id']}")
     _wait(browser, lambda d: _text(d, "campaign-state") == "已暂停", "the campaign in Chinese")
     _shot(browser, "campaign-zh")
+
+
+def test_a_key_is_shown_to_an_operator_who_asks_and_never_to_a_viewer(
+    platform: Platform, browser: WebDriver
+) -> None:
+    pid = product(platform.api)
+    page = f"{platform.url}{PREFIX}/products/{pid}"
+    _sign_in(browser, platform.url, platform.viewer)
+    browser.get(page)
+    _wait(browser, lambda d: d.find_elements(By.ID, "access-key-hidden"), "the hidden key")
+    assert browser.find_elements(By.ID, "reveal-key") == []
+    assert KEY not in browser.page_source
+    status = browser.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        fetch(arguments[0], {method: "POST", headers: {"X-CSRF-Token": document.body.dataset.csrf}})
+            .then(r => done(r.status), () => done(-1));
+        """,
+        f"{PREFIX}/products/{pid}/reveal-key",
+    )
+    assert status == 403
+    assert platform.api.get("/audit", params={"action": "product.reveal_key"}).json()["items"] == []
+
+    _sign_in(browser, platform.url, platform.operator)
+    browser.get(page)
+    browser.find_element(By.ID, "reveal-key").click()
+    _wait(browser, lambda d: _text(d, "access-key") == KEY, "the revealed key")
+    _shot(browser, "product-key")
+    entries = platform.api.get("/audit", params={"action": "product.reveal_key"}).json()["items"]
+    assert [(e["actor"], e["target"]) for e in entries] == [("operator-token", f"product:{pid}")]

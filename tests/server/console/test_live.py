@@ -16,7 +16,7 @@ def test_watchers_share_one_poll_and_see_changes_only() -> None:
         return value["n"]
 
     async def scenario() -> tuple[list[int | None], list[int | None], int]:
-        hub: LiveHub[int, int] = LiveHub(read, period=0.01)
+        hub: LiveHub[int, int] = LiveHub(read, period=0.01, budget=1.0)  # never stretched
         seen_a: list[int | None] = []
         seen_b: list[int | None] = []
 
@@ -51,9 +51,28 @@ def test_a_failing_read_keeps_the_last_value() -> None:
         raise OSError("database hiccup")
 
     async def scenario() -> list[str | None]:
-        hub: LiveHub[str, str] = LiveHub(read, period=0.01)
+        hub: LiveHub[str, str] = LiveHub(read, period=0.01, budget=1.0)  # never stretched
         return [item async for item in hub.watch("k", lifetime=0.2)]
 
     items = asyncio.run(scenario())
     assert [i for i in items if i is not None] == ["first"]
     assert calls["n"] > 2
+
+
+def test_a_costly_read_stretches_the_period_to_the_budget() -> None:
+    # A read that takes 20 ms with a budget of 10 % of the loop's time: at most one read per
+    # 200 ms, where the 1 ms period alone would allow some twenty in the same time.
+    reads = {"n": 0}
+
+    async def read(key: int) -> int:
+        reads["n"] += 1
+        await asyncio.sleep(0.02)
+        return reads["n"]
+
+    async def scenario() -> None:
+        hub: LiveHub[int, int] = LiveHub(read, period=0.001, budget=0.1)
+        async for _ in hub.watch(1, lifetime=0.5):
+            pass
+
+    asyncio.run(scenario())
+    assert 1 <= reads["n"] <= 4

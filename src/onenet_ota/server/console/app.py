@@ -15,6 +15,7 @@ page, read once per period however many pages watch.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import hashlib
 import json
 import logging
@@ -26,19 +27,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode
 
 import jinja2
 from babel.support import NullTranslations
+from pydantic import BaseModel
 
-from onenet_ota.management.models import CampaignDetail
+from onenet_ota.management.models import ApiTokenPage, CampaignDetail
 from onenet_ota.protocol.code_texts import code_text
 from onenet_ota.server import admin_service as svc
+from onenet_ota.server import audit
 from onenet_ota.server import campaigns as camp
 from onenet_ota.server.admin_api import PREFIX as API
 from onenet_ota.server.admin_api import AdminApi
-from onenet_ota.server.api_tokens import Principal, role_allows
+from onenet_ota.server.api_tokens import ROLES, ApiTokenCreated, Principal, role_allows
 from onenet_ota.server.campaign_engine import action_refusal
 from onenet_ota.server.console import PREFIX, i18n
 from onenet_ota.server.console.live import LiveHub
@@ -50,6 +53,8 @@ __all__ = ["LABELS", "Console"]
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=BaseModel)
+
 SESSION_COOKIE: Final = "onenet_ota_session"
 LANG_COOKIE: Final = "onenet_ota_lang"
 MAX_FORM: Final = 16 * 1024
@@ -59,6 +64,8 @@ STREAM_LIFETIME: Final = 60.0
 """Seconds an event stream lasts; the browser's EventSource then reconnects by itself, which
 also re-checks the session, so a revoked token stops receiving within this time at most."""
 
+_PID: Final = r"[A-Za-z0-9]{1,32}"  # the management API's pid rule
+_UID: Final = r"[1-9][0-9]{0,18}"  # a canonical decimal uid (F12)
 _HERE = Path(__file__).parent
 _STATIC = _HERE / "static"
 
@@ -89,6 +96,7 @@ LABELS: Final[Mapping[str, str]] = {
     "cancelled": N_("cancelled"),
     "paused": N_("paused"),
     "active": N_("active"),
+    "idle": N_("idle"),
     # roles
     "viewer": N_("viewer"),
     "operator": N_("operator"),
@@ -304,6 +312,26 @@ class Console:
                 self._campaign_action,
                 "operator",
             ),
+            page("GET", r"/products", self._products),
+            page("GET", rf"/products/(?P<pid>{_PID})", self._product),
+            page(
+                "POST",
+                rf"/products/(?P<pid>{_PID})/(?P<action>reveal-key|rotate-key)",
+                self._product_key,
+                "operator",
+            ),
+            page("GET", r"/accounts", self._accounts),
+            page("GET", rf"/accounts/(?P<uid>{_UID})", self._account),
+            page(
+                "POST",
+                rf"/accounts/(?P<uid>{_UID})/(?P<action>reveal-key|rotate-key)",
+                self._account_key,
+                "operator",
+            ),
+            page("GET", r"/audit", self._audit_log),
+            page("GET", r"/tokens", self._api_tokens, "admin"),
+            page("POST", r"/tokens", self._create_token, "admin"),
+            page("POST", r"/tokens/(?P<id>[1-9][0-9]{0,9})/revoke", self._revoke_token, "admin"),
         ]  # fmt: skip
 
     # ------------------------------------------------------------------ dispatch
@@ -425,6 +453,7 @@ class Console:
             prefix=PREFIX,
             path=ctx.request.path,
             can_operate=ctx.principal is not None and role_allows(ctx.principal.role, "operator"),
+            is_admin=ctx.principal is not None and role_allows(ctx.principal.role, "admin"),
             **values,
         )
         return self._html(html, status)
@@ -528,9 +557,11 @@ class Console:
             key = (device.pid, device.f_version or "-")
             versions[key] = versions.get(key, 0) + 1
         for task in tasks:
-            detail = self.service.get_task(task.id)
-            for dt in detail.devices:
-                if dt.state == "failed" and dt.result_code is not None:
+            # The failed device tasks alone, from their index: the task's full detail would
+            # count its every device again (its counts are in the list already).
+            failed = self.service.list_task_devices(task.id, state="failed", limit=500)
+            for dt in failed.items:
+                if dt.result_code is not None:
                     failures[dt.result_code] = failures.get(dt.result_code, 0) + 1
         return {
             "tasks": tasks,
@@ -542,12 +573,15 @@ class Console:
 
     async def _devices(self, ctx: _Ctx, match: re.Match[str]) -> Response:
         q = ctx.request.query
+        filters = {k: q.get(k, "").strip() for k in ("pid", "version", "q", "state", "label")}
         try:
             page = await asyncio.to_thread(
                 self.service.list_devices,
-                pid=q.get("pid") or None,
-                f_version=q.get("version") or None,
-                name_contains=q.get("q") or None,
+                pid=filters["pid"] or None,
+                f_version=filters["version"] or None,
+                name_contains=filters["q"] or None,
+                labels=self._label_filter(ctx, filters["label"]),
+                state=filters["state"] or None,
                 after=q.get("after") or None,
                 limit=50,
             )
@@ -559,7 +593,9 @@ class Console:
             {
                 "devices": page.items,
                 "next": page.next,
-                "filters": {k: q.get(k, "") for k in ("pid", "version", "q")},
+                "filters": filters,
+                "next_query": urlencode({**filters, "after": page.next or ""}),
+                "states": svc.DEVICE_STATES,
             },
         )
 
@@ -887,6 +923,148 @@ class Console:
         # The API's own answer, shown as it is: the console adds no rules (and a 5xx of the
         # API stays a 5xx: it is the server's fault, not the operator's).
         raise _Refused(response.status, message)
+
+    # ------------------------------------------------------------------ keys, audit, tokens
+
+    async def _read(self, ctx: _Ctx, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn`` of the service off the event loop; its refusals as pages (404, 422)."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except svc.NotFound as exc:
+            raise _Refused(404, str(exc)) from None
+        except svc.AdminError as exc:
+            raise _Refused(422, str(exc)) from None
+
+    async def _api_model(
+        self,
+        ctx: _Ctx,
+        method: str,
+        path: str,
+        model: type[M],
+        *,
+        body: bytes = b"",
+        query: Mapping[str, str] | None = None,
+    ) -> M:
+        """The management API's answer to ``method path`` for the signed-in token, as
+        ``model``; a refusal is shown as the API words it (its role checks included)."""
+        request = _internal(ctx.request, method, path, body=body, query=query)
+        response = await self._api.handle_signed_in(request, self._who(ctx))
+        self._raise_for(ctx, response)
+        assert isinstance(response.body, bytes)  # the API's JSON answers are bytes
+        return model.model_validate_json(response.body)
+
+    def _label_filter(self, ctx: _Ctx, text: str) -> list[tuple[str, str]]:
+        pairs: list[tuple[str, str]] = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            pair = svc.parse_label(part)
+            if pair is None:
+                message = self._gettext(
+                    ctx, "A label filter is key=value, several separated by commas: %(label)s"
+                )
+                raise _Refused(422, message % {"label": part})
+            pairs.append(pair)
+        return pairs
+
+    async def _products(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        after = ctx.request.query.get("after") or None
+        page = await self._read(ctx, self.service.list_products, after=after, limit=50)
+        return self._render(ctx, "products.html", {"products": page.items, "next": page.next})
+
+    async def _product(self, ctx: _Ctx, match: re.Match[str], key: str | None = None) -> Response:
+        product: svc.Product = await self._read(ctx, self.service.get_product, match["pid"])
+        # The service reads the key with the row; the page shows it only after an audited
+        # reveal (or a rotation, which is audited itself).
+        shown = product.model_copy(update={"access_key": None})
+        return self._render(ctx, "product.html", {"product": shown, "key": key})
+
+    async def _product_key(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        # reveal-key and rotate-key are the API's, audited there under the signed-in token.
+        path = f"/products/{match['pid']}/{match['action']}"
+        product = await self._api_model(ctx, "POST", path, svc.Product)
+        return await self._product(ctx, match, product.access_key)
+
+    async def _accounts(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        after = ctx.request.query.get("after") or None
+        page = await self._read(ctx, self.service.list_accounts, after=after, limit=50)
+        return self._render(ctx, "accounts.html", {"accounts": page.items, "next": page.next})
+
+    async def _account(self, ctx: _Ctx, match: re.Match[str], key: str | None = None) -> Response:
+        account: svc.Account = await self._read(ctx, self.service.get_account, match["uid"])
+        shown = account.model_copy(update={"access_key": None})  # as _product's
+        return self._render(ctx, "account.html", {"account": shown, "key": key})
+
+    async def _account_key(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        path = f"/accounts/{match['uid']}/{match['action']}"
+        account = await self._api_model(ctx, "POST", path, svc.Account)
+        return await self._account(ctx, match, account.access_key)
+
+    async def _audit_log(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        q = ctx.request.query
+        filters = {k: q.get(k, "").strip() for k in ("actor", "action", "target", "since", "until")}
+        query = {k: v for k, v in filters.items() if v and k not in ("since", "until")}
+        for name, end_of_day in (("since", False), ("until", True)):
+            if filters[name]:
+                query[name] = str(self._day(ctx, filters[name], end_of_day))
+        query["limit"] = "50"
+        query["after"] = q.get("after") or ""
+        page = await self._api_model(ctx, "GET", "/audit", audit.AuditPage, query=query)
+        entries = [
+            {"entry": e, "before": _compact(e.before), "after": _compact(e.after)}
+            for e in page.items
+        ]
+        return self._render(
+            ctx,
+            "audit.html",
+            {
+                "entries": entries,
+                "filters": filters,
+                "next": page.next,
+                "next_query": urlencode({**filters, "after": page.next or ""}),
+            },
+        )
+
+    def _day(self, ctx: _Ctx, text: str, end_of_day: bool) -> int:
+        """``YYYY-MM-DD`` (UTC, as the pages show times) as Unix seconds: its first second, or
+        its last with ``end_of_day``."""
+        try:
+            day = time.strptime(text, "%Y-%m-%d")
+        except ValueError:
+            message = self._gettext(ctx, "A date is written YYYY-MM-DD: %(date)s")
+            raise _Refused(422, message % {"date": text}) from None
+        start = calendar.timegm(day)
+        return start + 86399 if end_of_day else start
+
+    async def _api_tokens(
+        self, ctx: _Ctx, match: re.Match[str], created: ApiTokenCreated | None = None
+    ) -> Response:
+        after = ctx.request.query.get("after") or ""
+        page = await self._api_model(ctx, "GET", "/tokens", ApiTokenPage, query={"after": after})
+        return self._render(
+            ctx,
+            "tokens.html",
+            {"tokens": page.items, "next": page.next, "created": created, "roles": ROLES},
+        )
+
+    async def _create_token(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        form = ctx.form
+        body = json.dumps({"name": form.get("name", "").strip(), "role": form.get("role", "")})
+        created = await self._api_model(ctx, "POST", "/tokens", ApiTokenCreated, body=body.encode())
+        # The secret is in this answer only (no-store): the platform keeps its hash alone.
+        return await self._api_tokens(ctx, match, created)
+
+    async def _revoke_token(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        response = await self._api.handle_signed_in(
+            _internal(ctx.request, "DELETE", f"/tokens/{match['id']}"), self._who(ctx)
+        )
+        self._raise_for(ctx, response)
+        raise _Redirect(f"{PREFIX}/tokens")
+
+
+def _compact(state: Mapping[str, Any] | None) -> str:
+    # An audit entry's before/after on one line; the log redacted its secrets already.
+    if state is None:
+        return ""
+    return json.dumps(state, ensure_ascii=False, separators=(", ", ": "), sort_keys=True)
 
 
 # ---- campaigns: the form's shape and the stage bars (the rules are the API's)

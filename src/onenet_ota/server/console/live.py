@@ -10,6 +10,12 @@ and failed members per period). It polls rather than waking on the cache change 
 (:mod:`onenet_ota.server.changes`): the feed names devices whose cached facts changed, which
 leaves out progress reports (T11), so a page's progress would stop moving; and reading the feed
 is itself a poll of the database. The bound above already holds however many pages watch.
+
+A read that costs more than :data:`BUDGET` of its period stretches the period: the counters of a
+task of 100,000 devices take tens of milliseconds to read, and read twice a second they would
+hold a tenth of a core for as long as one page stays open. Stretched, polling a watched task
+takes about 0.5 % of a core (rendering and sending come on top); such a page then updates
+every few seconds, and at least every :data:`MAX_WAIT` seconds.
 """
 
 from __future__ import annotations
@@ -19,10 +25,15 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Final, Generic, TypeVar
 
-__all__ = ["PERIOD", "LiveHub"]
+__all__ = ["BUDGET", "MAX_WAIT", "PERIOD", "LiveHub"]
 
 PERIOD: Final = 0.5
 """Seconds between two reads of a watched value (at most 2 updates a second per page)."""
+BUDGET: Final = 0.005
+"""The share of the time a watched key's reads may take (of a core, for a database read)."""
+MAX_WAIT: Final = 5.0
+"""The longest a stretched period gets: a read's wall time also grows with the machine's load,
+and a page must still move within seconds."""
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -41,12 +52,20 @@ class LiveHub(Generic[K, V]):
     """Polls ``read(key)`` for each key someone watches and fans the values out.
 
     ``read`` runs off the event loop (it may query the database). A failing read is skipped:
-    the watchers keep the last value and the next period tries again.
+    the watchers keep the last value and the next period tries again. A read that took ``t``
+    seconds is followed by at least ``t / budget - t`` seconds without one.
     """
 
-    def __init__(self, read: Callable[[K], Awaitable[V]], *, period: float = PERIOD) -> None:
+    def __init__(
+        self,
+        read: Callable[[K], Awaitable[V]],
+        *,
+        period: float = PERIOD,
+        budget: float = BUDGET,
+    ) -> None:
         self._read = read
         self._period = period
+        self._budget = budget
         self._watches: dict[K, _Watch[V]] = {}
 
     async def watch(self, key: K, *, lifetime: float) -> AsyncIterator[V | None]:
@@ -83,7 +102,9 @@ class LiveHub(Generic[K, V]):
                     watch.task.cancel()
 
     async def _poll(self, key: K, watch: _Watch[V]) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 value: V | None = await self._read(key)
             except asyncio.CancelledError:
@@ -95,7 +116,8 @@ class LiveHub(Generic[K, V]):
                 async with watch.changed:
                     watch.version += 1
                     watch.changed.notify_all()
-            await asyncio.sleep(self._period)
+            cost = loop.time() - started
+            await asyncio.sleep(max(self._period, min(MAX_WAIT, cost / self._budget - cost)))
 
     @property
     def watched(self) -> int:
