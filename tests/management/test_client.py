@@ -92,6 +92,7 @@ async def test_every_method_against_the_server(api: Driver, tmp_path: Path) -> N
     rotated_account = await api("rotate_account_key", uid)
     assert rotated_account.access_key not in (None, K1)
     assert (await api("rotate_account_key", uid, access_key=K2)).access_key == K2
+    assert (await api("reveal_account_key", uid)).access_key == K2
     assert [a.uid for a in (await api("list_accounts", limit=1000)).items].count(uid) == 1
     assert uid in [a.uid for a in await api.collect("iter_accounts", page_size=1)]
 
@@ -103,6 +104,10 @@ async def test_every_method_against_the_server(api: Driver, tmp_path: Path) -> N
     assert (await api("get_product", pid)).device_count == 0
     assert (await api("rotate_product_key", pid, access_key=K2)).access_key == K2
     assert (await api("rotate_product_key", pid)).access_key not in (None, K2)
+    revealed = await api("reveal_product_key", pid)
+    assert revealed.access_key == (await api("get_product", pid)).access_key
+    reveals = await api("list_audit", action="product.reveal_key")
+    assert [e.target for e in reveals.items].count(f"product:{pid}") == 1
     assert (await api("set_product_account", pid, uid)).account_uid == uid
     assert (await api("clear_product_account", pid)).account_uid is None
     assert pid in [p.pid for p in (await api("list_products", limit=1000)).items]
@@ -124,6 +129,9 @@ async def test_every_method_against_the_server(api: Driver, tmp_path: Path) -> N
     page = await api("list_devices", pid=pid, name_contains="b")
     assert isinstance(page, DevicePage)
     assert [d.name for d in page.items] == ["b"]
+    idle = await api.collect("iter_devices", pid=pid, state="idle", page_size=2)
+    assert sorted(d.name for d in idle) == ["a", "b", "c"]
+    assert (await api("list_devices", pid=pid, state="downloading")).items == []
     every = await api.collect("iter_devices", pid=pid, page_size=1)
     assert sorted(d.name for d in every) == ["a", "b", "c"]
     detail = await api("get_device", first.dev_id)

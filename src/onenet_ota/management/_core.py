@@ -503,6 +503,11 @@ class ManagementCore:
         path = f"/accounts/{_seg(uid)}/rotate-key"
         return self.call("POST", path, _model(Account), json_body=_given(access_key=access_key))
 
+    def reveal_account_key(self, uid: str) -> Call[Account]:
+        """An account with its access key, the reveal written to the audit log under the calling
+        token's name (``POST /accounts/{uid}/reveal-key``)."""
+        return self.call("POST", f"/accounts/{_seg(uid)}/reveal-key", _model(Account))
+
     # ---------------------------------------------------------------- products
 
     def create_product(
@@ -537,6 +542,11 @@ class ManagementCore:
         (``POST /products/{pid}/rotate-key``)."""
         path = f"/products/{_seg(pid)}/rotate-key"
         return self.call("POST", path, _model(Product), json_body=_given(access_key=access_key))
+
+    def reveal_product_key(self, pid: str) -> Call[Product]:
+        """A product with its access key, the reveal written to the audit log under the calling
+        token's name (``POST /products/{pid}/reveal-key``)."""
+        return self.call("POST", f"/products/{_seg(pid)}/reveal-key", _model(Product))
 
     def set_product_account(self, pid: str, uid: str) -> Call[Product]:
         """Make account ``uid`` the product's owner: its userid tokens then speak for it
@@ -589,14 +599,17 @@ class ManagementCore:
         s_version: str | None = None,
         name_contains: str | None = None,
         labels: LabelFilter | None = None,
+        state: str | None = None,
         limit: int | None = None,
         after: str | None = None,
     ) -> Call[DevicePage]:
         """One page of devices, filtered: ``labels`` keeps the devices that have every one of
-        these ``key: value`` labels (``GET /devices``)."""
+        these ``key: value`` labels; ``state`` is ``idle`` (no open task) or the open task's
+        state (``to_be_upgraded``, ``downloading``, ``upgrading``, ``paused``)
+        (``GET /devices``)."""
         params = {
             "pid": pid, "f_version": f_version, "s_version": s_version, "q": name_contains,
-            "label": _label_filter(labels), "limit": limit, "after": after,
+            "label": _label_filter(labels), "state": state, "limit": limit, "after": after,
         }  # fmt: skip
         return self.call("GET", "/devices", _model(DevicePage), params=params)
 
@@ -608,13 +621,14 @@ class ManagementCore:
         s_version: str | None = None,
         name_contains: str | None = None,
         labels: LabelFilter | None = None,
+        state: str | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> Pages[Device]:
         """Every device that passes the filters (see :meth:`list_devices`), page after page."""
         return Pages(
             lambda after: self.list_devices(
                 pid=pid, f_version=f_version, s_version=s_version, name_contains=name_contains,
-                labels=labels, limit=page_size, after=after,
+                labels=labels, state=state, limit=page_size, after=after,
             )
         )  # fmt: skip
 

@@ -249,6 +249,7 @@ class _Operations:
     get_account = _Operation(_C.get_account)
     delete_account = _Operation(_C.delete_account)
     rotate_account_key = _Operation(_C.rotate_account_key)
+    reveal_account_key = _Operation(_C.reveal_account_key)
 
     create_product = _Operation(_C.create_product)
     list_products = _Operation(_C.list_products)
@@ -256,6 +257,7 @@ class _Operations:
     get_product = _Operation(_C.get_product)
     delete_product = _Operation(_C.delete_product)
     rotate_product_key = _Operation(_C.rotate_product_key)
+    reveal_product_key = _Operation(_C.reveal_product_key)
     set_product_account = _Operation(_C.set_product_account)
     clear_product_account = _Operation(_C.clear_product_account)
 

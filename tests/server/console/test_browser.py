@@ -31,6 +31,7 @@ from tests.server.console.conftest import ADMIN, KEY, Platform, product, task
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import (  # noqa: E402
+    JavascriptException,
     StaleElementReferenceException,
     TimeoutException,
 )
@@ -84,13 +85,18 @@ def _wait(driver: WebDriver, condition: Callable[[WebDriver], object], what: str
 
 def _text(driver: WebDriver, element_id: str, by: str = By.ID) -> str:
     # htmx replaces the live fragment as events arrive, and a click may reload the page: an
-    # element found may be gone the next moment, so look it up again.
+    # element found by one driver call may be gone by the next (Chromium then says "stale
+    # element" or "node does not belong to the document"), so find and read it in one script.
+    if by == By.ID:
+        script = "const e = document.getElementById(arguments[0]); return e ? e.innerText : '';"
+    else:
+        script = "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';"
     for _ in range(20):
         try:
-            found = driver.find_elements(by, element_id)
-            return str(found[0].text) if found else ""
-        except StaleElementReferenceException:
-            continue
+            # innerText parts a table's cells with tabs where WebDriver's text has spaces
+            return str(driver.execute_script(script, element_id)).replace("\t", " ")
+        except (StaleElementReferenceException, JavascriptException):
+            continue  # the page was navigating away while the script ran
     return ""
 
 
@@ -310,7 +316,7 @@ def test_a_staged_campaign(platform: Platform, browser: WebDriver) -> None:
     assert browser.find_elements(By.ID, "preview-stage-0")  # who each stage takes
     _click(browser, "campaign-start")
     _wait(browser, lambda d: _text(d, "stage-0-open") == "10", "stage 1's ten devices")
-    assert _text(browser, "campaign-state") == "running"
+    _wait(browser, lambda d: _text(d, "campaign-state") == "running", "the running campaign")
     (task_row,) = api.get("/tasks", params={"package_id": package.json()["id"]}).json()["items"]
 
     # One device reports an MD5 mismatch by itself (so the stage has a failure whatever the
@@ -357,7 +363,8 @@ def test_a_staged_campaign(platform: Platform, browser: WebDriver) -> None:
     _click(browser, "campaign-pause")
     _wait(browser, lambda d: _text(d, "campaign-state") == "paused", "the paused campaign")
     assert api.get(f"/campaigns/{campaign['id']}").json()["state"] == "paused"
-    assert browser.find_elements(By.ID, "campaign-resume")
+    # The state and the actions are separate parts of the page, each replaced as it changes.
+    _wait(browser, lambda d: d.find_elements(By.ID, "campaign-resume"), "the resume button")
 
     # A failed device's timeline, through the failures' link.
     link = ""
