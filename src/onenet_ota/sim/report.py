@@ -255,6 +255,7 @@ class FleetReport:
             "chunk_size": config.chunk_size,
             "dialect": config.dialect,
             "profile": config.profile,
+            "http": config.http,
             "by_dialect": self.outcomes_by("dialect"),
             "by_profile": self.outcomes_by("profile"),
             "package_size": self.target.size,
