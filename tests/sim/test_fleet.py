@@ -19,7 +19,7 @@ from onenet_ota.sim import FleetConfig, SimulationError, ValueRange, simulate
 from onenet_ota.sim.config import HTTP_CLIENTS
 from onenet_ota.sim.fleet import DeviceRecord, Fleet, FleetState, Phase
 from onenet_ota.sim.provision import DeviceView, FleetTarget, provision
-from onenet_ota.sim.report import check_agreement
+from onenet_ota.sim.report import FleetReport, check_agreement
 from tests.sim.platform import Platform
 
 SMALL: dict[str, Any] = {"package_size": 32 * 1024, "chunk_size": 8 * 1024, "retry_interval": 0.02}
@@ -231,3 +231,17 @@ def test_a_waiting_device_costs_its_record_alone() -> None:
     assert record.accepted == Counter()
     record.accepted[101] += 1  # a report makes the counter, and it stays
     assert record.accepted == Counter({101: 1})
+
+
+def test_an_interrupted_run_counts_only_finished_devices_per_second() -> None:
+    target = FleetTarget(
+        pid="123456", access_key="a2V5" * 11, task_id=1, dev_ids=(1, 2, 3, 4),
+        names=("a", "b", "c", "d"), task_type=TaskType.FOTA, version="1.0.0", target="1.0.1",
+        size=1, md5="0" * 32, created=True,
+    )  # fmt: skip
+    records = [_record(1, Outcome.SUCCEEDED, StatusCode.UPGRADED), DeviceRecord(2)]
+    records += [DeviceRecord(3), DeviceRecord(4)]
+    state = FleetState(records, started_at=100.0, finished_at=110.0, interrupted=True)
+    state.phases = Counter(record.phase for record in records)
+    report = FleetReport(FleetConfig(devices=4), target, "http://x", None, state, None)
+    assert report.to_dict()["devices_per_s"] == 0.1  # one device in 10 s, not four
