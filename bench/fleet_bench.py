@@ -9,9 +9,9 @@ Scenarios, for each database (``--db``, default both):
 
 - ``fleet``: ``--devices`` (10,000) virtual devices upgrade a 256 KiB package, ``--concurrency``
   (64) at a time, with 64 KiB chunks (the upgrader's default). Every device must end succeeded.
-  The devices run in ``--processes`` (2) simulator processes: one Python process spends about
-  three times the server's CPU per request (httpx2, the upgrader, its state files), so with one
-  the simulator, not the server, sets the pace.
+  The devices run in ``--processes`` (2) simulator processes, and send with ``--http`` (``sdk``:
+  the SDK's own transport, a connection per device; ``httpx2``: one shared httpx2 client, about
+  three times the simulator's CPU per request).
 - ``faults``: ``--fault-devices`` (1,000) devices with ``--drop-rate`` (5 %) of requests losing
   their connection and ``--power-cut-rate`` (2 %) of upgrader runs losing power and resuming.
   Every device must end succeeded, and the server must show no lost or duplicated report.
@@ -63,6 +63,7 @@ from bench.common import (
 from bench.profiles import top_functions
 from onenet_ota.protocol.endpoints import Endpoint
 from onenet_ota.sim import FleetConfig, FleetReport, LocalServer, simulate
+from onenet_ota.sim.config import HTTP_CLIENTS
 from onenet_ota.sim.view import LiveView
 
 
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-rate", type=float, default=0.05)
     parser.add_argument("--power-cut-rate", type=float, default=0.02)
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument(
+        "--http", choices=HTTP_CLIENTS, default="sdk", help="how the devices send [sdk]"
+    )
     parser.add_argument("--db", action="append", choices=DB_KINDS, help="repeatable [both]")
     parser.add_argument("--only", choices=("fleet", "faults"), help="run only this scenario [both]")
     parser.add_argument("--py-spy", metavar="PATH", help="sample the server with py-spy")
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "chunk_size": args.chunk_size,
         "package_size": args.package_size,
         "seed": 5,
+        "http": args.http,
     }
     scenarios = {
         "fleet": FleetConfig(devices=args.devices, **common),

@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 from onenet_ota.cli.main import cli
 from onenet_ota.cli.simulate import simulate
 from onenet_ota.sim import FleetConfig
+from onenet_ota.sim.config import HTTP_CLIENTS
 from onenet_ota.sim.profiles import DIALECT_NAMES, PROFILE_NAMES
 from onenet_ota.sim.provision import provision
 from tests.server.serve_process import children
@@ -90,11 +91,11 @@ def test_a_run_in_mixed_dialects_and_profiles(sqlite_platform: Platform) -> None
         "--server", sqlite_platform.url, "--admin-token", sqlite_platform.admin_token,
         "--devices", "12", "--concurrency", "6", "--package-size", "8k",
         "--dialect", "mixed", "--profile", "mixed", "--drop-rate", "0.05",
-        "--retry-interval", "0.02", "--no-live", "--json", "-",
+        "--retry-interval", "0.02", "--http", "httpx2", "--no-live", "--json", "-",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert (data["dialect"], data["profile"]) == ("mixed", "mixed")
+    assert (data["dialect"], data["profile"], data["http"]) == ("mixed", "mixed", "httpx2")
     assert data["by_dialect"] == {name: {"succeeded": 4} for name in DIALECT_NAMES}
     assert data["by_profile"] == {name: {"succeeded": 3} for name in PROFILE_NAMES}
     assert data["agreement"]["ok"] is True
@@ -110,6 +111,9 @@ def test_the_dialect_and_profile_choices_are_the_table_s() -> None:
         option = next(p for p in simulate.params if f"{flag}" in p.opts)
         assert isinstance(option.type, click.Choice)
         assert list(option.type.choices) == [*names, "mixed"]
+    option = next(p for p in simulate.params if "--http" in p.opts)
+    assert isinstance(option.type, click.Choice)
+    assert tuple(option.type.choices) == HTTP_CLIENTS
 
 
 def test_a_run_that_does_not_succeed_exits_1(sqlite_platform: Platform) -> None:

@@ -73,6 +73,25 @@ def test_state_base_defaults_to_a_writable_directory(tmp_path: Path) -> None:
     assert FleetConfig().state_base().is_dir()
 
 
+def test_state_falls_back_to_the_disk_with_a_clear_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config_module, "MEMORY_DIR", tmp_path)
+    assert FleetConfig().state_base() == tmp_path
+    assert FleetConfig().state_note() is None
+    missing = tmp_path / "no-shm"
+    monkeypatch.setattr(config_module, "MEMORY_DIR", missing)
+    base = FleetConfig().state_base()
+    assert base != missing
+    assert base.is_dir()
+    note = FleetConfig().state_note()
+    assert note is not None
+    assert f"{missing} is missing or not writable" in note
+    assert str(base) in note
+    assert "--state-dir" in note
+    assert FleetConfig(state_root=tmp_path).state_note() is None  # the operator chose
+
+
 @given(st.integers(-(2**31), 2**31 - 1), st.integers(-(2**31), 2**31 - 1))
 def test_range_grammar_accepts_ordered_pairs(a: int, b: int) -> None:
     low, high = min(a, b), max(a, b)

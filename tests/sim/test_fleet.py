@@ -3,6 +3,8 @@ power cuts, gates, existing tasks, and the agreement check that must catch a dis
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,17 +16,20 @@ from onenet_ota.protocol.endpoints import Endpoint
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import StatusCode, TaskType
 from onenet_ota.sim import FleetConfig, SimulationError, ValueRange, simulate
-from onenet_ota.sim.fleet import DeviceRecord, FleetState, Phase
-from onenet_ota.sim.provision import DeviceView, provision
-from onenet_ota.sim.report import check_agreement
+from onenet_ota.sim.config import HTTP_CLIENTS
+from onenet_ota.sim.fleet import DeviceRecord, Fleet, FleetState, Phase
+from onenet_ota.sim.provision import DeviceView, FleetTarget, provision
+from onenet_ota.sim.report import FleetReport, check_agreement
 from tests.sim.platform import Platform
 
 SMALL: dict[str, Any] = {"package_size": 32 * 1024, "chunk_size": 8 * 1024, "retry_interval": 0.02}
 
 
-def test_faulty_fleet_all_succeed_and_the_server_agrees(platform: Platform) -> None:
+@pytest.mark.parametrize("http", HTTP_CLIENTS)
+def test_faulty_fleet_all_succeed_and_the_server_agrees(platform: Platform, http: str) -> None:
+    """Drops and power cuts, over the SDK's own transport and over a shared httpx2 client."""
     config = FleetConfig(
-        devices=50, concurrency=16, drop_rate=0.05, power_cut_rate=0.3, seed=5, **SMALL
+        devices=50, concurrency=16, drop_rate=0.05, power_cut_rate=0.3, seed=5, http=http, **SMALL
     )
     report = simulate(config, server=platform.url, admin_token=platform.admin_token)
     assert report.reasons() == []
@@ -192,3 +197,51 @@ def test_processes_beyond_the_concurrency_are_reduced() -> None:
     assert FleetConfig(devices=10, concurrency=4, processes=8).processes == 4
     with pytest.raises(SimulationError, match="--processes must be an integer from 1 to 64"):
         FleetConfig(processes=0)
+
+
+def test_a_waiting_device_costs_its_record_alone() -> None:
+    """A fleet of 100,000 devices holds a record for each from the start; a device that has not
+    started costs the record (128 bytes), its place in the fleet and a list slot, and no
+    counter of acknowledged reports until it has one."""
+    count = 10_000
+    target = FleetTarget(
+        pid="123456",
+        access_key="a2V5" * 11,
+        task_id=1,
+        dev_ids=tuple(range(10**6, 10**6 + count)),
+        names=tuple(f"sim-00000000-{i:06d}" for i in range(count)),
+        task_type=TaskType.FOTA,
+        version="1.0.0",
+        target="1.0.1",
+        size=256 * 1024,
+        md5="0" * 32,
+        created=True,
+    )
+    config = FleetConfig(devices=count)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        fleet = Fleet(config, target, "http://127.0.0.1:9")
+        per_device = (tracemalloc.get_traced_memory()[0] - before) / count
+    finally:
+        tracemalloc.stop()
+    assert per_device < 200, f"{per_device:.0f} bytes per waiting device"
+    record = fleet.state.devices[0]
+    assert record.accepted == Counter()
+    record.accepted[101] += 1  # a report makes the counter, and it stays
+    assert record.accepted == Counter({101: 1})
+
+
+def test_an_interrupted_run_counts_only_finished_devices_per_second() -> None:
+    target = FleetTarget(
+        pid="123456", access_key="a2V5" * 11, task_id=1, dev_ids=(1, 2, 3, 4),
+        names=("a", "b", "c", "d"), task_type=TaskType.FOTA, version="1.0.0", target="1.0.1",
+        size=1, md5="0" * 32, created=True,
+    )  # fmt: skip
+    records = [_record(1, Outcome.SUCCEEDED, StatusCode.UPGRADED), DeviceRecord(2)]
+    records += [DeviceRecord(3), DeviceRecord(4)]
+    state = FleetState(records, started_at=100.0, finished_at=110.0, interrupted=True)
+    state.phases = Counter(record.phase for record in records)
+    report = FleetReport(FleetConfig(devices=4), target, "http://x", None, state, None)
+    assert report.to_dict()["devices_per_s"] == 0.1  # one device in 10 s, not four

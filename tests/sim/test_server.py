@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,3 +100,25 @@ def test_the_server_dies_with_its_parent(tmp_path: Path) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait(10)
+
+
+def test_the_server_logs_through_the_platforms_logging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local server and its workers log as ``onenet-ota serve`` does: the configured format
+    (JSON here), the worker on each line, and no download token in a request's path."""
+    monkeypatch.setenv("ONENET_OTA_LOG_FORMAT", "json")
+    monkeypatch.setenv("ONENET_OTA_ACCESS_LOG", "true")
+    secret = "Zm9vYmFyc2VjcmV0dG9rZW4"
+    with LocalServer(workers=2, data_dir=tmp_path) as server:
+        reply = httpx2.get(f"{server.url}/ota/south/download/{secret}/check", timeout=60)
+        assert reply.status_code < 500
+        log_file = server.log_file
+        assert log_file is not None
+    text = log_file.read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert lines, "the server logged nothing"
+    access = [line for line in lines if line.get("logger") == "onenet_ota.access"]
+    assert access, text
+    assert all("worker" in line for line in access)
+    assert secret not in text

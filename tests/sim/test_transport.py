@@ -1,18 +1,31 @@
-"""FleetTransport's error paths, over httpx2.MockTransport: each injected fault, power cuts, and
-the metering of what got through."""
+"""The fleet's HTTP layer: FleetTransport over httpx2.MockTransport and FleetSender over a
+stand-in for the SDK's transport: each injected fault, power cuts, and the metering of what got
+through."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx2
 import pytest
 
+from onenet_ota.device import AsyncOtaClient, Credentials, DeviceConfig
+from onenet_ota.device._core import Call, Outcome
+from onenet_ota.device._http import Failure, Result
+from onenet_ota.device.errors import TransportError
+from onenet_ota.device.events import DownloadedChunk
+from onenet_ota.protocol.dialects import EndpointSpec
 from onenet_ota.protocol.endpoints import Endpoint
 from onenet_ota.sim.metrics import FleetMetrics
-from onenet_ota.sim.transport import DeviceLink, FleetTransport, PowerCut, device_context
+from onenet_ota.sim.transport import (
+    DeviceLink,
+    FleetSender,
+    FleetTransport,
+    PowerCut,
+    device_context,
+)
 
 CHECK_URL = "http://ota.test/ota/south/check?dev_id=1&type=1&version=1.0.0"
 DOWNLOAD_URL = "http://ota.test/ota/south/download/ota_aaaaaaaaaaaaaaaaaaaa"
@@ -165,3 +178,111 @@ async def test_devices_use_their_pool() -> None:
     assert (len(first.seen), len(second.seen)) == (1, 1)
     with pytest.raises(ValueError, match="at least one inner transport"):
         FleetTransport([], metrics)
+
+
+# -- FleetSender: the SDK's own transport, metered and faulty ----------------------------------
+
+TOKEN = "ota_aaaaaaaaaaaaaaaaaaaa"
+CHUNK = DownloadedChunk(bytes(100), 0, 99, 1000)
+
+
+class Inner:
+    """The SDK transport's stand-in: answers every call it is given, recording them."""
+
+    def __init__(self) -> None:
+        self.sent: list[Endpoint | EndpointSpec] = []
+        self.pipelined: list[bool] = []
+        self.closed = False
+
+    async def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]:
+        self.sent += [call.endpoint for call in calls]
+        self.pipelined.append(pipeline)
+        return [Outcome(CHUNK if call.endpoint is Endpoint.DOWNLOAD else None) for call in calls]
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def calls() -> tuple[Call[Any], Call[Any]]:
+    """E5 and E6 of one chunk, as the upgrader pipelines them."""
+    config = DeviceConfig(
+        credentials=Credentials.from_access_key("123456", "a2V5" * 11), dev_id="7", version="1.0"
+    )
+    core = AsyncOtaClient(config, base_url="http://ota.test")._core
+    return core.check_token(TOKEN), core.download(TOKEN, 0, 100)
+
+
+def sender(inner: Inner, link: DeviceLink, metrics: FleetMetrics, **options: Any) -> FleetSender:
+    return FleetSender(inner, link, metrics, **options)
+
+
+@pytest.mark.anyio
+async def test_sender_meters_each_call_and_pipelines() -> None:
+    inner, metrics, link = Inner(), FleetMetrics(), DeviceLink()
+    fleet = sender(inner, link, metrics)
+    results = await fleet.exchange(calls(), pipeline=True)
+    assert [type(r) for r in results] == [Outcome, Outcome]
+    assert inner.sent == [Endpoint.CHECK_TOKEN, Endpoint.DOWNLOAD]
+    assert inner.pipelined == [True]
+    download = metrics.endpoints[Endpoint.DOWNLOAD]
+    assert (download.requests, download.failures, download.bytes) == (1, 0, 100)
+    assert download.latency.count == 1
+    assert metrics.endpoints[Endpoint.CHECK_TOKEN].latency.count == 1
+    assert link.requests == 2
+    assert metrics.injected == {}
+    await fleet.aclose()
+    assert inner.closed
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("kind", "sent"),
+    [
+        ("refused", [Endpoint.CHECK_TOKEN]),  # the dropped E6 never left
+        ("reset", [Endpoint.CHECK_TOKEN, Endpoint.DOWNLOAD]),  # the server served it
+        ("truncated", [Endpoint.CHECK_TOKEN, Endpoint.DOWNLOAD]),
+    ],
+)
+async def test_sender_drops_lose_the_reply(kind: str, sent: list[Endpoint]) -> None:
+    inner, metrics = Inner(), FleetMetrics()
+    # E5 draws above the rate and goes through; E6 draws below it and is dropped.
+    fleet = sender(inner, DeviceLink(), metrics, drop_rate=0.5, rng=Scripted([0.9, 0.1], kind))
+    check, download = await fleet.exchange(calls(), pipeline=True)
+    assert isinstance(check, Outcome)
+    assert isinstance(download, Failure)
+    assert isinstance(download.error, TransportError)
+    assert "simulated" in str(download.error)
+    assert inner.sent == sent
+    stats = metrics.endpoints[Endpoint.DOWNLOAD]
+    assert (stats.requests, stats.failures, stats.bytes, stats.latency.count) == (1, 1, 0, 0)
+    assert metrics.injected == {kind: 1}
+
+
+@pytest.mark.anyio
+async def test_sender_drops_every_call_behind_a_dropped_one() -> None:
+    inner, metrics = Inner(), FleetMetrics()
+    fleet = sender(inner, DeviceLink(), metrics, drop_rate=0.5, rng=Scripted([0.1], "reset"))
+    results = await fleet.exchange(calls(), pipeline=True)
+    assert all(isinstance(result, Failure) for result in results)
+    assert inner.sent == [Endpoint.CHECK_TOKEN]  # what followed on the connection never left
+    assert metrics.endpoints[Endpoint.DOWNLOAD].failures == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("draw", "sent"), [(0.1, 1), (0.9, 2)])
+async def test_sender_power_cut_at_the_planned_call(draw: float, sent: int) -> None:
+    """Request 2 (the E6 of a pipelined pair) is the cut: before it leaves, or after the server
+    answered it; either way the run ends with nothing returned."""
+    inner, metrics = Inner(), FleetMetrics()
+    link = DeviceLink(cut_at=2)
+    fleet = sender(inner, link, metrics, rng=Scripted([draw]))
+    with pytest.raises(PowerCut):
+        await fleet.exchange(calls(), pipeline=True)
+    assert len(inner.sent) == sent
+    assert (link.requests, link.cut_at) == (2, None)
+    assert metrics.injected == {"power-cut": 1}
+    assert metrics.endpoints[Endpoint.DOWNLOAD].failures == 1
+    await fleet.exchange(calls())  # the plan is used up
+    assert len(inner.sent) == sent + 2
+    with pytest.raises(ValueError, match="below 1"):
+        FleetSender(inner, link, metrics, drop_rate=1.0)

@@ -164,6 +164,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     "the four, by its index)",
 )
 @click.option(
+    "--http",
+    type=click.Choice(["sdk", "httpx2"]),
+    default="sdk",
+    show_default=True,
+    help="how the devices send: the SDK's own transport, a connection per device (sdk), or one "
+    "shared httpx2 client (httpx2, about three times the simulator's CPU per request)",
+)
+@click.option(
     "--signal",
     "signal_range",
     metavar="LOW:HIGH",
@@ -258,7 +266,7 @@ def simulate(
     ramp_up: float,
     chunk_size: str, package_size: str, package: Path | None, task_id: int | None,
     allow_real_devices: bool, version: str,
-    target: str, task_type: str, dialect: str, profile: str, signal_range: str | None,
+    target: str, task_type: str, dialect: str, profile: str, http: str, signal_range: str | None,
     power_range: str | None,
     task_signal: int, task_power: int, gate: str, drop_rate: float, power_cut_rate: float,
     defective_rate: float, timeout_ms: int, retry_interval: float, seed: int | None, db: str | None,
@@ -290,6 +298,7 @@ def simulate(
             task_type=TaskType.FOTA if task_type == "fota" else TaskType.SOTA,
             dialect=dialect,
             profile=profile,
+            http=http,
             signal=None if signal_range is None else parse_range(
                 signal_range, "--signal", low=-(2**31), high=2**31 - 1),
             power=None if power_range is None else parse_range(

@@ -21,13 +21,17 @@ from onenet_ota.sim.profiles import DIALECT_NAMES, MIXED, PROFILE_NAMES
 
 __all__ = [
     "FD_PER_DEVICE",
+    "HTTP_CLIENTS",
     "MAX_DEVICES",
+    "MEMORY_DIR",
     "FleetConfig",
     "SimulationError",
     "ValueRange",
     "parse_range",
 ]
 
+HTTP_CLIENTS: Final = ("sdk", "httpx2")  # how the devices send (FleetConfig.http)
+MEMORY_DIR: Final = Path("/dev/shm")  # noqa: S108 - where the devices' state goes by default
 MAX_DEVICES: Final = 100_000  # one task's device list (the management API's limit)
 MAX_CONCURRENCY: Final = 10_000
 MAX_PROCESSES: Final = 64
@@ -102,6 +106,11 @@ class FleetConfig:
     - ``timeout_ms`` [--timeout-ms]: each request's time limit.
     - ``version``: the version the devices report before the upgrade; ``task_type``: FOTA/SOTA.
 
+    HTTP: ``http`` [--http]: ``sdk`` (default) sends with the device SDK's own transport, a
+    connection per device as on a real device; ``httpx2`` sends every device through one shared
+    ``httpx2.AsyncClient`` (the SDK's injected-client path), at about three times the
+    simulator's CPU per request (:mod:`onenet_ota.sim.transport`).
+
     Dialects and clients (:mod:`onenet_ota.sim.profiles`):
     - ``dialect`` [--dialect]: the device API the devices speak: ``classic``, ``studio``,
       ``fuse``, or ``mixed`` (each device one of the three, by its index).
@@ -148,6 +157,7 @@ class FleetConfig:
     task_type: TaskType = TaskType.FOTA
     dialect: str = "classic"
     profile: str = "default"
+    http: str = "sdk"
     signal: ValueRange | None = None
     power: ValueRange | None = None
     task_signal: int = 0
@@ -202,6 +212,7 @@ class FleetConfig:
         for name, flag, choices in (
             ("dialect", "--dialect", (*DIALECT_NAMES, MIXED)),
             ("profile", "--profile", (*PROFILE_NAMES, MIXED)),
+            ("http", "--http", HTTP_CLIENTS),
         ):
             if getattr(self, name) not in choices:
                 raise SimulationError(f"{flag} must be one of {', '.join(choices)}")
@@ -254,13 +265,29 @@ class FleetConfig:
             )
 
     def state_base(self) -> Path:
-        """Where the temporary device state directories go."""
+        """Where the temporary device state directories go: ``state_root``, else the
+        memory-backed :data:`MEMORY_DIR`, else the system's temporary directory."""
         if self.state_root is not None:
             return self.state_root
-        # tmpfs: the devices' fsyncs cost nothing there, and their state is throwaway.
-        shm = Path("/dev/shm")  # noqa: S108
-        if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
-            return shm
+        # tmpfs: the devices' fsyncs cost nothing there, and their state is throwaway. It still
+        # outlives a simulated power cut (the process-level state is rebuilt from the files).
+        if _usable(MEMORY_DIR):
+            return MEMORY_DIR
         import tempfile
 
         return Path(tempfile.gettempdir())
+
+    def state_note(self) -> str | None:
+        """Why the devices' state is not memory-backed, when it falls back to the disk (None
+        when ``state_root`` was given or :data:`MEMORY_DIR` is usable)."""
+        if self.state_root is not None or _usable(MEMORY_DIR):
+            return None
+        return (
+            f"{MEMORY_DIR} is missing or not writable: the devices' state files go to "
+            f"{self.state_base()}, where each simulated device's fsyncs reach the disk and slow "
+            "the fleet; give --state-dir a memory-backed directory (a tmpfs) to avoid it"
+        )
+
+
+def _usable(directory: Path) -> bool:
+    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)

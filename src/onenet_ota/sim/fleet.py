@@ -5,8 +5,10 @@ earlier than ``ramp_up * i / N`` seconds into the run. A device is:
 
 - an :class:`~onenet_ota.device.AsyncOtaClient` in the device's dialect (classic: the
   product-level token and its ``dev_id``; Studio and fuse: a device-level token and its name),
-  with the fleet's version, over the fleet's one shared ``httpx2.AsyncClient``, whose
-  :class:`~onenet_ota.sim.transport.FleetTransport` meters every request and injects the faults;
+  with the fleet's version, over the SDK's own transport (a connection of its own, through a
+  :class:`~onenet_ota.sim.transport.FleetSender`) or, with ``http="httpx2"``, over the fleet's
+  one shared ``httpx2.AsyncClient`` (a :class:`~onenet_ota.sim.transport.FleetTransport`); both
+  meter every request and inject the faults;
 - an :class:`~onenet_ota.device.upgrader.AsyncUpgrader` with a
   :class:`~onenet_ota.device.install.FileInstaller`, on a state directory of its own, with probes
   returning the device's signal and battery values;
@@ -37,6 +39,7 @@ import math
 import random
 import shutil
 import signal
+import ssl
 import tempfile
 import threading
 import time
@@ -59,7 +62,9 @@ from onenet_ota.device import (
     StatusReported,
     Timeout,
 )
+from onenet_ota.device.client import USER_AGENT
 from onenet_ota.device.install import InstallError
+from onenet_ota.device.transport import AsyncTransport
 from onenet_ota.device.upgrader import (
     AsyncUpgrader,
     FileInstaller,
@@ -82,7 +87,13 @@ from onenet_ota.sim.config import FleetConfig, SimulationError
 from onenet_ota.sim.metrics import FleetMetrics
 from onenet_ota.sim.profiles import PROFILES, ClientProfile, dialect_of, profile_of
 from onenet_ota.sim.provision import FleetTarget
-from onenet_ota.sim.transport import DeviceLink, FleetTransport, PowerCut, device_context
+from onenet_ota.sim.transport import (
+    DeviceLink,
+    FleetSender,
+    FleetTransport,
+    PowerCut,
+    device_context,
+)
 
 __all__ = [
     "DefectiveInstaller",
@@ -131,7 +142,9 @@ class DeviceRecord:
     """One virtual device: what it did and how it ended.
 
     ``accepted`` counts the status codes (101-107, 201-208) the server acknowledged with errno 0;
-    a code acknowledged twice would be a duplicated report. ``installed_ok`` says whether the
+    a code acknowledged twice would be a duplicated report. Its counter is made on first use: a
+    fleet holds a record for each of up to 100,000 devices from the start, and most of them
+    wait, so a waiting device costs its record alone. ``installed_ok`` says whether the
     installed file matched the package (None when nothing was installed). ``index`` is the
     device's place in the fleet, ``name`` its name on the server; ``dialect`` and ``profile``
     say how it talks (:mod:`onenet_ota.sim.profiles`).
@@ -146,9 +159,16 @@ class DeviceRecord:
     result: UpgradeResult | None = None
     runs: int = 0
     power_cuts: int = 0
-    accepted: Counter[int] = field(default_factory=Counter)
     installed_ok: bool | None = None
     error: str = ""
+    _accepted: Counter[int] | None = field(default=None, repr=False)
+
+    @property
+    def accepted(self) -> Counter[int]:
+        """The status codes the server acknowledged, and how often."""
+        if self._accepted is None:
+            self._accepted = Counter()
+        return self._accepted
 
 
 @dataclass(slots=True)
@@ -286,6 +306,9 @@ class Fleet:
         )
         self._credentials = Credentials.from_access_key(target.pid, target.access_key)
         self._inner = inner_transport
+        self._tls: ssl.SSLContext | None = None
+        # The faults' draws (drops, which half of a power cut): one source per process.
+        self._fault_rng = random.Random(self._rng.random())
 
     def _expected_requests(self, options: UpgradeOptions) -> int:
         """E1, E3, (E5, E6) per chunk, progress reports, 100, 101, 201, E1: where a cut may
@@ -401,11 +424,14 @@ class Fleet:
         # One pool per POOL_SIZE workers: each worker runs one device at a time, so no pool
         # ever needs more than POOL_SIZE connections.
         pools = math.ceil(concurrency / POOL_SIZE)
-        tls = httpx2.create_ssl_context(verify=True, trust_env=False)  # one CA load for all
+        sdk = config.http == "sdk" and self._inner is None
+        # One CA load for all devices (only an https:// server needs it).
+        self._tls = ssl.create_default_context() if self.base_url.startswith("https:") else None
 
         def make_pools(keepalive: int) -> list[httpx2.AsyncBaseTransport]:
             if self._inner is not None:
                 return [self._inner]
+            tls = httpx2.create_ssl_context(verify=True, trust_env=False)  # one CA load for all
             limits = httpx2.Limits(max_connections=POOL_SIZE, max_keepalive_connections=keepalive)
             return [
                 httpx2.AsyncHTTPTransport(verify=tls, limits=limits, trust_env=False)
@@ -414,20 +440,27 @@ class Fleet:
 
         # Clients that open a connection for every request (profiles without
         # reuse_connections) send through pools that keep no idle connection.
-        once = any(not profile_of(config.profile, i).reuse_connections for i in self._indices)
-        transport = FleetTransport(
-            make_pools(POOL_SIZE),
-            state.metrics,
-            drop_rate=config.drop_rate,
-            rng=random.Random(self._rng.random()),
-            fresh=make_pools(0) if once else None,
-        )
+        transport: FleetTransport | None = None
+        if not sdk:
+            once = any(not profile_of(config.profile, i).reuse_connections for i in self._indices)
+            transport = FleetTransport(
+                make_pools(POOL_SIZE),
+                state.metrics,
+                drop_rate=config.drop_rate,
+                rng=self._fault_rng,
+                fresh=make_pools(0) if once else None,
+            )
         root = make_state_root(config) if shard is None else shard.root
         next_index = iter(enumerate(self._indices))
         # A shard's clock is the whole fleet's: CLOCK_MONOTONIC is system-wide.
         state.started_at = time.monotonic() if shard is None else shard.started_at
         try:
-            async with httpx2.AsyncClient(transport=transport, trust_env=False) as http:
+            async with contextlib.AsyncExitStack() as stack:
+                http = None
+                if transport is not None:
+                    http = await stack.enter_async_context(
+                        httpx2.AsyncClient(transport=transport, trust_env=False)
+                    )
 
                 async def worker(number: int) -> None:
                     for local, index in next_index:
@@ -456,13 +489,32 @@ class Fleet:
                 on_tick(state)
         return state
 
+    def _sender(self, link: DeviceLink, profile: ClientProfile) -> FleetSender:
+        """The SDK's own transport for one device run, metered and faulty (``http="sdk"``).
+
+        A device that keeps no idle connection (``keep_alive`` or ``reuse_connections`` off)
+        gets a transport that pools none, so each request opens a connection of its own.
+        """
+        inner = AsyncTransport(
+            self._tls,
+            user_agent=USER_AGENT,
+            keep_alive=profile.keep_alive and profile.reuse_connections,
+        )
+        return FleetSender(
+            inner,
+            link,
+            self.state.metrics,
+            drop_rate=self.config.drop_rate,
+            rng=self._fault_rng,
+        )
+
     async def _ticker(self, on_tick: Callable[[FleetState], None], tick: float) -> None:
         while True:
             await anyio.sleep(tick)
             on_tick(self.state)
 
     async def _device(
-        self, record: DeviceRecord, http: httpx2.AsyncClient, root: Path, pool: int
+        self, record: DeviceRecord, http: httpx2.AsyncClient | None, root: Path, pool: int
     ) -> None:
         try:
             await self._upgrade(record, http, root / str(record.dev_id), pool)
@@ -472,7 +524,7 @@ class Fleet:
             self.state.move(record, Phase.FAILED)
 
     async def _upgrade(
-        self, record: DeviceRecord, http: httpx2.AsyncClient, home: Path, pool: int
+        self, record: DeviceRecord, http: httpx2.AsyncClient | None, home: Path, pool: int
     ) -> None:
         config = self.config
         state = self.state
@@ -528,6 +580,8 @@ class Fleet:
                     timeout=Timeout(config.timeout_ms),
                     on_event=on_client_event,
                 )
+                if http is None:
+                    client._sender = self._sender(link, profile)
                 upgrader = AsyncUpgrader(
                     client,
                     installer,

@@ -255,6 +255,7 @@ class FleetReport:
             "chunk_size": config.chunk_size,
             "dialect": config.dialect,
             "profile": config.profile,
+            "http": config.http,
             "by_dialect": self.outcomes_by("dialect"),
             "by_profile": self.outcomes_by("profile"),
             "package_size": self.target.size,
@@ -270,7 +271,8 @@ class FleetReport:
             "requests_per_s": round(metrics.requests / elapsed, 1),
             "bytes": metrics.bytes,
             "bytes_per_s": round(metrics.bytes / elapsed, 1),
-            "devices_per_s": round(len(state.devices) / elapsed, 2),
+            # Devices that finished: an interrupted run's waiting devices did not.
+            "devices_per_s": round(state.done / elapsed, 2),
             "latency_ms": {k: round(v * 1000, 3) for k, v in overall.items()},
             "endpoints": endpoints,
             "faults": dict(metrics.injected),

@@ -15,6 +15,7 @@ directory removed before :func:`simulate` returns or raises.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from onenet_ota.management import ManagementClient, ManagementError
@@ -25,6 +26,8 @@ from onenet_ota.sim.report import FleetReport, check_agreement
 from onenet_ota.sim.server import LocalServer, LocalServerError
 
 __all__ = ["simulate"]
+
+log = logging.getLogger(__name__)
 
 Tick = Callable[[FleetState], None]
 Notice = Callable[[str], None]
@@ -79,6 +82,10 @@ def simulate(
             say(f"using task {config.task_id} ...")
             target = adopt(admin, config)
         say(f"task {target.task_id}: {len(target.dev_ids)} devices upgrade to {target.target}")
+        note = config.state_note()
+        if note is not None:
+            log.warning("%s", note)
+            say(note)
         fleet = Fleet(config, target, base_url)
         state = fleet.run_until_stopped(on_tick)
         agreement = counts = None

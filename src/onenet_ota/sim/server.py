@@ -2,11 +2,13 @@
 
 The simulator (and the benchmarks) start one when no server URL is given. It runs
 :func:`onenet_ota.server.app.run` (what ``onenet-ota serve`` runs) in a child process
-(``python -m onenet_ota.sim.server``), so that the devices never share the server's interpreter,
-on 127.0.0.1 and a free port, over a database and data directory of its own:
+(``python -c`` calling this module's ``_main``), so that the devices never share the server's
+interpreter, on 127.0.0.1 and a free port, over a database and data directory of its own:
 
-- the child prints ``ready PORT`` once it listens (``run``'s ``ready`` hook); its log goes to
-  ``server.log`` in the data directory, whose tail is shown when start-up fails;
+- the child prints ``ready PORT`` once it listens (``run``'s ``ready`` hook); its stderr, and
+  so its log and its workers' logs, goes to ``server.log`` in the data directory, whose tail is
+  shown when start-up fails. The log is the platform's own (:mod:`onenet_ota.server.logs`):
+  text or JSON as ``ONENET_OTA_LOG_FORMAT`` says, redacted, with the worker on each line;
 - it runs in its own process group, so a Ctrl-C at the terminal reaches only the simulator, which
   then stops the server itself, after it has asked it for its final counts;
 - on Linux it asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so even a
@@ -106,8 +108,10 @@ class LocalServer:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         argv = [
             sys.executable,
-            "-m",
-            "onenet_ota.sim.server",
+            # Not "-m onenet_ota.sim.server": the package imports this module first, and runpy
+            # then warns on stderr (in every spawned worker too), which is the server's log.
+            "-c",
+            "import sys; from onenet_ota.sim.server import _main; sys.exit(_main())",
             "--data-dir",
             str(self.data_dir),
             "--workers",
@@ -120,16 +124,21 @@ class LocalServer:
             env["ONENET_OTA_DB"] = self.db  # a URL may carry a password: not on the command line
         else:
             env.pop("ONENET_OTA_DB", None)
+        log_file = self.log_file
+        assert log_file is not None
         try:
-            # Our own interpreter running our own module; nothing here comes from outside.
-            self.process = subprocess.Popen(  # noqa: S603
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                env=env,
-                process_group=0,  # a terminal's Ctrl-C reaches the simulator, not the server
-            )
+            # The server and its workers log to stderr (the platform's own logging set-up);
+            # the child keeps its own descriptor of the file, ours is closed at once.
+            with log_file.open("ab") as log_stream:
+                # Our own interpreter running our own module; nothing here comes from outside.
+                self.process = subprocess.Popen(  # noqa: S603
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=log_stream,
+                    env=env,
+                    process_group=0,  # a terminal's Ctrl-C reaches the simulator, not the server
+                )
         except OSError as exc:
             self.stop()
             raise LocalServerError(f"cannot start the server process: {exc}") from None
@@ -231,24 +240,25 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     die_with_parent()
-    logging.basicConfig(
-        level=logging.INFO,
-        filename=str(args.data_dir / "server.log"),
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     from pydantic import ValidationError
 
     # The simulator is an operator tool beside the server, not part of the device SDK that the
     # import ban (TID251) protects.
     from onenet_ota.server.app import run
     from onenet_ota.server.config import Settings
+    from onenet_ota.server.logs import configure_logging
+
+    # What `onenet-ota serve` does: text until the settings are read, then their format.
+    # stderr is the parent's server.log; the workers inherit it and set up the same way.
+    configure_logging(logging.INFO)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     def ready(sock: Any) -> None:
         print(f"ready {sock.getsockname()[1]}", flush=True)
 
     try:
         settings = Settings(data_dir=args.data_dir, host="127.0.0.1", port=0, workers=args.workers)
+        configure_logging(logging.INFO, settings.log_format)
         with open(os.devnull, "w") as devnull:
             run(settings, out=devnull, ready=ready)
     except (ValidationError, Exception) as exc:

@@ -1,10 +1,19 @@
-"""The fleet's HTTP layer: one shared connection pool, metered, with injected faults.
+"""The fleet's HTTP layer: every request metered, with injected faults.
 
-Every virtual device's :class:`~onenet_ota.device.AsyncOtaClient` sends through one
-``httpx2.AsyncClient`` whose transport is a :class:`FleetTransport` around the real
-``httpx2.AsyncHTTPTransport``. The transport knows which device is sending from a context
-variable that each device's task sets (:func:`device_context`), so the pool is shared and the
-per-device bookkeeping costs one lookup.
+A virtual device sends in one of two ways (``FleetConfig.http``):
+
+- ``sdk`` (the default): the device SDK's own HTTP/1.1 transport
+  (:class:`~onenet_ota.device.transport.AsyncTransport`), one per device run with its own
+  connection, as on a real device, wrapped in a :class:`FleetSender` that meters each call and
+  injects the faults below. It costs the simulator about a third of the CPU per request of
+  httpx2, and it pipelines E5 and E6 as the upgrader asks. The sender is put in the client's
+  ``_sender`` slot: the one place where the simulator reaches into the SDK.
+- ``httpx2``: every device's :class:`~onenet_ota.device.AsyncOtaClient` sends through one shared
+  ``httpx2.AsyncClient`` (the SDK's injected-client path) whose transport is a
+  :class:`FleetTransport` around the real ``httpx2.AsyncHTTPTransport``. The transport knows
+  which device is sending from a context variable that each device's task sets
+  (:func:`device_context`), so the pool is shared and the per-device bookkeeping costs one
+  lookup.
 
 For each request it:
 
@@ -35,21 +44,37 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Protocol
 
 import httpx2
 
+from onenet_ota.device._core import Call
+from onenet_ota.device._http import Failure, Result
+from onenet_ota.device.errors import TransportError
+from onenet_ota.device.events import DownloadedChunk
 from onenet_ota.protocol.codes import Dialect
 from onenet_ota.protocol.dialects import match as match_dialect_path
 from onenet_ota.protocol.endpoints import Endpoint, match_path
 from onenet_ota.sim.metrics import EndpointStats, FleetMetrics
 
-__all__ = ["DeviceLink", "FleetTransport", "PowerCut", "device_context"]
+__all__ = [
+    "DeviceLink",
+    "FleetSender",
+    "FleetTransport",
+    "PowerCut",
+    "Sender",
+    "device_context",
+]
 
 DROP_KINDS: Final = ("refused", "reset", "truncated")
+_DROP_MESSAGES: Final = {
+    "refused": "connection refused (simulated drop)",
+    "reset": "connection reset by peer (simulated drop)",
+    "truncated": "the connection broke mid-reply (simulated drop)",
+}
 _NEW_DIALECTS: Final = frozenset({Dialect.STUDIO, Dialect.FUSE})
 
 
@@ -224,3 +249,111 @@ class FleetTransport(httpx2.AsyncBaseTransport):
         """Close the real transports' connections."""
         for pool in {id(p): p for p in (*self._pools, *self._fresh)}.values():
             await pool.aclose()
+
+
+def _call_endpoint(call: Call[object]) -> Endpoint:
+    """The classic endpoint of a call, or of the operation a Studio or fuse call performs."""
+    endpoint = call.endpoint
+    return endpoint if isinstance(endpoint, Endpoint) else Endpoint(endpoint.operation.value)
+
+
+class Sender(Protocol):
+    """What :class:`FleetSender` wraps: the SDK's own transport
+    (:class:`~onenet_ota.device.transport.AsyncTransport`) or a test's stand-in."""
+
+    async def exchange(
+        self, calls: Sequence[Call[Any]], *, pipeline: bool = False
+    ) -> list[Result]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class FleetSender:
+    """One device's sender: the SDK's own transport ``inner``, metered into ``metrics``, with
+    the fleet's drops (``drop_rate``, drawn from ``rng``) and ``link``'s planned power cut.
+
+    It stands where the client's own transport stands (``exchange``, ``aclose``). Per call, as
+    :class:`FleetTransport` does per request: a power cut before the call leaves or after the
+    server answered it (:class:`PowerCut` raised, nothing returned); a ``refused`` call is never
+    sent; a ``reset`` or ``truncated`` one is sent and processed by the server, and its reply is
+    lost (a transport error, as the SDK reports a connection that broke). Calls pipelined behind
+    a dropped one get no reply either. A call's latency is its exchange's: the calls of a
+    pipelined exchange (E5 and E6) each record the time until the last reply arrived.
+    """
+
+    def __init__(
+        self,
+        inner: Sender,
+        link: DeviceLink,
+        metrics: FleetMetrics,
+        *,
+        drop_rate: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError("drop_rate must be at least 0 and below 1")
+        self._inner = inner
+        self._link = link
+        self._metrics = metrics
+        self._drop_rate = drop_rate
+        self._rng = rng if rng is not None else random.Random()
+
+    async def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]:
+        """Send ``calls`` (or fail them as planned); see the class documentation."""
+        metrics = self._metrics
+        stats = [metrics.stats(_call_endpoint(call)) for call in calls]
+        for each in stats:
+            each.requests += 1
+        link = self._link
+        first = link.requests
+        link.requests += len(calls)
+        cut: int | None = None  # the call at which the power fails
+        cut_after = False
+        if link.cut_at is not None and link.requests >= link.cut_at:
+            cut = min(max(link.cut_at - first - 1, 0), len(calls) - 1)
+            link.cut_at = None
+            metrics.injected["power-cut"] += 1
+            stats[cut].failures += 1
+            cut_after = self._rng.random() >= 0.5
+        drop: str | None = None
+        at = len(calls)
+        if cut is None and self._drop_rate:
+            for index in range(len(calls)):
+                if self._rng.random() < self._drop_rate:
+                    drop, at = self._rng.choice(DROP_KINDS), index
+                    break
+        if cut is not None:
+            send = calls[: cut + 1] if cut_after else calls[:cut]
+        else:
+            send = calls[:at] if drop == "refused" else calls[: at + 1]
+        started = time.perf_counter()
+        results = await self._inner.exchange(send, pipeline=pipeline) if send else []
+        elapsed = time.perf_counter() - started
+        if cut is not None:
+            raise PowerCut(
+                "power cut before the reply arrived"
+                if cut_after
+                else "power cut before the request left"
+            )
+        if drop is not None:
+            metrics.injected[drop] += 1
+            results = results[:at]
+            for index in range(at, len(calls)):
+                message = _DROP_MESSAGES[drop] if index == at else "no reply (simulated drop)"
+                error = TransportError(message, endpoint=calls[index].endpoint)
+                results.append(Failure(error, unanswered=index > at or drop != "truncated"))
+        for each, result in zip(stats, results, strict=True):
+            if isinstance(result, Failure):
+                each.failures += 1
+                continue
+            each.latency.record(elapsed)
+            value = result.value
+            if isinstance(value, DownloadedChunk):
+                each.bytes += len(value.data)
+            elif isinstance(value, bytes):
+                each.bytes += len(value)
+        return results
+
+    async def aclose(self) -> None:
+        """Close the device's connections."""
+        await self._inner.aclose()
