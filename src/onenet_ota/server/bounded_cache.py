@@ -56,6 +56,7 @@ class Budgets:
     chunks: int = 16 * _MIB  # small E6 replies by (file, served range)
     names: int = 8 * _MIB  # Studio/fuse (pid, name) in the path -> dev_id
     routes: int = 2 * _MIB  # Studio/fuse request path -> its matched route
+    tokens: int = 4 * _MIB  # Authorization value -> its parsed fields (not verified: P1 is not)
 
     @property
     def total(self) -> int:
