@@ -149,18 +149,27 @@ class DeviceApi:
         self._served = self.service.served
 
     def close(self) -> None:
-        """Write the bytes served still pending, close the read connections and the open
-        package files."""
+        """Write the bytes served and the first offers still pending, close the read
+        connections and the open package files."""
         try:
             self._served.flush()
         except Exception:
             log.warning("cannot write the bytes served at shutdown", exc_info=True)
+        try:
+            self.service.flush_offers()
+        except Exception:
+            log.warning("cannot write the first offers at shutdown", exc_info=True)
         self.service.close()  # and the caches' open files
 
     def flush_served(self) -> int:
-        """Write the bytes served since the last flush (:class:`.timeline.ServedBytes`);
-        returns how many device tasks were written."""
-        return self._served.flush()
+        """Write the bytes served since the last flush (:class:`.timeline.ServedBytes`) and
+        the first offers kept back (:meth:`.DeviceService.flush_offers`); returns how many
+        device tasks' bytes were written. The offers are tried even when the bytes fail."""
+        try:
+            written = self._served.flush()
+        finally:
+            self.service.flush_offers()
+        return written
 
     def endpoint_of(self, method: str, path: str) -> tuple[str, str] | None:
         """The dialect and endpoint label (``E3``, ``S-C``, ``F-D``) that :meth:`handle` routes

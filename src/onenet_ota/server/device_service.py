@@ -628,9 +628,12 @@ class DeviceService:
         self._read_account_key = _Reader(engine, readers, _SELECT_ACCOUNT_KEY)
         self._read_latest_task = _Reader(engine, readers, _SELECT_LATEST_TASK)
         self._read_tid = _Reader(engine, readers, _SELECT_TID)
-        self._read_offered = _Reader(engine, readers, timeline.SELECT_OFFERED)
         # Device tasks (and dialects) whose first offer is known to be on their timeline.
         self._offered: set[tuple[int, str | None]] = set()
+        # First offers made by polls that wrote nothing else, not written yet: device task ->
+        # dialect -> (when, the request). Bounded by the device tasks offered since the last
+        # flush (rows of the database, whatever clients send).
+        self._pending_offers: dict[int, dict[str | None, tuple[float, timeline.Source]]] = {}
         self.served = timeline.ServedBytes(engine, clock)
 
     def close(self) -> None:
@@ -768,6 +771,7 @@ class DeviceService:
         code: int | None = None,
     ) -> None:
         old = TaskState(row.state)
+        self._write_kept_offers(tx, row.dt_id)
         set_state(
             tx.writer,
             row.dt_id,
@@ -784,9 +788,54 @@ class DeviceService:
     def _remember_offers(self, keys: list[tuple[int, str | None]]) -> None:
         if not keys:
             return
+        pending = self._pending_offers
+        for dt_id, dialect in keys:
+            kept = pending.get(dt_id)
+            if kept is not None:
+                kept.pop(dialect, None)
+                if not kept:
+                    del pending[dt_id]
         if len(self._offered) >= _OFFERED_MEMO_MAX:
             self._offered.clear()  # bounded: forgetting costs one read per device task
         self._offered.update(keys)
+
+    @property
+    def pending_offers(self) -> int:
+        """First offers made and not written yet (see :meth:`flush_offers`)."""
+        return sum(len(kept) for kept in self._pending_offers.values())
+
+    def flush_offers(self) -> int:
+        """Write the first offers kept back (polls that wrote nothing else keep theirs, so that
+        a fleet's first round of polls is not a write per device) in one transaction; on
+        failure they stay kept (and the error is raised). Returns how many were kept.
+
+        The device API calls it with its periodic flush of the bytes served and when it closes;
+        an offer also goes out in the transaction of its device task's next event in this
+        process (:meth:`_write_kept_offers`), so that it stays first on the timeline.
+        """
+        keys = [(dt_id, d) for dt_id, kept in self._pending_offers.items() for d in kept]
+        if not keys:
+            return 0
+
+        def work(tx: _Tx) -> None:
+            offers = []
+            for dt_id, dialect in keys:
+                found = self._pending_offers.get(dt_id, {}).get(dialect)
+                if found is not None:
+                    offers.append((dt_id, *found))
+            timeline.record_first_offers(tx.writer, offers)
+            tx.offered.extend(keys)
+
+        self._run(work)
+        return len(keys)
+
+    def _write_kept_offers(self, tx: _Tx, dt_id: int) -> None:
+        """Before another event of device task ``dt_id``: its kept first offers, in the same
+        transaction (forgotten from the keeping once it commits)."""
+        kept = self._pending_offers.get(dt_id)
+        if kept:
+            timeline.record_first_offers(tx.writer, [(dt_id, *found) for found in kept.values()])
+            tx.offered.extend((dt_id, dialect) for dialect in kept)
 
     def _record_offer(self, tx: _Tx, row: _Row, default_dialect: str | None) -> None:
         """The device task's first offer through this dialect on its timeline; later offers
@@ -795,16 +844,22 @@ class DeviceService:
         key = (row.dt_id, source.dialect)
         if key in self._offered:
             return
-        params = {"e_id": row.dt_id, "e_dialect": source.dialect}
         if tx.conn is None:
-            found = self._read_offered.one(**params)
-        else:
-            found = tx.conn.execute(timeline.SELECT_OFFERED, params).first()
+            # A poll that writes nothing else stays a read: its offer is kept and written with
+            # the next flush, or with the device task's next event (flush_offers).
+            kept = self._pending_offers.setdefault(row.dt_id, {})
+            if source.dialect not in kept:
+                kept[source.dialect] = (tx.now, source)
+            return
+        params = {"e_id": row.dt_id, "e_dialect": source.dialect}
+        found = tx.conn.execute(timeline.SELECT_OFFERED, params).first()
         if found is not None:
             self._remember_offers([key])
             return
         # Nothing cached depends on the timeline: no invalidation, so the answer stays cacheable.
-        timeline.record_offer(tx.writer, row.dt_id, tx.now, source)
+        kept_at = self._pending_offers.get(row.dt_id, {}).get(source.dialect)
+        at, who = (tx.now, source) if kept_at is None else kept_at
+        timeline.record_offer(tx.writer, row.dt_id, at, who)
         tx.offered.append(key)
 
     def _effective_state(self, tx: _Tx, row: _Row, dev_id: int) -> TaskState:
@@ -1352,6 +1407,7 @@ class DeviceService:
                 return None
             if isinstance(report, Errno):
                 return report
+            self._write_kept_offers(tx, row.dt_id)  # before the report's own event
             state = self._effective_state(tx, row, dev_id)
             outcome = on_report(state, report.kind)
             if not outcome.ok or outcome.state is None:
