@@ -305,10 +305,14 @@ class DeviceCaches:
 
     def holds(self, basis: Basis) -> bool:
         """Whether every fact a memoised reply rests on is still the one cached (see
-        :class:`~.device_service.Basis`): a few dictionary lookups."""
+        :class:`~.device_service.Basis`): the times, and while nothing was invalidated since
+        the basis was taken and no fact reached its TTL, nothing else; else a few dictionary
+        lookups."""
         now = self._clock()
         if basis.principal.expires_at < now or basis.answer.valid_until <= now:
             return False
+        if basis.generation == self.generation and time.monotonic() < basis.fresh_until:
+            return True  # no invalidation since: every fact is still the one cached
         if self.principals.get(basis.authorization) is not basis.principal:
             return False
         if basis.named:
@@ -322,9 +326,26 @@ class DeviceCaches:
         entries = self.answers.get(basis.dev_id)
         return entries is not None and entries.get(basis.key) is basis.answer
 
+    def fresh_until(self, authorization: str, device_expires: float | None, dev_id: int) -> float:
+        """When the first of a basis's entries reaches its TTL (monotonic seconds): the
+        principal of ``authorization``, the device's entry (``device_expires``) and the answers
+        of ``dev_id``; 0 when one is missing."""
+        times = (
+            self.principals.expires(authorization),
+            device_expires,
+            self.answers.expires(dev_id),
+        )
+        return 0.0 if None in times else min(t for t in times if t is not None)
+
     # -- facts: keeping ------------------------------------------------------------------------
     # ``generation`` is the value read before the database was: if an invalidation ran since,
     # the fact may be stale already and is not kept (the caller still uses it once).
+
+    def _replacing(self, cache: BoundedCache[Any, Any], key: Hashable) -> None:
+        # Called with the lock held, before a fact replaces another: a memo resting on the old
+        # one must not pass holds() on the generation alone.
+        if key in cache:
+            self.generation += 1
 
     def keep_principal(
         self, generation: int, authorization: str, principal: Principal, tag: Hashable
@@ -335,6 +356,7 @@ class DeviceCaches:
         size = OBJECT_BYTES + weigh(principal.pid) + weigh(principal.device_name)
         with self._lock:
             if generation == self.generation:
+                self._replacing(self.principals, authorization)
                 self.principals.put(authorization, principal, size, tag=tag)
 
     def keep_name(self, generation: int, pid: str, name: str, dev_id: int) -> None:
@@ -345,13 +367,16 @@ class DeviceCaches:
         size = OBJECT_BYTES + weigh(pid) + weigh(name)
         with self._lock:
             if generation == self.generation:
+                self._replacing(self.names, (pid, name))
                 self.names.put((pid, name), dev_id, size, tag=dev_id)
 
     def keep_device(self, ref: DeviceRef) -> None:
         """Cache a device row read for P3."""
         if self.ttl <= 0:
             return
-        self.devices.put(ref.dev_id, ref, OBJECT_BYTES + weigh(ref.pid) + weigh(ref.name))
+        with self._lock:
+            self._replacing(self.devices, ref.dev_id)
+            self.devices.put(ref.dev_id, ref, OBJECT_BYTES + weigh(ref.pid) + weigh(ref.name))
 
     def keep_grant(self, generation: int, token: str, grant: DownloadGrant) -> None:
         """Cache E6's grant for ``token``, tagged with its device."""
@@ -374,6 +399,8 @@ class DeviceCaches:
             entries = self.answers.get(dev_id) or {}
             if len(entries) >= _MAX_ANSWERS:
                 return
+            if key in entries:
+                self.generation += 1  # a memo may rest on the answer replaced
             # A new dict: holds() compares the answers themselves, which stay the same objects.
             entries = {**entries, key: answer}
             size = sum(ENTRY_BYTES + weigh(k) + OBJECT_BYTES for k in entries)

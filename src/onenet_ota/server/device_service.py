@@ -563,6 +563,12 @@ class Basis:
 
     ``named``: the device was named by product and name in the path (Studio, fuse), so P3
     rests on the cached (pid, name) -> dev_id entry rather than on the cached device row.
+
+    ``generation`` is the caches' generation read before those facts were, and
+    ``fresh_until`` when the first of their entries reaches its TTL (monotonic seconds): while
+    no invalidation has run since (every change, this process's own and those the change feed
+    brings, bumps the generation) and none has reached its TTL, the facts are still the cached
+    ones and ``holds`` needs no lookup beyond the times.
     """
 
     authorization: str
@@ -572,6 +578,8 @@ class Basis:
     key: tuple[Any, ...]
     answer: Answer
     named: bool = False
+    generation: int = -1
+    fresh_until: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1350,6 +1358,7 @@ class DeviceService:
         """The cached principal, device and answer behind a reply to ``key``, if all are cached
         and valid now; None otherwise (then the reply must not be memoised)."""
         caches = self.caches
+        generation = caches.generation
         principal = caches.principal(authorization)
         device = caches.device(dev_id)
         answer = caches.answer(dev_id, key)
@@ -1357,7 +1366,10 @@ class DeviceService:
             return None
         if not self.binds(principal, device):
             return None
-        return Basis(authorization, principal, dev_id, device, key, answer)
+        fresh = caches.fresh_until(authorization, caches.devices.expires(dev_id), dev_id)
+        return Basis(
+            authorization, principal, dev_id, device, key, answer, False, generation, fresh
+        )
 
     def basis_named(
         self, authorization: str, pid: str, name: str, key: tuple[Any, ...]
@@ -1367,6 +1379,7 @@ class DeviceService:
         ``key``. None when any is missing, or the principal is an account's (never cached: F2,
         F12) or does not speak for the device."""
         caches = self.caches
+        generation = caches.generation
         principal = caches.principal(authorization)
         dev_id = caches.names.get((pid, name))
         if principal is None or dev_id is None:
@@ -1375,7 +1388,8 @@ class DeviceService:
         device = DeviceRef(dev_id, pid, name)
         if answer is None or not self.binds(principal, device):
             return None
-        return Basis(authorization, principal, dev_id, device, key, answer, named=True)
+        fresh = caches.fresh_until(authorization, caches.names.expires((pid, name)), dev_id)
+        return Basis(authorization, principal, dev_id, device, key, answer, True, generation, fresh)
 
     def report(self, dev_id: int, token: str | None, report: Report | Errno) -> Errno:
         """E7/E8 (§6.7, §6.8, §5.5, D14, D15) on any token ever issued for the device's task.
