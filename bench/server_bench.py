@@ -100,7 +100,7 @@ from onenet_ota.server.admin_service import (
     ProductCreate,
     TaskCreate,
 )
-from onenet_ota.server.app import create_app
+from onenet_ota.server.app import SERVED_FLUSH_S, create_app
 from onenet_ota.server.config import Settings
 from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.device_api import DeviceApi
@@ -464,7 +464,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         try:
             with ServerThread(bench_handler(app, cold)) as server:
-                run_rounds(server, measured, args, profiler, resources)
+                # As `serve` does: the bytes served and the kept first offers are written once
+                # a second, on the server's loop.
+                flusher = asyncio.run_coroutine_threadsafe(
+                    resources.flush_served_forever(SERVED_FLUSH_S), server.loop
+                )
+                try:
+                    run_rounds(server, measured, args, profiler, resources)
+                finally:
+                    server.loop.call_soon_threadsafe(flusher.cancel)
         finally:
             cold.close()
             with contextlib.suppress(Exception):
