@@ -56,6 +56,9 @@ class Scenario:
     requests: list[bytes]  # cycled through by the clients
     expect_status: bytes  # b"200" or b"206"
     expect_body: bytes  # a byte string every response body must contain
+    # Per request, by index in ``requests``: (status, body bytes) instead of the two above, for
+    # a scenario that mixes endpoints (a device's E5 and E6 in turn).
+    expectations: list[tuple[bytes, bytes]] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class Result:
 class _Conn:
     """One client connection of the load generator."""
 
-    __slots__ = ("body_start", "buffer", "connecting", "expected", "sent_at", "sock")
+    __slots__ = ("body_start", "buffer", "connecting", "expected", "index", "sent_at", "sock")
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
@@ -88,6 +91,7 @@ class _Conn:
         self.body_start = 0
         self.connecting = True
         self.sent_at = now
+        self.index = 0  # of the request in flight, in the scenario's list
 
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
@@ -113,6 +117,7 @@ def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, An
     count = len(requests)
     expect_status = scenario.expect_status
     expect_body = scenario.expect_body
+    expectations = scenario.expectations
     poller = select.epoll()
     conns: dict[int, _Conn] = {}
     clock = time.monotonic
@@ -147,8 +152,9 @@ def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, An
 
     def send_next(fd: int, conn: _Conn) -> bool:
         nonlocal sent
+        conn.index = sent % count
         try:
-            conn.sock.send(requests[sent % count])
+            conn.sock.send(requests[conn.index])
         except OSError as exc:
             fail(fd, conn, repr(exc))
             return False
@@ -174,7 +180,8 @@ def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, An
                         continue
                     conn.connecting = False
                     poller.modify(fd, select.EPOLLIN)
-                    conn.sock.send(requests[sent % count])
+                    conn.index = sent % count
+                    conn.sock.send(requests[conn.index])
                     sent += 1
                     continue
                 data = conn.sock.recv(262144)
@@ -207,6 +214,8 @@ def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, An
             conn.buffer = b""
             conn.expected = -1
             now = clock()
+            if expectations is not None:
+                expect_status, expect_body = expectations[conn.index]
             if response[9:12] != expect_status or expect_body not in response:
                 fail(fd, conn, repr(response[:300]))
                 continue

@@ -216,3 +216,49 @@ def test_no_errno_1_leaks_through_other_endpoints(client: httpx2.Client) -> None
             method, f"{path}{sep}dev_id={DEV_ID}", content=body, headers={"Authorization": bad}
         )
         assert response.json() == {"errno": 1, "error": "auth failed"}, path
+
+
+def poll_errno(client: httpx2.Client, authorization: str, dev_id: int) -> int:
+    """E3, the cold poll: P1, P3 and the task read on one row (the caches are off here)."""
+    response = client.get(
+        "/ota/south/check",
+        params={"type": 1, "version": "1.0.0", "dev_id": dev_id},
+        headers={"Authorization": authorization},
+    )
+    assert response.status_code == 200
+    return int(response.json()["errno"])
+
+
+def test_the_cold_poll_binds_and_verifies_like_every_endpoint(
+    env: tuple[Engine, httpx2.Client], client: httpx2.Client
+) -> None:
+    """§4.2, D4 on E3's one-read path: every signature and binding case of the tests above
+    answers the same on the poll (its errno 1 is P1/P3's; 0 or 11 is a verified device, whose
+    task the poll then looks up), a device key included."""
+    engine, _ = env
+    # res names 456456 but the sign is K1's, the key of 123123's devices: only P3 refuses it.
+    foreign_res_own_key = _vector("products%2F456456", "sha1", VECTORS[3].rsplit("sign=", 1)[1])
+    dev02 = auth.build_token("123123", K1, device_name="dev02")
+    cases = [
+        (RAW_3, DEV_ID, True),
+        (SDK_AUTH, DEV03, False),
+        (auth.build_token(OTHER_PID, K2), DEV03, True),
+        (auth.build_token(OTHER_PID, K2), DEV_ID, False),
+        (dev02, DEV02, True),
+        (dev02, DEV_ID, False),
+        (auth.build_token("123123", K1, device_name="ghost"), DEV_ID, False),
+        (auth.build_token("123123", K1, et=T0 - 1), DEV_ID, False),
+        (auth.build_user_token("7700001", K1), DEV_ID, False),
+        (foreign_res_own_key, DEV_ID, False),
+        (SDK_AUTH.replace("sign=4", "sign=5"), DEV_ID, False),
+        (SDK_AUTH, 999, False),
+    ]
+    k1_vectors = [(VECTORS[n], DEV_ID, n <= 6) for n in range(1, 13)]
+    for authorization, dev_id, verified in k1_vectors + cases:
+        assert (poll_errno(client, authorization, dev_id) != 1) is verified, (authorization, dev_id)
+    with engine.begin() as conn:  # D4: the device key verifies dev01's device-level tokens
+        conn.execute(update(devices).where(devices.c.dev_id == DEV_ID).values(device_key=K2))
+    # Device level: K2's vectors (even, 8-12) now; product level: still K1's (odd, 1-5).
+    k2_vectors = [(VECTORS[n], DEV_ID, n in (1, 3, 5, 8, 10, 12)) for n in range(1, 13)]
+    for authorization, dev_id, verified in k2_vectors + cases:
+        assert (poll_errno(client, authorization, dev_id) != 1) is verified, (authorization, dev_id)

@@ -25,7 +25,13 @@ from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import Action, TaskState
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import changes
-from onenet_ota.server.admin_service import AdminService, DeviceCreate, DeviceKeyRotate, KeyRotate
+from onenet_ota.server.admin_service import (
+    AdminService,
+    DeviceCreate,
+    DeviceKeyRotate,
+    KeyRotate,
+    TaskCreate,
+)
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.changes import EVERYTHING, NOTHING, ChangeFeed, Changes, publish
 from onenet_ota.server.device_service import DeviceService
@@ -541,3 +547,82 @@ def test_a_feed_row_for_a_device_drops_the_tokens_verified_with_its_key(
     assert (
         there.caches.principal(auth.build_token(other.pid, K2, device_name=other.name)) is not None
     )
+
+
+def test_memoised_replies_end_elsewhere_at_once(engine: Engine, seeder: Seeder) -> None:
+    """Memoised replies (E3, E5, F-C, F-D) in one process end with a change made elsewhere on
+    that process's next request (one feed read): a pause, a resume, a cancel, a rotated device
+    or product key, a new task for the device; and with the Authorization value's ``et``.
+    Each memo is re-checked on every use, so none outlives what it rests on."""
+    w = seeder.world(device_key=K2)
+    admin = AdminService(engine, seeder.blobs, clock=seeder.clock)  # no on_change: elsewhere
+    task_id = seeder.device_task(w.task_id).task_id
+    fuse_auth = auth.build_token(w.pid, K2, device_name=w.name, version=auth.VERSION_2022)
+    base = f"/fuse-ota/{w.pid}/{w.name}"
+    e3_query: dict[str, str | int] = {"dev_id": w.dev_id, "type": 1, "version": "1.0.0"}
+    with two_servers(engine, seeder) as (_, there):
+
+        def e3(authorization: str = w.auth) -> dict[str, Any]:
+            headers = {"Authorization": authorization}
+            reply = there.get("/ota/south/check", params=e3_query, headers=headers).json()
+            assert isinstance(reply, dict)
+            return reply
+
+        def e5(token: str) -> int:
+            path = f"/ota/south/download/{token}/check"
+            reply = there.get(path, params={"dev_id": w.dev_id}, headers={"Authorization": w.auth})
+            return int(reply.json()["errno"])
+
+        def fc(authorization: str = fuse_auth) -> int:
+            path = f"{base}/check?type=1&version=1.0.0"
+            return int(there.get(path, headers={"Authorization": authorization}).json()["code"])
+
+        def fd(authorization: str = fuse_auth) -> str | None:
+            headers = {"Authorization": authorization, "Range": "bytes=0-9"}
+            reply = there.get(f"{base}/{w.task_id}/download", headers=headers)
+            return reply.headers.get("Ota-Errno") if reply.status_code != 206 else None
+
+        def memoised(call: Callable[[], Any], expected: Any) -> None:
+            for _ in range(3):  # computed, then answered from the memo
+                assert call() == expected
+
+        token = e3()["data"]["token"]
+        assert e5(token) == 0  # T9
+        memoised(lambda: e3()["errno"], 0)
+        memoised(lambda: e5(token), 0)
+        memoised(fc, 0)
+        memoised(fd, None)
+        admin.act_on_task(task_id, Action.PAUSE)
+        assert e3()["errno"] == 11
+        assert e5(token) == 17
+        assert fc() == 12012
+        assert fd() == "5"
+        admin.act_on_task(task_id, Action.RESUME)
+        memoised(lambda: e3()["errno"], 0)
+        memoised(lambda: e5(token), 0)
+        memoised(fc, 0)
+        memoised(fd, None)
+        rotated = admin.rotate_device_key(w.dev_id, DeviceKeyRotate())
+        assert rotated.device_key is not None
+        assert fc() == 10403
+        assert fd() == "6"
+        new_fuse_auth = auth.build_token(
+            w.pid, rotated.device_key, device_name=w.name, version=auth.VERSION_2022
+        )
+        memoised(lambda: fc(new_fuse_auth), 0)
+        admin.rotate_product_key(w.pid, KeyRotate(access_key=K2))
+        assert e3()["errno"] == 1
+        assert e5(token) == 1
+        new_auth = auth.build_token(w.pid, K2)
+        short = auth.build_token(w.pid, K2, et=int(seeder.clock()) + 30)
+        memoised(lambda: e3(short)["errno"], 0)
+        seeder.clock.advance(31)
+        assert e3(short)["errno"] == 1  # its et passed
+        assert e3(new_auth)["errno"] == 0
+        admin.act_on_task(task_id, Action.CANCEL)
+        memoised(lambda: e3(new_auth)["errno"], 11)
+        assert fd(new_fuse_auth) == "5"
+        package = seeder.package(w.pid, target="1.0.2", data=b"another package")
+        admin.create_task(TaskCreate(package_id=package, dev_ids=[w.dev_id], retry=3, interval=1))
+        reply = e3(new_auth)
+        assert (reply["errno"], reply["data"]["target"]) == (0, "1.0.2")  # the new package

@@ -1211,6 +1211,38 @@ def test_cached_answers_until_invalidated(
         assert check(c, w)["errno"] == 11
 
 
+def test_a_new_range_of_a_cached_grant_is_read_while_the_file_is_the_grants(
+    engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """E6 with the caches on, one device's own download (every range new): a range not cached
+    yet is read from the open package file only while its path still names it with the
+    grant's size (D6 steps 3-4) and the token is usable (step 2)."""
+    clock = FakeClock()
+    blobs = BlobStore(tmp_path_factory.mktemp("blobs"))
+    seeder = Seeder(engine, blobs, clock)
+    w = seeder.world()
+    path = blobs.path(hashlib.sha256(FIRMWARE).hexdigest())
+    with (
+        running_api(engine, blobs, clock, cache_ttl=3600) as (_, srv),
+        httpx2.Client(base_url=srv.url) as c,
+    ):
+        token = token_of(c, w)
+        assert download(c, token, Range="0-9").content == FIRMWARE[:10]  # grant cached, opened
+        for start in (10, 20):
+            part = download(c, token, Range=f"{start}-{start + 9}")
+            assert part.content == FIRMWARE[start : start + 10]
+        path.unlink()  # the package file is gone (deleted, or replaced by another inode)
+        assert error_byte(download(c, token, Range="30-39")) == 1
+        assert error_byte(download(c, token, Range="10-19")) == 1
+        path.write_bytes(FIRMWARE[:-1])  # a file of another size at its path
+        assert error_byte(download(c, token, Range="40-49")) == 2
+        path.write_bytes(FIRMWARE)
+        assert download(c, token, Range="50-59").content == FIRMWARE[50:60]
+        clock.advance(TOKEN_LIFE)  # the token expires: no byte of a range cached or not
+        assert error_byte(download(c, token, Range="60-69")) == 3
+        assert error_byte(download(c, token, Range="50-59")) == 3
+
+
 def test_memoised_replies_end_with_what_they_rest_on(
     engine: Engine, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

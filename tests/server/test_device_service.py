@@ -507,14 +507,14 @@ def test_answers_racing_an_invalidation_are_not_cached(
 ) -> None:
     w = seeder.world()
     offer(cached, w)
-    read_first = cached._read_first
+    decide = cached._decide  # every read-first answer is decided there
 
     def read_then_invalidate(*args: Any) -> Any:
-        result = read_first(*args)
+        result = decide(*args)
         cached.invalidate()  # as if another thread's transition committed meanwhile
         return result
 
-    monkeypatch.setattr(cached, "_read_first", read_then_invalidate)
+    monkeypatch.setattr(cached, "_decide", read_then_invalidate)
     offer(cached, w)
     assert cached.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
 

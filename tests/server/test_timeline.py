@@ -182,16 +182,84 @@ def test_a_task_is_offered_once_however_often_it_is_polled(
     set_call("studio", "S-C")
     for _ in range(3):
         assert service.check_task_tid(w.dev_id, TaskType.FOTA, "1.0.0")[0] is Errno.SUCC
+    # The first E3 wrote (its version), so its offer went with it; the S-C polls wrote nothing:
+    # their offer is kept until the next flush.
+    assert service.pending_offers == 1
+    assert service.flush_offers() == 1
+    assert service.pending_offers == 0
     offers = [e for e in events(engine, device_task_id=w.task_id) if e.kind == "offered"]
     assert [(e.dialect, e.endpoint) for e in offers] == [("classic", "E3"), ("studio", "S-C")]
-    # A second worker (a fresh service, nothing remembered) finds the row and adds none.
+    # A second worker (a fresh service, nothing remembered) keeps an offer, and its flush finds
+    # the row and adds none.
     other = DeviceService(engine, clock=seeder.clock, cache_ttl=0)
     try:
         set_call("classic", "E3")
         other.check_task(w.dev_id, TaskType.FOTA, "1.0.0")
+        assert other.pending_offers == 1
+        other.flush_offers()
     finally:
         other.close()
     assert len([e for e in events(engine, device_task_id=w.task_id) if e.kind == "offered"]) == 2
+
+
+def test_a_kept_offer_goes_first_with_its_device_tasks_next_event(
+    seeder: Seeder, service: DeviceService, engine: Engine
+) -> None:
+    """A poll that writes nothing keeps its first offer; the device task's next event in this
+    process (T9 by S-T here, a report) writes it first, in the same transaction."""
+    w = seeder.world()
+    set_call("classic", "E3")
+    service.check_task(w.dev_id, TaskType.FOTA, "1.0.0")  # records the version: writes
+    set_call("fuse", "F-C")
+    service.check_task_tid(w.dev_id, TaskType.FOTA, "1.0.0")  # a read: the offer is kept
+    assert service.pending_offers == 1
+    set_call("fuse", "F-T")
+    assert service.check_state_tid(w.dev_id, w.task_id, refuses=False) == (Errno.SUCC, 2)  # T9
+    assert service.pending_offers == 0
+    kinds = [(e.kind, e.dialect, e.endpoint) for e in events(engine, device_task_id=w.task_id)]
+    assert kinds == [
+        ("offered", "classic", "E3"),
+        ("offered", "fuse", "F-C"),
+        ("state", "fuse", "F-T"),
+    ]
+    assert service.flush_offers() == 0  # nothing left to write
+
+
+def test_a_kept_offer_is_never_lost(
+    seeder: Seeder, service: DeviceService, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush that fails keeps the offers for the next one; the device API writes what is
+    kept when it closes."""
+    w = seeder.world()
+    set_call("classic", "E3")
+    service.check_task(w.dev_id, TaskType.FOTA, "1.0.0")
+    set_call("studio", "S-C")
+    service.check_task_tid(w.dev_id, TaskType.FOTA, "1.0.0")
+
+    def fail() -> Any:
+        raise RuntimeError("database is gone")
+
+    monkeypatch.setattr(service, "_engine", type("Gone", (), {"begin": staticmethod(fail)})())
+    with pytest.raises(RuntimeError):
+        service.flush_offers()
+    assert service.pending_offers == 1
+    monkeypatch.undo()
+    assert service.flush_offers() == 1
+    assert [e.dialect for e in events(engine, device_task_id=w.task_id) if e.kind == "offered"] == [
+        "classic",
+        "studio",
+    ]
+    other = seeder.world()
+    with running_api(engine, seeder.blobs, seeder.clock) as (api, server):
+        issue_token(server.url, other)  # records the version: written at once
+        offered = httpx2.get(
+            f"{server.url}/fuse-ota/{other.pid}/{other.name}/check?type=1&version=1.0.0",
+            headers={"Authorization": other.auth},
+        )
+        assert offered.json()["code"] == 0
+        assert api.service.pending_offers == 1
+    found = [e.dialect for e in events(engine, device_task_id=other.task_id) if e.kind == "offered"]
+    assert found == ["classic", "fuse"]  # running_api closed the device API: written
 
 
 def test_version_reports_are_kept_when_they_change_a_version(

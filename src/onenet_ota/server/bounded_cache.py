@@ -33,6 +33,7 @@ _MIB: Final = 1024 * 1024
 ENTRY_OVERHEAD: Final = 200
 """Bytes charged per entry beyond its key and value: the ordered dict's slot and link, the
 entry's tuple (measured on CPython 3.11: about 180 for an int key)."""
+_NEVER: Final = float("inf")
 _TAG_OVERHEAD: Final = 100  # a tag's set, charged once per tagged entry (a set slot per key)
 
 
@@ -56,6 +57,7 @@ class Budgets:
     chunks: int = 16 * _MIB  # small E6 replies by (file, served range)
     names: int = 8 * _MIB  # Studio/fuse (pid, name) in the path -> dev_id
     routes: int = 2 * _MIB  # Studio/fuse request path -> its matched route
+    tokens: int = 4 * _MIB  # Authorization value -> its parsed fields (not verified: P1 is not)
 
     @property
     def total(self) -> int:
@@ -127,6 +129,19 @@ class BoundedCache(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether an entry (live or expired, not yet dropped) is held for ``key``; not counted
+        as a lookup."""
+        return key in self._items
+
+    def expires(self, key: K) -> float | None:
+        """When ``key``'s entry expires (monotonic seconds; infinity for a cache without a TTL),
+        or None when there is none."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        return _NEVER if item[0] is None else item[0]
 
     def get(self, key: K) -> V | None:
         """The value for ``key``, or None when absent or expired."""

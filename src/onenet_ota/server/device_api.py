@@ -58,6 +58,7 @@ from onenet_ota.server.changes import DEFAULT_INTERVAL
 from onenet_ota.server.device_caches import (
     ENTRY_BYTES,
     OBJECT_BYTES,
+    ChunkKey,
     Clock,
     DeviceCaches,
     MemoKey,
@@ -77,6 +78,7 @@ from onenet_ota.server.device_requests import (
 from onenet_ota.server.device_service import (
     DEFAULT_CACHE_TTL,
     DeviceService,
+    DownloadGrant,
     Principal,
 )
 from onenet_ota.server.dialect_api import FUSE_PREFIX, DialectApi
@@ -147,18 +149,27 @@ class DeviceApi:
         self._served = self.service.served
 
     def close(self) -> None:
-        """Write the bytes served still pending, close the read connections and the open
-        package files."""
+        """Write the bytes served and the first offers still pending, close the read
+        connections and the open package files."""
         try:
             self._served.flush()
         except Exception:
             log.warning("cannot write the bytes served at shutdown", exc_info=True)
+        try:
+            self.service.flush_offers()
+        except Exception:
+            log.warning("cannot write the first offers at shutdown", exc_info=True)
         self.service.close()  # and the caches' open files
 
     def flush_served(self) -> int:
-        """Write the bytes served since the last flush (:class:`.timeline.ServedBytes`);
-        returns how many device tasks were written."""
-        return self._served.flush()
+        """Write the bytes served since the last flush (:class:`.timeline.ServedBytes`) and
+        the first offers kept back (:meth:`.DeviceService.flush_offers`); returns how many
+        device tasks' bytes were written. The offers are tried even when the bytes fail."""
+        try:
+            written = self._served.flush()
+        finally:
+            self.service.flush_offers()
+        return written
 
     def endpoint_of(self, method: str, path: str) -> tuple[str, str] | None:
         """The dialect and endpoint label (``E3``, ``S-C``, ``F-D``) that :meth:`handle` routes
@@ -249,6 +260,20 @@ class DeviceApi:
                 if self._caches.holds(memo[0]):
                     return memo[1]
                 self._memos.pop(memo_key)
+        if (
+            endpoint is Endpoint.CHECK_TASK
+            and authorization
+            and self._caches.principal(authorization) is None
+        ):
+            # The cold poll: P1, P3 and E3 on one read (valid parameters only: §4.2's order).
+            query = self._query(request)
+            dev_id = values.parse_dev_id(query.get("dev_id"))
+            if dev_id is not None and self._caches.device(dev_id) is None:
+                signed = self._check_task_fused(
+                    dev_id, query, memo_key, authorization=authorization
+                )
+                if signed is not None:
+                    return signed
         principal = await self._principal(authorization)
         if principal is None:
             return wire.envelope(Errno.AUTH_FAILED)  # P1
@@ -260,7 +285,7 @@ class DeviceApi:
             return wire.envelope(Errno.INVALID_PARAMETER)  # P2
         device = self._caches.device(dev_id)
         if device is None and endpoint is Endpoint.CHECK_TASK:
-            fused = await self._check_task_with_p3(principal, dev_id, query, memo_key)
+            fused = self._check_task_fused(dev_id, query, memo_key, principal=principal)
             if fused is not None:
                 return fused
         if device is None:
@@ -315,11 +340,18 @@ class DeviceApi:
             return wire.envelope(Errno.INVALID_PARAMETER)
         return wire.envelope(self.service.report_version(dev_id, *versions))
 
-    async def _check_task_with_p3(
-        self, principal: Principal, dev_id: int, query: dict[str, str], memo_key: MemoKey | None
+    def _check_task_fused(
+        self,
+        dev_id: int,
+        query: dict[str, str],
+        memo_key: MemoKey | None,
+        *,
+        principal: Principal | None = None,
+        authorization: str | None = None,
     ) -> Response | None:
-        """E3 for a device not in the cache: P3 in the same transaction as E3 (the cold polling
-        path). None when a parameter is invalid: its errno must wait for P3 (§4.2's order)."""
+        """E3 for a device not in the cache: P3 (and P1, given ``authorization`` rather than a
+        verified ``principal``) on E3's own read (the cold polling path). None when a parameter
+        is invalid: its errno must wait for P1 and P3 (§4.2's order)."""
         version = query.get("version")
         try:
             task_type, cdn = parse_task_type(query.get("type")), _cdn(query.get("cdn"))
@@ -329,7 +361,13 @@ class DeviceApi:
             return None
         manuf, model = query.get("manuf") or None, query.get("model") or None
         errno, info = self.service.check_task(
-            dev_id, task_type, version, manuf=manuf, model=model, principal=principal
+            dev_id,
+            task_type,
+            version,
+            manuf=manuf,
+            model=model,
+            principal=principal,
+            authorization=authorization,
         )
         key = check_task_key(task_type, version, manuf, model)
         return self._memoise(memo_key, dev_id, key, errno, info, self._task_reply(errno, info, cdn))
@@ -473,20 +511,52 @@ class DeviceApi:
 
         Every device of a task asks for the same chunks of the same file: a small reply is built
         once per (file, range) and served again while the token's cached grant is usable and the
-        file, still open, has its size (steps 2-4). Anything else (a query string to validate,
-        an uncached token, a file replaced or resized) goes the full way.
+        file, still open, has its size (steps 2-4). A small range not built yet is read here
+        from the open file (one device's own download: every chunk is new). Anything else (a
+        query string to validate, an uncached token, a file replaced or resized, a large range)
+        goes the full way.
         """
-        if request.query_string:
+        if request.query_string or "/" in token:  # E5's ".../check" is no E6
             return None
         grant = self._grants.get(token)  # only issued tokens are cached
         if grant is None or not grant.usable(self._clock()):
             return None
-        key = (grant.sha256, grant.size, grant.file_name, range_header(request.headers), _CLASSIC)
+        range_value = range_header(request.headers)
+        key = (grant.sha256, grant.size, grant.file_name, range_value, _CLASSIC)
         cached = self._chunks.get(key)
-        if cached is None or self._files.size_if_open(grant.sha256) != grant.size:
+        if cached is None:
+            opened = self._files.open_if_current(grant.sha256)
+            if opened is None or opened[1] != grant.size:
+                return None
+            cached = self._small_range(grant, opened[0], range_value, key)
+            if cached is None:
+                return None
+        elif self._files.size_if_open(grant.sha256) != grant.size:
             return None
         self._served.add(grant.device_task_id, body_length(cached))
         return cached
+
+    def _small_range(
+        self, grant: DownloadGrant, fd: int, range_value: str | None, key: ChunkKey
+    ) -> Response | None:
+        """Steps 5-6 for a range of at most :data:`SMALL_SEGMENT` bytes of the open file ``fd``
+        (of the grant's size), kept in the chunk cache; None for a larger range."""
+        size = grant.size
+        spec = None if range_value is None else parse_range(range_value)
+        start, end = spec.clamp(size) if spec is not None else (0, size - 1)
+        length = end - start + 1
+        if length > SMALL_SEGMENT:
+            return None
+        response = wire.download(
+            file_name=grant.file_name,
+            length=size,
+            start=start,
+            end=end,
+            partial=spec is not None,
+            body=pread_all(fd, length, start),
+        )
+        self._chunks.put(key, response, response_bytes(response))
+        return response
 
 
 # What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11):

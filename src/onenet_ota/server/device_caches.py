@@ -26,8 +26,10 @@ Wire bytes, derived from the facts above and never stale by themselves:
   whose answer holds the task's grant), by (path, Authorization), re-checked in the same way;
 - ``chunks``: small E6 replies by (file, Range value), served only while the token's grant is
   cached and usable, so dropping the grant retires them;
-- ``task_bodies``: encoded E3/E4 replies by (task info, cdn) and ``queries``: parsed query strings,
-  both pure functions of their keys;
+- ``task_bodies``: encoded E3/E4 replies by (task info, cdn), ``queries``: parsed query strings,
+  and ``tokens``: parsed Authorization values (their fields, not a verdict: P1 still verifies
+  the signature and ``et`` with the key read from the database), all pure functions of their
+  keys;
 - ``files``: package files kept open for E6 (:class:`OpenFiles`), content-addressed and stat'ed on
   every use.
 
@@ -49,6 +51,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from onenet_ota import auth
 from onenet_ota.protocol.envelopes import new_request_id
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
@@ -213,6 +216,7 @@ class DeviceCaches:
             BUDGETS.task_bodies
         )
         self.queries: BoundedCache[str, dict[str, str]] = BoundedCache(BUDGETS.queries)
+        self.tokens: BoundedCache[str, auth.AnyToken] = BoundedCache(BUDGETS.tokens)
         self.files = OpenFiles(blobs) if blobs is not None else None
         self.generation = 0
         self._lock = threading.Lock()
@@ -301,10 +305,14 @@ class DeviceCaches:
 
     def holds(self, basis: Basis) -> bool:
         """Whether every fact a memoised reply rests on is still the one cached (see
-        :class:`~.device_service.Basis`): a few dictionary lookups."""
+        :class:`~.device_service.Basis`): the times, and while nothing was invalidated since
+        the basis was taken and no fact reached its TTL, nothing else; else a few dictionary
+        lookups."""
         now = self._clock()
         if basis.principal.expires_at < now or basis.answer.valid_until <= now:
             return False
+        if basis.generation == self.generation and time.monotonic() < basis.fresh_until:
+            return True  # no invalidation since: every fact is still the one cached
         if self.principals.get(basis.authorization) is not basis.principal:
             return False
         if basis.named:
@@ -318,33 +326,62 @@ class DeviceCaches:
         entries = self.answers.get(basis.dev_id)
         return entries is not None and entries.get(basis.key) is basis.answer
 
+    def fresh_until(self, authorization: str, device_expires: float | None, dev_id: int) -> float:
+        """When the first of a basis's entries reaches its TTL (monotonic seconds): the
+        principal of ``authorization``, the device's entry (``device_expires``) and the answers
+        of ``dev_id``; 0 when one is missing."""
+        times = (
+            self.principals.expires(authorization),
+            device_expires,
+            self.answers.expires(dev_id),
+        )
+        return 0.0 if None in times else min(t for t in times if t is not None)
+
     # -- facts: keeping ------------------------------------------------------------------------
     # ``generation`` is the value read before the database was: if an invalidation ran since,
     # the fact may be stale already and is not kept (the caller still uses it once).
+
+    def _replacing(self, cache: BoundedCache[Any, Any], key: Hashable) -> None:
+        # Called with the lock held, before a fact replaces another: a memo resting on the old
+        # one must not pass holds() on the generation alone.
+        if key in cache:
+            self.generation += 1
 
     def keep_principal(
         self, generation: int, authorization: str, principal: Principal, tag: Hashable
     ) -> None:
         """Cache a verified Authorization value, tagged with the dev_id whose key verified it."""
+        if self.ttl <= 0:
+            return  # caching nothing: skip the weighing too
         size = OBJECT_BYTES + weigh(principal.pid) + weigh(principal.device_name)
         with self._lock:
             if generation == self.generation:
+                self._replacing(self.principals, authorization)
                 self.principals.put(authorization, principal, size, tag=tag)
 
     def keep_name(self, generation: int, pid: str, name: str, dev_id: int) -> None:
         """Cache the dev_id of device ``name`` of product ``pid``, unless an invalidation came
         after ``generation`` (the row read may be older than it)."""
+        if self.ttl <= 0:
+            return
         size = OBJECT_BYTES + weigh(pid) + weigh(name)
         with self._lock:
             if generation == self.generation:
+                self._replacing(self.names, (pid, name))
                 self.names.put((pid, name), dev_id, size, tag=dev_id)
 
     def keep_device(self, ref: DeviceRef) -> None:
         """Cache a device row read for P3."""
-        self.devices.put(ref.dev_id, ref, OBJECT_BYTES + weigh(ref.pid) + weigh(ref.name))
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            self._replacing(self.devices, ref.dev_id)
+            self.devices.put(ref.dev_id, ref, OBJECT_BYTES + weigh(ref.pid) + weigh(ref.name))
 
     def keep_grant(self, generation: int, token: str, grant: DownloadGrant) -> None:
         """Cache E6's grant for ``token``, tagged with its device."""
+        if self.ttl <= 0:
+            return
         size = OBJECT_BYTES + weigh(grant.sha256) + weigh(grant.file_name)
         with self._lock:
             if generation == self.generation:
@@ -354,12 +391,16 @@ class DeviceCaches:
         self, generation: int, dev_id: int, key: tuple[Any, ...], answer: Answer
     ) -> None:
         """Cache an answer that changed nothing, next to the device's other answers."""
+        if self.ttl <= 0:
+            return
         with self._lock:
             if generation != self.generation:
                 return
             entries = self.answers.get(dev_id) or {}
             if len(entries) >= _MAX_ANSWERS:
                 return
+            if key in entries:
+                self.generation += 1  # a memo may rest on the answer replaced
             # A new dict: holds() compares the answers themselves, which stay the same objects.
             entries = {**entries, key: answer}
             size = sum(ENTRY_BYTES + weigh(k) + OBJECT_BYTES for k in entries)
@@ -398,6 +439,13 @@ class OpenFiles:
         fstat costs a tenth of a path lookup; a link count of zero means the path no longer
         names this file (deleted or replaced; the store never makes hard links).
         """
+        found = self.open_if_current(sha256)
+        return None if found is None else found[1]
+
+    def open_if_current(self, sha256: str) -> tuple[int, int] | None:
+        """(descriptor, size) of the file if it is open and its path still names it, else None
+        (see :meth:`size_if_open`): a read of a range a cache does not hold yet needs no path
+        lookup either."""
         entry = self._open.get(sha256)
         if entry is None:
             return None
@@ -405,7 +453,7 @@ class OpenFiles:
             st = os.fstat(entry[0])
         except OSError:
             return None
-        return st.st_size if st.st_nlink else None
+        return (entry[0], st.st_size) if st.st_nlink else None
 
     def get(self, sha256: str) -> tuple[str, int, int]:
         """(path, descriptor, size) of the file; FileNotFoundError if missing, OSError."""

@@ -313,31 +313,45 @@ _SELECT_BY_AUTH_INFO = (
     .order_by(devices.c.dev_id)
     .limit(2)
 )
-# E3/E4: the device's versions and its open task of one type, if any (D23: at most one).
-_SELECT_DEVICE_AND_OPEN_TASK = (
-    select(
-        devices.c.pid,
-        devices.c.name,
-        devices.c.f_version,
-        devices.c.s_version,
-        devices.c.last_seen_at,
-        *_TASK_COLUMNS,
-    )
-    .select_from(
-        # A flat chain of LEFT JOINs: SQLite materialises a parenthesised join (every open
-        # device task, for every request) but walks this one by index.
-        devices.outerjoin(
-            _dt,
-            and_(
-                _dt.c.dev_id == devices.c.dev_id,
-                _dt.c.module_type == bindparam("module_type"),
-                _dt.c.state.in_(_OPEN_LITERALS),
-            ),
+
+
+def _device_and_open_task(*keys: Any) -> Select[Any]:
+    """E3/E4: the device's versions and its open task of one type, if any (D23: at most one);
+    with ``keys`` (columns of the device's product), joined to its product."""
+    base = devices.join(products, products.c.pid == devices.c.pid) if keys else devices
+    return (
+        select(
+            devices.c.pid,
+            devices.c.name,
+            devices.c.f_version,
+            devices.c.s_version,
+            devices.c.last_seen_at,
+            *_TASK_COLUMNS,
+            *keys,
         )
-        .outerjoin(_t, _t.c.id == _dt.c.task_id)
-        .outerjoin(_p, _p.c.id == _t.c.package_id)
+        .select_from(
+            # A flat chain of LEFT JOINs: SQLite materialises a parenthesised join (every open
+            # device task, for every request) but walks this one by index.
+            base.outerjoin(
+                _dt,
+                and_(
+                    _dt.c.dev_id == devices.c.dev_id,
+                    _dt.c.module_type == bindparam("module_type"),
+                    _dt.c.state.in_(_OPEN_LITERALS),
+                ),
+            )
+            .outerjoin(_t, _t.c.id == _dt.c.task_id)
+            .outerjoin(_p, _p.c.id == _t.c.package_id)
+        )
+        .where(devices.c.dev_id == bindparam("dev_id"))
     )
-    .where(devices.c.dev_id == bindparam("dev_id"))
+
+
+_SELECT_DEVICE_AND_OPEN_TASK = _device_and_open_task()
+# The cold poll (E3 of a device whose token is not cached): the same row with the keys that
+# verify the device's tokens (D4), so that P1, P3 and E3 take one read.
+_SELECT_DEVICE_KEYS_AND_OPEN_TASK = _device_and_open_task(
+    products.c.access_key, devices.c.device_key
 )
 # E1: every open task of the device, in a fixed order (lock order across transactions).
 _SELECT_OPEN_TASKS = (
@@ -549,6 +563,12 @@ class Basis:
 
     ``named``: the device was named by product and name in the path (Studio, fuse), so P3
     rests on the cached (pid, name) -> dev_id entry rather than on the cached device row.
+
+    ``generation`` is the caches' generation read before those facts were, and
+    ``fresh_until`` when the first of their entries reaches its TTL (monotonic seconds): while
+    no invalidation has run since (every change, this process's own and those the change feed
+    brings, bumps the generation) and none has reached its TTL, the facts are still the cached
+    ones and ``holds`` needs no lookup beyond the times.
     """
 
     authorization: str
@@ -558,6 +578,8 @@ class Basis:
     key: tuple[Any, ...]
     answer: Answer
     named: bool = False
+    generation: int = -1
+    fresh_until: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,14 +630,18 @@ class DeviceService:
         self._read_versions = _Reader(engine, readers, _SELECT_VERSIONS)
         self._read_by_auth_info = _Reader(engine, readers, _SELECT_BY_AUTH_INFO)
         self._read_open_task = _Reader(engine, readers, _SELECT_DEVICE_AND_OPEN_TASK)
+        self._read_keys_and_open_task = _Reader(engine, readers, _SELECT_DEVICE_KEYS_AND_OPEN_TASK)
         self._read_token = _Reader(engine, readers, _SELECT_TOKEN)
         self._read_device_id = _Reader(engine, readers, _SELECT_DEVICE_ID)
         self._read_account_key = _Reader(engine, readers, _SELECT_ACCOUNT_KEY)
         self._read_latest_task = _Reader(engine, readers, _SELECT_LATEST_TASK)
         self._read_tid = _Reader(engine, readers, _SELECT_TID)
-        self._read_offered = _Reader(engine, readers, timeline.SELECT_OFFERED)
         # Device tasks (and dialects) whose first offer is known to be on their timeline.
         self._offered: set[tuple[int, str | None]] = set()
+        # First offers made by polls that wrote nothing else, not written yet: device task ->
+        # dialect -> (when, the request). Bounded by the device tasks offered since the last
+        # flush (rows of the database, whatever clients send).
+        self._pending_offers: dict[int, dict[str | None, tuple[float, timeline.Source]]] = {}
         self.served = timeline.ServedBytes(engine, clock)
 
     def close(self) -> None:
@@ -679,8 +705,18 @@ class DeviceService:
     ) -> T:
         """Answer from a plain read when ``work`` writes nothing (polling, the E5 before every
         chunk); otherwise run ``work`` again on a fresh read inside a transaction."""
+        return self._decide(reader.one(**params), statement, params, work)
+
+    def _decide(
+        self,
+        row: Any,
+        statement: Select[Any],
+        params: dict[str, Any],
+        work: Callable[[_Tx, Any], T],
+    ) -> T:
+        """:meth:`_read_first` on ``row``, already read (with ``statement``'s columns, or more)."""
         try:
-            return work(_Tx(None, self._clock()), reader.one(**params))
+            return work(_Tx(None, self._clock()), row)
         except _NeedsWrite:
             pass
         return self._run(lambda tx: work(tx, tx.writer.execute(statement, params).first()))
@@ -743,6 +779,7 @@ class DeviceService:
         code: int | None = None,
     ) -> None:
         old = TaskState(row.state)
+        self._write_kept_offers(tx, row.dt_id)
         set_state(
             tx.writer,
             row.dt_id,
@@ -759,9 +796,54 @@ class DeviceService:
     def _remember_offers(self, keys: list[tuple[int, str | None]]) -> None:
         if not keys:
             return
+        pending = self._pending_offers
+        for dt_id, dialect in keys:
+            kept = pending.get(dt_id)
+            if kept is not None:
+                kept.pop(dialect, None)
+                if not kept:
+                    del pending[dt_id]
         if len(self._offered) >= _OFFERED_MEMO_MAX:
             self._offered.clear()  # bounded: forgetting costs one read per device task
         self._offered.update(keys)
+
+    @property
+    def pending_offers(self) -> int:
+        """First offers made and not written yet (see :meth:`flush_offers`)."""
+        return sum(len(kept) for kept in self._pending_offers.values())
+
+    def flush_offers(self) -> int:
+        """Write the first offers kept back (polls that wrote nothing else keep theirs, so that
+        a fleet's first round of polls is not a write per device) in one transaction; on
+        failure they stay kept (and the error is raised). Returns how many were kept.
+
+        The device API calls it with its periodic flush of the bytes served and when it closes;
+        an offer also goes out in the transaction of its device task's next event in this
+        process (:meth:`_write_kept_offers`), so that it stays first on the timeline.
+        """
+        keys = [(dt_id, d) for dt_id, kept in self._pending_offers.items() for d in kept]
+        if not keys:
+            return 0
+
+        def work(tx: _Tx) -> None:
+            offers = []
+            for dt_id, dialect in keys:
+                found = self._pending_offers.get(dt_id, {}).get(dialect)
+                if found is not None:
+                    offers.append((dt_id, *found))
+            timeline.record_first_offers(tx.writer, offers)
+            tx.offered.extend(keys)
+
+        self._run(work)
+        return len(keys)
+
+    def _write_kept_offers(self, tx: _Tx, dt_id: int) -> None:
+        """Before another event of device task ``dt_id``: its kept first offers, in the same
+        transaction (forgotten from the keeping once it commits)."""
+        kept = self._pending_offers.get(dt_id)
+        if kept:
+            timeline.record_first_offers(tx.writer, [(dt_id, *found) for found in kept.values()])
+            tx.offered.extend((dt_id, dialect) for dialect in kept)
 
     def _record_offer(self, tx: _Tx, row: _Row, default_dialect: str | None) -> None:
         """The device task's first offer through this dialect on its timeline; later offers
@@ -770,16 +852,22 @@ class DeviceService:
         key = (row.dt_id, source.dialect)
         if key in self._offered:
             return
-        params = {"e_id": row.dt_id, "e_dialect": source.dialect}
         if tx.conn is None:
-            found = self._read_offered.one(**params)
-        else:
-            found = tx.conn.execute(timeline.SELECT_OFFERED, params).first()
+            # A poll that writes nothing else stays a read: its offer is kept and written with
+            # the next flush, or with the device task's next event (flush_offers).
+            kept = self._pending_offers.setdefault(row.dt_id, {})
+            if source.dialect not in kept:
+                kept[source.dialect] = (tx.now, source)
+            return
+        params = {"e_id": row.dt_id, "e_dialect": source.dialect}
+        found = tx.conn.execute(timeline.SELECT_OFFERED, params).first()
         if found is not None:
             self._remember_offers([key])
             return
         # Nothing cached depends on the timeline: no invalidation, so the answer stays cacheable.
-        timeline.record_offer(tx.writer, row.dt_id, tx.now, source)
+        kept_at = self._pending_offers.get(row.dt_id, {}).get(source.dialect)
+        at, who = (tx.now, source) if kept_at is None else kept_at
+        timeline.record_offer(tx.writer, row.dt_id, at, who)
         tx.offered.append(key)
 
     def _effective_state(self, tx: _Tx, row: _Row, dev_id: int) -> TaskState:
@@ -813,9 +901,8 @@ class DeviceService:
             # token cached for Studio or fuse is still refused by classic (D3).
             return principal if principal.version in policy.versions else None
         generation = caches.generation
-        try:
-            token = auth.parse_any_token(authorization, policy=policy)
-        except auth.TokenError:
+        token = self._parse(authorization, policy)
+        if token is None:
             return None
         if isinstance(token, auth.UserToken):
             return self._authenticate_account(token)
@@ -837,6 +924,51 @@ class DeviceService:
             return None
         principal = Principal(token.product_id, token.device_name, token.expires_at, token.version)
         caches.keep_principal(generation, authorization, principal, row.dev_id)
+        return principal
+
+    def _parse(self, authorization: str, policy: auth.TokenPolicy) -> auth.AnyToken | None:
+        """The fields of ``authorization`` if ``policy`` takes its form, else None. Parsed once
+        per distinct value (a pure function of it; verifying stays the caller's)."""
+        tokens = self.caches.tokens
+        token = tokens.get(authorization)
+        if token is None:
+            try:
+                # The widest policy: a value it refuses, every policy refuses.
+                token = auth.parse_any_token(authorization, policy=auth.FUSE_POLICY)
+            except auth.TokenError:
+                return None
+            # Its fields hold at most the value's characters, as strings of their own.
+            tokens.put(authorization, token, _TOKEN_BYTES + len(authorization))
+        if token.version not in policy.versions or token.kind not in policy.kinds:
+            return None
+        return token
+
+    def _verify_with_row(
+        self, authorization: str, token: auth.ParsedToken, dev_id: int, row: Any, generation: int
+    ) -> Principal | None:
+        """P1 and P3 of a classic ``token`` on the device ``row`` read with its keys (D4): the
+        principal (kept in the cache, as :meth:`authenticate` keeps it), or None for errno 1.
+
+        A device of another product, or another device than a device-level token's, is errno 1
+        whatever the signature (P3), so only the device's own keys need reading.
+        """
+        if row is None or row.pid != token.product_id:
+            return None
+        if token.device_name is not None and token.device_name != row.name:
+            return None
+        encoded = row.device_key if token.device_name is not None and row.device_key else None
+        try:
+            key = auth.decode_key(encoded or row.access_key)
+        except ValueError:
+            log.warning("a key of product %s is not base64; refusing its tokens", token.product_id)
+            return None
+        try:
+            auth.verify_token(token, key, now=self._clock())
+        except auth.TokenError:
+            return None
+        principal = Principal(token.product_id, token.device_name, token.expires_at, token.version)
+        tag = None if token.device_name is None else dev_id  # as authenticate tags it
+        self.caches.keep_principal(generation, authorization, principal, tag)
         return principal
 
     def _authenticate_account(self, token: auth.UserToken) -> Principal | None:
@@ -955,6 +1087,7 @@ class DeviceService:
         manuf: str | None = None,
         model: str | None = None,
         principal: Principal | None = None,
+        authorization: str | None = None,
     ) -> tuple[Errno, TaskInfo | None]:
         """E3 after its parameter checks (§6.3 steps 5-9, D11, D13, D17).
 
@@ -969,14 +1102,27 @@ class DeviceService:
         Answers that changed no task (errno 0 or 11) are cached, and a cached answer to the same
         question that still holds (:meth:`.DeviceCaches.check_task`) is returned without reading
         the database, unless P3 is to run here.
+
+        With ``authorization`` instead (a value not verified yet: the cold poll), P1 runs here
+        too, on the same read: the device's row comes with the keys that verify its tokens.
         """
         caches = self.caches
         key = check_task_key(task_type, version, manuf, model)
-        if principal is None:
+        if principal is None and authorization is None:
             cached = caches.answer(dev_id, key)
             if cached is not None:
                 return cached.errno, cached.info
         generation = caches.generation
+        params = {"dev_id": dev_id, "module_type": int(task_type)}
+        row: Any = None
+        if authorization is not None:
+            token = self._parse(authorization, auth.CLASSIC_POLICY)
+            if not isinstance(token, auth.ParsedToken):
+                return Errno.AUTH_FAILED, None  # P1
+            row = self._read_keys_and_open_task.one(**params)
+            principal = self._verify_with_row(authorization, token, dev_id, row, generation)
+            if principal is None:
+                return Errno.AUTH_FAILED, None  # P1, or P3
 
         def work(tx: _Tx, row: _Row | None) -> tuple[Errno, TaskInfo | None, float | None]:
             return self._check(tx, row, dev_id, task_type, version, principal, offer)
@@ -992,10 +1138,9 @@ class DeviceService:
             until = _valid_until(row.token_issued_at, row.deadline)
             return Errno.SUCC, _task_info(row, token), until
 
-        params = {"dev_id": dev_id, "module_type": int(task_type)}
-        errno, info, valid_until = self._read_first(
-            self._read_open_task, _SELECT_DEVICE_AND_OPEN_TASK, params, work
-        )
+        if row is None:
+            row = self._read_open_task.one(**params)
+        errno, info, valid_until = self._decide(row, _SELECT_DEVICE_AND_OPEN_TASK, params, work)
         if valid_until is not None:
             caches.keep_answer(generation, dev_id, key, Answer(errno, info, valid_until))
         return errno, info
@@ -1213,6 +1358,7 @@ class DeviceService:
         """The cached principal, device and answer behind a reply to ``key``, if all are cached
         and valid now; None otherwise (then the reply must not be memoised)."""
         caches = self.caches
+        generation = caches.generation
         principal = caches.principal(authorization)
         device = caches.device(dev_id)
         answer = caches.answer(dev_id, key)
@@ -1220,7 +1366,10 @@ class DeviceService:
             return None
         if not self.binds(principal, device):
             return None
-        return Basis(authorization, principal, dev_id, device, key, answer)
+        fresh = caches.fresh_until(authorization, caches.devices.expires(dev_id), dev_id)
+        return Basis(
+            authorization, principal, dev_id, device, key, answer, False, generation, fresh
+        )
 
     def basis_named(
         self, authorization: str, pid: str, name: str, key: tuple[Any, ...]
@@ -1230,6 +1379,7 @@ class DeviceService:
         ``key``. None when any is missing, or the principal is an account's (never cached: F2,
         F12) or does not speak for the device."""
         caches = self.caches
+        generation = caches.generation
         principal = caches.principal(authorization)
         dev_id = caches.names.get((pid, name))
         if principal is None or dev_id is None:
@@ -1238,7 +1388,8 @@ class DeviceService:
         device = DeviceRef(dev_id, pid, name)
         if answer is None or not self.binds(principal, device):
             return None
-        return Basis(authorization, principal, dev_id, device, key, answer, named=True)
+        fresh = caches.fresh_until(authorization, caches.names.expires((pid, name)), dev_id)
+        return Basis(authorization, principal, dev_id, device, key, answer, True, generation, fresh)
 
     def report(self, dev_id: int, token: str | None, report: Report | Errno) -> Errno:
         """E7/E8 (§6.7, §6.8, §5.5, D14, D15) on any token ever issued for the device's task.
@@ -1270,6 +1421,7 @@ class DeviceService:
                 return None
             if isinstance(report, Errno):
                 return report
+            self._write_kept_offers(tx, row.dt_id)  # before the report's own event
             state = self._effective_state(tx, row, dev_id)
             outcome = on_report(state, report.kind)
             if not outcome.ok or outcome.state is None:
@@ -1478,6 +1630,9 @@ class DeviceService:
 
 _FOREVER: Final = float("inf")
 _OFFERED_MEMO_MAX: Final = 100_000  # about 10 MB at most
+# A parsed Authorization value beyond its characters: the object and its seven strings (CPython
+# 3.11, about).
+_TOKEN_BYTES: Final = 500
 
 
 def _valid_until(token_issued_at: int, deadline: int | None) -> float:

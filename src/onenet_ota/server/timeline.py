@@ -14,15 +14,20 @@ One ``device_task_events`` row per
   task). Repeated polls write nothing: a polling fleet would otherwise write a row per device and
   poll. A repeat's count is not kept either: most repeats are answered from the caches or
   memoised replies without reaching the service, so a count would undercount anyway, and
-  keeping one exactly would cost a write per poll.
+  keeping one exactly would cost a write per poll. An offer made by a poll that writes nothing
+  else is kept in memory by the worker (a fleet's first round of polls would otherwise be a
+  write transaction per device) and written, with the time of the poll, by the periodic flush
+  below (and at shutdown), or earlier in the transaction of its device task's next event in
+  that worker, so that it stays first on the timeline (:meth:`.DeviceService.flush_offers`).
 
 Who caused an event is read from :func:`set_call`, which each device API handler sets per
 request (a context variable, so concurrent requests on the event loop keep theirs); changes made
 without one (the management API, the deadline sweep) name their source explicitly.
 
 Bytes served per device task (:class:`ServedBytes`) are summed in memory by each worker and
-added to ``device_task_bytes`` in one transaction per interval (and at shutdown, and for the
-device task being reported on, right after the report), never a write per chunk. The
+added to ``device_task_bytes`` in one transaction per interval, the kept first offers with them
+(and at shutdown, and for the device task being reported on, right after the report), never a
+write per chunk. The
 history shows a success report (101, or 201, §6.7.1) made while fewer bytes than the package
 were served as ``short_download``: flagged, not refused. The OneNET C SDK example does exactly
 that on packages of 4096·k + 1 bytes, whose last byte it never requests, and on 1-byte packages,
@@ -46,6 +51,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     cast,
+    exists,
     insert,
     literal,
     select,
@@ -76,6 +82,7 @@ __all__ = [
     "delete_for",
     "device_history",
     "record_bulk",
+    "record_first_offers",
     "record_refused",
     "record_transition",
     "record_version",
@@ -276,6 +283,51 @@ def record_offer(conn: Connection, device_task_id: int, now: float, source: Sour
     checked :data:`SELECT_OFFERED` first; a concurrent insert fails on the unique index and the
     caller's transaction is retried)."""
     record_transition(conn, device_task_id, None, None, now, kind="offered", source=source)
+
+
+# A first offer kept back (see DeviceService): written unless its row is there already (another
+# worker's, or one written meanwhile); its device task's ids read in the same statement, and
+# nothing written for a device task deleted since.
+_INSERT_FIRST_OFFER = insert(_ev).from_select(
+    _EVENT_COLUMNS,
+    select(
+        _dt.c.dev_id,
+        _dt.c.id,
+        _dt.c.task_id,
+        _param("e_at", BigInteger()),
+        cast(literal("offered", String(16)), String(16)),
+        _param("e_dialect", String(8)),
+        _param("e_endpoint", String(16)),
+        cast(literal(None, SmallInteger()), SmallInteger()),
+        cast(literal(None, SmallInteger()), SmallInteger()),
+        cast(literal(None, SmallInteger()), SmallInteger()),
+        cast(literal(None, SmallInteger()), SmallInteger()),
+    ).where(
+        _dt.c.id == bindparam("e_id"),
+        ~exists(
+            select(_ev.c.id).where(
+                _ev.c.device_task_id == bindparam("e_id"),
+                _ev.c.kind == "offered",
+                _ev.c.dialect.is_not_distinct_from(
+                    bindparam("e_dialect", type_=_ev.c.dialect.type)
+                ),
+            )
+        ),
+    ),
+)
+
+
+def record_first_offers(conn: Connection, offers: Iterable[tuple[int, float, Source]]) -> None:
+    """First offers (device task id, when, through which request) kept back from the requests
+    that made them, each written unless its device task has one through that dialect already
+    (:data:`SELECT_OFFERED`). A concurrent insert of the same offer fails on the unique index:
+    the caller's transaction is retried."""
+    rows = [
+        {"e_id": dt_id, "e_at": _ms(at), "e_dialect": who.dialect, "e_endpoint": who.endpoint}
+        for dt_id, at, who in offers
+    ]
+    if rows:
+        conn.execute(_INSERT_FIRST_OFFER, rows)
 
 
 def delete_for(conn: Connection, device_task_ids: Any) -> None:

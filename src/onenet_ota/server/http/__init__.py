@@ -23,9 +23,12 @@ here.
 Theory of operation
 -------------------
 One :class:`asyncio.Protocol` per connection feeds received bytes to an httptools parser. Each
-parsed request head becomes a :class:`Request` queued on its connection; a worker task, alive only
+parsed request head becomes a :class:`Request` queued on its connection; a worker, alive only
 while the queue is non-empty, calls the handler for each request in order (pipelining is answered
-in order) and writes the :class:`Response`:
+in order) and writes the :class:`Response`. The worker starts inside the callback that received
+the bytes and becomes a task only if it has to wait (a body, a full socket buffer, a file sent
+with sendfile), so that a request answered without waiting costs no task and no extra turn of
+the event loop:
 
 * The status line is ``HTTP/1.1 <code> <reason>``; headers go out in the given order and casing.
   The layer adds nothing but a ``Connection`` header when the handler set none: ``close`` when the

@@ -10,10 +10,12 @@ that answers requests runs alongside (pipelining) and moves the state when it fi
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import os
 from collections import deque
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 import httptools
@@ -113,6 +115,46 @@ _ALLOWED: Final = tuple(TRANSITIONS[state] for state in State)  # indexed by the
 
 class StateError(RuntimeError):
     """A move the :data:`TRANSITIONS` table does not allow: a bug in the layer."""
+
+
+class _Inline:
+    """The worker while it runs inside a callback (see ``Connection._start_worker``): nothing
+    to cancel, since nothing else runs meanwhile."""
+
+    def cancel(self) -> bool:
+        return False
+
+
+_INLINE: Final = _Inline()
+
+
+async def _finish(work: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Run ``work`` to its end as a task would, after it was started outside one and stopped
+    to wait for ``waiting`` (the future it yielded, or None for a bare yield).
+
+    A task waits for the future and resumes the coroutine, which then reads the future's
+    outcome itself; cancelled, a task cancels the future it waits for and the coroutine sees
+    CancelledError. This does the same.
+    """
+    while True:
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                waiting._asyncio_future_blocking = False  # as a task resets it
+                await asyncio.wait((waiting,))
+        except asyncio.CancelledError as exc:
+            if waiting is not None:
+                waiting.cancel()
+            try:
+                waiting = work.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waiting = work.send(None)
+        except StopIteration:
+            return
 
 
 def _read_segment(segment: FileSegment) -> bytes:
@@ -299,7 +341,7 @@ class Connection(asyncio.Protocol):
         # requests and their answers
         self._body: _Body | None = None  # the body arriving now, if any
         self._queue: deque[_Pending] = deque()
-        self._worker: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | _Inline | None = None
         self._requests = 0
         self._owed: bytes | None = None  # written once the queue is done (408 for a cut head)
         # the client's side
@@ -411,6 +453,8 @@ class Connection(asyncio.Protocol):
             self._bad_request()
         if self.buffered > self.limits.buffer_limit or len(self._queue) > self.limits.max_pipeline:
             self._pause_reading()
+        if self._worker is None and self._queue:
+            self._start_worker()
 
     def eof_received(self) -> bool | None:
         self._eof = True
@@ -528,9 +572,7 @@ class Connection(asyncio.Protocol):
         self._body = body
         self._requests += 1
         keep_alive = parser.should_keep_alive() and self._requests < self.limits.max_requests
-        self._queue.append((request, body, keep_alive))
-        if self._worker is None:
-            self._worker = self.loop.create_task(self._work())
+        self._queue.append((request, body, keep_alive))  # answered when the feed returns
 
     def on_body(self, data: bytes) -> None:
         if self._body is not None:
@@ -706,6 +748,28 @@ class Connection(asyncio.Protocol):
         await self._closed.wait()
 
     # -- the worker -------------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        """Answer the queued requests now, in this callback, as far as they go without waiting;
+        a task finishes the rest only if the worker has to wait (a body, a full socket buffer, a
+        file sent with sendfile).
+
+        Most requests are answered without waiting: a task per request would cost its creation
+        and one more turn of the event loop (a wake-up and a poll) before anything is written,
+        which one device fetching chunk after chunk on one connection pays on every request.
+        The worker runs in its own copy of the context, as a task's would.
+        """
+        context = contextvars.copy_context()
+        work = self._work()
+        self._worker = _INLINE
+        try:
+            waiting = context.run(work.send, None)
+        except StopIteration:
+            return  # done: _work has cleared self._worker
+        except BaseException:
+            self._worker = None
+            raise
+        self._worker = self.loop.create_task(_finish(work, waiting), context=context)
 
     async def _work(self) -> None:
         try:
@@ -939,6 +1003,4 @@ class Connection(asyncio.Protocol):
             self._body.fail("invalid body framing")
             self._body = None
         else:
-            self._queue.append(self._reject)
-            if self._worker is None:
-                self._worker = self.loop.create_task(self._work())
+            self._queue.append(self._reject)  # answered when the feed returns
