@@ -126,6 +126,7 @@ from onenet_ota.server.transitions import (
     apply_bulk,
     create_task,
     expire_deadlines,
+    open_task_devices,
 )
 
 # The models and limits are the management API's (onenet_ota.management.models); they are named
@@ -1319,7 +1320,7 @@ class AdminService:
             targets = self._select_targets(conn, spec, package.pid, module_type)
             if not targets:
                 raise Invalid("no device matches the task's targets")
-            busy = self._open_task_devices(conn, targets, module_type)
+            busy = open_task_devices(conn, targets, module_type)
             skipped: list[int] = []
             cancelled: list[int] = []
             if busy:
@@ -1390,21 +1391,6 @@ class AdminService:
                 .order_by(devices.c.dev_id)
             ).scalars()
         )
-
-    @staticmethod
-    def _open_task_devices(conn: Connection, dev_ids: Sequence[int], module_type: int) -> set[int]:
-        busy: set[int] = set()
-        for chunk in chunks(dev_ids):
-            busy.update(
-                conn.execute(
-                    select(device_tasks.c.dev_id).where(
-                        device_tasks.c.dev_id.in_(chunk),
-                        device_tasks.c.module_type == module_type,
-                        device_tasks.c.state.in_(OPEN_CODES),
-                    )
-                ).scalars()
-            )
-        return busy
 
     @staticmethod
     def _cancel_open(conn: Connection, dev_ids: Sequence[int], module_type: int, now: int) -> None:

@@ -80,7 +80,7 @@ from onenet_ota.management.models import (
     StateCounts,
     TaskCreated,
 )
-from onenet_ota.protocol.states import OPEN_STATES, Action, TaskState
+from onenet_ota.protocol.states import Action, TaskState
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import audit, changes
 from onenet_ota.server.admin_service import (
@@ -120,7 +120,12 @@ from onenet_ota.server.schema import (
     packages,
     tasks,
 )
-from onenet_ota.server.transitions import apply_bulk, create_task, expire_deadlines
+from onenet_ota.server.transitions import (
+    apply_bulk,
+    create_task,
+    expire_deadlines,
+    open_task_devices,
+)
 
 __all__ = [
     "Campaign",
@@ -139,7 +144,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_OPEN_CODES: Final = [int(s) for s in OPEN_STATES]
 _SAMPLE: Final = 20
 LEASE_NAME: Final = "campaigns"
 EVENTS_SHOWN: Final = 50
@@ -335,21 +339,6 @@ class CampaignService:
             )
         return sorted(found)
 
-    @staticmethod
-    def _busy(conn: Connection, dev_ids: Sequence[int], module_type: int) -> set[int]:
-        busy: set[int] = set()
-        for chunk in chunks(dev_ids):
-            busy.update(
-                conn.execute(
-                    select(device_tasks.c.dev_id).where(
-                        device_tasks.c.dev_id.in_(chunk),
-                        device_tasks.c.module_type == module_type,
-                        device_tasks.c.state.in_(_OPEN_CODES),
-                    )
-                ).scalars()
-            )
-        return busy
-
     def _package(self, conn: Connection, package_id: int) -> Any:
         package = conn.execute(select(packages).where(packages.c.id == package_id)).first()
         if package is None:
@@ -377,7 +366,7 @@ class CampaignService:
         """A dry run: each stage's members, computed as activation would, changing nothing."""
         with self.engine.connect() as conn:
             package, matching = self._check(conn, spec)
-            busy = self._busy(conn, matching, package.module_type)
+            busy = open_task_devices(conn, matching, package.module_type)
         return self._preview(spec.stages, matching, salt, len(busy))
 
     @staticmethod
@@ -406,7 +395,7 @@ class CampaignService:
         with self.engine.connect() as conn:
             row = self._row(conn, campaign_id)
             matching = self._matching(conn, row.pid, row.module_type, _selector(row))
-            busy = self._busy(conn, matching, row.module_type)
+            busy = open_task_devices(conn, matching, row.module_type)
         return self._preview(_stages(row), matching, row.salt, len(busy))
 
     def create(self, spec: CampaignCreate) -> Campaign:
@@ -721,7 +710,7 @@ class CampaignService:
         if _rate(row) is None:
             # No rate: every new member gets its task now, written once (a stage of thousands
             # is the one large insert on the way from a gate to the next stage).
-            busy = self._busy(conn, chosen, row.module_type)
+            busy = open_task_devices(conn, chosen, row.module_type)
             ready = [d for d in chosen if d not in busy]
             created = self._new_task(conn, row, ready, now)
             task_id = created.task.id if created is not None else None
@@ -794,7 +783,7 @@ class CampaignService:
             ).rowcount
         if taken != len(chosen):
             raise StaleCampaign
-        busy = self._busy(conn, chosen, row.module_type)
+        busy = open_task_devices(conn, chosen, row.module_type)
         ready = [d for d in chosen if d not in busy]
         created = self._new_task(conn, row, ready, now)
         if created is not None:
@@ -967,7 +956,7 @@ class CampaignService:
         dev_ids = sorted(r.dev_id for r in failed if classify(r.result_code, classes) in wanted)
         if not dev_ids:
             raise Conflict("no failed member of the chosen classes to retry")
-        busy = self._busy(conn, dev_ids, row.module_type)
+        busy = open_task_devices(conn, dev_ids, row.module_type)
         ready = [d for d in dev_ids if d not in busy]
         created = self._new_task(conn, row, ready, now)
         if created is not None:

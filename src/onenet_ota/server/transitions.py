@@ -45,12 +45,14 @@ from sqlalchemy import (
 
 from onenet_ota.protocol.states import (
     ACTION_TABLE,
+    OPEN_STATES,
     RESUME_TABLE,
     Action,
     TaskState,
     action_sources,
     on_action,
 )
+from onenet_ota.server.db import chunks
 from onenet_ota.server.schema import device_tasks, tasks
 from onenet_ota.server.timeline import (
     ADMIN,
@@ -67,6 +69,7 @@ __all__ = [
     "apply_bulk",
     "create_task",
     "expire_deadlines",
+    "open_task_devices",
     "set_progress",
     "set_state",
 ]
@@ -107,6 +110,24 @@ _SET_PROGRESS = (
 
 
 _INSERT_BATCH: Final = 500  # device-task rows per executemany
+_OPEN_CODES: Final = [int(state) for state in OPEN_STATES]
+
+
+def open_task_devices(conn: Connection, dev_ids: Sequence[int], module_type: int) -> set[int]:
+    """Those of ``dev_ids`` that have an open device task of ``module_type``: D23 allows one
+    per module type, so T1 must skip them (an operator's task and a campaign's stage alike)."""
+    busy: set[int] = set()
+    for chunk in chunks(dev_ids):
+        busy.update(
+            conn.execute(
+                select(_dt.c.dev_id).where(
+                    _dt.c.dev_id.in_(chunk),
+                    _dt.c.module_type == module_type,
+                    _dt.c.state.in_(_OPEN_CODES),
+                )
+            ).scalars()
+        )
+    return busy
 
 
 def create_task(
