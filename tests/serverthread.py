@@ -9,6 +9,7 @@ import logging
 import socket
 import ssl as _ssl
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from onenet_ota.server.http import Handler, HttpServer, Limits, new_event_loop
@@ -25,7 +26,8 @@ class ServerThread:
     optional bound, listening socket to serve on instead of ``host``/``port``. Entering returns once
     the socket listens (startup errors, such as a port in use, are raised there); leaving closes
     gracefully for up to ``shutdown_timeout`` seconds, then aborts connections, and never waits
-    on the thread longer than that. ``limits``: see :class:`HttpServer`.
+    on the thread longer than that. ``limits``: see :class:`HttpServer`. ``loop_factory``: the
+    server's event loop (default: what ``onenet-ota serve`` runs on).
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class ServerThread:
         shutdown_timeout: float = 5.0,
         startup_timeout: float = 10.0,
         limits: Limits | None = None,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop,
     ) -> None:
         self.host = host
         self.port = port
@@ -48,6 +51,7 @@ class ServerThread:
         self._handler = handler
         self._ssl = ssl
         self._limits = limits
+        self._loop_factory = loop_factory
         self._shutdown_timeout = shutdown_timeout
         self._startup_timeout = startup_timeout
         self._ready = threading.Event()
@@ -107,7 +111,7 @@ class ServerThread:
 
     def _run(self) -> None:
         try:
-            with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            with asyncio.Runner(loop_factory=self._loop_factory) as runner:
                 runner.run(self._main())
         except BaseException as exc:  # reported to the starting thread, or logged
             if not self._ready.is_set():

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, quote
 import httpx2
 import pytest
 import trustme
+import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1827,3 +1828,47 @@ def test_the_layers_connection_header_goes_before_the_range_group(
     assert close
     names = [line.split(b":")[0].decode() for line in head.split(b"\r\n")[1:] if line]
     assert names == ["Content-Length", *expected]
+
+
+# ---------------------------------------------------------------------------------------------
+# Event loops: `serve` runs on uvloop when it is installed (http.new_event_loop), else on
+# asyncio's own loop. Their transports differ (uvloop's implement asyncio.Transport without
+# subclassing it; their sendfile and TLS are their own), so the layer's essentials run on both.
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_each_event_loop_serves_the_layer(loop: str, rsa_ca: trustme.CA, tmp_path: Path) -> None:
+    firmware = FIRMWARE.read_bytes()
+    large = tmp_path / "large.bin"
+    large.write_bytes(os.urandom(3 * 1024 * 1024))  # beyond SMALL_SEGMENT: the sendfile path
+    file_query = f"/file?path={quote(str(large))}&offset=1000&length={2 * 1024 * 1024}"
+    plain = ServerThread(make_handler(Recorder()), loop_factory=LOOPS[loop])  # type: ignore[arg-type]
+    with plain as srv, RawClient(srv) as client:
+        # keep-alive, then three requests pipelined in one write, answered in order
+        client.send(get("/json"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        client.send(get("/error3") + get("/last-chunk") + get("/json"))
+        assert client.read_exact(len(ERROR_3)) == ERROR_3
+        assert client.read_exact(len(LAST_CHUNK) + 1808) == LAST_CHUNK + firmware[8192:]
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        client.send(get(file_query))
+        head = client.read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 206 ")
+        assert (
+            client.read_exact(2 * 1024 * 1024) == large.read_bytes()[1000 : 1000 + 2 * 1024 * 1024]
+        )
+    context = tls_server_context(rsa_ca, tmp_path, c_sdk_compatible=True)
+    secure = ServerThread(make_handler(Recorder()), ssl=context, loop_factory=LOOPS[loop])  # type: ignore[arg-type]
+    with (
+        secure as srv,
+        socket.create_connection((srv.host, srv.port), timeout=10) as raw,
+        c_sdk_client_context(rsa_ca).wrap_socket(raw, server_hostname=None) as tls,
+    ):
+        tls.sendall(get("/last-chunk"))
+        client = RawClient(srv, sock=tls)
+        assert client.read_exact(len(LAST_CHUNK) + 1808) == LAST_CHUNK + firmware[8192:]
