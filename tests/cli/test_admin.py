@@ -50,7 +50,9 @@ def test_product_create_with_onenet_ids(admin: Admin) -> None:
     assert f"pid           {pid}" in result.stdout
     assert K1 in result.stdout
     shown = _json(admin("product", "show", pid, "--json"))
-    assert (shown["pid"], shown["access_key"]) == (pid, K1)
+    assert (shown["pid"], shown["access_key"]) == (pid, None)
+    revealed = _json(admin("product", "show", pid, "--reveal-key", "--json"))
+    assert (revealed["pid"], revealed["access_key"]) == (pid, K1)
 
 
 def test_generated_product_and_key_rotation(admin: Admin) -> None:
@@ -111,7 +113,9 @@ def test_account_commands(admin: Admin) -> None:
     fields = _fields(created.stdout)
     assert (fields["uid"], fields["access_key"], fields["name"]) == (uid, K1, "moved")
     shown = _json(admin("account", "show", uid, "--json"))
-    assert (shown["uid"], shown["access_key"], shown["product_count"]) == (uid, K1, 0)
+    assert (shown["uid"], shown["access_key"], shown["product_count"]) == (uid, None, 0)
+    revealed = _json(admin("account", "show", uid, "--reveal-key", "--json"))
+    assert (revealed["uid"], revealed["access_key"]) == (uid, K1)
     listed = admin("account", "list", "--limit", "1000")
     assert "UID" in listed.stdout.splitlines()[0]
     assert any(line.split()[:2] == [uid, "moved"] for line in listed.stdout.splitlines())

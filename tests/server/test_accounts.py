@@ -69,7 +69,8 @@ def test_account_with_onenet_uid_and_key(service: AdminService) -> None:
         "4242", K1, "moved", NOW
     )  # fmt: skip
     shown = service.get_account("4242")
-    assert (shown.access_key, shown.product_count) == (K1, 0)
+    assert (shown.access_key, shown.product_count) == (None, 0)
+    assert service.reveal_account_key("4242").access_key == K1
     # The largest uid a userid token can carry is a uid an account can have.
     assert service.create_account(AccountCreate(uid=UID_MAX)).uid == UID_MAX
 
@@ -79,14 +80,14 @@ def test_generated_account(service: AdminService) -> None:
     assert auth.is_user_id(created.uid)
     assert created.access_key is not None
     assert len(auth.decode_key(created.access_key)) == 32
-    assert service.get_account(created.uid).access_key == created.access_key
+    assert service.reveal_account_key(created.uid).access_key == created.access_key
 
 
 def test_duplicate_account_is_a_conflict(service: AdminService) -> None:
     service.create_account(AccountCreate(uid="7", access_key=K1))
     with pytest.raises(Conflict, match="account 7 already exists"):
         service.create_account(AccountCreate(uid="7", access_key=K2))
-    assert service.get_account("7").access_key == K1
+    assert service.reveal_account_key("7").access_key == K1
 
 
 @pytest.mark.parametrize(
@@ -113,7 +114,7 @@ def test_account_key_rotation_is_published(service: AdminService, engine: Engine
     before = len(_feed(engine))
     rotated = service.rotate_account_key("11", KeyRotate(access_key=K2))
     assert rotated.access_key == K2
-    assert service.get_account("11").access_key == K2
+    assert service.reveal_account_key("11").access_key == K2
     generated = service.rotate_account_key("11", KeyRotate())
     assert generated.access_key not in (None, K1, K2)
     # Every worker's device API must drop what it verified with the old key.
@@ -335,7 +336,9 @@ def test_account_lifecycle_over_http(client: httpx2.Client) -> None:
     }  # fmt: skip
     _error(client.post("/api/v1/accounts", json={"uid": uid}), 409, "conflict")
     shown = client.get(f"/api/v1/accounts/{uid}").json()
-    assert (shown["access_key"], shown["product_count"]) == (K1, 0)
+    assert (shown["access_key"], shown["product_count"]) == (None, 0)  # only reveal-key shows it
+    revealed = client.post(f"/api/v1/accounts/{uid}/reveal-key").json()
+    assert revealed["access_key"] == K1
     listed = client.get("/api/v1/accounts", params={"limit": 1000}).json()
     mine = [a for a in listed["items"] if a["uid"] == uid]
     assert mine

@@ -416,8 +416,9 @@ def test_product_and_key_rotation(api: Api) -> None:
     rotated = api.client.post(f"/api/v1/products/{pid}/rotate-key")  # no body: generate
     assert rotated.status_code == 200
     assert rotated.json()["access_key"] != key
+    assert api.client.get(f"/api/v1/products/{pid}").json()["access_key"] is None
     assert (
-        api.client.get(f"/api/v1/products/{pid}").json()["access_key"]
+        api.client.post(f"/api/v1/products/{pid}/reveal-key").json()["access_key"]
         == (rotated.json()["access_key"])
     )
     _error(api.client.post("/api/v1/products/nope/rotate-key", json={}), 404, "not_found")

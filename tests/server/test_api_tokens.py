@@ -144,7 +144,9 @@ def test_a_viewer_cannot_read_keys(server: Server) -> None:
         pid = admin.post("/api/v1/products", json={}).json()["pid"]
     with server.client(server.secret("viewer")) as viewer:
         assert viewer.get("/api/v1/products").status_code == 200  # lists carry no keys
-        _error(viewer.get(f"/api/v1/products/{pid}"), 403, "forbidden")
+        shown = viewer.get(f"/api/v1/products/{pid}")  # nor does one product
+        assert (shown.status_code, shown.json()["access_key"]) == (200, None)
+        _error(viewer.post(f"/api/v1/products/{pid}/reveal-key"), 403, "forbidden")
         _error(viewer.post("/api/v1/products", json={}), 403, "forbidden")
 
 

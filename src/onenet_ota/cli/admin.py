@@ -231,6 +231,7 @@ class _KeyHolder:
     rotate: Callable[[ManagementClient, str, str | None], BaseModel]
     page: Callable[[ManagementClient, int | None, str | None], BaseModel]
     get: Callable[[ManagementClient, str], BaseModel]
+    reveal: Callable[[ManagementClient, str], BaseModel]
     delete: Callable[[ManagementClient, str], None]
 
 
@@ -277,10 +278,18 @@ def _key_holder_commands(group: click.Group, kind: _KeyHolder) -> None:
 
     @group.command("show", help=kind.show_help)
     @ident_arg
+    @click.option(
+        "--reveal-key",
+        is_flag=True,
+        help="show the access key too (recorded in the audit log; operators only)",
+    )
     @_common
-    def show_command(ident: str, server: str, admin_token: str | None, as_json: bool) -> None:
+    def show_command(
+        ident: str, reveal_key: bool, server: str, admin_token: str | None, as_json: bool
+    ) -> None:
         ctx = _ctx(server, admin_token, as_json)
-        ctx.show(ctx.run(lambda api: kind.get(api, ident)), _print_object)
+        read = kind.reveal if reveal_key else kind.get
+        ctx.show(ctx.run(lambda api: read(api, ident)), _print_object)
 
     @group.command("delete", help=kind.delete_help)
     @ident_arg
@@ -305,12 +314,13 @@ _key_holder_commands(
         id_metavar="PID",
         columns=["pid", "name", "account_uid", "created_at"],
         rotate_help="Replace a product's access key; devices must sign with the new one.",
-        show_help="Show a product with its access key.",
+        show_help="Show a product and its device count (its key with --reveal-key).",
         delete_help="Delete a product that has no devices, packages or tasks left.",
         create=lambda api, pid, key, name: api.create_product(pid=pid, access_key=key, name=name),
         rotate=lambda api, pid, key: api.rotate_product_key(pid, access_key=key),
         page=lambda api, limit, after: api.list_products(limit=limit, after=after),
         get=lambda api, pid: api.get_product(pid),
+        reveal=lambda api, pid: api.reveal_product_key(pid),
         delete=lambda api, pid: api.delete_product(pid),
     ),
 )
@@ -354,12 +364,13 @@ _key_holder_commands(
         columns=["uid", "name", "created_at"],
         rotate_help="Replace an account's access key; userid tokens signed with the old one stop"
         " working.",
-        show_help="Show an account with its access key and product count.",
+        show_help="Show an account and its product count (its key with --reveal-key).",
         delete_help="Delete an account that owns no product.",
         create=lambda api, uid, key, name: api.create_account(uid=uid, access_key=key, name=name),
         rotate=lambda api, uid, key: api.rotate_account_key(uid, access_key=key),
         page=lambda api, limit, after: api.list_accounts(limit=limit, after=after),
         get=lambda api, uid: api.get_account(uid),
+        reveal=lambda api, uid: api.reveal_account_key(uid),
         delete=lambda api, uid: api.delete_account(uid),
     ),
 )

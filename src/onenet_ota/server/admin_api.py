@@ -381,9 +381,9 @@ ROUTES: Final[tuple[Route, ...]] = (
         response=ProductPage, query=_page(_PID_AFTER),
     ),
     Route(
-        "GET", "/products/{pid}", "get_product", "Show a product with its access key",
+        "GET", "/products/{pid}", "get_product",
+        "Show a product with its device count; its access key only through reveal-key",
         "products", response=svc.Product, path_params=_PID,
-        role="operator",  # the key signs device tokens: not a viewer's to read
     ),
     Route(
         "POST", "/products/{pid}/reveal-key", "reveal_product_key",
@@ -422,8 +422,8 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         "GET", "/accounts/{uid}", "get_account",
-        "Show an account with its access key and product count", "accounts",
-        response=svc.Account, path_params=_UID, role="operator",  # the key: as get_product
+        "Show an account with its product count; its access key only through reveal-key",
+        "accounts", response=svc.Account, path_params=_UID,
     ),
     Route(
         "POST", "/accounts/{uid}/reveal-key", "reveal_account_key",

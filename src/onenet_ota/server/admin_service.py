@@ -544,7 +544,8 @@ class AdminService:
         return row
 
     def get_product(self, pid: str) -> Product:
-        """A product with its access key and device count."""
+        """A product with its device count, without its access key: a key is read only where
+        its showing is recorded (:meth:`reveal_product_key`)."""
         with self.engine.connect() as conn:
             row = conn.execute(select(products).where(products.c.pid == pid)).first()
             if row is None:
@@ -552,7 +553,7 @@ class AdminService:
             count = conn.execute(
                 select(func.count()).select_from(devices).where(devices.c.pid == pid)
             ).scalar_one()
-        return _product(row, access_key=True, device_count=count)
+        return _product(row, device_count=count)
 
     def list_products(self, *, limit: int | None = None, after: str | None = None) -> Page[Product]:
         """Products in pid order, without their keys."""
@@ -632,7 +633,8 @@ class AdminService:
         return _account(self._rotate_key(accounts.c.uid, uid, "account", spec), access_key=True)
 
     def get_account(self, uid: str) -> Account:
-        """An account with its access key and the number of products it owns."""
+        """An account with the number of products it owns, without its access key (see
+        :meth:`get_product`)."""
         with self.engine.connect() as conn:
             row = conn.execute(select(accounts).where(accounts.c.uid == uid)).first()
             if row is None:
@@ -640,7 +642,7 @@ class AdminService:
             count = conn.execute(
                 select(func.count()).select_from(products).where(products.c.account_uid == uid)
             ).scalar_one()
-        return _account(row, access_key=True, product_count=count)
+        return _account(row, product_count=count)
 
     @_retried
     def reveal_product_key(self, pid: str) -> Product:

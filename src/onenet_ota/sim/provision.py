@@ -139,8 +139,9 @@ def adopt(admin: ManagementClient, config: FleetConfig) -> FleetTarget:
     if task.status != "active":
         raise SimulationError(f"task {task_id} is {task.status}; resume it first")
     package = _step("reading the package", lambda: admin.get_package(task.package_id))
-    product = _step("reading the product", lambda: admin.get_product(task.pid))
-    if product.access_key is None:  # one product is always shown with its key
+    # The simulator signs its devices' tokens with the product's key: an audited reveal.
+    product = _step("reading the product's key", lambda: admin.reveal_product_key(task.pid))
+    if product.access_key is None:
         raise SimulationError(f"reading product {task.pid}: the server did not tell its key")
     waiting = admin.iter_task_devices(task_id, state="to_be_upgraded", page_size=PAGE)
     views = _step(

