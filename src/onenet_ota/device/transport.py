@@ -148,12 +148,16 @@ class _Plan:
             batch.append(index)
         return batch
 
-    def settle(self, batch: list[int], exchange: Exchange) -> None:
-        """Record the batch's results, leaving out the calls that may be sent again."""
-        answered_before = False
+    def settle(self, batch: list[int], exchange: Exchange, *, behind: bool = False) -> None:
+        """Record the batch's results, leaving out the calls that may be sent again.
+
+        ``behind`` is True when the batch was pipelined behind replies the server had already
+        answered on the same connection (a chained flight, :meth:`SyncTransport.start`).
+        """
+        answered_before = behind
         for index, result in zip(batch, exchange.results, strict=True):
             if isinstance(result, Failure) and result.unanswered:
-                if answered_before and len(batch) > 1:
+                if answered_before and (len(batch) > 1 or behind):
                     self.refused_pipelining = True  # closed after an earlier pipelined reply
                     self.pipeline = False
                     continue
@@ -199,6 +203,16 @@ class _Pool:
             return conns
 
 
+def _chain(plan: _Plan, batch: list[int], after: InFlight | None) -> Any | None:
+    """The connection of ``after`` if ``batch`` may be pipelined behind its unread replies."""
+    if after is None or not plan.pipeline or after.sent is None:
+        return None
+    sent = after.sent
+    if sent.origin != plan.targets[batch[0]][0] or not sent.conn.chainable:
+        return None
+    return sent.conn
+
+
 class _Base:
     def __init__(
         self, tls: ssl.SSLContext | None, *, user_agent: str, keep_alive: bool = True
@@ -227,6 +241,19 @@ class _Base:
             for i in batch
         )
 
+    def _settle(self, plan: _Plan, sent: _Sent, answered_before: bool, *, completed: bool) -> None:
+        """Record a flight's results; pool or close its connection once nothing on it is
+        unread. ``completed`` is False when reading was cancelled mid-reply."""
+        conn, exchange = sent.conn, sent.exchange
+        conn.unread -= 1
+        if completed:
+            conn.answered = answered_before or exchange.answered
+            plan.settle(sent.batch, exchange, behind=sent.behind and answered_before)
+        keep = completed and exchange.reusable and self._keep_alive and not self.closed
+        keep = keep and not conn.spoilt and not conn.dead
+        if not keep or (conn.unread == 0 and not self._pool.give(sent.origin, conn)):
+            conn.close()
+
     def _tls_for(self, origin: Origin, call: Call[Any]) -> ssl.SSLContext | None:
         if origin.scheme != "https":
             return None
@@ -235,14 +262,39 @@ class _Base:
         return self._tls
 
 
-class _SyncConn:
-    __slots__ = ("parser", "sock")
+class _Conn:
+    """What the sync and async connections share: the reply parser, and the flights written on
+    the connection whose replies are not read yet (``unread``; the connection goes back to the
+    pool only when none is left). ``answered`` is True once a reply was read on it; ``dead``
+    once it was closed (the flights still unread on it then fail as unanswered)."""
+
+    __slots__ = ("answered", "dead", "parser", "spoilt", "unread")
+
+    def __init__(self) -> None:
+        self.parser = ReplyParser()
+        self.unread = 0
+        self.answered = False
+        self.dead = False
+        self.spoilt = False  # a write failed: take no more requests, close once read
+
+    @property
+    def chainable(self) -> bool:
+        """Whether more requests may be pipelined behind the unread ones."""
+        parser = self.parser
+        return not (self.dead or self.spoilt or parser.broken or parser.closed) and (
+            parser.keep_alive
+        )
+
+
+class _SyncConn(_Conn):
+    __slots__ = ("sock",)
 
     def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
         self.sock = sock
-        self.parser = ReplyParser()
 
     def close(self) -> None:
+        self.dead = True
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -250,13 +302,17 @@ class _SyncConn:
 class _Sent:
     """A batch written on its connection whose replies are still to be read."""
 
-    __slots__ = ("batch", "conn", "exchange", "origin")
+    __slots__ = ("batch", "behind", "conn", "exchange", "origin")
 
-    def __init__(self, batch: list[int], origin: Origin, conn: Any, exchange: Exchange) -> None:
+    def __init__(
+        self, batch: list[int], origin: Origin, conn: Any, exchange: Exchange, behind: bool
+    ) -> None:
         self.batch = batch
         self.origin = origin
         self.conn = conn
         self.exchange = exchange
+        self.behind = behind  # written behind other unread flights on the same connection
+        conn.unread += 1
 
 
 class InFlight:
@@ -278,16 +334,29 @@ class SyncTransport(_Base):
         :class:`OtaError`: each call's error is in its result)."""
         return self.finish(self.start(calls, pipeline=pipeline))
 
-    def start(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> InFlight:
+    def start(
+        self,
+        calls: Sequence[Call[Any]],
+        *,
+        pipeline: bool = False,
+        after: InFlight | None = None,
+    ) -> InFlight:
         """Send the first batch of ``calls`` (all of them when pipelining) without reading.
 
         The caller does other work while the server answers, then :meth:`finish` reads the
         replies (and sends what could not go in the first batch). Never raises an
         :class:`OtaError`: a failure to connect or write is the result :meth:`finish` gives.
+
+        ``after`` (with ``pipeline``): a flight whose replies are still unread; the calls are
+        pipelined behind it on its connection when that connection can take more (a window of
+        several flights on one connection). Flights chained so are finished in the order they
+        were started.
         """
         plan = _Plan(calls, pipeline and not self._no_pipelining)
         batch = plan.next_batch()
-        return InFlight(plan, self._send(plan, batch) if batch else None)
+        if not batch:
+            return InFlight(plan, None)
+        return InFlight(plan, self._send(plan, batch, _chain(plan, batch, after)))
 
     def finish(self, flight: InFlight) -> list[Result]:
         """Read the replies of what :meth:`start` sent; every call's result, in order."""
@@ -296,7 +365,7 @@ class SyncTransport(_Base):
         if sent is not None:
             self._receive(plan, sent)
         while batch := plan.next_batch():
-            sent = self._send(plan, batch)
+            sent = self._send(plan, batch, None)
             if sent is not None:
                 self._receive(plan, sent)
         if plan.refused_pipelining:
@@ -305,15 +374,18 @@ class SyncTransport(_Base):
 
     def abandon(self, flight: InFlight) -> None:
         """Drop what :meth:`start` sent: its connection is closed without reading the replies
-        (a reply half read could not be told from the next one)."""
+        (a reply half read could not be told from the next one); flights chained behind it
+        on that connection then fail as unanswered, or are dropped too."""
         sent, flight.sent = flight.sent, None
         if sent is not None:
             sent.conn.close()
 
-    def _send(self, plan: _Plan, batch: list[int]) -> _Sent | None:
+    def _send(self, plan: _Plan, batch: list[int], conn: _SyncConn | None) -> _Sent | None:
         first = plan.calls[batch[0]]
         origin = plan.targets[batch[0]][0]
-        conn = self._pool.take(origin) if self._keep_alive else None
+        behind = conn is not None
+        if conn is None:
+            conn = self._pool.take(origin) if self._keep_alive else None
         if conn is None:
             try:
                 conn = self._connect(origin, first, plan.deadlines[batch[0]])
@@ -321,28 +393,37 @@ class SyncTransport(_Base):
                 plan.results[batch[0]] = Failure(error, cause=error.__cause__)
                 return None
         exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
+        sock = conn.sock
         try:
-            conn.sock.settimeout(max(plan.deadlines[batch[0]] - time.monotonic(), 0.001))
-            conn.sock.sendall(self._payload(plan, batch))
+            sock.settimeout(max(plan.deadlines[batch[0]] - time.monotonic(), 0.001))
+            sock.sendall(self._payload(plan, batch))
             if len(batch) > 1 and _TCP_QUICKACK is not None:
                 # The replies may arrive before the caller reads them (start, then other
                 # work): acknowledge them at once all the same (see _TCP_QUICKACK).
                 with contextlib.suppress(OSError):
-                    conn.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         except OSError as exc:
-            # Nothing was read yet: a kept connection the server had closed fails here too.
+            # Nothing of this batch's replies was read yet: a kept connection the server had
+            # closed fails here too.
             timed_out = isinstance(exc, TimeoutError | socket.timeout)
             problem = _io_error(first, exc, got_head=False)
-            exchange.fail(problem, unanswered=not timed_out, cause=exc)
-        return _Sent(batch, origin, conn, exchange)
+            exchange.fail(problem, unanswered=not timed_out, cause=exc, fresh=behind)
+            conn.spoilt = True
+        return _Sent(batch, origin, conn, exchange, behind)
 
     def _receive(self, plan: _Plan, sent: _Sent) -> None:
         batch, conn, exchange = sent.batch, sent.conn, sent.exchange
         sock = conn.sock
-        quickack = _TCP_QUICKACK if len(batch) > 1 else None
+        answered_before = conn.answered
+        quickack = _TCP_QUICKACK if len(batch) > 1 or conn.unread > 1 else None
         while not exchange.done:
             exchange.advance()
             if exchange.done:
+                break
+            if conn.dead:
+                # Closed before this flight's turn: after an earlier reply said so, or an
+                # earlier flight on it was dropped. What was not answered may go again.
+                exchange.orphan("the connection was closed before this reply")
                 break
             deadline = plan.deadlines[batch[len(exchange.results)]]
             remaining = deadline - time.monotonic()
@@ -363,10 +444,7 @@ class SyncTransport(_Base):
                 conn.parser.feed(data)
             else:
                 conn.parser.feed_eof()
-        plan.settle(batch, exchange)
-        keep = exchange.reusable and self._keep_alive and not self.closed
-        if not (keep and self._pool.give(sent.origin, conn)):
-            conn.close()
+        self._settle(plan, sent, answered_before, completed=True)
 
     def _connect(self, origin: Origin, call: Call[Any], deadline: float) -> _SyncConn:
         tls = self._tls_for(origin, call)
@@ -391,15 +469,16 @@ class SyncTransport(_Base):
             conn.close()
 
 
-class _AsyncConn:
-    __slots__ = ("parser", "reader", "writer")
+class _AsyncConn(_Conn):
+    __slots__ = ("reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__()
         self.reader = reader
         self.writer = writer
-        self.parser = ReplyParser()
 
     def close(self) -> None:
+        self.dead = True
         with contextlib.suppress(OSError, RuntimeError):
             self.writer.close()
 
@@ -411,11 +490,19 @@ class AsyncTransport(_Base):
         """See :meth:`SyncTransport.exchange`."""
         return await self.finish(await self.start(calls, pipeline=pipeline))
 
-    async def start(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> InFlight:
+    async def start(
+        self,
+        calls: Sequence[Call[Any]],
+        *,
+        pipeline: bool = False,
+        after: InFlight | None = None,
+    ) -> InFlight:
         """See :meth:`SyncTransport.start`."""
         plan = _Plan(calls, pipeline and not self._no_pipelining)
         batch = plan.next_batch()
-        return InFlight(plan, await self._send(plan, batch) if batch else None)
+        if not batch:
+            return InFlight(plan, None)
+        return InFlight(plan, await self._send(plan, batch, _chain(plan, batch, after)))
 
     async def finish(self, flight: InFlight) -> list[Result]:
         """See :meth:`SyncTransport.finish`."""
@@ -424,7 +511,7 @@ class AsyncTransport(_Base):
         if sent is not None:
             await self._receive(plan, sent)
         while batch := plan.next_batch():
-            sent = await self._send(plan, batch)
+            sent = await self._send(plan, batch, None)
             if sent is not None:
                 await self._receive(plan, sent)
         if plan.refused_pipelining:
@@ -437,10 +524,12 @@ class AsyncTransport(_Base):
         if sent is not None:
             sent.conn.close()
 
-    async def _send(self, plan: _Plan, batch: list[int]) -> _Sent | None:
+    async def _send(self, plan: _Plan, batch: list[int], conn: _AsyncConn | None) -> _Sent | None:
         first = plan.calls[batch[0]]
         origin = plan.targets[batch[0]][0]
-        conn = self._pool.take(origin) if self._keep_alive else None
+        behind = conn is not None
+        if conn is None:
+            conn = self._pool.take(origin) if self._keep_alive else None
         if conn is None:
             try:
                 conn = await self._connect(origin, first, plan.deadlines[batch[0]])
@@ -460,22 +549,29 @@ class AsyncTransport(_Base):
                         sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
             except (OSError, TimeoutError) as exc:
                 problem = _io_error(first, exc, got_head=False)
-                exchange.fail(problem, unanswered=not isinstance(exc, TimeoutError), cause=exc)
+                unanswered = not isinstance(exc, TimeoutError)
+                exchange.fail(problem, unanswered=unanswered, cause=exc, fresh=behind)
+                conn.spoilt = True
             sent = True
         finally:
             if not sent:  # cancelled mid-write: the connection cannot be reused
                 conn.close()
-        return _Sent(batch, origin, conn, exchange)
+        return _Sent(batch, origin, conn, exchange, behind)
 
     async def _receive(self, plan: _Plan, sent: _Sent) -> None:
         batch, conn, exchange = sent.batch, sent.conn, sent.exchange
         completed = False
-        sock = conn.writer.get_extra_info("socket") if len(batch) > 1 else None
+        answered_before = conn.answered
+        pipelined = len(batch) > 1 or conn.unread > 1
+        sock = conn.writer.get_extra_info("socket") if pipelined else None
         quickack = _TCP_QUICKACK if sock is not None else None
         try:
             while not exchange.done:
                 exchange.advance()
                 if exchange.done:
+                    break
+                if conn.dead:  # see SyncTransport._receive
+                    exchange.orphan("the connection was closed before this reply")
                     break
                 deadline = plan.deadlines[batch[len(exchange.results)]]
                 if quickack is not None and sock is not None:  # see _TCP_QUICKACK
@@ -496,11 +592,7 @@ class AsyncTransport(_Base):
             completed = True
         finally:
             # A cancelled call leaves its connection mid-reply: it cannot be reused.
-            if completed:
-                plan.settle(batch, exchange)
-            keep = completed and exchange.reusable and self._keep_alive and not self.closed
-            if not (keep and self._pool.give(sent.origin, conn)):
-                conn.close()
+            self._settle(plan, sent, answered_before, completed=completed)
 
     async def _connect(self, origin: Origin, call: Call[Any], deadline: float) -> _AsyncConn:
         tls = self._tls_for(origin, call)
