@@ -104,10 +104,13 @@ async def upgrade(
     flavour: str,
     *,
     depth: int = 4,
+    progress_step: int = 0,
     events: list[OtaEvent] | None = None,
 ) -> tuple[UpgradeResult, bool]:
     """One pipelined upgrade; its result, and whether the transport still pipelines."""
-    options = UpgradeOptions(chunk_size=CHUNK, pipeline=True, pipeline_depth=depth, progress_step=0)
+    options = UpgradeOptions(
+        chunk_size=CHUNK, pipeline=True, pipeline_depth=depth, progress_step=progress_step
+    )
     output = tmp_path / "fw.bin"
     on_event = events.append if events is not None else None
     if flavour == "async":
@@ -169,6 +172,21 @@ async def test_later_chunks_go_out_before_earlier_replies_on_one_connection(
     assert [start for _, start in platform.downloads] == list(range(0, len(FIRMWARE), CHUNK))
     assert delivered(events) == whole_chunks()
     assert platform.reports == [101, 201]
+
+
+@pytest.mark.anyio
+async def test_progress_reports_leave_the_window_in_flight(
+    server: ScriptedServer, tmp_path: Path, flavour: str
+) -> None:
+    """A progress report goes out on another connection while later chunks are in flight;
+    those are used afterwards, not dropped and fetched again."""
+    platform = WindowPlatform()
+    server.handler = platform
+    events: list[OtaEvent] = []
+    await upgrade(server, tmp_path, flavour, progress_step=20, events=events)
+    assert [start for _, start in platform.downloads] == list(range(0, len(FIRMWARE), CHUNK))
+    assert delivered(events) == whole_chunks()
+    assert platform.reports == [20, 40, 60, 80, 101, 201]
 
 
 @pytest.mark.anyio

@@ -127,6 +127,8 @@ EventHandler = Callable[[UpgradeEvent], None]
 
 logger = logging.getLogger("onenet_ota.device.upgrader")
 
+# E7 codes below it are download progress (§6.7); 100 itself moves the task to upgrading (T12).
+_FIRST_STATUS_CODE: Final = 100
 _MAX_LOGGED_TEXT: Final = 300  # a callback's exception text is the caller's: keep log lines short
 
 
@@ -251,10 +253,10 @@ class _UpgraderBase:
     def _take_ahead(self, op: Operation) -> Ahead | None:
         """What was sent ahead for ``op``, if it is the first operation sent ahead; when it is
         not, everything sent ahead is dropped unread (its connection closed) before ``op``
-        itself goes out. A status report leaves what was sent ahead in flight: it goes on
-        another connection, and the download goes on after it."""
+        itself goes out. A progress report (0-99) leaves what was sent ahead in flight: it
+        goes on another connection, and the download goes on after it."""
         window = self._window
-        if not window or isinstance(op, Report):
+        if not window or (isinstance(op, Report) and op.code < _FIRST_STATUS_CODE):
             return None
         if window[0][0] == op:
             return window.popleft()[1]
