@@ -19,6 +19,14 @@ which connection and what to retry.
   (one that does not pipeline) leaves the rest unanswered: they are sent again, one at a time,
   and the transport stops pipelining for the rest of its life. Each call's result is final once
   its reply arrived, so no reply is reported twice.
+- **A window.** :meth:`SyncTransport.start` with ``after`` writes its calls behind an earlier
+  flight whose replies are still unread, on that flight's connection: several flights in
+  flight on one connection, finished in the order they were started. The connection goes back
+  to the pool once none is unread. When it ends early (the server closed after a reply, or an
+  earlier flight was dropped), the flights behind find their replies unanswered and are sent
+  again, one at a time if the server had answered before it closed (it does not pipeline).
+  Only the caller decides what is safe to send ahead: the upgrader sends token checks and
+  downloads, never a report.
 - **Sent ahead.** :meth:`SyncTransport.start` sends (the first batch of) the calls and returns;
   :meth:`SyncTransport.finish` reads their replies later, so the caller works while the server
   answers (the upgrader writes and hashes a chunk while the next one is in flight);
