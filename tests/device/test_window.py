@@ -226,6 +226,22 @@ async def test_a_server_that_stops_pipelining_mid_window(
 
 
 @pytest.mark.anyio
+async def test_a_kept_connection_closed_before_the_window_does_not_stop_pipelining(
+    server: ScriptedServer, tmp_path: Path, flavour: str
+) -> None:
+    """The server closes the kept connection right after the first chunk (an idle timeout,
+    not a refusal to pipeline): the window written on it is sent again on a new connection,
+    and pipelining goes on."""
+    platform = WindowPlatform(close_at=4)  # E1, E3, E5 and E6 of the first chunk
+    server.handler = platform
+    events: list[OtaEvent] = []
+    _, pipelining = await upgrade(server, tmp_path, flavour, events=events)
+    assert pipelining
+    assert delivered(events) == whole_chunks()
+    assert platform.reports == [101, 201]
+
+
+@pytest.mark.anyio
 async def test_a_token_that_expires_mid_window_keeps_the_later_chunks_out(
     server: ScriptedServer, tmp_path: Path, flavour: str
 ) -> None:

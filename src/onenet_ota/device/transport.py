@@ -273,8 +273,9 @@ class _Base:
 class _Conn:
     """What the sync and async connections share: the reply parser, and the flights written on
     the connection whose replies are not read yet (``unread``; the connection goes back to the
-    pool only when none is left). ``answered`` is True once a reply was read on it; ``dead``
-    once it was closed (the flights still unread on it then fail as unanswered)."""
+    pool only when none is left). ``answered`` is True once a reply to the current run of
+    chained flights was read on it; ``dead`` once it was closed (the flights still unread on it
+    then fail as unanswered)."""
 
     __slots__ = ("answered", "dead", "parser", "spoilt", "unread")
 
@@ -400,6 +401,10 @@ class SyncTransport(_Base):
             except OtaError as error:
                 plan.results[batch[0]] = Failure(error, cause=error.__cause__)
                 return None
+        if not behind:
+            # A refusal to pipeline shows as a close after a reply to this run of flights; a
+            # reply from before it (the connection idle in the pool since) proves nothing.
+            conn.answered = False
         exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
         sock = conn.sock
         try:
@@ -544,6 +549,8 @@ class AsyncTransport(_Base):
             except OtaError as error:
                 plan.results[batch[0]] = Failure(error, cause=error.__cause__)
                 return None
+        if not behind:
+            conn.answered = False  # see SyncTransport._send
         exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
         sent = False
         try:
