@@ -144,8 +144,9 @@ class ReplyParser:
         """Whether no byte of a next reply has arrived (the connection may be reused)."""
         return not self._received and not self._broken
 
-    def feed(self, data: bytes) -> None:
-        """Parse ``data`` from the connection; events go to :attr:`events`."""
+    def feed(self, data: bytes | memoryview) -> None:
+        """Parse ``data`` from the connection; events go to :attr:`events` (body pieces as
+        bytes of their own: ``data`` may be a view of a buffer the caller reuses)."""
         if self._broken or not data:
             return
         self._received = True
