@@ -90,6 +90,10 @@ class Reply:
     more: tuple[bytes, ...] = ()
     gap: float = 0.0
     after_next: bool = False
+    # With close: close the way RFC 9112 §9.6 asks, sending FIN first and reading what the
+    # client still sends until it closes too; an abrupt close with unread requests makes the
+    # server's kernel reset the connection, and the client may lose the replies already sent.
+    linger: bool = False
 
 
 @dataclass(frozen=True)
@@ -292,12 +296,21 @@ class ScriptedServer:
                     time.sleep(action.gap)
                     conn.sock.sendall(piece)
                 if action.close:
+                    if action.linger:
+                        self._linger(conn)
                     return
         except OSError:
             return
         finally:
             with contextlib.suppress(OSError):
                 conn.sock.close()
+
+    def _linger(self, conn: _Conn) -> None:
+        conn.sock.shutdown(socket.SHUT_WR)
+        conn.sock.settimeout(self.after_next_wait)
+        with contextlib.suppress(OSError):
+            while conn.sock.recv(65536):
+                pass
 
     def _wait_for_next(self, conn: _Conn) -> None:
         conn.sock.settimeout(self.after_next_wait)

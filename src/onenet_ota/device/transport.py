@@ -156,21 +156,34 @@ class _Plan:
             batch.append(index)
         return batch
 
-    def settle(self, batch: list[int], exchange: Exchange, *, behind: bool = False) -> None:
+    def settle(
+        self,
+        batch: list[int],
+        exchange: Exchange,
+        *,
+        chained: bool = False,
+        answered_before: bool = False,
+    ) -> None:
         """Record the batch's results, leaving out the calls that may be sent again.
 
-        ``behind`` is True when the batch was pipelined behind replies the server had already
-        answered on the same connection (a chained flight, :meth:`SyncTransport.start`).
+        ``chained``: the batch was written behind other unread flights on its connection
+        (:meth:`SyncTransport.start` with ``after``); ``answered_before``: the server had
+        answered some of those before this batch's turn.
         """
-        answered_before = behind
+        pipelined = len(batch) > 1 or chained
         for index, result in zip(batch, exchange.results, strict=True):
             if isinstance(result, Failure) and result.unanswered:
-                if answered_before and (len(batch) > 1 or behind):
+                if answered_before and pipelined:
                     self.refused_pipelining = True  # closed after an earlier pipelined reply
                     self.pipeline = False
                     continue
                 if not self.retried[index] and time.monotonic() < self.deadlines[index]:
                     self.retried[index] = True
+                    if pipelined:
+                        # Sent again one at a time: a server that does not pipeline and closes
+                        # with requests still unread resets the connection, and its replies
+                        # can be lost before the client reads them, so no reply proves it.
+                        self.pipeline = False
                     continue
             self.results[index] = result
             answered_before = answered_before or not (
@@ -257,7 +270,7 @@ class _Base:
         conn.unread -= 1
         if completed:
             conn.answered = answered_before or exchange.answered
-            plan.settle(sent.batch, exchange, behind=sent.behind and answered_before)
+            plan.settle(sent.batch, exchange, chained=sent.behind, answered_before=answered_before)
         keep = completed and exchange.reusable and self._keep_alive and not self.closed
         keep = keep and not conn.spoilt and not conn.dead
         if not keep or (conn.unread == 0 and not self._pool.give(sent.origin, conn)):
@@ -375,7 +388,7 @@ class SyncTransport(_Base):
         if sent is not None:
             self._receive(plan, sent)
         while batch := plan.next_batch():
-            sent = self._send(plan, batch, None)
+            sent = self._send(plan, batch, None, fresh=plan.retried[batch[0]])
             if sent is not None:
                 self._receive(plan, sent)
         if plan.refused_pipelining:
@@ -390,12 +403,17 @@ class SyncTransport(_Base):
         if sent is not None:
             sent.conn.close()
 
-    def _send(self, plan: _Plan, batch: list[int], conn: _SyncConn | None) -> _Sent | None:
+    def _send(
+        self, plan: _Plan, batch: list[int], conn: _SyncConn | None, *, fresh: bool = False
+    ) -> _Sent | None:
+        """Write ``batch`` on ``conn`` (chained), a kept connection, or a new one (``fresh``:
+        a call sent again after its connection ended gets a new one, not another kept
+        connection the server may have closed as well)."""
         first = plan.calls[batch[0]]
         origin = plan.targets[batch[0]][0]
         behind = conn is not None
-        if conn is None:
-            conn = self._pool.take(origin) if self._keep_alive else None
+        if conn is None and self._keep_alive and not fresh:
+            conn = self._pool.take(origin)
         if conn is None:
             try:
                 conn = self._connect(origin, first, plan.deadlines[batch[0]])
@@ -537,7 +555,7 @@ class AsyncTransport(_Base):
         if sent is not None:
             await self._receive(plan, sent)
         while batch := plan.next_batch():
-            sent = await self._send(plan, batch, None)
+            sent = await self._send(plan, batch, None, fresh=plan.retried[batch[0]])
             if sent is not None:
                 await self._receive(plan, sent)
         if plan.refused_pipelining:
@@ -550,12 +568,15 @@ class AsyncTransport(_Base):
         if sent is not None:
             sent.conn.close()
 
-    async def _send(self, plan: _Plan, batch: list[int], conn: _AsyncConn | None) -> _Sent | None:
+    async def _send(
+        self, plan: _Plan, batch: list[int], conn: _AsyncConn | None, *, fresh: bool = False
+    ) -> _Sent | None:
+        """See :meth:`SyncTransport._send`."""
         first = plan.calls[batch[0]]
         origin = plan.targets[batch[0]][0]
         behind = conn is not None
-        if conn is None:
-            conn = self._pool.take(origin) if self._keep_alive else None
+        if conn is None and self._keep_alive and not fresh:
+            conn = self._pool.take(origin)
         if conn is None:
             try:
                 conn = await self._connect(origin, first, plan.deadlines[batch[0]])
