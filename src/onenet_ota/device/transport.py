@@ -373,13 +373,15 @@ class SyncTransport(_Base):
         ``after`` (with ``pipeline``): a flight whose replies are still unread; the calls are
         pipelined behind it on its connection when that connection can take more (a window of
         several flights on one connection). Flights chained so are finished in the order they
-        were started.
+        were started. Without keep-alive every request closes its connection: nothing is
+        chained.
         """
         plan = _Plan(calls, pipeline and not self._no_pipelining)
         batch = plan.next_batch()
         if not batch:
             return InFlight(plan, None)
-        return InFlight(plan, self._send(plan, batch, _chain(plan, batch, after)))
+        chain = _chain(plan, batch, after) if self._keep_alive else None
+        return InFlight(plan, self._send(plan, batch, chain))
 
     def finish(self, flight: InFlight) -> list[Result]:
         """Read the replies of what :meth:`start` sent; every call's result, in order."""
@@ -546,7 +548,8 @@ class AsyncTransport(_Base):
         batch = plan.next_batch()
         if not batch:
             return InFlight(plan, None)
-        return InFlight(plan, await self._send(plan, batch, _chain(plan, batch, after)))
+        chain = _chain(plan, batch, after) if self._keep_alive else None
+        return InFlight(plan, await self._send(plan, batch, chain))
 
     async def finish(self, flight: InFlight) -> list[Result]:
         """See :meth:`SyncTransport.finish`."""
