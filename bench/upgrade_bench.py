@@ -16,7 +16,8 @@ SQLite, in its own process: :class:`onenet_ota.sim.server.LocalServer`):
    Each chunk size runs once per ``--variants`` entry: ``httpx`` (the client over an injected
    httpx2 client, as before the SDK had its own transport), ``lean`` (the SDK's own transport,
    the default) and ``lean+pipeline`` (``UpgradeOptions.pipeline``: E5 and E6 back to back on
-   one connection), so one run gives the before and after ratios.
+   one connection, and ``--pipeline-depth`` chunks in flight on it), so one run gives the before
+   and after ratios.
    As the baseline, ``curl`` downloads the same file from the same server in one request (E6
    without Range). Each measurement runs in a separate process (so none shares an interpreter
    with the server), is repeated ``--rounds`` times, interleaved, and reported as its median,
@@ -87,7 +88,9 @@ def worker(args: argparse.Namespace) -> int:
         version="1.0.0",
         type=TaskType.FOTA,
     )
-    options = UpgradeOptions(chunk_size=args.chunk_size, pipeline=args.pipeline)
+    options = UpgradeOptions(
+        chunk_size=args.chunk_size, pipeline=args.pipeline, pipeline_depth=args.pipeline_depth
+    )
     with contextlib.ExitStack() as stack:
         http: Any = None
         if args.transport == "httpx":
@@ -128,6 +131,7 @@ def _upgrade_in_process(
     chunk_size: int,
     server_pid: int | None = None,
     variant: str = "lean",
+    pipeline_depth: int = 4,
 ) -> dict[str, Any]:
     env = {**os.environ, "BENCH_ACCESS_KEY": world.access_key}
     command = [
@@ -146,6 +150,8 @@ def _upgrade_in_process(
         "--transport",
         variant.split("+")[0],
         *(["--pipeline"] if variant.endswith("+pipeline") else []),
+        "--pipeline-depth",
+        str(pipeline_depth),
     ]
     before = process_cpu(server_pid) if server_pid is not None else 0.0
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -222,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         help="SDK transports to measure: lean (the SDK's own), httpx (an injected httpx2 "
         "client), each optionally +pipeline (UpgradeOptions.pipeline)",
     )
+    parser.add_argument(
+        "--pipeline-depth",
+        type=int,
+        default=4,
+        help="chunks in flight on one connection with +pipeline (UpgradeOptions.pipeline_depth)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--server", help=argparse.SUPPRESS)
@@ -271,7 +283,9 @@ def _run(
     for _ in range(args.rounds):
         # Interleaved, so that load from elsewhere on a shared machine drifts over all alike.
         for variant, chunk in runs:
-            report = _upgrade_in_process(server, world(data), chunk, server_pid, variant)
+            report = _upgrade_in_process(
+                server, world(data), chunk, server_pid, variant, args.pipeline_depth
+            )
             if report["outcome"] != "succeeded" or report["bytes"] != len(data):
                 raise RuntimeError(f"upgrade with {chunk}-byte chunks ({variant}): {report}")
             sdk[variant, chunk].append(report["seconds"])
@@ -284,7 +298,9 @@ def _run(
     rss: dict[int, int] = {}
     for size in rss_sizes:
         package = generate_package(size, seed=size)
-        report = _upgrade_in_process(server, world(package), 64 * KIB, None, args.variant_list[-1])
+        report = _upgrade_in_process(
+            server, world(package), 64 * KIB, None, args.variant_list[-1], args.pipeline_depth
+        )
         if report["outcome"] != "succeeded":
             raise RuntimeError(f"upgrade of {size} bytes: {report}")
         rss[size] = report["vmhwm_kib"]

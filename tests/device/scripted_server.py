@@ -77,12 +77,23 @@ class RecordedRequest:
 
 @dataclass(frozen=True)
 class Reply:
-    """Send ``data`` in one write; then each of ``more`` after ``gap`` seconds; maybe close."""
+    """Send ``data`` in one write; then each of ``more`` after ``gap`` seconds; maybe close.
+
+    ``after_next``: first wait until the client has written the next request on this
+    connection (a pipelining client does so without waiting for this reply); if it has not
+    within :attr:`ScriptedServer.after_next_wait` seconds, reply anyway and count it in
+    :attr:`ScriptedServer.waited_in_vain`.
+    """
 
     data: bytes
     close: bool = False
     more: tuple[bytes, ...] = ()
     gap: float = 0.0
+    after_next: bool = False
+    # With close: close the way RFC 9112 §9.6 asks, sending FIN first and reading what the
+    # client still sends until it closes too; an abrupt close with unread requests makes the
+    # server's kernel reset the connection, and the client may lose the replies already sent.
+    linger: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,8 @@ class ScriptedServer:
         self.requests: list[RecordedRequest] = []
         self.unexpected: list[RecordedRequest] = []
         self.connections = 0
+        self.waited_in_vain = 0
+        self.after_next_wait = 5.0
         self._script: deque[Action] = deque()
         self.handler: Callable[[RecordedRequest], Action] | None = None
         self._lock = threading.Lock()
@@ -276,17 +289,40 @@ class ScriptedServer:
                 if isinstance(action, Hang):
                     self._stopping.wait()
                     return
+                if action.after_next:
+                    self._wait_for_next(conn)
                 conn.sock.sendall(action.data)
                 for piece in action.more:
                     time.sleep(action.gap)
                     conn.sock.sendall(piece)
                 if action.close:
+                    if action.linger:
+                        self._linger(conn)
                     return
         except OSError:
             return
         finally:
             with contextlib.suppress(OSError):
                 conn.sock.close()
+
+    def _linger(self, conn: _Conn) -> None:
+        conn.sock.shutdown(socket.SHUT_WR)
+        conn.sock.settimeout(self.after_next_wait)
+        with contextlib.suppress(OSError):
+            while conn.sock.recv(65536):
+                pass
+
+    def _wait_for_next(self, conn: _Conn) -> None:
+        conn.sock.settimeout(self.after_next_wait)
+        try:
+            while b"\r\n\r\n" not in conn.buffer:
+                if not self._fill(conn):
+                    break
+        except TimeoutError:
+            with self._lock:
+                self.waited_in_vain += 1
+        finally:
+            conn.sock.settimeout(None)
 
     def _read_request(self, conn: _Conn) -> RecordedRequest | None:
         queued = True

@@ -57,11 +57,19 @@ def frame(body: bytes, framing: str, chunks: list[int]) -> bytes:
 
 
 def parse(wire: bytes, cuts: list[int], *, eof: bool) -> list[Any]:
-    """The parser's events for ``wire`` fed in pieces cut at ``cuts``, then EOF if ``eof``."""
+    """The parser's events for ``wire`` fed in pieces cut at ``cuts``, then EOF if ``eof``.
+
+    Each piece is fed as the sync transport feeds it: a view of one read buffer, overwritten
+    by the next read (so an event that kept a view instead of a copy would be corrupted)."""
     parser = ReplyParser()
+    buffer = bytearray(len(wire) + 1)
+    view = memoryview(buffer)
     at = 0
     for cut in [*sorted({c % (len(wire) + 1) for c in cuts}), len(wire)]:
-        parser.feed(wire[at:cut])
+        size = cut - at
+        buffer[:size] = wire[at:cut]
+        parser.feed(view[:size])
+        buffer[:] = b"\xee" * len(buffer)  # the next read overwrites the buffer
         at = cut
     if eof:
         parser.feed_eof()

@@ -128,6 +128,7 @@ T = TypeVar("T")
 MIN_CHUNK: Final = 2  # OneNET advises at least 2 bytes per request (§6.6.1, §10)
 MAX_REFRESHES: Final = 4  # consecutive E3 token refreshes without download progress
 MAX_CHUNK: Final = 16 * 1024 * 1024
+MAX_DEPTH: Final = 64  # chunks in flight on one connection (UpgradeOptions.pipeline_depth)
 _RETRYABLE_STATUS: Final = frozenset({408, 425, 429})
 _FINISHED: Final = "the task is already finished"
 _CANCELLED: Final = "the task was cancelled"
@@ -315,6 +316,11 @@ class UpgradeOptions:
       when it passed. Off by default: OneNET's own servers, and other third-party ones, may not
       pipeline (a server that answers the first request and closes is detected, and the client
       goes back to one request at a time).
+    - ``pipeline_depth``: with ``pipeline``, how many chunks (each its check and its download)
+      may be in flight on one connection: while the device writes and hashes one chunk, the
+      server already answers the next ones. Each chunk is still used only after its own check
+      passed; requests sent ahead that the flow no longer wants (a refused token, a changed
+      task) are dropped unread with their connection. 1 keeps only the next chunk in flight.
 
     Whatever the options, the next chunk's request (or its check) is sent before the chunk
     just received is written and hashed (:class:`Prefetch`), so the server and the device's
@@ -333,6 +339,7 @@ class UpgradeOptions:
     report_version: bool = True
     report_full_progress: bool = False
     pipeline: bool = False
+    pipeline_depth: int = 4
 
     def __post_init__(self) -> None:
         if type(self.chunk_size) is not int or not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
@@ -348,6 +355,8 @@ class UpgradeOptions:
             raise ValueError("max_duration must be positive (or None)")
         if not isinstance(self.retry, Retry):
             raise ValueError("retry must be a Retry")
+        if type(self.pipeline_depth) is not int or not 1 <= self.pipeline_depth <= MAX_DEPTH:
+            raise ValueError(f"pipeline_depth must be an integer from 1 to {MAX_DEPTH}")
         for name in ("report_version", "report_full_progress", "pipeline"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False")
@@ -1105,6 +1114,22 @@ class UpgradeFlow:
         if self.token_check is TokenCheck.EVERY_CHUNK:
             return self._chunk_check(offset)
         return self._planned_download(offset)
+
+    def following(self, op: CheckToken | Download) -> CheckToken | Download | None:
+        """The request the download loop asks for after ``op``'s chunk, if that chunk arrives
+        whole and nothing else intervenes; None at the end of the package or when ``op`` is
+        no chunk's request. A driver may send it ahead; it must still hand its result to the
+        flow only when the flow asks for exactly it (see :class:`Prefetch`)."""
+        download = op.then if isinstance(op, CheckToken) else op
+        state = self.state
+        if download is None or state is None or download.token != state.task.token:
+            return None
+        start = download.start + download.size
+        if start >= state.task.size:
+            return None
+        if self.token_check is TokenCheck.EVERY_CHUNK:
+            return self._chunk_check(start)
+        return self._planned_download(start)
 
     def _chunk_check(self, start: int) -> CheckToken:
         """E5 (S-T, F-T) before the chunk at ``start``, with that chunk when pipelining."""

@@ -144,8 +144,9 @@ class ReplyParser:
         """Whether no byte of a next reply has arrived (the connection may be reused)."""
         return not self._received and not self._broken
 
-    def feed(self, data: bytes) -> None:
-        """Parse ``data`` from the connection; events go to :attr:`events`."""
+    def feed(self, data: bytes | memoryview) -> None:
+        """Parse ``data`` from the connection; events go to :attr:`events` (body pieces as
+        bytes of their own: ``data`` may be a view of a buffer the caller reuses)."""
         if self._broken or not data:
             return
         self._received = True
@@ -341,14 +342,36 @@ class Exchange:
             error = TransportError(detail, endpoint=self.current.endpoint)
             self._finish_current(Failure(error, unanswered=True))
 
+    @property
+    def answered(self) -> bool:
+        """Whether at least one call had a reply (of any kind) from the server."""
+        return any(not (isinstance(r, Failure) and r.unanswered) for r in self.results)
+
+    def orphan(self, detail: str) -> None:
+        """The connection was closed before the rest of the replies arrived (by an earlier
+        exchange on it): a reply already begun is an error, the calls after it are
+        unanswered."""
+        self.reusable = False
+        if not self.done and self._head is not None:
+            error = TransportError(detail, endpoint=self.current.endpoint)
+            self._finish_current(Failure(error))
+        self._abandon(detail)
+
     def fail(
-        self, error: OtaError, *, unanswered: bool = False, cause: BaseException | None = None
+        self,
+        error: OtaError,
+        *,
+        unanswered: bool = False,
+        cause: BaseException | None = None,
+        fresh: bool = False,
     ) -> None:
         """The connection failed (a socket error, a timeout): the current call gets ``error``
         (``unanswered`` when the caller knows the server never read it), the calls after it are
-        unanswered."""
+        unanswered. ``fresh``: no byte read on the connection can belong to this exchange yet
+        (its requests were written behind others whose replies are unread)."""
         self.reusable = False
         if not self.done:
-            unanswered = unanswered and self._head is None and self.parser.idle
+            idle = fresh or self.parser.idle
+            unanswered = unanswered and self._head is None and idle
             self._finish_current(Failure(error, unanswered=unanswered, cause=cause))
         self._abandon("the connection failed before this reply")

@@ -261,16 +261,27 @@ class OtaClient(_ClientBase):
         self._check_open(calls[0], self._sender)
         return self._sender.exchange(calls, pipeline=pipeline)
 
-    def _send_ahead(self, calls: list[Call[Any]], *, pipeline: bool) -> Ahead:
+    def _send_ahead(
+        self, calls: list[Call[Any]], *, pipeline: bool, after: Ahead | None = None
+    ) -> Ahead:
         """Send ``calls`` without reading their replies; :meth:`_collect` reads them later,
         :meth:`_drop` forgets them. Never raises for a failure to send: :meth:`_collect`
-        gives it as the calls' results."""
+        gives it as the calls' results. ``after`` (with ``pipeline``): calls sent ahead before,
+        whose connection may carry these too (collect them in the order they were sent)."""
         self._check_open(calls[0], self._sender)
         sender = self._sender
-        flight = (
-            sender.start(calls, pipeline=pipeline) if isinstance(sender, SyncTransport) else None
-        )
+        flight = None
+        if isinstance(sender, SyncTransport):
+            behind = after.flight if after is not None else None
+            flight = sender.start(calls, pipeline=pipeline, after=behind)
         return Ahead(calls, pipeline, flight)
+
+    @property
+    def _can_pipeline(self) -> bool:
+        """Whether requests sent ahead can share a connection (the SDK's own transport, and
+        no server has refused pipelining yet)."""
+        sender = self._sender
+        return isinstance(sender, SyncTransport) and sender.pipelining
 
     def _collect(self, ahead: Ahead) -> list[Result]:
         """The results of calls sent with :meth:`_send_ahead`, undelivered."""
@@ -460,13 +471,23 @@ class AsyncOtaClient(_ClientBase):
         self._check_open(calls[0], self._sender)
         return await self._sender.exchange(calls, pipeline=pipeline)
 
-    async def _send_ahead(self, calls: list[Call[Any]], *, pipeline: bool) -> Ahead:
+    async def _send_ahead(
+        self, calls: list[Call[Any]], *, pipeline: bool, after: Ahead | None = None
+    ) -> Ahead:
         """See :meth:`OtaClient._send_ahead`."""
         self._check_open(calls[0], self._sender)
         sender = self._sender
         if isinstance(sender, AsyncTransport):
-            return Ahead(calls, pipeline, await sender.start(calls, pipeline=pipeline))
+            behind = after.flight if after is not None else None
+            flight = await sender.start(calls, pipeline=pipeline, after=behind)
+            return Ahead(calls, pipeline, flight)
         return Ahead(calls, pipeline, None)
+
+    @property
+    def _can_pipeline(self) -> bool:
+        """See :attr:`OtaClient._can_pipeline`."""
+        sender = self._sender
+        return isinstance(sender, AsyncTransport) and sender.pipelining
 
     async def _collect(self, ahead: Ahead) -> list[Result]:
         """See :meth:`OtaClient._collect`."""

@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Final
 
@@ -126,6 +127,8 @@ EventHandler = Callable[[UpgradeEvent], None]
 
 logger = logging.getLogger("onenet_ota.device.upgrader")
 
+# E7 codes below it are download progress (§6.7); 100 itself moves the task to upgrading (T12).
+_FIRST_STATUS_CODE: Final = 100
 _MAX_LOGGED_TEXT: Final = 300  # a callback's exception text is the caller's: keep log lines short
 
 
@@ -236,8 +239,9 @@ class _UpgraderBase:
         # A download sent right behind its token check (UpgradeOptions.pipeline) and its
         # result, kept until the flow asks for exactly that download (see CheckToken.then).
         self._prefetched: tuple[Download, Result] | None = None
-        # An operation sent ahead (Prefetch) whose replies are not read yet.
-        self._ahead: tuple[CheckToken | Download, Ahead] | None = None
+        # Operations sent ahead (Prefetch, and with UpgradeOptions.pipeline the ones after it,
+        # UpgradeFlow.following) whose replies are not read yet, in the order they were sent.
+        self._window: deque[tuple[CheckToken | Download, Ahead]] = deque()
 
     def _take_prefetched(self, op: Operation) -> Result | None:
         """The pipelined result for ``op``, if that is what was sent; any other is dropped."""
@@ -247,15 +251,44 @@ class _UpgraderBase:
         return None
 
     def _take_ahead(self, op: Operation) -> Ahead | None:
-        """What was sent ahead for ``op``, if that is what was sent; any other is dropped
-        unread (its connection closed), before ``op`` itself goes out."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
+        """What was sent ahead for ``op``, if it is the first operation sent ahead; when it is
+        not, everything sent ahead is dropped unread (its connection closed) before ``op``
+        itself goes out. A progress report (0-99) leaves what was sent ahead in flight: it
+        goes on another connection, and the download goes on after it."""
+        window = self._window
+        if not window or (isinstance(op, Report) and op.code < _FIRST_STATUS_CODE):
             return None
-        if ahead[0] == op:
-            return ahead[1]
-        self.client._drop(ahead[1])
+        if window[0][0] == op:
+            return window.popleft()[1]
+        self._drop_window()
         return None
+
+    def _drop_window(self) -> None:
+        window, self._window = self._window, deque()
+        for _, ahead in window:
+            self.client._drop(ahead)
+
+    def _prefetch_first(self, op: Prefetch) -> tuple[CheckToken | Download, list[Call[Any]]] | None:
+        """What a :class:`Prefetch` sends first: ``op.op``, unless it is in flight already."""
+        window = self._window
+        if window and window[0][0] == op.op:
+            return None
+        self._drop_window()
+        return op.op, self._calls(op.op)
+
+    def _to_top_up(self) -> tuple[CheckToken | Download, list[Call[Any]], Ahead] | None:
+        """The next operation to send ahead behind the window, if the window has room
+        (:attr:`UpgradeOptions.pipeline_depth`) and the connection pipelines; with the calls
+        to send and the flight to chain them behind."""
+        window, flow = self._window, self._current
+        if not window or flow is None or len(window) >= self.options.pipeline_depth:
+            return None
+        if not (self.options.pipeline and self.client._can_pipeline):
+            return None
+        following = flow.following(window[-1][0])
+        if following is None:
+            return None
+        return following, self._calls(following), window[-1][1]
 
     def _calls(self, op: CheckToken | Download) -> list[Call[Any]]:
         """The requests that perform ``op``: the check (E5; S-T/F-T by tid) and the chunk
@@ -340,9 +373,7 @@ class _UpgraderBase:
         self._callback_failures = {}
         self._current = None
         self._prefetched = None
-        if self._ahead is not None:
-            self.client._drop(self._ahead[1])
-            self._ahead = None
+        self._drop_window()
 
 
 class Upgrader(_UpgraderBase):
@@ -414,14 +445,20 @@ class Upgrader(_UpgraderBase):
         prefetched = self._take_prefetched(op)
         if prefetched is not None:
             return client._deliver(prefetched)
-        ahead = self._take_ahead(op)
         if isinstance(op, Prefetch):
             # A request that cannot be built or sent (a closed client) is not sent ahead: the
             # flow asks for it next and meets the same error where it judges errors.
             with contextlib.suppress(OtaError):
-                calls = self._calls(op.op)
-                self._ahead = (op.op, client._send_ahead(calls, pipeline=len(calls) > 1))
+                if first := self._prefetch_first(op):
+                    ahead_op, calls = first
+                    pipeline = self.options.pipeline or len(calls) > 1
+                    self._window.append((ahead_op, client._send_ahead(calls, pipeline=pipeline)))
+                while more := self._to_top_up():
+                    ahead_op, calls, behind = more
+                    sent = client._send_ahead(calls, pipeline=True, after=behind)
+                    self._window.append((ahead_op, sent))
             return None
+        ahead = self._take_ahead(op)
         if isinstance(op, CheckToken | Download):
             if ahead is not None:
                 results = client._collect(ahead)
@@ -537,12 +574,19 @@ class AsyncUpgrader(_UpgraderBase):
         prefetched = self._take_prefetched(op)
         if prefetched is not None:
             return await client._deliver_result(prefetched)
-        ahead = self._take_ahead(op)
         if isinstance(op, Prefetch):
             with contextlib.suppress(OtaError):  # see Upgrader._perform
-                calls = self._calls(op.op)
-                self._ahead = (op.op, await client._send_ahead(calls, pipeline=len(calls) > 1))
+                if first := self._prefetch_first(op):
+                    ahead_op, calls = first
+                    pipeline = self.options.pipeline or len(calls) > 1
+                    sent = await client._send_ahead(calls, pipeline=pipeline)
+                    self._window.append((ahead_op, sent))
+                while more := self._to_top_up():
+                    ahead_op, calls, behind = more
+                    sent = await client._send_ahead(calls, pipeline=True, after=behind)
+                    self._window.append((ahead_op, sent))
             return None
+        ahead = self._take_ahead(op)
         if isinstance(op, CheckToken | Download):
             if ahead is not None:
                 results = await client._collect(ahead)
