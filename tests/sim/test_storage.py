@@ -1,5 +1,5 @@
 """A virtual device's storage (:mod:`onenet_ota.sim.storage`): the state store without fsyncs,
-the installer on the event loop, and the check of the installed file."""
+the installer that checks the package, and the check itself."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from onenet_ota.protocol.messages import TaskInfo
 from onenet_ota.protocol.status import StatusCode, TaskType
 from onenet_ota.sim import FleetConfig, simulate, storage
 from onenet_ota.sim.storage import (
+    CheckingInstaller,
     DefectiveInstaller,
-    InlineInstaller,
     InstalledCheck,
     SimStateStore,
 )
@@ -89,23 +89,28 @@ def test_a_faulty_fleet_keeps_its_state_without_the_sdks_fsyncs(
     assert report.reasons() == []
     assert report.ok
     assert report.install_mismatches == 0
+    assert all(record.installed_ok for record in report.state.devices)
     assert report.metrics.injected["power-cut"] > 0
     assert calls["sdk"] == 0
     assert calls["sim"] >= 12 * 4  # task, progress reports, verified, 101, 201 per device
 
 
-def test_the_inline_installer_places_the_package(tmp_path: Path) -> None:
-    package = tmp_path / "fota.part"
-    package.write_bytes(PACKAGE)
-    installer = InlineInstaller(tmp_path / "installed.bin")
-    asyncio.run(installer.install(package, TASK, TaskType.FOTA))
-    assert (tmp_path / "installed.bin").read_bytes() == PACKAGE
-    with pytest.raises(InstallError, match="does not exist"):
-        asyncio.run(
-            InlineInstaller(tmp_path / "missing" / "x").install(package, TASK, TaskType.FOTA)
-        )
+def test_the_installer_checks_the_package_it_is_given(tmp_path: Path) -> None:
+    check = InstalledCheck(len(PACKAGE), MD5)
+    right, wrong = tmp_path / "right.part", tmp_path / "wrong.part"
+    right.write_bytes(PACKAGE)
+    wrong.write_bytes(bytes(len(PACKAGE)))
+    installer = CheckingInstaller(check)
+    assert installer.installed is None
+    asyncio.run(installer.install(wrong, TASK, TaskType.FOTA))
+    assert installer.installed is False
+    asyncio.run(installer.install(right, TASK, TaskType.FOTA))
+    assert installer.installed is True
+    with pytest.raises(InstallError, match=r"cannot read missing\.part") as unreadable:
+        asyncio.run(installer.install(tmp_path / "missing.part", TASK, TaskType.FOTA))
+    assert unreadable.value.code is StatusCode.UPGRADE_OTHER
     with pytest.raises(InstallError, match="defective") as failed:
-        asyncio.run(DefectiveInstaller(205).install(package, TASK, TaskType.FOTA))
+        asyncio.run(DefectiveInstaller(205).install(right, TASK, TaskType.FOTA))
     assert failed.value.code is StatusCode.UPGRADE_MD5_MISMATCH
 
 

@@ -9,10 +9,10 @@ earlier than ``ramp_up * i / N`` seconds into the run. A device is:
   :class:`~onenet_ota.sim.transport.FleetSender`) or, with ``http="httpx2"``, over the fleet's
   one shared ``httpx2.AsyncClient`` (a :class:`~onenet_ota.sim.transport.FleetTransport`); both
   meter every request and inject the faults;
-- an :class:`~onenet_ota.device.upgrader.AsyncUpgrader` with the SDK's
-  :class:`~onenet_ota.device.install.FileInstaller` (run on the event loop), on a state directory
-  of its own (the SDK's state store without fsyncs, :mod:`onenet_ota.sim.storage`), with probes
-  returning the device's signal and battery values;
+- an :class:`~onenet_ota.device.upgrader.AsyncUpgrader` whose installer checks the verified
+  package against the server's (:class:`~onenet_ota.sim.storage.CheckingInstaller`), on a state
+  directory of its own (the SDK's state store without fsyncs, :mod:`onenet_ota.sim.storage`),
+  with probes returning the device's signal and battery values;
 - a client profile (:mod:`onenet_ota.sim.profiles`) that sets the client's and the upgrader's
   options, and whether the device's requests go through pools that keep connections alive;
 - a defective package with ``defective_rate``: the device's installer fails with 205 or 206
@@ -22,8 +22,8 @@ earlier than ``ramp_up * i / N`` seconds into the run. A device is:
   raises :class:`PowerCut`); the device then "reboots": a fresh client and a fresh upgrader on
   the same state directory, which resume from what the dead run had made durable.
 
-When a device's upgrade ends, the installed file is checked against the package
-(:class:`~onenet_ota.sim.storage.InstalledCheck`), then its state directory is removed, so a fleet
+When a device's upgrade ends, its record says whether what it installed was the package, and
+its state directory is removed, so a fleet
 of 10,000 devices needs disk for ``concurrency`` packages at a time, not for all of them.
 
 Everything the fleet observes is in :class:`FleetState`: per-device records (phase, result,
@@ -85,8 +85,8 @@ from onenet_ota.sim.metrics import FleetMetrics
 from onenet_ota.sim.profiles import PROFILES, ClientProfile, dialect_of, profile_of
 from onenet_ota.sim.provision import FleetTarget
 from onenet_ota.sim.storage import (
+    CheckingInstaller,
     DefectiveInstaller,
-    InlineInstaller,
     InstalledCheck,
     SimStateStore,
 )
@@ -524,8 +524,7 @@ class Fleet:
         options = self._options(signal, power, profile, record.index)
         expected_requests = self._expected_requests(options)
         device_config = self._device_config(record, profile)
-        output = home / "installed.bin"
-        installer: InlineInstaller | DefectiveInstaller = InlineInstaller(output)
+        installer: CheckingInstaller | DefectiveInstaller = CheckingInstaller(self._installed)
         if config.defective_rate and rng.random() < config.defective_rate:
             installer = DefectiveInstaller(rng.choice(config.defective_codes))
         link = DeviceLink(pool=pool, fresh=not profile.reuse_connections)
@@ -584,14 +583,8 @@ class Fleet:
                     await client.aclose()  # the shared pool stays open
                 break
         record.result = result
-        try:
-            if output.exists():
-                check = self._installed
-                if check.inline:
-                    record.installed_ok = check(output)
-                else:
-                    record.installed_ok = await anyio.to_thread.run_sync(check, output)
-        finally:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(home)
+        if isinstance(installer, CheckingInstaller):
+            record.installed_ok = installer.installed
+        with contextlib.suppress(OSError):
+            shutil.rmtree(home)
         state.move(record, _OUTCOME_PHASE[result.outcome])

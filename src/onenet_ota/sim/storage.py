@@ -15,12 +15,13 @@ system call and worker thread around a device's storage is a share of the simula
   devices use by default it does nothing at all), and no write is ever cut in half. What a
   power cut does test, that the next run resumes from the files alone, is unchanged: the next
   run is a new upgrader reading the same directory.
-- :class:`InlineInstaller` runs the SDK's :class:`~onenet_ota.device.install.FileInstaller` on
-  the event loop instead of in a worker thread (copying a package within tmpfs takes less time
-  than handing it to a thread and back).
-- :class:`InstalledCheck` says whether a device's installed file is the package: the first file
-  whose size and MD5 match becomes the reference, and later files are compared with it byte for
-  byte (a read and a memory comparison, instead of an MD5 per device).
+- :class:`CheckingInstaller` installs by checking: the verified package the upgrader hands over
+  is compared with the package on the server (:class:`InstalledCheck`) on the event loop, where
+  the SDK's :class:`~onenet_ota.device.install.FileInstaller` would copy it to a file (temporary
+  file, fsyncs, rename) in a worker thread, and the simulator would then read the copy back.
+- :class:`InstalledCheck` says whether a file is the package: the first file whose size and MD5
+  match becomes the reference, and later files are compared with it byte for byte (a read and a
+  memory comparison, instead of an MD5 per device).
 """
 
 from __future__ import annotations
@@ -32,15 +33,18 @@ import os
 from pathlib import Path
 from typing import Final
 
-from onenet_ota.device.install import FileInstaller, InstallError
+import anyio
+import anyio.to_thread
+
+from onenet_ota.device.install import InstallError
 from onenet_ota.device.state import StateStore, UpgradeState
 from onenet_ota.protocol.messages import TaskInfo
 from onenet_ota.protocol.status import StatusCode, TaskType
 
 __all__ = [
     "REFERENCE_LIMIT",
+    "CheckingInstaller",
     "DefectiveInstaller",
-    "InlineInstaller",
     "InstalledCheck",
     "SimStateStore",
 ]
@@ -89,16 +93,30 @@ class SimStateStore(StateStore):
         return  # see the class documentation: nothing the simulation injects needs it
 
 
-class InlineInstaller:
-    """The SDK's :class:`~onenet_ota.device.install.FileInstaller`, awaited on the event loop
-    (an async installer: the upgrader then starts no worker thread for it)."""
+class CheckingInstaller:
+    """A virtual device's installer: it reads the verified package the upgrader hands over and
+    checks it against the package on the server (:class:`InstalledCheck`), the bytes a real
+    device would now write to its flash.
 
-    def __init__(self, target: Path) -> None:
-        self.files = FileInstaller(target)
+    :attr:`installed` is None until an install ran, then whether the bytes were the package
+    (kept across the device's runs: after a power cut between the install and its report, the
+    next run does not install again). A package that cannot be read fails the install (206).
+    """
+
+    def __init__(self, check: InstalledCheck) -> None:
+        self.check = check
+        self.installed: bool | None = None
 
     async def install(self, package: Path, task: TaskInfo, task_type: TaskType) -> None:
-        """Place ``package`` at the target; raises :class:`~onenet_ota.device.InstallError`."""
-        self.files.install(package, task, task_type)
+        """Check ``package``; raises :class:`~onenet_ota.device.InstallError` if unreadable."""
+        try:
+            if self.check.inline:
+                ok = self.check(package)
+            else:
+                ok = await anyio.to_thread.run_sync(self.check, package)
+        except OSError as exc:
+            raise InstallError(f"cannot read {package.name}: {exc.strerror or exc}") from exc
+        self.installed = ok
 
 
 class DefectiveInstaller:
