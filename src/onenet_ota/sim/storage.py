@@ -55,6 +55,10 @@ REFERENCE_LIMIT: Final = 4 * 1024 * 1024
 in a worker thread (:attr:`InstalledCheck.inline`)."""
 
 
+# The SDK's compact form; one encoder (json.dumps with separators makes one per call).
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
+
+
 class SimStateStore(StateStore):
     """The SDK's state store without fsyncs (see the module documentation).
 
@@ -81,7 +85,7 @@ class SimStateStore(StateStore):
         if state.task_type is not self.task_type:
             raise ValueError("state of another task type")
         self._ensure_directory()
-        data = json.dumps(state.to_json(), separators=(",", ":")).encode()
+        data = _ENCODER.encode(state.to_json()).encode()
         fd = os.open(self.state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             if os.write(fd, data) != len(data):
