@@ -26,8 +26,10 @@ processes), set up through its management API. PostgreSQL runs in a throwaway cl
 It prints, per scenario: wall time, devices/s, requests/s, download throughput, latency
 percentiles overall and per endpoint, the CPU use of the server, the simulator and PostgreSQL's
 processes (CPU seconds per wall second: near 1.0 means that process was saturated; the machine
-has ``os.cpu_count()`` in all), and the verdict: succeeded/total, and whether the server's
-records agree with the devices (no mismatch, no lost or duplicated report). Then the ratios:
+has ``os.cpu_count()`` in all), the server's and the simulator's CPU microseconds per request
+with the load average (what to compare while other work shares the cores), and the verdict:
+succeeded/total, and whether the server's records agree with the devices (no mismatch, no lost
+or duplicated report). Then the ratios:
 succeeded/total per scenario, PostgreSQL/SQLite wall time.
 
 ``--py-spy PATH`` samples the server process(es) with py-spy during the ``fleet`` scenarios and
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -79,11 +82,17 @@ class Outcome:
     db_cpu: float | None
     workers: int
     profile: list[str]
+    load: float = float("nan")  # the 1-minute load average when the scenario ended
 
     @property
     def met(self) -> bool:
         """Every device succeeded and the server agrees (no lost or duplicated report)."""
         return self.report.ok
+
+    def cpu_per_request(self, seconds: float) -> float:
+        """CPU microseconds per request sent: what to compare while other work shares the
+        cores (CPU per wall second and the wall time are not)."""
+        return seconds / max(self.report.metrics.requests, 1) * 1e6
 
     def to_dict(self) -> dict[str, Any]:
         elapsed = max(self.report.state.elapsed, 1e-9)
@@ -92,8 +101,11 @@ class Outcome:
             "scenario": self.scenario,
             "met": self.met,
             "server_workers": self.workers,
+            "load_average": self.load,
             "server_cpu_per_s": round(self.server_cpu / elapsed, 2),
             "client_cpu_per_s": round(self.client_cpu / elapsed, 2),
+            "server_cpu_us_per_request": round(self.cpu_per_request(self.server_cpu)),
+            "client_cpu_us_per_request": round(self.cpu_per_request(self.client_cpu)),
             "postgres_cpu_per_s": None if self.db_cpu is None else round(self.db_cpu / elapsed, 2),
             "report": self.report.to_dict(),
             "profile": self.profile,
@@ -130,7 +142,11 @@ def print_outcome(outcome: Outcome) -> None:
     postgres = "" if outcome.db_cpu is None else f", PostgreSQL {outcome.db_cpu / elapsed:.2f}"
     print(
         f"   CPU per wall second: server {outcome.server_cpu / elapsed:.2f}, "
-        f"simulator {outcome.client_cpu / elapsed:.2f}{postgres}"
+        f"simulator {outcome.client_cpu / elapsed:.2f}{postgres}; load average {outcome.load:.1f}"
+    )
+    print(
+        f"   CPU per request: server {outcome.cpu_per_request(outcome.server_cpu):.0f} us, "
+        f"simulator {outcome.cpu_per_request(outcome.client_cpu):.0f} us"
     )
     print(f"   {'endpoint':<22} {'requests':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
     for endpoint, stats in sorted(
@@ -210,8 +226,9 @@ def run_scenario(
             if spy is not None:
                 messages = spy.stop()
                 profile = top_functions(spy_file, 20) or [f"py-spy: {messages}"]
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         return Outcome(
-            db, scenario, report, server_cpu, client_cpu, db_cpu, server.workers, profile
+            db, scenario, report, server_cpu, client_cpu, db_cpu, server.workers, profile, load
         )
 
 

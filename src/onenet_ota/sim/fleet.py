@@ -9,19 +9,21 @@ earlier than ``ramp_up * i / N`` seconds into the run. A device is:
   :class:`~onenet_ota.sim.transport.FleetSender`) or, with ``http="httpx2"``, over the fleet's
   one shared ``httpx2.AsyncClient`` (a :class:`~onenet_ota.sim.transport.FleetTransport`); both
   meter every request and inject the faults;
-- an :class:`~onenet_ota.device.upgrader.AsyncUpgrader` with a
-  :class:`~onenet_ota.device.install.FileInstaller`, on a state directory of its own, with probes
-  returning the device's signal and battery values;
+- an :class:`~onenet_ota.device.upgrader.AsyncUpgrader` whose installer checks the verified
+  package against the server's (:class:`~onenet_ota.sim.storage.CheckingInstaller`), on a state
+  directory of its own (the SDK's state store without fsyncs, :mod:`onenet_ota.sim.storage`),
+  with probes returning the device's signal and battery values;
 - a client profile (:mod:`onenet_ota.sim.profiles`) that sets the client's and the upgrader's
   options, and whether the device's requests go through pools that keep connections alive;
 - a defective package with ``defective_rate``: the device's installer fails with 205 or 206
-  (:class:`DefectiveInstaller`), after a download that verified, as a bad build fails;
+  (:class:`~onenet_ota.sim.storage.DefectiveInstaller`), after a download that verified, as a
+  bad build fails;
 - a power-cut plan: with ``power_cut_rate`` a run loses power at a random request (the transport
   raises :class:`PowerCut`); the device then "reboots": a fresh client and a fresh upgrader on
   the same state directory, which resume from what the dead run had made durable.
 
-When a device's upgrade ends, the installed file is checked against the package's size and MD5
-(in a worker thread: hashing releases the GIL), then its state directory is removed, so a fleet
+When a device's upgrade ends, its record says whether what it installed was the package, and
+its state directory is removed, so a fleet
 of 10,000 devices needs disk for ``concurrency`` packages at a time, not for all of them.
 
 Everything the fleet observes is in :class:`FleetState`: per-device records (phase, result,
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import random
@@ -63,11 +64,9 @@ from onenet_ota.device import (
     Timeout,
 )
 from onenet_ota.device.client import USER_AGENT
-from onenet_ota.device.install import InstallError
 from onenet_ota.device.transport import AsyncTransport
 from onenet_ota.device.upgrader import (
     AsyncUpgrader,
-    FileInstaller,
     GatePolicy,
     Outcome,
     Restarted,
@@ -81,12 +80,16 @@ from onenet_ota.device.upgrader import (
     Waiting,
 )
 from onenet_ota.protocol.codes import Dialect
-from onenet_ota.protocol.messages import TaskInfo
-from onenet_ota.protocol.status import StatusCode, TaskType
 from onenet_ota.sim.config import FleetConfig, SimulationError
 from onenet_ota.sim.metrics import FleetMetrics
 from onenet_ota.sim.profiles import PROFILES, ClientProfile, dialect_of, profile_of
 from onenet_ota.sim.provision import FleetTarget
+from onenet_ota.sim.storage import (
+    CheckingInstaller,
+    DefectiveInstaller,
+    InstalledCheck,
+    SimStateStore,
+)
 from onenet_ota.sim.transport import (
     DeviceLink,
     FleetSender,
@@ -218,28 +221,6 @@ _OUTCOME_PHASE: Final = {
 }
 
 
-class DefectiveInstaller:
-    """The simulator's defective package: the install fails with ``code`` (205 or 206) and
-    nothing is installed, every time (so a retry fails the same way)."""
-
-    def __init__(self, code: int) -> None:
-        self.code = StatusCode(code)
-
-    def install(self, package: Path, task: TaskInfo, task_type: TaskType) -> None:
-        """Fail as a bad build does."""
-        raise InstallError("the package is defective (simulated)", self.code)
-
-
-def _md5_of(path: Path) -> tuple[int, str]:
-    md5 = hashlib.md5(usedforsecurity=False)
-    size = 0
-    with path.open("rb") as file:
-        while block := file.read(1 << 20):
-            md5.update(block)
-            size += len(block)
-    return size, md5.hexdigest()
-
-
 def make_state_root(config: FleetConfig) -> Path:
     """A new temporary directory for the devices' state directories (the caller removes it)."""
     base = config.state_base()
@@ -309,6 +290,7 @@ class Fleet:
         self._tls: ssl.SSLContext | None = None
         # The faults' draws (drops, which half of a power cut): one source per process.
         self._fault_rng = random.Random(self._rng.random())
+        self._installed = InstalledCheck(target.size, target.md5)
 
     def _expected_requests(self, options: UpgradeOptions) -> int:
         """E1, E3, (E5, E6) per chunk, progress reports, 100, 101, 201, E1: where a cut may
@@ -542,8 +524,7 @@ class Fleet:
         options = self._options(signal, power, profile, record.index)
         expected_requests = self._expected_requests(options)
         device_config = self._device_config(record, profile)
-        output = home / "installed.bin"
-        installer: FileInstaller | DefectiveInstaller = FileInstaller(output)
+        installer: CheckingInstaller | DefectiveInstaller = CheckingInstaller(self._installed)
         if config.defective_rate and rng.random() < config.defective_rate:
             installer = DefectiveInstaller(rng.choice(config.defective_codes))
         link = DeviceLink(pool=pool, fresh=not profile.reuse_connections)
@@ -589,6 +570,7 @@ class Fleet:
                     options=options,
                     on_event=on_event,
                 )
+                upgrader.store = SimStateStore(home, device_config.type)
                 record.runs += 1
                 try:
                     result = await upgrader.run()
@@ -601,11 +583,8 @@ class Fleet:
                     await client.aclose()  # the shared pool stays open
                 break
         record.result = result
-        try:
-            if output.exists():
-                size, md5 = await anyio.to_thread.run_sync(_md5_of, output)
-                record.installed_ok = size == self.target.size and md5 == self.target.md5
-        finally:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(home)
+        if isinstance(installer, CheckingInstaller):
+            record.installed_ok = installer.installed
+        with contextlib.suppress(OSError):
+            shutil.rmtree(home)
         state.move(record, _OUTCOME_PHASE[result.outcome])
