@@ -213,6 +213,16 @@ class DeviceApi:
         route = None if path.startswith(FUSE_PREFIX) else match_path(path)
         if route is None:
             # Classic's paths win (S1); the other dialects' paths are tried only after them.
+            if request.method == "GET":
+                # A Studio/fuse chunk answered from the caches, as E6's above, before the
+                # dialect's route is matched.
+                try:
+                    cached = self._dialects.cached_download(request)
+                except Exception:
+                    log.exception("cached S-D/F-D failed; trying the full way")
+                    cached = None
+                if cached is not None:
+                    return cached
             other = self._dialects.route(path)
             if other is None:
                 return wire.empty(404)
