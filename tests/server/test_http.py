@@ -43,6 +43,7 @@ from onenet_ota.server.http import (
 )
 from onenet_ota.server.http.connection import TRANSITIONS, Connection, State, StateError
 from onenet_ota.server.http.encoding import encode_head
+from onenet_ota.server.http.models import parse_query
 from tests.captures import CAPTURES, FIRMWARE
 from tests.serverthread import ServerThread
 
@@ -495,6 +496,29 @@ response_header_name = st.one_of(
 response_header_value = st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20
 ).map(str.strip)
+
+
+def _parse_qsl_first(query: str) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        parsed.setdefault(key, value)
+    return parsed
+
+
+@settings(max_examples=300, deadline=None)
+@given(query=st.text(alphabet="ab=&%+2041;é ", max_size=24))
+def test_query_parse_is_parse_qsl_with_the_first_value_winning(query: str) -> None:
+    """Request.query splits a query without escapes itself: the same parameters as parse_qsl
+    (blank values kept, empty fields skipped, ``;`` no separator), the first name winning."""
+    assert parse_query(query) == _parse_qsl_first(query)
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["", "&", "a", "a=", "=b", "a=1&a=2", "a=1&&b", "a==1", "a=1;b=2", "a=%41", "a+b=c+d", "x=%"],
+)
+def test_query_parse_examples(query: str) -> None:
+    assert parse_query(query) == _parse_qsl_first(query)
 
 
 # (request version, the request's Connection header or None)

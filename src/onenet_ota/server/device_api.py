@@ -331,12 +331,18 @@ class DeviceApi:
         raise AssertionError(f"unrouted endpoint {endpoint}")  # pragma: no cover
 
     def _query(self, request: Request) -> dict[str, str]:
-        """The parsed query; polling devices repeat theirs verbatim, so parses are reused."""
-        query = self._queries.get(request.query_string)
+        """The parsed query; polling devices repeat theirs verbatim, so parses of queries with
+        escapes are reused. One without (every device's poll) is split at less than the cost of
+        keeping it: weighing and storing each device's own query (its dev_id) in a cache that
+        a fleet's round of polls overflows before any repeat."""
+        query_string = request.query_string
+        if "%" not in query_string and "+" not in query_string:
+            return request.query
+        query = self._queries.get(query_string)
         if query is None:
             query = request.query
             size = sum(ENTRY_BYTES + weigh(key) + weigh(value) for key, value in query.items())
-            self._queries.put(request.query_string, query, OBJECT_BYTES + size)  # read-only now
+            self._queries.put(query_string, query, OBJECT_BYTES + size)  # read-only now
         return query
 
     async def _principal(self, authorization: str | None) -> Principal | None:
