@@ -102,6 +102,8 @@ _READ_FAILED: Final = wire.download_error(DownloadError.READ_FAILED)
 
 
 _CLASSIC: Final = "classic"  # the dialect part of a cached chunk's key
+# How S-D and F-D paths end (§12.1, §13.1): other dialect paths skip the cached-download try.
+_DIALECT_DOWNLOAD_ENDS: Final = ("/download", "/download/")
 
 
 class DeviceApi:
@@ -213,7 +215,7 @@ class DeviceApi:
         route = None if path.startswith(FUSE_PREFIX) else match_path(path)
         if route is None:
             # Classic's paths win (S1); the other dialects' paths are tried only after them.
-            if request.method == "GET":
+            if request.method == "GET" and path.endswith(_DIALECT_DOWNLOAD_ENDS):
                 # A Studio/fuse chunk answered from the caches, as E6's above, before the
                 # dialect's route is matched.
                 try:
