@@ -5,13 +5,14 @@ and headers (F10, F11), the state rules F6-F9, and one task shared with the othe
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, func, select, update
 
 from onenet_ota import auth
 from onenet_ota.protocol.states import Action, TaskState
@@ -23,7 +24,13 @@ from onenet_ota.server.admin_service import (
     TaskCreate,
 )
 from onenet_ota.server.blobs import BlobStore
-from onenet_ota.server.schema import device_tasks, devices, packages
+from onenet_ota.server.schema import (
+    device_task_bytes,
+    device_task_events,
+    device_tasks,
+    devices,
+    packages,
+)
 from tests.server.seed import (
     DB_PARAMS,
     DEV_ID,
@@ -562,6 +569,66 @@ def test_a_memoised_download_ends_with_its_authorization(world: World, engine: E
             assert send(srv, ours).body == FIRMWARE[:10]
         admin.act_on_task(seeder.device_task(TID).task_id, Action.PAUSE)
         assert send(srv, ours).header("Ota-Errno") == "5"
+
+
+def served_bytes(engine: Engine, dt_id: int) -> int:
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(device_task_bytes.c.served).where(device_task_bytes.c.device_task_id == dt_id)
+        ).scalar()
+    return int(found or 0)
+
+
+def test_chunks_answered_from_the_caches_count_their_bytes_and_the_first_moves_the_task(
+    world: World, engine: Engine
+) -> None:
+    """F8 with the caches on: the first chunk of a to-be-upgraded task moves it to downloading
+    (an event named F-D, though the request before it on the connection was an F-C); the
+    repeats, answered from the memoised grant and the cached chunk without matching the path,
+    each count their bytes served, in both framings of the one file (fuse, Studio)."""
+    seeder, _, _ = world
+    check_path, chunk_path = f"{BASE}/check?type=1&version=1.0.0", f"{BASE}/4242/download"
+    chunk = fuse("GET", chunk_path, extra=("Range: bytes=0-9",))
+    studio_auth = auth.build_token(PID, K1, device_name="dev01")
+    studio = fuse(
+        "GET",
+        "/ota/123123/dev01/4242/download",
+        authorization=studio_auth,
+        extra=("Range: bytes=10-29",),
+    )
+    # Earlier tests' device task 4242 left its bytes and events too.
+    before = served_bytes(engine, TID)
+    with engine.connect() as conn:
+        last_event = conn.execute(select(func.max(device_task_events.c.id))).scalar() or 0
+    with running_api(engine, seeder.blobs, seeder.clock, cache_ttl=3600) as (api, srv):
+        connection = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        try:  # one connection: F-C, then F-D
+            for path, expected, range_value in [(check_path, 200, None), (chunk_path, 206, "0-9")]:
+                headers = {"Authorization": DEVICE_AUTH}
+                if range_value is not None:
+                    headers["Range"] = f"bytes={range_value}"
+                connection.request("GET", path, headers=headers)
+                response = connection.getresponse()
+                response.read()
+                assert response.status == expected
+        finally:
+            connection.close()
+        assert seeder.device_task(TID).state == TaskState.DOWNLOADING
+        for _ in range(4):
+            assert send(srv, chunk).body == FIRMWARE[:10]
+        for _ in range(3):
+            assert send(srv, studio).body == FIRMWARE[10:30]
+        api.flush_served()
+    with engine.connect() as conn:
+        moves = conn.execute(
+            select(device_task_events.c.dialect, device_task_events.c.endpoint).where(
+                device_task_events.c.device_task_id == TID,
+                device_task_events.c.kind == "state",
+                device_task_events.c.id > last_event,
+            )
+        ).all()
+    assert served_bytes(engine, TID) - before == 5 * 10 + 3 * 20
+    assert [tuple(move) for move in moves] == [("fuse", "F-D")]
 
 
 def test_f1_prefix_with_any_host_a_trailing_slash_and_http_1_0(world: World) -> None:

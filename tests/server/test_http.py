@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, quote
@@ -39,11 +39,13 @@ from onenet_ota.server.http import (
     Request,
     RequestAborted,
     Response,
+    Stream,
     make_server_ssl_context,
     serve,
 )
 from onenet_ota.server.http.connection import TRANSITIONS, Connection, State, StateError
 from onenet_ota.server.http.encoding import encode_head
+from onenet_ota.server.http.models import parse_query
 from tests.captures import CAPTURES, FIRMWARE
 from tests.serverthread import ServerThread
 
@@ -496,6 +498,29 @@ response_header_name = st.one_of(
 response_header_value = st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20
 ).map(str.strip)
+
+
+def _parse_qsl_first(query: str) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        parsed.setdefault(key, value)
+    return parsed
+
+
+@settings(max_examples=300, deadline=None)
+@given(query=st.text(alphabet="ab=&%+2041;é ", max_size=24))
+def test_query_parse_is_parse_qsl_with_the_first_value_winning(query: str) -> None:
+    """Request.query splits a query without escapes itself: the same parameters as parse_qsl
+    (blank values kept, empty fields skipped, ``;`` no separator), the first name winning."""
+    assert parse_query(query) == _parse_qsl_first(query)
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["", "&", "a", "a=", "=b", "a=1&a=2", "a=1&&b", "a==1", "a=1;b=2", "a=%41", "a+b=c+d", "x=%"],
+)
+def test_query_parse_examples(query: str) -> None:
+    assert parse_query(query) == _parse_qsl_first(query)
 
 
 # (request version, the request's Connection header or None)
@@ -989,6 +1014,132 @@ def test_pipelined_requests_are_answered_in_order(server: ServerThread) -> None:
         client.send(b"".join(get(f"/ignore-body?i={i}") for i in range(10)))
         for i in range(10):
             assert json.loads(client.response().body) == {"i": str(i)}
+
+
+@dataclass
+class Wire:
+    """What one server-side connection received and wrote, call by call."""
+
+    reads: int = 0
+    writes: list[bytes] = field(default_factory=list)
+
+
+def watch_one_connection(srv: ServerThread, sock: socket.socket) -> Wire:
+    """Count the reads (data_received) and transport writes of the server's only connection,
+    ``sock``'s: wrapped on the server's loop before the client sends anything."""
+    assert srv.server is not None
+    wire = Wire()
+    ready = threading.Event()
+
+    def install() -> None:
+        assert srv.server is not None
+        if not srv.server.connections:
+            srv.loop.call_later(0.01, install)  # connection_made has not run yet
+            return
+        (conn,) = srv.server.connections
+        transport = conn._transport
+        assert transport is not None
+        received, write = conn.data_received, transport.write
+
+        def counted_read(data: bytes) -> None:
+            wire.reads += 1
+            received(data)
+
+        def counted_write(data: bytes) -> None:
+            wire.writes.append(bytes(data))
+            write(data)
+
+        conn.data_received = counted_read  # type: ignore[method-assign]
+        transport.write = counted_write  # type: ignore[method-assign, assignment]
+        ready.set()
+
+    assert sock.getpeername()  # connected
+    srv.loop.call_soon_threadsafe(install)
+    assert ready.wait(10)
+    return wire
+
+
+def test_pipelined_responses_answered_in_one_read_leave_in_one_write() -> None:
+    """Responses to pipelined requests answered within one read of the socket are gathered
+    and sent together (one send, one wake-up of the client), complete and in order."""
+    rec = Recorder()
+    with ServerThread(make_handler(rec)) as srv, RawClient(srv) as client:  # type: ignore[arg-type]
+        wire = watch_one_connection(srv, client.sock)
+        client.send(b"".join(get(f"/ignore-body?i={i}") for i in range(10)))
+        for i in range(10):
+            assert json.loads(client.response().body) == {"i": str(i)}
+        client.send(get("/json"))  # and a lone request after them
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+    assert 2 <= len(wire.writes) <= wire.reads
+    assert len(wire.writes) < 11
+
+
+def test_pipelined_responses_around_a_sendfile_segment_arrive_complete_and_in_order(
+    tmp_path: Path,
+) -> None:
+    """A large file segment (sent with sendfile, past the gathered writes) between small
+    responses: every byte arrives, in request order."""
+    big = tmp_path / "big.bin"
+    data = os.urandom(300 * 1024)
+    big.write_bytes(data)
+    rec = Recorder()
+    segment = f"/file?path={quote(str(big))}&offset=1000&length={200 * 1024}"
+    small = "/file?offset=0&length=100"
+    requests = [get("/ignore-body?i=0"), get(small), get(segment), get("/ignore-body?i=3")]
+    requests += [get(segment), get("/json")]
+    with ServerThread(make_handler(rec)) as srv, RawClient(srv) as client:  # type: ignore[arg-type]
+        client.send(b"".join(requests))
+        assert json.loads(client.response().body) == {"i": "0"}
+        assert client.response().body == FIRMWARE.read_bytes()[:100]
+        assert client.response().body == data[1000 : 1000 + 200 * 1024]
+        assert json.loads(client.response().body) == {"i": "3"}
+        assert client.response().body == data[1000 : 1000 + 200 * 1024]
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+
+
+def test_pipelined_responses_reach_a_client_that_half_closes_after_sending(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that sends its pipelined requests and shuts its sending side gets every
+    response, gathered, then the end of the stream; one that resets the connection after its
+    first response costs the server nothing but the connection."""
+    rec = Recorder()
+    with ServerThread(make_handler(rec)) as srv:  # type: ignore[arg-type]
+        with RawClient(srv) as client:
+            client.send(b"".join(get(f"/ignore-body?i={i}") for i in range(5)))
+            client.sock.shutdown(socket.SHUT_WR)
+            for i in range(5):
+                assert json.loads(client.response().body) == {"i": str(i)}
+            assert client.closed()
+        with RawClient(srv) as client:
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            many = [get("/file?offset=0&length=9000") for _ in range(50)]
+            client.send(b"".join(many))
+            assert client.response().body == FIRMWARE.read_bytes()[:9000]
+        # closed with a reset, most responses unread
+        with RawClient(srv) as client:
+            client.send(get("/json"))
+            assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_response_gathered_before_an_aborted_one_still_arrives() -> None:
+    """A response that fails after its head (an invalid streamed response) aborts the
+    connection; the pipelined response answered before it, in the same read, arrives whole."""
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/bad-stream":
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield b"never"
+
+            return Response(200, [("X-Evil", "a\r\nb")], Stream(chunks()))
+        return Response(200, [("Content-Length", "2")], b"ok")
+
+    with ServerThread(handler) as srv, RawClient(srv) as client:
+        client.send(get("/first") + get("/bad-stream"))
+        assert client.response().body == b"ok"
+        assert client.closed()
 
 
 def test_connection_closes_after_1000_requests(server: ServerThread) -> None:

@@ -77,7 +77,11 @@ def weigh(obj: object) -> int:
     if isinstance(obj, bytes):
         return 33 + len(obj)
     if isinstance(obj, tuple):
-        return 40 + 8 * len(obj) + sum(weigh(item) for item in obj)
+        # A loop, not sum() over a generator: a chunk's key is weighed on every new chunk.
+        size = 40 + 8 * len(obj)
+        for item in obj:
+            size += weigh(item)
+        return size
     return 32
 
 

@@ -102,6 +102,8 @@ _READ_FAILED: Final = wire.download_error(DownloadError.READ_FAILED)
 
 
 _CLASSIC: Final = "classic"  # the dialect part of a cached chunk's key
+# How S-D and F-D paths end (§12.1, §13.1): other dialect paths skip the cached-download try.
+_DIALECT_DOWNLOAD_ENDS: Final = ("/download", "/download/")
 
 
 class DeviceApi:
@@ -213,6 +215,16 @@ class DeviceApi:
         route = None if path.startswith(FUSE_PREFIX) else match_path(path)
         if route is None:
             # Classic's paths win (S1); the other dialects' paths are tried only after them.
+            if request.method == "GET" and path.endswith(_DIALECT_DOWNLOAD_ENDS):
+                # A Studio/fuse chunk answered from the caches, as E6's above, before the
+                # dialect's route is matched.
+                try:
+                    cached = self._dialects.cached_download(request)
+                except Exception:
+                    log.exception("cached S-D/F-D failed; trying the full way")
+                    cached = None
+                if cached is not None:
+                    return cached
             other = self._dialects.route(path)
             if other is None:
                 return wire.empty(404)
@@ -321,12 +333,18 @@ class DeviceApi:
         raise AssertionError(f"unrouted endpoint {endpoint}")  # pragma: no cover
 
     def _query(self, request: Request) -> dict[str, str]:
-        """The parsed query; polling devices repeat theirs verbatim, so parses are reused."""
-        query = self._queries.get(request.query_string)
+        """The parsed query; polling devices repeat theirs verbatim, so parses of queries with
+        escapes are reused. One without (every device's poll) is split at less than the cost of
+        keeping it: weighing and storing each device's own query (its dev_id) in a cache that
+        a fleet's round of polls overflows before any repeat."""
+        query_string = request.query_string
+        if "%" not in query_string and "+" not in query_string:
+            return request.query
+        query = self._queries.get(query_string)
         if query is None:
             query = request.query
             size = sum(ENTRY_BYTES + weigh(key) + weigh(value) for key, value in query.items())
-            self._queries.put(request.query_string, query, OBJECT_BYTES + size)  # read-only now
+            self._queries.put(query_string, query, OBJECT_BYTES + size)  # read-only now
         return query
 
     async def _principal(self, authorization: str | None) -> Principal | None:

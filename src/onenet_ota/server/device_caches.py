@@ -22,8 +22,9 @@ Wire bytes, derived from the facts above and never stale by themselves:
   against the fact caches on every use, so dropping the facts retires the reply;
 - ``dialect_replies``: the same for Studio's S-C/S-T and fuse's F-C/F-T, as a
   :class:`ReplyTemplate` (a fuse reply gets a fresh ``request_id`` on every use, §13.2);
-- ``dialect_grants``: what S-D/F-D's checks rest on (a :class:`~.device_service.Basis`
-  whose answer holds the task's grant), by (path, Authorization), re-checked in the same way;
+- ``dialect_grants``: what S-D/F-D's checks rest on (a :class:`GrantMemo`: the
+  :class:`~.device_service.Basis` whose answer holds the task's grant, with what the path
+  names), by (path, Authorization), re-checked in the same way;
 - ``chunks``: small E6 replies by (file, Range value), served only while the token's grant is
   cached and usable, so dropping the grant retires them;
 - ``task_bodies``: encoded E3/E4 replies by (task info, cdn), ``queries``: parsed query strings,
@@ -73,6 +74,7 @@ __all__ = [
     "Answer",
     "Clock",
     "DeviceCaches",
+    "GrantMemo",
     "MemoKey",
     "OpenFiles",
     "ReplyTemplate",
@@ -104,6 +106,17 @@ class Answer:
     tid_info: TidTaskInfo | None = None  # S-C/F-C's answer (the path dialects)
     grant: TidGrant | None = None  # S-D/F-D's task lookup
     status: int | None = None  # S-T/F-T's ``status`` (1-6)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantMemo:
+    """What a memoised S-D/F-D rests on (``basis``, re-checked by :meth:`DeviceCaches.holds`
+    on every use) and what its path names, so that a repeated download needs no route: the
+    device task (``tid``) and the dialect (its value, part of a cached chunk's key)."""
+
+    basis: Basis
+    tid: int
+    dialect: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +221,7 @@ class DeviceCaches:
             BUDGETS.dialect_replies
         )
         # Studio and fuse downloads: what S-D/F-D's checks rest on, by (path, Authorization).
-        self.dialect_grants: BoundedCache[tuple[str, str], Basis] = BoundedCache(
+        self.dialect_grants: BoundedCache[tuple[str, str], GrantMemo] = BoundedCache(
             BUDGETS.dialect_grants
         )
         self.chunks: BoundedCache[ChunkKey, Response] = BoundedCache(BUDGETS.chunks)

@@ -51,6 +51,7 @@ from onenet_ota.server.device_caches import (
     ENTRY_BYTES,
     OBJECT_BYTES,
     ChunkKey,
+    GrantMemo,
     MemoKey,
     OpenFiles,
     ReplyTemplate,
@@ -299,12 +300,15 @@ class DialectApi:
     def _query(self, request: Request) -> dict[str, str]:
         """The parsed query; polling devices repeat theirs verbatim, so parses are reused (the
         classic handler's cache, read-only once kept)."""
+        query_string = request.query_string
+        if "%" not in query_string and "+" not in query_string:
+            return request.query  # split at less than the cost of caching it (see DeviceApi)
         queries = self.service.caches.queries
-        query = queries.get(request.query_string)
+        query = queries.get(query_string)
         if query is None:
             query = request.query
             size = sum(ENTRY_BYTES + weigh(key) + weigh(value) for key, value in query.items())
-            queries.put(request.query_string, query, OBJECT_BYTES + size)
+            queries.put(query_string, query, OBJECT_BYTES + size)
         return query
 
     def _reply(
@@ -344,19 +348,20 @@ class DialectApi:
         assert route.tid is not None
         authorization = request.header("Authorization")
         memo_key = (request.path, authorization or "")
-        basis = self._grant_memos.get(memo_key) if authorization else None
-        if basis is not None and self.service.caches.holds(basis):
+        memo = self._grant_memos.get(memo_key) if authorization else None
+        if memo is not None and self.service.caches.holds(memo.basis):
             # A device fetches chunk after chunk with the same path and Authorization: P1, P3
             # and the task lookup rest on cached facts, re-checked here in a few lookups.
-            dev_id, grant = basis.dev_id, basis.answer.grant
+            dev_id, grant = memo.basis.dev_id, memo.basis.answer.grant
         else:
             found_dev_id = self._device(spec, request, route)
             if found_dev_id is None:
                 return fail(DownloadVerdict.AUTH_FAILED)
             dev_id = found_dev_id
             grant = self.service.download_tid(dev_id, route.tid)
-            if authorization and grant is not None:
-                self._memoise_grant(memo_key, route, grant)
+            if authorization and grant is not None and request.method == "GET":
+                # GET only: cached_download answers GETs from this memo without a route
+                self._memoise_grant(memo_key, route, spec, grant)
         if grant is None:
             return fail(DownloadVerdict.UNKNOWN_TASK)
         if not grant.downloadable:
@@ -405,7 +410,9 @@ class DialectApi:
             self._chunks.put(key, response, response_bytes(response))
         return response
 
-    def _memoise_grant(self, memo_key: tuple[str, str], route: Route, grant: TidGrant) -> None:
+    def _memoise_grant(
+        self, memo_key: tuple[str, str], route: Route, spec: DialectSpec, grant: TidGrant
+    ) -> None:
         """Keep what S-D/F-D's checks rest on for ``memo_key`` (path, Authorization), if the
         service has cached all of it and its cached grant is the one just used."""
         assert route.pid is not None
@@ -415,7 +422,45 @@ class DialectApi:
             memo_key[1], route.pid, route.name, download_tid_key(route.tid)
         )
         if basis is not None and basis.answer.grant is grant:
-            self._grant_memos.put(memo_key, basis, _BASIS_BYTES)
+            memo = GrantMemo(basis, route.tid, spec.dialect.value)
+            self._grant_memos.put(memo_key, memo, _BASIS_BYTES)
+
+    def cached_download(self, request: Request) -> Response | None:
+        """S-D/F-D from the caches alone, or None to let :meth:`handle` decide; for a GET.
+
+        A device fetches chunk after chunk on one path with one Authorization value, and every
+        device of a task fetches the same chunks: a memoised grant (P1, P3 and the task lookup,
+        re-checked by :meth:`.DeviceCaches.holds`: the token's ``et``, the device's facts, the
+        task's answer) and a cached chunk of the file, still open at the grant's size, answer
+        it without matching the path. What the full way would do beyond this is left to it: a
+        grant still to-be-upgraded (S7, F8: the first chunk moves the task to downloading, an
+        event named by the request's endpoint), a task not downloadable (its error reply), a
+        chunk not cached yet (the file read and its errors).
+        """
+        authorization = request.header("Authorization")
+        if not authorization:
+            return None
+        memo = self._grant_memos.get((request.path, authorization))
+        if memo is None:
+            return None
+        basis = memo.basis
+        grant = basis.answer.grant
+        if grant is None or not grant.downloadable or grant.state is TaskState.TO_BE_UPGRADED:
+            return None
+        if not self.service.caches.holds(basis):
+            return None
+        key = (
+            grant.sha256,
+            grant.size,
+            grant.file_name,
+            range_header(request.headers),
+            memo.dialect,
+        )
+        cached = self._chunks.get(key)
+        if cached is None or self._files.size_if_open(grant.sha256) != grant.size:
+            return None
+        self.service.served.add(memo.tid, body_length(cached))
+        return cached
 
     def _downloaded(self, grant: TidGrant, dev_id: int, tid: int) -> None:
         if grant.state is TaskState.TO_BE_UPGRADED:  # S7, F8: the move to downloading

@@ -342,6 +342,10 @@ class Connection(asyncio.Protocol):
         self._body: _Body | None = None  # the body arriving now, if any
         self._queue: deque[_Pending] = deque()
         self._worker: asyncio.Task[None] | _Inline | None = None
+        # Responses written while the worker runs inside a callback, sent together when it
+        # returns or first waits (see _start_worker); None while writes go straight out.
+        self._out: list[bytes] | None = None
+        self._out_bytes = 0
         self._requests = 0
         self._owed: bytes | None = None  # written once the queue is done (408 for a cut head)
         # the client's side
@@ -670,8 +674,30 @@ class Connection(asyncio.Protocol):
     # -- writing and closing ----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Write ``data`` unless the connection is closing."""
+        """Write ``data`` unless the connection is closing.
+
+        While the worker answers pipelined requests inside a callback, writes are gathered and
+        leave as one (see :meth:`_start_worker`), up to :data:`SMALL_SEGMENT` bytes at a time.
+        """
         if self.state < LINGER and self._transport is not None:
+            out = self._out
+            if out is None:
+                self._transport.write(data)
+                return
+            out.append(data)
+            self._out_bytes += len(data)
+            if self._out_bytes > SMALL_SEGMENT:
+                self._flush()  # bounded: flow control (pause_writing) sees the rest at once
+
+    def _flush(self) -> None:
+        """Send what :meth:`write` gathered, in one write."""
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_bytes = 0
+        if self.state < CLOSED and self._transport is not None:
             self._transport.write(data)
 
     async def _drain(self) -> None:
@@ -687,6 +713,7 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self.state >= LINGER:
             return
+        self._flush()  # the responses gathered go before the end of the stream
         self._must_close()
         self.cancel_timer()
         if not self._client_may_send() or not transport.can_write_eof():
@@ -732,6 +759,7 @@ class Connection(asyncio.Protocol):
             self._worker.cancel()
 
     def _abort_transport(self) -> None:
+        self._flush()  # complete responses gathered before the failure still leave
         if self.state is not CLOSED:
             self._to(CLOSED)
         if self._transport is not None:
@@ -762,6 +790,10 @@ class Connection(asyncio.Protocol):
         context = contextvars.copy_context()
         work = self._work()
         self._worker = _INLINE
+        # Pipelined requests answered here leave in one write (one send, one wake-up of the
+        # client) rather than one each; nothing is held back past this callback, when the
+        # loop would send them anyway.
+        self._out = []
         try:
             waiting = context.run(work.send, None)
         except StopIteration:
@@ -769,6 +801,9 @@ class Connection(asyncio.Protocol):
         except BaseException:
             self._worker = None
             raise
+        finally:
+            self._flush()
+            self._out = None
         self._worker = self.loop.create_task(_finish(work, waiting), context=context)
 
     async def _work(self) -> None:
@@ -966,6 +1001,7 @@ class Connection(asyncio.Protocol):
         return await self._send(fallback, close, http10)
 
     async def _sendfile(self, file: Any, segment: FileSegment) -> None:
+        self._flush()  # sendfile writes to the socket itself: what was gathered goes first
         transport = self._transport
         if transport is None or self.state is CLOSED:
             raise _AbortConnection

@@ -19,6 +19,7 @@ __all__ = [
     "Response",
     "Stream",
     "default_max_connections",
+    "parse_query",
 ]
 
 
@@ -98,6 +99,28 @@ class Response:
 BodyReader = Callable[[], Awaitable[bytes]]
 
 
+def parse_query(query_string: str) -> dict[str, str]:
+    """The parameters of ``query_string``, percent-decoded, the first occurrence of a name
+    winning (spec §2.4); blank values kept.
+
+    What :func:`urllib.parse.parse_qsl` with ``keep_blank_values`` gives. A query without ``%``
+    or ``+`` (every device's poll) decodes to itself, so it is split here directly: a quarter
+    of parse_qsl's cost, on a path where each device's query is its own (its dev_id) and so
+    parsed anew on every cold poll.
+    """
+    parsed: dict[str, str] = {}
+    if "%" in query_string or "+" in query_string:
+        for key, value in parse_qsl(query_string, keep_blank_values=True):
+            parsed.setdefault(key, value)
+        return parsed
+    for pair in query_string.split("&"):
+        if pair:
+            key, _, value = pair.partition("=")
+            if key not in parsed:
+                parsed[key] = value
+    return parsed
+
+
 @dataclass(slots=True)
 class Request:
     """A parsed request. The body is pulled by the handler, so uploads can stream to disk."""
@@ -131,10 +154,7 @@ class Request:
     def query(self) -> dict[str, str]:
         """Query parameters, percent-decoded; the first occurrence wins (spec §2.4)."""
         if self._query is None:
-            parsed: dict[str, str] = {}
-            for key, value in parse_qsl(self.query_string, keep_blank_values=True):
-                parsed.setdefault(key, value)
-            self._query = parsed
+            self._query = parse_query(self.query_string)
         return self._query
 
     async def stream(self) -> AsyncIterator[bytes]:
