@@ -416,7 +416,9 @@ def test_a_report_chosen_as_deadlock_victim_runs_again(
         table="device_tasks",
     )
     assert reporting.error is None, reporting.error
-    assert runs == 2
+    # It ran again. A retry can take the device task's row before the other session's waiting
+    # UPDATE does, and be the victim of the same cycle once more: more runs, same outcome.
+    assert runs >= 2
     assert reporting.result is Errno.SUCC
     assert w.state() is S.SUCCEEDED
     assert seeder.versions(w.dev_id) == ("1.0.1", None)

@@ -98,7 +98,7 @@ from onenet_ota.protocol.states import (
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
 from onenet_ota.server import changes, timeline
-from onenet_ota.server.db import is_transient
+from onenet_ota.server.db import Prepared, is_transient
 from onenet_ota.server.device_caches import (
     Answer,
     Clock,
@@ -398,6 +398,18 @@ _SET_VERSIONS = (
         last_seen_at=bindparam("now"),
     )
 )
+
+# The same statements inside write transactions, run on the driver (db.Prepared): most device
+# requests that write run three to six of them.
+_TX_DEVICE_AND_OPEN_TASK: Final = Prepared(_SELECT_DEVICE_AND_OPEN_TASK)
+_TX_TOKEN: Final = Prepared(_SELECT_TOKEN)
+_TX_TID: Final = Prepared(_SELECT_TID)
+_TX_VERSIONS: Final = Prepared(_SELECT_VERSIONS)
+_TX_OPEN_TASKS: Final = Prepared(_SELECT_OPEN_TASKS)
+_TX_SET_TOKEN: Final = Prepared(_SET_TOKEN)
+_TX_INSERT_TOKEN: Final = Prepared(_INSERT_TOKEN)
+_TX_SET_VERSIONS: Final = Prepared(_SET_VERSIONS)
+_TX_OFFERED: Final = Prepared(timeline.SELECT_OFFERED)
 
 
 class _ReadConnections:
@@ -699,7 +711,7 @@ class DeviceService:
     def _read_first(
         self,
         reader: _Reader,
-        statement: Select[Any],
+        statement: Prepared,
         params: dict[str, Any],
         work: Callable[[_Tx, Any], T],
     ) -> T:
@@ -710,7 +722,7 @@ class DeviceService:
     def _decide(
         self,
         row: Any,
-        statement: Select[Any],
+        statement: Prepared,
         params: dict[str, Any],
         work: Callable[[_Tx, Any], T],
     ) -> T:
@@ -719,7 +731,7 @@ class DeviceService:
             return work(_Tx(None, self._clock()), row)
         except _NeedsWrite:
             pass
-        return self._run(lambda tx: work(tx, tx.writer.execute(statement, params).first()))
+        return self._run(lambda tx: work(tx, statement.first(tx.writer, params)))
 
     def _invalidate_touched(self, tx: _Tx) -> None:
         if tx.touched_all:
@@ -860,7 +872,7 @@ class DeviceService:
                 kept[source.dialect] = (tx.now, source)
             return
         params = {"e_id": row.dt_id, "e_dialect": source.dialect}
-        found = tx.conn.execute(timeline.SELECT_OFFERED, params).first()
+        found = _TX_OFFERED.first(tx.conn, params)
         if found is not None:
             self._remember_offers([key])
             return
@@ -1038,16 +1050,16 @@ class DeviceService:
         reported = {TaskType.FOTA: f_version, TaskType.SOTA: s_version}
 
         def work(tx: _Tx) -> Errno:
-            before = tx.writer.execute(_SELECT_VERSIONS, {"dev_id": dev_id}).first()
-            for row in tx.writer.execute(_SELECT_OPEN_TASKS, {"dev_id": dev_id}).all():
+            before = _TX_VERSIONS.first(tx.writer, {"dev_id": dev_id})
+            for row in _TX_OPEN_TASKS.all(tx.writer, {"dev_id": dev_id}):
                 if row.start_time > tx.now:  # not started: invisible to devices (§5.2)
                     continue
                 state = self._effective_state(tx, row, dev_id)
                 version = reported[TaskType(row.module_type)]
                 if state.is_open and version is not None and version == row.target:
                     self._transition(tx, row, on_action(state, Action.VERSION_REACHED))
-            result = tx.writer.execute(
-                _SET_VERSIONS,
+            updated = _TX_SET_VERSIONS.run(
+                tx.writer,
                 {"b_dev_id": dev_id, "f": f_version, "s": s_version, "now": int(tx.now)},
             )
             if before is not None:
@@ -1060,7 +1072,7 @@ class DeviceService:
             # Cached E3/S-C/F-C answers rest on the stored versions (their step 5 records the
             # version only when it changed): drop them.
             tx.touched.add(dev_id)
-            return Errno.SUCC if result.rowcount == 1 else Errno.AUTH_FAILED
+            return Errno.SUCC if updated == 1 else Errno.AUTH_FAILED
 
         return self._run(work)
 
@@ -1140,7 +1152,7 @@ class DeviceService:
 
         if row is None:
             row = self._read_open_task.one(**params)
-        errno, info, valid_until = self._decide(row, _SELECT_DEVICE_AND_OPEN_TASK, params, work)
+        errno, info, valid_until = self._decide(row, _TX_DEVICE_AND_OPEN_TASK, params, work)
         if valid_until is not None:
             caches.keep_answer(generation, dev_id, key, Answer(errno, info, valid_until))
         return errno, info
@@ -1178,7 +1190,7 @@ class DeviceService:
 
         params = {"dev_id": dev_id, "module_type": int(task_type)}
         errno, info, valid_until = self._read_first(
-            self._read_open_task, _SELECT_DEVICE_AND_OPEN_TASK, params, work
+            self._read_open_task, _TX_DEVICE_AND_OPEN_TASK, params, work
         )
         if valid_until is not None and errno is not Errno.AUTH_FAILED:
             answer = Answer(errno, None, valid_until, tid_info=info)
@@ -1238,8 +1250,8 @@ class DeviceService:
             if stored != version:
                 field_name = "f_version" if fota else "s_version"
                 timeline.record_version(tx.writer, dev_id, tx.now, {field_name: version})
-            tx.writer.execute(
-                _SET_VERSIONS,
+            _TX_SET_VERSIONS.run(
+                tx.writer,
                 {
                     "b_dev_id": dev_id,
                     "f": version if fota else None,
@@ -1291,9 +1303,9 @@ class DeviceService:
             "now": now,
         }
         conn = tx.writer
-        if conn.execute(_SET_TOKEN, params).rowcount != 1:
+        if _TX_SET_TOKEN.run(conn, params) != 1:
             raise ConcurrentChange
-        conn.execute(_INSERT_TOKEN, {"v_token": token, "v_id": row.dt_id, "now": now})
+        _TX_INSERT_TOKEN.run(conn, {"v_token": token, "v_id": row.dt_id, "now": now})
         tx.touched.add(row.dt_dev_id)
         return token
 
@@ -1312,7 +1324,7 @@ class DeviceService:
             return Errno.SUCC, _task_info(row, row.current_token)
 
         params = {"dev_id": dev_id, "module_type": int(task_type)}
-        return self._read_first(self._read_open_task, _SELECT_DEVICE_AND_OPEN_TASK, params, work)
+        return self._read_first(self._read_open_task, _TX_DEVICE_AND_OPEN_TASK, params, work)
 
     # -- E5, E7, E8 --------------------------------------------------------------------------
 
@@ -1345,9 +1357,7 @@ class DeviceService:
                 return outcome.errno, _valid_until(row.issued_at, row.deadline)
             return outcome.errno, None
 
-        errno, valid_until = self._read_first(
-            self._read_token, _SELECT_TOKEN, {"token": token}, work
-        )
+        errno, valid_until = self._read_first(self._read_token, _TX_TOKEN, {"token": token}, work)
         if valid_until is not None:
             caches.keep_answer(generation, dev_id, key, Answer(errno, None, valid_until))
         return errno
@@ -1399,16 +1409,16 @@ class DeviceService:
         """
         if token is None or values.TOKEN_RE.fullmatch(token) is None:
             return Errno.AUTH_FAILED
-        errno = self._report(dev_id, _SELECT_TOKEN, {"token": token}, report)
+        errno = self._report(dev_id, _TX_TOKEN, {"token": token}, report)
         return Errno.AUTH_FAILED if errno is None else errno  # unknown or foreign (§5.6)
 
     def report_tid(self, dev_id: int, tid: int, report: Report | Errno) -> Errno | None:
         """S-R and F-R (S8, F9): E7's table on the device task ``tid``; None when it is not
         this device's task (each dialect numbers that answer)."""
-        return self._report(dev_id, _SELECT_TID, {"tid": tid}, report)
+        return self._report(dev_id, _TX_TID, {"tid": tid}, report)
 
     def _report(
-        self, dev_id: int, statement: Select[Any], params: dict[str, Any], report: Report | Errno
+        self, dev_id: int, statement: Prepared, params: dict[str, Any], report: Report | Errno
     ) -> Errno | None:
         """The report rules of every dialect, on the task ``statement`` finds; None when it
         finds none of this device's."""
@@ -1416,7 +1426,7 @@ class DeviceService:
 
         def work(tx: _Tx) -> Errno | None:
             done.clear()
-            row = tx.writer.execute(statement, params).first()
+            row = statement.first(tx.writer, params)
             if row is None or row.dt_dev_id != dev_id:
                 return None
             if isinstance(report, Errno):
@@ -1447,8 +1457,8 @@ class DeviceService:
             done.append(row.dt_id)
             if report.kind is ReportKind.UPGRADED:  # T15: the device now runs the target
                 fota = TaskType(row.module_type) is TaskType.FOTA
-                tx.writer.execute(
-                    _SET_VERSIONS,
+                _TX_SET_VERSIONS.run(
+                    tx.writer,
                     {
                         "b_dev_id": dev_id,
                         "f": row.target if fota else None,
@@ -1515,7 +1525,7 @@ class DeviceService:
             until = _FOREVER if row.deadline is None or not new.is_open else float(row.deadline)
             return found, until
 
-        found, valid_until = self._read_first(self._read_tid, _SELECT_TID, {"tid": tid}, work)
+        found, valid_until = self._read_first(self._read_tid, _TX_TID, {"tid": tid}, work)
         if found is not None and valid_until is not None:
             answer = Answer(found[0], None, valid_until, status=found[1])
             caches.keep_answer(generation, dev_id, key, answer)
@@ -1556,7 +1566,7 @@ class DeviceService:
             if new is not None and new is not state:
                 self._transition(tx, row, new)
 
-        self._read_first(self._read_tid, _SELECT_TID, {"tid": tid}, work)
+        self._read_first(self._read_tid, _TX_TID, {"tid": tid}, work)
 
     # -- E6 ----------------------------------------------------------------------------------
 
