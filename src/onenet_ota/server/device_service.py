@@ -554,6 +554,7 @@ class _Tx:
     touched: set[int] = field(default_factory=set)  # devices whose cached facts changed
     touched_all: bool = False
     offered: list[tuple[int, str | None]] = field(default_factory=list)  # first offers written
+    served: dict[int, int] = field(default_factory=dict)  # bytes served written, per device task
 
     @property
     def writer(self) -> Connection:
@@ -694,6 +695,7 @@ class DeviceService:
                         changes.publish(conn, None, tx.now, origin=self._origin)
                     elif tx.touched:
                         changes.publish(conn, tx.touched, tx.now, origin=self._origin)
+                tx.served.clear()  # committed: written
                 self._remember_offers(tx.offered)  # committed: they are on the timeline
                 return result
             except (ConcurrentChange, IntegrityError):
@@ -706,6 +708,8 @@ class DeviceService:
             finally:
                 if tx is not None:
                     self._invalidate_touched(tx)
+                    for dt_id, nbytes in tx.served.items():  # not committed: pending again
+                        self.served.add(dt_id, nbytes)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _read_first(
@@ -1422,10 +1426,8 @@ class DeviceService:
     ) -> Errno | None:
         """The report rules of every dialect, on the task ``statement`` finds; None when it
         finds none of this device's."""
-        done: list[int] = []  # the device task, when the report moved it
 
         def work(tx: _Tx) -> Errno | None:
-            done.clear()
             row = statement.first(tx.writer, params)
             if row is None or row.dt_dev_id != dev_id:
                 return None
@@ -1454,7 +1456,10 @@ class DeviceService:
                 kind="report",
                 code=report.value,
             )
-            done.append(row.dt_id)
+            # The download is over: what this worker served of it is written with the report,
+            # in its transaction, rather than at the next periodic flush (or in a transaction of
+            # its own after this one).
+            self._write_served(tx, row.dt_id)
             if report.kind is ReportKind.UPGRADED:  # T15: the device now runs the target
                 fota = TaskType(row.module_type) is TaskType.FOTA
                 _TX_SET_VERSIONS.run(
@@ -1468,18 +1473,15 @@ class DeviceService:
                 )
             return Errno.SUCC
 
-        errno = self._run(work)
-        if done:
-            # The download is over: what this worker served of it goes to the database now
-            # rather than at the next periodic flush.
-            self._flush_served(done)
-        return errno
+        return self._run(work)
 
-    def _flush_served(self, device_task_ids: list[int]) -> None:
-        try:
-            self.served.flush(device_task_ids)
-        except Exception:
-            log.warning("cannot write the bytes served; the periodic flush will retry")
+    def _write_served(self, tx: _Tx, device_task_id: int) -> None:
+        """The bytes served of ``device_task_id`` not written yet, in ``tx``; they are counted
+        as pending again if ``tx`` does not commit (:meth:`_run`)."""
+        nbytes = self.served.take(device_task_id)
+        if nbytes:
+            tx.served[device_task_id] = tx.served.get(device_task_id, 0) + nbytes
+            timeline.add_bytes(tx.writer, {device_task_id: nbytes}, tx.now)
 
     # -- Studio and fuse: the task named by its tid -----------------------------------------
 

@@ -26,12 +26,12 @@ without one (the management API, the deadline sweep) name their source explicitl
 
 Bytes served per device task (:class:`ServedBytes`) are summed in memory by each worker and
 added to ``device_task_bytes`` in one transaction per interval, the kept first offers with them
-(and at shutdown, and for the device task being reported on, right after the report), never a
-write per chunk. The
-history shows a success report (101, or 201, §6.7.1) made while fewer bytes than the package
-were served as ``short_download``: flagged, not refused. The OneNET C SDK example does exactly
-that on packages of 4096·k + 1 bytes, whose last byte it never requests, and on 1-byte packages,
-which it never downloads (its chunk loop runs while ``start < size − 1``, spec §7 step 3).
+(and at shutdown; for the device task being reported on, in the report's own transaction),
+never a write per chunk. The history shows a success report (101, or 201, §6.7.1) made while
+fewer bytes than the package were served as ``short_download``: flagged, not refused. The
+OneNET C SDK example does exactly that on packages of 4096·k + 1 bytes, whose last byte it
+never requests, and on 1-byte packages, which it never downloads (its chunk loop runs while
+``start < size − 1``, spec §7 step 3).
 """
 
 from __future__ import annotations
@@ -390,8 +390,9 @@ class ServedBytes:
     """Bytes of packages served per device task, summed in memory and written in batches.
 
     :meth:`add` is a dictionary update (the download paths call it per chunk); :meth:`flush`
-    writes what is pending in one transaction (a periodic task and shutdown call it for
-    everything, a report that ends a download for its device task). All of it runs on the
+    writes what is pending in one transaction (a periodic task and shutdown call it);
+    :meth:`take` hands one device task's bytes to a report that ends its download, which
+    writes them in its own transaction. All of it runs on the
     worker's event loop thread, so no lock is needed. What is pending is bounded by the device
     tasks this worker served, never by what clients send.
     """
@@ -405,6 +406,11 @@ class ServedBytes:
         """Count ``nbytes`` served for ``device_task_id``."""
         pending = self._pending
         pending[device_task_id] = pending.get(device_task_id, 0) + nbytes
+
+    def take(self, device_task_id: int) -> int:
+        r"""The bytes pending for ``device_task_id``, no longer pending: the caller writes them
+        in its own transaction (and :meth:`add`\ s them back if that does not commit)."""
+        return self._pending.pop(device_task_id, 0)
 
     @property
     def pending(self) -> int:
