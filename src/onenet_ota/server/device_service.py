@@ -307,6 +307,30 @@ _SELECT_TID = select(*_TASK_COLUMNS).select_from(_TASK_JOIN).where(_dt.c.id == b
 _SELECT_VERSIONS = select(devices.c.f_version, devices.c.s_version).where(
     devices.c.dev_id == bindparam("dev_id")
 )
+# E1's read-only attempt: the stored versions with every open task's fields that E1's rules read
+# (T5's deadline, T6's target), in one statement, so in one snapshot: a row per open task, or one
+# row without a task.
+_SELECT_VERSIONS_AND_OPEN_TASKS = (
+    select(
+        devices.c.f_version,
+        devices.c.s_version,
+        devices.c.last_seen_at,
+        _dt.c.id.label("dt_id"),
+        _dt.c.module_type,
+        _t.c.start_time,
+        _t.c.deadline,
+        _p.c.target,
+    )
+    .select_from(
+        devices.outerjoin(
+            _dt,
+            and_(_dt.c.dev_id == devices.c.dev_id, _dt.c.state.in_(_OPEN_LITERALS)),
+        )
+        .outerjoin(_t, _t.c.id == _dt.c.task_id)
+        .outerjoin(_p, _p.c.id == _t.c.package_id)
+    )
+    .where(devices.c.dev_id == bindparam("dev_id"))
+)
 _SELECT_BY_AUTH_INFO = (
     select(devices.c.dev_id, devices.c.name)
     .where(devices.c.pid == bindparam("pid"), devices.c.auth_info == bindparam("auth_info"))
@@ -641,6 +665,7 @@ class DeviceService:
         self._read_keys = _Reader(engine, readers, _SELECT_KEYS)
         self._read_device = _Reader(engine, readers, _SELECT_DEVICE)
         self._read_versions = _Reader(engine, readers, _SELECT_VERSIONS)
+        self._read_versions_and_tasks = _Reader(engine, readers, _SELECT_VERSIONS_AND_OPEN_TASKS)
         self._read_by_auth_info = _Reader(engine, readers, _SELECT_BY_AUTH_INFO)
         self._read_open_task = _Reader(engine, readers, _SELECT_DEVICE_AND_OPEN_TASK)
         self._read_keys_and_open_task = _Reader(engine, readers, _SELECT_DEVICE_KEYS_AND_OPEN_TASK)
@@ -1050,8 +1075,15 @@ class DeviceService:
 
     def report_version(self, dev_id: int, f_version: str | None, s_version: str | None) -> Errno:
         """E1 (§6.1, D16): store the versions; an open task whose target is reported succeeds
-        (T6)."""
+        (T6).
+
+        A report that would change nothing (the versions stored already, no open task to move,
+        ``last_seen_at`` refreshed less than a minute ago) is answered from one read and writes
+        nothing: devices may post their version before every poll.
+        """
         reported = {TaskType.FOTA: f_version, TaskType.SOTA: s_version}
+        if self._version_report_changes_nothing(dev_id, f_version, s_version, reported):
+            return Errno.SUCC
 
         def work(tx: _Tx) -> Errno:
             before = _TX_VERSIONS.first(tx.writer, {"dev_id": dev_id})
@@ -1079,6 +1111,36 @@ class DeviceService:
             return Errno.SUCC if updated == 1 else Errno.AUTH_FAILED
 
         return self._run(work)
+
+    def _version_report_changes_nothing(
+        self,
+        dev_id: int,
+        f_version: str | None,
+        s_version: str | None,
+        reported: dict[TaskType, str | None],
+    ) -> bool:
+        """Whether E1's transaction would write nothing but ``last_seen_at``, and that is fresh
+        (refreshed at most every minute, as by E3): the versions are the stored ones and no
+        started open task has reached its deadline (T5) or is reported at its target (T6)."""
+        rows = self._read_versions_and_tasks.all(dev_id=dev_id)
+        if not rows:
+            return False  # unknown device: the transaction answers it
+        now = self._clock()
+        first = rows[0]
+        if (f_version is not None and f_version != first.f_version) or (
+            s_version is not None and s_version != first.s_version
+        ):
+            return False
+        if first.last_seen_at is None or now - first.last_seen_at >= _LAST_SEEN_RESOLUTION_S:
+            return False
+        for row in rows:
+            if row.dt_id is None or row.start_time > now:  # none, or not started (§5.2)
+                continue
+            if _deadline_passed(row.deadline, now):
+                return False  # T5 to apply
+            if reported[TaskType(row.module_type)] == row.target:
+                return False  # T6
+        return True
 
     def query_version(self, dev_id: int) -> dict[str, str] | None:
         """E2 (§6.2): the known versions (keys only for known ones); None if the device vanished."""
