@@ -1,6 +1,7 @@
 """The device-side rules of the classic API over the database (spec §4.2, §5, §6; D3-D23).
 
-Synchronous SQLAlchemy Core with prebuilt statements, at most one transaction per request. Every
+Synchronous SQLAlchemy Core with prebuilt statements, at most one transaction per request; inside
+it, the statements run on the transaction's driver connection (:class:`.db.Prepared`). Every
 task transition goes through :mod:`onenet_ota.protocol.states`; nothing here decides a state by
 itself, and the SQL that changes a device task's state is :mod:`.transitions`' (shared with the
 management side).
