@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Engine, Table, delete, insert, inspect, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    delete,
+    event,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from onenet_ota.server import db, schema
@@ -235,6 +249,87 @@ def test_errors_never_carry_statement_parameters(engine: Engine) -> None:
     with pytest.raises(IntegrityError) as excinfo, engine.begin() as conn:
         conn.execute(insert(schema.tokens).values(token=secret, device_task_id=999, issued_at=0))
     assert secret not in str(excinfo.value)
+
+
+# ------------------------------------------------------------------------- prepared statements
+
+_PRODUCT = insert(schema.products).values(
+    pid=bindparam("pid"), access_key=bindparam("key"), created_at=0
+)
+_PRODUCT_KEY = select(schema.products.c.pid, schema.products.c.access_key).where(
+    schema.products.c.pid == bindparam("pid")
+)
+_SET_KEY = (
+    update(schema.products)
+    .where(schema.products.c.pid == bindparam("pid"))
+    .values(access_key=bindparam("key"))
+)
+
+
+def test_prepared_statements_write_and_read_inside_the_callers_transaction(
+    engine: Engine,
+) -> None:
+    insert_product, read_key, set_key = (
+        db.Prepared(_PRODUCT),
+        db.Prepared(_PRODUCT_KEY),
+        db.Prepared(_SET_KEY),
+    )
+    with engine.begin() as conn:
+        assert insert_product.run(conn, {"pid": "1", "key": "a"}) == 1
+        assert insert_product.run(conn, {"pid": "2", "key": "b"}) == 1
+        assert set_key.run(conn, {"pid": "2", "key": "c"}) == 1
+        assert set_key.run(conn, {"pid": "404", "key": "c"}) == 0  # compare-and-set: no row
+        found = read_key.first(conn, {"pid": "2"})
+        assert found is not None
+        assert (found.pid, found.access_key) == ("2", "c")
+        assert read_key.first(conn, {"pid": "404"}) is None
+        assert [tuple(row) for row in read_key.all(conn, {"pid": "1"})] == [("1", "a")]
+    # Committed with the transaction; a transaction rolled back takes them away with it.
+    with contextlib.suppress(RuntimeError), engine.begin() as conn:
+        set_key.run(conn, {"pid": "1", "key": "lost"})
+        raise RuntimeError
+    with engine.connect() as conn:
+        keys = conn.execute(select(schema.products.c.access_key).order_by("pid")).scalars()
+        assert list(keys) == ["a", "c"]
+
+
+def test_prepared_statements_run_only_inside_a_transaction(engine: Engine) -> None:
+    # Core would begin one on its own; a statement sent to the driver alone would not tell it.
+    with engine.connect() as conn, pytest.raises(RuntimeError, match="inside"):
+        db.Prepared(_PRODUCT).run(conn, {"pid": "1", "key": "a"})
+
+
+def test_prepared_statement_errors_are_cores_and_reach_its_listeners(engine: Engine) -> None:
+    # The device service retries a transaction on IntegrityError (a token collision) and the
+    # metrics count errors through handle_error: both as for a statement run through Core.
+    secret = "ota_SECRETsecretSECRET2"
+    seen: list[BaseException] = []
+    event.listen(engine, "handle_error", lambda context: seen.append(context.original_exception))
+    insert_product = db.Prepared(_PRODUCT)
+    with engine.begin() as conn:
+        insert_product.run(conn, {"pid": "1", "key": "a"})
+    with pytest.raises(IntegrityError) as excinfo, engine.begin() as conn:
+        insert_product.run(conn, {"pid": "1", "key": secret})
+    assert not db.is_foreign_key_violation(excinfo.value)
+    assert secret not in str(excinfo.value)  # parameters hidden, as create_engine sets
+    assert len(seen) == 1
+    assert seen[0] is excinfo.value.orig
+
+
+def test_prepared_statements_reach_cursor_event_listeners(engine: Engine) -> None:
+    # Tests pause a transaction inside its statements through these events (tests/server/races).
+    statements: list[tuple[str, int]] = []
+
+    def after(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append((statement.split()[0], cursor.rowcount))
+
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        with engine.begin() as conn:
+            db.Prepared(_PRODUCT).run(conn, {"pid": "1", "key": "a"})
+    finally:
+        event.remove(engine, "after_cursor_execute", after)
+    assert ("INSERT", 1) in statements
 
 
 # ------------------------------------------------------------------------------ ids never reused

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, event, func, select, update
 
 from onenet_ota import auth
 from onenet_ota.protocol.errno import Errno
@@ -154,6 +154,69 @@ def test_e3_polling_refreshes_last_seen_once_a_minute(
     seeder.clock.advance(1)
     offer(service, w, "1.0.0-b")
     assert last_seen() == T0 + 61  # a changed version is always written
+
+
+def _commits_of(engine: Engine, call: Callable[[], T]) -> tuple[T, int]:
+    """``call``'s result and how many transactions it committed."""
+    commits: list[object] = []
+
+    def count(conn: object) -> None:
+        commits.append(conn)
+
+    event.listen(engine, "commit", count)
+    try:
+        return call(), len(commits)
+    finally:
+        event.remove(engine, "commit", count)
+
+
+def test_e1_repeating_the_stored_versions_writes_nothing_for_a_minute(
+    service: DeviceService, seeder: Seeder, engine: Engine
+) -> None:
+    # Devices may post their version before every poll: like E3, a report that changes nothing
+    # stays a read, and last_seen_at is refreshed at most once a minute.
+    w = seeder.world()
+
+    def last_seen() -> int:
+        with engine.begin() as conn:
+            query = select(devices.c.last_seen_at).where(devices.c.dev_id == w.dev_id)
+            return int(conn.execute(query).scalar_one())
+
+    def post(f: str | None, s: str | None = None) -> tuple[Errno, int]:
+        return _commits_of(engine, lambda: service.report_version(w.dev_id, f, s))
+
+    assert post("1.0.0") == (Errno.SUCC, 1)
+    assert last_seen() == T0
+    seeder.clock.advance(59)
+    assert post("1.0.0") == (Errno.SUCC, 0)
+    assert post(None) == (Errno.SUCC, 0)  # nothing reported: nothing to store either
+    assert last_seen() == T0
+    assert post("1.0.0", "2.0") == (Errno.SUCC, 1)  # a changed version is always written
+    assert seeder.versions(w.dev_id) == ("1.0.0", "2.0")
+    seeder.clock.advance(60)
+    assert post("1.0.0", "2.0") == (Errno.SUCC, 1)
+    assert last_seen() == T0 + 119
+    assert w.state() is S.TO_BE_UPGRADED
+    assert service.report_version(404, "1.0.0", None) is Errno.AUTH_FAILED
+
+
+def test_e1_repeating_the_stored_versions_still_applies_t5_and_t6(
+    service: DeviceService, seeder: Seeder
+) -> None:
+    # The versions stored and last_seen_at fresh, but a task to move: the report writes.
+    reached = seeder.world()
+    assert service.check_task(reached.dev_id, FOTA, "1.0.1")[0] is Errno.SUCC  # stores 1.0.1
+    assert service.report_version(reached.dev_id, "1.0.1", None) is Errno.SUCC
+    assert reached.state() is S.SUCCEEDED  # T6
+    due = seeder.world(deadline=T0 + 30)
+    assert service.report_version(due.dev_id, "1.0.0", None) is Errno.SUCC
+    seeder.clock.advance(30)
+    assert service.report_version(due.dev_id, "1.0.0", None) is Errno.SUCC
+    assert due.state() is S.FAILED  # T5
+    later = seeder.world(start_time=T0 + HOUR)  # not started: invisible, so nothing to do
+    assert service.report_version(later.dev_id, "1.0.1", None) is Errno.SUCC
+    assert service.report_version(later.dev_id, "1.0.1", None) is Errno.SUCC
+    assert later.state() is S.TO_BE_UPGRADED
 
 
 def test_e1_completes_both_types_when_targets_coincide(
@@ -416,7 +479,9 @@ def test_a_report_chosen_as_deadlock_victim_runs_again(
         table="device_tasks",
     )
     assert reporting.error is None, reporting.error
-    assert runs == 2
+    # It ran again. A retry can take the device task's row before the other session's waiting
+    # UPDATE does, and be the victim of the same cycle once more: more runs, same outcome.
+    assert runs >= 2
     assert reporting.result is Errno.SUCC
     assert w.state() is S.SUCCEEDED
     assert seeder.versions(w.dev_id) == ("1.0.1", None)

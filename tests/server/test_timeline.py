@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx2
 import pytest
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, event, func, select, update
+from sqlalchemy.exc import StatementError
 
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import (
@@ -353,3 +354,62 @@ def test_bytes_served_still_pending_are_written_when_the_device_api_closes(
             )
         ).scalar_one()
     assert served == 100
+
+
+def _bytes_written(engine: Engine, device_task_id: int) -> int | None:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(device_task_bytes.c.served).where(
+                device_task_bytes.c.device_task_id == device_task_id
+            )
+        ).scalar_one_or_none()
+
+
+def test_a_report_ending_a_download_writes_its_bytes_served_in_its_own_transaction(
+    seeder: Seeder, service: DeviceService, engine: Engine
+) -> None:
+    # One commit for the report and the bytes: never a report on the timeline whose download's
+    # bytes a crash lost in between, and one transaction fewer per device.
+    w = seeder.world()
+    seeder.set_state(w.task_id, S.DOWNLOADING)
+    service.served.add(w.task_id, 4096)
+    commits: list[object] = []
+
+    def count(conn: object) -> None:
+        commits.append(conn)
+
+    event.listen(engine, "commit", count)
+    try:
+        reported = service.report_tid(w.dev_id, w.task_id, Report(ReportKind.DOWNLOADED, 101))
+    finally:
+        event.remove(engine, "commit", count)
+    assert reported is Errno.SUCC
+    assert len(commits) == 1
+    assert service.served.pending == 0
+    assert _bytes_written(engine, w.task_id) == 4096
+    assert w.state() is S.UPGRADING
+
+
+def test_bytes_served_stay_pending_when_the_reports_transaction_fails(
+    seeder: Seeder, service: DeviceService, engine: Engine
+) -> None:
+    w = seeder.world()
+    seeder.set_state(w.task_id, S.DOWNLOADING)
+    service.served.add(w.task_id, 4096)
+
+    def fail_the_feed_row(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO cache_changes"):  # the report's last statement
+            raise RuntimeError("the database went away")
+
+    event.listen(engine, "before_cursor_execute", fail_the_feed_row)
+    try:
+        with pytest.raises(StatementError, match="went away"):
+            service.report_tid(w.dev_id, w.task_id, Report(ReportKind.DOWNLOADED, 101))
+    finally:
+        event.remove(engine, "before_cursor_execute", fail_the_feed_row)
+    assert w.state() is S.DOWNLOADING  # nothing of the report committed
+    assert _bytes_written(engine, w.task_id) is None
+    assert service.served.pending == 1  # so the periodic flush or the next report writes them
+    assert service.report_tid(w.dev_id, w.task_id, Report(ReportKind.DOWNLOADED, 101)) is Errno.SUCC
+    assert _bytes_written(engine, w.task_id) == 4096
+    assert service.served.pending == 0

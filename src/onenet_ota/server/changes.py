@@ -64,6 +64,7 @@ from sqlalchemy import (
     text,
 )
 
+from onenet_ota.server.db import Prepared
 from onenet_ota.server.schema import cache_changes
 
 __all__ = [
@@ -110,13 +111,25 @@ def publish(
             return
         if len(ids) > MAX_DEVICES_PER_CHANGE:
             ids = [None]
-    rows = [{"dev_id": dev_id, "created_at": int(now), "origin": origin} for dev_id in ids]
-    statement = insert(cache_changes).values(
-        dev_id=bindparam("dev_id"), created_at=bindparam("created_at"), origin=bindparam("origin")
-    )
-    if conn.dialect.name == "postgresql":
-        statement = statement.values(xid=_PG_XID)
-    conn.execute(statement, rows)
+    postgres = conn.dialect.name == "postgresql"
+    created_at = int(now)
+    if len(ids) == 1:  # most transactions touch one device: one prepared INSERT
+        prepared = _PREPARED_PG if postgres else _PREPARED
+        prepared.run(conn, {"dev_id": ids[0], "created_at": created_at, "origin": origin})
+        return
+    rows = [{"dev_id": dev_id, "created_at": created_at, "origin": origin} for dev_id in ids]
+    conn.execute(_INSERT_PG if postgres else _INSERT, rows)
+
+
+# Prebuilt: every write transaction of the device API publishes, and a statement built per call
+# costs its construction and cache-key computation each time (measured on SQLite: about 300 us per
+# publish built per call, about 80 us prebuilt, less again prepared).
+_INSERT: Final = insert(cache_changes).values(
+    dev_id=bindparam("dev_id"), created_at=bindparam("created_at"), origin=bindparam("origin")
+)
+_INSERT_PG: Final = _INSERT.values(xid=_PG_XID)
+_PREPARED: Final = Prepared(_INSERT)
+_PREPARED_PG: Final = Prepared(_INSERT_PG)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """The device-side rules of the classic API over the database (spec §4.2, §5, §6; D3-D23).
 
-Synchronous SQLAlchemy Core with prebuilt statements, at most one transaction per request. Every
+Synchronous SQLAlchemy Core with prebuilt statements, at most one transaction per request; inside
+it, the statements run on the transaction's driver connection (:class:`.db.Prepared`). Every
 task transition goes through :mod:`onenet_ota.protocol.states`; nothing here decides a state by
 itself, and the SQL that changes a device task's state is :mod:`.transitions`' (shared with the
 management side).
@@ -98,7 +99,7 @@ from onenet_ota.protocol.states import (
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
 from onenet_ota.server import changes, timeline
-from onenet_ota.server.db import is_transient
+from onenet_ota.server.db import Prepared, is_transient
 from onenet_ota.server.device_caches import (
     Answer,
     Clock,
@@ -307,6 +308,30 @@ _SELECT_TID = select(*_TASK_COLUMNS).select_from(_TASK_JOIN).where(_dt.c.id == b
 _SELECT_VERSIONS = select(devices.c.f_version, devices.c.s_version).where(
     devices.c.dev_id == bindparam("dev_id")
 )
+# E1's read-only attempt: the stored versions with every open task's fields that E1's rules read
+# (T5's deadline, T6's target), in one statement, so in one snapshot: a row per open task, or one
+# row without a task.
+_SELECT_VERSIONS_AND_OPEN_TASKS = (
+    select(
+        devices.c.f_version,
+        devices.c.s_version,
+        devices.c.last_seen_at,
+        _dt.c.id.label("dt_id"),
+        _dt.c.module_type,
+        _t.c.start_time,
+        _t.c.deadline,
+        _p.c.target,
+    )
+    .select_from(
+        devices.outerjoin(
+            _dt,
+            and_(_dt.c.dev_id == devices.c.dev_id, _dt.c.state.in_(_OPEN_LITERALS)),
+        )
+        .outerjoin(_t, _t.c.id == _dt.c.task_id)
+        .outerjoin(_p, _p.c.id == _t.c.package_id)
+    )
+    .where(devices.c.dev_id == bindparam("dev_id"))
+)
 _SELECT_BY_AUTH_INFO = (
     select(devices.c.dev_id, devices.c.name)
     .where(devices.c.pid == bindparam("pid"), devices.c.auth_info == bindparam("auth_info"))
@@ -398,6 +423,18 @@ _SET_VERSIONS = (
         last_seen_at=bindparam("now"),
     )
 )
+
+# The same statements inside write transactions, run on the driver (db.Prepared): most device
+# requests that write run three to six of them.
+_TX_DEVICE_AND_OPEN_TASK: Final = Prepared(_SELECT_DEVICE_AND_OPEN_TASK)
+_TX_TOKEN: Final = Prepared(_SELECT_TOKEN)
+_TX_TID: Final = Prepared(_SELECT_TID)
+_TX_VERSIONS: Final = Prepared(_SELECT_VERSIONS)
+_TX_OPEN_TASKS: Final = Prepared(_SELECT_OPEN_TASKS)
+_TX_SET_TOKEN: Final = Prepared(_SET_TOKEN)
+_TX_INSERT_TOKEN: Final = Prepared(_INSERT_TOKEN)
+_TX_SET_VERSIONS: Final = Prepared(_SET_VERSIONS)
+_TX_OFFERED: Final = Prepared(timeline.SELECT_OFFERED)
 
 
 class _ReadConnections:
@@ -542,6 +579,7 @@ class _Tx:
     touched: set[int] = field(default_factory=set)  # devices whose cached facts changed
     touched_all: bool = False
     offered: list[tuple[int, str | None]] = field(default_factory=list)  # first offers written
+    served: dict[int, int] = field(default_factory=dict)  # bytes served written, per device task
 
     @property
     def writer(self) -> Connection:
@@ -628,6 +666,7 @@ class DeviceService:
         self._read_keys = _Reader(engine, readers, _SELECT_KEYS)
         self._read_device = _Reader(engine, readers, _SELECT_DEVICE)
         self._read_versions = _Reader(engine, readers, _SELECT_VERSIONS)
+        self._read_versions_and_tasks = _Reader(engine, readers, _SELECT_VERSIONS_AND_OPEN_TASKS)
         self._read_by_auth_info = _Reader(engine, readers, _SELECT_BY_AUTH_INFO)
         self._read_open_task = _Reader(engine, readers, _SELECT_DEVICE_AND_OPEN_TASK)
         self._read_keys_and_open_task = _Reader(engine, readers, _SELECT_DEVICE_KEYS_AND_OPEN_TASK)
@@ -682,6 +721,7 @@ class DeviceService:
                         changes.publish(conn, None, tx.now, origin=self._origin)
                     elif tx.touched:
                         changes.publish(conn, tx.touched, tx.now, origin=self._origin)
+                tx.served.clear()  # committed: written
                 self._remember_offers(tx.offered)  # committed: they are on the timeline
                 return result
             except (ConcurrentChange, IntegrityError):
@@ -694,12 +734,14 @@ class DeviceService:
             finally:
                 if tx is not None:
                     self._invalidate_touched(tx)
+                    for dt_id, nbytes in tx.served.items():  # not committed: pending again
+                        self.served.add(dt_id, nbytes)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _read_first(
         self,
         reader: _Reader,
-        statement: Select[Any],
+        statement: Prepared,
         params: dict[str, Any],
         work: Callable[[_Tx, Any], T],
     ) -> T:
@@ -710,7 +752,7 @@ class DeviceService:
     def _decide(
         self,
         row: Any,
-        statement: Select[Any],
+        statement: Prepared,
         params: dict[str, Any],
         work: Callable[[_Tx, Any], T],
     ) -> T:
@@ -719,7 +761,7 @@ class DeviceService:
             return work(_Tx(None, self._clock()), row)
         except _NeedsWrite:
             pass
-        return self._run(lambda tx: work(tx, tx.writer.execute(statement, params).first()))
+        return self._run(lambda tx: work(tx, statement.first(tx.writer, params)))
 
     def _invalidate_touched(self, tx: _Tx) -> None:
         if tx.touched_all:
@@ -860,7 +902,7 @@ class DeviceService:
                 kept[source.dialect] = (tx.now, source)
             return
         params = {"e_id": row.dt_id, "e_dialect": source.dialect}
-        found = tx.conn.execute(timeline.SELECT_OFFERED, params).first()
+        found = _TX_OFFERED.first(tx.conn, params)
         if found is not None:
             self._remember_offers([key])
             return
@@ -1034,20 +1076,27 @@ class DeviceService:
 
     def report_version(self, dev_id: int, f_version: str | None, s_version: str | None) -> Errno:
         """E1 (§6.1, D16): store the versions; an open task whose target is reported succeeds
-        (T6)."""
+        (T6).
+
+        A report that would change nothing (the versions stored already, no open task to move,
+        ``last_seen_at`` refreshed less than a minute ago) is answered from one read and writes
+        nothing: devices may post their version before every poll.
+        """
         reported = {TaskType.FOTA: f_version, TaskType.SOTA: s_version}
+        if self._version_report_changes_nothing(dev_id, f_version, s_version, reported):
+            return Errno.SUCC
 
         def work(tx: _Tx) -> Errno:
-            before = tx.writer.execute(_SELECT_VERSIONS, {"dev_id": dev_id}).first()
-            for row in tx.writer.execute(_SELECT_OPEN_TASKS, {"dev_id": dev_id}).all():
+            before = _TX_VERSIONS.first(tx.writer, {"dev_id": dev_id})
+            for row in _TX_OPEN_TASKS.all(tx.writer, {"dev_id": dev_id}):
                 if row.start_time > tx.now:  # not started: invisible to devices (§5.2)
                     continue
                 state = self._effective_state(tx, row, dev_id)
                 version = reported[TaskType(row.module_type)]
                 if state.is_open and version is not None and version == row.target:
                     self._transition(tx, row, on_action(state, Action.VERSION_REACHED))
-            result = tx.writer.execute(
-                _SET_VERSIONS,
+            updated = _TX_SET_VERSIONS.run(
+                tx.writer,
                 {"b_dev_id": dev_id, "f": f_version, "s": s_version, "now": int(tx.now)},
             )
             if before is not None:
@@ -1060,9 +1109,39 @@ class DeviceService:
             # Cached E3/S-C/F-C answers rest on the stored versions (their step 5 records the
             # version only when it changed): drop them.
             tx.touched.add(dev_id)
-            return Errno.SUCC if result.rowcount == 1 else Errno.AUTH_FAILED
+            return Errno.SUCC if updated == 1 else Errno.AUTH_FAILED
 
         return self._run(work)
+
+    def _version_report_changes_nothing(
+        self,
+        dev_id: int,
+        f_version: str | None,
+        s_version: str | None,
+        reported: dict[TaskType, str | None],
+    ) -> bool:
+        """Whether E1's transaction would write nothing but ``last_seen_at``, and that is fresh
+        (refreshed at most every minute, as by E3): the versions are the stored ones and no
+        started open task has reached its deadline (T5) or is reported at its target (T6)."""
+        rows = self._read_versions_and_tasks.all(dev_id=dev_id)
+        if not rows:
+            return False  # unknown device: the transaction answers it
+        now = self._clock()
+        first = rows[0]
+        if (f_version is not None and f_version != first.f_version) or (
+            s_version is not None and s_version != first.s_version
+        ):
+            return False
+        if first.last_seen_at is None or now - first.last_seen_at >= _LAST_SEEN_RESOLUTION_S:
+            return False
+        for row in rows:
+            if row.dt_id is None or row.start_time > now:  # none, or not started (§5.2)
+                continue
+            if _deadline_passed(row.deadline, now):
+                return False  # T5 to apply
+            if reported[TaskType(row.module_type)] == row.target:
+                return False  # T6
+        return True
 
     def query_version(self, dev_id: int) -> dict[str, str] | None:
         """E2 (§6.2): the known versions (keys only for known ones); None if the device vanished."""
@@ -1140,7 +1219,7 @@ class DeviceService:
 
         if row is None:
             row = self._read_open_task.one(**params)
-        errno, info, valid_until = self._decide(row, _SELECT_DEVICE_AND_OPEN_TASK, params, work)
+        errno, info, valid_until = self._decide(row, _TX_DEVICE_AND_OPEN_TASK, params, work)
         if valid_until is not None:
             caches.keep_answer(generation, dev_id, key, Answer(errno, info, valid_until))
         return errno, info
@@ -1178,7 +1257,7 @@ class DeviceService:
 
         params = {"dev_id": dev_id, "module_type": int(task_type)}
         errno, info, valid_until = self._read_first(
-            self._read_open_task, _SELECT_DEVICE_AND_OPEN_TASK, params, work
+            self._read_open_task, _TX_DEVICE_AND_OPEN_TASK, params, work
         )
         if valid_until is not None and errno is not Errno.AUTH_FAILED:
             answer = Answer(errno, None, valid_until, tid_info=info)
@@ -1238,8 +1317,8 @@ class DeviceService:
             if stored != version:
                 field_name = "f_version" if fota else "s_version"
                 timeline.record_version(tx.writer, dev_id, tx.now, {field_name: version})
-            tx.writer.execute(
-                _SET_VERSIONS,
+            _TX_SET_VERSIONS.run(
+                tx.writer,
                 {
                     "b_dev_id": dev_id,
                     "f": version if fota else None,
@@ -1291,9 +1370,9 @@ class DeviceService:
             "now": now,
         }
         conn = tx.writer
-        if conn.execute(_SET_TOKEN, params).rowcount != 1:
+        if _TX_SET_TOKEN.run(conn, params) != 1:
             raise ConcurrentChange
-        conn.execute(_INSERT_TOKEN, {"v_token": token, "v_id": row.dt_id, "now": now})
+        _TX_INSERT_TOKEN.run(conn, {"v_token": token, "v_id": row.dt_id, "now": now})
         tx.touched.add(row.dt_dev_id)
         return token
 
@@ -1312,7 +1391,7 @@ class DeviceService:
             return Errno.SUCC, _task_info(row, row.current_token)
 
         params = {"dev_id": dev_id, "module_type": int(task_type)}
-        return self._read_first(self._read_open_task, _SELECT_DEVICE_AND_OPEN_TASK, params, work)
+        return self._read_first(self._read_open_task, _TX_DEVICE_AND_OPEN_TASK, params, work)
 
     # -- E5, E7, E8 --------------------------------------------------------------------------
 
@@ -1345,9 +1424,7 @@ class DeviceService:
                 return outcome.errno, _valid_until(row.issued_at, row.deadline)
             return outcome.errno, None
 
-        errno, valid_until = self._read_first(
-            self._read_token, _SELECT_TOKEN, {"token": token}, work
-        )
+        errno, valid_until = self._read_first(self._read_token, _TX_TOKEN, {"token": token}, work)
         if valid_until is not None:
             caches.keep_answer(generation, dev_id, key, Answer(errno, None, valid_until))
         return errno
@@ -1399,24 +1476,22 @@ class DeviceService:
         """
         if token is None or values.TOKEN_RE.fullmatch(token) is None:
             return Errno.AUTH_FAILED
-        errno = self._report(dev_id, _SELECT_TOKEN, {"token": token}, report)
+        errno = self._report(dev_id, _TX_TOKEN, {"token": token}, report)
         return Errno.AUTH_FAILED if errno is None else errno  # unknown or foreign (§5.6)
 
     def report_tid(self, dev_id: int, tid: int, report: Report | Errno) -> Errno | None:
         """S-R and F-R (S8, F9): E7's table on the device task ``tid``; None when it is not
         this device's task (each dialect numbers that answer)."""
-        return self._report(dev_id, _SELECT_TID, {"tid": tid}, report)
+        return self._report(dev_id, _TX_TID, {"tid": tid}, report)
 
     def _report(
-        self, dev_id: int, statement: Select[Any], params: dict[str, Any], report: Report | Errno
+        self, dev_id: int, statement: Prepared, params: dict[str, Any], report: Report | Errno
     ) -> Errno | None:
         """The report rules of every dialect, on the task ``statement`` finds; None when it
         finds none of this device's."""
-        done: list[int] = []  # the device task, when the report moved it
 
         def work(tx: _Tx) -> Errno | None:
-            done.clear()
-            row = tx.writer.execute(statement, params).first()
+            row = statement.first(tx.writer, params)
             if row is None or row.dt_dev_id != dev_id:
                 return None
             if isinstance(report, Errno):
@@ -1444,11 +1519,14 @@ class DeviceService:
                 kind="report",
                 code=report.value,
             )
-            done.append(row.dt_id)
+            # The download is over: what this worker served of it is written with the report,
+            # in its transaction, rather than at the next periodic flush (or in a transaction of
+            # its own after this one).
+            self._write_served(tx, row.dt_id)
             if report.kind is ReportKind.UPGRADED:  # T15: the device now runs the target
                 fota = TaskType(row.module_type) is TaskType.FOTA
-                tx.writer.execute(
-                    _SET_VERSIONS,
+                _TX_SET_VERSIONS.run(
+                    tx.writer,
                     {
                         "b_dev_id": dev_id,
                         "f": row.target if fota else None,
@@ -1458,18 +1536,15 @@ class DeviceService:
                 )
             return Errno.SUCC
 
-        errno = self._run(work)
-        if done:
-            # The download is over: what this worker served of it goes to the database now
-            # rather than at the next periodic flush.
-            self._flush_served(done)
-        return errno
+        return self._run(work)
 
-    def _flush_served(self, device_task_ids: list[int]) -> None:
-        try:
-            self.served.flush(device_task_ids)
-        except Exception:
-            log.warning("cannot write the bytes served; the periodic flush will retry")
+    def _write_served(self, tx: _Tx, device_task_id: int) -> None:
+        """The bytes served of ``device_task_id`` not written yet, in ``tx``; they are counted
+        as pending again if ``tx`` does not commit (:meth:`_run`)."""
+        nbytes = self.served.take(device_task_id)
+        if nbytes:
+            tx.served[device_task_id] = tx.served.get(device_task_id, 0) + nbytes
+            timeline.add_bytes(tx.writer, {device_task_id: nbytes}, tx.now)
 
     # -- Studio and fuse: the task named by its tid -----------------------------------------
 
@@ -1515,7 +1590,7 @@ class DeviceService:
             until = _FOREVER if row.deadline is None or not new.is_open else float(row.deadline)
             return found, until
 
-        found, valid_until = self._read_first(self._read_tid, _SELECT_TID, {"tid": tid}, work)
+        found, valid_until = self._read_first(self._read_tid, _TX_TID, {"tid": tid}, work)
         if found is not None and valid_until is not None:
             answer = Answer(found[0], None, valid_until, status=found[1])
             caches.keep_answer(generation, dev_id, key, answer)
@@ -1556,7 +1631,7 @@ class DeviceService:
             if new is not None and new is not state:
                 self._transition(tx, row, new)
 
-        self._read_first(self._read_tid, _SELECT_TID, {"tid": tid}, work)
+        self._read_first(self._read_tid, _TX_TID, {"tid": tid}, work)
 
     # -- E6 ----------------------------------------------------------------------------------
 

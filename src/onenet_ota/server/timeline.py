@@ -26,12 +26,12 @@ without one (the management API, the deadline sweep) name their source explicitl
 
 Bytes served per device task (:class:`ServedBytes`) are summed in memory by each worker and
 added to ``device_task_bytes`` in one transaction per interval, the kept first offers with them
-(and at shutdown, and for the device task being reported on, right after the report), never a
-write per chunk. The
-history shows a success report (101, or 201, §6.7.1) made while fewer bytes than the package
-were served as ``short_download``: flagged, not refused. The OneNET C SDK example does exactly
-that on packages of 4096·k + 1 bytes, whose last byte it never requests, and on 1-byte packages,
-which it never downloads (its chunk loop runs while ``start < size − 1``, spec §7 step 3).
+(and at shutdown; for the device task being reported on, in the report's own transaction),
+never a write per chunk. The history shows a success report (101, or 201, §6.7.1) made while
+fewer bytes than the package were served as ``short_download``: flagged, not refused. The
+OneNET C SDK example does exactly that on packages of 4096·k + 1 bytes, whose last byte it
+never requests, and on 1-byte packages, which it never downloads (its chunk loop runs while
+``start < size − 1``, spec §7 step 3).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from onenet_ota.management.models import EventKind, HistoryEvent, ShortDownload
 from onenet_ota.protocol.code_texts import code_name, code_text
 from onenet_ota.protocol.states import TaskState
+from onenet_ota.server.db import Prepared
 from onenet_ota.server.http import FileSegment, Response
 from onenet_ota.server.schema import (
     device_task_bytes,
@@ -169,6 +170,9 @@ _INSERT_FOR_TASK = insert(_ev).from_select(
 )
 
 
+_INSERT_FOR_TASK_PREPARED: Final = Prepared(_INSERT_FOR_TASK)
+
+
 def record_transition(
     conn: Connection,
     device_task_id: int,
@@ -184,8 +188,8 @@ def record_transition(
     """One event of device task ``device_task_id`` (its state change from ``old`` to ``new``,
     or a report that changed nothing when they are None)."""
     who = current_source() if source is None else source
-    conn.execute(
-        _INSERT_FOR_TASK,
+    _INSERT_FOR_TASK_PREPARED.run(
+        conn,
         {
             "e_id": device_task_id,
             "e_at": _ms(now),
@@ -259,8 +263,8 @@ def record_version(
         return
     who = current_source(default_dialect)
     detail = " ".join(f"{field}={value}" for field, value in sorted(changed.items()))
-    conn.execute(
-        _INSERT_VERSION,
+    _INSERT_VERSION_PREPARED.run(
+        conn,
         {
             "e_dev_id": dev_id,
             "e_at": _ms(now),
@@ -270,6 +274,8 @@ def record_version(
         },
     )
 
+
+_INSERT_VERSION_PREPARED: Final = Prepared(_INSERT_VERSION)
 
 SELECT_OFFERED: Final = select(_ev.c.id).where(
     _ev.c.device_task_id == bindparam("e_id"),
@@ -317,6 +323,9 @@ _INSERT_FIRST_OFFER = insert(_ev).from_select(
 )
 
 
+_INSERT_FIRST_OFFER_PREPARED: Final = Prepared(_INSERT_FIRST_OFFER)
+
+
 def record_first_offers(conn: Connection, offers: Iterable[tuple[int, float, Source]]) -> None:
     """First offers (device task id, when, through which request) kept back from the requests
     that made them, each written unless its device task has one through that dialect already
@@ -326,7 +335,9 @@ def record_first_offers(conn: Connection, offers: Iterable[tuple[int, float, Sou
         {"e_id": dt_id, "e_at": _ms(at), "e_dialect": who.dialect, "e_endpoint": who.endpoint}
         for dt_id, at, who in offers
     ]
-    if rows:
+    if len(rows) == 1:  # a device task's next event writes its own kept offer
+        _INSERT_FIRST_OFFER_PREPARED.run(conn, rows[0])
+    elif rows:
         conn.execute(_INSERT_FIRST_OFFER, rows)
 
 
@@ -345,12 +356,20 @@ def delete_device(conn: Connection, dev_id: int) -> None:
 # -- bytes served -----------------------------------------------------------------------------
 
 
-def _add_bytes_statement(conn: Connection) -> Any:
-    ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(_b)
+def _build_add_bytes(insert_: Any) -> Any:
+    ins = insert_(_b)
     return ins.on_conflict_do_update(
         index_elements=[_b.c.device_task_id],
         set_={"served": _b.c.served + ins.excluded.served, "updated_at": ins.excluded.updated_at},
     )
+
+
+# Prebuilt per dialect: every download's end writes its bytes (see ServedBytes).
+_ADD_BYTES: Final = {
+    "postgresql": _build_add_bytes(postgresql.insert),
+    "sqlite": _build_add_bytes(sqlite.insert),
+}
+_ADD_BYTES_PREPARED: Final = {name: Prepared(statement) for name, statement in _ADD_BYTES.items()}
 
 
 def add_bytes(conn: Connection, counts: dict[int, int], now: float) -> None:
@@ -360,15 +379,20 @@ def add_bytes(conn: Connection, counts: dict[int, int], now: float) -> None:
             {"device_task_id": dt_id, "served": n, "updated_at": int(now)}
             for dt_id, n in counts.items()
         ]
-        conn.execute(_add_bytes_statement(conn), rows)
+        name = conn.dialect.name
+        if len(rows) == 1:  # a report's own download, the common case
+            _ADD_BYTES_PREPARED[name].run(conn, rows[0])
+        else:
+            conn.execute(_ADD_BYTES[name], rows)
 
 
 class ServedBytes:
     """Bytes of packages served per device task, summed in memory and written in batches.
 
     :meth:`add` is a dictionary update (the download paths call it per chunk); :meth:`flush`
-    writes what is pending in one transaction (a periodic task and shutdown call it for
-    everything, a report that ends a download for its device task). All of it runs on the
+    writes what is pending in one transaction (a periodic task and shutdown call it);
+    :meth:`take` hands one device task's bytes to a report that ends its download, which
+    writes them in its own transaction. All of it runs on the
     worker's event loop thread, so no lock is needed. What is pending is bounded by the device
     tasks this worker served, never by what clients send.
     """
@@ -382,6 +406,11 @@ class ServedBytes:
         """Count ``nbytes`` served for ``device_task_id``."""
         pending = self._pending
         pending[device_task_id] = pending.get(device_task_id, 0) + nbytes
+
+    def take(self, device_task_id: int) -> int:
+        r"""The bytes pending for ``device_task_id``, no longer pending: the caller writes them
+        in its own transaction (and :meth:`add`\ s them back if that does not commit)."""
+        return self._pending.pop(device_task_id, 0)
 
     @property
     def pending(self) -> int:

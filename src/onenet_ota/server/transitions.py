@@ -52,7 +52,7 @@ from onenet_ota.protocol.states import (
     action_sources,
     on_action,
 )
-from onenet_ota.server.db import chunks
+from onenet_ota.server.db import Prepared, chunks
 from onenet_ota.server.schema import device_tasks, tasks
 from onenet_ota.server.timeline import (
     ADMIN,
@@ -108,6 +108,10 @@ _SET_PROGRESS = (
     .values(progress=bindparam("v_progress"), updated_at=bindparam("now"))
 )
 
+
+# Run on the driver (db.Prepared): every device report and check that moves a task runs one.
+_SET_STATE_PREPARED: Final = Prepared(_SET_STATE)
+_SET_PROGRESS_PREPARED: Final = Prepared(_SET_PROGRESS)
 
 _INSERT_BATCH: Final = 500  # device-task rows per executemany
 _OPEN_CODES: Final = [int(state) for state in OPEN_STATES]
@@ -201,8 +205,8 @@ def set_state(
 
     The timeline event says ``kind`` (``report`` for a device's report, whose value is
     ``code``; ``state`` otherwise) and ``source`` (None: the device request being answered)."""
-    result = conn.execute(
-        _SET_STATE,
+    changed = _SET_STATE_PREPARED.run(
+        conn,
         {
             "b_id": device_task_id,
             "b_state": int(old),
@@ -214,7 +218,7 @@ def set_state(
             "v_finished_at": int(now) if new.is_terminal else None,
         },
     )
-    if result.rowcount != 1:
+    if changed != 1:
         raise ConcurrentChange
     event_code = result_code if code is None else code
     record_transition(
@@ -228,7 +232,7 @@ def set_progress(
     """T11: record ``progress`` on a device task still in ``state``; :class:`ConcurrentChange`
     when it no longer is."""
     params = {"b_id": device_task_id, "b_state": int(state), "v_progress": progress}
-    if conn.execute(_SET_PROGRESS, {**params, "now": int(now)}).rowcount != 1:
+    if _SET_PROGRESS_PREPARED.run(conn, {**params, "now": int(now)}) != 1:
         raise ConcurrentChange
     record_transition(conn, device_task_id, None, None, now, kind="progress", code=progress)
 
