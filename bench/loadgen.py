@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import math
 import multiprocessing
 import multiprocessing.connection
 import select
@@ -104,7 +105,10 @@ def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, An
 
     ``options``: ``warmup`` and ``duration`` (seconds), ``concurrency`` (clients), and
     optionally ``rate`` (requests per second for all clients together; 0 for as fast as the
-    server answers).
+    server answers) and ``warmup_requests``: the measured seconds start only once that many
+    responses have come back as well (one pass over a scenario's devices, so that no device's
+    first request, which fills the server's caches, lands in the measurement however slowly
+    the warm-up went; given up 60 s after the warm-up seconds).
     """
     warmup: float = options["warmup"]
     duration: float = options["duration"]
@@ -121,8 +125,13 @@ def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, An
     poller = select.epoll()
     conns: dict[int, _Conn] = {}
     clock = time.monotonic
+    warmup_requests: int = options.get("warmup_requests", 0)
     start_at = clock() + warmup
     stop_at = start_at + duration
+    warm_by = start_at  # the warm-up's seconds end here, its responses whenever they are in
+    if warmup_requests > 0:
+        start_at = stop_at = math.inf
+    answered = 0  # responses, warm-up included
     sent = completed = errors = body_bytes = 0
     first_error = ""
     latency = Histogram()
@@ -219,6 +228,10 @@ def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, An
             if response[9:12] != expect_status or expect_body not in response:
                 fail(fd, conn, repr(response[:300]))
                 continue
+            answered += 1
+            if answered == warmup_requests:
+                start_at = max(now, warm_by)
+                stop_at = start_at + duration
             if start_at <= now < stop_at:
                 completed += 1
                 body_bytes += len(response) - body_start
@@ -235,6 +248,8 @@ def run_scenario(host: str, port: int, scenario: Scenario, options: dict[str, An
                 if now < stop_at:
                     open_conn()
         now = clock()
+        if start_at == math.inf and now > warm_by + 60:
+            start_at, stop_at = now, now + duration  # a warm-up that never ends: measure anyway
         while due and due[0][0] <= now:
             _, fd = heapq.heappop(due)
             conn = conns.get(fd)
