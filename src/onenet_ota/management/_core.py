@@ -490,7 +490,8 @@ class ManagementCore:
         return Pages(lambda after: self.list_accounts(limit=page_size, after=after))
 
     def get_account(self, uid: str) -> Call[Account]:
-        """An account with its access key and product count (``GET /accounts/{uid}``)."""
+        """An account with its product count, without its key: see :meth:`reveal_account_key`
+        (``GET /accounts/{uid}``)."""
         return self.call("GET", f"/accounts/{_seg(uid)}", _model(Account))
 
     def delete_account(self, uid: str) -> Call[None]:
@@ -529,7 +530,8 @@ class ManagementCore:
         return Pages(lambda after: self.list_products(limit=page_size, after=after))
 
     def get_product(self, pid: str) -> Call[Product]:
-        """A product with its access key and device count (``GET /products/{pid}``)."""
+        """A product with its device count, without its key: see :meth:`reveal_product_key`
+        (``GET /products/{pid}``)."""
         return self.call("GET", f"/products/{_seg(pid)}", _model(Product))
 
     def delete_product(self, pid: str) -> Call[None]:
