@@ -13,7 +13,7 @@ from sqlalchemy import Engine, Table, and_, func, select, update
 
 from onenet_ota.management.models import DispatchRate
 from onenet_ota.protocol.states import TaskState
-from onenet_ota.server import changes, schema
+from onenet_ota.server import audit, changes, schema
 from onenet_ota.server.admin_service import (
     AdminService,
     Conflict,
@@ -181,7 +181,8 @@ def test_stages_activate_in_order_gates_advance_and_the_last_finishes(
         StageSpec(rest=True, success_percent=80),
     )
     campaign = service.create(spec)
-    started = service.act(campaign.id, "start")
+    with audit.acting_as("release-bot"):
+        started = service.act(campaign.id, "start")
     assert started.campaign.state == "running"
     assert [len(c.dev_ids) for c in started.created] == [5]
     assert len(_members(engine, campaign.id)) == 5
@@ -208,12 +209,12 @@ def test_stages_activate_in_order_gates_advance_and_the_last_finishes(
     detail = service.get(campaign.id)
     assert [s.counts["targeted"] for s in detail.stages] == [5, 20, 25]
     assert detail.stages[1].counts["deferred"] == 2
-    actions = [(e.actor, e.action) for e in service.events(campaign.id)]
+    actions = [(e.actor, e.by, e.action) for e in service.events(campaign.id)]
     assert actions == [
-        ("operator", "start"),
-        ("auto", "advance"),
-        ("auto", "advance"),
-        ("auto", "finish"),
+        ("operator", "release-bot", "start"),  # who acted, as the audit log names them
+        ("auto", "system:campaigns", "advance"),
+        ("auto", "system:campaigns", "advance"),
+        ("auto", "system:campaigns", "finish"),
     ]
 
 

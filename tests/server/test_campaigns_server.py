@@ -198,7 +198,7 @@ def test_rate_limited_activation_through_the_server(engine: Engine, tmp_path: Pa
         events = client.request("GET", f"{path}/events")["items"]
     # Never more than the rate allows, and no event per batch.
     assert (counts["targeted"], counts["pending"]) == (7, 3)
-    assert [e["action"] for e in events] == ["start", "pause"]
+    assert [(e["action"], e["by"]) for e in events] == [("start", "admin"), ("pause", "admin")]
 
 
 def test_dynamic_join_through_the_server(engine: Engine, tmp_path: Path) -> None:

@@ -765,8 +765,8 @@ def _print_campaign(c: dict[str, Any]) -> None:
             + ", ".join(f"{k} {v}" for k, v in counts.items())
         )
     for event in reversed(c.get("events", [])[:10]):
-        click.echo(f"  v{event['version']} {_human_time(event['at'])} {event['actor']}: "
-                   f"{event['detail']}")  # fmt: skip
+        who = event.get("by") or event["actor"]
+        click.echo(f"  v{event['version']} {_human_time(event['at'])} {who}: {event['detail']}")
 
 
 def _print_preview(p: dict[str, Any]) -> None:
@@ -841,7 +841,7 @@ def campaign_events(campaign_id: int, server: str, admin_token: str | None, as_j
     """Every decision and action of a campaign, with its numbers."""
     ctx = _ctx(server, admin_token, as_json)
     result = {"items": _plain(ctx.run(lambda api: api.list_campaign_events(campaign_id)))}
-    ctx.show(result, lambda r: _print_table(r["items"], ["version", "at", "actor", "detail"]))
+    ctx.show(result, lambda r: _print_table(r["items"], ["version", "at", "actor", "by", "detail"]))
 
 
 def _campaign_action(verb: CampaignAction, text: str) -> click.Command:

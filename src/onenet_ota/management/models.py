@@ -907,7 +907,12 @@ class CampaignEvent(BaseModel):
 
     version: int
     at: int
-    actor: str
+    actor: str = Field(description='"auto" for the evaluator\'s decisions, "operator" for actions')
+    by: str | None = Field(
+        default=None,
+        description="who acted: the API token's name, or system:campaigns for the evaluator "
+        "(as in the audit log); null for events recorded before servers kept it",
+    )
     action: str
     stage: int
     from_state: str

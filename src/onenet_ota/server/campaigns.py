@@ -210,12 +210,17 @@ def record_transition(
     )
     if done.rowcount != 1:
         raise StaleCampaign
+    # The audit log gets the same decision once, in the same transaction: an automatic one as
+    # system:campaigns with its numbers, an operator's under the token that asked; the event
+    # names the same "by", so a campaign's history says who acted without the audit log.
+    by = "system:campaigns" if actor == "auto" else audit.current_actor()
     conn.execute(
         insert(campaign_events).values(
             campaign_id=row.id,
             version=row.version + 1,
             at=now,
             actor=actor,
+            by=by,
             action=action,
             stage=row.stage if stage is None else stage,
             from_state=row.state,
@@ -224,12 +229,10 @@ def record_transition(
             numbers=json.dumps(numbers, sort_keys=True),
         )
     )
-    # The audit log gets the same decision once, in the same transaction: an automatic one as
-    # system:campaigns with its numbers, an operator's under the token that asked.
     stage_after = row.stage if stage is None else stage
     audit.record(
         conn,
-        actor="system:campaigns" if actor == "auto" else audit.current_actor(),
+        actor=by,
         action=f"campaign.{action}",
         target=f"campaign:{row.id}",
         before={"state": row.state, "stage": row.stage, "version": row.version},
@@ -237,7 +240,7 @@ def record_transition(
         detail=detail,
         now=now,
     )
-    log.info("campaign %d: %s by %s: %s", row.id, action, actor, detail)
+    log.info("campaign %d: %s by %s: %s", row.id, action, by, detail)
     return int(row.version + 1)
 
 
@@ -546,6 +549,7 @@ class CampaignService:
                 version=r.version,
                 at=r.at,
                 actor=r.actor,
+                by=r.by,
                 action=r.action,
                 stage=r.stage,
                 from_state=r.from_state,

@@ -357,6 +357,9 @@ campaign_events = Table(
     Column("version", Integer, nullable=False),
     Column("at", BigInteger, nullable=False),
     Column("actor", String(32), nullable=False),  # "auto" or "operator"
+    # Who: the acting API token's name, or system:campaigns for an automatic decision, as in
+    # the audit log. NULL for events recorded before the column existed.
+    Column("by", String(80), nullable=True),
     Column("action", String(32), nullable=False),
     Column("stage", Integer, nullable=False),
     Column("from_state", String(16), nullable=False),
