@@ -418,3 +418,56 @@ def test_a_key_is_shown_to_an_operator_who_asks_and_never_to_a_viewer(
     _shot(browser, "product-key")
     entries = platform.api.get("/audit", params={"action": "product.reveal_key"}).json()["items"]
     assert [(e["actor"], e["target"]) for e in entries] == [("operator-token", f"product:{pid}")]
+
+
+def test_a_scheduled_campaign_and_a_device_added_from_its_page(
+    platform: Platform, browser: WebDriver
+) -> None:
+    """An operator creates a campaign with a start time, a deadline, a dispatch rate and dynamic
+    membership in the form, sees them on its page, and adds a device there."""
+    url = platform.url
+    api = platform.api
+    pid = product(api, name="gateways")
+    dev_ids = [
+        api.post("/devices", json={"pid": pid, "name": f"g{i}"}).json()["dev_id"] for i in range(3)
+    ]
+    api.put(f"/devices/{dev_ids[0]}/labels", json={"labels": {"site": "a"}})
+    package = api.post(
+        "/packages",
+        params={"pid": pid, "type": "1", "target": "2.0", "file_name": "fw-2.0.bin"},
+        content=os.urandom(1000),
+    )
+    assert package.status_code == 201, package.text
+    _sign_in(browser, url, platform.operator)
+    browser.get(f"{url}{PREFIX}/campaigns/new")
+    _fill(
+        browser,
+        {
+            "c-name": "scheduled",
+            "c-labels": "site=a",
+            "s1_share": "rest",
+            "s2_share": "",
+            "s3_share": "",
+        },
+    )
+    # A datetime-local field takes keys in the browser's locale order; its value is ISO.
+    for element_id, value in (("c-start_time", "2031-05-01T09:15"), ("c-deadline", "")):
+        browser.execute_script(
+            "document.getElementById(arguments[0]).value = arguments[1];", element_id, value
+        )
+    _fill(browser, {"c-per_minute": "12"})
+    browser.find_element(By.ID, "c-dynamic").click()
+    browser.find_element(By.ID, "campaign-create").click()
+    _wait(browser, lambda d: _text(d, "campaign-state") == "draft", "the draft campaign")
+    (made,) = api.get("/campaigns").json()["items"]
+    assert (made["start_time"], made["deadline"]) == (1935393300, None)  # 2031-05-01 09:15 UTC
+    assert (made["rate"]["per_minute"], made["dynamic"]) == (12, True)
+    schedule = _text(browser, "campaign-schedule")
+    assert "2031-05-01 09:15" in schedule, schedule
+    assert "12 per minute" in schedule, schedule
+
+    browser.find_element(By.ID, "c-add-ids").send_keys(f"{dev_ids[2]}")
+    browser.find_element(By.ID, "campaign-add").click()
+    _wait(browser, lambda d: _text(d, "campaign-population") == "2", "the added device")
+    assert api.get(f"/campaigns/{made['id']}").json()["population"] == 2
+    _shot(browser, "campaign-scheduled")

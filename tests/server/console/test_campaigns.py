@@ -21,7 +21,9 @@ from tests.server.console.conftest import ADMIN, KEY, Platform, product
 from tests.server.console.test_app import _Page
 
 ACTIONS = ["start", "pause", "resume", "advance", "abort", "retry-failed"]
-CHANGES = ["/campaigns/preview", "/campaigns/create"] + [f"/campaigns/1/{a}" for a in ACTIONS]
+CHANGES = ["/campaigns/preview", "/campaigns/create", "/campaigns/1/devices"] + [
+    f"/campaigns/1/{a}" for a in ACTIONS
+]
 
 
 def fleet(
@@ -104,9 +106,14 @@ def fail_one(platform: Platform, pid: str, dev_id: int, code: int) -> None:
 
 
 def members(platform: Platform, package_id: int) -> list[int]:
-    (task,) = platform.api.get("/tasks", params={"package_id": package_id}).json()["items"]
-    items = platform.api.get(f"/tasks/{task['id']}/devices").json()["items"]
-    return sorted(int(i["dev_id"]) for i in items)
+    """The devices given a task by the package's tasks (a stage's activation, or an addition,
+    creates one)."""
+    tasks = platform.api.get("/tasks", params={"package_id": package_id}).json()["items"]
+    found: list[int] = []
+    for task in tasks:
+        items = platform.api.get(f"/tasks/{task['id']}/devices").json()["items"]
+        found += [int(i["dev_id"]) for i in items]
+    return sorted(found)
 
 
 @pytest.mark.parametrize(
@@ -158,6 +165,7 @@ def test_a_viewer_sees_campaigns_but_no_button_and_every_change_is_refused(
     assert 'id="stage-0-targeted">3<' in page.text
     for action in ACTIONS:
         assert f'id="campaign-{action}"' not in page.text
+    assert 'id="campaign-add-devices"' not in page.text
     assert client.get(f"{PREFIX}/campaigns/new").status_code == 403
     for path in CHANGES:
         reply = client.post(PREFIX + path, data={"_csrf": csrf, **form(package_id)})
@@ -247,6 +255,70 @@ def test_explicit_devices_and_a_filter_reach_the_api(platform: Platform) -> None
     assert made["population"] == 1
 
 
+def test_the_schedule_the_rate_and_dynamic_membership_reach_the_api(platform: Platform) -> None:
+    _pid, package_id, _ = fleet(platform, devices=4)
+    client, csrf = platform.signed_in(platform.operator)
+    values = form(
+        package_id,
+        labels="",
+        start_time="2030-01-01T08:00",  # a browser's datetime-local value, read as UTC
+        deadline="2030-01-02T08:30",
+        per_minute="2.5",
+        dynamic="on",
+    )
+    created = client.post(f"{PREFIX}/campaigns/create", data={"_csrf": csrf, **values})
+    assert created.status_code == 303, created.text
+    (made,) = platform.api.get("/campaigns").json()["items"]
+    assert made["start_time"] == 1893484800  # 2030-01-01 08:00 UTC
+    assert made["deadline"] == 1893573000  # 2030-01-02 08:30 UTC
+    assert made["rate"]["per_minute"] == 2.5
+    assert made["dynamic"] is True
+    page = html.unescape(client.get(created.headers["location"]).text)
+    schedule = re.search(r'id="campaign-schedule">(.*?)</p>', page, re.S)
+    assert schedule is not None
+    assert "2030-01-01 08:00" in schedule.group(1)
+    assert "2.5 per minute" in schedule.group(1)
+    assert "new matching devices join" in schedule.group(1)
+    # Left empty, none of them is sent: the campaign starts at once and dispatches all.
+    plain = client.post(f"{PREFIX}/campaigns/create", data={"_csrf": csrf, **form(package_id)})
+    assert plain.status_code == 303, plain.text
+    shown = platform.api.get(plain.headers["location"].replace(PREFIX, "")).json()
+    assert (shown["start_time"], shown["deadline"], shown["rate"], shown["dynamic"]) == (
+        None,
+        None,
+        None,
+        False,
+    )
+
+
+def test_devices_are_added_to_a_running_campaign_from_its_page(platform: Platform) -> None:
+    _pid, package_id, dev_ids = fleet(platform, devices=6)
+    listed = {"dev_ids": dev_ids[:3]}
+    campaign_id = campaign(platform, package_id, selector=listed, stages=[{"rest": True}])
+    client, csrf = platform.signed_in(platform.operator)
+    base = f"{PREFIX}/campaigns/{campaign_id}"
+    assert 'id="campaign-add-devices"' in client.get(base).text
+    version = platform.api.get(f"/campaigns/{campaign_id}").json()["version"]
+    added = client.post(
+        f"{base}/devices",
+        data={"_csrf": csrf, "version": str(version), "dev_ids": f"{dev_ids[3]}, {dev_ids[4]}"},
+    )
+    assert added.status_code == 303, added.text
+    assert members(platform, package_id) == sorted(dev_ids[:5])  # the running stage took them
+    # Not IDs: the reader's words, nothing added; a stale version: the API's refusal.
+    bad = client.post(f"{base}/devices", data={"_csrf": csrf, "dev_ids": "five"})
+    assert bad.status_code == 422
+    assert "List the devices by ID" in html.unescape(bad.text)
+    stale = client.post(
+        f"{base}/devices", data={"_csrf": csrf, "version": str(version), "dev_ids": str(dev_ids[5])}
+    )
+    assert stale.status_code == 409
+    assert members(platform, package_id) == sorted(dev_ids[:5])
+    # A finished campaign takes no device: the page offers no form.
+    assert platform.api.post(f"/campaigns/{campaign_id}/abort").status_code == 200
+    assert 'id="campaign-add-devices"' not in client.get(base).text
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -266,6 +338,12 @@ def test_explicit_devices_and_a_filter_reach_the_api(platform: Platform) -> None
         ({"package_id": "999"}, "package 999 does not exist"),
         ({"s2_share": "rest", "s1_share": "rest"}, "rest"),
         ({"name": "x" * 200}, "at most 128 characters"),
+        ({"start_time": "tomorrow"}, "“tomorrow” is not a date and time"),
+        ({"deadline": "2030-13-01T00:00"}, "is not a date and time"),
+        ({"per_minute": "fast"}, "The dispatch rate “fast” is not a number"),
+        ({"per_minute": "0"}, "greater than 0"),
+        ({"deadline": "2001-01-01T00:00"}, "deadline must be later"),
+        ({"dynamic": "on", "selector": "devices", "dev_ids": "1"}, "dynamic mode needs a filter"),
     ],
 )
 def test_bad_form_input_gets_a_clear_message_and_creates_nothing(

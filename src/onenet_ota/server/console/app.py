@@ -312,6 +312,8 @@ class Console:
                 self._campaign_action,
                 "operator",
             ),
+            page("POST", r"/campaigns/(?P<id>[1-9][0-9]{0,9})/devices",
+                 self._campaign_add_devices, "operator", max_form=MAX_CAMPAIGN_FORM),
             page("GET", r"/products", self._products),
             page("GET", rf"/products/(?P<pid>{_PID})", self._product),
             page(
@@ -897,19 +899,32 @@ class Console:
         return Response(200, headers, Stream(events()))
 
     async def _campaign_action(self, ctx: _Ctx, match: re.Match[str]) -> Response:
-        campaign_id = match["id"]
+        await self._act_on_campaign(ctx, match["id"], match["action"])
+        raise _Redirect(f"{PREFIX}/campaigns/{match['id']}")
+
+    async def _campaign_add_devices(self, ctx: _Ctx, match: re.Match[str]) -> Response:
+        """Devices listed by ID join the campaign (the API's ``POST /campaigns/{id}/devices``:
+        a running campaign activates them up to its stage's share)."""
+        try:
+            dev_ids = _dev_ids(ctx.form.get("dev_ids", ""), self._translations[ctx.lang].gettext)
+        except _FormInvalid as exc:
+            raise _Refused(422, str(exc)) from None
+        body = json.dumps({"dev_ids": dev_ids}).encode()
+        await self._act_on_campaign(ctx, match["id"], "devices", body=body)
+        raise _Redirect(f"{PREFIX}/campaigns/{match['id']}")
+
+    async def _act_on_campaign(
+        self, ctx: _Ctx, campaign_id: str, action: str, *, body: bytes = b""
+    ) -> None:
         # The version the operator saw: the API refuses the action if the campaign moved on
         # meanwhile (another operator, an automatic decision), rather than apply it blind.
         version = ctx.form.get("version", "")
         query = {"if_version": version} if version.isdigit() and len(version) <= 9 else {}
+        path = f"/campaigns/{campaign_id}/{action}"
         response = await self._api.handle_signed_in(
-            _internal(
-                ctx.request, "POST", f"/campaigns/{campaign_id}/{match['action']}", query=query
-            ),
-            self._who(ctx),
+            _internal(ctx.request, "POST", path, body=body, query=query), self._who(ctx)
         )
         self._raise_for(ctx, response)
-        raise _Redirect(f"{PREFIX}/campaigns/{campaign_id}")
 
     @staticmethod
     def _who(ctx: _Ctx) -> Principal:
@@ -1130,10 +1145,7 @@ def _campaign_spec(form: Mapping[str, str], _: Callable[[str], str]) -> dict[str
         raise _FormInvalid(_("Choose a package."))
     selector: dict[str, Any] = {}
     if form.get("selector") == "devices":
-        ids = form.get("dev_ids", "").replace(",", " ").split()
-        if not ids or not all(i.isdigit() and len(i) <= 19 for i in ids):
-            raise _FormInvalid(_("List the devices by ID, separated by spaces or commas."))
-        selector["dev_ids"] = [int(i) for i in ids]
+        selector["dev_ids"] = _dev_ids(form.get("dev_ids", ""), _)
     else:
         versions = [v.strip() for v in form.get("from_versions", "").split(",") if v.strip()]
         if versions:
@@ -1194,7 +1206,37 @@ def _campaign_spec(form: Mapping[str, str], _: Callable[[str], str]) -> dict[str
     for name in ("signal", "power", "retry", "interval"):
         text = form.get(name, "").strip() or "0"
         spec[name] = _number(text, _("“%(value)s” is not a whole number.") % {"value": text})
+    for name in ("start_time", "deadline"):
+        text = form.get(name, "").strip()
+        if text:
+            spec[name] = _utc_minute(text, _)
+    rate = form.get("per_minute", "").strip()
+    if rate:
+        message = _("The dispatch rate “%(value)s” is not a number of devices per minute.")
+        spec["rate"] = {"per_minute": _number(rate, message % {"value": rate}, whole=False)}
+    if form.get("dynamic") == "on":
+        spec["dynamic"] = True
     return spec
+
+
+def _dev_ids(text: str, _: Callable[[str], str]) -> list[int]:
+    """Device IDs separated by spaces, commas or lines, or :class:`_FormInvalid`."""
+    ids = text.replace(",", " ").split()
+    if not ids or not all(i.isdigit() and len(i) <= 19 for i in ids):
+        raise _FormInvalid(_("List the devices by ID, separated by spaces or commas."))
+    return [int(i) for i in ids]
+
+
+def _utc_minute(text: str, _: Callable[[str], str]) -> int:
+    """A browser's ``datetime-local`` value (``YYYY-MM-DDTHH:MM``, seconds optional), read as
+    UTC as every page shows times, as Unix seconds; or :class:`_FormInvalid`."""
+    for shape in ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"):
+        try:
+            return calendar.timegm(time.strptime(text, shape))
+        except ValueError:
+            continue
+    message = _("“%(value)s” is not a date and time (YYYY-MM-DD HH:MM, UTC).")
+    raise _FormInvalid(message % {"value": text})
 
 
 def _stage_bars(detail: CampaignDetail) -> list[dict[str, int]]:
