@@ -515,18 +515,169 @@ class SyncTransport(_Base):
             conn.close()
 
 
-class _AsyncConn(_Conn):
-    __slots__ = ("reader", "writer")
+class _AsyncConn(_Conn, asyncio.Protocol):
+    """A connection as an asyncio protocol: the task reading a reply waits on one future,
+    woken when bytes, the end or an error arrive, under one timer per deadline, and writes
+    wait only when the transport's buffer is full (a stream reader and writer with a timeout
+    context per read cost several futures, handles and context managers per request)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    __slots__ = (
+        "_drained",
+        "_eof",
+        "_error",
+        "_expired",
+        "_loop",
+        "_pending",
+        "_timer",
+        "_timer_deadline",
+        "_waiter",
+        "lost",
+        "sock",
+        "transport",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
-        self.reader = reader
-        self.writer = writer
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.sock: Any = None
+        self.lost = False  # connection_lost was called: nothing more arrives or goes out
+        self._error: BaseException | None = None  # how the connection failed, once it did
+        self._pending: list[bytes] = []  # arrived, not yet handed to the parser
+        self._eof = False  # the server's end arrived (after what is pending)
+        self._waiter: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None  # set while writing is paused
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None
+        self._expired = False
+
+    # -- asyncio's callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.sock = transport.get_extra_info("socket")
+
+    def data_received(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        # Half-closed, as a stream reader leaves it: the transport is closed with the
+        # connection (TLS transports close either way).
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if exc is None:
+            self._eof = True
+        elif self._error is None:
+            self._error = exc
+        self._wake()
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drained is None or self._drained.done():
+            self._drained = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    # -- for the transport --------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        """Whether the transport asked to stop writing (its buffer is over the high-water
+        mark) and has not asked to resume."""
+        drained = self._drained
+        return drained is not None and not drained.done()
+
+    async def write(self, data: bytes, deadline: float) -> None:
+        """Write ``data``, and wait only when the transport's buffer is above its high-water
+        mark (until ``deadline``: :class:`TimeoutError`). Raises as a stream writer's drain
+        does when the connection is gone: a kept connection the server closed shows here or
+        as a reply that never begins, and the request is sent again on a new one."""
+        transport = self.transport
+        assert transport is not None
+        transport.write(data)  # a transport that is closing drops it
+        if self._error is not None:
+            raise self._error
+        if transport.is_closing():
+            await asyncio.sleep(0)  # let connection_lost run, as a stream writer's drain does
+        if self.lost:
+            raise ConnectionResetError("Connection lost")
+        while self.paused:
+            assert self._drained is not None
+            await self._wait(self._drained, deadline)
+        if self.lost:
+            raise ConnectionResetError("Connection lost")
+
+    async def receive(self, deadline: float) -> None:
+        """Hand what arrived to the parser, waiting for it until ``deadline`` if nothing did
+        (:class:`TimeoutError`); raises the connection's error once it failed. The parser sees
+        bytes only when a reply is being read, as from a stream reader: what it has seen
+        decides whether the connection can be reused or pipelined on, and whether a request
+        that failed on it may be sent again."""
+        if not (self._pending or self._eof or self._error is not None):
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await self._wait(waiter, deadline)
+            finally:
+                self._waiter = None
+        if self._error is not None:
+            raise self._error
+        pending = self._pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self.parser.feed(data)
+        elif self._eof:
+            self.parser.feed_eof()
+
+    async def _wait(self, future: asyncio.Future[None], deadline: float) -> None:
+        if deadline != self._timer_deadline:
+            self.disarm()
+            self._timer_deadline = deadline
+            loop = self._loop
+            when = loop.time() + (deadline - time.monotonic())
+            self._timer = loop.call_at(when, self._expire)
+        if self._expired:
+            raise TimeoutError
+        await future
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._expired = True
+        for future in (self._waiter, self._drained):
+            if future is not None and not future.done():
+                future.set_exception(TimeoutError())
+
+    def disarm(self) -> None:
+        """Cancel the deadline's timer (the exchange is over, or has another deadline)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self._timer_deadline = None
+        self._expired = False
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self) -> None:
         self.dead = True
-        with contextlib.suppress(OSError, RuntimeError):
-            self.writer.close()
+        self.disarm()
+        transport = self.transport
+        if transport is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                transport.close()
 
 
 class AsyncTransport(_Base):
@@ -592,10 +743,11 @@ class AsyncTransport(_Base):
         sent = False
         try:
             try:
-                conn.writer.write(self._payload(plan, batch))
-                async with asyncio.timeout_at(_loop_time(plan.deadlines[batch[0]])):
-                    await conn.writer.drain()
-                sock = conn.writer.get_extra_info("socket")
+                try:
+                    await conn.write(self._payload(plan, batch), plan.deadlines[batch[0]])
+                finally:
+                    conn.disarm()
+                sock = conn.sock
                 if len(batch) > 1 and _TCP_QUICKACK is not None and sock is not None:
                     with contextlib.suppress(OSError):  # see SyncTransport._send
                         sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
@@ -615,7 +767,7 @@ class AsyncTransport(_Base):
         completed = False
         answered_before = conn.answered
         pipelined = len(batch) > 1 or conn.unread > 1
-        sock = conn.writer.get_extra_info("socket") if pipelined else None
+        sock = conn.sock if pipelined else None
         quickack = _TCP_QUICKACK if sock is not None else None
         try:
             while not exchange.done:
@@ -630,49 +782,42 @@ class AsyncTransport(_Base):
                     with contextlib.suppress(OSError):
                         sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
                 try:
-                    async with asyncio.timeout_at(_loop_time(deadline)):
-                        data = await conn.reader.read(READ_SIZE)
+                    await conn.receive(deadline)
                 except (OSError, TimeoutError) as exc:
                     problem = _io_error(exchange.current, exc, got_head=exchange.got_head)
                     timed_out = isinstance(exc, TimeoutError)
                     exchange.fail(problem, unanswered=not timed_out, cause=exc)
                     break
-                if data:
-                    conn.parser.feed(data)
-                else:
-                    conn.parser.feed_eof()
             completed = True
         finally:
+            conn.disarm()
             # A cancelled call leaves its connection mid-reply: it cannot be reused.
             self._settle(plan, sent, answered_before, completed=completed)
 
     async def _connect(self, origin: Origin, call: Call[Any], deadline: float) -> _AsyncConn:
         tls = self._tls_for(origin, call)
         limit = min(call.request.timeout.connect_seconds, max(deadline - time.monotonic(), 0.001))
+        loop = asyncio.get_running_loop()
+        conn = _AsyncConn(loop)
         try:
             async with asyncio.timeout(limit):
-                reader, writer = await asyncio.open_connection(
+                await loop.create_connection(
+                    lambda: conn,
                     origin.host,
                     origin.port,
                     ssl=tls,
                     server_hostname=origin.host if tls is not None else None,
-                    limit=READ_SIZE,
                 )
         except (OSError, TimeoutError, ssl.CertificateError) as exc:
+            conn.close()
             raise _connect_error(call, origin, exc) from exc
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
+        if conn.sock is not None:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _AsyncConn(reader, writer)
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
 
     async def aclose(self) -> None:
         """Close every idle connection."""
         self.closed = True
         for conn in self._pool.drain():
             conn.close()
-
-
-def _loop_time(deadline: float) -> float:
-    """A :func:`time.monotonic` deadline on the running loop's clock."""
-    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
