@@ -8,6 +8,8 @@ checks and downloads, and a server that does not pipeline.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onenet_ota.device import AsyncOtaClient, OtaClient
-from onenet_ota.device._core import Call, Head, Outcome
+from onenet_ota.device._core import Call, ClientCore, Head, Outcome
 from onenet_ota.device._http import END, MAX_HEAD, Broken, Failure, ReplyParser
+from onenet_ota.device.config import Timeout
 from onenet_ota.device.errors import DownloadError, ProtocolError, TokenExpired
 from onenet_ota.device.events import DownloadedChunk, EventKind, OtaEvent
 from onenet_ota.device.install import FileInstaller
+from onenet_ota.device.transport import SyncTransport, _AsyncConn, _Plan
 from onenet_ota.device.upgrader import AsyncUpgrader, UpgradeOptions, Upgrader
 from onenet_ota.device.upgrader import Outcome as RunOutcome
 from tests.device.conftest import FIRMWARE, TOKEN, make_config, task_data
@@ -461,3 +465,86 @@ async def test_pipelined_upgrade_against_a_server_that_does_not_pipeline(
     # right after its token check.
     assert len(downloads) == -(-len(FIRMWARE) // 1024)
     assert all(kinds[i - 1].endswith("/check") for i in downloads)
+
+
+class _StandInTransport(asyncio.Transport):
+    """Records what the connection writes; never sends it anywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
+def test_an_async_write_waits_only_while_the_socket_buffer_is_full() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        stand_in = _StandInTransport()
+        conn = _AsyncConn(loop)
+        conn.connection_made(stand_in)
+        await conn.write(b"first", time.monotonic() + 60)  # not paused: no wait at all
+        conn.pause_writing()
+        writing = loop.create_task(conn.write(b"second", time.monotonic() + 60))
+        await asyncio.sleep(0)
+        assert not writing.done()
+        conn.resume_writing()
+        await writing
+        assert stand_in.written == [b"first", b"second"]
+        conn.disarm()
+        conn.pause_writing()
+        with pytest.raises(TimeoutError):  # the deadline has passed: the write gives up
+            await conn.write(b"third", time.monotonic() - 1)
+        conn.disarm()
+        conn.connection_lost(None)
+        with pytest.raises(ConnectionResetError):  # as a stream writer's drain raises
+            await conn.write(b"fourth", time.monotonic() + 60)
+
+    asyncio.run(scenario())
+
+
+def test_async_bytes_reach_the_parser_only_when_a_reply_is_read() -> None:
+    async def scenario() -> None:
+        conn = _AsyncConn(asyncio.get_running_loop())
+        conn.connection_made(_StandInTransport())
+        reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        conn.data_received(reply)
+        conn.eof_received()
+        # Still idle: a request that fails on this kept connection may be sent again (§10).
+        assert conn.parser.idle
+        assert not conn.parser.events
+        await conn.receive(time.monotonic() + 60)  # what arrived, without waiting
+        assert conn.parser.events[0] == Head(200, (("Content-Length", "2"),))
+        await conn.receive(time.monotonic() + 60)  # then the end
+        assert conn.parser.closed
+        conn.disarm()
+
+    asyncio.run(scenario())
+
+
+def test_a_kept_request_encoding_is_only_ever_its_own_request() -> None:
+    core = ClientCore(make_config(), base_url="http://127.0.0.1:8080", timeout=Timeout())
+    transport = SyncTransport(None, user_agent="test")
+
+    def wire(call: Call[Any]) -> bytes:
+        plan = _Plan([call], False)
+        return transport._payload(plan, plan.next_batch())
+
+    check = core.check_token(TOKEN, None)
+    assert core.check_token(TOKEN, None).request is check.request  # the core keeps it
+    assert wire(check) == wire(core.check_token(TOKEN, None))
+    assert wire(check).startswith(f"GET /ota/south/download/{TOKEN}/check?".encode())
+    other = wire(core.check_token("ota_another_token", None))
+    assert other.startswith(b"GET /ota/south/download/ota_another_token/check?")
+    for start in (0, 4096, 8192):  # a download's request is new each time: its own Range
+        assert f"\r\nRange: {start}-{start + 4095}\r\n".encode() in wire(
+            core.download(TOKEN, start, 4096, None)
+        )

@@ -236,9 +236,10 @@ class Call(ABC, Generic[T]):
         return length
 
     def _parse_content_length(self, head: Head) -> int | None:
-        found = {value.strip() for value in head.get_all("Content-Length")}
-        if not found:
+        values = head._index.get("content-length")
+        if values is None:
             return None
+        found = {values[0].strip()} if len(values) == 1 else {value.strip() for value in values}
         if len(found) > 1:
             raise self.protocol_error("reply has conflicting Content-Length headers")
         (text,) = found

@@ -252,11 +252,9 @@ class Exchange:
         self._head: Head | None = None
         self._skip: OtaError | None = None  # the current reply failed: read past its body
         self.reusable = True  # whether the connection may carry another request
-
-    @property
-    def done(self) -> bool:
-        """Whether every call has its result."""
-        return len(self.results) == len(self.calls)
+        # Whether every call has its result: an attribute, not a property, as it is asked
+        # several times per reply (the client's CPU per request counts).
+        self.done = not calls
 
     @property
     def got_head(self) -> bool:
@@ -271,8 +269,7 @@ class Exchange:
     def advance(self) -> None:
         """Consume the parser's queued events."""
         events = self.parser.events
-        results, wanted = self.results, len(self.calls)
-        while events and len(results) < wanted:
+        while events and not self.done:
             event = events.popleft()
             if type(event) is bytes:
                 if self._skip is None:
@@ -308,7 +305,9 @@ class Exchange:
             self.reusable = self.reusable and not self.parser.closed and self.parser.keep_alive
 
     def _finish_current(self, result: Result) -> None:
-        self.results.append(result)
+        results = self.results
+        results.append(result)
+        self.done = len(results) == len(self.calls)
         self._head = None
         self._reader = None
         self._skip = None

@@ -1,11 +1,11 @@
-"""The device SDK's own HTTP/1.1 transport: plain sockets (sync) and asyncio streams (async).
+"""The device SDK's own HTTP/1.1 transport: plain sockets (sync) and an asyncio protocol (async).
 
 Theory of operation. A client hands its transport a list of :class:`~onenet_ota.device._core.Call`
 objects; the transport answers each one's :class:`~onenet_ota.device._http.Result` (an outcome or
 a failure carrying the SDK's error). Framing and judging are sans-IO
 (:class:`~onenet_ota.device._http.Exchange` over llhttp, and the calls themselves); the two
 classes here only connect, write, read, watch the clock and map socket errors, one with blocking
-sockets and one with asyncio streams. They share :class:`_Plan`, which decides what to send on
+sockets and one with an asyncio protocol. They share :class:`_Plan`, which decides what to send on
 which connection and what to retry.
 
 - **Keep-alive.** An idle connection per origin is kept (up to :data:`MAX_IDLE` per origin) unless
@@ -55,13 +55,15 @@ from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
-from onenet_ota.device._core import Call
+from onenet_ota.device._core import Call, DownloadCall, TidDownloadCall, WireRequest
 from onenet_ota.device._http import Exchange, Failure, ReplyParser, Result, encode_request
 from onenet_ota.device.errors import OtaError, RequestTimeout, TransportError
 
 MAX_IDLE: Final = 4
 """Idle connections kept per origin (an async client may run several calls at once)."""
 READ_SIZE: Final = 256 * 1024
+# Encoded requests kept per transport (see _Base._encoded): a task's token check or two.
+_ENCODED_MAX: Final = 16
 # While pipelined replies are outstanding the client has nothing to send, so its ACKs are
 # delayed (up to 40 ms on Linux); a server whose socket keeps Nagle's algorithm then holds the
 # next reply until that ACK comes. Measured: 46 ms per pipelined pair without quick ACKs, under
@@ -85,14 +87,16 @@ class Origin(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)  # a device asks the same few URLs over and over
-def _split(url: str) -> tuple[Origin, str]:
+def _split(url: str) -> tuple[Origin, str, str]:
+    """The URL's origin, request target and ``Host`` value."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     port = parts.port or (443 if scheme == "https" else 80)
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    return Origin(scheme, parts.hostname or "", port), target
+    origin = Origin(scheme, parts.hostname or "", port)
+    return origin, target, origin.host_header
 
 
 def _connect_error(call: Call[Any], origin: Origin, exc: BaseException) -> OtaError:
@@ -243,6 +247,7 @@ class _Base:
         # Connection: close comes with the request (the core adds it for keep_alive False).
         self._extra: tuple[tuple[str, str], ...] = (("User-Agent", user_agent),)
         self._pool = _Pool()
+        self._encodings: dict[int, tuple[WireRequest, bytes]] = {}
         self._local = threading.local()  # per thread: a sync client may be shared by threads
         self._no_pipelining = False
         self.closed = False
@@ -253,15 +258,27 @@ class _Base:
         return not self._no_pipelining
 
     def _payload(self, plan: _Plan, batch: list[int]) -> bytes:
-        return b"".join(
-            encode_request(
-                plan.calls[i].request,
-                plan.targets[i][1],
-                plan.targets[i][0].host_header,
-                self._extra,
-            )
-            for i in batch
-        )
+        if len(batch) == 1:
+            return self._encoded(plan.calls[batch[0]], plan.targets[batch[0]])
+        return b"".join(self._encoded(plan.calls[i], plan.targets[i]) for i in batch)
+
+    def _encoded(self, call: Call[Any], target: tuple[Origin, str, str]) -> bytes:
+        """The call's request as bytes; kept for the few requests a client sends over and
+        over unchanged (the core hands out the same request object for each chunk's token
+        check), under the object's identity, which the kept entry holds alive. A download's
+        request is new for every chunk (its Range): never kept."""
+        request = call.request
+        if isinstance(call, DownloadCall | TidDownloadCall):
+            return encode_request(request, target[1], target[2], self._extra)
+        key = id(request)
+        found = self._encodings.get(key)
+        if found is not None and found[0] is request:
+            return found[1]
+        data = encode_request(request, target[1], target[2], self._extra)
+        if len(self._encodings) >= _ENCODED_MAX:
+            self._encodings.clear()
+        self._encodings[key] = (request, data)
+        return data
 
     def _settle(self, plan: _Plan, sent: _Sent, answered_before: bool, *, completed: bool) -> None:
         """Record a flight's results; pool or close its connection once nothing on it is
@@ -681,7 +698,7 @@ class _AsyncConn(_Conn, asyncio.Protocol):
 
 
 class AsyncTransport(_Base):
-    """asyncio streams; the async twin of :class:`SyncTransport`."""
+    """An asyncio protocol per connection; the async twin of :class:`SyncTransport`."""
 
     async def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]:
         """See :meth:`SyncTransport.exchange`."""
