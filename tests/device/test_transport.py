@@ -25,7 +25,7 @@ from onenet_ota.device.config import Timeout
 from onenet_ota.device.errors import DownloadError, ProtocolError, TokenExpired
 from onenet_ota.device.events import DownloadedChunk, EventKind, OtaEvent
 from onenet_ota.device.install import FileInstaller
-from onenet_ota.device.transport import SyncTransport, _AsyncConn, _Plan
+from onenet_ota.device.transport import SyncTransport, _AsyncConn, _Plan, _split, _split_whole
 from onenet_ota.device.upgrader import AsyncUpgrader, UpgradeOptions, Upgrader
 from onenet_ota.device.upgrader import Outcome as RunOutcome
 from tests.device.conftest import FIRMWARE, TOKEN, make_config, task_data
@@ -548,3 +548,24 @@ def test_a_kept_request_encoding_is_only_ever_its_own_request() -> None:
         assert f"\r\nRange: {start}-{start + 4095}\r\n".encode() in wire(
             core.download(TOKEN, start, 4096, None)
         )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/ota/south/check?type=1&version=1.0.0&dev_id=42",
+        "https://iot-api.heclouds.com/fuse-ota/1/2/check?x=1",
+        "HTTP://Example.COM:80/a/b",
+        "https://[::1]:8443/ota/device/version?dev_id=7",
+        "http://user@host:81/p?q",
+        "http://host:82?only=query",
+        "http://host:83/path?",
+        "http://host:84/path#fragment",
+        "http://host/a%20b?c=%2F",
+        " http://host:85/padded ",
+        "http://host:86/tab\there",
+    ],
+)
+def test_a_url_splits_as_urlsplit_splits_it(url: str) -> None:
+    assert _split(url) == _split_whole(url)
+    assert _split(url) == _split(url)  # the origin's part kept, the same answer

@@ -86,9 +86,36 @@ class Origin(NamedTuple):
         return host if self.port == default else f"{host}:{self.port}"
 
 
-@functools.lru_cache(maxsize=64)  # a device asks the same few URLs over and over
 def _split(url: str) -> tuple[Origin, str, str]:
-    """The URL's origin, request target and ``Host`` value."""
+    """The URL's origin, request target and ``Host`` value.
+
+    Only the origin is parsed and kept (a client talks to one or two): whole URLs differ from
+    device to device (the dev_id is in the query), so a fleet of clients in one process would
+    find none of them kept. A URL of an unusual form is split by :func:`urlsplit` as a whole.
+    """
+    mark = url.find("://")
+    slash = url.find("/", mark + 3) if mark > 0 else -1
+    query = url.find("?", mark + 3)
+    if (
+        slash < 0
+        or (0 <= query < slash)
+        or url.endswith("?")
+        or "#" in url
+        or " " in url
+        or not url.isprintable()
+    ):
+        return _split_whole(url)
+    origin, host = _origin(url[:slash])
+    return origin, url[slash:], host
+
+
+@functools.lru_cache(maxsize=64)
+def _origin(text: str) -> tuple[Origin, str]:
+    origin, _, host = _split_whole(text + "/")
+    return origin, host
+
+
+def _split_whole(url: str) -> tuple[Origin, str, str]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     port = parts.port or (443 if scheme == "https" else 80)
