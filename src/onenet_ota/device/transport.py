@@ -266,6 +266,11 @@ def _chain(plan: _Plan, batch: list[int], after: InFlight | None) -> Any | None:
 
 
 class _Base:
+    # What a client asks of its sender before each call (an injected httpx2 client may be
+    # closed under it); never true here. A class attribute: asking for a missing one raises
+    # and catches an AttributeError inside getattr on every call.
+    http_closed: Final = False
+
     def __init__(
         self, tls: ssl.SSLContext | None, *, user_agent: str, keep_alive: bool = True
     ) -> None:
@@ -574,6 +579,7 @@ class _AsyncConn(_Conn, asyncio.Protocol):
         "_pending",
         "_timer",
         "_timer_deadline",
+        "_tls",
         "_waiter",
         "lost",
         "sock",
@@ -594,6 +600,7 @@ class _AsyncConn(_Conn, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
         self._expired = False
+        self._tls = False
 
     # -- asyncio's callbacks ------------------------------------------------------------------
 
@@ -601,6 +608,7 @@ class _AsyncConn(_Conn, asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.sock = transport.get_extra_info("socket")
+        self._tls = transport.get_extra_info("sslcontext") is not None
 
     def data_received(self, data: bytes) -> None:
         self._pending.append(data)
@@ -610,8 +618,8 @@ class _AsyncConn(_Conn, asyncio.Protocol):
         self._eof = True
         self._wake()
         # Half-closed, as a stream reader leaves it: the transport is closed with the
-        # connection (TLS transports close either way).
-        return True
+        # connection. A TLS transport closes either way (and warns when asked not to).
+        return not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
