@@ -571,11 +571,11 @@ class _AsyncConn(_Conn, asyncio.Protocol):
     context per read cost several futures, handles and context managers per request)."""
 
     __slots__ = (
-        "_drained",
         "_eof",
         "_error",
         "_expired",
         "_loop",
+        "_paused",
         "_pending",
         "_timer",
         "_timer_deadline",
@@ -596,7 +596,7 @@ class _AsyncConn(_Conn, asyncio.Protocol):
         self._pending: list[bytes] = []  # arrived, not yet handed to the parser
         self._eof = False  # the server's end arrived (after what is pending)
         self._waiter: asyncio.Future[None] | None = None
-        self._drained: asyncio.Future[None] | None = None  # set while writing is paused
+        self._paused = False  # the transport asked to stop writing and has not resumed
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
         self._expired = False
@@ -628,18 +628,13 @@ class _AsyncConn(_Conn, asyncio.Protocol):
         elif self._error is None:
             self._error = exc
         self._wake()
-        drained = self._drained
-        if drained is not None and not drained.done():
-            drained.set_result(None)
 
     def pause_writing(self) -> None:
-        if self._drained is None or self._drained.done():
-            self._drained = self._loop.create_future()
+        self._paused = True
 
     def resume_writing(self) -> None:
-        drained = self._drained
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        self._paused = False
+        self._wake()
 
     # -- for the transport --------------------------------------------------------------------
 
@@ -647,8 +642,7 @@ class _AsyncConn(_Conn, asyncio.Protocol):
     def paused(self) -> bool:
         """Whether the transport asked to stop writing (its buffer is over the high-water
         mark) and has not asked to resume."""
-        drained = self._drained
-        return drained is not None and not drained.done()
+        return self._paused
 
     async def write(self, data: bytes, deadline: float) -> None:
         """Write ``data``, and wait only when the transport's buffer is above its high-water
@@ -664,9 +658,8 @@ class _AsyncConn(_Conn, asyncio.Protocol):
             await asyncio.sleep(0)  # let connection_lost run, as a stream writer's drain does
         if self.lost:
             raise ConnectionResetError("Connection lost")
-        while self.paused:
-            assert self._drained is not None
-            await self._wait(self._drained, deadline)
+        while self._paused and not self.lost:
+            await self._wait(deadline)
         if self.lost:
             raise ConnectionResetError("Connection lost")
 
@@ -677,11 +670,7 @@ class _AsyncConn(_Conn, asyncio.Protocol):
         decides whether the connection can be reused or pipelined on, and whether a request
         that failed on it may be sent again."""
         if not (self._pending or self._eof or self._error is not None):
-            waiter = self._waiter = self._loop.create_future()
-            try:
-                await self._wait(waiter, deadline)
-            finally:
-                self._waiter = None
+            await self._wait(deadline)
         if self._error is not None:
             raise self._error
         pending = self._pending
@@ -692,7 +681,9 @@ class _AsyncConn(_Conn, asyncio.Protocol):
         elif self._eof:
             self.parser.feed_eof()
 
-    async def _wait(self, future: asyncio.Future[None], deadline: float) -> None:
+    async def _wait(self, deadline: float) -> None:
+        """Until something happens on the connection (bytes, the end, an error, writing may
+        resume) or ``deadline`` passes (:class:`TimeoutError`)."""
         if deadline != self._timer_deadline:
             self.disarm()
             self._timer_deadline = deadline
@@ -701,14 +692,18 @@ class _AsyncConn(_Conn, asyncio.Protocol):
             self._timer = loop.call_at(when, self._expire)
         if self._expired:
             raise TimeoutError
-        await future
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     def _expire(self) -> None:
         self._timer = None
         self._expired = True
-        for future in (self._waiter, self._drained):
-            if future is not None and not future.done():
-                future.set_exception(TimeoutError())
+        waiter = self._waiter  # only a future being awaited: its exception is always read
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
 
     def disarm(self) -> None:
         """Cancel the deadline's timer (the exchange is over, or has another deadline)."""
