@@ -111,7 +111,11 @@ def test_any_framing_cut_anywhere_gives_the_body_back(
     wire = frame(body, framing, chunks)
     events = parse(wire, cuts, eof=framing == "close")
     assert replies(events) == [(replies(events)[0][0], body)]
-    assert not any(isinstance(e, Broken) for e in events)
+    ended = events.index(END)
+    assert not any(isinstance(e, Broken) for e in events[:ended])
+    # After a reply that ran to the close, nothing more can come on the connection.
+    closed = Broken("the server closed the connection without replying", closed=True)
+    assert events[ended + 1 :] == ([closed] if framing == "close" else [])
 
 
 @given(code=st.sampled_from([b"1", b"2", b"3", b"4", b"5", b"6"]), cuts=CUTS, framing=FRAMINGS)
@@ -240,6 +244,33 @@ async def test_a_server_that_closes_after_the_first_reply_gets_the_rest_again(
     assert isinstance(download, Outcome)
     assert server.connections == 3  # the download's connection was kept, then one more
     assert len(server.requests) == 4
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_reply_that_runs_to_the_close_leaves_the_call_behind_it_unanswered(
+    server: ScriptedServer, flavour: str
+) -> None:
+    # The check is answered without a length, its body ending with the connection (an
+    # HTTP/1.0-style server). The download pipelined behind it can have no reply on that
+    # connection: it goes again on a new one at once, instead of the client reading the
+    # closed connection over and over until its deadline (sync), or forever without letting
+    # the event loop run (async).
+    succ = b'{"errno":0,"error":"succ"}'
+    to_the_close = raw_response(
+        200, succ, [("Content-Type", "application/json")], content_length=False
+    )
+    server.add(Reply(to_the_close, close=True), CHUNK_REPLY)
+    cls = AsyncOtaClient if flavour == "async" else OtaClient
+    client = cls(make_config(), base_url=server.url, timeout=2000)
+    check, download = await check_and_download(client)
+    await close(client)
+    assert isinstance(check, Outcome)
+    assert isinstance(download, Outcome), download
+    assert download.value.data == CHUNK
+    assert server.connections == 2
+    assert [r.path.rsplit("/", 1)[-1] for r in server.requests] == ["check", TOKEN]
+    assert not client._sender.pipelining  # type: ignore[union-attr]
 
 
 @pytest.mark.anyio

@@ -174,7 +174,9 @@ class ReplyParser:
             return
         if self._in_reply and not self._in_head and self._close_delimited:
             self.on_message_complete()  # the body ran to the close, as its framing said
-            self._broken = True
+            # Nothing can follow on this connection: a request pipelined behind gets no reply
+            # (an event, so that its reader stops instead of reading the end again and again).
+            self._break("the server closed the connection without replying", closed=True)
             return
         if self._in_reply:
             where = "in the reply head" if self._in_head else "mid-body"
