@@ -7,6 +7,7 @@ C SDK's captures where the SDK should match them) and every malformed reply.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import socket
@@ -900,6 +901,25 @@ async def test_tls_verification_can_be_off(
     client = make_client(base_url=tls_server.url, verify=False)
     await client("post_version")
     await client.close()
+
+
+def test_an_async_tls_connection_the_server_closes_logs_no_warning(
+    tls_server: ScriptedServer, ca_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    succ = {"errno": 0, "error": "succ"}
+    tls_server.add(json_reply(succ, close=True), json_reply(succ, close=True))
+
+    async def scenario() -> None:
+        async with AsyncOtaClient(make_config(), base_url=tls_server.url, ca_file=ca_file) as c:
+            await c.post_version()
+            await c.post_version()  # the kept connection was closed: sent on a new one
+
+    asyncio.run(scenario())
+    assert len(tls_server.requests) >= 2
+    # A TLS transport closes on the server's end however the protocol answers eof_received;
+    # asking it to stay open only logs a warning for every connection the server closed.
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 def test_unreadable_ca_file(tmp_path: Path) -> None:

@@ -31,10 +31,13 @@ from onenet_ota.device._core import (
     ClientCore,
     Head,
     Outcome,
+    _decode_envelope,
 )
+from onenet_ota.device.events import TokenChecked
 from onenet_ota.protocol import ranges
 from onenet_ota.protocol.download import decode_error_body
 from onenet_ota.protocol.endpoints import Endpoint
+from onenet_ota.protocol.messages import decode_envelope
 from tests.device.conftest import TOKEN, VECTOR_3, make_config, task_data
 
 
@@ -348,3 +351,24 @@ def test_total_is_checked_against_the_last_task_of_that_token_only() -> None:
         c.download(TOKEN, 0, 4096).begin(download_head(0, 4095, 9999))
     other = c.download("ota_another", 0, 4096)
     assert run(other, download_head(0, 4095, 9999), b"x" * 4096).value.total == 9999
+
+
+def test_a_short_reply_decodes_the_same_every_time_it_comes() -> None:
+    succ = b'{"errno":0,"error":"succ"}'
+    expired = b'{"errno":12,"error":"token expired"}'
+    for _ in range(3):  # the second and third reply find the first one's envelope kept
+        outcome = run(core().check_token(TOKEN), json_head(succ), succ)
+        assert outcome.value is None
+        assert outcome.event is not None
+        assert isinstance(outcome.event, TokenChecked)
+        assert outcome.event.reply == succ
+        error = judge(core().check_token(TOKEN), json_head(expired), expired)
+        assert isinstance(error, PlatformError)
+        assert error.code == 12
+    with_data = json.dumps({"errno": 0, "error": "succ", "data": task_data()}).encode()
+    tasks = [run(core().check_task(), json_head(with_data), with_data).value for _ in range(2)]
+    assert tasks[0] == tasks[1]
+    assert tasks[0].token == TOKEN
+    # A reply with data is decoded anew each time: its dict is never shared between readers.
+    assert _decode_envelope(with_data).data is not _decode_envelope(with_data).data
+    assert _decode_envelope(succ) == decode_envelope(succ)

@@ -8,6 +8,8 @@ checks and downloads, and a server that does not pipeline.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onenet_ota.device import AsyncOtaClient, OtaClient
-from onenet_ota.device._core import Call, Head, Outcome
+from onenet_ota.device._core import Call, ClientCore, Head, Outcome
 from onenet_ota.device._http import END, MAX_HEAD, Broken, Failure, ReplyParser
+from onenet_ota.device.config import Timeout
 from onenet_ota.device.errors import DownloadError, ProtocolError, TokenExpired
 from onenet_ota.device.events import DownloadedChunk, EventKind, OtaEvent
 from onenet_ota.device.install import FileInstaller
+from onenet_ota.device.transport import SyncTransport, _AsyncConn, _Plan, _split, _split_whole
 from onenet_ota.device.upgrader import AsyncUpgrader, UpgradeOptions, Upgrader
 from onenet_ota.device.upgrader import Outcome as RunOutcome
 from tests.device.conftest import FIRMWARE, TOKEN, make_config, task_data
@@ -107,7 +111,11 @@ def test_any_framing_cut_anywhere_gives_the_body_back(
     wire = frame(body, framing, chunks)
     events = parse(wire, cuts, eof=framing == "close")
     assert replies(events) == [(replies(events)[0][0], body)]
-    assert not any(isinstance(e, Broken) for e in events)
+    ended = events.index(END)
+    assert not any(isinstance(e, Broken) for e in events[:ended])
+    # After a reply that ran to the close, nothing more can come on the connection.
+    closed = Broken("the server closed the connection without replying", closed=True)
+    assert events[ended + 1 :] == ([closed] if framing == "close" else [])
 
 
 @given(code=st.sampled_from([b"1", b"2", b"3", b"4", b"5", b"6"]), cuts=CUTS, framing=FRAMINGS)
@@ -236,6 +244,33 @@ async def test_a_server_that_closes_after_the_first_reply_gets_the_rest_again(
     assert isinstance(download, Outcome)
     assert server.connections == 3  # the download's connection was kept, then one more
     assert len(server.requests) == 4
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_reply_that_runs_to_the_close_leaves_the_call_behind_it_unanswered(
+    server: ScriptedServer, flavour: str
+) -> None:
+    # The check is answered without a length, its body ending with the connection (an
+    # HTTP/1.0-style server). The download pipelined behind it can have no reply on that
+    # connection: it goes again on a new one at once, instead of the client reading the
+    # closed connection over and over until its deadline (sync), or forever without letting
+    # the event loop run (async).
+    succ = b'{"errno":0,"error":"succ"}'
+    to_the_close = raw_response(
+        200, succ, [("Content-Type", "application/json")], content_length=False
+    )
+    server.add(Reply(to_the_close, close=True), CHUNK_REPLY)
+    cls = AsyncOtaClient if flavour == "async" else OtaClient
+    client = cls(make_config(), base_url=server.url, timeout=2000)
+    check, download = await check_and_download(client)
+    await close(client)
+    assert isinstance(check, Outcome)
+    assert isinstance(download, Outcome), download
+    assert download.value.data == CHUNK
+    assert server.connections == 2
+    assert [r.path.rsplit("/", 1)[-1] for r in server.requests] == ["check", TOKEN]
+    assert not client._sender.pipelining  # type: ignore[union-attr]
 
 
 @pytest.mark.anyio
@@ -461,3 +496,110 @@ async def test_pipelined_upgrade_against_a_server_that_does_not_pipeline(
     # right after its token check.
     assert len(downloads) == -(-len(FIRMWARE) // 1024)
     assert all(kinds[i - 1].endswith("/check") for i in downloads)
+
+
+class _StandInTransport(asyncio.Transport):
+    """Records what the connection writes; never sends it anywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
+def test_an_async_write_waits_only_while_the_socket_buffer_is_full() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        stand_in = _StandInTransport()
+        conn = _AsyncConn(loop)
+        conn.connection_made(stand_in)
+        await conn.write(b"first", time.monotonic() + 60)  # not paused: no wait at all
+        conn.pause_writing()
+        writing = loop.create_task(conn.write(b"second", time.monotonic() + 60))
+        await asyncio.sleep(0)
+        conn.data_received(b"HTTP/1.1 ")  # bytes arriving do not end the wait for room
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not writing.done()
+        conn.resume_writing()
+        await writing
+        assert stand_in.written == [b"first", b"second"]
+        conn.disarm()
+        conn.pause_writing()
+        with pytest.raises(TimeoutError):  # the deadline has passed: the write gives up
+            await conn.write(b"third", time.monotonic() - 1)
+        conn.disarm()
+        conn.connection_lost(None)
+        with pytest.raises(ConnectionResetError):  # as a stream writer's drain raises
+            await conn.write(b"fourth", time.monotonic() + 60)
+
+    asyncio.run(scenario())
+
+
+def test_async_bytes_reach_the_parser_only_when_a_reply_is_read() -> None:
+    async def scenario() -> None:
+        conn = _AsyncConn(asyncio.get_running_loop())
+        conn.connection_made(_StandInTransport())
+        reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        conn.data_received(reply)
+        conn.eof_received()
+        # Still idle: a request that fails on this kept connection may be sent again (§10).
+        assert conn.parser.idle
+        assert not conn.parser.events
+        await conn.receive(time.monotonic() + 60)  # what arrived, without waiting
+        assert conn.parser.events[0] == Head(200, (("Content-Length", "2"),))
+        await conn.receive(time.monotonic() + 60)  # then the end
+        assert conn.parser.closed
+        conn.disarm()
+
+    asyncio.run(scenario())
+
+
+def test_a_kept_request_encoding_is_only_ever_its_own_request() -> None:
+    core = ClientCore(make_config(), base_url="http://127.0.0.1:8080", timeout=Timeout())
+    transport = SyncTransport(None, user_agent="test")
+
+    def wire(call: Call[Any]) -> bytes:
+        plan = _Plan([call], False)
+        return transport._payload(plan, plan.next_batch())
+
+    check = core.check_token(TOKEN, None)
+    assert core.check_token(TOKEN, None).request is check.request  # the core keeps it
+    assert wire(check) == wire(core.check_token(TOKEN, None))
+    assert wire(check).startswith(f"GET /ota/south/download/{TOKEN}/check?".encode())
+    other = wire(core.check_token("ota_another_token", None))
+    assert other.startswith(b"GET /ota/south/download/ota_another_token/check?")
+    for start in (0, 4096, 8192):  # a download's request is new each time: its own Range
+        assert f"\r\nRange: {start}-{start + 4095}\r\n".encode() in wire(
+            core.download(TOKEN, start, 4096, None)
+        )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/ota/south/check?type=1&version=1.0.0&dev_id=42",
+        "https://iot-api.heclouds.com/fuse-ota/1/2/check?x=1",
+        "HTTP://Example.COM:80/a/b",
+        "https://[::1]:8443/ota/device/version?dev_id=7",
+        "http://user@host:81/p?q",
+        "http://host:82?only=query",
+        "http://host:83/path?",
+        "http://host:84/path#fragment",
+        "http://host/a%20b?c=%2F",
+        " http://host:85/padded ",
+        "http://host:86/tab\there",
+    ],
+)
+def test_a_url_splits_as_urlsplit_splits_it(url: str) -> None:
+    assert _split(url) == _split_whole(url)
+    assert _split(url) == _split(url)  # the origin's part kept, the same answer

@@ -236,9 +236,10 @@ class Call(ABC, Generic[T]):
         return length
 
     def _parse_content_length(self, head: Head) -> int | None:
-        found = {value.strip() for value in head.get_all("Content-Length")}
-        if not found:
+        values = head._index.get("content-length")
+        if values is None:
             return None
+        found = {values[0].strip()} if len(values) == 1 else {value.strip() for value in values}
         if len(found) > 1:
             raise self.protocol_error("reply has conflicting Content-Length headers")
         (text,) = found
@@ -278,7 +279,7 @@ class JsonCall(Call[T]):
     def _decode(self, head: Head, body: bytes, length: int | None) -> Outcome[T]:
         try:
             if self._codec is None:
-                envelope = messages.decode_envelope(body)
+                envelope = _decode_envelope(body)
             else:
                 reply = self._codec.decode(body)
                 envelope = Envelope(errno=reply.code, error=reply.text, data=reply.data)
@@ -294,6 +295,28 @@ class JsonCall(Call[T]):
             return self._on_success(envelope, body)
         except WireFormatError as exc:
             raise self.protocol_error(str(exc)) from None
+
+
+# The same few short replies come back over and over (``{"errno":0,"error":"succ"}`` to every
+# token check, report and version post): their decoded envelopes are kept, if they carry no
+# data (an Envelope is frozen; a data dict could be changed by whoever reads it). Bounded, and
+# only replies this short.
+_ENVELOPES: dict[bytes, Envelope] = {}
+_ENVELOPES_MAX = 16
+_ENVELOPE_KEPT_SIZE = 128
+
+
+def _decode_envelope(body: bytes) -> Envelope:
+    """:func:`messages.decode_envelope`, keeping the envelopes of short replies without data."""
+    found = _ENVELOPES.get(body)
+    if found is not None:
+        return found
+    envelope = messages.decode_envelope(body)
+    if envelope.data is None and len(body) <= _ENVELOPE_KEPT_SIZE:
+        if len(_ENVELOPES) >= _ENVELOPES_MAX:
+            _ENVELOPES.clear()
+        _ENVELOPES[body] = envelope
+    return envelope
 
 
 class DownloadCall(Call[DownloadedChunk]):

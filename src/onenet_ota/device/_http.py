@@ -174,7 +174,9 @@ class ReplyParser:
             return
         if self._in_reply and not self._in_head and self._close_delimited:
             self.on_message_complete()  # the body ran to the close, as its framing said
-            self._broken = True
+            # Nothing can follow on this connection: a request pipelined behind gets no reply
+            # (an event, so that its reader stops instead of reading the end again and again).
+            self._break("the server closed the connection without replying", closed=True)
             return
         if self._in_reply:
             where = "in the reply head" if self._in_head else "mid-body"
@@ -252,11 +254,9 @@ class Exchange:
         self._head: Head | None = None
         self._skip: OtaError | None = None  # the current reply failed: read past its body
         self.reusable = True  # whether the connection may carry another request
-
-    @property
-    def done(self) -> bool:
-        """Whether every call has its result."""
-        return len(self.results) == len(self.calls)
+        # Whether every call has its result: an attribute, not a property, as it is asked
+        # several times per reply (the client's CPU per request counts).
+        self.done = not calls
 
     @property
     def got_head(self) -> bool:
@@ -271,8 +271,7 @@ class Exchange:
     def advance(self) -> None:
         """Consume the parser's queued events."""
         events = self.parser.events
-        results, wanted = self.results, len(self.calls)
-        while events and len(results) < wanted:
+        while events and not self.done:
             event = events.popleft()
             if type(event) is bytes:
                 if self._skip is None:
@@ -308,7 +307,9 @@ class Exchange:
             self.reusable = self.reusable and not self.parser.closed and self.parser.keep_alive
 
     def _finish_current(self, result: Result) -> None:
-        self.results.append(result)
+        results = self.results
+        results.append(result)
+        self.done = len(results) == len(self.calls)
         self._head = None
         self._reader = None
         self._skip = None

@@ -1,11 +1,11 @@
-"""The device SDK's own HTTP/1.1 transport: plain sockets (sync) and asyncio streams (async).
+"""The device SDK's own HTTP/1.1 transport: plain sockets (sync) and an asyncio protocol (async).
 
 Theory of operation. A client hands its transport a list of :class:`~onenet_ota.device._core.Call`
 objects; the transport answers each one's :class:`~onenet_ota.device._http.Result` (an outcome or
 a failure carrying the SDK's error). Framing and judging are sans-IO
 (:class:`~onenet_ota.device._http.Exchange` over llhttp, and the calls themselves); the two
 classes here only connect, write, read, watch the clock and map socket errors, one with blocking
-sockets and one with asyncio streams. They share :class:`_Plan`, which decides what to send on
+sockets and one with an asyncio protocol. They share :class:`_Plan`, which decides what to send on
 which connection and what to retry.
 
 - **Keep-alive.** An idle connection per origin is kept (up to :data:`MAX_IDLE` per origin) unless
@@ -55,13 +55,15 @@ from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
-from onenet_ota.device._core import Call
+from onenet_ota.device._core import Call, DownloadCall, TidDownloadCall, WireRequest
 from onenet_ota.device._http import Exchange, Failure, ReplyParser, Result, encode_request
 from onenet_ota.device.errors import OtaError, RequestTimeout, TransportError
 
 MAX_IDLE: Final = 4
 """Idle connections kept per origin (an async client may run several calls at once)."""
 READ_SIZE: Final = 256 * 1024
+# Encoded requests kept per transport (see _Base._encoded): a task's token check or two.
+_ENCODED_MAX: Final = 16
 # While pipelined replies are outstanding the client has nothing to send, so its ACKs are
 # delayed (up to 40 ms on Linux); a server whose socket keeps Nagle's algorithm then holds the
 # next reply until that ACK comes. Measured: 46 ms per pipelined pair without quick ACKs, under
@@ -84,15 +86,44 @@ class Origin(NamedTuple):
         return host if self.port == default else f"{host}:{self.port}"
 
 
-@functools.lru_cache(maxsize=64)  # a device asks the same few URLs over and over
-def _split(url: str) -> tuple[Origin, str]:
+def _split(url: str) -> tuple[Origin, str, str]:
+    """The URL's origin, request target and ``Host`` value.
+
+    Only the origin is parsed and kept (a client talks to one or two): whole URLs differ from
+    device to device (the dev_id is in the query), so a fleet of clients in one process would
+    find none of them kept. A URL of an unusual form is split by :func:`urlsplit` as a whole.
+    """
+    mark = url.find("://")
+    slash = url.find("/", mark + 3) if mark > 0 else -1
+    query = url.find("?", mark + 3)
+    if (
+        slash < 0
+        or (0 <= query < slash)
+        or url.endswith("?")
+        or "#" in url
+        or " " in url
+        or not url.isprintable()
+    ):
+        return _split_whole(url)
+    origin, host = _origin(url[:slash])
+    return origin, url[slash:], host
+
+
+@functools.lru_cache(maxsize=64)
+def _origin(text: str) -> tuple[Origin, str]:
+    origin, _, host = _split_whole(text + "/")
+    return origin, host
+
+
+def _split_whole(url: str) -> tuple[Origin, str, str]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     port = parts.port or (443 if scheme == "https" else 80)
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    return Origin(scheme, parts.hostname or "", port), target
+    origin = Origin(scheme, parts.hostname or "", port)
+    return origin, target, origin.host_header
 
 
 def _connect_error(call: Call[Any], origin: Origin, exc: BaseException) -> OtaError:
@@ -235,6 +266,11 @@ def _chain(plan: _Plan, batch: list[int], after: InFlight | None) -> Any | None:
 
 
 class _Base:
+    # What a client asks of its sender before each call (an injected httpx2 client may be
+    # closed under it); never true here. A class attribute: asking for a missing one raises
+    # and catches an AttributeError inside getattr on every call.
+    http_closed: Final = False
+
     def __init__(
         self, tls: ssl.SSLContext | None, *, user_agent: str, keep_alive: bool = True
     ) -> None:
@@ -243,6 +279,7 @@ class _Base:
         # Connection: close comes with the request (the core adds it for keep_alive False).
         self._extra: tuple[tuple[str, str], ...] = (("User-Agent", user_agent),)
         self._pool = _Pool()
+        self._encodings: dict[int, tuple[WireRequest, bytes]] = {}
         self._local = threading.local()  # per thread: a sync client may be shared by threads
         self._no_pipelining = False
         self.closed = False
@@ -253,15 +290,27 @@ class _Base:
         return not self._no_pipelining
 
     def _payload(self, plan: _Plan, batch: list[int]) -> bytes:
-        return b"".join(
-            encode_request(
-                plan.calls[i].request,
-                plan.targets[i][1],
-                plan.targets[i][0].host_header,
-                self._extra,
-            )
-            for i in batch
-        )
+        if len(batch) == 1:
+            return self._encoded(plan.calls[batch[0]], plan.targets[batch[0]])
+        return b"".join(self._encoded(plan.calls[i], plan.targets[i]) for i in batch)
+
+    def _encoded(self, call: Call[Any], target: tuple[Origin, str, str]) -> bytes:
+        """The call's request as bytes; kept for the few requests a client sends over and
+        over unchanged (the core hands out the same request object for each chunk's token
+        check), under the object's identity, which the kept entry holds alive. A download's
+        request is new for every chunk (its Range): never kept."""
+        request = call.request
+        if isinstance(call, DownloadCall | TidDownloadCall):
+            return encode_request(request, target[1], target[2], self._extra)
+        key = id(request)
+        found = self._encodings.get(key)
+        if found is not None and found[0] is request:
+            return found[1]
+        data = encode_request(request, target[1], target[2], self._extra)
+        if len(self._encodings) >= _ENCODED_MAX:
+            self._encodings.clear()
+        self._encodings[key] = (request, data)
+        return data
 
     def _settle(self, plan: _Plan, sent: _Sent, answered_before: bool, *, completed: bool) -> None:
         """Record a flight's results; pool or close its connection once nothing on it is
@@ -515,22 +564,171 @@ class SyncTransport(_Base):
             conn.close()
 
 
-class _AsyncConn(_Conn):
-    __slots__ = ("reader", "writer")
+class _AsyncConn(_Conn, asyncio.Protocol):
+    """A connection as an asyncio protocol: the task reading a reply waits on one future,
+    woken when bytes, the end or an error arrive, under one timer per deadline, and writes
+    wait only when the transport's buffer is full (a stream reader and writer with a timeout
+    context per read cost several futures, handles and context managers per request)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    __slots__ = (
+        "_eof",
+        "_error",
+        "_expired",
+        "_loop",
+        "_paused",
+        "_pending",
+        "_timer",
+        "_timer_deadline",
+        "_tls",
+        "_waiter",
+        "lost",
+        "sock",
+        "transport",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
-        self.reader = reader
-        self.writer = writer
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.sock: Any = None
+        self.lost = False  # connection_lost was called: nothing more arrives or goes out
+        self._error: BaseException | None = None  # how the connection failed, once it did
+        self._pending: list[bytes] = []  # arrived, not yet handed to the parser
+        self._eof = False  # the server's end arrived (after what is pending)
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False  # the transport asked to stop writing and has not resumed
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None
+        self._expired = False
+        self._tls = False
+
+    # -- asyncio's callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.sock = transport.get_extra_info("socket")
+        self._tls = transport.get_extra_info("sslcontext") is not None
+
+    def data_received(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        # Half-closed, as a stream reader leaves it: the transport is closed with the
+        # connection. A TLS transport closes either way (and warns when asked not to).
+        return not self._tls
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if exc is None:
+            self._eof = True
+        elif self._error is None:
+            self._error = exc
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    # -- for the transport --------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        """Whether the transport asked to stop writing (its buffer is over the high-water
+        mark) and has not asked to resume."""
+        return self._paused
+
+    async def write(self, data: bytes, deadline: float) -> None:
+        """Write ``data``, and wait only when the transport's buffer is above its high-water
+        mark (until ``deadline``: :class:`TimeoutError`). Raises as a stream writer's drain
+        does when the connection is gone: a kept connection the server closed shows here or
+        as a reply that never begins, and the request is sent again on a new one."""
+        transport = self.transport
+        assert transport is not None
+        transport.write(data)  # a transport that is closing drops it
+        if self._error is not None:
+            raise self._error
+        if transport.is_closing():
+            await asyncio.sleep(0)  # let connection_lost run, as a stream writer's drain does
+        if self.lost:
+            raise ConnectionResetError("Connection lost")
+        while self._paused and not self.lost:
+            await self._wait(deadline)
+        if self.lost:
+            raise ConnectionResetError("Connection lost")
+
+    async def receive(self, deadline: float) -> None:
+        """Hand what arrived to the parser, waiting for it until ``deadline`` if nothing did
+        (:class:`TimeoutError`); raises the connection's error once it failed. The parser sees
+        bytes only when a reply is being read, as from a stream reader: what it has seen
+        decides whether the connection can be reused or pipelined on, and whether a request
+        that failed on it may be sent again."""
+        if not (self._pending or self._eof or self._error is not None):
+            await self._wait(deadline)
+        if self._error is not None:
+            raise self._error
+        pending = self._pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self.parser.feed(data)
+        elif self._eof:
+            self.parser.feed_eof()
+
+    async def _wait(self, deadline: float) -> None:
+        """Until something happens on the connection (bytes, the end, an error, writing may
+        resume) or ``deadline`` passes (:class:`TimeoutError`)."""
+        if deadline != self._timer_deadline:
+            self.disarm()
+            self._timer_deadline = deadline
+            loop = self._loop
+            when = loop.time() + (deadline - time.monotonic())
+            self._timer = loop.call_at(when, self._expire)
+        if self._expired:
+            raise TimeoutError
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._expired = True
+        waiter = self._waiter  # only a future being awaited: its exception is always read
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    def disarm(self) -> None:
+        """Cancel the deadline's timer (the exchange is over, or has another deadline)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self._timer_deadline = None
+        self._expired = False
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self) -> None:
         self.dead = True
-        with contextlib.suppress(OSError, RuntimeError):
-            self.writer.close()
+        self.disarm()
+        transport = self.transport
+        if transport is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                transport.close()
 
 
 class AsyncTransport(_Base):
-    """asyncio streams; the async twin of :class:`SyncTransport`."""
+    """An asyncio protocol per connection; the async twin of :class:`SyncTransport`."""
 
     async def exchange(self, calls: Sequence[Call[Any]], *, pipeline: bool = False) -> list[Result]:
         """See :meth:`SyncTransport.exchange`."""
@@ -592,10 +790,11 @@ class AsyncTransport(_Base):
         sent = False
         try:
             try:
-                conn.writer.write(self._payload(plan, batch))
-                async with asyncio.timeout_at(_loop_time(plan.deadlines[batch[0]])):
-                    await conn.writer.drain()
-                sock = conn.writer.get_extra_info("socket")
+                try:
+                    await conn.write(self._payload(plan, batch), plan.deadlines[batch[0]])
+                finally:
+                    conn.disarm()
+                sock = conn.sock
                 if len(batch) > 1 and _TCP_QUICKACK is not None and sock is not None:
                     with contextlib.suppress(OSError):  # see SyncTransport._send
                         sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
@@ -615,7 +814,7 @@ class AsyncTransport(_Base):
         completed = False
         answered_before = conn.answered
         pipelined = len(batch) > 1 or conn.unread > 1
-        sock = conn.writer.get_extra_info("socket") if pipelined else None
+        sock = conn.sock if pipelined else None
         quickack = _TCP_QUICKACK if sock is not None else None
         try:
             while not exchange.done:
@@ -630,49 +829,42 @@ class AsyncTransport(_Base):
                     with contextlib.suppress(OSError):
                         sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
                 try:
-                    async with asyncio.timeout_at(_loop_time(deadline)):
-                        data = await conn.reader.read(READ_SIZE)
+                    await conn.receive(deadline)
                 except (OSError, TimeoutError) as exc:
                     problem = _io_error(exchange.current, exc, got_head=exchange.got_head)
                     timed_out = isinstance(exc, TimeoutError)
                     exchange.fail(problem, unanswered=not timed_out, cause=exc)
                     break
-                if data:
-                    conn.parser.feed(data)
-                else:
-                    conn.parser.feed_eof()
             completed = True
         finally:
+            conn.disarm()
             # A cancelled call leaves its connection mid-reply: it cannot be reused.
             self._settle(plan, sent, answered_before, completed=completed)
 
     async def _connect(self, origin: Origin, call: Call[Any], deadline: float) -> _AsyncConn:
         tls = self._tls_for(origin, call)
         limit = min(call.request.timeout.connect_seconds, max(deadline - time.monotonic(), 0.001))
+        loop = asyncio.get_running_loop()
+        conn = _AsyncConn(loop)
         try:
             async with asyncio.timeout(limit):
-                reader, writer = await asyncio.open_connection(
+                await loop.create_connection(
+                    lambda: conn,
                     origin.host,
                     origin.port,
                     ssl=tls,
                     server_hostname=origin.host if tls is not None else None,
-                    limit=READ_SIZE,
                 )
         except (OSError, TimeoutError, ssl.CertificateError) as exc:
+            conn.close()
             raise _connect_error(call, origin, exc) from exc
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
+        if conn.sock is not None:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _AsyncConn(reader, writer)
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
 
     async def aclose(self) -> None:
         """Close every idle connection."""
         self.closed = True
         for conn in self._pool.drain():
             conn.close()
-
-
-def _loop_time(deadline: float) -> float:
-    """A :func:`time.monotonic` deadline on the running loop's clock."""
-    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
