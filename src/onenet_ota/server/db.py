@@ -222,35 +222,41 @@ class Prepared:
         merged = {**defaults, **params} if defaults else params
         return sql, (merged if order is None else [merged[name] for name in order])
 
-    def run(self, conn: Connection, params: Mapping[str, Any]) -> int:
-        """Execute; the number of rows the statement changed."""
+    def _execute(self, conn: Connection, params: Mapping[str, Any], fetch: Callable[[Any], T]) -> T:
+        """Run the statement on ``conn`` and hand its cursor to ``fetch``; the cursor is closed
+        whatever ``fetch`` does."""
         sql, args = self._args(conn, params)
         cursor = _driver_execute(conn, sql, args)
         try:
-            return int(cursor.rowcount)
+            return fetch(cursor)
         finally:
             cursor.close()
 
+    def run(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """Execute; the number of rows the statement changed."""
+        return self._execute(conn, params, _rowcount)
+
     def first(self, conn: Connection, params: Mapping[str, Any]) -> Any | None:
         """Execute; the first row, or None."""
-        sql, args = self._args(conn, params)
-        cursor = _driver_execute(conn, sql, args)
-        try:
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
+        row = self._execute(conn, params, _fetchone)
         return None if row is None else self._row._make(row)
 
     def all(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
         """Execute; every row."""
-        sql, args = self._args(conn, params)
-        cursor = _driver_execute(conn, sql, args)
-        try:
-            rows = cursor.fetchall()
-        finally:
-            cursor.close()
         make = self._row._make
-        return [make(row) for row in rows]
+        return [make(row) for row in self._execute(conn, params, _fetchall)]
+
+
+def _rowcount(cursor: Any) -> int:
+    return int(cursor.rowcount)
+
+
+def _fetchone(cursor: Any) -> Any:
+    return cursor.fetchone()
+
+
+def _fetchall(cursor: Any) -> Any:
+    return cursor.fetchall()
 
 
 # PostgreSQL's serialization_failure and deadlock_detected: the server rolled the transaction
