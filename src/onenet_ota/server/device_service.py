@@ -99,7 +99,7 @@ from onenet_ota.protocol.states import (
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
 from onenet_ota.server import changes, timeline
-from onenet_ota.server.db import Prepared, is_transient
+from onenet_ota.server.db import IDLE_SINCE, Prepared, is_lost_before_commit, is_transient
 from onenet_ota.server.device_caches import (
     Answer,
     Clock,
@@ -453,20 +453,22 @@ class _ReadConnections:
         self.on_error: Callable[[BaseException], None] | None = None  # see DeviceService
 
     def get(self) -> tuple[Any, bool]:
-        """This thread's connection, and whether it was opened before this call."""
+        """This thread's connection, and whether it was opened before this call (it served
+        this thread's reads, or sat in the pool, where nobody checks it: db.create_engine)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, True
         fairy = self._engine.raw_connection()
         conn = fairy.driver_connection
         assert conn is not None
+        pooled = IDLE_SINCE in fairy.info  # served transactions before
         fairy.detach()  # ours now: the pool forgets it and keeps its capacity
         if self._engine.dialect.name != "sqlite":  # db.py already runs sqlite3 unwrapped
             conn.autocommit = True
         with self._lock:
             self._all.append(conn)
         self._local.conn = conn
-        return conn, False
+        return conn, pooled
 
     def discard(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -529,10 +531,10 @@ class _Reader:
                 if connections.on_error is not None:
                     connections.on_error(exc)
                 connections.discard()  # perhaps broken: the next read reconnects
-                # A connection that served earlier reads may have been cut since (the database
-                # restarted, a proxy timed it out) with nobody noticing: one more try on a new
-                # connection, as the pool's pre-ping does for transactions. A read is one
-                # statement, so trying it again is safe.
+                # A connection that served earlier reads (or sat in the pool) may have been cut
+                # since (the database restarted, a proxy timed it out) with nobody noticing: one
+                # more try on another connection. A read is one statement, so trying it again
+                # is safe.
                 if not (reused and _connection_lost(conn)):
                     raise
 
@@ -712,6 +714,7 @@ class DeviceService:
     def _run(self, work: Callable[[_Tx], T]) -> T:
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             tx: _Tx | None = None
+            committing = False
             try:
                 with self._engine.begin() as conn:
                     tx = _Tx(conn, self._clock())
@@ -721,6 +724,7 @@ class DeviceService:
                         changes.publish(conn, None, tx.now, origin=self._origin)
                     elif tx.touched:
                         changes.publish(conn, tx.touched, tx.now, origin=self._origin)
+                    committing = True
                 tx.served.clear()  # committed: written
                 self._remember_offers(tx.offered)  # committed: they are on the timeline
                 return result
@@ -729,7 +733,10 @@ class DeviceService:
                 if attempt == _MAX_ATTEMPTS:
                     raise
             except DBAPIError as exc:
-                if attempt == _MAX_ATTEMPTS or not is_transient(exc):
+                # A connection lost before the commit (cut while it sat in the pool, which
+                # tests only connections idle for a while: db.create_engine) rolled nothing in.
+                retry = is_transient(exc) or is_lost_before_commit(exc, committing)
+                if attempt == _MAX_ATTEMPTS or not retry:
                     raise
             finally:
                 if tx is not None:
