@@ -434,7 +434,6 @@ _TX_OPEN_TASKS: Final = Prepared(_SELECT_OPEN_TASKS)
 _TX_SET_TOKEN: Final = Prepared(_SET_TOKEN)
 _TX_INSERT_TOKEN: Final = Prepared(_INSERT_TOKEN)
 _TX_SET_VERSIONS: Final = Prepared(_SET_VERSIONS)
-_TX_OFFERED: Final = Prepared(timeline.SELECT_OFFERED)
 
 
 class _ReadConnections:
@@ -908,15 +907,13 @@ class DeviceService:
             if source.dialect not in kept:
                 kept[source.dialect] = (tx.now, source)
             return
-        params = {"e_id": row.dt_id, "e_dialect": source.dialect}
-        found = _TX_OFFERED.first(tx.conn, params)
-        if found is not None:
-            self._remember_offers([key])
-            return
+        # One statement, written unless the device task has an offer through this dialect
+        # already (another worker's, or one this worker forgot), rather than a read and then
+        # an insert: each is a round trip on PostgreSQL. Remembered once committed, either way.
         # Nothing cached depends on the timeline: no invalidation, so the answer stays cacheable.
         kept_at = self._pending_offers.get(row.dt_id, {}).get(source.dialect)
         at, who = (tx.now, source) if kept_at is None else kept_at
-        timeline.record_offer(tx.writer, row.dt_id, at, who)
+        timeline.record_first_offers(tx.writer, [(row.dt_id, at, who)])
         tx.offered.append(key)
 
     def _effective_state(self, tx: _Tx, row: _Row, dev_id: int) -> TaskState:

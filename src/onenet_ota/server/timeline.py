@@ -277,23 +277,10 @@ def record_version(
 
 _INSERT_VERSION_PREPARED: Final = Prepared(_INSERT_VERSION)
 
-SELECT_OFFERED: Final = select(_ev.c.id).where(
-    _ev.c.device_task_id == bindparam("e_id"),
-    _ev.c.kind == "offered",
-    _ev.c.dialect.is_not_distinct_from(bindparam("e_dialect", type_=_ev.c.dialect.type)),
-)
-
-
-def record_offer(conn: Connection, device_task_id: int, now: float, source: Source) -> None:
-    """The first offer of a device task to a device through ``source``'s dialect (the caller
-    checked :data:`SELECT_OFFERED` first; a concurrent insert fails on the unique index and the
-    caller's transaction is retried)."""
-    record_transition(conn, device_task_id, None, None, now, kind="offered", source=source)
-
-
-# A first offer kept back (see DeviceService): written unless its row is there already (another
-# worker's, or one written meanwhile); its device task's ids read in the same statement, and
-# nothing written for a device task deleted since.
+# A first offer (one kept back by DeviceService, or one made in a transaction that writes anyway):
+# written unless its row is there already (another worker's, or one written meanwhile); its
+# device task's ids read in the same statement, and nothing written for a device task deleted
+# since.
 _INSERT_FIRST_OFFER = insert(_ev).from_select(
     _EVENT_COLUMNS,
     select(
@@ -327,15 +314,14 @@ _INSERT_FIRST_OFFER_PREPARED: Final = Prepared(_INSERT_FIRST_OFFER)
 
 
 def record_first_offers(conn: Connection, offers: Iterable[tuple[int, float, Source]]) -> None:
-    """First offers (device task id, when, through which request) kept back from the requests
-    that made them, each written unless its device task has one through that dialect already
-    (:data:`SELECT_OFFERED`). A concurrent insert of the same offer fails on the unique index:
-    the caller's transaction is retried."""
+    """First offers (device task id, when, through which request), each written unless its
+    device task has one through that dialect already. A concurrent insert of the same offer
+    fails on the unique index: the caller's transaction is retried."""
     rows = [
         {"e_id": dt_id, "e_at": _ms(at), "e_dialect": who.dialect, "e_endpoint": who.endpoint}
         for dt_id, at, who in offers
     ]
-    if len(rows) == 1:  # a device task's next event writes its own kept offer
+    if len(rows) == 1:  # an offer made now, or kept back and written with the next event
         _INSERT_FIRST_OFFER_PREPARED.run(conn, rows[0])
     elif rows:
         conn.execute(_INSERT_FIRST_OFFER, rows)
