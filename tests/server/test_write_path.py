@@ -3,6 +3,7 @@ PostgreSQL), and what happens when a pooled connection was cut while it sat in t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.db import create_engine
 from onenet_ota.server.device_service import DeviceService, Report
 from onenet_ota.server.schema import device_task_events
-from tests.server.seed import FakeClock, Seeder, World, module_database
+from tests.server.seed import DB_PARAMS, FakeClock, Seeder, World, module_database
 
 S = TaskState
 FOTA = TaskType.FOTA
@@ -136,3 +137,60 @@ def _events(engine: Engine, device_task_id: int) -> list[str]:
                 select(ev.c.kind).where(ev.c.device_task_id == device_task_id).order_by(ev.c.id)
             ).scalars()
         )
+
+
+@pytest.fixture(scope="module", params=DB_PARAMS)
+def engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
+    with module_database(request, tmp_path_factory) as engine:
+        yield engine
+
+
+# Statements each write transaction of an upgrade sends, by database. On PostgreSQL every
+# statement is a round trip, so a device task's change carries its timeline event
+# (timeline.with_event), a token's compare-and-set carries the new token's row, E1 reads the
+# versions and the open tasks in one statement, and E3's first offer is one conditional INSERT.
+# On SQLite, which cannot put an UPDATE in a WITH, they stay separate statements (no round trip
+# there). The feed row (cache_changes) is one statement on both.
+UPGRADE_STATEMENTS = {
+    "sqlite": {"E1": 4, "E3": 5, "E5": 4, "progress": 3, "101": 4, "201": 5},
+    "postgresql": {"E1": 4, "E3": 4, "E5": 3, "progress": 2, "101": 3, "201": 4},
+}
+
+
+def test_an_upgrades_write_transactions_send_few_statements(engine: Engine, tmp_path: Path) -> None:
+    seeder = Seeder(engine, BlobStore(tmp_path / "blobs"), FakeClock())
+    service = DeviceService(engine, clock=seeder.clock, cache_ttl=0)
+    try:
+        world = seeder.world()
+        counts: dict[str, int] = {}
+        counts["E1"] = _count_statements(
+            engine, lambda: service.report_version(world.dev_id, "1.0.0", None)
+        )
+        token = ""
+
+        def check() -> None:
+            nonlocal token
+            token = _offer(service, world)
+
+        counts["E3"] = _count_statements(engine, check)
+        counts["E5"] = _count_statements(engine, lambda: service.check_token(world.dev_id, token))
+        for kind, value, label in (
+            (ReportKind.PROGRESS, 50, "progress"),
+            (ReportKind.DOWNLOADED, 101, "101"),
+            (ReportKind.UPGRADED, 201, "201"),
+        ):
+            report = Report(kind, value)
+            counts[label] = _count_statements(
+                engine, functools.partial(service.report, world.dev_id, token, report)
+            )
+        assert world.state() is S.SUCCEEDED
+        assert seeder.versions(world.dev_id) == ("1.0.1", None)
+        # The same timeline on both databases, whichever statements wrote it.
+        assert _events(engine, world.task_id) == [
+            "offered", "state", "progress", "report", "report",
+        ]  # fmt: skip
+        assert counts == UPGRADE_STATEMENTS[engine.dialect.name]
+    finally:
+        service.close()

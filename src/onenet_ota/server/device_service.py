@@ -66,12 +66,14 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     Engine,
     Row,
     Select,
     and_,
     bindparam,
+    cast,
     func,
     insert,
     literal_column,
@@ -378,11 +380,19 @@ _SELECT_DEVICE_AND_OPEN_TASK = _device_and_open_task()
 _SELECT_DEVICE_KEYS_AND_OPEN_TASK = _device_and_open_task(
     products.c.access_key, devices.c.device_key
 )
-# E1: every open task of the device, in a fixed order (lock order across transactions).
-_SELECT_OPEN_TASKS = (
-    select(*_TASK_COLUMNS)
-    .select_from(_TASK_JOIN)
-    .where(_dt.c.dev_id == bindparam("dev_id"), _dt.c.state.in_(_OPEN_LITERALS))
+# E1's transaction: the stored versions and every open task of the device, in one statement: a
+# row per open task, in a fixed order (lock order across transactions), or one row without a
+# task.
+_SELECT_VERSIONS_AND_OPEN_TASK_ROWS = (
+    select(devices.c.f_version, devices.c.s_version, *_TASK_COLUMNS)
+    .select_from(
+        devices.outerjoin(
+            _dt, and_(_dt.c.dev_id == devices.c.dev_id, _dt.c.state.in_(_OPEN_LITERALS))
+        )
+        .outerjoin(_t, _t.c.id == _dt.c.task_id)
+        .outerjoin(_p, _p.c.id == _t.c.package_id)
+    )
+    .where(devices.c.dev_id == bindparam("dev_id"))
     .order_by(_dt.c.id)
 )
 # E5-E8: a token (any ever issued, D13) with its task and package.
@@ -391,24 +401,51 @@ _SELECT_TOKEN = (
     .select_from(tokens.join(_TASK_JOIN, _dt.c.id == tokens.c.device_task_id))
     .where(tokens.c.token == bindparam("token"))
 )
-_SET_TOKEN = (
-    update(_dt)
-    .where(
-        _dt.c.id == bindparam("b_id"),
-        _dt.c.state == bindparam("b_state"),
-        _dt.c.current_token.is_not_distinct_from(
-            bindparam("b_token", type_=_dt.c.current_token.type)
-        ),
+
+
+def _set_token() -> Any:
+    # Built anew for each statement made from it (see transitions._set_state).
+    return (
+        update(_dt)
+        .where(
+            _dt.c.id == bindparam("b_id"),
+            _dt.c.state == bindparam("b_state"),
+            _dt.c.current_token.is_not_distinct_from(
+                bindparam("b_token", type_=_dt.c.current_token.type)
+            ),
+        )
+        .values(
+            current_token=bindparam("v_token"),
+            token_issued_at=bindparam("now"),
+            updated_at=bindparam("now"),
+        )
     )
-    .values(
-        current_token=bindparam("v_token"),
-        token_issued_at=bindparam("now"),
-        updated_at=bindparam("now"),
-    )
-)
+
+
+_SET_TOKEN = _set_token()
 _INSERT_TOKEN = insert(tokens).values(
     token=bindparam("v_token"), device_task_id=bindparam("v_id"), issued_at=bindparam("now")
 )
+
+
+def _issue_token_statement() -> Any:
+    """PostgreSQL: the compare-and-set of the task's current token and the new token's row in
+    one statement (a round trip less); its rowcount is 1 when the task was still as read."""
+    issued = _set_token().returning(_dt.c.id).cte("issued")
+    return (
+        insert(tokens)
+        .from_select(
+            ["token", "device_task_id", "issued_at"],
+            select(
+                cast(bindparam("v_token", type_=tokens.c.token.type), tokens.c.token.type),
+                issued.c.id,
+                cast(bindparam("now", type_=BigInteger()), BigInteger()),
+            ),
+        )
+        .add_cte(issued)
+    )
+
+
 # A NULL parameter keeps the stored version: one statement serves E1 (both), E3 and T15 (one).
 _SET_VERSIONS = (
     update(devices)
@@ -429,10 +466,10 @@ _SET_VERSIONS = (
 _TX_DEVICE_AND_OPEN_TASK: Final = Prepared(_SELECT_DEVICE_AND_OPEN_TASK)
 _TX_TOKEN: Final = Prepared(_SELECT_TOKEN)
 _TX_TID: Final = Prepared(_SELECT_TID)
-_TX_VERSIONS: Final = Prepared(_SELECT_VERSIONS)
-_TX_OPEN_TASKS: Final = Prepared(_SELECT_OPEN_TASKS)
+_TX_VERSIONS_AND_OPEN_TASKS: Final = Prepared(_SELECT_VERSIONS_AND_OPEN_TASK_ROWS)
 _TX_SET_TOKEN: Final = Prepared(_SET_TOKEN)
 _TX_INSERT_TOKEN: Final = Prepared(_INSERT_TOKEN)
+_TX_ISSUE_TOKEN: Final = Prepared(_issue_token_statement())
 _TX_SET_VERSIONS: Final = Prepared(_SET_VERSIONS)
 
 
@@ -1091,9 +1128,10 @@ class DeviceService:
             return Errno.SUCC
 
         def work(tx: _Tx) -> Errno:
-            before = _TX_VERSIONS.first(tx.writer, {"dev_id": dev_id})
-            for row in _TX_OPEN_TASKS.all(tx.writer, {"dev_id": dev_id}):
-                if row.start_time > tx.now:  # not started: invisible to devices (§5.2)
+            rows = _TX_VERSIONS_AND_OPEN_TASKS.all(tx.writer, {"dev_id": dev_id})
+            before = rows[0] if rows else None
+            for row in rows:
+                if row.dt_id is None or row.start_time > tx.now:  # none, or not started (§5.2)
                     continue
                 state = self._effective_state(tx, row, dev_id)
                 version = reported[TaskType(row.module_type)]
@@ -1374,9 +1412,13 @@ class DeviceService:
             "now": now,
         }
         conn = tx.writer
-        if _TX_SET_TOKEN.run(conn, params) != 1:
-            raise ConcurrentChange
-        _TX_INSERT_TOKEN.run(conn, {"v_token": token, "v_id": row.dt_id, "now": now})
+        if conn.dialect.name == "postgresql":
+            if _TX_ISSUE_TOKEN.run(conn, params) != 1:
+                raise ConcurrentChange
+        else:
+            if _TX_SET_TOKEN.run(conn, params) != 1:
+                raise ConcurrentChange
+            _TX_INSERT_TOKEN.run(conn, {"v_token": token, "v_id": row.dt_id, "now": now})
         tx.touched.add(row.dt_dev_id)
         return token
 
