@@ -67,6 +67,7 @@ from bench.profiles import top_functions
 from onenet_ota.protocol.endpoints import Endpoint
 from onenet_ota.sim import FleetConfig, FleetReport, LocalServer, simulate
 from onenet_ota.sim.config import HTTP_CLIENTS
+from onenet_ota.sim.report import retry_summary
 from onenet_ota.sim.view import LiveView
 
 
@@ -166,6 +167,9 @@ def print_outcome(outcome: Outcome) -> None:
     if data["faults"]:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(data["faults"].items()))
         print(f"   faults injected: {faults}; upgrader retries {data['retries']}")
+        for line in retry_summary(data).splitlines():
+            if line:
+                print(f"   {line}")
     if agreement is not None:
         print(
             f"   server: {agreement.server_counts}; agreement "
