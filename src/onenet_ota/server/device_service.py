@@ -69,8 +69,10 @@ from sqlalchemy import (
     BigInteger,
     Connection,
     Engine,
+    Insert,
     Row,
     Select,
+    Update,
     and_,
     bindparam,
     cast,
@@ -403,7 +405,7 @@ _SELECT_TOKEN = (
 )
 
 
-def _set_token() -> Any:
+def _set_token() -> Update:
     # Built anew for each statement made from it (see transitions._set_state).
     return (
         update(_dt)
@@ -428,7 +430,7 @@ _INSERT_TOKEN = insert(tokens).values(
 )
 
 
-def _issue_token_statement() -> Any:
+def _issue_token_statement() -> Insert:
     """PostgreSQL: the compare-and-set of the task's current token and the new token's row in
     one statement (a round trip less); its rowcount is 1 when the task was still as read."""
     issued = _set_token().returning(_dt.c.id).cte("issued")
