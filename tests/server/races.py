@@ -61,6 +61,16 @@ class Outcome:
         return self
 
 
+def _updates(statement: str, table: str) -> bool:
+    """Whether ``statement`` is an UPDATE of ``table``, alone or in a WITH (on PostgreSQL a
+    device task's change carries its timeline event: ``WITH changed AS (UPDATE ...) INSERT``,
+    whose rowcount is the UPDATE's)."""
+    text = statement.lstrip()
+    return text.startswith(f"UPDATE {table} ") or (
+        text.startswith("WITH ") and f"(UPDATE {table} " in text
+    )
+
+
 def run_as_deadlock_victim(
     engine: Engine, call: Callable[[], object], *, hold: Executable, collide: Executable, table: str
 ) -> tuple[Outcome, int]:
@@ -85,7 +95,7 @@ def run_as_deadlock_victim(
     def listener(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
         nonlocal updates
         mine = victim is not None and threading.get_ident() == victim.ident
-        if mine and statement.lstrip().startswith(f"UPDATE {table} ") and cursor.rowcount > 0:
+        if mine and _updates(statement, table) and cursor.rowcount > 0:
             updates += 1
             if not paused.is_set():
                 paused.set()

@@ -332,6 +332,37 @@ def test_prepared_statements_reach_cursor_event_listeners(engine: Engine) -> Non
     assert ("INSERT", 1) in statements
 
 
+def test_prepared_statements_close_every_cursor_they_open(engine: Engine) -> None:
+    # run, first and all share one execute-and-close path: each cursor is closed after use,
+    # also when fetching from it fails.
+    cursors: list[Any] = []
+
+    def after(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if not statement.startswith("BEGIN"):
+            cursors.append(cursor)
+
+    read_key = db.Prepared(_PRODUCT_KEY)
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        with engine.begin() as conn:
+            db.Prepared(_PRODUCT).run(conn, {"pid": "1", "key": "a"})
+            read_key.first(conn, {"pid": "1"})
+            read_key.all(conn, {"pid": "1"})
+            with pytest.raises(ZeroDivisionError):
+                read_key._execute(conn, {"pid": "1"}, lambda _cursor: 1 // 0)
+    finally:
+        event.remove(engine, "after_cursor_execute", after)
+    assert len(cursors) == 4
+    for cursor in cursors:
+        # sqlite3 refuses a closed cursor; psycopg says so.
+        closed = getattr(cursor, "closed", None)
+        if closed is None:
+            with pytest.raises(sqlite3.ProgrammingError, match="closed cursor"):
+                cursor.fetchall()
+        else:
+            assert closed
+
+
 # ------------------------------------------------------------------------------ ids never reused
 
 _PACKAGE = {

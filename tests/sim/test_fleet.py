@@ -4,6 +4,7 @@ power cuts, gates, existing tasks, and the agreement check that must catch a dis
 from __future__ import annotations
 
 import gc
+import logging
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -17,9 +18,10 @@ from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import StatusCode, TaskType
 from onenet_ota.sim import FleetConfig, SimulationError, ValueRange, simulate
 from onenet_ota.sim.config import HTTP_CLIENTS
-from onenet_ota.sim.fleet import DeviceRecord, Fleet, FleetState, Phase
+from onenet_ota.sim.fleet import DeviceLogPolicy, DeviceRecord, Fleet, FleetState, Phase
 from onenet_ota.sim.provision import DeviceView, FleetTarget, provision
-from onenet_ota.sim.report import FleetReport, check_agreement
+from onenet_ota.sim.report import FleetReport, check_agreement, retry_summary
+from onenet_ota.sim.transport import DeviceLink, device_context
 from tests.sim.platform import Platform
 
 SMALL: dict[str, Any] = {"package_size": 32 * 1024, "chunk_size": 8 * 1024, "retry_interval": 0.02}
@@ -191,6 +193,68 @@ def test_a_fleet_shared_out_to_processes(sqlite_platform: Platform) -> None:
     assert report.metrics.endpoints[Endpoint.CHECK_TASK].requests >= 24
     assert report.metrics.injected["power-cut"] == sum(r.power_cuts for r in report.state.devices)
     assert ticks[-1] == 24
+    # The retries by step and the device log records held back, merged too.
+    state = report.state
+    assert state.retries > 0
+    assert sum(state.retry_steps.values()) == state.retries
+    assert state.device_logs["WARNING"] >= state.retries  # each retry's warning, held back
+
+
+def test_virtual_devices_retries_are_counted_not_logged_line_by_line(
+    sqlite_platform: Platform, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With connections dropped, every retry of the SDK's upgrader logs a WARNING: at 100,000
+    devices, tens of thousands of lines. The simulator holds its virtual devices' SDK records
+    below ERROR back and counts them, and counts the retries by step in its report."""
+    caplog.set_level(logging.DEBUG)
+    config = FleetConfig(devices=30, concurrency=8, drop_rate=0.15, seed=3, **SMALL)
+    report = simulate(config, server=sqlite_platform.url, admin_token=sqlite_platform.admin_token)
+    assert report.ok
+    state = report.state
+    assert state.retries > 0
+    sdk = [r for r in caplog.records if r.name.startswith("onenet_ota.device")]
+    assert sdk == []
+    assert sum(state.retry_steps.values()) == state.retries
+    assert state.device_logs["WARNING"] >= state.retries
+    assert state.device_logs["INFO"] > 0  # the reports, tasks and installs of every device
+    data = report.to_dict()
+    assert data["retries_by_step"] == dict(state.retry_steps.most_common())
+    assert data["device_log_records_held"] == dict(state.device_logs)
+    assert "retries by step: " in retry_summary(data)
+    # The policy is gone with the run: the SDK logs as always afterwards.
+    logging.getLogger("onenet_ota.device.upgrader").warning("after the run")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("onenet_ota.device")] == [
+        "after the run"
+    ]
+
+
+def test_the_device_log_policy_holds_back_only_virtual_devices_records(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    counts: Counter[str] = Counter()
+    policy = DeviceLogPolicy(counts)
+    upgrader = logging.getLogger("onenet_ota.device.upgrader")
+    policy.install()
+    try:
+        upgrader.warning("a real device retries")  # no simulated device's context: it goes out
+        with device_context(DeviceLink()):
+            upgrader.warning("a virtual device retries")
+            logging.getLogger("onenet_ota.device").info("a virtual device reported")
+            upgrader.error("a virtual device's error")  # errors still go out
+            logging.getLogger("onenet_ota.sim.fleet").warning("the simulator's own")
+    finally:
+        policy.remove()
+    with device_context(DeviceLink()):
+        upgrader.warning("after remove")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "a real device retries",
+        "a virtual device's error",
+        "the simulator's own",
+        "after remove",
+    ]
+    assert counts == Counter({"WARNING": 1, "INFO": 1})
 
 
 def test_processes_beyond_the_concurrency_are_reduced() -> None:

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy import create_engine as _sa_create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import Dialect
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
@@ -85,8 +85,19 @@ def _enable_wal(
         sleep(_WAL_RETRY_SLEEP)
 
 
-def create_engine(url: str, *, pool_size: int = 8) -> Engine:
-    """An engine for ``url`` with this project's settings (WAL and pragmas on SQLite).
+PING_AFTER_S: Final = 1.0
+"""A pooled PostgreSQL connection idle at least this long is tested before
+use (:class:`_IdlePing`)."""
+
+
+IDLE_SINCE: Final = "onenet_ota_idle_since"
+"""The key, in a pooled connection's ``info``, of when it went back to the pool (monotonic
+seconds); absent before its first use."""
+
+
+def create_engine(url: str, *, pool_size: int = 8, ping_after: float = PING_AFTER_S) -> Engine:
+    """An engine for ``url`` with this project's settings (WAL and pragmas on SQLite; on
+    PostgreSQL, a pooled connection idle for ``ping_after`` seconds is tested before use).
 
     Statement parameters are hidden from error messages: they include download tokens and keys.
     """
@@ -107,9 +118,47 @@ def create_engine(url: str, *, pool_size: int = 8) -> Engine:
         event.listen(engine, "begin", _begin)
         engine._connection_cls = _SQLiteConnection
         return engine
-    return _sa_create_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, hide_parameters=True
+    engine = _sa_create_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, hide_parameters=True
     )
+    pinger = _IdlePing(engine.dialect, ping_after)
+    event.listen(engine, "checkin", pinger.checkin)
+    event.listen(engine, "checkout", pinger.checkout)
+    return engine
+
+
+class _IdlePing:
+    """Test a pooled connection before use, as SQLAlchemy's ``pool_pre_ping`` does, but only
+    when it sat idle in the pool for ``after`` seconds or more.
+
+    Why: the test is a round trip, and ``pool_pre_ping`` makes it on every checkout, so on
+    every transaction; a busy server (a fleet upgrading) spent one round trip in nine on it.
+    A connection that served a transaction a moment ago is very likely alive; one that sat idle
+    may have been cut while nobody looked (the database restarted, a proxy timed it out), which
+    is what the test is for. A connection cut within ``after`` seconds of its last use fails
+    its first statement instead: the device service runs such a transaction again
+    (:func:`is_lost_before_commit`), and Core invalidates the pool on that error, so the other
+    idle connections are replaced rather than tried.
+    """
+
+    __slots__ = ("_after", "_dialect")
+
+    def __init__(self, dialect: Dialect, after: float) -> None:
+        self._dialect = dialect
+        self._after = after
+
+    def checkin(self, _dbapi_conn: Any, record: Any) -> None:
+        record.info[IDLE_SINCE] = time.monotonic()
+
+    def checkout(self, dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(IDLE_SINCE)
+        if since is None or time.monotonic() - since < self._after:
+            return  # new, or used a moment ago
+        try:
+            self._dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            # The pool discards this connection and checks out another (a new one if need be).
+            raise DisconnectionError(f"a pooled connection was lost: {exc}") from exc
 
 
 def _disable_pysqlite_begin(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
@@ -222,35 +271,41 @@ class Prepared:
         merged = {**defaults, **params} if defaults else params
         return sql, (merged if order is None else [merged[name] for name in order])
 
-    def run(self, conn: Connection, params: Mapping[str, Any]) -> int:
-        """Execute; the number of rows the statement changed."""
+    def _execute(self, conn: Connection, params: Mapping[str, Any], fetch: Callable[[Any], T]) -> T:
+        """Run the statement on ``conn`` and hand its cursor to ``fetch``; the cursor is closed
+        whatever ``fetch`` does."""
         sql, args = self._args(conn, params)
         cursor = _driver_execute(conn, sql, args)
         try:
-            return int(cursor.rowcount)
+            return fetch(cursor)
         finally:
             cursor.close()
 
+    def run(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """Execute; the number of rows the statement changed."""
+        return self._execute(conn, params, _rowcount)
+
     def first(self, conn: Connection, params: Mapping[str, Any]) -> Any | None:
         """Execute; the first row, or None."""
-        sql, args = self._args(conn, params)
-        cursor = _driver_execute(conn, sql, args)
-        try:
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
+        row = self._execute(conn, params, _fetchone)
         return None if row is None else self._row._make(row)
 
     def all(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
         """Execute; every row."""
-        sql, args = self._args(conn, params)
-        cursor = _driver_execute(conn, sql, args)
-        try:
-            rows = cursor.fetchall()
-        finally:
-            cursor.close()
         make = self._row._make
-        return [make(row) for row in rows]
+        return [make(row) for row in self._execute(conn, params, _fetchall)]
+
+
+def _rowcount(cursor: Any) -> int:
+    return int(cursor.rowcount)
+
+
+def _fetchone(cursor: Any) -> Any:
+    return cursor.fetchone()
+
+
+def _fetchall(cursor: Any) -> Any:
+    return cursor.fetchall()
 
 
 # PostgreSQL's serialization_failure and deadlock_detected: the server rolled the transaction
@@ -269,6 +324,14 @@ def is_transient(exc: DBAPIError) -> bool:
     """Whether the database aborted the transaction only to break a deadlock or a
     serialisation conflict, so that running it again is safe and may well succeed."""
     return sqlstate(exc) in _TRANSIENT_SQLSTATES
+
+
+def is_lost_before_commit(exc: DBAPIError, committing: bool) -> bool:
+    """Whether the connection was lost while a transaction ran, before its COMMIT was sent:
+    the database then rolled the transaction back with its session, so running it again on
+    another connection is safe. A connection lost during COMMIT leaves unknown whether it
+    committed: never run again."""
+    return bool(exc.connection_invalidated) and not committing
 
 
 def is_foreign_key_violation(exc: IntegrityError) -> bool:

@@ -66,12 +66,16 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     Engine,
+    Insert,
     Row,
     Select,
+    Update,
     and_,
     bindparam,
+    cast,
     func,
     insert,
     literal_column,
@@ -99,7 +103,7 @@ from onenet_ota.protocol.states import (
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
 from onenet_ota.server import changes, timeline
-from onenet_ota.server.db import Prepared, is_transient
+from onenet_ota.server.db import IDLE_SINCE, Prepared, is_lost_before_commit, is_transient
 from onenet_ota.server.device_caches import (
     Answer,
     Clock,
@@ -378,11 +382,19 @@ _SELECT_DEVICE_AND_OPEN_TASK = _device_and_open_task()
 _SELECT_DEVICE_KEYS_AND_OPEN_TASK = _device_and_open_task(
     products.c.access_key, devices.c.device_key
 )
-# E1: every open task of the device, in a fixed order (lock order across transactions).
-_SELECT_OPEN_TASKS = (
-    select(*_TASK_COLUMNS)
-    .select_from(_TASK_JOIN)
-    .where(_dt.c.dev_id == bindparam("dev_id"), _dt.c.state.in_(_OPEN_LITERALS))
+# E1's transaction: the stored versions and every open task of the device, in one statement: a
+# row per open task, in a fixed order (lock order across transactions), or one row without a
+# task.
+_SELECT_VERSIONS_AND_OPEN_TASK_ROWS = (
+    select(devices.c.f_version, devices.c.s_version, *_TASK_COLUMNS)
+    .select_from(
+        devices.outerjoin(
+            _dt, and_(_dt.c.dev_id == devices.c.dev_id, _dt.c.state.in_(_OPEN_LITERALS))
+        )
+        .outerjoin(_t, _t.c.id == _dt.c.task_id)
+        .outerjoin(_p, _p.c.id == _t.c.package_id)
+    )
+    .where(devices.c.dev_id == bindparam("dev_id"))
     .order_by(_dt.c.id)
 )
 # E5-E8: a token (any ever issued, D13) with its task and package.
@@ -391,24 +403,51 @@ _SELECT_TOKEN = (
     .select_from(tokens.join(_TASK_JOIN, _dt.c.id == tokens.c.device_task_id))
     .where(tokens.c.token == bindparam("token"))
 )
-_SET_TOKEN = (
-    update(_dt)
-    .where(
-        _dt.c.id == bindparam("b_id"),
-        _dt.c.state == bindparam("b_state"),
-        _dt.c.current_token.is_not_distinct_from(
-            bindparam("b_token", type_=_dt.c.current_token.type)
-        ),
+
+
+def _set_token() -> Update:
+    # Built anew for each statement made from it (see transitions._set_state).
+    return (
+        update(_dt)
+        .where(
+            _dt.c.id == bindparam("b_id"),
+            _dt.c.state == bindparam("b_state"),
+            _dt.c.current_token.is_not_distinct_from(
+                bindparam("b_token", type_=_dt.c.current_token.type)
+            ),
+        )
+        .values(
+            current_token=bindparam("v_token"),
+            token_issued_at=bindparam("now"),
+            updated_at=bindparam("now"),
+        )
     )
-    .values(
-        current_token=bindparam("v_token"),
-        token_issued_at=bindparam("now"),
-        updated_at=bindparam("now"),
-    )
-)
+
+
+_SET_TOKEN = _set_token()
 _INSERT_TOKEN = insert(tokens).values(
     token=bindparam("v_token"), device_task_id=bindparam("v_id"), issued_at=bindparam("now")
 )
+
+
+def _issue_token_statement() -> Insert:
+    """PostgreSQL: the compare-and-set of the task's current token and the new token's row in
+    one statement (a round trip less); its rowcount is 1 when the task was still as read."""
+    issued = _set_token().returning(_dt.c.id).cte("issued")
+    return (
+        insert(tokens)
+        .from_select(
+            ["token", "device_task_id", "issued_at"],
+            select(
+                cast(bindparam("v_token", type_=tokens.c.token.type), tokens.c.token.type),
+                issued.c.id,
+                cast(bindparam("now", type_=BigInteger()), BigInteger()),
+            ),
+        )
+        .add_cte(issued)
+    )
+
+
 # A NULL parameter keeps the stored version: one statement serves E1 (both), E3 and T15 (one).
 _SET_VERSIONS = (
     update(devices)
@@ -429,12 +468,11 @@ _SET_VERSIONS = (
 _TX_DEVICE_AND_OPEN_TASK: Final = Prepared(_SELECT_DEVICE_AND_OPEN_TASK)
 _TX_TOKEN: Final = Prepared(_SELECT_TOKEN)
 _TX_TID: Final = Prepared(_SELECT_TID)
-_TX_VERSIONS: Final = Prepared(_SELECT_VERSIONS)
-_TX_OPEN_TASKS: Final = Prepared(_SELECT_OPEN_TASKS)
+_TX_VERSIONS_AND_OPEN_TASKS: Final = Prepared(_SELECT_VERSIONS_AND_OPEN_TASK_ROWS)
 _TX_SET_TOKEN: Final = Prepared(_SET_TOKEN)
 _TX_INSERT_TOKEN: Final = Prepared(_INSERT_TOKEN)
+_TX_ISSUE_TOKEN: Final = Prepared(_issue_token_statement())
 _TX_SET_VERSIONS: Final = Prepared(_SET_VERSIONS)
-_TX_OFFERED: Final = Prepared(timeline.SELECT_OFFERED)
 
 
 class _ReadConnections:
@@ -453,20 +491,22 @@ class _ReadConnections:
         self.on_error: Callable[[BaseException], None] | None = None  # see DeviceService
 
     def get(self) -> tuple[Any, bool]:
-        """This thread's connection, and whether it was opened before this call."""
+        """This thread's connection, and whether it was opened before this call (it served
+        this thread's reads, or sat in the pool, where nobody checks it: db.create_engine)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, True
         fairy = self._engine.raw_connection()
         conn = fairy.driver_connection
         assert conn is not None
+        pooled = IDLE_SINCE in fairy.info  # served transactions before
         fairy.detach()  # ours now: the pool forgets it and keeps its capacity
         if self._engine.dialect.name != "sqlite":  # db.py already runs sqlite3 unwrapped
             conn.autocommit = True
         with self._lock:
             self._all.append(conn)
         self._local.conn = conn
-        return conn, False
+        return conn, pooled
 
     def discard(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -529,10 +569,10 @@ class _Reader:
                 if connections.on_error is not None:
                     connections.on_error(exc)
                 connections.discard()  # perhaps broken: the next read reconnects
-                # A connection that served earlier reads may have been cut since (the database
-                # restarted, a proxy timed it out) with nobody noticing: one more try on a new
-                # connection, as the pool's pre-ping does for transactions. A read is one
-                # statement, so trying it again is safe.
+                # A connection that served earlier reads (or sat in the pool) may have been cut
+                # since (the database restarted, a proxy timed it out) with nobody noticing: one
+                # more try on another connection. A read is one statement, so trying it again
+                # is safe.
                 if not (reused and _connection_lost(conn)):
                     raise
 
@@ -712,6 +752,7 @@ class DeviceService:
     def _run(self, work: Callable[[_Tx], T]) -> T:
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             tx: _Tx | None = None
+            committing = False
             try:
                 with self._engine.begin() as conn:
                     tx = _Tx(conn, self._clock())
@@ -721,6 +762,7 @@ class DeviceService:
                         changes.publish(conn, None, tx.now, origin=self._origin)
                     elif tx.touched:
                         changes.publish(conn, tx.touched, tx.now, origin=self._origin)
+                    committing = True
                 tx.served.clear()  # committed: written
                 self._remember_offers(tx.offered)  # committed: they are on the timeline
                 return result
@@ -729,7 +771,10 @@ class DeviceService:
                 if attempt == _MAX_ATTEMPTS:
                     raise
             except DBAPIError as exc:
-                if attempt == _MAX_ATTEMPTS or not is_transient(exc):
+                # A connection lost before the commit (cut while it sat in the pool, which
+                # tests only connections idle for a while: db.create_engine) rolled nothing in.
+                retry = is_transient(exc) or is_lost_before_commit(exc, committing)
+                if attempt == _MAX_ATTEMPTS or not retry:
                     raise
             finally:
                 if tx is not None:
@@ -901,15 +946,13 @@ class DeviceService:
             if source.dialect not in kept:
                 kept[source.dialect] = (tx.now, source)
             return
-        params = {"e_id": row.dt_id, "e_dialect": source.dialect}
-        found = _TX_OFFERED.first(tx.conn, params)
-        if found is not None:
-            self._remember_offers([key])
-            return
+        # One statement, written unless the device task has an offer through this dialect
+        # already (another worker's, or one this worker forgot), rather than a read and then
+        # an insert: each is a round trip on PostgreSQL. Remembered once committed, either way.
         # Nothing cached depends on the timeline: no invalidation, so the answer stays cacheable.
         kept_at = self._pending_offers.get(row.dt_id, {}).get(source.dialect)
         at, who = (tx.now, source) if kept_at is None else kept_at
-        timeline.record_offer(tx.writer, row.dt_id, at, who)
+        timeline.record_first_offers(tx.writer, [(row.dt_id, at, who)])
         tx.offered.append(key)
 
     def _effective_state(self, tx: _Tx, row: _Row, dev_id: int) -> TaskState:
@@ -1087,9 +1130,10 @@ class DeviceService:
             return Errno.SUCC
 
         def work(tx: _Tx) -> Errno:
-            before = _TX_VERSIONS.first(tx.writer, {"dev_id": dev_id})
-            for row in _TX_OPEN_TASKS.all(tx.writer, {"dev_id": dev_id}):
-                if row.start_time > tx.now:  # not started: invisible to devices (§5.2)
+            rows = _TX_VERSIONS_AND_OPEN_TASKS.all(tx.writer, {"dev_id": dev_id})
+            before = rows[0] if rows else None
+            for row in rows:
+                if row.dt_id is None or row.start_time > tx.now:  # none, or not started (§5.2)
                     continue
                 state = self._effective_state(tx, row, dev_id)
                 version = reported[TaskType(row.module_type)]
@@ -1370,9 +1414,13 @@ class DeviceService:
             "now": now,
         }
         conn = tx.writer
-        if _TX_SET_TOKEN.run(conn, params) != 1:
-            raise ConcurrentChange
-        _TX_INSERT_TOKEN.run(conn, {"v_token": token, "v_id": row.dt_id, "now": now})
+        if conn.dialect.name == "postgresql":
+            if _TX_ISSUE_TOKEN.run(conn, params) != 1:
+                raise ConcurrentChange
+        else:
+            if _TX_SET_TOKEN.run(conn, params) != 1:
+                raise ConcurrentChange
+            _TX_INSERT_TOKEN.run(conn, {"v_token": token, "v_id": row.dt_id, "now": now})
         tx.touched.add(row.dt_dev_id)
         return token
 

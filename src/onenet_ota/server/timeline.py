@@ -82,12 +82,14 @@ __all__ = [
     "current_source",
     "delete_for",
     "device_history",
+    "event_params",
     "record_bulk",
     "record_first_offers",
     "record_refused",
     "record_transition",
     "record_version",
     "set_call",
+    "with_event",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,26 +153,71 @@ _EVENT_COLUMNS: Final = [
     "from_state",
     "to_state",
 ]
+# An event's own values, after the three ids (dev_id, device_task_id, task_id) that come from
+# its device task's row; their parameters are :func:`event_params`'.
+_EVENT_VALUES: Final = (
+    _param("e_at", BigInteger()),
+    _param("e_kind", String(16)),
+    _param("e_dialect", String(8)),
+    _param("e_endpoint", String(16)),
+    _param("e_code", SmallInteger()),
+    _param("e_errno", SmallInteger()),
+    _param("e_from", SmallInteger()),
+    _param("e_to", SmallInteger()),
+)
 # One device task's event, its dev_id and task_id read from its row in the same statement.
 _INSERT_FOR_TASK = insert(_ev).from_select(
     _EVENT_COLUMNS,
-    select(
-        _dt.c.dev_id,
-        _dt.c.id,
-        _dt.c.task_id,
-        _param("e_at", BigInteger()),
-        _param("e_kind", String(16)),
-        _param("e_dialect", String(8)),
-        _param("e_endpoint", String(16)),
-        _param("e_code", SmallInteger()),
-        _param("e_errno", SmallInteger()),
-        _param("e_from", SmallInteger()),
-        _param("e_to", SmallInteger()),
-    ).where(_dt.c.id == bindparam("e_id")),
+    select(_dt.c.dev_id, _dt.c.id, _dt.c.task_id, *_EVENT_VALUES).where(
+        _dt.c.id == bindparam("e_id")
+    ),
 )
 
 
 _INSERT_FOR_TASK_PREPARED: Final = Prepared(_INSERT_FOR_TASK)
+
+
+def with_event(change: Any) -> Any:
+    """``change`` (an UPDATE of one device task, by id) and the event of the device task it
+    changes, in one statement: PostgreSQL's ``WITH changed AS (UPDATE ... RETURNING ...)
+    INSERT INTO device_task_events ... SELECT ... FROM changed``. Its rowcount is the rows the
+    UPDATE changed (an event for each); its parameters are the UPDATE's and
+    :func:`event_params`'. What :func:`record_transition` after the UPDATE writes, in one
+    round trip instead of two (SQLite cannot put an UPDATE in a WITH; its statements cost no
+    round trip)."""
+    changed = change.returning(_dt.c.dev_id, _dt.c.id, _dt.c.task_id).cte("changed")
+    return (
+        insert(_ev)
+        .from_select(
+            _EVENT_COLUMNS,
+            select(changed.c.dev_id, changed.c.id, changed.c.task_id, *_EVENT_VALUES),
+        )
+        .add_cte(changed)
+    )
+
+
+def event_params(
+    old: TaskState | None,
+    new: TaskState | None,
+    now: float,
+    *,
+    kind: EventKind = "state",
+    code: int | None = None,
+    errno: int | None = None,
+    source: Source | None = None,
+) -> dict[str, Any]:
+    """The parameters of an event's own values (see :func:`record_transition`)."""
+    who = current_source() if source is None else source
+    return {
+        "e_at": _ms(now),
+        "e_kind": kind,
+        "e_dialect": who.dialect,
+        "e_endpoint": who.endpoint,
+        "e_code": code,
+        "e_errno": errno,
+        "e_from": None if old is None else int(old),
+        "e_to": None if new is None else int(new),
+    }
 
 
 def record_transition(
@@ -187,21 +234,9 @@ def record_transition(
 ) -> None:
     """One event of device task ``device_task_id`` (its state change from ``old`` to ``new``,
     or a report that changed nothing when they are None)."""
-    who = current_source() if source is None else source
-    _INSERT_FOR_TASK_PREPARED.run(
-        conn,
-        {
-            "e_id": device_task_id,
-            "e_at": _ms(now),
-            "e_kind": kind,
-            "e_dialect": who.dialect,
-            "e_endpoint": who.endpoint,
-            "e_code": code,
-            "e_errno": errno,
-            "e_from": None if old is None else int(old),
-            "e_to": None if new is None else int(new),
-        },
-    )
+    params = event_params(old, new, now, kind=kind, code=code, errno=errno, source=source)
+    params["e_id"] = device_task_id
+    _INSERT_FOR_TASK_PREPARED.run(conn, params)
 
 
 def record_refused(
@@ -277,23 +312,10 @@ def record_version(
 
 _INSERT_VERSION_PREPARED: Final = Prepared(_INSERT_VERSION)
 
-SELECT_OFFERED: Final = select(_ev.c.id).where(
-    _ev.c.device_task_id == bindparam("e_id"),
-    _ev.c.kind == "offered",
-    _ev.c.dialect.is_not_distinct_from(bindparam("e_dialect", type_=_ev.c.dialect.type)),
-)
-
-
-def record_offer(conn: Connection, device_task_id: int, now: float, source: Source) -> None:
-    """The first offer of a device task to a device through ``source``'s dialect (the caller
-    checked :data:`SELECT_OFFERED` first; a concurrent insert fails on the unique index and the
-    caller's transaction is retried)."""
-    record_transition(conn, device_task_id, None, None, now, kind="offered", source=source)
-
-
-# A first offer kept back (see DeviceService): written unless its row is there already (another
-# worker's, or one written meanwhile); its device task's ids read in the same statement, and
-# nothing written for a device task deleted since.
+# A first offer (one kept back by DeviceService, or one made in a transaction that writes anyway):
+# written unless its row is there already (another worker's, or one written meanwhile); its
+# device task's ids read in the same statement, and nothing written for a device task deleted
+# since.
 _INSERT_FIRST_OFFER = insert(_ev).from_select(
     _EVENT_COLUMNS,
     select(
@@ -327,15 +349,14 @@ _INSERT_FIRST_OFFER_PREPARED: Final = Prepared(_INSERT_FIRST_OFFER)
 
 
 def record_first_offers(conn: Connection, offers: Iterable[tuple[int, float, Source]]) -> None:
-    """First offers (device task id, when, through which request) kept back from the requests
-    that made them, each written unless its device task has one through that dialect already
-    (:data:`SELECT_OFFERED`). A concurrent insert of the same offer fails on the unique index:
-    the caller's transaction is retried."""
+    """First offers (device task id, when, through which request), each written unless its
+    device task has one through that dialect already. A concurrent insert of the same offer
+    fails on the unique index: the caller's transaction is retried."""
     rows = [
         {"e_id": dt_id, "e_at": _ms(at), "e_dialect": who.dialect, "e_endpoint": who.endpoint}
         for dt_id, at, who in offers
     ]
-    if len(rows) == 1:  # a device task's next event writes its own kept offer
+    if len(rows) == 1:  # an offer made now, or kept back and written with the next event
         _INSERT_FIRST_OFFER_PREPARED.run(conn, rows[0])
     elif rows:
         conn.execute(_INSERT_FIRST_OFFER, rows)

@@ -32,6 +32,7 @@ from typing import Any, Final
 from sqlalchemy import (
     Connection,
     SmallInteger,
+    Update,
     and_,
     bindparam,
     case,
@@ -59,8 +60,10 @@ from onenet_ota.server.timeline import (
     DEADLINE,
     EventKind,
     Source,
+    event_params,
     record_bulk,
     record_transition,
+    with_event,
 )
 
 __all__ = [
@@ -87,31 +90,43 @@ class ConcurrentChange(Exception):
 _SELECT_STATE = select(_dt.c.id, _dt.c.state, _dt.c.paused_from, _dt.c.progress).where(
     _dt.c.id == bindparam("b_id")
 )
-# Compare-and-set: the UPDATE names the state it read; no match means a concurrent change.
-_SET_STATE = (
-    update(_dt)
-    .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
-    .values(
-        state=bindparam("v_state"),
-        paused_from=bindparam("v_paused_from"),
-        progress=bindparam("v_progress"),
-        result_code=func.coalesce(
-            bindparam("v_result_code", type_=_dt.c.result_code.type), _dt.c.result_code
-        ),
-        updated_at=bindparam("now"),
-        finished_at=bindparam("v_finished_at"),
+
+
+def _set_state() -> Update:
+    # Compare-and-set: the UPDATE names the state it read; no match means a concurrent change.
+    # Built anew for each statement made from it: a statement memoises its columns when first
+    # asked (db.Prepared asks), and a copy of it with RETURNING added would keep that memo.
+    return (
+        update(_dt)
+        .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
+        .values(
+            state=bindparam("v_state"),
+            paused_from=bindparam("v_paused_from"),
+            progress=bindparam("v_progress"),
+            result_code=func.coalesce(
+                bindparam("v_result_code", type_=_dt.c.result_code.type), _dt.c.result_code
+            ),
+            updated_at=bindparam("now"),
+            finished_at=bindparam("v_finished_at"),
+        )
     )
-)
-_SET_PROGRESS = (
-    update(_dt)
-    .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
-    .values(progress=bindparam("v_progress"), updated_at=bindparam("now"))
-)
+
+
+def _set_progress() -> Update:
+    return (
+        update(_dt)
+        .where(_dt.c.id == bindparam("b_id"), _dt.c.state == bindparam("b_state"))
+        .values(progress=bindparam("v_progress"), updated_at=bindparam("now"))
+    )
 
 
 # Run on the driver (db.Prepared): every device report and check that moves a task runs one.
-_SET_STATE_PREPARED: Final = Prepared(_SET_STATE)
-_SET_PROGRESS_PREPARED: Final = Prepared(_SET_PROGRESS)
+# On PostgreSQL each UPDATE carries its timeline event in the same statement (a round trip less
+# per change); on SQLite the event is a statement of its own (timeline.with_event).
+_SET_STATE_PREPARED: Final = Prepared(_set_state())
+_SET_PROGRESS_PREPARED: Final = Prepared(_set_progress())
+_SET_STATE_WITH_EVENT: Final = Prepared(with_event(_set_state()))
+_SET_PROGRESS_WITH_EVENT: Final = Prepared(with_event(_set_progress()))
 
 _INSERT_BATCH: Final = 500  # device-task rows per executemany
 _OPEN_CODES: Final = [int(state) for state in OPEN_STATES]
@@ -205,22 +220,24 @@ def set_state(
 
     The timeline event says ``kind`` (``report`` for a device's report, whose value is
     ``code``; ``state`` otherwise) and ``source`` (None: the device request being answered)."""
-    changed = _SET_STATE_PREPARED.run(
-        conn,
-        {
-            "b_id": device_task_id,
-            "b_state": int(old),
-            "v_state": int(new),
-            "v_paused_from": None if paused_from is None else int(paused_from),
-            "v_progress": progress,
-            "v_result_code": result_code,
-            "now": int(now),
-            "v_finished_at": int(now) if new.is_terminal else None,
-        },
-    )
-    if changed != 1:
-        raise ConcurrentChange
+    params = {
+        "b_id": device_task_id,
+        "b_state": int(old),
+        "v_state": int(new),
+        "v_paused_from": None if paused_from is None else int(paused_from),
+        "v_progress": progress,
+        "v_result_code": result_code,
+        "now": int(now),
+        "v_finished_at": int(now) if new.is_terminal else None,
+    }
     event_code = result_code if code is None else code
+    if conn.dialect.name == "postgresql":
+        params.update(event_params(old, new, now, kind=kind, code=event_code, source=source))
+        if _SET_STATE_WITH_EVENT.run(conn, params) != 1:
+            raise ConcurrentChange
+        return
+    if _SET_STATE_PREPARED.run(conn, params) != 1:
+        raise ConcurrentChange
     record_transition(
         conn, device_task_id, old, new, now, kind=kind, code=event_code, source=source
     )
@@ -231,8 +248,18 @@ def set_progress(
 ) -> None:
     """T11: record ``progress`` on a device task still in ``state``; :class:`ConcurrentChange`
     when it no longer is."""
-    params = {"b_id": device_task_id, "b_state": int(state), "v_progress": progress}
-    if _SET_PROGRESS_PREPARED.run(conn, {**params, "now": int(now)}) != 1:
+    params: dict[str, Any] = {
+        "b_id": device_task_id,
+        "b_state": int(state),
+        "v_progress": progress,
+        "now": int(now),
+    }
+    if conn.dialect.name == "postgresql":
+        params.update(event_params(None, None, now, kind="progress", code=progress))
+        if _SET_PROGRESS_WITH_EVENT.run(conn, params) != 1:
+            raise ConcurrentChange
+        return
+    if _SET_PROGRESS_PREPARED.run(conn, params) != 1:
         raise ConcurrentChange
     record_transition(conn, device_task_id, None, None, now, kind="progress", code=progress)
 

@@ -96,10 +96,12 @@ from onenet_ota.sim.transport import (
     FleetTransport,
     PowerCut,
     device_context,
+    in_device_context,
 )
 
 __all__ = [
     "DefectiveInstaller",
+    "DeviceLogPolicy",
     "DeviceRecord",
     "Fleet",
     "FleetState",
@@ -182,6 +184,8 @@ class FleetState:
     metrics: FleetMetrics = field(default_factory=FleetMetrics)
     phases: Counter[Phase] = field(default_factory=Counter)
     retries: int = 0
+    retry_steps: Counter[str] = field(default_factory=Counter)  # retries by the step retried
+    device_logs: Counter[str] = field(default_factory=Counter)  # SDK records held back, by level
     waits: int = 0
     restarts: int = 0
     recent_errors: deque[str] = field(default_factory=lambda: deque(maxlen=_KEEP_ERRORS))
@@ -219,6 +223,50 @@ _OUTCOME_PHASE: Final = {
     Outcome.FINISHED: Phase.FINISHED,
     Outcome.NO_TASK: Phase.NO_TASK,
 }
+
+
+SDK_LOGGER: Final = "onenet_ota.device"
+
+
+class DeviceLogPolicy(logging.Filter):
+    """The simulator's logging policy for its virtual devices: the device SDK's records below
+    ERROR that a virtual device causes are counted by level (``counts``) and not emitted.
+
+    Why: each virtual device runs the SDK's real upgrader, which logs what an operator of one
+    device wants to read (a WARNING per retry, an INFO per report). Multiplied by a fleet, with
+    connections dropped on purpose, that is tens of thousands of lines that say what the fleet's
+    report says in one: retries counted by step (:attr:`FleetState.retry_steps`) and these
+    counts. Records are told apart by the simulated device's context
+    (:func:`~onenet_ota.sim.transport.device_context`), so a real device's client in the same
+    process logs as always, and nothing is changed on the SDK's side. ERROR and above still go
+    out: they are not the noise of a drill.
+    """
+
+    def __init__(self, counts: Counter[str]) -> None:
+        super().__init__()
+        self.counts = counts
+        self._loggers: list[logging.Logger] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False (held back, counted) for a virtual device's record below ERROR."""
+        if record.levelno >= logging.ERROR or not in_device_context():
+            return True
+        self.counts[record.levelname] += 1
+        return False
+
+    def install(self) -> None:
+        """Attach to the SDK's loggers (a logger's filters see only its own records)."""
+        manager = logging.Logger.manager
+        names = {SDK_LOGGER, *(n for n in manager.loggerDict if n.startswith(SDK_LOGGER + "."))}
+        self._loggers = [logging.getLogger(name) for name in sorted(names)]
+        for logger in self._loggers:
+            logger.addFilter(self)
+
+    def remove(self) -> None:
+        """Detach from every logger :meth:`install` attached to."""
+        for logger in self._loggers:
+            logger.removeFilter(self)
+        self._loggers = []
 
 
 def make_state_root(config: FleetConfig) -> Path:
@@ -433,6 +481,8 @@ class Fleet:
                 fresh=make_pools(0) if once else None,
             )
         root = make_state_root(config) if shard is None else shard.root
+        policy = DeviceLogPolicy(state.device_logs)
+        policy.install()
         next_index = iter(enumerate(self._indices))
         # A shard's clock is the whole fleet's: CLOCK_MONOTONIC is system-wide.
         state.started_at = time.monotonic() if shard is None else shard.started_at
@@ -464,6 +514,7 @@ class Fleet:
             state.interrupted = True
             raise
         finally:
+            policy.remove()
             state.finished_at = time.monotonic()
             if shard is None:
                 shutil.rmtree(root, ignore_errors=True)
@@ -541,6 +592,7 @@ class Fleet:
                 state.move(record, Phase.INSTALLING)
             elif isinstance(event, Retrying):
                 state.retries += 1
+                state.retry_steps[event.step] += 1
                 state.recent_errors.append(f"{record.dev_id} {event.step}: {event.error}")
             elif isinstance(event, Waiting):
                 state.waits += 1

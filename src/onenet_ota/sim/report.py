@@ -37,7 +37,7 @@ from onenet_ota.sim.fleet import DeviceRecord, FleetState, Phase
 from onenet_ota.sim.metrics import FleetMetrics
 from onenet_ota.sim.provision import DeviceView, FleetTarget
 
-__all__ = ["Agreement", "FleetReport", "check_agreement"]
+__all__ = ["Agreement", "FleetReport", "check_agreement", "retry_summary"]
 
 _MAX_LISTED: Final = 10
 
@@ -278,9 +278,26 @@ class FleetReport:
             "faults": dict(metrics.injected),
             "power_cuts": sum(r.power_cuts for r in state.devices),
             "retries": state.retries,
+            "retries_by_step": dict(state.retry_steps.most_common()),
+            "device_log_records_held": dict(state.device_logs),
             "restarts": state.restarts,
             "waits": state.waits,
             "task_counts": self.task_counts,
             "agreement": None if self.agreement is None else self.agreement.to_dict(),
             "note": self.note,
         }
+
+
+def retry_summary(data: dict[str, Any]) -> str:
+    """The retries by step and the device log records held back, from :meth:`FleetReport.to_dict`,
+    as text for a summary line ("" when there were none): what the virtual devices' retry
+    warnings would have said, line by line (:class:`~onenet_ota.sim.fleet.DeviceLogPolicy`)."""
+    parts = []
+    steps = data.get("retries_by_step") or {}
+    if steps:
+        parts.append("retries by step: " + ", ".join(f"{k} {v}" for k, v in steps.items()))
+    held = data.get("device_log_records_held") or {}
+    if held:
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(held.items()))
+        parts.append(f"device SDK log records held back: {counts}")
+    return "".join(f"\n{part}" for part in parts)

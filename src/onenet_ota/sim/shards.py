@@ -51,6 +51,8 @@ class Snapshot:
     waits: int = 0
     restarts: int = 0
     recent_errors: list[str] = field(default_factory=list)
+    retry_steps: Counter[str] = field(default_factory=Counter)
+    device_logs: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def of(cls, state: FleetState) -> Snapshot:
@@ -62,6 +64,8 @@ class Snapshot:
             state.waits,
             state.restarts,
             list(state.recent_errors),
+            Counter(state.retry_steps),
+            Counter(state.device_logs),
         )
 
 
@@ -104,17 +108,22 @@ def _merge(fleet: Fleet, shards: list[Shard], snapshots: dict[int, Snapshot]) ->
         {Phase.WAITING: sum(len(s.indices) for s in shards if s.number not in snapshots)}
     )
     retries = waits = restarts = 0
+    retry_steps: Counter[str] = Counter()
+    device_logs: Counter[str] = Counter()
     errors: list[str] = []
     for snapshot in snapshots.values():
         metrics.merge(snapshot.metrics)
         phases.update(snapshot.phases)
         retries += snapshot.retries
+        retry_steps.update(snapshot.retry_steps)
+        device_logs.update(snapshot.device_logs)
         waits += snapshot.waits
         restarts += snapshot.restarts
         errors += snapshot.recent_errors
     state.metrics = metrics
     state.phases = phases
     state.retries, state.waits, state.restarts = retries, waits, restarts
+    state.retry_steps, state.device_logs = retry_steps, device_logs
     state.recent_errors.clear()
     state.recent_errors.extend(errors[-(state.recent_errors.maxlen or 5) :])
 

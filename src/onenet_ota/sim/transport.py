@@ -67,6 +67,7 @@ __all__ = [
     "PowerCut",
     "Sender",
     "device_context",
+    "in_device_context",
 ]
 
 DROP_KINDS: Final = ("refused", "reset", "truncated")
@@ -108,6 +109,11 @@ def device_context(link: DeviceLink) -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+
+
+def in_device_context() -> bool:
+    """Whether the caller runs inside a simulated device's :func:`device_context`."""
+    return _current.get() is not None
 
 
 def _endpoint(request: httpx2.Request) -> Endpoint | None:

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from onenet_ota.protocol.code_texts import code_label
 from onenet_ota.sim.fleet import FleetState, Phase
-from onenet_ota.sim.report import FleetReport
+from onenet_ota.sim.report import FleetReport, retry_summary
 
 __all__ = ["LiveView", "print_summary"]
 
@@ -177,7 +177,8 @@ def print_summary(report: FleetReport, console: Console) -> None:
         f"throughput: {data['requests_per_s']:.0f} requests/s, "
         f"{_bytes(data['bytes_per_s'])}/s downloaded ({_bytes(data['bytes'])} in all)\n"
         f"faults injected: {faults}; upgrader retries {data['retries']}, "
-        f"restarts {data['restarts']}, pause waits {data['waits']}",
+        f"restarts {data['restarts']}, pause waits {data['waits']}"
+        f"{retry_summary(data)}",
         highlight=False,
     )
     agreement = report.agreement
