@@ -55,8 +55,10 @@ It prints requests/s per scenario, the server's CPU use (process CPU time over w
 to 1.0 means the server was the bottleneck; well below it, the client or the machine was) and
 its CPU time per request, and the ratios to ``bare`` against the targets in docs/performance.md
 (check-task and download each at least 0.5x bare, and so fuse-check and fuse-dl; check-hot is
-reported against the same bar, check-cold without one); for the upgrades, their CPU time per
-request against the keep-alive ``download``'s (at most 1.5x).
+reported against the same bar, check-cold, in keep-alive mode, against at least 0.3x); for the
+upgrades, their CPU time per request against the keep-alive ``download``'s (at most 1.5x). Each
+CPU time per request is shown with its system part (the kernel's: the sockets, SQLite's locks,
+and on loopback the client's side of TCP, which the server's send runs).
 The run is bounded (rounds x 16 x (warmup + duration) seconds, 120 s by default, plus setup) and
 exits 0 whether or not a target is met; it exits 1 only if the setup fails or a scenario completes
 no request. ``--profile`` runs the server's event-loop thread under cProfile (the device API runs
@@ -80,12 +82,13 @@ import multiprocessing.connection
 import os
 import pstats
 import random
+import resource
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -125,6 +128,8 @@ BARE_RESPONSE: Final = Response(
     BARE_BODY,
 )
 TARGET_RATIO: Final = 0.5
+# The cold poll reads the database on every request: a bar of its own, over keep-alive.
+COLD_TARGET: Final = 0.3
 # One device's real upgrade: its own task on a package large enough that no chunk of one run is
 # still cached from the run before (the chunk cache holds 16 MiB), fetched chunk after chunk
 # with an E5 before each, as the C SDK does (§7), in 4 KiB and in 64 KiB chunks.
@@ -397,6 +402,7 @@ class Measured:
     scenario: Scenario
     rates: list[float]
     server_cpu: list[float]
+    server_sys: list[float] = field(default_factory=list)  # the kernel's part of server_cpu
     errors: int = 0
     first_error: str = ""
 
@@ -408,6 +414,13 @@ class Measured:
     def cpu_per_request(self) -> float:
         """The server's CPU seconds per request (median over the rounds)."""
         each = [cpu / rate for cpu, rate in zip(self.server_cpu, self.rates, strict=True) if rate]
+        return statistics.median(each) if each else 0.0
+
+    @property
+    def sys_per_request(self) -> float:
+        """The kernel's part of :attr:`cpu_per_request` (system time: the sockets, SQLite's
+        locks, and on loopback the client's side of TCP, which the sender's send runs)."""
+        each = [cpu / rate for cpu, rate in zip(self.server_sys, self.rates, strict=True) if rate]
         return statistics.median(each) if each else 0.0
 
 
@@ -529,12 +542,15 @@ def run_rounds(
                 if profiler is not None:
                     # cProfile profiles the thread that enables it: the server's loop
                     _run_in_loop(server, profiler.enable)
-                cpu, wall = time.process_time(), time.monotonic()
+                usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
                 ours.send((scenario, run_options))
                 result: Result = ours.recv()
                 # over the run's wall time: its warm-up pass may take longer than --warmup
                 wall = time.monotonic() - wall
-                m.server_cpu.append((time.process_time() - cpu) / wall)
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                system = after.ru_stime - usage.ru_stime
+                m.server_cpu.append((after.ru_utime - usage.ru_utime + system) / wall)
+                m.server_sys.append(system / wall)
                 if profiler is not None:
                     _run_in_loop(server, profiler.disable)
                 rate = result.completed / result.elapsed
@@ -611,7 +627,7 @@ def report(measured: list[Measured], args: argparse.Namespace) -> None:
     )
     print(
         f"{'mode':<15} {'scenario':<11} {'req/s':>9} {'vs bare':>8} {'server CPU':>11} "
-        f"{'us/request':>10} errors"
+        f"{'us/request':>10} {'of it sys':>9} errors"
     )
     rates = {(m.scenario.mode, m.scenario.name): m.rate for m in measured}
     per_request = {(m.scenario.mode, m.scenario.name): m.cpu_per_request for m in measured}
@@ -621,8 +637,8 @@ def report(measured: list[Measured], args: argparse.Namespace) -> None:
         cpu = statistics.median(m.server_cpu) if m.server_cpu else 0.0
         print(
             f"{m.scenario.mode:<15} {m.scenario.name:<11} {m.rate:9.0f} {ratio:7.2f}x "
-            f"{cpu:10.2f} {m.cpu_per_request * 1e6:10.1f} {m.errors}"
-            + (f"  first: {m.first_error}" if m.errors else "")
+            f"{cpu:10.2f} {m.cpu_per_request * 1e6:10.1f} {m.sys_per_request * 1e6:9.1f} "
+            f"{m.errors}" + (f"  first: {m.first_error}" if m.errors else "")
         )
     print()
     cached = per_request.get(("keep-alive", "download"), 0.0)
@@ -645,6 +661,13 @@ def report(measured: list[Measured], args: argparse.Namespace) -> None:
             if not bare or (mode, name) not in rates or name in UPGRADE_CHUNKS:
                 continue
             ratio = rates[mode, name] / bare
+            if name == "check-cold" and mode == "keep-alive":
+                verdict = "met" if ratio >= COLD_TARGET else "MISSED"
+                print(
+                    f"target {mode:<15} {name:<11} {ratio:5.2f}x bare (>= {COLD_TARGET}x): "
+                    f"{verdict}"
+                )
+                continue
             if name not in TARGETED:
                 print(f"       {mode:<15} {name:<11} {ratio:5.2f}x bare (no target)")
                 continue

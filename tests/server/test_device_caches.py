@@ -1,4 +1,5 @@
-"""DeviceCaches: one device's invalidation, clearing everything, and facts racing an invalidation.
+"""DeviceCaches: one device's invalidation, clearing everything, facts racing an invalidation,
+and the chunk cache's fast path over a real package file.
 
 Unit tests of the cache object alone; the service's and the device API's use of it (and the
 change feed calling it) are tested in test_device_service, test_device_api and test_changes.
@@ -6,12 +7,27 @@ change feed calling it) are tested in test_device_service, test_device_api and t
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from pathlib import Path
+
+from sqlalchemy import create_engine
+
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server import wire
-from onenet_ota.server.device_caches import Answer, DeviceCaches, check_task_key
+from onenet_ota.server.blobs import BlobStore
+from onenet_ota.server.device_caches import (
+    Answer,
+    ChunkKey,
+    DeviceCaches,
+    check_task_key,
+    chunk_key,
+)
 from onenet_ota.server.device_service import Basis, DeviceRef, DownloadGrant, Principal
+from onenet_ota.server.http import Response
+from onenet_ota.server.timeline import ServedBytes
 
 NOW = 1_700_000_000.0
 
@@ -81,3 +97,41 @@ def test_clear_drops_every_cache_and_a_racing_fact_is_not_kept() -> None:
     caches.keep_answer(before, 1, ("E5", "ota_late"), Answer(Errno.SUCC, None, NOW + 60))
     assert caches.grant("ota_late") is None
     assert caches.check_token(1, "ota_late") is None
+
+
+def test_serve_chunk_serves_while_the_open_file_keeps_the_grants_size(tmp_path: Path) -> None:
+    """The cached-download fast paths' shared half: a reply built once from the open file and
+    served again, its bytes counted each time; a chunk nobody built, or a file whose size is
+    no longer the grant's, goes the full way and counts nothing."""
+    blobs = BlobStore(tmp_path / "blobs")
+    stored = blobs.put_bytes(b"0123456789")
+    caches = DeviceCaches(ttl=60, clock=lambda: NOW, blobs=blobs)
+    served = ServedBytes(create_engine("sqlite://"), lambda: NOW)
+    grant = dataclasses.replace(_grant(7), sha256=stored.sha256)
+    built: list[ChunkKey] = []
+
+    def build(fd: int, key: ChunkKey) -> Response:
+        built.append(key)
+        reply = Response(206, [("Content-Length", "4")], os.pread(fd, 4, 2))
+        caches.chunks.put(key, reply, 100)
+        return reply
+
+    key = chunk_key(grant, "2-5", "classic")
+    assert key == (stored.sha256, 10, "fw.bin", "2-5", "classic")
+    assert caches.serve_chunk(key, served, 7, build) is None  # the file is not open yet
+    assert caches.files is not None
+    caches.files.get(stored.sha256)  # opened by a request that went the full way
+    first = caches.serve_chunk(key, served, 7, build)
+    assert first is not None
+    assert first.body == b"2345"
+    assert caches.serve_chunk(key, served, 7) is first  # cached: not built again
+    assert built == [key]
+    assert served.take(7) == 8
+    # Another dialect frames the same bytes its own way: not cached, nothing to build it.
+    assert caches.serve_chunk(chunk_key(grant, "2-5", "fuse"), served, 7) is None
+    os.truncate(blobs.path(stored.sha256), 5)  # the file no longer has the grant's size
+    assert caches.serve_chunk(key, served, 7) is None
+    assert caches.serve_chunk(chunk_key(grant, "0-1", "classic"), served, 7, build) is None
+    assert served.take(7) == 0
+    assert built == [key]
+    caches.close()

@@ -64,6 +64,7 @@ from onenet_ota.server.device_caches import (
     MemoKey,
     check_task_key,
     check_token_key,
+    chunk_key,
     response_bytes,
 )
 from onenet_ota.server.device_requests import (
@@ -78,7 +79,6 @@ from onenet_ota.server.device_requests import (
 from onenet_ota.server.device_service import (
     DEFAULT_CACHE_TTL,
     DeviceService,
-    DownloadGrant,
     Principal,
 )
 from onenet_ota.server.dialect_api import FUSE_PREFIX, DialectApi
@@ -90,7 +90,7 @@ from onenet_ota.server.http import (
     RequestAborted,
     Response,
 )
-from onenet_ota.server.timeline import body_length, set_call
+from onenet_ota.server.timeline import set_call
 
 __all__ = ["DeviceApi"]
 
@@ -519,8 +519,9 @@ class DeviceApi:
             body=body,
         )
         if isinstance(body, bytes):
-            key = (grant.sha256, grant.size, grant.file_name, range_value, _CLASSIC)
-            self._chunks.put(key, response, response_bytes(response))
+            self._chunks.put(
+                chunk_key(grant, range_value, _CLASSIC), response, response_bytes(response)
+            )
         self._served.add(grant.device_task_id, length)  # in memory; flushed in batches
         return response
 
@@ -539,34 +540,21 @@ class DeviceApi:
         grant = self._grants.get(token)  # only issued tokens are cached
         if grant is None or not grant.usable(self._clock()):
             return None
-        range_value = range_header(request.headers)
-        key = (grant.sha256, grant.size, grant.file_name, range_value, _CLASSIC)
-        cached = self._chunks.get(key)
-        if cached is None:
-            opened = self._files.open_if_current(grant.sha256)
-            if opened is None or opened[1] != grant.size:
-                return None
-            cached = self._small_range(grant, opened[0], range_value, key)
-            if cached is None:
-                return None
-        elif self._files.size_if_open(grant.sha256) != grant.size:
-            return None
-        self._served.add(grant.device_task_id, body_length(cached))
-        return cached
+        key = chunk_key(grant, range_header(request.headers), _CLASSIC)
+        return self._caches.serve_chunk(key, self._served, grant.device_task_id, self._small_range)
 
-    def _small_range(
-        self, grant: DownloadGrant, fd: int, range_value: str | None, key: ChunkKey
-    ) -> Response | None:
-        """Steps 5-6 for a range of at most :data:`SMALL_SEGMENT` bytes of the open file ``fd``
-        (of the grant's size), kept in the chunk cache; None for a larger range."""
-        size = grant.size
+    def _small_range(self, fd: int, key: ChunkKey) -> Response | None:
+        """Steps 5-6 for the range of ``key`` if it is at most :data:`SMALL_SEGMENT` bytes, read
+        from the open file ``fd`` (of the key's size) and kept in the chunk cache; None for a
+        larger range."""
+        _, size, file_name, range_value, _ = key
         spec = None if range_value is None else parse_range(range_value)
         start, end = spec.clamp(size) if spec is not None else (0, size - 1)
         length = end - start + 1
         if length > SMALL_SEGMENT:
             return None
         response = wire.download(
-            file_name=grant.file_name,
+            file_name=file_name,
             length=size,
             start=start,
             end=end,

@@ -28,9 +28,10 @@ Wire bytes, derived from the facts above and never stale by themselves:
 - ``chunks``: small E6 replies by (file, Range value), served only while the token's grant is
   cached and usable, so dropping the grant retires them;
 - ``task_bodies``: encoded E3/E4 replies by (task info, cdn), ``queries``: parsed query strings,
-  and ``tokens``: parsed Authorization values (their fields, not a verdict: P1 still verifies
-  the signature and ``et`` with the key read from the database), all pure functions of their
-  keys;
+  ``tokens``: parsed Authorization values (their fields, not a verdict), and ``signatures``:
+  the stored key each value's sign was verified with (P1 still reads the key from the database
+  on every use and checks ``et``: a repeat with another key is verified anew), all pure
+  functions of their keys;
 - ``files``: package files kept open for E6 (:class:`OpenFiles`), content-addressed and stat'ed on
   every use.
 
@@ -50,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from onenet_ota import auth
 from onenet_ota.protocol.envelopes import new_request_id
@@ -60,6 +61,7 @@ from onenet_ota.protocol.status import TaskType
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
 from onenet_ota.server.http import Response
+from onenet_ota.server.timeline import body_length
 
 if TYPE_CHECKING:
     from onenet_ota.server.device_service import (
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
         Principal,
         TidGrant,
     )
+    from onenet_ota.server.timeline import ServedBytes
 
 __all__ = [
     "Answer",
@@ -77,15 +80,40 @@ __all__ = [
     "GrantMemo",
     "MemoKey",
     "OpenFiles",
+    "PackageFile",
     "ReplyTemplate",
     "check_task_key",
     "check_token_key",
+    "chunk_key",
 ]
 
 Clock = Callable[[], float]
 MemoKey = tuple[str, str, str]  # (path, query string, Authorization)
 # (sha256, size, file name, Range value, dialect): each dialect frames the same bytes its way.
 ChunkKey = tuple[str, int, str, str | None, str]
+# Builds the reply of a chunk not cached yet from the package file open at descriptor ``fd``
+# (of the key's size), or None when the range is not one to cache: (fd, key) -> reply.
+ChunkBuilder = Callable[[int, ChunkKey], Response | None]
+
+
+class PackageFile(Protocol):
+    """What a download grant (E6's or S-D/F-D's) says of the package file it serves."""
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def file_name(self) -> str: ...
+
+
+def chunk_key(grant: PackageFile, range_value: str | None, dialect: str) -> ChunkKey:
+    """The ``chunks`` key of a download reply: the grant's file, the Range value as sent
+    (None: no Range) and the dialect whose framing the reply has."""
+    return (grant.sha256, grant.size, grant.file_name, range_value, dialect)
+
 
 # What cached values hold beyond their strings, for the caches' byte accounting (CPython 3.11):
 # a small slotted object about 60-100 bytes; a dict entry about 100; a TaskInfo with its strings
@@ -230,6 +258,8 @@ class DeviceCaches:
         )
         self.queries: BoundedCache[str, dict[str, str]] = BoundedCache(BUDGETS.queries)
         self.tokens: BoundedCache[str, auth.AnyToken] = BoundedCache(BUDGETS.tokens)
+        # Authorization value -> the stored key (base64) its sign was verified with.
+        self.signatures: BoundedCache[str, str] = BoundedCache(BUDGETS.signatures)
         self.files = OpenFiles(blobs) if blobs is not None else None
         self.generation = 0
         self._lock = threading.Lock()
@@ -270,6 +300,43 @@ class DeviceCaches:
                 self.chunks,
             ):
                 cache.clear()
+
+    # -- wire bytes ----------------------------------------------------------------------------
+
+    def serve_chunk(
+        self,
+        key: ChunkKey,
+        served: ServedBytes,
+        device_task_id: int,
+        build: ChunkBuilder | None = None,
+    ) -> Response | None:
+        """The download reply for ``key`` from the chunk cache, or None to go the full way: what
+        every cached-download fast path does once its grant is known to be usable.
+
+        The reply is served while the package file is open and its path still names a file of
+        the size the key names (D6 steps 3-4: a file deleted, replaced or resized goes the full
+        way, which answers its error). A reply not cached yet is built by ``build`` from the
+        open file and kept, if given; one device's own download finds every chunk new. The
+        reply's bytes are counted as served for ``device_task_id``.
+        """
+        files = self.files
+        if files is None:
+            return None
+        sha256, size = key[0], key[1]
+        cached = self.chunks.get(key)
+        if cached is None:
+            if build is None:
+                return None
+            opened = files.open_if_current(sha256)
+            if opened is None or opened[1] != size:
+                return None
+            cached = build(opened[0], key)
+            if cached is None:
+                return None
+        elif files.size_if_open(sha256) != size:
+            return None
+        served.add(device_task_id, body_length(cached))
+        return cached
 
     # -- facts: lookups ------------------------------------------------------------------------
 

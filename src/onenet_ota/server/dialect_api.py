@@ -57,6 +57,7 @@ from onenet_ota.server.device_caches import (
     ReplyTemplate,
     check_state_tid_key,
     check_tid_task_key,
+    chunk_key,
     download_tid_key,
     response_bytes,
 )
@@ -367,7 +368,7 @@ class DialectApi:
         if not grant.downloadable:
             return fail(DownloadVerdict.NOT_DOWNLOADABLE)
         value = range_header(request.headers)
-        key = (grant.sha256, grant.size, grant.file_name, value, spec.dialect.value)
+        key = chunk_key(grant, value, spec.dialect.value)
         cached = self._chunks.get(key)
         if cached is not None and self._files.size_if_open(grant.sha256) == grant.size:
             # Every device of a task fetches the same chunks: built once per (file, range).
@@ -447,20 +448,11 @@ class DialectApi:
         grant = basis.answer.grant
         if grant is None or not grant.downloadable or grant.state is TaskState.TO_BE_UPGRADED:
             return None
-        if not self.service.caches.holds(basis):
+        caches = self.service.caches
+        if not caches.holds(basis):
             return None
-        key = (
-            grant.sha256,
-            grant.size,
-            grant.file_name,
-            range_header(request.headers),
-            memo.dialect,
-        )
-        cached = self._chunks.get(key)
-        if cached is None or self._files.size_if_open(grant.sha256) != grant.size:
-            return None
-        self.service.served.add(memo.tid, body_length(cached))
-        return cached
+        key = chunk_key(grant, range_header(request.headers), memo.dialect)
+        return caches.serve_chunk(key, self.service.served, memo.tid)
 
     def _downloaded(self, grant: TidGrant, dev_id: int, tid: int) -> None:
         if grant.state is TaskState.TO_BE_UPGRADED:  # S7, F8: the move to downloading
