@@ -23,14 +23,13 @@ from onenet_ota.server.device_service import (
     new_token,
     token_expired,
 )
-from onenet_ota.server.schema import device_tasks, devices, products
+from onenet_ota.server.schema import device_tasks, devices
 from onenet_ota.server.transitions import ConcurrentChange, expire_deadlines
 from tests.server.races import run_as_deadlock_victim
 from tests.server.seed import (
     DB_PARAMS,
     HOUR,
     K1,
-    K2,
     T0,
     TOKEN_LIFE,
     FakeClock,
@@ -343,39 +342,6 @@ def test_authenticate_caches_but_rechecks_et(
     seeder.clock.advance(6)
     assert service.caches.principal(value) is None
     assert service.authenticate(value) is None
-
-
-def test_a_verified_signature_is_remembered_only_with_its_key_and_et(
-    service: DeviceService, seeder: Seeder, engine: Engine
-) -> None:
-    """P1 skips the HMAC for a value verified before with the same stored key, caches off (as
-    on the cold poll): a key changed in the database or an ``et`` passed refuses the value at
-    once, on E3's one-read path and on authenticate alike."""
-    w = seeder.world()
-    device_value = auth.build_token(w.pid, K1, device_name=w.name)
-    product_value = auth.build_token(w.pid, K1)
-    short_value = auth.build_token(w.pid, K1, et=T0 + 5)
-
-    def verified(value: str) -> bool:
-        principal = service.authenticate(value)
-        errno, _ = service.check_task(w.dev_id, FOTA, "1.0.0", authorization=value)
-        assert (principal is not None) is (errno is not Errno.AUTH_FAILED), value
-        return principal is not None
-
-    for value in (device_value, product_value, short_value):
-        assert verified(value)
-        assert service.caches.signatures.get(value) == K1  # remembered with the key
-    seeder.clock.advance(6)
-    assert not verified(short_value)  # et passed
-    # D4: a device key now verifies the device-level value, which K1 signed.
-    with engine.begin() as conn:
-        conn.execute(update(devices).where(devices.c.dev_id == w.dev_id).values(device_key=K2))
-    assert not verified(device_value)
-    assert verified(product_value)
-    with engine.begin() as conn:  # the product's key rotated
-        conn.execute(update(products).where(products.c.pid == w.pid).values(access_key=K2))
-    assert not verified(product_value)
-    assert verified(auth.build_token(w.pid, K2))
 
 
 def test_own_transitions_invalidate_grants_others_wait_for_ttl(

@@ -58,7 +58,6 @@ class Budgets:
     names: int = 8 * _MIB  # Studio/fuse (pid, name) in the path -> dev_id
     routes: int = 2 * _MIB  # Studio/fuse request path -> its matched route
     tokens: int = 4 * _MIB  # Authorization value -> its parsed fields (not verified: P1 is not)
-    signatures: int = 2 * _MIB  # Authorization value -> the stored key that verified its sign
 
     @property
     def total(self) -> int:

@@ -28,10 +28,9 @@ Wire bytes, derived from the facts above and never stale by themselves:
 - ``chunks``: small E6 replies by (file, Range value), served only while the token's grant is
   cached and usable, so dropping the grant retires them;
 - ``task_bodies``: encoded E3/E4 replies by (task info, cdn), ``queries``: parsed query strings,
-  ``tokens``: parsed Authorization values (their fields, not a verdict), and ``signatures``:
-  the stored key each value's sign was verified with (P1 still reads the key from the database
-  on every use and checks ``et``: a repeat with another key is verified anew), all pure
-  functions of their keys;
+  and ``tokens``: parsed Authorization values (their fields, not a verdict: P1 still verifies
+  the signature and ``et`` with the key read from the database), all pure functions of their
+  keys;
 - ``files``: package files kept open for E6 (:class:`OpenFiles`), content-addressed and stat'ed on
   every use.
 
@@ -258,8 +257,6 @@ class DeviceCaches:
         )
         self.queries: BoundedCache[str, dict[str, str]] = BoundedCache(BUDGETS.queries)
         self.tokens: BoundedCache[str, auth.AnyToken] = BoundedCache(BUDGETS.tokens)
-        # Authorization value -> the stored key (base64) its sign was verified with.
-        self.signatures: BoundedCache[str, str] = BoundedCache(BUDGETS.signatures)
         self.files = OpenFiles(blobs) if blobs is not None else None
         self.generation = 0
         self._lock = threading.Lock()

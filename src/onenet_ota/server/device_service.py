@@ -103,7 +103,6 @@ from onenet_ota.protocol.states import (
 )
 from onenet_ota.protocol.status import PackageKind, ReportKind, TaskType
 from onenet_ota.server import changes, timeline
-from onenet_ota.server.bounded_cache import weigh
 from onenet_ota.server.db import IDLE_SINCE, Prepared, is_lost_before_commit, is_transient
 from onenet_ota.server.device_caches import (
     Answer,
@@ -999,39 +998,18 @@ class DeviceService:
             return None
         # D4: the device key verifies a device-level token when the device has one.
         encoded = row.device_key if token.device_name is not None and row.device_key else None
-        if not self._signed(authorization, token, encoded or row.access_key):
+        try:
+            key = auth.decode_key(encoded or row.access_key)
+        except ValueError:
+            log.warning("a key of product %s is not base64; refusing its tokens", token.product_id)
+            return None
+        try:
+            auth.verify_token(token, key, now=self._clock())
+        except auth.TokenError:
             return None
         principal = Principal(token.product_id, token.device_name, token.expires_at, token.version)
         caches.keep_principal(generation, authorization, principal, row.dev_id)
         return principal
-
-    def _signed(self, authorization: str, token: auth.ParsedToken, encoded_key: str) -> bool:
-        """§3.3 steps 6, 8, 9: whether ``token`` (parsed from ``authorization``) is within its
-        ``et`` and signed with ``encoded_key``, the stored key (base64) just read for it.
-
-        Whether a value's sign is the HMAC of its fields under a key is a pure function of the
-        two, so it is remembered per value: a repeat with the same stored key skips the HMAC
-        (the cold poll's largest cost after the read). The key is read from the database on
-        every request all the same, so a rotated key or a deleted device refuses the value at
-        once, and ``et`` is checked every time.
-        """
-        if token.expires_at < self._clock():
-            return False
-        signatures = self.caches.signatures
-        if signatures.get(authorization) == encoded_key:
-            return True
-        try:
-            key = auth.decode_key(encoded_key)
-        except ValueError:
-            log.warning("a key of product %s is not base64; refusing its tokens", token.product_id)
-            return False
-        try:
-            auth.verify_token(token, key, now=self._clock())
-        except auth.TokenError:
-            return False
-        # Only verified values are kept: making an entry takes a key.
-        signatures.put(authorization, encoded_key, weigh(authorization) + weigh(encoded_key))
-        return True
 
     def _parse(self, authorization: str, policy: auth.TokenPolicy) -> auth.AnyToken | None:
         """The fields of ``authorization`` if ``policy`` takes its form, else None. Parsed once
@@ -1064,7 +1042,14 @@ class DeviceService:
         if token.device_name is not None and token.device_name != row.name:
             return None
         encoded = row.device_key if token.device_name is not None and row.device_key else None
-        if not self._signed(authorization, token, encoded or row.access_key):
+        try:
+            key = auth.decode_key(encoded or row.access_key)
+        except ValueError:
+            log.warning("a key of product %s is not base64; refusing its tokens", token.product_id)
+            return None
+        try:
+            auth.verify_token(token, key, now=self._clock())
+        except auth.TokenError:
             return None
         principal = Principal(token.product_id, token.device_name, token.expires_at, token.version)
         tag = None if token.device_name is None else dev_id  # as authenticate tags it
