@@ -21,10 +21,13 @@ import pytest
 from sqlalchemy import Engine, Select, insert, select, update
 
 from onenet_ota import auth
+from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import TaskState
+from onenet_ota.protocol.status import TaskType
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.db import create_engine, migrate
 from onenet_ota.server.device_api import DeviceApi
+from onenet_ota.server.device_service import DeviceService
 from onenet_ota.server.schema import device_tasks, devices, packages, products, tasks, tokens
 from tests.captures import CAPTURES
 from tests.serverthread import ServerThread
@@ -447,3 +450,11 @@ def core_reader(engine: Engine) -> Callable[[Select[Any]], Callable[..., list[An
         return run
 
     return compile_
+
+
+def offer(service: DeviceService, world: World) -> str:
+    """The download token of ``world``'s device task, offered by E3 to a device at 1.0.0."""
+    errno, info = service.check_task(world.dev_id, TaskType.FOTA, "1.0.0")
+    assert errno is Errno.SUCC
+    assert info is not None
+    return info.token

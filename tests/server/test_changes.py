@@ -36,7 +36,7 @@ from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.changes import EVERYTHING, NOTHING, ChangeFeed, Changes, publish
 from onenet_ota.server.device_service import DeviceService
 from onenet_ota.server.schema import cache_changes
-from tests.server.seed import K2, T0, FakeClock, Seeder, World, core_reader, running_api
+from tests.server.seed import K2, T0, FakeClock, Seeder, core_reader, offer, running_api
 
 FOTA = TaskType.FOTA
 # Transactions that commit out of order exist only there: SQLite serialises its writers.
@@ -353,13 +353,6 @@ def services(engine: Engine, seeder: Seeder) -> Iterator[Callable[[], DeviceServ
     yield make
     for service in made:
         service.close()
-
-
-def offer(service: DeviceService, w: World) -> str:
-    errno, info = service.check_task(w.dev_id, FOTA, "1.0.0")
-    assert errno is Errno.SUCC
-    assert info is not None
-    return info.token
 
 
 def test_another_process_transition_drops_that_device_only(

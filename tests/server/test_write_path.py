@@ -19,7 +19,7 @@ from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.db import create_engine
 from onenet_ota.server.device_service import DeviceService, Report
 from onenet_ota.server.schema import device_task_events
-from tests.server.seed import DB_PARAMS, FakeClock, Seeder, World, module_database
+from tests.server.seed import DB_PARAMS, FakeClock, Seeder, module_database, offer
 
 S = TaskState
 FOTA = TaskType.FOTA
@@ -62,13 +62,6 @@ def _cut_sessions(engine: Engine) -> None:
         other.dispose()
 
 
-def _offer(service: DeviceService, world: World) -> str:
-    errno, info = service.check_task(world.dev_id, FOTA, "1.0.0")
-    assert errno is Errno.SUCC
-    assert info is not None
-    return info.token
-
-
 def test_a_write_on_a_connection_cut_in_the_pool_runs_again_on_a_new_one(
     pg_service: DeviceService, pg_seeder: Seeder, pg_engine: Engine
 ) -> None:
@@ -76,7 +69,7 @@ def test_a_write_on_a_connection_cut_in_the_pool_runs_again_on_a_new_one(
     # moment after its last use fails its first statement, before anything was committed, and
     # the device service runs the transaction again instead of answering errno 7.
     world = pg_seeder.world()
-    token = _offer(pg_service, world)
+    token = offer(pg_service, world)
     _cut_sessions(pg_engine)
     assert pg_service.check_token(world.dev_id, token) is Errno.SUCC  # T9: a write
     assert world.state() is S.DOWNLOADING
@@ -172,7 +165,7 @@ def test_an_upgrades_write_transactions_send_few_statements(engine: Engine, tmp_
 
         def check() -> None:
             nonlocal token
-            token = _offer(service, world)
+            token = offer(service, world)
 
         counts["E3"] = _count_statements(engine, check)
         counts["E5"] = _count_statements(engine, lambda: service.check_token(world.dev_id, token))
