@@ -603,3 +603,23 @@ def test_a_kept_request_encoding_is_only_ever_its_own_request() -> None:
 def test_a_url_splits_as_urlsplit_splits_it(url: str) -> None:
     assert _split(url) == _split_whole(url)
     assert _split(url) == _split(url)  # the origin's part kept, the same answer
+
+
+def test_the_async_client_runs_on_uvloop(server: ScriptedServer) -> None:
+    """uvloop's transports are not subclasses of asyncio.Transport: the async connection must
+    not require it (a user's loop, or a simulator's, may be uvloop)."""
+    uvloop = pytest.importorskip("uvloop")
+    server.add(envelope(0), CHUNK_REPLY)
+
+    async def run() -> Any:
+        client = AsyncOtaClient(make_config(), base_url=server.url)
+        try:
+            return await check_and_download(client)
+        finally:
+            await client.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        check, download = runner.run(run())
+    assert isinstance(check, Outcome)
+    assert isinstance(download, Outcome)
+    assert download.value == DownloadedChunk(CHUNK, 0, 99, len(FIRMWARE), partial=True)

@@ -52,7 +52,7 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, cast
 from urllib.parse import urlsplit
 
 from onenet_ota.device._core import Call, DownloadCall, TidDownloadCall, WireRequest
@@ -605,8 +605,9 @@ class _AsyncConn(_Conn, asyncio.Protocol):
     # -- asyncio's callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not isinstance-checked: uvloop's transports have asyncio.Transport's methods without
+        # subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self.sock = transport.get_extra_info("socket")
         self._tls = transport.get_extra_info("sslcontext") is not None
 
