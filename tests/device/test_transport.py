@@ -25,7 +25,14 @@ from onenet_ota.device.config import Timeout
 from onenet_ota.device.errors import DownloadError, ProtocolError, TokenExpired
 from onenet_ota.device.events import DownloadedChunk, EventKind, OtaEvent
 from onenet_ota.device.install import FileInstaller
-from onenet_ota.device.transport import SyncTransport, _AsyncConn, _Plan, _split, _split_whole
+from onenet_ota.device.transport import (
+    SyncTransport,
+    _AsyncConn,
+    _Plan,
+    _split,
+    _split_whole,
+    _SyncConn,
+)
 from onenet_ota.device.upgrader import AsyncUpgrader, UpgradeOptions, Upgrader
 from onenet_ota.device.upgrader import Outcome as RunOutcome
 from tests.device.conftest import FIRMWARE, TOKEN, make_config, task_data
@@ -176,6 +183,112 @@ def test_nothing_then_eof_is_a_close_without_reply() -> None:
 def test_interim_replies_are_skipped() -> None:
     wire = b"HTTP/1.1 100 Continue\r\n\r\n" + frame(b"{}", "length", [])
     assert [(h.status, b) for h, b in replies(parse(wire, [3, 30], eof=False))] == [(200, b"{}")]
+
+
+@given(
+    headers=st.lists(
+        st.tuples(
+            st.sampled_from(["X-A", "x-a", "X-B", "Content-Type", "content-type", "ETag"]),
+            st.text(alphabet="abc 0123", max_size=6).map(str.strip),
+        ),
+        max_size=6,
+    ),
+    cuts=CUTS,
+)
+def test_a_parsed_head_is_the_head_of_its_headers(
+    headers: list[tuple[str, str]], cuts: list[int]
+) -> None:
+    # The parser builds the head's index as the headers arrive (repeated names, any case, cut
+    # anywhere); it answers as a Head built from the same headers does.
+    wire = b"HTTP/1.1 200 OK\r\n" + b"".join(
+        f"{name}: {value}\r\n".encode() for name, value in headers
+    )
+    ((head, body),) = replies(parse(wire + b"Content-Length: 2\r\n\r\n{}", cuts, eof=False))
+    expected = Head(200, (*headers, ("Content-Length", "2")))
+    assert (head, body) == (expected, b"{}")
+    for name in ("x-a", "X-B", "CONTENT-TYPE", "etag", "content-length", "missing"):
+        assert head.get_all(name) == expected.get_all(name)
+        assert head.get(name) == expected.get(name)
+    assert head.first_values() == expected.first_values()
+
+
+# -- the socket's timeout ---------------------------------------------------------------------
+
+
+class _Socket:
+    """A socket's timeout and its operations, scripted: each operation takes its next outcome
+    (a number of bytes, or an exception to raise)."""
+
+    def __init__(self, *outcomes: int | BaseException) -> None:
+        self.outcomes = list(outcomes)
+        self.timeouts: list[float | None] = []
+        self.sent = b""
+
+    def settimeout(self, value: float | None) -> None:
+        self.timeouts.append(value)
+
+    def _next(self) -> int:
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def recv_into(self, buffer: bytearray) -> int:
+        count = self._next()
+        buffer[:count] = b"x" * count
+        return count
+
+    def send(self, data: bytes) -> int:
+        count = min(self._next(), len(data))
+        self.sent += bytes(data[:count])
+        return count
+
+
+def test_the_socket_timeout_is_set_again_only_when_it_could_outlast_the_deadline() -> None:
+    sock = _Socket(4, 4, 4)
+    conn = _SyncConn(sock)  # type: ignore[arg-type]
+    buffer = bytearray(16)
+    now = time.monotonic()
+    assert conn.recv_into(buffer, now + 30) == 4
+    assert conn.recv_into(buffer, now + 30.5) == 4  # the next call, the same limit: kept
+    assert len(sock.timeouts) == 1
+    first = sock.timeouts[0]
+    assert first is not None
+    assert first <= 30
+    assert conn.recv_into(buffer, now + 5) == 4  # a nearer deadline: set again, within it
+    assert len(sock.timeouts) == 2
+    second = sock.timeouts[1]
+    assert second is not None
+    assert second <= 5
+
+
+def test_a_socket_timeout_short_of_the_deadline_does_not_end_the_call() -> None:
+    # The socket's timeout may be up to a second short of the call's deadline; when it fires
+    # first, the read (or write) goes on until the deadline itself.
+    sock = _Socket(TimeoutError("timed out"), TimeoutError("timed out"), 7)
+    conn = _SyncConn(sock)  # type: ignore[arg-type]
+    assert conn.recv_into(bytearray(16), time.monotonic() + 60) == 7
+    sock = _Socket(TimeoutError("timed out"), 3, TimeoutError("timed out"), 100)
+    conn = _SyncConn(sock)  # type: ignore[arg-type]
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", time.monotonic() + 60)
+    assert sock.sent == b"GET / HTTP/1.1\r\n\r\n"
+    assert not sock.outcomes
+
+
+def test_a_socket_timeout_at_the_deadline_ends_the_call() -> None:
+    class _Slow(_Socket):
+        def recv_into(self, buffer: bytearray) -> int:
+            time.sleep(0.02)  # the deadline passes while the socket waits
+            return super().recv_into(buffer)
+
+    sock = _Slow(TimeoutError("timed out"), 5)
+    conn = _SyncConn(sock)  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        conn.recv_into(bytearray(16), time.monotonic() + 0.01)
+    assert sock.outcomes == [5]  # not read again after the deadline
+    with pytest.raises(TimeoutError):  # a deadline already past: no wait at all
+        conn.recv_into(bytearray(16), time.monotonic() - 1)
+    assert sock.outcomes == [5]
 
 
 # -- pipelining over the scripted server ------------------------------------------------------

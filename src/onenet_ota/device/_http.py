@@ -79,6 +79,7 @@ class ReplyParser:
         self._max_head = max_head
         self.events: deque[Event] = deque()
         self._headers: list[tuple[str, str]] = []
+        self._index: dict[str, list[str]] = {}  # the values by lower-case name (Head's index)
         self._in_reply = False  # between a reply's first byte and its end
         self._in_head = False
         self._head_bytes = 0
@@ -97,6 +98,7 @@ class ReplyParser:
         self._in_reply = True
         self._in_head = True
         self._headers = []
+        self._index = {}
         self._header_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -104,7 +106,15 @@ class ReplyParser:
         if self._header_bytes > self._max_head:
             self._head_too_long = True
             raise _HeadTooLong  # stops llhttp; feed() reports it
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        self._headers.append((key, text))
+        # Head's index, built here rather than by Head (a reply's head is read several times).
+        found = self._index.get(lowered := key.lower())
+        if found is None:
+            self._index[lowered] = [text]
+        else:
+            found.append(text)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -113,11 +123,13 @@ class ReplyParser:
         self._interim = 100 <= status <= 199
         if self._interim:
             return
-        head = Head(status, tuple(self._headers))
-        encoding = head.get("Transfer-Encoding")
-        chunked = encoding is not None and encoding.strip().lower().endswith("chunked")
+        index = self._index
+        self._index = {}  # the head keeps this one
+        head = Head.indexed(status, tuple(self._headers), index)
+        encoding = index.get("transfer-encoding")
+        chunked = encoding is not None and encoding[0].strip().lower().endswith("chunked")
         bodiless = status in (204, 304)
-        self._close_delimited = not (chunked or bodiless or head.get("Content-Length") is not None)
+        self._close_delimited = not (chunked or bodiless or "content-length" in index)
         self.events.append(head)
 
     def on_body(self, body: bytes) -> None:
@@ -254,6 +266,8 @@ class Exchange:
         self._head: Head | None = None
         self._skip: OtaError | None = None  # the current reply failed: read past its body
         self.reusable = True  # whether the connection may carry another request
+        # Whether at least one call had a reply (of any kind) from the server.
+        self.answered = False
         # Whether every call has its result: an attribute, not a property, as it is asked
         # several times per reply (the client's CPU per request counts).
         self.done = not calls
@@ -309,6 +323,8 @@ class Exchange:
     def _finish_current(self, result: Result) -> None:
         results = self.results
         results.append(result)
+        if not (type(result) is Failure and result.unanswered):
+            self.answered = True
         self.done = len(results) == len(self.calls)
         self._head = None
         self._reader = None
@@ -342,11 +358,6 @@ class Exchange:
         while not self.done:
             error = TransportError(detail, endpoint=self.current.endpoint)
             self._finish_current(Failure(error, unanswered=True))
-
-    @property
-    def answered(self) -> bool:
-        """Whether at least one call had a reply (of any kind) from the server."""
-        return any(not (isinstance(r, Failure) and r.unanswered) for r in self.results)
 
     def orphan(self, detail: str) -> None:
         """The connection was closed before the rest of the replies arrived (by an earlier

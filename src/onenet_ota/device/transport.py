@@ -51,7 +51,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple, cast
 from urllib.parse import urlsplit
 
@@ -69,6 +69,13 @@ _ENCODED_MAX: Final = 16
 # next reply until that ACK comes. Measured: 46 ms per pipelined pair without quick ACKs, under
 # 1.5 ms with them. Linux only; elsewhere the option does not exist and nothing is set.
 _TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
+# How far short of a deadline a blocking socket's timeout is set (see _SyncConn).
+_TIMEOUT_SLACK: Final = 1.0
+
+
+def _now_ms() -> float:
+    """A deadline a millisecond from now."""
+    return time.monotonic() + 0.001
 
 
 class Origin(NamedTuple):
@@ -162,27 +169,37 @@ class _Plan:
     that chance up, since the server demonstrably stopped reading before it.
     """
 
-    def __init__(self, calls: Sequence[Call[Any]], pipeline: bool) -> None:
-        self.calls = list(calls)
+    def __init__(
+        self,
+        calls: Sequence[Call[Any]],
+        pipeline: bool,
+        split: Callable[[str], tuple[Origin, str, str]] = _split,
+    ) -> None:
+        self.calls = calls = list(calls)
         self.pipeline = pipeline
-        self.results: list[Result | None] = [None] * len(self.calls)
-        self.retried = [False] * len(self.calls)
-        self.targets = [_split(call.request.url) for call in self.calls]
+        self.results: list[Result | None] = [None] * len(calls)
+        self.retried = [False] * len(calls)
+        requests = [call.request for call in calls]
+        self.targets = [split(request.url) for request in requests]
         now = time.monotonic()
-        self.deadlines = [now + call.request.timeout.seconds for call in self.calls]
+        self.deadlines = [now + request.timeout.ms / 1000 for request in requests]
         self.refused_pipelining = False
 
     def next_batch(self) -> list[int]:
         """The indices of the calls to send together on one connection; empty when done."""
-        pending = [i for i, result in enumerate(self.results) if result is None]
-        if not pending:
+        results = self.results
+        if None not in results:
             return []
+        first = results.index(None)
         if not self.pipeline:
-            return pending[:1]
-        origin = self.targets[pending[0]][0]
+            return [first]
+        targets = self.targets
+        origin = targets[first][0]
         batch = []
-        for index in pending:
-            if self.targets[index][0] != origin:
+        for index in range(first, len(results)):
+            if results[index] is not None:
+                continue
+            if targets[index][0] != origin:
                 break
             batch.append(index)
         return batch
@@ -280,6 +297,8 @@ class _Base:
         self._extra: tuple[tuple[str, str], ...] = (("User-Agent", user_agent),)
         self._pool = _Pool()
         self._encodings: dict[int, tuple[WireRequest, bytes]] = {}
+        # URLs split (see _targets): the few a device sends over and over.
+        self._split_urls: dict[str, tuple[Origin, str, str]] = {}
         self._local = threading.local()  # per thread: a sync client may be shared by threads
         self._no_pipelining = False
         self.closed = False
@@ -288,6 +307,20 @@ class _Base:
     def pipelining(self) -> bool:
         """False once a server has shown that it does not pipeline."""
         return not self._no_pipelining
+
+    def _plan(self, calls: Sequence[Call[Any]], pipeline: bool) -> _Plan:
+        return _Plan(calls, pipeline and not self._no_pipelining, self._target)
+
+    def _target(self, url: str) -> tuple[Origin, str, str]:
+        """:func:`_split` of ``url``, kept for the few URLs a client sends again and again (a
+        task's token check and download): bounded, and only this client's own URLs."""
+        split_urls = self._split_urls
+        found = split_urls.get(url)
+        if found is None:
+            if len(split_urls) >= _ENCODED_MAX:
+                split_urls.clear()
+            found = split_urls[url] = _split(url)
+        return found
 
     def _payload(self, plan: _Plan, batch: list[int]) -> bytes:
         if len(batch) == 1:
@@ -359,11 +392,60 @@ class _Conn:
 
 
 class _SyncConn(_Conn):
-    __slots__ = ("sock",)
+    """A blocking socket whose operations are bounded by deadlines.
+
+    The socket's timeout is set only when the one it has could outlast the deadline at hand:
+    each ``settimeout`` is a system call (``ioctl``), and a device's calls mostly have the same
+    limit, so a timeout set a little short of one call's deadline serves the next ones too. An
+    operation that times out before its deadline (the socket's timeout was shorter) is simply
+    tried again, so a call still fails exactly when its deadline passes, never before it.
+    """
+
+    __slots__ = ("sock", "timeout")
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self.sock = sock
+        self.timeout: float | None = None  # what the socket's timeout was last set to
+
+    def _arm(self, deadline: float) -> None:
+        """Bound the next operation by ``deadline`` (:class:`TimeoutError` once it passed)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        timeout = self.timeout
+        if timeout is None or timeout > remaining:
+            # Short of the deadline by up to a second: the next call's deadline (about as far
+            # away) then finds it short enough, and keeps it.
+            timeout = remaining - _TIMEOUT_SLACK if remaining > 2 * _TIMEOUT_SLACK else remaining
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
+
+    def send(self, data: bytes, deadline: float) -> None:
+        """Write all of ``data`` by ``deadline`` (:class:`TimeoutError` after it)."""
+        sock = self.sock
+        sent = 0
+        while True:
+            self._arm(deadline)
+            try:
+                sent += sock.send(data[sent:] if sent else data)
+            except TimeoutError:
+                if time.monotonic() < deadline:
+                    continue  # the socket's timeout was short of the deadline: nothing was sent
+                raise
+            if sent >= len(data):
+                return
+
+    def recv_into(self, buffer: bytearray, deadline: float) -> int:
+        """Read what arrived into ``buffer``, waiting for it until ``deadline``."""
+        while True:
+            self._arm(deadline)
+            try:
+                return self.sock.recv_into(buffer)
+            except TimeoutError:
+                if time.monotonic() < deadline:
+                    continue  # the socket's timeout was short of the deadline: nothing was read
+                raise
 
     def close(self) -> None:
         self.dead = True
@@ -425,7 +507,7 @@ class SyncTransport(_Base):
         were started. Without keep-alive every request closes its connection: nothing is
         chained.
         """
-        plan = _Plan(calls, pipeline and not self._no_pipelining)
+        plan = self._plan(calls, pipeline)
         batch = plan.next_batch()
         if not batch:
             return InFlight(plan, None)
@@ -476,15 +558,15 @@ class SyncTransport(_Base):
             # reply from before it (the connection idle in the pool since) proves nothing.
             conn.answered = False
         exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
-        sock = conn.sock
         try:
-            sock.settimeout(max(plan.deadlines[batch[0]] - time.monotonic(), 0.001))
-            sock.sendall(self._payload(plan, batch))
+            # A deadline already past still gets its request written (as a socket timeout
+            # of a millisecond would): the reply's wait reports the timeout.
+            conn.send(self._payload(plan, batch), max(plan.deadlines[batch[0]], _now_ms()))
             if len(batch) > 1 and _TCP_QUICKACK is not None:
                 # The replies may arrive before the caller reads them (start, then other
                 # work): acknowledge them at once all the same (see _TCP_QUICKACK).
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         except OSError as exc:
             # Nothing of this batch's replies was read yet: a kept connection the server had
             # closed fails here too.
@@ -500,24 +582,22 @@ class SyncTransport(_Base):
         answered_before = conn.answered
         quickack = _TCP_QUICKACK if len(batch) > 1 or conn.unread > 1 else None
         buffer, view = self._read_buffer()
+        events = conn.parser.events
         while not exchange.done:
-            exchange.advance()
-            if exchange.done:
-                break
+            if events:  # parsed already (read with an earlier reply, or just now)
+                exchange.advance()
+                if exchange.done:
+                    break
             if conn.dead:
                 # Closed before this flight's turn: after an earlier reply said so, or an
                 # earlier flight on it was dropped. What was not answered may go again.
                 exchange.orphan("the connection was closed before this reply")
                 break
             deadline = plan.deadlines[batch[len(exchange.results)]]
-            remaining = deadline - time.monotonic()
             try:
-                if remaining <= 0:
-                    raise TimeoutError
-                sock.settimeout(remaining)
                 if quickack is not None:  # see _TCP_QUICKACK
                     sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-                received = sock.recv_into(buffer)
+                received = conn.recv_into(buffer, deadline)
             except OSError as exc:
                 call = exchange.current
                 problem = _io_error(call, exc, got_head=exchange.got_head)
@@ -743,7 +823,7 @@ class AsyncTransport(_Base):
         after: InFlight | None = None,
     ) -> InFlight:
         """See :meth:`SyncTransport.start`."""
-        plan = _Plan(calls, pipeline and not self._no_pipelining)
+        plan = self._plan(calls, pipeline)
         batch = plan.next_batch()
         if not batch:
             return InFlight(plan, None)
