@@ -161,6 +161,28 @@ def test_every_valid_step(code: int) -> None:
     assert core().report_status(TOKEN, code).request.body == b'{"step":%d}' % code
 
 
+@pytest.mark.parametrize("bad", ["", "a/b", "a b", "x" * 65, 7, None])
+def test_a_token_kept_as_valid_lets_no_other_through(bad: Any) -> None:
+    # The core validates a token once per task and keeps it; each other value is judged anew.
+    c = core()
+    for _ in range(2):
+        c.check_token(TOKEN)
+        c.download(TOKEN, 0, 4096)
+        with pytest.raises(InvalidArgumentError, match="token"):
+            c.check_token(bad)
+        with pytest.raises(InvalidArgumentError, match="token"):
+            c.download(bad, 0, 4096)
+
+
+def test_a_kept_token_check_reports_its_own_token() -> None:
+    c = core()
+    for token in (TOKEN, "ota_other", TOKEN):
+        call = c.check_token(token)
+        outcome = call.finish(Head(200), b'{"errno":0,"error":"succ"}')
+        assert isinstance(outcome.event, TokenChecked)
+        assert outcome.event.token == token
+
+
 def test_download_request() -> None:
     request = core().download(TOKEN, 4096, 4096).request
     assert request.url == f"http://ota.heclouds.com/ota/south/download/{TOKEN}"

@@ -108,6 +108,19 @@ class Head:
             index.setdefault(key.lower(), []).append(value)
         object.__setattr__(self, "_index", index)
 
+    @classmethod
+    def indexed(
+        cls, status: int, headers: tuple[tuple[str, str], ...], index: dict[str, list[str]]
+    ) -> Head:
+        """A head whose ``index`` (the values by lower-case name, in order) its reader built
+        while the headers arrived; the caller hands it over and keeps no reference."""
+        head = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(head, "status", status)
+        setattr_(head, "headers", headers)
+        setattr_(head, "_index", index)
+        return head
+
     def get_all(self, name: str) -> list[str]:
         """Every value of header ``name``."""
         return list(self._index.get(name.lower(), ()))
@@ -212,7 +225,8 @@ class Call(ABC, Generic[T]):
         if not 200 <= head.status <= 299:
             # Non-2xx is a transport-level answer (§4.3, §10); the C SDK returns the status.
             raise HTTPStatusError(head.status, endpoint=self.endpoint)
-        encoding = head.get("Content-Encoding")
+        found = head._index.get("content-encoding")
+        encoding = found[0] if found else None
         if encoding is not None and encoding.strip().lower() != "identity":
             raise self.protocol_error(f"reply is compressed ({encoding}); OneNET never does that")
         limit, overflow = self._body_limit(head, self._content_length(head))
@@ -602,6 +616,7 @@ class ClientCore:
         # upgrade asks for them thousands of times. Bounded, and filled only by the device's
         # own calls.
         self._built: dict[tuple[Any, ...], Any] = {}
+        self._valid_token: str | None = None  # the last download token found valid
         self._json_head: tuple[tuple[str, str], ...] = (
             # The C SDK's order and casing; Content-Type even on GETs (§8.1).
             ("Content-Type", "application/json"),
@@ -897,24 +912,33 @@ class ClientCore:
         """E5: check the download token; moves the task to downloading (§6.5).
         Classic only (Studio and fuse: :meth:`task_status`)."""
         endpoint = Endpoint.CHECK_TOKEN
-        self._classic_only(endpoint, "check the tid with task_status")
-        _check_token(token, endpoint)
-        request = self._cached(
-            (endpoint, token, timeout_ms),
-            lambda: self._request(
-                endpoint,
-                "GET",
-                path_for(endpoint, token),
-                [("dev_id", self._dev_id(endpoint))],
-                None,
-                timeout_ms,
-            ),
-        )
+        # Kept, with its reply's decoder, once the token was validated (the key holds the
+        # token only after that): every chunk checks the same token.
+        key = (endpoint, token, timeout_ms)
+        found: tuple[WireRequest, Callable[[Envelope, bytes], Outcome[None]]] | None
+        found = self._built.get(key) if type(token) is str else None
+        if found is None:
+            self._classic_only(endpoint, "check the tid with task_status")
+            _check_token(token, endpoint)
 
-        def done(envelope: Envelope, body: bytes) -> Outcome[None]:
-            return Outcome(None, TokenChecked(endpoint, body, token))
+            def done(envelope: Envelope, body: bytes) -> Outcome[None]:
+                return Outcome(None, TokenChecked(endpoint, body, token))
 
-        return JsonCall(request, done)
+            found = self._cached(
+                key,
+                lambda: (
+                    self._request(
+                        endpoint,
+                        "GET",
+                        path_for(endpoint, token),
+                        [("dev_id", self._dev_id(endpoint))],
+                        None,
+                        timeout_ms,
+                    ),
+                    done,
+                ),
+            )
+        return JsonCall(found[0], found[1])
 
     def download(
         self,
@@ -937,7 +961,8 @@ class ClientCore:
         endpoint = Endpoint.DOWNLOAD
         if self.dialect is not Dialect.CLASSIC:
             return self._tid_download(token, range_start, range_size, timeout_ms, package_size)
-        token = self._token(token, endpoint)
+        if token is not self._valid_token:  # every chunk of a task names the same token
+            token = self._valid_token = self._token(token, endpoint)
         if type(range_start) is not int or not 0 <= range_start < values.PACKAGE_SIZE_MAX:
             raise InvalidArgumentError(
                 f"range_start must be an integer from 0 to {values.PACKAGE_SIZE_MAX - 1}",
