@@ -370,6 +370,57 @@ def test_a_failed_write_leaves_the_offset_and_the_md5_unchanged(tmp_path: Path) 
     assert store.partial_path.read_bytes() == b"12345"
 
 
+class _Counted:
+    """A file that counts its seeks, and fails a write with ENOSPC after ``room`` more bytes
+    (writing what fits first, as a filesystem filling up does); ``room`` None: no limit."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.room: int | None = None
+        self.seeks = 0
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.seeks += 1
+        return self._file.seek(offset, whence)
+
+    def write(self, data: bytes) -> int:
+        if self.room is not None:
+            if self.room == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            data = bytes(data[: self.room])
+            self.room -= len(data)
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._file, name)
+
+
+def test_writes_in_order_do_not_seek_and_a_failed_one_puts_the_next_at_the_offset(
+    tmp_path: Path,
+) -> None:
+    files: list[_Counted] = []
+
+    def opener(path: Path) -> BinaryIO:
+        files.append(_Counted(open_for_update(path)))
+        return files[-1]  # type: ignore[return-value]
+
+    store = StateStore(tmp_path, TaskType.FOTA, opener=opener)
+    with store.open_partial(0) as partial:
+        (file,) = files
+        seeks = file.seeks
+        for piece in (b"123", b"45", b"678"):
+            partial.write(piece)
+        assert file.seeks == seeks + 1  # the first write finds its place; the rest follow it
+        file.room = 2  # "9a" fits, then the disk is full: the file is cut back to 8 bytes
+        with pytest.raises(OSError, match="No space left"):
+            partial.write(b"9abc")
+        file.room = None
+        partial.write(b"xyz")  # where the failed write began, not where it stopped
+        assert partial.offset == 11
+        assert partial.hexdigest() == hashlib.md5(b"12345678xyz").hexdigest()
+    assert store.partial_path.read_bytes() == b"12345678xyz"
+
+
 def test_a_sync_behind_persists_after_the_fsync_and_counts_only_once_settled(
     tmp_path: Path,
 ) -> None:

@@ -235,6 +235,9 @@ class PartialFile:
         self._offset = offset
         self._durable = offset
         self._md5 = md5
+        # Where the file's position is known to be: a write continues from the last one
+        # without a seek (a system call per chunk); unknown after a failed write.
+        self._position: int | None = None
 
     @property
     def offset(self) -> int:
@@ -249,21 +252,27 @@ class PartialFile:
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data`` at :attr:`offset` and feed it to the MD5."""
         view = memoryview(data)
-        self._file.seek(self._offset)
+        file = self._file
+        size = len(view)
         written = 0
         try:
-            while written < len(view):
-                count = self._file.write(view[written:])
+            if self._position != self._offset:
+                self._position = None
+                file.seek(self._offset)
+            while written < size:
+                count = file.write(view[written:] if written else view)
                 if not count:
                     raise OSError(errno.EIO, "short write to the partial package")
                 written += count
         except BaseException:
+            self._position = None
             # Forget the bytes of a failed write: the next write or the restart overwrites them.
             with contextlib.suppress(OSError):
-                self._file.truncate(self._offset)
+                file.truncate(self._offset)
             raise
         self._md5.update(view)
-        self._offset += len(view)
+        self._offset += size
+        self._position = self._offset
 
     def sync(self) -> int:
         """Flush and fsync; returns the new durable offset."""
