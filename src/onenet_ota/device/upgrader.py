@@ -129,6 +129,7 @@ logger = logging.getLogger("onenet_ota.device.upgrader")
 
 # E7 codes below it are download progress (§6.7); 100 itself moves the task to upgrading (T12).
 _FIRST_STATUS_CODE: Final = 100
+_SENT_AHEAD: Final = (CheckToken, Download)  # the operations a driver may send ahead
 _MAX_LOGGED_TEXT: Final = 300  # a callback's exception text is the caller's: keep log lines short
 
 
@@ -442,8 +443,7 @@ class Upgrader(_UpgraderBase):
 
     def _perform(self, op: Operation) -> Any:
         client = self._client
-        prefetched = self._take_prefetched(op)
-        if prefetched is not None:
+        if self._prefetched is not None and (prefetched := self._take_prefetched(op)) is not None:
             return client._deliver(prefetched)
         if isinstance(op, Prefetch):
             # A request that cannot be built or sent (a closed client) is not sent ahead: the
@@ -458,8 +458,8 @@ class Upgrader(_UpgraderBase):
                     sent = client._send_ahead(calls, pipeline=True, after=behind)
                     self._window.append((ahead_op, sent))
             return None
-        ahead = self._take_ahead(op)
-        if isinstance(op, CheckToken | Download):
+        ahead = self._take_ahead(op) if self._window else None
+        if isinstance(op, _SENT_AHEAD):
             if ahead is not None:
                 results = client._collect(ahead)
             else:
@@ -571,8 +571,7 @@ class AsyncUpgrader(_UpgraderBase):
 
     async def _perform(self, op: Operation) -> Any:
         client = self._client
-        prefetched = self._take_prefetched(op)
-        if prefetched is not None:
+        if self._prefetched is not None and (prefetched := self._take_prefetched(op)) is not None:
             return await client._deliver_result(prefetched)
         if isinstance(op, Prefetch):
             with contextlib.suppress(OtaError):  # see Upgrader._perform
@@ -586,8 +585,8 @@ class AsyncUpgrader(_UpgraderBase):
                     sent = await client._send_ahead(calls, pipeline=True, after=behind)
                     self._window.append((ahead_op, sent))
             return None
-        ahead = self._take_ahead(op)
-        if isinstance(op, CheckToken | Download):
+        ahead = self._take_ahead(op) if self._window else None
+        if isinstance(op, _SENT_AHEAD):
             if ahead is not None:
                 results = await client._collect(ahead)
             else:
