@@ -32,7 +32,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
 from onenet_ota.auth import redact
@@ -90,6 +90,11 @@ MIN_RANGE_SIZE = 2
 _MAX_TOKEN_LEN = 64
 _BUILT_MAX = 16  # requests kept by ClientCore._cached: a few per task, a task or two at a time
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{1,64}")
+# What ClientCore._built keeps, by kind: plain objects, since an Enum's hash is a Python call.
+_KEY_CHECK_TOKEN: Final = object()
+_KEY_DOWNLOAD: Final = object()
+_KEY_TASK_STATUS: Final = object()
+_KEY_TID_DOWNLOAD: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +180,14 @@ class VersionInfo:
 class BodyReader(Generic[T]):
     """Collects one reply body, refusing more than the call allows, then decodes it."""
 
-    def __init__(self, call: Call[T], head: Head, limit: int, overflow: str) -> None:
+    def __init__(
+        self, call: Call[T], head: Head, limit: int, overflow: str, length: int | None
+    ) -> None:
         self._call = call
         self._head = head
         self._limit = limit
         self._overflow = overflow
+        self._length = length  # the head's Content-Length, as the call's begin() read it
         # The pieces as they came, joined once at the end: a chunk's bytes are copied once
         # here, not once per piece and again into the result.
         self._pieces: list[bytes] = []
@@ -195,11 +203,16 @@ class BodyReader(Generic[T]):
     def finish(self) -> Outcome[T]:
         """Decode the complete body."""
         # A body that came in one piece is that piece itself (bytes.join does not copy one).
-        return self._call.finish(self._head, b"".join(self._pieces))
+        return self._call._complete(self._head, b"".join(self._pieces), self._length)
 
 
 class Call(ABC, Generic[T]):
     """One operation: its request, and how to judge and decode its reply."""
+
+    # Whether each call of this kind has a request of its own (a download's Range), never the
+    # same request object as an earlier call: a transport then keeps no encoding of it. A
+    # class attribute: an isinstance check against this ABC's subclasses costs a Python call.
+    fresh_requests: bool = False
 
     def __init__(self, request: WireRequest) -> None:
         self.request = request
@@ -229,12 +242,16 @@ class Call(ABC, Generic[T]):
         encoding = found[0] if found else None
         if encoding is not None and encoding.strip().lower() != "identity":
             raise self.protocol_error(f"reply is compressed ({encoding}); OneNET never does that")
-        limit, overflow = self._body_limit(head, self._content_length(head))
-        return BodyReader(self, head, limit, overflow)
+        length = self._content_length(head)
+        limit, overflow = self._body_limit(head, length)
+        return BodyReader(self, head, limit, overflow, length)
 
     def finish(self, head: Head, body: bytes) -> Outcome[T]:
         """Decode a complete reply body (its head already accepted by :meth:`begin`)."""
-        length = self._content_length(head)
+        return self._complete(head, body, self._content_length(head))
+
+    def _complete(self, head: Head, body: bytes, length: int | None) -> Outcome[T]:
+        """:meth:`finish` with the head's Content-Length already read."""
         if length is not None and len(body) != length:
             raise self.protocol_error(
                 f"reply body has {len(body)} bytes but Content-Length says {length}"
@@ -343,6 +360,8 @@ class DownloadCall(Call[DownloadedChunk]):
       is a protocol error.
     - Never more than ``range_size`` bytes are accepted.
     """
+
+    fresh_requests = True
 
     def __init__(
         self,
@@ -456,6 +475,8 @@ class TidDownloadCall(Call[DownloadedChunk]):
       package's last byte; a 200 without a range is accepted only if the request was the whole
       package.
     """
+
+    fresh_requests = True
 
     def __init__(
         self,
@@ -770,7 +791,7 @@ class ClientCore:
         spec = self._spec(Operation.CHECK_STATE)
         tid = self._tid(tid, spec)
         spec, request = self._cached(
-            (Operation.CHECK_STATE, tid, timeout_ms),
+            (_KEY_TASK_STATUS, tid, timeout_ms),
             lambda: self._tid_request(Operation.CHECK_STATE, "GET", None, timeout_ms, tid=tid),
         )
 
@@ -914,7 +935,7 @@ class ClientCore:
         endpoint = Endpoint.CHECK_TOKEN
         # Kept, with its reply's decoder, once the token was validated (the key holds the
         # token only after that): every chunk checks the same token.
-        key = (endpoint, token, timeout_ms)
+        key = (_KEY_CHECK_TOKEN, token, timeout_ms)
         found: tuple[WireRequest, Callable[[Envelope, bytes], Outcome[None]]] | None
         found = self._built.get(key) if type(token) is str else None
         if found is None:
@@ -977,7 +998,7 @@ class ClientCore:
         last = self.last_task
         task = last if isinstance(last, TaskInfo) and last.token == token else None
         url, authorization = self._cached(
-            (endpoint, token, None if task is None else task.ip_port),
+            (_KEY_DOWNLOAD, token, None if task is None else task.ip_port),
             lambda: self._download_target(token, task),
         )
         headers: list[tuple[str, str]] = [*authorization]
@@ -1144,7 +1165,7 @@ class ClientCore:
         # §13.7: the end is clamped to size-1, so the served range can equal the request.
         end = min(range_start + range_size, limit) - 1
         _, json_request = self._cached(
-            (Operation.DOWNLOAD, tid, timeout_ms),
+            (_KEY_TID_DOWNLOAD, tid, timeout_ms),
             lambda: self._tid_request(Operation.DOWNLOAD, "GET", None, timeout_ms, tid=tid),
         )
         # §13.7: the bytes= form; ranges.format_request_range gives the unit-less value.

@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple, cast
 from urllib.parse import urlsplit
 
-from onenet_ota.device._core import Call, DownloadCall, TidDownloadCall, WireRequest
+from onenet_ota.device._core import Call, WireRequest
 from onenet_ota.device._http import Exchange, Failure, ReplyParser, Result, encode_request
 from onenet_ota.device.errors import OtaError, RequestTimeout, TransportError
 
@@ -71,11 +71,6 @@ _ENCODED_MAX: Final = 16
 _TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
 # How far short of a deadline a blocking socket's timeout is set (see _SyncConn).
 _TIMEOUT_SLACK: Final = 1.0
-
-
-def _now_ms() -> float:
-    """A deadline a millisecond from now."""
-    return time.monotonic() + 0.001
 
 
 class Origin(NamedTuple):
@@ -169,6 +164,16 @@ class _Plan:
     that chance up, since the server demonstrably stopped reading before it.
     """
 
+    __slots__ = (
+        "calls",
+        "deadlines",
+        "pipeline",
+        "refused_pipelining",
+        "results",
+        "retried",
+        "targets",
+    )
+
     def __init__(
         self,
         calls: Sequence[Call[Any]],
@@ -179,18 +184,26 @@ class _Plan:
         self.pipeline = pipeline
         self.results: list[Result | None] = [None] * len(calls)
         self.retried = [False] * len(calls)
-        requests = [call.request for call in calls]
-        self.targets = [split(request.url) for request in requests]
         now = time.monotonic()
-        self.deadlines = [now + request.timeout.ms / 1000 for request in requests]
+        if len(calls) == 1:  # most calls go alone: no comprehensions
+            request = calls[0].request
+            self.targets = [split(request.url)]
+            self.deadlines = [now + request.timeout.ms / 1000]
+        else:
+            requests = [call.request for call in calls]
+            self.targets = [split(request.url) for request in requests]
+            self.deadlines = [now + request.timeout.ms / 1000 for request in requests]
         self.refused_pipelining = False
 
     def next_batch(self) -> list[int]:
         """The indices of the calls to send together on one connection; empty when done."""
         results = self.results
-        if None not in results:
+        # By identity: an outcome compared with None would run its dataclass's __eq__.
+        for first, result in enumerate(results):  # noqa: B007 - the loop finds first
+            if result is None:
+                break
+        else:
             return []
-        first = results.index(None)
         if not self.pipeline:
             return [first]
         targets = self.targets
@@ -240,9 +253,9 @@ class _Plan:
 
     def finished(self) -> list[Result]:
         """Every call's result, in order."""
-        results = [result for result in self.results if result is not None]
-        assert len(results) == len(self.calls)
-        return results
+        results = self.results
+        assert all(result is not None for result in results)
+        return cast(list[Result], results)
 
 
 class _Pool:
@@ -333,7 +346,7 @@ class _Base:
         check), under the object's identity, which the kept entry holds alive. A download's
         request is new for every chunk (its Range): never kept."""
         request = call.request
-        if isinstance(call, DownloadCall | TidDownloadCall):
+        if call.fresh_requests:
             return encode_request(request, target[1], target[2], self._extra)
         key = id(request)
         found = self._encodings.get(key)
@@ -557,11 +570,15 @@ class SyncTransport(_Base):
             # A refusal to pipeline shows as a close after a reply to this run of flights; a
             # reply from before it (the connection idle in the pool since) proves nothing.
             conn.answered = False
-        exchange = Exchange([plan.calls[i] for i in batch], conn.parser)
+        calls = plan.calls
+        exchange = Exchange(
+            [calls[batch[0]]] if len(batch) == 1 else [calls[i] for i in batch], conn.parser
+        )
         try:
             # A deadline already past still gets its request written (as a socket timeout
             # of a millisecond would): the reply's wait reports the timeout.
-            conn.send(self._payload(plan, batch), max(plan.deadlines[batch[0]], _now_ms()))
+            deadline = max(plan.deadlines[batch[0]], time.monotonic() + 0.001)
+            conn.send(self._payload(plan, batch), deadline)
             if len(batch) > 1 and _TCP_QUICKACK is not None:
                 # The replies may arrive before the caller reads them (start, then other
                 # work): acknowledge them at once all the same (see _TCP_QUICKACK).
