@@ -297,11 +297,12 @@ class Exchange:
                         self._finish_current(Failure(exc))
                         self._abandon("the connection was dropped after an oversized reply")
             elif type(event) is Head:
+                call = self.calls[len(self.results)]
                 if logger.isEnabledFor(logging.DEBUG):  # the label costs more than the rest
-                    logger.debug("%s: HTTP %s", endpoint_label(self.current.endpoint), event.status)
+                    logger.debug("%s: HTTP %s", endpoint_label(call.endpoint), event.status)
                 self._head = event
                 try:
-                    self._reader = self.current.begin(event)
+                    self._reader = call.begin(event)
                 except OtaError as exc:
                     self._skip = exc
             elif event is END:

@@ -233,7 +233,8 @@ class _Plan:
         """
         pipelined = len(batch) > 1 or chained
         for index, result in zip(batch, exchange.results, strict=True):
-            if isinstance(result, Failure) and result.unanswered:
+            unanswered = type(result) is Failure and result.unanswered
+            if unanswered:
                 if answered_before and pipelined:
                     self.refused_pipelining = True  # closed after an earlier pipelined reply
                     self.pipeline = False
@@ -247,15 +248,11 @@ class _Plan:
                         self.pipeline = False
                     continue
             self.results[index] = result
-            answered_before = answered_before or not (
-                isinstance(result, Failure) and result.unanswered
-            )
+            answered_before = answered_before or not unanswered
 
     def finished(self) -> list[Result]:
-        """Every call's result, in order."""
-        results = self.results
-        assert all(result is not None for result in results)
-        return cast(list[Result], results)
+        """Every call's result, in order; asked once :meth:`next_batch` found none missing."""
+        return cast(list[Result], self.results)
 
 
 class _Pool:
