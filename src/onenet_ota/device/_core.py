@@ -638,6 +638,11 @@ class ClientCore:
         # own calls.
         self._built: dict[tuple[Any, ...], Any] = {}
         self._valid_token: str | None = None  # the last download token found valid
+        # What a download's headers end with, after its Range.
+        self._download_tail: tuple[tuple[str, str], ...] = (
+            ("Accept-Encoding", "identity"),
+            *self._connection_header(),
+        )
         self._json_head: tuple[tuple[str, str], ...] = (
             # The C SDK's order and casing; Content-Type even on GETs (§8.1).
             ("Content-Type", "application/json"),
@@ -1001,23 +1006,22 @@ class ClientCore:
             (_KEY_DOWNLOAD, token, None if task is None else task.ip_port),
             lambda: self._download_target(token, task),
         )
-        headers: list[tuple[str, str]] = [*authorization]
         known_total = task.size if task is not None else None
+        tail = self._download_tail
         if self._ranged(range_start, range_size, known_total):
             # The unit-less form OneNET documents and the C SDK sends (§10); no Content-Type
             # (§6.6).
-            headers.append(
-                ("Range", ranges.format_request_range(range_start, range_start + range_size - 1))
-            )
-        headers.append(("Accept-Encoding", "identity"))
-        headers.extend(self._connection_header())
+            range_ = ranges.format_request_range(range_start, range_start + range_size - 1)
+            headers = (*authorization, ("Range", range_), *tail)
+        else:
+            headers = (*authorization, *tail)
         request = WireRequest(
             endpoint=endpoint,
             method="GET",
             url=url,
-            headers=tuple(headers),
+            headers=headers,
             body=None,
-            timeout=self._timeout(timeout_ms, endpoint),
+            timeout=self.timeout if timeout_ms is None else self._timeout(timeout_ms, endpoint),
         )
         return DownloadCall(
             request,

@@ -17,7 +17,7 @@ import os
 import ssl
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
 from onenet_ota import __version__
 from onenet_ota.device._core import AnyTask, Call, ClientCore, Outcome, TaskRef, VersionInfo
@@ -104,9 +104,9 @@ class Ahead:
 
 def _value(result: Result) -> Outcome[Any]:
     """The outcome, or its error raised (chained to the transport's exception, if any)."""
-    if isinstance(result, Failure):
+    if type(result) is Failure:
         raise result.error from result.cause
-    return result
+    return cast(Outcome[Any], result)
 
 
 class _ClientBase:

@@ -229,6 +229,8 @@ class _UpgraderBase:
         if not callable(getattr(installer, "install", None)):
             raise TypeError("installer must have an install(package, task, task_type) method")
         self.client = client
+        # Studio or fuse: the task is named by its tid (a client's dialect never changes).
+        self._by_tid = client.dialect is not Dialect.CLASSIC
         self.installer = installer
         self.options = options
         self.store = StateStore(state_dir, client.config.type, opener=opener)
@@ -295,7 +297,7 @@ class _UpgraderBase:
         """The requests that perform ``op``: the check (E5; S-T/F-T by tid) and the chunk
         pipelined behind it, or the chunk alone (E6; S-D/F-D)."""
         core = self.client._core
-        by_tid = core.dialect is not Dialect.CLASSIC
+        by_tid = self._by_tid
         if isinstance(op, Download):
             return [_download_call(op, by_tid, core)]
         if by_tid:
@@ -309,7 +311,7 @@ class _UpgraderBase:
     def _judged(self, op: CheckToken | Download, value: Any) -> Any:
         """A delivered result as the flow reads it: Studio/fuse statuses through
         :func:`judge_status` (which raises for a finished or cancelled task)."""
-        if isinstance(op, CheckToken) and self.client.dialect is not Dialect.CLASSIC:
+        if self._by_tid and isinstance(op, CheckToken):
             return judge_status(value, _status_endpoint(self.client.dialect))
         return value
 
