@@ -518,10 +518,10 @@ class SyncTransport(_Base):
         chained.
         """
         plan = self._plan(calls, pipeline)
-        batch = plan.next_batch()
+        batch = [0] if len(plan.calls) == 1 else plan.next_batch()  # a lone call goes first
         if not batch:
             return InFlight(plan, None)
-        chain = _chain(plan, batch, after) if self._keep_alive else None
+        chain = _chain(plan, batch, after) if after is not None and self._keep_alive else None
         return InFlight(plan, self._send(plan, batch, chain))
 
     def finish(self, flight: InFlight) -> list[Result]:
@@ -530,6 +530,9 @@ class SyncTransport(_Base):
         flight.sent = None
         if sent is not None:
             self._receive(plan, sent)
+            results = plan.results
+            if len(results) == 1 and results[0] is not None and not plan.refused_pipelining:
+                return plan.finished()  # a lone call answered (or failed for good) at once
         while batch := plan.next_batch():
             sent = self._send(plan, batch, None, fresh=plan.retried[batch[0]])
             if sent is not None:
@@ -838,10 +841,10 @@ class AsyncTransport(_Base):
     ) -> InFlight:
         """See :meth:`SyncTransport.start`."""
         plan = self._plan(calls, pipeline)
-        batch = plan.next_batch()
+        batch = [0] if len(plan.calls) == 1 else plan.next_batch()  # a lone call goes first
         if not batch:
             return InFlight(plan, None)
-        chain = _chain(plan, batch, after) if self._keep_alive else None
+        chain = _chain(plan, batch, after) if after is not None and self._keep_alive else None
         return InFlight(plan, await self._send(plan, batch, chain))
 
     async def finish(self, flight: InFlight) -> list[Result]:
@@ -850,6 +853,9 @@ class AsyncTransport(_Base):
         flight.sent = None
         if sent is not None:
             await self._receive(plan, sent)
+            results = plan.results
+            if len(results) == 1 and results[0] is not None and not plan.refused_pipelining:
+                return plan.finished()  # see SyncTransport.finish
         while batch := plan.next_batch():
             sent = await self._send(plan, batch, None, fresh=plan.retried[batch[0]])
             if sent is not None:
