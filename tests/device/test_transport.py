@@ -9,6 +9,9 @@ checks and downloads, and a server that does not pipeline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -289,6 +292,47 @@ def test_a_socket_timeout_at_the_deadline_ends_the_call() -> None:
     with pytest.raises(TimeoutError):  # a deadline already past: no wait at all
         conn.recv_into(bytearray(16), time.monotonic() - 1)
     assert sock.outcomes == [5]
+
+
+def _full_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair whose first socket's send buffer is full (the peer reads nothing)."""
+    sender, peer = socket.socketpair()
+    sender.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sender.send(b"\0" * 65536)
+    return sender, peer
+
+
+def test_a_request_that_does_not_fit_waits_for_room_until_its_deadline() -> None:
+    # A plain socket's request is written without waiting; what does not fit the send buffer
+    # waits for room as any write does, and only until the call's deadline.
+    sender, peer = _full_pair()
+    with sender, peer:
+        conn = _SyncConn(sender, plain=True)
+        conn._arm(time.monotonic() + 30)  # the socket has its timeout: the direct write is on
+        with pytest.raises(TimeoutError):
+            conn.send(b"GET / HTTP/1.1\r\n\r\n", time.monotonic() + 0.05)
+
+
+def test_a_request_written_directly_arrives_whole_and_in_order() -> None:
+    # Partly written at once, the rest as the peer makes room: every byte, in order.
+    sender, peer = socket.socketpair()
+    with sender, peer:
+        conn = _SyncConn(sender, plain=True)
+        conn._arm(time.monotonic() + 30)
+        request = bytes(range(256)) * 4096  # more than a socket's send buffer takes at once
+        received = bytearray()
+
+        def drain() -> None:
+            while len(received) < len(request):
+                received.extend(peer.recv(1 << 20))
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        conn.send(request, time.monotonic() + 30)
+        reader.join(timeout=30)
+        assert bytes(received) == request
 
 
 # -- pipelining over the scripted server ------------------------------------------------------
