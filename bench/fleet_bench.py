@@ -27,7 +27,10 @@ It prints, per scenario: wall time, devices/s, requests/s, download throughput, 
 percentiles overall and per endpoint, the CPU use of the server, the simulator and PostgreSQL's
 processes (CPU seconds per wall second: near 1.0 means that process was saturated; the machine
 has ``os.cpu_count()`` in all), the server's and the simulator's CPU microseconds per request
-with the load average (what to compare while other work shares the cores), and the verdict:
+with the load average (what to compare while other work shares the cores), on PostgreSQL the
+statements the database ran per device and per request (``pg_stat_statements``, the fleet's
+set-up through the management API included; BEGIN and COMMIT count: each is a round trip), and
+the verdict:
 succeeded/total, and whether the server's records agree with the devices (no mismatch, no lost
 or duplicated report). Then the ratios:
 succeeded/total per scenario, PostgreSQL/SQLite wall time.
@@ -52,14 +55,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from rich.console import Console
-from tests.pgcluster import PgCluster
+from tests.pgcluster import BENCH_OPTIONS, PG_USER, PgCluster, running_cluster
 
 from bench.common import (
     DB_KINDS,
     PySpy,
     database,
     machine,
-    postgres,
     postgres_pid,
     process_cpu,
 )
@@ -84,6 +86,11 @@ class Outcome:
     workers: int
     profile: list[str]
     load: float = float("nan")  # the 1-minute load average when the scenario ended
+    statements: int | None = None  # PostgreSQL: statements run on the fleet's database
+
+    def statements_per(self, count: int) -> float | None:
+        """Statements per device (``count`` devices) or per request, if counted."""
+        return None if self.statements is None else self.statements / max(count, 1)
 
     @property
     def met(self) -> bool:
@@ -108,6 +115,7 @@ class Outcome:
             "server_cpu_us_per_request": round(self.cpu_per_request(self.server_cpu)),
             "client_cpu_us_per_request": round(self.cpu_per_request(self.client_cpu)),
             "postgres_cpu_per_s": None if self.db_cpu is None else round(self.db_cpu / elapsed, 2),
+            "statements": self.statements,
             "report": self.report.to_dict(),
             "profile": self.profile,
         }
@@ -149,6 +157,13 @@ def print_outcome(outcome: Outcome) -> None:
         f"   CPU per request: server {outcome.cpu_per_request(outcome.server_cpu):.0f} us, "
         f"simulator {outcome.cpu_per_request(outcome.client_cpu):.0f} us"
     )
+    if outcome.statements is not None:
+        per_device = outcome.statements_per(len(report.state.devices)) or 0.0
+        per_request = outcome.statements_per(report.metrics.requests) or 0.0
+        print(
+            f"   database statements: {outcome.statements} ({per_device:.1f} per device, "
+            f"{per_request:.2f} per request)"
+        )
     print(f"   {'endpoint':<22} {'requests':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
     for endpoint, stats in sorted(
         report.metrics.endpoints.items(), key=lambda item: item[0].value if item[0] else "~"
@@ -193,8 +208,38 @@ def _cluster(kinds: list[str]) -> Iterator[PgCluster | None]:
     if "postgres" not in kinds:
         yield None
         return
-    with postgres() as cluster:
+    with running_cluster(BENCH_OPTIONS + _COUNT_STATEMENTS) as cluster:
+        with _superuser(cluster) as conn:
+            conn.execute(b"CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         yield cluster
+
+
+# pg_stat_statements counts every statement the server sends (top level: what a round trip is).
+_COUNT_STATEMENTS: Final = (
+    " -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=top"
+    " -c pg_stat_statements.max=5000"
+)
+
+
+@contextlib.contextmanager
+def _superuser(cluster: PgCluster) -> Iterator[Any]:
+    import psycopg
+
+    with psycopg.connect(
+        host=cluster.host, port=cluster.port, user=PG_USER, dbname="postgres", autocommit=True
+    ) as conn:
+        yield conn
+
+
+def _statements(cluster: PgCluster, name: str) -> int:
+    """Statements run on database ``name`` so far (pg_stat_statements' calls)."""
+    with _superuser(cluster) as conn:
+        row = conn.execute(
+            b"SELECT coalesce(sum(s.calls), 0) FROM pg_stat_statements s"
+            b" JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s",
+            (name,),
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 DEFAULT_WORKERS: Final = {"sqlite": 1, "postgres": 2}
@@ -232,6 +277,8 @@ def run_scenario(
         client_cpu = _own_cpu()
         pg_pid = None if cluster is None or db != "postgres" else postgres_pid(cluster)
         db_cpu = None if pg_pid is None else process_cpu(pg_pid)
+        counted = cluster is not None and db == "postgres"
+        statements = _statements(cluster, "fleet") if counted and cluster else None
         # A progress line every few seconds (LiveView off a terminal): a run takes minutes.
         view = LiveView(Console(force_terminal=False, width=200), config.devices)
         try:
@@ -243,12 +290,23 @@ def run_scenario(
             client_cpu = _own_cpu() - client_cpu
             if pg_pid is not None and db_cpu is not None:
                 db_cpu = process_cpu(pg_pid) - db_cpu
+            if statements is not None and cluster is not None:
+                statements = _statements(cluster, "fleet") - statements
             if spy is not None:
                 messages = spy.stop()
                 profile = top_functions(spy_file, 20) or [f"py-spy: {messages}"]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         return Outcome(
-            db, scenario, report, server_cpu, client_cpu, db_cpu, server.workers, profile, load
+            db,
+            scenario,
+            report,
+            server_cpu,
+            client_cpu,
+            db_cpu,
+            server.workers,
+            profile,
+            load,
+            statements,
         )
 
 
