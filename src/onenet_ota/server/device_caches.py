@@ -34,11 +34,13 @@ Wire bytes, derived from the facts above and never stale by themselves:
 - ``files``: package files kept open for E6 (:class:`OpenFiles`), content-addressed and stat'ed on
   every use.
 
-Invalidation: :meth:`DeviceCaches.invalidate` drops one device's facts, :meth:`DeviceCaches.clear`
-everything. This process's own transitions call them at once, the management side in the same
-process and the change feed (:mod:`.changes`, read by :meth:`DeviceService.sync`) for what other
-processes changed. A device's request that changes its stored versions counts as a transition
-(an answer cached while another version was stored would skip recording its own, E3 step 5).
+Invalidation: :meth:`DeviceCaches.invalidate` drops one device's facts (all of them, or with
+:attr:`~.changes.Scope.TASKS` only those its tasks decide: its answers and its tokens' download
+grants), :meth:`DeviceCaches.clear` everything. This process's own transitions call them at
+once, the management side in the same process and the change feed (:mod:`.changes`, read by
+:meth:`DeviceService.sync`) for what other processes changed. A device's request that changes
+its stored versions counts as a transition (an answer cached while another version was stored
+would skip recording its own, E3 step 5).
 Every invalidation bumps :attr:`DeviceCaches.generation`: a fact read before an invalidation and
 kept after it could be stale, so the ``keep_*`` methods refuse it.
 """
@@ -59,6 +61,7 @@ from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
+from onenet_ota.server.changes import Scope
 from onenet_ota.server.http import Response
 from onenet_ota.server.timeline import body_length
 
@@ -268,15 +271,20 @@ class DeviceCaches:
 
     # -- invalidation --------------------------------------------------------------------------
 
-    def invalidate(self, dev_id: int) -> None:
-        """Forget what is cached about one device: its row, its answers, its tokens' download
-        grants, and the tokens verified with its key (it may have been deleted, and its name
-        given to a new device with another key, or have had its key rotated). Replies and chunks
-        resting on them are retired by the checks that serve them."""
+    def invalidate(self, dev_id: int, scope: Scope = Scope.DEVICE) -> None:
+        """Forget what is cached about one device: its answers and its tokens' download grants,
+        and unless only its tasks changed (``scope``), its row and the tokens verified with its
+        key too (it may have been deleted, and its name given to a new device with another key,
+        or have had its key rotated). Replies and chunks resting on them are retired by the
+        checks that serve them."""
         with self._lock:
             self.generation += 1
             self.grants.pop_tag(dev_id)
             self.answers.pop(dev_id)
+            if scope is Scope.TASKS:
+                # A transition or a version report: the device's row and keys are unchanged,
+                # and dropping them would cost every device a P1 and a P3 read per transition.
+                return
             self.devices.pop(dev_id)
             self.names.pop_tag(dev_id)
             self.principals.pop_tag(dev_id)
