@@ -27,7 +27,8 @@ Wire bytes, derived from the facts above and never stale by themselves:
   names), by (path, Authorization), re-checked in the same way;
 - ``chunks``: small E6 replies by (file, Range value), served only while the token's grant is
   cached and usable, so dropping the grant retires them;
-- ``task_bodies``: encoded E3/E4 replies by (task info, cdn), ``queries``: parsed query strings,
+- ``task_bodies``: encoded E3/E4 replies, one per task (and cdn) split around the token that
+  each device's reply splices in, ``queries``: parsed query strings,
   and ``tokens``: parsed Authorization values (their fields, not a verdict: P1 still verifies
   the signature and ``et`` with the key read from the database), all pure functions of their
   keys;
@@ -255,9 +256,10 @@ class DeviceCaches:
             BUDGETS.dialect_grants
         )
         self.chunks: BoundedCache[ChunkKey, Response] = BoundedCache(BUDGETS.chunks)
-        self.task_bodies: BoundedCache[tuple[TaskInfo, bool], bytes] = BoundedCache(
-            BUDGETS.task_bodies
-        )
+        # (errno, the task info's fields but its token, cdn) -> the body before and after the
+        # token.
+        self.task_bodies: BoundedCache[tuple[Errno, tuple[Any, ...], bool], tuple[bytes, bytes]]
+        self.task_bodies = BoundedCache(BUDGETS.task_bodies)
         self.queries: BoundedCache[str, dict[str, str]] = BoundedCache(BUDGETS.queries)
         self.tokens: BoundedCache[str, auth.AnyToken] = BoundedCache(BUDGETS.tokens)
         self.files = OpenFiles(blobs) if blobs is not None else None
