@@ -46,11 +46,13 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import resource
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -87,6 +89,9 @@ class Outcome:
     profile: list[str]
     load: float = float("nan")  # the 1-minute load average when the scenario ended
     statements: int | None = None  # PostgreSQL: statements run on the fleet's database
+    most_run: list[str] = field(default_factory=list)  # PostgreSQL: the most frequent ones
+    caches: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (hits, misses)
+    handled: dict[str, float] = field(default_factory=dict)  # E1-E9 -> mean seconds in the server
 
     def statements_per(self, count: int) -> float | None:
         """Statements per device (``count`` devices) or per request, if counted."""
@@ -116,6 +121,9 @@ class Outcome:
             "client_cpu_us_per_request": round(self.cpu_per_request(self.client_cpu)),
             "postgres_cpu_per_s": None if self.db_cpu is None else round(self.db_cpu / elapsed, 2),
             "statements": self.statements,
+            "most_run_statements": self.most_run,
+            "cache_hits_misses": self.caches,
+            "server_mean_seconds": self.handled,
             "report": self.report.to_dict(),
             "profile": self.profile,
         }
@@ -162,8 +170,20 @@ def print_outcome(outcome: Outcome) -> None:
         per_request = outcome.statements_per(report.metrics.requests) or 0.0
         print(
             f"   database statements: {outcome.statements} ({per_device:.1f} per device, "
-            f"{per_request:.2f} per request)"
+            f"{per_request:.2f} per request); the most run:"
         )
+        for line in outcome.most_run:
+            print(f"   {line}")
+    if outcome.caches:
+        rates = ", ".join(
+            f"{name} {hits / max(hits + misses, 1):.0%} of {hits + misses}"
+            for name, (hits, misses) in sorted(outcome.caches.items())
+            if hits + misses
+        )
+        print(f"   cache hits: {rates}")
+    if outcome.handled:
+        means = ", ".join(f"{e} {s * 1000:.2f}" for e, s in sorted(outcome.handled.items()))
+        print(f"   server's own mean ms per request (parsed to answered): {means}")
     print(f"   {'endpoint':<22} {'requests':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
     for endpoint, stats in sorted(
         report.metrics.endpoints.items(), key=lambda item: item[0].value if item[0] else "~"
@@ -231,15 +251,55 @@ def _superuser(cluster: PgCluster) -> Iterator[Any]:
         yield conn
 
 
-def _statements(cluster: PgCluster, name: str) -> int:
-    """Statements run on database ``name`` so far (pg_stat_statements' calls)."""
+def _statements(cluster: PgCluster, name: str) -> dict[str, int]:
+    """Statements run on database ``name`` so far, by their text (pg_stat_statements' calls;
+    the texts have their values replaced by placeholders)."""
     with _superuser(cluster) as conn:
-        row = conn.execute(
-            b"SELECT coalesce(sum(s.calls), 0) FROM pg_stat_statements s"
-            b" JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s",
+        rows = conn.execute(
+            b"SELECT s.query, sum(s.calls) FROM pg_stat_statements s"
+            b" JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s GROUP BY s.query",
             (name,),
-        ).fetchone()
-    return int(row[0]) if row else 0
+        ).fetchall()
+    return {str(query): int(calls) for query, calls in rows}
+
+
+_CACHE_LINE: Final = re.compile(
+    r'^onenet_ota_cache_(hits|misses)_total\{cache="([a-z_]+)"\} ([0-9.e+]+)$', re.MULTILINE
+)
+
+
+_DURATION_LINE: Final = re.compile(
+    r'^onenet_ota_request_duration_seconds_(sum|count)\{dialect="classic",endpoint="(E[0-9])"\}'
+    r" ([0-9.e+-]+)$",
+    re.MULTILINE,
+)
+
+
+def server_metrics(base_url: str) -> tuple[dict[str, tuple[int, int]], dict[str, float]]:
+    """From the server's ``/metrics`` (open to loopback clients by default), summed over its
+    workers: its device-API caches' (hits, misses), and the mean seconds it took to handle each
+    classic endpoint's requests (parsed to answered: no connect, no queueing before the
+    parse). Empty when it cannot be read."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as reply:
+            text_ = reply.read().decode()
+    except OSError:
+        return {}, {}
+    counts: dict[str, list[int]] = {}
+    for kind, name, value in _CACHE_LINE.findall(text_):
+        counts.setdefault(name, [0, 0])[kind == "misses"] += int(float(value))
+    durations: dict[str, list[float]] = {}
+    for kind, endpoint, value in _DURATION_LINE.findall(text_):
+        durations.setdefault(endpoint, [0.0, 0.0])[kind == "count"] += float(value)
+    means = {e: total / count for e, (total, count) in durations.items() if count}
+    return {name: (hits, misses) for name, (hits, misses) in counts.items()}, means
+
+
+def _most_run(before: dict[str, int], after: dict[str, int], count: int) -> list[str]:
+    """The ``count`` statements run most often between ``before`` and ``after``, one line each."""
+    ran = {query: calls - before.get(query, 0) for query, calls in after.items()}
+    top = sorted(ran.items(), key=lambda item: -item[1])[:count]
+    return [f"{calls:>8} {' '.join(query.split())[:110]}" for query, calls in top if calls]
 
 
 DEFAULT_WORKERS: Final = {"sqlite": 1, "postgres": 2}
@@ -278,7 +338,8 @@ def run_scenario(
         pg_pid = None if cluster is None or db != "postgres" else postgres_pid(cluster)
         db_cpu = None if pg_pid is None else process_cpu(pg_pid)
         counted = cluster is not None and db == "postgres"
-        statements = _statements(cluster, "fleet") if counted and cluster else None
+        ran_before = _statements(cluster, "fleet") if counted and cluster else None
+        statements = most_run = None
         # A progress line every few seconds (LiveView off a terminal): a run takes minutes.
         view = LiveView(Console(force_terminal=False, width=200), config.devices)
         try:
@@ -290,12 +351,15 @@ def run_scenario(
             client_cpu = _own_cpu() - client_cpu
             if pg_pid is not None and db_cpu is not None:
                 db_cpu = process_cpu(pg_pid) - db_cpu
-            if statements is not None and cluster is not None:
-                statements = _statements(cluster, "fleet") - statements
+            if ran_before is not None and cluster is not None:
+                ran_after = _statements(cluster, "fleet")
+                statements = sum(ran_after.values()) - sum(ran_before.values())
+                most_run = _most_run(ran_before, ran_after, 12)
             if spy is not None:
                 messages = spy.stop()
                 profile = top_functions(spy_file, 20) or [f"py-spy: {messages}"]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        caches, handled = server_metrics(server.url)
         return Outcome(
             db,
             scenario,
@@ -307,6 +371,9 @@ def run_scenario(
             profile,
             load,
             statements,
+            most_run or [],
+            caches,
+            handled,
         )
 
 
