@@ -29,8 +29,10 @@ processes (CPU seconds per wall second: near 1.0 means that process was saturate
 has ``os.cpu_count()`` in all), the server's and the simulator's CPU microseconds per request
 with the load average (what to compare while other work shares the cores), on PostgreSQL the
 statements the database ran per device and per request (``pg_stat_statements``, the fleet's
-set-up through the management API included; BEGIN and COMMIT count: each is a round trip), and
-the verdict:
+set-up through the management API included; BEGIN and COMMIT count: each is a round trip) and
+the ones run most, from the server's ``/metrics`` its caches' hit rates and its own mean time per
+endpoint (parsed to answered: what the devices' latency adds to it is connecting and queueing),
+and the verdict:
 succeeded/total, and whether the server's records agree with the devices (no mismatch, no lost
 or duplicated report). Then the ratios:
 succeeded/total per scenario, PostgreSQL/SQLite wall time.
@@ -57,7 +59,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from rich.console import Console
-from tests.pgcluster import BENCH_OPTIONS, PG_USER, PgCluster, running_cluster
+from tests.pgcluster import BENCH_OPTIONS, PG_BIN, PG_USER, PgCluster, running_cluster
 
 from bench.common import (
     DB_KINDS,
@@ -228,10 +230,18 @@ def _cluster(kinds: list[str]) -> Iterator[PgCluster | None]:
     if "postgres" not in kinds:
         yield None
         return
-    with running_cluster(BENCH_OPTIONS + _COUNT_STATEMENTS) as cluster:
-        with _superuser(cluster) as conn:
-            conn.execute(b"CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    counting = _can_count_statements()
+    with running_cluster(BENCH_OPTIONS + (_COUNT_STATEMENTS if counting else "")) as cluster:
+        if counting:
+            with _superuser(cluster) as conn:
+                conn.execute(b"CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         yield cluster
+
+
+def _can_count_statements() -> bool:
+    """Whether this PostgreSQL install has ``pg_stat_statements`` (a contrib module; without
+    it the statements are not counted)."""
+    return (PG_BIN.parent / "lib" / "pg_stat_statements.so").is_file()
 
 
 # pg_stat_statements counts every statement the server sends (top level: what a round trip is).
@@ -337,7 +347,7 @@ def run_scenario(
         client_cpu = _own_cpu()
         pg_pid = None if cluster is None or db != "postgres" else postgres_pid(cluster)
         db_cpu = None if pg_pid is None else process_cpu(pg_pid)
-        counted = cluster is not None and db == "postgres"
+        counted = cluster is not None and db == "postgres" and _can_count_statements()
         ran_before = _statements(cluster, "fleet") if counted and cluster else None
         statements = most_run = None
         # A progress line every few seconds (LiveView off a terminal): a run takes minutes.
