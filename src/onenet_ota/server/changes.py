@@ -160,16 +160,16 @@ _PREPARED_PG: Final = Prepared(_INSERT_PG)
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """What a read of the feed found: everything, or devices to forget entirely
-    (``dev_ids``) and devices whose tasks alone changed (``task_dev_ids``: :attr:`Scope.TASKS`,
-    none of them in ``dev_ids``)."""
+    """What a read of the feed found: everything, or the devices that changed (``dev_ids``),
+    of which ``tasks_only`` are those whose every row said :attr:`Scope.TASKS`. A reader that
+    does not care what changed reads ``dev_ids`` alone (the campaign evaluator does)."""
 
     everything: bool = False
     dev_ids: frozenset[int] = frozenset()
-    task_dev_ids: frozenset[int] = frozenset()
+    tasks_only: frozenset[int] = frozenset()
 
     def __bool__(self) -> bool:
-        return self.everything or bool(self.dev_ids) or bool(self.task_dev_ids)
+        return self.everything or bool(self.dev_ids)
 
 
 NOTHING: Final = Changes()
@@ -313,18 +313,20 @@ class ChangeFeed:
 
     def _collect(self, rows: list[Any]) -> Changes:
         dev_ids: set[int] = set()
-        task_dev_ids: set[int] = set()
+        whole: set[int] = set()  # devices some row said more than their tasks of
         for row in rows:
             if row.origin == self._origin and self._origin:
                 continue
             if row.dev_id is None:
                 return EVERYTHING
+            dev_ids.add(row.dev_id)
             # Anything but a known narrower scope (a value written by a newer release, say)
             # is read as the widest: forgetting too much costs reads, too little a revocation.
-            (task_dev_ids if row.scope == Scope.TASKS else dev_ids).add(row.dev_id)
-        if not dev_ids and not task_dev_ids:
+            if row.scope != Scope.TASKS:
+                whole.add(row.dev_id)
+        if not dev_ids:
             return NOTHING
-        return Changes(dev_ids=frozenset(dev_ids), task_dev_ids=frozenset(task_dev_ids - dev_ids))
+        return Changes(dev_ids=frozenset(dev_ids), tasks_only=frozenset(dev_ids - whole))
 
     def _prune(self) -> None:
         cutoff = int(self._clock() - self._retention)

@@ -861,10 +861,10 @@ class DeviceService:
         if found.everything:
             self.invalidate()
             return
+        tasks_only = found.tasks_only
         for dev_id in found.dev_ids:
-            self.invalidate(dev_id)
-        for dev_id in found.task_dev_ids:
-            self.invalidate(dev_id, changes.Scope.TASKS)
+            scope = changes.Scope.TASKS if dev_id in tasks_only else changes.Scope.DEVICE
+            self.invalidate(dev_id, scope)
 
     def _transition(
         self,
