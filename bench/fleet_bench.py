@@ -27,7 +27,12 @@ It prints, per scenario: wall time, devices/s, requests/s, download throughput, 
 percentiles overall and per endpoint, the CPU use of the server, the simulator and PostgreSQL's
 processes (CPU seconds per wall second: near 1.0 means that process was saturated; the machine
 has ``os.cpu_count()`` in all), the server's and the simulator's CPU microseconds per request
-with the load average (what to compare while other work shares the cores), and the verdict:
+with the load average (what to compare while other work shares the cores), on PostgreSQL the
+statements the database ran per device and per request (``pg_stat_statements``, the fleet's
+set-up through the management API included; BEGIN and COMMIT count: each is a round trip) and
+the ones run most, from the server's ``/metrics`` its caches' hit rates and its own mean time per
+endpoint (parsed to answered: what the devices' latency adds to it is connecting and queueing),
+and the verdict:
 succeeded/total, and whether the server's records agree with the devices (no mismatch, no lost
 or duplicated report). Then the ratios:
 succeeded/total per scenario, PostgreSQL/SQLite wall time.
@@ -43,23 +48,24 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import resource
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from rich.console import Console
-from tests.pgcluster import PgCluster
+from tests.pgcluster import BENCH_OPTIONS, PG_BIN, PG_USER, PgCluster, running_cluster
 
 from bench.common import (
     DB_KINDS,
     PySpy,
     database,
     machine,
-    postgres,
     postgres_pid,
     process_cpu,
 )
@@ -84,6 +90,14 @@ class Outcome:
     workers: int
     profile: list[str]
     load: float = float("nan")  # the 1-minute load average when the scenario ended
+    statements: int | None = None  # PostgreSQL: statements run on the fleet's database
+    most_run: list[str] = field(default_factory=list)  # PostgreSQL: the most frequent ones
+    caches: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (hits, misses)
+    handled: dict[str, float] = field(default_factory=dict)  # E1-E9 -> mean seconds in the server
+
+    def statements_per(self, count: int) -> float | None:
+        """Statements per device (``count`` devices) or per request, if counted."""
+        return None if self.statements is None else self.statements / max(count, 1)
 
     @property
     def met(self) -> bool:
@@ -108,6 +122,10 @@ class Outcome:
             "server_cpu_us_per_request": round(self.cpu_per_request(self.server_cpu)),
             "client_cpu_us_per_request": round(self.cpu_per_request(self.client_cpu)),
             "postgres_cpu_per_s": None if self.db_cpu is None else round(self.db_cpu / elapsed, 2),
+            "statements": self.statements,
+            "most_run_statements": self.most_run,
+            "cache_hits_misses": self.caches,
+            "server_mean_seconds": self.handled,
             "report": self.report.to_dict(),
             "profile": self.profile,
         }
@@ -149,6 +167,25 @@ def print_outcome(outcome: Outcome) -> None:
         f"   CPU per request: server {outcome.cpu_per_request(outcome.server_cpu):.0f} us, "
         f"simulator {outcome.cpu_per_request(outcome.client_cpu):.0f} us"
     )
+    if outcome.statements is not None:
+        per_device = outcome.statements_per(len(report.state.devices)) or 0.0
+        per_request = outcome.statements_per(report.metrics.requests) or 0.0
+        print(
+            f"   database statements: {outcome.statements} ({per_device:.1f} per device, "
+            f"{per_request:.2f} per request); the most run:"
+        )
+        for line in outcome.most_run:
+            print(f"   {line}")
+    if outcome.caches:
+        rates = ", ".join(
+            f"{name} {hits / max(hits + misses, 1):.0%} of {hits + misses}"
+            for name, (hits, misses) in sorted(outcome.caches.items())
+            if hits + misses
+        )
+        print(f"   cache hits: {rates}")
+    if outcome.handled:
+        means = ", ".join(f"{e} {s * 1000:.2f}" for e, s in sorted(outcome.handled.items()))
+        print(f"   server's own mean ms per request (parsed to answered): {means}")
     print(f"   {'endpoint':<22} {'requests':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
     for endpoint, stats in sorted(
         report.metrics.endpoints.items(), key=lambda item: item[0].value if item[0] else "~"
@@ -193,8 +230,86 @@ def _cluster(kinds: list[str]) -> Iterator[PgCluster | None]:
     if "postgres" not in kinds:
         yield None
         return
-    with postgres() as cluster:
+    counting = _can_count_statements()
+    with running_cluster(BENCH_OPTIONS + (_COUNT_STATEMENTS if counting else "")) as cluster:
+        if counting:
+            with _superuser(cluster) as conn:
+                conn.execute(b"CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         yield cluster
+
+
+def _can_count_statements() -> bool:
+    """Whether this PostgreSQL install has ``pg_stat_statements`` (a contrib module; without
+    it the statements are not counted)."""
+    return (PG_BIN.parent / "lib" / "pg_stat_statements.so").is_file()
+
+
+# pg_stat_statements counts every statement the server sends (top level: what a round trip is).
+_COUNT_STATEMENTS: Final = (
+    " -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=top"
+    " -c pg_stat_statements.max=5000"
+)
+
+
+@contextlib.contextmanager
+def _superuser(cluster: PgCluster) -> Iterator[Any]:
+    import psycopg
+
+    with psycopg.connect(
+        host=cluster.host, port=cluster.port, user=PG_USER, dbname="postgres", autocommit=True
+    ) as conn:
+        yield conn
+
+
+def _statements(cluster: PgCluster, name: str) -> dict[str, int]:
+    """Statements run on database ``name`` so far, by their text (pg_stat_statements' calls;
+    the texts have their values replaced by placeholders)."""
+    with _superuser(cluster) as conn:
+        rows = conn.execute(
+            b"SELECT s.query, sum(s.calls) FROM pg_stat_statements s"
+            b" JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s GROUP BY s.query",
+            (name,),
+        ).fetchall()
+    return {str(query): int(calls) for query, calls in rows}
+
+
+_CACHE_LINE: Final = re.compile(
+    r'^onenet_ota_cache_(hits|misses)_total\{cache="([a-z_]+)"\} ([0-9.e+]+)$', re.MULTILINE
+)
+
+
+_DURATION_LINE: Final = re.compile(
+    r'^onenet_ota_request_duration_seconds_(sum|count)\{dialect="classic",endpoint="(E[0-9])"\}'
+    r" ([0-9.e+-]+)$",
+    re.MULTILINE,
+)
+
+
+def server_metrics(base_url: str) -> tuple[dict[str, tuple[int, int]], dict[str, float]]:
+    """From the server's ``/metrics`` (open to loopback clients by default), summed over its
+    workers: its device-API caches' (hits, misses), and the mean seconds it took to handle each
+    classic endpoint's requests (parsed to answered: no connect, no queueing before the
+    parse). Empty when it cannot be read."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as reply:
+            text_ = reply.read().decode()
+    except OSError:
+        return {}, {}
+    counts: dict[str, list[int]] = {}
+    for kind, name, value in _CACHE_LINE.findall(text_):
+        counts.setdefault(name, [0, 0])[kind == "misses"] += int(float(value))
+    durations: dict[str, list[float]] = {}
+    for kind, endpoint, value in _DURATION_LINE.findall(text_):
+        durations.setdefault(endpoint, [0.0, 0.0])[kind == "count"] += float(value)
+    means = {e: total / count for e, (total, count) in durations.items() if count}
+    return {name: (hits, misses) for name, (hits, misses) in counts.items()}, means
+
+
+def _most_run(before: dict[str, int], after: dict[str, int], count: int) -> list[str]:
+    """The ``count`` statements run most often between ``before`` and ``after``, one line each."""
+    ran = {query: calls - before.get(query, 0) for query, calls in after.items()}
+    top = sorted(ran.items(), key=lambda item: -item[1])[:count]
+    return [f"{calls:>8} {' '.join(query.split())[:110]}" for query, calls in top if calls]
 
 
 DEFAULT_WORKERS: Final = {"sqlite": 1, "postgres": 2}
@@ -232,6 +347,9 @@ def run_scenario(
         client_cpu = _own_cpu()
         pg_pid = None if cluster is None or db != "postgres" else postgres_pid(cluster)
         db_cpu = None if pg_pid is None else process_cpu(pg_pid)
+        counted = cluster is not None and db == "postgres" and _can_count_statements()
+        ran_before = _statements(cluster, "fleet") if counted and cluster else None
+        statements = most_run = None
         # A progress line every few seconds (LiveView off a terminal): a run takes minutes.
         view = LiveView(Console(force_terminal=False, width=200), config.devices)
         try:
@@ -243,12 +361,29 @@ def run_scenario(
             client_cpu = _own_cpu() - client_cpu
             if pg_pid is not None and db_cpu is not None:
                 db_cpu = process_cpu(pg_pid) - db_cpu
+            if ran_before is not None and cluster is not None:
+                ran_after = _statements(cluster, "fleet")
+                statements = sum(ran_after.values()) - sum(ran_before.values())
+                most_run = _most_run(ran_before, ran_after, 12)
             if spy is not None:
                 messages = spy.stop()
                 profile = top_functions(spy_file, 20) or [f"py-spy: {messages}"]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        caches, handled = server_metrics(server.url)
         return Outcome(
-            db, scenario, report, server_cpu, client_cpu, db_cpu, server.workers, profile, load
+            db,
+            scenario,
+            report,
+            server_cpu,
+            client_cpu,
+            db_cpu,
+            server.workers,
+            profile,
+            load,
+            statements,
+            most_run or [],
+            caches,
+            handled,
         )
 
 

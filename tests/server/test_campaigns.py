@@ -703,8 +703,8 @@ def test_the_evaluator_looks_when_the_feed_an_action_or_a_timer_says_so(
     looks = len(service.looked)
     assert evaluator.tick() == []  # not yet in the feed
     assert len(service.looked) == looks
-    with engine.begin() as conn:
-        changes.publish(conn, last[:1], NOW)
+    with engine.begin() as conn:  # the device API says only the device's tasks changed
+        changes.publish(conn, last[:1], NOW, scope=changes.Scope.TASKS)
     finished = evaluator.tick()
     assert [a.campaign.state for a in finished] == ["finished"]
 

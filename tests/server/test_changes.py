@@ -33,7 +33,7 @@ from onenet_ota.server.admin_service import (
     TaskCreate,
 )
 from onenet_ota.server.blobs import BlobStore
-from onenet_ota.server.changes import EVERYTHING, NOTHING, ChangeFeed, Changes, publish
+from onenet_ota.server.changes import EVERYTHING, NOTHING, ChangeFeed, Changes, Scope, publish
 from onenet_ota.server.device_service import DeviceService
 from onenet_ota.server.schema import cache_changes
 from tests.server.seed import K2, T0, FakeClock, Seeder, core_reader, offer, running_api
@@ -315,6 +315,25 @@ def test_postgres_every_committed_change_is_read_exactly_once(
     assert sorted(reported) == sorted(committed)  # and nothing twice
 
 
+def test_a_task_change_is_read_as_one_and_a_device_change_wins(
+    engine: Engine, make_feed: Callable[..., ChangeFeed]
+) -> None:
+    feed = make_feed()
+    feed.start()
+    with engine.begin() as conn:
+        publish(conn, [1, 2], T0, origin=2, scope=Scope.TASKS)
+    assert feed.read() == Changes(dev_ids=frozenset({1, 2}), tasks_only=frozenset({1, 2}))
+    emit(engine, [3])
+    with engine.begin() as conn:
+        publish(conn, [2, 3], T0, origin=2, scope=Scope.TASKS)
+    emit(engine, [2])
+    assert feed.read() == Changes(dev_ids=frozenset({2, 3}))  # each said more by another row
+    with engine.begin() as conn:
+        publish(conn, [4], T0, origin=2, scope=Scope.TASKS)
+    emit(engine, None)
+    assert feed.read() is EVERYTHING
+
+
 def test_a_change_of_many_devices_is_published_as_anything(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -355,11 +374,14 @@ def services(engine: Engine, seeder: Seeder) -> Iterator[Callable[[], DeviceServ
         service.close()
 
 
-def test_another_process_transition_drops_that_device_only(
+def test_another_process_transition_drops_that_devices_answers_only(
     services: Callable[[], DeviceService], seeder: Seeder
 ) -> None:
+    """A task transition elsewhere drops the device's answers; its row (pid, name) and the
+    tokens verified with its key stay cached: a transition changes neither."""
     here, there = services(), services()
-    w, other = seeder.world(), seeder.world()
+    w, other = seeder.world(device_key=K2), seeder.world()
+    device_level = auth.build_token(w.pid, K2, device_name=w.name)
     here.sync()
     token = offer(here, w)
     offer(here, w)  # cached now
@@ -367,14 +389,69 @@ def test_another_process_transition_drops_that_device_only(
     offer(here, other)
     here.device(w.dev_id)  # P3's rows, cached
     here.device(other.dev_id)
+    assert here.authenticate(device_level) is not None
     assert here.caches.check_task(w.dev_id, FOTA, "1.0.0") is not None
     assert there.check_token(w.dev_id, token) is Errno.SUCC  # T9, in the other process
     assert here.caches.check_task(w.dev_id, FOTA, "1.0.0") is not None  # not read yet
     here.sync()
     assert here.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
-    assert here.caches.device(w.dev_id) is None  # its row too: it may have been deleted
+    assert here.caches.device(w.dev_id) is not None  # the row: a transition never changes it
+    assert here.caches.principal(device_level) is not None  # nor the key
     assert here.caches.check_task(other.dev_id, FOTA, "1.0.0") is not None
     assert here.caches.device(other.dev_id) is not None
+
+
+def test_an_own_transition_keeps_the_devices_row_and_tokens(
+    services: Callable[[], DeviceService], seeder: Seeder
+) -> None:
+    here = services()
+    w = seeder.world(device_key=K2)
+    device_level = auth.build_token(w.pid, K2, device_name=w.name)
+    here.sync()
+    token = offer(here, w)
+    here.device(w.dev_id)
+    assert here.authenticate(device_level) is not None
+    assert here.check_token(w.dev_id, token) is Errno.SUCC  # T9, here
+    assert here.caches.check_task(w.dev_id, FOTA, "1.0.0") is None
+    assert here.caches.device(w.dev_id) is not None
+    assert here.caches.principal(device_level) is not None
+
+
+@pytest.mark.parametrize("change", ["delete", "rotate device key", "revoke product key"])
+def test_a_device_change_elsewhere_drops_its_row_and_tokens_at_once(
+    services: Callable[[], DeviceService], seeder: Seeder, engine: Engine, change: str
+) -> None:
+    """Whatever task transitions came before, a deletion or a key change made in another
+    process drops the device's row and the tokens verified with its keys on the next feed
+    read, and the old token is refused from then on."""
+    here, there = services(), services()
+    w = seeder.world(device_key=K2)
+    device_level = auth.build_token(w.pid, K2, device_name=w.name)
+    admin = AdminService(engine, seeder.blobs, clock=seeder.clock)  # no on_change: elsewhere
+    here.sync()
+    token = offer(here, w)
+    assert there.check_token(w.dev_id, token) is Errno.SUCC  # a transition elsewhere first
+    here.sync()
+    assert here.device(w.dev_id) is not None
+    for value in (device_level, w.auth):
+        assert here.authenticate(value) is not None
+    if change == "delete":
+        seeder.set_state(w.task_id, TaskState.SUCCEEDED)  # ended (no feed row): deletable
+        admin.delete_device(w.dev_id)
+        dropped = [device_level]  # a product-level token still passes P1 (P3 then refuses)
+    elif change == "rotate device key":
+        admin.rotate_device_key(w.dev_id, DeviceKeyRotate())
+        dropped = [device_level]
+    else:
+        admin.rotate_product_key(w.pid, KeyRotate())
+        dropped = [w.auth]
+    here.sync()
+    for value in dropped:
+        assert here.caches.principal(value) is None
+        assert here.authenticate(value) is None
+    if change == "delete":
+        assert here.caches.device(w.dev_id) is None
+        assert here.device(w.dev_id) is None
 
 
 def test_management_changes_elsewhere_drop_everything(

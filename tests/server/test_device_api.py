@@ -494,6 +494,29 @@ def test_e3_ip_port_only_with_cdn_true(client: httpx2.Client, seeder: Seeder) ->
     assert "ipPort" not in check(client, w)["data"]
 
 
+def test_e3_replies_of_one_task_share_one_cached_body_each_with_its_own_token(
+    client: httpx2.Client, seeder: Seeder, api: DeviceApi
+) -> None:
+    """A fleet polling one task: the encoded reply is cached once per task (and cdn), not once
+    per device, and every device still gets its own token, never another device's."""
+    pid = seeder.product("811311")
+    dev_ids = [seeder.device(8_113_110 + i, pid, f"fleet{i}") for i in range(6)]
+    _, dt_ids = seeder.task(seeder.package(pid, target="3.1.4"), dev_ids, pid=pid)
+    auth = product_auth(pid)
+    bodies = api.service.caches.task_bodies
+    held, hits = len(bodies), bodies.hits
+    for cdn in ("false", "true"):
+        for dev_id, dt_id in zip(dev_ids, dt_ids, strict=True):
+            query = {"dev_id": dev_id, "type": 1, "version": "1.0.0", "cdn": cdn}
+            reply = call(client, "GET", "/ota/south/check", auth=auth, params=query)
+            assert reply["errno"] == 0, reply
+            assert reply["data"]["target"] == "3.1.4"
+            assert [reply["data"]["token"]] == seeder.tokens(dt_id)  # its own, and only
+            assert ("ipPort" in reply["data"]) is (cdn == "true")
+    assert len(bodies) - held == 2  # one per cdn value, whatever the number of devices
+    assert bodies.hits - hits == 2 * (len(dev_ids) - 1)
+
+
 def test_e3_without_public_address_never_sends_ip_port(
     engine: Engine, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -53,7 +53,7 @@ class Budgets:
     dialect_replies: int = 8 * _MIB  # the same for Studio/fuse S-C, S-T, F-C, F-T
     dialect_grants: int = 8 * _MIB  # S-D/F-D: (path, Authorization) -> what its checks rest on
     queries: int = 2 * _MIB  # query string -> parsed parameters
-    task_bodies: int = 2 * _MIB  # encoded E3/E4 task replies by (task info, cdn)
+    task_bodies: int = 2 * _MIB  # encoded E3/E4 task replies per task and cdn, token spliced in
     chunks: int = 16 * _MIB  # small E6 replies by (file, served range)
     names: int = 8 * _MIB  # Studio/fuse (pid, name) in the path -> dev_id
     routes: int = 2 * _MIB  # Studio/fuse request path -> its matched route

@@ -5,9 +5,9 @@ Every server process keeps in-process caches for the device API (:mod:`.device_s
 elsewhere (another worker of ``serve --workers N``, another host on the same PostgreSQL, the
 management API served by another process), every transaction that changes something a cache may
 hold also inserts, in the same transaction, a ``cache_changes`` row naming the device (or NULL:
-anything may have changed), with :func:`publish`. Each process reads the rows it has not seen, at
-most every ``interval`` seconds (0.1 s by default) while it serves requests, and drops what they
-name (:class:`ChangeFeed`).
+anything may have changed) and what of it changed (its :class:`Scope`), with :func:`publish`.
+Each process reads the rows it has not seen, at most every ``interval`` seconds (0.1 s by
+default) while it serves requests, and drops what they name (:class:`ChangeFeed`).
 
 Reading "the rows not seen yet" exactly:
 
@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -72,6 +73,7 @@ __all__ = [
     "MAX_DEVICES_PER_CHANGE",
     "ChangeFeed",
     "Changes",
+    "Scope",
     "new_origin",
     "publish",
 ]
@@ -93,17 +95,34 @@ Reader = Callable[[Select[Any]], Callable[..., list[Any]]]
 """Compiles a SELECT once and returns a function running it (keyword parameters) to rows."""
 
 
+class Scope(IntEnum):
+    """What of a device a change touched (the ``scope`` column of its feed row)."""
+
+    DEVICE = 0
+    """Anything about the device: its row (pid, name), its keys, its tasks. A deletion, a key
+    rotation or anything the writer does not sort finer drops every cached fact about it,
+    the tokens verified with its keys included."""
+    TASKS = 1
+    """Only its device tasks (state, token, progress) and its stored versions: what a device's
+    own requests change. Its row and keys are as they were, so what rests on them stays."""
+
+
 def new_origin() -> int:
     """A random id for one writer process, so that a reader can skip its own rows."""
     return secrets.randbits(62)
 
 
 def publish(
-    conn: Connection, dev_ids: Iterable[int] | None, now: float, *, origin: int = 0
+    conn: Connection,
+    dev_ids: Iterable[int] | None,
+    now: float,
+    *,
+    origin: int = 0,
+    scope: Scope = Scope.DEVICE,
 ) -> None:
     """Record, inside the caller's transaction, that cached facts about ``dev_ids`` changed
-    (None, or more than :data:`MAX_DEVICES_PER_CHANGE` devices: about anything). ``origin``
-    names the writing process (0: unnamed)."""
+    (None, or more than :data:`MAX_DEVICES_PER_CHANGE` devices: about anything), and which
+    (``scope``). ``origin`` names the writing process (0: unnamed)."""
     ids: list[int | None] = [None]
     if dev_ids is not None:
         ids = [*sorted(set(dev_ids))]
@@ -115,9 +134,13 @@ def publish(
     created_at = int(now)
     if len(ids) == 1:  # most transactions touch one device: one prepared INSERT
         prepared = _PREPARED_PG if postgres else _PREPARED
-        prepared.run(conn, {"dev_id": ids[0], "created_at": created_at, "origin": origin})
+        params = {"dev_id": ids[0], "created_at": created_at, "origin": origin, "scope": scope}
+        prepared.run(conn, params)
         return
-    rows = [{"dev_id": dev_id, "created_at": created_at, "origin": origin} for dev_id in ids]
+    rows = [
+        {"dev_id": dev_id, "created_at": created_at, "origin": origin, "scope": scope}
+        for dev_id in ids
+    ]
     conn.execute(_INSERT_PG if postgres else _INSERT, rows)
 
 
@@ -125,7 +148,10 @@ def publish(
 # costs its construction and cache-key computation each time (measured on SQLite: about 300 us per
 # publish built per call, about 80 us prebuilt, less again prepared).
 _INSERT: Final = insert(cache_changes).values(
-    dev_id=bindparam("dev_id"), created_at=bindparam("created_at"), origin=bindparam("origin")
+    dev_id=bindparam("dev_id"),
+    created_at=bindparam("created_at"),
+    origin=bindparam("origin"),
+    scope=bindparam("scope"),
 )
 _INSERT_PG: Final = _INSERT.values(xid=_PG_XID)
 _PREPARED: Final = Prepared(_INSERT)
@@ -134,10 +160,13 @@ _PREPARED_PG: Final = Prepared(_INSERT_PG)
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """What a read of the feed found: devices to forget, or everything."""
+    """What a read of the feed found: everything, or the devices that changed (``dev_ids``),
+    of which ``tasks_only`` are those whose every row said :attr:`Scope.TASKS`. A reader that
+    does not care what changed reads ``dev_ids`` alone (the campaign evaluator does)."""
 
     everything: bool = False
     dev_ids: frozenset[int] = frozenset()
+    tasks_only: frozenset[int] = frozenset()
 
     def __bool__(self) -> bool:
         return self.everything or bool(self.dev_ids)
@@ -190,7 +219,7 @@ class ChangeFeed:
         self._clock = clock
         self._monotonic = monotonic
         self._batch = batch
-        columns = (_c.id, _c.dev_id, _c.xid, _c.origin)
+        columns = (_c.id, _c.dev_id, _c.xid, _c.origin, _c.scope)
         if self._postgres:
             self._read_snapshot = reader(_PG_SNAPSHOT)
             # An array parameter, not IN (...): readers compile their statement once.
@@ -283,14 +312,21 @@ class ChangeFeed:
         return self._collect(fresh)
 
     def _collect(self, rows: list[Any]) -> Changes:
-        dev_ids = set()
+        dev_ids: set[int] = set()
+        whole: set[int] = set()  # devices some row said more than their tasks of
         for row in rows:
             if row.origin == self._origin and self._origin:
                 continue
             if row.dev_id is None:
                 return EVERYTHING
             dev_ids.add(row.dev_id)
-        return Changes(dev_ids=frozenset(dev_ids)) if dev_ids else NOTHING
+            # Anything but a known narrower scope (a value written by a newer release, say)
+            # is read as the widest: forgetting too much costs reads, too little a revocation.
+            if row.scope != Scope.TASKS:
+                whole.add(row.dev_id)
+        if not dev_ids:
+            return NOTHING
+        return Changes(dev_ids=frozenset(dev_ids), tasks_only=frozenset(dev_ids - whole))
 
     def _prune(self) -> None:
         cutoff = int(self._clock() - self._retention)

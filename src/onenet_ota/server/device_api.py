@@ -37,9 +37,10 @@ contention cost more than overlapping them gains; docs/performance.md).
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Final
 
 from sqlalchemy import Engine
@@ -104,6 +105,12 @@ _READ_FAILED: Final = wire.download_error(DownloadError.READ_FAILED)
 _CLASSIC: Final = "classic"  # the dialect part of a cached chunk's key
 # How S-D and F-D paths end (§12.1, §13.1): other dialect paths skip the cached-download try.
 _DIALECT_DOWNLOAD_ENDS: Final = ("/download", "/download/")
+_TOKEN_KEY: Final = b'"token":"'  # where an E3/E4 reply's token starts
+# Every field of a TaskInfo but its token, as a tuple (dataclasses.replace costs about 20 times
+# more, and a field added to TaskInfo is part of the key without anyone remembering it here).
+_WITHOUT_TOKEN: Final = operator.attrgetter(
+    *(field.name for field in fields(TaskInfo) if field.name != "token")
+)
 
 
 class DeviceApi:
@@ -439,15 +446,27 @@ class DeviceApi:
     def _task_reply(self, errno: Errno, info: TaskInfo | None, cdn: bool) -> Response:
         if info is None:
             return wire.envelope(errno)
-        key = (info, cdn)
-        body = self._task_bodies.get(key)
-        if body is None:
+        # Every device of a task gets the same reply but for its own token (D13): the body is
+        # kept once per task (the info without its token) and cdn, split around the token,
+        # which is spliced in. Kept per device, a fleet polling at once would find none cached.
+        token = info.token
+        key = (errno, _WITHOUT_TOKEN(info), cdn)
+        parts = self._task_bodies.get(key)
+        if parts is None:
+            shown = info
             if cdn and self._public_address is not None:  # D10
-                info = replace(info, ip_port=self._public_address)
-            body = encode_envelope(errno, info.to_data())
+                shown = replace(info, ip_port=self._public_address)
+            body = encode_envelope(errno, shown.to_data())
+            # The data's keys come in §6.3's order, "target" (a version: no quote) before
+            # "token", and the envelope's own keys name no token: the first one is the token's.
+            start = body.index(_TOKEN_KEY) + len(_TOKEN_KEY)
+            if body[start : start + len(token)] != token.encode():
+                raise ValueError("the reply's token is not where the envelope puts it")
+            parts = (body[:start], body[start + len(token) :])
             # The key's TaskInfo holds about what the body says.
-            self._task_bodies.put(key, body, OBJECT_BYTES + 2 * weigh(body))
-        return wire.json_reply(body)
+            self._task_bodies.put(key, parts, OBJECT_BYTES + 2 * weigh(body))
+        head, tail = parts
+        return wire.json_reply(head + token.encode() + tail)
 
     async def _dev_info(self, principal: Principal, body: bytes) -> Response:
         # §6.9: P1 done; then the body (2), the pid (1), the lookup (1).

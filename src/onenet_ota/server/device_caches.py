@@ -27,18 +27,21 @@ Wire bytes, derived from the facts above and never stale by themselves:
   names), by (path, Authorization), re-checked in the same way;
 - ``chunks``: small E6 replies by (file, Range value), served only while the token's grant is
   cached and usable, so dropping the grant retires them;
-- ``task_bodies``: encoded E3/E4 replies by (task info, cdn), ``queries``: parsed query strings,
+- ``task_bodies``: encoded E3/E4 replies, one per task (and cdn) split around the token that
+  each device's reply splices in, ``queries``: parsed query strings,
   and ``tokens``: parsed Authorization values (their fields, not a verdict: P1 still verifies
   the signature and ``et`` with the key read from the database), all pure functions of their
   keys;
 - ``files``: package files kept open for E6 (:class:`OpenFiles`), content-addressed and stat'ed on
   every use.
 
-Invalidation: :meth:`DeviceCaches.invalidate` drops one device's facts, :meth:`DeviceCaches.clear`
-everything. This process's own transitions call them at once, the management side in the same
-process and the change feed (:mod:`.changes`, read by :meth:`DeviceService.sync`) for what other
-processes changed. A device's request that changes its stored versions counts as a transition
-(an answer cached while another version was stored would skip recording its own, E3 step 5).
+Invalidation: :meth:`DeviceCaches.invalidate` drops one device's facts (all of them, or with
+:attr:`~.changes.Scope.TASKS` only those its tasks decide: its answers and its tokens' download
+grants), :meth:`DeviceCaches.clear` everything. This process's own transitions call them at
+once, the management side in the same process and the change feed (:mod:`.changes`, read by
+:meth:`DeviceService.sync`) for what other processes changed. A device's request that changes
+its stored versions counts as a transition (an answer cached while another version was stored
+would skip recording its own, E3 step 5).
 Every invalidation bumps :attr:`DeviceCaches.generation`: a fact read before an invalidation and
 kept after it could be stale, so the ``keep_*`` methods refuse it.
 """
@@ -59,6 +62,7 @@ from onenet_ota.protocol.messages import TaskInfo, TidTaskInfo
 from onenet_ota.protocol.status import TaskType
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.bounded_cache import BUDGETS, BoundedCache, weigh
+from onenet_ota.server.changes import Scope
 from onenet_ota.server.http import Response
 from onenet_ota.server.timeline import body_length
 
@@ -252,9 +256,10 @@ class DeviceCaches:
             BUDGETS.dialect_grants
         )
         self.chunks: BoundedCache[ChunkKey, Response] = BoundedCache(BUDGETS.chunks)
-        self.task_bodies: BoundedCache[tuple[TaskInfo, bool], bytes] = BoundedCache(
-            BUDGETS.task_bodies
-        )
+        # (errno, the task info's fields but its token, cdn) -> the body before and after the
+        # token.
+        self.task_bodies: BoundedCache[tuple[Errno, tuple[Any, ...], bool], tuple[bytes, bytes]]
+        self.task_bodies = BoundedCache(BUDGETS.task_bodies)
         self.queries: BoundedCache[str, dict[str, str]] = BoundedCache(BUDGETS.queries)
         self.tokens: BoundedCache[str, auth.AnyToken] = BoundedCache(BUDGETS.tokens)
         self.files = OpenFiles(blobs) if blobs is not None else None
@@ -268,15 +273,20 @@ class DeviceCaches:
 
     # -- invalidation --------------------------------------------------------------------------
 
-    def invalidate(self, dev_id: int) -> None:
-        """Forget what is cached about one device: its row, its answers, its tokens' download
-        grants, and the tokens verified with its key (it may have been deleted, and its name
-        given to a new device with another key, or have had its key rotated). Replies and chunks
-        resting on them are retired by the checks that serve them."""
+    def invalidate(self, dev_id: int, scope: Scope = Scope.DEVICE) -> None:
+        """Forget what is cached about one device: its answers and its tokens' download grants,
+        and unless only its tasks changed (``scope``), its row and the tokens verified with its
+        key too (it may have been deleted, and its name given to a new device with another key,
+        or have had its key rotated). Replies and chunks resting on them are retired by the
+        checks that serve them."""
         with self._lock:
             self.generation += 1
             self.grants.pop_tag(dev_id)
             self.answers.pop(dev_id)
+            if scope is Scope.TASKS:
+                # A transition or a version report: the device's row and keys are unchanged,
+                # and dropping them would cost every device a P1 and a P3 read per transition.
+                return
             self.devices.pop(dev_id)
             self.names.pop_tag(dev_id)
             self.principals.pop_tag(dev_id)

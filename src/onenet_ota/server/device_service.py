@@ -35,8 +35,9 @@ before the database:
 Token expiry, deadlines and start times are times, compared with the clock on every use, so they
 are never stale. Changes are seen as follows:
 
-- This process's own transitions drop the entries of their device at once; the management side in
-  the same process calls :meth:`DeviceService.invalidate`. Both end in
+- This process's own transitions drop the entries of their device at once (its answers and
+  grants: :attr:`.changes.Scope.TASKS`, since a device's requests never change its row or keys);
+  the management side in the same process calls :meth:`DeviceService.invalidate`. Both end in
   :meth:`.DeviceCaches.invalidate` or :meth:`.DeviceCaches.clear`.
 - A device's creation, deletion and key rotation are in the feed like any change of the device,
   and dropping a device drops the tokens verified with its key: once a process has read the
@@ -154,6 +155,8 @@ _MAX_ATTEMPTS: Final = 8
 # last_seen_at is informational; E3 polls refresh it at most this often, so a poll with an
 # unchanged version stays a read-only transaction.
 _LAST_SEEN_RESOLUTION_S: Final = 60
+# What the device API's own writes change of a device (see _Tx.touched).
+_TOUCHED: Final = changes.Scope.TASKS
 DEFAULT_CACHE_TTL: Final = 30.0
 """Seconds a cached entry lives at most: the bound for changes the change feed does not carry."""
 _OPEN_CODES: Final = tuple(int(s) for s in OPEN_STATES)
@@ -616,7 +619,9 @@ class _Tx:
 
     conn: Connection | None
     now: float
-    touched: set[int] = field(default_factory=set)  # devices whose cached facts changed
+    # Devices whose tasks or stored versions changed (never their row or keys: the device API
+    # changes neither, so these are published and dropped as changes.Scope.TASKS).
+    touched: set[int] = field(default_factory=set)
     touched_all: bool = False
     offered: list[tuple[int, str | None]] = field(default_factory=list)  # first offers written
     served: dict[int, int] = field(default_factory=dict)  # bytes served written, per device task
@@ -761,7 +766,9 @@ class DeviceService:
                     if tx.touched_all:
                         changes.publish(conn, None, tx.now, origin=self._origin)
                     elif tx.touched:
-                        changes.publish(conn, tx.touched, tx.now, origin=self._origin)
+                        changes.publish(
+                            conn, tx.touched, tx.now, origin=self._origin, scope=_TOUCHED
+                        )
                     committing = True
                 tx.served.clear()  # committed: written
                 self._remember_offers(tx.offered)  # committed: they are on the timeline
@@ -813,11 +820,14 @@ class DeviceService:
             self.invalidate()
             return
         for dev_id in tx.touched:
-            self.invalidate(dev_id)
+            self.invalidate(dev_id, _TOUCHED)
 
-    def invalidate(self, dev_id: int | None = None) -> None:
-        """Forget what is cached about one device (:meth:`.DeviceCaches.invalidate`), or
-        everything when called without an argument (:meth:`.DeviceCaches.clear`).
+    def invalidate(
+        self, dev_id: int | None = None, scope: changes.Scope = changes.Scope.DEVICE
+    ) -> None:
+        """Forget what is cached about one device (:meth:`.DeviceCaches.invalidate`: all of
+        it, or with :attr:`.changes.Scope.TASKS` what its tasks decide), or everything when
+        called without an argument (:meth:`.DeviceCaches.clear`).
 
         The management side calls this (without arguments) after it changes tasks, devices or
         keys in a process that also serves the device API; :meth:`sync` calls it for what other
@@ -826,7 +836,7 @@ class DeviceService:
         if dev_id is None:
             self.caches.clear()
         else:
-            self.caches.invalidate(dev_id)
+            self.caches.invalidate(dev_id, scope)
 
     def sync(self) -> None:
         """Drop what other processes changed, read from the change feed (:mod:`.changes`) at
@@ -851,8 +861,10 @@ class DeviceService:
         if found.everything:
             self.invalidate()
             return
+        tasks_only = found.tasks_only
         for dev_id in found.dev_ids:
-            self.invalidate(dev_id)
+            scope = changes.Scope.TASKS if dev_id in tasks_only else changes.Scope.DEVICE
+            self.invalidate(dev_id, scope)
 
     def _transition(
         self,

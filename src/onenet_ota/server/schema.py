@@ -179,6 +179,8 @@ cache_changes = Table(
     Column("xid", BigInteger, nullable=True),  # PostgreSQL: the id of the writing transaction
     Column("origin", BigInteger, nullable=False, server_default=text("0")),  # the writing process
     Column("created_at", BigInteger, nullable=False),
+    # What of the device changed (changes.Scope): 0 anything, 1 only its tasks and versions.
+    Column("scope", SmallInteger, nullable=False, server_default=text("0")),
     Index("ix_cache_changes_xid", "xid"),
     Index("ix_cache_changes_created_at", "created_at"),
     sqlite_autoincrement=True,
