@@ -4,7 +4,7 @@
 (its row, its keys, its tasks), or 1, only its device tasks and stored versions. Rows written
 before, and by writers that do not say, read as 0: the widest, which drops every cached fact.
 
-Revision ID: 0011
+Revision ID: 0010
 Revises: 0009
 Create Date: 2026-12-04
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0011"
+revision: str = "0010"
 down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
