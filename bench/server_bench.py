@@ -43,8 +43,9 @@ What it does:
    ``download``). Last, in keep-alive mode only, one device's real upgrade: ``upgrade-4k`` and
    ``upgrade-64k``, a device of its own with a real task on a 64 MiB package and the token its
    E3 was issued, fetching the package in order with E5 then E6 for every chunk (the C SDK's
-   loop, §7) on one connection; the chunk cache is emptied before each run, so that every
-   chunk is read from the file as in a device's first download. Each run has ``--warmup``
+   loop, §7) on one connection; the chunk cache is emptied (and which chunks were read,
+   forgotten) before each run, so that every chunk is read from the file as in a device's first
+   download. Each run has ``--warmup``
    seconds unmeasured, and at least one unmeasured pass over its requests (every device's
    first request of a run fills the caches that check-task and fuse-check are meant to find
    warm), then ``--duration`` seconds measured; the sixteen scenarios run
@@ -473,9 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         cold = DeviceApi(resources.engine, resources.blobs, cache_ttl=0)
         if args.handler:
             try:
-                handler_costs(
-                    bench_handler(app, cold), plan, resources.device_api.service.caches.chunks
-                )
+                handler_costs(bench_handler(app, cold), plan, resources.device_api.service.caches)
             finally:
                 cold.close()
                 with contextlib.suppress(Exception):
@@ -538,7 +537,7 @@ def run_rounds(
                 run_options = {**options, "warmup_requests": len(scenario.requests)}
                 if scenario.name in UPGRADE_CHUNKS:
                     run_options = {**options, "concurrency": 1}
-                    resources.device_api.service.caches.chunks.clear()
+                    resources.device_api.service.caches.forget_chunks()
                 if profiler is not None:
                     # cProfile profiles the thread that enables it: the server's loop
                     _run_in_loop(server, profiler.enable)
@@ -579,14 +578,14 @@ def parse_request(raw: bytes) -> Request:
 
 
 def handler_costs(
-    handle: Any, plan: list[Scenario], chunks: Any, count: int = 3000, repeats: int = 7
+    handle: Any, plan: list[Scenario], caches: Any, count: int = 3000, repeats: int = 7
 ) -> None:
     """Print, per scenario, the CPU time the handler spends on one request (the best of
     ``repeats`` runs of ``count`` requests after one unmeasured pass over the scenario's
     requests, the parsing of the request excluded). CPU time in one process, so a loaded
     machine disturbs it far less than the HTTP runs' ratios; the HTTP layer is not in it.
-    The upgrades have no unmeasured pass, and the chunk cache (``chunks``) is emptied before
-    each of their runs, as over HTTP."""
+    The upgrades have no unmeasured pass, and the chunk cache of ``caches`` is emptied (and which
+    chunks were read, forgotten) before each of their runs, as over HTTP."""
     loop = asyncio.new_event_loop()
 
     async def run(requests: list[bytes], n: int, call: bool) -> float:
@@ -610,7 +609,7 @@ def handler_costs(
             costs = []
             for _ in range(repeats):
                 if upgrade:
-                    chunks.clear()
+                    caches.forget_chunks()
                 costs.append(loop.run_until_complete(run(requests, count, True)))
             best = min(costs)
             print(f"{scenario.name:<11} {best - parse:21.1f} us", flush=True)
