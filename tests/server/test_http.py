@@ -111,6 +111,14 @@ class Recorder:
     entered: threading.Event = field(default_factory=threading.Event)
 
 
+# One object for every request to /shared, as the device API returns its memoised replies.
+SHARED_JSON = Response(
+    200,
+    [("Content-Type", "application/json"), ("Content-Length", "26")],
+    b'{"errno":0,"error":"succ"}',
+)
+
+
 async def app(request: Request, rec: Recorder) -> Response:
     """The test application: one behaviour per path."""
     rec.requests.append(request)
@@ -123,6 +131,8 @@ async def app(request: Request, rec: Recorder) -> Response:
         )
     if path == "/error3":
         return ERROR_3_RESPONSE
+    if path == "/shared":
+        return SHARED_JSON
     if path == "/last-chunk":
         return download_response(FileSegment(str(FIRMWARE), 8192, 1808))
     if path == "/headers":
@@ -419,6 +429,29 @@ def test_http10_keep_alive_goes_before_content_range(server: ServerThread) -> No
             expected = with_connection(LAST_CHUNK, b"keep-alive") + FIRMWARE.read_bytes()[8192:]
             assert client.read_exact(len(expected)) == expected
             assert expected.index(b"Connection: keep-alive\r\nContent-Range: ") > 0
+
+
+def test_a_response_sent_again_keeps_its_bytes_in_every_mode(server: ServerThread) -> None:
+    """One Response object returned for many requests (as the device API's memoised replies and
+    cached chunks are) has its keep-alive HTTP/1.1 head encoded once and remembered; the other
+    modes (HTTP/1.0 keep-alive, closing) still get their Connection header, and the remembered
+    head never carries one."""
+    with RawClient(server) as client:
+        for _ in range(2):
+            client.send(get("/shared"))
+            assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        assert (
+            SHARED_JSON.keep_alive_head == CANONICAL_JSON[: CANONICAL_JSON.index(b"\r\n\r\n") + 4]
+        )
+        kept = with_connection(CANONICAL_JSON, b"keep-alive")
+        client.send(b"GET /shared HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert client.read_exact(len(kept)) == kept
+        client.send(get("/shared"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        closing = with_connection(CANONICAL_JSON, b"close")
+        client.send(get("/shared", "Connection: close\r\n"))
+        assert client.read_exact(len(closing)) == closing
+        assert client.closed()
 
 
 def test_http11_is_unchanged_by_keep_alive_requests(server: ServerThread) -> None:

@@ -922,8 +922,18 @@ class Connection(asyncio.Protocol):
                 payload = b""
             elif isinstance(payload, FileSegment):
                 return await self._send_file(response, payload, close, http10)
-            else:
+            elif close or http10:
                 head, close = encode_head(response, len(payload), close, http10)
+            else:
+                # The common case, keep-alive HTTP/1.1: a response returned for many requests
+                # (a memoised reply, a cached chunk) is encoded once; its bytes do not change.
+                memo = response.keep_alive_head
+                if memo is not None:
+                    head = memo
+                else:
+                    head, close = encode_head(response, len(payload), False, False)
+                    if not close:  # a head that closes (Connection: close) is encoded each time
+                        response.keep_alive_head = head
         except InvalidResponse as exc:
             logger.error("invalid response (%s); answering 500", exc)
             head, close = encode_head(Response.empty(500), 0, close, http10)
