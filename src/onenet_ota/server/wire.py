@@ -26,6 +26,7 @@ from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.messages import MAX_JSON_RESPONSE, encode_envelope
 from onenet_ota.protocol.ranges import format_content_range
 from onenet_ota.server.http import REASONS, FileSegment, Response, Stream
+from onenet_ota.server.http.encoding import encode_head
 
 __all__ = [
     "MAX_HEADERS",
@@ -148,11 +149,33 @@ def download(
     if not partial and (start, end) != (0, length - 1):
         raise WireLimitError("a 200 download must carry the whole file (§6.6.3)")
     headers = [_OCTET_TYPE, ("Content-Length", str(served)), _disposition(file_name)]
-    if partial:
-        # §6.6.3: last, because third-party clients find the body by searching for "Range".
-        headers.append(("Content-Range", format_content_range(start, end, length)))
+    if not partial:
+        _check_header_count(headers)
+        return Response(200, headers, body)
+    # §6.6.3: last, because third-party clients find the body by searching for "Range".
+    content_range = format_content_range(start, end, length)
+    headers.append(("Content-Range", content_range))
     _check_header_count(headers)
-    return Response(206 if partial else 200, headers, body)
+    response = Response(206, headers, body)
+    if isinstance(body, bytes):
+        # A chunk read now (one device's own download reads every chunk once): its keep-alive
+        # head is the file's head so far and the Content-Range line, with no encoding per chunk.
+        response.keep_alive_head = b"%sContent-Range: %s\r\n\r\n" % (
+            _partial_head_start(file_name, served),
+            content_range.encode("latin-1"),
+        )
+    return response
+
+
+@functools.lru_cache(maxsize=256)
+def _partial_head_start(file_name: str, served: int) -> bytes:
+    # The keep-alive HTTP/1.1 head of a 206 serving ``served`` bytes of ``file_name`` up to its
+    # Content-Range line, as the HTTP layer encodes it: the same for every full chunk of a file.
+    response = Response(
+        206, [_OCTET_TYPE, ("Content-Length", str(served)), _disposition(file_name)]
+    )
+    head, _ = encode_head(response, served, False)
+    return head[:-2]  # without the empty line that ends the head
 
 
 # §6.6.4 / D7: the code as a raw byte (never an ASCII digit) in one lower-case chunk, so that the
