@@ -273,3 +273,16 @@ def test_a_read_chunks_head_is_the_one_the_http_layer_encodes(
         body=FileSegment("/x", 0, length),
     )
     assert whole.keep_alive_head is None  # encoded by the layer (once, if sent again)
+
+
+@given(
+    body=st.binary(max_size=400),
+    content_type=st.sampled_from(["application/json", "application/json;charset=UTF-8"]),
+)
+def test_a_json_replys_head_is_the_one_the_http_layer_encodes(
+    body: bytes, content_type: str
+) -> None:
+    """Every JSON reply carries its keep-alive head, cached by type and length: byte for byte
+    what the HTTP layer would encode for it."""
+    reply = wire.json_reply(body, content_type)
+    assert reply.keep_alive_head == encode_head(reply, len(body), False)[0]

@@ -184,7 +184,10 @@ class ReplyTemplate:
         if not self.spliced:
             return self.response
         body = self.head + new_request_id().encode() + self.tail
-        return Response(self.response.status, self.response.headers, body)
+        response = self.response
+        rendered = Response(response.status, response.headers, body)
+        rendered.keep_alive_head = response.keep_alive_head  # the same headers and length
+        return rendered
 
 
 _REQUEST_ID_KEY: Final = b'"request_id":"'

@@ -94,7 +94,19 @@ def json_reply(body: bytes, content_type: str = "application/json") -> Response:
     short = _SHORT_JSON_BODY - (len(content_type) - len(_JSON_TYPE[1]) if custom else 0)
     if len(body) > short and response_size(response, closing=True) > MAX_JSON_RESPONSE:
         raise WireLimitError(f"JSON reply of {len(body)} bytes exceeds 512 bytes on the wire")
+    # Most replies are built for one request (a cold poll's): their head comes from a few
+    # cached ones (by type and length) rather than being encoded header by header.
+    response.keep_alive_head = _json_head(content_type, len(body))
     return response
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_head(content_type: str, length: int) -> bytes:
+    # The keep-alive HTTP/1.1 head of json_reply's response, as the HTTP layer encodes it. A
+    # reply is at most 512 bytes and the content types are the dialects' few constants: this
+    # holds a few hundred entries at most.
+    response = Response(200, [("Content-Type", content_type), ("Content-Length", str(length))])
+    return encode_head(response, length, False)[0]
 
 
 # Status line 17 + Content-Type 32 + "Content-Length: NNNN" 22 + Connection line + blank 2.
