@@ -2074,3 +2074,71 @@ def test_each_event_loop_serves_the_layer(loop: str, rsa_ca: trustme.CA, tmp_pat
         tls.sendall(get("/last-chunk"))
         client = RawClient(srv, sock=tls)
         assert client.read_exact(len(LAST_CHUNK) + 1808) == LAST_CHUNK + firmware[8192:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The head's bounds at their exact edges, and requests without a body
+
+
+HEAD_BUDGET = 300  # max_header_bytes of the server below
+HEAD_LINES = 5  # max_headers
+
+
+@pytest.fixture(scope="module")
+def tight_server() -> Iterator[ServerThread]:
+    limits = Limits(max_header_bytes=HEAD_BUDGET, max_headers=HEAD_LINES)
+    with ServerThread(make_handler(Recorder()), limits=limits) as server:  # type: ignore[arg-type]
+        yield server
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    padding=st.integers(min_value=0, max_value=320),
+    lines=st.lists(
+        st.tuples(
+            st.text(alphabet="abcXYZ-", min_size=1, max_size=12),
+            st.text(alphabet="xyz019", min_size=0, max_size=80),
+        ),
+        max_size=HEAD_LINES + 2,
+    ),
+)
+def test_head_bounds_hold_at_their_exact_edge(
+    tight_server: ServerThread, padding: int, lines: list[tuple[str, str]]
+) -> None:
+    """A head is counted as its URL plus, per header line, name, value and 4 (": ", CRLF), one
+    budget of max_header_bytes for both, and at most max_headers lines: a head within both is
+    served, a head one byte or one line over either is 400 and closed, whichever bound it
+    crosses first."""
+    url = "/json?" + "q" * padding
+    size = len(url) + sum(len(name) + len(value) + 4 for name, value in lines)
+    head = f"GET {url} HTTP/1.1\r\n" + "".join(f"{n}:{v}\r\n" for n, v in lines) + "\r\n"
+    with RawClient(tight_server) as client:
+        client.send(head.encode())
+        if size <= HEAD_BUDGET and len(lines) <= HEAD_LINES:
+            assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        else:
+            assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+            assert client.closed()
+
+
+@pytest.mark.parametrize("over", ["url", "header", "lines"])
+def test_head_one_over_its_bound_is_400(tight_server: ServerThread, over: str) -> None:
+    """The exact edges, for each bound: the largest head allowed is served, one more is not."""
+    if over == "url":
+        # the URL alone fills the budget
+        fits = f"GET /json?{'q' * (HEAD_BUDGET - 6)} HTTP/1.1\r\n\r\n"
+        fails = f"GET /json?{'q' * (HEAD_BUDGET - 5)} HTTP/1.1\r\n\r\n"
+    elif over == "header":
+        value = "v" * (HEAD_BUDGET - len("/json") - len("X") - 4)
+        fits = f"GET /json HTTP/1.1\r\nX:{value}\r\n\r\n"
+        fails = f"GET /json HTTP/1.1\r\nX:{value}v\r\n\r\n"
+    else:
+        fits = "GET /json HTTP/1.1\r\n" + "X:y\r\n" * HEAD_LINES + "\r\n"
+        fails = "GET /json HTTP/1.1\r\n" + "X:y\r\n" * (HEAD_LINES + 1) + "\r\n"
+    with RawClient(tight_server) as client:
+        for _ in range(2):  # on one connection: each head has the whole budget
+            client.send(fits.encode())
+            assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        client.send(fails.encode())
+        assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+        assert client.closed()

@@ -319,7 +319,13 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
-        self.limits = server.limits
+        limits = self.limits = server.limits
+        # The bounds checked on every read and every header, kept here: one attribute load
+        # each rather than two (the limits are frozen).
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_headers = limits.max_headers
+        self._buffer_limit = limits.buffer_limit
+        self._max_pipeline = limits.max_pipeline
         self.loop = server.loop
         self.state = IDLE
         self.buffered = 0
@@ -331,7 +337,8 @@ class Connection(asyncio.Protocol):
         # the head being parsed
         self._url = b""
         self._headers: list[tuple[str, str]] = []
-        self._head_bytes = 0
+        self._head_left = 0  # bytes the head may still take (URL and header lines)
+        self._headers_left = 0  # header lines the head may still have
         self._head_received = 0  # bytes received while a head was incomplete; see data_received
         self._declared: int | None = None
         self._chunked = False
@@ -450,12 +457,12 @@ class Connection(asyncio.Protocol):
                 self._bad_request()
             # else: a callback stopped the parse on purpose (request limit, shutdown)
             self._input_left = True
-        if self.state is RECV_HEAD and self._head_received > self.limits.max_header_bytes:
+        if self.state is RECV_HEAD and self._head_received > self._max_header_bytes:
             # httptools reports a header only once its line ends and keeps the unfinished line
             # in memory meanwhile, so on_header alone cannot bound an endless line. Counted
             # from the second read of a head on: the bound is off by one read at most.
             self._bad_request()
-        if self.buffered > self.limits.buffer_limit or len(self._queue) > self.limits.max_pipeline:
+        if self.buffered > self._buffer_limit or len(self._queue) > self._max_pipeline:
             self._pause_reading()
         if self._worker is None and self._queue:
             self._start_worker()
@@ -491,7 +498,8 @@ class Connection(asyncio.Protocol):
         self._to(RECV_HEAD)
         self._url = b""
         self._headers = []
-        self._head_bytes = 0
+        self._head_left = self._max_header_bytes
+        self._headers_left = self._max_headers
         self._head_received = 0
         self._declared = None
         self._chunked = False
@@ -499,19 +507,26 @@ class Connection(asyncio.Protocol):
         self._expect = False
         self.arm_timer(self.limits.header_timeout)
 
+    # The head's bounds are budgets counted down, so each callback pays one subtraction and
+    # one comparison per bound; the URL and every header line draw on the same byte budget.
+
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._grow_head(len(url))
+        self._head_left -= len(url)
+        if self._head_left < 0:
+            raise _StopParsing  # -> 400
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._grow_head(len(name) + len(value) + 4)
-        if len(self._headers) >= self.limits.max_headers:
+        size = len(name)
+        self._head_left -= size + len(value) + 4  # ": " and CRLF
+        self._headers_left -= 1
+        if self._head_left < 0 or self._headers_left < 0:
             raise _StopParsing  # -> 400
         # latin-1 maps every byte, so nothing a client sends can fail to decode
         key = name.decode("latin-1")
         text = value.decode("latin-1").strip(" \t")
         self._headers.append((key, text))
-        if len(name) in _FRAMING_NAME_LENGTHS:
+        if size in _FRAMING_NAME_LENGTHS:
             lowered = key.lower()
             if lowered == "content-length":
                 if self._declared is None:
@@ -529,11 +544,6 @@ class Connection(asyncio.Protocol):
             elif lowered == "expect":
                 self._expect = text.lower() == "100-continue"
 
-    def _grow_head(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self.limits.max_header_bytes:
-            raise _StopParsing  # -> 400
-
     def on_headers_complete(self) -> None:
         parser = self._parser
         self.cancel_timer()
@@ -544,7 +554,6 @@ class Connection(asyncio.Protocol):
             raise _StopParsing
         headers = self._headers
         declared = None if self._chunked else self._declared
-        expect = self._expect
         url = self._url
         target = url.decode("latin-1")
         if target.startswith("/"):
@@ -560,7 +569,7 @@ class Connection(asyncio.Protocol):
             path = (parsed.path or b"/").decode("latin-1")
             query = (parsed.query or b"").decode("latin-1")
         self._to(RECV_BODY)
-        body = _Body(self, declared, expect)
+        body = _Body(self, declared, self._expect)
         request = Request(
             method=parser.get_method().decode("ascii", "replace"),
             target=target,
