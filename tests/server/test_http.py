@@ -13,6 +13,7 @@ import resource
 import select
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -2142,3 +2143,37 @@ def test_head_one_over_its_bound_is_400(tight_server: ServerThread, over: str) -
         client.send(fails.encode())
         assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
         assert client.closed()
+
+
+def _echoed(client: RawClient) -> tuple[int, int | None, bool]:
+    """The body length and Content-Length /echo saw, and whether the response closes."""
+    response = client.response()
+    assert response.status == 200
+    seen = json.loads(response.body)
+    return seen["length"], seen["content_length"], ("Connection", "close") in response.headers
+
+
+def test_requests_without_a_body_are_alike_on_every_connection() -> None:
+    """Requests that declare no body (every device GET) share what the layer knows of their
+    body, one object for all: nothing done to it on one connection (a client that leaves with
+    such requests queued) shows on another, and a body, a zero Content-Length or an Expect
+    between them is served as ever (no 100 Continue for no body)."""
+    rec = Recorder()
+    post = b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+    expect = get("/echo", "Content-Length: 0\r\nExpect: 100-continue\r\n")
+    with ServerThread(make_handler(rec)) as srv:  # type: ignore[arg-type]
+        with RawClient(srv) as held:
+            held.send(get("/slow") + get("/echo") + expect)  # queued behind the held handler
+            assert rec.entered.wait(10)
+            with RawClient(srv) as client:
+                client.send(get("/echo") + expect + post + get("/echo"))
+                seen = [_echoed(client) for _ in range(4)]
+                assert seen == [(0, None, False), (0, 0, False), (5, 5, False), (0, None, False)]
+            # the held client leaves with a reset: the requests it queued fail with it
+            held.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rec.release.set()
+        with RawClient(srv) as client:
+            client.send(get("/echo") + post + expect + get("/echo"))
+            seen = [_echoed(client) for _ in range(4)]
+            assert seen == [(0, None, False), (5, 5, False), (0, 0, False), (0, None, False)]
+            assert client.buffer == b""  # no 100 Continue anywhere

@@ -298,6 +298,52 @@ class _Body:
             pass
 
 
+class _NoBody(_Body):
+    """The body of every request that declares none (no Content-Length, or 0, and not
+    chunked): every GET a device sends. Complete from the start, nothing is ever fed to it,
+    buffered in it or waited for, so one instance serves every such request of every
+    connection, unchanged; no connection is attached."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:  # no super().__init__: there is no connection to hold
+        self.chunks = deque()  # stays empty
+        self.complete = True
+        self.declared = 0
+        self.received = 0
+        self.error = None
+        self.timed_out = False
+        self.discarding = True
+        self.continue_pending = False  # a 100-continue for no body is never sent
+        self.waiter = None
+        self.started = None
+
+    def feed(self, data: bytes) -> None:
+        raise AssertionError("a request without a body was fed body bytes")
+
+    def finish(self) -> None:
+        pass
+
+    def fail(self, reason: str, *, timed_out: bool = False) -> None:
+        pass  # complete already: as for any finished body, nothing to fail
+
+    def unread(self) -> int:
+        return 0
+
+    def drop_buffered(self) -> None:
+        pass
+
+    async def read(self) -> bytes:
+        return b""
+
+    async def discard(self) -> None:
+        pass
+
+
+_NO_BODY: Final = _NoBody()
+_READ_NO_BODY: Final = _NO_BODY.read  # one bound method for every request without a body
+
+
 # len(b"expect"), len(b"content-length"), len(b"transfer-encoding"): a cheap pre-filter
 _FRAMING_NAME_LENGTHS: Final = frozenset({6, 14, 17})
 
@@ -569,20 +615,27 @@ class Connection(asyncio.Protocol):
             path = (parsed.path or b"/").decode("latin-1")
             query = (parsed.query or b"").decode("latin-1")
         self._to(RECV_BODY)
-        body = _Body(self, declared, self._expect)
+        if declared or self._chunked:
+            body = self._body = _Body(self, declared, self._expect)
+            read = body.read
+        else:
+            # No body follows the head: the parser completes the message right after this
+            # callback, and there is nothing to feed, buffer, drain or time out.
+            body, read = _NO_BODY, _READ_NO_BODY
+        # positional: the order of Request's fields (a dataclass); keywords cost a third more
         request = Request(
-            method=parser.get_method().decode("ascii", "replace"),
-            target=target,
-            path=path,
-            query_string=query,
-            headers=headers,
-            peer=self._peer,
-            _read_chunk=body.read,
-            content_length=declared,
-            chunked=self._chunked,
-            http_version=parser.get_http_version(),
+            parser.get_method().decode("ascii", "replace"),
+            target,
+            path,
+            query,
+            headers,
+            self._peer,
+            read,
+            None,
+            declared,
+            self._chunked,
+            parser.get_http_version(),
         )
-        self._body = body
         self._requests += 1
         keep_alive = parser.should_keep_alive() and self._requests < self.limits.max_requests
         self._queue.append((request, body, keep_alive))  # answered when the feed returns
