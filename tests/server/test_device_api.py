@@ -1343,6 +1343,38 @@ def test_cached_chunks_still_check_the_file(client: httpx2.Client, seeder: Seede
     assert download(client, other_token, Range="4096-8191").content == data[4096:8192]
 
 
+def test_a_chunk_is_kept_from_its_second_read(
+    client: httpx2.Client, seeder: Seeder, api: DeviceApi
+) -> None:
+    """One device's own download reads every chunk once: none of them is kept (weighing and
+    storing them would cost every chunk, and push out the chunks a fleet shares). A chunk read
+    again, by another device, is kept, and its next readers get the same bytes."""
+    data = bytes(range(256)) * 48  # 12288 bytes: three 4 KiB chunks
+    w = seeder.world(package_options={"data": data, "file_name": "kept.bin"})
+    other = seeder.world(package_options={"data": data, "file_name": "kept.bin"})
+    token, other_token = token_of(client, w), token_of(client, other)
+    sha256 = hashlib.sha256(data).hexdigest()
+    chunks = api.service.caches.chunks
+    ranges = [f"{start}-{start + 4095}" for start in range(0, len(data), 4096)]
+    for value in ranges:  # the first device, chunk after chunk, as the C SDK's loop
+        reply = download(client, token, Range=value)
+        assert reply.status_code == 206
+        start = int(value.split("-")[0])
+        assert reply.content == data[start : start + 4096]
+    assert not any((sha256, len(data), "kept.bin", v, "classic") in chunks for v in ranges)
+    again = download(client, other_token, Range=ranges[1])  # the same chunk, read again
+    assert again.content == data[4096:8192]
+    assert again.headers["Content-Range"] == "bytes 4096-8191/12288"
+    assert (sha256, len(data), "kept.bin", ranges[1], "classic") in chunks
+    third = download(client, token, Range=ranges[1])
+    assert (third.status_code, third.headers, third.content) == (
+        again.status_code,
+        again.headers,
+        again.content,
+    )
+    assert (sha256, len(data), "kept.bin", ranges[0], "classic") not in chunks
+
+
 # ---------------------------------------------------------------------------------------------
 # Hostile input: whatever arrives, an errno reply or a 4xx, never a 5xx
 

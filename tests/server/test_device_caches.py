@@ -135,3 +135,23 @@ def test_serve_chunk_serves_while_the_open_file_keeps_the_grants_size(tmp_path: 
     assert served.take(7) == 0
     assert built == [key]
     caches.close()
+
+
+def test_keep_chunk_keeps_a_reply_from_its_second_read_and_remembers_boundedly() -> None:
+    """A chunk's first read leaves only its key's hash; the second keeps the reply. The hashes
+    of chunks read once are bounded, whatever keys clients make (a Range value is theirs)."""
+    caches = DeviceCaches(ttl=60, clock=lambda: NOW)
+    grant = _grant(7)
+    reply = Response(206, [("Content-Length", "4")], b"2345")
+    key = chunk_key(grant, "2-5", "classic")
+    caches.keep_chunk(key, reply)
+    assert key not in caches.chunks
+    caches.keep_chunk(key, reply)
+    assert caches.chunks.get(key) is reply
+    caches.forget_chunks()
+    caches.keep_chunk(key, reply)
+    assert key not in caches.chunks  # a first read again
+    for n in range(40_000):
+        caches.keep_chunk(chunk_key(grant, f"{n}-{n + 3}", "fuse"), reply)
+    assert len(caches._seen_chunks) <= 16384
+    assert len(caches.chunks) == 0

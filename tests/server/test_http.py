@@ -13,6 +13,7 @@ import resource
 import select
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -111,6 +112,14 @@ class Recorder:
     entered: threading.Event = field(default_factory=threading.Event)
 
 
+# One object for every request to /shared, as the device API returns its memoised replies.
+SHARED_JSON = Response(
+    200,
+    [("Content-Type", "application/json"), ("Content-Length", "26")],
+    b'{"errno":0,"error":"succ"}',
+)
+
+
 async def app(request: Request, rec: Recorder) -> Response:
     """The test application: one behaviour per path."""
     rec.requests.append(request)
@@ -123,6 +132,8 @@ async def app(request: Request, rec: Recorder) -> Response:
         )
     if path == "/error3":
         return ERROR_3_RESPONSE
+    if path == "/shared":
+        return SHARED_JSON
     if path == "/last-chunk":
         return download_response(FileSegment(str(FIRMWARE), 8192, 1808))
     if path == "/headers":
@@ -419,6 +430,29 @@ def test_http10_keep_alive_goes_before_content_range(server: ServerThread) -> No
             expected = with_connection(LAST_CHUNK, b"keep-alive") + FIRMWARE.read_bytes()[8192:]
             assert client.read_exact(len(expected)) == expected
             assert expected.index(b"Connection: keep-alive\r\nContent-Range: ") > 0
+
+
+def test_a_response_sent_again_keeps_its_bytes_in_every_mode(server: ServerThread) -> None:
+    """One Response object returned for many requests (as the device API's memoised replies and
+    cached chunks are) has its keep-alive HTTP/1.1 head encoded once and remembered; the other
+    modes (HTTP/1.0 keep-alive, closing) still get their Connection header, and the remembered
+    head never carries one."""
+    with RawClient(server) as client:
+        for _ in range(2):
+            client.send(get("/shared"))
+            assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        assert (
+            SHARED_JSON.keep_alive_head == CANONICAL_JSON[: CANONICAL_JSON.index(b"\r\n\r\n") + 4]
+        )
+        kept = with_connection(CANONICAL_JSON, b"keep-alive")
+        client.send(b"GET /shared HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert client.read_exact(len(kept)) == kept
+        client.send(get("/shared"))
+        assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        closing = with_connection(CANONICAL_JSON, b"close")
+        client.send(get("/shared", "Connection: close\r\n"))
+        assert client.read_exact(len(closing)) == closing
+        assert client.closed()
 
 
 def test_http11_is_unchanged_by_keep_alive_requests(server: ServerThread) -> None:
@@ -2041,3 +2075,105 @@ def test_each_event_loop_serves_the_layer(loop: str, rsa_ca: trustme.CA, tmp_pat
         tls.sendall(get("/last-chunk"))
         client = RawClient(srv, sock=tls)
         assert client.read_exact(len(LAST_CHUNK) + 1808) == LAST_CHUNK + firmware[8192:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The head's bounds at their exact edges, and requests without a body
+
+
+HEAD_BUDGET = 300  # max_header_bytes of the server below
+HEAD_LINES = 5  # max_headers
+
+
+@pytest.fixture(scope="module")
+def tight_server() -> Iterator[ServerThread]:
+    limits = Limits(max_header_bytes=HEAD_BUDGET, max_headers=HEAD_LINES)
+    with ServerThread(make_handler(Recorder()), limits=limits) as server:  # type: ignore[arg-type]
+        yield server
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    padding=st.integers(min_value=0, max_value=320),
+    lines=st.lists(
+        st.tuples(
+            st.text(alphabet="abcXYZ-", min_size=1, max_size=12),
+            st.text(alphabet="xyz019", min_size=0, max_size=80),
+        ),
+        max_size=HEAD_LINES + 2,
+    ),
+)
+def test_head_bounds_hold_at_their_exact_edge(
+    tight_server: ServerThread, padding: int, lines: list[tuple[str, str]]
+) -> None:
+    """A head is counted as its URL plus, per header line, name, value and 4 (": ", CRLF), one
+    budget of max_header_bytes for both, and at most max_headers lines: a head within both is
+    served, a head one byte or one line over either is 400 and closed, whichever bound it
+    crosses first."""
+    url = "/json?" + "q" * padding
+    size = len(url) + sum(len(name) + len(value) + 4 for name, value in lines)
+    head = f"GET {url} HTTP/1.1\r\n" + "".join(f"{n}:{v}\r\n" for n, v in lines) + "\r\n"
+    with RawClient(tight_server) as client:
+        client.send(head.encode())
+        if size <= HEAD_BUDGET and len(lines) <= HEAD_LINES:
+            assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        else:
+            assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+            assert client.closed()
+
+
+@pytest.mark.parametrize("over", ["url", "header", "lines"])
+def test_head_one_over_its_bound_is_400(tight_server: ServerThread, over: str) -> None:
+    """The exact edges, for each bound: the largest head allowed is served, one more is not."""
+    if over == "url":
+        # the URL alone fills the budget
+        fits = f"GET /json?{'q' * (HEAD_BUDGET - 6)} HTTP/1.1\r\n\r\n"
+        fails = f"GET /json?{'q' * (HEAD_BUDGET - 5)} HTTP/1.1\r\n\r\n"
+    elif over == "header":
+        value = "v" * (HEAD_BUDGET - len("/json") - len("X") - 4)
+        fits = f"GET /json HTTP/1.1\r\nX:{value}\r\n\r\n"
+        fails = f"GET /json HTTP/1.1\r\nX:{value}v\r\n\r\n"
+    else:
+        fits = "GET /json HTTP/1.1\r\n" + "X:y\r\n" * HEAD_LINES + "\r\n"
+        fails = "GET /json HTTP/1.1\r\n" + "X:y\r\n" * (HEAD_LINES + 1) + "\r\n"
+    with RawClient(tight_server) as client:
+        for _ in range(2):  # on one connection: each head has the whole budget
+            client.send(fits.encode())
+            assert client.read_exact(len(CANONICAL_JSON)) == CANONICAL_JSON
+        client.send(fails.encode())
+        assert client.read_exact(len(BAD_REQUEST)) == BAD_REQUEST
+        assert client.closed()
+
+
+def _echoed(client: RawClient) -> tuple[int, int | None, bool]:
+    """The body length and Content-Length /echo saw, and whether the response closes."""
+    response = client.response()
+    assert response.status == 200
+    seen = json.loads(response.body)
+    return seen["length"], seen["content_length"], ("Connection", "close") in response.headers
+
+
+def test_requests_without_a_body_are_alike_on_every_connection() -> None:
+    """Requests that declare no body (every device GET) share what the layer knows of their
+    body, one object for all: nothing done to it on one connection (a client that leaves with
+    such requests queued) shows on another, and a body, a zero Content-Length or an Expect
+    between them is served as ever (no 100 Continue for no body)."""
+    rec = Recorder()
+    post = b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+    expect = get("/echo", "Content-Length: 0\r\nExpect: 100-continue\r\n")
+    with ServerThread(make_handler(rec)) as srv:  # type: ignore[arg-type]
+        with RawClient(srv) as held:
+            held.send(get("/slow") + get("/echo") + expect)  # queued behind the held handler
+            assert rec.entered.wait(10)
+            with RawClient(srv) as client:
+                client.send(get("/echo") + expect + post + get("/echo"))
+                seen = [_echoed(client) for _ in range(4)]
+                assert seen == [(0, None, False), (0, 0, False), (5, 5, False), (0, None, False)]
+            # the held client leaves with a reset: the requests it queued fail with it
+            held.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rec.release.set()
+        with RawClient(srv) as client:
+            client.send(get("/echo") + post + expect + get("/echo"))
+            seen = [_echoed(client) for _ in range(4)]
+            assert seen == [(0, None, False), (5, 5, False), (0, 0, False), (0, None, False)]
+            assert client.buffer == b""  # no 100 Continue anywhere

@@ -16,6 +16,7 @@ from onenet_ota.protocol.download import DownloadError, decode_error_body
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.server import wire
 from onenet_ota.server.http import FileSegment, Request, Response
+from onenet_ota.server.http.encoding import encode_head
 from tests.server.seed import raw_exchange
 from tests.serverthread import ServerThread
 
@@ -244,3 +245,44 @@ def test_connection_close_goes_before_content_range(server: tuple[ServerThread, 
         "Content-Range",
     ]
     assert reply.body == path.read_bytes()[8192:]
+
+
+@given(
+    file_name=st.text(min_size=1, max_size=80),
+    length=st.integers(min_value=1, max_value=10**12),
+    data=st.data(),
+)
+def test_a_read_chunks_head_is_the_one_the_http_layer_encodes(
+    file_name: str, length: int, data: st.DataObject
+) -> None:
+    """A partial download reply read now carries its keep-alive head, built from a per-file
+    start and its Content-Range line: byte for byte what the HTTP layer would encode."""
+    start = data.draw(st.integers(min_value=0, max_value=length - 1))
+    end = data.draw(st.integers(min_value=start, max_value=min(length - 1, start + 300)))
+    body = bytes(end - start + 1)
+    reply = wire.download(
+        file_name=file_name, length=length, start=start, end=end, partial=True, body=body
+    )
+    assert reply.keep_alive_head == encode_head(reply, len(body), False)[0]
+    whole = wire.download(
+        file_name=file_name,
+        length=length,
+        start=0,
+        end=length - 1,
+        partial=False,
+        body=FileSegment("/x", 0, length),
+    )
+    assert whole.keep_alive_head is None  # encoded by the layer (once, if sent again)
+
+
+@given(
+    body=st.binary(max_size=400),
+    content_type=st.sampled_from(["application/json", "application/json;charset=UTF-8"]),
+)
+def test_a_json_replys_head_is_the_one_the_http_layer_encodes(
+    body: bytes, content_type: str
+) -> None:
+    """Every JSON reply carries its keep-alive head, cached by type and length: byte for byte
+    what the HTTP layer would encode for it."""
+    reply = wire.json_reply(body, content_type)
+    assert reply.keep_alive_head == encode_head(reply, len(body), False)[0]

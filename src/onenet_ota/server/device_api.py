@@ -17,8 +17,9 @@ of this module included, live in one :class:`~.device_caches.DeviceCaches`; see
 :mod:`.device_caches` and :mod:`.changes`). On top of them: a polling device repeats its E3/E5
 request byte for byte, so its whole reply is memoised with what it rests on
 (:meth:`.DeviceCaches.holds` re-checks that in a few lookups); and every device of a task fetches
-the same chunks, so a small E6 reply is built once per (file, range) and served while the token's
-grant is usable and the open file keeps its size (an fstat, a tenth of the path lookup).
+the same chunks, so a small E6 reply is kept per (file, range) from the chunk's second read (the
+first may be one device's own download, never asked again) and served while the token's grant is
+usable and the open file keeps its size (an fstat, a tenth of the path lookup).
 
 Every cache used here is keyed by what a client sends (a Range value, a query string, an
 Authorization value), and a client may vary those with junk that changes nothing in the answer
@@ -538,21 +539,19 @@ class DeviceApi:
             body=body,
         )
         if isinstance(body, bytes):
-            self._chunks.put(
-                chunk_key(grant, range_value, _CLASSIC), response, response_bytes(response)
-            )
+            self._caches.keep_chunk(chunk_key(grant, range_value, _CLASSIC), response)
         self._served.add(grant.device_task_id, length)  # in memory; flushed in batches
         return response
 
     def _cached_download(self, request: Request, token: str) -> Response | None:
         """E6 from the caches alone, or None to let :meth:`_download` decide.
 
-        Every device of a task asks for the same chunks of the same file: a small reply is built
-        once per (file, range) and served again while the token's cached grant is usable and the
-        file, still open, has its size (steps 2-4). A small range not built yet is read here
-        from the open file (one device's own download: every chunk is new). Anything else (a
-        query string to validate, an uncached token, a file replaced or resized, a large range)
-        goes the full way.
+        Every device of a task asks for the same chunks of the same file: a small reply is kept
+        per (file, range) from the chunk's second read and served again while the token's cached
+        grant is usable and the file, still open, has its size (steps 2-4). A small range not
+        kept is read here from the open file (one device's own download: every chunk is new).
+        Anything else (a query string to validate, an uncached token, a file replaced or
+        resized, a large range) goes the full way.
         """
         if request.query_string or "/" in token:  # E5's ".../check" is no E6
             return None
@@ -564,8 +563,8 @@ class DeviceApi:
 
     def _small_range(self, fd: int, key: ChunkKey) -> Response | None:
         """Steps 5-6 for the range of ``key`` if it is at most :data:`SMALL_SEGMENT` bytes, read
-        from the open file ``fd`` (of the key's size) and kept in the chunk cache; None for a
-        larger range."""
+        from the open file ``fd`` (of the key's size) and offered to the chunk cache
+        (:meth:`.DeviceCaches.keep_chunk`); None for a larger range."""
         _, size, file_name, range_value, _ = key
         spec = None if range_value is None else parse_range(range_value)
         start, end = spec.clamp(size) if spec is not None else (0, size - 1)
@@ -580,7 +579,7 @@ class DeviceApi:
             partial=spec is not None,
             body=pread_all(fd, length, start),
         )
-        self._chunks.put(key, response, response_bytes(response))
+        self._caches.keep_chunk(key, response)
         return response
 
 

@@ -26,7 +26,9 @@ Wire bytes, derived from the facts above and never stale by themselves:
   :class:`~.device_service.Basis` whose answer holds the task's grant, with what the path
   names), by (path, Authorization), re-checked in the same way;
 - ``chunks``: small E6 replies by (file, Range value), served only while the token's grant is
-  cached and usable, so dropping the grant retires them;
+  cached and usable, so dropping the grant retires them; a reply is kept from the second time
+  its chunk is read (:meth:`DeviceCaches.keep_chunk`), so one device's own download, which
+  asks every chunk once, neither pays for keeping them nor pushes out the chunks a fleet shares;
 - ``task_bodies``: encoded E3/E4 replies, one per task (and cdn) split around the token that
   each device's reply splices in, ``queries``: parsed query strings,
   and ``tokens``: parsed Authorization values (their fields, not a verdict: P1 still verifies
@@ -125,6 +127,9 @@ OBJECT_BYTES: Final = 100
 ENTRY_BYTES: Final = 100
 _TASK_INFO_BYTES: Final = 500
 _MAX_ANSWERS: Final = 16  # per device: a device asks few distinct questions; bound the odd one
+# Chunk keys read once and remembered by their hash (keep_chunk): 16384 ints take about 1 MiB,
+# and cover a 64 MiB package in 4 KiB chunks.
+_SEEN_CHUNKS: Final = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +188,10 @@ class ReplyTemplate:
         if not self.spliced:
             return self.response
         body = self.head + new_request_id().encode() + self.tail
-        return Response(self.response.status, self.response.headers, body)
+        response = self.response
+        rendered = Response(response.status, response.headers, body)
+        rendered.keep_alive_head = response.keep_alive_head  # the same headers and length
+        return rendered
 
 
 _REQUEST_ID_KEY: Final = b'"request_id":"'
@@ -256,6 +264,9 @@ class DeviceCaches:
             BUDGETS.dialect_grants
         )
         self.chunks: BoundedCache[ChunkKey, Response] = BoundedCache(BUDGETS.chunks)
+        # The hashes of chunk keys read once and not kept (see keep_chunk): at most
+        # _SEEN_CHUNKS ints, whatever clients send.
+        self._seen_chunks: set[int] = set()
         # (errno, the task info's fields but its token, cdn) -> the body before and after the
         # token.
         self.task_bodies: BoundedCache[tuple[Errno, tuple[Any, ...], bool], tuple[bytes, bytes]]
@@ -307,6 +318,13 @@ class DeviceCaches:
                 self.chunks,
             ):
                 cache.clear()
+            self._seen_chunks.clear()
+
+    def forget_chunks(self) -> None:
+        """Forget the cached chunks and which chunks were read: the next read of any chunk is
+        its first."""
+        self.chunks.clear()
+        self._seen_chunks.clear()
 
     # -- wire bytes ----------------------------------------------------------------------------
 
@@ -344,6 +362,26 @@ class DeviceCaches:
             return None
         served.add(device_task_id, body_length(cached))
         return cached
+
+    def keep_chunk(self, key: ChunkKey, response: Response) -> None:
+        """Keep the download reply ``response`` for ``key`` if its chunk was read before.
+
+        Every device of a task fetches the same chunks, so the second read of one is a sign of
+        more to come; a chunk read once is one device's own download (a package nobody else
+        fetches, or fetches much later), which would pay for weighing and storing every chunk and
+        push the shared ones out of the budget for nothing. The first read only leaves the
+        key's hash behind. A hash that another key shares only keeps a reply at its first read,
+        as every read did before.
+        """
+        seen = self._seen_chunks
+        marker = hash(key)
+        if marker not in seen:
+            if len(seen) >= _SEEN_CHUNKS:
+                seen.clear()  # bounded; the cost is one more read of a chunk seen before
+            seen.add(marker)
+            return
+        seen.discard(marker)
+        self.chunks.put(key, response, response_bytes(response))
 
     # -- facts: lookups ------------------------------------------------------------------------
 

@@ -371,7 +371,7 @@ class DialectApi:
         key = chunk_key(grant, value, spec.dialect.value)
         cached = self._chunks.get(key)
         if cached is not None and self._files.size_if_open(grant.sha256) == grant.size:
-            # Every device of a task fetches the same chunks: built once per (file, range).
+            # Every device of a task fetches the same chunks: kept from a chunk's second read.
             self._downloaded(grant, dev_id, route.tid)
             self.service.served.add(route.tid, body_length(cached))
             return cached
@@ -408,7 +408,7 @@ class DialectApi:
         self.service.served.add(route.tid, length)  # in memory; flushed in batches
         response = Response(reply.status, list(reply.headers), body)
         if isinstance(body, bytes):
-            self._chunks.put(key, response, response_bytes(response))
+            self.service.caches.keep_chunk(key, response)
         return response
 
     def _memoise_grant(

@@ -26,6 +26,7 @@ from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.messages import MAX_JSON_RESPONSE, encode_envelope
 from onenet_ota.protocol.ranges import format_content_range
 from onenet_ota.server.http import REASONS, FileSegment, Response, Stream
+from onenet_ota.server.http.encoding import encode_head
 
 __all__ = [
     "MAX_HEADERS",
@@ -93,7 +94,19 @@ def json_reply(body: bytes, content_type: str = "application/json") -> Response:
     short = _SHORT_JSON_BODY - (len(content_type) - len(_JSON_TYPE[1]) if custom else 0)
     if len(body) > short and response_size(response, closing=True) > MAX_JSON_RESPONSE:
         raise WireLimitError(f"JSON reply of {len(body)} bytes exceeds 512 bytes on the wire")
+    # Most replies are built for one request (a cold poll's): their head comes from a few
+    # cached ones (by type and length) rather than being encoded header by header.
+    response.keep_alive_head = _json_head(content_type, len(body))
     return response
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_head(content_type: str, length: int) -> bytes:
+    # The keep-alive HTTP/1.1 head of json_reply's response, as the HTTP layer encodes it. A
+    # reply is at most 512 bytes and the content types are the dialects' few constants: this
+    # holds a few hundred entries at most.
+    response = Response(200, [("Content-Type", content_type), ("Content-Length", str(length))])
+    return encode_head(response, length, False)[0]
 
 
 # Status line 17 + Content-Type 32 + "Content-Length: NNNN" 22 + Connection line + blank 2.
@@ -148,11 +161,33 @@ def download(
     if not partial and (start, end) != (0, length - 1):
         raise WireLimitError("a 200 download must carry the whole file (§6.6.3)")
     headers = [_OCTET_TYPE, ("Content-Length", str(served)), _disposition(file_name)]
-    if partial:
-        # §6.6.3: last, because third-party clients find the body by searching for "Range".
-        headers.append(("Content-Range", format_content_range(start, end, length)))
+    if not partial:
+        _check_header_count(headers)
+        return Response(200, headers, body)
+    # §6.6.3: last, because third-party clients find the body by searching for "Range".
+    content_range = format_content_range(start, end, length)
+    headers.append(("Content-Range", content_range))
     _check_header_count(headers)
-    return Response(206 if partial else 200, headers, body)
+    response = Response(206, headers, body)
+    if isinstance(body, bytes):
+        # A chunk read now (one device's own download reads every chunk once): its keep-alive
+        # head is the file's head so far and the Content-Range line, with no encoding per chunk.
+        response.keep_alive_head = b"%sContent-Range: %s\r\n\r\n" % (
+            _partial_head_start(file_name, served),
+            content_range.encode("latin-1"),
+        )
+    return response
+
+
+@functools.lru_cache(maxsize=256)
+def _partial_head_start(file_name: str, served: int) -> bytes:
+    # The keep-alive HTTP/1.1 head of a 206 serving ``served`` bytes of ``file_name`` up to its
+    # Content-Range line, as the HTTP layer encodes it: the same for every full chunk of a file.
+    response = Response(
+        206, [_OCTET_TYPE, ("Content-Length", str(served)), _disposition(file_name)]
+    )
+    head, _ = encode_head(response, served, False)
+    return head[:-2]  # without the empty line that ends the head
 
 
 # §6.6.4 / D7: the code as a raw byte (never an ASCII digit) in one lower-case chunk, so that the

@@ -298,6 +298,52 @@ class _Body:
             pass
 
 
+class _NoBody(_Body):
+    """The body of every request that declares none (no Content-Length, or 0, and not
+    chunked): every GET a device sends. Complete from the start, nothing is ever fed to it,
+    buffered in it or waited for, so one instance serves every such request of every
+    connection, unchanged; no connection is attached."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:  # no super().__init__: there is no connection to hold
+        self.chunks = deque()  # stays empty
+        self.complete = True
+        self.declared = 0
+        self.received = 0
+        self.error = None
+        self.timed_out = False
+        self.discarding = True
+        self.continue_pending = False  # a 100-continue for no body is never sent
+        self.waiter = None
+        self.started = None
+
+    def feed(self, data: bytes) -> None:
+        raise AssertionError("a request without a body was fed body bytes")
+
+    def finish(self) -> None:
+        pass
+
+    def fail(self, reason: str, *, timed_out: bool = False) -> None:
+        pass  # complete already: as for any finished body, nothing to fail
+
+    def unread(self) -> int:
+        return 0
+
+    def drop_buffered(self) -> None:
+        pass
+
+    async def read(self) -> bytes:
+        return b""
+
+    async def discard(self) -> None:
+        pass
+
+
+_NO_BODY: Final = _NoBody()
+_READ_NO_BODY: Final = _NO_BODY.read  # one bound method for every request without a body
+
+
 # len(b"expect"), len(b"content-length"), len(b"transfer-encoding"): a cheap pre-filter
 _FRAMING_NAME_LENGTHS: Final = frozenset({6, 14, 17})
 
@@ -319,7 +365,13 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
-        self.limits = server.limits
+        limits = self.limits = server.limits
+        # The bounds checked on every read and every header, kept here: one attribute load
+        # each rather than two (the limits are frozen).
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_headers = limits.max_headers
+        self._buffer_limit = limits.buffer_limit
+        self._max_pipeline = limits.max_pipeline
         self.loop = server.loop
         self.state = IDLE
         self.buffered = 0
@@ -331,7 +383,8 @@ class Connection(asyncio.Protocol):
         # the head being parsed
         self._url = b""
         self._headers: list[tuple[str, str]] = []
-        self._head_bytes = 0
+        self._head_left = 0  # bytes the head may still take (URL and header lines)
+        self._headers_left = 0  # header lines the head may still have
         self._head_received = 0  # bytes received while a head was incomplete; see data_received
         self._declared: int | None = None
         self._chunked = False
@@ -450,12 +503,12 @@ class Connection(asyncio.Protocol):
                 self._bad_request()
             # else: a callback stopped the parse on purpose (request limit, shutdown)
             self._input_left = True
-        if self.state is RECV_HEAD and self._head_received > self.limits.max_header_bytes:
+        if self.state is RECV_HEAD and self._head_received > self._max_header_bytes:
             # httptools reports a header only once its line ends and keeps the unfinished line
             # in memory meanwhile, so on_header alone cannot bound an endless line. Counted
             # from the second read of a head on: the bound is off by one read at most.
             self._bad_request()
-        if self.buffered > self.limits.buffer_limit or len(self._queue) > self.limits.max_pipeline:
+        if self.buffered > self._buffer_limit or len(self._queue) > self._max_pipeline:
             self._pause_reading()
         if self._worker is None and self._queue:
             self._start_worker()
@@ -491,7 +544,8 @@ class Connection(asyncio.Protocol):
         self._to(RECV_HEAD)
         self._url = b""
         self._headers = []
-        self._head_bytes = 0
+        self._head_left = self._max_header_bytes
+        self._headers_left = self._max_headers
         self._head_received = 0
         self._declared = None
         self._chunked = False
@@ -499,19 +553,26 @@ class Connection(asyncio.Protocol):
         self._expect = False
         self.arm_timer(self.limits.header_timeout)
 
+    # The head's bounds are budgets counted down, so each callback pays one subtraction and
+    # one comparison per bound; the URL and every header line draw on the same byte budget.
+
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._grow_head(len(url))
+        self._head_left -= len(url)
+        if self._head_left < 0:
+            raise _StopParsing  # -> 400
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._grow_head(len(name) + len(value) + 4)
-        if len(self._headers) >= self.limits.max_headers:
+        size = len(name)
+        self._head_left -= size + len(value) + 4  # ": " and CRLF
+        self._headers_left -= 1
+        if self._head_left < 0 or self._headers_left < 0:
             raise _StopParsing  # -> 400
         # latin-1 maps every byte, so nothing a client sends can fail to decode
         key = name.decode("latin-1")
         text = value.decode("latin-1").strip(" \t")
         self._headers.append((key, text))
-        if len(name) in _FRAMING_NAME_LENGTHS:
+        if size in _FRAMING_NAME_LENGTHS:
             lowered = key.lower()
             if lowered == "content-length":
                 if self._declared is None:
@@ -529,11 +590,6 @@ class Connection(asyncio.Protocol):
             elif lowered == "expect":
                 self._expect = text.lower() == "100-continue"
 
-    def _grow_head(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self.limits.max_header_bytes:
-            raise _StopParsing  # -> 400
-
     def on_headers_complete(self) -> None:
         parser = self._parser
         self.cancel_timer()
@@ -544,7 +600,6 @@ class Connection(asyncio.Protocol):
             raise _StopParsing
         headers = self._headers
         declared = None if self._chunked else self._declared
-        expect = self._expect
         url = self._url
         target = url.decode("latin-1")
         if target.startswith("/"):
@@ -560,20 +615,27 @@ class Connection(asyncio.Protocol):
             path = (parsed.path or b"/").decode("latin-1")
             query = (parsed.query or b"").decode("latin-1")
         self._to(RECV_BODY)
-        body = _Body(self, declared, expect)
+        if declared or self._chunked:
+            body = self._body = _Body(self, declared, self._expect)
+            read = body.read
+        else:
+            # No body follows the head: the parser completes the message right after this
+            # callback, and there is nothing to feed, buffer, drain or time out.
+            body, read = _NO_BODY, _READ_NO_BODY
+        # positional: the order of Request's fields (a dataclass); keywords cost a third more
         request = Request(
-            method=parser.get_method().decode("ascii", "replace"),
-            target=target,
-            path=path,
-            query_string=query,
-            headers=headers,
-            peer=self._peer,
-            _read_chunk=body.read,
-            content_length=declared,
-            chunked=self._chunked,
-            http_version=parser.get_http_version(),
+            parser.get_method().decode("ascii", "replace"),
+            target,
+            path,
+            query,
+            headers,
+            self._peer,
+            read,
+            None,
+            declared,
+            self._chunked,
+            parser.get_http_version(),
         )
-        self._body = body
         self._requests += 1
         keep_alive = parser.should_keep_alive() and self._requests < self.limits.max_requests
         self._queue.append((request, body, keep_alive))  # answered when the feed returns
@@ -922,8 +984,18 @@ class Connection(asyncio.Protocol):
                 payload = b""
             elif isinstance(payload, FileSegment):
                 return await self._send_file(response, payload, close, http10)
-            else:
+            elif close or http10:
                 head, close = encode_head(response, len(payload), close, http10)
+            else:
+                # The common case, keep-alive HTTP/1.1: a response returned for many requests
+                # (a memoised reply, a cached chunk) is encoded once; its bytes do not change.
+                memo = response.keep_alive_head
+                if memo is not None:
+                    head = memo
+                else:
+                    head, close = encode_head(response, len(payload), False, False)
+                    if not close:  # a head that closes (Connection: close) is encoded each time
+                        response.keep_alive_head = head
         except InvalidResponse as exc:
             logger.error("invalid response (%s); answering 500", exc)
             head, close = encode_head(Response.empty(500), 0, close, http10)

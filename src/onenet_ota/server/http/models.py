@@ -81,14 +81,19 @@ class Response:
     error). A body with neither is close-delimited, so the connection closes after it. A
     ``Content-Length`` that differs from the body is a handler bug and turns into a 500.
 
-    The layer never modifies a response, so a handler may return one object for many requests
-    (the device API does, for memoised replies and cached chunks); it must then not change it.
+    The layer never modifies what a response says, so a handler may return one object for many
+    requests (the device API does, for memoised replies and cached chunks); it must then not
+    change it. The layer only remembers on it, in :attr:`keep_alive_head`, the head it encoded
+    for a keep-alive HTTP/1.1 answer, so that a response sent again and again is encoded once.
     """
 
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes | FileSegment | Stream = b""
     reason: str | None = None
+    # The status line and header block for an HTTP/1.1 request whose connection stays open
+    # (nothing added to the headers), set by the layer when it first sends this response so.
+    keep_alive_head: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def empty(cls, status: int, headers: Sequence[tuple[str, str]] = ()) -> Response:
