@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -29,11 +30,11 @@ from onenet_ota.device.errors import DownloadError, ProtocolError, TokenExpired
 from onenet_ota.device.events import DownloadedChunk, EventKind, OtaEvent
 from onenet_ota.device.install import FileInstaller
 from onenet_ota.device.transport import (
+    _ENCODED_MAX,
     SyncTransport,
     _AsyncConn,
     _Plan,
     _split,
-    _split_whole,
     _SyncConn,
 )
 from onenet_ota.device.upgrader import AsyncUpgrader, UpgradeOptions, Upgrader
@@ -758,8 +759,25 @@ def test_a_kept_request_encoding_is_only_ever_its_own_request() -> None:
     ],
 )
 def test_a_url_splits_as_urlsplit_splits_it(url: str) -> None:
-    assert _split(url) == _split_whole(url)
-    assert _split(url) == _split(url)  # the origin's part kept, the same answer
+    parts = urlsplit(url)
+    origin, target, host = _split(url)
+    assert (origin.scheme, origin.host) == (parts.scheme.lower(), parts.hostname or "")
+    assert origin.port == (parts.port or (443 if origin.scheme == "https" else 80))
+    assert target == (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    assert "#" not in target
+    assert host == origin.host_header
+
+
+def test_a_transport_keeps_the_urls_it_split_within_its_bound() -> None:
+    transport = SyncTransport(None, user_agent="test")
+    first = "http://127.0.0.1:8080/ota/south/download/t/check?dev_id=1"
+    kept = transport._target(first)
+    assert transport._target(first) is kept  # parsed once
+    for n in range(3 * _ENCODED_MAX):
+        url = f"http://127.0.0.1:8080/ota/south/check?dev_id={n}"
+        assert transport._target(url) == _split(url)
+        assert len(transport._split_urls) <= _ENCODED_MAX
+    transport.close()
 
 
 def test_the_async_client_runs_on_uvloop(server: ScriptedServer) -> None:

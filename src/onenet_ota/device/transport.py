@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import socket
 import ssl
@@ -63,7 +62,8 @@ from onenet_ota.device.errors import OtaError, RequestTimeout, TransportError
 MAX_IDLE: Final = 4
 """Idle connections kept per origin (an async client may run several calls at once)."""
 READ_SIZE: Final = 256 * 1024
-# Encoded requests kept per transport (see _Base._encoded): a task's token check or two.
+# Encoded requests and split URLs kept per transport (see _Base._encoded and _Base._target): a
+# task's token check and download, an E7 or two.
 _ENCODED_MAX: Final = 16
 # While pipelined replies are outstanding the client has nothing to send, so its ACKs are
 # delayed (up to 40 ms on Linux); a server whose socket keeps Nagle's algorithm then holds the
@@ -90,35 +90,11 @@ class Origin(NamedTuple):
 
 
 def _split(url: str) -> tuple[Origin, str, str]:
-    """The URL's origin, request target and ``Host`` value.
+    """The URL's origin, request target and ``Host`` value, as :func:`urlsplit` reads it.
 
-    Only the origin is parsed and kept (a client talks to one or two): whole URLs differ from
-    device to device (the dev_id is in the query), so a fleet of clients in one process would
-    find none of them kept. A URL of an unusual form is split by :func:`urlsplit` as a whole.
+    Each transport keeps the URLs it split (:meth:`_Base._target`): a device sends the same few
+    over and over (a task's token check and download), so the parse is paid once per URL.
     """
-    mark = url.find("://")
-    slash = url.find("/", mark + 3) if mark > 0 else -1
-    query = url.find("?", mark + 3)
-    if (
-        slash < 0
-        or (0 <= query < slash)
-        or url.endswith("?")
-        or "#" in url
-        or " " in url
-        or not url.isprintable()
-    ):
-        return _split_whole(url)
-    origin, host = _origin(url[:slash])
-    return origin, url[slash:], host
-
-
-@functools.lru_cache(maxsize=64)
-def _origin(text: str) -> tuple[Origin, str]:
-    origin, _, host = _split_whole(text + "/")
-    return origin, host
-
-
-def _split_whole(url: str) -> tuple[Origin, str, str]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     port = parts.port or (443 if scheme == "https" else 80)
@@ -308,7 +284,7 @@ class _Base:
         self._extra: tuple[tuple[str, str], ...] = (("User-Agent", user_agent),)
         self._pool = _Pool()
         self._encodings: dict[int, tuple[WireRequest, bytes]] = {}
-        # URLs split (see _targets): the few a device sends over and over.
+        # URLs split (see _target): the few a device sends over and over.
         self._split_urls: dict[str, tuple[Origin, str, str]] = {}
         self._local = threading.local()  # per thread: a sync client may be shared by threads
         self._no_pipelining = False
@@ -324,7 +300,8 @@ class _Base:
 
     def _target(self, url: str) -> tuple[Origin, str, str]:
         """:func:`_split` of ``url``, kept for the few URLs a client sends again and again (a
-        task's token check and download): bounded, and only this client's own URLs."""
+        task's token check and download): bounded, and only this client's own URLs (a fleet's
+        clients in one process send each other's URLs never: the dev_id is in the query)."""
         split_urls = self._split_urls
         found = split_urls.get(url)
         if found is None:
