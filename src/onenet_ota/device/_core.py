@@ -97,6 +97,19 @@ _KEY_TASK_STATUS: Final = object()
 _KEY_TID_DOWNLOAD: Final = object()
 
 
+def index_header(index: dict[str, list[str]], name: str, value: str) -> None:
+    """Add one header to a :class:`Head`'s index: the values by lower-case name, in order.
+
+    A reply parser calls this as each header arrives and hands the index to
+    :meth:`Head.indexed`; a head built from a header list calls it itself.
+    """
+    found = index.get(lowered := name.lower())
+    if found is None:
+        index[lowered] = [value]
+    else:
+        found.append(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Head:
     """A reply's status code and headers (names as received; lookups ignore case)."""
@@ -110,7 +123,7 @@ class Head:
     def __post_init__(self) -> None:
         index: dict[str, list[str]] = {}
         for key, value in self.headers:
-            index.setdefault(key.lower(), []).append(value)
+            index_header(index, key, value)
         object.__setattr__(self, "_index", index)
 
     @classmethod

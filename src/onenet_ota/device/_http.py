@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import httptools
 
-from onenet_ota.device._core import Call, Head, Outcome, WireRequest
+from onenet_ota.device._core import Call, Head, Outcome, WireRequest, index_header
 from onenet_ota.device.errors import OtaError, ProtocolError, TransportError, endpoint_label
 
 logger = logging.getLogger("onenet_ota.device")
@@ -109,12 +109,7 @@ class ReplyParser:
         key = name.decode("latin-1")
         text = value.decode("latin-1")
         self._headers.append((key, text))
-        # Head's index, built here rather than by Head (a reply's head is read several times).
-        found = self._index.get(lowered := key.lower())
-        if found is None:
-            self._index[lowered] = [text]
-        else:
-            found.append(text)
+        index_header(self._index, key, text)  # the Head takes it whole (Head.indexed)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
