@@ -306,17 +306,12 @@ class _NoBody(_Body):
 
     __slots__ = ()
 
-    def __init__(self) -> None:  # no super().__init__: there is no connection to hold
-        self.chunks = deque()  # stays empty
+    def __init__(self) -> None:
+        # _Body's own fields, so that one added there is here too; no connection (None): every
+        # method that would use one is overridden below.
+        super().__init__(cast("Connection", None), 0, False)
         self.complete = True
-        self.declared = 0
-        self.received = 0
-        self.error = None
-        self.timed_out = False
         self.discarding = True
-        self.continue_pending = False  # a 100-continue for no body is never sent
-        self.waiter = None
-        self.started = None
 
     def feed(self, data: bytes) -> None:
         raise AssertionError("a request without a body was fed body bytes")
