@@ -171,10 +171,21 @@ _OPEN_CODES: Final = tuple(int(s) for s in OPEN_STATES)
 _OPEN_LITERALS: Final[list[Any]] = [literal_column(str(code)) for code in sorted(_OPEN_CODES)]
 
 
+# Random bytes to characters, uniformly: 248 = 4 x 62, so each of the bytes 0-247 stands for one
+# character (its value modulo 62) and the eight above are dropped (rejection sampling). One
+# ``secrets.token_bytes`` call instead of twenty ``secrets.choice`` (measured: about 40 us a
+# token against 3).
+_TOKEN_TABLE: Final = bytes(ord(_ALPHANUMERIC[b % 62]) for b in range(248)) + bytes(8)
+_TOKEN_REJECTED: Final = bytes(range(248, 256))
+
+
 def new_token() -> str:
     """A fresh download token: ``ota_`` + 20 random ``[A-Za-z0-9]`` from ``secrets`` (D13)."""
-    tail = "".join(secrets.choice(_ALPHANUMERIC) for _ in range(values.TOKEN_RANDOM_LEN))
-    return values.TOKEN_PREFIX + tail
+    need = values.TOKEN_RANDOM_LEN
+    tail = b""
+    while len(tail) < need:
+        tail += secrets.token_bytes(need + 8).translate(_TOKEN_TABLE, _TOKEN_REJECTED)
+    return values.TOKEN_PREFIX + tail[:need].decode("ascii")
 
 
 def token_expired(issued_at: int | None, now: float) -> bool:
