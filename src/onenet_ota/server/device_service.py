@@ -555,10 +555,10 @@ class _WriteConnections:
     transaction against about 20 us for ``begin()`` on a kept connection, and a device's upgrade
     runs eight write transactions.
 
-    Only a connection whose transaction committed is kept, one at a time (a second thread
-    finishing meanwhile returns its own to the pool), and only while idle for less than
-    :data:`.db.PING_AFTER_S`: one idle longer goes back to the pool, which tests it before
-    handing it out again, as it tests every connection that sat idle that long.
+    Only a connection whose transaction committed is kept, one (two threads finishing at the
+    same moment may keep one each; a later one returns its own to the pool), and only while
+    idle for less than :data:`.db.PING_AFTER_S`: one idle longer goes back to the pool, which
+    tests it before handing it out again, as it tests every connection that sat idle that long.
     """
 
     _KEEP: Final = 1
