@@ -332,6 +332,24 @@ def test_prepared_statements_reach_cursor_event_listeners(engine: Engine) -> Non
     assert ("INSERT", 1) in statements
 
 
+def test_prepared_statements_reach_listeners_of_the_connection_itself(engine: Engine) -> None:
+    # A listener on one Connection (not its engine) sees the statements run on it, before and
+    # after, as Core's own statements would.
+    seen: list[str] = []
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append("before " + statement.split()[0])
+
+    def after(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append("after " + statement.split()[0])
+
+    with engine.begin() as conn:
+        event.listen(conn, "before_cursor_execute", before)
+        event.listen(conn, "after_cursor_execute", after)
+        db.Prepared(_PRODUCT).run(conn, {"pid": "2", "key": "a"})
+    assert seen == ["before INSERT", "after INSERT"]
+
+
 def test_prepared_statements_close_every_cursor_they_open(engine: Engine) -> None:
     # run, first and all share one execute-and-close path: each cursor is closed after use,
     # also when fetching from it fails.

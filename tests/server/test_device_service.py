@@ -3,6 +3,7 @@ recording, deadlines (T5), management actions, caching and concurrent requests."
 
 from __future__ import annotations
 
+import collections
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -92,6 +93,16 @@ def test_new_token_format_and_randomness() -> None:
     assert all(re.fullmatch(r"ota_[A-Za-z0-9]{20}", token) for token in minted)
     # Every alphanumeric shows up: drawn from the whole alphabet, not hex or lower case only.
     assert len(set("".join(token[4:] for token in minted))) == 62
+
+
+def test_new_token_draws_every_character_equally_often() -> None:
+    # 400,000 characters: about 6,452 of each, with a standard deviation of about 80. A draw
+    # favouring some characters (bytes taken modulo 62 without dropping 248-255 gives eight of
+    # them a quarter more) lands far outside 10 %.
+    counts = collections.Counter("".join(new_token()[4:] for _ in range(20_000)))
+    expected = 20_000 * 20 / 62
+    assert len(counts) == 62
+    assert all(abs(n - expected) < expected / 10 for n in counts.values()), counts
 
 
 def test_token_lifetime_is_48_hours_fixed() -> None:

@@ -240,7 +240,8 @@ def test_a_kept_offer_is_never_lost(
     def fail() -> Any:
         raise RuntimeError("database is gone")
 
-    monkeypatch.setattr(service, "_engine", type("Gone", (), {"begin": staticmethod(fail)})())
+    # Every write transaction starts by taking a connection (the kept one, or the pool's).
+    monkeypatch.setattr(service, "_writers", type("Gone", (), {"take": staticmethod(fail)})())
     with pytest.raises(RuntimeError):
         service.flush_offers()
     assert service.pending_offers == 1

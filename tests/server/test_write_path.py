@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from onenet_ota.protocol.errno import Errno
 from onenet_ota.protocol.states import TaskState
 from onenet_ota.protocol.status import ReportKind, TaskType
+from onenet_ota.server import device_service, transitions
 from onenet_ota.server.blobs import BlobStore
 from onenet_ota.server.db import create_engine
 from onenet_ota.server.device_service import DeviceService, Report
@@ -185,5 +186,94 @@ def test_an_upgrades_write_transactions_send_few_statements(engine: Engine, tmp_
             "offered", "state", "progress", "report", "report",
         ]  # fmt: skip
         assert counts == UPGRADE_STATEMENTS[engine.dialect.name]
+    finally:
+        service.close()
+
+
+# -- the kept write connection ------------------------------------------------------------------
+
+
+def _checkouts(engine: Engine, call: Callable[[], Any]) -> int:
+    """How many times ``call`` checks a connection out of ``engine``'s pool."""
+    seen: list[object] = []
+
+    def checkout(*_args: Any) -> None:
+        seen.append(None)
+
+    event.listen(engine.pool, "checkout", checkout)
+    try:
+        call()
+    finally:
+        event.remove(engine.pool, "checkout", checkout)
+    return len(seen)
+
+
+def _upgrade(service: DeviceService, world: Any) -> None:
+    token = offer(service, world)
+    assert service.check_token(world.dev_id, token) is Errno.SUCC
+    for kind, value in ((ReportKind.PROGRESS, 50), (ReportKind.DOWNLOADED, 101)):
+        assert service.report(world.dev_id, token, Report(kind, value)) is Errno.SUCC
+
+
+def test_write_transactions_share_one_kept_connection_until_close(
+    engine: Engine, tmp_path: Path
+) -> None:
+    seeder = Seeder(engine, BlobStore(tmp_path / "blobs"), FakeClock())
+    service = DeviceService(engine, clock=seeder.clock, cache_ttl=0)
+    try:
+        world = seeder.world()
+        assert service.report_version(world.dev_id, "1.0.0", None) is Errno.SUCC
+        # Four more write transactions (E3's token, T9, a progress report, 101): none checks a
+        # connection out of the pool; the first one's is still out, kept.
+        assert _checkouts(engine, lambda: _upgrade(service, world)) == 0
+        assert engine.pool.checkedout() >= 1  # type: ignore[attr-defined]
+        assert world.state() is S.UPGRADING
+    finally:
+        service.close()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_connection_kept_idle_too_long_goes_back_to_the_pool(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pool tests a connection idle for a while before handing it out (db.create_engine);
+    # a kept one idle that long is returned to it rather than used untested.
+    monkeypatch.setattr(device_service, "PING_AFTER_S", 0.0)
+    seeder = Seeder(engine, BlobStore(tmp_path / "blobs"), FakeClock())
+    service = DeviceService(engine, clock=seeder.clock, cache_ttl=0)
+    try:
+        world = seeder.world()
+        assert service.report_version(world.dev_id, "1.0.0", None) is Errno.SUCC
+        assert _checkouts(engine, lambda: _upgrade(service, world)) == 4
+        assert world.state() is S.UPGRADING
+    finally:
+        service.close()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_failed_write_returns_its_connection_and_commits_nothing(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seeder = Seeder(engine, BlobStore(tmp_path / "blobs"), FakeClock())
+    service = DeviceService(engine, clock=seeder.clock, cache_ttl=0)
+    try:
+        world = seeder.world()
+        token = offer(service, world)
+        assert service.check_token(world.dev_id, token) is Errno.SUCC
+
+        def broken(*_args: Any, **_kwargs: Any) -> None:
+            raise RuntimeError("the event cannot be written")
+
+        monkeypatch.setattr(transitions, "record_transition", broken)
+        monkeypatch.setattr(transitions, "event_params", broken)  # PostgreSQL's path
+        report = Report(ReportKind.DOWNLOADED, 101)
+        with pytest.raises(RuntimeError):
+            service.report(world.dev_id, token, report)
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert world.state() is S.DOWNLOADING  # rolled back, event and state alike
+        monkeypatch.undo()
+        assert service.report(world.dev_id, token, report) is Errno.SUCC
+        assert world.state() is S.UPGRADING
+        assert _events(engine, world.task_id)[-1] == "report"
     finally:
         service.close()

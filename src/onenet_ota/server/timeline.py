@@ -54,6 +54,7 @@ from sqlalchemy import (
     exists,
     insert,
     literal,
+    literal_column,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -316,33 +317,27 @@ _INSERT_VERSION_PREPARED: Final = Prepared(_INSERT_VERSION)
 # written unless its row is there already (another worker's, or one written meanwhile); its
 # device task's ids read in the same statement, and nothing written for a device task deleted
 # since.
-_INSERT_FIRST_OFFER = insert(_ev).from_select(
-    _EVENT_COLUMNS,
-    select(
-        _dt.c.dev_id,
-        _dt.c.id,
-        _dt.c.task_id,
-        _param("e_at", BigInteger()),
-        cast(literal("offered", String(16)), String(16)),
-        _param("e_dialect", String(8)),
-        _param("e_endpoint", String(16)),
-        cast(literal(None, SmallInteger()), SmallInteger()),
-        cast(literal(None, SmallInteger()), SmallInteger()),
-        cast(literal(None, SmallInteger()), SmallInteger()),
-        cast(literal(None, SmallInteger()), SmallInteger()),
-    ).where(
-        _dt.c.id == bindparam("e_id"),
-        ~exists(
-            select(_ev.c.id).where(
-                _ev.c.device_task_id == bindparam("e_id"),
-                _ev.c.kind == "offered",
-                _ev.c.dialect.is_not_distinct_from(
-                    bindparam("e_dialect", type_=_ev.c.dialect.type)
-                ),
-            )
-        ),
-    ),
+_OFFER_ROW = select(
+    _dt.c.dev_id,
+    _dt.c.id,
+    _dt.c.task_id,
+    _param("e_at", BigInteger()),
+    cast(literal("offered", String(16)), String(16)),
+    _param("e_dialect", String(8)),
+    _param("e_endpoint", String(16)),
+    cast(literal(None, SmallInteger()), SmallInteger()),
+    cast(literal(None, SmallInteger()), SmallInteger()),
+    cast(literal(None, SmallInteger()), SmallInteger()),
+    cast(literal(None, SmallInteger()), SmallInteger()),
+).where(_dt.c.id == bindparam("e_id"))
+_OFFERED = select(_ev.c.id).where(
+    _ev.c.device_task_id == bindparam("e_id"),
+    # A literal: SQLite prepares a statement again on every run when a bound value decided
+    # whether a partial index applies (uq_device_task_events_offered's kind = 'offered').
+    _ev.c.kind == literal_column("'offered'"),
+    _ev.c.dialect.is_not_distinct_from(bindparam("e_dialect", type_=_ev.c.dialect.type)),
 )
+_INSERT_FIRST_OFFER = insert(_ev).from_select(_EVENT_COLUMNS, _OFFER_ROW.where(~exists(_OFFERED)))
 
 
 _INSERT_FIRST_OFFER_PREPARED: Final = Prepared(_INSERT_FIRST_OFFER)
