@@ -703,6 +703,50 @@ def test_an_async_write_waits_only_while_the_socket_buffer_is_full() -> None:
     asyncio.run(scenario())
 
 
+def test_an_async_connection_arms_its_timer_once_for_waits_with_later_deadlines() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        armed: list[float] = []
+        call_at = loop.call_at
+
+        def counting_call_at(when: float, callback: Any, *args: Any, **kw: Any) -> Any:
+            if callback == conn._expire:  # not asyncio.sleep's timers
+                armed.append(when)
+            return call_at(when, callback, *args, **kw)
+
+        loop.call_at = counting_call_at  # type: ignore[method-assign,assignment]
+        conn = _AsyncConn(loop)
+        conn.connection_made(_StandInTransport())
+        soon = time.monotonic() + 0.05
+        for step in range(20):  # twenty requests, each waiting once, each deadline later
+            conn.pause_writing()
+            writing = loop.create_task(conn.write(b"x", soon + step))
+            await asyncio.sleep(0)
+            conn.resume_writing()
+            await writing
+            conn.disarm()
+        assert len(armed) == 1
+        # The timer armed for the first deadline fires while a later wait goes on; that wait
+        # is not timed out by it, and the timer is armed again for the wait's own deadline.
+        conn.pause_writing()
+        writing = loop.create_task(conn.write(b"late", time.monotonic() + 60))
+        await asyncio.sleep(0.2)
+        assert not writing.done()
+        assert len(armed) == 2
+        conn.resume_writing()
+        await writing
+        conn.disarm()
+        # A deadline earlier than the armed timer's arms it again, and ends its wait.
+        conn.pause_writing()
+        with pytest.raises(TimeoutError):
+            await conn.write(b"early", time.monotonic() + 0.01)
+        conn.disarm()
+        conn.close()
+        assert conn._timer is None  # a closed connection leaves no timer behind
+
+    asyncio.run(scenario())
+
+
 def test_async_bytes_reach_the_parser_only_when_a_reply_is_read() -> None:
     async def scenario() -> None:
         conn = _AsyncConn(asyncio.get_running_loop())

@@ -3,6 +3,7 @@ power cuts, gates, existing tasks, and the agreement check that must catch a dis
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import tracemalloc
@@ -309,3 +310,25 @@ def test_an_interrupted_run_counts_only_finished_devices_per_second() -> None:
     state.phases = Counter(record.phase for record in records)
     report = FleetReport(FleetConfig(devices=4), target, "http://x", None, state, None)
     assert report.to_dict()["devices_per_s"] == 0.1  # one device in 10 s, not four
+
+
+def test_a_fleet_runs_on_uvloop_and_its_devices_still_upgrade(sqlite_platform: Platform) -> None:
+    # The simulator's processes are CPU-bound; libuv's loop runs the event loop's share in C.
+    # The devices are unchanged: the real upgrader over the SDK's own transport and HTTP.
+    uvloop = pytest.importorskip("uvloop")
+    admin = sqlite_platform.admin()
+    try:
+        config = FleetConfig(devices=4, concurrency=4, seed=1, **SMALL)
+        target = provision(admin, config)
+    finally:
+        admin.close()
+    loops: set[type[Any]] = set()
+
+    def on_tick(state: FleetState) -> None:
+        loops.add(type(asyncio.get_running_loop()))
+
+    fleet = Fleet(config, target, sqlite_platform.url)
+    state = fleet.run_until_stopped(on_tick)
+    assert loops == {uvloop.Loop}
+    assert [record.phase for record in state.devices] == [Phase.SUCCEEDED] * 4
+    assert all(record.installed_ok for record in state.devices)

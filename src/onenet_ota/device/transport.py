@@ -654,11 +654,20 @@ class SyncTransport(_Base):
 
 class _AsyncConn(_Conn, asyncio.Protocol):
     """A connection as an asyncio protocol: the task reading a reply waits on one future,
-    woken when bytes, the end or an error arrive, under one timer per deadline, and writes
+    woken when bytes, the end or an error arrive, under one timer per connection, and writes
     wait only when the transport's buffer is full (a stream reader and writer with a timeout
-    context per read cost several futures, handles and context managers per request)."""
+    context per read cost several futures, handles and context managers per request).
+
+    The timer is armed lazily: a wait whose deadline is later than the armed timer's leaves
+    the timer alone, and a timer that fires before the current deadline arms itself again for
+    it. Each request's deadline is later than the one before, so a busy connection schedules
+    a timer about once per timeout instead of once per wait (a handle, a heap push and a
+    cancelled entry for the event loop to sweep, per wait). Disarming between exchanges only
+    forgets the deadline; :meth:`close` cancels the timer.
+    """
 
     __slots__ = (
+        "_deadline",
         "_eof",
         "_error",
         "_expired",
@@ -686,8 +695,9 @@ class _AsyncConn(_Conn, asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False  # the transport asked to stop writing and has not resumed
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_deadline: float | None = None
-        self._expired = False
+        self._timer_deadline: float | None = None  # the deadline the timer was armed for
+        self._deadline: float | None = None  # the current wait's deadline (time.monotonic())
+        self._expired = False  # the current deadline passed
         self._tls = False
 
     # -- asyncio's callbacks ------------------------------------------------------------------
@@ -773,12 +783,12 @@ class _AsyncConn(_Conn, asyncio.Protocol):
     async def _wait(self, deadline: float) -> None:
         """Until something happens on the connection (bytes, the end, an error, writing may
         resume) or ``deadline`` passes (:class:`TimeoutError`)."""
-        if deadline != self._timer_deadline:
-            self.disarm()
-            self._timer_deadline = deadline
-            loop = self._loop
-            when = loop.time() + (deadline - time.monotonic())
-            self._timer = loop.call_at(when, self._expire)
+        if deadline != self._deadline:
+            self._deadline = deadline
+            self._expired = False
+            armed = self._timer_deadline
+            if self._timer is None or armed is None or armed > deadline:
+                self._arm(deadline)
         if self._expired:
             raise TimeoutError
         waiter = self._waiter = self._loop.create_future()
@@ -787,20 +797,40 @@ class _AsyncConn(_Conn, asyncio.Protocol):
         finally:
             self._waiter = None
 
+    def _arm(self, deadline: float) -> None:
+        """Schedule the timer for ``deadline`` (replacing one armed for a later one)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self._loop
+        when = loop.time() + (deadline - time.monotonic())
+        self._timer = loop.call_at(when, self._expire)
+        self._timer_deadline = deadline
+
     def _expire(self) -> None:
         self._timer = None
+        self._timer_deadline = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # disarmed since: nothing waits under a deadline
+        if deadline > time.monotonic():
+            self._arm(deadline)  # armed for an earlier deadline than the current one
+            return
         self._expired = True
         waiter = self._waiter  # only a future being awaited: its exception is always read
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError())
 
     def disarm(self) -> None:
-        """Cancel the deadline's timer (the exchange is over, or has another deadline)."""
+        """Forget the deadline (the exchange is over, or has another deadline). The timer
+        stays scheduled, for the next wait to reuse; see the class documentation."""
+        self._deadline = None
+        self._expired = False
+
+    def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
         self._timer_deadline = None
-        self._expired = False
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -810,6 +840,7 @@ class _AsyncConn(_Conn, asyncio.Protocol):
     def close(self) -> None:
         self.dead = True
         self.disarm()
+        self._cancel_timer()
         transport = self.transport
         if transport is not None:
             with contextlib.suppress(OSError, RuntimeError):

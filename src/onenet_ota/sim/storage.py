@@ -86,10 +86,14 @@ class SimStateStore(StateStore):
             raise ValueError("state of another task type")
         self._ensure_directory()
         data = _ENCODER.encode(state.to_json()).encode()
-        fd = os.open(self.state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Overwritten, then cut to length, rather than opened with O_TRUNC: on tmpfs a
+        # truncation to 0 frees the file's page and the write allocates a new one, twice the
+        # system time of the cut (a state file is a few hundred bytes, one page).
+        fd = os.open(self.state_path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             if os.write(fd, data) != len(data):
                 raise OSError(errno.EIO, f"short write to {self.state_path}")
+            os.ftruncate(fd, len(data))
         finally:
             os.close(fd)
 
