@@ -278,6 +278,9 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     event loop's own (its transports' reads and writes, handles, timers). libuv's loop does that
     part in C; the devices' SDK, their HTTP and their files are the same on either loop (the
     SDK's async transport is an asyncio protocol, which uvloop runs as asyncio does).
+
+    The server's HTTP layer has the same six lines; they are not shared because the simulator's
+    devices depend only on the device SDK and the management client (docs/architecture.md).
     """
     try:
         uvloop = importlib.import_module("uvloop")
