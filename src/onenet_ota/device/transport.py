@@ -300,8 +300,8 @@ class _Base:
 
     def _target(self, url: str) -> tuple[Origin, str, str]:
         """:func:`_split` of ``url``, kept for the few URLs a client sends again and again (a
-        task's token check and download): bounded, and only this client's own URLs (a fleet's
-        clients in one process send each other's URLs never: the dev_id is in the query)."""
+        task's token check and download): bounded, and only this client's own URLs (clients
+        in one process never send each other's URLs: the dev_id is in the query)."""
         split_urls = self._split_urls
         found = split_urls.get(url)
         if found is None:
